@@ -1,0 +1,44 @@
+"""One exception family; the CLI turns each into its documented exit code.
+
+Exit codes (DESIGN.md): 0 success · 1 the task or the run failed · 2 usage error ·
+3 does not fit / nothing fits · 130 interrupted.
+"""
+
+from __future__ import annotations
+
+
+class BsselectError(Exception):
+    """Base class. ``exit_code`` is what the CLI exits with; the message is one line."""
+
+    exit_code = 1
+
+
+class TaskError(BsselectError):
+    """The user's task failed to build or to run a training step."""
+
+    exit_code = 1
+
+
+class UsageError(BsselectError):
+    """A bad option value or an entry point that cannot be loaded."""
+
+    exit_code = 2
+
+
+class DoesNotFitError(BsselectError):
+    """Nothing fits in the budget (or, for ``check``, the requested batch does not)."""
+
+    exit_code = 3
+
+
+class InterruptedRun(BsselectError):
+    """The user pressed Ctrl-C; finished work was saved."""
+
+    exit_code = 130
+
+
+def one_line(exc: BaseException) -> str:
+    """``TypeError: bad shape`` — the first line of an exception, for one-line errors."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

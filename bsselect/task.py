@@ -1,0 +1,169 @@
+"""The ``Task`` contract, entry-point loading and validation.
+
+A task is what the user hands the tool: how to build a fresh model, the data, the loss, and
+optionally validation data, a metric, an optimizer factory and the base learning rate that is
+valid at ``base_batch_size``. Everything else is a CLI option.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .errors import TaskError, UsageError, one_line
+
+
+@dataclass
+class Task:
+    """Everything bsselect needs from the user (DESIGN.md, "Task contract")."""
+
+    model: Callable[[], nn.Module]
+    train_data: Dataset
+    loss_fn: Callable[[Any, Any], torch.Tensor]
+    val_data: Optional[Dataset] = None
+    metric: Optional[Callable[[Any, Any], float]] = None
+    optimizer: Optional[Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]] = None
+    lr: float = 0.1
+    base_batch_size: int = 32
+    collate_fn: Optional[Callable[[list], Any]] = None
+
+    def make_optimizer(self, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        """The task's optimizer at ``lr``; default SGD with momentum 0.9."""
+        if self.optimizer is not None:
+            return self.optimizer(params, lr)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def _import_target(module_part: str) -> Any:
+    if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
+        path = Path(module_part)
+        if not path.is_file():
+            raise UsageError(f"task file {module_part!r} does not exist")
+        name = f"_bsselect_task_{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise UsageError(f"cannot import {module_part!r} as a Python file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        # Let the task file import its neighbours, as `python file.py` would.
+        sys.path.insert(0, str(path.resolve().parent))
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise TaskError(f"importing {module_part!r} failed: {one_line(exc)}") from exc
+        return module
+    try:
+        return importlib.import_module(module_part)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_part.startswith(exc.name):
+            raise UsageError(
+                f"module {module_part!r} not found; expected `package.module:function` "
+                "or `path/to/file.py:function`"
+            ) from exc
+        raise TaskError(f"importing {module_part!r} failed: {one_line(exc)}") from exc
+    except Exception as exc:
+        raise TaskError(f"importing {module_part!r} failed: {one_line(exc)}") from exc
+
+
+def load_task(spec: str | None) -> tuple[Task, str]:
+    """Resolve ``spec`` to a Task and a display name.
+
+    ``spec`` is a built-in example name (``digits-mlp``), ``package.module:function`` or
+    ``path/to/file.py:function``; ``None`` means the default example.
+    """
+    from . import examples
+
+    if spec is None:
+        spec = examples.DEFAULT
+    if spec in examples.EXAMPLES:
+        factory: Callable[[], Any] = examples.EXAMPLES[spec]
+        return _build(factory, spec), spec
+    if ":" not in spec:
+        names = ", ".join(sorted(examples.EXAMPLES))
+        raise UsageError(
+            f"task {spec!r} is neither a built-in example ({names}) nor `module:function`"
+        )
+    module_part, _, func_name = spec.rpartition(":")
+    module = _import_target(module_part)
+    if not hasattr(module, func_name):
+        raise UsageError(
+            f"`{func_name}` not found in `{module_part}`; expected `module:function`"
+        )
+    factory = getattr(module, func_name)
+    if not callable(factory):
+        raise UsageError(f"`{spec}` is not callable; it must be a function returning a Task")
+    return _build(factory, spec), spec
+
+
+def _build(factory: Callable[[], Any], spec: str) -> Task:
+    try:
+        task = factory()
+    except Exception as exc:
+        raise TaskError(f"`{spec}` raised while building the task: {one_line(exc)}") from exc
+    if not isinstance(task, Task):
+        raise TaskError(
+            f"`{spec}` returned {type(task).__name__}, not a bsselect.Task"
+        )
+    return task
+
+
+def validate_task(task: Task) -> None:
+    """Check the contract on real data: non-empty dataset, (input, target) items, and one
+    forward + loss on a batch of two. Raises TaskError with the underlying error in one line."""
+    from .step import collate
+
+    if not callable(task.model):
+        raise TaskError("Task.model must be a zero-argument callable that builds an nn.Module")
+    if not callable(task.loss_fn):
+        raise TaskError("Task.loss_fn must be callable as loss_fn(output, target)")
+    if task.lr <= 0 or task.base_batch_size < 1:
+        raise TaskError("Task.lr must be > 0 and Task.base_batch_size >= 1")
+    for name in ("train_data", "val_data"):
+        data = getattr(task, name)
+        if data is None:
+            continue
+        try:
+            n = len(data)
+        except TypeError as exc:
+            raise TaskError(f"Task.{name} must be a map-style Dataset with __len__") from exc
+        if n == 0:
+            raise TaskError(f"Task.{name} is empty")
+        try:
+            item = data[0]
+        except Exception as exc:
+            raise TaskError(f"reading Task.{name}[0] failed: {one_line(exc)}") from exc
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise TaskError(
+                f"Task.{name}[0] is {type(item).__name__}; items must be (input, target) pairs"
+            )
+    try:
+        model = task.model()
+    except Exception as exc:
+        raise TaskError(f"building the model failed: {one_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise TaskError(f"Task.model() returned {type(model).__name__}, not an nn.Module")
+    n = min(2, len(task.train_data))
+    try:
+        x, y = collate(task, [task.train_data[i] for i in range(n)])
+    except Exception as exc:
+        raise TaskError(f"collating a batch failed: {one_line(exc)}") from exc
+    try:
+        out = model(x)
+    except Exception as exc:
+        raise TaskError(f"the model's forward failed: {one_line(exc)}") from exc
+    try:
+        loss = task.loss_fn(out, y)
+    except Exception as exc:
+        raise TaskError(f"the loss failed: {one_line(exc)}") from exc
+    if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+        raise TaskError("Task.loss_fn must return a scalar tensor (the MEAN over the batch)")
+    if not loss.requires_grad:
+        raise TaskError("the loss does not require grad; is the model's output detached?")
