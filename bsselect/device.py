@@ -1,0 +1,55 @@
+"""Which device to use and how much memory it offers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UsageError
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``auto`` (or None) picks the current accelerator, else the CPU."""
+    if name in (None, "auto"):
+        acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        return acc if acc is not None else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:1, mps, xpu") from exc
+    if device.type != "cpu" and device.type != "meta":
+        acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        if acc is None or acc.type != device.type:
+            raise UsageError(
+                f"device {name!r} is not available on this machine; "
+                "use --method simulated (with --target cuda) to plan for it without one"
+            )
+    return device
+
+
+@dataclass(frozen=True)
+class Budget:
+    bytes: int
+    source: str  # where the number came from, shown to the user
+
+
+def available_ram_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else total physical memory."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_budget(device: torch.device) -> Budget:
+    """Free memory on an accelerator (``mem_get_info``), available RAM on the CPU."""
+    if device.type == "cpu" or device.type == "meta":
+        return Budget(available_ram_bytes(), "available RAM (/proc/meminfo MemAvailable)")
+    free, _total = torch.accelerator.get_memory_info(device)
+    return Budget(int(free), f"free memory on {device} (mem_get_info)")

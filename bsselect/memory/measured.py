@@ -1,0 +1,75 @@
+"""Measured peak memory of a real training step, read from the device allocator.
+
+Any backend with allocator statistics fits the :class:`AllocatorBackend` seam: the real one
+uses the device-agnostic ``torch.accelerator.memory`` API (CUDA, ROCm, XPU, MPS, ...); tests
+use a CPU backend that raises out-of-memory above a cap, through the same seam.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..errors import TaskError, one_line
+from ..oom import is_oom_error
+from ..step import make_batch, to_device, train_step
+from ..task import Task
+
+
+class AllocatorBackend(Protocol):
+    """What the measured path needs from a device's allocator."""
+
+    device: torch.device
+
+    def reset_peak(self) -> None: ...
+
+    def peak_bytes(self) -> int: ...
+
+    def synchronize(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class AcceleratorAllocator:
+    """The current accelerator's caching allocator (``torch.accelerator.memory``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset_peak(self) -> None:
+        torch.accelerator.memory.reset_peak_memory_stats(self.device)
+
+    def peak_bytes(self) -> int:
+        # allocated, not reserved: reserved includes cache the next step can reuse.
+        return int(torch.accelerator.memory.max_memory_allocated(self.device))
+
+    def synchronize(self) -> None:
+        torch.accelerator.synchronize(self.device)
+
+    def release(self) -> None:
+        torch.accelerator.memory.empty_cache()
+
+
+def run_two_steps(task: Task, batch_size: int, backend: AllocatorBackend, seed: int = 0) -> int:
+    """Two real training steps at ``batch_size`` on ``backend.device``; the peak allocator bytes
+    of the second (by then the optimizer state exists). OOM errors propagate to the caller."""
+    torch.manual_seed(seed)
+    model = optimizer = x = y = None
+    try:
+        model = task.model().to(backend.device)
+        optimizer = task.make_optimizer(model.parameters(), task.lr)
+        x, y = to_device(make_batch(task, batch_size, seed), backend.device)
+        train_step(model, optimizer, task, x, y)
+        backend.synchronize()
+        backend.reset_peak()
+        train_step(model, optimizer, task, x, y)
+        backend.synchronize()
+        return backend.peak_bytes()
+    except Exception as exc:
+        if is_oom_error(exc):
+            raise
+        raise TaskError(f"a training step at batch {batch_size} failed: {one_line(exc)}") from exc
+    finally:
+        del model, optimizer, x, y
+        backend.release()

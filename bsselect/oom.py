@@ -1,0 +1,43 @@
+"""Out-of-memory detection for every backend, in one place.
+
+PyTorch raises ``torch.OutOfMemoryError`` for CUDA/HIP (and XPU in recent releases); other
+backends and older releases raise a plain RuntimeError whose message names the failure, and the
+CPU allocator raises RuntimeError "DefaultCPUAllocator: can't allocate memory" (or MemoryError
+from Python itself). Messages below are the ones PyTorch's allocators emit.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+_OOM_MESSAGES = (
+    "out of memory",                          # CUDA, HIP ("HIP out of memory"), XPU
+    "cuda out of memory",
+    "cudnn_status_not_supported",             # cuDNN when it cannot get a workspace
+    "cublas_status_alloc_failed",
+    "cudnn_status_alloc_failed",
+    "mps backend out of memory",              # Apple MPS
+    "defaultcpuallocator: can't allocate memory",
+    "can't allocate memory",
+    "failed to allocate",                     # XLA / misc accelerators
+    "resource_exhausted",
+)
+
+
+def is_oom_error(exc: BaseException) -> bool:
+    """True when ``exc`` means the device ran out of memory (any backend)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    if isinstance(exc, RuntimeError) and exc.args:
+        message = str(exc.args[0]).lower()
+        return any(fragment in message for fragment in _OOM_MESSAGES)
+    return False
+
+
+def release_memory() -> None:
+    """Drop Python garbage and return cached blocks to the device after an OOM."""
+    gc.collect()
+    if torch.accelerator.is_available():
+        torch.accelerator.empty_cache()

@@ -1,0 +1,194 @@
+"""``probe``: how large a batch fits, measured on the device or simulated without it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .capacity import (
+    BackoffResult, MemoryFit, backoff_search, check_batch_sizes, check_margin, fit_memory,
+    largest_pow2_at_most, solve_max_batch,
+)
+from .device import Budget
+from .errors import DoesNotFitError, UsageError
+from .oom import is_oom_error, release_memory
+from .targets import Target, Term, cuda_terms
+from .task import Task
+
+DEFAULT_BATCH_SIZES = (8, 16, 32, 64, 128)
+
+
+class Method(str, Enum):
+    auto = "auto"
+    measured = "measured"
+    simulated = "simulated"
+
+
+@dataclass(frozen=True)
+class Point:
+    batch_size: int
+    peak_bytes: int          # peak of the step as measured/simulated on the probing device
+    required_bytes: int      # peak plus the target's extra terms (= peak for target "same")
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    task: str
+    device: str
+    method: str
+    target: str
+    margin: float
+    budget_bytes: int
+    budget_source: str
+    fixed_bytes: int
+    per_sample_bytes: int
+    fit_residual_bytes: int
+    max_batch: int
+    max_batch_pow2: int
+    points: tuple[Point, ...]
+    terms: tuple[Term, ...] = ()          # target terms evaluated at max_batch
+    confirmation: tuple[dict, ...] = ()   # measured path: the real steps run at the answer
+    param_bytes: int | None = None
+    optimizer_state_bytes: int | None = None
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["points"] = [asdict(p) for p in self.points]
+        data["terms"] = [asdict(t) for t in self.terms]
+        return data
+
+
+@dataclass
+class Meter:
+    """Peak bytes of one full training step at a batch size, by one method."""
+
+    method: Method
+    peak: Callable[[int], int]
+    confirm: Callable[[int], None] | None = None   # a real step at b (raises on OOM)
+    extras: dict = field(default_factory=dict)     # param/optimizer bytes, rounding per b
+
+
+def choose_method(method: Method, device: torch.device) -> Method:
+    if method is Method.auto:
+        return Method.simulated if device.type in ("cpu", "meta") else Method.measured
+    return method
+
+
+def model_has_conv(task: Task) -> bool:
+    with torch.device("meta"):
+        model = task.model()
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
+def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0) -> Meter:
+    """The measuring function for ``method`` on ``device``."""
+    if method is Method.simulated:
+        from .memory.simulated import simulate_step_peak
+
+        meter = Meter(method, lambda b: 0)
+
+        def simulated(b: int) -> int:
+            step = simulate_step_peak(task, b, seed=seed)
+            meter.extras["param_bytes"] = step.param_bytes
+            meter.extras["optimizer_state_bytes"] = step.optimizer_state_bytes
+            meter.extras.setdefault("rounded", {})[b] = getattr(step, "rounded_peak_bytes", None)
+            return step.peak_bytes
+
+        meter.peak = simulated
+        return meter
+    if device.type == "cpu":
+        from .memory.cpu_truth import cpu_step_peak
+
+        return Meter(method, lambda b: cpu_step_peak(task, b, seed=seed).peak_bytes)
+    from .memory.measured import AcceleratorAllocator, run_two_steps
+
+    backend = AcceleratorAllocator(device)
+    return Meter(method, lambda b: run_two_steps(task, b, backend, seed),
+                 confirm=lambda b: run_two_steps(task, b, backend, seed) and None)
+
+
+def _required(point_peak: int, rounded: int | None, target: Target, has_conv: bool,
+              budget_is_total: bool) -> tuple[int, list[Term]]:
+    if target is Target.same:
+        return point_peak, []
+    terms = cuda_terms(point_peak, rounded, has_conv, budget_is_total=budget_is_total)
+    return point_peak + sum(t.bytes for t in terms), terms
+
+
+def measure_points(meter: Meter, batch_sizes: Sequence[int],
+                   on_point: Callable[[int, int], None] | None = None) -> list[tuple[int, int]]:
+    """Peaks at each batch size; on the measured path an OOM ends the series early."""
+    points: list[tuple[int, int]] = []
+    for i, b in enumerate(batch_sizes):
+        try:
+            points.append((b, meter.peak(b)))
+        except Exception as exc:
+            if not (meter.method is Method.measured and is_oom_error(exc)):
+                raise
+            del exc
+            release_memory()
+            break
+        if on_point:
+            on_point(i + 1, len(batch_sizes))
+    if len(points) < 2:
+        raise DoesNotFitError(
+            f"only {len(points)} of batch sizes {list(batch_sizes)} ran without running out "
+            "of memory; probe smaller ones with --batch-sizes"
+        )
+    return points
+
+
+def run_probe(
+    task: Task,
+    *,
+    task_name: str,
+    device: torch.device,
+    budget: Budget,
+    method: Method = Method.auto,
+    margin: float = 0.2,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    target: Target = Target.same,
+    budget_is_total: bool = True,
+    confirm: bool = True,
+    seed: int = 0,
+    on_point: Callable[[int, int], None] | None = None,
+) -> ProbeResult:
+    """Measure peaks, fit ``peak = fixed + per_sample*b``, solve for the largest batch that
+    fits ``budget`` after ``margin``, and (measured path) confirm it with a real step."""
+    margin = check_margin(margin)
+    sizes = check_batch_sizes(batch_sizes)
+    if len(sizes) < 2:
+        raise UsageError("probe needs at least two batch sizes to fit a line")
+    method = choose_method(method, device)
+    meter = make_meter(task, method, device, seed)
+    raw = measure_points(meter, sizes, on_point)
+    has_conv = target is not Target.same and model_has_conv(task)
+    rounded = meter.extras.get("rounded", {})
+    points = tuple(
+        Point(b, p, _required(p, rounded.get(b), target, has_conv, budget_is_total)[0])
+        for b, p in raw
+    )
+    fit: MemoryFit = fit_memory([(p.batch_size, p.required_bytes) for p in points])
+    best = solve_max_batch(budget.bytes, margin, fit)
+    confirmation: tuple[dict, ...] = ()
+    if meter.confirm is not None and confirm:
+        result: BackoffResult = backoff_search(meter.confirm, best)
+        confirmation = tuple(asdict(s) for s in result.path)
+        if result.batch_size < 1:
+            raise DoesNotFitError("every confirming step ran out of memory")
+        best = result.batch_size
+    terms = _required(int(fit.predict(best)), None, target, has_conv, budget_is_total)[1]
+    return ProbeResult(
+        task=task_name, device=str(device), method=method.value, target=target.value,
+        margin=margin, budget_bytes=budget.bytes, budget_source=budget.source,
+        fixed_bytes=round(fit.fixed_bytes), per_sample_bytes=round(fit.per_sample_bytes),
+        fit_residual_bytes=round(fit.residual_bytes), max_batch=best,
+        max_batch_pow2=largest_pow2_at_most(best), points=points, terms=tuple(terms),
+        confirmation=confirmation,
+        param_bytes=meter.extras.get("param_bytes"),
+        optimizer_state_bytes=meter.extras.get("optimizer_state_bytes"),
+    )
