@@ -1,0 +1,330 @@
+"""``bsselect noise``: the simple gradient noise scale B_simple = tr(Sigma)/|G|^2 of a task.
+
+Measuring: one big batch of ``b_big`` items, split into ``n_sub = b_big / b_small`` disjoint
+sub-batches, one forward/backward pass each; |g_small|^2 is averaged over the sub-batches and
+|g_big|^2 is the norm of their mean, so the big batch costs no extra pass and no extra data.
+The math (unbiased estimators, finite population correction, bootstrap) is in noise_math.py;
+method, sources and measured cost in docs/noise.md.
+
+Gradients are raw: ``torch.autograd.grad`` of the task's mean-reduced loss, so no clipping, no
+GradScaler scaling, and the caller's ``.grad`` fields are never touched.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .errors import TaskError, UsageError, one_line
+from .noise_math import NoiseEstimate, check_batch_sizes, estimate_from_norms
+from .step import collate, sample_indices, to_device, train_step
+from .task import Task
+
+__all__ = [
+    "NoiseEstimate", "NoisePoint", "NoiseReport", "estimate_from_norms", "measure_grad_norms",
+    "estimate_noise", "measure_noise", "split_batch",
+    "DEFAULT_B_SMALL", "DEFAULT_N_SUB", "DEFAULT_MEASUREMENTS",
+]
+
+# Defaults, justified by measurement in docs/noise.md ("Choosing b_small, b_big, measurements").
+DEFAULT_B_SMALL = 8
+DEFAULT_N_SUB = 8  # b_big = 8 * b_small
+DEFAULT_MEASUREMENTS = 32
+
+Progress = Callable[[int, int], None]  # (passes done, passes total)
+
+
+class NoisePoint(NamedTuple):
+    """One point of a run: optimizer ``step``, the mean training loss over the measurement
+    batches at that step, and the estimate."""
+
+    step: int
+    train_loss: float
+    estimate: NoiseEstimate
+
+
+@dataclass(frozen=True)
+class NoiseReport:
+    """What ``measure_noise`` found. ``final`` is the estimate after ``warmup_steps`` training
+    steps (the same object as ``initial`` when there was no warm-up)."""
+
+    initial: NoiseEstimate
+    final: NoiseEstimate
+    initial_loss: float
+    final_loss: float
+    trajectory: tuple[NoisePoint, ...]  # every ``every`` steps from 0 to warmup_steps; () if off
+    warmup_steps: int
+    passes: int  # forward/backward passes in total: measurement passes + training steps
+    measure_passes: int
+    train_steps: int
+    samples: int  # examples through forward/backward, measurement and training together
+    wall_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        """DESIGN.md's ``noise`` fields (of ``final``) plus siblings; JSON-safe (no inf/NaN)."""
+        out = _estimate_json(self.final)
+        out.update(
+            final_loss=self.final_loss, initial_loss=self.initial_loss,
+            initial=_estimate_json(self.initial), warmup_steps=self.warmup_steps,
+            trajectory=[{"step": p.step, "train_loss": p.train_loss, **_estimate_json(p.estimate)}
+                        for p in self.trajectory],
+            passes=self.passes, measure_passes=self.measure_passes,
+            train_steps=self.train_steps, samples_total=self.samples, wall_s=self.wall_s,
+        )
+        return out
+
+
+def _estimate_json(est: NoiseEstimate) -> dict[str, Any]:
+    def pair(p: tuple[float, float] | None) -> list[float] | None:
+        return None if p is None else [p[0], p[1]]
+
+    return {
+        "b_simple": est.b_simple, "grad_sq_norm": est.grad_sq_norm,
+        "trace_sigma": est.trace_sigma, "b_small": est.b_small, "b_big": est.b_big,
+        "measurements": est.measurements, "resolved": est.resolved,
+        "b_simple_ci": pair(est.b_simple_ci), "b_simple_lower": est.b_simple_lower,
+        "grad_sq_norm_ci": pair(est.grad_sq_norm_ci), "trace_sigma_ci": pair(est.trace_sigma_ci),
+        "grad_sq_norm_se": est.grad_sq_norm_se, "trace_sigma_se": est.trace_sigma_se,
+        "samples": est.samples, "n_data": est.n_data, "confidence": est.confidence,
+    }
+
+
+# --- one measurement -------------------------------------------------------------------------
+
+def split_batch(batch: Any, n_sub: int) -> list[Any]:
+    """``n_sub`` equal, disjoint slices of a nested batch along dim 0 of every tensor leaf."""
+    leaves, spec = tree_flatten(batch)
+    sizes = {leaf.shape[0] for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.ndim}
+    if len(sizes) != 1:
+        raise TaskError(
+            "cannot split the batch into sub-batches: its tensors do not share one size along "
+            f"dim 0 (found {sorted(sizes) or 'no tensors'})"
+        )
+    size = sizes.pop()
+    if size % n_sub:
+        raise UsageError(f"a batch of {size} does not split into {n_sub} equal sub-batches")
+    step = size // n_sub
+    # Leaves without a batch dimension (flags, scalars) are shared by every sub-batch.
+    parts = [leaf.split(step) if isinstance(leaf, torch.Tensor) and leaf.ndim else [leaf] * n_sub
+             for leaf in leaves]
+    return [tree_unflatten([p[i] for p in parts], spec) for i in range(n_sub)]
+
+
+class _Norms(NamedTuple):
+    small_sq: float  # mean over sub-batches of |g_small|^2
+    big_sq: float  # |mean of the sub-batch gradients|^2
+    loss: float  # mean loss over the sub-batches
+
+
+def _sq_norm(grad: torch.Tensor) -> torch.Tensor:
+    # Accumulate in float64: tr(Sigma) comes from a difference of two such norms.
+    return grad.pow(2).sum(dtype=torch.float64)
+
+
+def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int) -> _Norms:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TaskError("the model has no parameters that require grad")
+    # fp32 accumulator even for half-precision parameters, so the sum of n_sub grads is exact
+    # enough; this is the only parameter-sized memory the measurement adds.
+    acc = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+    small_sq = torch.zeros((), dtype=torch.float64, device=params[0].device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=params[0].device)
+    for xi, yi in split_batch((x, y), n_sub):
+        loss = task.loss_fn(model(xi), yi)
+        # autograd.grad returns the gradients instead of accumulating into .grad.
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for a, g in zip(acc, grads):
+            if g is None:
+                continue
+            g = g.to_dense() if g.is_sparse else g
+            small_sq += _sq_norm(g)
+            a.add_(g)
+        loss_sum += loss.detach().double()
+    big_sq = sum(_sq_norm(a / n_sub) for a in acc)
+    # One host sync per measurement, not one per sub-batch.
+    return _Norms(float(small_sq) / n_sub, float(big_sq), float(loss_sum) / n_sub)
+
+
+def measure_grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int
+                       ) -> tuple[float, float]:
+    """(mean over sub-batches of |g_small|^2, |g_big|^2) for one big batch ``(x, y)``.
+
+    The batch (nested tuples/dicts of tensors allowed) is split along dim 0 into ``n_sub``
+    disjoint sub-batches of ``b_small = b_big / n_sub``: one forward/backward pass each;
+    ``g_big`` is the mean of the sub-batch gradients, i.e. the gradient of the mean loss over
+    the big batch. The model's mode, ``.grad`` fields and buffers (e.g. BatchNorm running
+    statistics) are left as they were; an optimizer is not involved.
+    """
+    return _grad_norms_restoring(model, task, x, y, n_sub)[:2]
+
+
+def _grad_norms_restoring(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int) -> _Norms:
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        return _grad_norms(model, task, x, y, n_sub)
+    finally:
+        with torch.no_grad():
+            for buf, old in zip(model.buffers(), saved):
+                buf.copy_(old)
+
+
+# --- many measurements at one point ------------------------------------------------------------
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def estimate_noise(
+    model: nn.Module, task: Task, *, b_small: int, b_big: int, measurements: int,
+    generator: torch.Generator | None = None, seed: int = 0,
+    on_pass: Callable[[int], None] | None = None,
+) -> tuple[NoiseEstimate, float]:
+    """(B_simple estimate, mean training loss) for ``model`` as it is now.
+
+    ``measurements`` big batches of ``b_big`` items, each drawn without replacement from
+    ``task.train_data`` by ``generator`` (or a fresh one seeded with ``seed``), hence the
+    finite population correction with N = len(train_data). Costs
+    ``measurements * b_big / b_small`` forward/backward passes; ``on_pass(n)`` is called after
+    each measurement with the passes it used. For use mid-training (e.g. by ``sweep``):
+    the model, its ``.grad``, buffers and the global RNG are left as they were.
+    """
+    n_data = len(task.train_data)  # type: ignore[arg-type]
+    n_sub = check_settings(b_small, b_big, measurements, n_data)
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+    device = _model_device(model)
+    small, big, losses = [], [], []
+    # Dropout etc. draw from the global RNG; fork it so measuring does not change training.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for _ in range(measurements):
+            idx = sample_indices(n_data, b_big, gen)
+            x, y = to_device(collate(task, [task.train_data[i] for i in idx]), device)
+            norms = _run_task(lambda: _grad_norms_restoring(model, task, x, y, n_sub))
+            small.append(norms.small_sq)
+            big.append(norms.big_sq)
+            losses.append(norms.loss)
+            if on_pass is not None:
+                on_pass(n_sub)
+    est = estimate_from_norms(small, big, b_small, b_big, n_data, seed=seed)
+    return est, sum(losses) / len(losses)
+
+
+def check_settings(b_small: int, b_big: int, measurements: int, n_data: int) -> int:
+    """Validate sizes for a measurement on ``n_data`` items; returns ``n_sub = b_big/b_small``."""
+    check_batch_sizes(b_small, b_big, n_data)
+    if b_big % b_small:
+        raise UsageError(
+            f"b_big ({b_big}) must be a multiple of b_small ({b_small}), e.g. {8 * b_small}"
+        )
+    if measurements < 2:
+        raise UsageError(f"measurements must be at least 2 (32 is a good start), got {measurements}")
+    return b_big // b_small
+
+
+def _run_task(fn: Callable[[], Any]) -> Any:
+    """Call ``fn``; errors from the user's model or loss become one-line TaskErrors."""
+    try:
+        return fn()
+    except (TaskError, UsageError):
+        raise
+    except Exception as exc:
+        raise TaskError(f"a forward/backward pass failed: {one_line(exc)}") from exc
+
+
+# --- the driver ----------------------------------------------------------------------------
+
+def measurement_steps(warmup_steps: int, every: int | None) -> list[int]:
+    """Steps at which to measure: 0, then every ``every`` steps, always ending at warmup_steps.
+
+    >>> measurement_steps(10, 4)
+    [0, 4, 8, 10]
+    """
+    if warmup_steps < 0:
+        raise UsageError(f"warmup steps must be >= 0, got {warmup_steps}")
+    if every is None:
+        return sorted({0, warmup_steps})
+    if every < 1:
+        raise UsageError(f"--every must be at least 1, got {every}")
+    if warmup_steps == 0:
+        raise UsageError("--every needs --warmup-steps N: the length of the run to follow")
+    return sorted(set(range(0, warmup_steps, every)) | {warmup_steps})
+
+
+class _Counter:
+    """Counts passes and forwards them to the progress callback."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def _train_one(model: nn.Module, opt: torch.optim.Optimizer, task: Task,
+               gen: torch.Generator, device: torch.device, step: int) -> None:
+    n_data = len(task.train_data)  # type: ignore[arg-type]
+    idx = sample_indices(n_data, task.base_batch_size, gen)
+    x, y = to_device(collate(task, [task.train_data[i] for i in idx]), device)
+    loss = _run_task(lambda: train_step(model, opt, task, x, y))
+    if not math.isfinite(float(loss)):
+        raise TaskError(
+            f"training diverged at warm-up step {step + 1} (loss {float(loss)}); "
+            "lower the task's lr or use fewer --warmup-steps"
+        )
+
+
+def measure_noise(
+    task: Task, *, b_small: int = DEFAULT_B_SMALL, b_big: int = DEFAULT_N_SUB * DEFAULT_B_SMALL,
+    measurements: int = DEFAULT_MEASUREMENTS, seed: int = 0, warmup_steps: int = 0,
+    every: int | None = None, progress: Progress | None = None,
+    device: str | torch.device = "cpu",
+) -> NoiseReport:
+    """B_simple of ``task`` at fresh initial weights (``torch.manual_seed(seed)``), and after
+    ``warmup_steps`` optimizer steps at ``task.base_batch_size`` with ``task.make_optimizer``
+    and ``task.lr``; with ``every=K`` also every K steps in between.
+
+    Measurement batches come from their own generator and the global RNG is forked while
+    measuring, so the training run is the same whatever ``every`` is. ``progress(done, total)``
+    counts forward/backward passes.
+    """
+    n_data = len(task.train_data)  # type: ignore[arg-type]
+    n_sub = check_settings(b_small, b_big, measurements, n_data)
+    steps = measurement_steps(warmup_steps, every)
+    counter = _Counter(len(steps) * measurements * n_sub + warmup_steps, progress)
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    device = torch.device(device)
+    model = _run_task(task.model).to(device)
+    model.train()  # the noise of the gradients training sees (dropout on, batch statistics)
+    opt = task.make_optimizer(model.parameters(), task.lr) if warmup_steps else None
+    measure_gen = torch.Generator().manual_seed(seed)
+    train_gen = torch.Generator().manual_seed(seed + 1)
+    points: list[NoisePoint] = []
+    for step in range(warmup_steps + 1):
+        if step in steps:
+            est, loss = estimate_noise(model, task, b_small=b_small, b_big=b_big,
+                                       measurements=measurements, generator=measure_gen,
+                                       seed=seed + step, on_pass=counter.add)
+            points.append(NoisePoint(step, loss, est))
+        if step < warmup_steps:
+            assert opt is not None
+            _train_one(model, opt, task, train_gen, device, step)
+            counter.add(1)
+    measure_passes = len(steps) * measurements * n_sub
+    return NoiseReport(
+        initial=points[0].estimate, final=points[-1].estimate,
+        initial_loss=points[0].train_loss, final_loss=points[-1].train_loss,
+        trajectory=tuple(points) if every is not None else (),
+        warmup_steps=warmup_steps, passes=measure_passes + warmup_steps,
+        measure_passes=measure_passes, train_steps=warmup_steps,
+        samples=measure_passes * b_small + warmup_steps * task.base_batch_size,
+        wall_s=time.perf_counter() - start,
+    )

@@ -1,0 +1,488 @@
+"""Step-time fit, the optimal-batch formula, and the ranking of sweep trials. Pure: no torch.
+
+Model (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training"):
+
+- Step time ``t(b) = tau_f + tau_d * b``: a fixed overhead per step plus time per sample.
+- Steps to a target ``S(b) = S_min * (1 + B_noise / b)``, equivalently the per-step loss drop
+  ``dL(b) = dL_max / (1 + B_noise / b)``.
+- Time to the target ``T(b) = S(b) * t(b)`` is minimised at ``b_opt = sqrt(B_noise*tau_f/tau_d)``.
+
+Real step times are not exactly linear, so trials are ranked by ``(1 + B_hat/b) * t_measured(b)``
+(time to the target in units of S_min steps) and the closed form is reported beside it, with a
+one-line verdict on whether the two agree and, if not, the likely reason.
+
+Learning-rate scaling: linear for SGD (Goyal et al. 2017, "Accurate, Large Minibatch SGD"),
+square root for Adam-family optimizers (Malladi et al. 2022, "On the SDEs and Scaling Rules for
+Adaptive Gradient Algorithms").
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from enum import Enum
+from statistics import median
+from typing import Iterable, Sequence
+
+from .trial_types import TrialResult, TrialStatus
+
+# A step-time point further than this (relative) from the fitted line makes t(b) "not linear".
+NONLINEAR_REL_RESIDUAL = 0.2
+# Fewer batch sizes than this cannot tell a 1/dL-vs-1/b line from noise.
+MIN_B_NOISE_POINTS = 3
+
+
+# --------------------------------------------------------------------------- step-time fit
+
+
+@dataclass(frozen=True)
+class StepTimeFit:
+    """Robust (Theil–Sen) fit of ``t(b) = tau_f_s + tau_d_s * b`` on median step times.
+
+    ``tau_f_s`` is seconds per step, ``tau_d_s`` seconds per sample; both None when fewer than
+    two batch sizes were timed (``note`` says why). A negative fitted overhead is clipped to 0
+    (``tau_f_clipped``) and the slope refitted through the origin; a negative slope is clipped to
+    0 (``tau_d_clipped``) and the overhead set to the median time. ``r2`` needs >= 3 points.
+    ``max_rel_residual`` = max |t_i - fit(b_i)| / t_i, at ``worst_batch_size``.
+    """
+
+    tau_f_s: float | None
+    tau_d_s: float | None
+    r2: float | None
+    max_rel_residual: float | None
+    worst_batch_size: int | None
+    n_points: int
+    tau_f_clipped: bool = False
+    tau_d_clipped: bool = False
+    note: str | None = None
+    points: tuple[tuple[int, float], ...] = ()  # (batch_size, median step time s) fitted
+
+    def predict_s(self, batch_size: float) -> float | None:
+        """Fitted step time at ``batch_size``, seconds (None without a fit)."""
+        if self.tau_f_s is None or self.tau_d_s is None:
+            return None
+        return self.tau_f_s + self.tau_d_s * batch_size
+
+    @property
+    def linear(self) -> bool:
+        """False when some timed batch size is off the line by more than NONLINEAR_REL_RESIDUAL."""
+        return self.max_rel_residual is None or self.max_rel_residual <= NONLINEAR_REL_RESIDUAL
+
+
+def fit_step_time(batch_sizes: Sequence[int], step_times_s: Sequence[float]) -> StepTimeFit:
+    """Fit ``t(b) = tau_f + tau_d*b`` to step times (seconds) measured at ``batch_sizes``.
+
+    Several times at one batch size are reduced to their median first; non-finite or
+    non-positive times are dropped (and said so in ``note``). The slope is the Theil–Sen
+    estimator (median of pairwise slopes, robust to ~29% outliers), the intercept the median of
+    ``t_i - slope*b_i``.
+    """
+    bs, ts, dropped = _medians_by_batch(batch_sizes, step_times_s)
+    notes = [f"dropped {dropped} non-finite or non-positive step times"] if dropped else []
+    points = tuple(zip(bs, ts))
+    if len(bs) < 2:
+        notes.append(
+            "no step times to fit" if not bs else
+            f"step time measured at one batch size ({bs[0]}) only: cannot separate the per-step "
+            "overhead from the per-sample time"
+        )
+        return StepTimeFit(None, None, None, None, None, len(bs), note="; ".join(notes),
+                           points=points)
+    slope, intercept = _theil_sen([float(b) for b in bs], ts)
+    tau_f, tau_d, f_clip, d_clip = intercept, slope, False, False
+    if slope < 0:
+        tau_f, tau_d, d_clip = median(ts), 0.0, True
+        notes.append(f"step time fell as the batch grew (slope {_fmt_s(slope)}/sample); "
+                     "per-sample time clipped to 0")
+    elif intercept < 0:
+        tau_f, tau_d, f_clip = 0.0, median(t / b for b, t in points), True
+        notes.append(f"per-step overhead fitted negative ({_fmt_s(intercept)}); clipped to 0 and "
+                     "the per-sample time refitted through the origin")
+    pred = [tau_f + tau_d * b for b in bs]
+    rel = [abs(t - p) / t for t, p in zip(ts, pred)]
+    worst = max(range(len(bs)), key=lambda i: rel[i])
+    return StepTimeFit(tau_f, tau_d, _r2(ts, pred), rel[worst], bs[worst], len(bs), f_clip, d_clip,
+                       "; ".join(notes) or None, points)
+
+
+def _r2(y: Sequence[float], pred: Sequence[float]) -> float | None:
+    """Coefficient of determination; None with < 3 points (two points always fit) or flat y."""
+    if len(y) < 3:
+        return None
+    mean = sum(y) / len(y)
+    ss_tot = sum((v - mean) ** 2 for v in y)
+    if ss_tot == 0:
+        return None
+    return 1.0 - sum((v - p) ** 2 for v, p in zip(y, pred)) / ss_tot
+
+
+def _theil_sen(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """(slope, intercept): slope = median over pairs of (y_j - y_i)/(x_j - x_i), distinct x;
+    intercept = median of y_i - slope*x_i (Theil 1950, Sen 1968)."""
+    slopes = [(y[j] - y[i]) / (x[j] - x[i])
+              for i in range(len(x)) for j in range(i + 1, len(x)) if x[j] != x[i]]
+    slope = median(slopes)
+    return slope, median(yi - slope * xi for xi, yi in zip(x, y))
+
+
+def _medians_by_batch(
+    batch_sizes: Sequence[int], values: Sequence[float | None]
+) -> tuple[list[int], list[float], int]:
+    """Distinct batch sizes (ascending), the median positive finite value at each, and how
+    many values were dropped as None, non-finite or <= 0."""
+    if len(batch_sizes) != len(values):
+        raise ValueError(f"{len(batch_sizes)} batch sizes but {len(values)} values")
+    groups: dict[int, list[float]] = defaultdict(list)
+    dropped = 0
+    for b, v in zip(batch_sizes, values):
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"batch sizes must be ints >= 1, got {b!r}")
+        if v is None or not math.isfinite(v) or v <= 0:
+            dropped += 1
+        else:
+            groups[b].append(float(v))
+    bs = sorted(groups)
+    return bs, [median(groups[b]) for b in bs], dropped
+
+
+# --------------------------------------------------------------------------- noise-scale fit
+
+
+@dataclass(frozen=True)
+class BNoiseFit:
+    """``B_noise`` fitted from the per-step loss drop of trials at several batch sizes.
+
+    ``dl_max`` is the extrapolated per-step loss drop at infinite batch (loss units per step).
+    ``b_noise`` is None when the data cannot give one; ``reason`` then says why.
+    """
+
+    b_noise: float | None
+    dl_max: float | None
+    n_points: int
+    reason: str | None = None
+
+
+def fit_noise_model(batch_sizes: Sequence[int], loss_drop_per_step: Sequence[float]) -> BNoiseFit:
+    """Fit ``dL(b) = dL_max / (1 + B_noise/b)`` (McCandlish et al. 2018, eq. 2.7 and App. D).
+
+    Inverting, ``1/dL = 1/dL_max + (B_noise/dL_max) * (1/b)`` is linear in ``1/b``, so with a
+    Theil–Sen line ``1/dL = c0 + c1/b``: ``B_noise = c1/c0`` and ``dL_max = 1/c0``. Batch sizes
+    whose loss did not drop (dL <= 0) are left out; at least MIN_B_NOISE_POINTS must remain.
+    """
+    bs, dls, dropped = _medians_by_batch(batch_sizes, loss_drop_per_step)
+    skipped = f" ({dropped} trials without a positive loss drop left out)" if dropped else ""
+    if len(bs) < MIN_B_NOISE_POINTS:
+        return BNoiseFit(None, None, len(bs), f"need a positive per-step loss drop at >= "
+                         f"{MIN_B_NOISE_POINTS} batch sizes, have {len(bs)}{skipped}")
+    slope, intercept = _theil_sen([1.0 / b for b in bs], [1.0 / d for d in dls])
+    if intercept <= 0:
+        return BNoiseFit(None, None, len(bs), "the per-step loss drop still grows in proportion "
+                         f"to b up to b={bs[-1]} (1/dL vs 1/b has intercept <= 0): B_noise is "
+                         f"beyond the tried range{skipped}")
+    if slope < 0:
+        return BNoiseFit(None, 1.0 / intercept, len(bs), "the per-step loss drop shrinks as b "
+                         "grows, which the noise-scale model cannot produce (is the learning "
+                         f"rate scaled too far at large b?){skipped}")
+    return BNoiseFit(slope / intercept, 1.0 / intercept, len(bs), skipped.strip(" ()") or None)
+
+
+def fit_b_noise(batch_sizes: Sequence[int], loss_drop_per_step: Sequence[float]) -> float | None:
+    """``B_noise`` from per-step loss drops, or None; ``fit_noise_model`` gives the reason."""
+    return fit_noise_model(batch_sizes, loss_drop_per_step).b_noise
+
+
+def b_opt(b_noise: float | None, tau_f_s: float | None, tau_d_s: float | None) -> float | None:
+    """``b_opt = sqrt(B_noise * tau_f / tau_d)``, the minimiser of
+    ``T(b) = S_min (1 + B_noise/b)(tau_f + tau_d b)``.
+
+    None when an input is missing or non-finite, ``B_noise < 0``, ``tau_f < 0`` or
+    ``tau_d <= 0`` (with ``tau_d = 0`` the optimum is unbounded: bigger is always faster).
+    """
+    if b_noise is None or tau_f_s is None or tau_d_s is None:
+        return None
+    if not all(math.isfinite(v) for v in (b_noise, tau_f_s, tau_d_s)):
+        return None
+    if b_noise < 0 or tau_f_s < 0 or tau_d_s <= 0:
+        return None
+    return math.sqrt(b_noise * tau_f_s / tau_d_s)
+
+
+def grad_accum_steps(recommended: int, max_fitting_batch: int) -> int:
+    """Micro-batches to accumulate so that ``recommended`` samples fit per optimizer step:
+    ``ceil(recommended / max_fitting_batch)`` (1 when it fits as is)."""
+    if recommended < 1 or max_fitting_batch < 1:
+        raise ValueError(
+            f"batch sizes must be >= 1, got recommended={recommended}, "
+            f"max_fitting_batch={max_fitting_batch}"
+        )
+    return -(-recommended // max_fitting_batch)
+
+
+# --------------------------------------------------------------------------- learning rate
+
+
+class LrScaling(str, Enum):
+    """How the learning rate follows the batch size."""
+
+    linear = "linear"  # lr * b/b0, SGD (Goyal et al. 2017)
+    sqrt = "sqrt"  # lr * sqrt(b/b0), Adam-family (Malladi et al. 2022)
+    none = "none"  # the base lr at every batch size
+
+
+def scale_lr(base_lr: float, base_batch: int, batch: int, rule: LrScaling) -> float:
+    """The learning rate for ``batch`` given ``base_lr`` valid at ``base_batch``."""
+    if base_lr <= 0 or base_batch < 1 or batch < 1:
+        raise ValueError(f"need base_lr > 0 and batch sizes >= 1, got {base_lr}, "
+                         f"{base_batch}, {batch}")
+    ratio = batch / base_batch
+    match LrScaling(rule):
+        case LrScaling.linear:
+            return base_lr * ratio
+        case LrScaling.sqrt:
+            return base_lr * math.sqrt(ratio)
+        case LrScaling.none:
+            return base_lr
+
+
+# Lower-case class names (and name fragments) of optimizers whose update is normalised by a
+# running second moment, so that their noise scales like sqrt(b) (Malladi et al. 2022).
+_ADAPTIVE = ("adam", "adafactor", "rmsprop", "lamb", "lion", "adagrad", "adadelta", "sophia")
+_SGD_FAMILY = ("sgd", "lars", "nesterov", "momentum")
+
+
+def default_lr_scaling(optimizer: object) -> LrScaling:
+    """``sqrt`` for Adam-family/adaptive optimizers, ``linear`` for SGD-family, ``none`` when
+    unknown (the user's learning rate is then left alone).
+
+    ``optimizer`` is an instance, a class or a class name; the class and its bases are checked
+    (so a subclass of ``torch.optim.AdamW`` counts), by name, without importing torch.
+    """
+    if isinstance(optimizer, str):
+        names = [optimizer]
+    else:
+        cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+        names = [c.__name__ for c in cls.__mro__]
+    for name in (n.lower() for n in names):
+        if any(key in name for key in _ADAPTIVE):
+            return LrScaling.sqrt
+        if any(key in name for key in _SGD_FAMILY):
+            return LrScaling.linear
+    return LrScaling.none
+
+
+# --------------------------------------------------------------------------- ranking
+
+
+class BHatSource(str, Enum):
+    """Where the noise scale used for ranking came from."""
+
+    b_noise = "b_noise"  # fitted from the trials' per-step loss drops (fit_noise_model)
+    b_simple = "b_simple"  # gradient noise scale measured in the trials (median)
+    given = "given"  # supplied by the caller
+
+
+@dataclass(frozen=True)
+class BHat:
+    """The noise-scale estimate to rank with, and both candidates it was chosen from."""
+
+    value: float | None
+    source: BHatSource | None
+    b_simple: float | None
+    noise_fit: BNoiseFit
+
+
+def median_b_simple(trials: Iterable[TrialResult]) -> float | None:
+    """Median ``b_simple`` over ok trials that measured a positive finite one."""
+    values = [t.b_simple for t in trials
+              if t.ok and t.b_simple is not None and math.isfinite(t.b_simple) and t.b_simple > 0]
+    return median(values) if values else None
+
+
+def noise_fit_of(trials: Iterable[TrialResult]) -> BNoiseFit:
+    """``fit_noise_model`` on the ok trials' per-step loss drops."""
+    ok = [t for t in trials if t.ok]
+    return fit_noise_model([t.batch_size for t in ok], [t.loss_drop_per_step for t in ok])
+
+
+def choose_b_hat(trials: Sequence[TrialResult]) -> BHat:
+    """Prefer ``B_noise`` fitted from the trials (it is the curvature-aware quantity that
+    ``b_opt`` needs, measured over the trials' training rather than at initialisation); fall
+    back to the median measured ``B_simple``; else None."""
+    fit, simple = noise_fit_of(trials), median_b_simple(trials)
+    if fit.b_noise is not None:
+        return BHat(fit.b_noise, BHatSource.b_noise, simple, fit)
+    if simple is not None:
+        return BHat(simple, BHatSource.b_simple, simple, fit)
+    return BHat(None, None, simple, fit)
+
+
+class VerdictKind(str, Enum):
+    """What the verdict line says; the text gives the numbers."""
+
+    agree = "agree"  # b_opt rounds to the empirically best batch size
+    no_ok_trials = "no_ok_trials"
+    no_b_hat = "no_b_hat"  # no noise scale: ranked by measured loss drop per second
+    no_step_fit = "no_step_fit"  # step time known at < 2 batch sizes: no b_opt
+    unverified = "unverified"  # no trial measured a loss drop or validation loss
+    outside_range = "outside_range"  # b_opt is beyond the tried batch sizes
+    nonlinear_step_time = "nonlinear_step_time"
+    b_simple_underestimates = "b_simple_underestimates"
+    larger_batches_faster = "larger_batches_faster"
+    smaller_batches_faster = "smaller_batches_faster"
+
+
+@dataclass(frozen=True)
+class RankedTrial:
+    """One row of the ranking table.
+
+    ``predicted_time_s = (1 + B_hat/b) * step_time_s``: predicted wall time to the target
+    divided by S_min, seconds (lower is better); ``relative_time`` is that over the best row's.
+    """
+
+    batch_size: int
+    status: TrialStatus
+    predicted_time_s: float | None
+    relative_time: float | None
+    step_time_s: float | None
+    loss_drop_per_s: float | None
+    val_loss: float | None
+    val_metric: float | None
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Trials ranked best first, the fits behind the ranking, and the verdict.
+
+    ``rows`` holds every trial (ok ones best first, then the rest by batch size); ``ranking``
+    the batch sizes of the ok rows only, best first. ``b_opt_batch_size`` is ``b_opt`` rounded
+    (in log2) to the nearest tried ok batch size; ``speed_winner`` has the best measured
+    loss_drop_per_s and ``val_winner`` the lowest val_loss.
+    """
+
+    rows: tuple[RankedTrial, ...]
+    ranking: tuple[int, ...]
+    recommended_batch_size: int | None
+    verdict: str
+    verdict_kind: VerdictKind
+    step_fit: StepTimeFit
+    noise_fit: BNoiseFit
+    b_simple: float | None
+    b_hat: float | None
+    b_hat_source: BHatSource | None
+    b_opt: float | None
+    b_opt_batch_size: int | None
+    speed_winner: int | None
+    val_winner: int | None
+
+    def fit_dict(self) -> dict[str, float | int | str | None]:
+        """DESIGN.md's ``sweep`` ``fit`` object (tau_f_s, tau_d_s, b_simple, b_noise, b_opt),
+        then siblings."""
+        return {
+            "tau_f_s": self.step_fit.tau_f_s,
+            "tau_d_s": self.step_fit.tau_d_s,
+            "b_simple": self.b_simple,
+            "b_noise": self.noise_fit.b_noise,
+            "b_opt": self.b_opt,
+            "r2": self.step_fit.r2,
+            "b_hat": self.b_hat,
+            "b_hat_source": self.b_hat_source.value if self.b_hat_source else None,
+            "b_opt_batch_size": self.b_opt_batch_size,
+            "verdict": self.verdict,
+        }
+
+
+def rank_trials(
+    trials: Sequence[TrialResult],
+    b_hat: float | None,
+    b_hat_source: BHatSource = BHatSource.given,
+) -> Ranking:
+    """Rank ok trials by ``(1 + B_hat/b) * t_measured(b)`` (McCandlish et al. 2018: steps to a
+    target grow as ``1 + B_noise/b``, each step costs the measured median step time), then by
+    loss_drop_per_s, val_loss and batch size; without ``b_hat`` by loss_drop_per_s first.
+    Non-ok trials go last. ``choose_b_hat(trials)`` picks ``b_hat`` and its source.
+    """
+    if b_hat is not None and not (math.isfinite(b_hat) and b_hat >= 0):
+        raise ValueError(f"b_hat must be a finite number >= 0, got {b_hat}")
+    ok = [t for t in trials if t.ok]
+    fit = fit_step_time([t.batch_size for t in ok if t.step_time_s is not None],
+                        [t.step_time_s for t in ok if t.step_time_s is not None])
+    rows = _ordered_rows(trials, b_hat)
+    ranking = tuple(r.batch_size for r in rows if r.status is TrialStatus.ok)
+    ctx = _Context(
+        ok_sizes=tuple(sorted({t.batch_size for t in ok})),
+        fit=fit,
+        noise_fit=noise_fit_of(trials),
+        b_simple=median_b_simple(trials),
+        b_hat=b_hat,
+        source=b_hat_source if b_hat is not None else None,
+        b_opt=_b_opt_or_inf(b_hat, fit),
+        speed_winner=_best(ok, lambda t: t.loss_drop_per_s, higher=True),
+        val_winner=_best(ok, lambda t: t.val_loss, higher=False),
+        recommended=ranking[0] if ranking else None,
+        statuses=Counter(t.status.value for t in trials),
+    )
+    kind, text = _verdict(ctx)
+    pick = _nearest(ctx.b_opt, ctx.ok_sizes)
+    return Ranking(rows, ranking, ctx.recommended, text, kind, fit, ctx.noise_fit, ctx.b_simple,
+                   b_hat, ctx.source, ctx.b_opt if ctx.b_opt != math.inf else None, pick,
+                   ctx.speed_winner, ctx.val_winner)
+
+
+def _ordered_rows(trials: Sequence[TrialResult], b_hat: float | None) -> tuple[RankedTrial, ...]:
+    def predicted(t: TrialResult) -> float | None:
+        if b_hat is None or t.step_time_s is None:
+            return None
+        return (1.0 + b_hat / t.batch_size) * t.step_time_s
+
+    def key(t: TrialResult) -> tuple[bool, float, float, float, int]:
+        p = predicted(t)
+        return (p is None, p if p is not None else 0.0, -_or(t.loss_drop_per_s, -math.inf),
+                _or(t.val_loss, math.inf), t.batch_size)
+
+    ok = sorted((t for t in trials if t.ok), key=key)
+    rest = sorted((t for t in trials if not t.ok), key=lambda t: t.batch_size)
+    best = predicted(ok[0]) if ok else None
+    return tuple(
+        RankedTrial(t.batch_size, t.status, p,
+                    p / best if p is not None and best else None,
+                    t.step_time_s, t.loss_drop_per_s, t.val_loss, t.val_metric, t.wall_s)
+        for t in ok + rest for p in [predicted(t) if t.ok else None]
+    )
+
+
+def _or(value: float | None, default: float) -> float:
+    return value if value is not None and math.isfinite(value) else default
+
+
+def _best(trials: Sequence[TrialResult], value: "_Getter", higher: bool) -> int | None:
+    """Batch size of the trial with the best finite ``value`` (ties: the smaller batch)."""
+    scored = [(v, t.batch_size) for t in trials
+              if (v := value(t)) is not None and math.isfinite(v)]
+    if not scored:
+        return None
+    return min(scored, key=lambda vb: (-vb[0] if higher else vb[0], vb[1]))[1]
+
+
+def _b_opt_or_inf(b_hat: float | None, fit: StepTimeFit) -> float | None:
+    """``b_opt``, or infinity when step time does not grow with b (bigger is always faster)."""
+    if b_hat is not None and b_hat > 0 and fit.tau_d_s == 0.0 and fit.tau_f_s:
+        return math.inf
+    return b_opt(b_hat, fit.tau_f_s, fit.tau_d_s)
+
+
+def _nearest(target: float | None, sizes: Sequence[int]) -> int | None:
+    """The size closest to ``target`` in log2 (ties: the larger); 0 -> smallest, inf -> largest."""
+    if target is None or not sizes:
+        return None
+    if target <= 0:
+        return min(sizes)
+    if target == math.inf:
+        return max(sizes)
+    return min(sizes, key=lambda b: (abs(math.log2(b / target)), -b))
+
+
+from typing import Callable  # noqa: E402  (kept next to its only use)
+
+_Getter = Callable[[TrialResult], "float | None"]

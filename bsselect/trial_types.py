@@ -1,0 +1,127 @@
+"""The result of one short training trial at one batch size, as ``sweep --json`` reports it and
+as the journal stores it (one JSON object per trial).
+
+The first thirteen fields of ``TrialResult`` are DESIGN.md's ``sweep`` trial fields, in that
+order; the rest are siblings. JSON has no NaN or infinity, so a non-finite float (the loss of a
+diverged trial) is written as ``null`` and read back as ``None``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any, Mapping, NamedTuple, Sequence
+
+
+class TrialStatus(str, Enum):
+    """How a trial ended."""
+
+    ok = "ok"  # ran all its steps; every measurement is filled in
+    oom = "oom"  # out of device memory at this batch size
+    diverged = "diverged"  # the loss became non-finite or blew up
+    error = "error"  # anything else; ``TrialResult.error`` says what
+
+
+class LossPoint(NamedTuple):
+    """One point of a trial's training-loss curve (``loss`` is None where it was not finite)."""
+
+    step: int
+    samples: int
+    wall_s: float
+    loss: float | None
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One trial. Rates are over the trial's measured (post warm-up) steps:
+
+    - ``step_time_s``: median wall time of one optimizer step, seconds.
+    - ``loss_drop_per_s`` = (train_loss_start - train_loss_end) / wall_s, loss units per second.
+    - ``loss_drop_per_sample`` = the same drop / samples; ``loss_drop_per_step`` = drop / steps.
+      The per-step drop is what ``rank.fit_b_noise`` fits (McCandlish et al. 2018).
+    - ``b_simple``: the gradient noise scale tr(Sigma)/|G|^2 measured in this trial, if it was.
+    """
+
+    batch_size: int
+    status: TrialStatus
+    lr: float
+    steps: int
+    samples: int
+    wall_s: float
+    step_time_s: float | None = None
+    samples_per_s: float | None = None
+    train_loss_start: float | None = None
+    train_loss_end: float | None = None
+    loss_drop_per_s: float | None = None
+    val_loss: float | None = None
+    val_metric: float | None = None
+    loss_curve: tuple[LossPoint, ...] = ()
+    error: str | None = None
+    b_simple: float | None = None
+    loss_drop_per_sample: float | None = None
+    loss_drop_per_step: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+            raise TypeError(f"batch_size must be an int, got {self.batch_size!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        # Frozen: normalise through object.__setattr__ so that "ok" and TrialStatus.ok, or a
+        # list of lists and a tuple of LossPoints, give equal results.
+        object.__setattr__(self, "status", TrialStatus(self.status))
+        object.__setattr__(self, "loss_curve", tuple(_loss_point(p) for p in self.loss_curve))
+
+    @property
+    def ok(self) -> bool:
+        return self.status is TrialStatus.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: DESIGN.md's trial fields first, then the siblings."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, TrialStatus):
+                value = value.value
+            elif f.name == "loss_curve":
+                value = [list(p) for p in value]
+            elif isinstance(value, float):
+                value = _finite(value)
+            out[f.name] = value
+        return out
+
+    def to_json(self) -> str:
+        """One line of compact JSON (no newline), as the journal stores it."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrialResult":
+        """Inverse of ``to_dict``. Unknown keys are ignored (a newer bsselect may add
+        siblings); a missing required field raises KeyError, a bad value ValueError/TypeError."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for required in ("batch_size", "status", "lr", "steps", "samples", "wall_s"):
+            if required not in kwargs:
+                raise KeyError(f"trial record has no {required!r}")
+        kwargs["loss_curve"] = kwargs.get("loss_curve") or ()
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrialResult":
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("a trial record must be a JSON object")
+        return cls.from_dict(data)
+
+
+def _finite(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _loss_point(raw: Sequence[Any]) -> LossPoint:
+    step, samples, wall_s, loss = raw
+    return LossPoint(int(step), int(samples), float(wall_s), _finite(loss))

@@ -1,0 +1,232 @@
+"""One short training trial at one batch size -> TrialResult.
+
+Every trial starts from the same initial weights and draws its batches from the same seeded
+stream, so trials differ only by batch size and the learning rate scaled for it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from enum import Enum
+from statistics import median
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .errors import one_line
+from .oom import is_oom_error, release_memory
+from .step import to_device
+from .task import Task
+from .trial_types import LossPoint, TrialResult, TrialStatus
+
+TIMING_WARMUP_STEPS = 3     # first steps pay for allocation and kernel selection
+DIVERGENCE_FACTOR = 10.0    # loss above 10x its start counts as diverged
+MAX_CURVE_POINTS = 200
+EVAL_ITEMS = 1024           # fixed train subset on which start/end loss is measured
+
+
+class BudgetKind(str, Enum):
+    samples = "samples"
+    steps = "steps"
+    seconds = "seconds"
+
+
+@dataclass(frozen=True)
+class TrialBudget:
+    kind: BudgetKind
+    amount: float
+
+    def steps_for(self, batch_size: int) -> int | None:
+        """Step count for ``batch_size``; None for a time budget."""
+        if self.kind is BudgetKind.samples:
+            return max(1, math.ceil(self.amount / batch_size))
+        if self.kind is BudgetKind.steps:
+            return max(1, int(self.amount))
+        return None
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a sweep shares."""
+
+    task: Task
+    initial_state: dict[str, torch.Tensor]
+    train_data: Dataset          # the task's, minus a held-out split when it has no val_data
+    eval_train: Dataset
+    val_data: Dataset
+    device: torch.device
+    budget: TrialBudget
+    seed: int = 0
+    warmup_steps: int = 0        # linear LR warm-up
+    noise_measurements: int = 0  # gradient-noise measurements at the end of each trial
+    noise_b_small: int = 8
+    noise_n_sub: int = 8
+
+
+def cycle_batches(setup: TrialSetup, batch_size: int):
+    """Shuffled batches forever (reshuffled each epoch, same seed for every trial)."""
+    data = setup.train_data
+    gen = torch.Generator().manual_seed(setup.seed)
+    drop_last = len(data) >= batch_size  # type: ignore[arg-type]
+    while True:
+        loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen,
+                            drop_last=drop_last, collate_fn=setup.task.collate_fn)
+        yield from loader
+
+
+def evaluate(model: nn.Module, task: Task, data: Dataset, device: torch.device,
+             batch_size: int = 256, metric: bool = True) -> tuple[float, float | None]:
+    """Mean loss (and metric) over ``data`` in eval mode, weighted by batch length."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_metric, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for x, y in DataLoader(data, batch_size=batch_size, collate_fn=task.collate_fn):
+            x, y = to_device((x, y), device)
+            out = model(x)
+            k = len(y) if isinstance(y, torch.Tensor) else batch_size
+            total_loss += float(task.loss_fn(out, y)) * k
+            if metric and task.metric is not None:
+                total_metric += float(task.metric(out, y)) * k
+            n += k
+    model.train(was_training)
+    score = total_metric / n if (metric and task.metric is not None) else None
+    return total_loss / n, score
+
+
+def _sync(device: torch.device) -> None:
+    # A CPU-GPU sync point: without it the clock reads kernel-launch time, not compute time.
+    if device.type != "cpu" and torch.accelerator.is_available():
+        torch.accelerator.synchronize(device)
+
+
+def _lr_at(step: int, lr: float, warmup_steps: int) -> float:
+    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
+
+
+def run_trial(setup: TrialSetup, batch_size: int, lr: float,
+              on_step: Callable[[int, int | None], None] | None = None) -> TrialResult:
+    """Train ``batch_size`` for the setup's budget; never raises for OOM/divergence/errors
+    (they become the trial's status) — only KeyboardInterrupt propagates."""
+    base = dict(batch_size=batch_size, lr=lr)
+    try:
+        return _train(setup, batch_size, lr, on_step)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
+        status = TrialStatus.oom if is_oom_error(exc) else TrialStatus.error
+        message = one_line(exc)
+        del exc
+        release_memory()
+        return TrialResult(**base, status=status, steps=0, samples=0, wall_s=0.0, error=message)
+
+
+def _train(setup: TrialSetup, batch_size: int, lr: float,
+           on_step: Callable[[int, int | None], None] | None) -> TrialResult:
+    task, device = setup.task, setup.device
+    model = task.model().to(device)
+    model.load_state_dict(setup.initial_state)
+    model.train()
+    optimizer = task.make_optimizer(model.parameters(), lr)
+    loss_start, _ = evaluate(model, task, setup.eval_train, device, metric=False)
+    total_steps = setup.budget.steps_for(batch_size)
+    batches = cycle_batches(setup, batch_size)
+    curve: list[LossPoint] = []
+    step_times: list[float] = []
+    samples, step, train_wall = 0, 0, 0.0
+    status, error = TrialStatus.ok, None
+    while (total_steps is None and train_wall < setup.budget.amount) or (
+            total_steps is not None and step < total_steps):
+        t0 = time.perf_counter()
+        x, y = to_device(next(batches), device)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, lr, setup.warmup_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()  # also a sync point on the CPU
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        train_wall += elapsed
+        step += 1
+        samples += len(y) if isinstance(y, torch.Tensor) else batch_size
+        if step > TIMING_WARMUP_STEPS or total_steps is not None and total_steps <= TIMING_WARMUP_STEPS:
+            step_times.append(elapsed)
+        curve.append(LossPoint(step, samples, train_wall, value if math.isfinite(value) else None))
+        if not math.isfinite(value) or value > DIVERGENCE_FACTOR * max(loss_start, 1e-12):
+            status, error = TrialStatus.diverged, f"loss {value:.4g} at step {step}"
+            break
+        if on_step:
+            on_step(step, total_steps)
+    return _finish(setup, model, batch_size, lr, status, error, step, samples, train_wall,
+                   step_times, curve, loss_start)
+
+
+def _thin(curve: list[LossPoint]) -> tuple[LossPoint, ...]:
+    if len(curve) <= MAX_CURVE_POINTS:
+        return tuple(curve)
+    stride = len(curve) / MAX_CURVE_POINTS
+    picked = [curve[int(i * stride)] for i in range(MAX_CURVE_POINTS - 1)] + [curve[-1]]
+    return tuple(picked)
+
+
+def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
+            status: TrialStatus, error: str | None, steps: int, samples: int, wall_s: float,
+            step_times: list[float], curve: list[LossPoint], loss_start: float) -> TrialResult:
+    task, device = setup.task, setup.device
+    common: dict[str, Any] = dict(batch_size=batch_size, lr=lr, steps=steps, samples=samples,
+                                  wall_s=wall_s, loss_curve=_thin(curve), error=error,
+                                  train_loss_start=loss_start)
+    if status is not TrialStatus.ok:
+        return TrialResult(status=status, **common)
+    step_time = median(step_times) if step_times else wall_s / max(steps, 1)
+    loss_end, _ = evaluate(model, task, setup.eval_train, device, metric=False)
+    val_loss, val_metric = evaluate(model, task, setup.val_data, device)
+    drop = loss_start - loss_end
+    b_simple = measure_trial_noise(setup, model) if setup.noise_measurements else None
+    return TrialResult(
+        status=status, **common, step_time_s=step_time, samples_per_s=batch_size / step_time,
+        train_loss_end=loss_end, loss_drop_per_s=drop / wall_s if wall_s > 0 else None,
+        val_loss=val_loss, val_metric=val_metric, b_simple=b_simple,
+        loss_drop_per_sample=drop / samples, loss_drop_per_step=drop / steps,
+    )
+
+
+def measure_trial_noise(setup: TrialSetup, model: nn.Module) -> float | None:
+    """B_simple at the trial's final weights (bsselect.noise; not part of the trial's time)."""
+    from .noise import estimate_from_norms, measure_grad_norms
+    from .step import make_batch
+
+    b_big = setup.noise_b_small * setup.noise_n_sub
+    small, big = [], []
+    for i in range(setup.noise_measurements):
+        x, y = to_device(make_batch(setup.task, b_big, seed=setup.seed + 1000 + i), setup.device)
+        s, g = measure_grad_norms(model, setup.task, x, y, setup.noise_n_sub)
+        small.append(s)
+        big.append(g)
+    estimate = estimate_from_norms(small, big, setup.noise_b_small, b_big,
+                                   n_data=len(setup.task.train_data))  # type: ignore[arg-type]
+    return estimate.b_simple
+
+
+def split_validation(task: Task, seed: int) -> tuple[Dataset, Dataset, bool]:
+    """(train, val, made_split): the task's val_data, or a held-out 10% of train."""
+    if task.val_data is not None:
+        return task.train_data, task.val_data, False
+    n = len(task.train_data)  # type: ignore[arg-type]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, n // 10)
+    return Subset(task.train_data, perm[n_val:]), Subset(task.train_data, perm[:n_val]), True
+
+
+def eval_subset(data: Dataset, seed: int, items: int = EVAL_ITEMS) -> Dataset:
+    n = len(data)  # type: ignore[arg-type]
+    if n <= items:
+        return data
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7)).tolist()[:items]
+    return Subset(data, idx)
