@@ -23,7 +23,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from enum import Enum
 from statistics import median
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from .trial_types import TrialResult, TrialStatus
 
@@ -456,7 +456,9 @@ def _or(value: float | None, default: float) -> float:
     return value if value is not None and math.isfinite(value) else default
 
 
-def _best(trials: Sequence[TrialResult], value: "_Getter", higher: bool) -> int | None:
+def _best(
+    trials: Sequence[TrialResult], value: Callable[[TrialResult], float | None], higher: bool
+) -> int | None:
     """Batch size of the trial with the best finite ``value`` (ties: the smaller batch)."""
     scored = [(v, t.batch_size) for t in trials
               if (v := value(t)) is not None and math.isfinite(v)]
@@ -483,6 +485,102 @@ def _nearest(target: float | None, sizes: Sequence[int]) -> int | None:
     return min(sizes, key=lambda b: (abs(math.log2(b / target)), -b))
 
 
-from typing import Callable  # noqa: E402  (kept next to its only use)
+@dataclass(frozen=True)
+class _Context:
+    """Everything the verdict looks at; ``b_opt`` is math.inf when unbounded."""
 
-_Getter = Callable[[TrialResult], "float | None"]
+    ok_sizes: tuple[int, ...]
+    fit: StepTimeFit
+    noise_fit: BNoiseFit
+    b_simple: float | None
+    b_hat: float | None
+    source: BHatSource | None
+    b_opt: float | None
+    speed_winner: int | None
+    val_winner: int | None
+    recommended: int | None
+    statuses: Counter[str]
+
+
+def _verdict(c: _Context) -> tuple[VerdictKind, str]:
+    """Does ``b_opt``, rounded to a tried batch size, match the empirical winner?"""
+    if not c.ok_sizes:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(c.statuses.items())) or "no trials"
+        return VerdictKind.no_ok_trials, f"no trial finished ok ({counts}); nothing to recommend"
+    if c.b_hat is None or c.source is None:
+        return VerdictKind.no_b_hat, (
+            f"no noise-scale estimate (no B_simple measured; B_noise: {c.noise_fit.reason}); "
+            f"ranked by measured loss drop per second, best b={c.recommended}")
+    if c.b_opt is None:
+        return VerdictKind.no_step_fit, (
+            f"no b_opt ({c.fit.note or 'step time does not determine it'}); ranked by "
+            f"(1 + B_hat/b) * t(b) with B_hat = {_fmt_num(c.b_hat)} from {c.source.value}")
+    pick = _nearest(c.b_opt, c.ok_sizes)
+    head = (f"b_opt = {_fmt_num(c.b_opt)} (B_hat = {_fmt_num(c.b_hat)} from {c.source.value}) "
+            f"rounds to b={pick}")
+    winner = c.speed_winner if c.speed_winner is not None else c.val_winner
+    if pick is None or winner is None:
+        return VerdictKind.unverified, (
+            f"{head}; no trial measured a loss drop or validation loss to check it against")
+    if pick in (c.speed_winner, c.val_winner):
+        by = _BEST_SPEED if pick == c.speed_winner else _BEST_VAL
+        return VerdictKind.agree, f"formula and trials agree: {head}, which also had the {by}"
+    by = _BEST_SPEED if winner == c.speed_winner else _BEST_VAL
+    kind, why = _disagreement(c, c.b_opt, pick, winner)
+    return kind, f"formula and trials disagree: {head} but b={winner} had the {by}; {why}"
+
+
+_BEST_SPEED = "best loss drop per second"
+_BEST_VAL = "lowest validation loss"
+
+
+def _disagreement(c: _Context, b_opt_: float, pick: int, winner: int) -> tuple[VerdictKind, str]:
+    """The most likely reason, checked from the most to the least mechanical."""
+    lo, hi = c.ok_sizes[0], c.ok_sizes[-1]
+    if b_opt_ < lo / math.sqrt(2) or b_opt_ > hi * math.sqrt(2):
+        if b_opt_ == math.inf:
+            cause = " (step time does not grow with b, so bigger is always faster per sample)"
+        elif c.fit.tau_f_clipped:
+            cause = " (the per-step overhead fitted <= 0, which pushes b_opt to 0)"
+        else:
+            cause = "; try larger batches (gradient accumulation beyond what fits)" \
+                if b_opt_ > hi else "; try smaller batches"
+        return VerdictKind.outside_range, f"b_opt is outside the tried range {lo}-{hi}{cause}"
+    if not c.fit.linear and c.fit.worst_batch_size is not None:
+        b = c.fit.worst_batch_size
+        return VerdictKind.nonlinear_step_time, (
+            f"step time is not linear in b (b={b}: measured {_fmt_s(dict(c.fit.points)[b])}, "
+            f"line {_fmt_s(c.fit.predict_s(b))}), so the closed form misprices some batch "
+            "sizes; trust the measured ranking")
+    if winner > pick and c.source is BHatSource.b_simple:
+        bn = c.noise_fit.b_noise
+        extra = f" (B_noise fitted from the trials: {_fmt_num(bn)})" if bn is not None else ""
+        return VerdictKind.b_simple_underestimates, (
+            f"B_simple measured at initialisation ({_fmt_num(c.b_simple)}) underestimates the "
+            f"noise scale later in training{extra}")
+    if winner > pick:
+        return VerdictKind.larger_batches_faster, (
+            f"larger batches made faster progress than B_hat = {_fmt_num(c.b_hat)} predicts: "
+            "the noise scale is probably larger than estimated")
+    return VerdictKind.smaller_batches_faster, (
+        "smaller batches made faster progress than predicted: short trials see early training, "
+        "when the noise scale is smallest, or the LR scaling overshoots at large b")
+
+
+def _fmt_num(x: float | None) -> str:
+    """``71.3``, ``1,234``, ``unbounded``; ``n/a`` for None."""
+    if x is None:
+        return "n/a"
+    if x == math.inf:
+        return "unbounded"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def _fmt_s(seconds: float | None) -> str:
+    """``12.3 ms`` — three significant digits in s, ms or µs."""
+    if seconds is None:
+        return "n/a"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if abs(seconds) >= scale or unit == "µs":
+            return f"{seconds / scale:.3g} {unit}"
+    raise AssertionError("unreachable")
