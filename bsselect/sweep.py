@@ -1,0 +1,207 @@
+"""``sweep``: short trials at power-of-two batch sizes, journaled, ranked against the formula."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .capacity import largest_pow2_at_most
+from .errors import InterruptedRun, UsageError
+from .rank import (
+    LrScaling, Ranking, choose_b_hat, default_lr_scaling, grad_accum_steps, rank_trials, scale_lr,
+)
+from .task import Task
+from .trial_types import TrialResult
+from .trials import (
+    BudgetKind, TrialBudget, TrialSetup, eval_subset, run_trial, split_validation,
+)
+
+_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(samples|sample|steps|step|seconds|s|)\s*$",
+                     re.IGNORECASE)
+
+
+def parse_budget(text: str) -> TrialBudget:
+    """``4096`` or ``4096samples`` · ``200steps`` · ``30s``/``30seconds``."""
+    match = _BUDGET.match(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise UsageError(f"cannot read --budget {text!r}; use e.g. 4096 (samples), 200steps, 30s")
+    unit = match.group(2).lower()
+    kind = (BudgetKind.steps if unit.startswith("step") else
+            BudgetKind.seconds if unit.startswith("s") and unit not in ("samples", "sample")
+            else BudgetKind.samples)
+    return TrialBudget(kind, float(match.group(1)))
+
+
+def default_budget(n_train: int, max_batch: int) -> TrialBudget:
+    """Two epochs, but at least 8 steps of the largest batch, at most 65,536 samples."""
+    return TrialBudget(BudgetKind.samples, float(min(max(2 * n_train, 8 * max_batch), 65_536)))
+
+
+def powers_of_two(lo: int, hi: int) -> list[int]:
+    if lo < 1 or hi < lo:
+        raise UsageError(f"no power of two between --min-batch {lo} and the maximum {hi}")
+    start = 1 << max(0, (lo - 1).bit_length())
+    sizes = [b for b in (start << k for k in range(40)) if b <= hi]
+    if not sizes:
+        raise UsageError(f"no power of two between --min-batch {lo} and the maximum {hi}")
+    return sizes
+
+
+def data_cap(n_train: int) -> int:
+    """Largest power of two <= half the training set, so that every trial sees >= 2 batches
+    per epoch."""
+    return largest_pow2_at_most(max(1, n_train // 2))
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    budget: TrialBudget
+    lr_scaling: LrScaling
+    seed: int = 0
+    warmup_steps: int = 0
+    noise_measurements: int = 4
+
+    def key_fields(self, task_name: str) -> dict[str, Any]:
+        """What makes two sweeps' trials comparable (the journal's resume key)."""
+        return {"task": task_name, "budget": [self.budget.kind.value, self.budget.amount],
+                "lr_scaling": self.lr_scaling.value, "seed": self.seed,
+                "warmup_steps": self.warmup_steps, "noise_measurements": self.noise_measurements}
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    task: str
+    device: str
+    batch_sizes: tuple[int, ...]
+    settings: SweepSettings
+    base_lr: float
+    base_batch_size: int
+    max_batch: int
+    max_batch_source: str
+    trials: tuple[TrialResult, ...]
+    ranking: Ranking
+    recommended_batch_size: int | None
+    recommended_lr: float | None
+    b_opt_accumulation: dict | None    # when b_opt exceeds what fits: micro-batch x steps
+    journal: str
+    resumed: tuple[int, ...]           # batch sizes taken from the journal, not re-run
+    made_val_split: bool
+
+    def to_json(self) -> dict:
+        return {
+            "task": self.task, "device": self.device, "batch_sizes": list(self.batch_sizes),
+            "budget": {"kind": self.settings.budget.kind.value,
+                       "amount": self.settings.budget.amount},
+            "lr_scaling": self.settings.lr_scaling.value, "base_lr": self.base_lr,
+            "base_batch_size": self.base_batch_size,
+            "max_batch": self.max_batch, "max_batch_source": self.max_batch_source,
+            "trials": [t.to_dict() for t in self.trials],
+            "fit": self.ranking.fit_dict(),
+            "ranking": list(self.ranking.ranking),
+            "rows": [dict(asdict(r), status=r.status.value) for r in self.ranking.rows],
+            "recommended_batch_size": self.recommended_batch_size,
+            "recommended_lr": self.recommended_lr,
+            "b_opt_accumulation": self.b_opt_accumulation,
+            "verdict": self.ranking.verdict,
+            "journal": self.journal, "resumed": list(self.resumed),
+            "validation": "held-out 10% of train_data" if self.made_val_split else "val_data",
+        }
+
+
+@dataclass
+class SweepHooks:
+    """Progress callbacks for the CLI (all optional)."""
+
+    trial_start: Callable[[int, int, int | None], None] | None = None  # (b, index, steps)
+    step: Callable[[int, int | None], None] | None = None
+    trial_end: Callable[[TrialResult], None] | None = None
+
+
+def make_setup(task: Task, settings: SweepSettings, device: torch.device) -> tuple[TrialSetup, bool]:
+    torch.manual_seed(settings.seed)
+    initial = copy.deepcopy(task.model().state_dict())
+    train, val, made = split_validation(task, settings.seed)
+    return TrialSetup(task=task, initial_state=initial, train_data=train,
+                      eval_train=eval_subset(train, settings.seed), val_data=val, device=device,
+                      budget=settings.budget, seed=settings.seed,
+                      warmup_steps=settings.warmup_steps,
+                      noise_measurements=settings.noise_measurements), made
+
+
+def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], settings: SweepSettings,
+              device: torch.device, journal_path: Path, resume: bool, max_batch: int,
+              max_batch_source: str, hooks: SweepHooks | None = None) -> SweepResult:
+    """Run (or resume) one trial per batch size, journal each, then rank."""
+    from .journal import Journal, completed, settings_key
+
+    hooks = hooks or SweepHooks()
+    key = settings_key(settings.key_fields(task_name))
+    done = completed(journal_path, key) if resume else {}
+    setup, made_split = make_setup(task, settings, device)
+    journal = Journal.open(journal_path, key, settings.key_fields(task_name), append=resume)
+    trials: dict[int, TrialResult] = {b: done[b] for b in batch_sizes if b in done}
+    try:
+        for i, b in enumerate(batch_sizes):
+            if b in trials:
+                continue
+            lr = scale_lr(task.lr, task.base_batch_size, b, settings.lr_scaling)
+            if hooks.trial_start:
+                hooks.trial_start(b, i, settings.budget.steps_for(b))
+            result = run_trial(setup, b, lr, hooks.step)
+            journal.append(result)
+            trials[b] = result
+            if hooks.trial_end:
+                hooks.trial_end(result)
+    except KeyboardInterrupt:
+        raise InterruptedRun(
+            f"interrupted; {len(trials)} finished trial(s) are in {journal_path} — "
+            "rerun with --resume to continue"
+        ) from None
+    finally:
+        journal.close()
+    ordered = tuple(trials[b] for b in batch_sizes)
+    return summarize(task, task_name, device, ordered, settings, max_batch, max_batch_source,
+                     str(journal_path), tuple(b for b in batch_sizes if b in done), made_split)
+
+
+def summarize(task: Task, task_name: str, device: torch.device | str,
+              trials: Sequence[TrialResult], settings: SweepSettings, max_batch: int,
+              max_batch_source: str, journal: str, resumed: tuple[int, ...],
+              made_val_split: bool) -> SweepResult:
+    """Fits and ranking over finished trials (also used by ``bsselect report``)."""
+    b_hat = choose_b_hat(trials)
+    ranking = rank_trials(trials, b_hat.value, b_hat.source) if b_hat.source else rank_trials(
+        trials, None)
+    rec = ranking.recommended_batch_size
+    rec_lr = scale_lr(task.lr, task.base_batch_size, rec, settings.lr_scaling) if rec else None
+    accumulation = None
+    if ranking.b_opt is not None and ranking.b_opt > max_batch >= 1:
+        target = 1 << max(0, round(ranking.b_opt).bit_length() - 1)
+        micro = largest_pow2_at_most(max_batch)
+        if target > micro:
+            accumulation = {"effective_batch": target, "micro_batch": micro,
+                            "steps": grad_accum_steps(target, micro)}
+    return SweepResult(
+        task=task_name, device=str(device), batch_sizes=tuple(t.batch_size for t in trials),
+        settings=settings, base_lr=task.lr, base_batch_size=task.base_batch_size,
+        max_batch=max_batch, max_batch_source=max_batch_source, trials=tuple(trials),
+        ranking=ranking, recommended_batch_size=rec, recommended_lr=rec_lr,
+        b_opt_accumulation=accumulation, journal=journal, resumed=resumed,
+        made_val_split=made_val_split,
+    )
+
+
+def resolve_lr_scaling(task: Task, rule: str | None) -> LrScaling:
+    if rule in (None, "auto"):
+        with torch.device("meta"):
+            params = [torch.nn.Parameter(torch.empty(1))]
+        return default_lr_scaling(task.make_optimizer(params, task.lr))
+    try:
+        return LrScaling(rule)
+    except ValueError:
+        raise UsageError(f"--lr-scaling must be auto, linear, sqrt or none; got {rule!r}") from None
