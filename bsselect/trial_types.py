@@ -2,8 +2,9 @@
 as the journal stores it (one JSON object per trial).
 
 The first thirteen fields of ``TrialResult`` are DESIGN.md's ``sweep`` trial fields, in that
-order; the rest are siblings. JSON has no NaN or infinity, so a non-finite float (the loss of a
-diverged trial) is written as ``null`` and read back as ``None``.
+order; the rest are siblings. JSON has no NaN or infinity, so an optional measurement that is
+not finite (the loss of a diverged trial) is stored as ``None`` (``null``) from the start, and
+a record survives the JSON round trip unchanged.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class TrialResult:
         # Frozen: normalise through object.__setattr__ so that "ok" and TrialStatus.ok, or a
         # list of lists and a tuple of LossPoints, give equal results.
         object.__setattr__(self, "status", TrialStatus(self.status))
+        for name in _OPTIONAL_FLOATS:
+            object.__setattr__(self, name, _finite(getattr(self, name)))
         object.__setattr__(self, "loss_curve", tuple(_loss_point(p) for p in self.loss_curve))
 
     @property
@@ -113,6 +116,12 @@ class TrialResult:
         if not isinstance(data, dict):
             raise ValueError("a trial record must be a JSON object")
         return cls.from_dict(data)
+
+
+_OPTIONAL_FLOATS = (
+    "step_time_s", "samples_per_s", "train_loss_start", "train_loss_end", "loss_drop_per_s",
+    "val_loss", "val_metric", "b_simple", "loss_drop_per_sample", "loss_drop_per_step",
+)
 
 
 def _finite(value: float | None) -> float | None:
