@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from pathlib import Path
 from typing import Annotated, Callable, Optional, TypeVar
 
 import typer
@@ -150,6 +151,258 @@ def probe(
 
     guarded(body)
 
+
+
+@app.command()
+def noise(
+    task: TaskArg = None,
+    b_small: Annotated[int, typer.Option(help="Small batch: one forward/backward each.")] = 8,
+    b_big: Annotated[int, typer.Option(help="Big batch, a multiple of --b-small.")] = 64,
+    measurements: Annotated[int, typer.Option(help="Big batches per estimate.")] = 32,
+    warmup_steps: Annotated[int, typer.Option(
+        help="Train this many steps at the task's base batch size first.")] = 0,
+    every: Annotated[Optional[int], typer.Option(
+        help="Also estimate every K steps during the warm-up run.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the initial weights and batches.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps, xpu ...")] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """How noisy are the gradients? The gradient noise scale B_simple (McCandlish et al. 2018).
+
+    Examples:
+
+      bsselect noise linreg                     # closed form known: 16 + 1 + 16/|w*|²
+
+      bsselect noise digits-mlp --warmup-steps 200 --every 50
+
+      bsselect noise tiny-lm --json
+    """
+
+    def body() -> None:
+        from .device import resolve_device
+        from .noise import measure_noise
+        from .report import console, emit_json, render_noise
+        from .task import load_task, validate_task
+
+        if every is not None and every < 1:
+            raise UsageError("--every must be >= 1")
+        if warmup_steps < 0:
+            raise UsageError("--warmup-steps must be >= 0")
+        dev = resolve_device(device)
+        loaded, name = load_task(task)
+        validate_task(loaded)
+        with _progress(console, f"noise scale of {name} (passes)", 1) as advance:
+            report = measure_noise(loaded, b_small=b_small, b_big=b_big,
+                                   measurements=measurements, seed=seed,
+                                   warmup_steps=warmup_steps, every=every, progress=advance,
+                                   device=dev)
+        if as_json:
+            emit_json({"task": name, **report.to_json()})
+        else:
+            render_noise(report)
+
+    guarded(body)
+
+
+@app.command()
+def sweep(
+    task: TaskArg = None,
+    batch_sizes: Annotated[Optional[str], typer.Option(
+        help="Explicit comma-separated batch sizes (skips the probe).")] = None,
+    min_batch: Annotated[int, typer.Option(help="Smallest power of two to try.")] = 8,
+    max_batch: Annotated[Optional[int], typer.Option(
+        help="Largest batch to try. Default: probe's largest power of two that fits, "
+             "capped at half the training set.")] = None,
+    budget: Annotated[Optional[str], typer.Option(
+        help="Per-trial budget, equal for every batch size: 4096 (samples), 200steps or 30s. "
+             "Default: two epochs (at least 8 steps of the largest batch).")] = None,
+    lr_scaling: Annotated[str, typer.Option(
+        help="auto (linear for SGD, sqrt for Adam-family), linear, sqrt or none.")] = "auto",
+    warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps per trial.")] = 0,
+    noise_measurements: Annotated[int, typer.Option(
+        help="Gradient-noise measurements at the end of each trial (0: off).")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed for initial weights and data order.")] = 0,
+    journal: Annotated[Optional[Path], typer.Option(
+        help="JSONL journal of finished trials.", show_default="bsselect-sweep-TASK.jsonl")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Skip trials already in the journal for the same task and settings.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Start the journal afresh if it exists.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps, xpu ...")] = "auto",
+    memory: MemoryOpt = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="Write a PNG with loss curves, step-time fit and ranking (needs matplotlib).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """What trains best? Short equal-budget trials at power-of-two batch sizes, ranked.
+
+    Ranks by predicted time-to-target (1 + B/b)·t(b) next to measured loss speed, validation
+    score and wall time, and compares with b_opt = sqrt(B_noise·tau_f/tau_d).
+
+    Examples:
+
+      bsselect sweep                                  # digits-mlp, about a minute on a laptop
+
+      bsselect sweep tiny-lm --batch-sizes 8,16,32,64 --budget 60s
+
+      bsselect sweep train.py:make_task --resume --json > sweep.json
+    """
+
+    def body() -> None:
+        from .device import resolve_device
+        from .report import console, emit_json, render_sweep
+        from .sweep import default_budget, parse_budget, resolve_lr_scaling, run_sweep
+        from .task import load_task, validate_task
+
+        if resume and overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
+        if warmup_steps < 0 or noise_measurements < 0:
+            raise UsageError("--warmup-steps and --noise-measurements must be >= 0")
+        explicit = parse_int_list(batch_sizes, "--batch-sizes")
+        trial_budget = parse_budget(budget) if budget is not None else None
+        dev = resolve_device(device)
+        loaded, name = load_task(task)
+        validate_task(loaded)
+        sizes, cap, cap_source = _plan_sizes(loaded, name, explicit, min_batch, max_batch,
+                                             memory, dev)
+        n_train = len(loaded.train_data)  # type: ignore[arg-type]
+        settings = _sweep_settings(loaded, trial_budget or default_budget(n_train, max(sizes)),
+                                   lr_scaling, seed, warmup_steps, noise_measurements)
+        path = journal or Path(f"bsselect-sweep-{_slug(name)}.jsonl")
+        console.print(f"sweeping {name}: batch sizes {sizes} ({cap_source}), "
+                      f"{settings.budget.amount:g} {settings.budget.kind.value} per trial, "
+                      f"journal {path}", highlight=False)
+        with _SweepProgress(console, len(sizes)) as hooks:
+            result = run_sweep(loaded, task_name=name, batch_sizes=sizes, settings=settings,
+                               device=dev, journal_path=path, resume=resume, max_batch=cap,
+                               max_batch_source=cap_source, overwrite=overwrite, hooks=hooks)
+        _finish_sweep(result, as_json, plot)
+
+    guarded(body)
+
+
+@app.command()
+def report(
+    journal: Annotated[Path, typer.Argument(help="A sweep's JSONL journal.")],
+    plot: Annotated[Optional[Path], typer.Option(help="Write the sweep's plots to this PNG.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-render a sweep's table, JSON or plot from its journal, without running anything.
+
+    Example:
+
+      bsselect report bsselect-sweep-digits-mlp.jsonl --plot sweep.png
+    """
+
+    def body() -> None:
+        from .journal import load
+        from .report import console
+        from .sweep import SweepSettings, summarize
+
+        contents = load(journal)
+        for warning in contents.warnings:
+            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        if contents.header is None:
+            raise UsageError(f"{journal} has no readable header; cannot report it")
+        if not contents.trials:
+            raise UsageError(f"{journal} holds no finished trial yet")
+        s = contents.header.settings
+        trials = {t.batch_size: t for t in contents.trials}
+        ordered = tuple(trials[b] for b in sorted(trials))
+        result = summarize(s["base_lr"], s["base_batch_size"], contents.header.task, "journal",
+                           ordered, SweepSettings.from_journal(s), max(trials), "journal",
+                           str(journal), (), False)
+        _finish_sweep(result, as_json, plot)
+
+    guarded(body)
+
+
+def _finish_sweep(result, as_json: bool, plot: Optional[Path]) -> None:
+    from .report import console, emit_json, render_sweep
+
+    if plot is not None:
+        from .plots import plot_sweep
+
+        plot_sweep(result, plot)
+        console.print(f"plot written to {plot}", highlight=False)
+    emit_json(result.to_json()) if as_json else render_sweep(result)
+
+
+def _slug(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name.rsplit("/", 1)[-1]).strip("-") or "task"
+
+
+def _plan_sizes(task, name, explicit, min_batch, max_batch, memory, dev):
+    """Batch sizes to try, the largest allowed, and where that maximum came from."""
+    from .capacity import largest_pow2_at_most
+    from .device import Budget, default_budget
+    from .probe import run_probe
+    from .sweep import data_cap, powers_of_two
+    from .units import parse_size
+
+    if explicit:
+        return sorted(set(explicit)), max(explicit), "--batch-sizes"
+    if min_batch < 1:
+        raise UsageError("--min-batch must be >= 1")
+    n_train = len(task.train_data)
+    cap = data_cap(n_train)
+    if max_batch is not None:
+        return powers_of_two(min_batch, max_batch), max_batch, "--max-batch"
+    budget = Budget(parse_size(memory), "--memory") if memory else default_budget(dev)
+    probed = run_probe(task, task_name=name, device=dev, budget=budget)
+    if probed.max_batch_pow2 <= cap:
+        return powers_of_two(min_batch, probed.max_batch_pow2), probed.max_batch, "probe"
+    return (powers_of_two(min_batch, cap), probed.max_batch,
+            f"probe allows {probed.max_batch}; capped at half the {n_train} training items")
+
+
+def _sweep_settings(task, budget, lr_scaling, seed, warmup_steps, noise_measurements):
+    from .sweep import SweepSettings, resolve_lr_scaling
+
+    return SweepSettings(budget=budget, lr_scaling=resolve_lr_scaling(task, lr_scaling),
+                         seed=seed, warmup_steps=warmup_steps,
+                         noise_measurements=noise_measurements)
+
+
+class _SweepProgress:
+    """Two rich bars: trials overall (with ETA) and steps of the current trial."""
+
+    def __init__(self, console, n_trials: int) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.console = console
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                            transient=True)
+        self.overall = self.bar.add_task("trials", total=n_trials)
+        self.current = self.bar.add_task("trial", total=None, visible=False)
+
+    def __enter__(self):
+        from .sweep import SweepHooks
+
+        self.bar.start()
+        return SweepHooks(trial_start=self._start, step=self._step, trial_end=self._end,
+                          warn=lambda w: self.console.print(f"[yellow]warning:[/] {w}",
+                                                            highlight=False))
+
+    def _start(self, b: int, index: int, steps: Optional[int]) -> None:
+        self.bar.update(self.current, description=f"batch {b}", completed=0, total=steps,
+                        visible=True)
+
+    def _step(self, done: int, total: Optional[int]) -> None:
+        self.bar.update(self.current, completed=done)
+
+    def _end(self, result) -> None:
+        self.bar.advance(self.overall)
+        note = "" if result.status.value == "ok" else f" ({result.error})"
+        self.console.print(f"batch {result.batch_size}: {result.status.value} in "
+                           f"{result.wall_s:.1f} s{note}", highlight=False)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
 
 E = TypeVar("E")
 

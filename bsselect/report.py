@@ -62,3 +62,76 @@ def render_probe(result: Any) -> None:
         f"[bold green]max batch {result.max_batch}[/] · largest power of two "
         f"[bold green]{result.max_batch_pow2}[/]"
     )
+
+
+def _f(value: float | None, fmt: str = ".3g", none: str = "—") -> str:
+    return none if value is None else format(value, fmt)
+
+
+def render_noise(report: Any) -> None:
+    est = report.final
+    table = Table(title="Gradient noise scale B_simple = tr(Σ)/|G|²", title_justify="left")
+    for col in ("step", "train loss", "B_simple", f"{est.confidence:.0%} CI", "|G|²", "tr(Σ)"):
+        table.add_column(col, justify="right")
+    points = report.trajectory or (
+        [(0, report.initial_loss, report.initial)]
+        + ([(report.warmup_steps, report.final_loss, est)] if report.warmup_steps else []))
+    for step, loss, e in points:
+        ci = f"{e.b_simple_ci[0]:.3g} – {e.b_simple_ci[1]:.3g}" if e.b_simple_ci else "—"
+        shown = _f(e.b_simple) if e.resolved else f"> {_f(e.b_simple_lower)} (unresolved)"
+        table.add_row(str(step), f"{loss:.4g}", shown, ci, f"{e.grad_sq_norm:.3g}",
+                      f"{e.trace_sigma:.3g}")
+    out.print(table)
+    out.print(f"b_small {est.b_small}, b_big {est.b_big}, {est.measurements} measurements per "
+              f"point ({est.samples} examples) · {report.passes} forward/backward passes in "
+              f"{report.wall_s:.1f} s")
+    if est.resolved and est.b_simple is not None:
+        out.print(f"[bold]B_simple ≈ {est.b_simple:.3g}[/]: batches well below it use data "
+                  "efficiently; well above it, extra samples per step buy little.")
+    else:
+        out.print("[yellow]|G|² is not distinguishable from zero[/]: the gradient signal is "
+                  "below its noise here (e.g. near a minimum); the noise scale is at least the "
+                  "lower bound shown. Use more --measurements or a larger --b-big.")
+
+
+def render_sweep(result: Any) -> None:
+    r = result.ranking
+    table = Table(title=f"Sweep — {result.task} ({result.settings.budget.amount:g} "
+                        f"{result.settings.budget.kind.value} per trial)", title_justify="left")
+    for col in ("rank", "batch", "status", "lr", "step time", "samples/s", "loss drop/s",
+                "val loss", "val metric", "wall", "pred. time ×"):
+        table.add_column(col, justify="right")
+    trials = {t.batch_size: t for t in result.trials}
+    for i, row in enumerate(r.rows):
+        t = trials[row.batch_size]
+        rank = str(i + 1) if row.status.value == "ok" else ""
+        status = row.status.value if row.status.value == "ok" else f"[red]{row.status.value}[/]"
+        table.add_row(
+            rank, str(t.batch_size), status, f"{t.lr:.3g}",
+            "—" if t.step_time_s is None else f"{t.step_time_s * 1e3:.3g} ms",
+            _f(t.samples_per_s, ".0f"), _f(t.loss_drop_per_s), _f(t.val_loss, ".4g"),
+            _f(t.val_metric, ".4g"), f"{t.wall_s:.2f} s", _f(row.relative_time, ".2f"),
+        )
+    out.print(table)
+    fit = r.fit_dict()
+    out.print(
+        f"step time t(b) = {_f(fit['tau_f_s'])} s + {_f(fit['tau_d_s'])} s·b · "
+        f"B_simple {_f(fit['b_simple'])} · B_noise {_f(fit['b_noise'])} · "
+        f"b_opt = √(B·τ_f/τ_d) = {_f(fit['b_opt'])}"
+        + (f" (B from {fit['b_hat_source']})" if fit["b_hat_source"] else "")
+    )
+    out.print(f"verdict: {r.verdict}")
+    for t in result.trials:
+        if t.status.value != "ok":
+            out.print(f"[red]batch {t.batch_size} {t.status.value}[/]: {t.error}")
+    if result.recommended_batch_size:
+        out.print(f"[bold green]recommended batch size {result.recommended_batch_size}[/] "
+                  f"at lr {result.recommended_lr:.3g} ({result.settings.lr_scaling.value} "
+                  f"scaling from lr {result.base_lr:g} at batch {result.base_batch_size})")
+    acc = result.b_opt_accumulation
+    if acc:
+        out.print(f"the formula's batch {acc['effective_batch']} exceeds what fits "
+                  f"({result.max_batch}): micro-batch {acc['micro_batch']} × "
+                  f"{acc['steps']} accumulation steps")
+    out.print(f"journal: {result.journal}"
+              + (f" (resumed batch sizes {list(result.resumed)})" if result.resumed else ""))
