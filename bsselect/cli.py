@@ -404,6 +404,78 @@ class _SweepProgress:
     def __exit__(self, *exc: object) -> None:
         self.bar.stop()
 
+
+@app.command()
+def check(
+    task: TaskArg = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="The batch size training will use.")] = None,
+    memory: Annotated[Optional[str], typer.Option(
+        help="The training device's memory, e.g. 80GiB.")] = None,
+    device_preset: Annotated[Optional[str], typer.Option(
+        help="Instead of --memory: a100-40gb, a100-80gb, h100-80gb, l4-24gb, rtx4090-24gb, "
+             "t4-16gb, ... (`bsselect presets` lists them). Implies --target cuda.")] = None,
+    margin: Annotated[Optional[float], typer.Option(
+        help="Safety margin: require fitting in (1 - margin) of the memory.",
+        show_default="0.2")] = None,
+    target: Annotated[Optional[str], typer.Option(
+        help="cuda adds the CUDA-only terms; same compares the simulated peak alone.",
+        show_default="cuda with a preset, else same")] = None,
+    config: Annotated[Path, typer.Option(
+        help="pyproject.toml whose [tool.bsselect] supplies defaults.")] = Path("pyproject.toml"),
+    output_format: Annotated[str, typer.Option(
+        "--format", help="text, json or github (GitHub Actions annotations).")] = "text",
+    as_json: JsonOpt = False,
+) -> None:
+    """Will this config fit on that GPU? Exit 0 if it fits, 3 if not — no GPU needed.
+
+    The training step is simulated on the meta device (parameters are never allocated, so a
+    7B-parameter model checks in seconds on a laptop).
+
+    Examples:
+
+      bsselect check train.py:make_task --batch-size 256 --device-preset a100-80gb
+
+      bsselect check tiny-lm --batch-size 64 --memory 16GiB --target cuda --json
+
+      bsselect check            # everything from [tool.bsselect] in ./pyproject.toml
+    """
+
+    def body() -> None:
+        from .check import merge_config, read_pyproject, run_check
+        from .report import emit_json, render_check, render_check_github
+        from .task import load_task, validate_task
+
+        fmt = "json" if as_json else output_format
+        if fmt not in ("text", "json", "github"):
+            raise UsageError(f"--format must be text, json or github; got {fmt!r}")
+        cfg = merge_config(
+            {"task": task, "batch_size": batch_size, "memory": memory,
+             "device_preset": device_preset, "margin": margin, "target": target},
+            read_pyproject(config))
+        loaded, name = load_task(cfg.task)
+        validate_task(loaded)
+        result = run_check(loaded, name, cfg)
+        if fmt == "json":
+            emit_json(result.to_json())
+        elif fmt == "github":
+            render_check_github(result)
+        else:
+            render_check(result)
+        if not result.fits:
+            raise typer.Exit(3)
+
+    guarded(body)
+
+
+@app.command()
+def presets() -> None:
+    """List the device presets for `check --device-preset` with their memory."""
+    from .check import PRESETS
+    from .units import format_bytes
+
+    for key, (size, name) in PRESETS.items():
+        print(f"{key:14s} {format_bytes(size):>10s}  {name}")
+
 E = TypeVar("E")
 
 

@@ -135,3 +135,43 @@ def render_sweep(result: Any) -> None:
                   f"{acc['steps']} accumulation steps")
     out.print(f"journal: {result.journal}"
               + (f" (resumed batch sizes {list(result.resumed)})" if result.resumed else ""))
+
+
+def _check_lines(result: Any) -> tuple[str, str]:
+    verdict = "fits" if result.fits else "does NOT fit"
+    head = (f"batch {result.batch_size} of {result.task} {verdict}: needs "
+            f"{format_bytes(result.required_bytes)} of {format_bytes(result.usable_bytes)} usable "
+            f"({format_bytes(result.budget_bytes)} {result.budget_source}, "
+            f"{result.margin:.0%} margin)")
+    room = "headroom" if result.headroom_bytes >= 0 else "over by"
+    tail = (f"{room} {format_bytes(abs(result.headroom_bytes))} "
+            f"({abs(result.headroom_pct):.1f}%); largest batch that fits: {result.max_batch}"
+            + (f" (power of two: {result.max_batch_pow2})" if result.max_batch else ""))
+    return head, tail
+
+
+def render_check(result: Any) -> None:
+    if result.terms:
+        table = Table(title=f"required at batch {result.batch_size} on {result.target}",
+                      title_justify="left")
+        table.add_column("term")
+        table.add_column("bytes", justify="right")
+        table.add_column("why")
+        table.add_row("simulated step peak", format_bytes(result.peak_bytes),
+                      "params, grads, optimizer state, activations (meta device)")
+        for t in result.terms:
+            table.add_row(t.name, format_bytes(t.bytes), t.note)
+        table.add_row("[bold]required[/]", f"[bold]{format_bytes(result.required_bytes)}[/]", "")
+        out.print(table)
+    head, tail = _check_lines(result)
+    colour = "green" if result.fits else "red"
+    out.print(f"[bold {colour}]{head}[/]", highlight=False)
+    out.print(tail, highlight=False)
+
+
+def render_check_github(result: Any) -> None:
+    """GitHub Actions workflow commands: an ::error:: when it does not fit, else ::notice::."""
+    head, tail = _check_lines(result)
+    level = "notice" if result.fits else "error"
+    message = f"{head}; {tail}".replace("%", "%25").replace("\n", "%0A")
+    print(f"::{level} title=bsselect check::{message}")

@@ -1,0 +1,174 @@
+"""``check``: will this batch fit on that device? A CI gate that needs no GPU.
+
+The step is simulated on the ``meta`` device (no parameter is ever allocated), the target's
+terms are added, and the result is compared with the budget after the margin.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .capacity import check_margin, fit_memory, largest_pow2_at_most, usable_bytes
+from .errors import DoesNotFitError, UsageError
+from .targets import Target, Term, cuda_terms
+from .task import Task
+from .units import parse_size
+
+GiB, MiB = 2**30, 2**20
+
+# Total device memory as the driver reports it (nvidia-smi "MiB" total). The CUDA context is
+# NOT subtracted here: with --target cuda it is its own term, so it shows in the output.
+PRESETS: dict[str, tuple[int, str]] = {
+    "a100-40gb": (40_960 * MiB, "NVIDIA A100 40GB (SXM/PCIe)"),
+    "a100-80gb": (81_920 * MiB, "NVIDIA A100 80GB"),
+    "h100-80gb": (81_559 * MiB, "NVIDIA H100 80GB HBM3 (SXM/PCIe)"),
+    "h100-94gb": (95_830 * MiB, "NVIDIA H100 NVL 94GB"),
+    "h200-141gb": (143_771 * MiB, "NVIDIA H200 141GB"),
+    "l4-24gb": (23_034 * MiB, "NVIDIA L4"),
+    "l40s-48gb": (46_068 * MiB, "NVIDIA L40S"),
+    "a10g-24gb": (23_028 * MiB, "NVIDIA A10G (AWS g5)"),
+    "rtx4090-24gb": (24_564 * MiB, "NVIDIA GeForce RTX 4090"),
+    "rtx3090-24gb": (24_576 * MiB, "NVIDIA GeForce RTX 3090"),
+    "v100-16gb": (16_160 * MiB, "NVIDIA V100 16GB"),
+    "v100-32gb": (32_510 * MiB, "NVIDIA V100 32GB"),
+    "t4-16gb": (15_360 * MiB, "NVIDIA T4"),
+}
+HOPPER = {"h100-80gb", "h100-94gb", "h200-141gb"}
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """Settings after merging ``[tool.bsselect]`` in pyproject.toml under the CLI options."""
+
+    task: str | None
+    batch_size: int
+    budget_bytes: int
+    budget_source: str
+    margin: float
+    target: Target
+    hopper: bool = False
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    task: str
+    fits: bool
+    batch_size: int
+    required_bytes: int
+    budget_bytes: int
+    usable_bytes: int
+    margin: float
+    headroom_bytes: int       # usable - required (negative: over by that much)
+    headroom_pct: float       # headroom as a percentage of usable
+    max_batch: int            # largest batch that fits (0: none)
+    max_batch_pow2: int
+    peak_bytes: int           # simulated step peak, before the target's terms
+    target: str
+    budget_source: str
+    terms: tuple[Term, ...]
+
+    def to_json(self) -> dict:
+        return dict(asdict(self), terms=[asdict(t) for t in self.terms])
+
+
+def resolve_budget(memory: str | None, preset: str | None) -> tuple[int, str, bool]:
+    """(bytes, source, is_hopper) from exactly one of --memory / --device-preset."""
+    if memory and preset:
+        raise UsageError("give --memory or --device-preset, not both")
+    if preset:
+        key = preset.lower()
+        if key not in PRESETS:
+            raise UsageError(f"unknown --device-preset {preset!r}; known: {', '.join(PRESETS)}")
+        size, name = PRESETS[key]
+        return size, f"{key} ({name})", key in HOPPER
+    if memory:
+        return parse_size(memory), "--memory", False
+    raise UsageError("check needs the device's memory: --memory 80GiB or --device-preset "
+                     "a100-80gb (or memory/device_preset in [tool.bsselect])")
+
+
+def read_pyproject(path: Path) -> dict[str, Any]:
+    """``[tool.bsselect]`` of ``path`` ({} when the file or the table is absent)."""
+    if not path.is_file():
+        return {}
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not valid TOML: {exc}") from None
+    table = data.get("tool", {}).get("bsselect", {})
+    known = {"task", "batch_size", "memory", "device_preset", "margin", "target"}
+    unknown = set(table) - known
+    if unknown:
+        raise UsageError(f"[tool.bsselect] in {path}: unknown key(s) {sorted(unknown)}; "
+                         f"known: {sorted(known)}")
+    return table
+
+
+def merge_config(cli: dict[str, Any], file: dict[str, Any]) -> CheckConfig:
+    """CLI options win over ``[tool.bsselect]``; the file fills what the CLI left out."""
+    def pick(name: str, default: Any = None) -> Any:
+        return cli[name] if cli.get(name) is not None else file.get(name, default)
+
+    batch = pick("batch_size")
+    if batch is None:
+        raise UsageError("check needs --batch-size (or batch_size in [tool.bsselect])")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise UsageError(f"batch size must be an integer >= 1, got {batch!r}")
+    memory, preset = cli.get("memory"), cli.get("device_preset")
+    if memory is None and preset is None:
+        memory, preset = file.get("memory"), file.get("device_preset")
+    size, source, hopper = resolve_budget(memory, preset)
+    margin = check_margin(float(pick("margin", 0.2)))
+    target_name = pick("target", "cuda" if preset else "same")
+    try:
+        target = Target(target_name)
+    except ValueError:
+        raise UsageError(f"target must be same or cuda, got {target_name!r}") from None
+    return CheckConfig(pick("task"), batch, size, source, margin, target, hopper)
+
+
+def _required(peak: int, rounded: int | None, config: CheckConfig, has_conv: bool
+              ) -> tuple[int, list[Term]]:
+    if config.target is Target.same:
+        return peak, []
+    terms = cuda_terms(peak, rounded, has_conv, hopper=config.hopper, budget_is_total=True)
+    return peak + sum(t.bytes for t in terms), terms
+
+
+def run_check(task: Task, task_name: str, config: CheckConfig) -> CheckResult:
+    """Simulate the step at the requested batch (and one more size for the line through
+    which the largest fitting batch is solved)."""
+    from .memory.simulated import simulate_step_peak
+    from .probe import model_has_conv
+
+    b = config.batch_size
+    other = b // 2 if b >= 16 else 2 * max(b, 8)
+    has_conv = config.target is not Target.same and model_has_conv(task)
+    steps = {n: simulate_step_peak(task, n) for n in sorted({b, other})}
+    req = {n: _required(s.peak_bytes, getattr(s, "rounded_peak_bytes", None), config, has_conv)
+           for n, s in steps.items()}
+    required, terms = req[b]
+    usable = int(usable_bytes(config.budget_bytes, config.margin))
+    fit = fit_memory([(n, r) for n, (r, _) in req.items()], min_batch=1)
+    try:
+        from .capacity import solve_max_batch
+
+        best = solve_max_batch(config.budget_bytes, config.margin, fit)
+    except DoesNotFitError:
+        best = 0
+    headroom = usable - required
+    return CheckResult(
+        task=task_name, fits=required <= usable, batch_size=b, required_bytes=required,
+        budget_bytes=config.budget_bytes, usable_bytes=usable, margin=config.margin,
+        headroom_bytes=headroom, headroom_pct=100.0 * headroom / usable,
+        max_batch=best, max_batch_pow2=largest_pow2_at_most(best) if best else 0,
+        peak_bytes=steps[b].peak_bytes, target=config.target.value,
+        budget_source=config.budget_source, terms=tuple(terms),
+    )
