@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -256,6 +257,12 @@ def measurement_steps(warmup_steps: int, every: int | None) -> list[int]:
     return sorted(set(range(0, warmup_steps, every)) | {warmup_steps})
 
 
+def _point_seed(seed: int, step: int) -> int:
+    """A seed for the measurement batches at ``step``: independent of the training batches'
+    stream and of which other steps are measured, so ``every`` does not change any point."""
+    return int(np.random.SeedSequence([seed, step, 0x6E6F697365]).generate_state(1)[0])
+
+
 class _Counter:
     """Counts passes and forwards them to the progress callback."""
 
@@ -305,14 +312,13 @@ def measure_noise(
     model = _run_task(task.model).to(device)
     model.train()  # the noise of the gradients training sees (dropout on, batch statistics)
     opt = task.make_optimizer(model.parameters(), task.lr) if warmup_steps else None
-    measure_gen = torch.Generator().manual_seed(seed)
-    train_gen = torch.Generator().manual_seed(seed + 1)
+    train_gen = torch.Generator().manual_seed(seed)
     points: list[NoisePoint] = []
     for step in range(warmup_steps + 1):
         if step in steps:
             est, loss = estimate_noise(model, task, b_small=b_small, b_big=b_big,
-                                       measurements=measurements, generator=measure_gen,
-                                       seed=seed + step, on_pass=counter.add)
+                                       measurements=measurements, seed=_point_seed(seed, step),
+                                       on_pass=counter.add)
             points.append(NoisePoint(step, loss, est))
         if step < warmup_steps:
             assert opt is not None
