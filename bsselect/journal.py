@@ -146,12 +146,14 @@ def _append_trial(raw: Any, trials: list[TrialResult]) -> str | None:
 def completed(path: str | Path, key: str) -> dict[int, TrialResult]:
     """Trials already journaled at ``path`` for the run whose ``settings_key`` is ``key``, by
     batch size (a batch size journaled twice: the later trial). Every status counts as done.
-    A missing or empty file gives ``{}``; a journal for another task or other settings raises
-    UsageError."""
+    A missing or empty file (or one holding only a cut-off header) gives ``{}``; a journal for
+    another task or other settings, or trials without a readable header, raise UsageError."""
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return {}
     contents = load(path)
+    if contents.header is None and not contents.trials:
+        return {}  # killed while writing the header: nothing was recorded
     _check_key(path, contents, key)
     return {t.batch_size: t for t in contents.trials}
 

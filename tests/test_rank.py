@@ -1,0 +1,511 @@
+"""Pure ranking math on synthetic inputs whose answers are known in closed form."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from bsselect.rank import (
+    MIN_B_NOISE_POINTS, NONLINEAR_REL_RESIDUAL, BHatSource, LrScaling, VerdictKind, b_opt,
+    choose_b_hat, default_lr_scaling, fit_b_noise, fit_noise_model, fit_step_time,
+    grad_accum_steps, rank_trials, scale_lr,
+)
+from bsselect.trial_types import TrialResult, TrialStatus
+
+POW2 = [8, 16, 32, 64, 128, 256, 512]
+TAU_F, TAU_D = 0.01, 2e-4  # 10 ms per step, 0.2 ms per sample
+B_TRUE, DL_MAX, STEPS = 100.0, 0.01, 50
+
+
+def step_time(b: int) -> float:
+    return TAU_F + TAU_D * b
+
+
+def loss_drop(b: int, b_noise: float = B_TRUE) -> float:
+    """McCandlish et al. 2018: dL(b) = dL_max / (1 + B_noise/b)."""
+    return DL_MAX / (1 + b_noise / b)
+
+
+def ok_trial(b: int, t: float | None = None, dl: float | None = None, *,
+             b_simple: float | None = None, val_loss: float | None = None,
+             with_speed: bool = True) -> TrialResult:
+    """A trial in the synthetic world: STEPS steps of t seconds, each dropping the loss by dl."""
+    t = step_time(b) if t is None else t
+    dl = loss_drop(b) if dl is None else dl
+    return TrialResult(
+        batch_size=b, status="ok", lr=0.1, steps=STEPS, samples=STEPS * b, wall_s=STEPS * t,
+        step_time_s=t, samples_per_s=b / t, train_loss_start=2.0,
+        train_loss_end=2.0 - STEPS * dl, loss_drop_per_s=dl / t if with_speed else None,
+        val_loss=val_loss, b_simple=b_simple, loss_drop_per_step=dl,
+        loss_drop_per_sample=dl / b)
+
+
+def failed(b: int, status: str) -> TrialResult:
+    return TrialResult(batch_size=b, status=status, lr=0.1, steps=0, samples=0, wall_s=0.0,
+                       error=f"{status} at {b}")
+
+
+def world(**kwargs: object) -> list[TrialResult]:
+    return [ok_trial(b, **kwargs) for b in POW2]  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- step-time fit
+
+
+def test_step_time_fit_recovers_exact_line():
+    fit = fit_step_time(POW2, [step_time(b) for b in POW2])
+    assert fit.tau_f_s == pytest.approx(TAU_F, rel=1e-9)
+    assert fit.tau_d_s == pytest.approx(TAU_D, rel=1e-9)
+    assert fit.r2 == pytest.approx(1.0)
+    assert fit.max_rel_residual == pytest.approx(0.0, abs=1e-9)
+    assert fit.n_points == 7 and fit.linear
+    assert not fit.tau_f_clipped and not fit.tau_d_clipped and fit.note is None
+    assert fit.predict_s(1000) == pytest.approx(TAU_F + TAU_D * 1000)
+
+
+def test_step_time_fit_ignores_two_outliers_that_ruin_least_squares():
+    times = [step_time(b) for b in POW2]
+    times[2] *= 4.0   # b=32: a GC pause or a contended core
+    times[5] *= 0.3   # b=256: a clock glitch
+    fit = fit_step_time(POW2, times)
+    assert fit.tau_f_s == pytest.approx(TAU_F, rel=1e-9)
+    assert fit.tau_d_s == pytest.approx(TAU_D, rel=1e-9)
+    ols_slope, ols_intercept = np.polyfit(POW2, times, 1)
+    assert abs(ols_slope / TAU_D - 1) > 0.2  # least squares is 25% off on the same data
+    assert fit.worst_batch_size == 256 and fit.max_rel_residual == pytest.approx(0.7 / 0.3)
+    assert not fit.linear
+
+
+def test_step_time_fit_with_timing_noise_is_close():
+    rng = random.Random(0)
+    times = [step_time(b) * (1 + rng.gauss(0, 0.03)) for b in POW2]
+    fit = fit_step_time(POW2, times)
+    assert fit.tau_d_s == pytest.approx(TAU_D, rel=0.1)
+    assert fit.tau_f_s == pytest.approx(TAU_F, rel=0.25)
+    assert fit.r2 is not None and fit.r2 > 0.99
+
+
+def test_step_time_fit_takes_the_median_of_repeats_per_batch_size():
+    sizes = [b for b in POW2 for _ in range(3)]
+    times = [step_time(b) * f for b in POW2 for f in (1.0, 1.0, 9.0)]
+    fit = fit_step_time(sizes, times)
+    assert fit.n_points == 7
+    assert fit.tau_d_s == pytest.approx(TAU_D, rel=1e-9)
+    assert dict(fit.points)[64] == pytest.approx(step_time(64))
+
+
+def test_step_time_fit_degenerate_inputs_give_none_not_nonsense():
+    empty = fit_step_time([], [])
+    assert (empty.tau_f_s, empty.tau_d_s, empty.r2, empty.n_points) == (None, None, None, 0)
+    assert empty.note == "no step times to fit"
+    one = fit_step_time([64, 64], [0.02, 0.03])
+    assert one.tau_f_s is None and one.tau_d_s is None and one.predict_s(64) is None
+    assert one.n_points == 1 and "one batch size (64)" in (one.note or "")
+    two = fit_step_time([8, 64], [step_time(8), step_time(64)])
+    assert two.tau_d_s == pytest.approx(TAU_D) and two.r2 is None  # two points always fit
+
+
+def test_negative_overhead_is_clipped_and_slope_refitted_through_origin():
+    times = [1e-4 * b * (1 + 0.002 * b) for b in POW2]  # superlinear: the line's intercept < 0
+    fit = fit_step_time(POW2, times)
+    assert fit.tau_f_clipped and fit.tau_f_s == 0.0
+    assert fit.tau_d_s == pytest.approx(float(np.median([t / b for b, t in zip(POW2, times)])))
+    assert "overhead fitted negative" in (fit.note or "")
+
+
+def test_falling_step_time_clips_per_sample_time_to_zero():
+    times = [0.05 - 1e-5 * b for b in POW2]
+    fit = fit_step_time(POW2, times)
+    assert fit.tau_d_clipped and fit.tau_d_s == 0.0
+    assert fit.tau_f_s == pytest.approx(float(np.median(times)))
+    assert "clipped to 0" in (fit.note or "")
+
+
+def test_non_finite_and_non_positive_times_are_dropped_with_a_note():
+    fit = fit_step_time([8, 16, 32, 64], [step_time(8), math.nan, 0.0, step_time(64)])
+    assert fit.n_points == 2 and fit.tau_d_s == pytest.approx(TAU_D)
+    assert fit.note == "dropped 2 non-finite or non-positive step times"
+
+
+@pytest.mark.parametrize("sizes,times", [([8, 16], [0.1]), ([0, 16], [0.1, 0.2]),
+                                         ([8.0, 16], [0.1, 0.2]), ([True, 16], [0.1, 0.2])])
+def test_step_time_fit_rejects_malformed_input(sizes, times):
+    with pytest.raises(ValueError):
+        fit_step_time(sizes, times)
+
+
+# --------------------------------------------------------------------------- B_noise fit
+
+
+@pytest.mark.parametrize("b_noise", [0.0, 3.0, 100.0, 2000.0])
+def test_b_noise_fit_recovers_the_noise_scale(b_noise):
+    fit = fit_noise_model(POW2, [loss_drop(b, b_noise) for b in POW2])
+    assert fit.b_noise == pytest.approx(b_noise, rel=1e-9, abs=1e-9)
+    assert fit.dl_max == pytest.approx(DL_MAX, rel=1e-9)
+    assert fit.reason is None and fit.n_points == 7
+    assert fit_b_noise(POW2, [loss_drop(b, b_noise) for b in POW2]) == fit.b_noise
+
+
+def test_b_noise_fit_with_measurement_noise_and_an_outlier():
+    rng = random.Random(1)
+    drops = [loss_drop(b) * (1 + rng.gauss(0, 0.03)) for b in POW2]
+    drops[3] *= 3  # one trial got lucky
+    assert fit_b_noise(POW2, drops) == pytest.approx(B_TRUE, rel=0.2)
+
+
+def test_b_noise_needs_enough_batch_sizes():
+    fit = fit_noise_model([8, 16], [loss_drop(8), loss_drop(16)])
+    assert fit.b_noise is None and fit.n_points == 2
+    assert fit.reason == f"need a positive per-step loss drop at >= {MIN_B_NOISE_POINTS} batch "\
+        "sizes, have 2"
+
+
+def test_b_noise_leaves_out_trials_that_made_no_progress():
+    drops = [loss_drop(b) for b in POW2]
+    drops[0], drops[1] = -0.001, 0.0
+    fit = fit_noise_model(POW2, drops)
+    assert fit.b_noise == pytest.approx(B_TRUE) and fit.n_points == 5
+    assert fit.reason == "2 trials without a positive loss drop left out"
+    few = fit_noise_model([8, 16, 32], [loss_drop(8), math.nan, loss_drop(32)])
+    assert few.b_noise is None and "(1 trials without a positive loss drop left out)" in (
+        few.reason or "")
+
+
+def test_b_noise_beyond_the_tried_range_gives_none():
+    fit = fit_noise_model(POW2, [1e-5 * b for b in POW2])  # dL still proportional to b
+    assert fit.b_noise is None
+    assert "beyond the tried range" in (fit.reason or "") and "b=512" in (fit.reason or "")
+
+
+def test_b_noise_with_progress_falling_in_b_gives_none():
+    fit = fit_noise_model(POW2, [0.01 / (1 + b / 100) for b in POW2])
+    assert fit.b_noise is None and "shrinks as b grows" in (fit.reason or "")
+
+
+# --------------------------------------------------------------------------- formula, helpers
+
+
+def test_b_opt_closed_form():
+    assert b_opt(B_TRUE, TAU_F, TAU_D) == pytest.approx(math.sqrt(100 * 0.01 / 2e-4))
+    assert b_opt(0.0, TAU_F, TAU_D) == 0.0
+    assert b_opt(B_TRUE, 0.0, TAU_D) == 0.0
+
+
+def test_b_opt_minimises_total_time():
+    b_star = b_opt(B_TRUE, TAU_F, TAU_D)
+    assert b_star is not None
+
+    def total(b: float) -> float:
+        return (1 + B_TRUE / b) * (TAU_F + TAU_D * b)
+
+    grid = np.linspace(1, 2000, 20000)
+    assert grid[np.argmin([total(b) for b in grid])] == pytest.approx(b_star, abs=0.1)
+
+
+@pytest.mark.parametrize("args", [(None, TAU_F, TAU_D), (B_TRUE, None, TAU_D),
+                                  (B_TRUE, TAU_F, None), (-1.0, TAU_F, TAU_D),
+                                  (B_TRUE, -0.1, TAU_D), (B_TRUE, TAU_F, 0.0),
+                                  (math.inf, TAU_F, TAU_D), (math.nan, TAU_F, TAU_D)])
+def test_b_opt_undefined_inputs_give_none(args):
+    assert b_opt(*args) is None
+
+
+@pytest.mark.parametrize("rec,cap,steps", [(256, 64, 4), (100, 64, 2), (64, 64, 1), (8, 64, 1),
+                                           (1024, 1, 1024)])
+def test_grad_accum_steps(rec, cap, steps):
+    assert grad_accum_steps(rec, cap) == steps
+
+
+def test_grad_accum_steps_rejects_non_positive():
+    with pytest.raises(ValueError):
+        grad_accum_steps(0, 64)
+    with pytest.raises(ValueError):
+        grad_accum_steps(64, 0)
+
+
+@pytest.mark.parametrize("rule,expected", [(LrScaling.linear, 0.4), (LrScaling.sqrt, 0.2),
+                                           (LrScaling.none, 0.1), ("sqrt", 0.2)])
+def test_scale_lr_from_32_to_128(rule, expected):
+    assert scale_lr(0.1, 32, 128, rule) == pytest.approx(expected)
+    assert scale_lr(0.1, 32, 32, rule) == pytest.approx(0.1)
+
+
+def test_scale_lr_covers_every_rule_and_rejects_bad_input():
+    assert {scale_lr(1.0, 1, 4, r) for r in LrScaling} == {4.0, 2.0, 1.0}
+    with pytest.raises(ValueError):
+        scale_lr(0.0, 32, 64, LrScaling.linear)
+    with pytest.raises(ValueError):
+        scale_lr(0.1, 32, 0, LrScaling.linear)
+    with pytest.raises(ValueError):
+        scale_lr(0.1, 32, 64, "cubic")  # type: ignore[arg-type]
+
+
+class MyAdamW(torch.optim.AdamW):
+    pass
+
+
+@pytest.mark.parametrize("make,expected", [
+    (lambda p: torch.optim.SGD(p, lr=0.1), LrScaling.linear),
+    (lambda p: torch.optim.ASGD(p, lr=0.1), LrScaling.linear),
+    (lambda p: torch.optim.Adam(p), LrScaling.sqrt),
+    (lambda p: torch.optim.AdamW(p), LrScaling.sqrt),
+    (lambda p: torch.optim.Adamax(p), LrScaling.sqrt),
+    (lambda p: torch.optim.NAdam(p), LrScaling.sqrt),
+    (lambda p: torch.optim.RAdam(p), LrScaling.sqrt),
+    (lambda p: torch.optim.RMSprop(p), LrScaling.sqrt),
+    (lambda p: torch.optim.Adagrad(p), LrScaling.sqrt),
+    (lambda p: MyAdamW(p), LrScaling.sqrt),
+    (lambda p: torch.optim.LBFGS(p), LrScaling.none),
+    (lambda p: torch.optim.Rprop(p), LrScaling.none),
+])
+def test_default_lr_scaling_for_real_optimizers(make, expected):
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert default_lr_scaling(make(params)) is expected
+
+
+@pytest.mark.parametrize("name,expected", [("Adafactor", LrScaling.sqrt),
+                                           ("FusedAdam", LrScaling.sqrt),
+                                           ("PagedAdamW8bit", LrScaling.sqrt),
+                                           ("Lion", LrScaling.sqrt), ("LARS", LrScaling.linear),
+                                           ("Muon", LrScaling.none)])
+def test_default_lr_scaling_by_name(name, expected):
+    assert default_lr_scaling(name) is expected
+
+
+def test_default_lr_scaling_accepts_a_class():
+    assert default_lr_scaling(torch.optim.AdamW) is LrScaling.sqrt
+    assert default_lr_scaling(torch.optim.SGD) is LrScaling.linear
+
+
+# --------------------------------------------------------------------------- ranking
+
+
+def predicted(b: int, b_hat: float, t: float) -> float:
+    return (1 + b_hat / b) * t
+
+
+def test_consistent_world_ranks_by_time_to_target_and_agrees():
+    trials = world()
+    b_hat = choose_b_hat(trials)
+    assert b_hat.source is BHatSource.b_noise and b_hat.value == pytest.approx(B_TRUE)
+    r = rank_trials(trials, b_hat.value, b_hat.source)
+    expected = sorted(POW2, key=lambda b: predicted(b, B_TRUE, step_time(b)))
+    assert list(r.ranking) == expected and r.ranking[:3] == (64, 128, 32)
+    assert r.recommended_batch_size == 64
+    assert r.b_opt == pytest.approx(math.sqrt(B_TRUE * TAU_F / TAU_D))  # 70.7
+    assert r.b_opt_batch_size == 64 and r.speed_winner == 64
+    assert r.verdict_kind is VerdictKind.agree
+    assert r.verdict == ("formula and trials agree: b_opt = 70.7 (B_hat = 100 from b_noise) "
+                         "rounds to b=64, which also had the best loss drop per second")
+    best = r.rows[0]
+    assert best.relative_time == pytest.approx(1.0)
+    assert best.predicted_time_s == pytest.approx(predicted(64, B_TRUE, step_time(64)))
+    assert r.rows[-1].relative_time == pytest.approx(
+        predicted(8, B_TRUE, step_time(8)) / predicted(64, B_TRUE, step_time(64)))
+
+
+def test_ranking_with_the_true_b_noise_matches_the_empirical_loss_speed():
+    # (1 + B/b) * t(b) = dL_max / loss_drop_per_s(b): both orders must be the same.
+    trials = world()
+    r = rank_trials(trials, B_TRUE)
+    by_speed = sorted(trials, key=lambda t: -(t.loss_drop_per_s or 0))
+    assert list(r.ranking) == [t.batch_size for t in by_speed]
+    assert r.b_hat_source is BHatSource.given
+
+
+def test_non_ok_trials_go_last_and_are_not_ranked():
+    trials = [failed(1024, "oom"), ok_trial(32), failed(4, "diverged"), ok_trial(64),
+              failed(16, "error")]
+    r = rank_trials(trials, B_TRUE)
+    assert r.ranking == (64, 32)
+    assert [row.batch_size for row in r.rows] == [64, 32, 4, 16, 1024]
+    assert [row.status for row in r.rows[2:]] == [TrialStatus.diverged, TrialStatus.error,
+                                                  TrialStatus.oom]
+    assert all(row.predicted_time_s is None for row in r.rows[2:])
+
+
+def test_no_ok_trials():
+    r = rank_trials([failed(512, "oom"), failed(256, "oom"), failed(8, "diverged")], B_TRUE)
+    assert r.ranking == () and r.recommended_batch_size is None
+    assert r.verdict_kind is VerdictKind.no_ok_trials
+    assert r.verdict == "no trial finished ok (1 diverged, 2 oom); nothing to recommend"
+
+
+def test_without_a_noise_scale_ranks_by_measured_loss_speed():
+    trials = [ok_trial(8, dl=0.001), ok_trial(16, dl=0.0015)]
+    bh = choose_b_hat(trials)
+    assert bh.value is None and bh.source is None
+    r = rank_trials(trials, bh.value)
+    speed = {t.batch_size: t.loss_drop_per_s for t in trials}
+    assert list(r.ranking) == sorted(speed, key=lambda b: -speed[b])  # type: ignore[operator]
+    assert r.verdict_kind is VerdictKind.no_b_hat and r.b_opt is None
+    assert r.verdict.startswith("no noise-scale estimate (no B_simple measured; B_noise: ")
+    assert r.verdict.endswith(f"best b={r.ranking[0]}")
+    assert all(row.predicted_time_s is None for row in r.rows)
+
+
+def test_choose_b_hat_falls_back_to_b_simple():
+    trials = [ok_trial(b, b_simple=s) for b, s in ((8, 40.0), (16, 50.0), (32, None))]
+    bh = choose_b_hat(trials[:2])
+    assert bh.source is BHatSource.b_simple and bh.value == pytest.approx(45.0)
+    assert bh.noise_fit.b_noise is None
+
+
+def test_one_timed_batch_size_gives_no_b_opt():
+    r = rank_trials([ok_trial(64), failed(128, "oom")], 50.0, BHatSource.b_simple)
+    assert r.verdict_kind is VerdictKind.no_step_fit and r.b_opt is None
+    assert r.recommended_batch_size == 64
+    assert r.verdict.startswith("no b_opt (step time measured at one batch size (64) only")
+    assert r.verdict.endswith("with B_hat = 50 from b_simple")
+
+
+def test_b_simple_at_initialisation_underestimating_the_noise_scale():
+    # Trials behave as B_noise = 400 but B_simple measured at the start said 10.
+    trials = [ok_trial(b, dl=loss_drop(b, 400.0), b_simple=10.0) for b in POW2]
+    r = rank_trials(trials, 10.0, BHatSource.b_simple)
+    assert r.b_opt == pytest.approx(math.sqrt(10 * TAU_F / TAU_D))  # 22.4 -> 16 or 32
+    assert r.b_opt_batch_size == 16 and r.speed_winner == 128
+    assert r.verdict_kind is VerdictKind.b_simple_underestimates
+    assert r.verdict == (
+        "formula and trials disagree: b_opt = 22.4 (B_hat = 10 from b_simple) rounds to b=16 "
+        "but b=128 had the best loss drop per second; B_simple measured at initialisation (10) "
+        "underestimates the noise scale later in training (B_noise fitted from the trials: 400)")
+
+
+def test_b_opt_beyond_the_tried_range():
+    r = rank_trials(world(), 1e6)
+    assert r.b_opt is not None and r.b_opt > 512 * math.sqrt(2)
+    assert r.b_opt_batch_size == 512 and r.speed_winner == 64
+    assert r.verdict_kind is VerdictKind.outside_range
+    assert r.verdict.endswith("b_opt is outside the tried range 8-512; try larger batches "
+                              "(gradient accumulation beyond what fits)")
+    assert "b_opt = 7,071 " in r.verdict
+
+
+def test_b_opt_below_the_tried_range_from_zero_overhead():
+    times = {b: 1e-4 * b * (1 + 0.002 * b) for b in POW2}  # overhead fits negative -> 0
+    agreeing = rank_trials([ok_trial(b, t=times[b]) for b in POW2], B_TRUE)
+    assert agreeing.step_fit.tau_f_clipped and agreeing.b_opt == 0.0
+    assert agreeing.b_opt_batch_size == 8 and agreeing.speed_winner == 8
+    assert agreeing.verdict_kind is VerdictKind.agree and "b_opt = 0 " in agreeing.verdict
+    # Loss speed peaking at b=32 instead:
+    speed = {b: 1 - 0.1 * abs(math.log2(b / 32)) for b in POW2}
+    trials = [ok_trial(b, t=times[b], dl=speed[b] * times[b]) for b in POW2]
+    r = rank_trials(trials, B_TRUE)
+    assert r.b_opt_batch_size == 8 and r.speed_winner == 32
+    assert r.verdict_kind is VerdictKind.outside_range
+    assert r.verdict.endswith("(the per-step overhead fitted <= 0, which pushes b_opt to 0)")
+
+
+def test_non_linear_step_time_explains_a_disagreement():
+    times = {b: step_time(b) for b in POW2}
+    times[64] *= 3  # b=64 falls off a cache cliff; the robust line ignores it
+    trials = [ok_trial(b, t=times[b]) for b in POW2]
+    r = rank_trials(trials, B_TRUE)
+    assert r.step_fit.tau_d_s == pytest.approx(TAU_D) and not r.step_fit.linear
+    assert r.b_opt_batch_size == 64 and r.ranking[0] != 64 and r.speed_winner == 128
+    assert r.recommended_batch_size == 128
+    assert r.verdict_kind is VerdictKind.nonlinear_step_time
+    assert ("step time is not linear in b (b=64: measured 68.4 ms, line 22.8 ms)"
+            in r.verdict)
+    assert r.step_fit.max_rel_residual == pytest.approx(2 / 3)
+    assert r.step_fit.max_rel_residual > NONLINEAR_REL_RESIDUAL
+
+
+def test_larger_batches_faster_than_a_given_b_hat_predicts():
+    trials = [ok_trial(b, dl=loss_drop(b, 400.0)) for b in POW2]
+    r = rank_trials(trials, 10.0, BHatSource.given)
+    assert r.verdict_kind is VerdictKind.larger_batches_faster
+    assert r.verdict.endswith("larger batches made faster progress than B_hat = 10 predicts: "
+                              "the noise scale is probably larger than estimated")
+
+
+def test_smaller_batches_faster_than_predicted():
+    trials = [ok_trial(b, dl=loss_drop(b, 10.0)) for b in POW2]
+    r = rank_trials(trials, 1000.0, BHatSource.b_noise)
+    assert r.b_opt_batch_size == 256 and r.speed_winner == 16
+    assert r.verdict_kind is VerdictKind.smaller_batches_faster
+    assert "smaller batches made faster progress than predicted" in r.verdict
+
+
+def test_agreement_on_validation_loss_when_loss_speed_is_missing():
+    trials = [ok_trial(b, val_loss=abs(math.log2(b / 64)) + 0.5, with_speed=False)
+              for b in POW2]
+    r = rank_trials(trials, B_TRUE)
+    assert r.speed_winner is None and r.val_winner == 64
+    assert r.verdict_kind is VerdictKind.agree
+    assert r.verdict.endswith("which also had the lowest validation loss")
+
+
+def test_unverified_without_any_loss_measurement():
+    trials = [ok_trial(b, with_speed=False) for b in POW2]
+    r = rank_trials(trials, B_TRUE)
+    assert r.verdict_kind is VerdictKind.unverified
+    assert r.verdict.endswith("no trial measured a loss drop or validation loss to check it "
+                              "against")
+
+
+def test_flat_step_time_makes_b_opt_unbounded():
+    trials = [ok_trial(b, t=0.05, dl=loss_drop(b)) for b in POW2]
+    r = rank_trials(trials, B_TRUE)
+    assert r.step_fit.tau_d_s == 0.0 and r.b_opt is None and r.b_opt_batch_size == 512
+    assert r.speed_winner == 512 and r.verdict_kind is VerdictKind.agree
+    assert "b_opt = unbounded" in r.verdict
+    slow_big = [ok_trial(b, t=0.05, dl=loss_drop(b, 10.0) if b < 512 else 1e-6) for b in POW2]
+    r2 = rank_trials(slow_big, B_TRUE)
+    assert r2.verdict_kind is VerdictKind.outside_range
+    assert r2.verdict.endswith("(step time does not grow with b, so bigger is always faster "
+                               "per sample)")
+
+
+def test_every_verdict_kind_is_reachable():
+    cases = {
+        VerdictKind.agree: (world(), B_TRUE),
+        VerdictKind.no_ok_trials: ([failed(8, "oom")], B_TRUE),
+        VerdictKind.no_b_hat: (world(), None),
+        VerdictKind.no_step_fit: ([ok_trial(8)], B_TRUE),
+        VerdictKind.unverified: ([ok_trial(b, with_speed=False) for b in POW2], B_TRUE),
+        VerdictKind.outside_range: (world(), 1e6),
+        VerdictKind.nonlinear_step_time: (
+            [ok_trial(b, t=step_time(b) * (3 if b == 64 else 1)) for b in POW2], B_TRUE),
+        VerdictKind.b_simple_underestimates: (
+            [ok_trial(b, dl=loss_drop(b, 400.0), b_simple=10.0) for b in POW2], 10.0),
+        VerdictKind.larger_batches_faster: (
+            [ok_trial(b, dl=loss_drop(b, 400.0)) for b in POW2], 10.0),
+        VerdictKind.smaller_batches_faster: (
+            [ok_trial(b, dl=loss_drop(b, 10.0)) for b in POW2], 1000.0),
+    }
+    assert set(cases) == set(VerdictKind)
+    for kind, (trials, b_hat) in cases.items():
+        source = BHatSource.b_simple if kind is VerdictKind.b_simple_underestimates else \
+            BHatSource.given
+        assert rank_trials(trials, b_hat, source).verdict_kind is kind, kind
+
+
+def test_fit_dict_has_the_design_fields_and_is_strict_json():
+    r = rank_trials(world(b_simple=30.0), B_TRUE)
+    fit = r.fit_dict()
+    assert list(fit)[:5] == ["tau_f_s", "tau_d_s", "b_simple", "b_noise", "b_opt"]
+    assert fit["b_simple"] == 30.0 and fit["b_noise"] == pytest.approx(B_TRUE)
+    json.dumps(fit, allow_nan=False)
+    unbounded = rank_trials([ok_trial(b, t=0.05) for b in POW2], B_TRUE).fit_dict()
+    assert unbounded["b_opt"] is None
+    json.dumps(unbounded, allow_nan=False)
+
+
+def test_rank_trials_rejects_a_negative_or_non_finite_b_hat():
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError):
+            rank_trials(world(), bad)
+
+
+def test_ties_break_towards_higher_loss_speed_then_smaller_batch():
+    a = ok_trial(32, t=0.1, dl=0.01)
+    b = ok_trial(64, t=0.1, dl=0.01)
+    r = rank_trials([b, a], None)
+    assert r.ranking == (32, 64)
