@@ -508,16 +508,18 @@ def _verdict(c: _Context) -> tuple[VerdictKind, str]:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(c.statuses.items())) or "no trials"
         return VerdictKind.no_ok_trials, f"no trial finished ok ({counts}); nothing to recommend"
     if c.b_hat is None or c.source is None:
+        why = ("no B_hat given" if c.noise_fit.b_noise is not None or c.b_simple is not None
+               else f"no B_simple measured; B_noise: {c.noise_fit.reason}")
         return VerdictKind.no_b_hat, (
-            f"no noise-scale estimate (no B_simple measured; B_noise: {c.noise_fit.reason}); "
-            f"ranked by measured loss drop per second, best b={c.recommended}")
+            f"no noise-scale estimate ({why}); ranked by measured loss drop per second, "
+            f"best b={c.recommended}")
+    b_hat = f"B_hat = {_fmt_num(c.b_hat)}, {_SOURCE_LABEL[c.source]}"
     if c.b_opt is None:
         return VerdictKind.no_step_fit, (
             f"no b_opt ({c.fit.note or 'step time does not determine it'}); ranked by "
-            f"(1 + B_hat/b) * t(b) with B_hat = {_fmt_num(c.b_hat)} from {c.source.value}")
+            f"(1 + B_hat/b) * t(b) with {b_hat}")
     pick = _nearest(c.b_opt, c.ok_sizes)
-    head = (f"b_opt = {_fmt_num(c.b_opt)} (B_hat = {_fmt_num(c.b_hat)} from {c.source.value}) "
-            f"rounds to b={pick}")
+    head = f"b_opt = {_fmt_num(c.b_opt)} ({b_hat}) rounds to b={pick}"
     winner = c.speed_winner if c.speed_winner is not None else c.val_winner
     if pick is None or winner is None:
         return VerdictKind.unverified, (
@@ -531,6 +533,11 @@ def _verdict(c: _Context) -> tuple[VerdictKind, str]:
 
 
 _BEST_SPEED = "best loss drop per second"
+_SOURCE_LABEL = {
+    BHatSource.b_noise: "B_noise fitted from the trials",
+    BHatSource.b_simple: "B_simple measured",
+    BHatSource.given: "given",
+}
 _BEST_VAL = "lowest validation loss"
 
 

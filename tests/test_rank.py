@@ -300,8 +300,8 @@ def test_consistent_world_ranks_by_time_to_target_and_agrees():
     assert r.b_opt == pytest.approx(math.sqrt(B_TRUE * TAU_F / TAU_D))  # 70.7
     assert r.b_opt_batch_size == 64 and r.speed_winner == 64
     assert r.verdict_kind is VerdictKind.agree
-    assert r.verdict == ("formula and trials agree: b_opt = 70.7 (B_hat = 100 from b_noise) "
-                         "rounds to b=64, which also had the best loss drop per second")
+    assert r.verdict == ("formula and trials agree: b_opt = 70.7 (B_hat = 100, B_noise fitted "
+                         "from the trials) rounds to b=64, which also had the best loss drop per second")
     best = r.rows[0]
     assert best.relative_time == pytest.approx(1.0)
     assert best.predicted_time_s == pytest.approx(predicted(64, B_TRUE, step_time(64)))
@@ -344,9 +344,17 @@ def test_without_a_noise_scale_ranks_by_measured_loss_speed():
     speed = {t.batch_size: t.loss_drop_per_s for t in trials}
     assert list(r.ranking) == sorted(speed, key=lambda b: -speed[b])  # type: ignore[operator]
     assert r.verdict_kind is VerdictKind.no_b_hat and r.b_opt is None
-    assert r.verdict.startswith("no noise-scale estimate (no B_simple measured; B_noise: ")
+    assert r.verdict.startswith("no noise-scale estimate (no B_simple measured; B_noise: need a "
+                                "positive per-step loss drop at >= 3 batch sizes, have 2)")
     assert r.verdict.endswith(f"best b={r.ranking[0]}")
     assert all(row.predicted_time_s is None for row in r.rows)
+
+
+def test_no_b_hat_given_although_one_could_be_fitted():
+    r = rank_trials(world(), None)
+    assert r.verdict_kind is VerdictKind.no_b_hat
+    assert r.verdict == ("no noise-scale estimate (no B_hat given); ranked by measured loss drop "
+                         "per second, best b=64")
 
 
 def test_choose_b_hat_falls_back_to_b_simple():
@@ -361,7 +369,7 @@ def test_one_timed_batch_size_gives_no_b_opt():
     assert r.verdict_kind is VerdictKind.no_step_fit and r.b_opt is None
     assert r.recommended_batch_size == 64
     assert r.verdict.startswith("no b_opt (step time measured at one batch size (64) only")
-    assert r.verdict.endswith("with B_hat = 50 from b_simple")
+    assert r.verdict.endswith("with B_hat = 50, B_simple measured")
 
 
 def test_b_simple_at_initialisation_underestimating_the_noise_scale():
@@ -372,7 +380,7 @@ def test_b_simple_at_initialisation_underestimating_the_noise_scale():
     assert r.b_opt_batch_size == 16 and r.speed_winner == 128
     assert r.verdict_kind is VerdictKind.b_simple_underestimates
     assert r.verdict == (
-        "formula and trials disagree: b_opt = 22.4 (B_hat = 10 from b_simple) rounds to b=16 "
+        "formula and trials disagree: b_opt = 22.4 (B_hat = 10, B_simple measured) rounds to b=16 "
         "but b=128 had the best loss drop per second; B_simple measured at initialisation (10) "
         "underestimates the noise scale later in training (B_noise fitted from the trials: 400)")
 
