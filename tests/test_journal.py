@@ -1,0 +1,364 @@
+"""The trial record and the append-only journal: round trips, resume keys, and lines cut short
+by a real SIGKILL."""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import bsselect.journal as journal_module
+from bsselect.errors import UsageError
+from bsselect.journal import Journal, completed, load, settings_key
+from bsselect.trial_types import LossPoint, TrialResult, TrialStatus
+
+SETTINGS = {"task": "digits-mlp", "budget": ["samples", 4096.0], "lr_scaling": "linear",
+            "seed": 0, "warmup_steps": 0}
+KEY = settings_key(SETTINGS)
+DESIGN_TRIAL_FIELDS = ["batch_size", "status", "lr", "steps", "samples", "wall_s", "step_time_s",
+                       "samples_per_s", "train_loss_start", "train_loss_end", "loss_drop_per_s",
+                       "val_loss", "val_metric"]
+
+
+def trial(b: int, status: str = "ok", **extra: object) -> TrialResult:
+    if status != "ok":
+        return TrialResult(batch_size=b, status=status, lr=0.1, steps=0, samples=0, wall_s=0.0,
+                           error=f"{status} at batch {b}", **extra)  # type: ignore[arg-type]
+    return TrialResult(
+        batch_size=b, status=status, lr=0.05 * b / 32, steps=20, samples=20 * b, wall_s=0.5,
+        step_time_s=0.025, samples_per_s=b / 0.025, train_loss_start=2.3, train_loss_end=1.1,
+        loss_drop_per_s=2.4, val_loss=1.2, val_metric=0.61,
+        loss_curve=((1, b, 0.03, 2.25), (20, 20 * b, 0.5, 1.1)), b_simple=41.5,
+        loss_drop_per_sample=1.2 / (20 * b), loss_drop_per_step=0.06, **extra)  # type: ignore
+
+
+# --------------------------------------------------------------------------- TrialResult
+
+
+def test_trial_dict_has_design_fields_first_then_siblings():
+    data = trial(32).to_dict()
+    assert list(data)[:13] == DESIGN_TRIAL_FIELDS
+    assert {"loss_curve", "error", "b_simple", "loss_drop_per_sample",
+            "loss_drop_per_step"} <= set(data)
+    assert data["status"] == "ok" and data["loss_curve"] == [[1, 32, 0.03, 2.25],
+                                                             [20, 640, 0.5, 1.1]]
+
+
+@pytest.mark.parametrize("t", [trial(8), trial(1024, "oom"), trial(4, "error"),
+                               trial(16, "diverged", train_loss_start=2.3)])
+def test_trial_json_round_trip(t):
+    text = t.to_json()
+    assert "\n" not in text
+    assert TrialResult.from_json(text) == t
+
+
+def test_non_finite_measurements_become_none_and_survive_json():
+    t = TrialResult(batch_size=64, status=TrialStatus.diverged, lr=0.4, steps=3, samples=192,
+                    wall_s=0.1, train_loss_end=math.inf, loss_drop_per_s=-math.inf,
+                    loss_curve=[[1, 64, 0.03, 2.3], [3, 192, 0.1, math.nan]])
+    assert t.train_loss_end is None and t.loss_drop_per_s is None
+    assert t.loss_curve[-1] == LossPoint(3, 192, 0.1, None)
+    text = t.to_json()  # strict JSON: would raise on NaN
+    assert "NaN" not in text and "Infinity" not in text
+    assert TrialResult.from_json(text) == t
+
+
+def test_status_strings_and_enums_are_equal():
+    assert trial(8) == TrialResult(**{**trial(8).__dict__, "status": TrialStatus.ok})
+    assert trial(8).ok and not trial(8, "oom").ok
+
+
+def test_from_dict_ignores_unknown_siblings_and_requires_the_core():
+    data = {**trial(8).to_dict(), "added_in_a_later_version": 1}
+    assert TrialResult.from_dict(data) == trial(8)
+    missing = trial(8).to_dict()
+    del missing["wall_s"]
+    with pytest.raises(KeyError):
+        TrialResult.from_dict(missing)
+    with pytest.raises(ValueError):
+        TrialResult.from_dict({**trial(8).to_dict(), "status": "exploded"})
+    with pytest.raises(ValueError):
+        TrialResult.from_json("[1, 2]")
+
+
+@pytest.mark.parametrize("bad", [0, -8, 8.0, True])
+def test_batch_size_must_be_a_positive_int(bad):
+    with pytest.raises((TypeError, ValueError)):
+        TrialResult(batch_size=bad, status="ok", lr=0.1, steps=1, samples=1, wall_s=1.0)
+
+
+# --------------------------------------------------------------------------- settings key
+
+
+class Rule(str, enum.Enum):
+    linear = "linear"
+
+
+def test_settings_key_is_stable_and_order_free():
+    reordered = dict(reversed(list(SETTINGS.items())))
+    assert settings_key(reordered) == KEY
+    assert settings_key({**SETTINGS, "budget": ("samples", 4096.0)}) == KEY  # tuple == list
+    assert settings_key({**SETTINGS, "lr_scaling": Rule.linear}) == KEY  # Enum == its value
+    assert settings_key({**SETTINGS, "seed": 1}) != KEY
+    assert settings_key({**SETTINGS, "task": "digits-cnn"}) != KEY
+    assert len(KEY) == 16 and int(KEY, 16) >= 0
+    assert settings_key({"a": Path("/x")}) == settings_key({"a": "/x"})
+
+
+def test_settings_key_pinned_value():
+    # Pinned: a journal written by this version must resume under the next one.
+    import hashlib
+    expected = hashlib.sha256(b'{"seed":0,"task":"t"}').hexdigest()[:16]
+    assert settings_key({"task": "t", "seed": 0}) == expected
+
+
+def test_settings_key_rejects_values_without_a_stable_form():
+    with pytest.raises(TypeError):
+        settings_key({"model": object()})
+    with pytest.raises(ValueError):
+        settings_key({"lr": math.nan})
+
+
+# --------------------------------------------------------------------------- journal
+
+
+def write(path: Path, trials: list[TrialResult], settings: dict = SETTINGS,
+          append: bool = False) -> Journal:
+    with Journal.open(path, settings_key(settings), settings, append=append) as j:
+        for t in trials:
+            j.append(t)
+    return j
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    trials = [trial(8), trial(16, "diverged"), trial(32), trial(1024, "oom")]
+    write(path, trials)
+    contents = load(path)
+    assert contents.trials == tuple(trials) and contents.warnings == ()
+    header = contents.header
+    assert header is not None and header.key == KEY and header.task == "digits-mlp"
+    assert header.settings == SETTINGS and header.format_version == 1
+    lines = path.read_text().splitlines()
+    assert len(lines) == 5 and json.loads(lines[0])["bsselect_journal"] == 1
+    assert json.loads(lines[1]) == {"trial": trials[0].to_dict()}
+
+
+def test_completed_returns_trials_by_batch_size_for_the_same_key(tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    first = trial(32, "error")
+    rerun = trial(32)
+    write(path, [trial(8), first, trial(1024, "oom"), rerun])
+    done = completed(path, KEY)
+    assert sorted(done) == [8, 32, 1024]
+    assert done[32] == rerun and done[1024].status is TrialStatus.oom
+
+
+def test_completed_on_a_missing_or_empty_journal_is_empty(tmp_path):
+    assert completed(tmp_path / "nope.jsonl", KEY) == {}
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert completed(tmp_path / "empty.jsonl", KEY) == {}
+
+
+def test_completed_with_another_key_is_a_usage_error(tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    write(path, [trial(8)])
+    with pytest.raises(UsageError) as err:
+        completed(path, settings_key({**SETTINGS, "seed": 1}))
+    assert err.value.exit_code == 2
+    assert "different task or settings" in str(err.value)
+    assert str(err.value).endswith("use a new --journal path or drop --resume")
+
+
+def test_resume_with_other_settings_names_what_changed(tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    write(path, [trial(8)])
+    other = {**SETTINGS, "lr_scaling": "sqrt"}
+    with pytest.raises(UsageError, match=r": lr_scaling 'linear' -> 'sqrt'; use a new --journal "
+                                         r"path or drop --resume$"):
+        Journal.open(path, settings_key(other), other, append=True)
+    assert load(path).trials == (trial(8),)  # untouched
+
+
+def test_resume_continues_and_fresh_start_replaces(tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    write(path, [trial(8), trial(16)])
+    j = Journal.open(path, KEY, SETTINGS, append=True)
+    assert sorted(j.resumed) == [8, 16] and j.warnings == ()
+    j.append(trial(32))
+    j.close()
+    assert [t.batch_size for t in load(path).trials] == [8, 16, 32]
+    assert len(path.read_text().splitlines()) == 4  # still one header
+    write(path, [trial(64)], append=False)
+    assert [t.batch_size for t in load(path).trials] == [64]
+
+
+def test_resume_of_a_missing_journal_starts_one(tmp_path):
+    path = tmp_path / "new" / "dir" / "sweep.jsonl"
+    j = write(path, [trial(8)], append=True)
+    assert j.resumed == {} and load(path).trials == (trial(8),)
+
+
+def test_append_after_close_is_refused(tmp_path):
+    j = write(tmp_path / "sweep.jsonl", [])
+    with pytest.raises(ValueError):
+        j.append(trial(8))
+
+
+def test_truncated_last_line_is_skipped_then_repaired_on_resume(tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    write(path, [trial(8), trial(16)])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 40])  # the last write was cut 40 bytes short
+    contents = load(path)
+    assert contents.trials == (trial(8),)
+    assert contents.warnings == (f"{path}: line 3 skipped: incomplete (the run was probably "
+                                 "killed while writing it)",)
+    assert completed(path, KEY) == {8: trial(8)}
+    j = write(path, [trial(16)], append=True)
+    assert j.warnings == contents.warnings
+    assert load(path).warnings == ()
+    assert load(path).trials == (trial(8), trial(16))
+
+
+def test_whole_last_record_without_its_newline_is_kept(tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    write(path, [trial(8), trial(16)])
+    path.write_bytes(path.read_bytes()[:-1])
+    assert load(path).trials == (trial(8), trial(16)) and load(path).warnings == ()
+    write(path, [trial(32)], append=True)
+    assert [t.batch_size for t in load(path).trials] == [8, 16, 32]
+
+
+def test_corrupted_middle_line_is_skipped_with_a_warning(tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    write(path, [trial(8), trial(16), trial(32)])
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = lines[2][:30] + b"\x00garbage" + lines[2][30:]
+    lines.insert(3, b'{"comment": "hand-edited"}')
+    path.write_bytes(b"\n".join(lines))
+    contents = load(path)
+    assert [t.batch_size for t in contents.trials] == [8, 32]
+    assert len(contents.warnings) == 2
+    assert contents.warnings[0].startswith(f"{path}: line 3 skipped: not valid JSON")
+    assert contents.warnings[1] == f"{path}: line 4 skipped: neither a header nor a trial record"
+
+
+def test_bad_trial_record_is_skipped(tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    write(path, [trial(8)])
+    with path.open("a") as fh:
+        fh.write(json.dumps({"trial": {"batch_size": 16, "status": "ok"}}) + "\n")
+        fh.write(json.dumps({"trial": [1]}) + "\n")
+    contents = load(path)
+    assert contents.trials == (trial(8),)
+    assert "line 3 skipped: bad trial record (KeyError(\"trial record has no 'lr'\"))" in \
+        contents.warnings[0]
+    assert contents.warnings[1].endswith("line 4 skipped: trial record is not a JSON object")
+
+
+def test_header_cut_short_means_nothing_was_recorded(tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    path.write_bytes(b'{"bsselect_journal":1,"key":"2ca9')
+    assert load(path).header is None
+    assert completed(path, KEY) == {}
+    j = write(path, [trial(8)], append=True)
+    assert j.warnings[-1] == f"{path}: started again"
+    assert load(path).header is not None and load(path).trials == (trial(8),)
+
+
+def test_trials_without_a_readable_header_cannot_be_resumed(tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    write(path, [trial(8)])
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join([b"{oops"] + lines[1:]))
+    contents = load(path)
+    assert contents.header is None and contents.trials == (trial(8),)
+    assert contents.warnings[-1] == (f"{path}: no readable header line; its task and settings "
+                                     "are unknown")
+    with pytest.raises(UsageError, match="no readable header"):
+        completed(path, KEY)
+
+
+def test_load_of_a_missing_journal_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        load(tmp_path / "nope.jsonl")
+
+
+def test_each_line_is_one_write_call_then_fsync(tmp_path, monkeypatch):
+    path = tmp_path / "sweep.jsonl"
+    j = Journal.open(path, KEY, SETTINGS)
+    calls: list[tuple[str, object]] = []
+    real_write, real_fsync = os.write, os.fsync
+
+    def spy_write(fd: int, data: bytes) -> int:
+        calls.append(("write", bytes(data)))
+        return real_write(fd, data)
+
+    def spy_fsync(fd: int) -> None:
+        calls.append(("fsync", fd))
+        real_fsync(fd)
+
+    monkeypatch.setattr(journal_module.os, "write", spy_write)
+    monkeypatch.setattr(journal_module.os, "fsync", spy_fsync)
+    j.append(trial(8))
+    j.close()
+    assert [c[0] for c in calls] == ["write", "fsync"]
+    data = calls[0][1]
+    assert isinstance(data, bytes) and data.endswith(b"\n") and data.count(b"\n") == 1
+    assert json.loads(data) == {"trial": trial(8).to_dict()}
+
+
+WRITER = textwrap.dedent('''
+    import sys
+    from bsselect.journal import Journal, settings_key
+    from bsselect.trial_types import TrialResult
+
+    settings = {"task": "killed", "seed": 0}
+    j = Journal.open(sys.argv[1], settings_key(settings), settings)
+    curve = [(i, 64 * i, 0.01 * i, 2.0 - 0.001 * i) for i in range(1, 2001)]  # ~70 kB lines
+    for n in range(1, 100000):
+        j.append(TrialResult(batch_size=n, status="ok", lr=0.1, steps=2000, samples=128000,
+                             wall_s=20.0, loss_curve=curve))
+        print(n, flush=True)
+''')
+
+
+def test_lines_acknowledged_before_sigkill_survive(tmp_path):
+    path = tmp_path / "killed.jsonl"
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    assert proc.stdout is not None
+    acknowledged = 0
+    while acknowledged < 5:
+        line = proc.stdout.readline()
+        assert line, "the writer exited early"
+        acknowledged = int(line)
+    proc.send_signal(signal.SIGKILL)  # mid-way through some later append
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    contents = load(path)
+    numbers = [t.batch_size for t in contents.trials]
+    assert numbers[:acknowledged] == list(range(1, acknowledged + 1))
+    assert numbers == list(range(1, len(numbers) + 1))  # a prefix, nothing reordered or lost
+    assert all(len(t.loss_curve) == 2000 for t in contents.trials)
+    assert len(contents.warnings) <= 1  # at most the line being written when killed
+    settings = {"task": "killed", "seed": 0}
+    done = completed(path, settings_key(settings))
+    assert sorted(done) == numbers
+    with Journal.open(path, settings_key(settings), settings, append=True) as j:
+        j.append(TrialResult(batch_size=len(numbers) + 1, status="oom", lr=0.1, steps=0,
+                             samples=0, wall_s=0.0))
+    after = load(path)
+    assert after.warnings == () and len(after.trials) == len(numbers) + 1
