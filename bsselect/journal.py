@@ -1,7 +1,7 @@
 """Append-only JSONL journal of sweep trials, so that an interrupted sweep can ``--resume``.
 
-Line 1 is a header: the settings that shape a trial (the task spec among them) and ``key``,
-their stable hash (``settings_key``). Every later line is ``{"trial": {...}}`` (``TrialResult.to_dict``). Each line is
+Line 1 is a header: the task spec, the settings that shape a trial, and ``key``, a stable hash
+of both (``journal_key``). Every later line is ``{"trial": {...}}`` (``TrialResult.to_dict``). Each line is
 written with one ``os.write`` of the whole line plus its newline and then ``os.fsync``ed, so a
 SIGKILL or power loss leaves at most the last line incomplete; ``load`` skips such a line (and
 any other unreadable one) with a warning instead of failing.
@@ -28,11 +28,16 @@ _HEADER_TAG = "bsselect_journal"
 
 def settings_key(settings: Mapping[str, Any]) -> str:
     """A stable 16-hex-digit fingerprint of ``settings`` (sha256 of canonical JSON: sorted keys,
-    no whitespace). ``settings`` should hold the task spec and every option that shapes a
-    trial. Values must be JSON types; Enums count as their value, paths as strings."""
+    no whitespace). Values must be JSON types; Enums count as their value, paths as strings."""
     text = json.dumps(settings, sort_keys=True, separators=(",", ":"), allow_nan=False,
                       default=_canonical)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def journal_key(task: str, settings: Mapping[str, Any]) -> str:
+    """The key in the header of a journal for ``task`` run with ``settings``; pass it to
+    ``completed``."""
+    return settings_key({"task": task, "settings": dict(settings)})
 
 
 def _canonical(value: Any) -> Any:
@@ -144,7 +149,7 @@ def _append_trial(raw: Any, trials: list[TrialResult]) -> str | None:
 
 
 def completed(path: str | Path, key: str) -> dict[int, TrialResult]:
-    """Trials already journaled at ``path`` for the run whose ``settings_key`` is ``key``, by
+    """Trials already journaled at ``path`` for the run whose ``journal_key`` is ``key``, by
     batch size (a batch size journaled twice: the later trial). Every status counts as done.
     A missing or empty file (or one holding only a cut-off header) gives ``{}``; a journal for
     another task or other settings, or trials without a readable header, raise UsageError."""
@@ -159,104 +164,110 @@ def completed(path: str | Path, key: str) -> dict[int, TrialResult]:
 
 
 def _check_key(path: Path, contents: JournalContents, key: str,
-               settings: Mapping[str, Any] | None = None) -> None:
+               now: tuple[str, Mapping[str, Any]] | None = None) -> None:
+    """UsageError unless the journal's header carries ``key``; ``now`` = (task, settings) of
+    this run, to name what changed."""
     header = contents.header
     if header is None:
         raise UsageError(f"journal {str(path)!r} has no readable header, so it cannot be resumed; "
                          "use a new --journal path or drop --resume")
     if header.key != key:
-        diff = _describe_difference(header, settings) if settings is not None else ""
+        diff = _describe_difference(header, *now) if now is not None else ""
         raise UsageError(f"journal {str(path)!r} was written for a different task or settings "
                          f"(key {header.key}, this run {key}){diff}; use a new --journal path "
                          "or drop --resume")
 
 
-def _describe_difference(header: JournalHeader, settings: Mapping[str, Any]) -> str:
-    """``: lr_scaling 'sqrt' -> 'linear'`` for the first few settings that changed."""
-    now = _jsonable(settings)
-    names = sorted(set(header.settings) | set(now))
-    changed = [f"{n} {header.settings.get(n)!r} -> {now.get(n)!r}" for n in names
-               if header.settings.get(n) != now.get(n)]
+def _describe_difference(header: JournalHeader, task: str, settings: Mapping[str, Any]) -> str:
+    """``: lr_scaling 'sqrt' -> 'linear'`` for the first few things that changed."""
+    before = {"task": header.task, **header.settings}
+    after = {"task": task, **_jsonable(settings)}
+    changed = [f"{n} {before.get(n)!r} -> {after.get(n)!r}"
+               for n in sorted(set(before) | set(after)) if before.get(n) != after.get(n)]
     return f": {', '.join(changed[:4])}" if changed else ""
 
 
-class Journal:
-    """An open journal that trials are appended to, one fsync'd line each.
+class JournalMode(str, Enum):
+    """What ``Journal`` does with a file that already holds a journal."""
 
-    ``key`` is ``settings_key(settings)``, where ``settings`` holds the task spec and every
-    option that shapes a trial. ``append=False`` starts a fresh journal (an existing file is
-    replaced). ``append=True`` continues an existing journal for the same key (a missing or
-    empty file is started fresh): ``resumed`` holds its trials by batch size, ``warnings`` the
-    lines ``load`` skipped, and a partial last line left by a killed writer is cut off first so
-    that the next line is not glued to it. A different key raises UsageError.
+    new = "new"  # refuse: the file must be missing or empty
+    resume = "resume"  # continue it if it is for the same task and settings, else refuse
+    overwrite = "overwrite"  # replace it with a fresh journal
+
+
+class Journal:
+    """A journal that trials are appended to, one fsync'd line each.
+
+    The header's ``key`` is ``journal_key(task, settings)``; ``settings`` holds every option
+    that shapes a trial. With ``mode=resume`` an existing journal for the same key is continued
+    (a missing or empty one is started): ``resumed`` holds its trials by batch size and
+    ``warnings`` the lines ``load`` skipped; a partial last line left by a killed writer is cut
+    off first so that the next line is not glued to it. Another key raises UsageError.
+
+    Each ``append`` opens, writes, fsyncs and closes the file, so there is nothing to close
+    and an interrupted sweep leaves no half-open journal behind.
     """
 
-    def __init__(self, path: str | Path, key: str, settings: Mapping[str, Any], *,
-                 append: bool = False) -> None:
+    def __init__(self, path: str | Path, *, task: str, settings: Mapping[str, Any],
+                 mode: JournalMode = JournalMode.new) -> None:
         self.path = Path(path)
-        self.key = key
+        self.key = journal_key(task, settings)
         self.header = JournalHeader(
-            key=key, task=str(settings.get("task", "")), settings=_jsonable(settings),
+            key=self.key, task=task, settings=_jsonable(settings),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             bsselect_version=__version__)
         self.resumed: dict[int, TrialResult] = {}
         self.warnings: tuple[str, ...] = ()
-        if append and self.path.exists() and self.path.stat().st_size > 0:
-            fresh = self._resume(settings)
-        else:
-            fresh = True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | (os.O_TRUNC if fresh else 0)
-        self._fd: int | None = os.open(self.path, flags, 0o644)
-        if fresh:
-            self._write_line(self.header.to_json())
-            _fsync_dir(self.path.parent)  # make the new directory entry itself durable
-
-    @classmethod
-    def open(cls, path: str | Path, key: str, settings: Mapping[str, Any], *,
-             append: bool = False) -> "Journal":
-        """Same as the constructor."""
-        return cls(path, key, settings, append=append)
+        exists = self.path.exists() and self.path.stat().st_size > 0
+        match JournalMode(mode):
+            case JournalMode.new:
+                if exists:
+                    raise UsageError(f"journal {str(self.path)!r} already exists; pass --resume "
+                                     "to continue it, or choose a new --journal path")
+                self._start()
+            case JournalMode.overwrite:
+                self._start()
+            case JournalMode.resume:
+                if not exists or self._resume(task, settings):
+                    self._start()
 
     def append(self, trial: TrialResult) -> None:
         """Write ``trial`` as one line and fsync it before returning."""
-        self._write_line(json.dumps({"trial": trial.to_dict()}, separators=(",", ":"),
-                                    allow_nan=False))
+        _append_line(self.path, json.dumps({"trial": trial.to_dict()}, separators=(",", ":"),
+                                           allow_nan=False))
 
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+    def _start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _append_line(self.path, self.header.to_json(), truncate=True)
+        _fsync_dir(self.path.parent)  # make the new directory entry itself durable
 
-    def __enter__(self) -> "Journal":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _write_line(self, line: str) -> None:
-        if self._fd is None:
-            raise ValueError(f"journal {self.path} is closed")
-        data = (line + "\n").encode("utf-8")
-        # One write call for the whole line; the loop only runs again if the kernel accepted
-        # part of it (disk full, a signal), so the line still ends up whole or visibly cut.
-        written = os.write(self._fd, data)
-        while written < len(data):
-            written += os.write(self._fd, data[written:])
-        os.fsync(self._fd)
-
-    def _resume(self, settings: Mapping[str, Any]) -> bool:
+    def _resume(self, task: str, settings: Mapping[str, Any]) -> bool:
         """Check and repair an existing journal; True when it must be started afresh."""
         contents = load(self.path)
         if contents.header is None and not contents.trials:
             # Killed while writing the header: nothing was recorded, so start afresh.
             self.warnings = contents.warnings + (f"{self.path}: started again",)
             return True
-        _check_key(self.path, contents, self.key, settings)
+        _check_key(self.path, contents, self.key, (task, settings))
         _repair_tail(self.path)
         self.resumed = {t.batch_size: t for t in contents.trials}
         self.warnings = contents.warnings
         return False
+
+
+def _append_line(path: Path, line: str, truncate: bool = False) -> None:
+    data = (line + "\n").encode("utf-8")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | (os.O_TRUNC if truncate else 0)
+    fd = os.open(path, flags, 0o644)
+    try:
+        # One write call for the whole line; the loop only runs again if the kernel accepted
+        # part of it (disk full, a signal), so the line still ends up whole or visibly cut.
+        written = os.write(fd, data)
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _repair_tail(path: Path) -> None:

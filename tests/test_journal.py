@@ -17,12 +17,12 @@ import pytest
 
 import bsselect.journal as journal_module
 from bsselect.errors import UsageError
-from bsselect.journal import Journal, completed, load, settings_key
+from bsselect.journal import Journal, JournalMode, completed, journal_key, load, settings_key
 from bsselect.trial_types import LossPoint, TrialResult, TrialStatus
 
-SETTINGS = {"task": "digits-mlp", "budget": ["samples", 4096.0], "lr_scaling": "linear",
-            "seed": 0, "warmup_steps": 0}
-KEY = settings_key(SETTINGS)
+TASK = "digits-mlp"
+SETTINGS = {"budget": ["samples", 4096.0], "lr_scaling": "linear", "seed": 0, "warmup_steps": 0}
+KEY = journal_key(TASK, SETTINGS)
 DESIGN_TRIAL_FIELDS = ["batch_size", "status", "lr", "steps", "samples", "wall_s", "step_time_s",
                        "samples_per_s", "train_loss_start", "train_loss_end", "loss_drop_per_s",
                        "val_loss", "val_metric"]
@@ -104,11 +104,12 @@ class Rule(str, enum.Enum):
 
 def test_settings_key_is_stable_and_order_free():
     reordered = dict(reversed(list(SETTINGS.items())))
-    assert settings_key(reordered) == KEY
-    assert settings_key({**SETTINGS, "budget": ("samples", 4096.0)}) == KEY  # tuple == list
-    assert settings_key({**SETTINGS, "lr_scaling": Rule.linear}) == KEY  # Enum == its value
-    assert settings_key({**SETTINGS, "seed": 1}) != KEY
-    assert settings_key({**SETTINGS, "task": "digits-cnn"}) != KEY
+    assert journal_key(TASK, reordered) == KEY
+    assert journal_key(TASK, {**SETTINGS, "budget": ("samples", 4096.0)}) == KEY  # tuple == list
+    assert journal_key(TASK, {**SETTINGS, "lr_scaling": Rule.linear}) == KEY  # Enum == value
+    assert journal_key(TASK, {**SETTINGS, "seed": 1}) != KEY
+    assert journal_key("digits-cnn", SETTINGS) != KEY
+    assert KEY == settings_key({"task": TASK, "settings": SETTINGS})
     assert len(KEY) == 16 and int(KEY, 16) >= 0
     assert settings_key({"a": Path("/x")}) == settings_key({"a": "/x"})
 
@@ -130,11 +131,11 @@ def test_settings_key_rejects_values_without_a_stable_form():
 # --------------------------------------------------------------------------- journal
 
 
-def write(path: Path, trials: list[TrialResult], settings: dict = SETTINGS,
-          append: bool = False) -> Journal:
-    with Journal.open(path, settings_key(settings), settings, append=append) as j:
-        for t in trials:
-            j.append(t)
+def write(path: Path, trials: list[TrialResult], mode: JournalMode = JournalMode.new,
+          task: str = TASK, settings: dict = SETTINGS) -> Journal:
+    j = Journal(path, task=task, settings=settings, mode=mode)
+    for t in trials:
+        j.append(t)
     return j
 
 
@@ -145,7 +146,7 @@ def test_round_trip(tmp_path):
     contents = load(path)
     assert contents.trials == tuple(trials) and contents.warnings == ()
     header = contents.header
-    assert header is not None and header.key == KEY and header.task == "digits-mlp"
+    assert header is not None and header.key == KEY and header.task == TASK
     assert header.settings == SETTINGS and header.format_version == 1
     lines = path.read_text().splitlines()
     assert len(lines) == 5 and json.loads(lines[0])["bsselect_journal"] == 1
@@ -172,7 +173,7 @@ def test_completed_with_another_key_is_a_usage_error(tmp_path):
     path = tmp_path / "sweep.jsonl"
     write(path, [trial(8)])
     with pytest.raises(UsageError) as err:
-        completed(path, settings_key({**SETTINGS, "seed": 1}))
+        completed(path, journal_key(TASK, {**SETTINGS, "seed": 1}))
     assert err.value.exit_code == 2
     assert "different task or settings" in str(err.value)
     assert str(err.value).endswith("use a new --journal path or drop --resume")
@@ -184,33 +185,40 @@ def test_resume_with_other_settings_names_what_changed(tmp_path):
     other = {**SETTINGS, "lr_scaling": "sqrt"}
     with pytest.raises(UsageError, match=r": lr_scaling 'linear' -> 'sqrt'; use a new --journal "
                                          r"path or drop --resume$"):
-        Journal.open(path, settings_key(other), other, append=True)
+        Journal(path, task=TASK, settings=other, mode=JournalMode.resume)
+    with pytest.raises(UsageError, match=r": task 'digits-mlp' -> 'digits-cnn';"):
+        Journal(path, task="digits-cnn", settings=SETTINGS, mode=JournalMode.resume)
     assert load(path).trials == (trial(8),)  # untouched
 
 
-def test_resume_continues_and_fresh_start_replaces(tmp_path):
+def test_resume_continues_overwrite_replaces_new_refuses(tmp_path):
     path = tmp_path / "sweep.jsonl"
     write(path, [trial(8), trial(16)])
-    j = Journal.open(path, KEY, SETTINGS, append=True)
-    assert sorted(j.resumed) == [8, 16] and j.warnings == ()
+    j = Journal(path, task=TASK, settings=SETTINGS, mode=JournalMode.resume)
+    assert sorted(j.resumed) == [8, 16] and j.warnings == () and j.key == KEY
     j.append(trial(32))
-    j.close()
     assert [t.batch_size for t in load(path).trials] == [8, 16, 32]
     assert len(path.read_text().splitlines()) == 4  # still one header
-    write(path, [trial(64)], append=False)
+    with pytest.raises(UsageError, match="already exists; pass --resume to continue it, or "
+                                         "choose a new --journal path"):
+        Journal(path, task=TASK, settings=SETTINGS)
+    assert len(load(path).trials) == 3
+    write(path, [trial(64)], JournalMode.overwrite, settings={**SETTINGS, "seed": 5})
     assert [t.batch_size for t in load(path).trials] == [64]
+    assert load(path).header.settings["seed"] == 5  # type: ignore[union-attr]
+
+
+def test_new_journal_in_an_empty_file_is_fine(tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    path.write_bytes(b"")
+    write(path, [trial(8)])
+    assert load(path).trials == (trial(8),)
 
 
 def test_resume_of_a_missing_journal_starts_one(tmp_path):
     path = tmp_path / "new" / "dir" / "sweep.jsonl"
-    j = write(path, [trial(8)], append=True)
+    j = write(path, [trial(8)], JournalMode.resume)
     assert j.resumed == {} and load(path).trials == (trial(8),)
-
-
-def test_append_after_close_is_refused(tmp_path):
-    j = write(tmp_path / "sweep.jsonl", [])
-    with pytest.raises(ValueError):
-        j.append(trial(8))
 
 
 def test_truncated_last_line_is_skipped_then_repaired_on_resume(tmp_path):
@@ -223,7 +231,7 @@ def test_truncated_last_line_is_skipped_then_repaired_on_resume(tmp_path):
     assert contents.warnings == (f"{path}: line 3 skipped: incomplete (the run was probably "
                                  "killed while writing it)",)
     assert completed(path, KEY) == {8: trial(8)}
-    j = write(path, [trial(16)], append=True)
+    j = write(path, [trial(16)], JournalMode.resume)
     assert j.warnings == contents.warnings
     assert load(path).warnings == ()
     assert load(path).trials == (trial(8), trial(16))
@@ -234,7 +242,7 @@ def test_whole_last_record_without_its_newline_is_kept(tmp_path):
     write(path, [trial(8), trial(16)])
     path.write_bytes(path.read_bytes()[:-1])
     assert load(path).trials == (trial(8), trial(16)) and load(path).warnings == ()
-    write(path, [trial(32)], append=True)
+    write(path, [trial(32)], JournalMode.resume)
     assert [t.batch_size for t in load(path).trials] == [8, 16, 32]
 
 
@@ -270,7 +278,7 @@ def test_header_cut_short_means_nothing_was_recorded(tmp_path):
     path.write_bytes(b'{"bsselect_journal":1,"key":"2ca9')
     assert load(path).header is None
     assert completed(path, KEY) == {}
-    j = write(path, [trial(8)], append=True)
+    j = write(path, [trial(8)], JournalMode.resume)
     assert j.warnings[-1] == f"{path}: started again"
     assert load(path).header is not None and load(path).trials == (trial(8),)
 
@@ -295,7 +303,7 @@ def test_load_of_a_missing_journal_is_a_usage_error(tmp_path):
 
 def test_each_line_is_one_write_call_then_fsync(tmp_path, monkeypatch):
     path = tmp_path / "sweep.jsonl"
-    j = Journal.open(path, KEY, SETTINGS)
+    j = Journal(path, task=TASK, settings=SETTINGS)
     calls: list[tuple[str, object]] = []
     real_write, real_fsync = os.write, os.fsync
 
@@ -310,7 +318,6 @@ def test_each_line_is_one_write_call_then_fsync(tmp_path, monkeypatch):
     monkeypatch.setattr(journal_module.os, "write", spy_write)
     monkeypatch.setattr(journal_module.os, "fsync", spy_fsync)
     j.append(trial(8))
-    j.close()
     assert [c[0] for c in calls] == ["write", "fsync"]
     data = calls[0][1]
     assert isinstance(data, bytes) and data.endswith(b"\n") and data.count(b"\n") == 1
@@ -319,11 +326,10 @@ def test_each_line_is_one_write_call_then_fsync(tmp_path, monkeypatch):
 
 WRITER = textwrap.dedent('''
     import sys
-    from bsselect.journal import Journal, settings_key
+    from bsselect.journal import Journal
     from bsselect.trial_types import TrialResult
 
-    settings = {"task": "killed", "seed": 0}
-    j = Journal.open(sys.argv[1], settings_key(settings), settings)
+    j = Journal(sys.argv[1], task="killed", settings={"seed": 0})
     curve = [(i, 64 * i, 0.01 * i, 2.0 - 0.001 * i) for i in range(1, 2001)]  # ~70 kB lines
     for n in range(1, 100000):
         j.append(TrialResult(batch_size=n, status="ok", lr=0.1, steps=2000, samples=128000,
@@ -354,11 +360,10 @@ def test_lines_acknowledged_before_sigkill_survive(tmp_path):
     assert numbers == list(range(1, len(numbers) + 1))  # a prefix, nothing reordered or lost
     assert all(len(t.loss_curve) == 2000 for t in contents.trials)
     assert len(contents.warnings) <= 1  # at most the line being written when killed
-    settings = {"task": "killed", "seed": 0}
-    done = completed(path, settings_key(settings))
+    done = completed(path, journal_key("killed", {"seed": 0}))
     assert sorted(done) == numbers
-    with Journal.open(path, settings_key(settings), settings, append=True) as j:
-        j.append(TrialResult(batch_size=len(numbers) + 1, status="oom", lr=0.1, steps=0,
-                             samples=0, wall_s=0.0))
+    j = Journal(path, task="killed", settings={"seed": 0}, mode=JournalMode.resume)
+    j.append(TrialResult(batch_size=len(numbers) + 1, status="oom", lr=0.1, steps=0,
+                         samples=0, wall_s=0.0))
     after = load(path)
     assert after.warnings == () and len(after.trials) == len(numbers) + 1
