@@ -307,7 +307,7 @@ def noise_fit_of(trials: Iterable[TrialResult]) -> BNoiseFit:
 
 def choose_b_hat(trials: Sequence[TrialResult]) -> BHat:
     """Prefer ``B_noise`` fitted from the trials (it is the curvature-aware quantity that
-    ``b_opt`` needs, measured over the trials' training rather than at initialisation); fall
+    ``b_opt`` needs, measured over the trials' training rather than at one point); fall
     back to the median measured ``B_simple``; else None."""
     fit, simple = noise_fit_of(trials), median_b_simple(trials)
     if fit.b_noise is not None:
@@ -444,12 +444,13 @@ def _ordered_rows(trials: Sequence[TrialResult], b_hat: float | None) -> tuple[R
     ok = sorted((t for t in trials if t.ok), key=key)
     rest = sorted((t for t in trials if not t.ok), key=lambda t: t.batch_size)
     best = predicted(ok[0]) if ok else None
-    return tuple(
-        RankedTrial(t.batch_size, t.status, p,
-                    p / best if p is not None and best else None,
-                    t.step_time_s, t.loss_drop_per_s, t.val_loss, t.val_metric, t.wall_s)
-        for t in ok + rest for p in [predicted(t) if t.ok else None]
-    )
+    rows = []
+    for t in ok + rest:
+        p = predicted(t) if t.ok else None
+        relative = p / best if p is not None and best else None
+        rows.append(RankedTrial(t.batch_size, t.status, p, relative, t.step_time_s,
+                                t.loss_drop_per_s, t.val_loss, t.val_metric, t.wall_s))
+    return tuple(rows)
 
 
 def _or(value: float | None, default: float) -> float:
@@ -563,7 +564,7 @@ def _disagreement(c: _Context, b_opt_: float, pick: int, winner: int) -> tuple[V
         bn = c.noise_fit.b_noise
         extra = f" (B_noise fitted from the trials: {_fmt_num(bn)})" if bn is not None else ""
         return VerdictKind.b_simple_underestimates, (
-            f"B_simple measured at initialisation ({_fmt_num(c.b_simple)}) underestimates the "
+            f"B_simple measured early in training ({_fmt_num(c.b_simple)}) underestimates the "
             f"noise scale later in training{extra}")
     if winner > pick:
         return VerdictKind.larger_batches_faster, (

@@ -372,7 +372,7 @@ def test_one_timed_batch_size_gives_no_b_opt():
     assert r.verdict.endswith("with B_hat = 50, B_simple measured")
 
 
-def test_b_simple_at_initialisation_underestimating_the_noise_scale():
+def test_b_simple_from_early_training_underestimating_the_noise_scale():
     # Trials behave as B_noise = 400 but B_simple measured at the start said 10.
     trials = [ok_trial(b, dl=loss_drop(b, 400.0), b_simple=10.0) for b in POW2]
     r = rank_trials(trials, 10.0, BHatSource.b_simple)
@@ -381,7 +381,7 @@ def test_b_simple_at_initialisation_underestimating_the_noise_scale():
     assert r.verdict_kind is VerdictKind.b_simple_underestimates
     assert r.verdict == (
         "formula and trials disagree: b_opt = 22.4 (B_hat = 10, B_simple measured) rounds to b=16 "
-        "but b=128 had the best loss drop per second; B_simple measured at initialisation (10) "
+        "but b=128 had the best loss drop per second; B_simple measured early in training (10) "
         "underestimates the noise scale later in training (B_noise fitted from the trials: 400)")
 
 
