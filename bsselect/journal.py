@@ -223,7 +223,8 @@ class Journal:
             case JournalMode.new:
                 if exists:
                     raise UsageError(f"journal {str(self.path)!r} already exists; pass --resume "
-                                     "to continue it, or choose a new --journal path")
+                                     "to continue it, --overwrite to replace it, or choose a "
+                                     "new --journal path")
                 self._start()
             case JournalMode.overwrite:
                 self._start()

@@ -199,8 +199,9 @@ def test_resume_continues_overwrite_replaces_new_refuses(tmp_path):
     j.append(trial(32))
     assert [t.batch_size for t in load(path).trials] == [8, 16, 32]
     assert len(path.read_text().splitlines()) == 4  # still one header
-    with pytest.raises(UsageError, match="already exists; pass --resume to continue it, or "
-                                         "choose a new --journal path"):
+    with pytest.raises(UsageError, match="already exists; pass --resume to continue it, "
+                                         "--overwrite to replace it, or choose a new --journal "
+                                         "path"):
         Journal(path, task=TASK, settings=SETTINGS)
     assert len(load(path).trials) == 3
     write(path, [trial(64)], JournalMode.overwrite, settings={**SETTINGS, "seed": 5})
