@@ -1,0 +1,309 @@
+"""Simulated peak memory of one training step: fake tensors plus a live-storage counter.
+
+The step runs on FakeTensors (meta-backed: shapes, dtypes and strides, no data) whose device
+is ``cpu``, under a ``TorchDispatchMode`` that adds a storage's ``nbytes`` when an op first
+returns it and subtracts them when the storage dies (a weak-reference callback, as in
+``torch/distributed/_tools/mem_tracker.py``). Views and in-place results share a storage and
+are counted once. Nothing is allocated for real except the batch, which is collated for real
+(so padding collate_fns give the true shapes) and then converted.
+
+Why fake ``cpu`` rather than raw ``meta``: dispatch decisions that depend on the device run as
+they would on the CPU. ``F.scaled_dot_product_attention`` on ``meta`` takes the math path and
+materialises the (T x T) attention matrix (+17% on ``tiny-lm``); on fake ``cpu`` it picks the
+CPU flash kernel, like the real step. Do not fake ``cuda`` with a CPU-only torch: autograd
+aborts the process (DESIGN.md).
+
+What fake tensors cannot see is scratch that CPU kernels allocate inside themselves (oneDNN
+convolution reorders, flash-attention buffers). ``kernel_workspace=True`` adds it from
+``cpu_truth.kernel_high_water_bytes``, which runs those few kernels for real on small inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import weakref
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..errors import TaskError, one_line
+from ..step import make_batch, train_step
+from ..task import Task
+
+
+class Phase(str, Enum):
+    """The part of the step in which memory peaked."""
+
+    FORWARD = "forward"  # zero_grad, forward and loss
+    BACKWARD = "backward"  # from the first backward node to the optimizer step
+    OPTIMIZER = "optimizer"  # optimizer.step()
+
+
+@dataclass(frozen=True)
+class StepPeak:
+    """Peak memory of training step 2 (step 1 has created the optimizer state), in bytes.
+
+    ``peak_bytes`` is the maximum of live tensor-storage bytes during step 2: parameters,
+    optimizer state, the batch, gradients, activations and temporaries (and, when modelled,
+    kernel scratch). ``start_bytes`` is what is live when step 2 begins (it still holds step 1's
+    gradients, which ``zero_grad(set_to_none=True)`` frees). The three ``*_peak_bytes`` are the
+    peaks within each phase; ``peak_bytes`` is their maximum.
+    """
+
+    batch_size: int
+    peak_bytes: int
+    param_bytes: int
+    optimizer_state_bytes: int
+    batch_bytes: int
+    start_bytes: int
+    forward_peak_bytes: int
+    backward_peak_bytes: int
+    optimizer_peak_bytes: int
+    peak_phase: Phase
+    kernel_workspace_bytes: Optional[int] = None  # modelled CPU kernel scratch in peak_bytes
+
+
+def storage_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (non-tensors are ignored)."""
+    seen: dict[int, tuple[torch.UntypedStorage, int]] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[id(st)] = (st, st.nbytes())  # keep st alive so ids stay unique
+    return sum(n for _, n in seen.values())
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[Any]:
+    """Every tensor in the optimizer's per-parameter state (momentum, exp_avg, step, ...)."""
+    return tree_flatten(list(optimizer.state.values()))[0]
+
+
+def live_at_step_start(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -> list:
+    """The tensors a training loop keeps alive between steps."""
+    params = list(model.parameters())
+    grads = [p.grad for p in params if p.grad is not None]
+    batch_tensors = tree_flatten(batch)[0]
+    return params + grads + list(model.buffers()) + optimizer_state_tensors(optimizer) + batch_tensors
+
+
+def with_phase_marks(
+    task: Task,
+    optimizer: torch.optim.Optimizer,
+    on_backward: Callable[[], None],
+    on_optimizer: Callable[[], None],
+) -> tuple[Task, list[Any]]:
+    """A copy of ``task`` whose loss calls ``on_backward`` when its backward begins, and
+    hook handles that call ``on_optimizer`` before ``optimizer.step``. Remove the handles
+    when done. Shared by the simulation and the CPU truth so both split phases alike."""
+
+    def loss_fn(output: Any, target: Any) -> torch.Tensor:
+        loss = task.loss_fn(output, target)
+        if isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
+            loss.grad_fn.register_prehook(lambda grad_outputs: on_backward())
+        return loss
+
+    handles = []
+    if hasattr(optimizer, "register_step_pre_hook"):
+        handles.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: on_optimizer()))
+    return dataclasses.replace(task, loss_fn=loss_fn), handles
+
+
+class LiveStorageCounter(TorchDispatchMode):
+    """Counts the bytes of live tensor storages returned by ops, and their peak per phase.
+
+    ``kernel_high_water`` (optional) maps an op call to the bytes its real CPU kernel holds at
+    its high-water mark, outputs included, beyond what was live before the call; ops it knows
+    nothing about return None and count as their outputs only.
+    """
+
+    def __init__(self, kernel_high_water: Optional[Callable[..., Optional[int]]] = None) -> None:
+        super().__init__()
+        self.live_bytes = 0
+        self.phase = Phase.FORWARD
+        self.phase_peak_bytes = {phase: 0 for phase in Phase}
+        self.workspace_at_peak_bytes: dict[Phase, int] = {phase: 0 for phase in Phase}
+        self._bytes: dict[int, int] = {}  # id(storage) -> nbytes, for live storages only
+        self._refs: dict[int, weakref.ref] = {}
+        self._kernel_high_water = kernel_high_water
+
+    def track(self, t: torch.Tensor) -> None:
+        """Count ``t``'s storage if it is new; follow its size if it was resized in place."""
+        st = t.untyped_storage()
+        key, nbytes = id(st), st.nbytes()
+        if key in self._bytes:
+            self.live_bytes += nbytes - self._bytes[key]
+            self._bytes[key] = nbytes
+            return
+        # The callback fires when the storage itself dies (storages keep their Python object
+        # while any tensor uses them), which is when a real allocator would free it.
+        self._refs[key] = weakref.ref(st, lambda _, key=key: self._free(key))
+        self._bytes[key] = nbytes
+        self.live_bytes += nbytes
+
+    def _free(self, key: int) -> None:
+        self.live_bytes -= self._bytes.pop(key)
+        del self._refs[key]
+
+    def enter_phase(self, phase: Phase) -> None:
+        self.phase = phase
+        self.note(self.live_bytes)
+
+    def start_step(self) -> None:
+        """Forget earlier peaks; the step begins in the forward phase at the live level."""
+        self.phase_peak_bytes = {phase: 0 for phase in Phase}
+        self.workspace_at_peak_bytes = {phase: 0 for phase in Phase}
+        self.enter_phase(Phase.FORWARD)
+
+    def note(self, level_bytes: int, workspace_bytes: int = 0) -> None:
+        if level_bytes > self.phase_peak_bytes[self.phase]:
+            self.phase_peak_bytes[self.phase] = level_bytes
+            self.workspace_at_peak_bytes[self.phase] = workspace_bytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        before = self.live_bytes
+        high_water = self._kernel_high_water(func, args, kwargs) if self._kernel_high_water else None
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        self.note(self.live_bytes)
+        if high_water is not None:
+            # Inside the kernel, scratch and outputs coexist above what was live before it.
+            self.note(before + high_water, max(0, before + high_water - self.live_bytes))
+        return out
+
+
+def _fake_mode() -> Any:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    # Real tensors the task captured (class weights in a loss, say) are converted on use;
+    # they were allocated before the step, as in a real run, and are not counted.
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def _fakeify_leftovers(model: nn.Module, fake_mode: Any) -> None:
+    """Swap parameters and buffers that ``task.model()`` created as real tensors (from numpy,
+    say) for fake ones, keeping tied parameters tied. Their real memory was already spent."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    swapped: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in list(table.items()):
+                if t is None or isinstance(t, FakeTensor):
+                    continue
+                if id(t) not in swapped:
+                    fake = fake_mode.from_tensor(t.detach())
+                    if isinstance(t, nn.Parameter):
+                        fake = nn.Parameter(fake, requires_grad=t.requires_grad)
+                    swapped[id(t)] = fake
+                table[name] = swapped[id(t)]
+
+
+def build_fake_model(task: Task, fake_mode: Any) -> nn.Module:
+    """``task.model()`` with fake parameters (call it with ``fake_mode`` active); TaskError in
+    one line if the model cannot be built that way."""
+    try:
+        model = task.model()
+    except Exception as exc:
+        raise TaskError(
+            "building the model without real memory failed (fake tensors have shapes but no "
+            f"values, so .item(), .tolist() and data-dependent shapes fail): {one_line(exc)}"
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise TaskError(f"Task.model() returned {type(model).__name__}, not an nn.Module")
+    _fakeify_leftovers(model, fake_mode)
+    return model
+
+
+def real_batch(task: Task, batch_size: int, seed: int) -> tuple[Any, Any]:
+    """``make_batch`` for real, outside any fake mode: datasets may compute on real values,
+    and a padding collate_fn must see the true items to give the true shapes."""
+    try:
+        return make_batch(task, batch_size, seed)
+    except Exception as exc:
+        raise TaskError(f"collating a batch of {batch_size} failed: {one_line(exc)}") from exc
+
+
+def _run_steps(task: Task, model: nn.Module, batch: Any, counter: LiveStorageCounter) -> Any:
+    """Step 1 (creates optimizer state), then step 2 with the counter's peaks reset."""
+    optimizer = task.make_optimizer(model.parameters(), task.lr)
+    marked, handles = with_phase_marks(
+        task, optimizer,
+        on_backward=lambda: counter.enter_phase(Phase.BACKWARD),
+        on_optimizer=lambda: counter.enter_phase(Phase.OPTIMIZER),
+    )
+    x, y = batch
+    train_step(model, optimizer, marked, x, y)
+    gc.collect()  # a real loop frees step 1's graph before step 2; cycles included
+    # Count what dispatch never produced: fake copies of the batch and of real leftovers.
+    for t in live_at_step_start(model, optimizer, batch):
+        if isinstance(t, torch.Tensor):
+            counter.track(t)
+    start_bytes = counter.live_bytes
+    counter.start_step()
+    train_step(model, optimizer, marked, x, y)
+    for handle in handles:
+        handle.remove()
+    return optimizer, start_bytes
+
+
+def simulate_step_peak(
+    task: Task, batch_size: int, *, seed: int = 0, kernel_workspace: bool = True
+) -> StepPeak:
+    """Peak bytes of training step 2 at ``batch_size``, simulated without allocating the model.
+
+    ``kernel_workspace=True`` includes the scratch this machine's CPU kernels allocate inside
+    themselves, so the result is the CPU allocator's peak (``cpu_truth.cpu_step_peak``);
+    ``False`` gives framework tensors only, the base for another device's model.
+    """
+    from .cpu_truth import kernel_high_water_bytes
+
+    batch = real_batch(task, batch_size, seed)
+    fake_mode = _fake_mode()
+    counter = LiveStorageCounter(kernel_high_water_bytes if kernel_workspace else None)
+    # The counter sits above the fake mode so that it sees every op first. Counting starts
+    # before the model exists so that anything the model keeps alive (a cached mask that is
+    # not a buffer, say) is counted, as the real allocator would.
+    with fake_mode, counter:
+        model = build_fake_model(task, fake_mode)
+        batch = tree_map(lambda t: fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
+        try:
+            optimizer, start_bytes = _run_steps(task, model, batch, counter)
+        except Exception as exc:
+            raise TaskError(
+                f"the simulated training step at batch size {batch_size} failed: "
+                f"{one_line(exc)}"
+            ) from exc
+        return _step_peak(batch_size, model, optimizer, batch, start_bytes, counter)
+
+
+def _step_peak(
+    batch_size: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Any,
+    start_bytes: int,
+    counter: LiveStorageCounter,
+) -> StepPeak:
+    phase = max(Phase, key=lambda p: counter.phase_peak_bytes[p])
+    return StepPeak(
+        batch_size=batch_size,
+        peak_bytes=counter.phase_peak_bytes[phase],
+        param_bytes=storage_bytes(model.parameters()),
+        optimizer_state_bytes=storage_bytes(optimizer_state_tensors(optimizer)),
+        batch_bytes=storage_bytes(tree_flatten(batch)[0]),
+        start_bytes=start_bytes,
+        forward_peak_bytes=counter.phase_peak_bytes[Phase.FORWARD],
+        backward_peak_bytes=counter.phase_peak_bytes[Phase.BACKWARD],
+        optimizer_peak_bytes=counter.phase_peak_bytes[Phase.OPTIMIZER],
+        peak_phase=phase,
+        kernel_workspace_bytes=counter.workspace_at_peak_bytes[phase],
+    )
