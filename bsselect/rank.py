@@ -90,6 +90,14 @@ def fit_step_time(batch_sizes: Sequence[int], step_times_s: Sequence[float]) -> 
         return StepTimeFit(None, None, None, None, None, len(bs), note="; ".join(notes),
                            points=points)
     slope, intercept = _theil_sen([float(b) for b in bs], ts)
+    # Convex step times (a cache or threading cliff at large b) bend the line: a negative or
+    # inflated overhead. The linear model still holds below the cliff, where b_opt lives: use
+    # the longest prefix of batch sizes that a line with overhead >= 0 fits within 20%.
+    upto = _linear_prefix(bs, ts)
+    if upto < len(bs):
+        slope, intercept = _theil_sen([float(b) for b in bs[:upto]], ts[:upto])
+        notes.append(f"step time grows faster than linearly above b={bs[upto - 1]}; "
+                     f"line fitted on b <= {bs[upto - 1]}")
     tau_f, tau_d, f_clip, d_clip = intercept, slope, False, False
     if slope < 0:
         tau_f, tau_d, d_clip = median(ts), 0.0, True
@@ -104,6 +112,18 @@ def fit_step_time(batch_sizes: Sequence[int], step_times_s: Sequence[float]) -> 
     worst = max(range(len(bs)), key=lambda i: rel[i])
     return StepTimeFit(tau_f, tau_d, _r2(ts, pred), rel[worst], bs[worst], len(bs), f_clip, d_clip,
                        "; ".join(notes) or None, points)
+
+
+def _linear_prefix(bs: Sequence[int], ts: Sequence[float], tolerance: float = 0.2) -> int:
+    """Length of the longest prefix (>= 2 points) that a Theil–Sen line with a non-negative
+    intercept fits within ``tolerance`` relative error; all points when none does."""
+    for upto in range(len(bs), 1, -1):
+        x = [float(b) for b in bs[:upto]]
+        slope, intercept = _theil_sen(x, ts[:upto])
+        if intercept >= 0 and all(abs(t - (intercept + slope * b)) <= tolerance * t
+                                  for b, t in zip(x, ts[:upto])):
+            return upto
+    return len(bs)
 
 
 def _r2(y: Sequence[float], pred: Sequence[float]) -> float | None:
@@ -469,7 +489,10 @@ def _best(
 
 
 def _b_opt_or_inf(b_hat: float | None, fit: StepTimeFit) -> float | None:
-    """``b_opt``, or infinity when step time does not grow with b (bigger is always faster)."""
+    """``b_opt``, or infinity when step time does not grow with b (bigger is always faster);
+    None when the overhead had to be clipped (the line does not describe the step time)."""
+    if fit.tau_f_clipped:
+        return None
     if b_hat is not None and b_hat > 0 and fit.tau_d_s == 0.0 and fit.tau_f_s:
         return math.inf
     return b_opt(b_hat, fit.tau_f_s, fit.tau_d_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -12,7 +13,9 @@ from rich.table import Table
 from .units import format_bytes
 
 console = Console(stderr=True)      # progress, logs and human tables
-out = Console()                     # results for people when not --json
+# Results for people when not --json. Piped or in CI there is no terminal width to read;
+# 80 columns would squeeze the sweep table into unreadable ellipses.
+out = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=160)
 
 
 def emit_json(data: Any) -> None:

@@ -66,11 +66,20 @@ class SweepSettings:
     warmup_steps: int = 0
     noise_measurements: int = 4
 
-    def key_fields(self, task_name: str) -> dict[str, Any]:
-        """What makes two sweeps' trials comparable (the journal's resume key)."""
-        return {"task": task_name, "budget": [self.budget.kind.value, self.budget.amount],
+    def journal_settings(self, task: Task) -> dict[str, Any]:
+        """What makes two sweeps' trials comparable (hashed into the journal's resume key);
+        also what ``bsselect report`` needs to re-render without the task."""
+        return {"budget_kind": self.budget.kind.value, "budget": self.budget.amount,
                 "lr_scaling": self.lr_scaling.value, "seed": self.seed,
-                "warmup_steps": self.warmup_steps, "noise_measurements": self.noise_measurements}
+                "warmup_steps": self.warmup_steps, "noise_measurements": self.noise_measurements,
+                "base_lr": task.lr, "base_batch_size": task.base_batch_size}
+
+    @classmethod
+    def from_journal(cls, settings: dict[str, Any]) -> "SweepSettings":
+        return cls(budget=TrialBudget(BudgetKind(settings["budget_kind"]), settings["budget"]),
+                   lr_scaling=LrScaling(settings["lr_scaling"]), seed=settings["seed"],
+                   warmup_steps=settings["warmup_steps"],
+                   noise_measurements=settings["noise_measurements"])
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,7 @@ class SweepHooks:
     trial_start: Callable[[int, int, int | None], None] | None = None  # (b, index, steps)
     step: Callable[[int, int | None], None] | None = None
     trial_end: Callable[[TrialResult], None] | None = None
+    warn: Callable[[str], None] | None = None
 
 
 def make_setup(task: Task, settings: SweepSettings, device: torch.device) -> tuple[TrialSetup, bool]:
@@ -135,15 +145,21 @@ def make_setup(task: Task, settings: SweepSettings, device: torch.device) -> tup
 
 def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], settings: SweepSettings,
               device: torch.device, journal_path: Path, resume: bool, max_batch: int,
-              max_batch_source: str, hooks: SweepHooks | None = None) -> SweepResult:
+              max_batch_source: str, overwrite: bool = False,
+              hooks: SweepHooks | None = None) -> SweepResult:
     """Run (or resume) one trial per batch size, journal each, then rank."""
-    from .journal import Journal, completed, settings_key
+    from .journal import Journal, JournalMode
 
     hooks = hooks or SweepHooks()
-    key = settings_key(settings.key_fields(task_name))
-    done = completed(journal_path, key) if resume else {}
     setup, made_split = make_setup(task, settings, device)
-    journal = Journal.open(journal_path, key, settings.key_fields(task_name), append=resume)
+    mode = JournalMode.resume if resume else (
+        JournalMode.overwrite if overwrite else JournalMode.new)
+    journal = Journal(journal_path, task=task_name, settings=settings.journal_settings(task),
+                      mode=mode)
+    done = journal.resumed
+    for warning in journal.warnings:
+        if hooks.warn:
+            hooks.warn(warning)
     trials: dict[int, TrialResult] = {b: done[b] for b in batch_sizes if b in done}
     try:
         for i, b in enumerate(batch_sizes):
@@ -162,14 +178,13 @@ def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], setting
             f"interrupted; {len(trials)} finished trial(s) are in {journal_path} — "
             "rerun with --resume to continue"
         ) from None
-    finally:
-        journal.close()
     ordered = tuple(trials[b] for b in batch_sizes)
-    return summarize(task, task_name, device, ordered, settings, max_batch, max_batch_source,
+    return summarize(task.lr, task.base_batch_size, task_name, device, ordered, settings,
+                     max_batch, max_batch_source,
                      str(journal_path), tuple(b for b in batch_sizes if b in done), made_split)
 
 
-def summarize(task: Task, task_name: str, device: torch.device | str,
+def summarize(base_lr: float, base_batch_size: int, task_name: str, device: torch.device | str,
               trials: Sequence[TrialResult], settings: SweepSettings, max_batch: int,
               max_batch_source: str, journal: str, resumed: tuple[int, ...],
               made_val_split: bool) -> SweepResult:
@@ -178,7 +193,7 @@ def summarize(task: Task, task_name: str, device: torch.device | str,
     ranking = rank_trials(trials, b_hat.value, b_hat.source) if b_hat.source else rank_trials(
         trials, None)
     rec = ranking.recommended_batch_size
-    rec_lr = scale_lr(task.lr, task.base_batch_size, rec, settings.lr_scaling) if rec else None
+    rec_lr = scale_lr(base_lr, base_batch_size, rec, settings.lr_scaling) if rec else None
     accumulation = None
     if ranking.b_opt is not None and ranking.b_opt > max_batch >= 1:
         target = 1 << max(0, round(ranking.b_opt).bit_length() - 1)
@@ -188,7 +203,7 @@ def summarize(task: Task, task_name: str, device: torch.device | str,
                             "steps": grad_accum_steps(target, micro)}
     return SweepResult(
         task=task_name, device=str(device), batch_sizes=tuple(t.batch_size for t in trials),
-        settings=settings, base_lr=task.lr, base_batch_size=task.base_batch_size,
+        settings=settings, base_lr=base_lr, base_batch_size=base_batch_size,
         max_batch=max_batch, max_batch_source=max_batch_source, trials=tuple(trials),
         ranking=ranking, recommended_batch_size=rec, recommended_lr=rec_lr,
         b_opt_accumulation=accumulation, journal=journal, resumed=resumed,

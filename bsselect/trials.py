@@ -188,10 +188,16 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
     loss_end, _ = evaluate(model, task, setup.eval_train, device, metric=False)
     val_loss, val_metric = evaluate(model, task, setup.val_data, device)
     drop = loss_start - loss_end
+    if drop < 0:  # the loss rose over the whole trial: the LR is too high for this batch
+        return TrialResult(status=TrialStatus.diverged,
+                           **dict(common, error=f"loss rose from {loss_start:.4g} to "
+                                                f"{loss_end:.4g}"), train_loss_end=loss_end)
     b_simple = measure_trial_noise(setup, model) if setup.noise_measurements else None
     return TrialResult(
         status=status, **common, step_time_s=step_time, samples_per_s=batch_size / step_time,
-        train_loss_end=loss_end, loss_drop_per_s=drop / wall_s if wall_s > 0 else None,
+        # Per second of steady-state training (median step time x steps): one-off warm-up
+        # costs (first allocations, kernel selection) would otherwise dominate short trials.
+        train_loss_end=loss_end, loss_drop_per_s=drop / (step_time * steps),
         val_loss=val_loss, val_metric=val_metric, b_simple=b_simple,
         loss_drop_per_sample=drop / samples, loss_drop_per_step=drop / steps,
     )

@@ -395,19 +395,20 @@ def test_b_opt_beyond_the_tried_range():
     assert "b_opt = 7,071 " in r.verdict
 
 
-def test_b_opt_below_the_tried_range_from_zero_overhead():
-    times = {b: 1e-4 * b * (1 + 0.002 * b) for b in POW2}  # overhead fits negative -> 0
-    agreeing = rank_trials([ok_trial(b, t=times[b]) for b in POW2], B_TRUE)
-    assert agreeing.step_fit.tau_f_clipped and agreeing.b_opt == 0.0
-    assert agreeing.b_opt_batch_size == 8 and agreeing.speed_winner == 8
-    assert agreeing.verdict_kind is VerdictKind.agree and "b_opt = 0 " in agreeing.verdict
-    # Loss speed peaking at b=32 instead:
-    speed = {b: 1 - 0.1 * abs(math.log2(b / 32)) for b in POW2}
-    trials = [ok_trial(b, t=times[b], dl=speed[b] * times[b]) for b in POW2]
-    r = rank_trials(trials, B_TRUE)
-    assert r.b_opt_batch_size == 8 and r.speed_winner == 32
-    assert r.verdict_kind is VerdictKind.outside_range
-    assert r.verdict.endswith("(the per-step overhead fitted <= 0, which pushes b_opt to 0)")
+def test_zero_overhead_gives_no_b_opt_instead_of_zero():
+    times = {b: 1e-4 * b * (1 + 0.002 * b) for b in POW2}  # overhead fits negative -> clipped
+    r = rank_trials([ok_trial(b, t=times[b]) for b in POW2], B_TRUE)
+    assert r.step_fit.tau_f_clipped and r.b_opt is None and r.b_opt_batch_size is None
+    assert r.verdict_kind is VerdictKind.no_step_fit
+    assert "per-step overhead fitted negative" in r.verdict
+
+
+def test_convex_step_times_fit_below_the_cliff():
+    # linear with overhead up to b=128, then a 4x cliff (cache/threads) at 256 and 512
+    times = {b: step_time(b) * (4 if b >= 256 else 1) for b in POW2}
+    fit = fit_step_time(list(times), list(times.values()))
+    assert fit.tau_f_s == pytest.approx(TAU_F) and fit.tau_d_s == pytest.approx(TAU_D)
+    assert "line fitted on b <= 128" in fit.note
 
 
 def test_non_linear_step_time_explains_a_disagreement():
