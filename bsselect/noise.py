@@ -30,12 +30,13 @@ from .task import Task
 __all__ = [
     "NoiseEstimate", "NoisePoint", "NoiseReport", "estimate_from_norms", "measure_grad_norms",
     "estimate_noise", "measure_noise", "split_batch",
-    "DEFAULT_B_SMALL", "DEFAULT_N_SUB", "DEFAULT_MEASUREMENTS",
+    "default_batch_sizes", "DEFAULT_N_SUB", "DEFAULT_MEASUREMENTS",
 ]
 
-# Defaults, justified by measurement in docs/noise.md ("Choosing b_small, b_big, measurements").
-DEFAULT_B_SMALL = 8
-DEFAULT_N_SUB = 8  # b_big = 8 * b_small
+# Defaults, justified by measurement in docs/noise.md ("Choosing b_small, b_big, measurements"):
+# b_small = the task's base batch size (a pass costs what a training step's forward/backward
+# costs and is known to fit), b_big = 8 * b_small, 32 measurements.
+DEFAULT_N_SUB = 8
 DEFAULT_MEASUREMENTS = 32
 
 Progress = Callable[[int, int], None]  # (passes done, passes total)
@@ -216,6 +217,19 @@ def estimate_noise(
     return est, sum(losses) / len(losses)
 
 
+def default_batch_sizes(task: Task, b_small: int | None = None, b_big: int | None = None
+                        ) -> tuple[int, int]:
+    """(b_small, b_big) with the defaults filled in: ``b_small`` = the task's base batch size,
+    ``b_big = 8 * b_small``, both shrunk to fit the dataset (``b_big <= N``). Given values are
+    kept as they are, for ``check_settings`` to judge."""
+    n_data = len(task.train_data)  # type: ignore[arg-type]
+    if b_small is None:
+        b_small = max(1, min(task.base_batch_size, n_data // DEFAULT_N_SUB))
+    if b_big is None:
+        b_big = min(DEFAULT_N_SUB * b_small, (n_data // b_small) * b_small)
+    return b_small, b_big
+
+
 def check_settings(b_small: int, b_big: int, measurements: int, n_data: int) -> int:
     """Validate sizes for a measurement on ``n_data`` items; returns ``n_sub = b_big/b_small``."""
     check_batch_sizes(b_small, b_big, n_data)
@@ -228,14 +242,14 @@ def check_settings(b_small: int, b_big: int, measurements: int, n_data: int) -> 
     return b_big // b_small
 
 
-def _run_task(fn: Callable[[], Any]) -> Any:
-    """Call ``fn``; errors from the user's model or loss become one-line TaskErrors."""
+def _run_task(fn: Callable[[], Any], what: str = "a forward/backward pass") -> Any:
+    """Call ``fn``; errors from the user's code become one-line TaskErrors naming ``what``."""
     try:
         return fn()
     except (TaskError, UsageError):
         raise
     except Exception as exc:
-        raise TaskError(f"a forward/backward pass failed: {one_line(exc)}") from exc
+        raise TaskError(f"{what} failed: {one_line(exc)}") from exc
 
 
 # --- the driver ----------------------------------------------------------------------------
@@ -280,7 +294,7 @@ def _train_one(model: nn.Module, opt: torch.optim.Optimizer, task: Task,
     n_data = len(task.train_data)  # type: ignore[arg-type]
     idx = sample_indices(n_data, task.base_batch_size, gen)
     x, y = to_device(collate(task, [task.train_data[i] for i in idx]), device)
-    loss = _run_task(lambda: train_step(model, opt, task, x, y))
+    loss = _run_task(lambda: train_step(model, opt, task, x, y), "a warm-up training step")
     if not math.isfinite(float(loss)):
         raise TaskError(
             f"training diverged at warm-up step {step + 1} (loss {float(loss)}); "
@@ -289,29 +303,32 @@ def _train_one(model: nn.Module, opt: torch.optim.Optimizer, task: Task,
 
 
 def measure_noise(
-    task: Task, *, b_small: int = DEFAULT_B_SMALL, b_big: int = DEFAULT_N_SUB * DEFAULT_B_SMALL,
+    task: Task, *, b_small: int | None = None, b_big: int | None = None,
     measurements: int = DEFAULT_MEASUREMENTS, seed: int = 0, warmup_steps: int = 0,
     every: int | None = None, progress: Progress | None = None,
     device: str | torch.device = "cpu",
 ) -> NoiseReport:
     """B_simple of ``task`` at fresh initial weights (``torch.manual_seed(seed)``), and after
     ``warmup_steps`` optimizer steps at ``task.base_batch_size`` with ``task.make_optimizer``
-    and ``task.lr``; with ``every=K`` also every K steps in between.
+    and ``task.lr``; with ``every=K`` also every K steps in between. ``b_small``/``b_big`` left
+    as None take ``default_batch_sizes``.
 
     Measurement batches come from their own generator and the global RNG is forked while
     measuring, so the training run is the same whatever ``every`` is. ``progress(done, total)``
     counts forward/backward passes.
     """
     n_data = len(task.train_data)  # type: ignore[arg-type]
+    b_small, b_big = default_batch_sizes(task, b_small, b_big)
     n_sub = check_settings(b_small, b_big, measurements, n_data)
     steps = measurement_steps(warmup_steps, every)
     counter = _Counter(len(steps) * measurements * n_sub + warmup_steps, progress)
     start = time.perf_counter()
     torch.manual_seed(seed)
     device = torch.device(device)
-    model = _run_task(task.model).to(device)
+    model = _run_task(task.model, "building the model").to(device)
     model.train()  # the noise of the gradients training sees (dropout on, batch statistics)
-    opt = task.make_optimizer(model.parameters(), task.lr) if warmup_steps else None
+    opt = (_run_task(lambda: task.make_optimizer(model.parameters(), task.lr),
+                     "building the optimizer") if warmup_steps else None)
     train_gen = torch.Generator().manual_seed(seed)
     points: list[NoisePoint] = []
     for step in range(warmup_steps + 1):

@@ -19,8 +19,8 @@ from bsselect import Task
 from bsselect.errors import TaskError, UsageError
 from bsselect.examples.linreg import closed_form_b_simple, make_linreg_task
 from bsselect.noise import (
-    NoiseEstimate, estimate_from_norms, estimate_noise, measure_grad_norms, measure_noise,
-    split_batch,
+    NoiseEstimate, default_batch_sizes, estimate_from_norms, estimate_noise, measure_grad_norms,
+    measure_noise, split_batch,
 )
 from bsselect.noise_math import per_measurement, sampling_factor
 
@@ -251,6 +251,24 @@ def test_measuring_along_the_run_does_not_change_the_run() -> None:
     traced = measure_noise(task, b_small=8, b_big=64, measurements=4, warmup_steps=12, every=5)
     assert plain.trajectory == () and [p.step for p in traced.trajectory] == [0, 5, 10, 12]
     assert plain.final == traced.final and plain.final_loss == traced.final_loss
+
+
+@pytest.mark.parametrize("n, base, given, expected", [
+    (1500, 32, (None, None), (32, 256)),
+    (100, 32, (None, None), (12, 96)),  # shrunk so that b_big <= N
+    (10, 32, (None, None), (1, 8)),
+    (1500, 32, (8, None), (8, 64)),
+    (1500, 32, (None, 1024), (32, 1024)),
+])
+def test_default_batch_sizes(n: int, base: int, given: tuple, expected: tuple) -> None:
+    task = make_linreg_task(d=2, sigma=1.0, n=n, seed=0)
+    task.base_batch_size = base
+    assert default_batch_sizes(task, *given) == expected
+
+
+def test_defaults_run_on_a_tiny_dataset() -> None:
+    report = measure_noise(make_linreg_task(d=2, sigma=1.0, n=10, seed=0), measurements=4)
+    assert (report.final.b_small, report.final.b_big, report.final.n_data) == (1, 8, 10)
 
 
 @pytest.mark.parametrize("kwargs, match", [
