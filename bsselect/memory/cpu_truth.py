@@ -37,6 +37,7 @@ from .simulated import (
     optimizer_state_tensors,
     storage_bytes,
     with_phase_marks,
+    young_gc_only,
 )
 
 _STEP = "bsselect::step2"
@@ -110,7 +111,7 @@ def cpu_step_peak(task: Task, batch_size: int, *, seed: int = 0) -> StepPeak:
     creates optimizer state), then replay the allocator's events over step 2.
     """
     gc.collect()
-    with torch.random.fork_rng(devices=[]):
+    with young_gc_only(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             model, optimizer, batch = _real_steps(task, batch_size, seed)
@@ -199,12 +200,20 @@ CALIBRATION_BUDGET_BYTES = 64 << 20
 
 @dataclass(frozen=True)
 class _TensorSpec:
-    """A tensor argument without its values: the batch dim is left out when batched."""
+    """A tensor argument without its values; ``shape`` leaves out the batch dim when batched.
+
+    Kernels choose code paths by layout (oneDNN convolution follows channels-last strides,
+    size-one dims included), so the strides are kept exactly when the batch is the outermost
+    dim, which makes them independent of the batch size; otherwise the layout is rebuilt
+    densely in the same dim order.
+    """
 
     shape: tuple[int, ...]
-    dim_order: tuple[int, ...]  # dims from largest stride to smallest (the memory layout)
+    stride: tuple[int, ...]
+    offset: int
     dtype: torch.dtype
     batched: bool
+    exact_strides: bool
 
     def item_bytes(self) -> int:
         numel = 1
@@ -213,19 +222,28 @@ class _TensorSpec:
         return numel * self.dtype.itemsize if self.batched else 0
 
     def real(self, items: int) -> torch.Tensor:
-        """Zeros with this layout (dense; gaps between rows are not reproduced)."""
         shape = ((items,) if self.batched else ()) + self.shape
-        permuted = torch.zeros([shape[d] for d in self.dim_order], dtype=self.dtype)
-        inverse = sorted(range(len(self.dim_order)), key=lambda i: self.dim_order[i])
-        return permuted.permute(inverse)
+        if self.exact_strides:
+            extent = self.offset + 1 + sum((n - 1) * st for n, st in zip(shape, self.stride))
+            buffer = torch.zeros(max(extent, 1), dtype=self.dtype)
+            return buffer.as_strided(shape, self.stride, self.offset)
+        order = sorted(range(len(shape)), key=lambda d: (-self.stride[d], d))
+        inverse = sorted(range(len(order)), key=lambda i: order[i])
+        return torch.zeros([shape[d] for d in order], dtype=self.dtype).permute(inverse)
+
+
+def _item_extent(t: torch.Tensor) -> int:
+    """Elements one batch item spans in storage."""
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:]))
 
 
 def _spec(value: Any, batched: bool, batch: int) -> Any:
     if isinstance(value, torch.Tensor):
         batched = batched and value.dim() > 0 and value.shape[0] == batch
-        order = tuple(sorted(range(value.dim()), key=lambda d: (-value.stride(d), d)))
+        outermost = not batched or value.shape[0] == 1 or value.stride(0) >= _item_extent(value)
         shape = tuple(value.shape[1:] if batched else value.shape)
-        return _TensorSpec(shape, order, value.dtype, batched)
+        return _TensorSpec(shape, tuple(value.stride()), value.storage_offset(), value.dtype,
+                           batched, exact_strides=outermost)
     if isinstance(value, list):
         return tuple(value)
     return value

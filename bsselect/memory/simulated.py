@@ -23,9 +23,10 @@ from __future__ import annotations
 import dataclasses
 import gc
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -114,6 +115,23 @@ def with_phase_marks(
     return dataclasses.replace(task, loss_fn=loss_fn), handles
 
 
+@contextmanager
+def young_gc_only() -> Iterator[None]:
+    """Inside, ``gc.collect()`` scans only objects created inside (a full collection costs
+    0.1 s in a process that has imported torch). Cycles made inside are still collected."""
+    if gc.get_freeze_count():  # the caller froze objects already; leave that alone
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+_METADATA_OPS = (torch.ops.prim.device.default,)  # queries that never allocate
+
+
 class LiveStorageCounter(TorchDispatchMode):
     """Counts the bytes of live tensor storages returned by ops, and their peak per phase.
 
@@ -167,10 +185,12 @@ class LiveStorageCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        if func in _METADATA_OPS:
+            return func(*args, **kwargs)
         before = self.live_bytes
         high_water = self._kernel_high_water(func, args, kwargs) if self._kernel_high_water else None
         out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
+        for t in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.track(t)
         self.note(self.live_bytes)
@@ -188,38 +208,58 @@ def _fake_mode() -> Any:
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-def _fakeify_leftovers(model: nn.Module, fake_mode: Any) -> None:
-    """Swap parameters and buffers that ``task.model()`` created as real tensors (from numpy,
-    say) for fake ones, keeping tied parameters tied. Their real memory was already spent."""
+def _fake_twin(t: torch.Tensor, fake_mode: Any) -> torch.Tensor:
+    """A fake ``cpu`` tensor like ``t`` (meta or real), a Parameter if ``t`` is one."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    swapped: dict[int, torch.Tensor] = {}
+    if isinstance(t, FakeTensor):
+        return t
+    if t.device.type == "meta":
+        converter = fake_mode.fake_tensor_converter
+        fake = converter.from_meta_and_device(fake_mode, t.detach(), torch.device("cpu"))
+    else:  # created for real (from numpy, say); its memory was already spent
+        fake = fake_mode.from_tensor(t.detach())
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(fake, requires_grad=t.requires_grad)
+    return fake
+
+
+def to_fake_cpu(model: nn.Module, fake_mode: Any) -> None:
+    """Replace the model's parameters, buffers and plain tensor attributes by fake ``cpu``
+    twins, in place, keeping tied tensors tied."""
+    twins: dict[int, torch.Tensor] = {}
+
+    def twin(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if id(t) not in twins:
+            twins[id(t)] = _fake_twin(t, fake_mode)
+        return twins[id(t)]
+
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, t in list(table.items()):
-                if t is None or isinstance(t, FakeTensor):
-                    continue
-                if id(t) not in swapped:
-                    fake = fake_mode.from_tensor(t.detach())
-                    if isinstance(t, nn.Parameter):
-                        fake = nn.Parameter(fake, requires_grad=t.requires_grad)
-                    swapped[id(t)] = fake
-                table[name] = swapped[id(t)]
+                table[name] = twin(t)
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor):  # a cached mask kept as a plain attribute
+                setattr(module, name, twin(value))
 
 
 def build_fake_model(task: Task, fake_mode: Any) -> nn.Module:
-    """``task.model()`` with fake parameters (call it with ``fake_mode`` active); TaskError in
-    one line if the model cannot be built that way."""
+    """``task.model()`` built on the ``meta`` device (nothing is allocated, and ``.to()``
+    inside ``__init__`` works, which FakeTensor parameters do not support), then turned into
+    fake ``cpu`` tensors. TaskError in one line if the model cannot be built that way."""
     try:
-        model = task.model()
+        with torch.device("meta"):
+            model = task.model()
     except Exception as exc:
         raise TaskError(
-            "building the model without real memory failed (fake tensors have shapes but no "
+            "building the model on the meta device failed (meta tensors have shapes but no "
             f"values, so .item(), .tolist() and data-dependent shapes fail): {one_line(exc)}"
         ) from exc
     if not isinstance(model, nn.Module):
         raise TaskError(f"Task.model() returned {type(model).__name__}, not an nn.Module")
-    _fakeify_leftovers(model, fake_mode)
+    to_fake_cpu(model, fake_mode)
     return model
 
 
@@ -268,12 +308,11 @@ def simulate_step_peak(
 
     batch = real_batch(task, batch_size, seed)
     fake_mode = _fake_mode()
+    model = build_fake_model(task, fake_mode)
     counter = LiveStorageCounter(kernel_high_water_bytes if kernel_workspace else None)
-    # The counter sits above the fake mode so that it sees every op first. Counting starts
-    # before the model exists so that anything the model keeps alive (a cached mask that is
-    # not a buffer, say) is counted, as the real allocator would.
-    with fake_mode, counter:
-        model = build_fake_model(task, fake_mode)
+    # The counter sits above the fake mode so that it sees every op first, as the CPU
+    # dispatcher would. Anything step 1 leaves behind is counted in step 2.
+    with young_gc_only(), fake_mode, counter:
         batch = tree_map(lambda t: fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
         try:
             optimizer, start_bytes = _run_steps(task, model, batch, counter)

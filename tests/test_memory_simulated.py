@@ -1,0 +1,254 @@
+"""Simulated step peak (fake tensors) against the CPU allocator's own peak, on real tiny models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from bsselect import Task
+from bsselect.errors import TaskError
+from bsselect.examples import EXAMPLES
+from bsselect.memory import Phase, cpu_step_peak, simulate_step_peak
+from bsselect.memory.cpu_truth import calibration_items, high_water, replay_phases
+
+BATCH_SIZES = (8, 32, 128, 256)
+
+
+def relative_error(simulated: int, measured: int) -> float:
+    return abs(simulated - measured) / measured
+
+
+# --- agreement with the CPU allocator ------------------------------------------------------
+
+@pytest.mark.parametrize("example", ["digits-mlp", "digits-cnn", "tiny-lm"])
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+def test_simulated_peak_matches_cpu_allocator(example: str, batch_size: int) -> None:
+    task = EXAMPLES[example]()
+    sim = simulate_step_peak(task, batch_size)
+    real = cpu_step_peak(task, batch_size)
+    assert relative_error(sim.peak_bytes, real.peak_bytes) < 0.01, (sim, real)
+    # Not only the maximum: the same phase peaks, and the same memory when step 2 begins.
+    assert sim.peak_phase is real.peak_phase
+    assert relative_error(sim.backward_peak_bytes, real.backward_peak_bytes) < 0.01
+    assert relative_error(sim.forward_peak_bytes, real.forward_peak_bytes) < 0.01
+    assert sim.start_bytes == real.start_bytes
+    assert (sim.param_bytes, sim.optimizer_state_bytes, sim.batch_bytes) == (
+        real.param_bytes, real.optimizer_state_bytes, real.batch_bytes)
+
+
+def test_conv_needs_the_oneDNN_workspace_to_match() -> None:
+    """Without the kernels' own scratch the CNN is >1% low at small batches; with it, exact."""
+    task = EXAMPLES["digits-cnn"]()
+    real = cpu_step_peak(task, 8)
+    bare = simulate_step_peak(task, 8, kernel_workspace=False)
+    full = simulate_step_peak(task, 8)
+    assert relative_error(bare.peak_bytes, real.peak_bytes) > 0.01
+    assert full.kernel_workspace_bytes and full.kernel_workspace_bytes > 0
+    assert full.peak_bytes == real.peak_bytes
+
+
+def test_cpu_truth_is_self_consistent() -> None:
+    """Replayed allocator events at the start of step 2 equal the tensors a loop keeps:
+    parameters, step 1's gradients, momentum buffers and the batch (digits-mlp: SGD)."""
+    real = cpu_step_peak(EXAMPLES["digits-mlp"](), 32)
+    assert real.optimizer_state_bytes == real.param_bytes  # one momentum buffer per parameter
+    assert real.start_bytes == 2 * real.param_bytes + real.optimizer_state_bytes + real.batch_bytes
+    assert real.batch_bytes == 32 * 64 * 4 + 32 * 8  # float32 pixels + int64 labels
+    assert real.peak_bytes >= real.start_bytes
+
+
+class Tricky(nn.Module):
+    """Views, in-place ops, tied and frozen weights, an unused layer, a channels-last conv
+    made by ``.to()`` in ``__init__``, and a cache kept as a plain attribute in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.conv = nn.Conv2d(1, 8, 3, padding=1).to(memory_format=torch.channels_last)
+        self.frozen = nn.Linear(16, 16).requires_grad_(False)
+        self.unused = nn.Linear(16, 1000)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+        self.cache = None
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.emb(idx)  # (b, 16, 16)
+        if self.cache is None:
+            self.cache = torch.ones(16, 16, device=idx.device)  # survives into step 2
+        img = (h * self.cache).unsqueeze(1).contiguous(memory_format=torch.channels_last)
+        h = self.conv(img).mean(1)
+        h.relu_()
+        h = self.frozen(h.transpose(1, 2).reshape(-1, 16)).view(idx.shape[0], 16, 16)
+        return self.head(h).mean(1)
+
+
+def tricky_task(optimizer=None) -> Task:
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(50, (200, 16), generator=gen),
+                         torch.randint(50, (200,), generator=gen))
+    return Task(model=Tricky, train_data=data, loss_fn=F.cross_entropy, optimizer=optimizer)
+
+
+@pytest.mark.parametrize("batch_size", [8, 64])
+def test_views_inplace_ties_and_caches_match(batch_size: int) -> None:
+    task = tricky_task(lambda p, lr: torch.optim.Adam(p, lr=lr))
+    sim, real = simulate_step_peak(task, batch_size), cpu_step_peak(task, batch_size)
+    assert relative_error(sim.peak_bytes, real.peak_bytes) < 0.01, (sim, real)
+    assert sim.start_bytes == real.start_bytes  # the forward-time cache counted in both
+    assert sim.param_bytes == real.param_bytes  # tied weight counted once
+
+
+def test_padding_collate_gets_the_true_shapes() -> None:
+    """The batch is collated for real, so a padding collate_fn pads to the true maximum."""
+    lengths = torch.randint(1, 40, (100,), generator=torch.Generator().manual_seed(1))
+    items = [(torch.randint(20, (int(n),)), torch.tensor(int(n) % 2)) for n in lengths]
+
+    def pad(batch):
+        xs, ys = zip(*batch)
+        return nn.utils.rnn.pad_sequence(list(xs), batch_first=True), torch.stack(ys)
+
+    task = Task(model=_MeanPool, train_data=items, loss_fn=F.cross_entropy, collate_fn=pad)
+    sim, real = simulate_step_peak(task, 16), cpu_step_peak(task, 16)
+    assert sim.batch_bytes == real.batch_bytes
+    assert sim.peak_bytes == real.peak_bytes
+
+
+class _MeanPool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(20, 32), nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(x).mean(1))
+
+
+# --- optimizer state ------------------------------------------------------------------------
+
+def _mlp_task(optimizer) -> Task:
+    data = TensorDataset(torch.randn(64, 32), torch.randint(4, (64,)))
+    return Task(model=lambda: nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)),
+                train_data=data, loss_fn=F.cross_entropy, optimizer=optimizer)
+
+
+@pytest.mark.parametrize("measure", [simulate_step_peak, cpu_step_peak])
+def test_optimizer_state_is_counted(measure) -> None:
+    plain = measure(_mlp_task(lambda p, lr: torch.optim.SGD(p, lr=lr)), 8)
+    momentum = measure(_mlp_task(None), 8)  # the default: SGD(momentum=0.9)
+    adam = measure(_mlp_task(lambda p, lr: torch.optim.Adam(p, lr=lr)), 8)
+    n_tensors = 4
+    assert plain.optimizer_state_bytes == 0
+    assert momentum.optimizer_state_bytes == momentum.param_bytes
+    # exp_avg and exp_avg_sq per parameter, plus a float32 step counter per parameter tensor
+    assert adam.optimizer_state_bytes == 2 * adam.param_bytes + 4 * n_tensors
+    assert plain.start_bytes < momentum.start_bytes < adam.start_bytes
+    assert momentum.start_bytes - plain.start_bytes == momentum.param_bytes
+
+
+# --- a model far larger than this machine ---------------------------------------------------
+
+def test_a_32_GiB_model_is_simulated_without_allocating_it() -> None:
+    """8 x Linear(16384, 16384) with Adam: 8 GiB of parameters, 32 GiB with gradients and
+    state. Run in a fresh process so that its peak RSS is the simulation's alone."""
+    code = textwrap.dedent("""
+        import json, resource, torch
+        import torch.nn.functional as F
+        from torch import nn
+        from torch.utils.data import TensorDataset
+        from bsselect import Task
+        from bsselect.memory import simulate_step_peak
+        d = 16384
+        task = Task(model=lambda: nn.Sequential(*(nn.Linear(d, d) for _ in range(8))),
+                    train_data=TensorDataset(torch.randn(4, d), torch.randn(4, d)),
+                    loss_fn=F.mse_loss, optimizer=lambda p, lr: torch.optim.Adam(p, lr=lr))
+        peak = simulate_step_peak(task, 2)
+        print(json.dumps({"peak": peak.peak_bytes, "params": peak.param_bytes,
+                          "state": peak.optimizer_state_bytes,
+                          "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    d = 16384
+    param_bytes = 8 * (d * d + d) * 4
+    assert result["params"] == param_bytes
+    assert result["state"] == 2 * param_bytes + 16 * 4
+    assert result["peak"] >= 3 * param_bytes  # params, grads and state at least
+    assert result["peak"] > 30e9
+    assert result["rss"] < 2 * 2**30
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+class NeedsValuesInInit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.scale = float(self.fc.weight.abs().max().item())  # meta tensors have no values
+
+
+class DataDependentForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x[x.sum(1) > 0])  # the output's shape depends on the values
+
+
+class BadShapes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def _task(model) -> Task:
+    return Task(model=model, train_data=TensorDataset(torch.randn(16, 4), torch.randint(2, (16,))),
+                loss_fn=F.cross_entropy)
+
+
+@pytest.mark.parametrize(("model", "words"), [
+    (NeedsValuesInInit, "building the model on the meta device failed"),
+    (DataDependentForward, "the simulated training step at batch size 4 failed"),
+    (BadShapes, "the simulated training step at batch size 4 failed"),
+])
+def test_simulation_failures_are_one_line_task_errors(model, words: str) -> None:
+    with pytest.raises(TaskError) as info:
+        simulate_step_peak(_task(model), 4)
+    message = str(info.value)
+    assert words in message
+    assert "\n" not in message
+
+
+def test_cpu_truth_failure_is_a_one_line_task_error() -> None:
+    with pytest.raises(TaskError, match="the CPU training step at batch size 4 failed") as info:
+        cpu_step_peak(_task(BadShapes), 4)
+    assert "\n" not in str(info.value)
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+def test_replay_splits_phases_and_starts_from_the_live_level() -> None:
+    deltas = [(1, 100), (2, 50), (10, -50), (11, 30), (20, 40), (21, -40), (30, 5), (40, -500)]
+    boundaries = {Phase.BACKWARD: 20, Phase.OPTIMIZER: 30}
+    start, peaks = replay_phases(deltas, (10, 35), boundaries)
+    assert start == 150
+    assert peaks == {Phase.FORWARD: 150, Phase.BACKWARD: 170, Phase.OPTIMIZER: 135}
+
+
+def test_high_water_and_calibration_sizes() -> None:
+    assert high_water([10, -5, 20, -25, 3]) == 25
+    assert high_water([-5]) == 0
+    assert calibration_items(256, item_bytes=1000, min_items=2) == (256,)  # cheap: exact
+    assert calibration_items(256, item_bytes=4 << 20, min_items=2) == (2, 4)
+    assert calibration_items(256, item_bytes=1 << 20, min_items=1) == (8, 16)
