@@ -34,7 +34,7 @@ def format_bytes(n: float) -> str:
     sign = "-" if n < 0 else ""
     n = abs(float(n))
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+        if n < 1000 or unit == "TiB":  # 1000..1023 reads better as 0.98 of the next unit
             return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.3g} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
