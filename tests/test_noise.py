@@ -22,7 +22,17 @@ from bsselect.noise import (
     NoiseEstimate, default_batch_sizes, estimate_from_norms, estimate_noise, measure_grad_norms,
     measure_noise, split_batch,
 )
-from bsselect.noise_math import per_measurement, sampling_factor
+from bsselect.noise_math import expanded_tail, per_measurement, sampling_factor, t_quantile
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: intra-op threads only add synchronisation, which on a loaded
+    2-core CI machine made the file 5x slower. Restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # --- the finite-population algebra -------------------------------------------------------------
 
@@ -73,6 +83,17 @@ def test_pure_noise_is_reported_unresolved_not_as_a_number() -> None:
     assert est.grad_sq_norm_ci[0] < 0 < est.grad_sq_norm_ci[1]
     assert est.trace_sigma == pytest.approx(50, rel=0.1)
     json.dumps(est.__dict__, allow_nan=False)
+
+
+@pytest.mark.parametrize("df, table", [(1, 6.313752), (2, 2.919986), (3, 2.353363),
+                                       (5, 2.015048), (10, 1.812461), (31, 1.695519)])
+def test_t_quantile_matches_the_table(df: int, table: float) -> None:
+    assert t_quantile(0.95, df) == pytest.approx(table, abs=1.1e-3 if df == 3 else 1e-4)
+
+
+def test_expanded_interval_widens_with_few_measurements() -> None:
+    tails = [expanded_tail(m, 0.90) for m in (2, 4, 8, 32, 1000)]
+    assert tails == sorted(tails) and tails[-1] == pytest.approx(0.05, abs=5e-4)
 
 
 @pytest.mark.parametrize("sizes, match", [
