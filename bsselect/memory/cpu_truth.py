@@ -12,8 +12,8 @@ Memory that bypasses PyTorch's allocator (MKL's or oneDNN's private scratchpads,
 objects) is not device memory in the sense DESIGN.md uses, and is not counted either here or in
 the simulation.
 
-This module also measures single CPU kernels (``kernel_high_water_bytes``) so the simulation can
-add the scratch that fake tensors cannot see.
+This module also measures single CPU kernels (``kernel_cost``) so the simulation can add the
+scratch, and correct the outputs, that fake tensors get wrong.
 """
 
 from __future__ import annotations
@@ -162,35 +162,76 @@ def _real_steps(task: Task, batch_size: int, seed: int) -> tuple[Any, Any, Any]:
 
 # --- single kernels -------------------------------------------------------------------------
 #
-# Some CPU kernels allocate scratch through PyTorch's allocator that no op returns, so fake
-# tensors cannot see it: oneDNN convolution copies input, weight and output into blocked
-# layouts (channels padded to the SIMD width) and computes into a blocked output before
-# copying it out; the CPU flash-attention kernels keep per-thread buffers and, in backward,
-# a float accumulator for grad_q. Which copies happen depends on the ISA, the oneDNN version
-# and the shapes, so rather than re-deriving oneDNN's choices we ask the kernel: run it for
-# real on inputs of the same shape but a small batch, record its allocations, and scale each
-# allocation linearly in the batch (they are copies of batch-major tensors, or per-thread or
-# per-weight buffers that do not depend on it).
+# Fake tensors get an op's outputs from its meta kernel, which knows nothing of the scratch the
+# real CPU kernel allocates through PyTorch's allocator: oneDNN convolution copies input, weight
+# and output into blocked layouts (channels padded to the SIMD width) and computes into a
+# blocked output before copying it out; the CPU flash-attention kernels keep per-thread buffers
+# and, in backward, a float accumulator for grad_q. Some meta kernels also get an output's size
+# wrong: oneDNN's LSTM layer returns a workspace (every gate at every step, kept for backward)
+# that meta says is empty. Which copies happen depends on the ISA, the oneDNN version and the
+# shapes, so rather than re-deriving oneDNN's choices we ask the kernel: run it for real on
+# inputs shaped like the fake ones but with a small batch, record its allocations and its
+# outputs' sizes, and scale each linearly in the batch (they are copies of batch-major tensors,
+# or per-thread or per-weight buffers that do not depend on it).
+
+
+@dataclass(frozen=True)
+class KernelCost:
+    """What a real CPU kernel allocates, in bytes: its high-water mark above what was live
+    before it (outputs and scratch together), and the storage size of each output (in
+    ``tree_flatten`` order; 0 where the output is not a tensor)."""
+
+    high_water_bytes: int
+    output_bytes: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """Which arguments of a kernel carry its batch in dim 0 (positions, or keyword names,
-    the latter only when their dim 0 matches), and the smallest batch that takes the same code
-    path as larger ones (convolution: one item picks another backend)."""
+    """How to run a kernel on a small batch: ``batch_dims(args)`` maps argument positions
+    (or keyword names) to the dim holding the batch, the kernel's own batch first; arguments
+    whose dim does not match (a broadcast mask) are left alone. ``min_items`` is the smallest
+    batch that takes the same code path as larger ones (convolution: one item picks another
+    backend). ``prepare`` fills in arguments that fake tensors cannot provide."""
 
-    batched: tuple[Any, ...]
+    batch_dims: Callable[[Sequence[Any]], dict[Any, int]]
     min_items: int
+    prepare: Optional[Callable[[list], None]] = None
+
+
+def _dim0(*keys: Any) -> Callable[[Sequence[Any]], dict[Any, int]]:
+    return lambda args: {k: 0 for k in keys}
+
+
+def _rnn_dims(sequences: tuple[int, ...], states: tuple[int, ...]):
+    """oneDNN RNN layers get sequences as (T, B, C): ``mkldnn_rnn`` transposes batch-first
+    input before the layer (and passes batch_first on regardless); states are (B, H)."""
+    return lambda args: {**{i: 1 for i in sequences}, **{i: 0 for i in states}}
+
+
+def _rnn_forward_for_backward(args: list) -> None:
+    """The backward kernel reads the forward's workspace, which fake tensors leave empty:
+    run the real forward on the calibration inputs and pass its outputs."""
+    a = args
+    with torch.enable_grad():  # backward runs with grad off; the forward saves its workspace on
+        out = torch.ops.aten.mkldnn_rnn_layer.default(
+            a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[13], a[20], a[14], a[15], a[16], a[17],
+            a[19], a[21], a[18])
+    a[7], a[8], a[9], a[22] = out
 
 
 _aten = torch.ops.aten
 KERNELS: dict[Any, KernelSpec] = {
-    _aten.convolution.default: KernelSpec((0,), min_items=2),
-    _aten.convolution_backward.default: KernelSpec((0, 1), min_items=2),
+    _aten.convolution.default: KernelSpec(_dim0(0), min_items=2),
+    _aten.convolution_backward.default: KernelSpec(_dim0(0, 1), min_items=2),
     _aten._scaled_dot_product_flash_attention_for_cpu.default: KernelSpec(
-        (0, 1, 2, "attn_mask"), min_items=1),
+        _dim0(0, 1, 2, "attn_mask"), min_items=1),
     _aten._scaled_dot_product_flash_attention_for_cpu_backward.default: KernelSpec(
-        (0, 1, 2, 3, 4, 5, "attn_mask"), min_items=1),
+        _dim0(0, 1, 2, 3, 4, 5, "attn_mask"), min_items=1),
+    _aten.mkldnn_rnn_layer.default: KernelSpec(
+        _rnn_dims(sequences=(0,), states=(5, 6)), min_items=1),
+    _aten.mkldnn_rnn_layer_backward.default: KernelSpec(
+        _rnn_dims(sequences=(0, 7, 10), states=(5, 6, 8, 9, 11, 12)), min_items=1,
+        prepare=_rnn_forward_for_backward),
 }
 
 # Real memory a calibration may use. Below it the kernel runs at the exact batch; above it,
@@ -200,53 +241,62 @@ CALIBRATION_BUDGET_BYTES = 64 << 20
 
 @dataclass(frozen=True)
 class _TensorSpec:
-    """A tensor argument without its values; ``shape`` leaves out the batch dim when batched.
+    """A tensor argument without its values or its batch size (``shape`` has 1 there).
 
     Kernels choose code paths by layout (oneDNN convolution follows channels-last strides,
-    size-one dims included), so the strides are kept exactly when the batch is the outermost
-    dim, which makes them independent of the batch size; otherwise the layout is rebuilt
-    densely in the same dim order.
+    size-one dims included), so strides and offset are kept exactly when the batch is the
+    outermost dim, which makes them independent of the batch size; otherwise ``layout`` is
+    the dim order only and the tensor is rebuilt densely in that order.
     """
 
     shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int
+    layout: tuple[Any, ...]  # ("strides", strides, offset) or ("order", dims outer to inner)
     dtype: torch.dtype
-    batched: bool
-    exact_strides: bool
+    batch_dim: Optional[int]
 
     def item_bytes(self) -> int:
         numel = 1
-        for s in self.shape:
-            numel *= s
-        return numel * self.dtype.itemsize if self.batched else 0
+        for n in self.shape:
+            numel *= n
+        return numel * self.dtype.itemsize if self.batch_dim is not None else 0
 
     def real(self, items: int) -> torch.Tensor:
-        shape = ((items,) if self.batched else ()) + self.shape
-        if self.exact_strides:
-            extent = self.offset + 1 + sum((n - 1) * st for n, st in zip(shape, self.stride))
-            buffer = torch.zeros(max(extent, 1), dtype=self.dtype)
-            return buffer.as_strided(shape, self.stride, self.offset)
-        order = sorted(range(len(shape)), key=lambda d: (-self.stride[d], d))
+        shape = list(self.shape)
+        if self.batch_dim is not None:
+            shape[self.batch_dim] = items
+        if self.layout[0] == "strides":
+            _, stride, offset = self.layout
+            extent = offset + 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+            return torch.zeros(max(extent, 1), dtype=self.dtype).as_strided(shape, stride, offset)
+        order = self.layout[1]
         inverse = sorted(range(len(order)), key=lambda i: order[i])
         return torch.zeros([shape[d] for d in order], dtype=self.dtype).permute(inverse)
 
 
-def _item_extent(t: torch.Tensor) -> int:
-    """Elements one batch item spans in storage."""
-    return 1 + sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:]))
-
-
-def _spec(value: Any, batched: bool, batch: int) -> Any:
+def _spec(value: Any, batch_dim: Optional[int], items: int) -> Any:
     if isinstance(value, torch.Tensor):
-        batched = batched and value.dim() > 0 and value.shape[0] == batch
-        outermost = not batched or value.shape[0] == 1 or value.stride(0) >= _item_extent(value)
-        shape = tuple(value.shape[1:] if batched else value.shape)
-        return _TensorSpec(shape, tuple(value.stride()), value.storage_offset(), value.dtype,
-                           batched, exact_strides=outermost)
+        if batch_dim is not None and (value.dim() <= batch_dim or value.shape[batch_dim] != items):
+            batch_dim = None  # broadcast along the batch, or not batched at all
+        return _TensorSpec(_shape_without_batch(value, batch_dim), _layout(value, batch_dim),
+                           value.dtype, batch_dim)
     if isinstance(value, list):
         return tuple(value)
     return value
+
+
+def _shape_without_batch(t: torch.Tensor, batch_dim: Optional[int]) -> tuple[int, ...]:
+    return tuple(1 if d == batch_dim else n for d, n in enumerate(t.shape))
+
+
+def _layout(t: torch.Tensor, batch_dim: Optional[int]) -> tuple[Any, ...]:
+    stride = t.stride()
+    others = 1 + sum((n - 1) * st for d, (n, st) in enumerate(zip(t.shape, stride)) if d != batch_dim)
+    # Exact when the batch is outermost, or broadcast (stride 0, e.g. the expanded gradient
+    # of a sum): kernels copy such tensors, and that copy is part of their cost.
+    if batch_dim is None or t.shape[batch_dim] == 1 or stride[batch_dim] == 0 \
+            or stride[batch_dim] >= others:
+        return ("strides", tuple(stride), t.storage_offset())
+    return ("order", tuple(sorted(range(t.dim()), key=lambda d: (-stride[d], d))))
 
 
 def _build(spec: Any, items: int) -> Any:
@@ -258,15 +308,20 @@ def _build(spec: Any, items: int) -> Any:
 
 
 @lru_cache(maxsize=512)
-def _kernel_deltas(func: Any, args: tuple, kwargs: tuple, items: int, threads: int) -> tuple:
-    """Signed allocator deltas while ``func`` runs once on real zeros with ``items`` in the
-    batch. ``threads`` is part of the cache key: per-thread buffers scale with it."""
+def _kernel_run(func: Any, args: tuple, kwargs: tuple, items: int, threads: int) -> tuple:
+    """(allocator deltas, output storage bytes) of one run of ``func`` on real zeros with
+    ``items`` in the batch. ``threads`` is in the cache key: per-thread buffers scale with it."""
     real_args = [_build(a, items) for a in args]
     real_kwargs = {k: _build(v, items) for k, v in kwargs}
+    prepare = KERNELS[func].prepare
+    if prepare is not None:
+        prepare(real_args)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = func(*real_args, **real_kwargs)
+        outputs = tuple(t.untyped_storage().nbytes() if isinstance(t, torch.Tensor) else 0
+                        for t in tree_flatten(out)[0])
         del out  # freed inside the window, as in the step; the replay only needs the maximum
-    return tuple(d for _, d in allocator_deltas(prof))
+    return tuple(d for _, d in allocator_deltas(prof)), outputs
 
 
 def high_water(deltas: Sequence[int]) -> int:
@@ -278,16 +333,20 @@ def high_water(deltas: Sequence[int]) -> int:
     return peak
 
 
-def _extrapolate(lo: tuple, hi: tuple, n_lo: int, n_hi: int, items: int) -> int:
-    """High water at ``items`` from runs at ``n_lo`` < ``n_hi``: each allocation is affine in
-    the batch. If the two runs allocate differently (the kernel changed algorithm), fall
-    back to extrapolating the high water itself."""
-    def at(a: int, b: int) -> int:
-        return a + round((b - a) * (items - n_lo) / (n_hi - n_lo))
+def _affine(lo: Sequence[int], hi: Sequence[int], n_lo: int, n_hi: int, items: int) -> list[int]:
+    return [a + round((b - a) * (items - n_lo) / (n_hi - n_lo)) for a, b in zip(lo, hi)]
 
-    if len(lo) == len(hi):
-        return high_water([at(a, b) for a, b in zip(lo, hi)])
-    return at(high_water(lo), high_water(hi))
+
+def extrapolate(lo: tuple, hi: tuple, n_lo: int, n_hi: int, items: int) -> KernelCost:
+    """The cost at ``items`` from runs at ``n_lo`` < ``n_hi``, each allocation and output
+    affine in the batch. If the runs allocate differently (the kernel changed algorithm),
+    the high-water mark itself is extrapolated instead."""
+    (deltas_lo, outputs_lo), (deltas_hi, outputs_hi) = lo, hi
+    outputs = tuple(_affine(outputs_lo, outputs_hi, n_lo, n_hi, items))
+    if len(deltas_lo) == len(deltas_hi):
+        return KernelCost(high_water(_affine(deltas_lo, deltas_hi, n_lo, n_hi, items)), outputs)
+    marks = _affine([high_water(deltas_lo)], [high_water(deltas_hi)], n_lo, n_hi, items)
+    return KernelCost(marks[0], outputs)
 
 
 def calibration_items(items: int, item_bytes: int, min_items: int) -> tuple[int, ...]:
@@ -303,31 +362,35 @@ def calibration_items(items: int, item_bytes: int, min_items: int) -> tuple[int,
     return (hi // 2, hi)
 
 
-def kernel_high_water_bytes(func: Any, args: Sequence[Any], kwargs: dict) -> Optional[int]:
-    """Bytes the real CPU kernel for ``func`` holds at its high-water mark (outputs and
-    scratch), for arguments shaped like ``args`` (fake tensors are fine); None for kernels
-    without known hidden scratch, or if the kernel cannot be run."""
+def kernel_cost(func: Any, args: Sequence[Any], kwargs: dict) -> Optional[KernelCost]:
+    """What the real CPU kernel for ``func`` allocates for arguments shaped like ``args``
+    (fake tensors are fine); None for kernels the simulation can trust to meta, or if the
+    kernel cannot be run."""
     spec = KERNELS.get(func)
-    if spec is None or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0:
+    if spec is None:
         return None
-    items = args[0].shape[0]
-    arg_specs = tuple(_spec(a, i in spec.batched, items) for i, a in enumerate(args))
-    kw_specs = tuple((k, _spec(v, k in spec.batched, items)) for k, v in sorted(kwargs.items()))
+    dims = spec.batch_dims(args)
+    key, dim = next(iter(dims.items()))
+    items = (args[key] if isinstance(key, int) else kwargs[key]).shape[dim]
+    arg_specs = tuple(_spec(a, dims.get(i), items) for i, a in enumerate(args))
+    kw_specs = tuple((k, _spec(v, dims.get(k), items)) for k, v in sorted(kwargs.items()))
     item_bytes = sum(s.item_bytes() for s in tree_flatten([arg_specs, kw_specs])[0]
                      if isinstance(s, _TensorSpec))
     sizes = calibration_items(items, item_bytes, spec.min_items)
     try:
         runs = [_run_outside_modes(func, arg_specs, kw_specs, n) for n in sizes]
     except Exception:
-        return None  # a kernel we cannot reproduce counts as its outputs only
+        return None  # a kernel we cannot reproduce counts as its meta outputs only
     if len(sizes) == 1:
-        return high_water(runs[0])
-    return _extrapolate(runs[0], runs[1], sizes[0], sizes[1], items)
+        deltas, outputs = runs[0]
+        return KernelCost(high_water(deltas), outputs)
+    return extrapolate(runs[0], runs[1], sizes[0], sizes[1], items)
 
 
 def _run_outside_modes(func: Any, args: tuple, kwargs: tuple, items: int) -> tuple:
     from torch.utils._python_dispatch import _disable_current_modes
 
     # Called from inside the simulation's dispatch: the fake mode must not see these tensors.
-    with _disable_current_modes(), torch.no_grad():
-        return _kernel_deltas(func, args, kwargs, items, torch.get_num_threads())
+    # Grad mode stays as the step has it: oneDNN's LSTM keeps its workspace only when it is on.
+    with _disable_current_modes():
+        return _kernel_run(func, args, kwargs, items, torch.get_num_threads())

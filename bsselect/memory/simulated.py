@@ -14,8 +14,9 @@ CPU flash kernel, like the real step. Do not fake ``cuda`` with a CPU-only torch
 aborts the process (DESIGN.md).
 
 What fake tensors cannot see is scratch that CPU kernels allocate inside themselves (oneDNN
-convolution reorders, flash-attention buffers). ``kernel_workspace=True`` adds it from
-``cpu_truth.kernel_high_water_bytes``, which runs those few kernels for real on small inputs.
+convolution reorders, flash-attention buffers), and a few meta kernels get an output's size
+wrong (oneDNN's LSTM workspace). ``kernel_workspace=True`` takes both from
+``cpu_truth.kernel_cost``, which runs those few kernels for real on small inputs.
 """
 
 from __future__ import annotations
@@ -135,38 +136,44 @@ _METADATA_OPS = (torch.ops.prim.device.default,)  # queries that never allocate
 class LiveStorageCounter(TorchDispatchMode):
     """Counts the bytes of live tensor storages returned by ops, and their peak per phase.
 
-    ``kernel_high_water`` (optional) maps an op call to the bytes its real CPU kernel holds at
-    its high-water mark, outputs included, beyond what was live before the call; ops it knows
-    nothing about return None and count as their outputs only.
+    ``kernel_cost`` (optional) maps an op call to what its real CPU kernel allocates (a
+    ``cpu_truth.KernelCost``: high-water mark above what was live before the call, outputs
+    and scratch together, and each output's real size); for other ops it returns None and
+    they count as their fake outputs.
     """
 
-    def __init__(self, kernel_high_water: Optional[Callable[..., Optional[int]]] = None) -> None:
+    def __init__(self, kernel_cost: Optional[Callable[..., Any]] = None) -> None:
         super().__init__()
         self.live_bytes = 0
         self.phase = Phase.FORWARD
         self.phase_peak_bytes = {phase: 0 for phase in Phase}
         self.workspace_at_peak_bytes: dict[Phase, int] = {phase: 0 for phase in Phase}
-        self._bytes: dict[int, int] = {}  # id(storage) -> nbytes, for live storages only
+        self._bytes: dict[int, int] = {}  # id(storage) -> bytes counted, for live storages
+        self._fake_nbytes: dict[int, int] = {}  # id(storage) -> its nbytes when last seen
         self._refs: dict[int, weakref.ref] = {}
-        self._kernel_high_water = kernel_high_water
+        self._kernel_cost = kernel_cost
 
-    def track(self, t: torch.Tensor) -> None:
-        """Count ``t``'s storage if it is new; follow its size if it was resized in place."""
+    def track(self, t: torch.Tensor, real_nbytes: Optional[int] = None) -> None:
+        """Count ``t``'s storage if it is new (as ``real_nbytes`` if the real kernel's output
+        is known to differ); follow its size if it was resized in place."""
         st = t.untyped_storage()
         key, nbytes = id(st), st.nbytes()
         if key in self._bytes:
-            self.live_bytes += nbytes - self._bytes[key]
-            self._bytes[key] = nbytes
+            grown = nbytes - self._fake_nbytes[key]
+            self._bytes[key] += grown
+            self._fake_nbytes[key] = nbytes
+            self.live_bytes += grown
             return
         # The callback fires when the storage itself dies (storages keep their Python object
         # while any tensor uses them), which is when a real allocator would free it.
         self._refs[key] = weakref.ref(st, lambda _, key=key: self._free(key))
-        self._bytes[key] = nbytes
-        self.live_bytes += nbytes
+        self._bytes[key] = nbytes if real_nbytes is None else real_nbytes
+        self._fake_nbytes[key] = nbytes
+        self.live_bytes += self._bytes[key]
 
     def _free(self, key: int) -> None:
         self.live_bytes -= self._bytes.pop(key)
-        del self._refs[key]
+        del self._fake_nbytes[key], self._refs[key]
 
     def enter_phase(self, phase: Phase) -> None:
         self.phase = phase
@@ -188,15 +195,18 @@ class LiveStorageCounter(TorchDispatchMode):
         if func in _METADATA_OPS:
             return func(*args, **kwargs)
         before = self.live_bytes
-        high_water = self._kernel_high_water(func, args, kwargs) if self._kernel_high_water else None
+        cost = self._kernel_cost(func, args, kwargs) if self._kernel_cost else None
         out = func(*args, **kwargs)
-        for t in (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]:
+        outputs = (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]
+        real_sizes = cost.output_bytes if cost and len(cost.output_bytes) == len(outputs) else None
+        for i, t in enumerate(outputs):
             if isinstance(t, torch.Tensor):
-                self.track(t)
+                self.track(t, real_sizes[i] if real_sizes else None)
         self.note(self.live_bytes)
-        if high_water is not None:
+        if cost is not None:
             # Inside the kernel, scratch and outputs coexist above what was live before it.
-            self.note(before + high_water, max(0, before + high_water - self.live_bytes))
+            level = before + cost.high_water_bytes
+            self.note(level, max(0, level - self.live_bytes))
         return out
 
 
@@ -304,12 +314,12 @@ def simulate_step_peak(
     themselves, so the result is the CPU allocator's peak (``cpu_truth.cpu_step_peak``);
     ``False`` gives framework tensors only, the base for another device's model.
     """
-    from .cpu_truth import kernel_high_water_bytes
+    from .cpu_truth import kernel_cost
 
     batch = real_batch(task, batch_size, seed)
     fake_mode = _fake_mode()
     model = build_fake_model(task, fake_mode)
-    counter = LiveStorageCounter(kernel_high_water_bytes if kernel_workspace else None)
+    counter = LiveStorageCounter(kernel_cost if kernel_workspace else None)
     # The counter sits above the fake mode so that it sees every op first, as the CPU
     # dispatcher would. Anything step 1 leaves behind is counted in step 2.
     with young_gc_only(), fake_mode, counter:
