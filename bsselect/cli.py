@@ -312,7 +312,7 @@ def report(
         ordered = tuple(trials[b] for b in sorted(trials))
         result = summarize(s["base_lr"], s["base_batch_size"], contents.header.task, "journal",
                            ordered, SweepSettings.from_journal(s), max(trials), "journal",
-                           str(journal), (), False)
+                           str(journal), (), bool(s.get("held_out_validation", False)))
         _finish_sweep(result, as_json, plot)
 
     guarded(body)

@@ -18,7 +18,7 @@ from .rank import (
 from .task import Task
 from .trial_types import TrialResult
 from .trials import (
-    BudgetKind, TrialBudget, TrialSetup, eval_subset, run_trial, split_validation,
+    EVAL_BATCH, BudgetKind, TrialBudget, TrialSetup, eval_subset, run_trial, split_validation,
 )
 
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(samples|sample|steps|step|seconds|s|)\s*$",
@@ -72,7 +72,8 @@ class SweepSettings:
         return {"budget_kind": self.budget.kind.value, "budget": self.budget.amount,
                 "lr_scaling": self.lr_scaling.value, "seed": self.seed,
                 "warmup_steps": self.warmup_steps, "noise_measurements": self.noise_measurements,
-                "base_lr": task.lr, "base_batch_size": task.base_batch_size}
+                "base_lr": task.lr, "base_batch_size": task.base_batch_size,
+                "held_out_validation": task.val_data is None}
 
     @classmethod
     def from_journal(cls, settings: dict[str, Any]) -> "SweepSettings":
@@ -132,7 +133,8 @@ class SweepHooks:
     warn: Callable[[str], None] | None = None
 
 
-def make_setup(task: Task, settings: SweepSettings, device: torch.device) -> tuple[TrialSetup, bool]:
+def make_setup(task: Task, settings: SweepSettings, device: torch.device,
+               eval_batch_size: int = EVAL_BATCH) -> tuple[TrialSetup, bool]:
     torch.manual_seed(settings.seed)
     initial = copy.deepcopy(task.model().state_dict())
     train, val, made = split_validation(task, settings.seed)
@@ -140,7 +142,8 @@ def make_setup(task: Task, settings: SweepSettings, device: torch.device) -> tup
                       eval_train=eval_subset(train, settings.seed), val_data=val, device=device,
                       budget=settings.budget, seed=settings.seed,
                       warmup_steps=settings.warmup_steps,
-                      noise_measurements=settings.noise_measurements), made
+                      noise_measurements=settings.noise_measurements,
+                      eval_batch_size=eval_batch_size), made
 
 
 def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], settings: SweepSettings,
@@ -151,7 +154,8 @@ def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], setting
     from .journal import Journal, JournalMode
 
     hooks = hooks or SweepHooks()
-    setup, made_split = make_setup(task, settings, device)
+    setup, made_split = make_setup(task, settings, device,
+                                   min(EVAL_BATCH, *batch_sizes) if batch_sizes else EVAL_BATCH)
     mode = JournalMode.resume if resume else (
         JournalMode.overwrite if overwrite else JournalMode.new)
     journal = Journal(journal_path, task=task_name, settings=settings.journal_settings(task),

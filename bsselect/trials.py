@@ -27,6 +27,7 @@ TIMING_WARMUP_STEPS = 3     # first steps pay for allocation and kernel selectio
 DIVERGENCE_FACTOR = 10.0    # loss above 10x its start counts as diverged
 MAX_CURVE_POINTS = 200
 EVAL_ITEMS = 1024           # fixed train subset on which start/end loss is measured
+EVAL_BATCH = 256            # evaluation batch, unless the sweep's smallest batch is smaller
 
 
 class BudgetKind(str, Enum):
@@ -65,6 +66,9 @@ class TrialSetup:
     noise_measurements: int = 0  # gradient-noise measurements at the end of each trial
     noise_b_small: int = 8
     noise_n_sub: int = 8
+    # No larger than the smallest trial batch: a batch that fits for training must not go out
+    # of memory in evaluation. One value for every trial, so their losses compare exactly.
+    eval_batch_size: int = EVAL_BATCH
 
 
 def cycle_batches(setup: TrialSetup, batch_size: int):
@@ -79,7 +83,7 @@ def cycle_batches(setup: TrialSetup, batch_size: int):
 
 
 def evaluate(model: nn.Module, task: Task, data: Dataset, device: torch.device,
-             batch_size: int = 256, metric: bool = True) -> tuple[float, float | None]:
+             batch_size: int = EVAL_BATCH, metric: bool = True) -> tuple[float, float | None]:
     """Mean loss (and metric) over ``data`` in eval mode, weighted by batch length."""
     was_training = model.training
     model.eval()
@@ -132,7 +136,8 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
     model.load_state_dict(setup.initial_state)
     model.train()
     optimizer = task.make_optimizer(model.parameters(), lr)
-    loss_start, _ = evaluate(model, task, setup.eval_train, device, metric=False)
+    loss_start, _ = evaluate(model, task, setup.eval_train, device, setup.eval_batch_size,
+                             metric=False)
     total_steps = setup.budget.steps_for(batch_size)
     batches = cycle_batches(setup, batch_size)
     curve: list[LossPoint] = []
@@ -185,8 +190,9 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
     if status is not TrialStatus.ok:
         return TrialResult(status=status, **common)
     step_time = median(step_times) if step_times else wall_s / max(steps, 1)
-    loss_end, _ = evaluate(model, task, setup.eval_train, device, metric=False)
-    val_loss, val_metric = evaluate(model, task, setup.val_data, device)
+    loss_end, _ = evaluate(model, task, setup.eval_train, device, setup.eval_batch_size,
+                           metric=False)
+    val_loss, val_metric = evaluate(model, task, setup.val_data, device, setup.eval_batch_size)
     drop = loss_start - loss_end
     if drop < 0:  # the loss rose over the whole trial: the LR is too high for this batch
         return TrialResult(status=TrialStatus.diverged,

@@ -1,0 +1,105 @@
+"""Tiny real tasks for tests/test_sweep.py, loaded as ``tests/tasks/sweep_tasks.py:NAME``.
+
+Each trains in milliseconds on a CPU. Two carry a test seam in the model's forward:
+``oom`` raises CUDA's out-of-memory error above a batch cap (a fake allocator), and ``slow``
+blocks at one batch size so that a test can interrupt a sweep at a known point.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from bsselect import Task
+
+N_ITEMS = 384
+OOM_CAP = 32                                # batches larger than this "do not fit"
+SLOW_BATCH_ENV = "BSSELECT_TEST_SLOW_BATCH"  # batch size at which `slow` blocks
+MARKER_ENV = "BSSELECT_TEST_MARKER"          # file `slow` creates when it starts blocking
+
+
+def _blobs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two classes split by the sign of the first feature: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N_ITEMS, 16, generator=g)
+    return x, (x[:, 0] > 0).long()
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2))
+
+
+def accuracy(output: torch.Tensor, target: torch.Tensor) -> float:
+    return (output.argmax(dim=-1) == target).float().mean().item()
+
+
+def tiny() -> Task:
+    """No val_data: the sweep must hold out part of train_data. SGD, lr 0.1 at batch 16."""
+    x, y = _blobs()
+    return Task(model=_mlp, train_data=TensorDataset(x, y), loss_fn=F.cross_entropy,
+                metric=accuracy, lr=0.1, base_batch_size=16)
+
+
+def diverge() -> Task:
+    """Least squares (Hessian ~ 3I) with plain SGD, stable while lr < 2/3. The base lr 0.05 at
+    batch 8 scales linearly to 0.2 at batch 32 (stable) and 1.6 at batch 256, where the error
+    grows ~4x per step."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N_ITEMS, 16, generator=g)
+    y = x @ torch.randn(16, 1, generator=g) / 4.0
+    return Task(model=lambda: nn.Linear(16, 1), train_data=TensorDataset(x[:320], y[:320]),
+                val_data=TensorDataset(x[320:], y[320:]), loss_fn=F.mse_loss,
+                optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr), lr=0.05,
+                base_batch_size=8)
+
+
+class CappedMemory(nn.Module):
+    """A real MLP behind a fake allocator: a forward over more than ``cap`` items raises the
+    error PyTorch's CUDA allocator raises."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self.cap = cap
+        self.net = _mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.cap:
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {x.shape[0] * 2} MiB (GPU 0; "
+                f"{self.cap * 2} MiB total capacity)")
+        return self.net(x)
+
+
+def oom() -> Task:
+    x, y = _blobs()
+    return Task(model=lambda: CappedMemory(OOM_CAP), train_data=TensorDataset(x, y),
+                val_data=TensorDataset(*_blobs(seed=2)), loss_fn=F.cross_entropy, lr=0.1,
+                base_batch_size=16)
+
+
+class SlowAt(nn.Module):
+    """Blocks (for up to a minute) in a training forward at the batch size named by
+    $BSSELECT_TEST_SLOW_BATCH, after creating the file $BSSELECT_TEST_MARKER."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == int(os.environ.get(SLOW_BATCH_ENV, "0")):
+            Path(os.environ[MARKER_ENV]).touch()
+            time.sleep(60)
+        return self.net(x)
+
+
+def slow() -> Task:
+    x, y = _blobs()
+    return Task(model=SlowAt, train_data=TensorDataset(x, y),
+                val_data=TensorDataset(*_blobs(seed=2)), loss_fn=F.cross_entropy, lr=0.1,
+                base_batch_size=16)

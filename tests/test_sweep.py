@@ -1,0 +1,421 @@
+"""End to end: `bsselect sweep` and `bsselect report` on tiny real tasks (tests/tasks/
+sweep_tasks.py) trained on the CPU — in process through ``run_sweep``, and through the real
+command in a subprocess for exit codes, signals and the journal on disk.
+
+Nothing here asserts on a duration: step times decide the ranking's order, so the ranking is
+checked as a set and against ``recommended_batch_size``, never as a fixed order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bsselect.rank import LrScaling
+from bsselect.sweep import SweepSettings, make_setup, parse_budget, run_sweep
+from bsselect.task import load_task
+from bsselect.trial_types import TrialStatus
+
+from conftest import run_cli  # tests/ is on sys.path (rootdir-relative, no __init__.py)
+
+TASKS = Path(__file__).parent / "tasks" / "sweep_tasks.py"
+sys.path.insert(0, str(TASKS.parent))
+import sweep_tasks  # noqa: E402  (the same file the CLI loads by path)
+
+# One intra-op thread: less CPU, and no stalls while the 2-core machine is busy elsewhere.
+CLI_ENV = {"OMP_NUM_THREADS": "1"}
+DESIGN_TRIAL_FIELDS = ["batch_size", "status", "lr", "steps", "samples", "wall_s", "step_time_s",
+                       "samples_per_s", "train_loss_start", "train_loss_end", "loss_drop_per_s",
+                       "val_loss", "val_metric"]
+DESIGN_FIT_FIELDS = ["tau_f_s", "tau_d_s", "b_simple", "b_noise", "b_opt"]
+# The settings of the shared CLI sweep; --resume must repeat them to continue its journal.
+TINY_ARGS = ("--batch-sizes", "8,16,32,64", "--budget", "256", "--noise-measurements", "2",
+             "--lr-scaling", "linear")
+SLOW_ARGS = ("--batch-sizes", "8,16,32,64", "--budget", "256", "--noise-measurements", "0")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """In process too: on a busy 2-core machine two intra-op threads wait on each other for a
+    scheduler slice (~70 ms) inside steps that take 0.5 ms alone."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def spec(name: str) -> str:
+    return f"{TASKS}:{name}"
+
+
+def sweep_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_cli("sweep", *args, timeout=180, env={**CLI_ENV, **(env or {})})
+
+
+def json_out(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def journal_lines(path: Path) -> list[dict]:
+    """Every line of a journal, parsed (fails on any unreadable line)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def journal_trials(path: Path) -> list[dict]:
+    lines = journal_lines(path)
+    assert "bsselect_journal" in lines[0]
+    return [line["trial"] for line in lines[1:]]
+
+
+def the_error(proc: subprocess.CompletedProcess) -> str:
+    """The one error line of a failed command; no traceback, nothing on stdout."""
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def settings(rule: LrScaling, budget: str = "256", noise: int = 0) -> SweepSettings:
+    return SweepSettings(budget=parse_budget(budget), lr_scaling=rule, noise_measurements=noise)
+
+
+# --------------------------------------------------------------------------- core, in process
+
+
+class RecordingSGD:
+    """The task's optimizer factory, recording the lr and the starting weights of each trial."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+        self.weights: list[list[torch.Tensor]] = []
+
+    def __call__(self, params, lr: float) -> torch.optim.Optimizer:
+        params = list(params)
+        self.lrs.append(lr)
+        self.weights.append([p.detach().clone() for p in params])
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+@pytest.mark.parametrize("rule, lrs", [
+    (LrScaling.linear, [0.025, 0.1, 0.4]),   # lr 0.1 at batch 16, times b/16
+    (LrScaling.sqrt, [0.05, 0.1, 0.2]),      # times sqrt(b/16)
+    (LrScaling.none, [0.1, 0.1, 0.1]),
+])
+def test_run_sweep_scales_lr_and_starts_every_trial_from_the_same_weights(tmp_path, rule, lrs):
+    task, name = load_task(spec("tiny"))
+    optimizer = RecordingSGD()
+    task.optimizer = optimizer
+    result = run_sweep(task, task_name=name, batch_sizes=[4, 16, 64], settings=settings(rule),
+                       device=torch.device("cpu"), journal_path=tmp_path / "j.jsonl",
+                       resume=False, max_batch=64, max_batch_source="test")
+
+    assert [t.lr for t in result.trials] == lrs
+    assert optimizer.lrs == lrs  # the optimizer really got the scaled lr, not just the report
+    first = optimizer.weights[0]
+    for weights in optimizer.weights[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(first, weights))
+    assert [t.status for t in result.trials] == [TrialStatus.ok] * 3
+    assert [t.steps for t in result.trials] == [64, 16, 4]  # 256 samples each
+    assert [t.samples for t in result.trials] == [256, 256, 256]
+    assert len({t.train_loss_start for t in result.trials}) == 1
+    assert result.made_val_split and result.to_json()["validation"] == "held-out 10% of train_data"
+    assert sorted(result.ranking.ranking) == [4, 16, 64]
+    assert result.recommended_batch_size == result.ranking.ranking[0]
+    assert [t["batch_size"] for t in journal_trials(tmp_path / "j.jsonl")] == [4, 16, 64]
+
+
+def test_held_out_split_is_a_disjoint_tenth_of_train_data():
+    task, _ = load_task(spec("tiny"))
+    setup, made = make_setup(task, settings(LrScaling.linear), torch.device("cpu"))
+    assert made
+    train, val = setup.train_data.indices, setup.val_data.indices
+    assert (len(train), len(val)) == (346, 38)
+    assert sorted(train + val) == list(range(sweep_tasks.N_ITEMS))
+
+
+def test_a_diverged_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
+    task, name = load_task(spec("diverge"))
+    # Run order 8, 256, 16, 32: trials after the diverged one must still run.
+    result = run_sweep(task, task_name=name, batch_sizes=[8, 256, 16, 32],
+                       settings=settings(LrScaling.linear, budget="20steps"),
+                       device=torch.device("cpu"), journal_path=tmp_path / "j.jsonl",
+                       resume=False, max_batch=256, max_batch_source="test")
+
+    by_b = {t.batch_size: t for t in result.trials}
+    assert [t.status for t in result.trials] == [TrialStatus.ok, TrialStatus.diverged,
+                                                 TrialStatus.ok, TrialStatus.ok]
+    bad = by_b[256]
+    assert bad.lr == 1.6
+    assert 1 <= bad.steps < 20  # stopped as soon as the loss blew up
+    assert bad.error.startswith("loss ") and bad.error.endswith(f" at step {bad.steps}")
+    assert float(bad.error.split()[1]) > 10 * bad.train_loss_start
+    assert bad.train_loss_start == by_b[8].train_loss_start
+    assert (bad.train_loss_end, bad.step_time_s, bad.loss_drop_per_s) == (None, None, None)
+    assert sorted(result.ranking.ranking) == [8, 16, 32]
+    assert result.recommended_batch_size in (8, 16, 32)
+    assert [(r.batch_size, r.status) for r in result.ranking.rows][-1] == (256,
+                                                                            TrialStatus.diverged)
+    journaled = journal_trials(tmp_path / "j.jsonl")
+    assert [(t["batch_size"], t["status"]) for t in journaled] == [
+        (8, "ok"), (256, "diverged"), (16, "ok"), (32, "ok")]
+
+
+# --------------------------------------------------------------------------- CLI: a finished sweep
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, dict]:
+    """One real CLI sweep of `tiny` (journal path, its --json output), shared by the tests
+    that only read it (or copy its journal)."""
+    journal = tmp_path_factory.mktemp("finished") / "tiny.jsonl"
+    proc = sweep_cli(spec("tiny"), *TINY_ARGS, "--journal", str(journal), "--json")
+    return journal, json_out(proc)
+
+
+def test_cli_sweep_json_has_the_design_fields(finished):
+    journal, out = finished
+    trials = out["trials"]
+    assert [t["batch_size"] for t in trials] == [8, 16, 32, 64]
+    for t in trials:
+        assert list(t)[:len(DESIGN_TRIAL_FIELDS)] == DESIGN_TRIAL_FIELDS
+        b = t["batch_size"]
+        assert t["status"] == "ok"
+        assert t["lr"] == 0.1 * (b / 16)  # linear from lr 0.1 at batch 16
+        assert (t["steps"], t["samples"]) == (256 // b, 256)
+        assert t["samples_per_s"] == pytest.approx(b / t["step_time_s"], rel=1e-12)
+        drop = t["train_loss_start"] - t["train_loss_end"]
+        assert drop > 0
+        assert t["loss_drop_per_s"] == pytest.approx(drop / (t["step_time_s"] * t["steps"]),
+                                                     rel=1e-12)
+        assert t["val_loss"] > 0 and 0.0 <= t["val_metric"] <= 1.0
+    assert [t["lr"] for t in trials] == [0.05, 0.1, 0.2, 0.4]
+    assert len({t["train_loss_start"] for t in trials}) == 1  # same initial weights
+    assert list(out["fit"])[:len(DESIGN_FIT_FIELDS)] == DESIGN_FIT_FIELDS
+    assert sorted(out["ranking"]) == [8, 16, 32, 64]
+    assert out["recommended_batch_size"] == out["ranking"][0]
+    assert out["recommended_lr"] == 0.1 * (out["recommended_batch_size"] / 16)
+    assert out["validation"] == "held-out 10% of train_data"
+    assert (out["lr_scaling"], out["budget"]) == ("linear", {"kind": "samples", "amount": 256.0})
+    assert (out["resumed"], out["journal"]) == ([], str(journal))
+    assert journal_trials(journal) == trials  # the journal holds exactly what was reported
+
+
+def test_cli_oom_trials_are_recorded_and_the_rest_still_run(tmp_path):
+    proc = sweep_cli(spec("oom"), "--batch-sizes", "8,16,32,64,128", "--budget", "256",
+                     "--noise-measurements", "0", "--journal", "j.jsonl", "--json")
+    out = json_out(proc)
+
+    cap = sweep_tasks.OOM_CAP
+    statuses = [(t["batch_size"], t["status"]) for t in out["trials"]]
+    assert statuses == [(8, "ok"), (16, "ok"), (32, "ok"), (64, "oom"), (128, "oom")]
+    for t in out["trials"][3:]:
+        assert t["error"] == (f"OutOfMemoryError: CUDA out of memory. Tried to allocate "
+                              f"{t['batch_size'] * 2} MiB (GPU 0; {cap * 2} MiB total capacity)")
+        assert (t["steps"], t["samples"], t["step_time_s"], t["val_loss"]) == (0, 0, None, None)
+    assert sorted(out["ranking"]) == [8, 16, 32]
+    assert out["recommended_batch_size"] in (8, 16, 32)
+    assert [(r["batch_size"], r["status"]) for r in out["rows"]][3:] == [(64, "oom"),
+                                                                        (128, "oom")]
+    assert f"batch 128: oom in 0.0 s ({out['trials'][4]['error']})" in proc.stderr
+    assert [t["status"] for t in journal_trials(tmp_path / "j.jsonl")] == ["ok"] * 3 + ["oom"] * 2
+
+
+# --------------------------------------------------------------------------- interrupt and resume
+
+
+def _default_sigint() -> None:
+    # A background shell starts children with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the child the disposition a terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_blocked_sweep(journal: Path, slow_batch: int) -> subprocess.Popen:
+    """A CLI sweep of `slow` that blocks in the trial at ``slow_batch``; returns once the
+    trial has started blocking (every smaller batch's trial is journaled by then)."""
+    marker = journal.with_suffix(".blocked")
+    env = {**os.environ, "COLUMNS": "200", **CLI_ENV,
+           sweep_tasks.SLOW_BATCH_ENV: str(slow_batch), sweep_tasks.MARKER_ENV: str(marker)}
+    proc = subprocess.Popen([sys.executable, "-m", "bsselect", "sweep", spec("slow"), *SLOW_ARGS,
+                             "--journal", str(journal), "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_default_sigint)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the sweep never reached batch {slow_batch}: {proc.communicate()}")
+        time.sleep(0.05)
+    return proc
+
+
+def resume_slow(journal: Path) -> dict:
+    return json_out(sweep_cli(spec("slow"), *SLOW_ARGS, "--journal", str(journal), "--resume",
+                              "--json"))
+
+
+def test_sigint_exits_130_keeps_finished_trials_and_resume_completes_the_rest(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    proc = start_blocked_sweep(journal, slow_batch=32)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == 130
+    assert stdout == ""
+    assert (f"error: interrupted; 2 finished trial(s) are in {journal} — rerun with --resume "
+            "to continue") in stderr.splitlines()
+    assert "Traceback" not in stderr
+    before = journal_trials(journal)
+    assert [(t["batch_size"], t["status"]) for t in before] == [(8, "ok"), (16, "ok")]
+
+    out = resume_slow(journal)
+    assert out["resumed"] == [8, 16]
+    assert [(t["batch_size"], t["status"]) for t in out["trials"]] == [
+        (8, "ok"), (16, "ok"), (32, "ok"), (64, "ok")]
+    assert out["trials"][:2] == before  # taken from the journal, not re-run
+    after = journal_trials(journal)
+    assert [t["batch_size"] for t in after] == [8, 16, 32, 64]  # each batch size once
+    assert after == out["trials"]
+
+
+def test_sigkill_loses_no_finished_trial_and_resume_completes_the_rest(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    proc = start_blocked_sweep(journal, slow_batch=16)
+    proc.kill()
+    proc.communicate(timeout=60)
+
+    assert proc.returncode == -signal.SIGKILL
+    before = journal_trials(journal)
+    assert [(t["batch_size"], t["status"]) for t in before] == [(8, "ok")]
+
+    out = resume_slow(journal)
+    assert out["resumed"] == [8]
+    assert out["trials"][0] == before[0]
+    assert [t["batch_size"] for t in journal_trials(journal)] == [8, 16, 32, 64]
+    assert [t["status"] for t in out["trials"]] == ["ok"] * 4
+
+
+# --------------------------------------------------------------------------- a corrupted journal
+
+
+@pytest.fixture
+def cut_journal(finished, tmp_path) -> Path:
+    """A copy of the finished sweep's journal whose last line (batch 64) is cut mid-line, as a
+    writer killed mid-write leaves it."""
+    data = finished[0].read_bytes()
+    last = data.rstrip(b"\n").rfind(b"\n") + 1
+    path = tmp_path / "cut.jsonl"
+    path.write_bytes(data[:last + (len(data) - last) // 2])
+    return path
+
+
+CUT_WARNING = "line 5 skipped: incomplete (the run was probably killed while writing it)"
+
+
+def test_report_skips_a_cut_last_line_with_a_warning(cut_journal, finished):
+    proc = run_cli("report", str(cut_journal), "--json", env=CLI_ENV)
+    out = json_out(proc)
+
+    assert f"warning: {cut_journal}: {CUT_WARNING}" in proc.stderr.splitlines()
+    assert out["trials"] == finished[1]["trials"][:3]
+
+
+def test_resume_skips_a_cut_last_line_reruns_only_that_trial(cut_journal, finished):
+    proc = sweep_cli(spec("tiny"), *TINY_ARGS, "--journal", str(cut_journal), "--resume",
+                     "--json")
+    out = json_out(proc)
+
+    assert f"warning: {cut_journal}: {CUT_WARNING}" in proc.stderr.splitlines()
+    assert out["resumed"] == [8, 16, 32]
+    assert out["trials"][:3] == finished[1]["trials"][:3]
+    assert out["trials"][3]["status"] == "ok"
+    assert [t["batch_size"] for t in journal_trials(cut_journal)] == [8, 16, 32, 64]
+
+
+def test_resume_with_other_settings_exits_2_and_leaves_the_journal_alone(cut_journal):
+    before = cut_journal.read_bytes()
+    proc = sweep_cli(spec("tiny"), "--batch-sizes", "8,16,32,64", "--budget", "256",
+                     "--noise-measurements", "2", "--lr-scaling", "sqrt",
+                     "--journal", str(cut_journal), "--resume")
+
+    assert proc.returncode == 2
+    error = the_error(proc)
+    assert error.startswith(f"error: journal '{cut_journal}' was written for a different task "
+                            "or settings (key ")
+    assert error.endswith(": lr_scaling 'linear' -> 'sqrt'; use a new --journal path or drop "
+                          "--resume")
+    assert cut_journal.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_report_renders_the_table_without_running_anything(finished):
+    journal, out = finished
+    before = journal.read_bytes()
+    proc = run_cli("report", str(journal), env=CLI_ENV)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"Sweep — {spec('tiny')} (256 samples per trial)")
+    rec = out["recommended_batch_size"]
+    assert (f"recommended batch size {rec} at lr {0.1 * rec / 16:.3g} (linear scaling from "
+            "lr 0.1 at batch 16)") in proc.stdout
+    assert f"journal: {journal}\n" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("│")]
+    assert [int(r.split("│")[2]) for r in rows] == out["ranking"]  # ranked, best first
+    assert proc.stderr == ""  # no progress: nothing trained
+    assert journal.read_bytes() == before
+
+
+def test_report_json_and_plot_match_the_sweep(finished, tmp_path):
+    journal, sweep_out = finished
+    proc = run_cli("report", str(journal), "--json", "--plot", "out.png", env=CLI_ENV)
+    out = json_out(proc)
+
+    for key in ("task", "batch_sizes", "budget", "lr_scaling", "base_lr", "base_batch_size",
+                "trials", "fit", "ranking", "rows", "recommended_batch_size", "recommended_lr",
+                "verdict", "validation", "journal"):
+        assert out[key] == sweep_out[key], key
+    assert proc.stderr.splitlines() == ["plot written to out.png"]
+    png = (tmp_path / "out.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+# --------------------------------------------------------------------------- usage errors
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--budget", "12parsecs"),
+     "error: cannot read --budget '12parsecs'; use e.g. 4096 (samples), 200steps, 30s"),
+    (("--budget", "0steps"),
+     "error: cannot read --budget '0steps'; use e.g. 4096 (samples), 200steps, 30s"),
+    (("--lr-scaling", "cubic"),
+     "error: --lr-scaling must be auto, linear, sqrt or none; got 'cubic'"),
+    (("--resume", "--overwrite"), "error: --resume and --overwrite exclude each other"),
+])
+def test_usage_errors_exit_2_with_one_line(args, message):
+    proc = sweep_cli(spec("tiny"), "--batch-sizes", "8,16", *args)
+    assert proc.returncode == 2
+    assert the_error(proc) == message
+    assert list(Path.cwd().glob("*.jsonl")) == []
+
+
+def test_an_existing_journal_without_resume_exits_2(tmp_path):
+    journal = tmp_path / "j.jsonl"
+    journal.write_text('{"bsselect_journal":1}\n')
+    proc = sweep_cli(spec("tiny"), "--batch-sizes", "8,16", "--journal", str(journal))
+
+    assert proc.returncode == 2
+    assert the_error(proc) == (f"error: journal '{journal}' already exists; pass --resume to "
+                               "continue it, --overwrite to replace it, or choose a new "
+                               "--journal path")
+    assert journal.read_text() == '{"bsselect_journal":1}\n'
