@@ -3,14 +3,17 @@
     /work/venv/bin/python benchmarks/bench_simulate_speed.py [--repeats 5] [--threads 2]
 
 For each batch size: one cold run (first call in the process at that size: includes the
-real-kernel calibration of new shapes), then the median of ``--repeats`` warm runs. Nothing
-about the model is allocated for real; the peak RSS of the process is printed at the end.
+real-kernel calibration of new shapes), then the median of ``--repeats`` warm runs, as wall
+time and as this process's CPU time (the simulation is single-threaded Python, so CPU time is
+what wall time would be on an idle machine; other processes on a shared 2-core box inflate wall
+time). Nothing about the model is allocated for real; the peak RSS is printed at the end.
 Results are recorded in docs/benchmarks-simulate.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import time
@@ -57,10 +60,11 @@ def gpt_task() -> Task:
     )
 
 
-def timed(task: Task, batch_size: int) -> tuple[float, int]:
-    t0 = time.perf_counter()
+def timed(task: Task, batch_size: int) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, peak bytes) of one simulation."""
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     peak = simulate_step_peak(task, batch_size)
-    return time.perf_counter() - t0, peak.peak_bytes
+    return time.perf_counter() - wall0, time.process_time() - cpu0, peak.peak_bytes
 
 
 def main() -> None:
@@ -74,12 +78,14 @@ def main() -> None:
     with torch.device("meta"):
         n_params = sum(p.numel() for p in GPT().parameters())
     print(f"torch {torch.__version__}, {args.threads} threads, GPT {n_params / 1e6:.0f}M "
-          f"parameters, T={BLOCK}, AdamW")
-    print(f"{'batch':>6} {'cold_s':>8} {'warm_median_s':>14} {'peak_GiB':>9}")
+          f"parameters, T={BLOCK}, AdamW; load average {os.getloadavg()[0]:.1f}")
+    print(f"{'batch':>6} {'cold_wall_s':>12} {'warm_wall_s':>12} {'warm_cpu_s':>11} {'peak_GiB':>9}")
     for b in args.batch_sizes:
-        cold_s, peak_bytes = timed(task, b)
-        warm = [timed(task, b)[0] for _ in range(args.repeats)]
-        print(f"{b:>6} {cold_s:>8.2f} {statistics.median(warm):>14.2f} {peak_bytes / 2**30:>9.2f}")
+        cold_wall, _, peak_bytes = timed(task, b)
+        warm = [timed(task, b) for _ in range(args.repeats)]
+        wall = statistics.median(w for w, _, _ in warm)
+        cpu = statistics.median(c for _, c, _ in warm)
+        print(f"{b:>6} {cold_wall:>12.2f} {wall:>12.2f} {cpu:>11.2f} {peak_bytes / 2**30:>9.2f}")
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process: {rss_mib:.0f} MiB")
 

@@ -110,7 +110,6 @@ def cpu_step_peak(task: Task, batch_size: int, *, seed: int = 0) -> StepPeak:
     The same step as ``simulate_step_peak``: build the model and optimizer, run step 1 (which
     creates optimizer state), then replay the allocator's events over step 2.
     """
-    gc.collect()
     with young_gc_only(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
