@@ -79,7 +79,8 @@ def main() -> None:
         n_params = sum(p.numel() for p in GPT().parameters())
     print(f"torch {torch.__version__}, {args.threads} threads, GPT {n_params / 1e6:.0f}M "
           f"parameters, T={BLOCK}, AdamW; load average {os.getloadavg()[0]:.1f}")
-    print(f"{'batch':>6} {'cold_wall_s':>12} {'warm_wall_s':>12} {'warm_cpu_s':>11} {'peak_GiB':>9}")
+    print(f"{'batch':>6} {'cold_wall_s':>12} {'warm_wall_s':>12} {'warm_cpu_s':>11} "
+          f"{'peak_GiB':>9}")
     for b in args.batch_sizes:
         cold_wall, _, peak_bytes = timed(task, b)
         warm = [timed(task, b) for _ in range(args.repeats)]

@@ -6,7 +6,9 @@ allocate inside themselves. Replaying the deltas in time order gives the live by
 moment, hence the exact peak. Two conditions make the replay exact, and both are met here:
 everything that is freed inside the window was allocated inside it (the profiler drops frees of
 blocks it never saw allocated), so profiling starts before the batch and the model exist; and
-events are ordered by their nanosecond timestamps (a thread's own events never tie out of order).
+events are ordered by their nanosecond timestamps, ties in the order they were recorded. The
+replay checks itself: the bytes live when step 2 begins equal the parameters, step 1's
+gradients, the optimizer state and the batch (tests/test_memory_simulated.py).
 
 Memory that bypasses PyTorch's allocator (MKL's or oneDNN's private scratchpads, Python
 objects) is not device memory in the sense DESIGN.md uses, and is not counted either here or in
@@ -30,15 +32,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import TaskError, one_line
 from ..step import make_batch, train_step
 from ..task import Task
-from .simulated import (
-    Phase,
-    StepPeak,
-    live_at_step_start,
-    optimizer_state_tensors,
-    storage_bytes,
-    with_phase_marks,
-    young_gc_only,
-)
+from .simulated import Phase, StepPeak, step_peak, with_phase_marks, young_gc_only
 
 _STEP = "bsselect::step2"
 _BACKWARD = "bsselect::backward"
@@ -51,17 +45,21 @@ def _mark(name: str) -> None:
         pass
 
 
-def allocator_deltas(prof: profile) -> list[tuple[int, int]]:
+def allocator_deltas(events: Sequence[Any]) -> list[tuple[int, int]]:
     """(time_ns, signed bytes) of every CPU allocator event, in time order."""
-    events = prof.profiler.kineto_results.events()  # kineto keeps nanoseconds; FunctionEvents round
     cpu = torch._C._autograd.DeviceType.CPU
     deltas = [(e.start_ns(), e.nbytes()) for e in events
               if e.name() == "[memory]" and e.device_type() == cpu]
-    return sorted(deltas, key=lambda d: d[0])  # stable: ties keep recording order
+    return sorted(deltas, key=lambda d: d[0])  # stable: ties keep the recording order
 
 
-def _range_ns(prof: profile, name: str) -> list[tuple[int, int]]:
-    events = prof.profiler.kineto_results.events()
+def _kineto_events(prof: profile) -> list[Any]:
+    # Kineto's own events keep nanosecond timestamps (FunctionEvents round to microseconds,
+    # which reorders an allocation and a free that happen within one).
+    return prof.profiler.kineto_results.events()
+
+
+def _range_ns(events: Sequence[Any], name: str) -> list[tuple[int, int]]:
     return sorted((e.start_ns(), e.end_ns()) for e in events if e.name() == name)
 
 
@@ -99,9 +97,14 @@ def _phase_at(t_ns: int, boundaries: dict[Phase, int]) -> Phase:
     return Phase.FORWARD
 
 
-def _first_within(ranges: list[tuple[int, int]], step: tuple[int, int]) -> Optional[int]:
-    starts = [s for s, _ in ranges if step[0] <= s <= step[1]]
-    return min(starts) if starts else None
+def _phase_boundaries(events: Sequence[Any], step: tuple[int, int]) -> dict[Phase, int]:
+    """When (ns) backward and the optimizer step began inside ``step``, from the marks."""
+    boundaries = {}
+    for phase, name in ((Phase.BACKWARD, _BACKWARD), (Phase.OPTIMIZER, _OPTIMIZER)):
+        starts = [s for s, _ in _range_ns(events, name) if step[0] <= s <= step[1]]
+        if starts:
+            boundaries[phase] = min(starts)
+    return boundaries
 
 
 def cpu_step_peak(task: Task, batch_size: int, *, seed: int = 0) -> StepPeak:
@@ -114,27 +117,12 @@ def cpu_step_peak(task: Task, batch_size: int, *, seed: int = 0) -> StepPeak:
         torch.manual_seed(seed)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             model, optimizer, batch = _real_steps(task, batch_size, seed)
-    step = _range_ns(prof, _STEP)[0]
-    boundaries = {}
-    for phase, name in ((Phase.BACKWARD, _BACKWARD), (Phase.OPTIMIZER, _OPTIMIZER)):
-        t = _first_within(_range_ns(prof, name), step)
-        if t is not None:
-            boundaries[phase] = t
-    start_bytes, peaks = replay_phases(allocator_deltas(prof), step, boundaries)
-    phase = max(Phase, key=lambda p: peaks[p])
-    return StepPeak(
-        batch_size=batch_size,
-        peak_bytes=peaks[phase],
-        param_bytes=storage_bytes(model.parameters()),
-        optimizer_state_bytes=storage_bytes(optimizer_state_tensors(optimizer)),
-        batch_bytes=storage_bytes(tree_flatten(batch)[0]),
-        start_bytes=start_bytes,
-        forward_peak_bytes=peaks[Phase.FORWARD],
-        backward_peak_bytes=peaks[Phase.BACKWARD],
-        optimizer_peak_bytes=peaks[Phase.OPTIMIZER],
-        peak_phase=phase,
-        kernel_workspace_bytes=None,  # the allocator cannot tell scratch from tensors
-    )
+    events = _kineto_events(prof)
+    step = _range_ns(events, _STEP)[0]
+    boundaries = _phase_boundaries(events, step)
+    start_bytes, peaks = replay_phases(allocator_deltas(events), step, boundaries)
+    # kernel_workspace_bytes stays None: the allocator cannot tell scratch from tensors.
+    return step_peak(batch_size, model, optimizer, batch, start_bytes, peaks)
 
 
 def _real_steps(task: Task, batch_size: int, seed: int) -> tuple[Any, Any, Any]:
@@ -289,7 +277,8 @@ def _shape_without_batch(t: torch.Tensor, batch_dim: Optional[int]) -> tuple[int
 
 def _layout(t: torch.Tensor, batch_dim: Optional[int]) -> tuple[Any, ...]:
     stride = t.stride()
-    others = 1 + sum((n - 1) * st for d, (n, st) in enumerate(zip(t.shape, stride)) if d != batch_dim)
+    others = 1 + sum((n - 1) * st for d, (n, st) in enumerate(zip(t.shape, stride))
+                     if d != batch_dim)  # elements one batch item spans
     # Exact when the batch is outermost, or broadcast (stride 0, e.g. the expanded gradient
     # of a sum): kernels copy such tensors, and that copy is part of their cost.
     if batch_dim is None or t.shape[batch_dim] == 1 or stride[batch_dim] == 0 \
@@ -320,7 +309,7 @@ def _kernel_run(func: Any, args: tuple, kwargs: tuple, items: int, threads: int)
         outputs = tuple(t.untyped_storage().nbytes() if isinstance(t, torch.Tensor) else 0
                         for t in tree_flatten(out)[0])
         del out  # freed inside the window, as in the step; the replay only needs the maximum
-    return tuple(d for _, d in allocator_deltas(prof)), outputs
+    return tuple(d for _, d in allocator_deltas(_kineto_events(prof))), outputs
 
 
 def high_water(deltas: Sequence[int]) -> int:

@@ -100,7 +100,8 @@ def module_tensors(model: nn.Module) -> list:
 def live_at_step_start(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -> list:
     """The tensors a training loop keeps alive between steps."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return module_tensors(model) + grads + optimizer_state_tensors(optimizer) + tree_flatten(batch)[0]
+    batch_tensors = tree_flatten(batch)[0]
+    return module_tensors(model) + grads + optimizer_state_tensors(optimizer) + batch_tensors
 
 
 def with_phase_marks(
@@ -334,7 +335,8 @@ def simulate_step_peak(
     # The counter is entered inside the fake mode, so that it sees every op first, as the
     # CPU dispatcher would.
     with young_gc_only(), fake_mode:
-        batch = tree_map(lambda t: fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
+        batch = tree_map(
+            lambda t: fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
         try:
             optimizer, start_bytes = _run_steps(task, model, batch, counter)
         except Exception as exc:
@@ -342,28 +344,31 @@ def simulate_step_peak(
                 f"the simulated training step at batch size {batch_size} failed: "
                 f"{one_line(exc)}"
             ) from exc
-        return _step_peak(batch_size, model, optimizer, batch, start_bytes, counter)
+        return step_peak(batch_size, model, optimizer, batch, start_bytes,
+                         counter.phase_peak_bytes, counter.workspace_at_peak_bytes)
 
 
-def _step_peak(
+def step_peak(
     batch_size: int,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: Any,
     start_bytes: int,
-    counter: LiveStorageCounter,
+    phase_peak_bytes: dict[Phase, int],
+    workspace_at_peak_bytes: Optional[dict[Phase, int]] = None,
 ) -> StepPeak:
-    phase = max(Phase, key=lambda p: counter.phase_peak_bytes[p])
+    """The StepPeak of a finished measurement (shared with ``cpu_truth``)."""
+    phase = max(Phase, key=lambda p: phase_peak_bytes[p])
     return StepPeak(
         batch_size=batch_size,
-        peak_bytes=counter.phase_peak_bytes[phase],
+        peak_bytes=phase_peak_bytes[phase],
         param_bytes=storage_bytes(model.parameters()),
         optimizer_state_bytes=storage_bytes(optimizer_state_tensors(optimizer)),
         batch_bytes=storage_bytes(tree_flatten(batch)[0]),
         start_bytes=start_bytes,
-        forward_peak_bytes=counter.phase_peak_bytes[Phase.FORWARD],
-        backward_peak_bytes=counter.phase_peak_bytes[Phase.BACKWARD],
-        optimizer_peak_bytes=counter.phase_peak_bytes[Phase.OPTIMIZER],
+        forward_peak_bytes=phase_peak_bytes[Phase.FORWARD],
+        backward_peak_bytes=phase_peak_bytes[Phase.BACKWARD],
+        optimizer_peak_bytes=phase_peak_bytes[Phase.OPTIMIZER],
         peak_phase=phase,
-        kernel_workspace_bytes=counter.workspace_at_peak_bytes[phase],
+        kernel_workspace_bytes=workspace_at_peak_bytes[phase] if workspace_at_peak_bytes else None,
     )
