@@ -189,7 +189,9 @@ def _dim0(*keys: Any) -> Callable[[Sequence[Any]], dict[Any, int]]:
     return lambda args: {k: 0 for k in keys}
 
 
-def _rnn_dims(sequences: tuple[int, ...], states: tuple[int, ...]):
+def _rnn_dims(
+    sequences: tuple[int, ...], states: tuple[int, ...]
+) -> Callable[[Sequence[Any]], dict[Any, int]]:
     """oneDNN RNN layers get sequences as (T, B, C): ``mkldnn_rnn`` transposes batch-first
     input before the layer (and passes batch_first on regardless); states are (B, H)."""
     return lambda args: {**{i: 1 for i in sequences}, **{i: 0 for i in states}}
@@ -296,9 +298,12 @@ def _build(spec: Any, items: int) -> Any:
 
 
 @lru_cache(maxsize=512)
-def _kernel_run(func: Any, args: tuple, kwargs: tuple, items: int, threads: int) -> tuple:
+def _kernel_run(
+    func: Any, args: tuple, kwargs: tuple, items: int, threads: int, grad_enabled: bool
+) -> tuple:
     """(allocator deltas, output storage bytes) of one run of ``func`` on real zeros with
-    ``items`` in the batch. ``threads`` is in the cache key: per-thread buffers scale with it."""
+    ``items`` in the batch. The last two arguments only key the cache: per-thread buffers
+    scale with ``threads``, and oneDNN's LSTM keeps its workspace only with grad enabled."""
     real_args = [_build(a, items) for a in args]
     real_kwargs = {k: _build(v, items) for k, v in kwargs}
     prepare = KERNELS[func].prepare
@@ -381,4 +386,5 @@ def _run_outside_modes(func: Any, args: tuple, kwargs: tuple, items: int) -> tup
     # Called from inside the simulation's dispatch: the fake mode must not see these tensors.
     # Grad mode stays as the step has it: oneDNN's LSTM keeps its workspace only when it is on.
     with _disable_current_modes():
-        return _kernel_run(func, args, kwargs, items, torch.get_num_threads())
+        return _kernel_run(func, args, kwargs, items, torch.get_num_threads(),
+                           torch.is_grad_enabled())
