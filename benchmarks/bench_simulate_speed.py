@@ -1,6 +1,7 @@
 """How long `simulate_step_peak` takes for a GPT-2-small-sized model (124M parameters).
 
     /work/venv/bin/python benchmarks/bench_simulate_speed.py [--repeats 5] [--threads 2]
+    /work/venv/bin/python benchmarks/bench_simulate_speed.py --agreement
 
 For each batch size: one cold run (first call in the process at that size: includes the
 real-kernel calibration of new shapes), then the median of ``--repeats`` warm runs, as wall
@@ -25,7 +26,8 @@ from torch.utils.data import TensorDataset
 
 from bsselect import Task
 from bsselect.examples.lm import Block
-from bsselect.memory import simulate_step_peak
+from bsselect.examples import EXAMPLES
+from bsselect.memory import cpu_step_peak, simulate_step_peak
 
 VOCAB, BLOCK, DIM, LAYERS, HEADS = 50304, 1024, 768, 12, 12  # GPT-2 small (nanoGPT)
 
@@ -67,13 +69,34 @@ def timed(task: Task, batch_size: int) -> tuple[float, float, int]:
     return time.perf_counter() - wall0, time.process_time() - cpu0, peak.peak_bytes
 
 
+def agreement(batch_sizes: list[int]) -> None:
+    """Simulated vs CPU-allocator peak for the built-in examples, with and without the CPU
+    kernels' own scratch (``kernel_workspace``)."""
+    print(f"{'task':>10} {'batch':>6} {'cpu_bytes':>12} {'sim_bytes':>12} {'error_%':>8} "
+          f"{'no_workspace_error_%':>21}")
+    for name in ("digits-mlp", "digits-cnn", "tiny-lm"):
+        task = EXAMPLES[name]()
+        for b in batch_sizes:
+            real = cpu_step_peak(task, b).peak_bytes
+            sim = simulate_step_peak(task, b).peak_bytes
+            bare = simulate_step_peak(task, b, kernel_workspace=False).peak_bytes
+            print(f"{name:>10} {b:>6} {real:>12} {sim:>12} {100 * (sim - real) / real:>8.3f} "
+                  f"{100 * (bare - real) / real:>21.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64, 256])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                        help="default: 8 64 256 (speed), 8 32 128 256 (--agreement)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--agreement", action="store_true",
+                        help="compare with the CPU allocator on the built-in examples instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.agreement:
+        agreement(args.batch_sizes or [8, 32, 128, 256])
+        return
     task = gpt_task()
     with torch.device("meta"):
         n_params = sum(p.numel() for p in GPT().parameters())
@@ -81,7 +104,7 @@ def main() -> None:
           f"parameters, T={BLOCK}, AdamW; load average {os.getloadavg()[0]:.1f}")
     print(f"{'batch':>6} {'cold_wall_s':>12} {'warm_wall_s':>12} {'warm_cpu_s':>11} "
           f"{'peak_GiB':>9}")
-    for b in args.batch_sizes:
+    for b in args.batch_sizes or [8, 64, 256]:
         cold_wall, _, peak_bytes = timed(task, b)
         warm = [timed(task, b) for _ in range(args.repeats)]
         wall = statistics.median(w for w, _, _ in warm)
