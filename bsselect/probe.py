@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from .errors import DoesNotFitError, UsageError
 from .oom import is_oom_error, release_memory
 from .targets import Target, Term, cuda_terms
 from .task import Task
+
+if TYPE_CHECKING:
+    from .memory.measured import AllocatorBackend
 
 DEFAULT_BATCH_SIZES = (8, 16, 32, 64, 128)
 
@@ -84,8 +87,10 @@ def model_has_conv(task: Task) -> bool:
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
 
-def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0) -> Meter:
-    """The measuring function for ``method`` on ``device``."""
+def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
+               backend: "AllocatorBackend | None" = None) -> Meter:
+    """The measuring function for ``method`` on ``device`` (or on ``backend``, any allocator
+    with peak statistics — tests pass a CPU allocator with a cap)."""
     if method is Method.simulated:
         from .memory.simulated import simulate_step_peak
 
@@ -100,6 +105,11 @@ def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0) 
 
         meter.peak = simulated
         return meter
+    if backend is not None:
+        from .memory.measured import run_two_steps
+
+        return Meter(method, lambda b: run_two_steps(task, b, backend, seed),
+                     confirm=lambda b: run_two_steps(task, b, backend, seed) and None)
     if device.type == "cpu":
         from .memory.cpu_truth import cpu_step_peak
 
@@ -156,6 +166,7 @@ def run_probe(
     confirm: bool = True,
     seed: int = 0,
     on_point: Callable[[int, int], None] | None = None,
+    backend: "AllocatorBackend | None" = None,
 ) -> ProbeResult:
     """Measure peaks, fit ``peak = fixed + per_sample*b``, solve for the largest batch that
     fits ``budget`` after ``margin``, and (measured path) confirm it with a real step."""
@@ -163,8 +174,8 @@ def run_probe(
     sizes = check_batch_sizes(batch_sizes)
     if len(sizes) < 2:
         raise UsageError("probe needs at least two batch sizes to fit a line")
-    method = choose_method(method, device)
-    meter = make_meter(task, method, device, seed)
+    method = Method.measured if backend is not None else choose_method(method, device)
+    meter = make_meter(task, method, device, seed, backend)
     raw = measure_points(meter, sizes, on_point)
     has_conv = target is not Target.same and model_has_conv(task)
     rounded = meter.extras.get("rounded", {})

@@ -7,7 +7,8 @@ use a CPU backend that raises out-of-memory above a cap, through the same seam.
 
 from __future__ import annotations
 
-from typing import Protocol
+from contextlib import nullcontext
+from typing import ContextManager, Protocol
 
 import torch
 
@@ -30,6 +31,10 @@ class AllocatorBackend(Protocol):
 
     def release(self) -> None: ...
 
+    def session(self) -> ContextManager[None]:
+        """Entered around model creation and both steps."""
+        ...
+
 
 class AcceleratorAllocator:
     """The current accelerator's caching allocator (``torch.accelerator.memory``)."""
@@ -50,6 +55,9 @@ class AcceleratorAllocator:
     def release(self) -> None:
         torch.accelerator.memory.empty_cache()
 
+    def session(self) -> ContextManager[None]:
+        return nullcontext()
+
 
 def run_two_steps(task: Task, batch_size: int, backend: AllocatorBackend, seed: int = 0) -> int:
     """Two real training steps at ``batch_size`` on ``backend.device``; the peak allocator bytes
@@ -57,15 +65,16 @@ def run_two_steps(task: Task, batch_size: int, backend: AllocatorBackend, seed: 
     torch.manual_seed(seed)
     model = optimizer = x = y = None
     try:
-        model = task.model().to(backend.device)
-        optimizer = task.make_optimizer(model.parameters(), task.lr)
-        x, y = to_device(make_batch(task, batch_size, seed), backend.device)
-        train_step(model, optimizer, task, x, y)
-        backend.synchronize()
-        backend.reset_peak()
-        train_step(model, optimizer, task, x, y)
-        backend.synchronize()
-        return backend.peak_bytes()
+        with backend.session():
+            model = task.model().to(backend.device)
+            optimizer = task.make_optimizer(model.parameters(), task.lr)
+            x, y = to_device(make_batch(task, batch_size, seed), backend.device)
+            train_step(model, optimizer, task, x, y)
+            backend.synchronize()
+            backend.reset_peak()
+            train_step(model, optimizer, task, x, y)
+            backend.synchronize()
+            return backend.peak_bytes()
     except Exception as exc:
         if is_oom_error(exc):
             raise

@@ -1,0 +1,142 @@
+"""probe through its core and the CLI: the measured path's OOM back-off on a CPU allocator
+with a cap (the same seam a GPU allocator plugs into), and the JSON contract."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from bsselect.device import Budget
+from bsselect.errors import DoesNotFitError
+from bsselect.memory.capped import CappedCpuAllocator
+from bsselect.memory.measured import run_two_steps
+from bsselect.probe import Method, run_probe
+from bsselect.task import Task, load_task
+
+from conftest import run_cli
+
+PROBE_FIELDS = {"device", "method", "margin", "budget_bytes", "fixed_bytes", "per_sample_bytes",
+                "max_batch", "max_batch_pow2", "points"}
+
+
+class BatchGram(nn.Module):
+    """Memory grows with b**2 (a b x b Gram matrix), so a line fitted on small batches
+    underestimates large ones: the confirming step must back off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gram = x @ x.T                     # (b, b)
+        return self.fc(x + 1e-3 * (gram @ x))
+
+
+def quadratic_task() -> Task:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 32, generator=g)
+    return Task(model=BatchGram, train_data=TensorDataset(x, (x[:, 0] > 0).long()),
+                loss_fn=F.cross_entropy, lr=0.01)
+
+
+def expected_path(true_peak, start: int, cap: int) -> list[tuple[int, str]]:
+    path, b = [], start
+    while true_peak(b) > cap:
+        path.append((b, "oom"))
+        b = min(b - 1, math.floor(b * 0.9))
+    return path + [(b, "ok")]
+
+
+def test_measured_backoff_follows_exact_path_under_a_cap():
+    task = quadratic_task()
+    cpu = torch.device("cpu")
+    sizes = [8, 16, 32, 64]
+    free = run_probe(task, task_name="quad", device=cpu, budget=Budget(2**40, "x"), margin=0.0,
+                     batch_sizes=sizes, backend=CappedCpuAllocator(2**40), confirm=False)
+    # A cap where the line (fitted on b <= 64) promises b = 400; memory really grows with b**2.
+    cap = free.fixed_bytes + 400 * free.per_sample_bytes
+    backend = CappedCpuAllocator(cap)
+    result = run_probe(task, task_name="quad", device=cpu, budget=Budget(cap, "cap"),
+                       margin=0.0, batch_sizes=sizes, backend=backend)
+    assert (result.fixed_bytes, result.per_sample_bytes) == (free.fixed_bytes,
+                                                             free.per_sample_bytes)
+    uncapped = CappedCpuAllocator(2**40)
+    truth = lambda b: run_two_steps(task, b, uncapped)  # noqa: E731
+    path = expected_path(truth, result.confirmation[0]["batch_size"], cap)
+    assert result.confirmation[0]["batch_size"] in (399, 400)  # floor of the fitted line
+    assert len(path) >= 3, "the cap should force at least two back-off steps"
+    assert [(s["batch_size"], s["outcome"]) for s in result.confirmation] == path
+    assert result.max_batch == path[-1][0] and truth(result.max_batch) <= cap
+    assert backend.ooms == len(path) - 1
+    assert result.method == "measured"
+
+
+def test_measured_peaks_match_simulation_for_linear_memory():
+    task, _ = load_task("digits-mlp")
+    backend = CappedCpuAllocator(2**40)
+    sim = run_probe(task, task_name="d", device=torch.device("cpu"), budget=Budget(2**30, "x"),
+                    method=Method.simulated, batch_sizes=[8, 32, 128])
+    meas = run_probe(task, task_name="d", device=torch.device("cpu"), budget=Budget(2**26, "x"),
+                     batch_sizes=[8, 32, 128], backend=backend)
+    assert [p.peak_bytes for p in sim.points] == [p.peak_bytes for p in meas.points]
+    assert meas.confirmation == ({"batch_size": meas.max_batch, "outcome": "ok"},)
+
+
+def test_nothing_fits_is_a_clear_error():
+    task, _ = load_task("tiny-lm")
+    with pytest.raises(DoesNotFitError, match="the model alone needs"):
+        run_probe(task, task_name="t", device=torch.device("cpu"),
+                  budget=Budget(2**20, "x"), method=Method.simulated)
+
+
+@pytest.mark.parametrize("example", ["digits-mlp", "digits-cnn", "tiny-lm", "linreg"])
+def test_probe_json_on_each_example(example):
+    proc = run_cli("probe", example, "--memory", "4GiB", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert PROBE_FIELDS <= set(data)
+    assert data["method"] == "simulated" and data["budget_bytes"] == 4 * 2**30
+    assert data["max_batch_pow2"] <= data["max_batch"] < 2 * data["max_batch_pow2"]
+    usable = 0.8 * data["budget_bytes"]
+    slack = 0.5 * (data["max_batch"] + 2)  # JSON rounds fixed and per-sample bytes to integers
+    line = lambda b: data["fixed_bytes"] + data["per_sample_bytes"] * b  # noqa: E731
+    assert line(data["max_batch"]) <= usable + slack
+    assert line(data["max_batch"] + 1) > usable - slack
+    assert [p["batch_size"] for p in data["points"]] == [8, 16, 32, 64, 128]
+
+
+def test_probe_target_cuda_shows_each_term():
+    proc = run_cli("probe", "digits-cnn", "--memory", "16GiB", "--target", "cuda", "--json")
+    assert proc.returncode == 0, proc.stderr
+    names = [t["name"] for t in json.loads(proc.stdout)["terms"]]
+    assert names == ["allocator rounding", "cuBLAS + cuBLASLt workspace", "cuDNN workspace",
+                     "CUDA context", "fragmentation headroom"]
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--margin", "1.2"], 2, "--margin must be in [0, 1)"),
+    (["--memory", "12 parsecs"], 2, "cannot read memory size"),
+    (["--batch-sizes", "0,8"], 2, "--batch-sizes takes integers >= 1"),
+    (["--method", "guess"], 2, "--method must be one of"),
+    (["--target", "cuda"], 2, "--target cuda needs --memory"),
+    (["--memory", "1MiB"], 3, "the model alone needs"),
+    (["no_such_module:make"], 2, "module 'no_such_module' not found"),
+])
+def test_probe_errors_are_one_line_with_exit_code(args, code, message):
+    proc = run_cli("probe", *args)
+    assert proc.returncode == code
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_broken_task_exits_1(task_file):
+    proc = run_cli("probe", f"{task_file}:bad_forward")
+    assert proc.returncode == 1
+    assert "the model's forward failed: RuntimeError: mat1 and mat2 shapes" in proc.stderr
