@@ -17,7 +17,12 @@ from bsselect import Task
 from bsselect.errors import TaskError
 from bsselect.examples import EXAMPLES
 from bsselect.memory import Phase, cpu_step_peak, simulate_step_peak
-from bsselect.memory.cpu_truth import calibration_items, high_water, replay_phases
+from bsselect.memory.cpu_truth import (
+    allocator_log,
+    calibration_items,
+    high_water,
+    replay_phases,
+)
 
 BATCH_SIZES = (8, 32, 128, 256)
 
@@ -267,6 +272,14 @@ def test_replay_splits_phases_and_starts_from_the_live_level() -> None:
     start, peaks = replay_phases(deltas, (10, 35), boundaries)
     assert start == 150
     assert peaks == {Phase.FORWARD: 150, Phase.BACKWARD: 170, Phase.OPTIMIZER: 135}
+
+
+def test_allocator_log_sees_allocations_and_frees_in_order() -> None:
+    with allocator_log() as deltas:
+        kept = torch.zeros(10)
+        torch.ones(3, dtype=torch.float64).sum()  # a temporary, freed at once
+    assert deltas == [40, 24, 8, -24, -8]  # ones, its sum, ones dies, then the sum
+    assert kept.numel() == 10
 
 
 def test_high_water_and_calibration_sizes() -> None:
