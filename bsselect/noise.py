@@ -124,9 +124,14 @@ class _Norms(NamedTuple):
     loss: float  # mean loss over the sub-batches
 
 
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    # float64 sums: tr(Sigma) comes from a difference of two such norms. MPS has no float64;
+    # float32 (relative error ~1e-7) only matters when B_simple < 1e-5 * b_small.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _sq_norm(grad: torch.Tensor) -> torch.Tensor:
-    # Accumulate in float64: tr(Sigma) comes from a difference of two such norms.
-    return grad.pow(2).sum(dtype=torch.float64)
+    return grad.pow(2).sum(dtype=_sum_dtype(grad.device))
 
 
 def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int) -> _Norms:
@@ -136,8 +141,9 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int) -> _No
     # fp32 accumulator even for half-precision parameters, so the sum of n_sub grads is exact
     # enough; this is the only parameter-sized memory the measurement adds.
     acc = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
-    small_sq = torch.zeros((), dtype=torch.float64, device=params[0].device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=params[0].device)
+    device = params[0].device
+    small_sq = torch.zeros((), dtype=_sum_dtype(device), device=device)
+    loss_sum = torch.zeros((), dtype=_sum_dtype(device), device=device)
     for xi, yi in split_batch((x, y), n_sub):
         loss = task.loss_fn(model(xi), yi)
         # autograd.grad returns the gradients instead of accumulating into .grad.
@@ -148,7 +154,7 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int) -> _No
             g = g.to_dense() if g.is_sparse else g
             small_sq += _sq_norm(g)
             a.add_(g)
-        loss_sum += loss.detach().double()
+        loss_sum += loss.detach().to(loss_sum.dtype)
     big_sq = sum(_sq_norm(a / n_sub) for a in acc)
     # One host sync per measurement, not one per sub-batch.
     return _Norms(float(small_sq) / n_sub, float(big_sq), float(loss_sum) / n_sub)
@@ -203,7 +209,9 @@ def estimate_noise(
     device = _model_device(model)
     small, big, losses = [], [], []
     # Dropout etc. draw from the global RNG; fork it so measuring does not change training.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    on_cpu = device.type == "cpu"
+    with torch.random.fork_rng(devices=[] if on_cpu else [device],
+                               device_type=None if on_cpu else device.type):
         for _ in range(measurements):
             idx = sample_indices(n_data, b_big, gen)
             x, y = to_device(collate(task, [task.train_data[i] for i in idx]), device)

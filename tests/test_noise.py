@@ -181,6 +181,39 @@ def test_split_batch_handles_nested_inputs() -> None:
         split_batch((torch.zeros(4), torch.zeros(6)), 2)
 
 
+class _DictDataset(torch.utils.data.Dataset):
+    """Items ({"pixels": x, "scale": s}, y): nested inputs, as a user's task may have."""
+
+    def __init__(self, n: int) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[dict, torch.Tensor]:
+        return {"pixels": self.x[i], "scale": torch.tensor(2.0)}, self.y[i]
+
+
+class _DictModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.net(batch["pixels"] * batch["scale"][:, None])
+
+
+def test_nested_inputs_and_dropout_leave_the_global_rng_alone() -> None:
+    task = Task(model=_DictModel, train_data=_DictDataset(200), loss_fn=F.cross_entropy)
+    model = task.model().train()
+    state = torch.get_rng_state()
+    est, loss = estimate_noise(model, task, b_small=4, b_big=32, measurements=8)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert est.n_data == 200 and math.isfinite(est.trace_sigma) and est.trace_sigma > 0
+    assert 0.5 < loss < 2.0  # cross-entropy of 3 classes near log(3) at initialisation
+
+
 # --- accuracy against exact answers ---------------------------------------------------------
 
 
