@@ -21,6 +21,7 @@ scratch, and correct the outputs, that fake tensors get wrong.
 from __future__ import annotations
 
 import gc
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -396,8 +397,10 @@ def kernel_cost(func: Any, args: Sequence[Any], kwargs: dict) -> Optional[Kernel
     sizes = calibration_items(items, item_bytes, spec.min_items)
     try:
         runs = [_run_outside_modes(func, arg_specs, kw_specs, n) for n in sizes]
-    except Exception:
-        return None  # a kernel we cannot reproduce counts as its meta outputs only
+    except Exception as exc:  # the kernel then counts as its meta outputs only
+        warnings.warn(f"bsselect: could not run {func} for real to measure its scratch, so it "
+                      f"is not counted: {one_line(exc)}", RuntimeWarning, stacklevel=2)
+        return None
     if len(sizes) == 1:
         deltas, outputs = runs[0]
         return KernelCost(high_water(deltas), outputs)
