@@ -60,6 +60,16 @@ def test_conv_needs_the_oneDNN_workspace_to_match() -> None:
     assert full.peak_bytes == real.peak_bytes
 
 
+@pytest.mark.parametrize("example", ["digits-mlp", "tiny-lm"])
+def test_rounded_peak_books_every_storage_in_512_byte_blocks(example: str) -> None:
+    task = EXAMPLES[example]()
+    bare = simulate_step_peak(task, 8, kernel_workspace=False)
+    assert bare.rounded_peak_bytes % 512 == 0
+    assert bare.peak_bytes < bare.rounded_peak_bytes < bare.peak_bytes + 512 * 2000
+    assert simulate_step_peak(task, 8).rounded_peak_bytes == bare.rounded_peak_bytes
+    assert cpu_step_peak(task, 8).rounded_peak_bytes is None
+
+
 def test_cpu_truth_is_self_consistent() -> None:
     """Replayed allocator events at the start of step 2 equal the tensors a loop keeps:
     parameters, step 1's gradients, momentum buffers and the batch (digits-mlp: SGD)."""

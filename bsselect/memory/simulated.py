@@ -56,6 +56,11 @@ class StepPeak:
     kernel scratch). ``start_bytes`` is what is live when step 2 begins (it still holds step 1's
     gradients, which ``zero_grad(set_to_none=True)`` frees). The three ``*_peak_bytes`` are the
     peaks within each phase; ``peak_bytes`` is their maximum.
+
+    ``rounded_peak_bytes`` (simulation only) is the peak of the same tensors with each storage
+    rounded up to the CUDA caching allocator's 512-byte block and without CPU kernel scratch:
+    what ``torch.cuda.max_memory_allocated`` would count for them (other CUDA terms, such as
+    cuBLAS/cuDNN workspaces and fragmentation, are not in it).
     """
 
     batch_size: int
@@ -69,6 +74,7 @@ class StepPeak:
     optimizer_peak_bytes: int
     peak_phase: Phase
     kernel_workspace_bytes: Optional[int] = None  # modelled CPU kernel scratch in peak_bytes
+    rounded_peak_bytes: Optional[int] = None
 
 
 def storage_bytes(tensors: Iterable[Any]) -> int:
@@ -141,6 +147,12 @@ def young_gc_only() -> Iterator[None]:
 
 
 _METADATA_OPS = (torch.ops.prim.device.default,)  # queries that never allocate
+CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to this
+
+
+def cuda_rounded(nbytes: int) -> int:
+    """Bytes the CUDA caching allocator books for an ``nbytes`` storage (0 stays 0)."""
+    return -(-nbytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
 
 
 class LiveStorageCounter(TorchDispatchMode):
@@ -158,6 +170,8 @@ class LiveStorageCounter(TorchDispatchMode):
         self.phase = Phase.FORWARD
         self.phase_peak_bytes = {phase: 0 for phase in Phase}
         self.workspace_at_peak_bytes: dict[Phase, int] = {phase: 0 for phase in Phase}
+        self.live_rounded_bytes = 0  # framework tensors only, each rounded to CUDA's block
+        self.rounded_peak_bytes = 0
         self._bytes: dict[int, int] = {}  # id(storage) -> bytes counted, for live storages
         self._fake_nbytes: dict[int, int] = {}  # id(storage) -> its nbytes when last seen
         self._refs: dict[int, weakref.ref] = {}
@@ -169,10 +183,11 @@ class LiveStorageCounter(TorchDispatchMode):
         st = t.untyped_storage()
         key, nbytes = id(st), st.nbytes()
         if key in self._bytes:
-            grown = nbytes - self._fake_nbytes[key]
-            self._bytes[key] += grown
+            old = self._fake_nbytes[key]
+            self._bytes[key] += nbytes - old
             self._fake_nbytes[key] = nbytes
-            self.live_bytes += grown
+            self.live_bytes += nbytes - old
+            self.live_rounded_bytes += cuda_rounded(nbytes) - cuda_rounded(old)
             return
         # The callback fires when the storage itself dies (storages keep their Python object
         # while any tensor uses them), which is when a real allocator would free it.
@@ -180,10 +195,12 @@ class LiveStorageCounter(TorchDispatchMode):
         self._bytes[key] = nbytes if real_nbytes is None else real_nbytes
         self._fake_nbytes[key] = nbytes
         self.live_bytes += self._bytes[key]
+        self.live_rounded_bytes += cuda_rounded(nbytes)
 
     def _free(self, key: int) -> None:
         self.live_bytes -= self._bytes.pop(key)
-        del self._fake_nbytes[key], self._refs[key]
+        self.live_rounded_bytes -= cuda_rounded(self._fake_nbytes.pop(key))
+        del self._refs[key]
 
     def enter_phase(self, phase: Phase) -> None:
         self.phase = phase
@@ -193,9 +210,11 @@ class LiveStorageCounter(TorchDispatchMode):
         """Forget earlier peaks; the step begins in the forward phase at the live level."""
         self.phase_peak_bytes = {phase: 0 for phase in Phase}
         self.workspace_at_peak_bytes = {phase: 0 for phase in Phase}
+        self.rounded_peak_bytes = 0
         self.enter_phase(Phase.FORWARD)
 
     def note(self, level_bytes: int, workspace_bytes: int = 0) -> None:
+        self.rounded_peak_bytes = max(self.rounded_peak_bytes, self.live_rounded_bytes)
         if level_bytes > self.phase_peak_bytes[self.phase]:
             self.phase_peak_bytes[self.phase] = level_bytes
             self.workspace_at_peak_bytes[self.phase] = workspace_bytes
@@ -345,7 +364,8 @@ def simulate_step_peak(
                 f"{one_line(exc)}"
             ) from exc
         return step_peak(batch_size, model, optimizer, batch, start_bytes,
-                         counter.phase_peak_bytes, counter.workspace_at_peak_bytes)
+                         counter.phase_peak_bytes, counter.workspace_at_peak_bytes,
+                         counter.rounded_peak_bytes)
 
 
 def step_peak(
@@ -356,6 +376,7 @@ def step_peak(
     start_bytes: int,
     phase_peak_bytes: dict[Phase, int],
     workspace_at_peak_bytes: Optional[dict[Phase, int]] = None,
+    rounded_peak_bytes: Optional[int] = None,
 ) -> StepPeak:
     """The StepPeak of a finished measurement (shared with ``cpu_truth``)."""
     phase = max(Phase, key=lambda p: phase_peak_bytes[p])
@@ -371,4 +392,5 @@ def step_peak(
         optimizer_peak_bytes=phase_peak_bytes[Phase.OPTIMIZER],
         peak_phase=phase,
         kernel_workspace_bytes=workspace_at_peak_bytes[phase] if workspace_at_peak_bytes else None,
+        rounded_peak_bytes=rounded_peak_bytes,
     )
