@@ -157,8 +157,11 @@ def probe(
 @app.command()
 def noise(
     task: TaskArg = None,
-    b_small: Annotated[int, typer.Option(help="Small batch: one forward/backward each.")] = 8,
-    b_big: Annotated[int, typer.Option(help="Big batch, a multiple of --b-small.")] = 64,
+    b_small: Annotated[Optional[int], typer.Option(
+        help="Small batch: one forward/backward each.",
+        show_default="the task's base batch size")] = None,
+    b_big: Annotated[Optional[int], typer.Option(
+        help="Big batch, a multiple of --b-small.", show_default="8 x b_small")] = None,
     measurements: Annotated[int, typer.Option(help="Big batches per estimate.")] = 32,
     warmup_steps: Annotated[int, typer.Option(
         help="Train this many steps at the task's base batch size first.")] = 0,
@@ -221,7 +224,7 @@ def sweep(
         help="auto (linear for SGD, sqrt for Adam-family), linear, sqrt or none.")] = "auto",
     warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps per trial.")] = 0,
     noise_measurements: Annotated[int, typer.Option(
-        help="Gradient-noise measurements at the end of each trial (0: off).")] = 4,
+        help="Gradient-noise measurements at the end of each trial (0: off).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed for initial weights and data order.")] = 0,
     journal: Annotated[Optional[Path], typer.Option(
         help="JSONL journal of finished trials.", show_default="bsselect-sweep-TASK.jsonl")] = None,

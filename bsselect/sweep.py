@@ -64,7 +64,7 @@ class SweepSettings:
     lr_scaling: LrScaling
     seed: int = 0
     warmup_steps: int = 0
-    noise_measurements: int = 4
+    noise_measurements: int = 8
 
     def journal_settings(self, task: Task) -> dict[str, Any]:
         """What makes two sweeps' trials comparable (hashed into the journal's resume key);

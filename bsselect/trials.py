@@ -64,8 +64,6 @@ class TrialSetup:
     seed: int = 0
     warmup_steps: int = 0        # linear LR warm-up
     noise_measurements: int = 0  # gradient-noise measurements at the end of each trial
-    noise_b_small: int = 8
-    noise_n_sub: int = 8
     # No larger than the smallest trial batch: a batch that fits for training must not go out
     # of memory in evaluation. One value for every trial, so their losses compare exactly.
     eval_batch_size: int = EVAL_BATCH
@@ -210,19 +208,14 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
 
 
 def measure_trial_noise(setup: TrialSetup, model: nn.Module) -> float | None:
-    """B_simple at the trial's final weights (bsselect.noise; not part of the trial's time)."""
-    from .noise import estimate_from_norms, measure_grad_norms
-    from .step import make_batch
+    """B_simple at the trial's final weights, with the same estimator as ``bsselect noise``
+    (in training mode, as training sees the gradients; not part of the trial's time)."""
+    from .noise import default_batch_sizes, estimate_noise
 
-    b_big = setup.noise_b_small * setup.noise_n_sub
-    small, big = [], []
-    for i in range(setup.noise_measurements):
-        x, y = to_device(make_batch(setup.task, b_big, seed=setup.seed + 1000 + i), setup.device)
-        s, g = measure_grad_norms(model, setup.task, x, y, setup.noise_n_sub)
-        small.append(s)
-        big.append(g)
-    estimate = estimate_from_norms(small, big, setup.noise_b_small, b_big,
-                                   n_data=len(setup.task.train_data))  # type: ignore[arg-type]
+    b_small, b_big = default_batch_sizes(setup.task)
+    model.train()
+    estimate, _ = estimate_noise(model, setup.task, b_small=b_small, b_big=b_big,
+                                 measurements=setup.noise_measurements, seed=setup.seed + 1000)
     return estimate.b_simple
 
 
