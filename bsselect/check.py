@@ -151,8 +151,10 @@ def run_check(task: Task, task_name: str, config: CheckConfig) -> CheckResult:
     b = config.batch_size
     other = b // 2 if b >= 16 else 2 * max(b, 8)
     has_conv = config.target is not Target.same and model_has_conv(task)
-    steps = {n: simulate_step_peak(task, n) for n in sorted({b, other})}
-    req = {n: _required(s.peak_bytes, getattr(s, "rounded_peak_bytes", None), config, has_conv)
+    # CPU kernels' internal scratch (oneDNN layouts) applies only when the target is this CPU.
+    scratch = config.target is Target.same
+    steps = {n: simulate_step_peak(task, n, kernel_workspace=scratch) for n in sorted({b, other})}
+    req = {n: _required(s.peak_bytes, s.rounded_peak_bytes, config, has_conv)
            for n, s in steps.items()}
     required, terms = req[b]
     usable = int(usable_bytes(config.budget_bytes, config.margin))

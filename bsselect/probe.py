@@ -88,7 +88,8 @@ def model_has_conv(task: Task) -> bool:
 
 
 def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
-               backend: "AllocatorBackend | None" = None) -> Meter:
+               backend: "AllocatorBackend | None" = None,
+               cpu_kernel_scratch: bool = True) -> Meter:
     """The measuring function for ``method`` on ``device`` (or on ``backend``, any allocator
     with peak statistics — tests pass a CPU allocator with a cap)."""
     if method is Method.simulated:
@@ -97,10 +98,10 @@ def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
         meter = Meter(method, lambda b: 0)
 
         def simulated(b: int) -> int:
-            step = simulate_step_peak(task, b, seed=seed)
+            step = simulate_step_peak(task, b, seed=seed, kernel_workspace=cpu_kernel_scratch)
             meter.extras["param_bytes"] = step.param_bytes
             meter.extras["optimizer_state_bytes"] = step.optimizer_state_bytes
-            meter.extras.setdefault("rounded", {})[b] = getattr(step, "rounded_peak_bytes", None)
+            meter.extras.setdefault("rounded", {})[b] = step.rounded_peak_bytes
             return step.peak_bytes
 
         meter.peak = simulated
@@ -127,6 +128,17 @@ def _required(point_peak: int, rounded: int | None, target: Target, has_conv: bo
         return point_peak, []
     terms = cuda_terms(point_peak, rounded, has_conv, budget_is_total=budget_is_total)
     return point_peak + sum(t.bytes for t in terms), terms
+
+
+def _rounded_at(batch_size: int, raw: list[tuple[int, int]], rounded: dict) -> int | None:
+    """The 512-byte-rounded peak at ``batch_size``, from a line through the probed points'
+    rounding overhead (it grows with the number and size of live tensors, so with b)."""
+    pairs = [(b, rounded[b] - p) for b, p in raw if rounded.get(b) is not None]
+    if len(pairs) < 2:
+        return None
+    line = fit_memory(pairs, min_batch=1)
+    peak_line = fit_memory(raw)
+    return int(peak_line.predict(batch_size) + max(0.0, line.predict(batch_size)))
 
 
 def measure_points(meter: Meter, batch_sizes: Sequence[int],
@@ -175,7 +187,9 @@ def run_probe(
     if len(sizes) < 2:
         raise UsageError("probe needs at least two batch sizes to fit a line")
     method = Method.measured if backend is not None else choose_method(method, device)
-    meter = make_meter(task, method, device, seed, backend)
+    # For another device, CPU kernels' internal scratch (oneDNN layouts) does not apply.
+    meter = make_meter(task, method, device, seed, backend,
+                       cpu_kernel_scratch=target is Target.same)
     raw = measure_points(meter, sizes, on_point)
     has_conv = target is not Target.same and model_has_conv(task)
     rounded = meter.extras.get("rounded", {})
@@ -192,7 +206,8 @@ def run_probe(
         if result.batch_size < 1:
             raise DoesNotFitError("every confirming step ran out of memory")
         best = result.batch_size
-    terms = _required(int(fit.predict(best)), None, target, has_conv, budget_is_total)[1]
+    terms = _required(int(fit.predict(best)), _rounded_at(best, raw, rounded), target,
+                      has_conv, budget_is_total)[1]
     return ProbeResult(
         task=task_name, device=str(device), method=method.value, target=target.value,
         margin=margin, budget_bytes=budget.bytes, budget_source=budget.source,
