@@ -126,7 +126,7 @@ def probe(
 
     def body() -> None:
         from .device import Budget, default_budget, resolve_device
-        from .probe import DEFAULT_BATCH_SIZES, Method, run_probe
+        from .probe import DEFAULT_BATCH_SIZES, Method, choose_method, run_probe
         from .report import console, emit_json, render_probe
         from .targets import Target
         from .task import load_task, validate_task
@@ -143,7 +143,8 @@ def probe(
         else:
             budget = default_budget(dev)
         loaded, name = load_task(task)
-        validate_task(loaded)
+        # A simulated probe never allocates the model, so neither does its validation.
+        validate_task(loaded, on_meta=choose_method(meth, dev) is Method.simulated)
         with _progress(console, f"probing {name}", len(sizes)) as advance:
             result = run_probe(loaded, task_name=name, device=dev, budget=budget, method=meth,
                                margin=margin, batch_sizes=sizes, target=tgt,
@@ -457,7 +458,7 @@ def check(
              "device_preset": device_preset, "margin": margin, "target": target},
             read_pyproject(config))
         loaded, name = load_task(cfg.task)
-        validate_task(loaded)
+        validate_task(loaded, on_meta=True)
         result = run_check(loaded, name, cfg)
         if fmt == "json":
             emit_json(result.to_json())

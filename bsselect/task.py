@@ -115,10 +115,14 @@ def _build(factory: Callable[[], Any], spec: str) -> Task:
     return task
 
 
-def validate_task(task: Task) -> None:
+def validate_task(task: Task, on_meta: bool = False) -> None:
     """Check the contract on real data: non-empty dataset, (input, target) items, and one
-    forward + loss on a batch of two. Raises TaskError with the underlying error in one line."""
-    from .step import collate
+    forward + loss on a batch of two. Raises TaskError with the underlying error in one line.
+
+    ``on_meta=True`` builds the model and runs the forward on the ``meta`` device, so that a
+    model too large for this machine (a 7B ``check``) is validated without allocating it.
+    """
+    from .step import collate, to_device
 
     if not callable(task.model):
         raise TaskError("Task.model must be a zero-argument callable that builds an nn.Module")
@@ -145,7 +149,11 @@ def validate_task(task: Task) -> None:
                 f"Task.{name}[0] is {type(item).__name__}; items must be (input, target) pairs"
             )
     try:
-        model = task.model()
+        if on_meta:
+            with torch.device("meta"):
+                model = task.model()
+        else:
+            model = task.model()
     except Exception as exc:
         raise TaskError(f"building the model failed: {one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
@@ -155,6 +163,8 @@ def validate_task(task: Task) -> None:
         x, y = collate(task, [task.train_data[i] for i in range(n)])
     except Exception as exc:
         raise TaskError(f"collating a batch failed: {one_line(exc)}") from exc
+    if on_meta:
+        x, y = to_device((x, y), "meta")
     try:
         out = model(x)
     except Exception as exc:

@@ -1,0 +1,149 @@
+"""check: the CI gate, by exit code through a real subprocess, as CI would run it."""
+
+from __future__ import annotations
+
+import json
+import resource
+import textwrap
+
+import pytest
+
+from bsselect.check import PRESETS, merge_config, read_pyproject
+from bsselect.errors import UsageError
+from conftest import run_cli
+
+CHECK_FIELDS = {"fits", "batch_size", "required_bytes", "budget_bytes", "max_batch"}
+
+BIG_MODEL = '''
+import torch
+from torch import nn
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+from bsselect import Task
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(x)))
+
+def seven_billion():
+    # 52 blocks of 8 * 4096**2 weights: 52 * 134M = 6.98B, + a 0.2B head = 7.2B parameters.
+    d = 4096
+    data = TensorDataset(torch.randn(64, 16, d), torch.randint(0, 50_000, (64, 16)))
+    model = lambda: nn.Sequential(*[Block(d) for _ in range(52)], nn.Linear(d, 50_000))
+    loss = lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())
+    return Task(model=model, train_data=data, loss_fn=loss, lr=1e-4,
+                optimizer=lambda p, lr: torch.optim.AdamW(p, lr=lr))
+'''
+
+
+def check(*args, **kw):
+    return run_cli("check", *args, **kw)
+
+
+def test_fits_exits_0_with_json_fields():
+    proc = check("digits-mlp", "--batch-size", "64", "--memory", "1GiB", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert CHECK_FIELDS <= set(data)
+    assert data["fits"] is True and data["batch_size"] == 64
+    assert data["required_bytes"] <= 0.8 * data["budget_bytes"]
+    assert data["max_batch"] > 64
+
+
+def test_does_not_fit_exits_3_and_says_by_how_much():
+    proc = check("tiny-lm", "--batch-size", "4096", "--memory", "1GiB")
+    assert proc.returncode == 3, proc.stderr
+    assert "does NOT fit" in proc.stdout and "over by" in proc.stdout
+    assert "largest batch that fits:" in proc.stdout
+
+
+def test_max_batch_is_consistent_with_fits():
+    proc = check("tiny-lm", "--batch-size", "256", "--memory", "1GiB", "--json")
+    data = json.loads(proc.stdout)
+    at_max = check("tiny-lm", "--batch-size", str(data["max_batch"]), "--memory", "1GiB", "--json")
+    above = check("tiny-lm", "--batch-size", str(data["max_batch"] + 8), "--memory", "1GiB",
+                  "--json")
+    assert at_max.returncode == 0 and above.returncode == 3
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batch-size", "64"], "check needs the device's memory"),
+    (["--memory", "1GiB"], "check needs --batch-size"),
+    (["--batch-size", "64", "--memory", "1GiB", "--device-preset", "t4-16gb"], "not both"),
+    (["--batch-size", "64", "--device-preset", "tpu-v9"], "unknown --device-preset"),
+    (["--batch-size", "64", "--memory", "1GiB", "--margin", "-0.1"], "--margin must be in"),
+    (["--batch-size", "0", "--memory", "1GiB"], "batch size must be an integer >= 1"),
+    (["--batch-size", "64", "--memory", "1GiB", "--format", "xml"], "--format must be"),
+])
+def test_usage_errors_exit_2(args, message):
+    proc = check("digits-mlp", *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_broken_task_exits_1(task_file):
+    proc = check(f"{task_file}:raises", "--batch-size", "8", "--memory", "1GiB")
+    assert proc.returncode == 1
+    assert "ValueError: no data here" in proc.stderr
+
+
+def test_preset_implies_cuda_terms_and_github_format():
+    proc = check("digits-cnn", "--batch-size", "128", "--device-preset", "t4-16gb",
+                 "--format", "github")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("::notice title=bsselect check::batch 128 of digits-cnn fits")
+    bad = check("tiny-lm", "--batch-size", "100000", "--device-preset", "t4-16gb",
+                "--format", "github")
+    assert bad.returncode == 3
+    assert bad.stdout.startswith("::error title=bsselect check::batch 100000 of tiny-lm does NOT")
+    data = json.loads(check("digits-cnn", "--batch-size", "128", "--device-preset",
+                            "t4-16gb", "--json").stdout)
+    assert data["target"] == "cuda" and data["budget_bytes"] == PRESETS["t4-16gb"][0]
+    assert {t["name"] for t in data["terms"]} >= {"CUDA context", "cuDNN workspace"}
+
+
+def test_pyproject_supplies_everything(tmp_path, task_file):
+    (tmp_path / "pyproject.toml").write_text(textwrap.dedent(f'''
+        [project]
+        name = "someone-elses-model"
+        [tool.bsselect]
+        task = "{task_file}:make_task"
+        batch_size = 64
+        memory = "512MiB"
+        margin = 0.1
+    '''))
+    proc = run_cli("check", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert (data["batch_size"], data["margin"], data["budget_bytes"]) == (64, 0.1, 512 * 2**20)
+    # The CLI overrides the file:
+    proc = run_cli("check", "--batch-size", "32", "--json")
+    assert json.loads(proc.stdout)["batch_size"] == 32
+
+
+def test_pyproject_errors(tmp_path):
+    path = tmp_path / "pyproject.toml"
+    path.write_text("[tool.bsselect]\nbatch_sise = 3\n")
+    with pytest.raises(UsageError, match="unknown key"):
+        read_pyproject(path)
+    path.write_text("[tool.bsselect\n")
+    with pytest.raises(UsageError, match="not valid TOML"):
+        read_pyproject(path)
+    with pytest.raises(UsageError, match="batch size must be an integer"):
+        merge_config({}, {"batch_size": "big", "memory": "1GiB"})
+
+
+def test_seven_billion_parameters_without_allocating_them(tmp_path):
+    path = tmp_path / "big.py"
+    path.write_text(BIG_MODEL)
+    # 7.2B fp32 params + grads + AdamW state = 115 GB: far beyond this 24 GiB machine.
+    proc = check(f"{path}:seven_billion", "--batch-size", "4", "--device-preset", "h100-80gb",
+                 "--json", timeout=240)
+    assert proc.returncode == 3, proc.stderr   # it cannot fit an 80 GB GPU either
+    data = json.loads(proc.stdout)
+    assert data["required_bytes"] > 100e9 and data["max_batch"] == 0
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    assert children < 4 * 2**30, f"the check used {children / 2**30:.1f} GiB of real memory"
