@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from . import distributed
 from .errors import one_line
 from .oom import is_oom_error, release_memory
 from .step import to_device
@@ -74,6 +75,8 @@ def cycle_batches(setup: TrialSetup, batch_size: int):
     data = setup.train_data
     gen = torch.Generator().manual_seed(setup.seed)
     drop_last = len(data) >= batch_size  # type: ignore[arg-type]
+    if distributed.active():  # under torchrun: this rank's share of each global batch
+        yield from distributed.cycle_shards(data, batch_size, setup.seed, setup.task.collate_fn)
     while True:
         loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen,
                             drop_last=drop_last, collate_fn=setup.task.collate_fn)
@@ -86,8 +89,9 @@ def evaluate(model: nn.Module, task: Task, data: Dataset, device: torch.device,
     was_training = model.training
     model.eval()
     total_loss, total_metric, n = 0.0, 0.0, 0
-    with torch.no_grad():
-        for x, y in DataLoader(data, batch_size=batch_size, collate_fn=task.collate_fn):
+    with distributed.agreement(), torch.no_grad():  # each rank a share, summed below
+        for x, y in DataLoader(distributed.shard_dataset(data), batch_size=batch_size,
+                               collate_fn=task.collate_fn):
             x, y = to_device((x, y), device)
             out = model(x)
             k = len(y) if isinstance(y, torch.Tensor) else batch_size
@@ -95,6 +99,7 @@ def evaluate(model: nn.Module, task: Task, data: Dataset, device: torch.device,
             if metric and task.metric is not None:
                 total_metric += float(task.metric(out, y)) * k
             n += k
+    total_loss, total_metric, n = distributed.sum_floats(total_loss, total_metric, n)
     model.train(was_training)
     score = total_metric / n if (metric and task.metric is not None) else None
     return total_loss / n, score
@@ -134,6 +139,7 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
     model.load_state_dict(setup.initial_state)
     model.train()
     optimizer = task.make_optimizer(model.parameters(), lr)
+    train_model = distributed.wrap_model(model, device)  # DDP under torchrun; else model
     loss_start, _ = evaluate(model, task, setup.eval_train, device, setup.eval_batch_size,
                              metric=False)
     total_steps = setup.budget.steps_for(batch_size)
@@ -148,16 +154,18 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
         x, y = to_device(next(batches), device)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, lr, setup.warmup_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss = task.loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
+        # Under torchrun: the loss over the global batch, and every rank fails together.
+        loss = distributed.train_step(train_model, optimizer, task, x, y,
+                                      careful=step < TIMING_WARMUP_STEPS)
         value = loss.item()  # also a sync point on the CPU
         _sync(device)
         elapsed = time.perf_counter() - t0
         train_wall += elapsed
+        if total_steps is None:  # a time budget: every rank must stop at the same step
+            train_wall = distributed.max_float(train_wall)
         step += 1
-        samples += len(y) if isinstance(y, torch.Tensor) else batch_size
+        local = len(y) if isinstance(y, torch.Tensor) else distributed.per_device(batch_size)
+        samples += local * distributed.world_size()
         if step > TIMING_WARMUP_STEPS or total_steps is not None and total_steps <= TIMING_WARMUP_STEPS:
             step_times.append(elapsed)
         curve.append(LossPoint(step, samples, train_wall, value if math.isfinite(value) else None))
