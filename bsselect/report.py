@@ -25,7 +25,8 @@ def emit_json(data: Any) -> None:
 
 
 def render_probe(result: Any) -> None:
-    table = Table(title=f"Peak memory of one training step — {result.task}", title_justify="left")
+    out.print(f"[bold]Peak memory of one training step — {result.task}[/]", highlight=False)
+    table = Table()
     table.add_column("batch", justify="right")
     table.add_column("peak", justify="right")
     if result.target != "same":
@@ -73,7 +74,8 @@ def _f(value: float | None, fmt: str = ".3g", none: str = "—") -> str:
 
 def render_noise(report: Any) -> None:
     est = report.final
-    table = Table(title="Gradient noise scale B_simple = tr(Σ)/|G|²", title_justify="left")
+    out.print("[bold]Gradient noise scale B_simple = tr(Σ)/|G|²[/]")
+    table = Table()
     for col in ("step", "train loss", "B_simple", f"{est.confidence:.0%} CI", "|G|²", "tr(Σ)"):
         table.add_column(col, justify="right")
     points = report.trajectory or (
@@ -99,8 +101,9 @@ def render_noise(report: Any) -> None:
 
 def render_sweep(result: Any) -> None:
     r = result.ranking
-    table = Table(title=f"Sweep — {result.task} ({result.settings.budget.amount:g} "
-                        f"{result.settings.budget.kind.value} per trial)", title_justify="left")
+    out.print(f"[bold]Sweep — {result.task}[/] ({result.settings.budget.amount:g} "
+              f"{result.settings.budget.kind.value} per trial)", highlight=False)
+    table = Table()
     for col in ("rank", "batch", "status", "lr", "step time", "samples/s", "loss drop/s",
                 "val loss", "val metric", "wall", "pred. time ×"):
         table.add_column(col, justify="right")
