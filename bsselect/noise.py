@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import distributed
 from .errors import TaskError, UsageError, one_line
 from .noise_math import NoiseEstimate, check_batch_sizes, estimate_from_norms
-from .step import collate, sample_indices, to_device, train_step
+from .step import collate, sample_indices, to_device
 from .task import Task
 
 __all__ = [
@@ -144,17 +145,22 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int) -> _No
     device = params[0].device
     small_sq = torch.zeros((), dtype=_sum_dtype(device), device=device)
     loss_sum = torch.zeros((), dtype=_sum_dtype(device), device=device)
-    for xi, yi in split_batch((x, y), n_sub):
-        loss = task.loss_fn(model(xi), yi)
-        # autograd.grad returns the gradients instead of accumulating into .grad.
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for a, g in zip(acc, grads):
-            if g is None:
-                continue
-            g = g.to_dense() if g.is_sparse else g
-            small_sq += _sq_norm(g)
-            a.add_(g)
-        loss_sum += loss.detach().to(loss_sum.dtype)
+    # Under torchrun (x, y) is this rank's share: n_sub / world_size of the sub-batches.
+    with distributed.agreement():
+        for xi, yi in split_batch((x, y), n_sub // distributed.world_size()):
+            loss = task.loss_fn(model(xi), yi)
+            # autograd.grad returns the gradients instead of accumulating into .grad.
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for a, g in zip(acc, grads):
+                if g is None:
+                    continue
+                g = g.to_dense() if g.is_sparse else g
+                small_sq += _sq_norm(g)
+                a.add_(g)
+            loss_sum += loss.detach().to(loss_sum.dtype)
+    # The data-parallel trick (McCandlish et al. 2018, App. A.1): each rank's sub-batch norms
+    # are the small batches, the all-reduced gradient is the big batch. No-op in one process.
+    distributed.sum_([*acc, small_sq, loss_sum])
     big_sq = sum(_sq_norm(a / n_sub) for a in acc)
     # One host sync per measurement, not one per sub-batch.
     return _Norms(float(small_sq) / n_sub, float(big_sq), float(loss_sum) / n_sub)
@@ -212,8 +218,9 @@ def estimate_noise(
     on_cpu = device.type == "cpu"
     with torch.random.fork_rng(devices=[] if on_cpu else [device],
                                device_type=None if on_cpu else device.type):
+        distributed.seed_rank(seed)  # independent dropout masks on each rank's sub-batches
         for _ in range(measurements):
-            idx = sample_indices(n_data, b_big, gen)
+            idx = distributed.shard(sample_indices(n_data, b_big, gen))  # this rank's share
             x, y = to_device(collate(task, [task.train_data[i] for i in idx]), device)
             norms = _run_task(lambda: _grad_norms_restoring(model, task, x, y, n_sub))
             small.append(norms.small_sq)
@@ -231,10 +238,12 @@ def default_batch_sizes(task: Task, b_small: int | None = None, b_big: int | Non
     ``b_big = 8 * b_small``, both shrunk to fit the dataset (``b_big <= N``). Given values are
     kept as they are, for ``check_settings`` to judge."""
     n_data = len(task.train_data)  # type: ignore[arg-type]
+    world = distributed.world_size()
+    n_sub = -(-DEFAULT_N_SUB // world) * world  # under torchrun: the same number on every rank
     if b_small is None:
-        b_small = max(1, min(task.base_batch_size, n_data // DEFAULT_N_SUB))
+        b_small = max(1, min(task.base_batch_size, n_data // n_sub))
     if b_big is None:
-        b_big = min(DEFAULT_N_SUB * b_small, (n_data // b_small) * b_small)
+        b_big = min(n_sub * b_small, (n_data // (b_small * world)) * b_small * world)
     return b_small, b_big
 
 
@@ -247,6 +256,10 @@ def check_settings(b_small: int, b_big: int, measurements: int, n_data: int) -> 
         )
     if measurements < 2:
         raise UsageError(f"measurements must be at least 2 (32 is a good start), got {measurements}")
+    world = distributed.world_size()
+    if (b_big // b_small) % world:
+        raise UsageError(f"b_big ({b_big}) must be a multiple of b_small x world size "
+                         f"({b_small} x {world}): each rank takes the same number of sub-batches")
     return b_big // b_small
 
 
@@ -300,9 +313,10 @@ class _Counter:
 def _train_one(model: nn.Module, opt: torch.optim.Optimizer, task: Task,
                gen: torch.Generator, device: torch.device, step: int) -> None:
     n_data = len(task.train_data)  # type: ignore[arg-type]
-    idx = sample_indices(n_data, task.base_batch_size, gen)
+    idx = distributed.shard(sample_indices(n_data, task.base_batch_size, gen))
     x, y = to_device(collate(task, [task.train_data[i] for i in idx]), device)
-    loss = _run_task(lambda: train_step(model, opt, task, x, y), "a warm-up training step")
+    loss = _run_task(lambda: distributed.train_step(model, opt, task, x, y),
+                     "a warm-up training step")
     if not math.isfinite(float(loss)):
         raise TaskError(
             f"training diverged at warm-up step {step + 1} (loss {float(loss)}); "
@@ -338,6 +352,7 @@ def measure_noise(
     opt = (_run_task(lambda: task.make_optimizer(model.parameters(), task.lr),
                      "building the optimizer") if warmup_steps else None)
     train_gen = torch.Generator().manual_seed(seed)
+    train_model = distributed.wrap_model(model, device) if warmup_steps else model
     points: list[NoisePoint] = []
     for step in range(warmup_steps + 1):
         if step in steps:
@@ -347,7 +362,7 @@ def measure_noise(
             points.append(NoisePoint(step, loss, est))
         if step < warmup_steps:
             assert opt is not None
-            _train_one(model, opt, task, train_gen, device, step)
+            _train_one(train_model, opt, task, train_gen, device, step)
             counter.add(1)
     measure_passes = len(steps) * measurements * n_sub
     return NoiseReport(
