@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -45,7 +46,7 @@ def guarded(fn: Callable[[], T]) -> T:
     except BsselectError as exc:
         if _state["debug"]:
             traceback.print_exc()
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _error(console, f"[red]error:[/] {exc}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -55,9 +56,37 @@ def guarded(fn: Callable[[], T]) -> T:
     except Exception as exc:  # noqa: BLE001 - the boundary: never a bare traceback
         if _state["debug"]:
             traceback.print_exc()
-        console.print(f"[red]internal error:[/] {type(exc).__name__}: {exc} "
-                      "(rerun with --debug for a traceback)", highlight=False, soft_wrap=True)
+        _error(console, f"[red]internal error:[/] {type(exc).__name__}: {exc} "
+                        "(rerun with --debug for a traceback)")
         raise typer.Exit(1) from None
+
+
+def _error(console, text: str) -> None:
+    """One error line on stderr. Under torchrun every rank's (ranks but 0 have quiet consoles:
+    their results and progress are rank 0's), prefixed with its rank."""
+    rank = os.environ.get("RANK", "0") if console.quiet else "0"
+    console.quiet = False
+    console.print(("" if rank == "0" else f"rank {rank}: ") + text, highlight=False,
+                  soft_wrap=True)
+
+
+def _device(name: str):
+    """This process's device; under torchrun also joins the process group (docs/multi-gpu.md)
+    and gives each rank its own accelerator."""
+    from .device import resolve_device
+    from .distributed import setup
+
+    return setup(resolve_device(name))
+
+
+def _note(command: str, data: dict) -> None:
+    """Under torchrun, one line under the table saying which batch is per device, which global."""
+    from .distributed import describe
+    from .report import out
+
+    line = describe(command, data)
+    if line:
+        out.print(line, highlight=False)
 
 
 def _version(value: bool) -> None:
@@ -135,7 +164,7 @@ def probe(
         meth = _enum(Method, method, "--method")
         tgt = _enum(Target, target, "--target")
         sizes = parse_int_list(batch_sizes, "--batch-sizes") or list(DEFAULT_BATCH_SIZES)
-        dev = resolve_device(device)
+        dev = _device(device)
         if memory is not None:
             budget = Budget(parse_size(memory), "--memory")
         elif tgt is not Target.same:
@@ -149,7 +178,13 @@ def probe(
             result = run_probe(loaded, task_name=name, device=dev, budget=budget, method=meth,
                                margin=margin, batch_sizes=sizes, target=tgt,
                                budget_is_total=memory is not None, on_point=advance)
-        emit_json(result.to_json()) if as_json else render_probe(result)
+        from .distributed import probe_json
+
+        if as_json:
+            emit_json(probe_json(result.to_json()))
+        else:
+            render_probe(result)
+            _note("probe", result.to_json())
 
     guarded(body)
 
@@ -193,7 +228,7 @@ def noise(
             raise UsageError("--every must be >= 1")
         if warmup_steps < 0:
             raise UsageError("--warmup-steps must be >= 0")
-        dev = resolve_device(device)
+        dev = _device(device)
         loaded, name = load_task(task)
         validate_task(loaded)
         with _progress(console, f"noise scale of {name} (passes)", 1) as advance:
@@ -202,9 +237,12 @@ def noise(
                                    warmup_steps=warmup_steps, every=every, progress=advance,
                                    device=dev)
         if as_json:
-            emit_json({"task": name, **report.to_json()})
+            from .distributed import noise_json
+
+            emit_json({"task": name, **noise_json(report.to_json())})
         else:
             render_noise(report)
+            _note("noise", report.to_json())
 
     guarded(body)
 
@@ -265,7 +303,7 @@ def sweep(
             raise UsageError("--warmup-steps and --noise-measurements must be >= 0")
         explicit = parse_int_list(batch_sizes, "--batch-sizes")
         trial_budget = parse_budget(budget) if budget is not None else None
-        dev = resolve_device(device)
+        dev = _device(device)
         loaded, name = load_task(task)
         validate_task(loaded)
         sizes, cap, cap_source = _plan_sizes(loaded, name, explicit, min_batch, max_batch,
@@ -330,7 +368,13 @@ def _finish_sweep(result, as_json: bool, plot: Optional[Path]) -> None:
 
         plot_sweep(result, plot)
         console.print(f"plot written to {plot}", highlight=False)
-    emit_json(result.to_json()) if as_json else render_sweep(result)
+    from .distributed import sweep_json
+
+    if as_json:
+        emit_json(sweep_json(result.to_json()))
+    else:
+        render_sweep(result)
+        _note("sweep", result.to_json())
 
 
 def _slug(name: str) -> str:
@@ -344,23 +388,34 @@ def _plan_sizes(task, name, explicit, min_batch, max_batch, memory, dev):
     from .capacity import largest_pow2_at_most
     from .device import Budget, default_budget
     from .probe import run_probe
+    from .distributed import per_device, world_size
     from .sweep import data_cap, powers_of_two
     from .units import parse_size
 
+    # Under torchrun these are global batches: a power of two per device x world size w
+    # (the probe answers per device).
+    w = world_size()
+
+    def powers(lo: int, per_device_hi: int) -> list[int]:
+        return [w * b for b in powers_of_two(-(-lo // w), per_device_hi)]
+
     if explicit:
+        for b in explicit:
+            per_device(b, "--batch-sizes value")
         return sorted(set(explicit)), max(explicit), "--batch-sizes"
     if min_batch < 1:
         raise UsageError("--min-batch must be >= 1")
     n_train = len(task.train_data)
     cap = data_cap(n_train)
     if max_batch is not None:
-        return powers_of_two(min_batch, max_batch), max_batch, "--max-batch"
+        return powers(min_batch, max_batch // w), max_batch, "--max-batch"
     budget = Budget(parse_size(memory), "--memory") if memory else default_budget(dev)
     probed = run_probe(task, task_name=name, device=dev, budget=budget)
-    if probed.max_batch_pow2 <= cap:
-        return powers_of_two(min_batch, probed.max_batch_pow2), probed.max_batch, "probe"
-    return (powers_of_two(min_batch, cap), probed.max_batch,
-            f"probe allows {probed.max_batch}; capped at half the {n_train} training items")
+    fits = probed.max_batch * w
+    if probed.max_batch_pow2 * w <= cap:
+        return powers(min_batch, probed.max_batch_pow2), fits, "probe"
+    return (powers(min_batch, cap // w), fits,
+            f"probe allows {fits}; capped at half the {n_train} training items")
 
 
 def _sweep_settings(task, budget, lr_scaling, seed, warmup_steps, noise_measurements):

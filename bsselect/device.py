@@ -50,6 +50,9 @@ def available_ram_bytes() -> int:
 def default_budget(device: torch.device) -> Budget:
     """Free memory on an accelerator (``mem_get_info``), available RAM on the CPU."""
     if device.type == "cpu" or device.type == "meta":
-        return Budget(available_ram_bytes(), "available RAM (/proc/meminfo MemAvailable)")
+        from .distributed import host_share  # torchrun: the node's ranks share its RAM
+
+        ram, shared = host_share(available_ram_bytes())
+        return Budget(ram, f"available RAM (/proc/meminfo MemAvailable){shared}")
     free, _total = torch.accelerator.get_memory_info(device)
     return Budget(int(free), f"free memory on {device} (mem_get_info)")

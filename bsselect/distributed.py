@@ -276,6 +276,24 @@ def agree_meter(meter: Any) -> Any:
     return meter
 
 
+def journal_settings() -> dict[str, Any]:
+    """Part of a sweep journal's resume key under torchrun: trials at another world size
+    (other per-device batches, other step times) are not the same trials."""
+    return {"world_size": world_size()} if active() else {}
+
+
+def agree_trial(result: T) -> T:
+    """One trial result for every rank: rank 0's, or the first rank's that did not end "ok"
+    when ranks disagree (they should not: every failure inside a trial is agreed)."""
+    if not active():
+        return result
+    results = gather(result)
+    statuses = [getattr(r, "status") for r in results]
+    if len(set(statuses)) == 1:
+        return results[0]
+    return next(r for r, s in zip(results, statuses) if getattr(s, "value", s) != "ok")
+
+
 # --- data-parallel training -------------------------------------------------------------------
 
 def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:

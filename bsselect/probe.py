@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torch import nn
 
+from . import distributed
 from .capacity import (
     BackoffResult, MemoryFit, backoff_search, check_batch_sizes, check_margin, fit_memory,
     largest_pow2_at_most, solve_max_batch,
@@ -190,6 +191,8 @@ def run_probe(
     # For another device, CPU kernels' internal scratch (oneDNN layouts) does not apply.
     meter = make_meter(task, method, device, seed, backend,
                        cpu_kernel_scratch=target is Target.same)
+    # Under torchrun every measurement is agreed: an OOM on one rank ends the series on all.
+    meter = distributed.agree_meter(meter)
     raw = measure_points(meter, sizes, on_point)
     has_conv = target is not Target.same and model_has_conv(task)
     rounded = meter.extras.get("rounded", {})
@@ -198,7 +201,9 @@ def run_probe(
         for b, p in raw
     )
     fit: MemoryFit = fit_memory([(p.batch_size, p.required_bytes) for p in points])
-    best = solve_max_batch(budget.bytes, margin, fit)
+    with distributed.agreement():  # "nothing fits" on one rank is an error on all
+        best = solve_max_batch(budget.bytes, margin, fit)
+    best = distributed.agree_min(best, "largest batch")  # the same start on every rank
     confirmation: tuple[dict, ...] = ()
     if meter.confirm is not None and confirm:
         result: BackoffResult = backoff_search(meter.confirm, best)

@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import distributed
 from .capacity import largest_pow2_at_most
 from .errors import InterruptedRun, UsageError
 from .rank import (
@@ -158,8 +159,10 @@ def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], setting
                                    min(EVAL_BATCH, *batch_sizes) if batch_sizes else EVAL_BATCH)
     mode = JournalMode.resume if resume else (
         JournalMode.overwrite if overwrite else JournalMode.new)
-    journal = Journal(journal_path, task=task_name, settings=settings.journal_settings(task),
-                      mode=mode)
+    # Under torchrun only rank 0 reads and writes the journal; the others get what it read.
+    journal = distributed.run_on_main(lambda: Journal(
+        journal_path, task=task_name,
+        settings={**settings.journal_settings(task), **distributed.journal_settings()}, mode=mode))
     done = journal.resumed
     for warning in journal.warnings:
         if hooks.warn:
@@ -172,8 +175,9 @@ def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], setting
             lr = scale_lr(task.lr, task.base_batch_size, b, settings.lr_scaling)
             if hooks.trial_start:
                 hooks.trial_start(b, i, settings.budget.steps_for(b))
-            result = run_trial(setup, b, lr, hooks.step)
-            journal.append(result)
+            result = distributed.agree_trial(run_trial(setup, b, lr, hooks.step))
+            if distributed.is_main():
+                journal.append(result)
             trials[b] = result
             if hooks.trial_end:
                 hooks.trial_end(result)
