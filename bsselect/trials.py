@@ -135,10 +135,11 @@ def run_trial(setup: TrialSetup, batch_size: int, lr: float,
 def _train(setup: TrialSetup, batch_size: int, lr: float,
            on_step: Callable[[int, int | None], None] | None) -> TrialResult:
     task, device = setup.task, setup.device
-    model = task.model().to(device)
-    model.load_state_dict(setup.initial_state)
-    model.train()
-    optimizer = task.make_optimizer(model.parameters(), lr)
+    with distributed.agreement():  # torchrun: a failure here on one rank fails all ranks
+        model = task.model().to(device)
+        model.load_state_dict(setup.initial_state)
+        model.train()
+        optimizer = task.make_optimizer(model.parameters(), lr)
     train_model = distributed.wrap_model(model, device)  # DDP under torchrun; else model
     loss_start, _ = evaluate(model, task, setup.eval_train, device, setup.eval_batch_size,
                              metric=False)
