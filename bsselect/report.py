@@ -24,6 +24,18 @@ def emit_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+def _terms_table(terms: Any, first: tuple[str, int, str] | None = None) -> Table:
+    """One row per named memory term: name, bytes, why."""
+    table = Table()
+    table.add_column("term")
+    table.add_column("bytes", justify="right")
+    table.add_column("why")
+    for name, nbytes, note in ([first] if first else []) + [(t.name, t.bytes, t.note)
+                                                             for t in terms]:
+        table.add_row(name, format_bytes(nbytes), note)
+    return table
+
+
 def render_probe(result: Any) -> None:
     out.print(f"[bold]Peak memory of one training step — {result.task}[/]", highlight=False)
     table = Table()
@@ -41,14 +53,8 @@ def render_probe(result: Any) -> None:
         table.add_row(*row)
     out.print(table)
     if result.terms:
-        terms = Table(title=f"{result.target} terms at batch {result.max_batch}",
-                      title_justify="left")
-        terms.add_column("term")
-        terms.add_column("bytes", justify="right")
-        terms.add_column("why")
-        for t in result.terms:
-            terms.add_row(t.name, format_bytes(t.bytes), t.note)
-        out.print(terms)
+        out.print(f"{result.target} terms at batch {result.max_batch}")
+        out.print(_terms_table(result.terms))
     usable = result.budget_bytes * (1 - result.margin)
     out.print(
         f"method [bold]{result.method}[/] on {result.device} · fixed "
@@ -158,15 +164,9 @@ def _check_lines(result: Any) -> tuple[str, str]:
 
 def render_check(result: Any) -> None:
     if result.terms:
-        table = Table(title=f"required at batch {result.batch_size} on {result.target}",
-                      title_justify="left")
-        table.add_column("term")
-        table.add_column("bytes", justify="right")
-        table.add_column("why")
-        table.add_row("simulated step peak", format_bytes(result.peak_bytes),
-                      "params, grads, optimizer state, activations (meta device)")
-        for t in result.terms:
-            table.add_row(t.name, format_bytes(t.bytes), t.note)
+        out.print(f"required at batch {result.batch_size} on {result.target}")
+        table = _terms_table(result.terms, first=("simulated step peak", result.peak_bytes,
+                             "params, grads, optimizer state, activations (meta device)"))
         table.add_row("[bold]required[/]", f"[bold]{format_bytes(result.required_bytes)}[/]", "")
         out.print(table)
     head, tail = _check_lines(result)
