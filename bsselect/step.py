@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.data import default_collate
 
+from .precision import Precision, autocast, device_type_of
 from .task import Task
 
 
@@ -32,23 +33,58 @@ def sample_indices(n_items: int, batch_size: int, generator: torch.Generator) ->
     return torch.randint(n_items, (batch_size,), generator=generator).tolist()
 
 
-def make_batch(task: Task, batch_size: int, seed: int = 0) -> tuple[Any, Any]:
-    """A reproducible random training batch of ``batch_size`` items, on the CPU."""
-    gen = torch.Generator().manual_seed(seed)
-    idx = sample_indices(len(task.train_data), batch_size, gen)  # type: ignore[arg-type]
+def make_batch(task: Task, batch_size: int, seed: int = 0, inputs: Any = None
+               ) -> tuple[Any, Any]:
+    """A reproducible training batch of ``batch_size`` items, on the CPU: random, or chosen
+    by ``inputs`` (an ``inputs.InputScan``: the largest items for worst-case inputs)."""
+    if inputs is not None:
+        idx = inputs.indices(batch_size, seed)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        idx = sample_indices(len(task.train_data), batch_size, gen)  # type: ignore[arg-type]
     return collate(task, [task.train_data[i] for i in idx])
 
 
+def forward_loss(model: nn.Module, task: Task, x: Any, y: Any,
+                 precision: Precision = Precision.fp32) -> torch.Tensor:
+    """The task's loss on ``(x, y)``; forward and loss run under the precision's autocast
+    (the loss inside it too, as PyTorch's AMP recipe has it: autocast keeps losses float32)."""
+    with autocast(precision, device_type_of(model)):
+        return task.loss_fn(model(x), y)
+
+
 def train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, task: Task, x: Any, y: Any
+    model: nn.Module, optimizer: torch.optim.Optimizer, task: Task, x: Any, y: Any, *,
+    precision: Precision = Precision.fp32,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    accumulate: int = 1,
+    next_micro_batch: Optional[Callable[[], tuple[Any, Any]]] = None,
 ) -> torch.Tensor:
     """Forward, loss, backward, optimizer step; returns the detached loss.
 
     Gradients are set to None first (PyTorch's default), so a step's peak memory is
     parameters + optimizer state + activations + gradients, as in a real training loop.
+
+    ``accumulate=N`` runs N forward/backward passes (micro-steps) on micro-batches before the
+    one optimizer step, each loss divided by N; micro-batches after the first come from
+    ``next_micro_batch()``, or are ``(x, y)`` again (what a memory measurement wants: the same
+    shapes). From the second micro-step on the gradients of the earlier ones are alive, which
+    is why accumulation costs memory. ``scaler`` (fp16: ``precision.make_scaler``) scales the
+    loss and unscales before the step, skipping it when a gradient overflowed.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = task.loss_fn(model(x), y)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+    total: Optional[torch.Tensor] = None
+    for i in range(accumulate):
+        if i and next_micro_batch is not None:
+            x, y = next_micro_batch()
+        loss = forward_loss(model, task, x, y, precision)
+        part = loss / accumulate if accumulate > 1 else loss
+        (scaler.scale(part) if scaler is not None else part).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    assert total is not None
+    return total / accumulate if accumulate > 1 else total

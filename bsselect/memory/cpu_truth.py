@@ -20,6 +20,7 @@ scratch, and correct the outputs, that fake tensors get wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import warnings
 from contextlib import contextmanager
@@ -32,9 +33,13 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._pytree import tree_flatten
 
 from ..errors import TaskError, one_line
+from ..optim_impl import run_as_on
+from ..precision import make_scaler
 from ..step import make_batch, train_step
 from ..task import Task
-from .simulated import Phase, StepPeak, step_peak, with_phase_marks, young_gc_only
+from .simulated import (
+    Phase, StepPeak, StepSettings, step_peak, with_phase_marks, young_gc_only,
+)
 
 _STEP = "bsselect::step2"
 _BACKWARD = "bsselect::backward"
@@ -109,44 +114,52 @@ def _phase_boundaries(events: Sequence[Any], step: tuple[int, int]) -> dict[Phas
     return boundaries
 
 
-def cpu_step_peak(task: Task, batch_size: int, *, seed: int = 0) -> StepPeak:
+def cpu_step_peak(task: Task, batch_size: int, *, seed: int = 0,
+                  settings: StepSettings = StepSettings(), inputs: Any = None) -> StepPeak:
     """Peak bytes of training step 2 at ``batch_size``, measured on the real CPU allocator.
 
     The same step as ``simulate_step_peak``: build the model and optimizer, run step 1 (which
-    creates optimizer state), then replay the allocator's events over step 2.
+    creates optimizer state), then replay the allocator's events over step 2. All
+    ``settings.accumulate`` micro-steps run here (the simulation runs two).
     """
     with young_gc_only(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model, optimizer, batch = _real_steps(task, batch_size, seed)
+            model, optimizer, batch, impl = _real_steps(task, batch_size, seed, settings, inputs)
     events = _kineto_events(prof)
     step = _range_ns(events, _STEP)[0]
     boundaries = _phase_boundaries(events, step)
     start_bytes, peaks = replay_phases(allocator_deltas(events), step, boundaries)
     # kernel_workspace_bytes stays None: the allocator cannot tell scratch from tensors.
-    return step_peak(batch_size, model, optimizer, batch, start_bytes, peaks)
+    peak = step_peak(batch_size, model, optimizer, batch, start_bytes, peaks)
+    return dataclasses.replace(peak, precision=settings.precision.value,
+                               accumulate=settings.accumulate, optimizer_impl=impl.value)
 
 
-def _real_steps(task: Task, batch_size: int, seed: int) -> tuple[Any, Any, Any]:
+def _real_steps(task: Task, batch_size: int, seed: int, settings: StepSettings,
+                inputs: Any) -> tuple[Any, Any, Any, Any]:
     try:
-        batch = make_batch(task, batch_size, seed)
+        batch = make_batch(task, batch_size, seed, inputs)
         model = task.model()
         optimizer = task.make_optimizer(model.parameters(), task.lr)
+        impl = run_as_on(optimizer, settings.optimizer_device or "cpu")
+        options = dict(precision=settings.precision, accumulate=settings.accumulate,
+                       scaler=make_scaler(settings.precision, "cpu"))
         marked, handles = with_phase_marks(
             task, optimizer, lambda: _mark(_BACKWARD), lambda: _mark(_OPTIMIZER)
         )
         x, y = batch
-        train_step(model, optimizer, marked, x, y)
+        train_step(model, optimizer, marked, x, y, **options)
         gc.collect()
         with record_function(_STEP):
-            train_step(model, optimizer, marked, x, y)
+            train_step(model, optimizer, marked, x, y, **options)
     except Exception as exc:
         raise TaskError(
             f"the CPU training step at batch size {batch_size} failed: {one_line(exc)}"
         ) from exc
     for handle in handles:
         handle.remove()
-    return model, optimizer, batch
+    return model, optimizer, batch, impl
 
 
 # --- single kernels -------------------------------------------------------------------------
@@ -180,11 +193,16 @@ class KernelSpec:
     (or keyword names) to the dim holding the batch, the kernel's own batch first; arguments
     whose dim does not match (a broadcast mask) are left alone. ``min_items`` is the smallest
     batch that takes the same code path as larger ones (convolution: one item picks another
-    backend). ``prepare`` fills in arguments that fake tensors cannot provide."""
+    backend). ``prepare`` fills in arguments that fake tensors cannot provide. ``applies``
+    limits the spec to some arguments (matmuls: reduced precision only), and
+    ``output_item_bytes`` adds an output's bytes per batch item to the calibration's cost
+    when the output can be much larger than the inputs (a matmul into a vocabulary)."""
 
     batch_dims: Callable[[Sequence[Any]], dict[Any, int]]
     min_items: int
     prepare: Optional[Callable[[list], None]] = None
+    applies: Optional[Callable[[Sequence[Any]], bool]] = None
+    output_item_bytes: Optional[Callable[[Sequence[Any]], int]] = None
 
 
 def _dim0(*keys: Any) -> Callable[[Sequence[Any]], dict[Any, int]]:
@@ -210,8 +228,49 @@ def _rnn_forward_for_backward(args: list) -> None:
     a[7], a[8], a[9], a[22] = out
 
 
+# bfloat16 matmuls on the CPU go through oneDNN, which packs its operands into a scratch buffer
+# (a few hundred KB once the dims pass its blocking, a full copy when the first operand is
+# transposed, as in a weight gradient); float32 ones go to MKL, which allocates nothing through
+# PyTorch. Which dim to scale for calibration: the largest of the product's batch, rows, inner
+# and columns (rows of activations in forward, the contraction in a weight gradient).
+_REDUCED = (torch.bfloat16, torch.float16)
+_MATMUL_MIN_ITEMS = 256  # oneDNN's packing grows with each dim up to about here, then stays
+
+
+def _matmul_choice(args: Sequence[Any], first: int) -> tuple[dict[Any, int], int]:
+    """(batch dims, output bytes per item) for ``a @ b`` at ``args[first:first+2]`` with an
+    optional broadcast ``args[0]`` added (addmm, baddbmm) when ``first`` is 1."""
+    a, b = args[first], args[first + 1]
+    lead = a.dim() - 2  # 1 for bmm
+    m, k, n = a.shape[lead], a.shape[lead + 1], b.shape[lead + 1]
+    out_numel = m * n * (a.shape[0] if lead else 1)
+    options = [(m, {first: lead}, -2), (k, {first: lead + 1, first + 1: lead}, None),
+               (n, {first + 1: lead + 1}, -1)]
+    if lead:
+        options.append((a.shape[0], {first: 0, first + 1: 0}, -3))
+    size, dims, out_dim = max(options, key=lambda o: o[0])
+    if first and out_dim is not None and isinstance(args[0], torch.Tensor) \
+            and args[0].dim() + out_dim >= 0:
+        dims = {**dims, 0: args[0].dim() + out_dim}  # the added bias, aligned from the right
+    per_item = 0 if out_dim is None else out_numel // max(size, 1) * a.dtype.itemsize
+    return dims, per_item
+
+
+def _matmul_spec(first: int) -> KernelSpec:
+    return KernelSpec(
+        batch_dims=lambda args: _matmul_choice(args, first)[0],
+        min_items=_MATMUL_MIN_ITEMS,
+        applies=lambda args: args[first].dtype in _REDUCED,
+        output_item_bytes=lambda args: _matmul_choice(args, first)[1],
+    )
+
+
 _aten = torch.ops.aten
 KERNELS: dict[Any, KernelSpec] = {
+    _aten.mm.default: _matmul_spec(0),
+    _aten.bmm.default: _matmul_spec(0),
+    _aten.addmm.default: _matmul_spec(1),
+    _aten.baddbmm.default: _matmul_spec(1),
     _aten.convolution.default: KernelSpec(_dim0(0), min_items=2),
     _aten.convolution_backward.default: KernelSpec(_dim0(0, 1), min_items=2),
     _aten._scaled_dot_product_flash_attention_for_cpu.default: KernelSpec(
@@ -385,7 +444,7 @@ def kernel_cost(func: Any, args: Sequence[Any], kwargs: dict) -> Optional[Kernel
     (fake tensors are fine); None for kernels the simulation can trust to meta, or if the
     kernel cannot be run."""
     spec = KERNELS.get(func)
-    if spec is None:
+    if spec is None or (spec.applies is not None and not spec.applies(args)):
         return None
     dims = spec.batch_dims(args)
     key, dim = next(iter(dims.items()))
@@ -394,6 +453,8 @@ def kernel_cost(func: Any, args: Sequence[Any], kwargs: dict) -> Optional[Kernel
     kw_specs = tuple((k, _spec(v, dims.get(k), items)) for k, v in sorted(kwargs.items()))
     item_bytes = sum(s.item_bytes() for s in tree_flatten([arg_specs, kw_specs])[0]
                      if isinstance(s, _TensorSpec))
+    if spec.output_item_bytes is not None:
+        item_bytes += spec.output_item_bytes(args)
     sizes = calibration_items(items, item_bytes, spec.min_items)
     try:
         runs = [_run_outside_modes(func, arg_specs, kw_specs, n) for n in sizes]

@@ -8,14 +8,16 @@ use a CPU backend that raises out-of-memory above a cap, through the same seam.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import ContextManager, Protocol
+from typing import Any, ContextManager, Protocol
 
 import torch
 
 from ..errors import TaskError, one_line
 from ..oom import is_oom_error
+from ..precision import make_scaler
 from ..step import make_batch, to_device, train_step
 from ..task import Task
+from .simulated import StepSettings
 
 
 class AllocatorBackend(Protocol):
@@ -59,20 +61,25 @@ class AcceleratorAllocator:
         return nullcontext()
 
 
-def run_two_steps(task: Task, batch_size: int, backend: AllocatorBackend, seed: int = 0) -> int:
-    """Two real training steps at ``batch_size`` on ``backend.device``; the peak allocator bytes
-    of the second (by then the optimizer state exists). OOM errors propagate to the caller."""
+def run_two_steps(task: Task, batch_size: int, backend: AllocatorBackend, seed: int = 0,
+                  settings: StepSettings = StepSettings(), inputs: Any = None) -> int:
+    """Two real training steps at ``batch_size`` (the micro-batch) on ``backend.device``; the
+    peak allocator bytes of the second (by then the optimizer state exists). ``settings``:
+    precision and accumulation as the run will use them; ``inputs``: which items (the largest,
+    for worst-case inputs). OOM errors propagate to the caller."""
     torch.manual_seed(seed)
     model = optimizer = x = y = None
     try:
         with backend.session():
             model = task.model().to(backend.device)
             optimizer = task.make_optimizer(model.parameters(), task.lr)
-            x, y = to_device(make_batch(task, batch_size, seed), backend.device)
-            train_step(model, optimizer, task, x, y)
+            x, y = to_device(make_batch(task, batch_size, seed, inputs), backend.device)
+            options = dict(precision=settings.precision, accumulate=settings.accumulate,
+                           scaler=make_scaler(settings.precision, backend.device.type))
+            train_step(model, optimizer, task, x, y, **options)
             backend.synchronize()
             backend.reset_peak()
-            train_step(model, optimizer, task, x, y)
+            train_step(model, optimizer, task, x, y, **options)
             backend.synchronize()
             return backend.peak_bytes()
     except Exception as exc:

@@ -35,6 +35,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import TaskError, one_line
+from ..optim_impl import run_as_on
+from ..precision import Precision, make_scaler
 from ..step import make_batch, train_step
 from ..task import Task
 
@@ -75,6 +77,9 @@ class StepPeak:
     peak_phase: Phase
     kernel_workspace_bytes: Optional[int] = None  # modelled CPU kernel scratch in peak_bytes
     rounded_peak_bytes: Optional[int] = None
+    precision: str = "fp32"
+    accumulate: int = 1           # micro-steps per optimizer step
+    optimizer_impl: Optional[str] = None  # for-loop | foreach | fused, as the step ran it
 
 
 def storage_bytes(tensors: Iterable[Any]) -> int:
@@ -103,11 +108,16 @@ def module_tensors(model: nn.Module) -> list:
     return found
 
 
-def live_at_step_start(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -> list:
-    """The tensors a training loop keeps alive between steps."""
+def live_at_step_start(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any,
+                       scaler: Any = None) -> list:
+    """The tensors a training loop keeps alive between steps (with fp16, the GradScaler's
+    scale and growth tracker too)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     batch_tensors = tree_flatten(batch)[0]
-    return module_tensors(model) + grads + optimizer_state_tensors(optimizer) + batch_tensors
+    scaler_tensors = [t for t in (getattr(scaler, "_scale", None),
+                                  getattr(scaler, "_growth_tracker", None)) if t is not None]
+    return (module_tensors(model) + grads + optimizer_state_tensors(optimizer) + batch_tensors
+            + scaler_tensors)
 
 
 def with_phase_marks(
@@ -302,18 +312,39 @@ def build_fake_model(task: Task, fake_mode: Any) -> nn.Module:
     return model
 
 
-def real_batch(task: Task, batch_size: int, seed: int) -> tuple[Any, Any]:
+def real_batch(task: Task, batch_size: int, seed: int, inputs: Any = None) -> tuple[Any, Any]:
     """``make_batch`` for real, outside any fake mode: datasets may compute on real values,
-    and a padding collate_fn must see the true items to give the true shapes."""
+    and a padding collate_fn must see the true items to give the true shapes. ``inputs``
+    (an ``inputs.InputScan``) chooses the items: the largest ones for worst-case inputs."""
     try:
-        return make_batch(task, batch_size, seed)
+        return make_batch(task, batch_size, seed, inputs)
     except Exception as exc:
         raise TaskError(f"collating a batch of {batch_size} failed: {one_line(exc)}") from exc
 
 
-def _run_steps(task: Task, model: nn.Module, batch: Any, counter: LiveStorageCounter) -> Any:
+@dataclass(frozen=True)
+class StepSettings:
+    """How the measured step trains: autocast precision, micro-steps per optimizer step, and
+    the device whose default optimizer implementation to run (None: this one's)."""
+
+    precision: Precision = Precision.fp32
+    accumulate: int = 1
+    optimizer_device: Optional[str] = None
+
+    def micro_steps(self) -> int:
+        """Micro-steps worth running: from the second on they are all alike (the earlier
+        gradients alive, the same batch shapes), so two give the peak of any N >= 2."""
+        return min(self.accumulate, 2)
+
+
+def _run_steps(task: Task, model: nn.Module, batch: Any, counter: LiveStorageCounter,
+               settings: StepSettings = StepSettings()) -> Any:
     """Step 1 (creates optimizer state), then step 2 under the counter."""
     optimizer = task.make_optimizer(model.parameters(), task.lr)
+    impl = run_as_on(optimizer, settings.optimizer_device or "cpu")
+    scaler = make_scaler(settings.precision, "cpu", simulated=True)
+    options = dict(precision=settings.precision, scaler=scaler,
+                   accumulate=settings.micro_steps())
     marked, handles = with_phase_marks(
         task, optimizer,
         on_backward=lambda: counter.enter_phase(Phase.BACKWARD),
@@ -323,31 +354,35 @@ def _run_steps(task: Task, model: nn.Module, batch: Any, counter: LiveStorageCou
     # Step 1 runs without the counter, which makes the simulation 15% faster; what it leaves
     # alive is found by walking the model, the optimizer and the batch (a tensor step 1 hides
     # anywhere else, in a global cache say, is not counted).
-    train_step(model, optimizer, marked, x, y)
+    train_step(model, optimizer, marked, x, y, **options)
     gc.collect()  # a real loop frees step 1's graph before step 2; cycles included
-    for t in live_at_step_start(model, optimizer, batch):
+    for t in live_at_step_start(model, optimizer, batch, scaler):
         counter.track(t)
     start_bytes = counter.live_bytes
     counter.start_step()
     with counter:
-        train_step(model, optimizer, marked, x, y)
+        train_step(model, optimizer, marked, x, y, **options)
     for handle in handles:
         handle.remove()
-    return optimizer, start_bytes
+    return optimizer, start_bytes, impl
 
 
 def simulate_step_peak(
-    task: Task, batch_size: int, *, seed: int = 0, kernel_workspace: bool = True
+    task: Task, batch_size: int, *, seed: int = 0, kernel_workspace: bool = True,
+    settings: StepSettings = StepSettings(), inputs: Any = None,
 ) -> StepPeak:
     """Peak bytes of training step 2 at ``batch_size``, simulated without allocating the model.
 
     ``kernel_workspace=True`` includes the scratch this machine's CPU kernels allocate inside
     themselves, so the result is the CPU allocator's peak (``cpu_truth.cpu_step_peak``);
     ``False`` gives framework tensors only, the base for another device's model.
+    ``settings`` (precision, accumulation, optimizer device) and ``inputs`` (which items make
+    the batch) describe the step as the real run will take it; ``batch_size`` is the
+    micro-batch. Fake ``cpu`` tensors honour CPU autocast (``meta`` ones ignore it).
     """
     from .cpu_truth import kernel_cost
 
-    batch = real_batch(task, batch_size, seed)
+    batch = real_batch(task, batch_size, seed, inputs)
     fake_mode = _fake_mode()
     model = build_fake_model(task, fake_mode)
     counter = LiveStorageCounter(kernel_cost if kernel_workspace else None)
@@ -357,15 +392,17 @@ def simulate_step_peak(
         batch = tree_map(
             lambda t: fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
         try:
-            optimizer, start_bytes = _run_steps(task, model, batch, counter)
+            optimizer, start_bytes, impl = _run_steps(task, model, batch, counter, settings)
         except Exception as exc:
             raise TaskError(
                 f"the simulated training step at batch size {batch_size} failed: "
                 f"{one_line(exc)}"
             ) from exc
-        return step_peak(batch_size, model, optimizer, batch, start_bytes,
+        peak = step_peak(batch_size, model, optimizer, batch, start_bytes,
                          counter.phase_peak_bytes, counter.workspace_at_peak_bytes,
                          counter.rounded_peak_bytes)
+    return dataclasses.replace(peak, precision=settings.precision.value,
+                               accumulate=settings.accumulate, optimizer_impl=impl.value)
 
 
 def step_peak(
