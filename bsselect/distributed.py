@@ -16,9 +16,9 @@ Collectives must be called in the same order on every rank, or the group hangs. 
 leaves a step alone: local work runs inside ``agreement()``, which all-reduces an ok/failed flag
 and makes every rank raise together when one failed (an OOM on one GPU becomes an OOM trial on
 all). The one gap is an OOM on *some* ranks in the middle of DDP's backward, where DDP's own
-bucket all-reduces are in flight; the first ``CAREFUL_STEPS`` steps of a trial (where OOMs
-show up) therefore run backward without DDP's overlap and average the gradients afterwards,
-and the process-group timeout (``BSSELECT_DIST_TIMEOUT``) bounds the rest.
+bucket all-reduces are in flight; a trial's first, untimed steps (where OOMs show up) therefore
+run ``train_step(careful=True)``: backward without DDP's overlap, gradients averaged after the
+agreement. The process-group timeout (``BSSELECT_DIST_TIMEOUT``) bounds the rest.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ T = TypeVar("T")
 
 TIMEOUT_ENV = "BSSELECT_DIST_TIMEOUT"   # seconds a collective may wait for the other ranks
 DEFAULT_TIMEOUT_S = 600
-CAREFUL_STEPS = 3                       # = trials.TIMING_WARMUP_STEPS: not timed anyway
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _comm_device = torch.device("cpu")      # where flags and sums live: the device for nccl
 
@@ -356,11 +355,10 @@ def seed_rank(seed: int) -> None:
 def average_gradients(params: Sequence[nn.Parameter]) -> None:
     """Mean of ``.grad`` over ranks, in place — what DDP's backward does, done afterwards.
     One all-reduce per tensor: no flat copy, so no memory beyond DDP's own."""
-    world = world_size()
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
+    grads = [p.grad for p in params if p.grad is not None]
+    sum_(grads)
+    for g in grads:
+        g.div_(world_size())
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, task: Any, x: Any, y: Any,

@@ -131,13 +131,16 @@ def test_sweep_with_an_oom_on_rank_1_only(tmp_path):
 
 
 def test_noise_data_parallel_equals_the_single_process_estimate():
-    """Same seed, same big batches: rank r's sub-batches are the single-process sub-batches
-    r*4 .. r*4+3, so only the order of floating-point sums differs."""
-    args = ("noise", "linreg", "--b-small", "16", "--b-big", "128", "--measurements", "16")
+    """Same seed, same batches: rank r's sub-batches are the single-process sub-batches
+    r*4 .. r*4+3, and the warm-up's DDP step averages the two halves of the same base batch,
+    so only the order of floating-point sums differs."""
+    args = ("noise", "linreg", "--b-small", "16", "--b-big", "128", "--measurements", "16",
+            "--warmup-steps", "5")  # warm-up: DDP on 2 shards of each base batch
     one, two = single(*args), bsselect(*args)
 
-    for key in ("b_simple", "grad_sq_norm", "trace_sigma"):
+    for key in ("b_simple", "grad_sq_norm", "trace_sigma", "final_loss", "initial_loss"):
         assert two[key] == pytest.approx(one[key], rel=1e-6), key
+    assert two["final_loss"] < two["initial_loss"]  # the warm-up trained
     assert (two["b_small"], two["b_big"], two["measurements"]) == (16, 128, 16)
     assert (two["world_size"], two["per_device_batch"], two["accumulation_steps"],
             two["global_batch"]) == (2, 16, 4, 128)
