@@ -28,14 +28,14 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from .errors import BsselectError, TaskError, UsageError, one_line
+from .errors import BsselectError, TaskError, UsageError
 from .oom import is_oom_error
 
 T = TypeVar("T")
@@ -56,7 +56,7 @@ class Launch:
     local_world_size: int
 
 
-def detect(environ: dict[str, str] | os._Environ = os.environ) -> Launch | None:
+def detect(environ: Mapping[str, str] = os.environ) -> Launch | None:
     """The torchrun launch this process is part of, or None when started on its own."""
     if "RANK" not in environ and "WORLD_SIZE" not in environ:
         return None
@@ -91,13 +91,20 @@ def setup(device: torch.device) -> torch.device:
         torch.accelerator.set_device_index(launch.local_rank)
     if not dist.is_initialized():
         backend = backend_for(device)
-        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, timeout=_timeout())
         atexit.register(_teardown)
         _comm_device = device if backend != "gloo" else torch.device("cpu")
     if launch.rank != 0:
         _quiet()
     return device
+
+
+def _timeout() -> timedelta:
+    text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        return timedelta(seconds=float(text))
+    except ValueError:
+        raise UsageError(f"{TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
 
 
 def _teardown() -> None:
@@ -177,12 +184,13 @@ def gather(value: T) -> list[T]:
     return out
 
 
-def agree_min(value: int, what: str, warn: Callable[[str], None] | None = None) -> int:
-    """The minimum of ``value`` over ranks (all_reduce MIN), saying so when ranks differed."""
-    values = gather(value)
-    if len(set(values)) > 1 and warn is not None and is_main():
-        warn(f"ranks differ on the {what}: {values}; every rank uses the minimum {min(values)}")
-    return min(values)
+def agree_min(value: int) -> int:
+    """The minimum of ``value`` over ranks (all_reduce MIN)."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def from_main(value: T) -> T:
@@ -286,11 +294,10 @@ def agree_trial(result: T) -> T:
     when ranks disagree (they should not: every failure inside a trial is agreed)."""
     if not active():
         return result
-    results = gather(result)
-    statuses = [getattr(r, "status") for r in results]
-    if len(set(statuses)) == 1:
+    results: list[Any] = gather(result)
+    if len({r.status for r in results}) == 1:
         return results[0]
-    return next(r for r, s in zip(results, statuses) if getattr(s, "value", s) != "ok")
+    return next(r for r in results if r.status.value != "ok")
 
 
 # --- data-parallel training -------------------------------------------------------------------

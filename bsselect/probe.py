@@ -203,7 +203,7 @@ def run_probe(
     fit: MemoryFit = fit_memory([(p.batch_size, p.required_bytes) for p in points])
     with distributed.agreement():  # "nothing fits" on one rank is an error on all
         best = solve_max_batch(budget.bytes, margin, fit)
-    best = distributed.agree_min(best, "largest batch")  # the same start on every rank
+    best = distributed.agree_min(best)  # the same start on every rank: none runs out
     confirmation: tuple[dict, ...] = ()
     if meter.confirm is not None and confirm:
         result: BackoffResult = backoff_search(meter.confirm, best)
