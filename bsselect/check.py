@@ -9,13 +9,19 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .capacity import check_margin, fit_memory, largest_pow2_at_most, usable_bytes
 from .errors import DoesNotFitError, UsageError
+from .inputs import InputMode
+from .precision import Precision
+from .step import StepSettings
 from .targets import Target, Term, cuda_terms
 from .task import Task
 from .units import parse_size
+
+if TYPE_CHECKING:
+    from .inputs import InputScan
 
 GiB, MiB = 2**30, 2**20
 
@@ -50,6 +56,9 @@ class CheckConfig:
     margin: float
     target: Target
     hopper: bool = False
+    precision: Precision = Precision.fp32
+    accumulate: int = 1              # batch_size is the micro-batch; it trains on batch x this
+    inputs: InputMode = InputMode.worst_case
 
 
 @dataclass(frozen=True)
@@ -69,9 +78,19 @@ class CheckResult:
     target: str
     budget_source: str
     terms: tuple[Term, ...]
+    precision: str = "fp32"
+    accumulate: int = 1
+    optimizer_impl: str | None = None
+    inputs: str = "typical"
+    largest_item_elements: int | None = None
+    items_scanned: int = 0
+    uniform_items: bool | None = None
+    inputs_note: str = ""
 
     def to_json(self) -> dict:
-        return dict(asdict(self), terms=[asdict(t) for t in self.terms])
+        # batch_size is the micro-batch that must fit; the effective batch is what trains.
+        return dict(asdict(self), terms=[asdict(t) for t in self.terms],
+                    micro_batch=self.batch_size, effective_batch=self.batch_size * self.accumulate)
 
 
 def resolve_budget(memory: str | None, preset: str | None) -> tuple[int, str, bool]:
@@ -103,7 +122,8 @@ def read_pyproject(path: Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path} is not valid TOML: {exc}") from None
     table = data.get("tool", {}).get("bsselect", {})
-    known = {"task", "batch_size", "memory", "device_preset", "margin", "target"}
+    known = {"task", "batch_size", "memory", "device_preset", "margin", "target", "precision",
+             "accumulate", "inputs"}
     unknown = set(table) - known
     if unknown:
         raise UsageError(f"[tool.bsselect] in {path}: unknown key(s) {sorted(unknown)}; "
@@ -131,7 +151,21 @@ def merge_config(cli: dict[str, Any], file: dict[str, Any]) -> CheckConfig:
         target = Target(target_name)
     except ValueError:
         raise UsageError(f"target must be same or cuda, got {target_name!r}") from None
-    return CheckConfig(pick("task"), batch, size, source, margin, target, hopper)
+    accumulate = pick("accumulate", 1)
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise UsageError(f"accumulate must be an integer >= 1, got {accumulate!r}")
+    return CheckConfig(pick("task"), batch, size, source, margin, target, hopper,
+                       precision=_choice(Precision, pick("precision", "fp32"), "precision"),
+                       accumulate=accumulate,
+                       inputs=_choice(InputMode, pick("inputs", "worst-case"), "inputs"))
+
+
+def _choice(enum: Any, value: Any, name: str) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        known = ", ".join(m.value for m in enum)
+        raise UsageError(f"{name} must be one of {known}; got {value!r}") from None
 
 
 def _required(peak: int, rounded: int | None, config: CheckConfig, has_conv: bool
@@ -142,18 +176,23 @@ def _required(peak: int, rounded: int | None, config: CheckConfig, has_conv: boo
     return peak + sum(t.bytes for t in terms), terms
 
 
-def run_check(task: Task, task_name: str, config: CheckConfig) -> CheckResult:
+def run_check(task: Task, task_name: str, config: CheckConfig,
+              inputs: "InputScan | None" = None) -> CheckResult:
     """Simulate the step at the requested batch (and one more size for the line through
-    which the largest fitting batch is solved)."""
+    which the largest fitting batch is solved), with the config's precision and accumulation,
+    on ``inputs`` (the largest items for worst-case inputs; None: random items)."""
     from .memory.simulated import simulate_step_peak
-    from .probe import model_has_conv
+    from .probe import model_has_conv, step_fields
 
     b = config.batch_size
     other = b // 2 if b >= 16 else 2 * max(b, 8)
     has_conv = config.target is not Target.same and model_has_conv(task)
     # CPU kernels' internal scratch (oneDNN layouts) applies only when the target is this CPU.
     scratch = config.target is Target.same
-    steps = {n: simulate_step_peak(task, n, kernel_workspace=scratch) for n in sorted({b, other})}
+    settings = StepSettings(config.precision, config.accumulate,
+                            None if config.target is Target.same else config.target.value)
+    steps = {n: simulate_step_peak(task, n, kernel_workspace=scratch, settings=settings,
+                                   inputs=inputs) for n in sorted({b, other})}
     req = {n: _required(s.peak_bytes, s.rounded_peak_bytes, config, has_conv)
            for n, s in steps.items()}
     required, terms = req[b]
@@ -173,4 +212,5 @@ def run_check(task: Task, task_name: str, config: CheckConfig) -> CheckResult:
         max_batch=best, max_batch_pow2=largest_pow2_at_most(best) if best else 0,
         peak_bytes=steps[b].peak_bytes, target=config.target.value,
         budget_source=config.budget_source, terms=tuple(terms),
+        **step_fields(settings, inputs), optimizer_impl=steps[b].optimizer_impl,
     )

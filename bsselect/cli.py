@@ -12,6 +12,7 @@ import typer
 
 from . import __version__
 from .errors import BsselectError, UsageError
+from .run_options import AccumulateOpt, InputsOpt, PrecisionOpt
 
 T = TypeVar("T")
 
@@ -140,6 +141,9 @@ def probe(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps, xpu ...")] = "auto",
     batch_sizes: Annotated[Optional[str], typer.Option(
         help="Comma-separated batch sizes to measure.", show_default="8,16,32,64,128")] = None,
+    precision: PrecisionOpt = "fp32",
+    accumulate: AccumulateOpt = 1,
+    inputs: InputsOpt = "worst-case",
     as_json: JsonOpt = False,
 ) -> None:
     """What fits? Peak memory per sample and fixed, and the largest batch under the budget.
@@ -161,9 +165,12 @@ def probe(
         from .task import load_task, validate_task
         from .units import parse_size
 
+        from .run_options import parse_inputs, print_step_lines, scan, step_settings
+
         meth = _enum(Method, method, "--method")
         tgt = _enum(Target, target, "--target")
         sizes = parse_int_list(batch_sizes, "--batch-sizes") or list(DEFAULT_BATCH_SIZES)
+        settings, mode = step_settings(precision, accumulate), parse_inputs(inputs)
         dev = _device(device)
         if memory is not None:
             budget = Budget(parse_size(memory), "--memory")
@@ -174,16 +181,19 @@ def probe(
         loaded, name = load_task(task)
         # A simulated probe never allocates the model, so neither does its validation.
         validate_task(loaded, on_meta=choose_method(meth, dev) is Method.simulated)
+        items = scan(loaded, mode, console)
         with _progress(console, f"probing {name}", len(sizes)) as advance:
             result = run_probe(loaded, task_name=name, device=dev, budget=budget, method=meth,
                                margin=margin, batch_sizes=sizes, target=tgt,
-                               budget_is_total=memory is not None, on_point=advance)
+                               budget_is_total=memory is not None, on_point=advance,
+                               settings=settings, inputs=items)
         from .distributed import probe_json
 
         if as_json:
             emit_json(probe_json(result.to_json()))
         else:
             render_probe(result)
+            print_step_lines(result.to_json())
             _note("probe", result.to_json())
 
     guarded(body)
@@ -484,6 +494,14 @@ def check(
         help="pyproject.toml whose [tool.bsselect] supplies defaults.")] = Path("pyproject.toml"),
     output_format: Annotated[str, typer.Option(
         "--format", help="text, json or github (GitHub Actions annotations).")] = "text",
+    precision: Annotated[Optional[str], typer.Option(
+        help="fp32, bf16 or fp16 autocast (fp16 with GradScaler).", show_default="fp32")] = None,
+    accumulate: Annotated[Optional[int], typer.Option(
+        help="Gradient accumulation steps: --batch-size is the micro-batch that must fit; "
+             "the effective batch is batch size x N.", show_default="1")] = None,
+    inputs: Annotated[Optional[str], typer.Option(
+        help="worst-case (batches of the largest items) or typical (random items).",
+        show_default="worst-case")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Will this config fit on that GPU? Exit 0 if it fits, 3 if not — no GPU needed.
@@ -502,7 +520,8 @@ def check(
 
     def body() -> None:
         from .check import merge_config, read_pyproject, run_check
-        from .report import emit_json, render_check, render_check_github
+        from .report import console, emit_json, render_check, render_check_github
+        from .run_options import print_step_lines, scan
         from .task import load_task, validate_task
 
         fmt = "json" if as_json else output_format
@@ -510,17 +529,19 @@ def check(
             raise UsageError(f"--format must be text, json or github; got {fmt!r}")
         cfg = merge_config(
             {"task": task, "batch_size": batch_size, "memory": memory,
-             "device_preset": device_preset, "margin": margin, "target": target},
+             "device_preset": device_preset, "margin": margin, "target": target,
+             "precision": precision, "accumulate": accumulate, "inputs": inputs},
             read_pyproject(config))
         loaded, name = load_task(cfg.task)
         validate_task(loaded, on_meta=True)
-        result = run_check(loaded, name, cfg)
+        result = run_check(loaded, name, cfg, scan(loaded, cfg.inputs, console))
         if fmt == "json":
             emit_json(result.to_json())
         elif fmt == "github":
             render_check_github(result)
         else:
             render_check(result)
+            print_step_lines(result.to_json())
         if not result.fits:
             raise typer.Exit(3)
 

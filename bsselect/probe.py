@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -17,10 +17,12 @@ from .capacity import (
 from .device import Budget
 from .errors import DoesNotFitError, UsageError
 from .oom import is_oom_error, release_memory
+from .step import StepSettings
 from .targets import Target, Term, cuda_terms
 from .task import Task
 
 if TYPE_CHECKING:
+    from .inputs import InputScan
     from .memory.measured import AllocatorBackend
 
 DEFAULT_BATCH_SIZES = (8, 16, 32, 64, 128)
@@ -58,11 +60,22 @@ class ProbeResult:
     confirmation: tuple[dict, ...] = ()   # measured path: the real steps run at the answer
     param_bytes: int | None = None
     optimizer_state_bytes: int | None = None
+    # How the measured step trains (StepSettings) and which items made its batches (InputScan).
+    precision: str = "fp32"
+    accumulate: int = 1                   # micro-steps per optimizer step
+    optimizer_impl: str | None = None     # for-loop | foreach | fused (simulated)
+    inputs: str = "typical"               # worst-case | typical
+    largest_item_elements: int | None = None
+    items_scanned: int = 0
+    uniform_items: bool | None = None     # every item the same size: worst case = typical
+    inputs_note: str = ""
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["points"] = [asdict(p) for p in self.points]
         data["terms"] = [asdict(t) for t in self.terms]
+        # max_batch is per micro-step: the batch that must fit. Accumulation trains on more.
+        data.update(micro_batch=self.max_batch, effective_batch=self.max_batch * self.accumulate)
         return data
 
 
@@ -90,37 +103,37 @@ def model_has_conv(task: Task) -> bool:
 
 def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
                backend: "AllocatorBackend | None" = None,
-               cpu_kernel_scratch: bool = True) -> Meter:
+               cpu_kernel_scratch: bool = True, settings: StepSettings = StepSettings(),
+               inputs: "InputScan | None" = None) -> Meter:
     """The measuring function for ``method`` on ``device`` (or on ``backend``, any allocator
-    with peak statistics — tests pass a CPU allocator with a cap)."""
+    with peak statistics — tests pass a CPU allocator with a cap). ``settings`` and
+    ``inputs``: the step as the run trains it, on the items it is measured on."""
     if method is Method.simulated:
         from .memory.simulated import simulate_step_peak
 
         meter = Meter(method, lambda b: 0)
 
         def simulated(b: int) -> int:
-            step = simulate_step_peak(task, b, seed=seed, kernel_workspace=cpu_kernel_scratch)
+            step = simulate_step_peak(task, b, seed=seed, kernel_workspace=cpu_kernel_scratch,
+                                      settings=settings, inputs=inputs)
             meter.extras["param_bytes"] = step.param_bytes
             meter.extras["optimizer_state_bytes"] = step.optimizer_state_bytes
+            meter.extras["optimizer_impl"] = step.optimizer_impl
             meter.extras.setdefault("rounded", {})[b] = step.rounded_peak_bytes
             return step.peak_bytes
 
         meter.peak = simulated
         return meter
-    if backend is not None:
-        from .memory.measured import run_two_steps
-
-        return Meter(method, lambda b: run_two_steps(task, b, backend, seed),
-                     confirm=lambda b: run_two_steps(task, b, backend, seed) and None)
-    if device.type == "cpu":
+    if backend is None and device.type == "cpu":
         from .memory.cpu_truth import cpu_step_peak
 
-        return Meter(method, lambda b: cpu_step_peak(task, b, seed=seed).peak_bytes)
+        return Meter(method, lambda b: cpu_step_peak(task, b, seed=seed, settings=settings,
+                                                     inputs=inputs).peak_bytes)
     from .memory.measured import AcceleratorAllocator, run_two_steps
 
-    backend = AcceleratorAllocator(device)
-    return Meter(method, lambda b: run_two_steps(task, b, backend, seed),
-                 confirm=lambda b: run_two_steps(task, b, backend, seed) and None)
+    real = backend if backend is not None else AcceleratorAllocator(device)
+    run = lambda b: run_two_steps(task, b, real, seed, settings, inputs)  # noqa: E731
+    return Meter(method, run, confirm=lambda b: run(b) and None)
 
 
 def _required(point_peak: int, rounded: int | None, target: Target, has_conv: bool,
@@ -180,17 +193,26 @@ def run_probe(
     seed: int = 0,
     on_point: Callable[[int, int], None] | None = None,
     backend: "AllocatorBackend | None" = None,
+    settings: StepSettings = StepSettings(),
+    inputs: "InputScan | None" = None,
 ) -> ProbeResult:
     """Measure peaks, fit ``peak = fixed + per_sample*b``, solve for the largest batch that
-    fits ``budget`` after ``margin``, and (measured path) confirm it with a real step."""
+    fits ``budget`` after ``margin``, and (measured path) confirm it with a real step.
+
+    Batch sizes are micro-batches when ``settings.accumulate > 1``; ``inputs`` picks the items
+    (the largest for worst-case inputs; None: random). For ``target`` cuda the simulation
+    runs the optimizer implementation CUDA would pick."""
     margin = check_margin(margin)
     sizes = check_batch_sizes(batch_sizes)
     if len(sizes) < 2:
         raise UsageError("probe needs at least two batch sizes to fit a line")
     method = Method.measured if backend is not None else choose_method(method, device)
     # For another device, CPU kernels' internal scratch (oneDNN layouts) does not apply.
+    if target is not Target.same and settings.target_device is None:
+        settings = replace(settings, target_device=target.value)
     meter = make_meter(task, method, device, seed, backend,
-                       cpu_kernel_scratch=target is Target.same)
+                       cpu_kernel_scratch=target is Target.same, settings=settings,
+                       inputs=inputs)
     # Under torchrun every measurement is agreed: an OOM on one rank ends the series on all.
     meter = distributed.agree_meter(meter)
     raw = measure_points(meter, sizes, on_point)
@@ -222,4 +244,15 @@ def run_probe(
         confirmation=confirmation,
         param_bytes=meter.extras.get("param_bytes"),
         optimizer_state_bytes=meter.extras.get("optimizer_state_bytes"),
+        **step_fields(settings, inputs), optimizer_impl=meter.extras.get("optimizer_impl"),
     )
+
+
+def step_fields(settings: StepSettings, inputs: "InputScan | None") -> dict:
+    """ProbeResult/CheckResult fields that say how the step was measured."""
+    fields = dict(precision=settings.precision.value, accumulate=settings.accumulate)
+    if inputs is not None:
+        fields.update(inputs=inputs.mode.value, items_scanned=inputs.items_scanned,
+                      largest_item_elements=inputs.largest_item_elements,
+                      uniform_items=inputs.uniform, inputs_note=inputs.how)
+    return fields

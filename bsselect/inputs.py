@@ -1,0 +1,163 @@
+"""Which items make the batches that memory is measured on: the largest ones, or random ones.
+
+When items differ in size (sequences of different lengths, images of different sizes, padded
+by the task's collate_fn), a random batch measures a typical step, and a training run meets
+every batch of an epoch: the one holding the longest items decides whether it runs out of
+memory. ``probe`` and ``check`` therefore default to worst-case inputs: the batch of ``b`` is
+the ``b`` largest items, by element count (every tensor, array and string in the item,
+target included). Finding them takes one pass over the dataset, at most ``MAX_SCAN_ITEMS``
+items (a seeded random sample of larger datasets, which the output says).
+
+Items of one size make worst-case and typical batches the same size; then the random batch
+is kept (the answer is exactly what it was before worst-case inputs existed) and a
+``TensorDataset`` is recognised without reading a single item.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import Enum
+from statistics import median
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils._pytree import tree_flatten
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from .errors import TaskError, one_line
+from .step import sample_indices
+
+MAX_SCAN_ITEMS = 100_000
+Progress = Callable[[int, int], None]  # (items scanned, items to scan)
+
+
+class InputMode(str, Enum):
+    worst_case = "worst-case"
+    typical = "typical"
+
+
+def item_elements(item: Any) -> int:
+    """Elements in one dataset item: tensor and array elements, characters of strings (a
+    collate_fn may tokenise them), images' pixels times bands, 1 per other scalar."""
+    total = 0
+    for leaf in tree_flatten(item)[0]:
+        if isinstance(leaf, torch.Tensor):
+            total += leaf.numel()
+        elif isinstance(leaf, (str, bytes)):
+            total += len(leaf)
+        elif hasattr(leaf, "getbands") and hasattr(leaf, "width"):  # a PIL image
+            total += leaf.width * leaf.height * len(leaf.getbands())
+        elif hasattr(leaf, "size") and hasattr(leaf, "shape") and isinstance(leaf.size, int):
+            total += leaf.size  # a numpy array
+        else:
+            total += 1
+    return total
+
+
+def _same_size_by_construction(data: Dataset) -> bool:
+    """A TensorDataset (or a Subset of one) indexes tensors along dim 0: one item shape."""
+    while isinstance(data, Subset):
+        data = data.dataset
+    return isinstance(data, TensorDataset)
+
+
+@dataclass(frozen=True)
+class InputScan:
+    """How memory batches are chosen, and what the scan of the dataset found.
+
+    ``ranked`` holds the scanned items' indices, largest first (ties by index); empty when
+    no ranking is needed (typical inputs, or items all of one size).
+    """
+
+    mode: InputMode
+    items_total: int
+    items_scanned: int
+    uniform: Optional[bool]                  # every scanned item the same size (None: unknown)
+    largest_item_elements: Optional[int]
+    median_item_elements: Optional[float]
+    ranked: tuple[int, ...] = ()
+    how: str = ""                            # how the sizes were found, for people
+    scan_s: float = 0.0
+
+    @property
+    def picks_largest(self) -> bool:
+        return self.mode is InputMode.worst_case and bool(self.ranked)
+
+    def indices(self, batch_size: int, seed: int = 0) -> list[int]:
+        """The items of a batch: the ``batch_size`` largest (repeated from the largest on if
+        the batch is larger than the scanned items), else the random draw ``make_batch``
+        makes with ``seed``."""
+        if not self.picks_largest:
+            gen = torch.Generator().manual_seed(seed)
+            return sample_indices(self.items_total, batch_size, gen)
+        ranked = self.ranked
+        return [ranked[i % len(ranked)] for i in range(batch_size)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"inputs": self.mode.value, "largest_item_elements": self.largest_item_elements,
+                "median_item_elements": self.median_item_elements,
+                "items_scanned": self.items_scanned, "items_total": self.items_total,
+                "uniform_items": self.uniform, "inputs_note": self.how}
+
+    def describe(self) -> str:
+        """One line for people."""
+        if self.mode is InputMode.typical:
+            return "inputs: typical (random batches; --inputs worst-case measures the largest items)"
+        if self.uniform:
+            return f"inputs: worst-case = typical: {self.how}"
+        return (f"inputs: worst-case, each batch of b is the b largest items — largest "
+                f"{self.largest_item_elements:,} elements, median {self.median_item_elements:,.0f}"
+                f" ({self.how})")
+
+
+def typical_inputs(data: Dataset) -> InputScan:
+    return InputScan(InputMode.typical, len(data), 0, None, None, None)  # type: ignore[arg-type]
+
+
+def scan_inputs(data: Dataset, mode: InputMode = InputMode.worst_case, *, seed: int = 0,
+                max_items: int = MAX_SCAN_ITEMS, progress: Optional[Progress] = None
+                ) -> InputScan:
+    """The items memory batches are made of, for ``mode``: a pass over ``data`` (at most
+    ``max_items`` items, a seeded random sample beyond) ranking items by element count."""
+    n = len(data)  # type: ignore[arg-type]
+    if mode is InputMode.typical:
+        return typical_inputs(data)
+    if _same_size_by_construction(data):
+        size = item_elements(data[0]) if n else 0
+        return InputScan(mode, n, 0, True, size, float(size),
+                         how=f"a TensorDataset: every item has {size:,} elements")
+    start = time.perf_counter()
+    order = (list(range(n)) if n <= max_items else
+             torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_items].tolist())
+    sizes = _sizes(data, order, progress)
+    elapsed = time.perf_counter() - start
+    largest, mid = max(sizes), median(sizes)
+    if largest == min(sizes):
+        return InputScan(mode, n, len(order), True, largest, float(mid),
+                         how=f"all {len(order):,} items scanned have {largest:,} elements"
+                             + _sample_note(len(order), n), scan_s=elapsed)
+    ranked = tuple(i for _, i in sorted(zip(sizes, order), key=lambda si: (-si[0], si[1])))
+    how = f"{len(order):,} items scanned in {elapsed:.1f} s" + _sample_note(len(order), n)
+    return InputScan(mode, n, len(order), False, largest, float(mid), ranked, how, elapsed)
+
+
+def _sample_note(scanned: int, total: int) -> str:
+    if scanned >= total:
+        return ""
+    return (f"; a random {scanned:,} of {total:,} (the scan stops at {scanned:,}: a larger item "
+            "may be among the rest)")
+
+
+def _sizes(data: Dataset, order: list[int], progress: Optional[Progress]) -> list[int]:
+    sizes = []
+    every = max(1, len(order) // 200)  # ~200 progress updates, whatever the size
+    for j, i in enumerate(order):
+        try:
+            sizes.append(item_elements(data[i]))
+        except Exception as exc:
+            raise TaskError(f"reading train_data[{i}] to find the largest items failed: "
+                            f"{one_line(exc)} (--inputs typical skips the scan)") from exc
+        if progress is not None and (j % every == 0 or j + 1 == len(order)):
+            progress(j + 1, len(order))
+    return sizes

@@ -1,0 +1,112 @@
+"""CLI options that make memory numbers hold for the whole real run: --precision,
+--accumulate and --inputs; their parsing, the dataset scan's progress bar, and the lines that
+say how a step was measured. Kept out of cli.py so that each command only wires them in."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from .errors import UsageError
+
+if TYPE_CHECKING:  # torch is imported when a command runs, not for --help
+    from .inputs import InputMode, InputScan
+    from .precision import Precision
+    from .step import StepSettings
+    from .task import Task
+
+PrecisionOpt = Annotated[str, typer.Option(
+    help="fp32, bf16 or fp16: the forward under torch.autocast with that dtype (fp16 also with "
+         "GradScaler loss scaling); parameters, gradients and optimizer state stay fp32.")]
+AccumulateOpt = Annotated[int, typer.Option(
+    help="Gradient accumulation: micro-steps per optimizer step. Batch sizes are then "
+         "micro-batches (what must fit); the effective batch is micro-batch x N.")]
+InputsOpt = Annotated[str, typer.Option(
+    help="worst-case: measure batches of the largest items (by element count; one scan of "
+         "the dataset, at most 100,000 items); typical: random batches.")]
+
+
+def _choice(enum: Any, value: str, option: str) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        known = ", ".join(m.value for m in enum)
+        raise UsageError(f"{option} must be one of {known}; got {value!r}") from None
+
+
+def parse_precision(value: str) -> "Precision":
+    from .precision import Precision
+
+    return _choice(Precision, value, "--precision")
+
+
+def parse_inputs(value: str) -> "InputMode":
+    from .inputs import InputMode
+
+    return _choice(InputMode, value, "--inputs")
+
+
+def step_settings(precision: str, accumulate: int = 1) -> "StepSettings":
+    from .step import StepSettings
+
+    if accumulate < 1:
+        raise UsageError(f"--accumulate must be >= 1, got {accumulate}")
+    return StepSettings(precision=parse_precision(precision), accumulate=accumulate)
+
+
+def scan(task: "Task", mode: "InputMode", console: Any, seed: int = 0) -> "InputScan":
+    """``inputs.scan_inputs`` over the task's training data with a rich progress bar on
+    stderr (transient: it disappears when done; the result's ``how`` says what was read)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .inputs import InputMode, scan_inputs
+
+    if mode is InputMode.typical:
+        return scan_inputs(task.train_data, mode)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=console, transient=True)
+    with bar:
+        job = bar.add_task("finding the largest items", total=None)
+        return scan_inputs(task.train_data, mode, seed=seed,
+                           progress=lambda done, total: bar.update(job, completed=done,
+                                                                   total=total))
+
+
+def step_lines(data: dict[str, Any]) -> list[str]:
+    """Lines under probe's or check's table: which items, which precision, optimizer
+    implementation, micro- vs effective batch (from the result's JSON fields)."""
+    lines = []
+    inputs = data.get("inputs")
+    if inputs == "worst-case" and data.get("uniform_items"):
+        lines.append(f"inputs: worst-case = typical ({data.get('inputs_note')})")
+    elif inputs == "worst-case":
+        note = data.get("inputs_note") or ""
+        largest = data.get("largest_item_elements")
+        size = f"largest item {largest:,} elements; " if largest is not None else ""
+        lines.append(f"inputs: worst-case — batches of the largest items ({size}{note})")
+    elif inputs == "typical":
+        lines.append("inputs: typical — random batches (a batch of longer items needs more)")
+    precision = data.get("precision", "fp32")
+    if precision != "fp32":
+        scaling = " with GradScaler" if precision == "fp16" else ""
+        lines.append(f"precision: {precision} autocast{scaling}, fp32 parameters and gradients")
+    if data.get("optimizer_impl"):
+        lines.append(f"optimizer: {data['optimizer_impl']} implementation"
+                     + (" (as CUDA runs it)" if data.get("target") == "cuda" else ""))
+    accumulate = data.get("accumulate", 1)
+    if accumulate > 1:
+        lines.append(f"accumulation: micro-batch {data['micro_batch']} must fit; x {accumulate} "
+                     f"micro-steps = effective batch {data['effective_batch']} per optimizer step")
+    return lines
+
+
+def print_step_lines(data: dict[str, Any]) -> None:
+    from .report import out
+
+    for line in step_lines(data):
+        out.print(line, highlight=False)
+
+
+__all__ = ["PrecisionOpt", "AccumulateOpt", "InputsOpt", "parse_precision", "parse_inputs",
+           "step_settings", "scan", "step_lines", "print_step_lines"]
