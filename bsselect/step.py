@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -11,6 +12,23 @@ from torch.utils.data import default_collate
 
 from .precision import Precision, autocast, device_type_of
 from .task import Task
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How a measured step trains, as the real run will: autocast ``precision``,
+    ``accumulate`` micro-steps per optimizer step (the batch size is then the micro-batch),
+    and ``target_device``, the device type whose defaults a simulation reproduces where they
+    differ from the CPU's (the optimizer's foreach/for-loop choice); None: this machine's."""
+
+    precision: Precision = Precision.fp32
+    accumulate: int = 1
+    target_device: Optional[str] = None
+
+    def micro_steps(self) -> int:
+        """Micro-steps worth simulating: from the second on they are all alike (the earlier
+        gradients alive, the same batch shapes), so two give the peak of any N >= 2."""
+        return min(self.accumulate, 2)
 
 
 def collate(task: Task, items: Sequence[Any]) -> tuple[Any, Any]:

@@ -35,11 +35,9 @@ from torch.utils._pytree import tree_flatten
 from ..errors import TaskError, one_line
 from ..optim_impl import run_as_on
 from ..precision import make_scaler
-from ..step import make_batch, train_step
+from ..step import StepSettings, make_batch, train_step
 from ..task import Task
-from .simulated import (
-    Phase, StepPeak, StepSettings, step_peak, with_phase_marks, young_gc_only,
-)
+from .simulated import Phase, StepPeak, step_peak, with_phase_marks, young_gc_only
 
 _STEP = "bsselect::step2"
 _BACKWARD = "bsselect::backward"
@@ -142,7 +140,7 @@ def _real_steps(task: Task, batch_size: int, seed: int, settings: StepSettings,
         batch = make_batch(task, batch_size, seed, inputs)
         model = task.model()
         optimizer = task.make_optimizer(model.parameters(), task.lr)
-        impl = run_as_on(optimizer, settings.optimizer_device or "cpu")
+        impl = run_as_on(optimizer, settings.target_device or "cpu")
         options = dict(precision=settings.precision, accumulate=settings.accumulate,
                        scaler=make_scaler(settings.precision, "cpu"))
         marked, handles = with_phase_marks(

@@ -15,9 +15,8 @@ import torch
 from ..errors import TaskError, one_line
 from ..oom import is_oom_error
 from ..precision import make_scaler
-from ..step import make_batch, to_device, train_step
+from ..step import StepSettings, make_batch, to_device, train_step
 from ..task import Task
-from .simulated import StepSettings
 
 
 class AllocatorBackend(Protocol):

@@ -36,8 +36,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import TaskError, one_line
 from ..optim_impl import run_as_on
-from ..precision import Precision, make_scaler
-from ..step import make_batch, train_step
+from ..precision import make_scaler
+from ..step import StepSettings, make_batch, train_step
 from ..task import Task
 
 
@@ -322,26 +322,11 @@ def real_batch(task: Task, batch_size: int, seed: int, inputs: Any = None) -> tu
         raise TaskError(f"collating a batch of {batch_size} failed: {one_line(exc)}") from exc
 
 
-@dataclass(frozen=True)
-class StepSettings:
-    """How the measured step trains: autocast precision, micro-steps per optimizer step, and
-    the device whose default optimizer implementation to run (None: this one's)."""
-
-    precision: Precision = Precision.fp32
-    accumulate: int = 1
-    optimizer_device: Optional[str] = None
-
-    def micro_steps(self) -> int:
-        """Micro-steps worth running: from the second on they are all alike (the earlier
-        gradients alive, the same batch shapes), so two give the peak of any N >= 2."""
-        return min(self.accumulate, 2)
-
-
 def _run_steps(task: Task, model: nn.Module, batch: Any, counter: LiveStorageCounter,
                settings: StepSettings = StepSettings()) -> Any:
     """Step 1 (creates optimizer state), then step 2 under the counter."""
     optimizer = task.make_optimizer(model.parameters(), task.lr)
-    impl = run_as_on(optimizer, settings.optimizer_device or "cpu")
+    impl = run_as_on(optimizer, settings.target_device or "cpu")
     scaler = make_scaler(settings.precision, "cpu", simulated=True)
     options = dict(precision=settings.precision, scaler=scaler,
                    accumulate=settings.micro_steps())
