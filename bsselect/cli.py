@@ -215,6 +215,7 @@ def noise(
         help="Also estimate every K steps during the warm-up run.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the initial weights and batches.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps, xpu ...")] = "auto",
+    precision: PrecisionOpt = "fp32",
     as_json: JsonOpt = False,
 ) -> None:
     """How noisy are the gradients? The gradient noise scale B_simple (McCandlish et al. 2018).
@@ -245,7 +246,7 @@ def noise(
             report = measure_noise(loaded, b_small=b_small, b_big=b_big,
                                    measurements=measurements, seed=seed,
                                    warmup_steps=warmup_steps, every=every, progress=advance,
-                                   device=dev)
+                                   device=dev, precision=_precision(precision))
         if as_json:
             from .distributed import noise_json
 
@@ -285,6 +286,8 @@ def sweep(
     memory: MemoryOpt = None,
     plot: Annotated[Optional[Path], typer.Option(
         help="Write a PNG with loss curves, step-time fit and ranking (needs matplotlib).")] = None,
+    precision: PrecisionOpt = "fp32",
+    accumulate: AccumulateOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """What trains best? Short equal-budget trials at power-of-two batch sizes, ranked.
@@ -314,13 +317,16 @@ def sweep(
         explicit = parse_int_list(batch_sizes, "--batch-sizes")
         trial_budget = parse_budget(budget) if budget is not None else None
         dev = _device(device)
+        from .run_options import step_settings
+
+        step = step_settings(precision, accumulate)
         loaded, name = load_task(task)
         validate_task(loaded)
         sizes, cap, cap_source = _plan_sizes(loaded, name, explicit, min_batch, max_batch,
-                                             memory, dev)
+                                             memory, dev, step)
         n_train = len(loaded.train_data)  # type: ignore[arg-type]
         settings = _sweep_settings(loaded, trial_budget or default_budget(n_train, max(sizes)),
-                                   lr_scaling, seed, warmup_steps, noise_measurements)
+                                   lr_scaling, seed, warmup_steps, noise_measurements, step)
         path = journal or Path(f"bsselect-sweep-{_slug(name)}.jsonl")
         console.print(f"sweeping {name}: batch sizes {sizes} ({cap_source}), "
                       f"{settings.budget.amount:g} {settings.budget.kind.value} per trial, "
@@ -393,8 +399,10 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name.rsplit("/", 1)[-1]).strip("-") or "task"
 
 
-def _plan_sizes(task, name, explicit, min_batch, max_batch, memory, dev):
-    """Batch sizes to try, the largest allowed, and where that maximum came from."""
+def _plan_sizes(task, name, explicit, min_batch, max_batch, memory, dev, step=None):
+    """Batch sizes to try, the largest allowed, and where that maximum came from. With
+    accumulation (``step``: StepSettings) they are effective batches of N micro-batches, and
+    the probe answers for the micro-batch, on the largest items."""
     from .capacity import largest_pow2_at_most
     from .device import Budget, default_budget
     from .probe import run_probe
@@ -403,8 +411,8 @@ def _plan_sizes(task, name, explicit, min_batch, max_batch, memory, dev):
     from .units import parse_size
 
     # Under torchrun these are global batches: a power of two per device x world size w
-    # (the probe answers per device).
-    w = world_size()
+    # (the probe answers per device), times the accumulation steps.
+    w = world_size() * (step.accumulate if step is not None else 1)
 
     def powers(lo: int, per_device_hi: int) -> list[int]:
         return [w * b for b in powers_of_two(-(-lo // w), per_device_hi)]
@@ -420,7 +428,14 @@ def _plan_sizes(task, name, explicit, min_batch, max_batch, memory, dev):
     if max_batch is not None:
         return powers(min_batch, max_batch // w), max_batch, "--max-batch"
     budget = Budget(parse_size(memory), "--memory") if memory else default_budget(dev)
-    probed = run_probe(task, task_name=name, device=dev, budget=budget)
+    from .inputs import InputMode
+    from .report import console
+    from .run_options import scan
+    from .step import StepSettings
+
+    probed = run_probe(task, task_name=name, device=dev, budget=budget,
+                       settings=step or StepSettings(),
+                       inputs=scan(task, InputMode.worst_case, console))
     fits = probed.max_batch * w
     if probed.max_batch_pow2 * w <= cap:
         return powers(min_batch, probed.max_batch_pow2), fits, "probe"
@@ -428,12 +443,20 @@ def _plan_sizes(task, name, explicit, min_batch, max_batch, memory, dev):
             f"probe allows {fits}; capped at half the {n_train} training items")
 
 
-def _sweep_settings(task, budget, lr_scaling, seed, warmup_steps, noise_measurements):
+def _sweep_settings(task, budget, lr_scaling, seed, warmup_steps, noise_measurements,
+                    step=None):
     from .sweep import SweepSettings, resolve_lr_scaling
 
+    extra = {} if step is None else dict(precision=step.precision, accumulate=step.accumulate)
     return SweepSettings(budget=budget, lr_scaling=resolve_lr_scaling(task, lr_scaling),
                          seed=seed, warmup_steps=warmup_steps,
-                         noise_measurements=noise_measurements)
+                         noise_measurements=noise_measurements, **extra)
+
+
+def _precision(value: str):
+    from .run_options import parse_precision
+
+    return parse_precision(value)
 
 
 class _SweepProgress:

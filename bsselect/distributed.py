@@ -369,9 +369,11 @@ def average_gradients(params: Sequence[nn.Parameter]) -> None:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, task: Any, x: Any, y: Any,
-               *, careful: bool = True) -> torch.Tensor:
+               *, careful: bool = True, **options: Any) -> torch.Tensor:
     """Forward, loss, backward, optimizer step; the loss averaged over ranks (so every rank
-    takes the same decisions from it). In one process: ``step.train_step``.
+    takes the same decisions from it). In one process: ``step.train_step``, which also takes
+    ``options`` (precision, scaler, accumulate, next_micro_batch); under DDP they must be the
+    defaults for now.
 
     Under DDP a failure anywhere on any rank is agreed before the next collective. With
     ``careful`` the backward runs under ``no_sync`` (local), the failure flag is agreed, then
@@ -380,7 +382,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, task: Any, x:
     from .step import train_step as local_step
 
     if not active():
-        return local_step(model, optimizer, task, x, y)
+        return local_step(model, optimizer, task, x, y, **options)
+    if options.get("accumulate", 1) > 1 or options.get("scaler") is not None or \
+            getattr(options.get("precision"), "value", "fp32") != "fp32":
+        raise UsageError("--precision and --accumulate are not supported under torchrun yet")
     optimizer.zero_grad(set_to_none=True)
     failure: Exception | None = None
     loss = torch.zeros(())

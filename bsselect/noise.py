@@ -25,7 +25,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from . import distributed
 from .errors import TaskError, UsageError, one_line
 from .noise_math import NoiseEstimate, check_batch_sizes, estimate_from_norms
-from .step import collate, sample_indices, to_device
+from .precision import Precision, make_scaler, raw_grads
+from .step import collate, forward_loss, sample_indices, to_device
 from .task import Task
 
 __all__ = [
@@ -68,6 +69,7 @@ class NoiseReport:
     train_steps: int
     samples: int  # examples through forward/backward, measurement and training together
     wall_s: float
+    precision: str = "fp32"  # the forward's autocast dtype; gradients are fp32 and unscaled
 
     def to_json(self) -> dict[str, Any]:
         """DESIGN.md's ``noise`` fields (of ``final``) plus siblings; JSON-safe (no inf/NaN)."""
@@ -79,6 +81,7 @@ class NoiseReport:
                         for p in self.trajectory],
             passes=self.passes, measure_passes=self.measure_passes,
             train_steps=self.train_steps, samples_total=self.samples, wall_s=self.wall_s,
+            precision=self.precision,
         )
         return out
 
@@ -135,7 +138,8 @@ def _sq_norm(grad: torch.Tensor) -> torch.Tensor:
     return grad.pow(2).sum(dtype=_sum_dtype(grad.device))
 
 
-def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int) -> _Norms:
+def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
+                precision: Precision = Precision.fp32) -> _Norms:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TaskError("the model has no parameters that require grad")
@@ -148,9 +152,10 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int) -> _No
     # Under torchrun (x, y) is this rank's share: n_sub / world_size of the sub-batches.
     with distributed.agreement():
         for xi, yi in split_batch((x, y), n_sub // distributed.world_size()):
-            loss = task.loss_fn(model(xi), yi)
-            # autograd.grad returns the gradients instead of accumulating into .grad.
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            loss = forward_loss(model, task, xi, yi, precision)
+            # autograd.grad returns the gradients instead of accumulating into .grad; with
+            # fp16 the loss is scaled for the backward and the gradients unscaled (raw).
+            grads = raw_grads(loss, params, precision)
             for a, g in zip(acc, grads):
                 if g is None:
                     continue
@@ -166,23 +171,25 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int) -> _No
     return _Norms(float(small_sq) / n_sub, float(big_sq), float(loss_sum) / n_sub)
 
 
-def measure_grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int
-                       ) -> tuple[float, float]:
+def measure_grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
+                       precision: Precision = Precision.fp32) -> tuple[float, float]:
     """(mean over sub-batches of |g_small|^2, |g_big|^2) for one big batch ``(x, y)``.
 
     The batch (nested tuples/dicts of tensors allowed) is split along dim 0 into ``n_sub``
     disjoint sub-batches of ``b_small = b_big / n_sub``: one forward/backward pass each;
     ``g_big`` is the mean of the sub-batch gradients, i.e. the gradient of the mean loss over
     the big batch. The model's mode, ``.grad`` fields and buffers (e.g. BatchNorm running
-    statistics) are left as they were; an optimizer is not involved.
+    statistics) are left as they were; an optimizer is not involved. ``precision``: the
+    forward under autocast, as training runs it; the norms are of unscaled fp32 gradients.
     """
-    return _grad_norms_restoring(model, task, x, y, n_sub)[:2]
+    return _grad_norms_restoring(model, task, x, y, n_sub, precision)[:2]
 
 
-def _grad_norms_restoring(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int) -> _Norms:
+def _grad_norms_restoring(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
+                          precision: Precision = Precision.fp32) -> _Norms:
     saved = [b.detach().clone() for b in model.buffers()]
     try:
-        return _grad_norms(model, task, x, y, n_sub)
+        return _grad_norms(model, task, x, y, n_sub, precision)
     finally:
         with torch.no_grad():
             for buf, old in zip(model.buffers(), saved):
@@ -198,7 +205,7 @@ def _model_device(model: nn.Module) -> torch.device:
 def estimate_noise(
     model: nn.Module, task: Task, *, b_small: int, b_big: int, measurements: int,
     generator: torch.Generator | None = None, seed: int = 0,
-    on_pass: Callable[[int], None] | None = None,
+    on_pass: Callable[[int], None] | None = None, precision: Precision = Precision.fp32,
 ) -> tuple[NoiseEstimate, float]:
     """(B_simple estimate, mean training loss) for ``model`` as it is now.
 
@@ -222,7 +229,7 @@ def estimate_noise(
         for _ in range(measurements):
             idx = distributed.shard(sample_indices(n_data, b_big, gen))  # this rank's share
             x, y = to_device(collate(task, [task.train_data[i] for i in idx]), device)
-            norms = _run_task(lambda: _grad_norms_restoring(model, task, x, y, n_sub))
+            norms = _run_task(lambda: _grad_norms_restoring(model, task, x, y, n_sub, precision))
             small.append(norms.small_sq)
             big.append(norms.big_sq)
             losses.append(norms.loss)
@@ -311,11 +318,12 @@ class _Counter:
 
 
 def _train_one(model: nn.Module, opt: torch.optim.Optimizer, task: Task,
-               gen: torch.Generator, device: torch.device, step: int) -> None:
+               gen: torch.Generator, device: torch.device, step: int,
+               **options: Any) -> None:
     n_data = len(task.train_data)  # type: ignore[arg-type]
     idx = distributed.shard(sample_indices(n_data, task.base_batch_size, gen))
     x, y = to_device(collate(task, [task.train_data[i] for i in idx]), device)
-    loss = _run_task(lambda: distributed.train_step(model, opt, task, x, y),
+    loss = _run_task(lambda: distributed.train_step(model, opt, task, x, y, **options),
                      "a warm-up training step")
     if not math.isfinite(float(loss)):
         raise TaskError(
@@ -328,7 +336,7 @@ def measure_noise(
     task: Task, *, b_small: int | None = None, b_big: int | None = None,
     measurements: int = DEFAULT_MEASUREMENTS, seed: int = 0, warmup_steps: int = 0,
     every: int | None = None, progress: Progress | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", precision: Precision = Precision.fp32,
 ) -> NoiseReport:
     """B_simple of ``task`` at fresh initial weights (``torch.manual_seed(seed)``), and after
     ``warmup_steps`` optimizer steps at ``task.base_batch_size`` with ``task.make_optimizer``
@@ -337,7 +345,8 @@ def measure_noise(
 
     Measurement batches come from their own generator and the global RNG is forked while
     measuring, so the training run is the same whatever ``every`` is. ``progress(done, total)``
-    counts forward/backward passes.
+    counts forward/backward passes. ``precision``: forward passes (measurement and warm-up)
+    under autocast, warm-up steps with a GradScaler for fp16; norms of unscaled gradients.
     """
     n_data = len(task.train_data)  # type: ignore[arg-type]
     b_small, b_big = default_batch_sizes(task, b_small, b_big)
@@ -353,16 +362,18 @@ def measure_noise(
                      "building the optimizer") if warmup_steps else None)
     train_gen = torch.Generator().manual_seed(seed)
     train_model = distributed.wrap_model(model, device) if warmup_steps else model
+    options = {} if precision is Precision.fp32 else dict(
+        precision=precision, scaler=make_scaler(precision, device.type))
     points: list[NoisePoint] = []
     for step in range(warmup_steps + 1):
         if step in steps:
             est, loss = estimate_noise(model, task, b_small=b_small, b_big=b_big,
                                        measurements=measurements, seed=_point_seed(seed, step),
-                                       on_pass=counter.add)
+                                       on_pass=counter.add, precision=precision)
             points.append(NoisePoint(step, loss, est))
         if step < warmup_steps:
             assert opt is not None
-            _train_one(train_model, opt, task, train_gen, device, step)
+            _train_one(train_model, opt, task, train_gen, device, step, **options)
             counter.add(1)
     measure_passes = len(steps) * measurements * n_sub
     return NoiseReport(
@@ -372,5 +383,5 @@ def measure_noise(
         warmup_steps=warmup_steps, passes=measure_passes + warmup_steps,
         measure_passes=measure_passes, train_steps=warmup_steps,
         samples=measure_passes * b_small + warmup_steps * task.base_batch_size,
-        wall_s=time.perf_counter() - start,
+        wall_s=time.perf_counter() - start, precision=precision.value,
     )

@@ -13,6 +13,7 @@ import torch
 from . import distributed
 from .capacity import largest_pow2_at_most
 from .errors import InterruptedRun, UsageError
+from .precision import Precision
 from .rank import (
     LrScaling, Ranking, choose_b_hat, default_lr_scaling, grad_accum_steps, rank_trials, scale_lr,
 )
@@ -66,22 +67,33 @@ class SweepSettings:
     seed: int = 0
     warmup_steps: int = 0
     noise_measurements: int = 8
+    precision: Precision = Precision.fp32
+    accumulate: int = 1  # micro-steps per optimizer step; trial batch sizes are effective
 
     def journal_settings(self, task: Task) -> dict[str, Any]:
         """What makes two sweeps' trials comparable (hashed into the journal's resume key);
         also what ``bsselect report`` needs to re-render without the task."""
-        return {"budget_kind": self.budget.kind.value, "budget": self.budget.amount,
-                "lr_scaling": self.lr_scaling.value, "seed": self.seed,
-                "warmup_steps": self.warmup_steps, "noise_measurements": self.noise_measurements,
-                "base_lr": task.lr, "base_batch_size": task.base_batch_size,
-                "held_out_validation": task.val_data is None}
+        settings = {"budget_kind": self.budget.kind.value, "budget": self.budget.amount,
+                    "lr_scaling": self.lr_scaling.value, "seed": self.seed,
+                    "warmup_steps": self.warmup_steps,
+                    "noise_measurements": self.noise_measurements,
+                    "base_lr": task.lr, "base_batch_size": task.base_batch_size,
+                    "held_out_validation": task.val_data is None}
+        # Only when set, so that journals of plain fp32 sweeps keep their resume key.
+        if self.precision is not Precision.fp32:
+            settings["precision"] = self.precision.value
+        if self.accumulate != 1:
+            settings["accumulate"] = self.accumulate
+        return settings
 
     @classmethod
     def from_journal(cls, settings: dict[str, Any]) -> "SweepSettings":
         return cls(budget=TrialBudget(BudgetKind(settings["budget_kind"]), settings["budget"]),
                    lr_scaling=LrScaling(settings["lr_scaling"]), seed=settings["seed"],
                    warmup_steps=settings["warmup_steps"],
-                   noise_measurements=settings["noise_measurements"])
+                   noise_measurements=settings["noise_measurements"],
+                   precision=Precision(settings.get("precision", "fp32")),
+                   accumulate=settings.get("accumulate", 1))
 
 
 @dataclass(frozen=True)
@@ -111,7 +123,8 @@ class SweepResult:
             "lr_scaling": self.settings.lr_scaling.value, "base_lr": self.base_lr,
             "base_batch_size": self.base_batch_size,
             "max_batch": self.max_batch, "max_batch_source": self.max_batch_source,
-            "trials": [t.to_dict() for t in self.trials],
+            "precision": self.settings.precision.value, "accumulate": self.settings.accumulate,
+            "trials": [self._trial_json(t) for t in self.trials],
             "fit": self.ranking.fit_dict(),
             "ranking": list(self.ranking.ranking),
             "rows": [dict(asdict(r), status=r.status.value) for r in self.ranking.rows],
@@ -122,6 +135,16 @@ class SweepResult:
             "journal": self.journal, "resumed": list(self.resumed),
             "validation": "held-out 10% of train_data" if self.made_val_split else "val_data",
         }
+
+
+    def _trial_json(self, trial: TrialResult) -> dict:
+        """A trial as journaled; with accumulation also its micro-batch (what must fit) next
+        to ``batch_size``, the effective batch that trains."""
+        data = trial.to_dict()
+        if self.settings.accumulate > 1:
+            data.update(micro_batch=trial.batch_size // self.settings.accumulate,
+                        effective_batch=trial.batch_size)
+        return data
 
 
 @dataclass
@@ -144,7 +167,8 @@ def make_setup(task: Task, settings: SweepSettings, device: torch.device,
                       budget=settings.budget, seed=settings.seed,
                       warmup_steps=settings.warmup_steps,
                       noise_measurements=settings.noise_measurements,
-                      eval_batch_size=eval_batch_size), made
+                      eval_batch_size=eval_batch_size, precision=settings.precision,
+                      accumulate=settings.accumulate), made
 
 
 def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], settings: SweepSettings,
@@ -155,8 +179,9 @@ def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], setting
     from .journal import Journal, JournalMode
 
     hooks = hooks or SweepHooks()
+    micro = check_accumulation(batch_sizes, settings.accumulate)
     setup, made_split = make_setup(task, settings, device,
-                                   min(EVAL_BATCH, *batch_sizes) if batch_sizes else EVAL_BATCH)
+                                   min(EVAL_BATCH, *micro) if micro else EVAL_BATCH)
     mode = JournalMode.resume if resume else (
         JournalMode.overwrite if overwrite else JournalMode.new)
     # Under torchrun only rank 0 reads and writes the journal; the others get what it read.
@@ -190,6 +215,17 @@ def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], setting
     return summarize(task.lr, task.base_batch_size, task_name, device, ordered, settings,
                      max_batch, max_batch_source,
                      str(journal_path), tuple(b for b in batch_sizes if b in done), made_split)
+
+
+def check_accumulation(batch_sizes: Sequence[int], accumulate: int) -> list[int]:
+    """The micro-batches of effective ``batch_sizes`` split into ``accumulate`` micro-steps;
+    UsageError unless each divides evenly."""
+    if accumulate < 1:
+        raise UsageError(f"--accumulate must be >= 1, got {accumulate}")
+    uneven = [b for b in batch_sizes if b % accumulate]
+    if uneven:
+        raise UsageError(f"batch sizes {uneven} are not multiples of --accumulate {accumulate}")
+    return [b // accumulate for b in batch_sizes]
 
 
 def summarize(base_lr: float, base_batch_size: int, task_name: str, device: torch.device | str,

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import distributed
 from .errors import one_line
 from .oom import is_oom_error, release_memory
+from .precision import Precision, make_scaler
 from .step import to_device
 from .task import Task
 from .trial_types import LossPoint, TrialResult, TrialStatus
@@ -68,6 +69,8 @@ class TrialSetup:
     # No larger than the smallest trial batch: a batch that fits for training must not go out
     # of memory in evaluation. One value for every trial, so their losses compare exactly.
     eval_batch_size: int = EVAL_BATCH
+    precision: Precision = Precision.fp32  # forward under autocast (fp16: with GradScaler)
+    accumulate: int = 1          # micro-steps per optimizer step; a trial's batch is effective
 
 
 def cycle_batches(setup: TrialSetup, batch_size: int):
@@ -144,7 +147,9 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
     loss_start, _ = evaluate(model, task, setup.eval_train, device, setup.eval_batch_size,
                              metric=False)
     total_steps = setup.budget.steps_for(batch_size)
-    batches = cycle_batches(setup, batch_size)
+    # With accumulation the loader yields micro-batches, `accumulate` of them per step.
+    batches = cycle_batches(setup, batch_size // setup.accumulate)
+    options = _step_options(setup, batches, device)
     curve: list[LossPoint] = []
     step_times: list[float] = []
     samples, step, train_wall = 0, 0, 0.0
@@ -157,7 +162,7 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
             group["lr"] = _lr_at(step, lr, setup.warmup_steps)
         # Under torchrun: the loss over the global batch, and every rank fails together.
         loss = distributed.train_step(train_model, optimizer, task, x, y,
-                                      careful=step < TIMING_WARMUP_STEPS)
+                                      careful=step < TIMING_WARMUP_STEPS, **options)
         value = loss.item()  # also a sync point on the CPU
         _sync(device)
         elapsed = time.perf_counter() - t0
@@ -166,7 +171,7 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
             train_wall = distributed.max_float(train_wall)
         step += 1
         local = len(y) if isinstance(y, torch.Tensor) else distributed.per_device(batch_size)
-        samples += local * distributed.world_size()
+        samples += local * distributed.world_size() * setup.accumulate
         if step > TIMING_WARMUP_STEPS or total_steps is not None and total_steps <= TIMING_WARMUP_STEPS:
             step_times.append(elapsed)
         curve.append(LossPoint(step, samples, train_wall, value if math.isfinite(value) else None))
@@ -177,6 +182,15 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
             on_step(step, total_steps)
     return _finish(setup, model, batch_size, lr, status, error, step, samples, train_wall,
                    step_times, curve, loss_start)
+
+
+def _step_options(setup: TrialSetup, batches: Any, device: torch.device) -> dict[str, Any]:
+    """train_step's precision and accumulation arguments ({} for plain fp32 steps)."""
+    if setup.precision is Precision.fp32 and setup.accumulate == 1:
+        return {}
+    return dict(precision=setup.precision, scaler=make_scaler(setup.precision, device.type),
+                accumulate=setup.accumulate,
+                next_micro_batch=lambda: to_device(next(batches), device))
 
 
 def _thin(curve: list[LossPoint]) -> tuple[LossPoint, ...]:
@@ -224,7 +238,8 @@ def measure_trial_noise(setup: TrialSetup, model: nn.Module) -> float | None:
     b_small, b_big = default_batch_sizes(setup.task)
     model.train()
     estimate, _ = estimate_noise(model, setup.task, b_small=b_small, b_big=b_big,
-                                 measurements=setup.noise_measurements, seed=setup.seed + 1000)
+                                 measurements=setup.noise_measurements, seed=setup.seed + 1000,
+                                 precision=setup.precision)
     return estimate.b_simple
 
 
