@@ -1,0 +1,151 @@
+"""Worst-case inputs: probe and check measure batches of the largest items, so the answer holds
+for the batch of an epoch that holds the longest sequences, not only for a random batch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bsselect.device import Budget
+from bsselect.examples import EXAMPLES
+from bsselect.inputs import InputMode, item_elements, scan_inputs, typical_inputs
+from bsselect.memory.capped import CappedCpuAllocator
+from bsselect.memory.measured import run_two_steps
+from bsselect.oom import is_oom_error
+from bsselect.probe import Method, run_probe
+
+from conftest import run_cli
+from tasks.varlen_tasks import LONG, LONG_INDEX, N_ITEMS, variable_length
+
+CPU = torch.device("cpu")
+SIZES = [8, 16, 32, 64]
+
+
+def probe(task, budget_bytes: int, inputs, **kw):
+    return run_probe(task, task_name="varlen", device=CPU, budget=Budget(budget_bytes, "cap"),
+                     method=Method.simulated, margin=0.0, batch_sizes=SIZES, inputs=inputs, **kw)
+
+
+def real_step_peak(task, batch_size: int, cap: int, inputs) -> int | str:
+    """Peak of a real CPU training step under an allocator that raises OOM above ``cap``."""
+    try:
+        return run_two_steps(task, batch_size, CappedCpuAllocator(cap), 0, inputs=inputs)
+    except Exception as exc:
+        assert is_oom_error(exc), exc
+        return "oom"
+
+
+def test_worst_case_probe_fits_the_longest_items_where_a_random_batch_does_not():
+    task = variable_length()
+    worst, typical = scan_inputs(task.train_data), typical_inputs(task.train_data)
+    assert worst.largest_item_elements == LONG + 1  # 256 tokens and the label
+    assert worst.ranked[0] == LONG_INDEX and worst.items_scanned == N_ITEMS
+    # A budget where the typical (random-batch) line allows 300.
+    free = probe(task, 2**40, typical)
+    cap = free.fixed_bytes + 300 * free.per_sample_bytes
+    by_typical, by_worst = probe(task, cap, typical), probe(task, cap, worst)
+    assert by_typical.max_batch in (299, 300)
+    assert by_worst.max_batch < by_typical.max_batch // 4  # padded to 256 instead of <= 32
+    assert LONG_INDEX not in typical.indices(by_typical.max_batch)
+    # Real CPU steps under the cap: the random batch at the typical answer fits, the batch of
+    # the longest items at that size runs out of memory; the worst-case answer fits it, and
+    # is tight (one more item runs out).
+    assert real_step_peak(task, by_typical.max_batch, cap, typical) != "oom"
+    assert real_step_peak(task, by_typical.max_batch, cap, worst) == "oom"
+    assert real_step_peak(task, by_worst.max_batch, cap, worst) <= cap
+    assert real_step_peak(task, by_worst.max_batch + 1, cap, worst) == "oom"
+    assert (by_worst.inputs, by_worst.largest_item_elements, by_worst.items_scanned) == (
+        "worst-case", LONG + 1, N_ITEMS)
+
+
+def test_measured_probe_confirms_on_the_largest_items():
+    task = variable_length()
+    worst = scan_inputs(task.train_data)
+    free = probe(task, 2**40, worst)
+    cap = free.fixed_bytes + 100 * free.per_sample_bytes
+    result = run_probe(task, task_name="varlen", device=CPU, budget=Budget(cap, "cap"),
+                       margin=0.0, batch_sizes=SIZES, backend=CappedCpuAllocator(cap),
+                       inputs=worst)
+    assert result.method == "measured" and result.max_batch in (99, 100)
+    assert result.confirmation[-1] == {"batch_size": result.max_batch, "outcome": "ok"}
+    assert [p.peak_bytes for p in result.points] == [p.peak_bytes for p in free.points]
+
+
+def test_items_of_one_size_keep_the_random_batch_and_are_not_scanned():
+    task = EXAMPLES["digits-mlp"]()
+    calls = []
+    scan = scan_inputs(task.train_data, progress=lambda done, total: calls.append(done))
+    assert scan.uniform and scan.items_scanned == 0 and not calls
+    assert scan.largest_item_elements == 64 + 1
+    assert scan.indices(32, seed=0) == typical_inputs(task.train_data).indices(32, seed=0)
+    plain = probe(task, 2**30, None)
+    assert probe(task, 2**30, scan).points == plain.points
+
+
+def test_equal_items_in_a_list_are_found_uniform_by_the_scan():
+    data = [(torch.zeros(5), torch.tensor(1))] * 50
+    scan = scan_inputs(data)
+    assert scan.uniform and scan.items_scanned == 50 and not scan.picks_largest
+
+
+def test_large_datasets_are_sampled_with_a_stated_bound():
+    data = [(torch.zeros(i % 97 + 1), 0) for i in range(1000)]
+    progress: list[tuple[int, int]] = []
+    scan = scan_inputs(data, max_items=100, progress=lambda d, t: progress.append((d, t)))
+    assert scan.items_scanned == 100 and scan.items_total == 1000
+    assert "a random 100 of 1,000" in scan.how
+    assert progress[-1] == (100, 100)
+    assert len(set(scan.ranked)) == 100
+    assert scan.indices(3) == list(scan.ranked[:3])
+    assert scan.indices(150)[100:103] == list(scan.ranked[:3])  # beyond the scan: wraps
+
+
+def test_item_elements_counts_every_leaf():
+    item = {"ids": torch.zeros(7, dtype=torch.long), "pixels": np.zeros((2, 3)),
+            "text": "hello", "label": 3}
+    assert item_elements(item) == 7 + 6 + 5 + 1
+
+
+def test_typical_mode_skips_the_scan():
+    scan = scan_inputs([(torch.zeros(3), 0)] * 5, InputMode.typical)
+    assert scan.mode is InputMode.typical and scan.items_scanned == 0
+
+
+# --- through the CLI ------------------------------------------------------------------------
+
+@pytest.fixture
+def varlen_task() -> str:
+    return str(Path(__file__).parent / "tasks" / "varlen_tasks.py") + ":variable_length"
+
+
+def test_cli_probe_and_check_say_which_inputs(varlen_task):
+    probe_worst = run_cli("probe", varlen_task, "--memory", "64MiB", "--batch-sizes", "8,16,32",
+                          "--json")
+    assert probe_worst.returncode == 0, probe_worst.stderr
+    data = json.loads(probe_worst.stdout)
+    assert data["inputs"] == "worst-case" and data["uniform_items"] is False
+    assert data["largest_item_elements"] == LONG + 1 and data["items_scanned"] == N_ITEMS
+    # The worst-case answer does not fit typical inputs' larger answer, and check agrees.
+    typical = json.loads(run_cli("probe", varlen_task, "--memory", "64MiB", "--batch-sizes",
+                                 "8,16,32", "--inputs", "typical", "--json").stdout)
+    assert typical["inputs"] == "typical" and typical["max_batch"] > 4 * data["max_batch"]
+    # A batch between the two answers, whose random draw misses the long item.
+    b = 4 * data["max_batch"]
+    assert LONG_INDEX not in typical_inputs(variable_length().train_data).indices(b)
+    b = str(b)
+    worst_check = run_cli("check", varlen_task, "--batch-size", b, "--memory", "64MiB")
+    assert worst_check.returncode == 3, worst_check.stderr
+    assert "inputs: worst-case" in worst_check.stdout
+    typical_check = run_cli("check", varlen_task, "--batch-size", b, "--memory", "64MiB",
+                            "--inputs", "typical")
+    assert typical_check.returncode == 0, typical_check.stderr
+
+
+def test_cli_rejects_an_unknown_inputs_mode():
+    proc = run_cli("probe", "digits-mlp", "--inputs", "largest")
+    assert proc.returncode == 2
+    assert "--inputs must be one of worst-case, typical" in proc.stderr
