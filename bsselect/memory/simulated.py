@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import TaskError, one_line
 from ..optim_impl import run_as_on
-from ..precision import make_scaler
+from ..precision import Precision, make_scaler
 from ..step import StepSettings, make_batch, train_step
 from ..task import Task
 
@@ -312,6 +312,16 @@ def build_fake_model(task: Task, fake_mode: Any) -> nn.Module:
     return model
 
 
+def autocast_lists_of(settings: StepSettings) -> Any:
+    """CUDA's autocast op lists when the step will run under autocast on CUDA (the CPU's
+    otherwise): see ``cuda_autocast``."""
+    if settings.target_device == "cuda" and settings.precision is not Precision.fp32:
+        from .cuda_autocast import cuda_autocast_policy
+
+        return cuda_autocast_policy()
+    return nullcontext()
+
+
 def real_batch(task: Task, batch_size: int, seed: int, inputs: Any = None) -> tuple[Any, Any]:
     """``make_batch`` for real, outside any fake mode: datasets may compute on real values,
     and a padding collate_fn must see the true items to give the true shapes. ``inputs``
@@ -372,8 +382,8 @@ def simulate_step_peak(
     model = build_fake_model(task, fake_mode)
     counter = LiveStorageCounter(kernel_cost if kernel_workspace else None)
     # The counter is entered inside the fake mode, so that it sees every op first, as the
-    # CPU dispatcher would.
-    with young_gc_only(), fake_mode:
+    # CPU dispatcher would. A CUDA target casts by CUDA's autocast lists, not the CPU's.
+    with young_gc_only(), autocast_lists_of(settings), fake_mode:
         batch = tree_map(
             lambda t: fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
         try:
