@@ -1,0 +1,529 @@
+"""Selection quality of ``bsselect sweep``: regret against full training runs to a target.
+
+    OMP_NUM_THREADS=1 /work/venv/bin/python benchmarks/bench_selection.py \
+        [--examples digits-mlp,digits-cnn,tiny-lm,linreg] [--repeats N] [--json out.json]
+    /work/venv/bin/python benchmarks/bench_selection.py --from-json out.json   # re-analyse
+
+For every built-in example and every power-of-two batch size the sweep would try (8 .. the
+sweep's cap, half the training set; tiny-lm capped at 256 to bound the cost):
+
+1. **The sweep** — ``bsselect.sweep.run_sweep`` with default settings on those batch sizes
+   (explicit sizes, so no probe), timed (process CPU and wall). Its recommendation, what the
+   closed form ``b_opt`` rounds to, and the baseline "largest batch that fits" (the largest
+   tried power of two) are recorded.
+2. **Calibration** — one run at the task's base batch size (the one its learning rate was set
+   for) for a fixed sample budget, evaluating validation loss every ``eval_every`` samples.
+   ``target = L_best + f * (L_0 - L_best)`` (L_best: best 3-eval moving average; f per example,
+   see CONFIG): the loss at which a run has made 1 - f of the calibration run's best drop.
+3. **Full runs** — every batch size from the same seeded initial weights and data order as the
+   sweep's trials (``bsselect.sweep.make_setup``, ``bsselect.trials.cycle_batches``), the same
+   scaled learning rate (``bsselect.rank.scale_lr`` with the sweep's default rule), the same
+   training step (``bsselect.step.train_step``) and divergence rule, until the validation loss
+   reaches the target (crossing interpolated linearly between evaluations) or the calibration
+   budget runs out (then time-to-target is inf). Evaluations are not on the clock.
+4. **Step times** — per batch size, interleaved rounds of timed steps from the run's final
+   state; ``t(b)`` = min over rounds of the median per-step process CPU time. Time to target is
+   ``T(b) = steps_to_target(b) * t(b)``: steps to target are deterministic for a seed, and
+   min-of-medians CPU time is robust to the other jobs on a shared machine. Raw in-run CPU and
+   wall seconds to target are reported beside it.
+
+Regret = T(pick) / min_b T(b). The sweep's cost is its measured process CPU time (all of it:
+trials, evaluations, noise measurements) over T of one full run, at the best batch size and
+at the recommended one.
+
+The full runs also save, at 1/8, 1/4, 1/2 and 1x the sweep's default per-trial budget, what a
+sweep trial of that budget would have measured (a trial is exactly the first ceil(B/b) steps of
+the full run), so other ranking rules and budgets can be scored on the same data
+(``selection_lib.rule_picks``). Results: docs/benchmarks-sweep.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import selection_lib as lib  # noqa: E402
+
+from bsselect.examples import EXAMPLES  # noqa: E402
+from bsselect.rank import scale_lr  # noqa: E402
+from bsselect.sweep import (  # noqa: E402
+    SweepSettings, data_cap, default_budget, make_setup, powers_of_two, resolve_lr_scaling,
+    run_sweep,
+)
+from bsselect.step import to_device, train_step  # noqa: E402
+from bsselect.trials import (  # noqa: E402
+    DIVERGENCE_FACTOR, TrialBudget, cycle_batches, evaluate, measure_trial_noise,
+)
+
+# cap: largest batch (None: the sweep's own data cap, half the training set).
+# calib_samples: the calibration run's budget, also every full run's maximum.
+# eval_every: samples between validation evaluations. drop_fraction: f in the target rule.
+CONFIG: dict[str, dict[str, Any]] = {
+    "digits-mlp": dict(cap=None, calib_samples=60_000, eval_every=64, drop_fraction=0.05),
+    "digits-cnn": dict(cap=None, calib_samples=40_000, eval_every=64, drop_fraction=0.05),
+    "tiny-lm": dict(cap=256, calib_samples=32_768, eval_every=1024, drop_fraction=0.05),
+    "linreg": dict(cap=None, calib_samples=200_000, eval_every=64, drop_fraction=0.01),
+}
+FRACTIONS = ("0.125", "0.25", "0.5", "1")   # of the sweep's default per-trial budget
+EVAL_BS = 256                               # the loss is a mean: batch size only changes speed
+TIMING_ROUNDS = 3
+TIMING_SECONDS = 0.4                        # per measurement, at least 5 and at most 200 steps
+CPU = torch.device("cpu")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def clock() -> tuple[float, float]:
+    return time.process_time(), time.perf_counter()
+
+
+# --------------------------------------------------------------------------- full runs
+
+
+def full_run(task, setup, b: int, lr: float, *, target: float | None, max_samples: int,
+             eval_every: int, checkpoints: dict[str, int]) -> tuple[dict, Any]:
+    """Train at ``b`` until the validation loss reaches ``target`` (None: the whole budget)
+    and every checkpoint step has passed. Returns the record and the final (model, optimizer)
+    state, or None for the state when the run diverged."""
+    model = task.model().to(CPU)
+    model.load_state_dict(setup.initial_state)
+    model.train()
+    opt = task.make_optimizer(model.parameters(), lr)
+    loss_start, _ = evaluate(model, task, setup.eval_train, CPU, EVAL_BS, metric=False)
+    val0, _ = evaluate(model, task, setup.val_data, CPU, EVAL_BS, metric=False)
+    evals = [[0, 0, 0.0, 0.0, val0]]
+    cp_at = {steps: name for name, steps in checkpoints.items()}
+    last_cp = max(checkpoints.values())
+    cps: dict[str, dict] = {}
+    train_curve: list[list[float]] = []
+    batches = cycle_batches(setup, b)
+    step = samples = 0
+    cpu = wall = 0.0
+    step_cpu: list[float] = []
+    status, reached = "ok", False
+    next_eval = eval_every
+    while True:
+        c0, w0 = clock()
+        x, y = to_device(next(batches), CPU)
+        loss = float(train_step(model, opt, task, x, y))  # .item(): a sync point, as in trials
+        c1, w1 = clock()
+        cpu += c1 - c0
+        wall += w1 - w0
+        step += 1
+        samples += len(y) if isinstance(y, torch.Tensor) else b
+        step_cpu.append(c1 - c0)
+        if step <= last_cp:
+            train_curve.append([step, round(loss, 6) if math.isfinite(loss) else None])
+        if not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(loss_start, 1e-12):
+            status = "diverged"
+            evals.append([step, samples, cpu, wall, math.inf])
+            break
+        if step in cp_at:
+            train_loss, _ = evaluate(model, task, setup.eval_train, CPU, EVAL_BS, metric=False)
+            val_loss, val_metric = evaluate(model, task, setup.val_data, CPU, EVAL_BS)
+            cps[cp_at[step]] = dict(
+                steps=step, samples=samples, status="ok" if train_loss <= loss_start
+                else "diverged", train_loss=train_loss, val_loss=val_loss,
+                val_metric=val_metric, b_simple=measure_trial_noise(setup, model))
+        if not reached and samples >= next_eval:
+            next_eval = (samples // eval_every + 1) * eval_every
+            val, _ = evaluate(model, task, setup.val_data, CPU, EVAL_BS, metric=False)
+            evals.append([step, samples, cpu, wall, val])
+            reached = target is not None and val <= target
+        if samples >= max_samples or (reached and step >= last_cp):
+            break
+    for name, steps in checkpoints.items():
+        cps.setdefault(name, dict(steps=min(step, steps), status=status))
+    warm = step_cpu[3:] or step_cpu
+    record = dict(batch_size=b, lr=lr, status=status, steps=step, samples=samples, cpu_s=cpu,
+                  wall_s=wall, median_step_cpu_s=median(warm), train_loss_start=loss_start,
+                  evals=evals, checkpoints=cps, train_curve=train_curve, to_target=None)
+    state = None if status == "diverged" else (copy.deepcopy(model.state_dict()),
+                                               copy.deepcopy(opt.state_dict()))
+    return record, state
+
+
+def time_steps(task, setup, b: int, lr: float, state, n_steps: int) -> tuple[float, float]:
+    """(median CPU, median wall) seconds of ``n_steps`` training steps at ``b`` after 3
+    warm-up steps, from ``state`` (or the initial weights)."""
+    model = task.model().to(CPU)
+    model.load_state_dict(state[0] if state else setup.initial_state)
+    model.train()
+    opt = task.make_optimizer(model.parameters(), lr)
+    if state:
+        opt.load_state_dict(state[1])
+    batches = cycle_batches(setup, b)
+    cpus, walls = [], []
+    for i in range(3 + n_steps):
+        c0, w0 = clock()
+        x, y = to_device(next(batches), CPU)
+        float(train_step(model, opt, task, x, y))
+        c1, w1 = clock()
+        if i >= 3:
+            cpus.append(c1 - c0)
+            walls.append(w1 - w0)
+    return median(cpus), median(walls)
+
+
+# --------------------------------------------------------------------------- one example
+
+
+def bench_example(name: str, repeats: int, workdir: Path) -> dict:
+    cfg = CONFIG[name]
+    task = EXAMPLES[name]()
+    n_train = len(task.train_data)
+    cap = cfg["cap"] or data_cap(n_train)
+    sizes = powers_of_two(8, cap)
+    scaling = resolve_lr_scaling(task, None)
+    budget = default_budget(n_train, max(sizes))
+    lrs = {b: scale_lr(task.lr, task.base_batch_size, b, scaling) for b in sizes}
+    out: dict[str, Any] = dict(
+        name=name, config=cfg, batch_sizes=sizes, n_train=n_train,
+        base_lr=task.lr, base_batch_size=task.base_batch_size, lr_scaling=scaling.value,
+        sweep_budget_samples=budget.amount, fractions=list(FRACTIONS), sweeps=[], runs=[])
+    log(f"== {name}: batch sizes {sizes}, lr scaling {scaling.value}, "
+        f"sweep budget {budget.amount:g} samples/trial")
+
+    # 1. the sweep, as `bsselect sweep NAME --batch-sizes ... --json` runs it
+    for seed in range(repeats):
+        settings = SweepSettings(budget=budget, lr_scaling=scaling, seed=seed)
+        out["sweep_settings"] = settings.journal_settings(task)
+        c0, w0 = clock()
+        result = run_sweep(task, task_name=name, batch_sizes=sizes, settings=settings,
+                           device=CPU, journal_path=workdir / f"{name}-{seed}.jsonl",
+                           resume=False, overwrite=True, max_batch=max(sizes),
+                           max_batch_source="--batch-sizes")
+        c1, w1 = clock()
+        sweep = result.to_json()
+        out["sweeps"].append(dict(seed=seed, cpu_s=c1 - c0, wall_s=w1 - w0, result=sweep))
+        log(f"   sweep seed {seed}: {c1 - c0:.1f} s CPU, {w1 - w0:.1f} s wall, "
+            f"recommends {sweep['recommended_batch_size']}, b_opt {sweep['fit']['b_opt']}")
+
+    checkpoints = {b: {f: TrialBudget(budget.kind, budget.amount * float(f)).steps_for(b)
+                       for f in FRACTIONS} for b in sizes}
+
+    # 2. calibration at the base batch size (seed 0), 3. full runs
+    base = task.base_batch_size if task.base_batch_size in sizes else sizes[0]
+    states: dict[int, Any] = {}
+    target = None
+    for seed in range(repeats):
+        settings = SweepSettings(budget=budget, lr_scaling=scaling, seed=seed)
+        setup, _ = make_setup(task, settings, CPU)
+        runs: dict[str, dict] = {}
+        order = ([base] + [b for b in sizes if b != base]) if seed == 0 else sizes
+        for b in order:
+            rec, state = full_run(task, setup, b, lrs[b],
+                                  target=target if not (seed == 0 and b == base) else None,
+                                  max_samples=cfg["calib_samples"], eval_every=cfg["eval_every"],
+                                  checkpoints=checkpoints[b])
+            if seed == 0 and b == base:
+                out["calibration"] = dict(batch_size=b, **lib.choose_target(
+                    [e[4] for e in rec["evals"]], cfg["drop_fraction"]))
+                target = out["calibration"]["target"]
+                log(f"   calibration b={b}: L0 {out['calibration']['l0']:.4g}, best "
+                    f"{out['calibration']['l_best']:.4g} -> target {target:.4g}")
+            rec["to_target"] = lib.crossing(rec["evals"], target)
+            runs[str(b)] = rec
+            if seed == 0:
+                states[b] = state
+            tt = rec["to_target"]
+            log(f"   seed {seed} b={b}: {rec['status']}, {rec['samples']} samples, "
+                f"{rec['cpu_s']:.1f} s CPU, to target: "
+                + (f"{tt['samples']:.0f} samples, {tt['cpu_s']:.2f} s CPU" if tt else "never"))
+        out["runs"].append(runs)
+    out["target"] = target
+
+    # 4. step times: interleaved rounds, min of medians
+    setup, _ = make_setup(task, SweepSettings(budget=budget, lr_scaling=scaling), CPU)
+    rounds: dict[int, list[tuple[float, float]]] = {b: [] for b in sizes}
+    for _ in range(TIMING_ROUNDS):
+        for b in sizes:
+            est = out["runs"][0][str(b)]["median_step_cpu_s"]
+            n = max(5, min(200, round(TIMING_SECONDS / max(est, 1e-6))))
+            rounds[b].append(time_steps(task, setup, b, lrs[b], states[b], n))
+    out["timing"] = {str(b): dict(cpu_s=min(c for c, _ in r), wall_s=min(w for _, w in r),
+                                  rounds=r) for b, r in rounds.items()}
+    return out
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def analyse(ex: dict) -> dict:
+    """Oracle table, every rule's pick and regret (real sweeps and emulated ones)."""
+    times = lib.oracle_times(ex)
+    best = lib.best_batch(times)
+    step_t = {b: ex["timing"][str(b)]["cpu_s"] for b in ex["batch_sizes"]}
+    real = []
+    for sw in ex["sweeps"]:
+        trials = lib.trials_from_sweep(sw["result"])
+        picks = lib.rule_picks(ex, trials, sw["seed"])
+        ideal_cost = sum(t.steps * step_t[t.batch_size] for t in trials)
+        real.append(dict(seed=sw["seed"], picks=picks,
+                         regrets={k: lib.regret(times, v) for k, v in picks.items()},
+                         cpu_s=sw["cpu_s"], wall_s=sw["wall_s"], train_cpu_ideal_s=ideal_cost,
+                         b_hat=sw["result"]["fit"]["b_hat"],
+                         b_hat_source=sw["result"]["fit"]["b_hat_source"],
+                         b_opt=sw["result"]["fit"]["b_opt"]))
+    emulated: dict[str, list[dict]] = {}
+    for frac in ex["fractions"]:
+        emulated[frac] = []
+        for i in range(len(ex["runs"])):
+            trials = lib.emulated_trials(ex, i, frac, step_t)
+            picks = lib.rule_picks(ex, trials, i)
+            summary = lib.rank_summary(ex, trials, i)
+            emulated[frac].append(dict(
+                picks=picks, regrets={k: lib.regret(times, v) for k, v in picks.items()},
+                b_hat=summary.ranking.b_hat, b_opt=summary.ranking.b_opt,
+                cost_s=sum(t.steps * step_t[t.batch_size] for t in trials)))
+    # The emulation is only as good as its claim that a trial is the full run's prefix: compare
+    # the real sweep's trials with the rebuilt x1 trials (same seed) on what the ranking uses.
+    check = dict(status_mismatch=0, max_abs_dloss=0.0, max_rel_db_simple=0.0)
+    for sw in ex["sweeps"]:
+        emu = {t.batch_size: t for t in lib.emulated_trials(ex, sw["seed"], "1", step_t)}
+        for t in lib.trials_from_sweep(sw["result"]):
+            e = emu[t.batch_size]
+            if e.status != t.status:
+                check["status_mismatch"] += 1
+                continue
+            if not t.ok:
+                continue
+            check["max_abs_dloss"] = max(check["max_abs_dloss"],
+                                         abs(e.train_loss_end - t.train_loss_end),
+                                         abs(e.val_loss - t.val_loss))
+            if t.b_simple and e.b_simple:
+                check["max_rel_db_simple"] = max(check["max_rel_db_simple"],
+                                                 abs(e.b_simple / t.b_simple - 1))
+    b_implied = lib.implied_b_noise(times)
+    true_model_pick = None
+    if b_implied is not None:
+        trials = lib.emulated_trials(ex, 0, "1", step_t)
+        true_model_pick = lib.model_pick(trials, b_implied)
+    return dict(times=times, best=best, real=real, emulated=emulated, check=check,
+                implied_b_noise=b_implied, implied_model_pick=true_model_pick,
+                implied_model_regret=lib.regret(times, true_model_pick))
+
+
+def _median_regret(entries: list[dict], rule: str) -> float:
+    return lib.median_inf(e["regrets"][rule] for e in entries)
+
+
+def _worst_regret(entries: list[dict], rule: str) -> float:
+    return max(e["regrets"][rule] for e in entries)
+
+
+def _cell(entries: list[dict], rule: str) -> str:
+    """``picks: median regret`` and, with several seeds, the worst seed's regret."""
+    text = f"{_picks(entries, rule)}: {lib.fmt_regret(_median_regret(entries, rule))}"
+    worst = _worst_regret(entries, rule)
+    if len(entries) > 1 and worst != _median_regret(entries, rule):
+        text += f" (worst {lib.fmt(worst, 2)})"
+    return text
+
+
+def _picks(entries: list[dict], rule: str) -> str:
+    return ",".join(str(e["picks"][rule]) for e in entries)
+
+
+def render(data: dict) -> str:
+    fmt, table = lib.fmt, lib.table
+    parts: list[str] = []
+    analyses = {ex["name"]: analyse(ex) for ex in data["examples"]}
+
+    rows = []
+    for ex in data["examples"]:
+        a = analyses[ex["name"]]
+        t, best = a["times"], a["best"]
+        r = a["real"]
+        rec = [e["picks"]["sweep"] for e in r]
+        cost = median(e["cpu_s"] for e in r)
+        t_best = t[best]["time_s"] if best else math.inf
+        t_rec = lib.median_inf(t[p]["time_s"] if p else math.inf for p in rec)
+        rows.append([
+            ex["name"], f"{ex['target']:.3g}", best, fmt(t_best),
+            f"{_picks(r, 'sweep')} ({lib.fmt_regret(_median_regret(r, 'sweep'))})",
+            f"{_picks(r, 'b_opt')} ({lib.fmt_regret(_median_regret(r, 'b_opt'))})",
+            f"{_picks(r, 'largest')} ({lib.fmt_regret(_median_regret(r, 'largest'))})",
+            f"{_picks(r, 'base')} ({lib.fmt_regret(_median_regret(r, 'base'))})",
+            fmt(cost), fmt(median(e["wall_s"] for e in r)),
+            f"{cost / t_best:.1f}" if t_best and math.isfinite(t_best) else "–",
+            f"{cost / t_rec:.1f}" if math.isfinite(t_rec) else "–",
+        ])
+    parts.append("## Summary (regret = T(pick) / T(best); ✓ <= 1.15)\n")
+    parts.append(table(["example", "target val loss", "best b", "T(best) s",
+                        "sweep pick (regret)", "b_opt pick (regret)", "largest (regret)",
+                        "base b (regret)", "sweep CPU s", "sweep wall s", "cost / T(best)",
+                        "cost / T(pick)"], rows))
+
+    for ex in data["examples"]:
+        a = analyses[ex["name"]]
+        t = a["times"]
+        cal = ex["calibration"]
+        sweep0 = ex["sweeps"][0]["result"]
+        trials = {tr["batch_size"]: tr for tr in sweep0["trials"]}
+        rank = {b: i + 1 for i, b in enumerate(sweep0["ranking"])}
+        rowsd = {r["batch_size"]: r for r in sweep0["rows"]}
+        parts.append(f"\n## {ex['name']}\n")
+        parts.append(
+            f"Batch sizes {ex['batch_sizes'][0]}..{ex['batch_sizes'][-1]}, LR scaling "
+            f"{ex['lr_scaling']} from {ex['base_lr']} at b={ex['base_batch_size']}; "
+            f"calibration at b={cal['batch_size']} for {ex['config']['calib_samples']} samples: "
+            f"L0 = {cal['l0']:.4g}, best = {cal['l_best']:.4g}, f = {cal['drop_fraction']} "
+            f"-> target {cal['target']:.4g}. Sweep budget {ex['sweep_budget_samples']:g} "
+            f"samples per trial; B_hat {fmt(sweep0['fit']['b_hat'])} "
+            f"({sweep0['fit']['b_hat_source']}), b_opt {fmt(sweep0['fit']['b_opt'])}; "
+            f"B_noise implied by the oracle's steps-to-target: {fmt(a['implied_b_noise'])}. "
+            f"Emulation check (real sweep trials vs. the full runs' x1 prefixes): "
+            f"{a['check']['status_mismatch']} status mismatches, max |Δ loss| "
+            f"{a['check']['max_abs_dloss']:.1e}, max relative Δ B_simple "
+            f"{a['check']['max_rel_db_simple']:.1e}.\n")
+        rows = []
+        for b in ex["batch_sizes"]:
+            v, tr = t[b], trials[b]
+            rows.append([
+                b, fmt(ex["runs"][0][str(b)]["lr"]),
+                f"{v['reached']}/{v['seeds']}" + (f" ({v['diverged']} div)" if v["diverged"]
+                                                  else ""),
+                fmt(v["samples"]), fmt(v["steps"]), fmt(v["step_cpu_s"] * 1e3),
+                fmt(v["time_s"]), lib.fmt_regret(lib.regret(t, b)), fmt(v["raw_cpu_s"]),
+                fmt(v["raw_wall_s"]), tr["status"], fmt((tr["step_time_s"] or 0) * 1e3
+                                                        if tr["step_time_s"] else None),
+                fmt(tr["loss_drop_per_s"]), fmt(tr["val_loss"]),
+                fmt(rowsd[b]["relative_time"]), rank.get(b, "–")])
+        parts.append(table(
+            ["b", "lr", "reached", "samples to target", "steps", "t(b) CPU ms", "T(b) s",
+             "regret", "raw CPU s", "raw wall s", "sweep trial", "trial step ms (wall)",
+             "loss drop/s", "trial val loss", "predicted rel. time", "sweep rank"], rows))
+
+    parts.append("\n## Every rule on the same data\n")
+    parts.append("Regret of each rule's pick (median over seeds). *real*: the actual sweep's "
+                 "trials (its wall-clock step times); *emu xF*: sweep trials rebuilt from the "
+                 "full runs at F times the default per-trial budget, with the robust CPU step "
+                 "times t(b).\n")
+    cols = []
+    for ex in data["examples"]:
+        cols += [f"{ex['name']} real"] + [f"emu x{f}" for f in ex["fractions"]]
+    rows = []
+    for rule in lib.RULES:
+        row = [rule]
+        for ex in data["examples"]:
+            a = analyses[ex["name"]]
+            row.append(_cell(a["real"], rule))
+            row += [_cell(a["emulated"][f], rule) for f in ex["fractions"]]
+        rows.append(row)
+    row = ["(1+B/b)t(b), B implied by oracle"]
+    for ex in data["examples"]:
+        a = analyses[ex["name"]]
+        row += [f"{a['implied_model_pick']}: {lib.fmt_regret(a['implied_model_regret'])}"] + [
+            "" for _ in ex["fractions"]]
+    rows.append(row)
+    row = ["sweep cost, CPU s (real: measured, of which Σ steps·t(b); emu: Σ steps·t(b))"]
+    for ex in data["examples"]:
+        a = analyses[ex["name"]]
+        row.append(f"{fmt(median(e['cpu_s'] for e in a['real']))} (training "
+                   f"{fmt(median(e['train_cpu_ideal_s'] for e in a['real']))})")
+        row += [fmt(median(e["cost_s"] for e in a["emulated"][f])) for f in ex["fractions"]]
+    rows.append(row)
+    # worst example per rule and budget
+    fracs = data["examples"][0]["fractions"]
+    worst_rows = []
+    for rule in lib.RULES:
+        row = [rule]
+        for col in ["real"] + fracs:
+            vals = []
+            for ex in data["examples"]:
+                a = analyses[ex["name"]]
+                entries = a["real"] if col == "real" else a["emulated"][col]
+                vals.append((_median_regret(entries, rule), ex["name"]))
+            worst = max(v for v, _ in vals)
+            failing = [n for v, n in vals if v > 1.15]
+            row.append(f"{lib.fmt(worst)}" + (f" ({', '.join(failing)})" if failing else " ✓"))
+        worst_rows.append(row)
+    parts.append("\nWorst example (median regret over seeds) per rule; the examples above 1.15 "
+                 "in parentheses.\n")
+    parts.append(table(["rule", "real"] + [f"emu x{f}" for f in fracs], worst_rows))
+    # one table per example keeps the markdown readable
+    for i, ex in enumerate(data["examples"]):
+        k = 1 + len(ex["fractions"])
+        start = 1 + sum(1 + len(e["fractions"]) for e in data["examples"][:i])
+        parts.append(f"\n### {ex['name']}\n")
+        parts.append(table(["rule"] + cols[start - 1:start - 1 + k],
+                           [[r[0]] + r[start:start + k] for r in rows]))
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in
+                  Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return dict(cpu=model, cpus=os.cpu_count(), torch=torch.__version__,
+                torch_threads=torch.get_num_threads(),
+                omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                python=platform.python_version(), loadavg_start=os.getloadavg())
+
+
+def parse_repeats(text: str, names: list[str]) -> dict[str, int]:
+    """``3`` for every example, or ``digits-mlp=3,tiny-lm=1`` (others: 1)."""
+    if "=" not in text:
+        return {n: int(text) for n in names}
+    out = {n: 1 for n in names}
+    for part in text.split(","):
+        k, v = part.split("=")
+        out[k.strip()] = int(v)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--examples", default=",".join(CONFIG))
+    parser.add_argument("--repeats", default="1",
+                        help="seeds per example: N, or name=N,name=N (others 1)")
+    parser.add_argument("--json", type=Path, help="write the raw results here")
+    parser.add_argument("--from-json", type=Path, help="re-analyse a saved run; no training")
+    args = parser.parse_args()
+    if args.from_json:
+        print(render(json.loads(args.from_json.read_text())), end="")
+        return
+    torch.set_num_threads(1)
+    names = [n.strip() for n in args.examples.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIG]
+    if unknown:
+        parser.error(f"unknown examples {unknown}; choose from {list(CONFIG)}")
+    repeats = parse_repeats(args.repeats, names)
+    data: dict[str, Any] = dict(machine=machine(), command=" ".join(sys.argv), examples=[])
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            data["examples"].append(bench_example(name, repeats[name], Path(tmp)))
+            if args.json:  # save as we go: a long run that dies keeps what it finished
+                args.json.write_text(json.dumps(data))
+    data["machine"]["loadavg_end"] = os.getloadavg()
+    data["total_wall_s"] = time.perf_counter() - started
+    if args.json:  # inf (never reached, diverged) is written as JSON's Infinity extension
+        args.json.write_text(json.dumps(data))
+    data = json.loads(json.dumps(data))
+    print(render(data), end="")
+    log(f"total {data['total_wall_s']:.0f} s wall; load average {data['machine']['loadavg_start']}"
+        f" -> {data['machine']['loadavg_end']}")
+
+
+if __name__ == "__main__":
+    main()
