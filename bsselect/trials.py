@@ -6,6 +6,7 @@ stream, so trials differ only by batch size and the learning rate scaled for it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from .task import Task
 from .trial_types import LossPoint, TrialResult, TrialStatus
 
 TIMING_WARMUP_STEPS = 3     # first steps pay for allocation and kernel selection
+MIN_TIMED_STEPS = 10        # steady-state steps behind every median step time
 DIVERGENCE_FACTOR = 10.0    # loss above 10x its start counts as diverged
 MAX_CURVE_POINTS = 200
 EVAL_ITEMS = 1024           # fixed train subset on which start/end loss is measured
@@ -180,8 +182,40 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
             break
         if on_step:
             on_step(step, total_steps)
-    return _finish(setup, model, batch_size, lr, status, error, step, samples, train_wall,
-                   step_times, curve, loss_start)
+    result = _finish(setup, model, batch_size, lr, status, error, step, samples, train_wall,
+                     step_times, curve, loss_start)
+    steady = step_times if step > TIMING_WARMUP_STEPS else []
+    if result.ok and len(steady) < MIN_TIMED_STEPS:
+        result = _time_more(result, steady, lambda: _timed_step(
+            train_model, optimizer, task, batches, device, options))
+    return result
+
+
+def _timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, task: Task, batches: Any,
+                device: torch.device, options: dict[str, Any]) -> float:
+    t0 = time.perf_counter()
+    x, y = to_device(next(batches), device)
+    distributed.train_step(model, optimizer, task, x, y, careful=False, **options).item()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _time_more(result: TrialResult, steady: list[float], step: Callable[[], float]
+               ) -> TrialResult:
+    """A short equal-sample budget gives large batches only a few steps, too few for a
+    steady-state step time. Time extra steps after everything else is recorded (the loss
+    values, validation and noise scale are the budget's) until MIN_TIMED_STEPS are timed."""
+    times = list(steady)
+    if not times:
+        for _ in range(TIMING_WARMUP_STEPS):
+            step()
+    while len(times) < MIN_TIMED_STEPS:
+        times.append(step())
+    step_time = median(times)
+    drop = (result.train_loss_start or 0.0) - (result.train_loss_end or 0.0)
+    return dataclasses.replace(
+        result, step_time_s=step_time, samples_per_s=result.batch_size / step_time,
+        loss_drop_per_s=drop / (step_time * result.steps))
 
 
 def _step_options(setup: TrialSetup, batches: Any, device: torch.device) -> dict[str, Any]:

@@ -357,7 +357,14 @@ def test_no_b_hat_given_although_one_could_be_fitted():
                          "per second, best b=64")
 
 
-def test_choose_b_hat_falls_back_to_b_simple():
+def test_choose_b_hat_prefers_measured_b_simple_over_the_fit():
+    trials = [ok_trial(b, b_simple=s) for b, s in zip(POW2, (30, 35, 40, 45, 50, 55, 60))]
+    bh = choose_b_hat(trials)
+    assert bh.source is BHatSource.b_simple and bh.value == 45.0
+    assert bh.noise_fit.b_noise == pytest.approx(B_TRUE)  # still fitted, as a diagnostic
+
+
+def test_choose_b_hat_uses_b_simple_when_no_fit():
     trials = [ok_trial(b, b_simple=s) for b, s in ((8, 40.0), (16, 50.0), (32, None))]
     bh = choose_b_hat(trials[:2])
     assert bh.source is BHatSource.b_simple and bh.value == pytest.approx(45.0)
