@@ -169,7 +169,7 @@ def summarize(data: dict) -> list[dict]:
 
 def render(data: dict, rows: list[dict]) -> str:
     v = data["versions"]
-    lines = [f"torch {v['torch']}, lightning {v['lightning']}, accelerate {v['accelerate']}, "
+    lines = [f"bsselect {v['bsselect']}, torch {v['torch']}, lightning {v['lightning']}, accelerate {v['accelerate']}, "
              f"python {v['python']}, {v['cpus']} CPUs, {v['threads']} torch thread; "
              f"medians of {data['repeats']} repeats", ""]
     lines.append("| model | cap | true max | step-2 peak at true max / at +1 | "

@@ -509,6 +509,17 @@ def versions() -> dict[str, str]:
     import accelerate
     import lightning
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no",
+                                "--", "bsselect"], capture_output=True, text=True).stdout.strip()
+        commit += " (bsselect/ modified)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"bsselect": commit, "python": platform.python_version(), "torch": torch.__version__,
             "lightning": lightning.__version__, "accelerate": accelerate.__version__,
             "cpus": str(os.cpu_count()), "threads": str(torch.get_num_threads())}
