@@ -216,6 +216,17 @@ def test_cuda_lists_reproduce_cuda_autocast_op_by_op():
         assert any("_softmax.default torch.float32" in op for op in cuda)  # fp32 on CUDA
 
 
+def test_every_op_only_cuda_autocasts_has_a_policy():
+    """If a torch upgrade adds ops to CUDA's lists, this names them."""
+    from bsselect.memory.cuda_autocast import cuda_policies
+
+    registered = torch._C._dispatch_get_registrations_for_dispatch_key
+    cuda_only = set(registered("AutocastCUDA")) - set(registered("AutocastCPU"))
+    missing = sorted(name for name in cuda_only if name.split("::", 1)[1] not in cuda_policies()
+                     and not name.startswith("aten::cudnn_"))  # CUDA-only kernels
+    assert missing == []
+
+
 def test_cuda_lists_apply_only_inside_and_change_the_dtypes():
     y = torch.randn(4, 16)
 
