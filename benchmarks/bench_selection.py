@@ -31,10 +31,12 @@ Regret = T(pick) / min_b T(b). The sweep's cost is its measured process CPU time
 trials, evaluations, noise measurements) over T of one full run, at the best batch size and
 at the recommended one.
 
-The full runs also save, at 1/8, 1/4, 1/2 and 1x the sweep's default per-trial budget, what a
+The full runs also save, at 1/2, 1, 2 and 4x the sweep's default per-trial budget, what a
 sweep trial of that budget would have measured (a trial is exactly the first ceil(B/b) steps of
 the full run), so other ranking rules and budgets can be scored on the same data
-(``selection_lib.rule_picks``). Results: docs/benchmarks-sweep.md.
+(``selection_lib.rule_picks``). The sweep runs with bsselect's defaults (budget
+``default_budget(n_train, largest size)``, noise measurements, LR rule, seed), so the benchmark
+follows them when they change. Results: docs/benchmarks-sweep.md.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ CONFIG: dict[str, dict[str, Any]] = {
     "tiny-lm": dict(cap=256, calib_samples=32_768, eval_every=1024, drop_fraction=0.05),
     "linreg": dict(cap=None, calib_samples=200_000, eval_every=64, drop_fraction=0.01),
 }
-FRACTIONS = ("0.125", "0.25", "0.5", "1")   # of the sweep's default per-trial budget
+FRACTIONS = ("0.5", "1", "2", "4")   # of the sweep's default per-trial budget
 EVAL_BS = 256                               # the loss is a mean: batch size only changes speed
 TIMING_ROUNDS = 3
 TIMING_SECONDS = 0.4                        # per measurement, at least 5 and at most 200 steps
@@ -107,7 +109,9 @@ def full_run(task, setup, b: int, lr: float, *, target: float | None, max_sample
     loss_start, _ = evaluate(model, task, setup.eval_train, CPU, EVAL_BS, metric=False)
     val0, _ = evaluate(model, task, setup.val_data, CPU, EVAL_BS, metric=False)
     evals = [[0, 0, 0.0, 0.0, val0]]
-    cp_at = {steps: name for name, steps in checkpoints.items()}
+    cp_at: dict[int, list[str]] = {}   # several budgets can round to the same step count
+    for name, steps in checkpoints.items():
+        cp_at.setdefault(steps, []).append(name)
     last_cp = max(checkpoints.values())
     cps: dict[str, dict] = {}
     train_curve: list[list[float]] = []
@@ -136,10 +140,11 @@ def full_run(task, setup, b: int, lr: float, *, target: float | None, max_sample
         if step in cp_at:
             train_loss, _ = evaluate(model, task, setup.eval_train, CPU, EVAL_BS, metric=False)
             val_loss, val_metric = evaluate(model, task, setup.val_data, CPU, EVAL_BS)
-            cps[cp_at[step]] = dict(
-                steps=step, samples=samples, status="ok" if train_loss <= loss_start
-                else "diverged", train_loss=train_loss, val_loss=val_loss,
-                val_metric=val_metric, b_simple=measure_trial_noise(setup, model))
+            cp = dict(steps=step, samples=samples, status="ok" if train_loss <= loss_start
+                      else "diverged", train_loss=train_loss, val_loss=val_loss,
+                      val_metric=val_metric, b_simple=measure_trial_noise(setup, model))
+            for name in cp_at[step]:
+                cps[name] = dict(cp)
         if not reached and samples >= next_eval:
             next_eval = (samples // eval_every + 1) * eval_every
             val, _ = evaluate(model, task, setup.val_data, CPU, EVAL_BS, metric=False)
@@ -273,7 +278,7 @@ def analyse(ex: dict) -> dict:
     for sw in ex["sweeps"]:
         trials = lib.trials_from_sweep(sw["result"])
         picks = lib.rule_picks(ex, trials, sw["seed"])
-        ideal_cost = sum(t.steps * step_t[t.batch_size] for t in trials)
+        ideal_cost = sum(lib.steps_run(t) * step_t[t.batch_size] for t in trials)
         real.append(dict(seed=sw["seed"], picks=picks,
                          regrets={k: lib.regret(times, v) for k, v in picks.items()},
                          cpu_s=sw["cpu_s"], wall_s=sw["wall_s"], train_cpu_ideal_s=ideal_cost,
@@ -290,7 +295,7 @@ def analyse(ex: dict) -> dict:
             emulated[frac].append(dict(
                 picks=picks, regrets={k: lib.regret(times, v) for k, v in picks.items()},
                 b_hat=summary.ranking.b_hat, b_opt=summary.ranking.b_opt,
-                cost_s=sum(t.steps * step_t[t.batch_size] for t in trials)))
+                cost_s=sum(lib.steps_run(t) * step_t[t.batch_size] for t in trials)))
     # The emulation is only as good as its claim that a trial is the full run's prefix: compare
     # the real sweep's trials with the rebuilt x1 trials (same seed) on what the ranking uses.
     check = dict(status_mismatch=0, max_abs_dloss=0.0, max_rel_db_simple=0.0)
@@ -432,7 +437,8 @@ def render(data: dict) -> str:
         row += [f"{a['implied_model_pick']}: {lib.fmt_regret(a['implied_model_regret'])}"] + [
             "" for _ in ex["fractions"]]
     rows.append(row)
-    row = ["sweep cost, CPU s (real: measured, of which Σ steps·t(b); emu: Σ steps·t(b))"]
+    row = ["sweep cost, CPU s (real: measured, of which Σ steps·t(b) incl. timing-only "
+           "steps; emu: Σ steps·t(b))"]
     for ex in data["examples"]:
         a = analyses[ex["name"]]
         row.append(f"{fmt(median(e['cpu_s'] for e in a['real']))} (training "

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from bsselect.rank import median_b_simple
 from bsselect.sweep import SweepSettings, summarize
 from bsselect.trial_types import TrialResult, TrialStatus
-from bsselect.trials import MAX_CURVE_POINTS
+from bsselect.trials import MAX_CURVE_POINTS, MIN_TIMED_STEPS, TIMING_WARMUP_STEPS
 
 INF = math.inf
 
@@ -274,6 +274,17 @@ def emulated_trials(example: Mapping[str, Any], seed_index: int, fraction: str,
             val_metric=cp.get("val_metric"), loss_curve=curve, b_simple=cp.get("b_simple"),
             loss_drop_per_sample=drop / cp["samples"], loss_drop_per_step=drop / steps))
     return out
+
+
+def steps_run(trial: TrialResult) -> int:
+    """Training steps a trial actually runs: its budget's steps, plus the timing-only steps
+    ``bsselect.trials`` adds after an ok trial with fewer than MIN_TIMED_STEPS steady-state
+    steps (all of them after TIMING_WARMUP_STEPS; a trial of <= that many steps re-warms)."""
+    if not trial.ok:
+        return trial.steps
+    if trial.steps <= TIMING_WARMUP_STEPS:
+        return trial.steps + TIMING_WARMUP_STEPS + MIN_TIMED_STEPS
+    return max(trial.steps, TIMING_WARMUP_STEPS + MIN_TIMED_STEPS)
 
 
 def thin(curve: list, points: int = MAX_CURVE_POINTS) -> list:
