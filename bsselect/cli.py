@@ -331,6 +331,9 @@ def sweep(
         console.print(f"sweeping {name}: batch sizes {sizes} ({cap_source}), "
                       f"{settings.budget.amount:g} {settings.budget.kind.value} per trial, "
                       f"journal {path}", highlight=False)
+        if step.accumulate > 1 or step.precision.value != "fp32":
+            console.print(f"{step.precision.value}; each batch size is the effective batch: "
+                          f"micro-batch x {step.accumulate} accumulation steps", highlight=False)
         with _SweepProgress(console, len(sizes)) as hooks:
             result = run_sweep(loaded, task_name=name, batch_sizes=sizes, settings=settings,
                                device=dev, journal_path=path, resume=resume, max_batch=cap,
