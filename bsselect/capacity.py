@@ -96,39 +96,81 @@ def largest_pow2_at_most(n: int) -> int:
 @dataclass(frozen=True)
 class SearchStep:
     batch_size: int
-    outcome: str  # "ok" | "oom"
+    outcome: str  # "ok" | "oom" (the device refused) | "over" (ran, but above the budget)
+    peak_bytes: int | None = None
 
 
 @dataclass(frozen=True)
-class BackoffResult:
-    batch_size: int  # largest batch confirmed to run, 0 if none did
+class RefineResult:
+    batch_size: int  # largest batch measured to fit, 0 if none did
     path: tuple[SearchStep, ...]
 
 
-def backoff_search(
-    run_step: Callable[[int], None], start: int, factor: float = 0.9, max_tries: int = 20
-) -> BackoffResult:
-    """Run a real step at ``start``; on out-of-memory retry at ``floor(b * factor)``.
+def refine_max_batch(
+    measure: Callable[[int], int], usable_bytes: float, known: Sequence[tuple[int, int]],
+    first_guess: int, max_tries: int = 12, max_jump: int = 8,
+) -> RefineResult:
+    """The largest batch whose measured peak fits ``usable_bytes``, starting from the line's
+    answer ``first_guess``.
 
-    The fit is usually right, so the first try normally succeeds; the geometric back-off
-    bounds the extra work when the device holds memory the model did not predict
-    (fragmentation, other processes). Non-OOM errors propagate.
+    Peak memory is only piecewise linear in b (which moment of the step is the peak changes
+    as b grows, e.g. from the optimizer step to the backward), so the fitted line can be off
+    either way. Keep a bracket (largest batch known to fit, smallest known not to), guess
+    from the line through the two largest batches that fit, bisect when the guess leaves the
+    bracket, never jump more than ``max_jump`` x past a fitting batch, and stop when less
+    than one more sample's memory is left. ``measure(b)`` returns peak bytes or raises an
+    out-of-memory error (any backend); ``known`` are the probe's already measured points.
     """
+    fits = sorted((b, p) for b, p in known if p <= usable_bytes)
+    fail = min((b for b, p in known if p > usable_bytes), default=None)
+    best = fits[-1][0] if fits else 0
     path: list[SearchStep] = []
-    b = start
+    guess = _clamp(first_guess, best, fail, max_jump)
+    if guess is None:  # the line undershoots a probed batch that fitted: search from there
+        guess = _next_guess(fits, usable_bytes, best, fail, max_jump)
     for _ in range(max_tries):
-        if b < 1:
+        if guess is None:
             break
         try:
-            run_step(b)
+            peak = measure(guess)
         except Exception as exc:  # noqa: BLE001 - re-raised unless it is an OOM
             if not is_oom_error(exc):
                 raise
             del exc
             release_memory()
-            path.append(SearchStep(b, "oom"))
-            b = min(b - 1, math.floor(b * factor))
-            continue
-        path.append(SearchStep(b, "ok"))
-        return BackoffResult(b, tuple(path))
-    return BackoffResult(0, tuple(path))
+            path.append(SearchStep(guess, "oom"))
+            fail = guess
+        else:
+            fitted = peak <= usable_bytes
+            path.append(SearchStep(guess, "ok" if fitted else "over", peak))
+            if fitted:
+                fits.append((guess, peak))
+                best = guess
+            else:
+                fail = guess
+        guess = _next_guess(sorted(fits), usable_bytes, best, fail, max_jump)
+    return RefineResult(best, tuple(path))
+
+
+def _clamp(guess: int, best: int, fail: int | None, max_jump: int) -> int | None:
+    """``guess`` kept strictly inside the bracket (best, fail); None when it is closed."""
+    if best > 0:
+        guess = min(guess, best * max_jump)
+    if fail is not None and guess >= fail:
+        guess = (best + fail) // 2
+    return guess if guess > best and guess >= 1 and (fail is None or guess < fail) else None
+
+
+def _next_guess(fits: list[tuple[int, int]], usable: float, best: int, fail: int | None,
+                max_jump: int) -> int | None:
+    if len(fits) >= 2 and fits[-1][0] > fits[-2][0]:
+        (b1, p1), (b2, p2) = fits[-2], fits[-1]
+        slope = (p2 - p1) / (b2 - b1)
+        if slope > 0:
+            room = math.floor((usable - p2) / slope)
+            if room < 1 and fail is None:
+                return None  # less than one more sample's memory left
+            return _clamp(b2 + max(room, 1), best, fail, max_jump)
+    if best == 0:  # nothing fits yet: halve towards 1
+        return _clamp(fail // 2, 0, fail, max_jump) if fail and fail > 1 else None
+    return _clamp(best * 2 if fail is None else (best + fail) // 2, best, fail, max_jump)

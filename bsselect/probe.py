@@ -11,7 +11,7 @@ from torch import nn
 
 from . import distributed
 from .capacity import (
-    BackoffResult, MemoryFit, backoff_search, check_batch_sizes, check_margin, fit_memory,
+    MemoryFit, check_batch_sizes, check_margin, fit_memory, refine_max_batch, usable_bytes,
     largest_pow2_at_most, solve_max_batch,
 )
 from .device import Budget
@@ -227,11 +227,23 @@ def run_probe(
         best = solve_max_batch(budget.bytes, margin, fit)
     best = distributed.agree_min(best)  # the same start on every rank: none runs out
     confirmation: tuple[dict, ...] = ()
-    if meter.confirm is not None and confirm:
-        result: BackoffResult = backoff_search(meter.confirm, best)
+    if confirm:
+        # The line is only piecewise right (the peak moves between phases as b grows), so
+        # the answer is checked where it lands: real steps when measured, a simulation (as
+        # cheap at any b) when simulated, refined inside a bracket until it is exact.
+        def required_at(b: int) -> int:
+            peak = meter.peak(b)
+            return _required(peak, meter.extras.get("rounded", {}).get(b), target, has_conv,
+                             budget_is_total)[0]
+
+        # Real steps never jump more than 8x past a batch that ran; simulations may.
+        result = refine_max_batch(required_at, usable_bytes(budget.bytes, margin),
+                                  [(p.batch_size, p.required_bytes) for p in points], best,
+                                  max_jump=8 if method is Method.measured else 2**40)
         confirmation = tuple(asdict(s) for s in result.path)
         if result.batch_size < 1:
-            raise DoesNotFitError("every confirming step ran out of memory")
+            tried = ", ".join(f"{s.batch_size} {s.outcome}" for s in result.path)
+            raise DoesNotFitError(f"no batch size fits the budget after the margin ({tried})")
         best = result.batch_size
     terms = _required(int(fit.predict(best)), _rounded_at(best, raw, rounded), target,
                       has_conv, budget_is_total)[1]

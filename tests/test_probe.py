@@ -45,14 +45,6 @@ def quadratic_task() -> Task:
                 loss_fn=F.cross_entropy, lr=0.01)
 
 
-def expected_path(true_peak, start: int, cap: int) -> list[tuple[int, str]]:
-    path, b = [], start
-    while true_peak(b) > cap:
-        path.append((b, "oom"))
-        b = min(b - 1, math.floor(b * 0.9))
-    return path + [(b, "ok")]
-
-
 def test_measured_backoff_follows_exact_path_under_a_cap():
     task = quadratic_task()
     cpu = torch.device("cpu")
@@ -68,24 +60,29 @@ def test_measured_backoff_follows_exact_path_under_a_cap():
                                                              free.per_sample_bytes)
     uncapped = CappedCpuAllocator(2**40)
     truth = lambda b: run_two_steps(task, b, uncapped)  # noqa: E731
-    path = expected_path(truth, result.confirmation[0]["batch_size"], cap)
-    assert result.confirmation[0]["batch_size"] in (399, 400)  # floor of the fitted line
-    assert len(path) >= 3, "the cap should force at least two back-off steps"
-    assert [(s["batch_size"], s["outcome"]) for s in result.confirmation] == path
-    assert result.max_batch == path[-1][0] and truth(result.max_batch) <= cap
-    assert backend.ooms == len(path) - 1
-    assert result.method == "measured"
+    path = [(s["batch_size"], s["outcome"]) for s in result.confirmation]
+    assert path[0][0] in (399, 400)  # floor of the fitted line
+    assert path[0][1] == "oom", "memory grows with b**2: the line's answer must not fit"
+    # Every real step's outcome is what the uncapped truth says, and the answer is exact.
+    for b, outcome in path:
+        assert (truth(b) <= cap) == (outcome == "ok"), (b, outcome)
+    true_max = result.max_batch
+    assert truth(true_max) <= cap < truth(true_max + 1)
+    assert any(b == true_max + 1 for b, _ in path) or len(path) == 12
+    assert backend.ooms == sum(1 for _, o in path if o == "oom")
+    assert len(path) <= 8 and result.method == "measured"
 
 
 def test_measured_peaks_match_simulation_for_linear_memory():
     task, _ = load_task("digits-mlp")
     backend = CappedCpuAllocator(2**40)
-    sim = run_probe(task, task_name="d", device=torch.device("cpu"), budget=Budget(2**30, "x"),
+    sim = run_probe(task, task_name="d", device=torch.device("cpu"), budget=Budget(2**26, "x"),
                     method=Method.simulated, batch_sizes=[8, 32, 128])
     meas = run_probe(task, task_name="d", device=torch.device("cpu"), budget=Budget(2**26, "x"),
                      batch_sizes=[8, 32, 128], backend=backend)
     assert [p.peak_bytes for p in sim.points] == [p.peak_bytes for p in meas.points]
-    assert meas.confirmation == ({"batch_size": meas.max_batch, "outcome": "ok"},)
+    assert meas.confirmation[0]["outcome"] == "ok"
+    assert meas.max_batch == sim.max_batch
 
 
 def test_nothing_fits_is_a_clear_error():
@@ -104,10 +101,13 @@ def test_probe_json_on_each_example(example):
     assert data["method"] == "simulated" and data["budget_bytes"] == 4 * 2**30
     assert data["max_batch_pow2"] <= data["max_batch"] < 2 * data["max_batch_pow2"]
     usable = 0.8 * data["budget_bytes"]
-    slack = 0.5 * (data["max_batch"] + 2)  # JSON rounds fixed and per-sample bytes to integers
-    line = lambda b: data["fixed_bytes"] + data["per_sample_bytes"] * b  # noqa: E731
-    assert line(data["max_batch"]) <= usable + slack
-    assert line(data["max_batch"] + 1) > usable - slack
+    # The line's answer is checked by simulating there, refined until exact.
+    steps = data["confirmation"]
+    ok = [st for st in steps if st["outcome"] == "ok"]
+    assert ok and max(st["batch_size"] for st in ok) == data["max_batch"]
+    assert all(st["peak_bytes"] <= usable for st in ok)
+    assert all(st["peak_bytes"] > usable for st in steps if st["outcome"] == "over")
+    assert len(steps) <= 12
     assert [p["batch_size"] for p in data["points"]] == [8, 16, 32, 64, 128]
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bsselect.capacity import (
-    MemoryFit, SearchStep, backoff_search, fit_memory, largest_pow2_at_most, solve_max_batch,
+    MemoryFit, SearchStep, fit_memory, largest_pow2_at_most, refine_max_batch, solve_max_batch,
 )
 from bsselect.errors import DoesNotFitError, UsageError
 from bsselect.oom import is_oom_error
@@ -56,33 +56,58 @@ def test_solve_max_batch_model_alone_too_big():
         solve_max_batch(10_000, 0.2, fit)
 
 
-def test_backoff_search_exact_path():
-    cap = 500
-    tried = []
+def piecewise_peak(b):
+    """1000 B + 10 B/sample up to b=300, then 30 B/sample: a line fitted on small batches
+    overshoots, as when the peak moves from the optimizer step to the backward."""
+    return 1000 + 10 * b if b <= 300 else 4000 + 30 * (b - 300)
 
+
+PROBED = [(b, piecewise_peak(b)) for b in (8, 16, 32, 64, 128)]
+
+
+def test_refine_exact_path_when_the_line_overshoots():
+    result = refine_max_batch(piecewise_peak, 10_000, PROBED, first_guess=900)
+    assert [(s.batch_size, s.outcome) for s in result.path] == [
+        (900, "over"), (514, "over"), (321, "ok"), (417, "ok"), (500, "ok"), (501, "over")]
+    assert result.batch_size == 500 == max(b for b in range(1, 2000) if piecewise_peak(b) <= 10_000)
+    assert result.path[2] == SearchStep(321, "ok", piecewise_peak(321))
+
+
+def test_refine_treats_oom_like_over_and_reraises_other_errors():
     def step(b):
-        tried.append(b)
-        if b > cap:
+        if piecewise_peak(b) > 10_000:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return piecewise_peak(b)
 
-    result = backoff_search(step, 700)
-    # 700 -> floor(630) -> 567 -> 510 -> 459 fits
-    assert tried == [700, 630, 567, 510, 459]
-    assert result.batch_size == 459
-    assert result.path == (SearchStep(700, "oom"), SearchStep(630, "oom"), SearchStep(567, "oom"),
-                           SearchStep(510, "oom"), SearchStep(459, "ok"))
+    result = refine_max_batch(step, 10_000, PROBED, first_guess=900)
+    assert [s.outcome for s in result.path][:2] == ["oom", "oom"] and result.batch_size == 500
 
-
-def test_backoff_search_first_try_fits():
-    assert backoff_search(lambda b: None, 64).path == (SearchStep(64, "ok"),)
-
-
-def test_backoff_search_reraises_other_errors():
-    def step(b):
+    def broken(b):
         raise ValueError("shape mismatch")
 
     with pytest.raises(ValueError):
-        backoff_search(step, 64)
+        refine_max_batch(broken, 10_000, PROBED, first_guess=900)
+
+
+def test_refine_grows_when_the_line_undershoots():
+    # a first guess far too low (the line was fitted where the optimizer step dominated):
+    # grow along the measured line, never more than 8x past a batch that fitted
+    result = refine_max_batch(lambda b: 1000 + 10 * b, 10_000, PROBED[:2], first_guess=20)
+    assert [(s.batch_size, s.outcome) for s in result.path] == [
+        (20, "ok"), (160, "ok"), (900, "ok")]
+    assert result.batch_size == 900
+
+
+def test_refine_first_guess_exact_stops_after_one_sample_check():
+    line = lambda b: 1000 + 10 * b  # noqa: E731
+    result = refine_max_batch(line, 10_000, PROBED, first_guess=900)
+    assert [(s.batch_size, s.outcome) for s in result.path] == [(900, "ok")]
+
+
+def test_refine_nothing_fits():
+    result = refine_max_batch(lambda b: 10**9, 10_000, [], first_guess=64)
+    assert result.batch_size == 0
+    assert [s.batch_size for s in result.path] == [64, 32, 16, 8, 4, 2, 1]
 
 
 @pytest.mark.parametrize("exc,expected", [

@@ -27,12 +27,14 @@ class _CappedCounter(LiveStorageCounter):
         self.max_bytes = 0
         self.ooms = 0
         self._inputs: set[int] = set()
+        self._new: list[tuple[int, bool, int]] = []  # (storage key, existed, bytes added)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         # A view of a tensor made before the session (a dataset row, say) shares a storage
         # the allocator handed out long ago: it is not a new allocation.
         self._inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0]
                         if isinstance(t, torch.Tensor)}
+        self._new = []
         try:
             return super().__torch_dispatch__(func, types, args, kwargs)
         finally:
@@ -42,11 +44,29 @@ class _CappedCounter(LiveStorageCounter):
         key = id(t.untyped_storage())
         if key in self._inputs and key not in self._bytes:
             return
+        existed, before = key in self._bytes, self.live_bytes
         super().track(t, real_nbytes)
+        if self.live_bytes != before:
+            self._new.append((key, existed, self.live_bytes - before))
+
+    def _refuse_new(self) -> None:
+        """Uncount this op's new storage: a real allocator never hands out a refused block,
+        and an OOM handler that allocates (Lightning's does) must not fail again because the
+        exception's traceback still holds the op's outputs."""
+        for key, existed, added in self._new:
+            if existed:  # grown in place: undo the growth
+                self._bytes[key] -= added
+                self.live_bytes -= added
+            elif key in self._bytes:  # new: forget it, weakref and its callback included
+                self.live_bytes -= self._bytes.pop(key)
+                del self._fake_nbytes[key], self._refs[key]
+        self._new = []
 
     def note(self, level_bytes: int, workspace_bytes: int = 0) -> None:
+        if level_bytes > self.cap_bytes:
+            self._refuse_new()
         super().note(level_bytes, workspace_bytes)
-        self.max_bytes = max(self.max_bytes, level_bytes)
+        self.max_bytes = max(self.max_bytes, min(level_bytes, self.cap_bytes))
         if level_bytes > self.cap_bytes:
             self.ooms += 1
             raise torch.OutOfMemoryError(

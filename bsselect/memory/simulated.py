@@ -322,14 +322,38 @@ def autocast_lists_of(settings: StepSettings) -> Any:
     return nullcontext()
 
 
+REAL_ITEMS_MAX = 1024  # above this, collate this many real items and stretch the batch
+
+
 def real_batch(task: Task, batch_size: int, seed: int, inputs: Any = None) -> tuple[Any, Any]:
     """``make_batch`` for real, outside any fake mode: datasets may compute on real values,
     and a padding collate_fn must see the true items to give the true shapes. ``inputs``
-    (an ``inputs.InputScan``) chooses the items: the largest ones for worst-case inputs."""
+    (an ``inputs.InputScan``) chooses the items: the largest ones for worst-case inputs.
+
+    Collating millions of items would cost minutes (the line's answer for a small model can
+    be that large), so above REAL_ITEMS_MAX a batch of that many real items is collated and,
+    when every tensor in it leads with the batch dimension, stretched to ``batch_size`` as a
+    zero-stride view that ``_fake_batch`` turns into a full-size fake tensor."""
     try:
+        if batch_size > REAL_ITEMS_MAX:
+            small = make_batch(task, REAL_ITEMS_MAX, seed, inputs)
+            leaves = [t for t in tree_flatten(small)[0] if isinstance(t, torch.Tensor)]
+            if leaves and all(t.dim() >= 1 and t.shape[0] == REAL_ITEMS_MAX for t in leaves):
+                return tree_map(lambda t: t[:1].expand(batch_size, *t.shape[1:])
+                                if isinstance(t, torch.Tensor) else t, small)
         return make_batch(task, batch_size, seed, inputs)
     except Exception as exc:
         raise TaskError(f"collating a batch of {batch_size} failed: {one_line(exc)}") from exc
+
+
+def _fake_batch(t: Any, fake_mode: Any) -> Any:
+    """A fake twin of a batch tensor; a stretched one (zero stride on the batch dimension)
+    becomes a contiguous fake tensor of its full size, as a real collate would give."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t.dim() >= 1 and t.shape[0] > 1 and t.stride(0) == 0:
+        return torch.empty(t.shape, dtype=t.dtype)  # inside fake_mode: fake, full storage
+    return fake_mode.from_tensor(t)
 
 
 def _run_steps(task: Task, model: nn.Module, batch: Any, counter: LiveStorageCounter,
@@ -384,8 +408,7 @@ def simulate_step_peak(
     # The counter is entered inside the fake mode, so that it sees every op first, as the
     # CPU dispatcher would. A CUDA target casts by CUDA's autocast lists, not the CPU's.
     with young_gc_only(), autocast_lists_of(settings), fake_mode:
-        batch = tree_map(
-            lambda t: fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
+        batch = tree_map(lambda t: _fake_batch(t, fake_mode), batch)
         try:
             optimizer, start_bytes, impl = _run_steps(task, model, batch, counter, settings)
         except Exception as exc:
