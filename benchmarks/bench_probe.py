@@ -6,10 +6,10 @@ simulated memory cap.
 
 Needs the ``bench`` extra (``pip install -e '.[bench]'``: lightning, accelerate).
 
-Every tool runs on the CPU inside a capped "allocator" session (``probe_tools.Capped``, the
-``bsselect.memory.capped.CappedCpuAllocator`` counter): every tensor storage created inside
-the session counts while it is alive, and the op that takes the live total above the cap
-raises ``torch.OutOfMemoryError("CUDA out of memory. ...")``, which bsselect, Lightning and
+Every tool runs on the CPU inside a session of the stock capped "allocator"
+(``bsselect.memory.capped.CappedCpuAllocator``): every tensor storage created inside the
+session counts while it is alive, and the op that would take the live total above the cap is
+refused (its outputs uncounted) and raises ``torch.OutOfMemoryError("CUDA out of memory. ...")``, which bsselect, Lightning and
 Accelerate all treat as an out-of-memory error. Per model:
 
 * **True maximum**: the largest b for which ``bsselect.memory.measured.run_two_steps`` (fresh
@@ -19,9 +19,9 @@ Accelerate all treat as an out-of-memory error. Per model:
   Lightning trials can reach (its loop keeps a prefetched batch and last step's gradients).
 * **bsselect measured**: ``run_probe(..., budget=Budget(cap), margin=0 (and 0.2, the
   default), backend=<capped allocator>)``: peaks at 8, 16, 32, 64, 128, a line, the solve,
-  then a confirming real step with x0.9 OOM back-off.
+  then real steps that check the line's answer where it lands and refine it inside a bracket.
 * **bsselect simulated**: ``run_probe(..., method=Method.simulated)``: fake tensors, no
-  backend, no confirmation; its answer is compared with the true maximum.
+  backend; the line's answer is checked and refined with further simulations, no real step.
 * **Lightning**: ``Tuner(trainer).scale_batch_size(model, mode="power"|"binsearch",
   init_val=2)``, all other arguments default (3 steps per trial, 5% margin in binsearch).
 * **Accelerate**: ``find_executable_batch_size(starting_batch_size=4096)`` around a function
@@ -99,7 +99,7 @@ def warm_up(tasks: dict) -> None:
     """Untimed: first ops on each model, a Lightning fit and an Accelerate call, so that no
     tool pays the process's one-time costs."""
     for task in tasks.values():
-        pt.run_two_steps(task, 8, pt.Capped(pt.HUGE))
+        pt.run_two_steps(task, 8, pt.CappedCpuAllocator(pt.HUGE))
         pt.lightning_loop_peak(task, 8, steps=1)
         pt.accelerate_peak(task, 8)
 
@@ -110,7 +110,7 @@ def run(models: list[str], repeats: int, accelerate_start: int) -> dict:
                  "accelerate_start": accelerate_start, "repeats": repeats, "models": {}}
     assert all(out["oom_recognised"].values()), out["oom_recognised"]
     log(f"versions: {out['versions']}")
-    with pt.Capped(pt.HUGE).session():   # the first dispatch mode imports torch._dynamo (~1 s)
+    with pt.CappedCpuAllocator(pt.HUGE).session():   # the first dispatch mode imports torch._dynamo (~1 s)
         torch.ones(2) + 1
     for name in models:
         # Before anything else touches the simulation for this model: a fresh process's cost.
@@ -200,12 +200,18 @@ def render(data: dict, rows: list[dict]) -> str:
             f"{row['trials']} | {row['steps']} | {row['wall_s']:.2f} | {row['cpu_s']:.2f} | "
             f"{speed} |")
     lines.append("")
-    lines.append("Tries (first repeat, in order; `!` = out of memory, `~` = simulated):")
+    lines.append("Tries (first repeat, in order; `!` = out of memory, `^` = ran but above the "
+                 "budget after the margin, `~` = simulated; bsselect: `|` separates the 5 probe "
+                 "points from the checks of the line's answer):")
     lines.append("")
     for row in rows:
-        marks = {"ok": "", "oom": "!", "sim": "~"}
-        path = " ".join(f"{b}{marks.get(o, '?')}" for b, o in row["path"])
-        note = f" -> fit alone says {row['extra']['fit_max']}" if row["error"] else ""
+        marks = {"ok": "", "oom": "!", "over": "^", "sim": "~", "sim-over": "~^"}
+        tries = [f"{b}{marks.get(o, '?')}" for b, o in row["path"]]
+        if row["tool"].startswith("bsselect") and len(tries) > 5:
+            tries[5:5] = ["|"]
+        path = " ".join(tries)
+        line_max = row["extra"].get("line_max")
+        note = f" (line alone: {line_max})" if line_max is not None else ""
         lines.append(f"- {row['model']}, {row['tool']}: {path}{note}")
     return "\n".join(lines)
 

@@ -2,94 +2,40 @@
 tuner, Accelerate's decorator), run on the same tasks under the same capped CPU "allocator",
 for ``bench_probe.py``.
 
-Every run happens inside ``Capped(cap).session()`` (``bsselect.memory.capped``'s counter, see
-:class:`Capped` for the one change): every tensor storage created inside the session (model,
-optimizer state, batch, activations, gradients, temporaries) counts while it is alive, and the
-op that takes the live total above ``cap`` raises ``torch.OutOfMemoryError("CUDA out of
-memory. ...")``. Lightning and Accelerate recognise that message as an out-of-memory error
-(checked against the installed sources by ``check_oom_recognition``), as they would a real
-CUDA OOM.
+Every run happens inside a session of the stock ``bsselect.memory.capped.CappedCpuAllocator``:
+every tensor storage created inside the session (model, optimizer state, batch,
+activations, gradients, temporaries) counts while it is alive, and the op that would take the
+live total above ``cap`` is refused (its new storage uncounted, as a real allocator never
+hands out the block) with ``torch.OutOfMemoryError("CUDA out of memory. ...")``. Lightning
+and Accelerate recognise that message as an out-of-memory error (checked against the
+installed sources by ``check_oom_recognition``), as they would a real CUDA OOM.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
+import re
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from bsselect.capacity import fit_memory, solve_max_batch
 from bsselect.device import Budget
 from bsselect.errors import DoesNotFitError
-from bsselect.memory.capped import CappedCpuAllocator, _CappedCounter
+from bsselect.memory.capped import CappedCpuAllocator
 from bsselect.memory.measured import run_two_steps
 from bsselect.oom import is_oom_error
 from bsselect.probe import Method, run_probe
 from bsselect.task import Task
 
 HUGE = 2**62   # a cap that never bites: pure measurement
-
-
-class _RefusingCounter(_CappedCounter):
-    """``_CappedCounter`` that, like a real allocator, refuses the allocation that would cross
-    the cap: the op's new outputs are uncounted before the OOM is raised.
-
-    The stock counter raises *after* counting them, and the exception's traceback keeps them
-    alive, so while the OOM is being handled the live total stays above the cap and any
-    allocation in the handler (Lightning's tuner makes an 8-byte ``torch.tensor`` in its
-    ``except`` branch) fails again. On a real device the refused block was never handed out.
-    Until the OOM, counting is identical, so the ground truth and bsselect are unaffected."""
-
-    def __init__(self, cap_bytes: int) -> None:
-        super().__init__(cap_bytes)
-        self._new: list[tuple[int, bool, int]] = []   # (storage key, existed, bytes added)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self._new = []
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-    def track(self, t: torch.Tensor, real_nbytes: int | None = None) -> None:
-        key = id(t.untyped_storage())
-        existed, before = key in self._bytes, self.live_bytes
-        super().track(t, real_nbytes)
-        if self.live_bytes != before:
-            self._new.append((key, existed, self.live_bytes - before))
-
-    def note(self, level_bytes: int, workspace_bytes: int = 0) -> None:
-        if level_bytes > self.cap_bytes:
-            for key, existed, added in self._new:
-                if existed:                       # grown in place: undo the growth
-                    self._bytes[key] -= added
-                    self.live_bytes -= added
-                elif key in self._bytes:          # new: forget it (dropping the weakref
-                    self.live_bytes -= self._bytes.pop(key)   # also drops its callback)
-                    del self._fake_nbytes[key], self._refs[key]
-            self._new = []
-        super().note(level_bytes, workspace_bytes)
-
-
-class Capped(CappedCpuAllocator):
-    """``CappedCpuAllocator`` with :class:`_RefusingCounter`; used for every tool and for the
-    ground truth, so all of them see the same cap and the same counter."""
-
-    @contextmanager
-    def session(self) -> Iterator[None]:
-        counter = _RefusingCounter(self.cap_bytes)
-        self._counter = counter
-        try:
-            with counter:
-                yield
-        finally:
-            self.ooms += counter.ooms
-            self._counter = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +102,7 @@ def fits(task: Task, b: int, cap: int) -> bool:
     """Two real training steps at ``b`` (``run_two_steps``: fresh model, step 1, step 2) run
     inside one capped session without an out-of-memory error."""
     try:
-        run_two_steps(task, b, Capped(cap))
+        run_two_steps(task, b, CappedCpuAllocator(cap))
     except torch.OutOfMemoryError:
         return False
     return True
@@ -202,7 +148,7 @@ def largest_near(pred: Callable[[int], bool], guess: int) -> int:
 
 def session_peak(task: Task, b: int) -> tuple[int, int]:
     """(step-2 peak, whole-session peak) of ``run_two_steps`` at ``b``, uncapped."""
-    alloc = Capped(HUGE)
+    alloc = CappedCpuAllocator(HUGE)
     holder: dict[str, int] = {}
     original = alloc.reset_peak
 
@@ -262,54 +208,63 @@ def _clock() -> tuple[float, float]:
 # bsselect
 
 
+def _line_max(result: Any, cap: int, margin: float) -> int:
+    """The line's own answer (before any confirmation or refinement), from the probe points."""
+    fit = fit_memory([(p.batch_size, p.required_bytes) for p in result.points])
+    try:
+        return solve_max_batch(cap, margin, fit)
+    except DoesNotFitError:
+        return 0
+
+
+def _refine_path(confirmation: Any, sim: bool = False) -> list[tuple[int, str]]:
+    """``ProbeResult.confirmation`` as (batch size, outcome): ok | oom (refused) | over (ran,
+    but its peak is above the budget after the margin); simulated: sim | sim-over."""
+    if sim:
+        return [(s["batch_size"], "sim" if s["outcome"] == "ok" else "sim-" + s["outcome"])
+                for s in confirmation]
+    return [(s["batch_size"], s["outcome"]) for s in confirmation]
+
+
 def run_bsselect(task: Task, cap: int, margin: float) -> ToolRun:
-    """``run_probe`` on the measured path through the capped allocator: peaks at the default
-    batch sizes (8..128), a line fit, the solve, then a confirming real step with OOM back-off.
-    If it gives up (DoesNotFitError), the run is recorded with its time and the answer of the
-    fit alone (``confirm=False``, not timed)."""
-    backend = Capped(cap)
+    """``run_probe`` on the measured path through the stock capped allocator: peaks at the
+    default batch sizes (8..128), a line fit, the solve, then real steps that check the line's
+    answer where it lands and refine it inside a bracket (``capacity.refine_max_batch``).
+    If it gives up (DoesNotFitError), the run is recorded with its time, the tries listed in
+    the error, and the answer of the line alone."""
     fw = Forwards(task)
     w0, c0 = _clock()
     try:
         result = run_probe(fw.task, task_name="bench", device=torch.device("cpu"),
-                           budget=Budget(cap, "cap"), margin=margin, backend=backend)
+                           budget=Budget(cap, "cap"), margin=margin,
+                           backend=CappedCpuAllocator(cap))
     except DoesNotFitError as exc:
         w1, c1 = _clock()
-        fit = run_probe(task, task_name="bench", device=torch.device("cpu"),
-                        budget=Budget(cap, "cap"), margin=margin, backend=Capped(cap),
-                        confirm=False)
-        # every confirming step ran out of memory: backend.ooms of them, from the fit down
-        path = [(p.batch_size, "ok") for p in fit.points]
-        b = fit.max_batch
-        for _ in range(backend.ooms):
-            path.append((b, "oom"))
-            b = min(b - 1, math.floor(b * 0.9))
+        path = [(int(b), o) for b, o in re.findall(r"(\d+) (ok|oom|over)\b", str(exc))]
         return ToolRun(f"bsselect (margin {margin:g})", 0, len(path), fw.count, w1 - w0,
-                       c1 - c0, path, {"fit_max": fit.max_batch,
-                                       "fixed_bytes": fit.fixed_bytes,
-                                       "per_sample_bytes": fit.per_sample_bytes},
-                       error=f"{type(exc).__name__}: {exc}")
+                       c1 - c0, path, {}, error=f"{type(exc).__name__}: {exc}")
     w1, c1 = _clock()
-    path = [(p.batch_size, "ok") for p in result.points]
-    path += [(s["batch_size"], s["outcome"]) for s in result.confirmation]
+    path = [(p.batch_size, "ok") for p in result.points] + _refine_path(result.confirmation)
     return ToolRun(f"bsselect (margin {margin:g})", result.max_batch, len(path), fw.count,
                    w1 - w0, c1 - c0, path,
-                   {"fit_max": result.confirmation[0]["batch_size"] if result.confirmation
-                    else result.max_batch,
+                   {"line_max": _line_max(result, cap, margin),
                     "fixed_bytes": result.fixed_bytes,
                     "per_sample_bytes": result.per_sample_bytes})
 
 
 def run_bsselect_simulated(task: Task, cap: int, margin: float = 0.0) -> ToolRun:
-    """``run_probe(method=simulated)``: fake tensors, no backend, nothing confirmed."""
+    """``run_probe(method=simulated)``: fake tensors, no backend; the line's answer is checked
+    and refined with further simulations (no real step)."""
     w0, c0 = _clock()
     result = run_probe(task, task_name="bench", device=torch.device("cpu"),
                        budget=Budget(cap, "cap"), margin=margin, method=Method.simulated)
     w1, c1 = _clock()
     path = [(p.batch_size, "sim") for p in result.points]
+    path += _refine_path(result.confirmation, sim=True)
     return ToolRun(f"bsselect simulated (margin {margin:g})", result.max_batch, len(path), 0,
                    w1 - w0, c1 - c0, path,
-                   {"fixed_bytes": result.fixed_bytes,
+                   {"line_max": _line_max(result, cap, margin),
+                    "fixed_bytes": result.fixed_bytes,
                     "per_sample_bytes": result.per_sample_bytes})
 
 
@@ -384,7 +339,7 @@ def run_lightning(task: Task, cap: int, mode: str, init_val: int = 2) -> ToolRun
         path.append((b, "ok"))
 
     bss._try_loop_run = counted
-    alloc = Capped(cap)
+    alloc = CappedCpuAllocator(cap)
     fw = Forwards(task)
     try:
         with tempfile.TemporaryDirectory() as root, alloc.session():
@@ -405,7 +360,7 @@ def lightning_loop_fits(task: Task, b: int, cap: int, steps: int = 3) -> bool:
     steps at batch ``b`` under ``cap``: the largest such b is the best any search over
     Lightning trials can find."""
     _lightning()
-    alloc = Capped(cap)
+    alloc = CappedCpuAllocator(cap)
     try:
         with tempfile.TemporaryDirectory() as root, alloc.session():
             module = lit_module(task, b)
@@ -418,7 +373,7 @@ def lightning_loop_fits(task: Task, b: int, cap: int, steps: int = 3) -> bool:
 
 def lightning_loop_peak(task: Task, b: int, steps: int = 3) -> int:
     _lightning()
-    alloc = Capped(HUGE)
+    alloc = CappedCpuAllocator(HUGE)
     with tempfile.TemporaryDirectory() as root, alloc.session():
         module = lit_module(task, b)
         trainer = lit_trainer(root, max_steps=steps)
@@ -462,7 +417,7 @@ def run_accelerate(task: Task, cap: int, start: int) -> ToolRun:
     from accelerate.utils import find_executable_batch_size
 
     sizes: list[int] = []
-    alloc = Capped(cap)
+    alloc = CappedCpuAllocator(cap)
     fw = Forwards(task)
     with alloc.session():
         decorated = find_executable_batch_size(accelerate_train_fn(fw.task, sizes),
@@ -476,7 +431,7 @@ def run_accelerate(task: Task, cap: int, start: int) -> ToolRun:
 
 def accelerate_peak(task: Task, b: int) -> int:
     sizes: list[int] = []
-    alloc = Capped(HUGE)
+    alloc = CappedCpuAllocator(HUGE)
     with alloc.session():
         accelerate_train_fn(task, sizes)(b)
         peak = alloc.peak_bytes()
@@ -493,7 +448,7 @@ def check_oom_recognition() -> dict[str, bool]:
     from lightning.pytorch.utilities.memory import is_oom_error as lightning_is_oom
 
     try:
-        with Capped(0).session():
+        with CappedCpuAllocator(0).session():
             torch.ones(4)
     except torch.OutOfMemoryError as exc:
         err = exc
