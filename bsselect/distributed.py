@@ -277,7 +277,9 @@ def agree_meter(meter: Any) -> Any:
     OOM on one rank ends that measurement (or backs off the confirmation) on all."""
     if active():
         peak, confirm = meter.peak, meter.confirm
-        meter.peak = lambda b: agreed(peak, b)
+        # The largest peak over ranks: every rank then takes the same decisions (fits / does
+        # not) in the refinement, so the ranks' collectives stay in step.
+        meter.peak = lambda b: int(max_float(float(agreed(peak, b))))
         if confirm is not None:
             meter.confirm = lambda b: agreed(confirm, b)
     return meter

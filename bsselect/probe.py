@@ -237,7 +237,9 @@ def run_probe(
                              budget_is_total)[0]
 
         # Real steps never jump more than 8x past a batch that ran; simulations may.
-        result = refine_max_batch(required_at, usable_bytes(budget.bytes, margin),
+        # Under torchrun: the smallest budget of any rank, so all ranks search alike.
+        usable = distributed.agree_min(int(usable_bytes(budget.bytes, margin)))
+        result = refine_max_batch(required_at, usable,
                                   [(p.batch_size, p.required_bytes) for p in points], best,
                                   max_jump=8 if method is Method.measured else 2**40)
         confirmation = tuple(asdict(s) for s in result.path)

@@ -24,7 +24,7 @@ from bsselect.memory.capped import CappedCpuAllocator
 from bsselect.memory.measured import run_two_steps
 
 from conftest import run_cli
-from test_probe import expected_path, quadratic_task
+from test_probe import quadratic_task
 
 TASKS = Path(__file__).parent / "tasks"
 OOM_TASK = f"{TASKS / 'ddp_tasks.py'}:oom_forward"
@@ -156,10 +156,11 @@ def test_core_functions_agree_across_ranks(tmp_path):
     for key in ("points", "fixed_bytes", "per_sample_bytes", "max_batch", "confirmation"):
         assert p0[key] == p1[key], key
     truth = lambda b: run_two_steps(quadratic_task(), b, CappedCpuAllocator(2**40))  # noqa: E731
-    path = expected_path(truth, p1["confirmation"][0]["batch_size"], p1["cap_bytes"])
-    assert len(path) >= 3
-    assert [(s["batch_size"], s["outcome"]) for s in p1["confirmation"]] == path
-    assert (p0["ooms_here"], p1["ooms_here"]) == (0, len(path) - 1)
+    steps = [(s["batch_size"], s["outcome"]) for s in p1["confirmation"]]
+    assert len(steps) >= 3 and steps[0][1] == "oom"
+    for b, outcome in steps:  # every agreed outcome is what rank 1's cap says
+        assert (truth(b) <= p1["cap_bytes"]) == (outcome == "ok"), (b, outcome)
+    assert p0["ooms_here"] == 0 and p1["ooms_here"] == sum(o == "oom" for _, o in steps)
 
     # sweep: an OOM inside rank 1's backward (DDP's all-reduce territory) is agreed too.
     assert r0["backward_oom"] == r1["backward_oom"]
