@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .capacity import check_margin, fit_memory, largest_pow2_at_most, usable_bytes
-from .errors import DoesNotFitError, UsageError
+from .errors import DoesNotFitError, UsageError, parse_choice
 from .inputs import InputMode
 from .precision import Precision
 from .step import StepSettings
@@ -147,25 +147,14 @@ def merge_config(cli: dict[str, Any], file: dict[str, Any]) -> CheckConfig:
     size, source, hopper = resolve_budget(memory, preset)
     margin = check_margin(float(pick("margin", 0.2)))
     target_name = pick("target", "cuda" if preset else "same")
-    try:
-        target = Target(target_name)
-    except ValueError:
-        raise UsageError(f"target must be same or cuda, got {target_name!r}") from None
+    target = parse_choice(Target, target_name, "target")
     accumulate = pick("accumulate", 1)
     if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
         raise UsageError(f"accumulate must be an integer >= 1, got {accumulate!r}")
     return CheckConfig(pick("task"), batch, size, source, margin, target, hopper,
-                       precision=_choice(Precision, pick("precision", "fp32"), "precision"),
+                       precision=parse_choice(Precision, pick("precision", "fp32"), "precision"),
                        accumulate=accumulate,
-                       inputs=_choice(InputMode, pick("inputs", "worst-case"), "inputs"))
-
-
-def _choice(enum: Any, value: Any, name: str) -> Any:
-    try:
-        return enum(value)
-    except ValueError:
-        known = ", ".join(m.value for m in enum)
-        raise UsageError(f"{name} must be one of {known}; got {value!r}") from None
+                       inputs=parse_choice(InputMode, pick("inputs", "worst-case"), "inputs"))
 
 
 def _required(peak: int, rounded: int | None, config: CheckConfig, has_conv: bool

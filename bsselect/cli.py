@@ -11,7 +11,7 @@ from typing import Annotated, Callable, Optional, TypeVar
 import typer
 
 from . import __version__
-from .errors import BsselectError, UsageError
+from .errors import BsselectError, UsageError, parse_choice
 from .run_options import AccumulateOpt, InputsOpt, PrecisionOpt
 
 T = TypeVar("T")
@@ -167,8 +167,8 @@ def probe(
 
         from .run_options import parse_inputs, print_step_lines, scan, step_settings
 
-        meth = _enum(Method, method, "--method")
-        tgt = _enum(Target, target, "--target")
+        meth = parse_choice(Method, method, "--method")
+        tgt = parse_choice(Target, target, "--target")
         sizes = parse_int_list(batch_sizes, "--batch-sizes") or list(DEFAULT_BATCH_SIZES)
         settings, mode = step_settings(precision, accumulate), parse_inputs(inputs)
         dev = _device(device)
@@ -192,9 +192,10 @@ def probe(
         if as_json:
             emit_json(probe_json(result.to_json()))
         else:
+            data = result.to_json()
             render_probe(result)
-            print_step_lines(result.to_json())
-            _note("probe", result.to_json())
+            print_step_lines(data)
+            _note("probe", data)
 
     guarded(body)
 
@@ -582,16 +583,6 @@ def presets() -> None:
 
     for key, (size, name) in PRESETS.items():
         print(f"{key:14s} {format_bytes(size):>10s}  {name}")
-
-E = TypeVar("E")
-
-
-def _enum(cls: type[E], value: str, option: str) -> E:
-    try:
-        return cls(value)  # type: ignore[call-arg]
-    except ValueError:
-        choices = ", ".join(m.value for m in cls)  # type: ignore[attr-defined]
-        raise UsageError(f"{option} must be one of {choices}; got {value!r}") from None
 
 
 class _progress:

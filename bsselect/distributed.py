@@ -273,15 +273,13 @@ def agreed(fn: Callable[..., T], *args: Any) -> T:
 
 
 def agree_meter(meter: Any) -> Any:
-    """probe's Meter with every measurement and confirming step agreed across ranks, so an
-    OOM on one rank ends that measurement (or backs off the confirmation) on all."""
+    """probe's Meter with every measurement (the probed points and the refinement's steps)
+    agreed across ranks, so an OOM on one rank counts as an OOM on all."""
     if active():
-        peak, confirm = meter.peak, meter.confirm
+        peak = meter.peak
         # The largest peak over ranks: every rank then takes the same decisions (fits / does
         # not) in the refinement, so the ranks' collectives stay in step.
         meter.peak = lambda b: int(max_float(float(agreed(peak, b))))
-        if confirm is not None:
-            meter.confirm = lambda b: agreed(confirm, b)
     return meter
 
 

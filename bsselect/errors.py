@@ -6,6 +6,8 @@ Exit codes (DESIGN.md): 0 success · 1 the task or the run failed · 2 usage err
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class BsselectError(Exception):
     """Base class. ``exit_code`` is what the CLI exits with; the message is one line."""
@@ -35,6 +37,15 @@ class InterruptedRun(BsselectError):
     """The user pressed Ctrl-C; finished work was saved."""
 
     exit_code = 130
+
+
+def parse_choice(enum: Any, value: Any, name: str) -> Any:
+    """``enum(value)``, or a UsageError naming ``name`` and every allowed value."""
+    try:
+        return enum(value)
+    except ValueError:
+        known = ", ".join(m.value for m in enum)
+        raise UsageError(f"{name} must be one of {known}; got {value!r}") from None
 
 
 def one_line(exc: BaseException) -> str:

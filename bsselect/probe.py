@@ -85,7 +85,6 @@ class Meter:
 
     method: Method
     peak: Callable[[int], int]
-    confirm: Callable[[int], None] | None = None   # a real step at b (raises on OOM)
     extras: dict = field(default_factory=dict)     # param/optimizer bytes, rounding per b
 
 
@@ -133,7 +132,7 @@ def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
 
     real = backend if backend is not None else AcceleratorAllocator(device)
     run = lambda b: run_two_steps(task, b, real, seed, settings, inputs)  # noqa: E731
-    return Meter(method, run, confirm=lambda b: run(b) and None)
+    return Meter(method, run)
 
 
 def _required(point_peak: int, rounded: int | None, target: Target, has_conv: bool,
@@ -197,7 +196,8 @@ def run_probe(
     inputs: "InputScan | None" = None,
 ) -> ProbeResult:
     """Measure peaks, fit ``peak = fixed + per_sample*b``, solve for the largest batch that
-    fits ``budget`` after ``margin``, and (measured path) confirm it with a real step.
+    fits ``budget`` after ``margin``, then check that answer where it lands (real steps when
+    measured, simulations when simulated) and refine it (``capacity.refine_max_batch``).
 
     Batch sizes are micro-batches when ``settings.accumulate > 1``; ``inputs`` picks the items
     (the largest for worst-case inputs; None: random). For ``target`` cuda the simulation

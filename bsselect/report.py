@@ -67,7 +67,8 @@ def render_probe(result: Any) -> None:
     )
     if result.confirmation:
         path = " → ".join(f"{s['batch_size']} {s['outcome']}" for s in result.confirmation)
-        out.print(f"confirmed with real steps: {path}")
+        how = "real steps" if result.method == "measured" else "simulations"
+        out.print(f"checked with {how}: {path}", highlight=False)
     out.print(
         f"[bold green]max batch {result.max_batch}[/] · largest power of two "
         f"[bold green]{result.max_batch_pow2}[/]"

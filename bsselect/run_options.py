@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .errors import UsageError
+from .errors import UsageError, parse_choice
 
 if TYPE_CHECKING:  # torch is imported when a command runs, not for --help
     from .inputs import InputMode, InputScan
@@ -27,24 +27,16 @@ InputsOpt = Annotated[str, typer.Option(
          "the dataset, at most 100,000 items); typical: random batches.")]
 
 
-def _choice(enum: Any, value: str, option: str) -> Any:
-    try:
-        return enum(value)
-    except ValueError:
-        known = ", ".join(m.value for m in enum)
-        raise UsageError(f"{option} must be one of {known}; got {value!r}") from None
-
-
 def parse_precision(value: str) -> "Precision":
     from .precision import Precision
 
-    return _choice(Precision, value, "--precision")
+    return parse_choice(Precision, value, "--precision")
 
 
 def parse_inputs(value: str) -> "InputMode":
     from .inputs import InputMode
 
-    return _choice(InputMode, value, "--inputs")
+    return parse_choice(InputMode, value, "--inputs")
 
 
 def step_settings(precision: str, accumulate: int = 1) -> "StepSettings":

@@ -158,16 +158,10 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
     status, error = TrialStatus.ok, None
     while (total_steps is None and train_wall < setup.budget.amount) or (
             total_steps is not None and step < total_steps):
-        t0 = time.perf_counter()
-        x, y = to_device(next(batches), device)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, lr, setup.warmup_steps)
-        # Under torchrun: the loss over the global batch, and every rank fails together.
-        loss = distributed.train_step(train_model, optimizer, task, x, y,
-                                      careful=step < TIMING_WARMUP_STEPS, **options)
-        value = loss.item()  # also a sync point on the CPU
-        _sync(device)
-        elapsed = time.perf_counter() - t0
+        value, y, elapsed = _timed_step(train_model, optimizer, task, batches, device, options,
+                                        careful=step < TIMING_WARMUP_STEPS)
         train_wall += elapsed
         if total_steps is None:  # a time budget: every rank must stop at the same step
             train_wall = distributed.max_float(train_wall)
@@ -187,17 +181,22 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
     steady = step_times if step > TIMING_WARMUP_STEPS else []
     if result.ok and len(steady) < MIN_TIMED_STEPS:
         result = _time_more(result, steady, lambda: _timed_step(
-            train_model, optimizer, task, batches, device, options))
+            train_model, optimizer, task, batches, device, options)[2])
     return result
 
 
 def _timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, task: Task, batches: Any,
-                device: torch.device, options: dict[str, Any]) -> float:
+                device: torch.device, options: dict[str, Any], careful: bool = False
+                ) -> tuple[float, Any, float]:
+    """One training step on the next batch: (loss value, targets, wall seconds), the clock
+    read after a device sync. Under torchrun: the loss over the global batch, and every rank
+    fails together."""
     t0 = time.perf_counter()
     x, y = to_device(next(batches), device)
-    distributed.train_step(model, optimizer, task, x, y, careful=False, **options).item()
+    loss = distributed.train_step(model, optimizer, task, x, y, careful=careful, **options)
+    value = loss.item()  # also a sync point on the CPU
     _sync(device)
-    return time.perf_counter() - t0
+    return value, y, time.perf_counter() - t0
 
 
 def _time_more(result: TrialResult, steady: list[float], step: Callable[[], float]
