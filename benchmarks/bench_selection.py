@@ -140,9 +140,11 @@ def full_run(task, setup, b: int, lr: float, *, target: float | None, max_sample
         if step in cp_at:
             train_loss, _ = evaluate(model, task, setup.eval_train, CPU, EVAL_BS, metric=False)
             val_loss, val_metric = evaluate(model, task, setup.val_data, CPU, EVAL_BS)
+            noise = measure_trial_noise(setup, model)
             cp = dict(steps=step, samples=samples, status="ok" if train_loss <= loss_start
                       else "diverged", train_loss=train_loss, val_loss=val_loss,
-                      val_metric=val_metric, b_simple=measure_trial_noise(setup, model))
+                      val_metric=val_metric, b_simple=noise.b_simple,
+                      grad_sq_norm=noise.grad_sq_norm, trace_sigma=noise.trace_sigma)
             for name in cp_at[step]:
                 cps[name] = dict(cp)
         if not reached and samples >= next_eval:
@@ -195,7 +197,7 @@ def bench_example(name: str, repeats: int, workdir: Path) -> dict:
     cap = cfg["cap"] or data_cap(n_train)
     sizes = powers_of_two(8, cap)
     scaling = resolve_lr_scaling(task, None)
-    budget = default_budget(n_train, max(sizes))
+    budget = default_budget(n_train, max(sizes), task.base_batch_size)
     lrs = {b: scale_lr(task.lr, task.base_batch_size, b, scaling) for b in sizes}
     out: dict[str, Any] = dict(
         name=name, config=cfg, batch_sizes=sizes, n_train=n_train,
@@ -359,6 +361,9 @@ def render(data: dict) -> str:
         cost = median(e["cpu_s"] for e in r)
         t_best = t[best]["time_s"] if best else math.inf
         t_rec = lib.median_inf(t[p]["time_s"] if p else math.inf for p in rec)
+        base_b = ex["base_batch_size"]
+        t_base = t[base_b]["time_s"] if base_b in t else math.inf
+        calib = ex["runs"][0][str(ex["calibration"]["batch_size"])]["cpu_s"]
         rows.append([
             ex["name"], f"{ex['target']:.3g}", best, fmt(t_best),
             f"{_picks(r, 'sweep')} ({lib.fmt_regret(_median_regret(r, 'sweep'))})",
@@ -368,12 +373,14 @@ def render(data: dict) -> str:
             fmt(cost), fmt(median(e["wall_s"] for e in r)),
             f"{cost / t_best:.1f}" if t_best and math.isfinite(t_best) else "–",
             f"{cost / t_rec:.1f}" if math.isfinite(t_rec) else "–",
+            f"{cost / t_base:.1f}" if math.isfinite(t_base) else "–",
+            f"{cost / calib:.2f}",
         ])
     parts.append("## Summary (regret = T(pick) / T(best); ✓ <= 1.15)\n")
     parts.append(table(["example", "target val loss", "best b", "T(best) s",
                         "sweep pick (regret)", "b_opt pick (regret)", "largest (regret)",
                         "base b (regret)", "sweep CPU s", "sweep wall s", "cost / T(best)",
-                        "cost / T(pick)"], rows))
+                        "cost / T(pick)", "cost / T(base b)", "cost / calibration run"], rows))
 
     for ex in data["examples"]:
         a = analyses[ex["name"]]

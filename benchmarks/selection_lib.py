@@ -9,10 +9,10 @@ import math
 from statistics import median
 from typing import Any, Iterable, Mapping, Sequence
 
-from bsselect.rank import median_b_simple
+from bsselect.rank import pooled_b_simple
 from bsselect.sweep import SweepSettings, summarize
 from bsselect.trial_types import TrialResult, TrialStatus
-from bsselect.trials import MAX_CURVE_POINTS, MIN_TIMED_STEPS, TIMING_WARMUP_STEPS
+from bsselect.trials import MAX_CURVE_POINTS, TIMING_WARMUP_STEPS, enough_timed
 
 INF = math.inf
 
@@ -151,10 +151,12 @@ def rule_picks(example: Mapping[str, Any], trials: Sequence[TrialResult],
     - ``val``: lowest validation loss after the equal-sample trial.
     - ``equal_time``: lowest training loss at the same point in time for every trial (the
       shortest ok trial's duration), read off the trials' loss curves.
-    - ``b_simple``: ``(1 + B_simple/b) * t(b)`` with the median ``B_simple`` the trials measured
-      (instead of the ``B_noise`` fitted from their average per-step loss drops).
+    - ``b_simple``: ``(1 + B_simple/b) * t(b)`` with the trials' ``B_simple`` pooled
+      (``bsselect.rank.pooled_b_simple``; the sweep's own rule, unless it fell back to B_noise).
+    - ``b_simple_median``: the same with the median of the trials' ``B_simple`` (the rule
+      before the pooling).
     - ``b_simple_base``: the same with the ``B_simple`` of the base-batch trial alone (the
-      median when that one has none): the other trials then only need step times.
+      pooled value when that one has none): the other trials then only need step times.
     - ``level<f>``: first to reach a common training-loss level (``level_pick``).
     - ``largest``: the largest tried batch (what fits); ``largest_ok``: the largest that did not
       diverge in the sweep; ``base``: the task's own base batch size.
@@ -178,8 +180,10 @@ def rule_picks(example: Mapping[str, Any], trials: Sequence[TrialResult],
         picks["equal_time"] = min(scored)[1] if scored else None
     else:
         picks["equal_time"] = None
-    b_simple = median_b_simple(trials)
+    b_simple = pooled_b_simple(trials)
     picks["b_simple"] = model_pick(trials, b_simple) if b_simple is not None else None
+    b_median = median_b_simple(trials)
+    picks["b_simple_median"] = model_pick(trials, b_median) if b_median is not None else None
     base = next((t for t in ok if t.batch_size == example["base_batch_size"]), None)
     b_base = base.b_simple if base is not None and base.b_simple else b_simple
     picks["b_simple_base"] = model_pick(trials, b_base) if b_base is not None else None
@@ -233,7 +237,14 @@ def level_pick(trials: Sequence[TrialResult], fraction: float) -> int | None:
 
 
 LEVEL_FRACTIONS = (0.5, 0.2, 0.1)
-RULES = ("sweep", "b_opt", "speed", "val", "equal_time", "b_simple", "b_simple_base", "largest",
+def median_b_simple(trials: Iterable[TrialResult]) -> float | None:
+    """Median ``b_simple`` over ok trials that measured a positive one."""
+    values = [t.b_simple for t in trials if t.ok and t.b_simple is not None and t.b_simple > 0]
+    return median(values) if values else None
+
+
+RULES = ("sweep", "b_opt", "speed", "val", "equal_time", "b_simple", "b_simple_median",
+         "b_simple_base", "largest",
          "largest_ok", "base") + tuple(
     f"level{f}" for f in LEVEL_FRACTIONS)
 
@@ -272,19 +283,24 @@ def emulated_trials(example: Mapping[str, Any], seed_index: int, fraction: str,
             train_loss_start=run["train_loss_start"], train_loss_end=cp["train_loss"],
             loss_drop_per_s=drop / (t * steps), val_loss=cp["val_loss"],
             val_metric=cp.get("val_metric"), loss_curve=curve, b_simple=cp.get("b_simple"),
+            grad_sq_norm=cp.get("grad_sq_norm"), trace_sigma=cp.get("trace_sigma"),
             loss_drop_per_sample=drop / cp["samples"], loss_drop_per_step=drop / steps))
     return out
 
 
 def steps_run(trial: TrialResult) -> int:
     """Training steps a trial actually runs: its budget's steps, plus the timing-only steps
-    ``bsselect.trials`` adds after an ok trial with fewer than MIN_TIMED_STEPS steady-state
-    steps (all of them after TIMING_WARMUP_STEPS; a trial of <= that many steps re-warms)."""
+    ``bsselect.trials`` adds after an ok trial until ``enough_timed`` (counted at the trial's
+    step time; a trial of <= TIMING_WARMUP_STEPS steps re-warms first)."""
     if not trial.ok:
         return trial.steps
-    if trial.steps <= TIMING_WARMUP_STEPS:
-        return trial.steps + TIMING_WARMUP_STEPS + MIN_TIMED_STEPS
-    return max(trial.steps, TIMING_WARMUP_STEPS + MIN_TIMED_STEPS)
+    t = trial.step_time_s or 0.0
+    timed = max(0, trial.steps - TIMING_WARMUP_STEPS)
+    extra = TIMING_WARMUP_STEPS if timed == 0 else 0
+    while not enough_timed([t] * timed):
+        timed += 1
+        extra += 1
+    return trial.steps + extra
 
 
 def thin(curve: list, points: int = MAX_CURVE_POINTS) -> list:

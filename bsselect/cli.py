@@ -270,12 +270,14 @@ def sweep(
              "capped at half the training set.")] = None,
     budget: Annotated[Optional[str], typer.Option(
         help="Per-trial budget, equal for every batch size: 4096 (samples), 200steps or 30s. "
-             "Default: two epochs (at least 8 steps of the largest batch).")] = None,
+             "Default: a quarter epoch, at least 32 steps of the task's base batch size and "
+             "one step of the largest, at most 65536 samples.")] = None,
     lr_scaling: Annotated[str, typer.Option(
         help="auto (linear for SGD, sqrt for Adam-family), linear, sqrt or none.")] = "auto",
     warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps per trial.")] = 0,
     noise_measurements: Annotated[int, typer.Option(
-        help="Gradient-noise measurements at the end of each trial (0: off).")] = 8,
+        help="Gradient-noise measurements at the end of each trial, pooled over trials "
+             "for the ranking (0: off).")] = 4,
     seed: Annotated[int, typer.Option(help="Seed for initial weights and data order.")] = 0,
     journal: Annotated[Optional[Path], typer.Option(
         help="JSONL journal of finished trials.", show_default="bsselect-sweep-TASK.jsonl")] = None,
@@ -326,7 +328,8 @@ def sweep(
         sizes, cap, cap_source = _plan_sizes(loaded, name, explicit, min_batch, max_batch,
                                              memory, dev, step)
         n_train = len(loaded.train_data)  # type: ignore[arg-type]
-        settings = _sweep_settings(loaded, trial_budget or default_budget(n_train, max(sizes)),
+        per_trial = trial_budget or default_budget(n_train, max(sizes), loaded.base_batch_size)
+        settings = _sweep_settings(loaded, per_trial,
                                    lr_scaling, seed, warmup_steps, noise_measurements, step)
         path = journal or Path(f"bsselect-sweep-{_slug(name)}.jsonl")
         console.print(f"sweeping {name}: batch sizes {sizes} ({cap_source}), "

@@ -298,7 +298,7 @@ class BHatSource(str, Enum):
     """Where the noise scale used for ranking came from."""
 
     b_noise = "b_noise"  # fitted from the trials' per-step loss drops (fit_noise_model)
-    b_simple = "b_simple"  # gradient noise scale measured in the trials (median)
+    b_simple = "b_simple"  # gradient noise scale measured in the trials (pooled)
     given = "given"  # supplied by the caller
 
 
@@ -312,11 +312,25 @@ class BHat:
     noise_fit: BNoiseFit
 
 
-def median_b_simple(trials: Iterable[TrialResult]) -> float | None:
-    """Median ``b_simple`` over ok trials that measured a positive finite one."""
-    values = [t.b_simple for t in trials
-              if t.ok and t.b_simple is not None and math.isfinite(t.b_simple) and t.b_simple > 0]
-    return median(values) if values else None
+def pooled_b_simple(trials: Iterable[TrialResult]) -> float | None:
+    """One noise scale from every ok trial's measurement: ``mean tr(Sigma) / mean |G|^2``.
+
+    As within one measurement (DESIGN.md: average the two unbiased estimates separately,
+    then divide), so a trial whose |G|^2 is still indistinguishable from zero (at the noise
+    floor, where its own ratio explodes) adds its evidence instead of an outlier. This is the
+    harmonic mean of the trials' ``b_simple`` weighted by their ``tr(Sigma)``. Journals from
+    before the estimates were kept have only ``b_simple``: then their harmonic mean. None
+    when nothing was measured or the pooled |G|^2 is not positive.
+    """
+    ok = [t for t in trials if t.ok]
+    pairs = [(t.grad_sq_norm, t.trace_sigma) for t in ok
+             if t.grad_sq_norm is not None and t.trace_sigma is not None]
+    if pairs:
+        grad = sum(g for g, _ in pairs) / len(pairs)
+        trace = sum(tr for _, tr in pairs) / len(pairs)
+        return trace / grad if grad > 0 and trace > 0 else None
+    values = [t.b_simple for t in ok if t.b_simple is not None and t.b_simple > 0]
+    return len(values) / sum(1.0 / v for v in values) if values else None
 
 
 def noise_fit_of(trials: Iterable[TrialResult]) -> BNoiseFit:
@@ -326,15 +340,13 @@ def noise_fit_of(trials: Iterable[TrialResult]) -> BNoiseFit:
 
 
 def choose_b_hat(trials: Sequence[TrialResult]) -> BHat:
-    """Prefer the median ``B_simple`` measured in the trials; fall back to ``B_noise`` fitted
+    """Prefer the ``B_simple`` measured in the trials (pooled); fall back to ``B_noise`` fitted
     from the trials' per-step loss drops; else None.
 
     Measured, not fitted, first: with equal-sample trials the small batches get further and
     flatten out, which inflates the fitted B_noise by 5x to 20,000x on the built-in examples
-    (docs/benchmarks-sweep.md), while the median B_simple was within 2x of the noise scale
-    implied by full training runs and gave regret <= 1.15 on all of them. The fit is still
-    reported as a diagnostic."""
-    fit, simple = noise_fit_of(trials), median_b_simple(trials)
+    (docs/benchmarks-sweep.md). The fit is still reported as a diagnostic."""
+    fit, simple = noise_fit_of(trials), pooled_b_simple(trials)
     if simple is not None:
         return BHat(simple, BHatSource.b_simple, simple, fit)
     if fit.b_noise is not None:
@@ -439,7 +451,7 @@ def rank_trials(
         ok_sizes=tuple(sorted({t.batch_size for t in ok})),
         fit=fit,
         noise_fit=noise_fit_of(trials),
-        b_simple=median_b_simple(trials),
+        b_simple=pooled_b_simple(trials),
         b_hat=b_hat,
         source=b_hat_source if b_hat is not None else None,
         b_opt=_b_opt_or_inf(b_hat, fit),

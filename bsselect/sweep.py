@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ from .rank import (
 from .task import Task
 from .trial_types import TrialResult
 from .trials import (
-    EVAL_BATCH, BudgetKind, TrialBudget, TrialSetup, eval_subset, run_trial, split_validation,
+    EVAL_BATCH, BudgetKind, TrialBudget, TrialSetup, eval_subset, initial_loss, run_trial,
+    split_validation,
 )
 
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(samples|sample|steps|step|seconds|s|)\s*$",
@@ -39,15 +41,20 @@ def parse_budget(text: str) -> TrialBudget:
     return TrialBudget(kind, float(match.group(1)))
 
 
-def default_budget(n_train: int, max_batch: int) -> TrialBudget:
-    """A quarter epoch, but at least one step of the largest batch, at most 65,536 samples.
+BASE_STEPS = 32  # the default budget is at least this many steps at the base batch size
 
-    Short on purpose: the ranking needs step times (every trial times at least
-    MIN_TIMED_STEPS steps whatever its budget) and the noise scale, not converged runs; at
-    this budget the pick had regret <= 1.15 on every built-in example and cost 1/8 of a
-    two-epoch budget (docs/benchmarks-sweep.md).
+
+def default_budget(n_train: int, max_batch: int, base_batch_size: int = 1) -> TrialBudget:
+    """A quarter epoch, but at least BASE_STEPS steps of the task's base batch size and one
+    step of the largest batch; at most 65,536 samples.
+
+    Short on purpose: the ranking needs step times (every trial times enough steps whatever
+    its budget) and the noise scale, not converged runs. The base-step floor keeps trials on
+    small datasets past the first few steps, where the noise scale is still far from the
+    value that governs the run (docs/benchmarks-sweep.md).
     """
-    return TrialBudget(BudgetKind.samples, float(min(max(n_train // 4, max_batch), 65_536)))
+    floor = max(BASE_STEPS * base_batch_size, max_batch)
+    return TrialBudget(BudgetKind.samples, float(min(max(n_train // 4, floor), 65_536)))
 
 
 def powers_of_two(lo: int, hi: int) -> list[int]:
@@ -72,7 +79,7 @@ class SweepSettings:
     lr_scaling: LrScaling
     seed: int = 0
     warmup_steps: int = 0
-    noise_measurements: int = 8
+    noise_measurements: int = 4  # per trial; the ranking pools them over all trials
     precision: Precision = Precision.fp32
     accumulate: int = 1  # micro-steps per optimizer step; trial batch sizes are effective
 
@@ -168,13 +175,25 @@ def make_setup(task: Task, settings: SweepSettings, device: torch.device,
     torch.manual_seed(settings.seed)
     initial = copy.deepcopy(task.model().state_dict())
     train, val, made = split_validation(task, settings.seed)
-    return TrialSetup(task=task, initial_state=initial, train_data=train,
-                      eval_train=eval_subset(train, settings.seed), val_data=val, device=device,
-                      budget=settings.budget, seed=settings.seed,
-                      warmup_steps=settings.warmup_steps,
-                      noise_measurements=settings.noise_measurements,
-                      eval_batch_size=eval_batch_size, precision=settings.precision,
-                      accumulate=settings.accumulate), made
+    setup = TrialSetup(task=task, initial_state=initial, train_data=train,
+                       eval_train=eval_subset(train, settings.seed), val_data=val, device=device,
+                       budget=settings.budget, seed=settings.seed,
+                       warmup_steps=settings.warmup_steps,
+                       noise_measurements=settings.noise_measurements,
+                       eval_batch_size=eval_batch_size, precision=settings.precision,
+                       accumulate=settings.accumulate)
+    return setup, made
+
+
+def with_initial_loss(setup: TrialSetup) -> TrialSetup:
+    """``setup`` with the shared initial weights' training loss measured once, for every
+    trial's ``train_loss_start``."""
+    with distributed.agreement():
+        model = setup.task.model().to(setup.device)
+        model.load_state_dict(setup.initial_state)
+        loss = initial_loss(model, setup)
+    del model
+    return dataclasses.replace(setup, loss_start=loss)
 
 
 def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], settings: SweepSettings,
@@ -199,6 +218,8 @@ def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], setting
         if hooks.warn:
             hooks.warn(warning)
     trials: dict[int, TrialResult] = {b: done[b] for b in batch_sizes if b in done}
+    if len(trials) < len(batch_sizes):
+        setup = with_initial_loss(setup)
     try:
         for i, b in enumerate(batch_sizes):
             if b in trials:

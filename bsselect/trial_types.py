@@ -42,7 +42,9 @@ class TrialResult:
     - ``loss_drop_per_s`` = (train_loss_start - train_loss_end) / wall_s, loss units per second.
     - ``loss_drop_per_sample`` = the same drop / samples; ``loss_drop_per_step`` = drop / steps.
       The per-step drop is what ``rank.fit_b_noise`` fits (McCandlish et al. 2018).
-    - ``b_simple``: the gradient noise scale tr(Sigma)/|G|^2 measured in this trial, if it was.
+    - ``b_simple``: the gradient noise scale tr(Sigma)/|G|^2 measured in this trial, if it was
+      resolved; ``grad_sq_norm`` (|G|^2) and ``trace_sigma`` (tr Sigma) are the unbiased
+      estimates behind it (kept even when unresolved: the sweep pools them over trials).
     """
 
     batch_size: int
@@ -63,6 +65,8 @@ class TrialResult:
     b_simple: float | None = None
     loss_drop_per_sample: float | None = None
     loss_drop_per_step: float | None = None
+    grad_sq_norm: float | None = None
+    trace_sigma: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
@@ -121,6 +125,7 @@ class TrialResult:
 _OPTIONAL_FLOATS = (
     "step_time_s", "samples_per_s", "train_loss_start", "train_loss_end", "loss_drop_per_s",
     "val_loss", "val_metric", "b_simple", "loss_drop_per_sample", "loss_drop_per_step",
+    "grad_sq_norm", "trace_sigma",
 )
 
 

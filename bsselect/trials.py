@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed
 from .errors import one_line
+from .noise_math import NoiseEstimate
 from .oom import is_oom_error, release_memory
 from .precision import Precision, make_scaler
 from .step import to_device
@@ -27,7 +28,9 @@ from .task import Task
 from .trial_types import LossPoint, TrialResult, TrialStatus
 
 TIMING_WARMUP_STEPS = 3     # first steps pay for allocation and kernel selection
-MIN_TIMED_STEPS = 10        # steady-state steps behind every median step time
+MIN_TIMED_STEPS = 10        # steady-state steps behind every median step time ...
+ENOUGH_TIMED_STEPS = 5      # ... or this many once they add up to ENOUGH_TIMED_S seconds:
+ENOUGH_TIMED_S = 1.0        # a long step's median is stable sooner
 DIVERGENCE_FACTOR = 10.0    # loss above 10x its start counts as diverged
 MAX_CURVE_POINTS = 200
 EVAL_ITEMS = 1024           # fixed train subset on which start/end loss is measured
@@ -73,6 +76,9 @@ class TrialSetup:
     eval_batch_size: int = EVAL_BATCH
     precision: Precision = Precision.fp32  # forward under autocast (fp16: with GradScaler)
     accumulate: int = 1          # micro-steps per optimizer step; a trial's batch is effective
+    # Training loss of the shared initial weights on eval_train: the same for every trial, so
+    # measured once per sweep (None: each trial measures it).
+    loss_start: float | None = None
 
 
 def cycle_batches(setup: TrialSetup, batch_size: int):
@@ -146,8 +152,9 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
         model.train()
         optimizer = task.make_optimizer(model.parameters(), lr)
     train_model = distributed.wrap_model(model, device)  # DDP under torchrun; else model
-    loss_start, _ = evaluate(model, task, setup.eval_train, device, setup.eval_batch_size,
-                             metric=False)
+    loss_start = setup.loss_start
+    if loss_start is None:
+        loss_start = initial_loss(model, setup)
     total_steps = setup.budget.steps_for(batch_size)
     # With accumulation the loader yields micro-batches, `accumulate` of them per step.
     batches = cycle_batches(setup, batch_size // setup.accumulate)
@@ -179,7 +186,7 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
     result = _finish(setup, model, batch_size, lr, status, error, step, samples, train_wall,
                      step_times, curve, loss_start)
     steady = step_times if step > TIMING_WARMUP_STEPS else []
-    if result.ok and len(steady) < MIN_TIMED_STEPS:
+    if result.ok and not enough_timed(steady):
         result = _time_more(result, steady, lambda: _timed_step(
             train_model, optimizer, task, batches, device, options)[2])
     return result
@@ -199,16 +206,23 @@ def _timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, task: Task, 
     return value, y, time.perf_counter() - t0
 
 
+def enough_timed(times: list[float]) -> bool:
+    """Whether steady-state step ``times`` suffice for a median step time: MIN_TIMED_STEPS
+    of them, or ENOUGH_TIMED_STEPS that add up to ENOUGH_TIMED_S seconds."""
+    return len(times) >= MIN_TIMED_STEPS or (
+        len(times) >= ENOUGH_TIMED_STEPS and sum(times) >= ENOUGH_TIMED_S)
+
+
 def _time_more(result: TrialResult, steady: list[float], step: Callable[[], float]
                ) -> TrialResult:
     """A short equal-sample budget gives large batches only a few steps, too few for a
     steady-state step time. Time extra steps after everything else is recorded (the loss
-    values, validation and noise scale are the budget's) until MIN_TIMED_STEPS are timed."""
+    values, validation and noise scale are the budget's) until ``enough_timed``."""
     times = list(steady)
     if not times:
         for _ in range(TIMING_WARMUP_STEPS):
             step()
-    while len(times) < MIN_TIMED_STEPS:
+    while not enough_timed(times):
         times.append(step())
     step_time = median(times)
     drop = (result.train_loss_start or 0.0) - (result.train_loss_end or 0.0)
@@ -252,20 +266,29 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
         return TrialResult(status=TrialStatus.diverged,
                            **dict(common, error=f"loss rose from {loss_start:.4g} to "
                                                 f"{loss_end:.4g}"), train_loss_end=loss_end)
-    b_simple = measure_trial_noise(setup, model) if setup.noise_measurements else None
+    noise = measure_trial_noise(setup, model) if setup.noise_measurements else None
     return TrialResult(
         status=status, **common, step_time_s=step_time, samples_per_s=batch_size / step_time,
         # Per second of steady-state training (median step time x steps): one-off warm-up
         # costs (first allocations, kernel selection) would otherwise dominate short trials.
         train_loss_end=loss_end, loss_drop_per_s=drop / (step_time * steps),
-        val_loss=val_loss, val_metric=val_metric, b_simple=b_simple,
+        val_loss=val_loss, val_metric=val_metric,
+        b_simple=noise.b_simple if noise else None,
+        grad_sq_norm=noise.grad_sq_norm if noise else None,
+        trace_sigma=noise.trace_sigma if noise else None,
         loss_drop_per_sample=drop / samples, loss_drop_per_step=drop / steps,
     )
 
 
-def measure_trial_noise(setup: TrialSetup, model: nn.Module) -> float | None:
-    """B_simple at the trial's final weights, with the same estimator as ``bsselect noise``
-    (in training mode, as training sees the gradients; not part of the trial's time)."""
+def initial_loss(model: nn.Module, setup: TrialSetup) -> float:
+    """Training loss on the fixed ``eval_train`` subset (no metric)."""
+    return evaluate(model, setup.task, setup.eval_train, setup.device, setup.eval_batch_size,
+                    metric=False)[0]
+
+
+def measure_trial_noise(setup: TrialSetup, model: nn.Module) -> NoiseEstimate:
+    """The noise scale at the trial's final weights, with the same estimator as ``bsselect
+    noise`` (in training mode, as training sees the gradients; not part of the trial's time)."""
     from .noise import default_batch_sizes, estimate_noise
 
     b_small, b_big = default_batch_sizes(setup.task)
@@ -273,7 +296,7 @@ def measure_trial_noise(setup: TrialSetup, model: nn.Module) -> float | None:
     estimate, _ = estimate_noise(model, setup.task, b_small=b_small, b_big=b_big,
                                  measurements=setup.noise_measurements, seed=setup.seed + 1000,
                                  precision=setup.precision)
-    return estimate.b_simple
+    return estimate
 
 
 def split_validation(task: Task, seed: int) -> tuple[Dataset, Dataset, bool]:

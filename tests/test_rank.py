@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -13,7 +14,7 @@ import torch
 from bsselect.rank import (
     MIN_B_NOISE_POINTS, NONLINEAR_REL_RESIDUAL, BHatSource, LrScaling, VerdictKind, b_opt,
     choose_b_hat, default_lr_scaling, fit_b_noise, fit_noise_model, fit_step_time,
-    grad_accum_steps, rank_trials, scale_lr,
+    grad_accum_steps, pooled_b_simple, rank_trials, scale_lr,
 )
 from bsselect.trial_types import TrialResult, TrialStatus
 
@@ -357,17 +358,44 @@ def test_no_b_hat_given_although_one_could_be_fitted():
                          "per second, best b=64")
 
 
+def measured(b: int, grad_sq: float, trace: float) -> TrialResult:
+    """An ok trial of the synthetic world that also measured |G|^2 and tr(Sigma)."""
+    trial = ok_trial(b, b_simple=trace / grad_sq if grad_sq > 0 else None)
+    return dataclasses.replace(trial, grad_sq_norm=grad_sq, trace_sigma=trace)
+
+
 def test_choose_b_hat_prefers_measured_b_simple_over_the_fit():
-    trials = [ok_trial(b, b_simple=s) for b, s in zip(POW2, (30, 35, 40, 45, 50, 55, 60))]
+    # Pooled: mean tr(Sigma) / mean |G|^2 = 100 / ((2 + 1 - 0.5) / 3) = 120, the trial at the
+    # noise floor (|G|^2 estimated below zero, no b_simple of its own) included.
+    trials = [measured(8, 2.0, 100.0), measured(16, 1.0, 100.0), measured(32, -0.5, 100.0)]
+    trials += [ok_trial(b) for b in POW2[3:]]
     bh = choose_b_hat(trials)
-    assert bh.source is BHatSource.b_simple and bh.value == 45.0
+    assert bh.source is BHatSource.b_simple and bh.value == pytest.approx(120.0)
+    assert bh.b_simple == pytest.approx(120.0)
     assert bh.noise_fit.b_noise == pytest.approx(B_TRUE)  # still fitted, as a diagnostic
+    # The per-trial ratios would have said 50 (median) or 66.7 (harmonic mean of 50, 100).
+    assert pooled_b_simple(trials) == pytest.approx(120.0)
+
+
+def test_pooled_b_simple_weights_trials_by_their_trace():
+    trials = [measured(8, 1.0, 300.0), measured(16, 1.0, 100.0)]  # b_simple 300 and 100
+    assert pooled_b_simple(trials) == pytest.approx(200.0)  # not the harmonic mean, 150
+    assert pooled_b_simple(trials + [failed(32, "diverged")]) == pytest.approx(200.0)
+
+
+def test_pooled_b_simple_is_none_when_the_pooled_signal_is_not_positive():
+    trials = [measured(8, 0.5, 100.0), measured(16, -1.0, 100.0)] + [
+        ok_trial(b) for b in POW2[2:]]
+    assert pooled_b_simple(trials) is None
+    bh = choose_b_hat(trials)
+    assert bh.source is BHatSource.b_noise and bh.value == pytest.approx(B_TRUE)
 
 
 def test_choose_b_hat_uses_b_simple_when_no_fit():
-    trials = [ok_trial(b, b_simple=s) for b, s in ((8, 40.0), (16, 50.0), (32, None))]
+    # A journal from before |G|^2 and tr(Sigma) were kept: the harmonic mean of b_simple.
+    trials = [ok_trial(b, b_simple=s) for b, s in ((8, 40.0), (16, 60.0), (32, None))]
     bh = choose_b_hat(trials[:2])
-    assert bh.source is BHatSource.b_simple and bh.value == pytest.approx(45.0)
+    assert bh.source is BHatSource.b_simple and bh.value == pytest.approx(48.0)
     assert bh.noise_fit.b_noise is None
 
 
@@ -507,7 +535,7 @@ def test_fit_dict_has_the_design_fields_and_is_strict_json():
     r = rank_trials(world(b_simple=30.0), B_TRUE)
     fit = r.fit_dict()
     assert list(fit)[:5] == ["tau_f_s", "tau_d_s", "b_simple", "b_noise", "b_opt"]
-    assert fit["b_simple"] == 30.0 and fit["b_noise"] == pytest.approx(B_TRUE)
+    assert fit["b_simple"] == pytest.approx(30.0) and fit["b_noise"] == pytest.approx(B_TRUE)
     json.dumps(fit, allow_nan=False)
     unbounded = rank_trials([ok_trial(b, t=0.05) for b in POW2], B_TRUE).fit_dict()
     assert unbounded["b_opt"] is None

@@ -20,7 +20,10 @@ import pytest
 import torch
 
 from bsselect.rank import LrScaling
-from bsselect.sweep import SweepSettings, make_setup, parse_budget, run_sweep
+import bsselect.sweep as sweep_mod
+import bsselect.trials as trials_mod
+from bsselect.sweep import SweepSettings, default_budget, make_setup, parse_budget, run_sweep
+from bsselect.trials import BudgetKind, enough_timed, evaluate
 from bsselect.task import load_task
 from bsselect.trial_types import TrialStatus
 
@@ -134,6 +137,46 @@ def test_run_sweep_scales_lr_and_starts_every_trial_from_the_same_weights(tmp_pa
     assert [t["batch_size"] for t in journal_trials(tmp_path / "j.jsonl")] == [4, 16, 64]
 
 
+def test_train_loss_start_is_the_initial_weights_loss_measured_once(tmp_path, monkeypatch):
+    task, name = load_task(spec("tiny"))
+    calls = []
+    real = trials_mod.initial_loss
+    monkeypatch.setattr(trials_mod, "initial_loss", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(sweep_mod, "initial_loss", trials_mod.initial_loss)
+    result = run_sweep(task, task_name=name, batch_sizes=[4, 16, 64],
+                       settings=settings(LrScaling.linear), device=torch.device("cpu"),
+                       journal_path=tmp_path / "j.jsonl", resume=False, max_batch=64,
+                       max_batch_source="test")
+    assert len(calls) == 1  # once for the sweep, not once per trial
+    setup, _ = make_setup(task, settings(LrScaling.linear), torch.device("cpu"),
+                          eval_batch_size=4)  # the sweep's: no larger than its smallest batch
+    model = task.model()
+    model.load_state_dict(setup.initial_state)
+    expected, _ = evaluate(model, task, setup.eval_train, torch.device("cpu"),
+                           setup.eval_batch_size, metric=False)
+    assert {t.train_loss_start for t in result.trials} == {expected}
+
+
+@pytest.mark.parametrize("n_train, max_batch, base, expected", [
+    (100_000, 1024, 32, 25_000),      # a quarter epoch
+    (1_500, 512, 32, 1_024),          # at least 32 steps of the base batch size
+    (1_500, 4_096, 32, 4_096),        # at least one step of the largest batch
+    (10_000_000, 1024, 32, 65_536),   # at most 65,536 samples
+])
+def test_default_budget(n_train, max_batch, base, expected):
+    budget = default_budget(n_train, max_batch, base)
+    assert (budget.kind, budget.amount) == (BudgetKind.samples, float(expected))
+
+
+@pytest.mark.parametrize("times, enough", [
+    ([0.01] * 9, False), ([0.01] * 10, True),    # short steps: ten of them
+    ([0.3] * 4, False), ([0.25] * 5, True),      # long ones: five adding up to a second
+    ([0.1] * 5, False),
+])
+def test_enough_timed(times, enough):
+    assert enough_timed(times) is enough
+
+
 def test_held_out_split_is_a_disjoint_tenth_of_train_data():
     task, _ = load_task(spec("tiny"))
     setup, made = make_setup(task, settings(LrScaling.linear), torch.device("cpu"))
@@ -201,6 +244,14 @@ def test_cli_sweep_json_has_the_design_fields(finished):
     assert [t["lr"] for t in trials] == [0.05, 0.1, 0.2, 0.4]
     assert len({t["train_loss_start"] for t in trials}) == 1  # same initial weights
     assert list(out["fit"])[:len(DESIGN_FIT_FIELDS)] == DESIGN_FIT_FIELDS
+    # Every trial keeps the unbiased |G|^2 and tr(Sigma) behind its b_simple; the fit's
+    # b_simple pools them over the trials.
+    for t in trials:
+        if t["b_simple"] is not None:
+            assert t["b_simple"] == pytest.approx(t["trace_sigma"] / t["grad_sq_norm"])
+    pooled = (sum(t["trace_sigma"] for t in trials)
+              / sum(t["grad_sq_norm"] for t in trials))
+    assert out["fit"]["b_simple"] == pytest.approx(pooled)
     assert sorted(out["ranking"]) == [8, 16, 32, 64]
     assert out["recommended_batch_size"] == out["ranking"][0]
     assert out["recommended_lr"] == 0.1 * (out["recommended_batch_size"] / 16)
