@@ -107,10 +107,22 @@ def _timeout() -> timedelta:
         raise UsageError(f"{TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
 
 
+TEARDOWN_WAIT_S = 10.0  # how long a rank waits at exit for the others (gloo only)
+
+
 def _teardown() -> None:
-    # No barrier: after an agreed failure the others may have gone already.
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group at exit. On gloo, first wait (briefly) for the other ranks:
+    a rank that destroys the group while another is still in its last collective can abort
+    the other ("terminate called without an active exception"). A bounded wait, because
+    after an agreed failure the others may have gone already; NCCL has no bounded barrier."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=TEARDOWN_WAIT_S))
+        except Exception:  # noqa: BLE001 - a rank already gone: nothing left to wait for
+            pass
+    dist.destroy_process_group()
 
 
 def _quiet() -> None:

@@ -4,6 +4,8 @@ from bsselect.errors import TaskError, UsageError
 from bsselect.examples import EXAMPLES
 from bsselect.task import Task, load_task, validate_task
 
+from conftest import run_cli  # tests/ is on sys.path
+
 
 def test_every_example_loads_and_validates():
     for name in EXAMPLES:
@@ -65,3 +67,26 @@ def test_missing_module_and_file():
         load_task("missing/file.py:make")
     with pytest.raises(UsageError, match="neither a built-in example"):
         load_task("nonsense")
+
+
+def test_version_and_help_do_not_import_torch():
+    # `bsselect --version` is what CI scripts call first; torch takes seconds to import.
+    import subprocess
+    import sys
+
+    import bsselect
+
+    code = ("import sys; from bsselect.cli import app; import bsselect; "
+            "print(bsselect.__version__, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [bsselect.__version__, "False"]
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"bsselect {bsselect.__version__}"
+    assert bsselect.Task is Task  # the public name still resolves
+
+
+def test_unknown_attribute_of_the_package():
+    import bsselect
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        bsselect.nope  # noqa: B018
