@@ -377,7 +377,8 @@ def report(
         ordered = tuple(trials[b] for b in sorted(trials))
         result = summarize(s["base_lr"], s["base_batch_size"], contents.header.task, "journal",
                            ordered, SweepSettings.from_journal(s), max(trials), "journal",
-                           str(journal), (), bool(s.get("held_out_validation", False)))
+                           str(journal), (), bool(s.get("held_out_validation", False)),
+                           s.get("validation_items"))
         _finish_sweep(result, as_json, plot)
 
     guarded(body)

@@ -576,7 +576,7 @@ def _verdict(c: _Context) -> tuple[VerdictKind, str]:
 _BEST_SPEED = "best loss drop per second"
 _SOURCE_LABEL = {
     BHatSource.b_noise: "B_noise fitted from the trials",
-    BHatSource.b_simple: "B_simple measured",
+    BHatSource.b_simple: "B_simple pooled over the trials",
     BHatSource.given: "given",
 }
 _BEST_VAL = "lowest validation loss"

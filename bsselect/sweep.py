@@ -41,6 +41,7 @@ def parse_budget(text: str) -> TrialBudget:
     return TrialBudget(kind, float(match.group(1)))
 
 
+VAL_ITEMS = 4096  # validation at the end of a trial: at most this many items (a fixed subset)
 BASE_STEPS = 32  # the default budget is at least this many steps at the base batch size
 
 
@@ -93,6 +94,8 @@ class SweepSettings:
                     "base_lr": task.lr, "base_batch_size": task.base_batch_size,
                     "held_out_validation": task.val_data is None}
         # Only when set, so that journals of plain fp32 sweeps keep their resume key.
+        if validation_size(task) > VAL_ITEMS:
+            settings["validation_items"] = VAL_ITEMS
         if self.precision is not Precision.fp32:
             settings["precision"] = self.precision.value
         if self.accumulate != 1:
@@ -127,6 +130,7 @@ class SweepResult:
     journal: str
     resumed: tuple[int, ...]           # batch sizes taken from the journal, not re-run
     made_val_split: bool
+    validation_items: int | None = None  # validated on a fixed subset of this many items
 
     def to_json(self) -> dict:
         return {
@@ -146,7 +150,9 @@ class SweepResult:
             "b_opt_accumulation": self.b_opt_accumulation,
             "verdict": self.ranking.verdict,
             "journal": self.journal, "resumed": list(self.resumed),
-            "validation": "held-out 10% of train_data" if self.made_val_split else "val_data",
+            "validation": ("held-out 10% of train_data" if self.made_val_split else "val_data")
+            + (f", a fixed subset of {self.validation_items} items"
+               if self.validation_items else ""),
         }
 
 
@@ -176,7 +182,8 @@ def make_setup(task: Task, settings: SweepSettings, device: torch.device,
     initial = copy.deepcopy(task.model().state_dict())
     train, val, made = split_validation(task, settings.seed)
     setup = TrialSetup(task=task, initial_state=initial, train_data=train,
-                       eval_train=eval_subset(train, settings.seed), val_data=val, device=device,
+                       eval_train=eval_subset(train, settings.seed),
+                       val_data=eval_subset(val, settings.seed + 1, VAL_ITEMS), device=device,
                        budget=settings.budget, seed=settings.seed,
                        warmup_steps=settings.warmup_steps,
                        noise_measurements=settings.noise_measurements,
@@ -241,7 +248,16 @@ def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], setting
     ordered = tuple(trials[b] for b in batch_sizes)
     return summarize(task.lr, task.base_batch_size, task_name, device, ordered, settings,
                      max_batch, max_batch_source,
-                     str(journal_path), tuple(b for b in batch_sizes if b in done), made_split)
+                     str(journal_path), tuple(b for b in batch_sizes if b in done), made_split,
+                     VAL_ITEMS if validation_size(task) > VAL_ITEMS else None)
+
+
+def validation_size(task: Task) -> int:
+    """Items in the sweep's validation set before the VAL_ITEMS cap: the task's val_data, or
+    the 10% of train_data that ``split_validation`` holds out."""
+    if task.val_data is not None:
+        return len(task.val_data)  # type: ignore[arg-type]
+    return max(1, len(task.train_data) // 10)  # type: ignore[arg-type]
 
 
 def check_accumulation(batch_sizes: Sequence[int], accumulate: int) -> list[int]:
@@ -258,7 +274,7 @@ def check_accumulation(batch_sizes: Sequence[int], accumulate: int) -> list[int]
 def summarize(base_lr: float, base_batch_size: int, task_name: str, device: torch.device | str,
               trials: Sequence[TrialResult], settings: SweepSettings, max_batch: int,
               max_batch_source: str, journal: str, resumed: tuple[int, ...],
-              made_val_split: bool) -> SweepResult:
+              made_val_split: bool, validation_items: int | None = None) -> SweepResult:
     """Fits and ranking over finished trials (also used by ``bsselect report``)."""
     b_hat = choose_b_hat(trials)
     ranking = rank_trials(trials, b_hat.value, b_hat.source) if b_hat.source else rank_trials(
@@ -278,7 +294,7 @@ def summarize(base_lr: float, base_batch_size: int, task_name: str, device: torc
         max_batch=max_batch, max_batch_source=max_batch_source, trials=tuple(trials),
         ranking=ranking, recommended_batch_size=rec, recommended_lr=rec_lr,
         b_opt_accumulation=accumulation, journal=journal, resumed=resumed,
-        made_val_split=made_val_split,
+        made_val_split=made_val_split, validation_items=validation_items,
     )
 
 

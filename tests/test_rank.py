@@ -404,7 +404,7 @@ def test_one_timed_batch_size_gives_no_b_opt():
     assert r.verdict_kind is VerdictKind.no_step_fit and r.b_opt is None
     assert r.recommended_batch_size == 64
     assert r.verdict.startswith("no b_opt (step time measured at one batch size (64) only")
-    assert r.verdict.endswith("with B_hat = 50, B_simple measured")
+    assert r.verdict.endswith("with B_hat = 50, B_simple pooled over the trials")
 
 
 def test_b_simple_from_early_training_underestimating_the_noise_scale():
@@ -415,8 +415,8 @@ def test_b_simple_from_early_training_underestimating_the_noise_scale():
     assert r.b_opt_batch_size == 16 and r.speed_winner == 128
     assert r.verdict_kind is VerdictKind.b_simple_underestimates
     assert r.verdict == (
-        "formula and trials disagree: b_opt = 22.4 (B_hat = 10, B_simple measured) rounds to b=16 "
-        "but b=128 had the best loss drop per second; B_simple measured early in training (10) "
+        "formula and trials disagree: b_opt = 22.4 (B_hat = 10, B_simple pooled over the trials) "
+        "rounds to b=16 but b=128 had the best loss drop per second; B_simple measured early in training (10) "
         "underestimates the noise scale later in training (B_noise fitted from the trials: 400)")
 
 

@@ -177,6 +177,22 @@ def test_enough_timed(times, enough):
     assert enough_timed(times) is enough
 
 
+def test_validation_is_capped_to_a_fixed_subset(tmp_path, monkeypatch):
+    task, name = load_task(spec("diverge"))  # 64 val_data items
+    monkeypatch.setattr(sweep_mod, "VAL_ITEMS", 16)
+    result = run_sweep(task, task_name=name, batch_sizes=[8, 16], settings=settings(
+                           LrScaling.linear, budget="64"), device=torch.device("cpu"),
+                       journal_path=tmp_path / "j.jsonl", resume=False, max_batch=16,
+                       max_batch_source="test")
+    assert result.to_json()["validation"] == "val_data, a fixed subset of 16 items"
+    assert journal_lines(tmp_path / "j.jsonl")[0]["settings"]["validation_items"] == 16
+    # Every trial validates on the setup's fixed 16 items.
+    setup, _ = make_setup(task, settings(LrScaling.linear, budget="64"), torch.device("cpu"))
+    assert len(setup.val_data) == 16
+    report = run_cli("report", str(tmp_path / "j.jsonl"), "--json")
+    assert json.loads(report.stdout)["validation"] == "val_data, a fixed subset of 16 items"
+
+
 def test_held_out_split_is_a_disjoint_tenth_of_train_data():
     task, _ = load_task(spec("tiny"))
     setup, made = make_setup(task, settings(LrScaling.linear), torch.device("cpu"))
