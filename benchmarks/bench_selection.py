@@ -35,7 +35,7 @@ The full runs also save, at 1/2, 1, 2 and 4x the sweep's default per-trial budge
 sweep trial of that budget would have measured (a trial is exactly the first ceil(B/b) steps of
 the full run), so other ranking rules and budgets can be scored on the same data
 (``selection_lib.rule_picks``). The sweep runs with bsselect's defaults (budget
-``default_budget(n_train, largest size)``, noise measurements, LR rule, seed), so the benchmark
+``default_budget(largest size, base batch size)``, noise measurements, LR rule, seed), so the benchmark
 follows them when they change. Results: docs/benchmarks-sweep.md.
 """
 
@@ -197,7 +197,7 @@ def bench_example(name: str, repeats: int, workdir: Path) -> dict:
     cap = cfg["cap"] or data_cap(n_train)
     sizes = powers_of_two(8, cap)
     scaling = resolve_lr_scaling(task, None)
-    budget = default_budget(n_train, max(sizes), task.base_batch_size)
+    budget = default_budget(max(sizes), task.base_batch_size)
     lrs = {b: scale_lr(task.lr, task.base_batch_size, b, scaling) for b in sizes}
     out: dict[str, Any] = dict(
         name=name, config=cfg, batch_sizes=sizes, n_train=n_train,

@@ -270,14 +270,14 @@ def sweep(
              "capped at half the training set.")] = None,
     budget: Annotated[Optional[str], typer.Option(
         help="Per-trial budget, equal for every batch size: 4096 (samples), 200steps or 30s. "
-             "Default: a quarter epoch, at least 32 steps of the task's base batch size and "
-             "one step of the largest, at most 65536 samples.")] = None,
+             "Default: 32 steps of the task's base batch size, at least one step of the "
+             "largest, at most 65536 samples.")] = None,
     lr_scaling: Annotated[str, typer.Option(
         help="auto (linear for SGD, sqrt for Adam-family), linear, sqrt or none.")] = "auto",
     warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps per trial.")] = 0,
     noise_measurements: Annotated[int, typer.Option(
         help="Gradient-noise measurements at the end of each trial, pooled over trials "
-             "for the ranking (0: off).")] = 4,
+             "for the ranking (0: off).")] = 2,
     seed: Annotated[int, typer.Option(help="Seed for initial weights and data order.")] = 0,
     journal: Annotated[Optional[Path], typer.Option(
         help="JSONL journal of finished trials.", show_default="bsselect-sweep-TASK.jsonl")] = None,
@@ -327,8 +327,7 @@ def sweep(
         validate_task(loaded)
         sizes, cap, cap_source = _plan_sizes(loaded, name, explicit, min_batch, max_batch,
                                              memory, dev, step)
-        n_train = len(loaded.train_data)  # type: ignore[arg-type]
-        per_trial = trial_budget or default_budget(n_train, max(sizes), loaded.base_batch_size)
+        per_trial = trial_budget or default_budget(max(sizes), loaded.base_batch_size)
         settings = _sweep_settings(loaded, per_trial,
                                    lr_scaling, seed, warmup_steps, noise_measurements, step)
         path = journal or Path(f"bsselect-sweep-{_slug(name)}.jsonl")

@@ -45,17 +45,19 @@ VAL_ITEMS = 4096  # validation at the end of a trial: at most this many items (a
 BASE_STEPS = 32  # the default budget is at least this many steps at the base batch size
 
 
-def default_budget(n_train: int, max_batch: int, base_batch_size: int = 1) -> TrialBudget:
-    """A quarter epoch, but at least BASE_STEPS steps of the task's base batch size and one
+def default_budget(max_batch: int, base_batch_size: int) -> TrialBudget:
+    """BASE_STEPS steps' worth of samples at the task's base batch size, but at least one
     step of the largest batch; at most 65,536 samples.
 
     Short on purpose: the ranking needs step times (every trial times enough steps whatever
-    its budget) and the noise scale, not converged runs. The base-step floor keeps trials on
-    small datasets past the first few steps, where the noise scale is still far from the
-    value that governs the run (docs/benchmarks-sweep.md).
+    its budget) and the noise scale pooled over the trials, not converged runs. Counted in
+    steps of the configuration the task's learning rate was tuned for, not in epochs: how
+    far training has moved (and so the noise scale) depends on the steps taken, not on the
+    dataset's size. On the built-in examples the pick was the same from half to four times
+    this budget (docs/benchmarks-sweep.md).
     """
-    floor = max(BASE_STEPS * base_batch_size, max_batch)
-    return TrialBudget(BudgetKind.samples, float(min(max(n_train // 4, floor), 65_536)))
+    samples = max(BASE_STEPS * base_batch_size, max_batch)
+    return TrialBudget(BudgetKind.samples, float(min(samples, 65_536)))
 
 
 def powers_of_two(lo: int, hi: int) -> list[int]:
@@ -80,7 +82,7 @@ class SweepSettings:
     lr_scaling: LrScaling
     seed: int = 0
     warmup_steps: int = 0
-    noise_measurements: int = 4  # per trial; the ranking pools them over all trials
+    noise_measurements: int = 2  # per trial; the ranking pools them over all trials
     precision: Precision = Precision.fp32
     accumulate: int = 1  # micro-steps per optimizer step; trial batch sizes are effective
 

@@ -30,10 +30,10 @@ from .trial_types import LossPoint, TrialResult, TrialStatus
 TIMING_WARMUP_STEPS = 3     # first steps pay for allocation and kernel selection
 MIN_TIMED_STEPS = 10        # steady-state steps behind every median step time ...
 ENOUGH_TIMED_STEPS = 5      # ... or this many once they add up to ENOUGH_TIMED_S seconds:
-ENOUGH_TIMED_S = 1.0        # a long step's median is stable sooner
+ENOUGH_TIMED_S = 0.5        # a long step's median is stable sooner
 DIVERGENCE_FACTOR = 10.0    # loss above 10x its start counts as diverged
 MAX_CURVE_POINTS = 200
-EVAL_ITEMS = 1024           # fixed train subset on which start/end loss is measured
+EVAL_ITEMS = 512            # fixed train subset on which start/end loss is measured
 EVAL_BATCH = 256            # evaluation batch, unless the sweep's smallest batch is smaller
 
 
