@@ -17,7 +17,7 @@ sweep's cap, half the training set; tiny-lm capped at 256 to bound the cost):
    see CONFIG): the loss at which a run has made 1 - f of the calibration run's best drop.
 3. **Full runs** — every batch size from the same seeded initial weights and data order as the
    sweep's trials (``bsselect.sweep.make_setup``, ``bsselect.trials.cycle_batches``), the same
-   scaled learning rate (``bsselect.rank.scale_lr`` with the sweep's default rule), the same
+   scaled learning rate (``bsselect.lr_scaling.scale_lr`` with the sweep's default rule), the same
    training step (``bsselect.step.train_step``) and divergence rule, until the validation loss
    reaches the target (crossing interpolated linearly between evaluations) or the calibration
    budget runs out (then time-to-target is inf). Evaluations are not on the clock.
@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import selection_lib as lib  # noqa: E402
 
 from bsselect.examples import EXAMPLES  # noqa: E402
-from bsselect.rank import scale_lr  # noqa: E402
+from bsselect.lr_scaling import scale_lr  # noqa: E402
 from bsselect.sweep import (  # noqa: E402
     SweepSettings, data_cap, default_budget, make_setup, powers_of_two, resolve_lr_scaling,
     run_sweep,

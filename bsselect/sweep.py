@@ -15,9 +15,8 @@ from . import distributed
 from .capacity import largest_pow2_at_most
 from .errors import InterruptedRun, UsageError
 from .precision import Precision
-from .rank import (
-    LrScaling, Ranking, choose_b_hat, default_lr_scaling, grad_accum_steps, rank_trials, scale_lr,
-)
+from .lr_scaling import LrScaling, default_lr_scaling, scale_lr
+from .rank import Ranking, choose_b_hat, grad_accum_steps, rank_trials
 from .task import Task
 from .trial_types import TrialResult
 from .trials import (

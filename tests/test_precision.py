@@ -277,7 +277,7 @@ def test_raw_grads_back_off_the_scale_until_nothing_overflows():
 # --- sweep, CLI --------------------------------------------------------------------------
 
 def test_sweep_trains_effective_batches_of_micro_batches(tmp_path):
-    from bsselect.rank import LrScaling
+    from bsselect.lr_scaling import LrScaling
     from bsselect.sweep import SweepSettings, run_sweep
     from bsselect.trials import BudgetKind, TrialBudget
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from bsselect.lr_scaling import LrScaling, default_lr_scaling, scale_lr
 from bsselect.rank import (
-    MIN_B_NOISE_POINTS, NONLINEAR_REL_RESIDUAL, BHatSource, LrScaling, VerdictKind, b_opt,
-    choose_b_hat, default_lr_scaling, fit_b_noise, fit_noise_model, fit_step_time,
-    grad_accum_steps, pooled_b_simple, rank_trials, scale_lr,
+    MIN_B_NOISE_POINTS, NONLINEAR_REL_RESIDUAL, BHatSource, VerdictKind, b_opt, choose_b_hat,
+    fit_b_noise, fit_noise_model, fit_step_time, grad_accum_steps, pooled_b_simple, rank_trials,
 )
 from bsselect.trial_types import TrialResult, TrialStatus
 

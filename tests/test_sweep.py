@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bsselect.rank import LrScaling
+from bsselect.lr_scaling import LrScaling
 import bsselect.sweep as sweep_mod
 import bsselect.trials as trials_mod
 from bsselect.sweep import SweepSettings, default_budget, make_setup, parse_budget, run_sweep

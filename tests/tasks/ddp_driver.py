@@ -26,7 +26,7 @@ from bsselect.device import Budget  # noqa: E402
 from bsselect.memory.capped import CappedCpuAllocator  # noqa: E402
 from bsselect.noise import measure_noise  # noqa: E402
 from bsselect.probe import run_probe  # noqa: E402
-from bsselect.rank import LrScaling  # noqa: E402
+from bsselect.lr_scaling import LrScaling  # noqa: E402
 from bsselect.sweep import SweepSettings, parse_budget, run_sweep  # noqa: E402
 from bsselect.task import load_task  # noqa: E402
 
