@@ -549,15 +549,17 @@ def _disagreement(c: _Context, b_opt_: float, pick: int, winner: int) -> tuple[V
         bn = c.noise_fit.b_noise
         extra = f" (B_noise fitted from the trials: {_fmt_num(bn)})" if bn is not None else ""
         return VerdictKind.b_simple_underestimates, (
-            f"B_simple measured early in training ({_fmt_num(c.b_simple)}) underestimates the "
-            f"noise scale later in training{extra}")
+            f"larger batches made faster progress in these short trials than the measured "
+            f"B_simple ({_fmt_num(c.b_simple)}) predicts{extra}; the noise scale may grow "
+            "later in training")
     if winner > pick:
         return VerdictKind.larger_batches_faster, (
             f"larger batches made faster progress than B_hat = {_fmt_num(c.b_hat)} predicts: "
             "the noise scale is probably larger than estimated")
     return VerdictKind.smaller_batches_faster, (
-        "smaller batches made faster progress than predicted: short trials see early training, "
-        "when the noise scale is smallest, or the LR scaling overshoots at large b")
+        "smaller batches made faster progress in these short trials than predicted: a short "
+        "trial's loss speed favours small batches (on the built-in examples it picked worse "
+        "than the ranking), or the LR scaling overshoots at large b")
 
 
 def _fmt_num(x: float | None) -> str:

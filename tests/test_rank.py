@@ -416,8 +416,9 @@ def test_b_simple_from_early_training_underestimating_the_noise_scale():
     assert r.verdict_kind is VerdictKind.b_simple_underestimates
     assert r.verdict == (
         "formula and trials disagree: b_opt = 22.4 (B_hat = 10, B_simple pooled over the trials) "
-        "rounds to b=16 but b=128 had the best loss drop per second; B_simple measured early in training (10) "
-        "underestimates the noise scale later in training (B_noise fitted from the trials: 400)")
+        "rounds to b=16 but b=128 had the best loss drop per second; larger batches made faster "
+        "progress in these short trials than the measured B_simple (10) predicts (B_noise fitted "
+        "from the trials: 400); the noise scale may grow later in training")
 
 
 def test_b_opt_beyond_the_tried_range():
@@ -474,7 +475,7 @@ def test_smaller_batches_faster_than_predicted():
     r = rank_trials(trials, 1000.0, BHatSource.b_noise)
     assert r.b_opt_batch_size == 256 and r.speed_winner == 16
     assert r.verdict_kind is VerdictKind.smaller_batches_faster
-    assert "smaller batches made faster progress than predicted" in r.verdict
+    assert "smaller batches made faster progress in these short trials than predicted" in r.verdict
 
 
 def test_agreement_on_validation_loss_when_loss_speed_is_missing():
