@@ -266,7 +266,8 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
         return TrialResult(status=TrialStatus.diverged,
                            **dict(common, error=f"loss rose from {loss_start:.4g} to "
                                                 f"{loss_end:.4g}"), train_loss_end=loss_end)
-    noise = measure_trial_noise(setup, model) if setup.noise_measurements else None
+    fitted = distributed.per_device(batch_size) // setup.accumulate
+    noise = measure_trial_noise(setup, model, fitted) if setup.noise_measurements else None
     return TrialResult(
         status=status, **common, step_time_s=step_time, samples_per_s=batch_size / step_time,
         # Per second of steady-state training (median step time x steps): one-off warm-up
@@ -286,12 +287,35 @@ def initial_loss(model: nn.Module, setup: TrialSetup) -> float:
                     metric=False)[0]
 
 
-def measure_trial_noise(setup: TrialSetup, model: nn.Module) -> NoiseEstimate:
+def measure_trial_noise(setup: TrialSetup, model: nn.Module,
+                        fitted_batch: int | None = None) -> NoiseEstimate | None:
     """The noise scale at the trial's final weights, with the same estimator as ``bsselect
-    noise`` (in training mode, as training sees the gradients; not part of the trial's time)."""
-    from .noise import default_batch_sizes, estimate_noise
+    noise`` (in training mode, as training sees the gradients; not part of the trial's time).
 
-    b_small, b_big = default_batch_sizes(setup.task)
+    Its sub-batches are the task's base batch size, which need not fit in memory. When they
+    run out of memory, the measurement is repeated on sub-batches of ``fitted_batch`` (the
+    trial's own, which just trained); None if that fails too. The trial's other results stand
+    either way, and the pooled noise scale stays unbiased whatever sub-batch size a trial
+    used."""
+    from .noise import default_batch_sizes
+
+    b_small, _ = default_batch_sizes(setup.task)
+    sizes = [b_small] + ([fitted_batch] if fitted_batch and fitted_batch < b_small else [])
+    for small in sizes:
+        try:
+            return _estimate_noise(setup, model, *default_batch_sizes(setup.task, b_small=small))
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
+            if not (is_oom_error(exc) or is_oom_error(exc.__cause__ or exc)):
+                raise
+            del exc
+            release_memory()
+    return None
+
+
+def _estimate_noise(setup: TrialSetup, model: nn.Module, b_small: int, b_big: int
+                    ) -> NoiseEstimate:
+    from .noise import estimate_noise
+
     model.train()
     estimate, _ = estimate_noise(model, setup.task, b_small=b_small, b_big=b_big,
                                  measurements=setup.noise_measurements, seed=setup.seed + 1000,

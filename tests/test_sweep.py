@@ -194,6 +194,20 @@ def test_validation_is_capped_to_a_fixed_subset(tmp_path, monkeypatch):
     assert json.loads(report.stdout)["validation"] == "val_data, a fixed subset of 16 items"
 
 
+def test_noise_measurement_out_of_memory_falls_back_to_the_trial_batch(tmp_path):
+    # Base batch 64 does not fit (cap 32): each trial's noise measurement retries on
+    # sub-batches of its own batch size, and the trial's results stand.
+    task, name = load_task(spec("oom_base"))
+    result = run_sweep(task, task_name=name, batch_sizes=[8, 16], settings=settings(
+                           LrScaling.linear, budget="128", noise=2), device=torch.device("cpu"),
+                       journal_path=tmp_path / "j.jsonl", resume=False, max_batch=16,
+                       max_batch_source="test")
+    assert [t.status for t in result.trials] == [TrialStatus.ok, TrialStatus.ok]
+    assert all(t.grad_sq_norm is not None and t.trace_sigma is not None for t in result.trials)
+    assert result.ranking.b_hat_source is not None
+    assert result.recommended_batch_size in (8, 16)
+
+
 def test_held_out_split_is_a_disjoint_tenth_of_train_data():
     task, _ = load_task(spec("tiny"))
     setup, made = make_setup(task, settings(LrScaling.linear), torch.device("cpu"))

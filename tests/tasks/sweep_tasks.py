@@ -83,6 +83,15 @@ def oom() -> Task:
                 base_batch_size=16)
 
 
+def oom_base() -> Task:
+    """The same capped model with a base batch size (64) that does not fit: the noise
+    measurement's sub-batches (the base batch size) run out of memory in every trial."""
+    x, y = _blobs()
+    return Task(model=lambda: CappedMemory(OOM_CAP), train_data=TensorDataset(x, y),
+                val_data=TensorDataset(*_blobs(seed=2)), loss_fn=F.cross_entropy, lr=0.1,
+                base_batch_size=2 * OOM_CAP)
+
+
 class SlowAt(nn.Module):
     """Blocks (for up to a minute) in a training forward at the batch size named by
     $BSSELECT_TEST_SLOW_BATCH, after creating the file $BSSELECT_TEST_MARKER."""
