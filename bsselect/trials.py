@@ -305,7 +305,7 @@ def measure_trial_noise(setup: TrialSetup, model: nn.Module,
         try:
             return _estimate_noise(setup, model, *default_batch_sizes(setup.task, b_small=small))
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
-            if not (is_oom_error(exc) or is_oom_error(exc.__cause__ or exc)):
+            if not (is_oom_error(exc) or is_oom_error(exc.__cause__)):  # TaskError wraps it
                 raise
             del exc
             release_memory()
