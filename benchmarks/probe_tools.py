@@ -115,6 +115,11 @@ def largest_true(pred: Callable[[int], bool], hi_start: int = 64) -> int:
     lo, hi = 1, hi_start
     while pred(hi):
         lo, hi = hi, hi * 2
+    return _bisect(pred, lo, hi)
+
+
+def _bisect(pred: Callable[[int], bool], lo: int, hi: int) -> int:
+    """Largest b in [lo, hi) with pred(b), given pred(lo) (or lo == 0) and not pred(hi)."""
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if pred(mid):
@@ -137,13 +142,7 @@ def largest_near(pred: Callable[[int], bool], guess: int) -> int:
         while hi - step >= 1 and not pred(hi - step):
             hi, step = hi - step, step * 2
         lo = max(hi - step, 0)   # 0: nothing below hi known to pass (pred(0) is vacuous)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if pred(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return _bisect(pred, lo, hi)
 
 
 def session_peak(task: Task, b: int) -> tuple[int, int]:

@@ -180,11 +180,8 @@ def sum_floats(*values: float) -> tuple[float, ...]:
 
 
 def max_float(value: float) -> float:
-    if not active():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=_comm_device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    """The maximum of ``value`` over ranks (all_reduce MAX)."""
+    return float(_reduce_scalar(value, torch.float64, dist.ReduceOp.MAX))
 
 
 def gather(value: T) -> list[T]:
@@ -198,11 +195,15 @@ def gather(value: T) -> list[T]:
 
 def agree_min(value: int) -> int:
     """The minimum of ``value`` over ranks (all_reduce MIN)."""
+    return int(_reduce_scalar(value, torch.int64, dist.ReduceOp.MIN))
+
+
+def _reduce_scalar(value: float, dtype: torch.dtype, op: Any) -> float:
     if not active():
         return value
-    t = torch.tensor([value], dtype=torch.int64, device=_comm_device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
+    t = torch.tensor([value], dtype=dtype, device=_comm_device)
+    dist.all_reduce(t, op=op)
+    return t.item()
 
 
 def from_main(value: T) -> T:
