@@ -291,12 +291,18 @@ def sweep(
         help="Write a PNG with loss curves, step-time fit and ranking (needs matplotlib).")] = None,
     precision: PrecisionOpt = "fp32",
     accumulate: AccumulateOpt = 1,
+    threads: Annotated[Optional[int], typer.Option(
+        help="CPU threads for the trials and timing (on a CPU device). Default: half the "
+             "usable cores, so a busy core does not stall every step.",
+        show_default="half the usable cores")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """What trains best? Short equal-budget trials at power-of-two batch sizes, ranked.
 
-    Ranks by predicted time-to-target (1 + B/b)·t(b) next to measured loss speed, validation
-    score and wall time, and compares with b_opt = sqrt(B_noise·tau_f/tau_d).
+    Ranks by predicted time-to-target (1 + B/b)·t(b), with step times from interleaved timing
+    rounds (robust to a busy machine) and B the gradient noise scale of the best-trained trials;
+    batch sizes within uncertainty of the best are shown as tied. Compares with
+    b_opt = sqrt(B_noise·tau_f/tau_d).
 
     Examples:
 
@@ -317,6 +323,8 @@ def sweep(
             raise UsageError("--resume and --overwrite exclude each other")
         if warmup_steps < 0 or noise_measurements < 0:
             raise UsageError("--warmup-steps and --noise-measurements must be >= 0")
+        if threads is not None and threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {threads}")
         explicit = parse_int_list(batch_sizes, "--batch-sizes")
         trial_budget = parse_budget(budget) if budget is not None else None
         dev = _device(device)
@@ -337,10 +345,19 @@ def sweep(
         if step.accumulate > 1 or step.precision.value != "fp32":
             console.print(f"{step.precision.value}; each batch size is the effective batch: "
                           f"micro-batch x {step.accumulate} accumulation steps", highlight=False)
+        from .timing import default_threads
+
+        n_threads = None if dev.type != "cpu" else (
+            threads or default_threads(_local_processes()))
+        if n_threads is not None:
+            console.print(f"cpu threads: {n_threads}"
+                          + (" (--threads)" if threads else
+                             " (half the usable cores; set with --threads)"), highlight=False)
         with _SweepProgress(console, len(sizes)) as hooks:
             result = run_sweep(loaded, task_name=name, batch_sizes=sizes, settings=settings,
                                device=dev, journal_path=path, resume=resume, max_batch=cap,
-                               max_batch_source=cap_source, overwrite=overwrite, hooks=hooks)
+                               max_batch_source=cap_source, overwrite=overwrite, hooks=hooks,
+                               threads=n_threads)
         _finish_sweep(result, as_json, plot)
 
     guarded(body)
@@ -371,13 +388,18 @@ def report(
             raise UsageError(f"{journal} has no readable header; cannot report it")
         if not contents.trials:
             raise UsageError(f"{journal} holds no finished trial yet")
+        from .timing import RoundTiming
+
         s = contents.header.settings
         trials = {t.batch_size: t for t in contents.trials}
         ordered = tuple(trials[b] for b in sorted(trials))
+        timing = tuple(RoundTiming.from_dict(t) for t in contents.timing)
         result = summarize(s["base_lr"], s["base_batch_size"], contents.header.task, "journal",
                            ordered, SweepSettings.from_journal(s), max(trials), "journal",
                            str(journal), (), bool(s.get("held_out_validation", False)),
-                           s.get("validation_items"))
+                           s.get("validation_items"), timing=timing,
+                           timing_note=None if timing else
+                           "the journal holds no timing rounds: each trial's own step time is used")
         _finish_sweep(result, as_json, plot)
 
     guarded(body)
@@ -398,6 +420,16 @@ def _finish_sweep(result, as_json: bool, plot: Optional[Path]) -> None:
     else:
         render_sweep(result)
         _note("sweep", result.to_json())
+
+
+def _local_processes() -> int:
+    """Processes sharing this machine's cores under torchrun (1 otherwise)."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def _slug(name: str) -> str:
@@ -486,7 +518,15 @@ class _SweepProgress:
         self.bar.start()
         return SweepHooks(trial_start=self._start, step=self._step, trial_end=self._end,
                           warn=lambda w: self.console.print(f"[yellow]warning:[/] {w}",
-                                                            highlight=False))
+                                                            highlight=False),
+                          timing_start=self._timing_start, timing_step=self._timing_step)
+
+    def _timing_start(self, units: int) -> None:
+        self.bar.update(self.current, description="timing rounds", completed=0, total=units,
+                        visible=True)
+
+    def _timing_step(self) -> None:
+        self.bar.advance(self.current)
 
     def _start(self, b: int, index: int, steps: Optional[int]) -> None:
         self.bar.update(self.current, description=f"batch {b}", completed=0, total=steps,

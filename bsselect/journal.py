@@ -81,6 +81,8 @@ class JournalContents:
     header: JournalHeader | None
     trials: tuple[TrialResult, ...]
     warnings: tuple[str, ...] = field(default=())
+    # The last complete set of interleaved timing rounds (``timing.RoundTiming`` dicts), if any.
+    timing: tuple[dict[str, Any], ...] = field(default=())
 
 
 def load(path: str | Path) -> JournalContents:
@@ -98,6 +100,7 @@ def load(path: str | Path) -> JournalContents:
     header: JournalHeader | None = None
     trials: list[TrialResult] = []
     warnings: list[str] = []
+    timing: tuple[dict[str, Any], ...] = ()
     for number, raw in enumerate(lines, start=1):
         last_and_cut = number == len(lines) and not complete
         record, problem = _parse_line(raw)
@@ -105,15 +108,31 @@ def load(path: str | Path) -> JournalContents:
             header, problem = _header_from(record)
         elif problem is None and "trial" in record:
             problem = _append_trial(record["trial"], trials)
+        elif problem is None and "timing" in record:
+            rounds, problem = _timing_from(record["timing"])
+            timing = rounds if problem is None else timing
         elif problem is None:
-            problem = "neither a header nor a trial record"
+            problem = "neither a header, a trial nor a timing record"
         if problem is not None:
             cause = ("incomplete (the run was probably killed while writing it)" if last_and_cut
                      else problem)
             warnings.append(f"{path}: line {number} skipped: {cause}")
     if header is None and lines:
         warnings.append(f"{path}: no readable header line; its task and settings are unknown")
-    return JournalContents(header, tuple(trials), tuple(warnings))
+    return JournalContents(header, tuple(trials), tuple(warnings), timing)
+
+
+def _timing_from(raw: Any) -> tuple[tuple[dict[str, Any], ...], str | None]:
+    from .timing import RoundTiming
+
+    if not isinstance(raw, list):
+        return (), "timing record is not a JSON list"
+    try:
+        for item in raw:
+            RoundTiming.from_dict(item)
+    except (KeyError, TypeError, ValueError) as exc:
+        return (), f"bad timing record ({exc!r})"
+    return tuple(raw), None
 
 
 def _parse_line(raw: bytes) -> tuple[dict[str, Any], str | None]:
@@ -235,6 +254,12 @@ class Journal:
     def append(self, trial: TrialResult) -> None:
         """Write ``trial`` as one line and fsync it before returning."""
         _append_line(self.path, json.dumps({"trial": trial.to_dict()}, separators=(",", ":"),
+                                           allow_nan=False))
+
+    def append_timing(self, rounds: list[dict[str, Any]]) -> None:
+        """Write the sweep's interleaved timing rounds (``timing.RoundTiming.to_dict``) as one
+        line; ``load`` keeps the last such line."""
+        _append_line(self.path, json.dumps({"timing": rounds}, separators=(",", ":"),
                                            allow_nan=False))
 
     def _start(self) -> None:

@@ -20,8 +20,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from enum import Enum
 from statistics import median
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from .choice import Choice, NoiseInterval, choose, noise_interval
+from .steptime import ShapeFit, TimeInterval, physical_fit
 from .trial_types import TrialResult, TrialStatus
 
 # A step-time point further than this (relative) from the fitted line makes t(b) "not linear".
@@ -249,12 +251,17 @@ class BHatSource(str, Enum):
 
 @dataclass(frozen=True)
 class BHat:
-    """The noise-scale estimate to rank with, and both candidates it was chosen from."""
+    """The noise-scale estimate to rank with, and both candidates it was chosen from.
+
+    ``interval`` is its uncertainty (``choice.noise_interval``; None when none was recorded)
+    and ``from_sizes`` the batch sizes of the trials it was pooled over."""
 
     value: float | None
     source: BHatSource | None
     b_simple: float | None
     noise_fit: BNoiseFit
+    interval: NoiseInterval | None = None
+    from_sizes: tuple[int, ...] = ()
 
 
 def pooled_b_simple(trials: Iterable[TrialResult]) -> float | None:
@@ -278,6 +285,39 @@ def pooled_b_simple(trials: Iterable[TrialResult]) -> float | None:
     return len(values) / sum(1.0 / v for v in values) if values else None
 
 
+def most_trained(trials: Iterable[TrialResult]) -> list[TrialResult]:
+    """The ok trials that measured the noise scale, the better-trained half of them (by
+    training loss at the end of the trial; ``ceil(n/2)``, ties: the larger batch).
+
+    The noise scale grows as training goes on (McCandlish et al. 2018, sec. 3; Merrill et al.
+    2025), and equal-sample trials end at different points: the large batches, which took few
+    steps, are still near initialisation, where the noise scale is smallest. The run ahead is
+    longer than any trial, so the ranking uses the trials that got furthest."""
+    measured = [t for t in trials if t.ok and (
+        (t.grad_sq_norm is not None and t.trace_sigma is not None) or t.b_simple is not None)]
+    with_loss = [t for t in measured if t.train_loss_end is not None]
+    if len(with_loss) < len(measured) or not measured:
+        return measured
+    ordered = sorted(with_loss, key=lambda t: (t.train_loss_end, -t.batch_size))
+    return ordered[: -(-len(ordered) // 2)]
+
+
+def pooled_interval(trials: Sequence[TrialResult]) -> NoiseInterval | None:
+    """``choice.noise_interval`` of the pooled estimates: the means of |G|^2 and tr(Sigma) over
+    ``trials`` and their standard errors ``sqrt(sum se_i^2) / k``. None when a trial lacks
+    its standard errors (older journals) or the pooled estimate is not positive."""
+    rows = [(t.grad_sq_norm, t.grad_sq_norm_se, t.trace_sigma, t.trace_sigma_se)
+            for t in trials]
+    if not rows or any(v is None for row in rows for v in row):
+        return None
+    k = len(rows)
+    grad = sum(r[0] for r in rows) / k  # type: ignore[misc]
+    trace = sum(r[2] for r in rows) / k  # type: ignore[misc]
+    grad_se = math.sqrt(sum(r[1] ** 2 for r in rows)) / k  # type: ignore[operator]
+    trace_se = math.sqrt(sum(r[3] ** 2 for r in rows)) / k  # type: ignore[operator]
+    return noise_interval(grad, grad_se, trace, trace_se)
+
+
 def noise_fit_of(trials: Iterable[TrialResult]) -> BNoiseFit:
     """``fit_noise_model`` on the ok trials' per-step loss drops."""
     ok = [t for t in trials if t.ok]
@@ -285,41 +325,48 @@ def noise_fit_of(trials: Iterable[TrialResult]) -> BNoiseFit:
 
 
 def choose_b_hat(trials: Sequence[TrialResult]) -> BHat:
-    """Prefer the ``B_simple`` measured in the trials (pooled); fall back to ``B_noise`` fitted
-    from the trials' per-step loss drops; else None.
+    """Prefer the ``B_simple`` measured in the trials, pooled over the better-trained half
+    (``most_trained``); fall back to ``B_noise`` fitted from the trials' per-step loss drops;
+    else None.
 
     Measured, not fitted, first: with equal-sample trials the small batches get further and
     flatten out, which inflates the fitted B_noise by 5x to 20,000x on the built-in examples
     (docs/benchmarks-sweep.md). The fit is still reported as a diagnostic."""
-    fit, simple = noise_fit_of(trials), pooled_b_simple(trials)
+    fit = noise_fit_of(trials)
+    chosen = most_trained(trials)
+    simple = pooled_b_simple(chosen)
     if simple is not None:
-        return BHat(simple, BHatSource.b_simple, simple, fit)
+        interval = pooled_interval(chosen)
+        if interval is not None and not math.isclose(interval.value, simple, rel_tol=1e-9):
+            interval = None  # journals mixing trials with and without the estimates
+        return BHat(simple, BHatSource.b_simple, simple, fit, interval,
+                    tuple(sorted(t.batch_size for t in chosen)))
     if fit.b_noise is not None:
         return BHat(fit.b_noise, BHatSource.b_noise, simple, fit)
     return BHat(None, None, simple, fit)
 
 
 class VerdictKind(str, Enum):
-    """What the verdict line says; the text gives the numbers."""
+    """What the verdict line says; the text gives the numbers. Every verdict names the
+    recommended batch size first; the kinds say how the closed form relates to it."""
 
-    agree = "agree"  # b_opt rounds to the empirically best batch size
+    agree = "agree"  # b_opt rounds into the set of batch sizes tied with the best
     no_ok_trials = "no_ok_trials"
     no_b_hat = "no_b_hat"  # no noise scale: ranked by measured loss drop per second
-    no_step_fit = "no_step_fit"  # step time known at < 2 batch sizes: no b_opt
-    unverified = "unverified"  # no trial measured a loss drop or validation loss
+    no_step_fit = "no_step_fit"  # the closed form is undefined (step-time line missing/clipped)
     outside_range = "outside_range"  # b_opt is beyond the tried batch sizes
-    nonlinear_step_time = "nonlinear_step_time"
-    b_simple_underestimates = "b_simple_underestimates"
-    larger_batches_faster = "larger_batches_faster"
-    smaller_batches_faster = "smaller_batches_faster"
+    nonlinear_step_time = "nonlinear_step_time"  # the line misprices some batch size
+    line_misprices = "line_misprices"  # the line is within tolerance but moves the optimum
 
 
 @dataclass(frozen=True)
 class RankedTrial:
     """One row of the ranking table.
 
-    ``predicted_time_s = (1 + B_hat/b) * step_time_s``: predicted wall time to the target
-    divided by S_min, seconds (lower is better); ``relative_time`` is that over the best row's.
+    ``predicted_time_s = (1 + B_hat/b) * t(b)`` with ``t(b)`` the step time after the physical
+    fit (``fitted_step_time_s``): predicted wall time to the target divided by S_min, seconds
+    (lower is better), ``predicted_lo_s``-``predicted_hi_s`` its interval (hi may be None:
+    unbounded); ``relative_time`` is that over the best row's; ``tied``: tied with the best.
     """
 
     batch_size: int
@@ -331,16 +378,23 @@ class RankedTrial:
     val_loss: float | None
     val_metric: float | None
     wall_s: float
+    fitted_step_time_s: float | None = None
+    predicted_lo_s: float | None = None
+    predicted_hi_s: float | None = None
+    tied: bool = False
 
 
 @dataclass(frozen=True)
 class Ranking:
     """Trials ranked best first, the fits behind the ranking, and the verdict.
 
-    ``rows`` holds every trial (ok ones best first, then the rest by batch size); ``ranking``
-    the batch sizes of the ok rows only, best first. ``b_opt_batch_size`` is ``b_opt`` rounded
-    (in log2) to the nearest tried ok batch size; ``speed_winner`` has the best measured
-    loss_drop_per_s and ``val_winner`` the lowest val_loss.
+    ``rows`` holds every trial (ok ones in ranking order, then the rest by batch size);
+    ``ranking`` the batch sizes of the ok rows only, the recommendation first.
+    ``tied_with_best`` are the batch sizes whose predicted time is within uncertainty of the
+    best's (``choice``), ``best_point`` the lowest point prediction; the recommendation is
+    ``choice.Choice.RULE`` among the tied. ``b_opt_batch_size`` is ``b_opt`` rounded (in log2)
+    to the nearest tried ok batch size; ``speed_winner`` has the best measured
+    loss_drop_per_s and ``val_winner`` the lowest val_loss (diagnostics).
     """
 
     rows: tuple[RankedTrial, ...]
@@ -357,10 +411,16 @@ class Ranking:
     b_opt_batch_size: int | None
     speed_winner: int | None
     val_winner: int | None
+    tied_with_best: tuple[int, ...] = ()
+    best_point: int | None = None
+    b_hat_interval: NoiseInterval | None = None
+    b_hat_sizes: tuple[int, ...] = ()
+    shape: ShapeFit | None = None
 
-    def fit_dict(self) -> dict[str, float | int | str | None]:
+    def fit_dict(self) -> dict[str, Any]:
         """DESIGN.md's ``sweep`` ``fit`` object (tau_f_s, tau_d_s, b_simple, b_noise, b_opt),
         then siblings."""
+        interval = self.b_hat_interval
         return {
             "tau_f_s": self.step_fit.tau_f_s,
             "tau_d_s": self.step_fit.tau_d_s,
@@ -370,7 +430,16 @@ class Ranking:
             "r2": self.step_fit.r2,
             "b_hat": self.b_hat,
             "b_hat_source": self.b_hat_source.value if self.b_hat_source else None,
+            "b_hat_interval": None if interval is None else [
+                interval.lo, interval.hi if math.isfinite(interval.hi) else None],
+            "b_hat_from_batch_sizes": list(self.b_hat_sizes),
             "b_opt_batch_size": self.b_opt_batch_size,
+            "step_time_shape": None if self.shape is None else (
+                "non-decreasing, per-sample non-increasing" if self.shape.per_sample_constrained
+                else "non-decreasing"),
+            "step_time_shape_note": None if self.shape is None else self.shape.note,
+            "tied_with_best": list(self.tied_with_best),
+            "best_point": self.best_point,
             "verdict": self.verdict,
         }
 
@@ -379,59 +448,85 @@ def rank_trials(
     trials: Sequence[TrialResult],
     b_hat: float | None,
     b_hat_source: BHatSource = BHatSource.given,
+    *,
+    times: Mapping[int, TimeInterval] | None = None,
+    b_interval: NoiseInterval | None = None,
+    b_hat_sizes: Sequence[int] = (),
 ) -> Ranking:
-    """Rank ok trials by ``(1 + B_hat/b) * t_measured(b)`` (McCandlish et al. 2018: steps to a
-    target grow as ``1 + B_noise/b``, each step costs the measured median step time), then by
-    loss_drop_per_s, val_loss and batch size; without ``b_hat`` by loss_drop_per_s first.
-    Non-ok trials go last. ``choose_b_hat(trials)`` picks ``b_hat`` and its source.
+    """Rank ok trials by predicted time to the target ``(1 + B_hat/b) * t(b)`` (McCandlish et
+    al. 2018: steps to a target grow as ``1 + B_noise/b``, each step costs ``t(b)``).
+
+    ``t(b)``: the trials' ``step_time_s`` (or ``times``, intervals from the interleaved timing
+    rounds), after ``steptime.physical_fit``. ``b_interval`` is the uncertainty of ``b_hat``
+    (default: none). The batch sizes tied with the best and the pick among them come from
+    ``choice.choose``; the pick heads the ranking. Without ``b_hat`` the ranking is by
+    loss_drop_per_s, val_loss and batch size. Non-ok trials go last.
+    ``choose_b_hat(trials)`` picks ``b_hat``, its source and interval.
     """
     if b_hat is not None and not (math.isfinite(b_hat) and b_hat >= 0):
         raise ValueError(f"b_hat must be a finite number >= 0, got {b_hat}")
+    if b_interval is not None and (b_hat is None or not math.isclose(
+            b_interval.value, b_hat, rel_tol=1e-9, abs_tol=1e-12)):
+        raise ValueError(f"b_interval {b_interval} does not belong to b_hat {b_hat}")
     ok = [t for t in trials if t.ok]
-    fit = fit_step_time([t.batch_size for t in ok if t.step_time_s is not None],
-                        [t.step_time_s for t in ok if t.step_time_s is not None])
-    rows = _ordered_rows(trials, b_hat)
+    timed = {t.batch_size: (times[t.batch_size] if times and t.batch_size in times else
+                            TimeInterval(t.step_time_s, t.step_time_s, t.step_time_s))
+             for t in ok if t.step_time_s is not None or (times and t.batch_size in times)}
+    sizes = sorted(timed)
+    fit = fit_step_time(sizes, [timed[b].mid for b in sizes])
+    shape = physical_fit(sizes, [timed[b].mid for b in sizes], [timed[b].lo for b in sizes])
+    fitted = {b: timed[b].scaled(shape.at(b) / timed[b].mid) for b in sizes}
+    pick = None
+    if b_hat is not None and fitted:
+        pick = choose(fitted, b_interval or NoiseInterval.exact(b_hat))
+    rows = _ordered_rows(trials, pick, fitted)
     ranking = tuple(r.batch_size for r in rows if r.status is TrialStatus.ok)
     ctx = _Context(
         ok_sizes=tuple(sorted({t.batch_size for t in ok})),
         fit=fit,
         noise_fit=noise_fit_of(trials),
-        b_simple=pooled_b_simple(trials),
+        b_simple=pooled_b_simple(most_trained(trials)),
         b_hat=b_hat,
         source=b_hat_source if b_hat is not None else None,
         b_opt=_b_opt_or_inf(b_hat, fit),
-        speed_winner=_best(ok, lambda t: t.loss_drop_per_s, higher=True),
-        val_winner=_best(ok, lambda t: t.val_loss, higher=False),
         recommended=ranking[0] if ranking else None,
         statuses=Counter(t.status.value for t in trials),
+        choice=pick,
+        interval=b_interval if b_hat is not None else None,
+        b_hat_sizes=tuple(b_hat_sizes),
+        shape=shape,
     )
     kind, text = _verdict(ctx)
-    pick = _nearest(ctx.b_opt, ctx.ok_sizes)
+    nearest = _nearest(ctx.b_opt, ctx.ok_sizes)
     return Ranking(rows, ranking, ctx.recommended, text, kind, fit, ctx.noise_fit, ctx.b_simple,
-                   b_hat, ctx.source, ctx.b_opt if ctx.b_opt != math.inf else None, pick,
-                   ctx.speed_winner, ctx.val_winner)
+                   b_hat, ctx.source, ctx.b_opt if ctx.b_opt != math.inf else None, nearest,
+                   _best(ok, lambda t: t.loss_drop_per_s, higher=True),
+                   _best(ok, lambda t: t.val_loss, higher=False),
+                   pick.tied if pick else (), pick.best if pick else None, ctx.interval,
+                   tuple(b_hat_sizes), shape)
 
 
-def _ordered_rows(trials: Sequence[TrialResult], b_hat: float | None) -> tuple[RankedTrial, ...]:
-    def predicted(t: TrialResult) -> float | None:
-        if b_hat is None or t.step_time_s is None:
-            return None
-        return (1.0 + b_hat / t.batch_size) * t.step_time_s
-
-    def key(t: TrialResult) -> tuple[bool, float, float, float, int]:
-        p = predicted(t)
-        return (p is None, p if p is not None else 0.0, -_or(t.loss_drop_per_s, -math.inf),
+def _ordered_rows(trials: Sequence[TrialResult], pick: Choice | None,
+                  fitted: Mapping[int, TimeInterval]) -> tuple[RankedTrial, ...]:
+    def key(t: TrialResult) -> tuple[bool, bool, float, float, float, int]:
+        p = pick.predicted.get(t.batch_size) if pick else None
+        return (not (pick and t.batch_size == pick.pick), p is None,
+                p.mid if p is not None else 0.0, -_or(t.loss_drop_per_s, -math.inf),
                 _or(t.val_loss, math.inf), t.batch_size)
 
     ok = sorted((t for t in trials if t.ok), key=key)
     rest = sorted((t for t in trials if not t.ok), key=lambda t: t.batch_size)
-    best = predicted(ok[0]) if ok else None
+    best = pick.predicted[pick.best].mid if pick else None
     rows = []
     for t in ok + rest:
-        p = predicted(t) if t.ok else None
-        relative = p / best if p is not None and best else None
-        rows.append(RankedTrial(t.batch_size, t.status, p, relative, t.step_time_s,
-                                t.loss_drop_per_s, t.val_loss, t.val_metric, t.wall_s))
+        p = pick.predicted.get(t.batch_size) if (pick and t.ok) else None
+        f = fitted.get(t.batch_size) if t.ok else None
+        rows.append(RankedTrial(
+            t.batch_size, t.status, p.mid if p else None,
+            p.mid / best if p is not None and best else None, t.step_time_s, t.loss_drop_per_s,
+            t.val_loss, t.val_metric, t.wall_s, f.mid if f else None, p.lo if p else None,
+            p.hi if p is not None and math.isfinite(p.hi) else None,
+            bool(pick and t.ok and t.batch_size in pick.tied)))
     return tuple(rows)
 
 
@@ -482,84 +577,85 @@ class _Context:
     b_hat: float | None
     source: BHatSource | None
     b_opt: float | None
-    speed_winner: int | None
-    val_winner: int | None
     recommended: int | None
     statuses: Counter[str]
+    choice: Choice | None
+    interval: NoiseInterval | None
+    b_hat_sizes: tuple[int, ...]
+    shape: ShapeFit | None
+
+
+def _b_hat_text(c: _Context) -> str:
+    """``B_hat = 319 (90%: 210-640; B_simple pooled over the 4 best-trained trials, b=8-64)``."""
+    parts = []
+    if c.interval is not None and (c.interval.lo < c.interval.value or
+                                   c.interval.hi > c.interval.value):
+        parts.append(f"90%: {_fmt_num(c.interval.lo)}-{_fmt_num(c.interval.hi)}")
+    label = _SOURCE_LABEL[c.source] if c.source else "given"
+    if c.source is BHatSource.b_simple and c.b_hat_sizes:
+        n = len(c.b_hat_sizes)
+        label = (f"B_simple pooled over the {n} best-trained trial{'s' * (n > 1)} "
+                 f"(b={_sizes_text(c.b_hat_sizes)})")
+    parts.append(label)
+    return f"B_hat = {_fmt_num(c.b_hat)} ({'; '.join(parts)})"
+
+
+def _sizes_text(sizes: Sequence[int]) -> str:
+    return ", ".join(str(b) for b in sizes)
 
 
 def _verdict(c: _Context) -> tuple[VerdictKind, str]:
-    """Does ``b_opt``, rounded to a tried batch size, match the empirical winner?"""
+    """One story: the recommendation, why (tied set and rule), and how the closed form
+    ``b_opt`` relates to it."""
     if not c.ok_sizes:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(c.statuses.items())) or "no trials"
         return VerdictKind.no_ok_trials, f"no trial finished ok ({counts}); nothing to recommend"
-    if c.b_hat is None or c.source is None:
+    if c.b_hat is None or c.source is None or c.choice is None:
         why = ("no B_hat given" if c.noise_fit.b_noise is not None or c.b_simple is not None
                else f"no B_simple measured; B_noise: {c.noise_fit.reason}")
         return VerdictKind.no_b_hat, (
             f"no noise-scale estimate ({why}); ranked by measured loss drop per second, "
             f"best b={c.recommended}")
-    b_hat = f"B_hat = {_fmt_num(c.b_hat)}, {_SOURCE_LABEL[c.source]}"
+    ch = c.choice
+    head = f"recommended b={ch.pick}: lowest predicted time to target (1 + B/b)·t(b) with " \
+           f"{_b_hat_text(c)}"
+    if len(ch.tied) > 1:
+        others = [b for b in ch.tied if b != ch.pick]
+        head += (f"; tied within uncertainty: {_sizes_text(ch.tied)}, picked by the smallest "
+                 f"worst-case slowdown ({ch.worst_regret[ch.pick]:.2f}x"
+                 + (f", against {max(ch.worst_regret[b] for b in others):.2f}x or more for the "
+                    "others" if others else "") + ")")
     if c.b_opt is None:
         return VerdictKind.no_step_fit, (
-            f"no b_opt ({c.fit.note or 'step time does not determine it'}); ranked by "
-            f"(1 + B_hat/b) * t(b) with {b_hat}")
-    pick = _nearest(c.b_opt, c.ok_sizes)
-    head = f"b_opt = {_fmt_num(c.b_opt)} ({b_hat}) rounds to b={pick}"
-    winner = c.speed_winner if c.speed_winner is not None else c.val_winner
-    if pick is None or winner is None:
-        return VerdictKind.unverified, (
-            f"{head}; no trial measured a loss drop or validation loss to check it against")
-    if pick in (c.speed_winner, c.val_winner):
-        by = _BEST_SPEED if pick == c.speed_winner else _BEST_VAL
-        return VerdictKind.agree, f"formula and trials agree: {head}, which also had the {by}"
-    by = _BEST_SPEED if winner == c.speed_winner else _BEST_VAL
-    kind, why = _disagreement(c, c.b_opt, pick, winner)
-    return kind, f"formula and trials disagree: {head} but b={winner} had the {by}; {why}"
+            f"{head}. No closed form b_opt ({c.fit.note or 'step time does not determine it'}); "
+            "the pick follows the measured step times")
+    nearest = _nearest(c.b_opt, c.ok_sizes)
+    closed = f"The closed form b_opt = √(B·τ_f/τ_d) = {_fmt_num(c.b_opt)} rounds to b={nearest}"
+    if nearest in ch.tied:
+        return VerdictKind.agree, f"{head}. {closed}: it agrees"
+    lo, hi = c.ok_sizes[0], c.ok_sizes[-1]
+    follows = "the pick follows the measured step times because"
+    if c.b_opt < lo / math.sqrt(2) or c.b_opt > hi * math.sqrt(2):
+        why = ("the step time did not grow with b in the line fit" if c.b_opt == math.inf
+               else f"b_opt is outside the tried range {lo}-{hi}")
+        return VerdictKind.outside_range, f"{head}. {closed}, not in the tied set: {follows} {why}"
+    if not c.fit.linear and c.fit.worst_batch_size is not None:
+        b = c.fit.worst_batch_size
+        return VerdictKind.nonlinear_step_time, (
+            f"{head}. {closed}, not in the tied set: {follows} step time is not linear in b "
+            f"(b={b}: measured {_fmt_s(dict(c.fit.points)[b])}, line "
+            f"{_fmt_s(c.fit.predict_s(b))})")
+    return VerdictKind.line_misprices, (
+        f"{head}. {closed}, not in the tied set: {follows} the line t(b) = τ_f + τ_d·b is off "
+        f"by up to {100 * (c.fit.max_rel_residual or 0):.0f}% (b={c.fit.worst_batch_size}), "
+        "enough to move the optimum")
 
 
-_BEST_SPEED = "best loss drop per second"
 _SOURCE_LABEL = {
     BHatSource.b_noise: "B_noise fitted from the trials",
     BHatSource.b_simple: "B_simple pooled over the trials",
     BHatSource.given: "given",
 }
-_BEST_VAL = "lowest validation loss"
-
-
-def _disagreement(c: _Context, b_opt_: float, pick: int, winner: int) -> tuple[VerdictKind, str]:
-    """The most likely reason, checked from the most to the least mechanical."""
-    lo, hi = c.ok_sizes[0], c.ok_sizes[-1]
-    if b_opt_ < lo / math.sqrt(2) or b_opt_ > hi * math.sqrt(2):
-        if b_opt_ == math.inf:
-            cause = " (step time does not grow with b, so bigger is always faster per sample)"
-        elif c.fit.tau_f_clipped:
-            cause = " (the per-step overhead fitted <= 0, which pushes b_opt to 0)"
-        else:
-            cause = "; try larger batches (gradient accumulation beyond what fits)" \
-                if b_opt_ > hi else "; try smaller batches"
-        return VerdictKind.outside_range, f"b_opt is outside the tried range {lo}-{hi}{cause}"
-    if not c.fit.linear and c.fit.worst_batch_size is not None:
-        b = c.fit.worst_batch_size
-        return VerdictKind.nonlinear_step_time, (
-            f"step time is not linear in b (b={b}: measured {_fmt_s(dict(c.fit.points)[b])}, "
-            f"line {_fmt_s(c.fit.predict_s(b))}), so the closed form misprices some batch "
-            "sizes; trust the measured ranking")
-    if winner > pick and c.source is BHatSource.b_simple:
-        bn = c.noise_fit.b_noise
-        extra = f" (B_noise fitted from the trials: {_fmt_num(bn)})" if bn is not None else ""
-        return VerdictKind.b_simple_underestimates, (
-            f"larger batches made faster progress in these short trials than the measured "
-            f"B_simple ({_fmt_num(c.b_simple)}) predicts{extra}; the noise scale may grow "
-            "later in training")
-    if winner > pick:
-        return VerdictKind.larger_batches_faster, (
-            f"larger batches made faster progress than B_hat = {_fmt_num(c.b_hat)} predicts: "
-            "the noise scale is probably larger than estimated")
-    return VerdictKind.smaller_batches_faster, (
-        "smaller batches made faster progress in these short trials than predicted: a short "
-        "trial's loss speed favours small batches (on the built-in examples it picked worse "
-        "than the ranking), or the LR scaling overshoots at large b")
 
 
 def _fmt_num(x: float | None) -> str:

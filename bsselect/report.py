@@ -112,28 +112,37 @@ def render_sweep(result: Any) -> None:
               f"{result.settings.budget.kind.value} per trial)", highlight=False)
     table = Table()
     for col in ("rank", "batch", "status", "lr", "step time", "samples/s", "loss drop/s",
-                "val loss", "val metric", "wall", "pred. time ×"):
+                "val loss", "val metric", "wall", "pred. time ×", "tied"):
         table.add_column(col, justify="right")
     trials = {t.batch_size: t for t in result.trials}
+    best = next((row.predicted_time_s for row in r.rows if row.relative_time == 1.0), None)
     for i, row in enumerate(r.rows):
         t = trials[row.batch_size]
         rank = str(i + 1) if row.status.value == "ok" else ""
         status = row.status.value if row.status.value == "ok" else f"[red]{row.status.value}[/]"
         table.add_row(
             rank, str(t.batch_size), status, f"{t.lr:.3g}",
-            "—" if t.step_time_s is None else f"{t.step_time_s * 1e3:.3g} ms",
+            "—" if row.step_time_s is None else f"{row.step_time_s * 1e3:.3g} ms",
             _f(t.samples_per_s, ".0f"), _f(t.loss_drop_per_s), _f(t.val_loss, ".4g"),
-            _f(t.val_metric, ".4g"), f"{t.wall_s:.2f} s", _f(row.relative_time, ".2f"),
+            _f(t.val_metric, ".4g"), f"{t.wall_s:.2f} s", _relative(row, best),
+            "✓" if row.tied else "",
         )
     out.print(table)
     fit = r.fit_dict()
+    interval = fit["b_hat_interval"]
+    b_range = "" if not interval else (
+        f" [{_f(interval[0])}–{'∞' if interval[1] is None else _f(interval[1])}]")
     out.print(
         f"step time t(b) = {_f(fit['tau_f_s'])} s + {_f(fit['tau_d_s'])} s·b · "
-        f"B_simple {_f(fit['b_simple'])} · B_noise {_f(fit['b_noise'])} · "
-        f"b_opt = √(B·τ_f/τ_d) = {_f(fit['b_opt'])}"
-        + (f" (B from {fit['b_hat_source']})" if fit["b_hat_source"] else "")
-    )
-    out.print(f"verdict: {r.verdict}")
+        f"B_simple {_f(fit['b_simple'])}{b_range if fit['b_hat_source'] == 'b_simple' else ''}"
+        f" · B_noise {_f(fit['b_noise'])} · b_opt = √(B·τ_f/τ_d) = {_f(fit['b_opt'])}"
+        + (f" (B from {fit['b_hat_source']})" if fit["b_hat_source"] else ""), highlight=False)
+    timing = (f"{len(result.timing)} batch sizes timed in interleaved rounds"
+              if result.timing else (result.timing_note or "trials' own step times"))
+    threads = f"cpu threads {result.threads} · " if result.threads else ""
+    shape = f" · {r.shape.note}" if r.shape is not None and r.shape.note else ""
+    out.print(f"{threads}{timing}{shape}", highlight=False)
+    out.print(f"verdict: {r.verdict}", highlight=False)
     for t in result.trials:
         if t.status.value != "ok":
             out.print(f"[red]batch {t.batch_size} {t.status.value}[/]: {t.error}")
@@ -148,6 +157,15 @@ def render_sweep(result: Any) -> None:
                   f"{acc['steps']} accumulation steps")
     out.print(f"journal: {result.journal}"
               + (f" (resumed batch sizes {list(result.resumed)})" if result.resumed else ""))
+
+
+def _relative(row: Any, best: float | None) -> str:
+    """``1.04 (0.91–1.22)``: predicted time over the best's, with its interval."""
+    if row.relative_time is None or not best:
+        return "—"
+    lo = f"{row.predicted_lo_s / best:.2f}" if row.predicted_lo_s is not None else "?"
+    hi = f"{row.predicted_hi_s / best:.2f}" if row.predicted_hi_s is not None else "∞"
+    return f"{row.relative_time:.2f} ({lo}–{hi})"
 
 
 def _check_lines(result: Any) -> tuple[str, str]:

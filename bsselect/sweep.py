@@ -13,15 +13,17 @@ import torch
 
 from . import distributed
 from .capacity import largest_pow2_at_most
-from .errors import InterruptedRun, UsageError
+from .errors import InterruptedRun, UsageError, one_line
+from .oom import release_memory
 from .precision import Precision
 from .lr_scaling import LrScaling, default_lr_scaling, scale_lr
 from .rank import Ranking, choose_b_hat, grad_accum_steps, rank_trials
 from .task import Task
 from .trial_types import TrialResult
+from .timing import RoundTiming, cpu_threads, progress_units
 from .trials import (
     EVAL_BATCH, BudgetKind, TrialBudget, TrialSetup, eval_subset, initial_loss, run_trial,
-    split_validation,
+    split_validation, time_batch_sizes,
 )
 
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(samples|sample|steps|step|seconds|s|)\s*$",
@@ -132,6 +134,9 @@ class SweepResult:
     resumed: tuple[int, ...]           # batch sizes taken from the journal, not re-run
     made_val_split: bool
     validation_items: int | None = None  # validated on a fixed subset of this many items
+    threads: int | None = None  # CPU intra-op threads during the sweep (None: not set)
+    timing: tuple[RoundTiming, ...] = ()  # interleaved timing rounds behind step_time_s
+    timing_note: str | None = None  # why there are none, when there are none
 
     def to_json(self) -> dict:
         return {
@@ -148,6 +153,10 @@ class SweepResult:
             "rows": [dict(asdict(r), status=r.status.value) for r in self.ranking.rows],
             "recommended_batch_size": self.recommended_batch_size,
             "recommended_lr": self.recommended_lr,
+            "tied_with_best": list(self.ranking.tied_with_best),
+            "threads": self.threads,
+            "timing": {"method": "interleaved rounds", "rounds": [t.to_dict() for t in self.timing],
+                       "note": self.timing_note},
             "b_opt_accumulation": self.b_opt_accumulation,
             "verdict": self.ranking.verdict,
             "journal": self.journal, "resumed": list(self.resumed),
@@ -175,6 +184,8 @@ class SweepHooks:
     step: Callable[[int, int | None], None] | None = None
     trial_end: Callable[[TrialResult], None] | None = None
     warn: Callable[[str], None] | None = None
+    timing_start: Callable[[int], None] | None = None  # (progress units)
+    timing_step: Callable[[], None] | None = None
 
 
 def make_setup(task: Task, settings: SweepSettings, device: torch.device,
@@ -206,8 +217,22 @@ def with_initial_loss(setup: TrialSetup) -> TrialSetup:
 def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], settings: SweepSettings,
               device: torch.device, journal_path: Path, resume: bool, max_batch: int,
               max_batch_source: str, overwrite: bool = False,
-              hooks: SweepHooks | None = None) -> SweepResult:
-    """Run (or resume) one trial per batch size, journal each, then rank."""
+              hooks: SweepHooks | None = None, threads: int | None = None) -> SweepResult:
+    """Run (or resume) one trial per batch size, journal each, time the ok batch sizes in
+    interleaved rounds (journaled too), then rank. ``threads``: CPU intra-op threads for the
+    whole sweep (None: torch's current setting)."""
+    with cpu_threads(threads) as in_force:
+        result = _run_sweep(task, task_name=task_name, batch_sizes=batch_sizes,
+                            settings=settings, device=device, journal_path=journal_path,
+                            resume=resume, max_batch=max_batch,
+                            max_batch_source=max_batch_source, overwrite=overwrite, hooks=hooks)
+    return dataclasses.replace(result, threads=in_force if device.type == "cpu" else None)
+
+
+def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
+               settings: SweepSettings, device: torch.device, journal_path: Path, resume: bool,
+               max_batch: int, max_batch_source: str, overwrite: bool,
+               hooks: SweepHooks | None) -> SweepResult:
     from .journal import Journal, JournalMode
 
     hooks = hooks or SweepHooks()
@@ -240,6 +265,9 @@ def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], setting
             trials[b] = result
             if hooks.trial_end:
                 hooks.trial_end(result)
+        timing, note = _time_ok_trials(setup, trials, hooks)
+        if timing and distributed.is_main():
+            journal.append_timing([t.to_dict() for t in timing.values()])
     except KeyboardInterrupt:
         raise InterruptedRun(
             f"interrupted; {len(trials)} finished trial(s) are in {journal_path} — "
@@ -249,7 +277,49 @@ def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], setting
     return summarize(task.lr, task.base_batch_size, task_name, device, ordered, settings,
                      max_batch, max_batch_source,
                      str(journal_path), tuple(b for b in batch_sizes if b in done), made_split,
-                     validation_cap(task))
+                     validation_cap(task), timing=tuple(timing.values()), timing_note=note)
+
+
+def _time_ok_trials(setup: TrialSetup, trials: dict[int, TrialResult], hooks: SweepHooks
+                    ) -> tuple[dict[int, RoundTiming], str | None]:
+    """Interleaved timing rounds over the ok batch sizes (``trials.time_batch_sizes``). A
+    failure here never loses the trials: the ranking then uses their own step times."""
+    sizes = sorted(b for b, t in trials.items() if t.ok)
+    if len(sizes) < 2:
+        return {}, "fewer than two ok trials: each trial's own step time is used"
+    if hooks.timing_start:
+        hooks.timing_start(progress_units(len(sizes)))
+    try:
+        return time_batch_sizes(setup, sizes, hooks.timing_step), None
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the trials stand; say why
+        release_memory()
+        note = (f"interleaved timing failed ({one_line(exc)}); each trial's own step time is "
+                "used")
+        if hooks.warn:
+            hooks.warn(note)
+        return {}, note
+
+
+def apply_timing(trials: Sequence[TrialResult], timing: Sequence[RoundTiming]
+                 ) -> tuple[TrialResult, ...]:
+    """Trials whose ``step_time_s`` (and the rates derived from it) come from the
+    interleaved timing rounds; ``trial_step_time_s`` keeps the trial's own."""
+    by_size = {t.batch_size: t for t in timing}
+    out = []
+    for t in trials:
+        round_timing = by_size.get(t.batch_size)
+        if not t.ok or round_timing is None:
+            out.append(t)
+            continue
+        step = round_timing.step.mid
+        drop = (t.train_loss_start or 0.0) - (t.train_loss_end or 0.0)
+        out.append(dataclasses.replace(
+            t, step_time_s=step, samples_per_s=t.batch_size / step,
+            loss_drop_per_s=drop / (step * t.steps) if t.steps else None,
+            trial_step_time_s=t.trial_step_time_s or t.step_time_s))
+    return tuple(out)
 
 
 def validation_cap(task: Task) -> int | None:
@@ -277,11 +347,19 @@ def check_accumulation(batch_sizes: Sequence[int], accumulate: int) -> list[int]
 def summarize(base_lr: float, base_batch_size: int, task_name: str, device: torch.device | str,
               trials: Sequence[TrialResult], settings: SweepSettings, max_batch: int,
               max_batch_source: str, journal: str, resumed: tuple[int, ...],
-              made_val_split: bool, validation_items: int | None = None) -> SweepResult:
-    """Fits and ranking over finished trials (also used by ``bsselect report``)."""
+              made_val_split: bool, validation_items: int | None = None,
+              timing: Sequence[RoundTiming] = (), timing_note: str | None = None,
+              threads: int | None = None) -> SweepResult:
+    """Fits and ranking over finished trials (also used by ``bsselect report``), with the
+    interleaved ``timing`` rounds' step times where there are any."""
+    trials = apply_timing(trials, timing)
+    times = {t.batch_size: t.step for t in timing}
     b_hat = choose_b_hat(trials)
-    ranking = rank_trials(trials, b_hat.value, b_hat.source) if b_hat.source else rank_trials(
-        trials, None)
+    if b_hat.source:
+        ranking = rank_trials(trials, b_hat.value, b_hat.source, times=times,
+                              b_interval=b_hat.interval, b_hat_sizes=b_hat.from_sizes)
+    else:
+        ranking = rank_trials(trials, None, times=times)
     rec = ranking.recommended_batch_size
     rec_lr = scale_lr(base_lr, base_batch_size, rec, settings.lr_scaling) if rec else None
     accumulation = None
@@ -297,7 +375,8 @@ def summarize(base_lr: float, base_batch_size: int, task_name: str, device: torc
         max_batch=max_batch, max_batch_source=max_batch_source, trials=tuple(trials),
         ranking=ranking, recommended_batch_size=rec, recommended_lr=rec_lr,
         b_opt_accumulation=accumulation, journal=journal, resumed=resumed,
-        made_val_split=made_val_split, validation_items=validation_items,
+        made_val_split=made_val_split, validation_items=validation_items, threads=threads,
+        timing=tuple(timing), timing_note=timing_note,
     )
 
 

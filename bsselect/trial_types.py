@@ -44,7 +44,10 @@ class TrialResult:
       The per-step drop is what ``rank.fit_b_noise`` fits (McCandlish et al. 2018).
     - ``b_simple``: the gradient noise scale tr(Sigma)/|G|^2 measured in this trial, if it was
       resolved; ``grad_sq_norm`` (|G|^2) and ``trace_sigma`` (tr Sigma) are the unbiased
-      estimates behind it (kept even when unresolved: the sweep pools them over trials).
+      estimates behind it (kept even when unresolved: the sweep pools them over trials),
+      ``grad_sq_norm_se`` and ``trace_sigma_se`` their standard errors over measurements.
+    - ``step_time_s`` is the sweep's interleaved, load-robust step time once the timing rounds
+      ran (``bsselect.timing``); ``trial_step_time_s`` the median inside the trial's own window.
     """
 
     batch_size: int
@@ -67,6 +70,9 @@ class TrialResult:
     loss_drop_per_step: float | None = None
     grad_sq_norm: float | None = None
     trace_sigma: float | None = None
+    grad_sq_norm_se: float | None = None  # standard errors of the two estimates
+    trace_sigma_se: float | None = None
+    trial_step_time_s: float | None = None  # median step time inside the trial's own window
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
@@ -125,7 +131,7 @@ class TrialResult:
 _OPTIONAL_FLOATS = (
     "step_time_s", "samples_per_s", "train_loss_start", "train_loss_end", "loss_drop_per_s",
     "val_loss", "val_metric", "b_simple", "loss_drop_per_sample", "loss_drop_per_step",
-    "grad_sq_norm", "trace_sigma",
+    "grad_sq_norm", "trace_sigma", "grad_sq_norm_se", "trace_sigma_se", "trial_step_time_s",
 )
 
 

@@ -25,12 +25,10 @@ from .oom import is_oom_error, release_memory
 from .precision import Precision, make_scaler
 from .step import to_device
 from .task import Task
+from .timing import RoundTiming, interleaved_rounds
 from .trial_types import LossPoint, TrialResult, TrialStatus
 
 TIMING_WARMUP_STEPS = 3     # first steps pay for allocation and kernel selection
-MIN_TIMED_STEPS = 10        # steady-state steps behind every median step time ...
-ENOUGH_TIMED_STEPS = 5      # ... or this many once they add up to ENOUGH_TIMED_S seconds:
-ENOUGH_TIMED_S = 0.5        # a long step's median is stable sooner
 DIVERGENCE_FACTOR = 10.0    # loss above 10x its start counts as diverged
 MAX_CURVE_POINTS = 200
 EVAL_ITEMS = 512            # fixed train subset on which start/end loss is measured
@@ -183,13 +181,41 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
             break
         if on_step:
             on_step(step, total_steps)
-    result = _finish(setup, model, batch_size, lr, status, error, step, samples, train_wall,
-                     step_times, curve, loss_start)
-    steady = step_times if step > TIMING_WARMUP_STEPS else []
-    if result.ok and not enough_timed(steady):
-        result = _time_more(result, steady, lambda: _timed_step(
-            train_model, optimizer, task, batches, device, options)[2])
-    return result
+    return _finish(setup, model, batch_size, lr, status, error, step, samples, train_wall,
+                   step_times, curve, loss_start)
+
+
+def time_batch_sizes(setup: TrialSetup, batch_sizes: list[int],
+                     on_step: Callable[[], None] | None = None) -> dict[int, RoundTiming]:
+    """Load-robust step times of ``batch_sizes`` (``timing.interleaved_rounds``): one model
+    from the shared initial weights and one optimizer at learning rate 0 (every step does
+    the full work; the weights never move, so nothing can diverge), a seeded batch stream per
+    batch size, interleaved rounds. Under torchrun every rank runs the same steps and each
+    round counts at the slowest rank's time."""
+    if not batch_sizes:
+        return {}
+    task, device = setup.task, setup.device
+    with distributed.agreement():
+        model = task.model().to(device)
+        model.load_state_dict(setup.initial_state)
+        model.train()
+        optimizer = task.make_optimizer(model.parameters(), task.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+    train_model = distributed.wrap_model(model, device)
+
+    def stepper(b: int) -> Callable[[], float]:
+        batches = cycle_batches(setup, b // setup.accumulate)
+        options = _step_options(setup, batches, device)
+        return lambda: _timed_step(train_model, optimizer, task, batches, device, options)[2]
+
+    agree = distributed.max_float if distributed.active() else None
+    try:
+        return interleaved_rounds({b: stepper(b) for b in batch_sizes}, on_step=on_step,
+                                  agree=agree)
+    finally:
+        del train_model, model, optimizer
+        release_memory()
 
 
 def _timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, task: Task, batches: Any,
@@ -204,31 +230,6 @@ def _timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, task: Task, 
     value = loss.item()  # also a sync point on the CPU
     _sync(device)
     return value, y, time.perf_counter() - t0
-
-
-def enough_timed(times: list[float]) -> bool:
-    """Whether steady-state step ``times`` suffice for a median step time: MIN_TIMED_STEPS
-    of them, or ENOUGH_TIMED_STEPS that add up to ENOUGH_TIMED_S seconds."""
-    return len(times) >= MIN_TIMED_STEPS or (
-        len(times) >= ENOUGH_TIMED_STEPS and sum(times) >= ENOUGH_TIMED_S)
-
-
-def _time_more(result: TrialResult, steady: list[float], step: Callable[[], float]
-               ) -> TrialResult:
-    """A short equal-sample budget gives large batches only a few steps, too few for a
-    steady-state step time. Time extra steps after everything else is recorded (the loss
-    values, validation and noise scale are the budget's) until ``enough_timed``."""
-    times = list(steady)
-    if not times:
-        for _ in range(TIMING_WARMUP_STEPS):
-            step()
-    while not enough_timed(times):
-        times.append(step())
-    step_time = median(times)
-    drop = (result.train_loss_start or 0.0) - (result.train_loss_end or 0.0)
-    return dataclasses.replace(
-        result, step_time_s=step_time, samples_per_s=result.batch_size / step_time,
-        loss_drop_per_s=drop / (step_time * result.steps))
 
 
 def _step_options(setup: TrialSetup, batches: Any, device: torch.device) -> dict[str, Any]:
@@ -277,7 +278,10 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
         b_simple=noise.b_simple if noise else None,
         grad_sq_norm=noise.grad_sq_norm if noise else None,
         trace_sigma=noise.trace_sigma if noise else None,
+        grad_sq_norm_se=noise.grad_sq_norm_se if noise else None,
+        trace_sigma_se=noise.trace_sigma_se if noise else None,
         loss_drop_per_sample=drop / samples, loss_drop_per_step=drop / steps,
+        trial_step_time_s=step_time,
     )
 
 

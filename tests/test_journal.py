@@ -258,7 +258,7 @@ def test_corrupted_middle_line_is_skipped_with_a_warning(tmp_path):
     assert [t.batch_size for t in contents.trials] == [8, 32]
     assert len(contents.warnings) == 2
     assert contents.warnings[0].startswith(f"{path}: line 3 skipped: not valid JSON")
-    assert contents.warnings[1] == f"{path}: line 4 skipped: neither a header nor a trial record"
+    assert contents.warnings[1] == f"{path}: line 4 skipped: neither a header, a trial nor a timing record"
 
 
 def test_bad_trial_record_is_skipped(tmp_path):

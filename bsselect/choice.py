@@ -1,0 +1,127 @@
+"""The pick: predicted time to the target with its uncertainty, the batch sizes tied with the
+best, and one stated rule among them. Pure: no torch.
+
+Time to a target is ``T(b) = S_min (1 + B/b) t(b)`` (McCandlish et al. 2018), so in units of
+``S_min`` steps the cost of batch size ``b`` is ``(1 + B/b) t(b)``. Both inputs are uncertain:
+``t(b)`` has the spread of its timing rounds (``steptime.summarize_rounds``) and ``B`` the
+interval of the noise-scale estimate (``noise_interval``). ``B`` is one number shared by every
+batch size, so batch sizes are compared within one value of ``B`` at a time; since the cost
+ratio of two batch sizes is monotone in ``B``, the interval's two ends suffice.
+
+- **best**: the lowest cost at the point estimates.
+- **tied**: ``b`` is tied with the best when, at some ``B`` in the interval, ``b``'s cost at its
+  fastest plausible step time is no higher than the best's at its slowest:
+  ``(1 + B/b) t_lo(b) <= (1 + B/best) t_hi(best)``.
+- **pick** (the rule): among the tied batch sizes, the one whose worst-case slowdown is
+  smallest, the worst case taken over ``B`` in {lo, estimate, hi} against whichever batch
+  size is fastest at that ``B`` (minimax regret). With no uncertainty it is the best.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Mapping
+
+from .noise_math import CONFIDENCE
+from .steptime import TimeInterval
+
+Z = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)
+
+
+@dataclass(frozen=True)
+class NoiseInterval:
+    """The noise scale used for ranking: ``value`` with a ``lo``-``hi`` interval (``hi`` may
+    be infinite: |G|^2 not distinguishable from zero at its lower bound)."""
+
+    lo: float
+    value: float
+    hi: float
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.lo <= self.value <= self.hi):
+            raise ValueError(f"need 0 <= lo <= value <= hi, got {self.lo}, {self.value}, "
+                             f"{self.hi}")
+        if not (math.isfinite(self.lo) and math.isfinite(self.value)):
+            raise ValueError("lo and value must be finite")
+
+    @classmethod
+    def exact(cls, value: float) -> "NoiseInterval":
+        return cls(value, value, value)
+
+
+def noise_interval(grad_sq_norm: float, grad_se: float, trace_sigma: float, trace_se: float,
+                   z: float = Z) -> NoiseInterval | None:
+    """``B = tr(Sigma)/|G|^2`` from the two (pooled) unbiased estimates and their standard
+    errors: both ends at once, ``lo = (tr - z se_tr)+ / (|G|^2 + z se_G)`` and
+    ``hi = (tr + z se_tr) / (|G|^2 - z se_G)`` (infinite when that denominator is <= 0).
+    None when the estimate itself is not positive."""
+    if grad_sq_norm <= 0 or trace_sigma <= 0:
+        return None
+    if grad_se < 0 or trace_se < 0:
+        raise ValueError("standard errors must be >= 0")
+    value = trace_sigma / grad_sq_norm
+    lo = max(trace_sigma - z * trace_se, 0.0) / (grad_sq_norm + z * grad_se)
+    denom = grad_sq_norm - z * grad_se
+    hi = (trace_sigma + z * trace_se) / denom if denom > 0 else math.inf
+    return NoiseInterval(min(lo, value), value, max(hi, value))
+
+
+def cost(batch_size: int, step_time_s: float, b_noise: float) -> float:
+    """``(1 + B/b) t``; at ``B = inf`` the common factor ``B`` is divided out (``t/b``), which
+    keeps every comparison and ratio between batch sizes at that ``B`` exact."""
+    if math.isinf(b_noise):
+        return step_time_s / batch_size
+    return (1.0 + b_noise / batch_size) * step_time_s
+
+
+def predicted(batch_size: int, t: TimeInterval, b_noise: NoiseInterval) -> TimeInterval:
+    """``(1 + B/b) t(b)`` with its interval (seconds per S_min steps; hi may be inf)."""
+    hi = math.inf if math.isinf(b_noise.hi) else cost(batch_size, t.hi, b_noise.hi)
+    return TimeInterval(cost(batch_size, t.lo, b_noise.lo), cost(batch_size, t.mid, b_noise.value),
+                        hi)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """``best`` (lowest predicted time), ``tied`` (ascending; includes ``best``), ``pick``
+    (the rule's choice among ``tied``), each tied size's ``worst_regret`` (its largest
+    slowdown against the fastest size over the B scenarios) and every size's ``predicted``
+    interval."""
+
+    best: int
+    tied: tuple[int, ...]
+    pick: int
+    worst_regret: dict[int, float]
+    predicted: dict[int, TimeInterval]
+
+    RULE = ("among the batch sizes tied with the best, the one with the smallest worst-case "
+            "slowdown over the noise scale's interval")
+
+
+def is_tied(b: int, t_b: TimeInterval, best: int, t_best: TimeInterval,
+            b_noise: NoiseInterval) -> bool:
+    """Whether ``b`` can be as fast as ``best`` at some ``B`` in the interval."""
+    return any(cost(b, t_b.lo, B) <= cost(best, t_best.hi, B)
+               for B in (b_noise.lo, b_noise.value, b_noise.hi))
+
+
+def choose(times: Mapping[int, TimeInterval], b_noise: NoiseInterval) -> Choice:
+    """Best, tied set and pick for step times ``times`` (batch size -> interval, seconds)."""
+    if not times:
+        raise ValueError("no batch sizes to choose from")
+    for b in times:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"batch sizes must be ints >= 1, got {b!r}")
+    sizes = sorted(times)
+    pred = {b: predicted(b, times[b], b_noise) for b in sizes}
+    best = min(sizes, key=lambda b: (pred[b].mid, b))
+    tied = tuple(b for b in sizes if b == best or is_tied(b, times[b], best, times[best],
+                                                          b_noise))
+    scenarios = (b_noise.lo, b_noise.value, b_noise.hi)
+    fastest = {B: min(cost(c, times[c].mid, B) for c in sizes) for B in scenarios}
+    regret = {b: max(cost(b, times[b].mid, B) / fastest[B] for B in scenarios) for b in tied}
+    # Ties in worst-case regret (to rounding): the point estimate's best, then the larger b.
+    pick = min(tied, key=lambda b: (round(regret[b], 9), b != best, -b))
+    return Choice(best, tied, pick, regret, pred)
