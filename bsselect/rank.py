@@ -631,14 +631,20 @@ def _verdict(c: _Context) -> tuple[VerdictKind, str]:
             "the pick follows the measured step times")
     nearest = _nearest(c.b_opt, c.ok_sizes)
     closed = f"The closed form b_opt = √(B·τ_f/τ_d) = {_fmt_num(c.b_opt)} rounds to b={nearest}"
-    if nearest in ch.tied:
-        return VerdictKind.agree, f"{head}. {closed}: it agrees"
+    agrees = nearest in ch.tied
     lo, hi = c.ok_sizes[0], c.ok_sizes[-1]
     follows = "the pick follows the measured step times because"
     if c.b_opt < lo / math.sqrt(2) or c.b_opt > hi * math.sqrt(2):
-        why = ("the step time did not grow with b in the line fit" if c.b_opt == math.inf
-               else f"b_opt is outside the tried range {lo}-{hi}")
-        return VerdictKind.outside_range, f"{head}. {closed}, not in the tied set: {follows} {why}"
+        where = ("the step time did not grow with b in the line fit, so b_opt is unbounded"
+                 if c.b_opt == math.inf else f"b_opt lies outside the tried range {lo}-{hi}")
+        if agrees:
+            more = ("larger batches (gradient accumulation beyond what fits) may be faster still"
+                    if c.b_opt > hi else "smaller batches may be faster still")
+            return VerdictKind.outside_range, f"{head}. {closed}: it agrees, but {where}; {more}"
+        return VerdictKind.outside_range, (
+            f"{head}. {closed}, not in the tied set: {follows} {where}")
+    if agrees:
+        return VerdictKind.agree, f"{head}. {closed}: it agrees"
     if not c.fit.linear and c.fit.worst_batch_size is not None:
         b = c.fit.worst_batch_size
         return VerdictKind.nonlinear_step_time, (

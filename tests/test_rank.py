@@ -14,7 +14,8 @@ import torch
 from bsselect.lr_scaling import LrScaling, default_lr_scaling, scale_lr
 from bsselect.rank import (
     MIN_B_NOISE_POINTS, NONLINEAR_REL_RESIDUAL, BHatSource, VerdictKind, b_opt, choose_b_hat,
-    fit_b_noise, fit_noise_model, fit_step_time, grad_accum_steps, pooled_b_simple, rank_trials,
+    fit_b_noise, fit_noise_model, fit_step_time, grad_accum_steps, most_trained, pooled_b_simple,
+    rank_trials,
 )
 from bsselect.trial_types import TrialResult, TrialStatus
 
@@ -297,17 +298,21 @@ def test_consistent_world_ranks_by_time_to_target_and_agrees():
     r = rank_trials(trials, b_hat.value, b_hat.source)
     expected = sorted(POW2, key=lambda b: predicted(b, B_TRUE, step_time(b)))
     assert list(r.ranking) == expected and r.ranking[:3] == (64, 128, 32)
-    assert r.recommended_batch_size == 64
+    assert r.recommended_batch_size == 64 and r.best_point == 64
+    assert r.tied_with_best == (64,)  # exact times and B: nothing else is tied
     assert r.b_opt == pytest.approx(math.sqrt(B_TRUE * TAU_F / TAU_D))  # 70.7
     assert r.b_opt_batch_size == 64 and r.speed_winner == 64
     assert r.verdict_kind is VerdictKind.agree
-    assert r.verdict == ("formula and trials agree: b_opt = 70.7 (B_hat = 100, B_noise fitted "
-                         "from the trials) rounds to b=64, which also had the best loss drop per second")
+    assert r.verdict == (
+        "recommended b=64: lowest predicted time to target (1 + B/b)·t(b) with B_hat = 100 "
+        "(B_noise fitted from the trials). The closed form b_opt = √(B·τ_f/τ_d) = 70.7 rounds "
+        "to b=64: it agrees")
     best = r.rows[0]
-    assert best.relative_time == pytest.approx(1.0)
+    assert best.relative_time == pytest.approx(1.0) and best.tied
     assert best.predicted_time_s == pytest.approx(predicted(64, B_TRUE, step_time(64)))
     assert r.rows[-1].relative_time == pytest.approx(
         predicted(8, B_TRUE, step_time(8)) / predicted(64, B_TRUE, step_time(64)))
+    assert not r.rows[-1].tied
 
 
 def test_ranking_with_the_true_b_noise_matches_the_empirical_loss_speed():
@@ -365,16 +370,48 @@ def measured(b: int, grad_sq: float, trace: float) -> TrialResult:
 
 
 def test_choose_b_hat_prefers_measured_b_simple_over_the_fit():
-    # Pooled: mean tr(Sigma) / mean |G|^2 = 100 / ((2 + 1 - 0.5) / 3) = 120, the trial at the
-    # noise floor (|G|^2 estimated below zero, no b_simple of its own) included.
+    # Pooled over the better-trained half of the measuring trials (here 16 and 32, whose
+    # training loss ended lowest): mean tr(Sigma) / mean |G|^2 = 100 / ((1 - 0.5) / 2) = 400,
+    # the trial at the noise floor (|G|^2 estimated below zero, no b_simple of its own)
+    # included.
     trials = [measured(8, 2.0, 100.0), measured(16, 1.0, 100.0), measured(32, -0.5, 100.0)]
     trials += [ok_trial(b) for b in POW2[3:]]
     bh = choose_b_hat(trials)
-    assert bh.source is BHatSource.b_simple and bh.value == pytest.approx(120.0)
-    assert bh.b_simple == pytest.approx(120.0)
+    assert bh.source is BHatSource.b_simple and bh.value == pytest.approx(400.0)
+    assert bh.b_simple == pytest.approx(400.0) and bh.from_sizes == (16, 32)
     assert bh.noise_fit.b_noise == pytest.approx(B_TRUE)  # still fitted, as a diagnostic
-    # The per-trial ratios would have said 50 (median) or 66.7 (harmonic mean of 50, 100).
+    assert bh.interval is None  # no standard errors recorded
+    # Over all three trials it would have been 120; the per-trial ratios said 50 and 100.
     assert pooled_b_simple(trials) == pytest.approx(120.0)
+
+
+def test_b_hat_comes_from_the_trials_that_got_furthest():
+    # Equal-sample trials: the small batches took many steps and measured B = 400, the large
+    # ones were still near initialisation and measured 10. The run ahead is longer than any
+    # trial, so the better-trained half decides.
+    trials = [dataclasses.replace(
+        ok_trial(b, dl=0.02 if b <= 32 else 0.002 * 64 / b), grad_sq_norm=1.0,
+        trace_sigma=400.0 if b <= 32 else 10.0) for b in POW2]
+    bh = choose_b_hat(trials)
+    assert bh.from_sizes == (8, 16, 32, 64) and bh.value == pytest.approx((400 * 3 + 10) / 4)
+    assert most_trained(trials)[0].batch_size == 32  # equal losses: the larger batch first
+
+
+def test_b_hat_interval_from_the_standard_errors():
+    trials = [dataclasses.replace(measured(b, 1.0, 100.0), grad_sq_norm_se=0.1,
+                                  trace_sigma_se=10.0) for b in (8, 16)]
+    bh = choose_b_hat(trials)
+    # One trial (the better-trained half of two): B = 100, both ends at z = 1.645.
+    assert bh.from_sizes == (16,)
+    z = 1.6448536269514722
+    assert bh.interval.lo == pytest.approx((100 - z * 10) / (1 + z * 0.1))
+    assert bh.interval.hi == pytest.approx((100 + z * 10) / (1 - z * 0.1))
+    r = rank_trials(trials, bh.value, bh.source, b_interval=bh.interval,
+                    b_hat_sizes=bh.from_sizes)
+    assert r.fit_dict()["b_hat_interval"] == [pytest.approx(bh.interval.lo),
+                                              pytest.approx(bh.interval.hi)]
+    with pytest.raises(ValueError):
+        rank_trials(trials, 50.0, b_interval=bh.interval)  # the interval of another B
 
 
 def test_pooled_b_simple_weights_trials_by_their_trace():
@@ -392,43 +429,33 @@ def test_pooled_b_simple_is_none_when_the_pooled_signal_is_not_positive():
 
 
 def test_choose_b_hat_uses_b_simple_when_no_fit():
-    # A journal from before |G|^2 and tr(Sigma) were kept: the harmonic mean of b_simple.
+    # A journal from before |G|^2 and tr(Sigma) were kept: the harmonic mean of b_simple over
+    # the better-trained half (here the b=16 trial alone).
     trials = [ok_trial(b, b_simple=s) for b, s in ((8, 40.0), (16, 60.0), (32, None))]
     bh = choose_b_hat(trials[:2])
-    assert bh.source is BHatSource.b_simple and bh.value == pytest.approx(48.0)
+    assert bh.source is BHatSource.b_simple and bh.value == pytest.approx(60.0)
     assert bh.noise_fit.b_noise is None
+    assert pooled_b_simple(trials[:2]) == pytest.approx(48.0)
 
 
 def test_one_timed_batch_size_gives_no_b_opt():
     r = rank_trials([ok_trial(64), failed(128, "oom")], 50.0, BHatSource.b_simple)
     assert r.verdict_kind is VerdictKind.no_step_fit and r.b_opt is None
     assert r.recommended_batch_size == 64
-    assert r.verdict.startswith("no b_opt (step time measured at one batch size (64) only")
-    assert r.verdict.endswith("with B_hat = 50, B_simple pooled over the trials")
-
-
-def test_b_simple_from_early_training_underestimating_the_noise_scale():
-    # Trials behave as B_noise = 400 but B_simple measured at the start said 10.
-    trials = [ok_trial(b, dl=loss_drop(b, 400.0), b_simple=10.0) for b in POW2]
-    r = rank_trials(trials, 10.0, BHatSource.b_simple)
-    assert r.b_opt == pytest.approx(math.sqrt(10 * TAU_F / TAU_D))  # 22.4 -> 16 or 32
-    assert r.b_opt_batch_size == 16 and r.speed_winner == 128
-    assert r.verdict_kind is VerdictKind.b_simple_underestimates
-    assert r.verdict == (
-        "formula and trials disagree: b_opt = 22.4 (B_hat = 10, B_simple pooled over the trials) "
-        "rounds to b=16 but b=128 had the best loss drop per second; larger batches made faster "
-        "progress in these short trials than the measured B_simple (10) predicts (B_noise fitted "
-        "from the trials: 400); the noise scale may grow later in training")
+    assert r.verdict.startswith("recommended b=64: lowest predicted time to target")
+    assert "No closed form b_opt (step time measured at one batch size (64) only" in r.verdict
+    assert r.verdict.endswith("the pick follows the measured step times")
 
 
 def test_b_opt_beyond_the_tried_range():
     r = rank_trials(world(), 1e6)
     assert r.b_opt is not None and r.b_opt > 512 * math.sqrt(2)
-    assert r.b_opt_batch_size == 512 and r.speed_winner == 64
+    assert r.b_opt_batch_size == 512 and r.recommended_batch_size == 512
     assert r.verdict_kind is VerdictKind.outside_range
-    assert r.verdict.endswith("b_opt is outside the tried range 8-512; try larger batches "
-                              "(gradient accumulation beyond what fits)")
-    assert "b_opt = 7,071 " in r.verdict
+    assert r.verdict.endswith("rounds to b=512: it agrees, but b_opt lies outside the tried "
+                              "range 8-512; larger batches (gradient accumulation beyond what "
+                              "fits) may be faster still")
+    assert "b_opt = √(B·τ_f/τ_d) = 7,071 " in r.verdict
 
 
 def test_zero_overhead_gives_no_b_opt_instead_of_zero():
@@ -449,63 +476,50 @@ def test_convex_step_times_fit_below_the_cliff():
 
 def test_non_linear_step_time_explains_a_disagreement():
     times = {b: step_time(b) for b in POW2}
-    times[64] *= 3  # b=64 falls off a cache cliff; the robust line ignores it
+    times[64] *= 3  # b=64 falls off a cliff; the robust line ignores it
     trials = [ok_trial(b, t=times[b]) for b in POW2]
     r = rank_trials(trials, B_TRUE)
     assert r.step_fit.tau_d_s == pytest.approx(TAU_D) and not r.step_fit.linear
-    assert r.b_opt_batch_size == 64 and r.ranking[0] != 64 and r.speed_winner == 128
-    assert r.recommended_batch_size == 128
+    # Step time cannot fall from 64 to 128: the physical fit pools the two, which makes 32
+    # (untouched) the fastest to the target.
+    assert not r.shape.per_sample_constrained
+    assert r.shape.at(64) == pytest.approx(r.shape.at(128))
+    assert r.recommended_batch_size == 32 and r.b_opt_batch_size == 64
     assert r.verdict_kind is VerdictKind.nonlinear_step_time
-    assert ("step time is not linear in b (b=64: measured 68.4 ms, line 22.8 ms)"
-            in r.verdict)
+    assert r.verdict.endswith("rounds to b=64, not in the tied set: the pick follows the "
+                              "measured step times because step time is not linear in b "
+                              "(b=64: measured 68.4 ms, line 22.8 ms)")
     assert r.step_fit.max_rel_residual == pytest.approx(2 / 3)
     assert r.step_fit.max_rel_residual > NONLINEAR_REL_RESIDUAL
 
 
-def test_larger_batches_faster_than_a_given_b_hat_predicts():
-    trials = [ok_trial(b, dl=loss_drop(b, 400.0)) for b in POW2]
-    r = rank_trials(trials, 10.0, BHatSource.given)
-    assert r.verdict_kind is VerdictKind.larger_batches_faster
-    assert r.verdict.endswith("larger batches made faster progress than B_hat = 10 predicts: "
-                              "the noise scale is probably larger than estimated")
+def test_a_line_within_tolerance_can_still_move_the_optimum():
+    # Within 20% of the line everywhere, but b=64 15% slower and 32 12% faster: the measured
+    # times move the pick to 32 while b_opt (70.7) rounds to 64.
+    times = {b: step_time(b) * {32: 0.88, 64: 1.15}.get(b, 1.0) for b in POW2}
+    r = rank_trials([ok_trial(b, t=times[b]) for b in POW2], B_TRUE)
+    assert r.step_fit.linear and r.b_opt_batch_size == 64
+    assert r.recommended_batch_size == 32
+    assert r.verdict_kind is VerdictKind.line_misprices
+    assert "the line t(b) = τ_f + τ_d·b is off by up to" in r.verdict
 
 
-def test_smaller_batches_faster_than_predicted():
+def test_the_verdict_names_the_recommendation_whatever_the_trials_loss_speed():
+    # Short trials whose loss speed favours small batches do not change the story: the
+    # verdict, the table's first row and recommended_batch_size are one batch size.
     trials = [ok_trial(b, dl=loss_drop(b, 10.0)) for b in POW2]
     r = rank_trials(trials, 1000.0, BHatSource.b_noise)
-    assert r.b_opt_batch_size == 256 and r.speed_winner == 16
-    assert r.verdict_kind is VerdictKind.smaller_batches_faster
-    assert "smaller batches made faster progress in these short trials than predicted" in r.verdict
-
-
-def test_agreement_on_validation_loss_when_loss_speed_is_missing():
-    trials = [ok_trial(b, val_loss=abs(math.log2(b / 64)) + 0.5, with_speed=False)
-              for b in POW2]
-    r = rank_trials(trials, B_TRUE)
-    assert r.speed_winner is None and r.val_winner == 64
-    assert r.verdict_kind is VerdictKind.agree
-    assert r.verdict.endswith("which also had the lowest validation loss")
-
-
-def test_unverified_without_any_loss_measurement():
-    trials = [ok_trial(b, with_speed=False) for b in POW2]
-    r = rank_trials(trials, B_TRUE)
-    assert r.verdict_kind is VerdictKind.unverified
-    assert r.verdict.endswith("no trial measured a loss drop or validation loss to check it "
-                              "against")
+    assert r.speed_winner == 16 and r.recommended_batch_size == r.ranking[0] == r.rows[0].batch_size
+    assert r.verdict.startswith(f"recommended b={r.recommended_batch_size}:")
 
 
 def test_flat_step_time_makes_b_opt_unbounded():
     trials = [ok_trial(b, t=0.05, dl=loss_drop(b)) for b in POW2]
     r = rank_trials(trials, B_TRUE)
     assert r.step_fit.tau_d_s == 0.0 and r.b_opt is None and r.b_opt_batch_size == 512
-    assert r.speed_winner == 512 and r.verdict_kind is VerdictKind.agree
-    assert "b_opt = unbounded" in r.verdict
-    slow_big = [ok_trial(b, t=0.05, dl=loss_drop(b, 10.0) if b < 512 else 1e-6) for b in POW2]
-    r2 = rank_trials(slow_big, B_TRUE)
-    assert r2.verdict_kind is VerdictKind.outside_range
-    assert r2.verdict.endswith("(step time does not grow with b, so bigger is always faster "
-                               "per sample)")
+    assert r.recommended_batch_size == 512 and r.verdict_kind is VerdictKind.outside_range
+    assert "b_opt = √(B·τ_f/τ_d) = unbounded rounds to b=512: it agrees, but the step time " \
+           "did not grow with b in the line fit, so b_opt is unbounded" in r.verdict
 
 
 def test_every_verdict_kind_is_reachable():
@@ -514,22 +528,21 @@ def test_every_verdict_kind_is_reachable():
         VerdictKind.no_ok_trials: ([failed(8, "oom")], B_TRUE),
         VerdictKind.no_b_hat: (world(), None),
         VerdictKind.no_step_fit: ([ok_trial(8)], B_TRUE),
-        VerdictKind.unverified: ([ok_trial(b, with_speed=False) for b in POW2], B_TRUE),
         VerdictKind.outside_range: (world(), 1e6),
         VerdictKind.nonlinear_step_time: (
             [ok_trial(b, t=step_time(b) * (3 if b == 64 else 1)) for b in POW2], B_TRUE),
-        VerdictKind.b_simple_underestimates: (
-            [ok_trial(b, dl=loss_drop(b, 400.0), b_simple=10.0) for b in POW2], 10.0),
-        VerdictKind.larger_batches_faster: (
-            [ok_trial(b, dl=loss_drop(b, 400.0)) for b in POW2], 10.0),
-        VerdictKind.smaller_batches_faster: (
-            [ok_trial(b, dl=loss_drop(b, 10.0)) for b in POW2], 1000.0),
+        VerdictKind.line_misprices: (
+            [ok_trial(b, t=step_time(b) * {32: 0.88, 64: 1.15}.get(b, 1.0)) for b in POW2],
+            B_TRUE),
     }
     assert set(cases) == set(VerdictKind)
     for kind, (trials, b_hat) in cases.items():
-        source = BHatSource.b_simple if kind is VerdictKind.b_simple_underestimates else \
-            BHatSource.given
-        assert rank_trials(trials, b_hat, source).verdict_kind is kind, kind
+        r = rank_trials(trials, b_hat)
+        assert r.verdict_kind is kind, kind
+        if r.recommended_batch_size is not None:
+            assert r.ranking[0] == r.recommended_batch_size
+            if b_hat is not None:
+                assert r.verdict.startswith(f"recommended b={r.recommended_batch_size}:")
 
 
 def test_fit_dict_has_the_design_fields_and_is_strict_json():
