@@ -47,6 +47,8 @@ import json
 import math
 import os
 import platform
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +61,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import selection_lib as lib  # noqa: E402
 
+from bench_tasks import HELD_OUT  # noqa: E402
 from bsselect.examples import EXAMPLES  # noqa: E402
+from bsselect.timing import default_threads  # noqa: E402
 from bsselect.lr_scaling import scale_lr  # noqa: E402
 from bsselect.sweep import (  # noqa: E402
     SweepSettings, data_cap, default_budget, make_setup, powers_of_two, resolve_lr_scaling,
@@ -73,12 +77,30 @@ from bsselect.trials import (  # noqa: E402
 # cap: largest batch (None: the sweep's own data cap, half the training set).
 # calib_samples: the calibration run's budget, also every full run's maximum.
 # eval_every: samples between validation evaluations. drop_fraction: f in the target rule.
+# split: "tune" (the built-in examples, on which the sweep's rules were developed) or
+# "held-out" (benchmarks/bench_tasks.py, written for this benchmark and never tuned on).
 CONFIG: dict[str, dict[str, Any]] = {
-    "digits-mlp": dict(cap=None, calib_samples=60_000, eval_every=64, drop_fraction=0.05),
-    "digits-cnn": dict(cap=None, calib_samples=40_000, eval_every=64, drop_fraction=0.05),
-    "tiny-lm": dict(cap=256, calib_samples=32_768, eval_every=1024, drop_fraction=0.05),
-    "linreg": dict(cap=None, calib_samples=200_000, eval_every=64, drop_fraction=0.01),
+    "digits-mlp": dict(cap=None, calib_samples=60_000, eval_every=64, drop_fraction=0.05,
+                       split="tune"),
+    "digits-cnn": dict(cap=None, calib_samples=40_000, eval_every=64, drop_fraction=0.05,
+                       split="tune"),
+    "tiny-lm": dict(cap=256, calib_samples=32_768, eval_every=1024, drop_fraction=0.05,
+                    split="tune"),
+    "linreg": dict(cap=None, calib_samples=200_000, eval_every=64, drop_fraction=0.01,
+                   split="tune"),
+    "logreg": dict(cap=None, calib_samples=100_000, eval_every=256, drop_fraction=0.05,
+                   split="held-out"),
+    "mlp-adam": dict(cap=None, calib_samples=40_000, eval_every=256, drop_fraction=0.05,
+                     split="held-out"),
+    "cnn-bn": dict(cap=None, calib_samples=40_000, eval_every=128, drop_fraction=0.05,
+                   split="held-out"),
+    "gru-lm": dict(cap=256, calib_samples=40_000, eval_every=1024, drop_fraction=0.05,
+                   split="held-out"),
+    "lstm-count": dict(cap=None, calib_samples=40_000, eval_every=512, drop_fraction=0.05,
+                       split="held-out"),
 }
+TASKS = {**EXAMPLES, **HELD_OUT}
+CONDITIONS = ("quiet", "loaded")  # loaded: one busy process holds a core during the sweep
 FRACTIONS = ("0.5", "1", "2", "4")   # of the sweep's default per-trial budget
 EVAL_BS = 256                               # the loss is a mean: batch size only changes speed
 TIMING_ROUNDS = 3
@@ -190,9 +212,19 @@ def time_steps(task, setup, b: int, lr: float, state, n_steps: int) -> tuple[flo
 # --------------------------------------------------------------------------- one example
 
 
-def bench_example(name: str, repeats: int, workdir: Path) -> dict:
+def start_busy() -> subprocess.Popen:
+    """One process spinning on a core (pure Python, so it holds one core, not more)."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def stop_busy(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=10)
+
+
+def bench_example(name: str, repeats: int, workdir: Path, sweep_repeats: int = 3) -> dict:
     cfg = CONFIG[name]
-    task = EXAMPLES[name]()
+    task = TASKS[name]()
     n_train = len(task.train_data)
     cap = cfg["cap"] or data_cap(n_train)
     sizes = powers_of_two(8, cap)
@@ -200,26 +232,37 @@ def bench_example(name: str, repeats: int, workdir: Path) -> dict:
     budget = default_budget(max(sizes), task.base_batch_size)
     lrs = {b: scale_lr(task.lr, task.base_batch_size, b, scaling) for b in sizes}
     out: dict[str, Any] = dict(
-        name=name, config=cfg, batch_sizes=sizes, n_train=n_train,
+        name=name, split=cfg["split"], config=cfg, batch_sizes=sizes, n_train=n_train,
         base_lr=task.lr, base_batch_size=task.base_batch_size, lr_scaling=scaling.value,
         sweep_budget_samples=budget.amount, fractions=list(FRACTIONS), sweeps=[], runs=[])
     log(f"== {name}: batch sizes {sizes}, lr scaling {scaling.value}, "
         f"sweep budget {budget.amount:g} samples/trial")
 
-    # 1. the sweep, as `bsselect sweep NAME --batch-sizes ... --json` runs it
-    for seed in range(repeats):
-        settings = SweepSettings(budget=budget, lr_scaling=scaling, seed=seed)
-        out["sweep_settings"] = settings.journal_settings(task)
-        c0, w0 = clock()
-        result = run_sweep(task, task_name=name, batch_sizes=sizes, settings=settings,
-                           device=CPU, journal_path=workdir / f"{name}-{seed}.jsonl",
-                           resume=False, overwrite=True, max_batch=max(sizes),
-                           max_batch_source="--batch-sizes")
-        c1, w1 = clock()
-        sweep = result.to_json()
-        out["sweeps"].append(dict(seed=seed, cpu_s=c1 - c0, wall_s=w1 - w0, result=sweep))
-        log(f"   sweep seed {seed}: {c1 - c0:.1f} s CPU, {w1 - w0:.1f} s wall, "
-            f"recommends {sweep['recommended_batch_size']}, b_opt {sweep['fit']['b_opt']}")
+    # 1. the sweep, as `bsselect sweep NAME --batch-sizes ... --json` runs it: the same seed
+    # (identical trials) `sweep_repeats` times on a quiet machine and as many times with one
+    # busy process holding a core, so that only the machine differs.
+    settings = SweepSettings(budget=budget, lr_scaling=scaling, seed=0)
+    out["sweep_settings"] = settings.journal_settings(task)
+    for condition in CONDITIONS:
+        busy = start_busy() if condition == "loaded" else None
+        try:
+            for rep in range(sweep_repeats):
+                c0, w0 = clock()
+                result = run_sweep(task, task_name=name, batch_sizes=sizes, settings=settings,
+                                   device=CPU, journal_path=workdir / f"{name}-{condition}-{rep}.jsonl",
+                                   resume=False, overwrite=True, max_batch=max(sizes),
+                                   max_batch_source="--batch-sizes", threads=default_threads())
+                c1, w1 = clock()
+                sweep = result.to_json()
+                out["sweeps"].append(dict(seed=0, condition=condition, repeat=rep,
+                                          cpu_s=c1 - c0, wall_s=w1 - w0,
+                                          loadavg=os.getloadavg()[0], result=sweep))
+                log(f"   sweep {condition} #{rep}: {c1 - c0:.1f} s CPU, {w1 - w0:.1f} s wall, "
+                    f"recommends {sweep['recommended_batch_size']} (tied "
+                    f"{sweep['tied_with_best']}), B_hat {lib.fmt(sweep['fit']['b_hat'])}")
+        finally:
+            if busy is not None:
+                stop_busy(busy)
 
     checkpoints = {b: {f: TrialBudget(budget.kind, budget.amount * float(f)).steps_for(b)
                        for f in FRACTIONS} for b in sizes}
@@ -281,7 +324,8 @@ def analyse(ex: dict) -> dict:
         trials = lib.trials_from_sweep(sw["result"])
         picks = lib.rule_picks(ex, trials, sw["seed"])
         ideal_cost = sum(lib.steps_run(t) * step_t[t.batch_size] for t in trials)
-        real.append(dict(seed=sw["seed"], picks=picks,
+        real.append(dict(seed=sw["seed"], condition=sw.get("condition", "quiet"),
+                         tied=sw["result"].get("tied_with_best", []), picks=picks,
                          regrets={k: lib.regret(times, v) for k, v in picks.items()},
                          cpu_s=sw["cpu_s"], wall_s=sw["wall_s"], train_cpu_ideal_s=ideal_cost,
                          b_hat=sw["result"]["fit"]["b_hat"],
@@ -347,10 +391,70 @@ def _picks(entries: list[dict], rule: str) -> str:
     return ",".join(str(e["picks"][rule]) for e in entries)
 
 
+def acceptance(data: dict, analyses: dict) -> list[str]:
+    """Issue 12's bars: held-out regret (every repeat, quiet and loaded), stability of the
+    picks, loaded vs quiet wall time, and cost against one full run at the best size."""
+    fmt, table = lib.fmt, lib.table
+    rows, by_split = [], {}
+    for ex in data["examples"]:
+        a = analyses[ex["name"]]
+        t, best = a["times"], a["best"]
+        real = a["real"]
+        quiet = [e for e in real if e["condition"] == "quiet"]
+        loaded = [e for e in real if e["condition"] == "loaded"]
+        picks_q = [e["picks"]["sweep"] for e in quiet]
+        picks_l = [e["picks"]["sweep"] for e in loaded]
+        modal = max(set(picks_q), key=picks_q.count) if picks_q else None
+        in_tied = all(p in e["tied"] for p in picks_q + picks_l for e in real)
+        spread = max((abs(math.log2(p / modal)) for p in picks_q + picks_l if p and modal),
+                     default=0.0)
+        walls = {c: median(e["wall_s"] for e in real if e["condition"] == c) for c in CONDITIONS
+                 if any(e["condition"] == c for e in real)}
+        t_best = t[best]["time_s"] if best else math.inf
+        cost = walls.get("quiet", math.inf)
+        for cond, entries in (("quiet", quiet), ("loaded", loaded)):
+            by_split.setdefault((ex["split"], cond), []).extend(
+                e["regrets"]["sweep"] for e in entries)
+        rows.append([
+            ex["name"], ex["split"], f"{best} ({fmt(t_best)} s)",
+            ",".join(map(str, picks_q)) + f" ({fmt(max(e['regrets']['sweep'] for e in quiet), 3)})",
+            ",".join(map(str, picks_l)) + f" ({fmt(max(e['regrets']['sweep'] for e in loaded), 3)})"
+            if loaded else "–",
+            " / ".join("{" + ",".join(map(str, e["tied"])) + "}" for e in real[:1]),
+            ("✓" if in_tied else "✗") + f" {spread:.0f}",
+            f"{walls.get('loaded', math.nan) / walls['quiet']:.2f}" if "loaded" in walls else "–",
+            f"{fmt(cost)} s = {cost / t_best:.2f}x" + (" ✓" if cost < t_best else
+                                                      (" ✗" if t_best > 10 else " (n/a: < 10 s)"))
+            if math.isfinite(t_best) else "–",
+        ])
+    out = ["## Acceptance: generalisation and load (issue 12)\n",
+           "Regret = T(pick) / T(best), every sweep repeat counted (same seed: only the machine "
+           "differs between repeats). *loaded*: one busy process (`while True: pass`) holds a "
+           "core during the sweep; the benchmark starts it and stops it by its PID.\n"]
+    summary = []
+    for (split, cond), regrets in sorted(by_split.items()):
+        if not regrets:
+            continue
+        med, worst = lib.median_inf(regrets), max(regrets)
+        ok = med <= 1.10 and worst <= 1.25
+        summary.append([split, cond, len(regrets), f"{fmt(med, 3)}", f"{fmt(worst, 3)}",
+                        "✓" if ok else "✗"])
+    out.append(table(["split", "machine", "sweeps", "median regret", "worst regret",
+                      "<= 1.10 / <= 1.25"], summary))
+    out.append("")
+    out.append(table(["task", "split", "best b (T s)", "quiet picks (worst regret)",
+                      "loaded picks (worst regret)", "tied set (first quiet sweep)",
+                      "every pick in every sweep's tied set; max log2 distance from the modal "
+                      "quiet pick", "loaded / quiet wall", "quiet sweep wall vs T(best)"], rows))
+    return out
+
+
 def render(data: dict) -> str:
     fmt, table = lib.fmt, lib.table
     parts: list[str] = []
     analyses = {ex["name"]: analyse(ex) for ex in data["examples"]}
+    parts += acceptance(data, analyses)
+    parts.append("")
 
     rows = []
     for ex in data["examples"]:
@@ -508,7 +612,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", default=",".join(CONFIG))
     parser.add_argument("--repeats", default="1",
-                        help="seeds per example: N, or name=N,name=N (others 1)")
+                        help="oracle seeds per example: N, or name=N,name=N (others 1)")
+    parser.add_argument("--sweep-repeats", type=int, default=3,
+                        help="sweeps per machine condition (quiet, loaded), same seed")
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--from-json", type=Path, help="re-analyse a saved run; no training")
     args = parser.parse_args()
@@ -525,7 +631,8 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            data["examples"].append(bench_example(name, repeats[name], Path(tmp)))
+            data["examples"].append(bench_example(name, repeats[name], Path(tmp),
+                                                  args.sweep_repeats))
             if args.json:  # save as we go: a long run that dies keeps what it finished
                 args.json.write_text(json.dumps(data))
     data["machine"]["loadavg_end"] = os.getloadavg()

@@ -12,7 +12,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from bsselect.rank import pooled_b_simple
 from bsselect.sweep import SweepSettings, summarize
 from bsselect.trial_types import TrialResult, TrialStatus
-from bsselect.trials import MAX_CURVE_POINTS, TIMING_WARMUP_STEPS, enough_timed
+from bsselect.timing import MAX_STEPS_PER_ROUND, ROUNDS, WARMUP_STEPS, steps_per_round
+from bsselect.trials import MAX_CURVE_POINTS
 
 INF = math.inf
 
@@ -289,18 +290,13 @@ def emulated_trials(example: Mapping[str, Any], seed_index: int, fraction: str,
 
 
 def steps_run(trial: TrialResult) -> int:
-    """Training steps a trial actually runs: its budget's steps, plus the timing-only steps
-    ``bsselect.trials`` adds after an ok trial until ``enough_timed`` (counted at the trial's
-    step time; a trial of <= TIMING_WARMUP_STEPS steps re-warms first)."""
+    """Training steps a trial costs: its budget's steps, plus (ok trials) the sweep's
+    interleaved timing steps for its batch size (``bsselect.timing``: warm-up, then ROUNDS
+    rounds of ``steps_per_round`` steps, one more per round to re-warm when that is > 1)."""
     if not trial.ok:
         return trial.steps
-    t = trial.step_time_s or 0.0
-    timed = max(0, trial.steps - TIMING_WARMUP_STEPS)
-    extra = TIMING_WARMUP_STEPS if timed == 0 else 0
-    while not enough_timed([t] * timed):
-        timed += 1
-        extra += 1
-    return trial.steps + extra
+    k = steps_per_round(trial.step_time_s or 0.0) if trial.step_time_s else MAX_STEPS_PER_ROUND
+    return trial.steps + WARMUP_STEPS + ROUNDS * (k + (1 if k > 1 else 0))
 
 
 def thin(curve: list, points: int = MAX_CURVE_POINTS) -> list:
