@@ -222,7 +222,10 @@ def stop_busy(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
-def bench_example(name: str, repeats: int, workdir: Path, sweep_repeats: int = 3) -> dict:
+def bench_example(name: str, repeats: int, workdir: Path, sweep_repeats: int = 3,
+                  saved: dict | None = None) -> dict:
+    """Sweeps, then (unless ``saved`` holds this example's oracle from an earlier run of
+    this benchmark, ``--reuse-oracle``) calibration, full runs and step times."""
     cfg = CONFIG[name]
     task = TASKS[name]()
     n_train = len(task.train_data)
@@ -263,6 +266,13 @@ def bench_example(name: str, repeats: int, workdir: Path, sweep_repeats: int = 3
         finally:
             if busy is not None:
                 stop_busy(busy)
+
+    if saved is not None:  # the oracle does not depend on the sweep's rules: reuse it
+        if saved["batch_sizes"] != sizes or saved["sweep_budget_samples"] != budget.amount:
+            raise SystemExit(f"{name}: the saved oracle has other batch sizes or budget")
+        out.update({k: saved[k] for k in ("runs", "calibration", "target", "timing")})
+        out["oracle_from"] = saved.get("oracle_from", "reused")
+        return out
 
     checkpoints = {b: {f: TrialBudget(budget.kind, budget.amount * float(f)).steps_for(b)
                        for f in FRACTIONS} for b in sizes}
@@ -617,6 +627,9 @@ def main() -> None:
                         help="sweeps per machine condition (quiet, loaded), same seed")
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--from-json", type=Path, help="re-analyse a saved run; no training")
+    parser.add_argument("--reuse-oracle", type=Path,
+                        help="a saved run whose calibration, full runs and step times to reuse: "
+                             "only the sweeps run again (after a change to the sweep's rules)")
     args = parser.parse_args()
     if args.from_json:
         print(render(json.loads(args.from_json.read_text())), end="")
@@ -628,11 +641,17 @@ def main() -> None:
         parser.error(f"unknown examples {unknown}; choose from {list(CONFIG)}")
     repeats = parse_repeats(args.repeats, names)
     data: dict[str, Any] = dict(machine=machine(), command=" ".join(sys.argv), examples=[])
+    oracle = {}
+    if args.reuse_oracle:
+        old = json.loads(args.reuse_oracle.read_text())
+        oracle = {ex["name"]: dict(ex, oracle_from=old.get("command", str(args.reuse_oracle)))
+                  for ex in old["examples"]}
+        data["oracle_machine"] = old["machine"]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             data["examples"].append(bench_example(name, repeats[name], Path(tmp),
-                                                  args.sweep_repeats))
+                                                  args.sweep_repeats, oracle.get(name)))
             if args.json:  # save as we go: a long run that dies keeps what it finished
                 args.json.write_text(json.dumps(data))
     data["machine"]["loadavg_end"] = os.getloadavg()

@@ -156,6 +156,8 @@ def rule_picks(example: Mapping[str, Any], trials: Sequence[TrialResult],
       (``bsselect.rank.pooled_b_simple``; the sweep's own rule, unless it fell back to B_noise).
     - ``b_simple_median``: the same with the median of the trials' ``B_simple`` (the rule
       before the pooling).
+    - ``b_simple_trained``: the same, pooled over the better-trained half of the trials only
+      (``most_trained``; tried as the sweep's rule and dropped, docs/benchmarks-sweep.md).
     - ``b_simple_base``: the same with the ``B_simple`` of the base-batch trial alone (the
       pooled value when that one has none): the other trials then only need step times.
     - ``level<f>``: first to reach a common training-loss level (``level_pick``).
@@ -185,6 +187,8 @@ def rule_picks(example: Mapping[str, Any], trials: Sequence[TrialResult],
     picks["b_simple"] = model_pick(trials, b_simple) if b_simple is not None else None
     b_median = median_b_simple(trials)
     picks["b_simple_median"] = model_pick(trials, b_median) if b_median is not None else None
+    b_trained = pooled_b_simple(most_trained(trials))
+    picks["b_simple_trained"] = model_pick(trials, b_trained) if b_trained is not None else None
     base = next((t for t in ok if t.batch_size == example["base_batch_size"]), None)
     b_base = base.b_simple if base is not None and base.b_simple else b_simple
     picks["b_simple_base"] = model_pick(trials, b_base) if b_base is not None else None
@@ -237,6 +241,23 @@ def level_pick(trials: Sequence[TrialResult], fraction: float) -> int | None:
     return -fastest[1] if math.isfinite(fastest[0]) else None
 
 
+def most_trained(trials: Iterable[TrialResult]) -> list[TrialResult]:
+    """The ok trials that measured the noise scale, the better-trained half of them (by
+    training loss at the end of the trial; ``ceil(n/2)``, ties: the larger batch).
+
+    The noise scale grows as training goes on (McCandlish et al. 2018, sec. 3; Merrill et al.
+    2025), and equal-sample trials end at different points: the large batches, which took few
+    steps, are still near initialisation, where the noise scale is smallest. The run ahead is
+    longer than any trial, so the ranking uses the trials that got furthest."""
+    measured = [t for t in trials if t.ok and (
+        (t.grad_sq_norm is not None and t.trace_sigma is not None) or t.b_simple is not None)]
+    with_loss = [t for t in measured if t.train_loss_end is not None]
+    if len(with_loss) < len(measured) or not measured:
+        return measured
+    ordered = sorted(with_loss, key=lambda t: (t.train_loss_end, -t.batch_size))
+    return ordered[: -(-len(ordered) // 2)]
+
+
 LEVEL_FRACTIONS = (0.5, 0.2, 0.1)
 def median_b_simple(trials: Iterable[TrialResult]) -> float | None:
     """Median ``b_simple`` over ok trials that measured a positive one."""
@@ -245,7 +266,7 @@ def median_b_simple(trials: Iterable[TrialResult]) -> float | None:
 
 
 RULES = ("sweep", "b_opt", "speed", "val", "equal_time", "b_simple", "b_simple_median",
-         "b_simple_base", "largest",
+         "b_simple_trained", "b_simple_base", "largest",
          "largest_ok", "base") + tuple(
     f"level{f}" for f in LEVEL_FRACTIONS)
 

@@ -420,6 +420,9 @@ def _finish_sweep(result, as_json: bool, plot: Optional[Path]) -> None:
     else:
         render_sweep(result)
         _note("sweep", result.to_json())
+    failure = result.failure()
+    if failure is not None:  # the table and the journal are kept; the exit code says it failed
+        raise failure
 
 
 def _local_processes() -> int:

@@ -143,6 +143,9 @@ def render_sweep(result: Any) -> None:
     shape = f" · {r.shape.note}" if r.shape is not None and r.shape.note else ""
     out.print(f"{threads}{timing}{shape}", highlight=False)
     out.print(f"verdict: {r.verdict}", highlight=False)
+    if result.skipped:
+        out.print(f"[yellow]skipped[/] batch sizes {', '.join(map(str, result.skipped))}: larger "
+                  f"than the {result.n_train:,} items the trials train on", highlight=False)
     for t in result.trials:
         if t.status.value != "ok":
             out.print(f"[red]batch {t.batch_size} {t.status.value}[/]: {t.error}")

@@ -13,7 +13,7 @@ import torch
 
 from . import distributed
 from .capacity import largest_pow2_at_most
-from .errors import InterruptedRun, UsageError, one_line
+from .errors import BsselectError, DoesNotFitError, InterruptedRun, TaskError, UsageError, one_line
 from .oom import release_memory
 from .precision import Precision
 from .lr_scaling import LrScaling, default_lr_scaling, scale_lr
@@ -137,6 +137,30 @@ class SweepResult:
     threads: int | None = None  # CPU intra-op threads during the sweep (None: not set)
     timing: tuple[RoundTiming, ...] = ()  # interleaved timing rounds behind step_time_s
     timing_note: str | None = None  # why there are none, when there are none
+    skipped: tuple[int, ...] = ()  # batch sizes larger than the training set: not run
+    n_train: int | None = None  # items the trials train on
+
+    def failure(self) -> BsselectError | None:
+        """Why the sweep as a whole failed (no trial finished ok), as the error the CLI exits
+        with after printing the table: DoesNotFitError when every trial ran out of memory,
+        else TaskError with what to try; None when there is a recommendation."""
+        if any(t.ok for t in self.trials):
+            return None
+        statuses = {t.status.value for t in self.trials}
+        if statuses == {"oom"}:
+            return DoesNotFitError(
+                f"every batch size ran out of memory ({_sizes(self.batch_sizes)}); try smaller "
+                "batches (--min-batch, --batch-sizes) or --accumulate")
+        lrs = ", ".join(f"{t.lr:.3g}" for t in self.trials)
+        errors = [t for t in self.trials if t.status.value == "error"]
+        if errors and len(errors) == len(self.trials):
+            return TaskError(f"every trial failed; the first: batch {errors[0].batch_size}: "
+                             f"{errors[0].error}")
+        return TaskError(
+            f"no trial trained ({', '.join(f'{t.batch_size}: {t.status.value}' for t in self.trials)}); "
+            f"the learning rates tried were {lrs} ({self.settings.lr_scaling.value} scaling from "
+            f"lr {self.base_lr:g} at batch {self.base_batch_size}): try a lower lr in the task, "
+            "--lr-scaling sqrt or none, or --warmup-steps")
 
     def to_json(self) -> dict:
         return {
@@ -155,6 +179,7 @@ class SweepResult:
             "recommended_lr": self.recommended_lr,
             "tied_with_best": list(self.ranking.tied_with_best),
             "threads": self.threads,
+            "skipped_batch_sizes": list(self.skipped),
             "timing": {"method": "interleaved rounds", "rounds": [t.to_dict() for t in self.timing],
                        "note": self.timing_note},
             "b_opt_accumulation": self.b_opt_accumulation,
@@ -239,6 +264,18 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
     micro = check_accumulation(batch_sizes, settings.accumulate)
     setup, made_split = make_setup(task, settings, device,
                                    min(EVAL_BATCH, *micro) if micro else EVAL_BATCH)
+    n_train = len(setup.train_data)  # type: ignore[arg-type]
+    skipped = tuple(b for b in batch_sizes if b > n_train)
+    if skipped:
+        where = " (after holding out 10% for validation)" if made_split else ""
+        if len(skipped) == len(batch_sizes):
+            raise UsageError(f"every batch size ({_sizes(skipped)}) is larger than the "
+                             f"{n_train:,} items the sweep trains on{where}; choose batch sizes "
+                             f"<= {n_train:,}")
+        if hooks.warn:
+            hooks.warn(f"batch sizes {_sizes(skipped)} are larger than the {n_train:,} training "
+                       f"items{where}: skipped (a batch cannot hold more items than the data)")
+        batch_sizes = [b for b in batch_sizes if b <= n_train]
     mode = JournalMode.resume if resume else (
         JournalMode.overwrite if overwrite else JournalMode.new)
     # Under torchrun only rank 0 reads and writes the journal; the others get what it read.
@@ -277,7 +314,8 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
     return summarize(task.lr, task.base_batch_size, task_name, device, ordered, settings,
                      max_batch, max_batch_source,
                      str(journal_path), tuple(b for b in batch_sizes if b in done), made_split,
-                     validation_cap(task), timing=tuple(timing.values()), timing_note=note)
+                     validation_cap(task), timing=tuple(timing.values()), timing_note=note,
+                     skipped=skipped, n_train=n_train)
 
 
 def _time_ok_trials(setup: TrialSetup, trials: dict[int, TrialResult], hooks: SweepHooks
@@ -349,7 +387,8 @@ def summarize(base_lr: float, base_batch_size: int, task_name: str, device: torc
               max_batch_source: str, journal: str, resumed: tuple[int, ...],
               made_val_split: bool, validation_items: int | None = None,
               timing: Sequence[RoundTiming] = (), timing_note: str | None = None,
-              threads: int | None = None) -> SweepResult:
+              threads: int | None = None, skipped: tuple[int, ...] = (),
+              n_train: int | None = None) -> SweepResult:
     """Fits and ranking over finished trials (also used by ``bsselect report``), with the
     interleaved ``timing`` rounds' step times where there are any."""
     trials = apply_timing(trials, timing)
@@ -376,8 +415,12 @@ def summarize(base_lr: float, base_batch_size: int, task_name: str, device: torc
         ranking=ranking, recommended_batch_size=rec, recommended_lr=rec_lr,
         b_opt_accumulation=accumulation, journal=journal, resumed=resumed,
         made_val_split=made_val_split, validation_items=validation_items, threads=threads,
-        timing=tuple(timing), timing_note=timing_note,
+        timing=tuple(timing), timing_note=timing_note, skipped=skipped, n_train=n_train,
     )
+
+
+def _sizes(sizes: Sequence[int]) -> str:
+    return ", ".join(str(b) for b in sizes)
 
 
 def resolve_lr_scaling(task: Task, rule: str | None) -> LrScaling:

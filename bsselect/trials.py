@@ -106,12 +106,22 @@ def evaluate(model: nn.Module, task: Task, data: Dataset, device: torch.device,
             k = len(y) if isinstance(y, torch.Tensor) else batch_size
             total_loss += float(task.loss_fn(out, y)) * k
             if metric and task.metric is not None:
-                total_metric += float(task.metric(out, y)) * k
+                total_metric += _metric(task, out, y) * k
             n += k
     total_loss, total_metric, n = distributed.sum_floats(total_loss, total_metric, n)
     model.train(was_training)
     score = total_metric / n if (metric and task.metric is not None) else None
     return total_loss / n, score
+
+
+def _metric(task: Task, out: Any, y: Any) -> float:
+    """The task's metric on one batch; a failure names the metric, so that a trial's error
+    does not read like a training failure."""
+    try:
+        return float(task.metric(out, y))  # type: ignore[misc]
+    except Exception as exc:  # noqa: BLE001 - re-raised with the metric's name
+        name = getattr(task.metric, "__qualname__", None) or repr(task.metric)
+        raise RuntimeError(f"the task's metric {name} failed: {one_line(exc)}") from exc
 
 
 def _sync(device: torch.device) -> None:

@@ -368,3 +368,19 @@ def test_lines_acknowledged_before_sigkill_survive(tmp_path):
                          samples=0, wall_s=0.0))
     after = load(path)
     assert after.warnings == () and len(after.trials) == len(numbers) + 1
+
+
+def test_timing_records_load_the_last_one_and_a_bad_one_is_skipped(tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    j = write(path, [trial(8), trial(16)])
+    first = [{"batch_size": 8, "round_medians_s": [0.01, 0.011], "steps_per_round": 2},
+             {"batch_size": 16, "round_medians_s": [0.02, 0.021], "steps_per_round": 1}]
+    second = [dict(r, round_medians_s=[v * 2 for v in r["round_medians_s"]]) for r in first]
+    j.append_timing(first)
+    j.append_timing(second)
+    with path.open("a") as f:
+        f.write('{"timing": [{"batch_size": 8}]}\n')  # unreadable: skipped, the last good kept
+    contents = load(path)
+    assert [t.batch_size for t in contents.trials] == [8, 16]
+    assert list(contents.timing) == second
+    assert len(contents.warnings) == 1 and "bad timing record" in contents.warnings[0]

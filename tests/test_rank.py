@@ -14,7 +14,7 @@ import torch
 from bsselect.lr_scaling import LrScaling, default_lr_scaling, scale_lr
 from bsselect.rank import (
     MIN_B_NOISE_POINTS, NONLINEAR_REL_RESIDUAL, BHatSource, VerdictKind, b_opt, choose_b_hat,
-    fit_b_noise, fit_noise_model, fit_step_time, grad_accum_steps, most_trained, pooled_b_simple,
+    fit_b_noise, fit_noise_model, fit_step_time, grad_accum_steps, pooled_b_simple,
     rank_trials,
 )
 from bsselect.trial_types import TrialResult, TrialStatus
@@ -370,42 +370,29 @@ def measured(b: int, grad_sq: float, trace: float) -> TrialResult:
 
 
 def test_choose_b_hat_prefers_measured_b_simple_over_the_fit():
-    # Pooled over the better-trained half of the measuring trials (here 16 and 32, whose
-    # training loss ended lowest): mean tr(Sigma) / mean |G|^2 = 100 / ((1 - 0.5) / 2) = 400,
-    # the trial at the noise floor (|G|^2 estimated below zero, no b_simple of its own)
-    # included.
+    # Pooled: mean tr(Sigma) / mean |G|^2 = 100 / ((2 + 1 - 0.5) / 3) = 120, the trial at the
+    # noise floor (|G|^2 estimated below zero, no b_simple of its own) included.
     trials = [measured(8, 2.0, 100.0), measured(16, 1.0, 100.0), measured(32, -0.5, 100.0)]
     trials += [ok_trial(b) for b in POW2[3:]]
     bh = choose_b_hat(trials)
-    assert bh.source is BHatSource.b_simple and bh.value == pytest.approx(400.0)
-    assert bh.b_simple == pytest.approx(400.0) and bh.from_sizes == (16, 32)
+    assert bh.source is BHatSource.b_simple and bh.value == pytest.approx(120.0)
+    assert bh.b_simple == pytest.approx(120.0) and bh.from_sizes == (8, 16, 32)
     assert bh.noise_fit.b_noise == pytest.approx(B_TRUE)  # still fitted, as a diagnostic
     assert bh.interval is None  # no standard errors recorded
-    # Over all three trials it would have been 120; the per-trial ratios said 50 and 100.
+    # The per-trial ratios would have said 50 (median) or 66.7 (harmonic mean of 50, 100).
     assert pooled_b_simple(trials) == pytest.approx(120.0)
-
-
-def test_b_hat_comes_from_the_trials_that_got_furthest():
-    # Equal-sample trials: the small batches took many steps and measured B = 400, the large
-    # ones were still near initialisation and measured 10. The run ahead is longer than any
-    # trial, so the better-trained half decides.
-    trials = [dataclasses.replace(
-        ok_trial(b, dl=0.02 if b <= 32 else 0.002 * 64 / b), grad_sq_norm=1.0,
-        trace_sigma=400.0 if b <= 32 else 10.0) for b in POW2]
-    bh = choose_b_hat(trials)
-    assert bh.from_sizes == (8, 16, 32, 64) and bh.value == pytest.approx((400 * 3 + 10) / 4)
-    assert most_trained(trials)[0].batch_size == 32  # equal losses: the larger batch first
 
 
 def test_b_hat_interval_from_the_standard_errors():
     trials = [dataclasses.replace(measured(b, 1.0, 100.0), grad_sq_norm_se=0.1,
                                   trace_sigma_se=10.0) for b in (8, 16)]
     bh = choose_b_hat(trials)
-    # One trial (the better-trained half of two): B = 100, both ends at z = 1.645.
-    assert bh.from_sizes == (16,)
-    z = 1.6448536269514722
-    assert bh.interval.lo == pytest.approx((100 - z * 10) / (1 + z * 0.1))
-    assert bh.interval.hi == pytest.approx((100 + z * 10) / (1 - z * 0.1))
+    # Two trials, each |G|^2 = 1 +- 0.1 and tr = 100 +- 10: the pooled means keep their values
+    # and their standard errors shrink by sqrt(2); B = 100, both ends at z = 1.645.
+    assert bh.from_sizes == (8, 16)
+    z, k = 1.6448536269514722, 2 ** 0.5
+    assert bh.interval.lo == pytest.approx((100 - z * 10 / k) / (1 + z * 0.1 / k))
+    assert bh.interval.hi == pytest.approx((100 + z * 10 / k) / (1 - z * 0.1 / k))
     r = rank_trials(trials, bh.value, bh.source, b_interval=bh.interval,
                     b_hat_sizes=bh.from_sizes)
     assert r.fit_dict()["b_hat_interval"] == [pytest.approx(bh.interval.lo),
@@ -429,13 +416,11 @@ def test_pooled_b_simple_is_none_when_the_pooled_signal_is_not_positive():
 
 
 def test_choose_b_hat_uses_b_simple_when_no_fit():
-    # A journal from before |G|^2 and tr(Sigma) were kept: the harmonic mean of b_simple over
-    # the better-trained half (here the b=16 trial alone).
+    # A journal from before |G|^2 and tr(Sigma) were kept: the harmonic mean of b_simple.
     trials = [ok_trial(b, b_simple=s) for b, s in ((8, 40.0), (16, 60.0), (32, None))]
     bh = choose_b_hat(trials[:2])
-    assert bh.source is BHatSource.b_simple and bh.value == pytest.approx(60.0)
+    assert bh.source is BHatSource.b_simple and bh.value == pytest.approx(48.0)
     assert bh.noise_fit.b_noise is None
-    assert pooled_b_simple(trials[:2]) == pytest.approx(48.0)
 
 
 def test_one_timed_batch_size_gives_no_b_opt():

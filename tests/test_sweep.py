@@ -277,16 +277,18 @@ def test_cli_sweep_json_has_the_design_fields(finished):
     assert [t["lr"] for t in trials] == [0.05, 0.1, 0.2, 0.4]
     assert len({t["train_loss_start"] for t in trials}) == 1  # same initial weights
     assert list(out["fit"])[:len(DESIGN_FIT_FIELDS)] == DESIGN_FIT_FIELDS
-    # Every trial keeps the unbiased |G|^2 and tr(Sigma) behind its b_simple; the fit's
-    # b_simple pools them over the better-trained half (lowest training loss at the end).
+    # Every trial keeps the unbiased |G|^2 and tr(Sigma) behind its b_simple, and their
+    # standard errors; the fit's b_simple pools them over the trials, with an interval.
     for t in trials:
         if t["b_simple"] is not None:
             assert t["b_simple"] == pytest.approx(t["trace_sigma"] / t["grad_sq_norm"])
-    trained = sorted(trials, key=lambda t: t["train_loss_end"])[:2]
-    pooled = (sum(t["trace_sigma"] for t in trained)
-              / sum(t["grad_sq_norm"] for t in trained))
+        assert t["grad_sq_norm_se"] > 0 and t["trace_sigma_se"] > 0
+    pooled = (sum(t["trace_sigma"] for t in trials)
+              / sum(t["grad_sq_norm"] for t in trials))
     assert out["fit"]["b_simple"] == pytest.approx(pooled)
-    assert out["fit"]["b_hat_from_batch_sizes"] == sorted(t["batch_size"] for t in trained)
+    assert out["fit"]["b_hat_from_batch_sizes"] == [8, 16, 32, 64]
+    lo, hi = out["fit"]["b_hat_interval"]
+    assert lo < out["fit"]["b_hat"] and (hi is None or hi > out["fit"]["b_hat"])
     # Step times come from the interleaved rounds, journaled after the trials.
     rounds = {r["batch_size"]: r for r in out["timing"]["rounds"]}
     assert sorted(rounds) == [8, 16, 32, 64]
@@ -519,3 +521,54 @@ def test_an_existing_journal_without_resume_exits_2(tmp_path):
                                "continue it, --overwrite to replace it, or choose a new "
                                "--journal path")
     assert journal.read_text() == '{"bsselect_journal":1}\n'
+
+
+# --------------------------------------------------------------------------- no silent wrong answers
+
+
+def test_batch_sizes_larger_than_the_training_set_are_skipped_never_recommended(tmp_path):
+    # tiny: 384 items, 10% held out -> the trials train on 346.
+    proc = sweep_cli(spec("tiny"), "--batch-sizes", "8,16,512,1024", "--budget", "256",
+                     "--journal", str(tmp_path / "j.jsonl"), "--json")
+    out = json_out(proc)
+    assert out["skipped_batch_sizes"] == [512, 1024]
+    assert [t["batch_size"] for t in out["trials"]] == [8, 16]
+    assert out["recommended_batch_size"] in (8, 16)
+    assert ("warning: batch sizes 512, 1024 are larger than the 346 training items (after "
+            "holding out 10% for validation): skipped") in proc.stderr
+
+
+def test_only_oversized_batch_sizes_is_a_usage_error(tmp_path):
+    proc = sweep_cli(spec("tiny"), "--batch-sizes", "2048,4096", "--budget", "256",
+                     "--journal", str(tmp_path / "j.jsonl"))
+    assert proc.returncode == 2
+    assert the_error(proc) == ("error: every batch size (2048, 4096) is larger than the 346 "
+                               "items the sweep trains on (after holding out 10% for "
+                               "validation); choose batch sizes <= 346")
+
+
+def test_a_sweep_where_every_trial_diverged_exits_1_and_says_what_to_try(tmp_path):
+    # diverge: lr 0.05 at batch 8, linear scaling -> 1.6 at 256 and 3.2 at 512: both blow up.
+    proc = sweep_cli(spec("diverge"), "--batch-sizes", "256,512", "--budget", "2048",
+                     "--noise-measurements", "0", "--journal", str(tmp_path / "j.jsonl"))
+    assert proc.returncode == 1
+    assert "Sweep — " in proc.stdout  # the table is still printed, the journal kept
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert error == [("error: no trial trained (256: diverged, 512: diverged); the learning "
+                      "rates tried were 1.6, 3.2 (linear scaling from lr 0.05 at batch 8): try "
+                      "a lower lr in the task, --lr-scaling sqrt or none, or --warmup-steps")]
+    assert len(journal_trials(tmp_path / "j.jsonl")) == 2
+
+
+def test_a_failing_metric_is_named_in_every_trial(tmp_path):
+    proc = sweep_cli(spec("bad_metric"), "--batch-sizes", "8,16", "--budget", "64",
+                     "--noise-measurements", "0", "--journal", str(tmp_path / "j.jsonl"),
+                     "--json")
+    assert proc.returncode == 1
+    out = json.loads(proc.stdout)
+    for t in out["trials"]:
+        assert t["status"] == "error"
+        assert t["error"] == ("RuntimeError: the task's metric bad_metric.<locals>.metric "
+                              "failed: KeyError: 'accuracy'")
+    assert "error: every trial failed; the first: batch 8: RuntimeError: the task's metric" \
+        in proc.stderr

@@ -7,6 +7,7 @@ blocks at one batch size so that a test can interrupt a sweep at a known point.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -112,3 +113,11 @@ def slow() -> Task:
     return Task(model=SlowAt, train_data=TensorDataset(x, y),
                 val_data=TensorDataset(*_blobs(seed=2)), loss_fn=F.cross_entropy, lr=0.1,
                 base_batch_size=16)
+
+
+def bad_metric() -> Task:
+    """`tiny` with a metric that reads a key the output does not have."""
+    def metric(output: torch.Tensor, target: torch.Tensor) -> float:
+        return {"acc": 1.0}["accuracy"]
+
+    return dataclasses.replace(tiny(), metric=metric)
