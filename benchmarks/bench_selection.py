@@ -101,6 +101,7 @@ CONFIG: dict[str, dict[str, Any]] = {
 }
 TASKS = {**EXAMPLES, **HELD_OUT}
 CONDITIONS = ("quiet", "loaded")  # loaded: one busy process holds a core during the sweep
+WARM_START_STEPS = 0  # --warm-start-steps: the sweep's, for every example
 FRACTIONS = ("0.5", "1", "2", "4")   # of the sweep's default per-trial budget
 EVAL_BS = 256                               # the loss is a mean: batch size only changes speed
 TIMING_ROUNDS = 3
@@ -244,7 +245,8 @@ def bench_example(name: str, repeats: int, workdir: Path, sweep_repeats: int = 3
     # 1. the sweep, as `bsselect sweep NAME --batch-sizes ... --json` runs it: the same seed
     # (identical trials) `sweep_repeats` times on a quiet machine and as many times with one
     # busy process holding a core, so that only the machine differs.
-    settings = SweepSettings(budget=budget, lr_scaling=scaling, seed=0)
+    settings = SweepSettings(budget=budget, lr_scaling=scaling, seed=0,
+                             warm_start_steps=WARM_START_STEPS)
     out["sweep_settings"] = settings.journal_settings(task)
     for condition in CONDITIONS:
         busy = start_busy() if condition == "loaded" else None
@@ -623,6 +625,8 @@ def main() -> None:
     parser.add_argument("--examples", default=",".join(CONFIG))
     parser.add_argument("--repeats", default="1",
                         help="oracle seeds per example: N, or name=N,name=N (others 1)")
+    parser.add_argument("--warm-start-steps", type=int, default=0,
+                        help="sweep option: base-configuration steps before the trials branch")
     parser.add_argument("--sweep-repeats", type=int, default=3,
                         help="sweeps per machine condition (quiet, loaded), same seed")
     parser.add_argument("--json", type=Path, help="write the raw results here")
@@ -635,6 +639,8 @@ def main() -> None:
         print(render(json.loads(args.from_json.read_text())), end="")
         return
     torch.set_num_threads(1)
+    global WARM_START_STEPS
+    WARM_START_STEPS = args.warm_start_steps
     names = [n.strip() for n in args.examples.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIG]
     if unknown:

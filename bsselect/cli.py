@@ -275,6 +275,10 @@ def sweep(
     lr_scaling: Annotated[str, typer.Option(
         help="auto (linear for SGD, sqrt for Adam-family), linear, sqrt or none.")] = "auto",
     warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps per trial.")] = 0,
+    warm_start_steps: Annotated[int, typer.Option(
+        help="Train the base configuration (base batch size and lr) this many steps first; "
+             "every trial then branches from that state, optimizer state included "
+             "(0: trials start from initialisation).")] = 0,
     noise_measurements: Annotated[int, typer.Option(
         help="Gradient-noise measurements at the end of each trial, pooled over trials "
              "for the ranking (0: off).")] = 2,
@@ -321,8 +325,9 @@ def sweep(
 
         if resume and overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
-        if warmup_steps < 0 or noise_measurements < 0:
-            raise UsageError("--warmup-steps and --noise-measurements must be >= 0")
+        if warmup_steps < 0 or noise_measurements < 0 or warm_start_steps < 0:
+            raise UsageError("--warmup-steps, --warm-start-steps and --noise-measurements must "
+                             "be >= 0")
         if threads is not None and threads < 1:
             raise UsageError(f"--threads must be >= 1, got {threads}")
         explicit = parse_int_list(batch_sizes, "--batch-sizes")
@@ -337,7 +342,8 @@ def sweep(
                                              memory, dev, step)
         per_trial = trial_budget or default_budget(max(sizes), loaded.base_batch_size)
         settings = _sweep_settings(loaded, per_trial,
-                                   lr_scaling, seed, warmup_steps, noise_measurements, step)
+                                   lr_scaling, seed, warmup_steps, noise_measurements, step,
+                                   warm_start_steps)
         path = journal or Path(f"bsselect-sweep-{_slug(name)}.jsonl")
         console.print(f"sweeping {name}: batch sizes {sizes} ({cap_source}), "
                       f"{settings.budget.amount:g} {settings.budget.kind.value} per trial, "
@@ -486,13 +492,14 @@ def _plan_sizes(task, name, explicit, min_batch, max_batch, memory, dev, step=No
 
 
 def _sweep_settings(task, budget, lr_scaling, seed, warmup_steps, noise_measurements,
-                    step=None):
+                    step=None, warm_start_steps=0):
     from .sweep import SweepSettings, resolve_lr_scaling
 
     extra = {} if step is None else dict(precision=step.precision, accumulate=step.accumulate)
     return SweepSettings(budget=budget, lr_scaling=resolve_lr_scaling(task, lr_scaling),
                          seed=seed, warmup_steps=warmup_steps,
-                         noise_measurements=noise_measurements, **extra)
+                         noise_measurements=noise_measurements,
+                         warm_start_steps=warm_start_steps, **extra)
 
 
 def _precision(value: str):
@@ -532,7 +539,8 @@ class _SweepProgress:
         self.bar.advance(self.current)
 
     def _start(self, b: int, index: int, steps: Optional[int]) -> None:
-        self.bar.update(self.current, description=f"batch {b}", completed=0, total=steps,
+        what = f"warm start (batch {b})" if index < 0 else f"batch {b}"
+        self.bar.update(self.current, description=what, completed=0, total=steps,
                         visible=True)
 
     def _step(self, done: int, total: Optional[int]) -> None:

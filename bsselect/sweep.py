@@ -22,8 +22,8 @@ from .task import Task
 from .trial_types import TrialResult
 from .timing import RoundTiming, cpu_threads, progress_units
 from .trials import (
-    EVAL_BATCH, BudgetKind, TrialBudget, TrialSetup, eval_subset, initial_loss, run_trial,
-    split_validation, time_batch_sizes,
+    EVAL_BATCH, BudgetKind, TrialBudget, TrialSetup, branch_point, eval_subset, initial_loss,
+    run_trial, split_validation, time_batch_sizes,
 )
 
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(samples|sample|steps|step|seconds|s|)\s*$",
@@ -86,6 +86,7 @@ class SweepSettings:
     noise_measurements: int = 2  # per trial; the ranking pools them over all trials
     precision: Precision = Precision.fp32
     accumulate: int = 1  # micro-steps per optimizer step; trial batch sizes are effective
+    warm_start_steps: int = 0  # base-configuration steps before every trial branches off
 
     def journal_settings(self, task: Task) -> dict[str, Any]:
         """What makes two sweeps' trials comparable (hashed into the journal's resume key);
@@ -103,6 +104,8 @@ class SweepSettings:
             settings["precision"] = self.precision.value
         if self.accumulate != 1:
             settings["accumulate"] = self.accumulate
+        if self.warm_start_steps:
+            settings["warm_start_steps"] = self.warm_start_steps
         return settings
 
     @classmethod
@@ -112,7 +115,8 @@ class SweepSettings:
                    warmup_steps=settings["warmup_steps"],
                    noise_measurements=settings["noise_measurements"],
                    precision=Precision(settings.get("precision", "fp32")),
-                   accumulate=settings.get("accumulate", 1))
+                   accumulate=settings.get("accumulate", 1),
+                   warm_start_steps=settings.get("warm_start_steps", 0))
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,7 @@ class SweepResult:
             "base_batch_size": self.base_batch_size,
             "max_batch": self.max_batch, "max_batch_source": self.max_batch_source,
             "precision": self.settings.precision.value, "accumulate": self.settings.accumulate,
+            "warm_start_steps": self.settings.warm_start_steps,
             "trials": [self._trial_json(t) for t in self.trials],
             "fit": self.ranking.fit_dict(),
             "ranking": list(self.ranking.ranking),
@@ -288,6 +293,10 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
             hooks.warn(warning)
     trials: dict[int, TrialResult] = {b: done[b] for b in batch_sizes if b in done}
     if len(trials) < len(batch_sizes):
+        if settings.warm_start_steps:
+            if hooks.trial_start:
+                hooks.trial_start(task.base_batch_size, -1, settings.warm_start_steps)
+            setup = branch_point(setup, settings.warm_start_steps, hooks.step)
         setup = with_initial_loss(setup)
     try:
         for i, b in enumerate(batch_sizes):

@@ -6,6 +6,7 @@ stream, so trials differ only by batch size and the learning rate scaled for it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -29,6 +30,7 @@ from .timing import RoundTiming, interleaved_rounds
 from .trial_types import LossPoint, TrialResult, TrialStatus
 
 TIMING_WARMUP_STEPS = 3     # first steps pay for allocation and kernel selection
+WARM_START_SEED_OFFSET = 7919  # the warm start's batch stream: not the trials' stream
 DIVERGENCE_FACTOR = 10.0    # loss above 10x its start counts as diverged
 MAX_CURVE_POINTS = 200
 EVAL_ITEMS = 512            # fixed train subset on which start/end loss is measured
@@ -77,6 +79,10 @@ class TrialSetup:
     # Training loss of the shared initial weights on eval_train: the same for every trial, so
     # measured once per sweep (None: each trial measures it).
     loss_start: float | None = None
+    # Warm start: the base configuration's optimizer state at the branch point (None: trials
+    # start from a fresh optimizer at ``initial_state``).
+    optimizer_state: dict[str, Any] | None = None
+    branch_steps: int = 0  # base-configuration steps behind ``initial_state``
 
 
 def cycle_batches(setup: TrialSetup, batch_size: int):
@@ -159,6 +165,10 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
         model.load_state_dict(setup.initial_state)
         model.train()
         optimizer = task.make_optimizer(model.parameters(), lr)
+        if setup.optimizer_state is not None:  # branch: the base run's moments, this trial's lr
+            optimizer.load_state_dict(copy.deepcopy(setup.optimizer_state))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
     train_model = distributed.wrap_model(model, device)  # DDP under torchrun; else model
     loss_start = setup.loss_start
     if loss_start is None:
@@ -193,6 +203,43 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
             on_step(step, total_steps)
     return _finish(setup, model, batch_size, lr, status, error, step, samples, train_wall,
                    step_times, curve, loss_start)
+
+
+def branch_point(setup: TrialSetup, steps: int,
+                 on_step: Callable[[int, int | None], None] | None = None) -> TrialSetup:
+    """``setup`` with its trials branching from the base configuration trained for ``steps``
+    steps (the task's base batch size and lr, the setup's LR warm-up): its weights become
+    ``initial_state`` and its optimizer state ``optimizer_state``. The warm-up draws its
+    batches from its own seeded stream, so the trials' streams do not repeat it. A warm-up
+    whose loss diverges raises TaskError: no trial could branch from it."""
+    from .errors import TaskError
+
+    task, device = setup.task, setup.device
+    with distributed.agreement():
+        model = task.model().to(device)
+        model.load_state_dict(setup.initial_state)
+        model.train()
+        optimizer = task.make_optimizer(model.parameters(), task.lr)
+    train_model = distributed.wrap_model(model, device)
+    b = task.base_batch_size
+    warm = dataclasses.replace(setup, seed=setup.seed + WARM_START_SEED_OFFSET)
+    batches = cycle_batches(warm, b // setup.accumulate)
+    options = _step_options(setup, batches, device)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, task.lr, setup.warmup_steps)
+        value, _, _ = _timed_step(train_model, optimizer, task, batches, device, options)
+        if not math.isfinite(value):
+            raise TaskError(f"the warm start (the base configuration: batch {b}, lr "
+                            f"{task.lr:g}) diverged at step {step + 1} of {steps}; lower the "
+                            "task's lr, add --warmup-steps, or pass --warm-start-steps 0")
+        if on_step:
+            on_step(step + 1, steps)
+    state = copy.deepcopy(model.state_dict())
+    opt_state = copy.deepcopy(optimizer.state_dict())
+    del train_model, model, optimizer
+    return dataclasses.replace(setup, initial_state=state, optimizer_state=opt_state,
+                               branch_steps=steps, loss_start=None)
 
 
 def time_batch_sizes(setup: TrialSetup, batch_sizes: list[int],

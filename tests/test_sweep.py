@@ -8,6 +8,7 @@ checked as a set and against ``recommended_batch_size``, never as a fixed order.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -572,3 +573,32 @@ def test_a_failing_metric_is_named_in_every_trial(tmp_path):
                               "failed: KeyError: 'accuracy'")
     assert "error: every trial failed; the first: batch 8: RuntimeError: the task's metric" \
         in proc.stderr
+
+
+def test_warm_start_branches_every_trial_from_the_trained_base_configuration(tmp_path):
+    task, name = load_task(spec("tiny"))
+    optimizer = RecordingSGD()
+    task.optimizer = optimizer
+    cold = run_sweep(task, task_name=name, batch_sizes=[8, 32], settings=settings(
+                         LrScaling.linear), device=torch.device("cpu"),
+                     journal_path=tmp_path / "cold.jsonl", resume=False, max_batch=32,
+                     max_batch_source="test")
+    optimizer.lrs.clear()
+    optimizer.weights.clear()
+    warm_settings = dataclasses.replace(settings(LrScaling.linear), warm_start_steps=10)
+    warm = run_sweep(task, task_name=name, batch_sizes=[8, 32], settings=warm_settings,
+                     device=torch.device("cpu"), journal_path=tmp_path / "warm.jsonl",
+                     resume=False, max_batch=32, max_batch_source="test")
+    # Optimizers: the warm start's (base lr 0.1, from the initial weights), the two trials'
+    # (their own lr, from the branch point), the timing's.
+    assert optimizer.lrs == [0.1, 0.05, 0.2, 0.1]
+    init, branch_8, branch_32 = optimizer.weights[:3]
+    assert all(torch.equal(a, b) for a, b in zip(branch_8, branch_32))
+    assert not all(torch.equal(a, b) for a, b in zip(init, branch_8))
+    # Both trials start from the branch point's (lower) loss, measured once.
+    starts = {t.train_loss_start for t in warm.trials}
+    assert len(starts) == 1 and starts.pop() < cold.trials[0].train_loss_start
+    assert warm.to_json()["warm_start_steps"] == 10
+    header = journal_lines(tmp_path / "warm.jsonl")[0]
+    assert header["settings"]["warm_start_steps"] == 10  # part of the resume key
+    assert "warm_start_steps" not in journal_lines(tmp_path / "cold.jsonl")[0]["settings"]
