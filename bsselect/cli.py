@@ -278,7 +278,8 @@ def sweep(
     warm_start_steps: Annotated[int, typer.Option(
         help="Train the base configuration (base batch size and lr) this many steps first; "
              "every trial then branches from that state, optimizer state included "
-             "(0: trials start from initialisation).")] = 0,
+             "(0: trials start from initialisation).")] = 0,  # sweep.WARM_START_STEPS (a test
+    # keeps them equal; importing sweep here would import torch for --help)
     noise_measurements: Annotated[int, typer.Option(
         help="Gradient-noise measurements at the end of each trial, pooled over trials "
              "for the ranking (0: off).")] = 2,
@@ -304,7 +305,7 @@ def sweep(
     """What trains best? Short equal-budget trials at power-of-two batch sizes, ranked.
 
     Ranks by predicted time-to-target (1 + B/b)·t(b), with step times from interleaved timing
-    rounds (robust to a busy machine) and B the gradient noise scale of the best-trained trials;
+    rounds (robust to a busy machine) and B the gradient noise scale pooled over the trials;
     batch sizes within uncertainty of the best are shown as tied. Compares with
     b_opt = sqrt(B_noise·tau_f/tau_d).
 

@@ -44,6 +44,11 @@ def parse_budget(text: str) -> TrialBudget:
 
 VAL_ITEMS = 4096  # validation at the end of a trial: at most this many items (a fixed subset)
 BASE_STEPS = 32  # the default budget: this many steps' worth of samples at the base batch size
+# The CLI's default --warm-start-steps: trials start from initialisation. Branching from the
+# base configuration trained BASE_STEPS steps scored as well on the tuning half (regret 1.00
+# median, 1.16 worst) but the jump to a large scaled LR at the branch point made batch sizes
+# diverge that train well from initialisation (logreg's best, 256): docs/benchmarks-sweep.md.
+WARM_START_STEPS = 0
 
 
 def default_budget(max_batch: int, base_batch_size: int) -> TrialBudget:

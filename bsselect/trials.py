@@ -83,6 +83,7 @@ class TrialSetup:
     # start from a fresh optimizer at ``initial_state``).
     optimizer_state: dict[str, Any] | None = None
     branch_steps: int = 0  # base-configuration steps behind ``initial_state``
+    loss_init: float | None = None  # warm start: the training loss at initialisation
 
 
 def cycle_batches(setup: TrialSetup, batch_size: int):
@@ -221,6 +222,7 @@ def branch_point(setup: TrialSetup, steps: int,
         model.train()
         optimizer = task.make_optimizer(model.parameters(), task.lr)
     train_model = distributed.wrap_model(model, device)
+    loss_init = initial_loss(model, setup)
     b = task.base_batch_size
     warm = dataclasses.replace(setup, seed=setup.seed + WARM_START_SEED_OFFSET)
     batches = cycle_batches(warm, b // setup.accumulate)
@@ -239,7 +241,7 @@ def branch_point(setup: TrialSetup, steps: int,
     opt_state = copy.deepcopy(optimizer.state_dict())
     del train_model, model, optimizer
     return dataclasses.replace(setup, initial_state=state, optimizer_state=opt_state,
-                               branch_steps=steps, loss_start=None)
+                               branch_steps=steps, loss_start=None, loss_init=loss_init)
 
 
 def time_batch_sizes(setup: TrialSetup, batch_sizes: list[int],
@@ -320,10 +322,13 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
                            metric=False)
     val_loss, val_metric = evaluate(model, task, setup.val_data, device, setup.eval_batch_size)
     drop = loss_start - loss_end
-    if drop < 0:  # the loss rose over the whole trial: the LR is too high for this batch
+    if loss_end > rise_limit(loss_start, setup.loss_init):  # the LR is too high for this batch
+        undone = (f", undoing more than half of the warm start's progress from "
+                  f"{setup.loss_init:.4g}" if setup.loss_init is not None else "")
         return TrialResult(status=TrialStatus.diverged,
                            **dict(common, error=f"loss rose from {loss_start:.4g} to "
-                                                f"{loss_end:.4g}"), train_loss_end=loss_end)
+                                                f"{loss_end:.4g}{undone}"),
+                           train_loss_end=loss_end)
     fitted = distributed.per_device(batch_size) // setup.accumulate
     noise = measure_trial_noise(setup, model, fitted) if setup.noise_measurements else None
     return TrialResult(
@@ -340,6 +345,17 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
         loss_drop_per_sample=drop / samples, loss_drop_per_step=drop / steps,
         trial_step_time_s=step_time,
     )
+
+
+def rise_limit(loss_start: float, loss_init: float | None) -> float:
+    """The end-of-trial training loss above which a trial counts as diverged. From
+    initialisation: any rise over the whole trial (the LR is too high for the batch). From a
+    warm start at ``loss_start`` (reached from ``loss_init``): a rise that undoes more than
+    half of the warm start's progress; a smaller rise is the noise floor of a larger LR near
+    the branch point, which the same LR would not show from initialisation."""
+    if loss_init is None or loss_init <= loss_start:
+        return loss_start
+    return loss_start + 0.5 * (loss_init - loss_start)
 
 
 def initial_loss(model: nn.Module, setup: TrialSetup) -> float:

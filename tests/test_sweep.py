@@ -549,14 +549,14 @@ def test_only_oversized_batch_sizes_is_a_usage_error(tmp_path):
 
 
 def test_a_sweep_where_every_trial_diverged_exits_1_and_says_what_to_try(tmp_path):
-    # diverge: lr 0.05 at batch 8, linear scaling -> 1.6 at 256 and 3.2 at 512: both blow up.
-    proc = sweep_cli(spec("diverge"), "--batch-sizes", "256,512", "--budget", "2048",
+    # diverge: lr 0.05 at batch 8, linear scaling -> 0.8 at 128 and 1.6 at 256: both blow up.
+    proc = sweep_cli(spec("diverge"), "--batch-sizes", "128,256", "--budget", "2048",
                      "--noise-measurements", "0", "--journal", str(tmp_path / "j.jsonl"))
     assert proc.returncode == 1
     assert "Sweep — " in proc.stdout  # the table is still printed, the journal kept
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert error == [("error: no trial trained (256: diverged, 512: diverged); the learning "
-                      "rates tried were 1.6, 3.2 (linear scaling from lr 0.05 at batch 8): try "
+    assert error == [("error: no trial trained (128: diverged, 256: diverged); the learning "
+                      "rates tried were 0.8, 1.6 (linear scaling from lr 0.05 at batch 8): try "
                       "a lower lr in the task, --lr-scaling sqrt or none, or --warmup-steps")]
     assert len(journal_trials(tmp_path / "j.jsonl")) == 2
 
@@ -599,6 +599,27 @@ def test_warm_start_branches_every_trial_from_the_trained_base_configuration(tmp
     starts = {t.train_loss_start for t in warm.trials}
     assert len(starts) == 1 and starts.pop() < cold.trials[0].train_loss_start
     assert warm.to_json()["warm_start_steps"] == 10
+    assert warm.settings.warm_start_steps == 10
     header = journal_lines(tmp_path / "warm.jsonl")[0]
     assert header["settings"]["warm_start_steps"] == 10  # part of the resume key
     assert "warm_start_steps" not in journal_lines(tmp_path / "cold.jsonl")[0]["settings"]
+
+
+def test_the_cli_default_warm_start_is_the_documented_one():
+    import inspect
+
+    from bsselect import cli
+
+    default = inspect.signature(cli.sweep).parameters["warm_start_steps"].default
+    assert default == sweep_mod.WARM_START_STEPS == 0
+
+
+@pytest.mark.parametrize("start, init, end, diverged", [
+    (1.0, None, 1.01, True),      # from initialisation: any rise over the trial
+    (1.0, None, 0.99, False),
+    (1.0, 3.0, 1.9, False),       # warm start from 3.0 to 1.0: a rise to 1.9 is the noise floor
+    (1.0, 3.0, 2.01, True),       # ... beyond 2.0 it undid more than half of the progress
+    (1.0, 0.5, 1.01, True),       # a "warm start" that made no progress: as from initialisation
+])
+def test_rise_limit(start, init, end, diverged):
+    assert (end > trials_mod.rise_limit(start, init)) is diverged
