@@ -335,6 +335,9 @@ def analyse(ex: dict) -> dict:
     for sw in ex["sweeps"]:
         trials = lib.trials_from_sweep(sw["result"])
         picks = lib.rule_picks(ex, trials, sw["seed"])
+        # What the sweep itself recommended (with its timing rounds' intervals), not a
+        # re-ranking of its trials.
+        picks["sweep"] = sw["result"]["recommended_batch_size"]
         ideal_cost = sum(lib.steps_run(t) * step_t[t.batch_size] for t in trials)
         real.append(dict(seed=sw["seed"], condition=sw.get("condition", "quiet"),
                          tied=sw["result"].get("tied_with_best", []), picks=picks,
@@ -609,6 +612,14 @@ def machine() -> dict:
                 python=platform.python_version(), loadavg_start=os.getloadavg())
 
 
+def read_json(path: Path) -> dict:
+    """A saved run (``.json`` or ``.json.gz``, as in benchmarks/results/)."""
+    import gzip
+
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return json.loads(raw)
+
+
 def parse_repeats(text: str, names: list[str]) -> dict[str, int]:
     """``3`` for every example, or ``digits-mlp=3,tiny-lm=1`` (others: 1)."""
     if "=" not in text:
@@ -636,7 +647,7 @@ def main() -> None:
                              "only the sweeps run again (after a change to the sweep's rules)")
     args = parser.parse_args()
     if args.from_json:
-        print(render(json.loads(args.from_json.read_text())), end="")
+        print(render(read_json(args.from_json)), end="")
         return
     torch.set_num_threads(1)
     global WARM_START_STEPS
@@ -649,7 +660,7 @@ def main() -> None:
     data: dict[str, Any] = dict(machine=machine(), command=" ".join(sys.argv), examples=[])
     oracle = {}
     if args.reuse_oracle:
-        old = json.loads(args.reuse_oracle.read_text())
+        old = read_json(args.reuse_oracle)
         oracle = {ex["name"]: dict(ex, oracle_from=old.get("command", str(args.reuse_oracle)))
                   for ex in old["examples"]}
         data["oracle_machine"] = old["machine"]
