@@ -549,9 +549,11 @@ class _SweepProgress:
 
     def _end(self, result) -> None:
         self.bar.advance(self.overall)
+        if result.status.value == "ok" and result.wall_s < 1.0:
+            return  # the bar shows it; a line per sub-second trial is noise
         note = "" if result.status.value == "ok" else f" ({result.error})"
         self.console.print(f"batch {result.batch_size}: {result.status.value} in "
-                           f"{result.wall_s:.1f} s{note}", highlight=False)
+                           f"{result.wall_s:.1f} s{note}", highlight=False, markup=False)
 
     def __exit__(self, *exc: object) -> None:
         self.bar.stop()

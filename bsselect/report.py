@@ -111,9 +111,9 @@ def render_sweep(result: Any) -> None:
     out.print(f"[bold]Sweep — {result.task}[/] ({result.settings.budget.amount:g} "
               f"{result.settings.budget.kind.value} per trial)", highlight=False)
     table = Table()
-    for col in ("rank", "batch", "status", "lr", "step time", "samples/s", "loss drop/s",
-                "val loss", "val metric", "wall", "pred. time ×", "tied"):
-        table.add_column(col, justify="right")
+    for col in ("rank", "batch", "status", "lr", "step", "loss drop/s", "val loss", "metric",
+                "pred. ×", "range", "tied"):
+        table.add_column(col, justify="right", no_wrap=col in ("range", "step", "pred. ×"))
     trials = {t.batch_size: t for t in result.trials}
     best = next((row.predicted_time_s for row in r.rows if row.relative_time == 1.0), None)
     for i, row in enumerate(r.rows):
@@ -123,9 +123,8 @@ def render_sweep(result: Any) -> None:
         table.add_row(
             rank, str(t.batch_size), status, f"{t.lr:.3g}",
             "—" if row.step_time_s is None else f"{row.step_time_s * 1e3:.3g} ms",
-            _f(t.samples_per_s, ".0f"), _f(t.loss_drop_per_s), _f(t.val_loss, ".4g"),
-            _f(t.val_metric, ".4g"), f"{t.wall_s:.2f} s", _relative(row, best),
-            "✓" if row.tied else "",
+            _f(t.loss_drop_per_s), _f(t.val_loss, ".3g"), _f(t.val_metric, ".3g"),
+            _f(row.relative_time, ".2f"), _range(row, best), "✓" if row.tied else "",
         )
     out.print(table)
     fit = r.fit_dict()
@@ -162,13 +161,13 @@ def render_sweep(result: Any) -> None:
               + (f" (resumed batch sizes {list(result.resumed)})" if result.resumed else ""))
 
 
-def _relative(row: Any, best: float | None) -> str:
-    """``1.04 (0.91–1.22)``: predicted time over the best's, with its interval."""
+def _range(row: Any, best: float | None) -> str:
+    """``0.91–1.22``: the interval of the predicted time over the best's."""
     if row.relative_time is None or not best:
         return "—"
     lo = f"{row.predicted_lo_s / best:.2f}" if row.predicted_lo_s is not None else "?"
     hi = f"{row.predicted_hi_s / best:.2f}" if row.predicted_hi_s is not None else "∞"
-    return f"{row.relative_time:.2f} ({lo}–{hi})"
+    return f"{lo}–{hi}"
 
 
 def _check_lines(result: Any) -> tuple[str, str]:
