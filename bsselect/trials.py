@@ -161,15 +161,7 @@ def run_trial(setup: TrialSetup, batch_size: int, lr: float,
 def _train(setup: TrialSetup, batch_size: int, lr: float,
            on_step: Callable[[int, int | None], None] | None) -> TrialResult:
     task, device = setup.task, setup.device
-    with distributed.agreement():  # torchrun: a failure here on one rank fails all ranks
-        model = task.model().to(device)
-        model.load_state_dict(setup.initial_state)
-        model.train()
-        optimizer = task.make_optimizer(model.parameters(), lr)
-        if setup.optimizer_state is not None:  # branch: the base run's moments, this trial's lr
-            optimizer.load_state_dict(copy.deepcopy(setup.optimizer_state))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+    model, optimizer = _fresh_model(setup, lr, branch=True)
     train_model = distributed.wrap_model(model, device)  # DDP under torchrun; else model
     loss_start = setup.loss_start
     if loss_start is None:
@@ -206,6 +198,25 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
                    step_times, curve, loss_start)
 
 
+def _fresh_model(setup: TrialSetup, lr: float, branch: bool = False
+                 ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The task's model at ``setup.initial_state`` in training mode, and its optimizer at
+    ``lr`` (built at the task's lr, so that optimizers that refuse lr 0 still build); with
+    ``branch``, also the warm start's optimizer state. Under torchrun a failure on one rank
+    fails all ranks."""
+    task = setup.task
+    with distributed.agreement():
+        model = task.model().to(setup.device)
+        model.load_state_dict(setup.initial_state)
+        model.train()
+        optimizer = task.make_optimizer(model.parameters(), task.lr if lr == 0 else lr)
+        if branch and setup.optimizer_state is not None:  # the base run's moments
+            optimizer.load_state_dict(copy.deepcopy(setup.optimizer_state))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    return model, optimizer
+
+
 def branch_point(setup: TrialSetup, steps: int,
                  on_step: Callable[[int, int | None], None] | None = None) -> TrialSetup:
     """``setup`` with its trials branching from the base configuration trained for ``steps``
@@ -216,11 +227,7 @@ def branch_point(setup: TrialSetup, steps: int,
     from .errors import TaskError
 
     task, device = setup.task, setup.device
-    with distributed.agreement():
-        model = task.model().to(device)
-        model.load_state_dict(setup.initial_state)
-        model.train()
-        optimizer = task.make_optimizer(model.parameters(), task.lr)
+    model, optimizer = _fresh_model(setup, task.lr)
     train_model = distributed.wrap_model(model, device)
     loss_init = initial_loss(model, setup)
     b = task.base_batch_size
@@ -254,13 +261,7 @@ def time_batch_sizes(setup: TrialSetup, batch_sizes: list[int],
     if not batch_sizes:
         return {}
     task, device = setup.task, setup.device
-    with distributed.agreement():
-        model = task.model().to(device)
-        model.load_state_dict(setup.initial_state)
-        model.train()
-        optimizer = task.make_optimizer(model.parameters(), task.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = 0.0
+    model, optimizer = _fresh_model(setup, 0.0)
     train_model = distributed.wrap_model(model, device)
 
     def stepper(b: int) -> Callable[[], float]:
