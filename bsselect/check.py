@@ -109,9 +109,19 @@ def resolve_budget(memory: str | None, preset: str | None) -> tuple[int, str, bo
                      "a100-80gb (or memory/device_preset in [tool.bsselect])")
 
 
-def read_pyproject(path: Path) -> dict[str, Any]:
-    """``[tool.bsselect]`` of ``path`` ({} when the file or the table is absent)."""
+_KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "task": (str,), "batch_size": (int,), "memory": (str, int, float), "device_preset": (str,),
+    "margin": (int, float), "target": (str,), "precision": (str,), "accumulate": (int,),
+    "inputs": (str,)}
+
+
+def read_pyproject(path: Path, required: bool = False) -> dict[str, Any]:
+    """``[tool.bsselect]`` of ``path`` ({} when the file or the table is absent; a missing
+    file is a UsageError when ``required``, i.e. named with --config). Every key is checked
+    for its type, with a message that names the file and the key."""
     if not path.is_file():
+        if required:
+            raise UsageError(f"--config {str(path)!r} does not exist")
         return {}
     if sys.version_info >= (3, 11):
         import tomllib
@@ -121,13 +131,24 @@ def read_pyproject(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path} is not valid TOML: {exc}") from None
-    table = data.get("tool", {}).get("bsselect", {})
-    known = {"task", "batch_size", "memory", "device_preset", "margin", "target", "precision",
-             "accumulate", "inputs"}
+    tool = data.get("tool", {})
+    if not isinstance(tool, dict):
+        raise UsageError(f"[tool] in {path} must be a table, got {tool!r}")
+    table = tool.get("bsselect", {})
+    if not isinstance(table, dict):
+        raise UsageError(f"[tool.bsselect] in {path} must be a table (a [tool.bsselect] "
+                         f"section), got bsselect = {table!r}")
+    known = set(_KEY_TYPES)
     unknown = set(table) - known
     if unknown:
         raise UsageError(f"[tool.bsselect] in {path}: unknown key(s) {sorted(unknown)}; "
                          f"known: {sorted(known)}")
+    for key, value in table.items():
+        types = _KEY_TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            want = " or ".join({str: "a string", int: "an integer", float: "a number"}[t]
+                               for t in types)
+            raise UsageError(f"[tool.bsselect] in {path}: {key} must be {want}, got {value!r}")
     return table
 
 

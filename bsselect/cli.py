@@ -47,7 +47,7 @@ def guarded(fn: Callable[[], T]) -> T:
     except BsselectError as exc:
         if _state["debug"]:
             traceback.print_exc()
-        _error(console, f"[red]error:[/] {exc}")
+        _error(console, f"[red]error:[/] {_escape(str(exc))}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -57,9 +57,17 @@ def guarded(fn: Callable[[], T]) -> T:
     except Exception as exc:  # noqa: BLE001 - the boundary: never a bare traceback
         if _state["debug"]:
             traceback.print_exc()
-        _error(console, f"[red]internal error:[/] {type(exc).__name__}: {exc} "
+        _error(console, f"[red]internal error:[/] {type(exc).__name__}: {_escape(str(exc))} "
                         "(rerun with --debug for a traceback)")
         raise typer.Exit(1) from None
+
+
+def _escape(text: str) -> str:
+    """User or library text as rich prints it literally: `[tool.bsselect]`, a shape
+    `[batch, 32]` and `pip install 'bsselect[plot]'` keep their brackets."""
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def _error(console, text: str) -> None:
@@ -574,8 +582,9 @@ def check(
     target: Annotated[Optional[str], typer.Option(
         help="cuda adds the CUDA-only terms; same compares the simulated peak alone.",
         show_default="cuda with a preset, else same")] = None,
-    config: Annotated[Path, typer.Option(
-        help="pyproject.toml whose [tool.bsselect] supplies defaults.")] = Path("pyproject.toml"),
+    config: Annotated[Optional[Path], typer.Option(
+        help="pyproject.toml whose [tool.bsselect] supplies defaults (must exist when given).",
+        show_default="./pyproject.toml, if present")] = None,
     output_format: Annotated[str, typer.Option(
         "--format", help="text, json or github (GitHub Actions annotations).")] = "text",
     precision: Annotated[Optional[str], typer.Option(
@@ -615,7 +624,7 @@ def check(
             {"task": task, "batch_size": batch_size, "memory": memory,
              "device_preset": device_preset, "margin": margin, "target": target,
              "precision": precision, "accumulate": accumulate, "inputs": inputs},
-            read_pyproject(config))
+            read_pyproject(config or Path("pyproject.toml"), required=config is not None))
         loaded, name = load_task(cfg.task)
         validate_task(loaded, on_meta=True)
         result = run_check(loaded, name, cfg, scan(loaded, cfg.inputs, console))

@@ -93,6 +93,11 @@ def load(path: str | Path) -> JournalContents:
         data = path.read_bytes()
     except FileNotFoundError:
         raise UsageError(f"journal {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{str(path)!r} is a directory; give the sweep's journal file "
+                         "(bsselect-sweep-TASK.jsonl)") from None
+    except PermissionError:
+        raise UsageError(f"journal {str(path)!r} cannot be read (permission denied)") from None
     lines = data.split(b"\n")
     complete = data.endswith(b"\n") or not data
     if lines and lines[-1] == b"":

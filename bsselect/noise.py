@@ -244,6 +244,9 @@ def default_batch_sizes(task: Task, b_small: int | None = None, b_big: int | Non
     """(b_small, b_big) with the defaults filled in: ``b_small`` = the task's base batch size,
     ``b_big = 8 * b_small``, both shrunk to fit the dataset (``b_big <= N``). Given values are
     kept as they are, for ``check_settings`` to judge."""
+    for name, value in (("--b-small", b_small), ("--b-big", b_big)):
+        if value is not None and value < 1:
+            raise UsageError(f"{name} must be >= 1, got {value}")
     n_data = len(task.train_data)  # type: ignore[arg-type]
     world = distributed.world_size()
     n_sub = -(-DEFAULT_N_SUB // world) * world  # under torchrun: the same number on every rank

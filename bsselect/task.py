@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +36,43 @@ class Task:
     base_batch_size: int = 32
     collate_fn: Optional[Callable[[list], Any]] = None
 
+    def __post_init__(self) -> None:
+        """Typed checks of every field, each a one-line message that says what to pass."""
+        if isinstance(self.model, nn.Module):
+            raise TypeError("Task.model must be a function that builds a fresh model (e.g. "
+                            f"`lambda: {type(self.model).__name__}(...)`), not a model instance")
+        for name in ("model", "loss_fn"):
+            if not callable(getattr(self, name)):
+                raise TypeError(f"Task.{name} must be callable, got {_kind(getattr(self, name))}")
+        for name in ("metric", "optimizer", "collate_fn"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise TypeError(f"Task.{name} must be callable or None, got {_kind(value)}")
+        for name in ("train_data", "val_data"):
+            value = getattr(self, name)
+            if (value is not None or name == "train_data") and not (
+                    hasattr(value, "__len__") and hasattr(value, "__getitem__")):
+                raise TypeError(f"Task.{name} must be a map-style Dataset (with __len__ and "
+                                f"__getitem__), got {_kind(value)}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (
+                math.isfinite(self.lr) and self.lr > 0):
+            raise TypeError(f"Task.lr must be a number > 0, got {_kind(self.lr)}")
+        if isinstance(self.base_batch_size, bool) or not isinstance(self.base_batch_size, int) \
+                or self.base_batch_size < 1:
+            raise TypeError(f"Task.base_batch_size must be an int >= 1, got "
+                            f"{_kind(self.base_batch_size)}")
+
     def make_optimizer(self, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """The task's optimizer at ``lr``; default SGD with momentum 0.9."""
         if self.optimizer is not None:
             return self.optimizer(params, lr)
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def _kind(value: Any) -> str:
+    """``'0.1' (str)`` — a value and its type, for messages."""
+    text = repr(value)
+    return f"{text[:60]}{'…' if len(text) > 60 else ''} ({type(value).__name__})"
 
 
 def _import_target(module_part: str) -> Any:

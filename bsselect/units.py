@@ -15,8 +15,17 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str) -> int:
-    """Bytes in ``text``: ``24GiB`` (2**30), ``24GB`` (10**9), ``24G`` (2**30), ``1000``."""
+MAX_BYTES = 2**50  # 1 PiB: more than any device or host; larger is a typo
+MIN_BARE_BYTES = 2**20  # a number without a unit below 1 MiB is surely not meant as bytes
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes in ``text``: ``24GiB`` (2**30), ``24GB`` (10**9), ``24G`` (2**30), ``8B``, or a
+    plain byte count of at least 1 MiB (``--memory 8`` is refused: 8 bytes is never meant).
+    Numbers (a TOML ``memory = 12``) follow the same rules; other types are refused."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise UsageError(f"memory size must be a string like '24GiB', got {text!r}")
+    text = str(text)
     match = _SIZE.match(text)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
@@ -26,6 +35,12 @@ def parse_size(text: str) -> int:
     value = int(float(match.group(1)) * _UNITS[unit])
     if value <= 0:
         raise UsageError(f"memory size must be positive, got {text!r}")
+    if unit == "" and value < MIN_BARE_BYTES:
+        raise UsageError(f"memory size {text!r} has no unit, which would mean {value} bytes; "
+                         f"write {text}GiB or {text}GB (or {text}B if you mean bytes)")
+    if value > MAX_BYTES:
+        raise UsageError(f"memory size {text!r} is {format_bytes(value)}, more than any device "
+                         "(the limit is 1 PiB); check the unit")
     return value
 
 
@@ -33,8 +48,8 @@ def format_bytes(n: float) -> str:
     """``1.50 GiB`` — binary units, three significant digits."""
     sign = "-" if n < 0 else ""
     n = abs(float(n))
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1000 or unit == "TiB":  # 1000..1023 reads better as 0.98 of the next unit
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if n < 1000 or unit == "EiB":  # 1000..1023 reads better as 0.98 of the next unit
             return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.3g} {unit}"
         n /= 1024
     raise AssertionError("unreachable")

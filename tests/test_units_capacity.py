@@ -12,17 +12,27 @@ from bsselect.units import format_bytes, parse_size
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("24GiB", 24 * 2**30), ("16GB", 16 * 10**9), ("512MiB", 512 * 2**20), ("1000", 1000),
+    ("24GiB", 24 * 2**30), ("16GB", 16 * 10**9), ("512MiB", 512 * 2**20),
+    ("1048576", 2**20), ("8e9", 8 * 10**9), (17179869184, 16 * 2**30), ("1000B", 1000),
     ("1.5G", int(1.5 * 2**30)), ("80 gib", 80 * 2**30), ("2tb", 2 * 10**12), ("100B", 100),
 ])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "GiB", "12 parsecs", "-3GB", "0", "1e"])
+@pytest.mark.parametrize("text", ["", "GiB", "12 parsecs", "-3GB", "0", "1e", "8", 12, "1000",
+                                  "1e30", "2048TiB", None, True, [8]])
 def test_parse_size_rejects(text):
     with pytest.raises(UsageError):
         parse_size(text)
+
+
+def test_parse_size_says_what_a_bare_number_would_mean():
+    with pytest.raises(UsageError, match=r"memory size '8' has no unit, which would mean 8 "
+                                         r"bytes; write 8GiB or 8GB \(or 8B if you mean bytes\)"):
+        parse_size("8")
+    with pytest.raises(UsageError, match=r"'1e30' is .* more than any device"):
+        parse_size("1e30")
 
 
 def test_format_bytes():

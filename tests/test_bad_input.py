@@ -1,0 +1,105 @@
+"""Bad input a new user really types: one clear line and the documented exit code, through
+the real command (issue 14). Exit codes: 1 the task or run failed, 2 usage error."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+
+def one_error(proc) -> str:
+    """The single ``error:`` line; no traceback, no 'internal error', nothing on stdout."""
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    assert proc.stdout == ""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["noise", "linreg", "--b-small", "0"], 2, "error: --b-small must be >= 1, got 0"),
+    (["noise", "linreg", "--b-big", "-4"], 2, "error: --b-big must be >= 1, got -4"),
+    (["probe", "digits-mlp", "--memory", "8"], 2,
+     "error: memory size '8' has no unit, which would mean 8 bytes; write 8GiB or 8GB (or 8B if "
+     "you mean bytes)"),
+    (["probe", "digits-mlp", "--memory", "1e30"], 2,
+     "error: memory size '1e30' is 8.67e+11 EiB, more than any device (the limit is 1 PiB); "
+     "check the unit"),
+    (["sweep", "digits-mlp", "--threads", "0"], 2, "error: --threads must be >= 1, got 0"),
+    (["check", "digits-mlp", "--batch-size", "8", "--memory", "1GiB", "--config",
+      "missing.toml"], 2, "error: --config 'missing.toml' does not exist"),
+])
+def test_usage_errors(tmp_path, monkeypatch, args, code, message):
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli(*args)
+    assert proc.returncode == code
+    assert one_error(proc) == message
+
+
+def test_report_on_a_directory(tmp_path):
+    proc = run_cli("report", str(tmp_path))
+    assert proc.returncode == 2
+    assert one_error(proc) == (f"error: '{tmp_path}' is a directory; give the sweep's journal "
+                               "file (bsselect-sweep-TASK.jsonl)")
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("[tool.bsselect]\nmemory = 12\nbatch_size = 8\n",
+     "memory size '12' has no unit, which would mean 12 bytes"),
+    ("[tool]\nbsselect = 5\n", "must be a table (a [tool.bsselect] section), got bsselect = 5"),
+    ("[tool.bsselect]\nbatch_size = '8'\n", "batch_size must be an integer, got '8'"),
+    ("[tool.bsselect]\nmargin = 'lots'\n", "margin must be an integer or a number, got 'lots'"),
+])
+def test_bad_pyproject_values_keep_their_brackets(tmp_path, monkeypatch, toml, message):
+    monkeypatch.chdir(tmp_path)
+    Path("pyproject.toml").write_text(toml)
+    proc = run_cli("check", "digits-mlp", *([] if "memory" in toml else ["--memory", "1GiB"]))
+    assert proc.returncode == 2
+    assert message in one_error(proc)
+
+
+def test_check_without_a_batch_size_names_the_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli("check", "digits-mlp", "--memory", "1GiB")
+    assert proc.returncode == 2
+    assert one_error(proc) == "error: check needs --batch-size (or batch_size in [tool.bsselect])"
+
+
+TASK_TEMPLATE = """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import TensorDataset
+    from bsselect import Task
+
+    def make_task():
+        data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+        return Task({fields})
+"""
+
+
+@pytest.mark.parametrize("fields, message", [
+    ("model=lambda: nn.Linear(4, 2), train_data=data, loss_fn=F.cross_entropy, lr='0.1'",
+     "TypeError: Task.lr must be a number > 0, got '0.1' (str)"),
+    ("model=nn.Sequential(nn.Linear(4, 2)), train_data=data, loss_fn=F.cross_entropy",
+     "TypeError: Task.model must be a function that builds a fresh model (e.g. "
+     "`lambda: Sequential(...)`), not a model instance"),
+    ("model=lambda: nn.Linear(4, 2), train_data=data, loss_fn=F.cross_entropy, "
+     "base_batch_size=0", "TypeError: Task.base_batch_size must be an int >= 1, got 0 (int)"),
+    ("model=lambda: nn.Linear(4, 2), train_data=[1, 2], loss_fn='mse'",
+     "TypeError: Task.loss_fn must be callable, got 'mse' (str)"),
+    ("model=lambda: nn.Linear(4, 2), train_data=5, loss_fn=F.cross_entropy",
+     "TypeError: Task.train_data must be a map-style Dataset (with __len__ and __getitem__), "
+     "got 5 (int)"),
+])
+def test_task_fields_are_checked_with_typed_messages(tmp_path, fields, message):
+    path = tmp_path / "task.py"
+    path.write_text(textwrap.dedent(TASK_TEMPLATE.format(fields=fields)))
+    proc = run_cli("probe", f"{path}:make_task", "--memory", "1GiB")
+    assert proc.returncode == 1
+    assert one_error(proc) == (f"error: `{path}:make_task` raised while building the task: "
+                               f"{message}")
