@@ -11,7 +11,7 @@ from typing import Annotated, Callable, Optional, TypeVar
 import typer
 
 from . import __version__
-from .errors import BsselectError, UsageError, parse_choice
+from .errors import BsselectError, UsageError, one_line, parse_choice
 from .run_options import AccumulateOpt, InputsOpt, PrecisionOpt
 
 T = TypeVar("T")
@@ -339,6 +339,10 @@ def sweep(
                              "be >= 0")
         if threads is not None and threads < 1:
             raise UsageError(f"--threads must be >= 1, got {threads}")
+        if plot is not None:
+            from .plots import check_plot_target
+
+            check_plot_target(plot)
         explicit = parse_int_list(batch_sizes, "--batch-sizes")
         trial_budget = parse_budget(budget) if budget is not None else None
         dev = _device(device)
@@ -396,6 +400,10 @@ def report(
         from .report import console
         from .sweep import SweepSettings, summarize
 
+        if plot is not None:
+            from .plots import check_plot_target
+
+            check_plot_target(plot)
         contents = load(journal)
         for warning in contents.warnings:
             console.print(f"[yellow]warning:[/] {warning}", highlight=False)
@@ -421,20 +429,25 @@ def report(
 
 
 def _finish_sweep(result, as_json: bool, plot: Optional[Path]) -> None:
-    from .report import console, emit_json, render_sweep
-
-    if plot is not None:
-        from .plots import plot_sweep
-
-        plot_sweep(result, plot)
-        console.print(f"plot written to {plot}", highlight=False)
+    """The results first (table or JSON), then the plot: a plot that still fails to write
+    loses nothing."""
     from .distributed import sweep_json
+    from .report import console, emit_json, render_sweep
 
     if as_json:
         emit_json(sweep_json(result.to_json()))
     else:
         render_sweep(result)
         _note("sweep", result.to_json())
+    if plot is not None:
+        from .plots import plot_sweep
+
+        try:
+            plot_sweep(result, plot)
+        except OSError as exc:
+            raise UsageError(f"writing the plot {str(plot)!r} failed: {one_line(exc)}; the "
+                             f"results above are also in {result.journal}") from None
+        console.print(f"plot written to {plot}", highlight=False)
     failure = result.failure()
     if failure is not None:  # the table and the journal are kept; the exit code says it failed
         raise failure
@@ -612,14 +625,23 @@ def check(
     """
 
     def body() -> None:
+        fmt = "json" if as_json else output_format
+        if fmt not in ("text", "json", "github"):
+            raise UsageError(f"--format must be text, json or github; got {fmt!r}")
+        try:
+            _check_body(fmt)
+        except BsselectError as exc:
+            if fmt == "github":  # the failure as an annotation too, not only a plain line
+                text = str(exc).replace("%", "%25").replace("\n", "%0A")
+                print(f"::error title=bsselect check::{text}", flush=True)
+            raise
+
+    def _check_body(fmt: str) -> None:
         from .check import merge_config, read_pyproject, run_check
         from .report import console, emit_json, render_check, render_check_github
         from .run_options import print_step_lines, scan
         from .task import load_task, validate_task
 
-        fmt = "json" if as_json else output_format
-        if fmt not in ("text", "json", "github"):
-            raise UsageError(f"--format must be text, json or github; got {fmt!r}")
         cfg = merge_config(
             {"task": task, "batch_size": batch_size, "memory": memory,
              "device_preset": device_preset, "margin": margin, "target": target,

@@ -111,6 +111,11 @@ def load(path: str | Path) -> JournalContents:
         record, problem = _parse_line(raw)
         if problem is None and number == 1 and _HEADER_TAG in record:
             header, problem = _header_from(record)
+        elif problem is None and _HEADER_TAG in record:
+            other = record.get("task", "?")
+            raise UsageError(f"{path} holds a second journal header at line {number} (task "
+                             f"{other!r}): two sweeps' journals in one file, whose trials must "
+                             "not be mixed; split the file, or keep one sweep per --journal")
         elif problem is None and "trial" in record:
             problem = _append_trial(record["trial"], trials)
         elif problem is None and "timing" in record:

@@ -20,6 +20,21 @@ def _pyplot() -> Any:
     return plt
 
 
+def check_plot_target(path: Path) -> None:
+    """Before any work: matplotlib importable and ``path`` writable (its folder exists and
+    takes a file), so that a sweep does not fail after its trials for want of either."""
+    import os
+
+    _pyplot()
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"--plot {str(path)!r} is a directory; give a file name like sweep.png")
+    if not folder.is_dir():
+        raise UsageError(f"--plot {str(path)!r}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"--plot {str(path)!r} is not writable")
+
+
 def plot_sweep(result: Any, path: Path) -> None:
     """Four panels in one PNG at ``path``."""
     plt = _pyplot()

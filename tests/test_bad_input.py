@@ -103,3 +103,45 @@ def test_task_fields_are_checked_with_typed_messages(tmp_path, fields, message):
     assert proc.returncode == 1
     assert one_error(proc) == (f"error: `{path}:make_task` raised while building the task: "
                                f"{message}")
+
+
+def test_check_github_format_annotates_a_failure(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli("check", "digits-mlp", "--memory", "1GiB", "--format", "github")
+    assert proc.returncode == 2
+    assert proc.stdout == ("::error title=bsselect check::check needs --batch-size (or "
+                           "batch_size in [tool.bsselect])\n")
+    assert "error: check needs --batch-size" in proc.stderr
+
+
+@pytest.mark.parametrize("plot, message", [
+    ("missing-dir/sweep.png", "--plot 'missing-dir/sweep.png': folder 'missing-dir' does not "
+                              "exist"),
+    (".", "--plot '.' is a directory; give a file name like sweep.png"),
+])
+def test_a_bad_plot_path_fails_before_any_trial(tmp_path, monkeypatch, plot, message):
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli("sweep", "digits-mlp", "--batch-sizes", "8,16", "--plot", plot)
+    assert proc.returncode == 2
+    assert one_error(proc) == f"error: {message}"
+    assert not list(tmp_path.glob("*.jsonl"))  # nothing ran, no journal started
+
+
+def test_report_refuses_a_file_holding_two_sweeps(tmp_path):
+    from bsselect.journal import Journal
+    from bsselect.trial_types import TrialResult
+
+    def journal(path, task):
+        j = Journal(path, task=task, settings={"seed": 0})
+        j.append(TrialResult(batch_size=8, status="oom", lr=0.1, steps=0, samples=0,
+                             wall_s=0.0, error="oom"))
+
+    journal(tmp_path / "a.jsonl", "task-a")
+    journal(tmp_path / "b.jsonl", "task-b")
+    both = tmp_path / "both.jsonl"
+    both.write_bytes((tmp_path / "a.jsonl").read_bytes() + (tmp_path / "b.jsonl").read_bytes())
+    proc = run_cli("report", str(both))
+    assert proc.returncode == 2
+    assert one_error(proc) == (f"error: {both} holds a second journal header at line 3 (task "
+                               "'task-b'): two sweeps' journals in one file, whose trials must "
+                               "not be mixed; split the file, or keep one sweep per --journal")
