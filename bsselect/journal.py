@@ -207,9 +207,27 @@ def _check_key(path: Path, contents: JournalContents, key: str,
                          "or drop --resume")
 
 
+TASK_FINGERPRINT = "task_fingerprint"
+
+
+def _check_fingerprint(path: Path, header: JournalHeader | None,
+                       now: Mapping[str, Any]) -> None:
+    """UsageError when the journal records a task fingerprint that differs from ``now``'s,
+    naming what changed: the same entry point may build another model or data."""
+    before = header.settings.get(TASK_FINGERPRINT) if header is not None else None
+    if not before or not now or before == now:
+        return
+    changed = [f"{n} {before.get(n)!r} -> {now.get(n)!r}"
+               for n in sorted(set(before) | set(now)) if before.get(n) != now.get(n)]
+    raise UsageError(f"journal {str(path)!r} was written for another version of the task "
+                     f"({', '.join(changed[:4])}); its trials do not apply: use a new --journal "
+                     "path or --overwrite")
+
+
 def _describe_difference(header: JournalHeader, task: str, settings: Mapping[str, Any]) -> str:
     """``: lr_scaling 'sqrt' -> 'linear'`` for the first few things that changed."""
-    before = {"task": header.task, **header.settings}
+    before = {"task": header.task, **{k: v for k, v in header.settings.items()
+                                      if k != TASK_FINGERPRINT}}
     after = {"task": task, **_jsonable(settings)}
     changed = [f"{n} {before.get(n)!r} -> {after.get(n)!r}"
                for n in sorted(set(before) | set(after)) if before.get(n) != after.get(n)]
@@ -238,11 +256,17 @@ class Journal:
     """
 
     def __init__(self, path: str | Path, *, task: str, settings: Mapping[str, Any],
-                 mode: JournalMode = JournalMode.new) -> None:
+                 mode: JournalMode = JournalMode.new,
+                 fingerprint: Mapping[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.key = journal_key(task, settings)
+        # What the task was (model shapes, data, optimizer, loss): stored beside the settings
+        # but not in the key, so that journals written before it existed still resume; a
+        # journal that has one must match it.
+        self.fingerprint = _jsonable(fingerprint or {})
+        stored = {**settings, TASK_FINGERPRINT: self.fingerprint} if fingerprint else settings
         self.header = JournalHeader(
-            key=self.key, task=task, settings=_jsonable(settings),
+            key=self.key, task=task, settings=_jsonable(stored),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             bsselect_version=__version__)
         self.resumed: dict[int, TrialResult] = {}
@@ -285,6 +309,7 @@ class Journal:
             self.warnings = contents.warnings + (f"{self.path}: started again",)
             return True
         _check_key(self.path, contents, self.key, (task, settings))
+        _check_fingerprint(self.path, contents.header, self.fingerprint)
         _repair_tail(self.path)
         self.resumed = {t.batch_size: t for t in contents.trials}
         self.warnings = contents.warnings

@@ -289,9 +289,11 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
     mode = JournalMode.resume if resume else (
         JournalMode.overwrite if overwrite else JournalMode.new)
     # Under torchrun only rank 0 reads and writes the journal; the others get what it read.
+    fingerprint = task_fingerprint(task, setup)
     journal = distributed.run_on_main(lambda: Journal(
         journal_path, task=task_name,
-        settings={**settings.journal_settings(task), **distributed.journal_settings()}, mode=mode))
+        settings={**settings.journal_settings(task), **distributed.journal_settings()}, mode=mode,
+        fingerprint=fingerprint))
     done = journal.resumed
     for warning in journal.warnings:
         if hooks.warn:
@@ -372,6 +374,30 @@ def apply_timing(trials: Sequence[TrialResult], timing: Sequence[RoundTiming]
             loss_drop_per_s=drop / (step * t.steps) if t.steps else None,
             trial_step_time_s=t.trial_step_time_s or t.step_time_s))
     return tuple(out)
+
+
+def task_fingerprint(task: Task, setup: TrialSetup) -> dict[str, Any]:
+    """What identifies the task behind a journal beyond its entry point: the model's
+    parameter count and a hash of its state's names and shapes, the training and validation
+    items the trials use, the optimizer class, the loss and the metric."""
+    import hashlib
+
+    shapes = ";".join(f"{k}:{tuple(v.shape)}" for k, v in setup.initial_state.items())
+    with torch.device("meta"):
+        param = torch.nn.Parameter(torch.empty(1))
+    try:
+        optimizer = type(task.make_optimizer([param], task.lr)).__name__
+    except Exception:  # noqa: BLE001 - an optimizer that refuses meta: the validation said so
+        optimizer = "?"
+
+    def name(fn: Any) -> str | None:
+        return None if fn is None else getattr(fn, "__qualname__", type(fn).__name__)
+
+    return {"parameters": sum(v.numel() for v in setup.initial_state.values()),
+            "state_shapes": hashlib.sha256(shapes.encode()).hexdigest()[:12],
+            "train_items": len(setup.train_data),  # type: ignore[arg-type]
+            "val_items": len(setup.val_data),  # type: ignore[arg-type]
+            "optimizer": optimizer, "loss_fn": name(task.loss_fn), "metric": name(task.metric)}
 
 
 def validation_cap(task: Task) -> int | None:

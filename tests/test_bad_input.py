@@ -145,3 +145,32 @@ def test_report_refuses_a_file_holding_two_sweeps(tmp_path):
     assert one_error(proc) == (f"error: {both} holds a second journal header at line 3 (task "
                                "'task-b'): two sweeps' journals in one file, whose trials must "
                                "not be mixed; split the file, or keep one sweep per --journal")
+
+
+def test_resume_after_the_task_changed_refuses_and_names_the_change(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "task.py"
+
+    def write(width: int) -> None:
+        path.write_text(textwrap.dedent(TASK_TEMPLATE.format(
+            fields=f"model=lambda: nn.Sequential(nn.Linear(4, {width}), nn.ReLU(), "
+                   f"nn.Linear({width}, 2)), train_data=data, loss_fn=F.cross_entropy, "
+                   "base_batch_size=8")))
+
+    args = ("sweep", f"{path}:make_task", "--batch-sizes", "8,16", "--budget", "64",
+            "--journal", "j.jsonl")
+    write(16)
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    before = Path("j.jsonl").read_bytes()
+    write(32)  # the same entry point now builds a wider model
+    proc = run_cli(*args, "--resume")
+    assert proc.returncode == 2
+    error = one_error(proc)
+    assert error.startswith("error: journal 'j.jsonl' was written for another version of the "
+                            "task (parameters 114 -> 226, state_shapes ")
+    assert error.endswith("its trials do not apply: use a new --journal path or --overwrite")
+    assert Path("j.jsonl").read_bytes() == before
+    write(16)  # back to the journal's task: it resumes
+    again = run_cli(*args, "--resume")
+    assert again.returncode == 0, again.stderr
