@@ -23,8 +23,9 @@ def resolve_device(name: str | None) -> torch.device:
         acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
         if acc is None or acc.type != device.type:
             raise UsageError(
-                f"device {name!r} is not available on this machine; "
-                "use --method simulated (with --target cuda) to plan for it without one"
+                f"device {name!r} is not available on this machine; to plan memory for it "
+                "without one, use `bsselect probe --target cuda --memory SIZE` or "
+                "`bsselect check --device-preset NAME`"
             )
     return device
 

@@ -34,6 +34,10 @@ class StepSettings:
 def collate(task: Task, items: Sequence[Any]) -> tuple[Any, Any]:
     """(inputs, targets) for ``items`` with the task's collate_fn (or PyTorch's default)."""
     batch = (task.collate_fn or default_collate)(list(items))
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TypeError(f"Task.collate_fn must return (inputs, targets), got "
+                        f"{type(batch).__name__}: the step calls model(inputs) and "
+                        "loss_fn(output, targets)")
     x, y = batch
     return x, y
 

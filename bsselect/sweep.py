@@ -438,7 +438,9 @@ def summarize(base_lr: float, base_batch_size: int, task_name: str, device: torc
     rec = ranking.recommended_batch_size
     rec_lr = scale_lr(base_lr, base_batch_size, rec, settings.lr_scaling) if rec else None
     accumulation = None
-    if ranking.b_opt is not None and ranking.b_opt > max_batch >= 1:
+    # Only when the maximum is what fits (the probe's), not a bound the user chose.
+    if (ranking.b_opt is not None and ranking.b_opt > max_batch >= 1
+            and max_batch_source.startswith("probe")):
         target = 1 << max(0, round(ranking.b_opt).bit_length() - 1)
         micro = largest_pow2_at_most(max_batch)
         if target > micro:

@@ -177,9 +177,13 @@ def validate_task(task: Task, on_meta: bool = False) -> None:
             item = data[0]
         except Exception as exc:
             raise TaskError(f"reading Task.{name}[0] failed: {one_line(exc)}") from exc
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        if task.collate_fn is None and not (isinstance(item, (tuple, list)) and len(item) == 2):
+            what = (f"a {len(item)}-tuple" if isinstance(item, (tuple, list))
+                    else f"a {type(item).__name__}")
             raise TaskError(
-                f"Task.{name}[0] is {type(item).__name__}; items must be (input, target) pairs"
+                f"Task.{name}[0] is {what}; without a collate_fn, items must be (input, "
+                "target) pairs. Give Task.collate_fn that turns a list of items into "
+                "(inputs, targets) to use any other item type"
             )
     try:
         if on_meta:

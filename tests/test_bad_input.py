@@ -3,6 +3,7 @@ the real command (issue 14). Exit codes: 1 the task or run failed, 2 usage error
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -174,3 +175,53 @@ def test_resume_after_the_task_changed_refuses_and_names_the_change(tmp_path, mo
     write(16)  # back to the journal's task: it resumes
     again = run_cli(*args, "--resume")
     assert again.returncode == 0, again.stderr
+
+
+DICT_TASKS = Path(__file__).parent / "tasks" / "dict_tasks.py"
+
+
+@pytest.mark.parametrize("command", [
+    ("probe", "--memory", "1GiB", "--json"),
+    ("check", "--batch-size", "64", "--memory", "1GiB", "--json"),
+    ("sweep", "--batch-sizes", "8,16", "--budget", "64", "--journal", "j.jsonl", "--json"),
+])
+def test_dict_items_work_with_a_collate_fn(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli(command[0], f"{DICT_TASKS}:make_task", *command[1:])
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    if command[0] == "sweep":
+        assert [t["status"] for t in out["trials"]] == ["ok", "ok"]
+        # --batch-sizes bounds the sweep; it is not what fits: no accumulation advice.
+        assert out["b_opt_accumulation"] is None
+    elif command[0] == "check":
+        assert out["fits"] is True
+
+
+@pytest.mark.parametrize("factory, message", [
+    ("no_collate", "error: Task.train_data[0] is a dict; without a collate_fn, items must be "
+                   "(input, target) pairs. Give Task.collate_fn that turns a list of items into "
+                   "(inputs, targets) to use any other item type"),
+    ("bad_collate", "error: collating a batch failed: TypeError: Task.collate_fn must return "
+                    "(inputs, targets), got dict: the step calls model(inputs) and "
+                    "loss_fn(output, targets)"),
+])
+def test_dict_items_without_a_fitting_collate_fn(tmp_path, monkeypatch, factory, message):
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli("probe", f"{DICT_TASKS}:{factory}", "--memory", "1GiB")
+    assert proc.returncode == 1
+    assert one_error(proc) == message
+
+
+def test_an_absent_device_names_what_works_without_it(tmp_path, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has the device")  # the test is about one without it
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli("sweep", "digits-mlp", "--device", "cuda")
+    assert proc.returncode == 2
+    assert one_error(proc) == (
+        "error: device 'cuda' is not available on this machine; to plan memory for it without "
+        "one, use `bsselect probe --target cuda --memory SIZE` or `bsselect check "
+        "--device-preset NAME`")
