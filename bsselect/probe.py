@@ -69,14 +69,21 @@ class ProbeResult:
     items_scanned: int = 0
     uniform_items: bool | None = None     # every item the same size: worst case = typical
     inputs_note: str = ""
+    train_items: int | None = None        # the task's training set: a batch cannot exceed it
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["points"] = [asdict(p) for p in self.points]
         data["terms"] = [asdict(t) for t in self.terms]
         # max_batch is per micro-step: the batch that must fit. Accumulation trains on more.
-        data.update(micro_batch=self.max_batch, effective_batch=self.max_batch * self.accumulate)
+        data.update(micro_batch=self.max_batch, effective_batch=self.max_batch * self.accumulate,
+                    exceeds_dataset=self.exceeds_dataset)
         return data
+
+    @property
+    def exceeds_dataset(self) -> bool:
+        """The answer is larger than the training set: memory does not limit the batch."""
+        return self.train_items is not None and self.max_batch > self.train_items
 
 
 @dataclass
@@ -250,6 +257,7 @@ def run_probe(
     terms = _required(int(fit.predict(best)), _rounded_at(best, raw, rounded), target,
                       has_conv, budget_is_total)[1]
     return ProbeResult(
+        train_items=len(task.train_data),  # type: ignore[arg-type]
         task=task_name, device=str(device), method=method.value, target=target.value,
         margin=margin, budget_bytes=budget.bytes, budget_source=budget.source,
         fixed_bytes=round(fit.fixed_bytes), per_sample_bytes=round(fit.per_sample_bytes),

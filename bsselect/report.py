@@ -73,6 +73,10 @@ def render_probe(result: Any) -> None:
         f"[bold green]max batch {result.max_batch}[/] · largest power of two "
         f"[bold green]{result.max_batch_pow2}[/]"
     )
+    if result.exceeds_dataset:
+        out.print(f"[yellow]note:[/] that is larger than the {result.train_items:,}-item "
+                  "training set: memory does not limit the batch here, the data does",
+                  highlight=False)
 
 
 def _f(value: float | None, fmt: str = ".3g", none: str = "—") -> str:

@@ -225,3 +225,15 @@ def test_an_absent_device_names_what_works_without_it(tmp_path, monkeypatch):
         "error: device 'cuda' is not available on this machine; to plan memory for it without "
         "one, use `bsselect probe --target cuda --memory SIZE` or `bsselect check "
         "--device-preset NAME`")
+
+
+def test_probe_says_when_its_answer_exceeds_the_dataset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli("probe", "digits-mlp", "--memory", "4GiB")
+    assert proc.returncode == 0, proc.stderr
+    assert ("note: that is larger than the 1,500-item training set: memory does not limit the "
+            "batch here, the data does") in proc.stdout
+    data = json.loads(run_cli("probe", "digits-mlp", "--memory", "4GiB", "--json").stdout)
+    assert data["exceeds_dataset"] is True and data["train_items"] == 1500
+    small = json.loads(run_cli("probe", "tiny-lm", "--memory", "256MiB", "--json").stdout)
+    assert small["exceeds_dataset"] is False
