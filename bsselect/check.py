@@ -106,7 +106,7 @@ def resolve_budget(memory: str | None, preset: str | None) -> tuple[int, str, bo
     if memory:
         return parse_size(memory), "--memory", False
     raise UsageError("check needs the device's memory: --memory 80GiB or --device-preset "
-                     "a100-80gb (or memory/device_preset in [tool.bsselect])")
+                     "a100-80gb (or memory/device_preset in [tool.bsselect] of pyproject.toml)")
 
 
 _KEY_TYPES: dict[str, tuple[type, ...]] = {
@@ -152,14 +152,17 @@ def read_pyproject(path: Path, required: bool = False) -> dict[str, Any]:
     return table
 
 
-def merge_config(cli: dict[str, Any], file: dict[str, Any]) -> CheckConfig:
-    """CLI options win over ``[tool.bsselect]``; the file fills what the CLI left out."""
+def merge_config(cli: dict[str, Any], file: dict[str, Any],
+                 source: str = "pyproject.toml") -> CheckConfig:
+    """CLI options win over ``[tool.bsselect]``; the file (``source``, named in messages)
+    fills what the CLI left out."""
     def pick(name: str, default: Any = None) -> Any:
         return cli[name] if cli.get(name) is not None else file.get(name, default)
 
     batch = pick("batch_size")
     if batch is None:
-        raise UsageError("check needs --batch-size (or batch_size in [tool.bsselect])")
+        raise UsageError(f"check needs --batch-size (or batch_size in [tool.bsselect] of "
+                         f"{source})")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise UsageError(f"batch size must be an integer >= 1, got {batch!r}")
     memory, preset = cli.get("memory"), cli.get("device_preset")

@@ -361,6 +361,10 @@ def sweep(
         console.print(f"sweeping {name}: batch sizes {sizes} ({cap_source}), "
                       f"{settings.budget.amount:g} {settings.budget.kind.value} per trial, "
                       f"journal {path}", highlight=False)
+        if settings.budget.kind.value == "seconds":
+            console.print(f"a {settings.budget.amount:g} s budget bounds each trial's training "
+                          "steps; its evaluation and noise measurements, and the timing rounds "
+                          "after the trials, come on top", highlight=False)
         if step.accumulate > 1 or step.precision.value != "fp32":
             console.print(f"{step.precision.value}; each batch size is the effective batch: "
                           f"micro-batch x {step.accumulate} accumulation steps", highlight=False)
@@ -646,7 +650,8 @@ def check(
             {"task": task, "batch_size": batch_size, "memory": memory,
              "device_preset": device_preset, "margin": margin, "target": target,
              "precision": precision, "accumulate": accumulate, "inputs": inputs},
-            read_pyproject(config or Path("pyproject.toml"), required=config is not None))
+            read_pyproject(config or Path("pyproject.toml"), required=config is not None),
+            str(config or "pyproject.toml"))
         loaded, name = load_task(cfg.task)
         validate_task(loaded, on_meta=True)
         result = run_check(loaded, name, cfg, scan(loaded, cfg.inputs, console))

@@ -67,7 +67,8 @@ def test_check_without_a_batch_size_names_the_table(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     proc = run_cli("check", "digits-mlp", "--memory", "1GiB")
     assert proc.returncode == 2
-    assert one_error(proc) == "error: check needs --batch-size (or batch_size in [tool.bsselect])"
+    assert one_error(proc) == ("error: check needs --batch-size (or batch_size in [tool.bsselect] "
+                               "of pyproject.toml)")
 
 
 TASK_TEMPLATE = """
@@ -111,7 +112,7 @@ def test_check_github_format_annotates_a_failure(tmp_path, monkeypatch):
     proc = run_cli("check", "digits-mlp", "--memory", "1GiB", "--format", "github")
     assert proc.returncode == 2
     assert proc.stdout == ("::error title=bsselect check::check needs --batch-size (or "
-                           "batch_size in [tool.bsselect])\n")
+                           "batch_size in [tool.bsselect] of pyproject.toml)\n")
     assert "error: check needs --batch-size" in proc.stderr
 
 
@@ -237,3 +238,21 @@ def test_probe_says_when_its_answer_exceeds_the_dataset(tmp_path, monkeypatch):
     assert data["exceeds_dataset"] is True and data["train_items"] == 1500
     small = json.loads(run_cli("probe", "tiny-lm", "--memory", "256MiB", "--json").stdout)
     assert small["exceeds_dataset"] is False
+
+
+def test_a_time_budget_says_what_it_bounds(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli("sweep", "digits-mlp", "--batch-sizes", "8,16", "--budget", "0.2s",
+                   "--noise-measurements", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert ("a 0.2 s budget bounds each trial's training steps; its evaluation and noise "
+            "measurements, and the timing rounds after the trials, come on top") in proc.stderr
+
+
+def test_check_names_the_config_file_it_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("ci.toml").write_text("[tool.bsselect]\nmemory = '1GiB'\n")
+    proc = run_cli("check", "digits-mlp", "--config", "ci.toml")
+    assert proc.returncode == 2
+    assert one_error(proc) == ("error: check needs --batch-size (or batch_size in "
+                               "[tool.bsselect] of ci.toml)")

@@ -24,3 +24,17 @@ def test_readme_mentions_every_command():
     readme = (ROOT / "README.md").read_text()
     for cmd in ("probe", "sweep", "noise", "check", "report", "examples", "presets"):
         assert f"bsselect {cmd}" in readme, cmd
+
+
+def test_the_readme_task_runs_as_written(tmp_path):
+    import re
+
+    from bsselect.task import load_task, validate_task
+
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(# train\.py.*?)```", readme, re.S).group(1)
+    path = tmp_path / "train.py"
+    path.write_text(code)
+    task, _ = load_task(f"{path}:make_task")
+    validate_task(task)
+    assert len(task.train_data) == 3584 and len(task.val_data) == 512
