@@ -184,6 +184,14 @@ def probe(
             budget = Budget(parse_size(memory), "--memory")
         elif tgt is not Target.same:
             raise UsageError(f"--target {tgt.value} needs --memory (the target device's memory)")
+        elif choose_method(meth, dev) is Method.measured and dev.type == "cpu":
+            # Real steps on the host: never plan to fill it (the OS, other jobs, the profiler).
+            from .probe import HOST_HEADROOM
+
+            ram = default_budget(dev)
+            budget = Budget(int(ram.bytes * HOST_HEADROOM),
+                            f"half of the {ram.source}: a measured probe on the CPU allocates "
+                            "for real (--memory to set it)")
         else:
             budget = default_budget(dev)
         loaded, name = load_task(task)

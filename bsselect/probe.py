@@ -133,13 +133,48 @@ def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
     if backend is None and device.type == "cpu":
         from .memory.cpu_truth import cpu_step_peak
 
-        return Meter(method, lambda b: cpu_step_peak(task, b, seed=seed, settings=settings,
-                                                     inputs=inputs).peak_bytes)
+        seen: dict[int, int] = {}
+
+        def host_guarded(b: int) -> int:
+            _check_host_headroom(b, seen)
+            seen[b] = cpu_step_peak(task, b, seed=seed, settings=settings,
+                                    inputs=inputs).peak_bytes
+            return seen[b]
+
+        return Meter(method, host_guarded)
     from .memory.measured import AcceleratorAllocator, run_two_steps
 
     real = backend if backend is not None else AcceleratorAllocator(device)
     run = lambda b: run_two_steps(task, b, real, seed, settings, inputs)  # noqa: E731
     return Meter(method, run)
+
+
+HOST_HEADROOM = 0.5  # a real step on the CPU may use at most this share of the available RAM
+
+
+def _check_host_headroom(batch_size: int, seen: dict[int, int]) -> None:
+    """Before a real step on the CPU: refuse it, as an out-of-memory result like any other,
+    when the peak predicted from the steps measured so far (a line through the two largest;
+    the largest alone, scaled, with one) exceeds HOST_HEADROOM of the RAM available now. A
+    measured probe must never push the host into the kernel's OOM killer."""
+    from .device import available_ram_bytes
+
+    if not seen:
+        return
+    sizes = sorted(seen)
+    if len(sizes) == 1:
+        predicted = seen[sizes[0]] * batch_size / sizes[0]
+    else:
+        b0, b1 = sizes[-2], sizes[-1]
+        slope = max(0.0, (seen[b1] - seen[b0]) / (b1 - b0))
+        predicted = seen[b1] + slope * (batch_size - b1)
+    available = available_ram_bytes()
+    if predicted > HOST_HEADROOM * available:
+        from .units import format_bytes
+
+        raise MemoryError(f"out of memory (host guard): a real step at batch {batch_size} "
+                          f"would need about {format_bytes(predicted)}, more than half of the "
+                          f"{format_bytes(available)} of RAM available now")
 
 
 def _required(point_peak: int, rounded: int | None, target: Target, has_conv: bool,

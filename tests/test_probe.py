@@ -143,3 +143,20 @@ def test_broken_task_exits_1(task_file):
     # shape check words the same mismatch its own way.
     assert ("the model's forward failed: RuntimeError: a and b must have same reduction dim, "
             "but got [2, 4] X [5, 2]") in proc.stderr
+
+
+def test_the_host_guard_refuses_a_real_cpu_step_that_would_crowd_the_ram(monkeypatch):
+    """A measured probe on the CPU must never push the host into the OOM killer: a step
+    predicted (from the steps so far) above half the RAM available now is an OOM result."""
+    import bsselect.device as device_mod
+    from bsselect.oom import is_oom_error
+    from bsselect.probe import _check_host_headroom
+
+    monkeypatch.setattr(device_mod, "available_ram_bytes", lambda: 1000 * 2**20)  # 1000 MiB
+    seen = {8: 100 * 2**20, 16: 150 * 2**20}  # 50 MiB fixed + 6.25 MiB per sample
+    _check_host_headroom(64, seen)  # about 450 MiB: fine
+    with pytest.raises(MemoryError) as info:
+        _check_host_headroom(128, seen)  # about 850 MiB > 500 MiB
+    assert is_oom_error(info.value)
+    assert "a real step at batch 128 would need about 850 MiB" in str(info.value)
+    _check_host_headroom(10**9, {})  # nothing measured yet: no prediction, no refusal
