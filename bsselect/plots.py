@@ -36,9 +36,13 @@ def check_plot_target(path: Path) -> None:
 
 
 def plot_sweep(result: Any, path: Path) -> None:
-    """Four panels in one PNG at ``path``."""
+    """Six panels in one PNG at ``path``: training loss against wall time and samples, step
+    times with the physical fit and the line, validation loss and metric per batch size, the
+    predicted time to target with its interval and the tied set, and the verdict."""
+    import textwrap
+
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     ok = [t for t in result.trials if t.status.value == "ok"]
     for t in result.trials:
         curve = [p for p in t.loss_curve if p.loss is not None]
@@ -48,10 +52,15 @@ def plot_sweep(result: Any, path: Path) -> None:
         axes[0, 0].plot([p.wall_s for p in curve], [p.loss for p in curve], label=label, lw=1)
         axes[0, 1].plot([p.samples for p in curve], [p.loss for p in curve], label=label, lw=1)
     for ax, xlabel in ((axes[0, 0], "wall time (s)"), (axes[0, 1], "samples")):
-        ax.set(xlabel=xlabel, ylabel="training loss (batch)", yscale="log")
+        ax.set(xlabel=xlabel, ylabel="training loss (mini-batch)")
+        _loss_axis(ax)
         ax.legend(fontsize=7)
-    _step_time_panel(axes[1, 0], ok, result.ranking.step_fit)
+    _step_time_panel(axes[0, 2], ok, result.ranking)
+    _validation_panel(axes[1, 0], ok)
     _ranking_panel(axes[1, 1], result.ranking)
+    axes[1, 2].axis("off")
+    axes[1, 2].text(0, 1, "\n".join(textwrap.wrap("verdict: " + result.ranking.verdict, 60)),
+                    va="top", ha="left", fontsize=8, family="monospace")
     fig.suptitle(f"bsselect sweep — {result.task}: recommended batch "
                  f"{result.recommended_batch_size}")
     fig.tight_layout()
@@ -59,25 +68,71 @@ def plot_sweep(result: Any, path: Path) -> None:
     plt.close(fig)
 
 
-def _step_time_panel(ax: Any, ok: list, fit: Any) -> None:
+def _loss_axis(ax: Any) -> None:
+    """Log scale with readable ticks when the loss spans a decade or more, else linear."""
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo >= 10:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="y", which="minor", labelsize=6)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
+
+
+def _step_time_panel(ax: Any, ok: list, ranking: Any) -> None:
+    fit, shape = ranking.step_fit, ranking.shape
     sizes = [t.batch_size for t in ok if t.step_time_s is not None]
     times = [t.step_time_s * 1e3 for t in ok if t.step_time_s is not None]
-    ax.plot(sizes, times, "o", label="median step time")
+    ax.plot(sizes, times, "o", label="step time (interleaved rounds)")
+    if shape is not None and shape.batch_sizes:
+        ax.plot(shape.batch_sizes, [t * 1e3 for t in shape.fitted_s], "-", lw=2,
+                label="physical fit (ranking)")
     if fit.tau_f_s is not None and fit.tau_d_s is not None and sizes:
         xs = sorted(sizes)
-        ax.plot(xs, [(fit.tau_f_s + fit.tau_d_s * b) * 1e3 for b in xs], "-",
-                label=f"fit {fit.tau_f_s * 1e3:.3g} ms + {fit.tau_d_s * 1e6:.3g} µs·b")
-    ax.set(xscale="log", xlabel="batch size", ylabel="step time (ms)")
+        ax.plot(xs, [(fit.tau_f_s + fit.tau_d_s * b) * 1e3 for b in xs], "--",
+                label=f"line {_ms(fit.tau_f_s)} + {_ms(fit.tau_d_s)}·b (b_opt)")
+    ax.set(xlabel="batch size", ylabel="step time (ms)")
     ax.set_xscale("log", base=2)
     ax.legend(fontsize=7)
 
 
+def _validation_panel(ax: Any, ok: list) -> None:
+    sizes = [t.batch_size for t in ok if t.val_loss is not None]
+    ax.plot(sizes, [t.val_loss for t in ok if t.val_loss is not None], "o-",
+            label="validation loss")
+    ax.set(xlabel="batch size (equal-sample trials)", ylabel="validation loss")
+    ax.set_xscale("log", base=2)
+    metric = [(t.batch_size, t.val_metric) for t in ok if t.val_metric is not None]
+    if metric:
+        twin = ax.twinx()
+        twin.plot([b for b, _ in metric], [m for _, m in metric], "s--", color="tab:green",
+                  label="validation metric")
+        twin.set_ylabel("validation metric")
+        twin.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower left")
+
+
 def _ranking_panel(ax: Any, ranking: Any) -> None:
     rows = [r for r in ranking.rows if r.relative_time is not None]
-    if rows:
-        ax.barh([str(r.batch_size) for r in rows][::-1], [r.relative_time for r in rows][::-1])
-        ax.set(xlabel="predicted time to target, relative to best", ylabel="batch size")
-    else:
+    if not rows:
         ax.text(0.5, 0.5, "no noise-scale estimate:\nranked by measured loss speed",
                 ha="center", va="center")
-    ax.set_title(ranking.verdict[:90], fontsize=8)
+        return
+    best = rows[0].predicted_time_s / rows[0].relative_time
+    labels = [str(r.batch_size) for r in rows][::-1]
+    mids = [r.relative_time for r in rows][::-1]
+    lo = [m - (r.predicted_lo_s / best if r.predicted_lo_s is not None else m)
+          for m, r in zip(mids, rows[::-1])]
+    hi = [((r.predicted_hi_s / best) if r.predicted_hi_s is not None else m) - m
+          for m, r in zip(mids, rows[::-1])]
+    colors = ["tab:green" if r.tied else "tab:gray" for r in rows][::-1]
+    ax.barh(labels, mids, xerr=[lo, hi], color=colors, capsize=3)
+    ax.axvline(1.0, color="k", lw=0.5)
+    ax.set(xlabel="predicted time to target / best (90% interval; green: tied)",
+           ylabel="batch size (ranked)")
