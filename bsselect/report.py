@@ -114,10 +114,16 @@ def render_sweep(result: Any) -> None:
     r = result.ranking
     out.print(f"[bold]Sweep — {result.task}[/] ({result.settings.budget.amount:g} "
               f"{result.settings.budget.kind.value} per trial)", highlight=False)
-    table = Table()
-    for col in ("rank", "batch", "status", "lr", "step", "loss drop/s", "val loss", "metric",
-                "pred. ×", "range", "tied"):
-        table.add_column(col, justify="right", no_wrap=col in ("range", "step", "pred. ×"))
+    # Compact: no vertical rules, and the status column only when a trial was not ok, so
+    # that the table reads at 80 columns.
+    from rich import box
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    show_status = any(row.status.value != "ok" for row in r.rows)
+    cols = ["#", "batch"] + (["status"] if show_status else []) + [
+        "lr", "step ms", "loss drop/s", "val loss", "metric", "pred. ×", "range", "tied"]
+    for col in cols:
+        table.add_column(col, justify="right", no_wrap=col in ("range", "step ms", "pred. ×"))
     trials = {t.batch_size: t for t in result.trials}
     best = next((row.predicted_time_s for row in r.rows if row.relative_time == 1.0), None)
     for i, row in enumerate(r.rows):
@@ -125,8 +131,8 @@ def render_sweep(result: Any) -> None:
         rank = str(i + 1) if row.status.value == "ok" else ""
         status = row.status.value if row.status.value == "ok" else f"[red]{row.status.value}[/]"
         table.add_row(
-            rank, str(t.batch_size), status, f"{t.lr:.3g}",
-            "—" if row.step_time_s is None else f"{row.step_time_s * 1e3:.3g} ms",
+            rank, str(t.batch_size), *([status] if show_status else []), f"{t.lr:.3g}",
+            "—" if row.step_time_s is None else f"{row.step_time_s * 1e3:.3g}",
             _f(t.loss_drop_per_s), _f(t.val_loss, ".3g"), _f(t.val_metric, ".3g"),
             _f(row.relative_time, ".2f"), _range(row, best), "✓" if row.tied else "",
         )

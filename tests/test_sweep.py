@@ -473,8 +473,11 @@ def test_report_renders_the_table_without_running_anything(finished):
     assert (f"recommended batch size {rec} at lr {0.1 * rec / 16:.3g} (linear scaling from "
             "lr 0.1 at batch 16)") in proc.stdout
     assert f"journal: {journal}\n" in proc.stdout
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("│")]
-    assert [int(r.split("│")[2]) for r in rows] == out["ranking"]  # ranked, best first
+    # Table rows: rank, then batch size (a compact table without vertical rules).
+    rows = [line.split() for line in proc.stdout.splitlines()
+            if line.split()[:1] and line.split()[0].isdigit() and len(line.split()) >= 10]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
+    assert [int(r[1]) for r in rows] == out["ranking"]  # ranked, best first
     assert proc.stderr == ""  # no progress: nothing trained
     assert journal.read_bytes() == before
 
