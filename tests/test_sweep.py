@@ -475,7 +475,7 @@ def test_report_renders_the_table_without_running_anything(finished):
     assert f"journal: {journal}\n" in proc.stdout
     # Table rows: rank, then batch size (a compact table without vertical rules).
     rows = [line.split() for line in proc.stdout.splitlines()
-            if line.split()[:1] and line.split()[0].isdigit() and len(line.split()) >= 10]
+            if line.split()[:1] and line.split()[0].isdigit() and len(line.split()) >= 9]
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
     assert [int(r[1]) for r in rows] == out["ranking"]  # ranked, best first
     assert proc.stderr == ""  # no progress: nothing trained
