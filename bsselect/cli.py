@@ -418,7 +418,7 @@ def report(
             check_plot_target(plot)
         contents = load(journal)
         for warning in contents.warnings:
-            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+            console.print(f"[yellow]warning:[/] {_escape(warning)}", highlight=False)
         if contents.header is None:
             raise UsageError(f"{journal} has no readable header; cannot report it")
         if not contents.trials:
@@ -561,7 +561,7 @@ class _SweepProgress:
 
         self.bar.start()
         return SweepHooks(trial_start=self._start, step=self._step, trial_end=self._end,
-                          warn=lambda w: self.console.print(f"[yellow]warning:[/] {w}",
+                          warn=lambda w: self.console.print(f"[yellow]warning:[/] {_escape(w)}",
                                                             highlight=False),
                           timing_start=self._timing_start, timing_step=self._timing_step)
 

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .units import format_bytes
@@ -37,7 +38,8 @@ def _terms_table(terms: Any, first: tuple[str, int, str] | None = None) -> Table
 
 
 def render_probe(result: Any) -> None:
-    out.print(f"[bold]Peak memory of one training step — {result.task}[/]", highlight=False)
+    out.print(f"[bold]Peak memory of one training step — {escape(result.task)}[/]",
+              highlight=False)
     table = Table()
     table.add_column("batch", justify="right")
     table.add_column("peak", justify="right")
@@ -112,7 +114,7 @@ def render_noise(report: Any) -> None:
 
 def render_sweep(result: Any) -> None:
     r = result.ranking
-    out.print(f"[bold]Sweep — {result.task}[/] ({result.settings.budget.amount:g} "
+    out.print(f"[bold]Sweep — {escape(result.task)}[/] ({result.settings.budget.amount:g} "
               f"{result.settings.budget.kind.value} per trial)", highlight=False)
     # Compact: no vertical rules, and the status column only when a trial was not ok, so
     # that the table reads at 80 columns.
@@ -151,13 +153,14 @@ def render_sweep(result: Any) -> None:
     threads = f"cpu threads {result.threads} · " if result.threads else ""
     shape = f" · {r.shape.note}" if r.shape is not None and r.shape.note else ""
     out.print(f"{threads}{timing}{shape}", highlight=False)
-    out.print(f"verdict: {r.verdict}", highlight=False)
+    out.print(f"verdict: {escape(r.verdict)}", highlight=False)
     if result.skipped:
         out.print(f"[yellow]skipped[/] batch sizes {', '.join(map(str, result.skipped))}: larger "
                   f"than the {result.n_train:,} items the trials train on", highlight=False)
     for t in result.trials:
         if t.status.value != "ok":
-            out.print(f"[red]batch {t.batch_size} {t.status.value}[/]: {t.error}")
+            out.print(f"[red]batch {t.batch_size} {t.status.value}[/]: {escape(t.error or '')}",
+                      highlight=False)
     if result.recommended_batch_size:
         out.print(f"[bold green]recommended batch size {result.recommended_batch_size}[/] "
                   f"at lr {result.recommended_lr:.3g} ({result.settings.lr_scaling.value} "
@@ -202,7 +205,7 @@ def render_check(result: Any) -> None:
         out.print(table)
     head, tail = _check_lines(result)
     colour = "green" if result.fits else "red"
-    out.print(f"[bold {colour}]{head}[/]", highlight=False)
+    out.print(f"[bold {colour}]{escape(head)}[/]", highlight=False)
     out.print(tail, highlight=False)
 
 

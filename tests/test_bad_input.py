@@ -256,3 +256,56 @@ def test_check_names_the_config_file_it_read(tmp_path, monkeypatch):
     assert proc.returncode == 2
     assert one_error(proc) == ("error: check needs --batch-size (or batch_size in "
                                "[tool.bsselect] of ci.toml)")
+
+
+def test_brackets_in_a_users_error_survive_the_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "task.py"
+    path.write_text(textwrap.dedent("""
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+        from torch.utils.data import TensorDataset
+        from bsselect import Task
+
+        class Picky(nn.Linear):
+            def forward(self, x):
+                if x.shape[0] == 16:
+                    raise RuntimeError("expected [batch, 32], see [tool.bsselect]")
+                return super().forward(x)
+
+        def make_task():
+            data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+            return Task(model=lambda: Picky(4, 2), train_data=data, loss_fn=F.cross_entropy,
+                        base_batch_size=8)
+    """))
+    proc = run_cli("sweep", f"{path}:make_task", "--batch-sizes", "8,16", "--budget", "32",
+                   "--noise-measurements", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert ("batch 16 error: RuntimeError: expected [batch, 32], see [tool.bsselect]"
+            in proc.stdout)
+
+
+def test_the_sweep_table_reads_at_80_columns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli("sweep", "digits-mlp", "--batch-sizes", "8,16,32,64", "--budget", "256",
+                   "--noise-measurements", "2", env={"COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.split()[:2] == ["#", "batch"])
+    rows = [line for line in lines if line.split()[:1] and line.split()[0] in "1234"
+            and len(line.split()) >= 9]
+    assert len(rows) == 4 and all(len(line) <= 80 for line in [header] + rows)
+    assert "…" not in "".join([header] + rows)  # nothing cut
+
+
+def test_plot_without_matplotlib_fails_before_any_trial(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake = tmp_path / "fake"
+    (fake / "matplotlib").mkdir(parents=True)
+    (fake / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    proc = run_cli("sweep", "digits-mlp", "--batch-sizes", "8,16", "--plot", "s.png",
+                   env={"PYTHONPATH": str(fake)})
+    assert proc.returncode == 2
+    assert one_error(proc) == "error: --plot needs matplotlib: pip install 'bsselect[plot]'"
+    assert not list(tmp_path.glob("*.jsonl"))
