@@ -38,3 +38,18 @@ def test_the_readme_task_runs_as_written(tmp_path):
     task, _ = load_task(f"{path}:make_task")
     validate_task(task)
     assert len(task.train_data) == 3584 and len(task.val_data) == 512
+
+
+def test_guide_samples_are_what_the_commands_print():
+    """Every ```text block in docs/guide.md that starts with `$ bsselect` is the command's
+    real output (numbers masked: timings move, wording and rows may not). Regenerate with
+    `python docs/gen_samples.py`."""
+    spec = importlib.util.spec_from_file_location("gen_samples", ROOT / "docs" / "gen_samples.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.GUIDE.read_text()
+    found = module.blocks(text)
+    assert len(found) >= 4
+    for command, body in found:
+        assert module.masked(body, command) == module.masked(module.run(command), command), (
+            f"docs/guide.md sample `{command}` is stale: run `python docs/gen_samples.py`")
