@@ -71,7 +71,7 @@ from bsselect.sweep import (  # noqa: E402
 )
 from bsselect.step import to_device, train_step  # noqa: E402
 from bsselect.trials import (  # noqa: E402
-    DIVERGENCE_FACTOR, TrialBudget, cycle_batches, evaluate, measure_trial_noise,
+    DIVERGENCE_FACTOR, TrialBudget, cycle_batches, evaluate, measure_trial_noise, trial_seed,
 )
 
 # cap: largest batch (None: the sweep's own data cap, half the training set).
@@ -125,6 +125,7 @@ def full_run(task, setup, b: int, lr: float, *, target: float | None, max_sample
     """Train at ``b`` until the validation loss reaches ``target`` (None: the whole budget)
     and every checkpoint step has passed. Returns the record and the final (model, optimizer)
     state, or None for the state when the run diverged."""
+    torch.manual_seed(trial_seed(setup.seed, b))  # the sweep trial's RNG stream (dropout)
     model = task.model().to(CPU)
     model.load_state_dict(setup.initial_state)
     model.train()

@@ -161,6 +161,9 @@ def run_trial(setup: TrialSetup, batch_size: int, lr: float,
 def _train(setup: TrialSetup, batch_size: int, lr: float,
            on_step: Callable[[int, int | None], None] | None) -> TrialResult:
     task, device = setup.task, setup.device
+    # Each trial's own RNG stream (dropout, random augmentation), from (seed, batch size): a
+    # resumed sweep's trials are those of a fresh one, and trials differ only by batch and LR.
+    torch.manual_seed(trial_seed(setup.seed, batch_size))
     model, optimizer = _fresh_model(setup, lr, branch=True)
     train_model = distributed.wrap_model(model, device)  # DDP under torchrun; else model
     loss_start = setup.loss_start
@@ -196,6 +199,11 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
             on_step(step, total_steps)
     return _finish(setup, model, batch_size, lr, status, error, step, samples, train_wall,
                    step_times, curve, loss_start)
+
+
+def trial_seed(seed: int, batch_size: int) -> int:
+    """The global RNG seed of the trial at ``batch_size`` in a sweep seeded ``seed``."""
+    return (seed * 1_000_003 + batch_size * 7_919 + 17) % (2**63 - 1)
 
 
 def _fresh_model(setup: TrialSetup, lr: float, branch: bool = False
