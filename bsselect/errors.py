@@ -1,6 +1,6 @@
 """One exception family; the CLI turns each into its documented exit code.
 
-Exit codes (DESIGN.md): 0 success · 1 the task or the run failed · 2 usage error ·
+Exit codes (docs/contract.md): 0 success · 1 the task or the run failed · 2 usage error ·
 3 does not fit / nothing fits · 130 interrupted.
 """
 

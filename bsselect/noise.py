@@ -72,7 +72,7 @@ class NoiseReport:
     precision: str = "fp32"  # the forward's autocast dtype; gradients are fp32 and unscaled
 
     def to_json(self) -> dict[str, Any]:
-        """DESIGN.md's ``noise`` fields (of ``final``) plus siblings; JSON-safe (no inf/NaN)."""
+        """docs/contract.md's ``noise`` fields (of ``final``) plus siblings; JSON-safe (no inf/NaN)."""
         out = _estimate_json(self.final)
         out.update(
             final_loss=self.final_loss, initial_loss=self.initial_loss,

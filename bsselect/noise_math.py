@@ -96,7 +96,7 @@ def per_measurement(
     """Unbiased (|G|^2, tr Sigma) from each measurement's (E|g_small|^2, |g_big|^2) pair.
 
     The estimators are linear in the norms, so the mean of these arrays equals the estimator
-    applied to the averaged norms (what DESIGN.md asks for), and the arrays can be resampled.
+    applied to the averaged norms (docs/method.md, "Fits"), and the arrays can be resampled.
     """
     check_batch_sizes(b_small, b_big, n_data)
     e_small = np.asarray(small_sq, dtype=np.float64)

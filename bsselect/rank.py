@@ -267,7 +267,7 @@ class BHat:
 def pooled_b_simple(trials: Iterable[TrialResult]) -> float | None:
     """One noise scale from every ok trial's measurement: ``mean tr(Sigma) / mean |G|^2``.
 
-    As within one measurement (DESIGN.md: average the two unbiased estimates separately,
+    As within one measurement (docs/method.md, "Fits": average the two unbiased estimates separately,
     then divide), so a trial whose |G|^2 is still indistinguishable from zero (at the noise
     floor, where its own ratio explodes) adds its evidence instead of an outlier. This is the
     harmonic mean of the trials' ``b_simple`` weighted by their ``tr(Sigma)``. Journals from
@@ -408,7 +408,7 @@ class Ranking:
     shape: ShapeFit | None = None
 
     def fit_dict(self) -> dict[str, Any]:
-        """DESIGN.md's ``sweep`` ``fit`` object (tau_f_s, tau_d_s, b_simple, b_noise, b_opt),
+        """docs/contract.md's ``sweep`` ``fit`` object (tau_f_s, tau_d_s, b_simple, b_noise, b_opt),
         then siblings."""
         interval = self.b_hat_interval
         return {

@@ -24,7 +24,7 @@ from .errors import TaskError, UsageError, one_line
 
 @dataclass
 class Task:
-    """Everything bsselect needs from the user (DESIGN.md, "Task contract")."""
+    """Everything bsselect needs from the user (docs/contract.md, "Task contract")."""
 
     model: Callable[[], nn.Module]
     train_data: Dataset

@@ -1,7 +1,7 @@
 """The result of one short training trial at one batch size, as ``sweep --json`` reports it and
 as the journal stores it (one JSON object per trial).
 
-The first thirteen fields of ``TrialResult`` are DESIGN.md's ``sweep`` trial fields, in that
+The first thirteen fields of ``TrialResult`` are docs/contract.md's ``sweep`` trial fields, in that
 order; the rest are siblings. JSON has no NaN or infinity, so an optional measurement that is
 not finite (the loss of a diverged trial) is stored as ``None`` (``null``) from the start, and
 a record survives the JSON round trip unchanged.
@@ -91,7 +91,7 @@ class TrialResult:
         return self.status is TrialStatus.ok
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: DESIGN.md's trial fields first, then the siblings."""
+        """A JSON-ready dict: docs/contract.md's trial fields first, then the siblings."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)

@@ -11,7 +11,7 @@ replay checks itself: the bytes live when step 2 begins equal the parameters, st
 gradients, the optimizer state and the batch (tests/test_memory_simulated.py).
 
 Memory that bypasses PyTorch's allocator (MKL's or oneDNN's private scratchpads, Python
-objects) is not device memory in the sense DESIGN.md uses, and is not counted either here or in
+objects) is not device memory in the sense docs/method.md uses, and is not counted either here or in
 the simulation.
 
 This module also measures single CPU kernels (``kernel_cost``) so the simulation can add the

@@ -10,7 +10,7 @@ activation follows from these casts, a CPU simulation of a step that will run on
 CUDA's lists.
 
 Fake ``cuda`` tensors would pick them up by themselves, but autograd aborts on them in a
-CPU-only build (DESIGN.md). So, inside ``cuda_autocast_policy()``, Python kernels registered on
+CPU-only build (docs/method.md, "Simulated"). So, inside ``cuda_autocast_policy()``, Python kernels registered on
 the ``AutocastCPU`` dispatch key make CPU autocast follow CUDA's lists: ops only CUDA lists get
 CUDA's policy (lower precision, float32, float32 via the dtype argument, or promote), ops only
 the CPU lists pass through as on CUDA, and ops both list keep the CPU's kernel (their policies

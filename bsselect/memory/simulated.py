@@ -11,7 +11,7 @@ Why fake ``cpu`` rather than raw ``meta``: dispatch decisions that depend on the
 they would on the CPU. ``F.scaled_dot_product_attention`` on ``meta`` takes the math path and
 materialises the (T x T) attention matrix (+17% on ``tiny-lm``); on fake ``cpu`` it picks the
 CPU flash kernel, like the real step. Do not fake ``cuda`` with a CPU-only torch: autograd
-aborts the process (DESIGN.md).
+aborts the process (docs/method.md, "Simulated").
 
 What fake tensors cannot see is scratch that CPU kernels allocate inside themselves (oneDNN
 convolution reorders, flash-attention buffers), and a few meta kernels get an output's size
