@@ -72,7 +72,7 @@ class CheckResult:
     margin: float
     headroom_bytes: int       # usable - required (negative: over by that much)
     headroom_pct: float       # headroom as a percentage of usable
-    max_batch: int            # largest batch that fits (0: none)
+    max_batch: int            # largest batch that fits (0: none), checked by simulation
     max_batch_pow2: int
     peak_bytes: int           # simulated step peak, before the target's terms
     target: str
@@ -86,6 +86,7 @@ class CheckResult:
     items_scanned: int = 0
     uniform_items: bool | None = None
     inputs_note: str = ""
+    max_batch_checked: tuple[str, ...] = ()  # the simulations that checked max_batch
 
     def to_json(self) -> dict:
         # batch_size is the micro-batch that must fit; the effective batch is what trains.
@@ -211,18 +212,30 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
     required, terms = req[b]
     usable = int(usable_bytes(config.budget_bytes, config.margin))
     fit = fit_memory([(n, r) for n, (r, _) in req.items()], min_batch=1)
-    try:
-        from .capacity import solve_max_batch
+    from .capacity import refine_max_batch, solve_max_batch
 
-        best = solve_max_batch(config.budget_bytes, config.margin, fit)
+    try:
+        guess = solve_max_batch(config.budget_bytes, config.margin, fit)
     except DoesNotFitError:
-        best = 0
+        guess = 0
+
+    def required_at(n: int) -> int:
+        step = simulate_step_peak(task, n, kernel_workspace=scratch, settings=settings,
+                                  inputs=inputs)
+        return _required(step.peak_bytes, step.rounded_peak_bytes, config, has_conv)[0]
+
+    # The two-point line is only piecewise right: the largest batch that fits is checked by
+    # simulating it where the line lands and refined inside a bracket, as the probe does.
+    refined = refine_max_batch(required_at, usable, [(n, r) for n, (r, _) in req.items()],
+                               max(guess, 1), max_jump=2**40)
+    best = refined.batch_size
     headroom = usable - required
     return CheckResult(
         task=task_name, fits=required <= usable, batch_size=b, required_bytes=required,
         budget_bytes=config.budget_bytes, usable_bytes=usable, margin=config.margin,
         headroom_bytes=headroom, headroom_pct=100.0 * headroom / usable,
         max_batch=best, max_batch_pow2=largest_pow2_at_most(best) if best else 0,
+        max_batch_checked=tuple(f"{st.batch_size} {st.outcome}" for st in refined.path),
         peak_bytes=steps[b].peak_bytes, target=config.target.value,
         budget_source=config.budget_source, terms=tuple(terms),
         **step_fields(settings, inputs), optimizer_impl=steps[b].optimizer_impl,

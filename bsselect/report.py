@@ -192,7 +192,9 @@ def _check_lines(result: Any) -> tuple[str, str]:
     room = "headroom" if result.headroom_bytes >= 0 else "over by"
     tail = (f"{room} {format_bytes(abs(result.headroom_bytes))} "
             f"({abs(result.headroom_pct):.1f}%); largest batch that fits: {result.max_batch}"
-            + (f" (power of two: {result.max_batch_pow2})" if result.max_batch else ""))
+            + (f" (power of two: {result.max_batch_pow2})" if result.max_batch else "")
+            + (f", checked by simulation: {', '.join(result.max_batch_checked)}"
+               if result.max_batch_checked else ""))
     return head, tail
 
 

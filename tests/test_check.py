@@ -147,3 +147,26 @@ def test_seven_billion_parameters_without_allocating_them(tmp_path):
     assert data["required_bytes"] > 100e9 and data["max_batch"] == 0
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     assert children < 4 * 2**30, f"the check used {children / 2**30:.1f} GiB of real memory"
+
+
+def test_check_largest_batch_is_checked_by_simulation_not_read_off_the_line(tmp_path, monkeypatch):
+    """issue 17: the two-point line's answer is simulated where it lands and refined; the
+    answer fits and one more sample does not."""
+    import json as _json
+
+    from conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli("check", "tiny-lm", "--batch-size", "64", "--memory", "512MiB", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = _json.loads(proc.stdout)
+    assert any(step == f"{out['max_batch']} ok" for step in out["max_batch_checked"])
+    from bsselect.examples import EXAMPLES
+    from bsselect.memory.simulated import simulate_step_peak
+
+    task = EXAMPLES["tiny-lm"]()
+    usable = out["usable_bytes"]
+    b = out["max_batch"]
+    # target "same": required = the simulated peak (with CPU kernel scratch, as check runs it).
+    assert simulate_step_peak(task, b).peak_bytes <= usable
+    assert simulate_step_peak(task, b + 1).peak_bytes > usable
