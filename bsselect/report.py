@@ -150,6 +150,10 @@ def render_sweep(result: Any) -> None:
         + (f" (B from {fit['b_hat_source']})" if fit["b_hat_source"] else ""), highlight=False)
     timing = (f"{len(result.timing)} batch sizes timed in interleaved rounds"
               if result.timing else (result.timing_note or "trials' own step times"))
+    shares = [t.data_s / t.step.mid for t in result.timing if t.data_s is not None and t.step.mid]
+    if shares:
+        timing += (f" (fetching the batch: {100 * min(shares):.0f}–{100 * max(shares):.0f}% of "
+                   "a step, included)")
     threads = f"cpu threads {result.threads} · " if result.threads else ""
     shape = f" · {r.shape.note}" if r.shape is not None and r.shape.note else ""
     out.print(f"{threads}{timing}{shape}", highlight=False)

@@ -32,23 +32,28 @@ WARMUP_STEPS = 2          # untimed steps per batch size before the first round
 @dataclass(frozen=True)
 class RoundTiming:
     """One batch size's interleaved timing: the median step time of each round (seconds),
-    the steps timed per round, and the summary ``step`` (``summarize_rounds``)."""
+    the steps timed per round, the summary ``step`` (``summarize_rounds``), and how much of a
+    step went to fetching its batch (``data_s``; included in the step time, which is what a
+    training loop without loader workers sees and what the ranking and ``b_opt`` use)."""
 
     batch_size: int
     round_medians: tuple[float, ...]
     steps_per_round: int
     step: TimeInterval
+    data_s: float | None = None  # median seconds of a step spent fetching its batch
 
     def to_dict(self) -> dict:
         return {"batch_size": self.batch_size, "round_medians_s": list(self.round_medians),
                 "steps_per_round": self.steps_per_round, "step_time_s": self.step.mid,
-                "step_time_lo_s": self.step.lo, "step_time_hi_s": self.step.hi}
+                "step_time_lo_s": self.step.lo, "step_time_hi_s": self.step.hi,
+                "data_s": self.data_s}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "RoundTiming":
         rounds = tuple(float(v) for v in data["round_medians_s"])
+        data_s = data.get("data_s")
         return cls(int(data["batch_size"]), rounds, int(data["steps_per_round"]),
-                   summarize_rounds(rounds))
+                   summarize_rounds(rounds), None if data_s is None else float(data_s))
 
 
 def steps_per_round(estimate_s: float) -> int:

@@ -272,15 +272,27 @@ def time_batch_sizes(setup: TrialSetup, batch_sizes: list[int],
     model, optimizer = _fresh_model(setup, 0.0)
     train_model = distributed.wrap_model(model, device)
 
+    data_s: dict[int, list[float]] = {b: [] for b in batch_sizes}
+
     def stepper(b: int) -> Callable[[], float]:
-        batches = cycle_batches(setup, b // setup.accumulate)
+        batches = _Clocked(cycle_batches(setup, b // setup.accumulate))
         options = _step_options(setup, batches, device)
-        return lambda: _timed_step(train_model, optimizer, task, batches, device, options)[2]
+
+        def step() -> float:
+            before = batches.spent
+            total = _timed_step(train_model, optimizer, task, batches, device, options)[2]
+            data_s[b].append(batches.spent - before)
+            return total
+        return step
 
     agree = distributed.max_float if distributed.active() else None
     try:
-        return interleaved_rounds({b: stepper(b) for b in batch_sizes}, on_step=on_step,
-                                  agree=agree)
+        timings = interleaved_rounds({b: stepper(b) for b in batch_sizes}, on_step=on_step,
+                                     agree=agree)
+        # Step time includes fetching the batch (the sweep's loader has no worker processes):
+        # how much of it, said per batch size.
+        return {b: dataclasses.replace(t, data_s=agree(median(data_s[b])) if agree
+                                       else median(data_s[b])) for b, t in timings.items()}
     finally:
         del train_model, model, optimizer
         release_memory()
@@ -298,6 +310,24 @@ def _timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, task: Task, 
     value = loss.item()  # also a sync point on the CPU
     _sync(device)
     return value, y, time.perf_counter() - t0
+
+
+class _Clocked:
+    """An iterator that adds up the seconds spent in its ``next`` (fetching and collating
+    batches), so the input pipeline is timed apart from the training step."""
+
+    def __init__(self, it: Any) -> None:
+        self.it, self.spent = it, 0.0
+
+    def __iter__(self) -> "_Clocked":
+        return self
+
+    def __next__(self) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.spent += time.perf_counter() - t0
 
 
 def _step_options(setup: TrialSetup, batches: Any, device: torch.device) -> dict[str, Any]:

@@ -297,6 +297,7 @@ def test_cli_sweep_json_has_the_design_fields(finished):
         r = rounds[t["batch_size"]]
         assert len(r["round_medians_s"]) == 5
         assert r["step_time_lo_s"] <= t["step_time_s"] == r["step_time_s"] <= r["step_time_hi_s"]
+        assert 0 < r["data_s"] < r["step_time_s"]  # fetching the batch, timed apart
         assert t["trial_step_time_s"] > 0
     assert set(out["tied_with_best"]) <= {8, 16, 32, 64}
     assert out["recommended_batch_size"] in out["tied_with_best"]
@@ -475,7 +476,7 @@ def test_report_renders_the_table_without_running_anything(finished):
     assert f"journal: {journal}\n" in proc.stdout
     # Table rows: rank, then batch size (a compact table without vertical rules).
     rows = [line.split() for line in proc.stdout.splitlines()
-            if line.split()[:1] and line.split()[0].isdigit() and len(line.split()) >= 9]
+            if len(line.split()) >= 9 and line.split()[0].isdigit() and line.split()[1].isdigit()]
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
     assert [int(r[1]) for r in rows] == out["ranking"]  # ranked, best first
     assert proc.stderr == ""  # no progress: nothing trained
