@@ -79,7 +79,8 @@ TASK_TEMPLATE = """
     from bsselect import Task
 
     def make_task():
-        data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+        x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+        data = TensorDataset(x, (x[:, 0] > 0).long())  # seeded and learnable: no flaky trial
         return Task({fields})
 """
 
@@ -275,11 +276,12 @@ def test_brackets_in_a_users_error_survive_the_table(tmp_path, monkeypatch):
                 return super().forward(x)
 
         def make_task():
-            data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+            x = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
+            data = TensorDataset(x, (x[:, 0] > 0).long())  # learnable: b=8 trains
             return Task(model=lambda: Picky(4, 2), train_data=data, loss_fn=F.cross_entropy,
-                        base_batch_size=8)
+                        lr=0.05, base_batch_size=8)
     """))
-    proc = run_cli("sweep", f"{path}:make_task", "--batch-sizes", "8,16", "--budget", "32",
+    proc = run_cli("sweep", f"{path}:make_task", "--batch-sizes", "8,16", "--budget", "128",
                    "--noise-measurements", "0")
     assert proc.returncode == 0, proc.stderr
     assert ("batch 16 error: RuntimeError: expected [batch, 32], see [tool.bsselect]"

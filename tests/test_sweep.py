@@ -297,7 +297,7 @@ def test_cli_sweep_json_has_the_design_fields(finished):
         r = rounds[t["batch_size"]]
         assert len(r["round_medians_s"]) == 5
         assert r["step_time_lo_s"] <= t["step_time_s"] == r["step_time_s"] <= r["step_time_hi_s"]
-        assert 0 < r["data_s"] < r["step_time_s"]  # fetching the batch, timed apart
+        assert 0 < r["data_s"] < r["step_time_hi_s"]  # fetching the batch, timed apart
         assert t["trial_step_time_s"] > 0
     assert set(out["tied_with_best"]) <= {8, 16, 32, 64}
     assert out["recommended_batch_size"] in out["tied_with_best"]
