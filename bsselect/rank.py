@@ -274,15 +274,21 @@ def pooled_b_simple(trials: Iterable[TrialResult]) -> float | None:
     before the estimates were kept have only ``b_simple``: then their harmonic mean. None
     when nothing was measured or the pooled |G|^2 is not positive.
     """
-    ok = [t for t in trials if t.ok]
-    pairs = [(t.grad_sq_norm, t.trace_sigma) for t in ok
-             if t.grad_sq_norm is not None and t.trace_sigma is not None]
-    if pairs:
-        grad = sum(g for g, _ in pairs) / len(pairs)
-        trace = sum(tr for _, tr in pairs) / len(pairs)
+    pooled = pooled_trials(trials)
+    if pooled and pooled[0].grad_sq_norm is not None:
+        grad = sum(t.grad_sq_norm for t in pooled) / len(pooled)  # type: ignore[misc]
+        trace = sum(t.trace_sigma for t in pooled) / len(pooled)  # type: ignore[misc]
         return trace / grad if grad > 0 and trace > 0 else None
-    values = [t.b_simple for t in ok if t.b_simple is not None and t.b_simple > 0]
-    return len(values) / sum(1.0 / v for v in values) if values else None
+    values = [t.b_simple for t in pooled]
+    return len(values) / sum(1.0 / v for v in values) if values else None  # type: ignore[operator]
+
+
+def pooled_trials(trials: Iterable[TrialResult]) -> list[TrialResult]:
+    """The ok trials ``pooled_b_simple`` pools: those that kept |G|^2 and tr(Sigma), or, when
+    none did (older journals), those with a positive ``b_simple``."""
+    ok = [t for t in trials if t.ok]
+    pairs = [t for t in ok if t.grad_sq_norm is not None and t.trace_sigma is not None]
+    return pairs or [t for t in ok if t.b_simple is not None and t.b_simple > 0]
 
 
 def pooled_interval(trials: Sequence[TrialResult]) -> NoiseInterval | None:
@@ -322,15 +328,11 @@ def choose_b_hat(trials: Sequence[TrialResult]) -> BHat:
     and the fallback to the fitted B_noise then picked 2048 (regret 36); pooled over all it
     picks 64-128 (docs/benchmarks-sweep.md)."""
     fit = noise_fit_of(trials)
-    chosen = [t for t in trials if t.ok and (
-        (t.grad_sq_norm is not None and t.trace_sigma is not None) or t.b_simple is not None)]
-    simple = pooled_b_simple(chosen)
+    pooled = pooled_trials(trials)
+    simple = pooled_b_simple(pooled)
     if simple is not None:
-        interval = pooled_interval(chosen)
-        if interval is not None and not math.isclose(interval.value, simple, rel_tol=1e-9):
-            interval = None  # journals mixing trials with and without the estimates
-        return BHat(simple, BHatSource.b_simple, simple, fit, interval,
-                    tuple(sorted(t.batch_size for t in chosen)))
+        return BHat(simple, BHatSource.b_simple, simple, fit, pooled_interval(pooled),
+                    tuple(sorted(t.batch_size for t in pooled)))
     if fit.b_noise is not None:
         return BHat(fit.b_noise, BHatSource.b_noise, simple, fit)
     return BHat(None, None, simple, fit)
@@ -484,7 +486,6 @@ def rank_trials(
         choice=pick,
         interval=b_interval if b_hat is not None else None,
         b_hat_sizes=tuple(b_hat_sizes),
-        shape=shape,
     )
     kind, text = _verdict(ctx)
     nearest = _nearest(ctx.b_opt, ctx.ok_sizes)
@@ -572,7 +573,6 @@ class _Context:
     choice: Choice | None
     interval: NoiseInterval | None
     b_hat_sizes: tuple[int, ...]
-    shape: ShapeFit | None
 
 
 def _b_hat_text(c: _Context) -> str:

@@ -423,7 +423,7 @@ def summarize(base_lr: float, base_batch_size: int, task_name: str, device: torc
               max_batch_source: str, journal: str, resumed: tuple[int, ...],
               made_val_split: bool, validation_items: int | None = None,
               timing: Sequence[RoundTiming] = (), timing_note: str | None = None,
-              threads: int | None = None, skipped: tuple[int, ...] = (),
+              skipped: tuple[int, ...] = (),
               n_train: int | None = None) -> SweepResult:
     """Fits and ranking over finished trials (also used by ``bsselect report``), with the
     interleaved ``timing`` rounds' step times where there are any."""
@@ -452,7 +452,7 @@ def summarize(base_lr: float, base_batch_size: int, task_name: str, device: torc
         max_batch=max_batch, max_batch_source=max_batch_source, trials=tuple(trials),
         ranking=ranking, recommended_batch_size=rec, recommended_lr=rec_lr,
         b_opt_accumulation=accumulation, journal=journal, resumed=resumed,
-        made_val_split=made_val_split, validation_items=validation_items, threads=threads,
+        made_val_split=made_val_split, validation_items=validation_items,
         timing=tuple(timing), timing_note=timing_note, skipped=skipped, n_train=n_train,
     )
 
