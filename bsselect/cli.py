@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import traceback
 from pathlib import Path
 from typing import Annotated, Callable, Optional, TypeVar
@@ -166,7 +165,7 @@ def probe(
     """
 
     def body() -> None:
-        from .device import Budget, default_budget, resolve_device
+        from .device import Budget, default_budget
         from .probe import DEFAULT_BATCH_SIZES, Method, choose_method, run_probe
         from .report import console, emit_json, render_probe
         from .targets import Target
@@ -247,7 +246,6 @@ def noise(
     """
 
     def body() -> None:
-        from .device import resolve_device
         from .noise import measure_noise
         from .report import console, emit_json, render_noise
         from .task import load_task, validate_task
@@ -335,9 +333,8 @@ def sweep(
     """
 
     def body() -> None:
-        from .device import resolve_device
-        from .report import console, emit_json, render_sweep
-        from .sweep import default_budget, parse_budget, resolve_lr_scaling, run_sweep
+        from .report import console
+        from .sweep import default_budget, parse_budget, run_sweep
         from .task import load_task, validate_task
 
         if resume and overwrite:
@@ -485,7 +482,6 @@ def _plan_sizes(task, name, explicit, min_batch, max_batch, memory, dev, step=No
     """Batch sizes to try, the largest allowed, and where that maximum came from. With
     accumulation (``step``: StepSettings) they are effective batches of N micro-batches, and
     the probe answers for the micro-batch, on the largest items."""
-    from .capacity import largest_pow2_at_most
     from .device import Budget, default_budget
     from .probe import run_probe
     from .distributed import per_device, world_size
