@@ -108,7 +108,7 @@ class RefineResult:
 
 def refine_max_batch(
     measure: Callable[[int], int], usable_bytes: float, known: Sequence[tuple[int, int]],
-    first_guess: int, max_tries: int = 12, max_jump: int = 8,
+    first_guess: int, max_tries: int = 12, max_jump: int = 8, ceiling: int | None = None,
 ) -> RefineResult:
     """The largest batch whose measured peak fits ``usable_bytes``, starting from the line's
     answer ``first_guess``.
@@ -120,9 +120,13 @@ def refine_max_batch(
     bracket, never jump more than ``max_jump`` x past a fitting batch, and stop when less
     than one more sample's memory is left. ``measure(b)`` returns peak bytes or raises an
     out-of-memory error (any backend); ``known`` are the probe's already measured points.
+    ``ceiling``: no batch above it is tried (real steps past the training set's size answer
+    nobody's question and can take minutes to collate).
     """
     fits = sorted((b, p) for b, p in known if p <= usable_bytes)
     fail = min((b for b, p in known if p > usable_bytes), default=None)
+    if ceiling is not None and (fail is None or fail > ceiling + 1):
+        fail = ceiling + 1  # as if it did not fit
     best = fits[-1][0] if fits else 0
     path: list[SearchStep] = []
     guess = _clamp(first_guess, best, fail, max_jump)

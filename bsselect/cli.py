@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import traceback
 from pathlib import Path
-from typing import Annotated, Callable, Optional, TypeVar
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 
@@ -97,6 +97,30 @@ def _note(command: str, data: dict) -> None:
         out.print(line, highlight=False)
 
 
+def _probe_method(task: Any, method: Any, device: Any, target: Any) -> tuple[Any, str]:
+    """The probe's method after validating the task for it, and a note when it differs
+    from the one asked for: ``auto`` falls back from a simulation the model cannot run
+    (a branch on an activation's value) to real steps on this device."""
+    from .errors import CannotSimulate
+    from .probe import Method, Target, choose_method
+    from .task import validate_task
+
+    resolved = choose_method(method, device)
+    if resolved is not Method.simulated:
+        validate_task(task)
+        return resolved, ""
+    try:
+        validate_task(task, on_meta=True)
+        return resolved, ""
+    except CannotSimulate as exc:
+        if method is not Method.auto or target is not Target.same:
+            raise
+        what = getattr(exc.__cause__, "what", "") or str(exc)
+    validate_task(task)
+    return Method.measured, (f"real steps on {device.type}, because the simulation cannot run "
+                             f"this model: {what} computed from its weights")
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"bsselect {__version__}")
@@ -166,10 +190,10 @@ def probe(
 
     def body() -> None:
         from .device import Budget, default_budget
-        from .probe import DEFAULT_BATCH_SIZES, Method, choose_method, run_probe
+        from .probe import DEFAULT_BATCH_SIZES, Method, run_probe
         from .report import console, emit_json, render_probe
         from .targets import Target
-        from .task import load_task, validate_task
+        from .task import load_task
         from .units import parse_size
 
         from .run_options import parse_inputs, print_step_lines, scan, step_settings
@@ -179,11 +203,16 @@ def probe(
         sizes = parse_int_list(batch_sizes, "--batch-sizes") or list(DEFAULT_BATCH_SIZES)
         settings, mode = step_settings(precision, accumulate), parse_inputs(inputs)
         dev = _device(device)
+        if memory is None and tgt is not Target.same:
+            raise UsageError(f"--target {tgt.value} needs --memory (the target device's memory)")
+        loaded, name = load_task(task)
+        # A simulated probe never allocates the model, so neither does its validation. A
+        # model the simulation cannot run falls back to real steps when the method is auto
+        # and the answer is for this device.
+        resolved, method_note = _probe_method(loaded, meth, dev, tgt)
         if memory is not None:
             budget = Budget(parse_size(memory), "--memory")
-        elif tgt is not Target.same:
-            raise UsageError(f"--target {tgt.value} needs --memory (the target device's memory)")
-        elif choose_method(meth, dev) is Method.measured and dev.type == "cpu":
+        elif resolved is Method.measured and dev.type == "cpu":
             # Real steps on the host: never plan to fill it (the OS, other jobs, the profiler).
             from .probe import HOST_HEADROOM
 
@@ -193,15 +222,12 @@ def probe(
                             "for real (--memory to set it)")
         else:
             budget = default_budget(dev)
-        loaded, name = load_task(task)
-        # A simulated probe never allocates the model, so neither does its validation.
-        validate_task(loaded, on_meta=choose_method(meth, dev) is Method.simulated)
         items = scan(loaded, mode, console)
         with _progress(console, f"probing {name}", len(sizes)) as advance:
-            result = run_probe(loaded, task_name=name, device=dev, budget=budget, method=meth,
-                               margin=margin, batch_sizes=sizes, target=tgt,
+            result = run_probe(loaded, task_name=name, device=dev, budget=budget,
+                               method=resolved, margin=margin, batch_sizes=sizes, target=tgt,
                                budget_is_total=memory is not None, on_point=advance,
-                               settings=settings, inputs=items)
+                               settings=settings, inputs=items, method_note=method_note)
         from .distributed import probe_json
 
         if as_json:

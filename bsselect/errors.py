@@ -21,6 +21,11 @@ class TaskError(BsselectError):
     exit_code = 1
 
 
+class CannotSimulate(TaskError):
+    """The simulated step needed a value it does not have (a branch on an activation's
+    value). ``probe --method auto`` falls back to real steps; ``check`` cannot."""
+
+
 class UsageError(BsselectError):
     """A bad option value or an entry point that cannot be loaded."""
 

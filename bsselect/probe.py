@@ -70,6 +70,7 @@ class ProbeResult:
     uniform_items: bool | None = None     # every item the same size: worst case = typical
     inputs_note: str = ""
     train_items: int | None = None        # the task's training set: a batch cannot exceed it
+    method_note: str = ""                 # why the method differs from the one asked for
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -82,8 +83,9 @@ class ProbeResult:
 
     @property
     def exceeds_dataset(self) -> bool:
-        """The answer is larger than the training set: memory does not limit the batch."""
-        return self.train_items is not None and self.max_batch > self.train_items
+        """The answer reaches the training set's size: memory does not limit the batch (real
+        steps are not tried past it)."""
+        return self.train_items is not None and self.max_batch >= self.train_items
 
 
 @dataclass
@@ -236,6 +238,7 @@ def run_probe(
     backend: "AllocatorBackend | None" = None,
     settings: StepSettings = StepSettings(),
     inputs: "InputScan | None" = None,
+    method_note: str = "",
 ) -> ProbeResult:
     """Measure peaks, fit ``peak = fixed + per_sample*b``, solve for the largest batch that
     fits ``budget`` after ``margin``, then check that answer where it lands (real steps when
@@ -246,6 +249,7 @@ def run_probe(
     runs the optimizer implementation CUDA would pick."""
     margin = check_margin(margin)
     sizes = check_batch_sizes(batch_sizes)
+    train_items = len(task.train_data)  # type: ignore[arg-type]
     if len(sizes) < 2:
         raise UsageError("probe needs at least two batch sizes to fit a line")
     method = Method.measured if backend is not None else choose_method(method, device)
@@ -281,9 +285,11 @@ def run_probe(
         # Real steps never jump more than 8x past a batch that ran; simulations may.
         # Under torchrun: the smallest budget of any rank, so all ranks search alike.
         usable = distributed.agree_min(int(usable_bytes(budget.bytes, margin)))
+        real_steps = method is Method.measured
         result = refine_max_batch(required_at, usable,
                                   [(p.batch_size, p.required_bytes) for p in points], best,
-                                  max_jump=8 if method is Method.measured else 2**40)
+                                  max_jump=8 if real_steps else 2**40,
+                                  ceiling=max(train_items, max(sizes)) if real_steps else None)
         confirmation = tuple(asdict(s) for s in result.path)
         if result.batch_size < 1:
             tried = ", ".join(f"{s.batch_size} {s.outcome}" for s in result.path)
@@ -292,7 +298,7 @@ def run_probe(
     terms = _required(int(fit.predict(best)), _rounded_at(best, raw, rounded), target,
                       has_conv, budget_is_total)[1]
     return ProbeResult(
-        train_items=len(task.train_data),  # type: ignore[arg-type]
+        train_items=train_items,
         task=task_name, device=str(device), method=method.value, target=target.value,
         margin=margin, budget_bytes=budget.bytes, budget_source=budget.source,
         fixed_bytes=round(fit.fixed_bytes), per_sample_bytes=round(fit.per_sample_bytes),
@@ -302,6 +308,7 @@ def run_probe(
         param_bytes=meter.extras.get("param_bytes"),
         optimizer_state_bytes=meter.extras.get("optimizer_state_bytes"),
         **step_fields(settings, inputs), optimizer_impl=meter.extras.get("optimizer_impl"),
+        method_note=method_note,
     )
 
 

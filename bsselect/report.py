@@ -76,7 +76,9 @@ def render_probe(result: Any) -> None:
         f"[bold green]{result.max_batch_pow2}[/]"
     )
     if result.exceeds_dataset:
-        out.print(f"[yellow]note:[/] that is larger than the {result.train_items:,}-item "
+        what = ("the whole" if result.max_batch == result.train_items
+                else "larger than the")
+        out.print(f"[yellow]note:[/] that is {what} {result.train_items:,}-item "
                   "training set: memory does not limit the batch here, the data does",
                   highlight=False)
 

@@ -69,6 +69,8 @@ def step_lines(data: dict[str, Any]) -> list[str]:
     """Lines under probe's or check's table: which items, which precision, optimizer
     implementation, micro- vs effective batch (from the result's JSON fields)."""
     lines = []
+    if data.get("method_note"):
+        lines.append(f"method: {data['method']} — {data['method_note']}")
     inputs = data.get("inputs")
     if inputs == "worst-case" and data.get("uniform_items"):
         lines.append(f"inputs: worst-case = typical ({data.get('inputs_note')})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import math
 import sys
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .errors import TaskError, UsageError, one_line
+from .errors import CannotSimulate, TaskError, UsageError, one_line
 
 
 @dataclass
@@ -93,6 +94,11 @@ def _import_target(module_part: str) -> Any:
         except Exception as exc:
             raise TaskError(f"importing {module_part!r} failed: {one_line(exc)}") from exc
         return module
+    # A module in the working directory imports, as with `python -m` (a console script's
+    # sys.path does not hold the working directory).
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
     try:
         return importlib.import_module(module_part)
     except ModuleNotFoundError as exc:
@@ -152,10 +158,11 @@ def validate_task(task: Task, on_meta: bool = False) -> None:
     """Check the contract on real data: non-empty dataset, (input, target) items, and one
     forward + loss on a batch of two. Raises TaskError with the underlying error in one line.
 
-    ``on_meta=True`` builds the model and runs the forward on the ``meta`` device, so that a
-    model too large for this machine (a 7B ``check``) is validated without allocating it.
+    ``on_meta=True`` builds the model and runs the forward as the simulation does (on fake
+    tensors, with the batch's integer and boolean tensors real), so that a model too large for
+    this machine (a 7B ``check``) is validated without allocating it.
     """
-    from .step import collate, to_device
+    from .step import collate
 
     if not callable(task.model):
         raise TaskError("Task.model must be a zero-argument callable that builds an nn.Module")
@@ -185,31 +192,42 @@ def validate_task(task: Task, on_meta: bool = False) -> None:
                 "target) pairs. Give Task.collate_fn that turns a list of items into "
                 "(inputs, targets) to use any other item type"
             )
-    try:
-        if on_meta:
-            with torch.device("meta"):
-                model = task.model()
-        else:
-            model = task.model()
-    except Exception as exc:
-        raise TaskError(f"building the model failed: {one_line(exc)}") from exc
-    if not isinstance(model, nn.Module):
-        raise TaskError(f"Task.model() returned {type(model).__name__}, not an nn.Module")
     n = min(2, len(task.train_data))
     try:
         x, y = collate(task, [task.train_data[i] for i in range(n)])
     except Exception as exc:
         raise TaskError(f"collating a batch failed: {one_line(exc)}") from exc
-    if on_meta:
-        x, y = to_device((x, y), "meta")
+    if on_meta:  # as the simulation runs it: fake tensors, the batch's integers real
+        from .memory.simulated import fake_step
+
+        with fake_step(task, (x, y)) as (model, (x, y)):
+            _check_forward(task, model, x, y)
+        return
+    try:
+        model = task.model()
+    except Exception as exc:
+        raise TaskError(f"building the model failed: {one_line(exc)}") from exc
+    _check_forward(task, model, x, y)
+
+
+def _failed(what: str, exc: Exception) -> TaskError:
+    from .memory.values import DataDependentOp
+
+    kind = CannotSimulate if isinstance(exc, DataDependentOp) else TaskError
+    return kind(f"{what}: {one_line(exc)}")
+
+
+def _check_forward(task: Task, model: Any, x: Any, y: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TaskError(f"Task.model() returned {type(model).__name__}, not an nn.Module")
     try:
         out = model(x)
     except Exception as exc:
-        raise TaskError(f"the model's forward failed: {one_line(exc)}") from exc
+        raise _failed("the model's forward failed", exc) from exc
     try:
         loss = task.loss_fn(out, y)
     except Exception as exc:
-        raise TaskError(f"the loss failed: {one_line(exc)}") from exc
+        raise _failed("the loss failed", exc) from exc
     if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
         raise TaskError("Task.loss_fn must return a scalar tensor (the MEAN over the batch)")
     if not loss.requires_grad:

@@ -1,0 +1,244 @@
+"""Real values where the simulated step reads them.
+
+Fake tensors have shapes but no values, so a model that branches on its input's values
+(``if attention_mask.all()``, ``lengths.cpu()`` for ``pack_padded_sequence``, ``.item()``, a
+boolean mask's ``nonzero``) cannot run on them. Such values almost always come from the batch's
+integer and boolean tensors (token ids, attention masks, sequence lengths), which the simulation
+collates for real anyway, and from small tensors computed from those alone. So:
+
+- the batch's integer and boolean tensors stay real (``keep_real``): their bytes are the
+  batch's real bytes, counted like any other storage;
+- ``RealWhereKnown``, a dispatch mode under the live-storage counter and above the fake mode,
+  runs every op whose tensor inputs are all real (or that has none: ``arange``, ``ones``)
+  *for real* when its result is small
+  (``REAL_RESULT_MAX_BYTES``), so that values derived from the batch stay real as far as the
+  model takes them; larger results (a (b, 1, T, T) mask built from the attention mask) are
+  fake, as before, and never allocated;
+- the two packed-sequence ops, whose output shapes depend on real lengths but whose data is
+  an activation, get their shapes from the real lengths (``_pack_padded_sequence``,
+  ``_pad_packed_sequence``).
+
+An op that still needs a value nobody has (``.item()`` on an activation) fails with a line that
+names the op and says what to do (``DataDependentOp``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+REAL_RESULT_MAX_BYTES = 16 * 2**20  # an op on real inputs runs for real below this output size
+
+aten = torch.ops.aten
+
+
+class DataDependentOp(RuntimeError):
+    """The simulated step needed the values of a tensor computed from the model's weights.
+    ``what``: what the step did, in a few words."""
+
+    def __init__(self, message: str, what: str = "") -> None:
+        super().__init__(message)
+        self.what = what
+
+
+@contextmanager
+def really() -> Iterator[None]:
+    """Inside, ops run on the CPU for real: every dispatch mode is off, the fake mode too."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), _disable_current_modes():
+        yield
+
+
+def is_fake(t: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def keep_real(t: torch.Tensor) -> bool:
+    """Whether a batch tensor stays real in the simulation: integer and boolean tensors (ids,
+    masks, lengths) whose bytes are within reach; floating inputs become fake."""
+    return (not t.is_floating_point() and not t.is_complex()
+            and t.numel() * t.element_size() <= 64 * REAL_RESULT_MAX_BYTES)
+
+
+def _nbytes(outputs: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_flatten(outputs)[0]
+               if isinstance(t, torch.Tensor))
+
+
+def _real_lengths(lengths: Any) -> torch.Tensor | None:
+    if isinstance(lengths, torch.Tensor) and not is_fake(lengths):
+        with really():
+            return lengths.to("cpu", torch.int64)
+    return None
+
+
+def _pack_padded_sequence(fake_mode: Any, input: torch.Tensor, lengths: Any,
+                          batch_first: bool) -> Any:
+    """aten._pack_padded_sequence on a fake ``input`` with real ``lengths``: data
+    (sum(lengths), *features) fake, batch_sizes real, as the CPU kernel makes them."""
+    real = _real_lengths(lengths)
+    if real is None:
+        return NotImplemented
+    with really():
+        stand_in = torch.zeros(input.shape[:2], dtype=torch.int8)  # (B, T) or (T, B)
+        data, batch_sizes = aten._pack_padded_sequence(stand_in, real, batch_first)
+    features = tuple(input.shape[2:])
+    out = torch.empty((data.shape[0], *features), dtype=input.dtype)  # fake (under fake_mode)
+    return out, batch_sizes
+
+
+def _pad_packed_sequence(fake_mode: Any, data: torch.Tensor, batch_sizes: Any, batch_first: bool,
+                         padding_value: float, total_length: int) -> Any:
+    real = _real_lengths(batch_sizes)
+    if real is None:
+        return NotImplemented
+    with really():
+        stand_in = torch.zeros((data.shape[0], 1), dtype=torch.int8)
+        padded, lengths = aten._pad_packed_sequence(stand_in, real, batch_first, 0,
+                                                    total_length)
+    shape = tuple(padded.shape[:2]) + tuple(data.shape[1:])
+    return torch.empty(shape, dtype=data.dtype), lengths
+
+
+# Ops whose output shapes follow from real arguments while their data is an activation.
+_SHAPE_FROM_REAL_ARGS = {
+    aten._pack_padded_sequence.default: _pack_padded_sequence,
+    aten._pad_packed_sequence.default: _pad_packed_sequence,
+}
+
+
+class RealWhereKnown(TorchDispatchMode):
+    """Runs ops on all-real inputs for real when their result is small (see module doc)."""
+
+    def __init__(self, fake_mode: Any) -> None:
+        super().__init__()
+        self.fake_mode = fake_mode
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        special = _SHAPE_FROM_REAL_ARGS.get(func)
+        if special is not None:
+            out = special(self.fake_mode, *args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if not any(is_fake(t) for t in tensors) and _runs_for_real(func):
+            try:
+                fake_out = func(*args, **kwargs)  # under the fake mode: shapes, no memory
+            except Exception:  # noqa: BLE001 - data-dependent shape: run it to learn it
+                fake_out = None
+            if fake_out is None or _nbytes(fake_out) <= REAL_RESULT_MAX_BYTES:
+                with really():
+                    return func(*args, **kwargs)
+            return fake_out
+        try:
+            return func(*args, **kwargs)
+        except Exception as exc:
+            if not _is_data_dependent(exc):
+                raise
+            out = _shapes_from_real_inputs(func, args, kwargs)
+            if out is NotImplemented:
+                raise DataDependentOp(_advice(func), _what(func)) from exc
+            return out
+
+
+STAND_IN_MAX_BYTES = 256 * 2**20  # fake inputs stood in for by real ones, at most
+
+
+def _shapes_from_real_inputs(func: Any, args: tuple, kwargs: dict) -> Any:
+    """A data-dependent op on real and fake inputs (``h[mask]``: ``aten.index`` with a real
+    boolean mask): run it for real twice, with the fake inputs stood in for by zeros and then
+    by ones. Outputs whose shapes differ between the two depend on the fake inputs' values:
+    NotImplemented (nobody knows them). Otherwise the shapes follow from the real inputs
+    alone; an output equal in both runs (an index, a count) does not depend on the fake
+    inputs and stays real, the others become fake tensors of that shape."""
+    flat, spec = tree_flatten((args, kwargs))
+    fakes = [t for t in flat if isinstance(t, torch.Tensor) and is_fake(t)]
+    if (not fakes or _nbytes(fakes) > STAND_IN_MAX_BYTES or not _runs_for_real(func)
+            or func is aten._local_scalar_dense.default):  # reading a fake value: unknowable
+        return NotImplemented
+    runs = []
+    with really():
+        for fill in (0, 1):
+            stood = [torch.full(t.shape, fill, dtype=t.dtype) if isinstance(t, torch.Tensor)
+                     and is_fake(t) else t for t in flat]
+            a, k = tree_unflatten(stood, spec)
+            try:
+                runs.append(tree_flatten(func(*a, **k))[0])
+            except Exception:  # noqa: BLE001 - not explained by the real inputs
+                return NotImplemented
+    zeros, ones = runs
+    for z, o in zip(zeros, ones):
+        if isinstance(z, torch.Tensor) and z.shape != o.shape:
+            return NotImplemented  # the shape depends on the fake inputs' values
+        if not isinstance(z, torch.Tensor) and z != o:
+            return NotImplemented  # a value read from them
+    mutated = _mutated_args(func, args)
+    out = []
+    for i, (z, o) in enumerate(zip(zeros, ones)):
+        if i in mutated:
+            out.append(mutated[i])  # an in-place op returns its (fake) argument
+        elif not isinstance(z, torch.Tensor):
+            out.append(z)
+        else:
+            with really():
+                same = z.dtype == o.dtype and bool(torch.equal(z, o))
+            out.append(z if same and keep_real(z) else
+                       torch.empty_strided(z.shape, z.stride(), dtype=z.dtype))
+    result = func._schema.returns
+    return out[0] if len(result) == 1 and not _returns_list(func) else tuple(out) if len(
+        result) > 1 else out
+
+
+def _returns_list(func: Any) -> bool:
+    returns = func._schema.returns
+    return len(returns) == 1 and str(returns[0].type).startswith("List")
+
+
+def _mutated_args(func: Any, args: tuple) -> dict[int, Any]:
+    """Output position -> the argument it aliases, for ops that write into an argument."""
+    found = {}
+    for i, ret in enumerate(func._schema.returns):
+        if ret.alias_info is None or not ret.alias_info.is_write:
+            continue
+        for j, arg in enumerate(func._schema.arguments):
+            if (arg.alias_info is not None and arg.alias_info.before_set == ret.alias_info.before_set
+                    and j < len(args)):
+                found[i] = args[j]
+    return found
+
+
+def _runs_for_real(func: Any) -> bool:
+    # Random ops would draw from the real generator (and their values are no one's to know).
+    return torch.Tag.nondeterministic_seeded not in getattr(func, "tags", ())
+
+
+def _is_data_dependent(exc: BaseException) -> bool:
+    from torch._subclasses.fake_tensor import (DataDependentOutputException,
+                                               DynamicOutputShapeException)
+
+    return isinstance(exc, (DataDependentOutputException, DynamicOutputShapeException))
+
+
+def _what(func: Any) -> str:
+    name = getattr(func, "__name__", str(func)).removesuffix(".default")
+    if name == "_local_scalar_dense":
+        return "the step reads a tensor's value (.item(), bool(t), `if t > 0:`)"
+    return f"the shape of aten.{name}'s output depends on a tensor's values"
+
+
+def _advice(func: Any) -> str:
+    return (f"{_what(func)}, and that tensor is computed from the model's weights, whose "
+            "values a simulation does not have (it has the batch's integer and boolean tensors "
+            "and what is computed from them alone); measure with real steps instead (`bsselect "
+            "probe --method measured`, on the target device for another device's answer), or "
+            "keep value-dependent branches on the batch's integer tensors")
+
+

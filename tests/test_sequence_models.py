@@ -1,0 +1,106 @@
+"""Sequence models that read their batch's values, simulated (issue 13): Hugging Face decoders
+fed padded batches with an attention mask, a packed-sequence LSTM, boolean-mask token
+selection. The truth is the CPU allocator's own events (``cpu_step_peak``), not the
+simulation's counter; the CLI is run for real."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bsselect.errors import CannotSimulate
+from bsselect.inputs import InputMode, scan_inputs
+from bsselect.memory.cpu_truth import cpu_step_peak
+from bsselect.memory.simulated import simulate_step_peak
+from bsselect.task import validate_task
+from conftest import run_cli
+from tasks import seq_tasks
+
+pytest.importorskip("transformers")
+
+TASKS = str(Path(__file__).parent / "tasks" / "seq_tasks.py")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "packed_lstm"])
+@pytest.mark.parametrize("batch_size", [8, 32])
+def test_simulation_matches_the_cpu_allocator(name, batch_size):
+    task = getattr(seq_tasks, name)()
+    validate_task(task, on_meta=True)  # the forward on fake tensors reads the mask's values
+    sim = simulate_step_peak(task, batch_size).peak_bytes
+    real = cpu_step_peak(task, batch_size).peak_bytes
+    assert abs(sim / real - 1) <= 0.005, (name, batch_size, sim, real)
+
+
+def test_worst_case_batch_without_padding_skips_the_causal_mask_as_the_real_step_does():
+    # The longest items all have T_MAX tokens: the mask is all ones, so transformers skips
+    # building the (b, 1, T, T) causal mask. On fake tensors it would not (it takes them for
+    # tracing); the simulation keeps the mask real, so it takes the real step's branch.
+    task = seq_tasks.llama()
+    inputs = scan_inputs(task.train_data, InputMode.worst_case)
+    sim = simulate_step_peak(task, 32, inputs=inputs).peak_bytes
+    real = cpu_step_peak(task, 32, inputs=inputs).peak_bytes
+    assert sim == pytest.approx(real, rel=1e-4)
+
+
+def test_check_and_probe_run_on_a_padded_decoder_and_a_packed_lstm():
+    done = run_cli("check", f"{TASKS}:llama", "--memory", "1GiB", "--batch-size", "16")
+    assert done.returncode == 0, done.stderr
+    done = run_cli("probe", f"{TASKS}:packed_lstm", "--memory", "256MiB", "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["method"] == "simulated" and data["method_note"] == ""
+    assert data["max_batch"] > 0
+
+
+def test_a_branch_on_an_activation_is_one_line_for_check_and_real_steps_for_probe():
+    done = run_cli("check", f"{TASKS}:branchy", "--memory", "1GiB", "--batch-size", "8")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and ".item()" in lines[0] and "--method measured" in lines[0]
+    assert "Traceback" not in done.stderr
+    done = run_cli("probe", f"{TASKS}:branchy", "--memory", "64MiB", "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["method"] == "measured"
+    assert "simulation cannot run this model" in data["method_note"]
+    # real steps stop at the data (64 items), or at the largest probed batch (128)
+    assert data["max_batch"] == 128 and data["exceeds_dataset"]
+    assert max((s["batch_size"] for s in data["confirmation"]), default=0) <= 128
+    done = run_cli("probe", f"{TASKS}:branchy", "--memory", "64MiB", "--method", "simulated")
+    assert done.returncode == 1 and ".item()" in done.stderr  # asked for: no fallback
+
+
+class _SelectTokens(torch.nn.Module):
+    """Boolean-mask token selection from the batch's lengths: ``h[mask]``, whose output shape
+    depends on the (real) mask, not on the (fake) activations."""
+
+    def __init__(self, by_activation: bool = False) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(seq_tasks.VOCAB, 8)
+        self.out = torch.nn.Linear(8, 4)
+        self.by_activation = by_activation
+
+    def forward(self, x):
+        ids, lengths = x
+        h = self.emb(ids)
+        mask = (h[..., 0] > 0) if self.by_activation else (
+            torch.arange(ids.shape[1])[None, :] < lengths[:, None])
+        return self.out(h[mask].mean(0, keepdim=True).expand(ids.shape[0], -1))
+
+
+def _select_task(by_activation: bool):
+    from bsselect import Task
+
+    return Task(model=lambda: _SelectTokens(by_activation), train_data=seq_tasks.Sequences(),
+                loss_fn=torch.nn.functional.cross_entropy,
+                collate_fn=seq_tasks.pad_with_lengths, lr=0.1, base_batch_size=8)
+
+
+def test_shape_from_a_real_mask_simulates_and_from_an_activation_is_refused():
+    peak = simulate_step_peak(_select_task(False), 16)
+    assert peak.peak_bytes > 0
+    with pytest.raises(CannotSimulate, match=r"aten\.index"):
+        simulate_step_peak(_select_task(True), 16)
