@@ -130,6 +130,8 @@ def refine_max_batch(
     best = fits[-1][0] if fits else 0
     path: list[SearchStep] = []
     guess = _clamp(first_guess, best, fail, max_jump)
+    if ceiling is not None and first_guess >= ceiling and best < ceiling:
+        guess = _clamp(ceiling, best, fail, max_jump)  # the line says the data limits it
     if guess is None:  # the line undershoots a probed batch that fitted: search from there
         guess = _next_guess(fits, usable_bytes, best, fail, max_jump)
     for _ in range(max_tries):
