@@ -23,15 +23,27 @@ MIN_FIT_BATCH = 8  # tiny batches are dominated by the optimizer-step peak and b
 
 @dataclass(frozen=True)
 class MemoryFit:
-    """Least-squares line ``peak = fixed_bytes + per_sample_bytes * b``."""
+    """Line ``peak = fixed_bytes + per_sample_bytes * b``: least squares, raised to lie on or
+    above every point when the peaks are not linear in b (``CURVED``)."""
 
     fixed_bytes: float
     per_sample_bytes: float
     residual_bytes: float  # max |peak - fit| over the points used
     fit_batch_sizes: tuple[int, ...]
+    # The least-squares line's largest error relative to a point's peak, and where
+    max_error_frac: float = 0.0
+    max_error_batch: int | None = None
+    raised_bytes: float = 0.0  # how far the line was raised (0: linear peaks)
+
+    @property
+    def curved(self) -> bool:
+        return self.max_error_frac > CURVED
 
     def predict(self, batch_size: int) -> float:
         return self.fixed_bytes + self.per_sample_bytes * batch_size
+
+
+CURVED = 0.01  # a line more than 1% off a measured peak does not describe the peaks
 
 
 def check_margin(margin: float) -> float:
@@ -57,8 +69,17 @@ def fit_memory(points: Sequence[tuple[int, int]], min_batch: int = MIN_FIT_BATCH
     b = np.array([float(b) for b, _ in used])
     p = np.array([float(p) for _, p in used])
     slope, intercept = np.polyfit(b, p, 1)
+    errors = np.abs(p - (intercept + slope * b)) / np.maximum(p, 1.0)
+    worst = int(np.argmax(errors))
+    raised = 0.0
+    if errors[worst] > CURVED:
+        # Variable-length items (the worst-case batch takes the longest first) or a peak
+        # that changes phase: a line cannot follow them. Never let it read low at a point.
+        raised = float(np.max(p - (intercept + slope * b)))
+        intercept += raised
     residual = float(np.max(np.abs(p - (intercept + slope * b))))
-    return MemoryFit(float(intercept), float(slope), residual, tuple(int(x) for x in b))
+    return MemoryFit(float(intercept), float(slope), residual, tuple(int(x) for x in b),
+                     float(errors[worst]), int(b[worst]), raised)
 
 
 def usable_bytes(budget_bytes: int, margin: float) -> float:

@@ -71,6 +71,11 @@ class ProbeResult:
     inputs_note: str = ""
     train_items: int | None = None        # the task's training set: a batch cannot exceed it
     method_note: str = ""                 # why the method differs from the one asked for
+    # The least-squares line's largest error against a measured peak (percent), and where;
+    # above 1% the line is raised by fit_raised_bytes to lie on or above every peak.
+    fit_max_error_pct: float = 0.0
+    fit_max_error_batch: int | None = None
+    fit_raised_bytes: int = 0
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -308,7 +313,8 @@ def run_probe(
         param_bytes=meter.extras.get("param_bytes"),
         optimizer_state_bytes=meter.extras.get("optimizer_state_bytes"),
         **step_fields(settings, inputs), optimizer_impl=meter.extras.get("optimizer_impl"),
-        method_note=method_note,
+        method_note=method_note, fit_max_error_pct=round(100 * fit.max_error_frac, 3),
+        fit_max_error_batch=fit.max_error_batch, fit_raised_bytes=round(fit.raised_bytes),
     )
 
 

@@ -58,6 +58,14 @@ def render_probe(result: Any) -> None:
         out.print(f"{result.target} terms at batch {result.max_batch}")
         out.print(_terms_table(result.terms))
     usable = result.budget_bytes * (1 - result.margin)
+    if result.fit_raised_bytes:
+        out.print(
+            f"[yellow]note:[/] the peaks are not linear in the batch (the least-squares line is "
+            f"{result.fit_max_error_pct:.1f}% off at b={result.fit_max_error_batch}; "
+            + ("the peak moves between phases of the step" if result.uniform_items is not False
+               else "worst-case batches take the longest items first")
+            + f"): the line is raised {format_bytes(result.fit_raised_bytes)} to lie on or above every peak, "
+            "and the max batch is checked where it lands", highlight=False)
     out.print(
         f"method [bold]{result.method}[/] on {result.device} · fixed "
         f"{format_bytes(result.fixed_bytes)} + {format_bytes(result.per_sample_bytes)}/sample "

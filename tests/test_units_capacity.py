@@ -134,3 +134,14 @@ def test_refine_nothing_fits():
 ])
 def test_is_oom_error(exc, expected):
     assert is_oom_error(exc) is expected
+
+
+def test_a_line_through_curved_peaks_is_raised_never_to_read_low():
+    # Worst-case batches of variable-length items (longest first) make the peak concave in b.
+    pts = [(8, 1_920_000), (16, 2_390_000), (32, 4_500_000), (64, 8_590_000), (128, 15_700_000)]
+    fit = fit_memory(pts)
+    assert fit.curved and fit.max_error_batch == 16 and fit.max_error_frac > 0.10
+    assert all(fit.predict(b) >= p for b, p in pts)
+    assert min(fit.predict(b) - p for b, p in pts) == pytest.approx(0, abs=1)  # touches one
+    linear = fit_memory([(b, 1000 + 37 * b) for b in (8, 16, 32, 64)])
+    assert not linear.curved and linear.raised_bytes == 0 and linear.max_error_frac < 1e-9
