@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import traceback
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Callable, Optional, TypeVar
 
 import typer
 
 from . import __version__
-from .errors import BsselectError, UsageError, one_line, parse_choice
+from .errors import BsselectError, UsageError, one_line
 from .run_options import AccumulateOpt, InputsOpt, PrecisionOpt
 
 T = TypeVar("T")
@@ -78,15 +78,6 @@ def _error(console, text: str) -> None:
                   soft_wrap=True)
 
 
-def _device(name: str):
-    """This process's device; under torchrun also joins the process group (docs/multi-gpu.md)
-    and gives each rank its own accelerator."""
-    from .device import resolve_device
-    from .distributed import setup
-
-    return setup(resolve_device(name))
-
-
 def _note(command: str, data: dict) -> None:
     """Under torchrun, one line under the table saying which batch is per device, which global."""
     from .distributed import describe
@@ -95,30 +86,6 @@ def _note(command: str, data: dict) -> None:
     line = describe(command, data)
     if line:
         out.print(line, highlight=False)
-
-
-def _probe_method(task: Any, method: Any, device: Any, target: Any) -> tuple[Any, str]:
-    """The probe's method after validating the task for it, and a note when it differs
-    from the one asked for: ``auto`` falls back from a simulation the model cannot run
-    (a branch on an activation's value) to real steps on this device."""
-    from .errors import CannotSimulate
-    from .probe import Method, Target, choose_method
-    from .task import validate_task
-
-    resolved = choose_method(method, device)
-    if resolved is not Method.simulated:
-        validate_task(task)
-        return resolved, ""
-    try:
-        validate_task(task, on_meta=True)
-        return resolved, ""
-    except CannotSimulate as exc:
-        if method is not Method.auto or target is not Target.same:
-            raise
-        what = getattr(exc.__cause__, "what", "") or str(exc)
-    validate_task(task)
-    return Method.measured, (f"real steps on {device.type}, because the simulation cannot run "
-                             f"this model: {what} computed from its weights")
 
 
 def _version(value: bool) -> None:
@@ -189,45 +156,15 @@ def probe(
     """
 
     def body() -> None:
-        from .device import Budget, default_budget
-        from .probe import DEFAULT_BATCH_SIZES, Method, run_probe
+        from . import api
+        from .probe import DEFAULT_BATCH_SIZES
         from .report import console, emit_json, render_probe
-        from .targets import Target
-        from .task import load_task
-        from .units import parse_size
+        from .run_options import print_step_lines
 
-        from .run_options import parse_inputs, print_step_lines, scan, step_settings
-
-        meth = parse_choice(Method, method, "--method")
-        tgt = parse_choice(Target, target, "--target")
         sizes = parse_int_list(batch_sizes, "--batch-sizes") or list(DEFAULT_BATCH_SIZES)
-        settings, mode = step_settings(precision, accumulate), parse_inputs(inputs)
-        dev = _device(device)
-        if memory is None and tgt is not Target.same:
-            raise UsageError(f"--target {tgt.value} needs --memory (the target device's memory)")
-        loaded, name = load_task(task)
-        # A simulated probe never allocates the model, so neither does its validation. A
-        # model the simulation cannot run falls back to real steps when the method is auto
-        # and the answer is for this device.
-        resolved, method_note = _probe_method(loaded, meth, dev, tgt)
-        if memory is not None:
-            budget = Budget(parse_size(memory), "--memory")
-        elif resolved is Method.measured and dev.type == "cpu":
-            # Real steps on the host: never plan to fill it (the OS, other jobs, the profiler).
-            from .probe import HOST_HEADROOM
-
-            ram = default_budget(dev)
-            budget = Budget(int(ram.bytes * HOST_HEADROOM),
-                            f"half of the {ram.source}: a measured probe on the CPU allocates "
-                            "for real (--memory to set it)")
-        else:
-            budget = default_budget(dev)
-        items = scan(loaded, mode, console)
-        with _progress(console, f"probing {name}", len(sizes)) as advance:
-            result = run_probe(loaded, task_name=name, device=dev, budget=budget,
-                               method=resolved, margin=margin, batch_sizes=sizes, target=tgt,
-                               budget_is_total=memory is not None, on_point=advance,
-                               settings=settings, inputs=items, method_note=method_note)
+        result = api.probe(task, memory=memory, margin=margin, method=method, target=target,
+                           batch_sizes=sizes, precision=precision, accumulate=accumulate,
+                           inputs=inputs, device=device, console=console)
         from .distributed import probe_json
 
         if as_json:
@@ -272,24 +209,21 @@ def noise(
     """
 
     def body() -> None:
-        from .noise import measure_noise
-        from .report import console, emit_json, render_noise
-        from .task import load_task, validate_task
+        from . import api
+        from .report import console, render_noise
+        from .run_options import progress_bar
+        from .task import load_task
 
-        if every is not None and every < 1:
-            raise UsageError("--every must be >= 1")
-        if warmup_steps < 0:
-            raise UsageError("--warmup-steps must be >= 0")
-        dev = _device(device)
-        loaded, name = load_task(task)
-        validate_task(loaded)
-        with _progress(console, f"noise scale of {name} (passes)", 1) as advance:
-            report = measure_noise(loaded, b_small=b_small, b_big=b_big,
-                                   measurements=measurements, seed=seed,
-                                   warmup_steps=warmup_steps, every=every, progress=advance,
-                                   device=dev, precision=_precision(precision))
+        name = load_task(task)[1]
+        with progress_bar(console, f"noise scale of {name} (passes)", 1) as advance:
+            report = api.noise_scale(task, b_small=b_small, b_big=b_big,
+                                     measurements=measurements, warmup_steps=warmup_steps,
+                                     every=every, seed=seed, device=device,
+                                     precision=precision, progress=advance)
         if as_json:
             from .distributed import noise_json
+
+            from .report import emit_json
 
             emit_json({"task": name, **noise_json(report.to_json())})
         else:
@@ -359,59 +293,40 @@ def sweep(
     """
 
     def body() -> None:
+        from . import api
         from .report import console
-        from .sweep import default_budget, parse_budget, run_sweep
-        from .task import load_task, validate_task
 
         if resume and overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
-        if warmup_steps < 0 or noise_measurements < 0 or warm_start_steps < 0:
-            raise UsageError("--warmup-steps, --warm-start-steps and --noise-measurements must "
-                             "be >= 0")
-        if threads is not None and threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {threads}")
         if plot is not None:
             from .plots import check_plot_target
 
             check_plot_target(plot)
-        explicit = parse_int_list(batch_sizes, "--batch-sizes")
-        trial_budget = parse_budget(budget) if budget is not None else None
-        dev = _device(device)
-        from .run_options import step_settings
-
-        step = step_settings(precision, accumulate)
-        loaded, name = load_task(task)
-        validate_task(loaded)
-        sizes, cap, cap_source = _plan_sizes(loaded, name, explicit, min_batch, max_batch,
-                                             memory, dev, step)
-        per_trial = trial_budget or default_budget(max(sizes), loaded.base_batch_size)
-        settings = _sweep_settings(loaded, per_trial,
-                                   lr_scaling, seed, warmup_steps, noise_measurements, step,
-                                   warm_start_steps)
-        path = journal or Path(f"bsselect-sweep-{_slug(name)}.jsonl")
-        console.print(f"sweeping {name}: batch sizes {sizes} ({cap_source}), "
-                      f"{settings.budget.amount:g} {settings.budget.kind.value} per trial, "
-                      f"journal {path}", highlight=False)
+        plan = api.plan_sweep(
+            task, batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"), min_batch=min_batch,
+            max_batch=max_batch, budget=budget, lr_scaling=lr_scaling, seed=seed,
+            warmup_steps=warmup_steps, noise_measurements=noise_measurements,
+            warm_start_steps=warm_start_steps, journal=journal, device=device, memory=memory,
+            precision=precision, accumulate=accumulate, threads=threads, console=console)
+        settings = plan.settings
+        console.print(f"sweeping {plan.task_name}: batch sizes {list(plan.batch_sizes)} "
+                      f"({plan.max_batch_source}), {settings.budget.amount:g} "
+                      f"{settings.budget.kind.value} per trial, journal {plan.journal}",
+                      highlight=False)
         if settings.budget.kind.value == "seconds":
             console.print(f"a {settings.budget.amount:g} s budget bounds each trial's training "
                           "steps; its evaluation and noise measurements, and the timing rounds "
                           "after the trials, come on top", highlight=False)
-        if step.accumulate > 1 or step.precision.value != "fp32":
-            console.print(f"{step.precision.value}; each batch size is the effective batch: "
-                          f"micro-batch x {step.accumulate} accumulation steps", highlight=False)
-        from .timing import default_threads
-
-        n_threads = None if dev.type != "cpu" else (
-            threads or default_threads(_local_processes()))
-        if n_threads is not None:
-            console.print(f"cpu threads: {n_threads}"
-                          + (" (--threads)" if threads else
+        if settings.accumulate > 1 or settings.precision.value != "fp32":
+            console.print(f"{settings.precision.value}; each batch size is the effective "
+                          f"batch: micro-batch x {settings.accumulate} accumulation steps",
+                          highlight=False)
+        if plan.threads is not None:
+            console.print(f"cpu threads: {plan.threads}"
+                          + (" (--threads)" if plan.threads_given else
                              " (half the usable cores; set with --threads)"), highlight=False)
-        with _SweepProgress(console, len(sizes)) as hooks:
-            result = run_sweep(loaded, task_name=name, batch_sizes=sizes, settings=settings,
-                               device=dev, journal_path=path, resume=resume, max_batch=cap,
-                               max_batch_source=cap_source, overwrite=overwrite, hooks=hooks,
-                               threads=n_threads)
+        with _SweepProgress(console, len(plan.batch_sizes)) as hooks:
+            result = api.sweep(plan=plan, resume=resume, overwrite=overwrite, hooks=hooks)
         _finish_sweep(result, as_json, plot)
 
     guarded(body)
@@ -486,82 +401,6 @@ def _finish_sweep(result, as_json: bool, plot: Optional[Path]) -> None:
     failure = result.failure()
     if failure is not None:  # the table and the journal are kept; the exit code says it failed
         raise failure
-
-
-def _local_processes() -> int:
-    """Processes sharing this machine's cores under torchrun (1 otherwise)."""
-    import os
-
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
-def _slug(name: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name.rsplit("/", 1)[-1]).strip("-") or "task"
-
-
-def _plan_sizes(task, name, explicit, min_batch, max_batch, memory, dev, step=None):
-    """Batch sizes to try, the largest allowed, and where that maximum came from. With
-    accumulation (``step``: StepSettings) they are effective batches of N micro-batches, and
-    the probe answers for the micro-batch, on the largest items."""
-    from .device import Budget, default_budget
-    from .probe import run_probe
-    from .distributed import per_device, world_size
-    from .sweep import data_cap, powers_of_two
-    from .units import parse_size
-
-    # Under torchrun these are global batches: a power of two per device x world size w
-    # (the probe answers per device), times the accumulation steps.
-    w = world_size() * (step.accumulate if step is not None else 1)
-
-    def powers(lo: int, per_device_hi: int) -> list[int]:
-        return [w * b for b in powers_of_two(-(-lo // w), per_device_hi)]
-
-    if explicit:
-        for b in explicit:
-            per_device(b, "--batch-sizes value")
-        return sorted(set(explicit)), max(explicit), "--batch-sizes"
-    if min_batch < 1:
-        raise UsageError("--min-batch must be >= 1")
-    n_train = len(task.train_data)
-    cap = data_cap(n_train)
-    if max_batch is not None:
-        return powers(min_batch, max_batch // w), max_batch, "--max-batch"
-    budget = Budget(parse_size(memory), "--memory") if memory else default_budget(dev)
-    from .inputs import InputMode
-    from .report import console
-    from .run_options import scan
-    from .step import StepSettings
-
-    probed = run_probe(task, task_name=name, device=dev, budget=budget,
-                       settings=step or StepSettings(),
-                       inputs=scan(task, InputMode.worst_case, console))
-    fits = probed.max_batch * w
-    if probed.max_batch_pow2 * w <= cap:
-        return powers(min_batch, probed.max_batch_pow2), fits, "probe"
-    return (powers(min_batch, cap // w), fits,
-            f"probe allows {fits}; capped at half the {n_train} training items")
-
-
-def _sweep_settings(task, budget, lr_scaling, seed, warmup_steps, noise_measurements,
-                    step=None, warm_start_steps=0):
-    from .sweep import SweepSettings, resolve_lr_scaling
-
-    extra = {} if step is None else dict(precision=step.precision, accumulate=step.accumulate)
-    return SweepSettings(budget=budget, lr_scaling=resolve_lr_scaling(task, lr_scaling),
-                         seed=seed, warmup_steps=warmup_steps,
-                         noise_measurements=noise_measurements,
-                         warm_start_steps=warm_start_steps, **extra)
-
-
-def _precision(value: str):
-    from .run_options import parse_precision
-
-    return parse_precision(value)
 
 
 class _SweepProgress:
@@ -671,20 +510,14 @@ def check(
             raise
 
     def _check_body(fmt: str) -> None:
-        from .check import merge_config, read_pyproject, run_check
+        from . import api
         from .report import console, emit_json, render_check, render_check_github
-        from .run_options import print_step_lines, scan
-        from .task import load_task, validate_task
+        from .run_options import print_step_lines
 
-        cfg = merge_config(
-            {"task": task, "batch_size": batch_size, "memory": memory,
-             "device_preset": device_preset, "margin": margin, "target": target,
-             "precision": precision, "accumulate": accumulate, "inputs": inputs},
-            read_pyproject(config or Path("pyproject.toml"), required=config is not None),
-            str(config or "pyproject.toml"))
-        loaded, name = load_task(cfg.task)
-        validate_task(loaded, on_meta=True)
-        result = run_check(loaded, name, cfg, scan(loaded, cfg.inputs, console))
+        result = api.check(task, batch_size=batch_size, memory=memory,
+                           device_preset=device_preset, margin=margin, target=target,
+                           precision=precision, accumulate=accumulate, inputs=inputs,
+                           config=config, console=console)
         if fmt == "json":
             emit_json(result.to_json())
         elif fmt == "github":
@@ -706,25 +539,6 @@ def presets() -> None:
 
     for key, (size, name) in PRESETS.items():
         print(f"{key:14s} {format_bytes(size):>10s}  {name}")
-
-
-class _progress:
-    """A rich progress bar on stderr; yields ``advance(done, total)``."""
-
-    def __init__(self, console, description: str, total: int) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                            console=console, transient=True)
-        self.task_id = self.bar.add_task(description, total=total)
-
-    def __enter__(self) -> Callable[[int, int], None]:
-        self.bar.start()
-        return lambda done, total: self.bar.update(self.task_id, completed=done, total=total)
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ say how a step was measured. Kept out of cli.py so that each command only wires 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Callable
 
 import typer
 
@@ -65,6 +65,26 @@ def scan(task: "Task", mode: "InputMode", console: Any, seed: int = 0) -> "Input
                                                                    total=total))
 
 
+class progress_bar:
+    """A rich progress bar on stderr; yields ``advance(done, total)``."""
+
+    def __init__(self, console, description: str, total: int) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                            console=console, transient=True)
+        self.task_id = self.bar.add_task(description, total=total)
+
+    def __enter__(self) -> Callable[[int, int], None]:
+        self.bar.start()
+        return lambda done, total: self.bar.update(self.task_id, completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+
+
 def step_lines(data: dict[str, Any]) -> list[str]:
     """Lines under probe's or check's table: which items, which precision, optimizer
     implementation, micro- vs effective batch (from the result's JSON fields)."""
@@ -103,4 +123,4 @@ def print_step_lines(data: dict[str, Any]) -> None:
 
 
 __all__ = ["PrecisionOpt", "AccumulateOpt", "InputsOpt", "parse_precision", "parse_inputs",
-           "step_settings", "scan", "step_lines", "print_step_lines"]
+           "step_settings", "scan", "step_lines", "print_step_lines", "progress_bar"]

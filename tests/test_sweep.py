@@ -17,15 +17,18 @@ import sys
 import time
 from pathlib import Path
 
+import importlib
+
 import pytest
 import torch
 
 from bsselect.lr_scaling import LrScaling
-import bsselect.sweep as sweep_mod
 import bsselect.trials as trials_mod
 from bsselect.sweep import SweepSettings, default_budget, make_setup, parse_budget, run_sweep
 from bsselect.timing import usable_cpus
 from bsselect.trials import BudgetKind, evaluate
+
+sweep_mod = importlib.import_module("bsselect.sweep")  # bsselect.sweep: the API function
 from bsselect.task import load_task
 from bsselect.trial_types import TrialStatus
 

@@ -1,0 +1,358 @@
+"""The Python API: what each command does, as a function with the CLI's defaults.
+
+    from bsselect import probe, check, noise_scale, sweep
+
+    result = probe("digits-mlp", memory="8GiB")          # a Task or a "module:function" spec
+    result.max_batch, result.to_json()                      # to_json() is the --json output
+
+Every function takes the task as a ``Task`` or as the CLI's task argument (a built-in example
+name, ``package.module:function`` or ``path/to/file.py:function``), keyword arguments named
+and defaulted as the CLI's options (memory as ``"24GiB"`` or bytes), and returns the result
+the CLI renders. Errors are the ``BsselectError`` family (``TaskError``, ``UsageError``,
+``DoesNotFitError``), each with the CLI's one-line message. The CLI calls these functions;
+``console`` (a ``rich.console.Console``) adds its progress bars and notes, and is None here by
+default: a library call prints nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+
+from .errors import CannotSimulate, UsageError, parse_choice
+
+if TYPE_CHECKING:
+    import torch
+
+    from .check import CheckResult
+    from .inputs import InputMode, InputScan
+    from .noise import NoiseReport
+    from .probe import Method, ProbeResult
+    from .step import StepSettings
+    from .sweep import SweepHooks, SweepResult, SweepSettings
+    from .task import Task
+
+TaskLike = Union["Task", str, None]
+Size = Union[str, int, None]
+
+
+def _name(task: "Task") -> str:
+    name = getattr(task.model, "__qualname__", "")
+    return name if name and "<" not in name else "task"
+
+
+def resolve_task(task: TaskLike, *, on_meta: bool = False) -> tuple["Task", str]:
+    """(Task, display name) from a Task or a CLI task spec; validated (``on_meta``: on fake
+    tensors, as the simulation runs it, without allocating the model)."""
+    from .task import Task, load_task, validate_task
+
+    if isinstance(task, Task):
+        validate_task(task, on_meta=on_meta)
+        return task, _name(task)
+    if task is not None and not isinstance(task, str):
+        raise UsageError(f"task must be a bsselect.Task or a spec string, got "
+                         f"{type(task).__name__}")
+    loaded, name = load_task(task)
+    validate_task(loaded, on_meta=on_meta)
+    return loaded, name
+
+
+def _bytes(value: Size, name: str) -> int | None:
+    from .units import parse_size
+
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise UsageError(f"{name} must be bytes (int) or a size such as '24GiB', got {value!r}")
+    return parse_size(str(value)) if isinstance(value, str) else parse_size(f"{value}B")
+
+
+def device_of(name: str = "auto") -> "torch.device":
+    """The device to run on; under torchrun also joins the process group (docs/multi-gpu.md)
+    and gives each rank its own accelerator."""
+    from .device import resolve_device
+    from .distributed import setup
+
+    return setup(resolve_device(name))
+
+
+def _scan(task: "Task", mode: "InputMode", console: Any) -> "InputScan":
+    from .inputs import scan_inputs
+
+    if console is None:
+        return scan_inputs(task.train_data, mode)
+    from .run_options import scan
+
+    return scan(task, mode, console)
+
+
+def probe_method(task: "Task", method: "Method", device: "torch.device", target: Any
+                 ) -> tuple["Method", str]:
+    """The probe's method after validating the task for it, and a note when it differs from
+    the one asked for: ``auto`` falls back from a simulation the model cannot run (a branch
+    on an activation's value) to real steps on this device."""
+    from .probe import Method, choose_method
+    from .targets import Target
+    from .task import validate_task
+
+    resolved = choose_method(method, device)
+    if resolved is not Method.simulated:
+        validate_task(task)
+        return resolved, ""
+    try:
+        validate_task(task, on_meta=True)
+        return resolved, ""
+    except CannotSimulate as exc:
+        if method is not Method.auto or target is not Target.same:
+            raise
+        what = getattr(exc.__cause__, "what", "") or str(exc)
+    validate_task(task)
+    return Method.measured, (f"real steps on {device.type}, because the simulation cannot run "
+                             f"this model: {what} computed from its weights")
+
+
+def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
+          method: str = "auto", target: str = "same", batch_sizes: Sequence[int] | None = None,
+          precision: str = "fp32", accumulate: int = 1, inputs: str = "worst-case",
+          device: str = "auto", console: Any = None,
+          on_point: Callable[[int, int], None] | None = None) -> "ProbeResult":
+    """What fits: peak memory of a training step at several batch sizes, a line through them,
+    and the largest batch that fits ``memory`` after ``margin``, checked where it lands
+    (``bsselect probe``). ``memory`` None: the device's free memory (on the CPU, for real
+    steps, half the available RAM)."""
+    from .device import Budget, default_budget
+    from .probe import DEFAULT_BATCH_SIZES, HOST_HEADROOM, Method, run_probe
+    from .run_options import parse_inputs, step_settings
+    from .targets import Target
+    from .task import load_task
+
+    meth = parse_choice(Method, method, "--method")
+    tgt = parse_choice(Target, target, "--target")
+    settings, mode = step_settings(precision, accumulate), parse_inputs(inputs)
+    sizes = list(batch_sizes) if batch_sizes else list(DEFAULT_BATCH_SIZES)
+    dev = device_of(device)
+    size = _bytes(memory, "memory")
+    if size is None and tgt is not Target.same:
+        raise UsageError(f"--target {tgt.value} needs --memory (the target device's memory)")
+    loaded, name = (task, _name(task)) if not isinstance(task, (str, type(None))) else (
+        load_task(task))
+    resolved, note = probe_method(loaded, meth, dev, tgt)
+    if size is not None:
+        budget = Budget(size, "--memory")
+    elif resolved is Method.measured and dev.type == "cpu":
+        # Real steps on the host: never plan to fill it (the OS, other jobs, the profiler).
+        ram = default_budget(dev)
+        budget = Budget(int(ram.bytes * HOST_HEADROOM),
+                        f"half of the {ram.source}: a measured probe on the CPU allocates for "
+                        "real (--memory to set it)")
+    else:
+        budget = default_budget(dev)
+    items = _scan(loaded, mode, console)
+
+    def run(advance: Callable[[int, int], None] | None) -> "ProbeResult":
+        return run_probe(loaded, task_name=name, device=dev, budget=budget, method=resolved,
+                         margin=margin, batch_sizes=sizes, target=tgt,
+                         budget_is_total=size is not None, on_point=advance,
+                         settings=settings, inputs=items, method_note=note)
+
+    if console is None:
+        return run(on_point)
+    from .run_options import progress_bar
+
+    with progress_bar(console, f"probing {name}", len(sizes)) as advance:
+        return run(advance)
+
+
+def check(task: TaskLike = None, *, batch_size: int | None = None, memory: Size = None,
+          device_preset: str | None = None, margin: float | None = None,
+          target: str | None = None, precision: str | None = None,
+          accumulate: int | None = None, inputs: str | None = None,
+          config: str | Path | None = None, console: Any = None) -> "CheckResult":
+    """Will this config fit: a simulated step at ``batch_size`` against ``memory`` (or a
+    ``device_preset``) after ``margin``, never allocating the model (``bsselect check``).
+    Options left None come from ``[tool.bsselect]`` in ``config`` (default: ./pyproject.toml
+    when it exists), then from the CLI's defaults. ``result.fits`` says yes or no."""
+    from .check import merge_config, read_pyproject, run_check
+
+    size = _bytes(memory, "memory")
+    cfg = merge_config(
+        {"task": task if isinstance(task, (str, type(None))) else None,
+         "batch_size": batch_size, "memory": None if size is None else f"{size}B",
+         "device_preset": device_preset, "margin": margin, "target": target,
+         "precision": precision, "accumulate": accumulate, "inputs": inputs},
+        read_pyproject(Path(config or "pyproject.toml"), required=config is not None),
+        str(config or "pyproject.toml"))
+    loaded, name = resolve_task(task if not isinstance(task, (str, type(None))) else cfg.task,
+                                on_meta=True)
+    return run_check(loaded, name, cfg, _scan(loaded, cfg.inputs, console))
+
+
+def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
+                b_big: int | None = None, measurements: int = 32, warmup_steps: int = 0,
+                every: int | None = None, seed: int = 0, device: str = "auto",
+                precision: str = "fp32",
+                progress: Callable[[int, int], None] | None = None) -> "NoiseReport":
+    """How noisy are the gradients: B_simple (McCandlish et al. 2018) at the initial weights,
+    after ``warmup_steps`` and every ``every`` steps in between (``bsselect noise``)."""
+    from .noise import measure_noise
+    from .run_options import parse_precision
+
+    if every is not None and every < 1:
+        raise UsageError("--every must be >= 1")
+    if warmup_steps < 0:
+        raise UsageError("--warmup-steps must be >= 0")
+    dev = device_of(device)
+    loaded, _ = resolve_task(task)
+    return measure_noise(loaded, b_small=b_small, b_big=b_big, measurements=measurements,
+                         seed=seed, warmup_steps=warmup_steps, every=every, progress=progress,
+                         device=dev, precision=parse_precision(precision))
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What a sweep will run, decided before any trial: ``sweep`` runs it; the CLI prints it
+    first."""
+
+    task: "Task"
+    task_name: str
+    batch_sizes: tuple[int, ...]
+    max_batch: int
+    max_batch_source: str
+    settings: "SweepSettings"
+    device: "torch.device"
+    journal: Path
+    threads: int | None      # CPU intra-op threads (None: not on a CPU)
+    threads_given: bool
+
+
+def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = None,
+               min_batch: int = 8, max_batch: int | None = None, budget: str | None = None,
+               lr_scaling: str = "auto", seed: int = 0, warmup_steps: int = 0,
+               noise_measurements: int = 2, warm_start_steps: int = 0,
+               journal: str | Path | None = None, device: str = "auto", memory: Size = None,
+               precision: str = "fp32", accumulate: int = 1, threads: int | None = None,
+               console: Any = None) -> SweepPlan:
+    """The batch sizes (explicit, or powers of two up to what the probe says fits), the
+    per-trial budget, the settings and the journal of a sweep, with the CLI's defaults."""
+    from .run_options import step_settings
+    from .sweep import default_budget, parse_budget
+    from .timing import default_threads
+
+    if warmup_steps < 0 or noise_measurements < 0 or warm_start_steps < 0:
+        raise UsageError("--warmup-steps, --warm-start-steps and --noise-measurements must be "
+                         ">= 0")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    explicit = list(batch_sizes) if batch_sizes else None
+    if explicit and any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                        for b in explicit):
+        raise UsageError(f"--batch-sizes must be integers >= 1, got {explicit}")
+    trial_budget = parse_budget(budget) if budget is not None else None
+    dev = device_of(device)
+    step = step_settings(precision, accumulate)
+    loaded, name = resolve_task(task)
+    size = _bytes(memory, "memory")
+    sizes, cap, cap_source = plan_sizes(loaded, name, explicit, min_batch, max_batch, size,
+                                        dev, step, console)
+    per_trial = trial_budget or default_budget(max(sizes), loaded.base_batch_size)
+    settings = sweep_settings(loaded, per_trial, lr_scaling, seed, warmup_steps,
+                              noise_measurements, step, warm_start_steps)
+    n_threads = None if dev.type != "cpu" else (threads or default_threads(local_processes()))
+    path = Path(journal) if journal else Path(f"bsselect-sweep-{slug(name)}.jsonl")
+    return SweepPlan(loaded, name, tuple(sizes), cap, cap_source, settings, dev, path,
+                     n_threads, threads is not None)
+
+
+def sweep(task: TaskLike = None, *, resume: bool = False, overwrite: bool = False,
+          hooks: "SweepHooks | None" = None, plan: SweepPlan | None = None,
+          **options: Any) -> "SweepResult":
+    """What trains best: short equal-budget trials at power-of-two batch sizes, journaled,
+    timed in interleaved rounds and ranked by predicted time to target (``bsselect sweep``).
+    ``options`` are ``plan_sweep``'s; or pass a ``plan``. ``resume`` skips the trials already
+    in the journal for the same task and settings."""
+    from .sweep import run_sweep
+
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    if plan is None:
+        plan = plan_sweep(task, **options)
+    elif options:
+        raise UsageError(f"pass either a plan or plan options, not both: {sorted(options)}")
+    return run_sweep(plan.task, task_name=plan.task_name, batch_sizes=plan.batch_sizes,
+                     settings=plan.settings, device=plan.device, journal_path=plan.journal,
+                     resume=resume, max_batch=plan.max_batch,
+                     max_batch_source=plan.max_batch_source, overwrite=overwrite, hooks=hooks,
+                     threads=plan.threads)
+
+
+def local_processes() -> int:
+    """Processes sharing this machine's cores under torchrun (1 otherwise)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name.rsplit("/", 1)[-1]).strip("-") or "task"
+
+
+def plan_sizes(task: "Task", name: str, explicit: list[int] | None, min_batch: int,
+               max_batch: int | None, memory: int | None, dev: "torch.device",
+               step: "StepSettings | None" = None, console: Any = None
+               ) -> tuple[list[int], int, str]:
+    """Batch sizes to try, the largest allowed, and where that maximum came from. With
+    accumulation (``step``) they are effective batches of N micro-batches, and the probe
+    answers for the micro-batch, on the largest items."""
+    from .device import Budget, default_budget
+    from .distributed import per_device, world_size
+    from .inputs import InputMode
+    from .probe import run_probe
+    from .step import StepSettings
+    from .sweep import data_cap, powers_of_two
+
+    # Under torchrun these are global batches: a power of two per device x world size w
+    # (the probe answers per device), times the accumulation steps.
+    w = world_size() * (step.accumulate if step is not None else 1)
+
+    def powers(lo: int, per_device_hi: int) -> list[int]:
+        return [w * b for b in powers_of_two(-(-lo // w), per_device_hi)]
+
+    if explicit:
+        for b in explicit:
+            per_device(b, "--batch-sizes value")
+        return sorted(set(explicit)), max(explicit), "--batch-sizes"
+    if min_batch < 1:
+        raise UsageError("--min-batch must be >= 1")
+    n_train = len(task.train_data)  # type: ignore[arg-type]
+    cap = data_cap(n_train)
+    if max_batch is not None:
+        return powers(min_batch, max_batch // w), max_batch, "--max-batch"
+    budget = Budget(memory, "--memory") if memory else default_budget(dev)
+    probed = run_probe(task, task_name=name, device=dev, budget=budget,
+                       settings=step or StepSettings(),
+                       inputs=_scan(task, InputMode.worst_case, console))
+    fits = probed.max_batch * w
+    if probed.max_batch_pow2 * w <= cap:
+        return powers(min_batch, probed.max_batch_pow2), fits, "probe"
+    return (powers(min_batch, cap // w), fits,
+            f"probe allows {fits}; capped at half the {n_train} training items")
+
+
+def sweep_settings(task: "Task", budget: Any, lr_scaling: str, seed: int, warmup_steps: int,
+                   noise_measurements: int, step: "StepSettings | None" = None,
+                   warm_start_steps: int = 0) -> "SweepSettings":
+    from .sweep import SweepSettings, resolve_lr_scaling
+
+    extra = {} if step is None else dict(precision=step.precision, accumulate=step.accumulate)
+    return SweepSettings(budget=budget, lr_scaling=resolve_lr_scaling(task, lr_scaling),
+                         seed=seed, warmup_steps=warmup_steps,
+                         noise_measurements=noise_measurements,
+                         warm_start_steps=warm_start_steps, **extra)
+
+
+__all__ = ["probe", "check", "noise_scale", "sweep", "plan_sweep", "SweepPlan",
+           "resolve_task", "device_of"]
