@@ -63,6 +63,20 @@ class Task:
             raise TypeError(f"Task.base_batch_size must be an int >= 1, got "
                             f"{_kind(self.base_batch_size)}")
 
+    @classmethod
+    def from_hf(cls, model: Any, train_dataset: Any, **options: Any) -> "Task":
+        """A Task from a Hugging Face setup: ``bsselect.adapters.hf.from_hf``."""
+        from .adapters.hf import from_hf
+
+        return from_hf(model, train_dataset, **options)
+
+    @classmethod
+    def from_trainer(cls, trainer: Any) -> "Task":
+        """A Task from a ``transformers.Trainer``: ``bsselect.adapters.hf.from_trainer``."""
+        from .adapters.hf import from_trainer
+
+        return from_trainer(trainer)
+
     def make_optimizer(self, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """The task's optimizer at ``lr``; default SGD with momentum 0.9."""
         if self.optimizer is not None:

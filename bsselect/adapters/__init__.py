@@ -1,0 +1,1 @@
+"""Adapters from other frameworks' training setups to a ``bsselect.Task``."""

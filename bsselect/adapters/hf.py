@@ -1,0 +1,155 @@
+"""A ``Task`` from a Hugging Face setup: a model (factory, config or local config directory),
+a dataset of dict items, a data collator, the model's own loss.
+
+    from bsselect import Task
+    task = Task.from_hf(GPT2Config(n_layer=4), train_dataset,
+                        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                        lr=5e-4, base_batch_size=16)
+
+Batches are the collator's dicts (``BatchEncoding``), passed to the model as ``model(**batch)``;
+the loss is the model's own (``outputs.loss``, computed from ``labels`` in the batch), a mean
+over tokens as HF computes it. Padding collators give variable-length batches; probe and check
+see the token lengths (the worst-case scan counts each item's tokens) and simulate the padded,
+masked step exactly (docs/benchmarks-simulate.md).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..errors import TaskError, UsageError
+
+
+class HFModel(nn.Module):
+    """The model, called as HF calls it: ``model(**batch)``; returns its ``ModelOutput``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any) -> Any:
+        if not hasattr(batch, "keys"):
+            raise TypeError(f"an HF task's batch must be a dict of tensors (the collator's "
+                            f"output), got {type(batch).__name__}")
+        return self.model(**batch)
+
+
+def model_loss(output: Any, labels: Any) -> torch.Tensor:
+    """The model's own loss (``outputs.loss``), which it computes from ``labels``."""
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    if loss is None:
+        raise TaskError("the model returned no loss: the batch has no 'labels' (let the "
+                        "collator add them, e.g. DataCollatorForLanguageModeling(tokenizer, "
+                        "mlm=False)) — or pass loss_fn=")
+    return loss
+
+
+def logits(output: Any) -> torch.Tensor:
+    """``outputs.logits``, for metrics."""
+    return output.logits if hasattr(output, "logits") else output["logits"]
+
+
+def _factory(model: Any) -> Callable[[], nn.Module]:
+    """A zero-argument builder of a freshly initialised model from what the user has."""
+    if isinstance(model, (str, Path)):
+        from transformers import AutoConfig
+
+        path = Path(model)
+        if not path.exists():
+            raise UsageError(f"{model}: no such local model directory or config.json "
+                             "(bsselect builds models from local configs; it never downloads)")
+        config = AutoConfig.from_pretrained(str(path.parent if path.is_file() else path),
+                                            local_files_only=True)
+        return _factory(config)
+    if _is_config(model):
+        return lambda: _from_config(model)
+    if isinstance(model, nn.Module):
+        # An instance: each trial needs fresh weights of the same model; copy it (its memory
+        # is already spent; a factory or a config is cheaper).
+        return lambda: copy.deepcopy(model)
+    if callable(model):
+        return model
+    raise UsageError(f"model must be a transformers config, a local config path, a "
+                     f"zero-argument factory or an nn.Module; got {type(model).__name__}")
+
+
+def _is_config(value: Any) -> bool:
+    try:
+        from transformers import PretrainedConfig
+    except ImportError:
+        return False
+    return isinstance(value, PretrainedConfig)
+
+
+def _from_config(config: Any) -> nn.Module:
+    """Random weights from ``config``: the class its ``architectures`` names, else the
+    causal-LM auto class."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is not None:
+        return cls(config)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def collate_with(data_collator: Optional[Callable[[list], Any]]) -> Callable[[list], Any]:
+    """The Task's collate_fn: the HF collator's dict as inputs, its ``labels`` as targets."""
+    if data_collator is None:
+        from transformers import default_data_collator
+
+        data_collator = default_data_collator
+
+    def collate(items: list) -> tuple[dict, Any]:
+        batch = data_collator(items)
+        inputs = dict(batch)
+        return inputs, inputs.get("labels")
+
+    return collate
+
+
+def from_hf(model: Any, train_dataset: Any, *, data_collator: Any = None,
+            eval_dataset: Any = None, optimizer: Any = None, lr: float = 5e-5,
+            weight_decay: float = 0.0, base_batch_size: int = 8, loss_fn: Any = None,
+            metric: Any = None) -> Any:
+    """A ``bsselect.Task`` from a Hugging Face setup (see the module's doc).
+
+    ``model``: a ``PretrainedConfig`` (random weights of the class it names), a local
+    directory or ``config.json``, a zero-argument factory, or an ``nn.Module`` (copied per
+    trial). ``optimizer``: ``(params, lr) -> Optimizer``; default AdamW with
+    ``weight_decay``, as the Trainer's ``adamw_torch``. ``loss_fn``: default the model's own
+    loss. ``metric``: ``(outputs, labels) -> float``, higher is better (``logits(outputs)``
+    gives the logits)."""
+    from ..task import Task
+
+    if optimizer is None:
+        def optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    build = _factory(model)
+    return Task(model=lambda: HFModel(build()), train_data=train_dataset,
+                val_data=eval_dataset, loss_fn=loss_fn or model_loss, metric=metric,
+                optimizer=optimizer, lr=lr, base_batch_size=base_batch_size,
+                collate_fn=collate_with(data_collator))
+
+
+def from_trainer(trainer: Any) -> Any:
+    """A ``bsselect.Task`` from a ``transformers.Trainer``: its model (a fresh one from
+    ``model_init`` when it has one, else a copy), datasets and collator, and from its
+    ``TrainingArguments`` the learning rate, weight decay, and per-device batch x gradient
+    accumulation as the base batch size. The Trainer's precision (``bf16``/``fp16``) is the
+    commands' ``--precision``; pass it there."""
+    args = trainer.args
+    model = getattr(trainer, "model_init", None) or trainer.model
+    return from_hf(model, trainer.train_dataset, data_collator=trainer.data_collator,
+                   eval_dataset=trainer.eval_dataset, lr=args.learning_rate,
+                   weight_decay=args.weight_decay,
+                   base_batch_size=args.per_device_train_batch_size
+                   * args.gradient_accumulation_steps)

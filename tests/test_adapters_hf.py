@@ -1,0 +1,88 @@
+"""Task.from_hf and Task.from_trainer on a real transformers setup (a locally built tokenizer,
+DataCollatorForLanguageModeling, a GPT-2 from its config, a real Trainer): the commands run on
+it, the simulation matches the CPU allocator, the Trainer's settings are taken over."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from bsselect import Task  # noqa: E402
+from bsselect.errors import TaskError, UsageError  # noqa: E402
+from bsselect.inputs import InputMode, scan_inputs  # noqa: E402
+from bsselect.memory.cpu_truth import cpu_step_peak  # noqa: E402
+from bsselect.memory.simulated import simulate_step_peak  # noqa: E402
+from bsselect.task import validate_task  # noqa: E402
+from conftest import run_cli  # noqa: E402
+from tasks import hf_tasks  # noqa: E402
+
+TASKS = str(Path(__file__).parent / "tasks" / "hf_tasks.py")
+
+
+def test_an_hf_task_simulates_to_the_cpu_allocator_on_padded_worst_case_batches():
+    task = hf_tasks.gpt2_lm()
+    validate_task(task, on_meta=True)
+    inputs = scan_inputs(task.train_data, InputMode.worst_case)
+    assert not inputs.uniform  # 4..40 words: the scan sees token lengths
+    for b in (8, 32):
+        sim = simulate_step_peak(task, b, inputs=inputs).peak_bytes
+        real = cpu_step_peak(task, b, inputs=inputs).peak_bytes
+        assert abs(sim / real - 1) <= 0.005, (b, sim, real)
+
+
+def test_sweep_runs_on_the_hf_setup_with_the_models_own_loss(tmp_path):
+    done = run_cli("sweep", f"{TASKS}:gpt2_lm", "--batch-sizes", "8,32", "--budget", "256",
+                   "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert [t["status"] for t in data["trials"]] == ["ok", "ok"]
+    assert all(t["train_loss_end"] < t["train_loss_start"] for t in data["trials"])
+    assert data["recommended_batch_size"] in (8, 32)
+
+
+def test_from_trainer_takes_the_trainers_model_data_and_arguments(tmp_path):
+    pytest.importorskip("accelerate")
+    task = hf_tasks.trainer_task()
+    assert task.lr == 3e-4 and task.base_batch_size == 4 * 2
+    model = task.model()
+    optimizer = task.make_optimizer(model.parameters(), task.lr)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.01
+    assert task.model() is not model  # model_init: a fresh model each time
+    assert len(task.val_data) == 120
+    validate_task(task)
+
+
+def test_a_local_config_directory_builds_the_model_and_a_missing_one_is_refused(tmp_path):
+    hf_tasks.config().save_pretrained(tmp_path / "cfg")
+    task = Task.from_hf(str(tmp_path / "cfg"), hf_tasks.Sentences(64), lr=1e-3,
+                        data_collator=_lm_collator())
+    validate_task(task)
+    assert type(task.model().model).__name__ == "GPT2LMHeadModel"
+    with pytest.raises(UsageError, match="never downloads"):
+        Task.from_hf(str(tmp_path / "absent"), hf_tasks.Sentences(64))
+
+
+def test_a_batch_without_labels_says_how_to_get_a_loss():
+    task = Task.from_hf(hf_tasks.config(), _Unlabelled(), lr=1e-3)
+    with pytest.raises(TaskError, match="labels"):
+        validate_task(task)
+
+
+def _lm_collator():
+    from transformers import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(hf_tasks.tokenizer(), mlm=False)
+
+
+class _Unlabelled(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": torch.arange(1, 9), "attention_mask": torch.ones(8, dtype=torch.long)}
