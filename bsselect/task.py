@@ -77,6 +77,14 @@ class Task:
 
         return from_trainer(trainer)
 
+    @classmethod
+    def from_lightning(cls, module: Any, datamodule: Any = None, **options: Any) -> "Task":
+        """A Task from a LightningModule and DataModule:
+        ``bsselect.adapters.lightning.from_lightning``."""
+        from .adapters.lightning import from_lightning
+
+        return from_lightning(module, datamodule, **options)
+
     def make_optimizer(self, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """The task's optimizer at ``lr``; default SGD with momentum 0.9."""
         if self.optimizer is not None:

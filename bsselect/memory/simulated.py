@@ -114,7 +114,7 @@ def live_at_step_start(model: nn.Module, optimizer: torch.optim.Optimizer, batch
     """The tensors a training loop keeps alive between steps (with fp16, the GradScaler's
     scale and growth tracker too)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    batch_tensors = tree_flatten(batch)[0]
+    batch_tensors = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)]
     scaler_tensors = [t for t in (getattr(scaler, "_scale", None),
                                   getattr(scaler, "_growth_tracker", None)) if t is not None]
     return (module_tensors(model) + grads + optimizer_state_tensors(optimizer) + batch_tensors

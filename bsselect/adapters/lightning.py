@@ -1,0 +1,129 @@
+"""A ``Task`` from a Lightning setup: a ``LightningModule`` (class, factory or instance) and a
+``LightningDataModule`` (or dataloaders), as they are.
+
+    task = Task.from_lightning(MyModule, datamodule=MyDataModule())
+
+The step is the module's own: ``training_step(batch, 0)`` is the forward and its loss (a tensor,
+or a dict with ``"loss"``), on the batches of ``train_dataloader()`` (its dataset and
+``collate_fn``; its ``batch_size`` is the base batch size). The optimizer is the one
+``configure_optimizers`` returns, rebuilt at each trial's learning rate with the same class
+and settings (per-parameter-group settings are not kept; a scheduler is not applied). Its
+``lr`` is the task's ``lr``. ``self.log`` calls inside the step are skipped (no Trainer).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..errors import TaskError, UsageError
+
+
+class StepModule(nn.Module):
+    """The LightningModule, called as its Trainer calls it in fit: ``training_step(batch, 0)``
+    (``validation_step`` is not used: bsselect's validation loss is the same step's loss)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*self.log.*")
+            warnings.filterwarnings("ignore", message=".*trainer.*")
+            return self.module.training_step(batch, 0)
+
+
+def step_loss(output: Any, _: Any) -> torch.Tensor:
+    """``training_step``'s loss: a tensor, or the ``"loss"`` of the dict it returns."""
+    if isinstance(output, dict):
+        output = output.get("loss")
+    if not isinstance(output, torch.Tensor):
+        raise TaskError("training_step returned no loss tensor (nor a dict with 'loss'); "
+                        "bsselect trains on the loss training_step returns")
+    return output
+
+
+def _factory(module: Any) -> Callable[[], nn.Module]:
+    if isinstance(module, nn.Module):
+        return lambda: copy.deepcopy(module)
+    if callable(module):
+        return module
+    raise UsageError(f"module must be a LightningModule class, factory or instance; got "
+                     f"{type(module).__name__}")
+
+
+def _optimizer_of(configured: Any) -> torch.optim.Optimizer:
+    """The optimizer in whatever ``configure_optimizers`` returned (an optimizer, a list or
+    tuple of them and schedulers, or a dict with ``"optimizer"``)."""
+    if isinstance(configured, torch.optim.Optimizer):
+        return configured
+    if isinstance(configured, dict) and "optimizer" in configured:
+        return _optimizer_of(configured["optimizer"])
+    if isinstance(configured, (list, tuple)) and configured:
+        return _optimizer_of(configured[0])
+    raise TaskError(f"configure_optimizers returned {type(configured).__name__}; bsselect "
+                    "needs one optimizer (or a list/dict holding it)")
+
+
+def _optimizer_recipe(build: Callable[[], nn.Module]) -> tuple[type, dict[str, Any]]:
+    """The class and settings of the optimizer ``configure_optimizers`` makes (asked of a
+    module built on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        module = build()
+    optimizer = _optimizer_of(module.configure_optimizers())
+    if len(optimizer.param_groups) > 1:
+        warnings.warn("configure_optimizers made several parameter groups; bsselect rebuilds "
+                      "the optimizer with the first group's settings for all parameters",
+                      stacklevel=3)
+    # Only what the constructor takes (a scheduler adds 'initial_lr' to the group)
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    settings = {k: v for k, v in optimizer.param_groups[0].items()
+                if k != "params" and k in accepted}
+    return type(optimizer), settings
+
+
+def _loader_parts(loader: Any) -> tuple[Any, Any, Optional[int]]:
+    return loader.dataset, getattr(loader, "collate_fn", None), getattr(loader, "batch_size",
+                                                                        None)
+
+
+def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any = None,
+                   val_dataloader: Any = None, lr: float | None = None,
+                   base_batch_size: int | None = None) -> Any:
+    """A ``bsselect.Task`` from a LightningModule and a LightningDataModule (or dataloaders):
+    see the module's doc. ``lr`` and ``base_batch_size`` default to the optimizer's and the
+    train dataloader's."""
+    from ..task import Task
+
+    build = _factory(module)
+    if datamodule is not None:
+        if hasattr(datamodule, "prepare_data"):
+            datamodule.prepare_data()
+        if hasattr(datamodule, "setup"):
+            datamodule.setup("fit")
+        train_dataloader = datamodule.train_dataloader()
+        try:
+            val_dataloader = val_dataloader or datamodule.val_dataloader()
+        except (NotImplementedError, AttributeError):  # a DataModule without validation
+            val_dataloader = None
+    if train_dataloader is None:
+        raise UsageError("from_lightning needs a datamodule or a train_dataloader")
+    train, collate, loader_batch = _loader_parts(train_dataloader)
+    val = _loader_parts(val_dataloader)[0] if val_dataloader is not None else None
+    opt_class, settings = _optimizer_recipe(build)
+    collate = collate or torch.utils.data.default_collate
+
+    def make_optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
+        return opt_class(params, **{**settings, "lr": lr})
+
+    return Task(model=lambda: StepModule(build()), train_data=train, val_data=val,
+                loss_fn=step_loss, optimizer=make_optimizer,
+                lr=float(lr if lr is not None else settings.get("lr", 1e-3)),
+                base_batch_size=base_batch_size or loader_batch or 32,
+                collate_fn=lambda items: (collate(items), None))

@@ -1,0 +1,54 @@
+"""Task.from_lightning on a real LightningModule (training_step with self.log, a dict loss,
+configure_optimizers with a scheduler) and LightningDataModule (custom collate_fn)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+from bsselect.inputs import InputMode, scan_inputs  # noqa: E402
+from bsselect.memory.cpu_truth import cpu_step_peak  # noqa: E402
+from bsselect.memory.simulated import simulate_step_peak  # noqa: E402
+from bsselect.task import validate_task  # noqa: E402
+from conftest import run_cli  # noqa: E402
+from tasks import lightning_tasks  # noqa: E402
+
+TASKS = str(Path(__file__).parent / "tasks" / "lightning_tasks.py")
+
+
+def test_the_module_and_datamodule_settings_are_taken_over():
+    task = lightning_tasks.blobs()
+    assert task.lr == 0.05 and task.base_batch_size == 24
+    assert len(task.train_data) == 1000 and len(task.val_data) == 200
+    model = task.model()
+    optimizer = task.make_optimizer(model.parameters(), 0.2)
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.2, 0.9, 1e-4)
+    x, y = task.collate_fn([task.train_data[i] for i in range(4)])
+    assert set(x) == {"x", "y"} and y is None  # the loader's own batch; the step holds the loss
+    validate_task(task)
+    validate_task(task, on_meta=True)
+
+
+def test_the_simulated_step_of_training_step_matches_the_cpu_allocator():
+    task = lightning_tasks.blobs()
+    inputs = scan_inputs(task.train_data, InputMode.worst_case)
+    for b in (16, 64):
+        assert simulate_step_peak(task, b, inputs=inputs).peak_bytes == pytest.approx(
+            cpu_step_peak(task, b, inputs=inputs).peak_bytes, rel=0.005)
+
+
+def test_sweep_trains_the_module_through_its_training_step():
+    done = run_cli("sweep", f"{TASKS}:blobs", "--batch-sizes", "8,32,128", "--budget", "512",
+                   "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert [t["status"] for t in data["trials"]] == ["ok", "ok", "ok"]
+    assert all(t["train_loss_end"] < t["train_loss_start"] for t in data["trials"])
+    assert data["recommended_batch_size"] in (8, 32, 128)
