@@ -110,8 +110,8 @@ def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any
         train_dataloader = datamodule.train_dataloader()
         try:
             val_dataloader = val_dataloader or datamodule.val_dataloader()
-        except (NotImplementedError, AttributeError):  # a DataModule without validation
-            val_dataloader = None
+        except Exception:  # noqa: BLE001 - a DataModule without val_dataloader raises
+            val_dataloader = None  # MisconfigurationException: sweep holds out 10% instead
     if train_dataloader is None:
         raise UsageError("from_lightning needs a datamodule or a train_dataloader")
     train, collate, loader_batch = _loader_parts(train_dataloader)
