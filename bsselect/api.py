@@ -60,6 +60,23 @@ def resolve_task(task: TaskLike, *, on_meta: bool = False) -> tuple["Task", str]
     return loaded, name
 
 
+def hf_config_task(task: TaskLike, hf_config: str | Path | None, seq_len: int | None
+                   ) -> tuple[Any, str | None]:
+    """(task, name): a causal-LM Task from a local transformers config when ``hf_config`` is
+    given (``--hf-config``), else ``task`` as it is (name None)."""
+    if hf_config is None:
+        if seq_len is not None:
+            raise UsageError("--seq-len goes with --hf-config")
+        return task, None
+    if task is not None:
+        raise UsageError("give a task or --hf-config, not both")
+    if seq_len is not None and (isinstance(seq_len, bool) or seq_len < 2):
+        raise UsageError(f"--seq-len must be an integer >= 2, got {seq_len!r}")
+    from .adapters.hf import config_task
+
+    return config_task(hf_config, seq_len), f"hf-config:{hf_config}"
+
+
 def _bytes(value: Size, name: str) -> int | None:
     from .units import parse_size
 
@@ -117,12 +134,14 @@ def probe_method(task: "Task", method: "Method", device: "torch.device", target:
 def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
           method: str = "auto", target: str = "same", batch_sizes: Sequence[int] | None = None,
           precision: str = "fp32", accumulate: int = 1, inputs: str = "worst-case",
-          device: str = "auto", console: Any = None,
+          device: str = "auto", hf_config: str | Path | None = None,
+          seq_len: int | None = None, console: Any = None,
           on_point: Callable[[int, int], None] | None = None) -> "ProbeResult":
     """What fits: peak memory of a training step at several batch sizes, a line through them,
     and the largest batch that fits ``memory`` after ``margin``, checked where it lands
     (``bsselect probe``). ``memory`` None: the device's free memory (on the CPU, for real
-    steps, half the available RAM)."""
+    steps, half the available RAM). ``hf_config`` (instead of a task): a local transformers
+    config, trained as a causal LM on ``seq_len``-token sequences."""
     from .device import Budget, default_budget
     from .probe import DEFAULT_BATCH_SIZES, HOST_HEADROOM, Method, run_probe
     from .run_options import parse_inputs, step_settings
@@ -137,8 +156,9 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
     size = _bytes(memory, "memory")
     if size is None and tgt is not Target.same:
         raise UsageError(f"--target {tgt.value} needs --memory (the target device's memory)")
-    loaded, name = (task, _name(task)) if not isinstance(task, (str, type(None))) else (
-        load_task(task))
+    task, hf_name = hf_config_task(task, hf_config, seq_len)
+    loaded, name = (task, hf_name or _name(task)) if not isinstance(
+        task, (str, type(None))) else load_task(task)
     resolved, note = probe_method(loaded, meth, dev, tgt)
     if size is not None:
         budget = Budget(size, "--memory")
@@ -170,13 +190,17 @@ def check(task: TaskLike = None, *, batch_size: int | None = None, memory: Size 
           device_preset: str | None = None, margin: float | None = None,
           target: str | None = None, precision: str | None = None,
           accumulate: int | None = None, inputs: str | None = None,
-          config: str | Path | None = None, console: Any = None) -> "CheckResult":
+          config: str | Path | None = None, hf_config: str | Path | None = None,
+          seq_len: int | None = None, console: Any = None) -> "CheckResult":
     """Will this config fit: a simulated step at ``batch_size`` against ``memory`` (or a
     ``device_preset``) after ``margin``, never allocating the model (``bsselect check``).
     Options left None come from ``[tool.bsselect]`` in ``config`` (default: ./pyproject.toml
-    when it exists), then from the CLI's defaults. ``result.fits`` says yes or no."""
+    when it exists), then from the CLI's defaults. ``result.fits`` says yes or no.
+    ``hf_config`` (instead of a task): a local transformers config, trained as a causal LM on
+    ``seq_len``-token sequences."""
     from .check import merge_config, read_pyproject, run_check
 
+    task, hf_name = hf_config_task(task, hf_config, seq_len)
     size = _bytes(memory, "memory")
     cfg = merge_config(
         {"task": task if isinstance(task, (str, type(None))) else None,
@@ -187,6 +211,7 @@ def check(task: TaskLike = None, *, batch_size: int | None = None, memory: Size 
         str(config or "pyproject.toml"))
     loaded, name = resolve_task(task if not isinstance(task, (str, type(None))) else cfg.task,
                                 on_meta=True)
+    name = hf_name or name
     return run_check(loaded, name, cfg, _scan(loaded, cfg.inputs, console))
 
 

@@ -93,6 +93,10 @@ class CheckResult:
         return dict(asdict(self), terms=[asdict(t) for t in self.terms],
                     micro_batch=self.batch_size, effective_batch=self.batch_size * self.accumulate)
 
+    def to_dict(self) -> dict:
+        """The ``--json`` output (``to_json``'s name in the Python API)."""
+        return self.to_json()
+
 
 def resolve_budget(memory: str | None, preset: str | None) -> tuple[int, str, bool]:
     """(bytes, source, is_hopper) from exactly one of --memory / --device-preset."""

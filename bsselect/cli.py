@@ -142,6 +142,12 @@ def probe(
     precision: PrecisionOpt = "fp32",
     accumulate: AccumulateOpt = 1,
     inputs: InputsOpt = "worst-case",
+    hf_config: Annotated[Optional[Path], typer.Option(
+        "--hf-config", help="Instead of a task: a local transformers config.json (or its "
+        "directory), random weights, trained as a causal LM. Never downloads.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(
+        help="With --hf-config: tokens per sequence.",
+        show_default="the config's max_position_embeddings")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """What fits? Peak memory per sample and fixed, and the largest batch under the budget.
@@ -164,7 +170,8 @@ def probe(
         sizes = parse_int_list(batch_sizes, "--batch-sizes") or list(DEFAULT_BATCH_SIZES)
         result = api.probe(task, memory=memory, margin=margin, method=method, target=target,
                            batch_sizes=sizes, precision=precision, accumulate=accumulate,
-                           inputs=inputs, device=device, console=console)
+                           inputs=inputs, device=device, hf_config=hf_config,
+                           seq_len=seq_len, console=console)
         from .distributed import probe_json
 
         if as_json:
@@ -481,6 +488,12 @@ def check(
     inputs: Annotated[Optional[str], typer.Option(
         help="worst-case (batches of the largest items) or typical (random items).",
         show_default="worst-case")] = None,
+    hf_config: Annotated[Optional[Path], typer.Option(
+        "--hf-config", help="Instead of a task: a local transformers config.json (or its "
+        "directory), random weights, trained as a causal LM. Never downloads.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(
+        help="With --hf-config: tokens per sequence.",
+        show_default="the config's max_position_embeddings")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Will this config fit on that GPU? Exit 0 if it fits, 3 if not — no GPU needed.
@@ -495,6 +508,9 @@ def check(
       bsselect check tiny-lm --batch-size 64 --memory 16GiB --target cuda --json
 
       bsselect check            # everything from [tool.bsselect] in ./pyproject.toml
+
+      bsselect check --hf-config llama/config.json --seq-len 4096 --batch-size 8 \\
+          --precision bf16 --device-preset h100-80gb
     """
 
     def body() -> None:
@@ -517,7 +533,8 @@ def check(
         result = api.check(task, batch_size=batch_size, memory=memory,
                            device_preset=device_preset, margin=margin, target=target,
                            precision=precision, accumulate=accumulate, inputs=inputs,
-                           config=config, console=console)
+                           config=config, hf_config=hf_config, seq_len=seq_len,
+                           console=console)
         if fmt == "json":
             emit_json(result.to_json())
         elif fmt == "github":

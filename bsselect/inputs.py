@@ -55,11 +55,18 @@ def item_elements(item: Any) -> int:
     return total
 
 
-def _same_size_by_construction(data: Dataset) -> bool:
-    """A TensorDataset (or a Subset of one) indexes tensors along dim 0: one item shape."""
+def _kind_of(data: Dataset) -> str:
     while isinstance(data, Subset):
         data = data.dataset
-    return isinstance(data, TensorDataset)
+    return "a TensorDataset" if isinstance(data, TensorDataset) else type(data).__name__
+
+
+def _same_size_by_construction(data: Dataset) -> bool:
+    """A TensorDataset (or a Subset of one) indexes tensors along dim 0: one item shape; a
+    dataset may also say so itself (``uniform_items = True``)."""
+    while isinstance(data, Subset):
+        data = data.dataset
+    return isinstance(data, TensorDataset) or getattr(data, "uniform_items", False) is True
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,7 @@ def scan_inputs(data: Dataset, mode: InputMode = InputMode.worst_case, *, seed: 
     if _same_size_by_construction(data):
         size = item_elements(data[0]) if n else 0
         return InputScan(mode, n, 0, True, size, float(size),
-                         how=f"a TensorDataset: every item has {size:,} elements")
+                         how=f"{_kind_of(data)}: every item has {size:,} elements")
     start = time.perf_counter()
     order = (list(range(n)) if n <= max_items else
              torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_items].tolist())

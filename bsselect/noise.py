@@ -85,6 +85,10 @@ class NoiseReport:
         )
         return out
 
+    def to_dict(self) -> dict:
+        """The ``--json`` output (``to_json``'s name in the Python API)."""
+        return self.to_json()
+
 
 def _estimate_json(est: NoiseEstimate) -> dict[str, Any]:
     def pair(p: tuple[float, float] | None) -> list[float] | None:

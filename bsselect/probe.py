@@ -86,6 +86,10 @@ class ProbeResult:
                     exceeds_dataset=self.exceeds_dataset)
         return data
 
+    def to_dict(self) -> dict:
+        """The ``--json`` output (``to_json``'s name in the Python API)."""
+        return self.to_json()
+
     @property
     def exceeds_dataset(self) -> bool:
         """The answer reaches the training set's size: memory does not limit the batch (real

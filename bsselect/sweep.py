@@ -200,6 +200,9 @@ class SweepResult:
                if self.validation_items else ""),
         }
 
+    def to_dict(self) -> dict:
+        """The ``--json`` output (``to_json``'s name in the Python API)."""
+        return self.to_json()
 
     def _trial_json(self, trial: TrialResult) -> dict:
         """A trial as journaled; with accumulation also its micro-batch (what must fit) next

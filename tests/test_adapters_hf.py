@@ -86,3 +86,45 @@ class _Unlabelled(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"input_ids": torch.arange(1, 9), "attention_mask": torch.ones(8, dtype=torch.long)}
+
+
+def _tiny_llama_config(path: Path) -> Path:
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                architectures=["LlamaForCausalLM"]).save_pretrained(path)
+    return path / "config.json"
+
+
+def test_check_hf_config_answers_for_an_architecture_and_agrees_with_from_hf(tmp_path):
+    from bsselect import check
+    from bsselect.adapters.hf import RandomTokens
+    from transformers import AutoConfig
+
+    config = _tiny_llama_config(tmp_path / "llama")
+    done = run_cli("check", "--hf-config", str(config), "--seq-len", "96", "--batch-size", "8",
+                   "--memory", "1GiB", "--precision", "bf16", "--json")
+    assert done.returncode == 0, done.stderr
+    via_cli = json.loads(done.stdout)
+    assert via_cli["fits"] and via_cli["task"] == f"hf-config:{config}"
+    same = Task.from_hf(AutoConfig.from_pretrained(str(config.parent)),
+                        RandomTokens(512, 96), lr=1e-4)
+    via_task = check(same, batch_size=8, memory="1GiB", precision="bf16")
+    assert via_task.required_bytes == via_cli["required_bytes"]
+    small = run_cli("check", "--hf-config", str(config), "--seq-len", "96", "--batch-size", "8",
+                    "--memory", "4MiB")
+    assert small.returncode == 3
+
+
+def test_hf_config_mistakes_are_one_line_usage_errors(tmp_path):
+    config = _tiny_llama_config(tmp_path / "llama")
+    for args, words in [
+        (["--hf-config", str(tmp_path / "nope.json")], "never downloads"),
+        (["digits-mlp", "--hf-config", str(config)], "not both"),
+        (["digits-mlp", "--seq-len", "64"], "--seq-len goes with --hf-config"),
+        (["--hf-config", str(config), "--seq-len", "1"], ">= 2"),
+    ]:
+        done = run_cli("check", *args, "--batch-size", "8", "--memory", "1GiB")
+        assert done.returncode == 2, (args, done.stderr)
+        assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

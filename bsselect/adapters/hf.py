@@ -153,3 +153,49 @@ def from_trainer(trainer: Any) -> Any:
                    weight_decay=args.weight_decay,
                    base_batch_size=args.per_device_train_batch_size
                    * args.gradient_accumulation_steps)
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """``items`` sequences of ``seq_len`` random token ids (seeded per item, made on demand),
+    each its own causal-LM labels: the data of ``--hf-config`` tasks, where only shapes matter
+    for memory. Every item has one shape (``uniform_items``), so no scan reads them."""
+
+    uniform_items = True
+
+    def __init__(self, vocab_size: int, seq_len: int, items: int = 1 << 20) -> None:
+        self.vocab_size, self.seq_len, self.items = vocab_size, seq_len, items
+
+    def __len__(self) -> int:
+        return self.items
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        ids = torch.randint(self.vocab_size, (self.seq_len,), generator=g)
+        return {"input_ids": ids, "labels": ids}
+
+
+def config_task(path: str | Path, seq_len: int | None = None, lr: float = 1e-4,
+                base_batch_size: int = 8) -> Any:
+    """A causal-LM Task from a local ``config.json`` (or its directory): random weights of the
+    architecture it names, sequences of ``seq_len`` tokens (default: the config's
+    ``max_position_embeddings``), the model's own loss, AdamW. For ``probe``/``check
+    --hf-config``: what fits for a real architecture, without its weights."""
+    from transformers import AutoConfig
+
+    where = Path(path)
+    if not where.exists():
+        raise UsageError(f"--hf-config {path}: no such file or directory (a local config.json "
+                         "or its directory; bsselect never downloads)")
+    try:
+        config = AutoConfig.from_pretrained(str(where.parent if where.is_file() else where),
+                                            local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--hf-config {path}: not a transformers config ({exc})") from exc
+    length = seq_len or getattr(config, "max_position_embeddings", None)
+    if not length or length < 2:
+        raise UsageError("--seq-len is needed: the config has no max_position_embeddings")
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab:
+        raise UsageError(f"--hf-config {path}: the config has no vocab_size")
+    return from_hf(config, RandomTokens(vocab, int(length)), lr=lr,
+                   base_batch_size=base_batch_size)
