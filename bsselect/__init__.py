@@ -13,11 +13,13 @@ import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-_API = ("probe", "check", "noise_scale", "sweep", "plan_sweep", "SweepPlan", "resolve_task")
+_API = ("probe", "check", "noise_scale", "sweep", "plan_sweep", "SweepPlan", "resolve_task",
+        "find_batch_size", "fits_batch_size")
 __all__ = ["Task", "__version__", *_API]
 
 if TYPE_CHECKING:
-    from .api import SweepPlan, check, noise_scale, plan_sweep, probe, resolve_task, sweep
+    from .api import (SweepPlan, check, find_batch_size, fits_batch_size, noise_scale,
+                      plan_sweep, probe, resolve_task, sweep)
     from .task import Task
 
 

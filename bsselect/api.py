@@ -379,5 +379,19 @@ def sweep_settings(task: "Task", budget: Any, lr_scaling: str, seed: int, warmup
                          warm_start_steps=warm_start_steps, **extra)
 
 
+def find_batch_size(step: Callable[[int], Any], **options: Any) -> Any:
+    """The largest batch for a plain loop's one-step function (``adapters.loop``)."""
+    from .adapters.loop import find_batch_size as find
+
+    return find(step, **options)
+
+
+def fits_batch_size(**options: Any) -> Any:
+    """Decorator: call ``train(batch_size, ...)`` with ``find_batch_size``'s answer."""
+    from .adapters.loop import fits_batch_size as decorator
+
+    return decorator(**options)
+
+
 __all__ = ["probe", "check", "noise_scale", "sweep", "plan_sweep", "SweepPlan",
-           "resolve_task", "device_of"]
+           "resolve_task", "device_of", "find_batch_size", "fits_batch_size"]

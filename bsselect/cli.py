@@ -559,4 +559,7 @@ def presets() -> None:
 
 
 def main() -> None:
+    # transformers' per-call notices (config defaults, loss type) would interleave with the
+    # tables; its errors still show. TRANSFORMERS_VERBOSITY set by the user wins.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     app()

@@ -1,0 +1,164 @@
+"""The largest batch for a plain training loop: the user's own one-step function.
+
+    from bsselect import find_batch_size
+
+    def step(batch_size: int) -> None:          # one full training step at that batch
+        x, y = next_batch(batch_size)
+        loss_fn(model(x), y).backward()
+        optimizer.step(); optimizer.zero_grad(set_to_none=True)
+
+    fit = find_batch_size(step)                  # memory: the device's free memory
+    train(batch_size=fit.max_batch)
+
+Accelerate's ``find_executable_batch_size`` calls the whole training function and halves the
+batch on every out-of-memory error; the answer is a power-of-two fraction of where it started,
+and each failure costs a run. Here each batch size runs the step twice (the second has the
+optimizer state of the first, as in training) and its peak is read from the allocator; a line
+through the peaks gives the answer, which is then run and refined in a bracket (the probe's
+confirm-and-refine search, ``capacity.refine_max_batch``) until it is the largest that fits.
+
+What is measured: on an accelerator, the allocator's peak (``max_memory_allocated``: the
+model, optimizer state and everything the step holds); on the CPU, the peak of what the step
+allocates above what was live when it began (from the CPU allocator's events), so ``memory``
+there budgets the step's own allocations. The decorator form calls the function once more,
+at the answer.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ..errors import TaskError, UsageError, one_line
+from ..oom import is_oom_error, release_memory
+
+
+@dataclass(frozen=True)
+class LoopFit:
+    """``find_batch_size``'s answer and what it measured (bytes)."""
+
+    max_batch: int
+    max_batch_pow2: int
+    budget_bytes: int
+    margin: float
+    device: str
+    what: str                               # "allocator peak" | "step's own allocations"
+    points: tuple[tuple[int, int], ...]     # (batch, peak) measured for the line
+    checked: tuple[dict, ...]               # the confirm-and-refine path
+    fixed_bytes: int
+    per_sample_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _cpu_peak(call: Callable[[], Any]) -> int:
+    """Peak bytes ``call`` allocates above the level at its start (CPU allocator events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..memory.cpu_truth import allocator_deltas, return_freed_memory_to_the_os
+
+    return_freed_memory_to_the_os()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    level = peak = 0
+    for _, delta in allocator_deltas(prof.profiler.kineto_results.events()):
+        level += delta
+        peak = max(peak, level)
+    return peak
+
+
+def measure_step(step: Callable[[int], Any], batch_size: int, device: torch.device,
+                 backend: Any = None) -> int:
+    """Peak bytes of the second of two calls ``step(batch_size)``; OOM errors propagate."""
+    try:
+        if backend is not None:
+            with backend.session():
+                step(batch_size)
+                backend.synchronize()
+                backend.reset_peak()
+                step(batch_size)
+                backend.synchronize()
+                return backend.peak_bytes()
+        step(batch_size)
+        return _cpu_peak(lambda: step(batch_size))
+    except Exception as exc:
+        if is_oom_error(exc):
+            raise
+        raise TaskError(f"step({batch_size}) failed: {one_line(exc)}") from exc
+    finally:
+        release_memory()
+        if backend is not None:
+            backend.release()
+
+
+def find_batch_size(step: Callable[[int], Any], *, memory: Any = None, margin: float = 0.2,
+                    batch_sizes: Sequence[int] = (8, 16, 32, 64), device: str = "auto",
+                    max_batch: Optional[int] = None, backend: Any = None) -> LoopFit:
+    """The largest batch whose step fits ``memory`` after ``margin`` (see the module's doc).
+    ``step(b)`` runs one training step at batch ``b``; ``max_batch`` caps the search (your
+    dataset's size, say). ``backend``: an ``AllocatorBackend`` (tests pass a capped CPU one)."""
+    from ..api import _bytes, device_of
+    from ..capacity import (check_batch_sizes, check_margin, fit_memory, largest_pow2_at_most,
+                            refine_max_batch, solve_max_batch, usable_bytes)
+    from ..device import default_budget
+
+    margin = check_margin(margin)
+    sizes = check_batch_sizes(batch_sizes)
+    if len(sizes) < 2:
+        raise UsageError("find_batch_size needs at least two batch sizes to fit a line")
+    if max_batch is not None:
+        sizes = [b for b in sizes if b <= max_batch] or [1, 2]
+    dev = backend.device if backend is not None else device_of(device)
+    if backend is None and dev.type != "cpu":
+        from ..memory.measured import AcceleratorAllocator
+
+        backend = AcceleratorAllocator(dev)
+    size = _bytes(memory, "memory")
+    budget = size if size is not None else default_budget(dev).bytes
+    usable = usable_bytes(budget, margin)
+    points = []
+    for b in sizes:
+        try:
+            points.append((b, measure_step(step, b, dev, backend)))
+        except Exception as exc:  # noqa: BLE001 - an OOM ends the series
+            if not is_oom_error(exc):
+                raise
+            break
+    if len(points) < 2:
+        raise UsageError(f"only {len(points)} of the batch sizes {list(sizes)} ran without "
+                         "running out of memory; pass smaller batch_sizes")
+    fit = fit_memory(points, min_batch=1)
+    first = solve_max_batch(budget, margin, fit)
+    result = refine_max_batch(lambda b: measure_step(step, b, dev, backend), usable, points,
+                              first, ceiling=max_batch)
+    if result.batch_size < 1:
+        raise UsageError("no batch size fits the budget after the margin")
+    return LoopFit(result.batch_size, largest_pow2_at_most(result.batch_size), budget, margin,
+                   str(dev), "allocator peak" if backend is not None else
+                   "step's own allocations", tuple(points),
+                   tuple(asdict(s) for s in result.path), round(fit.fixed_bytes),
+                   round(fit.per_sample_bytes))
+
+
+def fits_batch_size(**options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator form: ``@fits_batch_size(step=one_step, memory="24GiB")`` on ``train(batch_size,
+    ...)`` calls ``train`` with the batch ``find_batch_size(one_step, ...)`` found, as
+    Accelerate's decorator does with its back-off. The fit is on ``train.bsselect_fit``."""
+    step = options.pop("step", None)
+    if step is None:
+        raise UsageError("fits_batch_size needs step=, the one-step function to measure")
+
+    def decorate(train: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(train)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            fit = find_batch_size(step, **options)
+            wrapper.bsselect_fit = fit  # type: ignore[attr-defined]
+            return train(fit.max_batch, *args, **kwargs)
+
+        return wrapper
+
+    return decorate

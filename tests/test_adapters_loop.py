@@ -1,0 +1,78 @@
+"""find_batch_size / fits_batch_size on a user's own training loop: the answer is the largest
+batch whose step fits, by the CPU allocator's own events, or by an allocator that raises
+out-of-memory above a cap (the one fake, at the allocator seam)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bsselect import find_batch_size, fits_batch_size
+from bsselect.adapters.loop import _cpu_peak
+from bsselect.errors import TaskError
+from bsselect.memory.capped import CappedCpuAllocator
+
+
+def _loop():
+    """A plain loop's pieces: model and optimizer made once, one step per call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step(batch_size: int) -> None:
+        x, y = torch.randn(batch_size, 64), torch.randint(0, 10, (batch_size,))
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def test_the_answer_is_the_largest_batch_whose_step_fits_by_the_cpu_allocator():
+    step = _loop()
+    fit = find_batch_size(step, memory="8MiB", margin=0.0, device="cpu")
+    assert fit.what == "step's own allocations" and fit.checked
+    b = fit.max_batch
+    step(b)  # the optimizer state exists, as in measure_step
+    assert _cpu_peak(lambda: step(b)) <= 8 * 2**20 < _cpu_peak(lambda: step(b + 1))
+
+
+def test_out_of_memory_in_the_search_is_a_bracket_not_a_failure():
+    cap = 6 * 2**20
+    step = _loop()
+    backend = CappedCpuAllocator(cap)
+    fit = find_batch_size(step, memory=cap, margin=0.0, backend=backend)
+    assert fit.what == "allocator peak"
+
+    def runs(b: int) -> bool:
+        try:
+            with CappedCpuAllocator(cap).session():
+                step(b)
+                step(b)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+
+    assert runs(fit.max_batch) and not runs(fit.max_batch + 1)
+    assert fit.max_batch > 64  # found past the measured points, not a halving of them
+
+
+def test_the_decorator_calls_training_with_the_answer():
+    step = _loop()
+    seen = []
+
+    @fits_batch_size(step=step, memory="8MiB", device="cpu", max_batch=500)
+    def train(batch_size: int, epochs: int) -> int:
+        seen.append((batch_size, epochs))
+        return batch_size
+
+    assert train(epochs=3) == seen[0][0] == train.bsselect_fit.max_batch <= 500
+
+
+def test_a_failing_step_is_one_task_error():
+    def step(batch_size: int) -> None:
+        raise KeyError("features")
+
+    with pytest.raises(TaskError, match=r"step\(8\) failed: KeyError"):
+        find_batch_size(step, memory="1GiB", device="cpu")
