@@ -53,8 +53,12 @@ class Task:
             value = getattr(self, name)
             if (value is not None or name == "train_data") and not (
                     hasattr(value, "__len__") and hasattr(value, "__getitem__")):
+                streaming = (" — a streaming (iterable) dataset: bsselect picks items by index "
+                             "(the largest, reshuffled per trial); materialise a map-style "
+                             "sample of it (a list, or datasets' .take(n) to a Dataset)"
+                             if hasattr(value, "__iter__") and value is not None else "")
                 raise TypeError(f"Task.{name} must be a map-style Dataset (with __len__ and "
-                                f"__getitem__), got {_kind(value)}")
+                                f"__getitem__), got {_kind(value)}{streaming}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (
                 math.isfinite(self.lr) and self.lr > 0):
             raise TypeError(f"Task.lr must be a number > 0, got {_kind(self.lr)}")

@@ -128,3 +128,19 @@ def test_hf_config_mistakes_are_one_line_usage_errors(tmp_path):
         done = run_cli("check", *args, "--batch-size", "8", "--memory", "1GiB")
         assert done.returncode == 2, (args, done.stderr)
         assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize("entry, words", [
+    ("no_loss", "the batch has no 'labels'"),
+    ("datamodule_setup_fails", "FileNotFoundError: data/train.parquet"),
+    ("streaming_trainer", "streaming (iterable) dataset"),
+])
+def test_adapter_mistakes_are_one_line_and_exit_1(entry, words):
+    pytest.importorskip("lightning")
+    pytest.importorskip("accelerate")
+    tasks = Path(__file__).parent / "tasks"
+    done = run_cli("probe", f"{tasks / 'bad_adapters.py'}:{entry}",
+                   env={"PYTHONPATH": str(Path(__file__).parent)})
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in done.stderr, lines
