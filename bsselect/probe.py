@@ -282,12 +282,14 @@ def run_probe(
         best = solve_max_batch(budget.bytes, margin, fit)
     best = distributed.agree_min(best)  # the same start on every rank: none runs out
     confirmation: tuple[dict, ...] = ()
+    checked_peaks: dict[int, int] = {}
     if confirm:
         # The line is only piecewise right (the peak moves between phases as b grows), so
         # the answer is checked where it lands: real steps when measured, a simulation (as
         # cheap at any b) when simulated, refined inside a bracket until it is exact.
         def required_at(b: int) -> int:
             peak = meter.peak(b)
+            checked_peaks[b] = peak
             return _required(peak, meter.extras.get("rounded", {}).get(b), target, has_conv,
                              budget_is_total)[0]
 
@@ -304,8 +306,11 @@ def run_probe(
             tried = ", ".join(f"{s.batch_size} {s.outcome}" for s in result.path)
             raise DoesNotFitError(f"no batch size fits the budget after the margin ({tried})")
         best = result.batch_size
-    terms = _required(int(fit.predict(best)), _rounded_at(best, raw, rounded), target,
-                      has_conv, budget_is_total)[1]
+    # The terms of the answer as measured where it landed (the line's prediction only when
+    # nothing was measured there: confirm=False, or a probed point).
+    at_best = checked_peaks.get(best) or dict(raw).get(best) or int(fit.predict(best))
+    rounded_best = meter.extras.get("rounded", {}).get(best) or _rounded_at(best, raw, rounded)
+    terms = _required(at_best, rounded_best, target, has_conv, budget_is_total)[1]
     return ProbeResult(
         train_items=train_items,
         task=task_name, device=str(device), method=method.value, target=target.value,

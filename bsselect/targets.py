@@ -16,7 +16,9 @@ MiB = 2**20
 CUBLAS_WORKSPACE_BYTES = 2 * 4096 * 1024 + 8 * 16 * 1024
 # Hopper (sm90+) default ":4096:8" = 32 MiB, and cuBLASLt's workspace grows to 32 MiB there.
 CUBLAS_WORKSPACE_HOPPER_BYTES = 8 * 4096 * 1024
-CUBLASLT_WORKSPACE_BYTES = 4 * MiB          # Ampere >= 24 GB (1 MiB on small GPUs)
+# cuBLASLt's workspace before Hopper: 4 MiB for every preset here (PyTorch's default,
+# CUBLASLT_WORKSPACE_SIZE=4096 KiB); some builds use 1 MiB on small GPUs, which this overstates.
+CUBLASLT_WORKSPACE_BYTES = 4 * MiB
 CUBLASLT_WORKSPACE_HOPPER_BYTES = 32 * MiB
 # cuDNN convolution workspace: the algorithms PyTorch picks commonly ask for tens to
 # hundreds of MiB; 256 MiB is a conservative allowance, only for models with convolutions.

@@ -174,3 +174,21 @@ def test_the_host_guard_refuses_a_real_cpu_step_that_would_crowd_the_ram(monkeyp
     assert is_oom_error(info.value)
     assert "a real step at batch 128 would need about 850 MiB" in str(info.value)
     _check_host_headroom(10**9, {})  # nothing measured yet: no prediction, no refusal
+
+
+def test_cuda_terms_are_those_of_the_step_measured_at_the_answer():
+    from bsselect.targets import Target
+
+    task, _ = load_task("tiny-lm")
+    result = run_probe(task, task_name="t", device=torch.device("cpu"),
+                       budget=Budget(2 * 2**30, "x"), method=Method.simulated, target=Target.cuda,
+                       batch_sizes=[8, 16, 32])
+    at_best = [s for s in result.confirmation if s["batch_size"] == result.max_batch]
+    assert at_best and at_best[-1]["outcome"] == "ok"
+    # required at the answer (as the search measured it) = its step peak + the terms printed
+    from bsselect.memory.simulated import simulate_step_peak
+    from bsselect.step import StepSettings
+
+    step = simulate_step_peak(task, result.max_batch, kernel_workspace=False,
+                              settings=StepSettings(target_device="cuda"))
+    assert at_best[-1]["peak_bytes"] - sum(t.bytes for t in result.terms) == step.peak_bytes
