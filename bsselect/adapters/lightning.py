@@ -127,3 +127,51 @@ def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any
                 lr=float(lr if lr is not None else settings.get("lr", 1e-3)),
                 base_batch_size=base_batch_size or loader_batch or 32,
                 collate_fn=lambda items: (collate(items), None))
+
+
+def _callback_base() -> type:
+    try:
+        from lightning.pytorch.callbacks import Callback
+    except ImportError:  # the standalone package
+        from pytorch_lightning.callbacks import Callback
+    return Callback
+
+
+def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str = "batch_size",
+                       power_of_two: bool = True, **probe_options: Any) -> Any:
+    """A Lightning callback, like Lightning's ``BatchSizeFinder`` but without trial-and-OOM:
+    on ``fit`` start it probes the module's own step (``Task.from_lightning`` on the module and
+    the Trainer's DataModule; simulated on a CPU, measured on an accelerator), and sets the
+    DataModule's (or the module's) ``attribute`` to the largest batch that fits ``memory``
+    after ``margin`` (its largest power of two with ``power_of_two``), capped at the training
+    set. The probe's result is ``callback.result``, the batch ``callback.batch_size``.
+
+        trainer = L.Trainer(callbacks=[BatchSizeFromProbe(memory="24GiB")])
+        trainer.fit(model, datamodule=data)
+    """
+    Callback = _callback_base()
+
+    class _BatchSizeFromProbe(Callback):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            self.result: Any = None
+            self.batch_size: Optional[int] = None
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            from ..api import probe
+
+            datamodule = getattr(trainer, "datamodule", None)
+            if datamodule is None:
+                raise UsageError("BatchSizeFromProbe needs trainer.fit(model, datamodule=...)")
+            holder = datamodule if hasattr(datamodule, attribute) else pl_module
+            if not hasattr(holder, attribute):
+                raise UsageError(f"neither the DataModule nor the module has an attribute "
+                                 f"{attribute!r} to set (attribute=...)")
+            task = from_lightning(pl_module, datamodule)
+            options = dict(probe_options)
+            device = options.pop("device", None) or pl_module.device.type
+            self.result = probe(task, memory=memory, margin=margin, device=device, **options)
+            best = self.result.max_batch_pow2 if power_of_two else self.result.max_batch
+            self.batch_size = max(1, min(best, len(task.train_data)))
+            setattr(holder, attribute, self.batch_size)
+
+    return _BatchSizeFromProbe()
