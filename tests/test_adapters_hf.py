@@ -35,6 +35,16 @@ def test_an_hf_task_simulates_to_the_cpu_allocator_on_padded_worst_case_batches(
         assert abs(sim / real - 1) <= 0.005, (b, sim, real)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_from_hf_simulates_to_the_cpu_allocator_at_8_and_128(family):
+    task = hf_tasks.gpt2_lm() if family == "gpt2" else hf_tasks.bert_classifier()
+    inputs = scan_inputs(task.train_data, InputMode.worst_case)
+    for b in (8, 128):
+        sim = simulate_step_peak(task, b, inputs=inputs).peak_bytes
+        real = cpu_step_peak(task, b, inputs=inputs).peak_bytes
+        assert abs(sim / real - 1) <= 0.01, (family, b, sim, real)
+
+
 def test_sweep_runs_on_the_hf_setup_with_the_models_own_loss(tmp_path):
     done = run_cli("sweep", f"{TASKS}:gpt2_lm", "--batch-sizes", "8,32", "--budget", "256",
                    "--json")

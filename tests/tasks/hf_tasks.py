@@ -67,3 +67,29 @@ def trainer_task() -> Task:
                       train_dataset=Sentences(), eval_dataset=Sentences(120, seed=1),
                       data_collator=DataCollatorForLanguageModeling(tokenizer(), mlm=False))
     return Task.from_trainer(trainer)
+
+
+class _Labelled(Dataset):
+    """The sentences with a class label each (their length mod 3), for sequence classification."""
+
+    def __init__(self, n: int = 400) -> None:
+        self.items = Sentences(n).items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.items[i])
+        item["labels"] = len(item["input_ids"]) % 3
+        return item
+
+
+def bert_classifier() -> Task:
+    """BERT for sequence classification from its config, DataCollatorWithPadding."""
+    from transformers import BertConfig, DataCollatorWithPadding
+
+    config = BertConfig(vocab_size=len(WORDS) + 2, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                        num_labels=3, architectures=["BertForSequenceClassification"])
+    return Task.from_hf(config, _Labelled(), data_collator=DataCollatorWithPadding(tokenizer()),
+                        lr=1e-3, base_batch_size=8)
