@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
-from .errors import CannotSimulate, UsageError, parse_choice
+from .errors import CannotSimulate, TaskError, UsageError, parse_choice
 
 if TYPE_CHECKING:
     import torch
@@ -122,13 +122,18 @@ def probe_method(task: "Task", method: "Method", device: "torch.device", target:
     try:
         validate_task(task, on_meta=True)
         return resolved, ""
-    except CannotSimulate as exc:
+    except TaskError as exc:
         if method is not Method.auto or target is not Target.same:
             raise
-        what = getattr(exc.__cause__, "what", "") or str(exc)
-    validate_task(task)
+        failure = exc
+    validate_task(task)  # it fails for real too: that error is the user's to see
+    # It runs for real but not on fake tensors: a value read from the weights, or an op
+    # without a fake kernel. Real steps answer for this device.
+    what = getattr(failure.__cause__, "what", "")
+    why = (f"{what} computed from its weights" if isinstance(failure, CannotSimulate) and what
+           else str(failure))
     return Method.measured, (f"real steps on {device.type}, because the simulation cannot run "
-                             f"this model: {what} computed from its weights")
+                             f"this model: {why}")
 
 
 def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,

@@ -226,8 +226,15 @@ def validate_task(task: Task, on_meta: bool = False) -> None:
     if on_meta:  # as the simulation runs it: fake tensors, the batch's integers real
         from .memory.simulated import fake_step
 
-        with fake_step(task, (x, y)) as (model, (x, y)):
-            _check_forward(task, model, x, y)
+        from .memory.simulated import SIMULATION_HINT
+
+        try:
+            with fake_step(task, (x, y)) as (model, (x, y)):
+                _check_forward(task, model, x, y)
+        except CannotSimulate:
+            raise
+        except TaskError as exc:
+            raise TaskError(f"{exc}{SIMULATION_HINT}") from exc
         return
     try:
         model = task.model()

@@ -153,10 +153,15 @@ def test_probe_errors_are_one_line_with_exit_code(args, code, message):
 def test_broken_task_exits_1(task_file):
     proc = run_cli("probe", f"{task_file}:bad_forward")
     assert proc.returncode == 1
-    # Validated on the meta device (a simulated probe never allocates the model): meta's
-    # shape check words the same mismatch its own way.
-    assert ("the model's forward failed: RuntimeError: a and b must have same reduction dim, "
-            "but got [2, 4] X [5, 2]") in proc.stderr
+    # Validated on fake tensors first; it fails for real too, so that is the error shown,
+    # in one line (torch's own log of the failing meta kernel is silenced)
+    assert proc.stderr.strip().splitlines() == [
+        "error: the model's forward failed: RuntimeError: mat1 and mat2 shapes cannot be "
+        "multiplied (2x4 and 5x2)"]
+    proc = run_cli("check", f"{task_file}:bad_forward", "--batch-size", "8", "--memory", "1GiB")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "a and b must have same reduction dim" in proc.stderr  # check has no real steps
+    assert "--method measured" in proc.stderr
 
 
 def test_the_host_guard_refuses_a_real_cpu_step_that_would_crowd_the_ram(monkeypatch):

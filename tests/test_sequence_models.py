@@ -138,3 +138,16 @@ def test_measured_probe_on_the_cpu_stays_within_a_few_step_peaks_of_resident_mem
     # 5.0x here (167 MB over the baseline for a 33 MB step: the profiler's event buffers,
     # the heap's small blocks); 230x before
     assert big - base <= 8 * largest_peak, (big, base, largest_peak)
+
+
+def test_measured_probe_on_the_cpu_budgets_half_the_available_ram_by_default():
+    # Issue 14: a measured probe on the CPU allocates for real; without --memory it plans
+    # for half of the RAM available now, says so, and its real steps stay far below it.
+    from bsselect.device import available_ram_bytes
+
+    before = available_ram_bytes()
+    rss, data = _max_rss_bytes("probe", f"{TASKS}:packed_lstm", "--method", "measured",
+                               "--json")
+    assert data["method"] == "measured" and data["budget_source"].startswith("half of the")
+    assert data["budget_bytes"] <= 0.5 * max(before, available_ram_bytes()) * 1.05
+    assert rss < data["budget_bytes"]

@@ -161,6 +161,8 @@ def young_gc_only() -> Iterator[None]:
         gc.unfreeze()
 
 
+SIMULATION_HINT = (" (if the step runs for real, it is the simulation that cannot run it: "
+                   "`bsselect probe --method measured` measures it with real steps)")
 _METADATA_OPS = (torch.ops.prim.device.default,)  # queries that never allocate
 _ACCUMULATE = torch.ops.aten.add.Tensor  # the autograd engine's gradient sum, out of place
 # Backward formulas that take a functional branch for tensor subclasses, fake tensors
@@ -311,7 +313,13 @@ class LiveStorageCounter(TorchDispatchMode):
 
 
 def _fake_mode() -> Any:
+    import logging
+
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    # A meta kernel that raises is logged by torch at ERROR before the exception reaches us;
+    # bsselect reports the exception itself, in one line.
+    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
 
     # Real tensors the task captured (class weights in a loss, say) are converted on use;
     # they were allocated before the step, as in a real run, and are not counted.
@@ -494,8 +502,9 @@ def simulate_step_peak(
             optimizer, start_bytes, impl = _run_steps(task, model, batch, counter, settings)
         except Exception as exc:
             kind = CannotSimulate if isinstance(exc, DataDependentOp) else TaskError
+            hint = "" if kind is CannotSimulate else SIMULATION_HINT
             raise kind(f"the simulated training step at batch size {batch_size} failed: "
-                       f"{one_line(exc)}") from exc
+                       f"{one_line(exc)}{hint}") from exc
         peak = step_peak(batch_size, model, optimizer, batch, start_bytes,
                          counter.phase_peak_bytes, counter.workspace_at_peak_bytes,
                          counter.rounded_peak_bytes)
