@@ -26,6 +26,12 @@ app = typer.Typer(
 )
 _state = {"debug": False}
 
+HfConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--hf-config", help="Instead of a task: a local transformers config.json (or its "
+    "directory), random weights, trained as a causal LM. Never downloads.")]
+SeqLenOpt = Annotated[Optional[int], typer.Option(
+    help="With --hf-config: tokens per sequence.",
+    show_default="the config's max_position_embeddings")]
 TaskArg = Annotated[
     Optional[str],
     typer.Argument(help="Built-in example name, module:function or file.py:function.",
@@ -142,12 +148,8 @@ def probe(
     precision: PrecisionOpt = "fp32",
     accumulate: AccumulateOpt = 1,
     inputs: InputsOpt = "worst-case",
-    hf_config: Annotated[Optional[Path], typer.Option(
-        "--hf-config", help="Instead of a task: a local transformers config.json (or its "
-        "directory), random weights, trained as a causal LM. Never downloads.")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(
-        help="With --hf-config: tokens per sequence.",
-        show_default="the config's max_position_embeddings")] = None,
+    hf_config: HfConfigOpt = None,
+    seq_len: SeqLenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """What fits? Peak memory per sample and fixed, and the largest batch under the budget.
@@ -488,12 +490,8 @@ def check(
     inputs: Annotated[Optional[str], typer.Option(
         help="worst-case (batches of the largest items) or typical (random items).",
         show_default="worst-case")] = None,
-    hf_config: Annotated[Optional[Path], typer.Option(
-        "--hf-config", help="Instead of a task: a local transformers config.json (or its "
-        "directory), random weights, trained as a causal LM. Never downloads.")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(
-        help="With --hf-config: tokens per sequence.",
-        show_default="the config's max_position_embeddings")] = None,
+    hf_config: HfConfigOpt = None,
+    seq_len: SeqLenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Will this config fit on that GPU? Exit 0 if it fits, 3 if not — no GPU needed.

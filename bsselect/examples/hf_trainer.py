@@ -14,13 +14,14 @@ WORDS = ("the a cat dog bird fox sat ran flew hid on under over near mat tree ro
          "small red blue quick slow and then").split()
 
 
-def _tokenizer():
+def word_tokenizer(words: list[str] = WORDS):
+    """A word-level fast tokenizer over ``words`` ([PAD] 0, [UNK] 1), built locally."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
     raw = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     raw.pre_tokenizer = Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]")
@@ -36,7 +37,7 @@ def build_trainer():
     from transformers import (DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel,
                               Trainer, TrainingArguments)
 
-    tokenizer = _tokenizer()
+    tokenizer = word_tokenizer()
     config = GPT2Config(vocab_size=len(WORDS) + 2, n_embd=64, n_layer=2, n_head=4,
                         n_positions=64, bos_token_id=0, eos_token_id=0)
     args = TrainingArguments(output_dir="trainer-out", learning_rate=1e-3, weight_decay=0.01,

@@ -14,15 +14,9 @@ WORDS = ("the a cat dog bird sat ran flew on under over mat tree roof big small 
 
 
 def tokenizer():
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
+    from bsselect.examples.hf_trainer import word_tokenizer
 
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    return word_tokenizer(WORDS)
 
 
 class Sentences(Dataset):
