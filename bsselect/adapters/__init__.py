@@ -1,1 +1,22 @@
 """Adapters from other frameworks' training setups to a ``bsselect.Task``."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+from torch import nn
+
+from ..errors import UsageError
+
+
+def model_factory(model: Any, kinds: str) -> Callable[[], nn.Module]:
+    """A zero-argument builder of a fresh model: ``model`` itself when it is a factory (or a
+    class); a copy per call when it is an instance (each trial needs its own weights; the
+    instance's memory is already spent, so a factory is cheaper). ``kinds`` names what else
+    the caller accepts, for the error."""
+    if isinstance(model, nn.Module):
+        return lambda: copy.deepcopy(model)
+    if callable(model):
+        return model
+    raise UsageError(f"model must be {kinds}; got {type(model).__name__}")

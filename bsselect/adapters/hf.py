@@ -15,7 +15,6 @@ masked step exactly (docs/benchmarks-simulate.md).
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import TaskError, UsageError
+from . import model_factory
 
 
 class HFModel(nn.Module):
@@ -59,25 +59,27 @@ def logits(output: Any) -> torch.Tensor:
 def _factory(model: Any) -> Callable[[], nn.Module]:
     """A zero-argument builder of a freshly initialised model from what the user has."""
     if isinstance(model, (str, Path)):
-        from transformers import AutoConfig
-
-        path = Path(model)
-        if not path.exists():
-            raise UsageError(f"{model}: no such local model directory or config.json "
-                             "(bsselect builds models from local configs; it never downloads)")
-        config = AutoConfig.from_pretrained(str(path.parent if path.is_file() else path),
-                                            local_files_only=True)
-        return _factory(config)
+        return _factory(_load_config(model))
     if _is_config(model):
         return lambda: _from_config(model)
-    if isinstance(model, nn.Module):
-        # An instance: each trial needs fresh weights of the same model; copy it (its memory
-        # is already spent; a factory or a config is cheaper).
-        return lambda: copy.deepcopy(model)
-    if callable(model):
-        return model
-    raise UsageError(f"model must be a transformers config, a local config path, a "
-                     f"zero-argument factory or an nn.Module; got {type(model).__name__}")
+    return model_factory(model, "a transformers config, a local config path, a zero-argument "
+                                "factory or an nn.Module")
+
+
+def _load_config(path: str | Path, option: str = "model") -> Any:
+    """The transformers config in a local ``config.json`` or its directory; never
+    downloads. UsageError naming ``option`` when it is missing or not a config."""
+    from transformers import AutoConfig
+
+    where = Path(path)
+    if not where.exists():
+        raise UsageError(f"{option} {path}: no such file or directory (a local config.json or "
+                         "its directory; bsselect never downloads)")
+    try:
+        return AutoConfig.from_pretrained(str(where.parent if where.is_file() else where),
+                                          local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{option} {path}: not a transformers config ({exc})") from exc
 
 
 def _is_config(value: Any) -> bool:
@@ -180,17 +182,7 @@ def config_task(path: str | Path, seq_len: int | None = None, lr: float = 1e-4,
     architecture it names, sequences of ``seq_len`` tokens (default: the config's
     ``max_position_embeddings``), the model's own loss, AdamW. For ``probe``/``check
     --hf-config``: what fits for a real architecture, without its weights."""
-    from transformers import AutoConfig
-
-    where = Path(path)
-    if not where.exists():
-        raise UsageError(f"--hf-config {path}: no such file or directory (a local config.json "
-                         "or its directory; bsselect never downloads)")
-    try:
-        config = AutoConfig.from_pretrained(str(where.parent if where.is_file() else where),
-                                            local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--hf-config {path}: not a transformers config ({exc})") from exc
+    config = _load_config(path, "--hf-config")
     length = seq_len or getattr(config, "max_position_embeddings", None)
     if not length or length < 2:
         raise UsageError("--seq-len is needed: the config has no max_position_embeddings")

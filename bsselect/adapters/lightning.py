@@ -13,7 +13,6 @@ and settings (per-parameter-group settings are not kept; a scheduler is not appl
 
 from __future__ import annotations
 
-import copy
 import inspect
 import warnings
 from typing import Any, Callable, Optional
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import TaskError, UsageError
+from . import model_factory
 
 
 class StepModule(nn.Module):
@@ -47,15 +47,6 @@ def step_loss(output: Any, _: Any) -> torch.Tensor:
         raise TaskError("training_step returned no loss tensor (nor a dict with 'loss'); "
                         "bsselect trains on the loss training_step returns")
     return output
-
-
-def _factory(module: Any) -> Callable[[], nn.Module]:
-    if isinstance(module, nn.Module):
-        return lambda: copy.deepcopy(module)
-    if callable(module):
-        return module
-    raise UsageError(f"module must be a LightningModule class, factory or instance; got "
-                     f"{type(module).__name__}")
 
 
 def _optimizer_of(configured: Any) -> torch.optim.Optimizer:
@@ -101,7 +92,7 @@ def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any
     train dataloader's."""
     from ..task import Task
 
-    build = _factory(module)
+    build = model_factory(module, "a LightningModule class, factory or instance")
     if datamodule is not None:
         if hasattr(datamodule, "prepare_data"):
             datamodule.prepare_data()

@@ -440,7 +440,7 @@ def fake_step(task: Task, batch: Any) -> Iterator[tuple[nn.Module, Any]]:
     simulation's modes active inside. For checks that must not allocate the model."""
     fake_mode = _fake_mode()
     model = build_fake_model(task, fake_mode)
-    with young_gc_only(), fake_mode, RealWhereKnown(fake_mode):
+    with young_gc_only(), fake_mode, RealWhereKnown():
         yield model, tree_map(lambda t: _fake_batch(t, fake_mode), batch)
 
 
@@ -496,7 +496,7 @@ def simulate_step_peak(
     counter = LiveStorageCounter(kernel_cost if kernel_workspace else None)
     # The counter is entered inside the fake mode, so that it sees every op first, as the
     # CPU dispatcher would. A CUDA target casts by CUDA's autocast lists, not the CPU's.
-    with young_gc_only(), autocast_lists_of(settings), fake_mode, RealWhereKnown(fake_mode):
+    with young_gc_only(), autocast_lists_of(settings), fake_mode, RealWhereKnown():
         batch = tree_map(lambda t: _fake_batch(t, fake_mode), batch)
         try:
             optimizer, start_bytes, impl = _run_steps(task, model, batch, counter, settings)

@@ -14,9 +14,10 @@ collates for real anyway, and from small tensors computed from those alone. So:
   (``REAL_RESULT_MAX_BYTES``), so that values derived from the batch stay real as far as the
   model takes them; larger results (a (b, 1, T, T) mask built from the attention mask) are
   fake, as before, and never allocated;
-- the two packed-sequence ops, whose output shapes depend on real lengths but whose data is
-  an activation, get their shapes from the real lengths (``_pack_padded_sequence``,
-  ``_pad_packed_sequence``).
+- ops whose output shapes depend on real inputs but whose data is an activation get their
+  shapes from the real values: the two packed-sequence ops exactly
+  (``_pack_padded_sequence``, ``_pad_packed_sequence``), others (``h[mask]``) by running
+  them on stand-ins for the fake inputs (``_shapes_from_real_inputs``).
 
 An op that still needs a value nobody has (``.item()`` on an activation) fails with a line that
 names the op and says what to do (``DataDependentOp``).
@@ -28,6 +29,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -48,15 +50,11 @@ class DataDependentOp(RuntimeError):
 @contextmanager
 def really() -> Iterator[None]:
     """Inside, ops run on the CPU for real: every dispatch mode is off, the fake mode too."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     with unset_fake_temporarily(), _disable_current_modes():
         yield
 
 
 def is_fake(t: Any) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
     return isinstance(t, FakeTensor)
 
 
@@ -79,8 +77,7 @@ def _real_lengths(lengths: Any) -> torch.Tensor | None:
     return None
 
 
-def _pack_padded_sequence(fake_mode: Any, input: torch.Tensor, lengths: Any,
-                          batch_first: bool) -> Any:
+def _pack_padded_sequence(input: torch.Tensor, lengths: Any, batch_first: bool) -> Any:
     """aten._pack_padded_sequence on a fake ``input`` with real ``lengths``: data
     (sum(lengths), *features) fake, batch_sizes real, as the CPU kernel makes them."""
     real = _real_lengths(lengths)
@@ -94,7 +91,7 @@ def _pack_padded_sequence(fake_mode: Any, input: torch.Tensor, lengths: Any,
     return out, batch_sizes
 
 
-def _pad_packed_sequence(fake_mode: Any, data: torch.Tensor, batch_sizes: Any, batch_first: bool,
+def _pad_packed_sequence(data: torch.Tensor, batch_sizes: Any, batch_first: bool,
                          padding_value: float, total_length: int) -> Any:
     real = _real_lengths(batch_sizes)
     if real is None:
@@ -117,15 +114,11 @@ _SHAPE_FROM_REAL_ARGS = {
 class RealWhereKnown(TorchDispatchMode):
     """Runs ops on all-real inputs for real when their result is small (see module doc)."""
 
-    def __init__(self, fake_mode: Any) -> None:
-        super().__init__()
-        self.fake_mode = fake_mode
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         special = _SHAPE_FROM_REAL_ARGS.get(func)
         if special is not None:
-            out = special(self.fake_mode, *args, **kwargs)
+            out = special(*args, **kwargs)
             if out is not NotImplemented:
                 return out
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
