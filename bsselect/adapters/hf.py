@@ -191,3 +191,105 @@ def config_task(path: str | Path, seq_len: int | None = None, lr: float = 1e-4,
         raise UsageError(f"--hf-config {path}: the config has no vocab_size")
     return from_hf(config, RandomTokens(vocab, int(length)), lr=lr,
                    base_batch_size=base_batch_size)
+
+
+def _trainer_callback_base() -> type:
+    try:
+        from transformers import TrainerCallback
+    except ImportError as exc:  # pragma: no cover - the hf extra is missing
+        raise UsageError("NoiseScaleCallback needs transformers (pip install "
+                         "'bsselect[hf]')") from exc
+    return TrainerCallback
+
+
+def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> Any:
+    """A Hugging Face ``TrainerCallback`` that measures the gradient noise scale ``B_simple``
+    during ``trainer.train()`` from the gradients the run computes anyway: the micro-batches
+    of ``gradient_accumulation_steps`` and the ranks of DDP (``bsselect.noise_monitor``).
+    Each log line gains ``b_simple`` (in ``trainer.state.log_history`` and the callbacks after
+    this one); the monitor is ``callback.monitor`` (``.estimate()`` gives an interval).
+
+    The Trainer clips gradients (``max_grad_norm``, default 1.0) before callbacks see them: a
+    step whose gradient was clipped is not counted (``monitor.skipped``). fp16 loss scaling is
+    not supported (bf16 and fp32 are).
+
+        trainer = Trainer(model, args, train_dataset=data, callbacks=[NoiseScaleCallback()])
+    """
+    Base = _trainer_callback_base()
+    from ..noise_monitor import GradientNoiseMonitor
+
+    class _NoiseScaleCallback(Base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            self.monitor: Optional[GradientNoiseMonitor] = None
+            self.advice: Optional[str] = None
+            self._sizes: set[int] = set()
+            self._handle: Any = None
+            self._max_norm = 0.0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                           train_dataloader: Any = None, **kwargs: Any) -> None:
+            import warnings
+
+            if args.fp16:
+                warnings.warn("NoiseScaleCallback: fp16 loss scaling is not supported; off",
+                              stacklevel=2)
+                return
+            dataset = getattr(train_dataloader, "dataset", None)
+            try:
+                n_data = len(dataset) if dataset is not None else None
+            except TypeError:
+                n_data = None
+            dist = torch.distributed
+            world = (dist.get_world_size() if dist.is_available() and dist.is_initialized()
+                     else 1)
+            try:
+                self.monitor = GradientNoiseMonitor(
+                    model, accumulation_steps=args.gradient_accumulation_steps, every=every,
+                    ema=ema, window=window, n_data=n_data, world_size=world)
+            except UsageError as exc:
+                warnings.warn(f"NoiseScaleCallback is off: {exc}", stacklevel=2)
+                return
+            self._max_norm = float(args.max_grad_norm or 0.0)
+            self._handle = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+
+        def _on_forward(self, module: Any, args: Any, kwargs: Any) -> None:
+            from .lightning import _batch_len
+
+            if module.training:
+                self._sizes.add(_batch_len((*args, kwargs)))
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._sizes = set()
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any,
+                                  **kwargs: Any) -> None:
+            if self.monitor is None:
+                return
+            # One micro-batch size in the step, or the pair has no single b_small.
+            micro = next(iter(self._sizes)) if len(self._sizes) == 1 else 0
+            reading = self.monitor.step(micro)
+            if reading is None:
+                return
+            # Clipped before we saw it: |g|^2 at the clip's bound is not the step's gradient.
+            if self._max_norm > 0 and reading.big_sq >= (self._max_norm * (1 - 1e-4)) ** 2:
+                self.monitor.skip_last()
+                return
+            if self.advice is None:
+                self.advice = self.monitor.advice(reading.b_big)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
+                   **kwargs: Any) -> None:
+            value = self.monitor.b_simple if self.monitor is not None else None
+            if value is None or logs is None:
+                return
+            logs["b_simple"] = value
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1]["b_simple"] = value
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.monitor is not None:
+                self.monitor.close()
+            if self._handle is not None:
+                self._handle.remove()
+
+    return _NoiseScaleCallback()

@@ -166,3 +166,86 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
             setattr(holder, attribute, self.batch_size)
 
     return _BatchSizeFromProbe()
+
+
+def NoiseScaleMonitor(every: int = 1, window: int = 64, ema: float = 0.95,
+                      name: str = "bsselect/b_simple") -> Any:
+    """A Lightning callback that measures the gradient noise scale ``B_simple`` during
+    ``fit`` from the gradients the run computes anyway: the micro-batches of
+    ``accumulate_grad_batches`` and, under DDP, the ranks (``bsselect.noise_monitor``). It
+    logs ``name`` (the moving-average ``B_simple``) each measured step, keeps the monitor as
+    ``callback.monitor`` (``.estimate()`` gives an interval), and warns once when the interval
+    says the global batch could grow. With neither accumulation nor several ranks there is no
+    second batch size: it warns once and stays off.
+
+        trainer = L.Trainer(accumulate_grad_batches=4, callbacks=[NoiseScaleMonitor()])
+    """
+    Callback = _callback_base()
+    from ..noise_monitor import GradientNoiseMonitor
+
+    class _NoiseScaleMonitor(Callback):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            self.monitor: Optional[GradientNoiseMonitor] = None
+            self.advice: Optional[str] = None
+            self._micro = 0
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            if not pl_module.automatic_optimization:
+                warnings.warn("NoiseScaleMonitor: manual optimization is not supported; off",
+                              stacklevel=2)
+                return
+            loader = trainer.train_dataloader
+            dataset = getattr(loader, "dataset", None)
+            try:
+                n_data = len(dataset) if dataset is not None else None  # type: ignore[arg-type]
+            except TypeError:
+                n_data = None
+            model = trainer.strategy.model
+            if trainer.world_size > 1 and not isinstance(
+                    model, torch.nn.parallel.DistributedDataParallel):
+                warnings.warn("NoiseScaleMonitor: only DDP is supported across ranks (not "
+                              f"{type(trainer.strategy).__name__}); off", stacklevel=2)
+                return
+            try:
+                self.monitor = GradientNoiseMonitor(
+                    model, accumulation_steps=trainer.accumulate_grad_batches,
+                    every=every, ema=ema, window=window, n_data=n_data,
+                    world_size=trainer.world_size)
+            except UsageError as exc:
+                warnings.warn(f"NoiseScaleMonitor is off: {exc}", stacklevel=2)
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
+                                 batch_idx: int) -> None:
+            self._micro = _batch_len(batch)
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any
+                                     ) -> None:
+            if self.monitor is None:
+                return
+            reading = self.monitor.step(self._micro)
+            if reading is None or self.monitor.b_simple is None:
+                return
+            pl_module.log(name, self.monitor.b_simple, on_step=True, on_epoch=False)
+            if self.advice is None:
+                self.advice = self.monitor.advice(reading.b_big)
+                if self.advice:
+                    warnings.warn(f"NoiseScaleMonitor: {self.advice}", stacklevel=2)
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            if self.monitor is not None:
+                self.monitor.close()
+
+    return _NoiseScaleMonitor()
+
+
+def _batch_len(batch: Any) -> int:
+    """Items in a batch: the first dimension of its first tensor (0 when it has none)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 0
+    values = batch.values() if hasattr(batch, "values") else (
+        batch if isinstance(batch, (list, tuple)) else ())
+    for value in values:
+        n = _batch_len(value)
+        if n:
+            return n
+    return 0

@@ -1,0 +1,253 @@
+"""The noise scale during the user's own run (bsselect.noise_monitor and its Lightning and
+Hugging Face callbacks) against ``bsselect noise`` at the same checkpoint: the run trains at
+lr 0, so every step sees the initial weights that ``noise_scale`` measures, and the monitor's
+pooled ``B_simple`` must lie inside ``noise_scale``'s 90% interval. A monitor that got the
+micro-batch scaling, the rank averaging or the batch sizes wrong is off by the accumulation
+or world factor and fails."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bsselect import Task, noise_scale
+from bsselect.api import resolve_task
+from bsselect.errors import UsageError
+from bsselect.noise_math import per_measurement
+from bsselect.noise_monitor import GROW_FACTOR, GradientNoiseMonitor
+
+from test_distributed import TASKS, torchrun
+
+
+def _inside(value, interval):
+    lo, hi = interval
+    assert lo <= value <= hi, f"{value:.1f} outside ({lo:.1f}, {hi:.1f})"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    task, _ = resolve_task("digits-mlp")
+    return task
+
+
+def _digits_reference(task, b_small, b_big):
+    return noise_scale(task, b_small=b_small, b_big=b_big, measurements=64).final
+
+
+# ----------------------------------------------------------------------- pure parts
+
+
+def test_moving_averages_keep_signal_and_noise_apart():
+    model = nn.Linear(2, 1)
+    mon = GradientNoiseMonitor(model, accumulation_steps=2, ema=0.5)
+    pairs = [(4.0, 2.5), (9.0, 5.5), (2.0, 1.9)]
+    for small, big in pairs:
+        mon.record(small, big, 8, 16)
+    g, t = per_measurement([p[0] for p in pairs], [p[1] for p in pairs], 8, 16)
+    w = [0.25, 0.5, 1.0]  # weights of an ema-0.5 average of three, before bias correction
+    g_avg, t_avg = (sum(wi * x for wi, x in zip(w, v)) / sum(w) for v in (g, t))
+    assert mon.grad_sq_norm == pytest.approx(g_avg)
+    assert mon.trace_sigma == pytest.approx(t_avg)
+    assert mon.b_simple == pytest.approx(t_avg / g_avg)   # ratio of averages
+    assert mon.b_simple != pytest.approx(sum(wi * ti / gi for wi, ti, gi in zip(w, t, g))
+                                         / sum(w))        # not an average of ratios
+    mon.skip_last()
+    assert mon.skipped == 1 and len(mon.readings) == 2
+    assert mon.b_simple == pytest.approx((0.5 * t[0] + t[1]) / (0.5 * g[0] + g[1]))
+
+
+def test_a_step_with_one_batch_size_is_refused():
+    with pytest.raises(UsageError, match="two batch sizes"):
+        GradientNoiseMonitor(nn.Linear(2, 1))
+
+
+def test_advice_only_when_the_interval_clears_twice_the_batch():
+    mon = GradientNoiseMonitor(nn.Linear(2, 1), accumulation_steps=2)
+    # |g_small|^2 = |G|^2 + tr/8, |g_big|^2 = |G|^2 + tr/16 with |G|^2 = 1, tr = 800: B = 800.
+    for k in range(40):
+        jitter = 1 + 0.01 * ((k % 5) - 2)
+        mon.record((1 + 100) * jitter, (1 + 50) * jitter, 8, 16)
+    est = mon.estimate()
+    assert est.b_simple == pytest.approx(800, rel=0.05)
+    assert mon.advice(est.b_simple_lower / GROW_FACTOR * 0.99) is not None
+    assert mon.advice(est.b_simple_lower / GROW_FACTOR * 1.01) is None
+
+
+def test_every_measures_only_those_steps(digits):
+    torch.manual_seed(0)
+    model = digits.model()
+    mon = GradientNoiseMonitor(model, accumulation_steps=2, every=3)
+    loader = DataLoader(digits.train_data, batch_size=8, collate_fn=digits.collate_fn)
+    batches = iter(loader)
+    for _ in range(7):
+        for _ in range(2):
+            x, y = next(batches)
+            (digits.loss_fn(model(x), y) / 2).backward()
+        mon.step(8)
+        model.zero_grad()
+    assert [r.step for r in mon.readings] == [1, 4, 7]
+    mon.close()
+
+
+# ----------------------------------------------------------------------- the real runs
+
+
+def test_plain_loop_with_accumulation_agrees_with_bsselect_noise(digits):
+    reference = _digits_reference(digits, 8, 32)
+    torch.manual_seed(0)  # noise_scale's initial weights
+    model = digits.model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    mon = GradientNoiseMonitor(model, accumulation_steps=4, n_data=len(digits.train_data),
+                               window=1000)
+    loader = DataLoader(digits.train_data, batch_size=8, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(1), collate_fn=digits.collate_fn)
+    i = 0
+    for _ in range(2):
+        for x, y in loader:
+            (digits.loss_fn(model(x), y) / 4).backward()
+            i += 1
+            if i % 4 == 0:
+                mon.step(len(x))
+                optimizer.step()
+                optimizer.zero_grad()
+    est = mon.estimate()
+    assert (est.b_small, est.b_big) == (8, 32) and est.measurements > 80
+    _inside(est.b_simple, reference.b_simple_ci)
+    _inside(mon.b_simple, (reference.b_simple_ci[0] * 0.7, reference.b_simple_ci[1] * 1.3))
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_ddp_on_two_gloo_ranks_agrees_with_bsselect_noise(tmp_path, digits, accum):
+    import json
+
+    proc = torchrun(str(TASKS / "noise_monitor_ddp.py"), str(tmp_path), str(accum))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1  # one all-reduced pair per step: every rank has the same estimate
+    assert (r0["world_size"], r0["b_small"], r0["b_big"]) == (2, 16, 32 * accum)
+    reference = _digits_reference(digits, 16, 32 * accum)
+    _inside(r0["b_simple"], reference.b_simple_ci)
+
+
+# ----------------------------------------------------------------------- Lightning
+
+
+def test_lightning_callback_agrees_with_bsselect_noise(tmp_path):
+    L = pytest.importorskip("lightning")
+    from bsselect.adapters.lightning import NoiseScaleMonitor
+    from tasks.lightning_tasks import Blobs, Classifier
+
+    class Frozen(Classifier):  # lr 0: every step is at the initial weights
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    torch.manual_seed(0)
+    module, data = Frozen(), Blobs(batch_size=8)
+    data.setup("fit")
+    same = Classifier()  # its weights, at an lr a Task accepts (noise at step 0 ignores it)
+    same.load_state_dict(module.state_dict())
+    reference = noise_scale(Task.from_lightning(same, data), b_small=8, b_big=32,
+                            measurements=64).final
+    callback = NoiseScaleMonitor()
+    trainer = L.Trainer(max_epochs=2, accumulate_grad_batches=4, callbacks=[callback],
+                        accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    est = callback.monitor.estimate(last=10_000)
+    assert (est.b_small, est.b_big) == (8, 32) and est.measurements >= 60
+    _inside(est.b_simple, reference.b_simple_ci)
+    assert trainer.callback_metrics["bsselect/b_simple"] == pytest.approx(
+        callback.monitor.b_simple)
+
+
+def test_lightning_callback_without_a_second_batch_size_warns_and_stays_off(tmp_path):
+    L = pytest.importorskip("lightning")
+    from bsselect.adapters.lightning import NoiseScaleMonitor
+    from tasks.lightning_tasks import Blobs, Classifier
+
+    callback = NoiseScaleMonitor()
+    trainer = L.Trainer(max_steps=2, callbacks=[callback], accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="two batch sizes"):
+        trainer.fit(Classifier(), datamodule=Blobs())
+    assert callback.monitor is None
+
+
+# ----------------------------------------------------------------------- Hugging Face
+
+
+class DictBlobs(torch.utils.data.Dataset):
+    def __init__(self, n: int = 1000) -> None:
+        g = torch.Generator().manual_seed(0)
+        centers = torch.randn(3, 16, generator=g) * 2
+        self.y = torch.randint(0, 3, (n,), generator=g)
+        self.x = centers[self.y] + torch.randn(n, 16, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class HFStyle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 3))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def _hf_trainer(tmp_path, model, data, callback, **args):
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    options = dict(output_dir=str(tmp_path), learning_rate=0.0, per_device_train_batch_size=8,
+                   gradient_accumulation_steps=4, num_train_epochs=2, logging_steps=5,
+                   report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                   lr_scheduler_type="constant", seed=1)
+    options.update(args)
+    return Trainer(model=model, args=TrainingArguments(**options), train_dataset=data,
+                   data_collator=default_data_collator, callbacks=[callback])
+
+
+def test_hf_callback_agrees_with_bsselect_noise(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import default_data_collator
+
+    from bsselect.adapters.hf import NoiseScaleCallback
+
+    torch.manual_seed(0)
+    model, data = HFStyle(), DictBlobs()
+    reference = noise_scale(Task.from_hf(model, data, data_collator=default_data_collator),
+                            b_small=8, b_big=32, measurements=64).final
+    callback = NoiseScaleCallback()
+    trainer = _hf_trainer(tmp_path, model, data, callback, max_grad_norm=0.0)
+    trainer.train()
+    est = callback.monitor.estimate(last=10_000)
+    assert (est.b_small, est.b_big) == (8, 32) and est.measurements >= 60
+    _inside(est.b_simple, reference.b_simple_ci)
+    logged = [h["b_simple"] for h in trainer.state.log_history if "b_simple" in h]
+    assert logged and logged[-1] == pytest.approx(callback.monitor.b_simple)
+
+
+def test_hf_callback_does_not_count_clipped_steps(tmp_path):
+    pytest.importorskip("transformers")
+    from bsselect.adapters.hf import NoiseScaleCallback
+
+    callback = NoiseScaleCallback()
+    trainer = _hf_trainer(tmp_path, HFStyle(), DictBlobs(200), callback, max_grad_norm=1e-6,
+                          num_train_epochs=1)
+    trainer.train()
+    assert callback.monitor.readings == []
+    assert callback.monitor.skipped == trainer.state.global_step == 7  # 6 clipped, 1 partial
+    assert callback.monitor.b_simple is None
