@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from bsselect.device import Budget
+from bsselect.memory.cpu_truth import cpu_step_peak
 from bsselect.errors import DoesNotFitError
 from bsselect.memory.capped import CappedCpuAllocator
 from bsselect.memory.measured import run_two_steps
@@ -68,7 +69,7 @@ def test_measured_backoff_follows_exact_path_under_a_cap():
         assert (truth(b) <= cap) == (outcome == "ok"), (b, outcome)
     true_max = result.max_batch
     assert truth(true_max) <= cap < truth(true_max + 1)
-    assert any(b == true_max + 1 for b, _ in path) or len(path) == 12
+    assert (true_max + 1, "oom") in path  # the answer's neighbour was run and failed
     assert backend.ooms == sum(1 for _, o in path if o == "oom")
     assert len(path) <= 8 and result.method == "measured"
 
@@ -82,7 +83,10 @@ def test_measured_peaks_match_simulation_for_linear_memory():
                     method=Method.simulated, batch_sizes=[8, 32, 128])
     meas = run_probe(task, task_name="d", device=torch.device("cpu"), budget=Budget(2**22, "x"),
                      batch_sizes=[8, 32, 128], backend=backend)
-    assert [p.peak_bytes for p in sim.points] == [p.peak_bytes for p in meas.points]
+    # The truth is the CPU allocator's own events (not the counter both probes share).
+    for point in sim.points:
+        real = cpu_step_peak(task, point.batch_size).peak_bytes
+        assert point.peak_bytes == pytest.approx(real, rel=0.01), point.batch_size
     assert meas.max_batch == sim.max_batch < 1500
 
 
