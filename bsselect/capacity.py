@@ -125,6 +125,11 @@ class SearchStep:
 class RefineResult:
     batch_size: int  # largest batch measured to fit, 0 if none did
     path: tuple[SearchStep, ...]
+    # The bracket closed (the next batch did not fit, or less than one sample's memory was
+    # left); False: ``max_tries`` ran out first and ``batch_size`` is a checked lower bound.
+    exact: bool = True
+
+SIMULATED_TRIES = 96  # simulations per search: enough to close any bracket below 2**40
 
 
 def refine_max_batch(
@@ -176,7 +181,7 @@ def refine_max_batch(
             else:
                 fail = guess
         guess = _next_guess(sorted(fits), usable_bytes, best, fail, max_jump)
-    return RefineResult(best, tuple(path))
+    return RefineResult(best, tuple(path), exact=guess is None)
 
 
 def _clamp(guess: int, best: int, fail: int | None, max_jump: int) -> int | None:

@@ -87,6 +87,7 @@ class CheckResult:
     uniform_items: bool | None = None
     inputs_note: str = ""
     max_batch_checked: tuple[str, ...] = ()  # the simulations that checked max_batch
+    max_batch_exact: bool = True  # False: the search stopped early; max_batch is a lower bound
 
     def to_json(self) -> dict:
         # batch_size is the micro-batch that must fit; the effective batch is what trains.
@@ -216,7 +217,7 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
     required, terms = req[b]
     usable = int(usable_bytes(config.budget_bytes, config.margin))
     fit = fit_memory([(n, r) for n, (r, _) in req.items()], min_batch=1)
-    from .capacity import refine_max_batch, solve_max_batch
+    from .capacity import SIMULATED_TRIES, refine_max_batch, solve_max_batch
 
     try:
         guess = solve_max_batch(config.budget_bytes, config.margin, fit)
@@ -231,7 +232,7 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
     # The two-point line is only piecewise right: the largest batch that fits is checked by
     # simulating it where the line lands and refined inside a bracket, as the probe does.
     refined = refine_max_batch(required_at, usable, [(n, r) for n, (r, _) in req.items()],
-                               max(guess, 1), max_jump=2**40)
+                               max(guess, 1), max_jump=2**40, max_tries=SIMULATED_TRIES)
     best = refined.batch_size
     headroom = usable - required
     return CheckResult(
@@ -240,6 +241,7 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
         headroom_bytes=headroom, headroom_pct=100.0 * headroom / usable,
         max_batch=best, max_batch_pow2=largest_pow2_at_most(best) if best else 0,
         max_batch_checked=tuple(f"{st.batch_size} {st.outcome}" for st in refined.path),
+        max_batch_exact=refined.exact,
         peak_bytes=steps[b].peak_bytes, target=config.target.value,
         budget_source=config.budget_source, terms=tuple(terms),
         **step_fields(settings, inputs), optimizer_impl=steps[b].optimizer_impl,

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import distributed
 from .capacity import (
-    MemoryFit, check_batch_sizes, check_margin, fit_memory, refine_max_batch, usable_bytes,
+    SIMULATED_TRIES, MemoryFit, check_batch_sizes, check_margin, fit_memory, refine_max_batch, usable_bytes,
     largest_pow2_at_most, solve_max_batch,
 )
 from .device import Budget
@@ -76,6 +76,9 @@ class ProbeResult:
     fit_max_error_pct: float = 0.0
     fit_max_error_batch: int | None = None
     fit_raised_bytes: int = 0
+    # False: the confirming search stopped (12 real steps) before the bracket closed, so
+    # max_batch is the largest batch checked to fit, and a larger one may fit too.
+    max_batch_exact: bool = True
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -283,6 +286,7 @@ def run_probe(
     best = distributed.agree_min(best)  # the same start on every rank: none runs out
     confirmation: tuple[dict, ...] = ()
     checked_peaks: dict[int, int] = {}
+    exact = not confirm  # unconfirmed: the line's answer, as exact as the line
     if confirm:
         # The line is only piecewise right (the peak moves between phases as b grows), so
         # the answer is checked where it lands: real steps when measured, a simulation (as
@@ -300,8 +304,10 @@ def run_probe(
         result = refine_max_batch(required_at, usable,
                                   [(p.batch_size, p.required_bytes) for p in points], best,
                                   max_jump=8 if real_steps else 2**40,
+                                  max_tries=12 if real_steps else SIMULATED_TRIES,
                                   ceiling=max(train_items, max(sizes)) if real_steps else None)
         confirmation = tuple(asdict(s) for s in result.path)
+        exact = result.exact
         if result.batch_size < 1:
             tried = ", ".join(f"{s.batch_size} {s.outcome}" for s in result.path)
             raise DoesNotFitError(f"no batch size fits the budget after the margin ({tried})")
@@ -324,6 +330,7 @@ def run_probe(
         **step_fields(settings, inputs), optimizer_impl=meter.extras.get("optimizer_impl"),
         method_note=method_note, fit_max_error_pct=round(100 * fit.max_error_frac, 3),
         fit_max_error_batch=fit.max_error_batch, fit_raised_bytes=round(fit.raised_bytes),
+        max_batch_exact=exact,
     )
 
 

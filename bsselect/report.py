@@ -80,9 +80,11 @@ def render_probe(result: Any) -> None:
         how = "real steps" if result.method == "measured" else "simulations"
         out.print(f"checked with {how}: {path}", highlight=False)
     out.print(
-        f"[bold green]max batch {result.max_batch}[/] · largest power of two "
-        f"[bold green]{result.max_batch_pow2}[/]"
-    )
+        f"[bold green]max batch {'at least ' if not result.max_batch_exact else ''}"
+        f"{result.max_batch}[/] · largest power of two [bold green]{result.max_batch_pow2}[/]"
+        + ("" if result.max_batch_exact else
+           f" (the search stopped after {len(result.confirmation)} real steps; a larger "
+           "batch may fit)"))
     if result.exceeds_dataset:
         what = ("the whole" if result.max_batch == result.train_items
                 else "larger than the")
@@ -205,7 +207,8 @@ def _check_lines(result: Any) -> tuple[str, str]:
             f"{result.margin:.0%} margin)")
     room = "headroom" if result.headroom_bytes >= 0 else "over by"
     tail = (f"{room} {format_bytes(abs(result.headroom_bytes))} "
-            f"({abs(result.headroom_pct):.1f}%); largest batch that fits: {result.max_batch}"
+            f"({abs(result.headroom_pct):.1f}%); largest batch that fits: "
+            f"{'at least ' if not result.max_batch_exact else ''}{result.max_batch}"
             + (f" (power of two: {result.max_batch_pow2})" if result.max_batch else "")
             + (f", checked by simulation: {', '.join(result.max_batch_checked)}"
                if result.max_batch_checked else ""))

@@ -5,6 +5,7 @@ accumulation line, and the `examples` and `presets` commands."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from conftest import run_cli
 
@@ -45,3 +46,73 @@ def test_check_with_accumulation_says_which_batch_must_fit():
     assert done.returncode == 0, done.stderr
     assert ("accumulation: micro-batch 32 must fit; x 4 micro-steps = effective batch 128 "
             "per optimizer step") in done.stdout
+
+
+SWEEP_TASKS = str(Path(__file__).parent / "tasks" / "sweep_tasks.py")
+
+
+def _sweep_json(*args: str) -> tuple[int, dict]:
+    done = run_cli("sweep", *args, "--noise-measurements", "0", "--json")
+    return done.returncode, json.loads(done.stdout) if done.stdout.strip() else done.stderr
+
+
+def test_a_budget_in_seconds_trains_each_trial_that_long(tmp_path):
+    rc, data = _sweep_json(f"{SWEEP_TASKS}:tiny", "--batch-sizes", "8,64", "--budget", "0.3s",
+                           "--journal", str(tmp_path / "j.jsonl"))
+    assert rc == 0, data
+    assert data["budget"] == {"kind": "seconds", "amount": 0.3}
+    for trial in data["trials"]:
+        assert trial["status"] == "ok" and 0.3 <= trial["wall_s"] < 3
+    small, big = data["trials"]
+    assert small["steps"] > big["steps"] > 1  # equal time, not equal steps
+
+
+def test_lr_warmup_steps_ramp_every_trial(tmp_path):
+    args = (f"{SWEEP_TASKS}:tiny", "--batch-sizes", "16", "--budget", "8steps")
+    _, plain = _sweep_json(*args, "--journal", str(tmp_path / "a.jsonl"))
+    _, ramped = _sweep_json(*args, "--warmup-steps", "1000", "--journal",
+                            str(tmp_path / "b.jsonl"))
+    a, b = plain["trials"][0], ramped["trials"][0]
+    assert a["train_loss_start"] == b["train_loss_start"]
+    # Over 8 steps a 1000-step ramp keeps the lr under 1% of the target: almost no progress.
+    drop_a = a["train_loss_start"] - a["train_loss_end"]
+    drop_b = b["train_loss_start"] - b["train_loss_end"]
+    assert drop_a > 20 * abs(drop_b)
+    journal = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert journal[0]["settings"]["warmup_steps"] == 1000
+
+
+def test_a_loss_that_rises_without_blowing_up_is_a_divergence(tmp_path):
+    done = run_cli("sweep", f"{SWEEP_TASKS}:ascent", "--batch-sizes", "16,32", "--budget",
+                   "20steps", "--noise-measurements", "0", "--journal",
+                   str(tmp_path / "j.jsonl"))
+    assert done.returncode == 1, done.stderr
+    journal = [json.loads(line) for line in (tmp_path / "j.jsonl").read_text().splitlines()]
+    trials = [line["trial"] for line in journal if "trial" in line]
+    assert [t["status"] for t in trials] == ["diverged", "diverged"]
+    for t in trials:
+        assert t["error"].startswith("loss rose from ")
+        start, end = (float(v) for v in t["error"][len("loss rose from "):].split(" to "))
+        assert start < end < 10 * start  # rose, but short of the blow-up test
+    assert "diverged" in done.stderr
+
+
+def test_check_largest_batch_on_memory_that_grows_faster_than_a_line():
+    task = f"{SWEEP_TASKS}:gram"
+
+    def check(batch: int) -> tuple[int, dict]:
+        done = run_cli("check", task, "--batch-size", str(batch), "--memory", "40MiB",
+                       "--margin", "0", "--json")
+        return done.returncode, json.loads(done.stdout)
+
+    rc, data = check(64)
+    assert rc == 0, data
+    best = data["max_batch"]
+    assert best > 64 and data["max_batch_checked"] and data["max_batch_exact"]
+    # The line through 32 and 64 promised far more: the answer came from checked steps.
+    assert int(data["max_batch_checked"][0].split()[0]) > 10 * best
+    # The answer is what check says for the batch itself and the one above it, and asking
+    # from another batch size gives the same answer (it once stopped after 12 simulations).
+    rc, at_best = check(best)
+    assert rc == 0 and at_best["max_batch"] == best
+    assert check(best + 1)[0] == 3

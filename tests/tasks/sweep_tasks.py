@@ -121,3 +121,31 @@ def bad_metric() -> Task:
         return {"acc": 1.0}["accuracy"]
 
     return dataclasses.replace(tiny(), metric=metric)
+
+
+def ascent() -> Task:
+    """SGD that maximises the loss (``maximize=True``) at a small lr: the loss rises slowly,
+    never past 10x its start within a short trial — the "loss rose" kind of divergence."""
+    x, y = _blobs()
+    return Task(model=_mlp, train_data=TensorDataset(x, y), loss_fn=F.cross_entropy,
+                optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr, maximize=True),
+                lr=0.02, base_batch_size=16)
+
+
+class BatchGram(nn.Module):
+    """Memory grows with b**2 (a b x b Gram matrix): a line through small batches promises
+    far more than fits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x + 1e-3 * ((x @ x.T) @ x))
+
+
+def gram() -> Task:
+    x, y = _blobs()
+    x, y = x.repeat(64, 1), y.repeat(64)  # 24,576 items: the data does not cap the batch
+    return Task(model=BatchGram, train_data=TensorDataset(x, y), loss_fn=F.cross_entropy,
+                lr=0.1, base_batch_size=16)
