@@ -68,12 +68,13 @@ from bsselect.examples import EXAMPLES  # noqa: E402
 from bsselect.timing import default_threads  # noqa: E402
 from bsselect.lr_scaling import scale_lr  # noqa: E402
 from bsselect.sweep import (  # noqa: E402
-    SweepSettings, data_cap, default_budget, make_setup, powers_of_two, resolve_lr_scaling,
-    run_sweep,
+    RAMP_BASE_STEPS, SweepSettings, data_cap, default_budget, make_setup, powers_of_two,
+    resolve_lr_scaling, run_sweep,
 )
 from bsselect.step import to_device, train_step  # noqa: E402
 from bsselect.trials import (  # noqa: E402
-    DIVERGENCE_FACTOR, TrialBudget, cycle_batches, evaluate, measure_trial_noise, trial_seed,
+    DIVERGENCE_FACTOR, TrialBudget, cycle_batches, evaluate, measure_trial_noise, trial_lr,
+    trial_seed,
 )
 
 # cap: largest batch (None: the sweep's own data cap, half the training set).
@@ -103,6 +104,7 @@ CONFIG: dict[str, dict[str, Any]] = {
 }
 TASKS = {**EXAMPLES, **HELD_OUT}
 WARM_START_STEPS = 0  # --warm-start-steps: the sweep's, for every example
+LR_RAMP = True  # the sweep's default (--warmup-steps auto), in its trials and the full runs
 FRACTIONS = ("0.5", "1", "2", "4")   # of the sweep's default per-trial budget
 EVAL_BS = 256                               # the loss is a mean: batch size only changes speed
 TIMING_ROUNDS = 3
@@ -147,6 +149,9 @@ def full_run(task, setup, b: int, lr: float, *, target: float | None, max_sample
     status, reached = "ok", False
     next_eval = eval_every
     while True:
+        for group in opt.param_groups:  # the sweep trial's schedule (lr ramp), then constant
+            group["lr"] = trial_lr(step, lr, b, task.lr, setup.warmup_steps,
+                                   setup.lr_ramp_samples)
         c0, w0 = clock()
         x, y = to_device(next(batches), CPU)
         loss = float(train_step(model, opt, task, x, y))  # .item(): a sync point, as in trials
@@ -241,6 +246,9 @@ def bench_example(name: str, repeats: int, workdir: Path, sweep_repeats: int = 3
         name=name, split=cfg["split"], config=cfg, batch_sizes=sizes, n_train=n_train,
         base_lr=task.lr, base_batch_size=task.base_batch_size, lr_scaling=scaling.value,
         sweep_budget_samples=budget.amount, fractions=list(FRACTIONS), sweeps=[], runs=[])
+    # The lr ramp the sweep applies by default: the full runs train with it too, so the oracle
+    # is the run a user makes with the recommended batch size and lr.
+    ramp = RAMP_BASE_STEPS * task.base_batch_size if LR_RAMP else 0
     log(f"== {name}: batch sizes {sizes}, lr scaling {scaling.value}, "
         f"sweep budget {budget.amount:g} samples/trial")
 
@@ -248,7 +256,7 @@ def bench_example(name: str, repeats: int, workdir: Path, sweep_repeats: int = 3
     # (identical trials) `sweep_repeats` times on a quiet machine and as many times with one
     # busy process holding a core, so that only the machine differs.
     settings = SweepSettings(budget=budget, lr_scaling=scaling, seed=0,
-                             warm_start_steps=WARM_START_STEPS)
+                             warm_start_steps=WARM_START_STEPS, lr_ramp_samples=ramp)
     out["sweep_settings"] = settings.journal_settings(task)
     for condition in CONDITIONS:
         busy = start_busy() if condition == "loaded" else None
@@ -274,6 +282,8 @@ def bench_example(name: str, repeats: int, workdir: Path, sweep_repeats: int = 3
     if saved is not None:  # the oracle does not depend on the sweep's rules: reuse it
         if saved["batch_sizes"] != sizes or saved["sweep_budget_samples"] != budget.amount:
             raise SystemExit(f"{name}: the saved oracle has other batch sizes or budget")
+        if saved["sweep_settings"].get("lr_ramp_samples", 0) != ramp:
+            raise SystemExit(f"{name}: the saved oracle's full runs used another lr ramp")
         out.update({k: saved[k] for k in ("runs", "calibration", "target", "timing")})
         out["oracle_from"] = saved.get("oracle_from", "reused")
         return out
@@ -286,7 +296,8 @@ def bench_example(name: str, repeats: int, workdir: Path, sweep_repeats: int = 3
     states: dict[int, Any] = {}
     target = None
     for seed in range(repeats):
-        settings = SweepSettings(budget=budget, lr_scaling=scaling, seed=seed)
+        settings = SweepSettings(budget=budget, lr_scaling=scaling, seed=seed,
+                                 lr_ramp_samples=ramp)
         setup, _ = make_setup(task, settings, CPU)
         runs: dict[str, dict] = {}
         order = ([base] + [b for b in sizes if b != base]) if seed == 0 else sizes
@@ -364,6 +375,8 @@ def main() -> None:
                         help="oracle seeds per example: N, or name=N,name=N (others 1)")
     parser.add_argument("--warm-start-steps", type=int, default=0,
                         help="sweep option: base-configuration steps before the trials branch")
+    parser.add_argument("--no-lr-ramp", action="store_true",
+                        help="trials and full runs without the default lr ramp")
     parser.add_argument("--sweep-repeats", type=int, default=3,
                         help="sweeps per machine condition (quiet, loaded), same seed")
     parser.add_argument("--json", type=Path, help="write the raw results here")
@@ -376,8 +389,9 @@ def main() -> None:
         print(render(read_json(args.from_json)), end="")
         return
     torch.set_num_threads(1)
-    global WARM_START_STEPS
+    global WARM_START_STEPS, LR_RAMP
     WARM_START_STEPS = args.warm_start_steps
+    LR_RAMP = not args.no_lr_ramp
     names = [n.strip() for n in args.examples.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIG]
     if unknown:

@@ -260,7 +260,7 @@ class SweepPlan:
 
 def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = None,
                min_batch: int = 8, max_batch: int | None = None, budget: str | None = None,
-               lr_scaling: str = "auto", seed: int = 0, warmup_steps: int = 0,
+               lr_scaling: str = "auto", seed: int = 0, warmup_steps: int | str = "auto",
                noise_measurements: int = 2, warm_start_steps: int = 0,
                journal: str | Path | None = None, device: str = "auto", memory: Size = None,
                precision: str = "fp32", accumulate: int = 1, threads: int | None = None,
@@ -271,9 +271,9 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
     from .sweep import default_budget, parse_budget
     from .timing import default_threads
 
-    if warmup_steps < 0 or noise_measurements < 0 or warm_start_steps < 0:
-        raise UsageError("--warmup-steps, --warm-start-steps and --noise-measurements must be "
-                         ">= 0")
+    warmup_steps = parse_warmup(warmup_steps)
+    if noise_measurements < 0 or warm_start_steps < 0:
+        raise UsageError("--warm-start-steps and --noise-measurements must be >= 0")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")
     explicit = list(batch_sizes) if batch_sizes else None
@@ -372,14 +372,32 @@ def plan_sizes(task: "Task", name: str, explicit: list[int] | None, min_batch: i
             f"probe allows {fits}; capped at half the {n_train} training items")
 
 
-def sweep_settings(task: "Task", budget: Any, lr_scaling: str, seed: int, warmup_steps: int,
-                   noise_measurements: int, step: "StepSettings | None" = None,
+def parse_warmup(value: int | str) -> int | str:
+    """``--warmup-steps``: "auto" or an integer >= 0 (UsageError otherwise)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        steps = int(value)
+    except (TypeError, ValueError):
+        steps = -1
+    if isinstance(value, bool) or steps < 0 or (isinstance(value, float) and value != steps):
+        raise UsageError(f"--warmup-steps must be auto or an integer >= 0, got {value!r}")
+    return steps
+
+
+def sweep_settings(task: "Task", budget: Any, lr_scaling: str, seed: int,
+                   warmup_steps: int | str, noise_measurements: int,
+                   step: "StepSettings | None" = None,
                    warm_start_steps: int = 0) -> "SweepSettings":
-    from .sweep import SweepSettings, resolve_lr_scaling
+    """``warmup_steps`` "auto": trials above the task's lr ramp up from it over
+    ``RAMP_BASE_STEPS`` base batches' worth of samples; N: every trial from 0 over N steps."""
+    from .sweep import RAMP_BASE_STEPS, SweepSettings, resolve_lr_scaling
 
     extra = {} if step is None else dict(precision=step.precision, accumulate=step.accumulate)
+    auto = parse_warmup(warmup_steps) == "auto"
     return SweepSettings(budget=budget, lr_scaling=resolve_lr_scaling(task, lr_scaling),
-                         seed=seed, warmup_steps=warmup_steps,
+                         seed=seed, warmup_steps=0 if auto else int(warmup_steps),
+                         lr_ramp_samples=RAMP_BASE_STEPS * task.base_batch_size if auto else 0,
                          noise_measurements=noise_measurements,
                          warm_start_steps=warm_start_steps, **extra)
 

@@ -257,7 +257,11 @@ def sweep(
              "largest, at most 65536 samples.")] = None,
     lr_scaling: Annotated[str, typer.Option(
         help="auto (linear for SGD, sqrt for Adam-family), linear, sqrt or none.")] = "auto",
-    warmup_steps: Annotated[int, typer.Option(help="Linear LR warm-up steps per trial.")] = 0,
+    warmup_steps: Annotated[str, typer.Option(
+        help="LR warm-up per trial. auto: a trial whose scaled lr is above the task's ramps "
+             "up to it linearly from the task's lr over the first 8 base batches' worth of "
+             "samples (Goyal et al.); N: every trial ramps from 0 over N steps; 0: none.")
+    ] = "auto",
     warm_start_steps: Annotated[int, typer.Option(
         help="Train the base configuration (base batch size and lr) this many steps first; "
              "every trial then branches from that state, optimizer state included "

@@ -180,7 +180,8 @@ def render_sweep(result: Any) -> None:
     if result.recommended_batch_size:
         out.print(f"[bold green]recommended batch size {result.recommended_batch_size}[/] "
                   f"at lr {result.recommended_lr:.3g} ({result.settings.lr_scaling.value} "
-                  f"scaling from lr {result.base_lr:g} at batch {result.base_batch_size})")
+                  f"scaling from lr {result.base_lr:g} at batch {result.base_batch_size})"
+                  + _ramp_text(result))
     acc = result.b_opt_accumulation
     if acc:
         out.print(f"the formula's batch {acc['effective_batch']} exceeds what fits "
@@ -213,6 +214,16 @@ def _check_lines(result: Any) -> tuple[str, str]:
             + (f", checked by simulation: {', '.join(result.max_batch_checked)}"
                if result.max_batch_checked else ""))
     return head, tail
+
+
+def _ramp_text(result: Any) -> str:
+    """How the trials reached the recommended lr, which the full run should do too."""
+    ramp, lr = result.settings.lr_ramp_samples, result.recommended_lr
+    if ramp and lr > result.base_lr:
+        return f", ramped up linearly from lr {result.base_lr:g} over the first {ramp:,} samples"
+    if result.settings.warmup_steps:
+        return f", ramped up linearly from 0 over the first {result.settings.warmup_steps} steps"
+    return ""
 
 
 def render_check(result: Any) -> None:

@@ -49,6 +49,10 @@ BASE_STEPS = 32  # the default budget: this many steps' worth of samples at the 
 # median, 1.16 worst) but the jump to a large scaled LR at the branch point made batch sizes
 # diverge that train well from initialisation (logreg's best, 256): docs/benchmarks-sweep.md.
 WARM_START_STEPS = 0
+# --warmup-steps auto: trials above the task's lr ramp up to it over this many base steps'
+# worth of samples (a quarter of the default budget), as Goyal et al. warm up linearly scaled
+# lrs; without it, large-batch trials start at 16x+ the lr and diverge out of the ranking.
+RAMP_BASE_STEPS = 8
 
 
 def default_budget(max_batch: int, base_batch_size: int) -> TrialBudget:
@@ -92,6 +96,7 @@ class SweepSettings:
     precision: Precision = Precision.fp32
     accumulate: int = 1  # micro-steps per optimizer step; trial batch sizes are effective
     warm_start_steps: int = 0  # base-configuration steps before every trial branches off
+    lr_ramp_samples: int = 0  # --warmup-steps auto: see TrialSetup.lr_ramp_samples
 
     def journal_settings(self, task: Task) -> dict[str, Any]:
         """What makes two sweeps' trials comparable (hashed into the journal's resume key);
@@ -111,6 +116,8 @@ class SweepSettings:
             settings["accumulate"] = self.accumulate
         if self.warm_start_steps:
             settings["warm_start_steps"] = self.warm_start_steps
+        if self.lr_ramp_samples:
+            settings["lr_ramp_samples"] = self.lr_ramp_samples
         return settings
 
     @classmethod
@@ -121,7 +128,8 @@ class SweepSettings:
                    noise_measurements=settings["noise_measurements"],
                    precision=Precision(settings.get("precision", "fp32")),
                    accumulate=settings.get("accumulate", 1),
-                   warm_start_steps=settings.get("warm_start_steps", 0))
+                   warm_start_steps=settings.get("warm_start_steps", 0),
+                   lr_ramp_samples=settings.get("lr_ramp_samples", 0))
 
 
 @dataclass(frozen=True)
@@ -181,6 +189,8 @@ class SweepResult:
             "max_batch": self.max_batch, "max_batch_source": self.max_batch_source,
             "precision": self.settings.precision.value, "accumulate": self.settings.accumulate,
             "warm_start_steps": self.settings.warm_start_steps,
+            "warmup_steps": self.settings.warmup_steps,
+            "lr_ramp_samples": self.settings.lr_ramp_samples,
             "trials": [self._trial_json(t) for t in self.trials],
             "fit": self.ranking.fit_dict(),
             "ranking": list(self.ranking.ranking),
@@ -236,6 +246,7 @@ def make_setup(task: Task, settings: SweepSettings, device: torch.device,
                       val_data=eval_subset(val, settings.seed + 1, VAL_ITEMS), device=device,
                       budget=settings.budget, seed=settings.seed,
                       warmup_steps=settings.warmup_steps,
+                      lr_ramp_samples=settings.lr_ramp_samples,
                       noise_measurements=settings.noise_measurements,
                       eval_batch_size=eval_batch_size, precision=settings.precision,
                       accumulate=settings.accumulate), made

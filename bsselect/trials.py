@@ -69,7 +69,10 @@ class TrialSetup:
     device: torch.device
     budget: TrialBudget
     seed: int = 0
-    warmup_steps: int = 0        # linear LR warm-up
+    warmup_steps: int = 0        # linear LR warm-up from 0 (--warmup-steps N)
+    # Goyal et al.'s gradual warm-up (--warmup-steps auto): a trial whose scaled lr is above
+    # the task's ramps linearly from the task's lr to its own over this many samples.
+    lr_ramp_samples: int = 0
     noise_measurements: int = 0  # gradient-noise measurements at the end of each trial
     # No larger than the smallest trial batch: a batch that fits for training must not go out
     # of memory in evaluation. One value for every trial, so their losses compare exactly.
@@ -141,6 +144,18 @@ def _lr_at(step: int, lr: float, warmup_steps: int) -> float:
     return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
 
 
+def trial_lr(step: int, lr: float, batch_size: int, base_lr: float, warmup_steps: int = 0,
+             ramp_samples: int = 0) -> float:
+    """The lr of optimizer step ``step`` (0-based) of a trial at ``batch_size`` whose target
+    lr is ``lr``: with ``ramp_samples``, a linear ramp from ``base_lr`` (the task's) over the
+    first ``ramp_samples`` samples when ``lr`` is above it (Goyal et al. 2017's gradual
+    warm-up for linearly scaled lrs); else ``warmup_steps`` from 0; else ``lr``."""
+    if ramp_samples > 0 and lr > base_lr:
+        ramp = max(1, math.ceil(ramp_samples / batch_size))
+        return base_lr + (lr - base_lr) * min(1.0, (step + 1) / ramp)
+    return _lr_at(step, lr, warmup_steps)
+
+
 def run_trial(setup: TrialSetup, batch_size: int, lr: float,
               on_step: Callable[[int, int | None], None] | None = None) -> TrialResult:
     """Train ``batch_size`` for the setup's budget; never raises for OOM/divergence/errors
@@ -180,7 +195,8 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
     while (total_steps is None and train_wall < setup.budget.amount) or (
             total_steps is not None and step < total_steps):
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, lr, setup.warmup_steps)
+            group["lr"] = trial_lr(step, lr, batch_size, task.lr, setup.warmup_steps,
+                                   setup.lr_ramp_samples)
         value, y, elapsed = _timed_step(train_model, optimizer, task, batches, device, options,
                                         careful=step < TIMING_WARMUP_STEPS)
         train_wall += elapsed

@@ -116,3 +116,26 @@ def test_check_largest_batch_on_memory_that_grows_faster_than_a_line():
     rc, at_best = check(best)
     assert rc == 0 and at_best["max_batch"] == best
     assert check(best + 1)[0] == 3
+
+
+def test_trial_lr_ramps_from_the_task_lr_only_above_it():
+    from bsselect.trials import trial_lr
+
+    # b=128 at lr 0.4 from the task's 0.1: a ramp over 256 samples is 2 steps.
+    assert [trial_lr(s, 0.4, 128, 0.1, ramp_samples=256) for s in range(3)] == [0.25, 0.4, 0.4]
+    assert trial_lr(0, 0.05, 8, 0.1, ramp_samples=256) == 0.05   # below the task's lr: none
+    assert trial_lr(0, 0.4, 128, 0.1, warmup_steps=4) == 0.1     # --warmup-steps N: from 0
+    assert trial_lr(9, 0.4, 128, 0.1) == 0.4
+
+
+def test_the_default_sweep_ramps_scaled_lrs_and_says_so(tmp_path):
+    done = run_cli("sweep", f"{SWEEP_TASKS}:tiny", "--batch-sizes", "64", "--budget", "512",
+                   "--noise-measurements", "0", "--journal", str(tmp_path / "j.jsonl"))
+    assert done.returncode == 0, done.stderr
+    _, data = _sweep_json(f"{SWEEP_TASKS}:tiny", "--batch-sizes", "16,64", "--budget", "512",
+                          "--journal", str(tmp_path / "k.jsonl"))
+    assert (data["lr_ramp_samples"], data["warmup_steps"]) == (8 * 16, 0)
+    assert "at lr 0.4 (linear scaling from lr 0.1 at batch 16), ramped up linearly from lr 0.1 " \
+        "over the first 128 samples" in " ".join(done.stdout.split())
+    bad = run_cli("sweep", f"{SWEEP_TASKS}:tiny", "--warmup-steps", "soon")
+    assert bad.returncode == 2 and "--warmup-steps must be auto or an integer" in bad.stderr
