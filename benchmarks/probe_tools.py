@@ -161,6 +161,85 @@ def session_peak(task: Task, b: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------
+# Independent truth: the CPU allocator's own events, each tool's own loop, no dispatch mode
+
+
+class _Plain:
+    """A backend for ``run_two_steps`` that does nothing: no dispatch mode, no counting (a
+    mode changes what autograd allocates: it sums gradients out of place under one)."""
+
+    device = torch.device("cpu")
+
+    def session(self):  # type: ignore[no-untyped-def]
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def synchronize(self) -> None:
+        pass
+
+    def reset_peak(self) -> None:
+        pass
+
+    def peak_bytes(self) -> int:
+        return 0
+
+    def release(self) -> None:
+        pass
+
+
+def allocator_peak(fn: Callable[[], Any]) -> int:
+    """Peak bytes above the starting level that ``fn()`` takes from the CPU allocator, from
+    the allocator's own events (the profiler's memory records, as ``memory/cpu_truth.py``
+    reads them): every allocation, kernel scratch included, nothing of bsselect's counter."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bsselect.memory.cpu_truth import (_kineto_events, allocator_deltas,
+                                           return_freed_memory_to_the_os)
+
+    return_freed_memory_to_the_os()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    level = peak = 0
+    for _, delta in allocator_deltas(_kineto_events(prof)):
+        level += delta
+        peak = max(peak, level)
+    return peak
+
+
+def loops(task: Task) -> dict[str, Callable[[int], Any]]:
+    """The loop each tool really runs at batch b, outside any capped session: bsselect's
+    probe step (fresh model and optimizer, two steps), Lightning's fit loop (the tuner's 3
+    steps per trial), Accelerate's decorated function (two steps)."""
+    def lightning(b: int) -> None:
+        _lightning()
+        with tempfile.TemporaryDirectory() as root:
+            lit_trainer(root, max_steps=3).fit(lit_module(task, b))
+
+    return {"bsselect": lambda b: run_two_steps(task, b, _Plain()),  # type: ignore[arg-type]
+            "Lightning": lightning,
+            "Accelerate": lambda b: accelerate_train_fn(task, [])(b)}
+
+
+def loop_of(tool: str) -> str:
+    return tool.split()[0]   # "bsselect simulated (margin 0)" -> bsselect
+
+
+def allocator_max(loop: Callable[[int], Any], cap: int, guess: int) -> tuple[int, int, int]:
+    """(largest b whose allocator peak of ``loop(b)`` is <= ``cap``, its peak, the peak at
+    b + 1), searched outwards from ``guess``."""
+    peaks: dict[int, int] = {}
+
+    def peak(b: int) -> int:
+        if b not in peaks:
+            peaks[b] = allocator_peak(lambda: loop(b))
+        return peaks[b]
+
+    best = largest_near(lambda b: peak(b) <= cap, guess)
+    return best, peak(best) if best else 0, peak(best + 1)
+
+
+# --------------------------------------------------------------------------------------------
 # Results
 
 

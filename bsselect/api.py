@@ -140,7 +140,10 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
           method: str = "auto", target: str = "same", batch_sizes: Sequence[int] | None = None,
           precision: str = "fp32", accumulate: int = 1, inputs: str = "worst-case",
           device: str = "auto", hf_config: str | Path | None = None,
-          seq_len: int | None = None, console: Any = None,
+          seq_len: int | None = None, shard: str | None = None,
+          world_size: int | None = None, shard_unit: str | None = None,
+          reshard_after_forward: bool | None = None,
+          activation_checkpointing: bool | None = None, console: Any = None,
           on_point: Callable[[int, int], None] | None = None) -> "ProbeResult":
     """What fits: peak memory of a training step at several batch sizes, a line through them,
     and the largest batch that fits ``memory`` after ``margin``, checked where it lands
@@ -153,9 +156,18 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
     from .targets import Target
     from .task import load_task
 
+    from .run_options import shard_plan
+
     meth = parse_choice(Method, method, "--method")
     tgt = parse_choice(Target, target, "--target")
-    settings, mode = step_settings(precision, accumulate), parse_inputs(inputs)
+    plan = shard_plan(shard, world_size, shard_unit, reshard_after_forward,
+                      activation_checkpointing, precision)
+    if plan is not None:  # one rank of a sharded run: only the simulation plays it
+        if meth is Method.measured:
+            raise UsageError("--shard and --activation-checkpointing are simulated: use "
+                             "--method simulated (or auto)")
+        meth = Method.simulated
+    settings, mode = step_settings(precision, accumulate, plan), parse_inputs(inputs)
     sizes = list(batch_sizes) if batch_sizes else list(DEFAULT_BATCH_SIZES)
     dev = device_of(device)
     size = _bytes(memory, "memory")
@@ -196,13 +208,19 @@ def check(task: TaskLike = None, *, batch_size: int | None = None, memory: Size 
           target: str | None = None, precision: str | None = None,
           accumulate: int | None = None, inputs: str | None = None,
           config: str | Path | None = None, hf_config: str | Path | None = None,
-          seq_len: int | None = None, console: Any = None) -> "CheckResult":
+          seq_len: int | None = None, shard: str | None = None,
+          world_size: int | None = None, shard_unit: str | None = None,
+          reshard_after_forward: bool | None = None,
+          activation_checkpointing: bool | None = None,
+          console: Any = None) -> "CheckResult":
     """Will this config fit: a simulated step at ``batch_size`` against ``memory`` (or a
     ``device_preset``) after ``margin``, never allocating the model (``bsselect check``).
     Options left None come from ``[tool.bsselect]`` in ``config`` (default: ./pyproject.toml
     when it exists), then from the CLI's defaults. ``result.fits`` says yes or no.
     ``hf_config`` (instead of a task): a local transformers config, trained as a causal LM on
-    ``seq_len``-token sequences."""
+    ``seq_len``-token sequences. ``shard="fsdp"`` with ``world_size``: one rank of an FSDP2
+    run (``shard_unit``, ``reshard_after_forward``, ``activation_checkpointing`` as the CLI's
+    options)."""
     from .check import merge_config, read_pyproject, run_check
 
     task, hf_name = hf_config_task(task, hf_config, seq_len)
@@ -211,7 +229,10 @@ def check(task: TaskLike = None, *, batch_size: int | None = None, memory: Size 
         {"task": task if isinstance(task, (str, type(None))) else None,
          "batch_size": batch_size, "memory": None if size is None else f"{size}B",
          "device_preset": device_preset, "margin": margin, "target": target,
-         "precision": precision, "accumulate": accumulate, "inputs": inputs},
+         "precision": precision, "accumulate": accumulate, "inputs": inputs,
+         "shard": shard, "world_size": world_size, "shard_unit": shard_unit,
+         "reshard_after_forward": reshard_after_forward,
+         "activation_checkpointing": activation_checkpointing},
         read_pyproject(Path(config or "pyproject.toml"), required=config is not None),
         str(config or "pyproject.toml"))
     loaded, name = resolve_task(task if not isinstance(task, (str, type(None))) else cfg.task,

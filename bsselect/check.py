@@ -6,6 +6,8 @@ terms are added, and the result is compared with the budget after the margin.
 
 from __future__ import annotations
 
+import dataclasses
+
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +61,7 @@ class CheckConfig:
     precision: Precision = Precision.fp32
     accumulate: int = 1              # batch_size is the micro-batch; it trains on batch x this
     inputs: InputMode = InputMode.worst_case
+    shard: Any = None                # memory.sharded.ShardPlan: one rank of a sharded run
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,13 @@ class CheckResult:
     inputs_note: str = ""
     max_batch_checked: tuple[str, ...] = ()  # the simulations that checked max_batch
     max_batch_exact: bool = True  # False: the search stopped early; max_batch is a lower bound
+    # Sharded runs and activation checkpointing (memory.sharded.ShardPlan.describe()); the
+    # per-rank terms of the step's peak; what checkpointing saves at this batch size.
+    sharding: str = ""
+    world_size: int = 1
+    rank_terms: tuple[tuple[str, int], ...] = ()
+    checkpointing_saves_bytes: int | None = None
+    tokens_per_sample: int | None = None  # a token batch's sequence length (LM tasks)
 
     def to_json(self) -> dict:
         # batch_size is the micro-batch that must fit; the effective batch is what trains.
@@ -118,7 +128,8 @@ def resolve_budget(memory: str | None, preset: str | None) -> tuple[int, str, bo
 _KEY_TYPES: dict[str, tuple[type, ...]] = {
     "task": (str,), "batch_size": (int,), "memory": (str, int, float), "device_preset": (str,),
     "margin": (int, float), "target": (str,), "precision": (str,), "accumulate": (int,),
-    "inputs": (str,)}
+    "inputs": (str,), "shard": (str,), "world_size": (int,), "shard_unit": (str,),
+    "reshard_after_forward": (bool,), "activation_checkpointing": (bool,)}
 
 
 def read_pyproject(path: Path, required: bool = False) -> dict[str, Any]:
@@ -151,9 +162,9 @@ def read_pyproject(path: Path, required: bool = False) -> dict[str, Any]:
                          f"known: {sorted(known)}")
     for key, value in table.items():
         types = _KEY_TYPES[key]
-        if isinstance(value, bool) or not isinstance(value, types):
-            want = " or ".join({str: "a string", int: "an integer", float: "a number"}[t]
-                               for t in types)
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            want = " or ".join({str: "a string", int: "an integer", float: "a number",
+                                bool: "true or false"}[t] for t in types)
             raise UsageError(f"[tool.bsselect] in {path}: {key} must be {want}, got {value!r}")
     return table
 
@@ -181,10 +192,17 @@ def merge_config(cli: dict[str, Any], file: dict[str, Any],
     accumulate = pick("accumulate", 1)
     if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
         raise UsageError(f"accumulate must be an integer >= 1, got {accumulate!r}")
+    from .run_options import shard_plan
+
+    precision = pick("precision", "fp32")
+    plan = shard_plan(pick("shard"), pick("world_size"), pick("shard_unit"),
+                      pick("reshard_after_forward"), pick("activation_checkpointing"),
+                      precision)
     return CheckConfig(pick("task"), batch, size, source, margin, target, hopper,
-                       precision=parse_choice(Precision, pick("precision", "fp32"), "precision"),
+                       precision=parse_choice(Precision, precision, "precision"),
                        accumulate=accumulate,
-                       inputs=parse_choice(InputMode, pick("inputs", "worst-case"), "inputs"))
+                       inputs=parse_choice(InputMode, pick("inputs", "worst-case"), "inputs"),
+                       shard=plan)
 
 
 def _required(peak: int, rounded: int | None, config: CheckConfig, has_conv: bool
@@ -209,7 +227,8 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
     # CPU kernels' internal scratch (oneDNN layouts) applies only when the target is this CPU.
     scratch = config.target is Target.same
     settings = StepSettings(config.precision, config.accumulate,
-                            None if config.target is Target.same else config.target.value)
+                            None if config.target is Target.same else config.target.value,
+                            shard=config.shard)
     steps = {n: simulate_step_peak(task, n, kernel_workspace=scratch, settings=settings,
                                    inputs=inputs) for n in sorted({b, other})}
     req = {n: _required(s.peak_bytes, s.rounded_peak_bytes, config, has_conv)
@@ -235,6 +254,13 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
                                max(guess, 1), max_jump=2**40, max_tries=SIMULATED_TRIES)
     best = refined.batch_size
     headroom = usable - required
+    saves = None
+    if config.shard is not None and config.shard.checkpointing:  # what it saves, here
+        without = simulate_step_peak(
+            task, b, kernel_workspace=scratch, inputs=inputs,
+            settings=dataclasses.replace(settings, shard=dataclasses.replace(
+                config.shard, checkpointing=False) if config.shard.fsdp else None))
+        saves = without.peak_bytes - steps[b].peak_bytes
     return CheckResult(
         task=task_name, fits=required <= usable, batch_size=b, required_bytes=required,
         budget_bytes=config.budget_bytes, usable_bytes=usable, margin=config.margin,
@@ -245,4 +271,42 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
         peak_bytes=steps[b].peak_bytes, target=config.target.value,
         budget_source=config.budget_source, terms=tuple(terms),
         **step_fields(settings, inputs), optimizer_impl=steps[b].optimizer_impl,
+        **shard_fields(config.shard, steps[b], saves), tokens_per_sample=tokens_per_sample(
+            task, inputs),
     )
+
+
+def shard_fields(plan: Any, step: Any, saves: int | None) -> dict[str, Any]:
+    """CheckResult/ProbeResult fields of a sharded or checkpointed step: the plan in words,
+    the world size, and the per-rank terms of the peak."""
+    if plan is None:
+        return {}
+    activations = step.peak_bytes - step.start_bytes
+    grads = max(0, step.start_bytes - step.param_bytes - step.optimizer_state_bytes
+                - step.batch_bytes)
+    terms = (("parameters (this rank's shard)" if plan.fsdp else "parameters",
+              step.param_bytes),
+             ("gradients", grads),
+             ("optimizer state", step.optimizer_state_bytes),
+             ("batch", step.batch_bytes),
+             (f"activations{', unsharded parameters and gradients' if plan.fsdp else ''} at "
+              f"the {step.peak_phase.value} peak", activations))
+    return dict(sharding=plan.describe(), world_size=plan.world_size if plan.fsdp else 1,
+                rank_terms=terms, checkpointing_saves_bytes=saves)
+
+
+def tokens_per_sample(task: Task, inputs: Any) -> int | None:
+    """The sequence length of a token batch (a 2-D integer tensor, or ``input_ids`` in a
+    dict): tokens per sample, so that answers can be given in tokens too. None otherwise."""
+    import torch
+
+    from .step import make_batch
+
+    try:
+        x, _ = make_batch(task, 1, 0, inputs)
+    except Exception:  # noqa: BLE001 - a label only; the step's own errors are reported
+        return None
+    ids = x.get("input_ids") if hasattr(x, "get") else x
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
+        return int(ids.shape[1])
+    return None

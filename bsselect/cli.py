@@ -11,7 +11,8 @@ import typer
 
 from . import __version__
 from .errors import BsselectError, UsageError, one_line
-from .run_options import AccumulateOpt, InputsOpt, PrecisionOpt
+from .run_options import (AccumulateOpt, CheckpointingOpt, InputsOpt, PrecisionOpt, ReshardOpt,
+                          ShardOpt, ShardUnitOpt, WorldSizeOpt)
 
 T = TypeVar("T")
 
@@ -150,6 +151,11 @@ def probe(
     inputs: InputsOpt = "worst-case",
     hf_config: HfConfigOpt = None,
     seq_len: SeqLenOpt = None,
+    shard: ShardOpt = None,
+    world_size: WorldSizeOpt = None,
+    shard_unit: ShardUnitOpt = None,
+    reshard_after_forward: ReshardOpt = None,
+    activation_checkpointing: CheckpointingOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """What fits? Peak memory per sample and fixed, and the largest batch under the budget.
@@ -161,6 +167,9 @@ def probe(
       bsselect probe tiny-lm --memory 8GiB --json
 
       bsselect probe train.py:make_task --target cuda --memory 80GiB
+
+      bsselect probe --hf-config llama/config.json --seq-len 4096 --precision bf16 \\
+          --target cuda --memory 80GiB --shard fsdp --world-size 8 --activation-checkpointing
     """
 
     def body() -> None:
@@ -173,7 +182,10 @@ def probe(
         result = api.probe(task, memory=memory, margin=margin, method=method, target=target,
                            batch_sizes=sizes, precision=precision, accumulate=accumulate,
                            inputs=inputs, device=device, hf_config=hf_config,
-                           seq_len=seq_len, console=console)
+                           seq_len=seq_len, shard=shard, world_size=world_size,
+                           shard_unit=shard_unit, reshard_after_forward=reshard_after_forward,
+                           activation_checkpointing=activation_checkpointing,
+                           console=console)
         from .distributed import probe_json
 
         if as_json:
@@ -496,6 +508,11 @@ def check(
         show_default="worst-case")] = None,
     hf_config: HfConfigOpt = None,
     seq_len: SeqLenOpt = None,
+    shard: ShardOpt = None,
+    world_size: WorldSizeOpt = None,
+    shard_unit: ShardUnitOpt = None,
+    reshard_after_forward: ReshardOpt = None,
+    activation_checkpointing: CheckpointingOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Will this config fit on that GPU? Exit 0 if it fits, 3 if not — no GPU needed.
@@ -513,6 +530,10 @@ def check(
 
       bsselect check --hf-config llama/config.json --seq-len 4096 --batch-size 8 \\
           --precision bf16 --device-preset h100-80gb
+
+      bsselect check --hf-config llama/config.json --seq-len 4096 --batch-size 4 \\
+          --precision bf16 --device-preset h100-80gb --shard fsdp --world-size 8 \\
+          --activation-checkpointing
     """
 
     def body() -> None:
@@ -536,6 +557,9 @@ def check(
                            device_preset=device_preset, margin=margin, target=target,
                            precision=precision, accumulate=accumulate, inputs=inputs,
                            config=config, hf_config=hf_config, seq_len=seq_len,
+                           shard=shard, world_size=world_size, shard_unit=shard_unit,
+                           reshard_after_forward=reshard_after_forward,
+                           activation_checkpointing=activation_checkpointing,
                            console=console)
         if fmt == "json":
             emit_json(result.to_json())

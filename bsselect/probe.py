@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -79,6 +79,9 @@ class ProbeResult:
     # False: the confirming search stopped (12 real steps) before the bracket closed, so
     # max_batch is the largest batch checked to fit, and a larger one may fit too.
     max_batch_exact: bool = True
+    sharding: str = ""                    # one rank of a sharded run (ShardPlan.describe())
+    world_size: int = 1
+    tokens_per_sample: int | None = None  # a token batch's sequence length (LM tasks)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -330,8 +333,17 @@ def run_probe(
         **step_fields(settings, inputs), optimizer_impl=meter.extras.get("optimizer_impl"),
         method_note=method_note, fit_max_error_pct=round(100 * fit.max_error_frac, 3),
         fit_max_error_batch=fit.max_error_batch, fit_raised_bytes=round(fit.raised_bytes),
-        max_batch_exact=exact,
+        max_batch_exact=exact, tokens_per_sample=tokens_per_sample(task, inputs),
+        sharding=settings.shard.describe() if settings.shard is not None else "",
+        world_size=settings.shard.world_size if settings.shard is not None
+        and settings.shard.fsdp else 1,
     )
+
+
+def tokens_per_sample(task: Task, inputs: Any) -> int | None:
+    from .check import tokens_per_sample as tokens
+
+    return tokens(task, inputs)
 
 
 def step_fields(settings: StepSettings, inputs: "InputScan | None") -> dict:

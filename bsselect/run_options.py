@@ -4,7 +4,7 @@ say how a step was measured. Kept out of cli.py so that each command only wires 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
@@ -27,6 +27,62 @@ InputsOpt = Annotated[str, typer.Option(
          "the dataset, at most 100,000 items); typical: random batches.")]
 
 
+ShardOpt = Annotated[Optional[str], typer.Option(
+    help="fsdp: answer for one rank of a PyTorch FSDP2 (fully_shard) run over --world-size "
+         "ranks, simulated in this process (sharded parameters, gradients and optimizer "
+         "state; all-gather and reduce-scatter buffers). With --precision bf16: "
+         "MixedPrecisionPolicy(bf16 parameters, fp32 reduction) instead of autocast.",
+    show_default="none")]
+WorldSizeOpt = Annotated[Optional[int], typer.Option(
+    help="With --shard fsdp: the number of ranks the model is sharded over.")]
+ShardUnitOpt = Annotated[Optional[str], typer.Option(
+    help="Class name of the modules each wrapped by fully_shard (and checkpointed).",
+    show_default="the blocks of the model's largest ModuleList/Sequential of one class")]
+ReshardOpt = Annotated[Optional[bool], typer.Option(
+    "--reshard-after-forward/--no-reshard-after-forward",
+    help="FSDP2's reshard_after_forward: free each unit's unsharded parameters after its "
+         "forward (all-gather again in backward), or keep them until the backward.",
+    show_default="reshard")]
+CheckpointingOpt = Annotated[Optional[bool], typer.Option(
+    "--activation-checkpointing/--no-activation-checkpointing",
+    help="Recompute each unit's activations in the backward (checkpoint_wrapper, "
+         "non-reentrant); the output says how much it saves.", show_default="off")]
+
+
+def shard_plan(shard: str | None, world_size: int | None, unit: str | None = None,
+               reshard_after_forward: bool | None = None, checkpointing: bool | None = None,
+               precision: str = "fp32") -> Any:
+    """A ``memory.sharded.ShardPlan`` from the sharding options, or None when neither
+    sharding nor checkpointing is asked for. UsageError on an inconsistent combination."""
+    import torch
+
+    from .memory.sharded import ShardPlan
+
+    kind = (shard or "none").strip().lower()
+    if kind not in ("none", "fsdp"):
+        raise UsageError(f"--shard must be fsdp or none, got {shard!r}")
+    if kind == "none":
+        if world_size not in (None, 1) or unit and not checkpointing:
+            raise UsageError("--world-size and --shard-unit need --shard fsdp (or, for "
+                             "--shard-unit, --activation-checkpointing)")
+        if reshard_after_forward is not None:
+            raise UsageError("--reshard-after-forward needs --shard fsdp")
+        return ShardPlan(fsdp=False, unit=unit, checkpointing=True) if checkpointing else None
+    if world_size is None:
+        raise UsageError("--shard fsdp needs --world-size N (the ranks it shards over)")
+    if world_size < 1:
+        raise UsageError(f"--world-size must be >= 1, got {world_size}")
+    prec = parse_precision(precision).value
+    if prec == "fp16":
+        raise UsageError("--shard fsdp with --precision fp16 is not supported (loss scaling "
+                         "under FSDP2); use bf16")
+    return ShardPlan(world_size=world_size, unit=unit,
+                     reshard_after_forward=True if reshard_after_forward is None
+                     else reshard_after_forward,
+                     param_dtype=torch.bfloat16 if prec == "bf16" else None,
+                     checkpointing=bool(checkpointing))
+
+
 def parse_precision(value: str) -> "Precision":
     from .precision import Precision
 
@@ -39,12 +95,14 @@ def parse_inputs(value: str) -> "InputMode":
     return parse_choice(InputMode, value, "--inputs")
 
 
-def step_settings(precision: str, accumulate: int = 1) -> "StepSettings":
+def step_settings(precision: str, accumulate: int = 1, shard: Any = None) -> "StepSettings":
+    """``shard``: a ShardPlan (``shard_plan``) or None."""
     from .step import StepSettings
 
     if accumulate < 1:
         raise UsageError(f"--accumulate must be >= 1, got {accumulate}")
-    return StepSettings(precision=parse_precision(precision), accumulate=accumulate)
+    return StepSettings(precision=parse_precision(precision), accumulate=accumulate,
+                        shard=shard)
 
 
 def scan(task: "Task", mode: "InputMode", console: Any, seed: int = 0) -> "InputScan":
@@ -102,7 +160,11 @@ def step_lines(data: dict[str, Any]) -> list[str]:
     elif inputs == "typical":
         lines.append("inputs: typical — random batches (a batch of longer items needs more)")
     precision = data.get("precision", "fp32")
-    if precision != "fp32":
+    if precision != "fp32" and data.get("world_size", 1) > 1:
+        lines.append(f"precision: FSDP2 MixedPrecisionPolicy — {precision} copies of the "
+                     "parameters for compute, fp32 sharded parameters, gradients reduced in "
+                     "fp32")
+    elif precision != "fp32":
         scaling = " with GradScaler" if precision == "fp16" else ""
         lines.append(f"precision: {precision} autocast{scaling}, fp32 parameters and gradients")
     if data.get("optimizer_impl"):
@@ -122,5 +184,6 @@ def print_step_lines(data: dict[str, Any]) -> None:
         out.print(line, highlight=False)
 
 
-__all__ = ["PrecisionOpt", "AccumulateOpt", "InputsOpt", "parse_precision", "parse_inputs",
-           "step_settings", "scan", "step_lines", "print_step_lines", "progress_bar"]
+__all__ = ["PrecisionOpt", "AccumulateOpt", "InputsOpt", "ShardOpt", "WorldSizeOpt",
+           "ShardUnitOpt", "ReshardOpt", "CheckpointingOpt", "shard_plan", "parse_precision",
+           "parse_inputs", "step_settings", "scan", "step_lines", "print_step_lines", "progress_bar"]

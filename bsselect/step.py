@@ -24,6 +24,15 @@ class StepSettings:
     precision: Precision = Precision.fp32
     accumulate: int = 1
     target_device: Optional[str] = None
+    # One rank of a sharded (FSDP2) run: a memory.sharded.ShardPlan; simulated only.
+    shard: Optional[Any] = None
+
+    def autocast_precision(self) -> Precision:
+        """The precision the step autocasts to: none when FSDP2's MixedPrecisionPolicy casts
+        the parameters instead (``--shard fsdp --precision bf16``)."""
+        if self.shard is not None and getattr(self.shard, "param_dtype", None) is not None:
+            return Precision.fp32
+        return self.precision
 
     def micro_steps(self) -> int:
         """Micro-steps worth simulating: from the second on they are all alike (the earlier

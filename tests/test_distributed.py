@@ -35,10 +35,11 @@ sys.path.insert(0, str(TASKS))
 import ddp_tasks  # noqa: E402
 
 
-def torchrun(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
-    """2 ranks on this machine; the whole process group is killed if it outlives ``timeout``."""
+def torchrun(*args: str, timeout: float = 150, world: int = 2) -> subprocess.CompletedProcess:
+    """``world`` ranks on this machine; the whole process group is killed if it outlives
+    ``timeout``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", *args]
+           str(world), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **ENV}, start_new_session=True)
     try:

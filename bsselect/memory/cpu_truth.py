@@ -166,10 +166,19 @@ def _real_steps(task: Task, batch_size: int, seed: int, settings: StepSettings,
     try:
         batch = make_batch(task, batch_size, seed, inputs)
         model = task.model()
+        if settings.shard is not None:  # one rank of a real FSDP2 run (under torchrun)
+            from torch.distributed.device_mesh import init_device_mesh
+
+            from .sharded import shard
+
+            plan = settings.shard
+            shard(model, plan, init_device_mesh("cpu", (plan.world_size,)) if plan.fsdp
+                  else None)
         optimizer = task.make_optimizer(model.parameters(), task.lr)
         impl = run_as_on(optimizer, settings.target_device or "cpu")
-        options = dict(precision=settings.precision, accumulate=settings.accumulate,
-                       scaler=make_scaler(settings.precision, "cpu"))
+        precision = settings.autocast_precision()
+        options = dict(precision=precision, accumulate=settings.accumulate,
+                       scaler=make_scaler(precision, "cpu"))
         marked, handles = with_phase_marks(
             task, optimizer, lambda: _mark(_BACKWARD), lambda: _mark(_OPTIMIZER)
         )

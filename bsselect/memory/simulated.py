@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..errors import CannotSimulate, TaskError, one_line
+from ..errors import CannotSimulate, TaskError, UsageError, one_line
 from ..optim_impl import run_as_on
 from ..precision import Precision, make_scaler
 from ..step import StepSettings, make_batch, train_step
@@ -83,12 +83,20 @@ class StepPeak:
     optimizer_impl: Optional[str] = None  # for-loop | foreach | fused, as the step ran it
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage this process holds: a ``DTensor``'s local shard (its wrapper
+    reports the global size), else ``t``."""
+    inner = getattr(t, "_local_tensor", None) if type(t).__name__ == "DTensor" else None
+    return inner if isinstance(inner, torch.Tensor) else t
+
+
 def storage_bytes(tensors: Iterable[Any]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (non-tensors are ignored)."""
+    """Bytes of the distinct storages behind ``tensors`` (non-tensors are ignored; a DTensor
+    counts its local shard)."""
     seen: dict[int, tuple[torch.UntypedStorage, int]] = {}
     for t in tensors:
         if isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
+            st = local(t).untyped_storage()
             seen[id(st)] = (st, st.nbytes())  # keep st alive so ids stay unique
     return sum(n for _, n in seen.values())
 
@@ -244,7 +252,16 @@ class LiveStorageCounter(TorchDispatchMode):
     def track(self, t: torch.Tensor, real_nbytes: Optional[int] = None) -> None:
         """Count ``t``'s storage if it is new (as ``real_nbytes`` if the real kernel's output
         is known to differ); follow its size if it was resized in place."""
-        st = t.untyped_storage()
+        self._count(local(t).untyped_storage(), real_nbytes)
+
+    def resized(self, st: torch.UntypedStorage) -> None:
+        """A storage resized in place outside any op (``UntypedStorage.resize_``: FSDP2
+        allocates and frees unsharded parameters that way): follow its size, or start
+        counting it."""
+        self._count(st)
+        self.note(self.live_bytes)
+
+    def _count(self, st: torch.UntypedStorage, real_nbytes: Optional[int] = None) -> None:
         key, nbytes = id(st), st.nbytes()
         if key in self._bytes:
             old = self._fake_nbytes[key]
@@ -449,8 +466,9 @@ def _run_steps(task: Task, model: nn.Module, batch: Any, counter: LiveStorageCou
     """Step 1 (creates optimizer state), then step 2 under the counter."""
     optimizer = task.make_optimizer(model.parameters(), task.lr)
     impl = run_as_on(optimizer, settings.target_device or "cpu")
-    scaler = make_scaler(settings.precision, "cpu", simulated=True)
-    options = dict(precision=settings.precision, scaler=scaler,
+    precision = settings.autocast_precision()
+    scaler = make_scaler(precision, "cpu", simulated=True)
+    options = dict(precision=precision, scaler=scaler,
                    accumulate=settings.micro_steps())
     marked, handles = with_phase_marks(
         task, optimizer,
@@ -490,24 +508,35 @@ def simulate_step_peak(
     """
     from .cpu_truth import kernel_cost
 
+    from .sharded import fake_process_group, following_resizes, shard
+
     batch = real_batch(task, batch_size, seed, inputs)
+    plan = settings.shard
     fake_mode = _fake_mode()
-    model = build_fake_model(task, fake_mode)
     counter = LiveStorageCounter(kernel_cost if kernel_workspace else None)
     # The counter is entered inside the fake mode, so that it sees every op first, as the
     # CPU dispatcher would. A CUDA target casts by CUDA's autocast lists, not the CPU's.
-    with young_gc_only(), autocast_lists_of(settings), fake_mode, RealWhereKnown():
-        batch = tree_map(lambda t: _fake_batch(t, fake_mode), batch)
-        try:
-            optimizer, start_bytes, impl = _run_steps(task, model, batch, counter, settings)
-        except Exception as exc:
-            kind = CannotSimulate if isinstance(exc, DataDependentOp) else TaskError
-            hint = "" if kind is CannotSimulate else SIMULATION_HINT
-            raise kind(f"the simulated training step at batch size {batch_size} failed: "
-                       f"{one_line(exc)}{hint}") from exc
-        peak = step_peak(batch_size, model, optimizer, batch, start_bytes,
-                         counter.phase_peak_bytes, counter.workspace_at_peak_bytes,
-                         counter.rounded_peak_bytes)
+    # Sharded: rank 0 of a fake process group, the model wrapped by fully_shard.
+    with (fake_process_group(plan.world_size) if plan and plan.fsdp else nullcontext()) as mesh:
+        model = build_fake_model(task, fake_mode)
+        with young_gc_only(), autocast_lists_of(settings), fake_mode, RealWhereKnown(), \
+                (following_resizes(counter) if plan else nullcontext()):
+            batch = tree_map(lambda t: _fake_batch(t, fake_mode), batch)
+            try:
+                if plan:
+                    shard(model, plan, mesh)
+                optimizer, start_bytes, impl = _run_steps(task, model, batch, counter,
+                                                          settings)
+            except UsageError:
+                raise
+            except Exception as exc:
+                kind = CannotSimulate if isinstance(exc, DataDependentOp) else TaskError
+                hint = "" if kind is CannotSimulate else SIMULATION_HINT
+                raise kind(f"the simulated training step at batch size {batch_size} failed: "
+                           f"{one_line(exc)}{hint}") from exc
+            peak = step_peak(batch_size, model, optimizer, batch, start_bytes,
+                             counter.phase_peak_bytes, counter.workspace_at_peak_bytes,
+                             counter.rounded_peak_bytes)
     return dataclasses.replace(peak, precision=settings.precision.value,
                                accumulate=settings.accumulate, optimizer_impl=impl.value)
 

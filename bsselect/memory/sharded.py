@@ -1,0 +1,181 @@
+"""One rank of an N-way FSDP2 (``fully_shard``) run, simulated in this process.
+
+The simulated step (``simulated.simulate_step_peak``) runs on fake tensors under a live-storage
+counter. For a sharded run the model is wrapped as the user's job wraps it, with PyTorch's own
+``fully_shard`` on a *fake process group* of ``world_size`` ranks (``torch.distributed``'s
+"fake" backend: collectives return at once, nothing is communicated), this process playing
+rank 0 — the approach of torchtitan's memory estimation and ``FSDPMemTracker``. Every buffer
+FSDP2 itself allocates is then counted as the real rank allocates it: the sharded parameters,
+gradients and optimizer state (each 1/N of the whole, padded to a multiple of N), the
+all-gather buffers that hold a unit's unsharded parameters during its forward and backward
+(freed after the forward with ``reshard_after_forward``, kept until the backward without it),
+the reduce-scatter buffers of its unsharded gradients, and the casts of a
+``MixedPrecisionPolicy`` (bf16 parameters for compute, fp32 gradient reduction).
+
+Two things the counter needs beyond the unsharded simulation: FSDP2 allocates and frees the
+unsharded parameters by resizing a storage in place (``UntypedStorage.resize_``, which no
+dispatch mode sees), so ``following_resizes`` reports those to the counter; and a sharded
+parameter is a ``DTensor`` whose wrapper reports the global size, so the counter counts its
+local shard (``simulated.local``).
+
+Activation checkpointing wraps each unit with ``checkpoint_wrapper`` (non-reentrant
+``torch.utils.checkpoint``) before sharding, as torchtitan and most FSDP2 recipes do: its
+activations are recomputed in the backward, and the simulation runs that recomputation.
+
+Not here: the communication library's own memory (NCCL's buffers on a GPU are outside PyTorch's
+allocator; gloo's on a CPU are inside it) — docs/benchmarks-sharded.md says what that is worth.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How the run shards: FSDP2 over ``world_size`` ranks, ``unit`` the class name of the
+    modules each wrapped by ``fully_shard`` (None: every module of the model's largest
+    ``nn.ModuleList`` or ``nn.Sequential`` of identical blocks, the transformer layers), ``reshard_after_forward``,
+    ``param_dtype`` for compute (``MixedPrecisionPolicy``; None: the parameters' own) with
+    gradients reduced in ``reduce_dtype``, and ``checkpointing`` (activation checkpointing per
+    unit)."""
+
+    world_size: int = 1
+    fsdp: bool = True        # False: only activation checkpointing, no sharding
+    unit: Optional[str] = None
+    reshard_after_forward: bool = True
+    param_dtype: Optional[torch.dtype] = None
+    reduce_dtype: Optional[torch.dtype] = torch.float32
+    checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise UsageError(f"--world-size must be >= 1, got {self.world_size}")
+
+    def describe(self) -> str:
+        if not self.fsdp:
+            return f"activation checkpointing per {self.unit or 'block'}"
+        parts = [f"FSDP2 over {self.world_size} ranks",
+                 f"per {self.unit or 'block'}",
+                 "resharded after forward" if self.reshard_after_forward
+                 else "unsharded from forward to backward"]
+        if self.param_dtype is not None:
+            parts.append(f"{str(self.param_dtype).replace('torch.', '')} parameters, "
+                         f"{str(self.reduce_dtype).replace('torch.', '')} reduction")
+        if self.checkpointing:
+            parts.append("activation checkpointing per unit")
+        return ", ".join(parts)
+
+
+def find_units(model: nn.Module, unit: Optional[str]) -> list[nn.Module]:
+    """The modules to wrap: those of class ``unit`` (outermost only), or the blocks of the
+    largest ``nn.ModuleList`` or ``nn.Sequential`` whose members are all one class (with
+    parameters). UsageError when none."""
+    if unit is not None:
+        found: list[nn.Module] = []
+        inside: set[int] = set()
+        for name, module in model.named_modules():
+            if id(module) in inside:
+                continue
+            if type(module).__name__ == unit:
+                found.append(module)
+                inside.update(id(m) for m in module.modules())
+        if not found:
+            names = sorted({type(m).__name__ for m in model.modules()})
+            raise UsageError(f"--shard-unit {unit}: no module of that class in the model "
+                             f"(its classes: {', '.join(names[:20])})")
+        return found
+    best: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > len(best) \
+                and len({type(m) for m in module}) == 1 and \
+                any(True for _ in module[0].parameters()):
+            best = list(module)
+    if not best:
+        raise UsageError("no repeated blocks (an nn.ModuleList or nn.Sequential of one class) to shard by; "
+                         "name the class each fully_shard call wraps with --shard-unit")
+    return best
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if child is old:
+                setattr(parent, name, new)
+                return
+
+
+def apply_checkpointing(model: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
+    """Each unit wrapped by ``checkpoint_wrapper`` (non-reentrant), in place; the wrappers."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,
+    )
+
+    wrapped = []
+    for unit in units:
+        wrapper = checkpoint_wrapper(unit, preserve_rng_state=False)
+        _replace(model, unit, wrapper)
+        wrapped.append(wrapper)
+    return wrapped
+
+
+def shard(model: nn.Module, plan: ShardPlan, mesh: Any) -> nn.Module:
+    """``fully_shard`` on every unit, then on the root, as the plan says (checkpointing first).
+    Returns the model (the same object)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    units = find_units(model, plan.unit)
+    if plan.checkpointing:
+        units = apply_checkpointing(model, units)
+    if not plan.fsdp:
+        return model
+    mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=plan.reshard_after_forward,
+                    mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=plan.reshard_after_forward,
+                mp_policy=mp)
+    return model
+
+
+@contextmanager
+def fake_process_group(world_size: int) -> Iterator[Any]:
+    """A one-process fake process group of ``world_size`` ranks (this one is rank 0) and its
+    1-D CPU device mesh, built outside any fake mode (a mesh reads real rank values)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise UsageError("sharded simulation runs in one process: not under torchrun")
+    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    try:
+        yield init_device_mesh("cpu", (world_size,))
+    finally:
+        dist.destroy_process_group()
+
+
+@contextmanager
+def following_resizes(counter: Any) -> Iterator[None]:
+    """Report ``UntypedStorage.resize_`` calls (FSDP2's allocation and freeing of unsharded
+    parameters) to ``counter`` while inside."""
+    original = torch.UntypedStorage.resize_
+
+    def resize_(storage: torch.UntypedStorage, size: int) -> Any:
+        out = original(storage, size)
+        counter.resized(storage)
+        return out
+
+    torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.UntypedStorage.resize_ = original  # type: ignore[method-assign]
+
