@@ -66,15 +66,27 @@ def _factory(model: Any) -> Callable[[], nn.Module]:
                                 "factory or an nn.Module")
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "data"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the model configs that ship with bsselect (``--hf-config llama-7b``)."""
+    return sorted(p.parent.name for p in SHIPPED_CONFIGS.glob("*/config.json"))
+
+
 def _load_config(path: str | Path, option: str = "model") -> Any:
     """The transformers config in a local ``config.json`` or its directory; never
     downloads. UsageError naming ``option`` when it is missing or not a config."""
     from transformers import AutoConfig
 
     where = Path(path)
+    shipped = SHIPPED_CONFIGS / str(path)
+    if not where.exists() and (shipped / "config.json").is_file():
+        where = shipped  # a config that ships with bsselect, by name: llama-7b
     if not where.exists():
         raise UsageError(f"{option} {path}: no such file or directory (a local config.json or "
-                         "its directory; bsselect never downloads)")
+                         "its directory, or a shipped one: "
+                         f"{', '.join(shipped_configs())}; bsselect never downloads)")
     try:
         return AutoConfig.from_pretrained(str(where.parent if where.is_file() else where),
                                           local_files_only=True)
