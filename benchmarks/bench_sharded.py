@@ -14,8 +14,9 @@ of `bsselect check` on Llama-shaped models sharded over many ranks.
    collective completes, which on a rank that waits for its peer can come later than the
    program releases it, so the real peak varies from run to run; min and max are reported.
 2. **Scale.** `bsselect check --hf-config` on 7B-, 13B- and 70B-shaped Llama configs, FSDP2
-   over 8, 64 and 512 ranks, seq 4096, bf16, activation checkpointing, one process each: wall
-   time and peak resident memory (no weights are allocated: meta and fake tensors only).
+   over 8 to 512 ranks (``SCALE_RUNS``), seq 4096, bf16, activation checkpointing, batch 1,
+   one process each: wall time and peak resident memory (no weights are allocated: meta and
+   fake tensors only).
 """
 
 from __future__ import annotations
@@ -56,17 +57,18 @@ def llama_config(directory: Path, hidden: int, inter: int, layers: int, heads: i
 
 def real_peaks(task: str, batch: int, world: int, checkpointing: bool,
                extra: list[str]) -> list[dict]:
-    """One torchrun of the driver: each rank's JSON line."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(world), str(DRIVER), task, str(batch), *extra]
-    if checkpointing:
-        cmd.append("--checkpointing")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode or len(rows) != world:
-        raise SystemExit(f"torchrun failed ({done.returncode}): {done.stderr[-2000:]}")
-    return sorted(rows, key=lambda r: r["rank"])
+    """One torchrun of the driver: each rank's record."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(world), str(DRIVER), task, str(batch), "--out", out,
+               *extra]
+        if checkpointing:
+            cmd.append("--checkpointing")
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode:
+            raise SystemExit(f"torchrun failed ({done.returncode}): {done.stderr[-2000:]}")
+        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
 
 
 def agreement(repeats: int, tmp: Path) -> list[dict]:
@@ -105,11 +107,14 @@ def agreement(repeats: int, tmp: Path) -> list[dict]:
     return rows
 
 
+SCALE_RUNS = (("7B", 8), ("7B", 512), ("13B", 64), ("70B", 8), ("70B", 512))
+
+
 def scale(tmp: Path) -> list[dict]:
     rows = []
-    for name, shape in SCALE.items():
-        config = llama_config(tmp / name, *shape)
-        for world in (8, 64, 512):
+    for name, world in SCALE_RUNS:
+        config = llama_config(tmp / name, *SCALE[name])
+        if True:
             args = ["check", "--hf-config", str(config), "--seq-len", "4096", "--batch-size",
                     "1", "--precision", "bf16", "--device-preset", "h100-80gb", "--shard",
                     "fsdp", "--world-size", str(world), "--activation-checkpointing", "--json"]

@@ -244,9 +244,6 @@ def render_sharding(result: Any, batch: int) -> None:
     if result.checkpointing_saves_bytes is not None:
         out.print(f"  activation checkpointing saves {format_bytes(result.checkpointing_saves_bytes)}"
                   f" {who} at batch {batch}", highlight=False)
-    if "checkpointing" in result.sharding:
-        out.print("  note: with checkpointing, real gloo runs peaked 4-8% above the simulation "
-                  "(docs/benchmarks-sharded.md); keep the margin", highlight=False)
 
 
 def _tokens(result: Any, batch: int) -> str:

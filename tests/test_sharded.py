@@ -121,10 +121,11 @@ def test_simulated_rank_peak_against_real_gloo_ranks(gpt, tmp_path, world):
                      slack=max(64, simulated.peak_bytes // 1000)), (rank, real, buffers)
 
 
-def test_checkpointed_ranks_are_simulated_low_by_less_than_a_tenth(gpt, tmp_path):
-    """A known gap (docs/benchmarks-sharded.md): with activation checkpointing the real gloo
-    ranks peak 4-8% above the simulation, beyond the held all-gather buffers. This bounds it,
-    so that a worse simulation fails."""
+def test_checkpointed_ranks_are_the_simulation_plus_held_buffers(gpt, tmp_path):
+    """With activation checkpointing (more all-gathers: the recomputation needs each block's
+    parameters again) gloo's held buffers vary more; in runs that free in program order the
+    real ranks equal the simulation to 16 bytes (docs/benchmarks-sharded.md). Every run is
+    at or above the simulation and below it plus every unsharded buffer, plus 10%."""
     simulated = simulate_step_peak(
         gpt, 8, settings=StepSettings(shard=ShardPlan(2, checkpointing=True))).peak_bytes
     held = sum(_buffers(gpt))
