@@ -94,7 +94,7 @@ class CheckResult:
     # Sharded runs and activation checkpointing (memory.sharded.ShardPlan.describe()); the
     # per-rank terms of the step's peak; what checkpointing saves at this batch size.
     sharding: str = ""
-    world_size: int = 1
+    shard_ranks: int = 1                  # ranks the model is sharded over (FSDP2)
     rank_terms: tuple[tuple[str, int], ...] = ()
     checkpointing_saves_bytes: int | None = None
     tokens_per_sample: int | None = None  # a token batch's sequence length (LM tasks)
@@ -291,7 +291,7 @@ def shard_fields(plan: Any, step: Any, saves: int | None) -> dict[str, Any]:
              ("batch", step.batch_bytes),
              (f"activations{', unsharded parameters and gradients' if plan.fsdp else ''} at "
               f"the {step.peak_phase.value} peak", activations))
-    return dict(sharding=plan.describe(), world_size=plan.world_size if plan.fsdp else 1,
+    return dict(sharding=plan.describe(), shard_ranks=plan.world_size if plan.fsdp else 1,
                 rank_terms=terms, checkpointing_saves_bytes=saves)
 
 

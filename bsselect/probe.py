@@ -80,7 +80,7 @@ class ProbeResult:
     # max_batch is the largest batch checked to fit, and a larger one may fit too.
     max_batch_exact: bool = True
     sharding: str = ""                    # one rank of a sharded run (ShardPlan.describe())
-    world_size: int = 1
+    shard_ranks: int = 1                  # ranks the model is sharded over (FSDP2)
     tokens_per_sample: int | None = None  # a token batch's sequence length (LM tasks)
 
     def to_json(self) -> dict:
@@ -335,7 +335,7 @@ def run_probe(
         fit_max_error_batch=fit.max_error_batch, fit_raised_bytes=round(fit.raised_bytes),
         max_batch_exact=exact, tokens_per_sample=tokens_per_sample(task, inputs),
         sharding=settings.shard.describe() if settings.shard is not None else "",
-        world_size=settings.shard.world_size if settings.shard is not None
+        shard_ranks=settings.shard.world_size if settings.shard is not None
         and settings.shard.fsdp else 1,
     )
 

@@ -205,7 +205,7 @@ def _range(row: Any, best: float | None) -> str:
 
 def _check_lines(result: Any) -> tuple[str, str]:
     verdict = "fits" if result.fits else "does NOT fit"
-    per = " per device" if getattr(result, "world_size", 1) > 1 else ""
+    per = " per device" if getattr(result, "shard_ranks", 1) > 1 else ""
     head = (f"batch {result.batch_size}{per}{_tokens(result, result.batch_size)} of "
             f"{result.task} {verdict}: needs "
             f"{format_bytes(result.required_bytes)} of {format_bytes(result.usable_bytes)} usable "
@@ -237,7 +237,7 @@ def render_sharding(result: Any, batch: int) -> None:
     saves; the batch in tokens too for token batches."""
     if not getattr(result, "sharding", ""):
         return
-    who = "per rank" if result.world_size > 1 else "per device"
+    who = "per rank" if result.shard_ranks > 1 else "per device"
     out.print(f"sharding: {result.sharding}", highlight=False)
     for name, nbytes in result.rank_terms:
         out.print(f"  {name}: {format_bytes(nbytes)} {who}", highlight=False)

@@ -160,7 +160,7 @@ def step_lines(data: dict[str, Any]) -> list[str]:
     elif inputs == "typical":
         lines.append("inputs: typical — random batches (a batch of longer items needs more)")
     precision = data.get("precision", "fp32")
-    if precision != "fp32" and data.get("world_size", 1) > 1:
+    if precision != "fp32" and data.get("shard_ranks", 1) > 1:
         lines.append(f"precision: FSDP2 MixedPrecisionPolicy — {precision} copies of the "
                      "parameters for compute, fp32 sharded parameters, gradients reduced in "
                      "fp32")

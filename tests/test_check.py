@@ -98,7 +98,8 @@ def test_preset_implies_cuda_terms_and_github_format():
     bad = check("tiny-lm", "--batch-size", "100000", "--device-preset", "t4-16gb",
                 "--format", "github")
     assert bad.returncode == 3
-    assert bad.stdout.startswith("::error title=bsselect check::batch 100000 of tiny-lm does NOT")
+    assert bad.stdout.startswith("::error title=bsselect check::batch 100000 (6,400,000 tokens, "
+                                 "64 per sample) of tiny-lm does NOT")
     data = json.loads(check("digits-cnn", "--batch-size", "128", "--device-preset",
                             "t4-16gb", "--json").stdout)
     assert data["target"] == "cuda" and data["budget_bytes"] == PRESETS["t4-16gb"][0]

@@ -139,7 +139,7 @@ def test_cli_check_names_the_plan_its_terms_and_what_checkpointing_saves():
                    "--json")
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
-    assert data["world_size"] == 4 and data["sharding"].startswith("FSDP2 over 4 ranks")
+    assert data["shard_ranks"] == 4 and data["sharding"].startswith("FSDP2 over 4 ranks")
     assert "activation checkpointing" in data["sharding"]
     terms = dict(data["rank_terms"])
     assert sum(terms.values()) == data["peak_bytes"]
@@ -163,7 +163,7 @@ def test_pyproject_keys_shard_a_check(tmp_path):
     done = run_cli("check", "--config", str(tmp_path / "pyproject.toml"), "--json")
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
-    assert data["world_size"] == 2 and "unsharded from forward to backward" in data["sharding"]
+    assert data["shard_ranks"] == 2 and "unsharded from forward to backward" in data["sharding"]
     (tmp_path / "pyproject.toml").write_text(
         '[tool.bsselect]\ntask = "tiny-lm"\nbatch_size = 8\nmemory = "64MiB"\n'
         'activation_checkpointing = "yes"\n')
