@@ -519,12 +519,19 @@ def simulate_step_peak(
     # Sharded: rank 0 of a fake process group, the model wrapped by fully_shard.
     with (fake_process_group(plan.world_size) if plan and plan.fsdp else nullcontext()) as mesh:
         model = build_fake_model(task, fake_mode)
+        if plan:  # outside RealWhereKnown: FSDP2 splits every parameter N ways (fast on fakes)
+            with young_gc_only(), fake_mode:
+                try:
+                    shard(model, plan, mesh)
+                except UsageError:
+                    raise
+                except Exception as exc:
+                    raise TaskError(f"wrapping the model with fully_shard failed: "
+                                    f"{one_line(exc)}") from exc
         with young_gc_only(), autocast_lists_of(settings), fake_mode, RealWhereKnown(), \
                 (following_resizes(counter) if plan else nullcontext()):
             batch = tree_map(lambda t: _fake_batch(t, fake_mode), batch)
             try:
-                if plan:
-                    shard(model, plan, mesh)
                 optimizer, start_bytes, impl = _run_steps(task, model, batch, counter,
                                                           settings)
             except UsageError:
