@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bsselect import distributed
 from bsselect.api import hf_config_task, resolve_task
 from bsselect.memory.cpu_truth import cpu_step_peak
 from bsselect.memory.sharded import ShardPlan
@@ -49,8 +50,7 @@ def main() -> None:
         Path(args.out, f"rank{dist.get_rank()}.json").write_text(line)
     else:
         print(line, flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    distributed.teardown()  # gloo: wait for the peers before closing (a bare destroy can abort one)
 
 
 if __name__ == "__main__":

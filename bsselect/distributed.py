@@ -132,6 +132,9 @@ def _teardown() -> None:
     dist.destroy_process_group()
 
 
+teardown = _teardown  # for scripts that init their own gloo group (tests' and benchmarks' drivers)
+
+
 def _quiet() -> None:
     """Ranks other than 0 print no results and no progress (errors still: see cli.guarded)."""
     from . import report

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
+from bsselect import distributed
 from bsselect.api import resolve_task
 from bsselect.noise_monitor import GradientNoiseMonitor
 
@@ -49,7 +50,7 @@ def main(out: Path, accum: int) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(dict(
         b_simple=est.b_simple, b_small=est.b_small, b_big=est.b_big,
         measurements=est.measurements, world_size=monitor.world_size)))
-    dist.destroy_process_group()
+    distributed.teardown()  # gloo: wait for the peer before closing (a bare destroy can abort it)
 
 
 if __name__ == "__main__":
