@@ -17,7 +17,7 @@ from .capacity import check_margin, fit_memory, largest_pow2_at_most, usable_byt
 from .errors import DoesNotFitError, UsageError, parse_choice
 from .inputs import InputMode
 from .precision import Precision
-from .step import StepSettings
+from .step import StepSettings, tokens_per_sample
 from .targets import Target, Term, cuda_terms
 from .task import Task
 from .units import parse_size
@@ -293,20 +293,3 @@ def shard_fields(plan: Any, step: Any, saves: int | None) -> dict[str, Any]:
               f"the {step.peak_phase.value} peak", activations))
     return dict(sharding=plan.describe(), shard_ranks=plan.world_size if plan.fsdp else 1,
                 rank_terms=terms, checkpointing_saves_bytes=saves)
-
-
-def tokens_per_sample(task: Task, inputs: Any) -> int | None:
-    """The sequence length of a token batch (a 2-D integer tensor, or ``input_ids`` in a
-    dict): tokens per sample, so that answers can be given in tokens too. None otherwise."""
-    import torch
-
-    from .step import make_batch
-
-    try:
-        x, _ = make_batch(task, 1, 0, inputs)
-    except Exception:  # noqa: BLE001 - a label only; the step's own errors are reported
-        return None
-    ids = x.get("input_ids") if hasattr(x, "get") else x
-    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
-        return int(ids.shape[1])
-    return None

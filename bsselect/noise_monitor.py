@@ -173,9 +173,7 @@ class GradientNoiseMonitor:
             return None
         g, t = (float(x[0]) for x in per_measurement([small_sq], [big_sq], b_small, b_big,
                                                      self._n_data(b_big)))
-        self._ema_g = self.ema * self._ema_g + (1 - self.ema) * g
-        self._ema_t = self.ema * self._ema_t + (1 - self.ema) * t
-        self._ema_n += 1
+        self._fold(g, t)
         reading = NoiseReading(self._steps, small_sq, big_sq, b_small, b_big, g, t,
                                self.b_simple)
         self.readings.append(reading)
@@ -190,9 +188,13 @@ class GradientNoiseMonitor:
             self._ema_g = self._ema_t = 0.0
             self._ema_n = 0
             for r in self.readings:
-                self._ema_g = self.ema * self._ema_g + (1 - self.ema) * r.grad_sq_norm
-                self._ema_t = self.ema * self._ema_t + (1 - self.ema) * r.trace_sigma
-                self._ema_n += 1
+                self._fold(r.grad_sq_norm, r.trace_sigma)
+
+    def _fold(self, grad_sq: float, trace: float) -> None:
+        """One step's unbiased |G|^2 and tr(Sigma) into their moving averages."""
+        self._ema_g = self.ema * self._ema_g + (1 - self.ema) * grad_sq
+        self._ema_t = self.ema * self._ema_t + (1 - self.ema) * trace
+        self._ema_n += 1
 
     def _n_data(self, b_big: int) -> int | None:
         return self.n_data if self.n_data is not None and self.n_data >= b_big else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from .capacity import (
 from .device import Budget
 from .errors import DoesNotFitError, UsageError
 from .oom import is_oom_error, release_memory
-from .step import StepSettings
+from .step import StepSettings, tokens_per_sample
 from .targets import Target, Term, cuda_terms
 from .task import Task
 
@@ -338,12 +338,6 @@ def run_probe(
         shard_ranks=settings.shard.world_size if settings.shard is not None
         and settings.shard.fsdp else 1,
     )
-
-
-def tokens_per_sample(task: Task, inputs: Any) -> int | None:
-    from .check import tokens_per_sample as tokens
-
-    return tokens(task, inputs)
 
 
 def step_fields(settings: StepSettings, inputs: "InputScan | None") -> dict:

@@ -119,3 +119,16 @@ def train_step(
         optimizer.step()
     assert total is not None
     return total / accumulate if accumulate > 1 else total
+
+
+def tokens_per_sample(task: Task, inputs: Any = None) -> Optional[int]:
+    """The sequence length of a token batch (a 2-D integer tensor, or ``input_ids`` in a
+    dict): tokens per sample, so that probe and check answer in tokens too. None otherwise."""
+    try:
+        x, _ = make_batch(task, 1, 0, inputs)
+    except Exception:  # noqa: BLE001 - a label only; the step's own errors are reported
+        return None
+    ids = x.get("input_ids") if hasattr(x, "get") else x
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
+        return int(ids.shape[1])
+    return None

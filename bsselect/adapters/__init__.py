@@ -20,3 +20,19 @@ def model_factory(model: Any, kinds: str) -> Callable[[], nn.Module]:
     if callable(model):
         return model
     raise UsageError(f"model must be {kinds}; got {type(model).__name__}")
+
+
+def batch_len(batch: Any) -> int:
+    """Items in a batch: the first dimension of its first tensor, in a tensor, a dict or a
+    list/tuple, nested (0 when it has none)."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 0
+    values = batch.values() if hasattr(batch, "values") else (
+        batch if isinstance(batch, (list, tuple)) else ())
+    for value in values:
+        n = batch_len(value)
+        if n:
+            return n
+    return 0

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import TaskError, UsageError
-from . import model_factory
+from . import batch_len, model_factory
 
 
 class HFModel(nn.Module):
@@ -265,10 +265,8 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
             self._handle = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
 
         def _on_forward(self, module: Any, args: Any, kwargs: Any) -> None:
-            from .lightning import _batch_len
-
             if module.training:
-                self._sizes.add(_batch_len((*args, kwargs)))
+                self._sizes.add(batch_len((*args, kwargs)))
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self._sizes = set()

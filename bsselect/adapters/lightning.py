@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import TaskError, UsageError
-from . import model_factory
+from . import batch_len, model_factory
 
 
 class StepModule(nn.Module):
@@ -216,7 +216,7 @@ def NoiseScaleMonitor(every: int = 1, window: int = 64, ema: float = 0.95,
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                                  batch_idx: int) -> None:
-            self._micro = _batch_len(batch)
+            self._micro = batch_len(batch)
 
         def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any
                                      ) -> None:
@@ -237,15 +237,3 @@ def NoiseScaleMonitor(every: int = 1, window: int = 64, ema: float = 0.95,
 
     return _NoiseScaleMonitor()
 
-
-def _batch_len(batch: Any) -> int:
-    """Items in a batch: the first dimension of its first tensor (0 when it has none)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 0
-    values = batch.values() if hasattr(batch, "values") else (
-        batch if isinstance(batch, (list, tuple)) else ())
-    for value in values:
-        n = _batch_len(value)
-        if n:
-            return n
-    return 0
