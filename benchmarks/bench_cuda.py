@@ -56,6 +56,7 @@ from bsselect.targets import Target  # noqa: E402
 
 MiB, GiB = 2**20, 2**30
 RESULTS: dict = {}
+HELDOUT = False  # --cases heldout
 
 
 def llama_dir(layers: int, hidden: int, inter: int, heads: int, vocab: int = 32000) -> str:
@@ -80,9 +81,79 @@ def on_gpu(task):
     return replace(task, model=model)
 
 
+def hf_dir(**config) -> str:
+    d = Path(tempfile.mkdtemp(prefix=f"{config['model_type']}-"))
+    (d / "config.json").write_text(json.dumps(config))
+    return str(d)
+
+
+class _ResNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import ResNetConfig, ResNetForImageClassification
+
+        self.net = ResNetForImageClassification(ResNetConfig(
+            embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
+            layer_type="basic", num_labels=10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(pixel_values=x).logits
+
+
+class _GruLM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(256, 256)
+        self.gru = torch.nn.GRU(256, 1024, num_layers=2, batch_first=True)
+        self.head = torch.nn.Linear(1024, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(self.embed(x))[0])
+
+
+def heldout_cases() -> list[tuple[str, object, object, str, int, tuple[int, int]]]:
+    """Models not used to set the CUDA terms (the second run): transformers' ResNet-18 shape
+    on 64x64 images, a 2-layer GRU LM (cuDNN's RNN on CUDA), GPT-2 and a Qwen2-style GQA
+    decoder from configs."""
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    from bench_real_runs import lm_loss
+    from bsselect import Task
+    from bsselect.adapters.hf import config_task
+
+    g = torch.Generator().manual_seed(0)
+    images = TensorDataset(torch.randn(4096, 3, 64, 64, generator=g),
+                           torch.randint(10, (4096,), generator=g))
+    resnet = Task(model=_ResNet, train_data=images, loss_fn=F.cross_entropy,
+                  optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9), lr=0.1)
+    tokens = torch.randint(256, (8192, 65), generator=g)
+    gru = Task(model=_GruLM, train_data=TensorDataset(tokens[:, :-1], tokens[:, 1:]),
+               loss_fn=lm_loss, optimizer=lambda p, lr: torch.optim.Adam(p, lr=lr), lr=1e-3)
+    gpt2 = config_task(hf_dir(model_type="gpt2", architectures=["GPT2LMHeadModel"],
+                              n_layer=4, n_embd=512, n_head=8, n_positions=1024,
+                              vocab_size=50257), 1024)
+    qwen = config_task(hf_dir(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                              hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                              num_attention_heads=16, num_key_value_heads=4,
+                              vocab_size=32000, max_position_embeddings=4096,
+                              tie_word_embeddings=False), 1024)
+    return [
+        ("resnet-18 64px", resnet, resnet, "fp32", 400, (16, 64)),
+        ("resnet-18 64px", resnet, resnet, "bf16", 400, (16, 64)),
+        ("gru-2x1024 seq64", gru, gru, "fp32", 400, (16, 64)),
+        ("gru-2x1024 seq64", gru, gru, "bf16", 400, (16, 64)),
+        ("gpt2-4x512 seq1024", gpt2, on_gpu(gpt2), "bf16", 60, (4, 16)),
+        ("qwen2-gqa-4x1024 seq1024", qwen, on_gpu(qwen), "fp32", 40, (4, 16)),
+        ("qwen2-gqa-4x1024 seq1024", qwen, on_gpu(qwen), "bf16", 40, (4, 16)),
+    ]
+
+
 def cases() -> list[tuple[str, object, object, str, int, tuple[int, int]]]:
     """(name, task to simulate, task to train, precision, target batch under the cap, two
     batch sizes for ``peaks``)."""
+    if HELDOUT:
+        return heldout_cases()
     from bench_real_runs import manual_attention_task
     from bsselect.adapters.hf import config_task
 
@@ -107,7 +178,8 @@ def settings_for(precision: str, target: bool) -> StepSettings:
 
 
 def save(out: Path) -> None:
-    (out / "bench_cuda.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    name = "bench_cuda_heldout.json" if HELDOUT else "bench_cuda.json"
+    (out / name).write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
 def real_peaks(task, b: int, settings: StepSettings) -> tuple[int, int]:
@@ -269,8 +341,15 @@ def section_whole(out: Path) -> None:
     rows = []
     empty = Path(tempfile.mkdtemp()) / "pyproject.toml"  # no [tool.bsselect] settings
     empty.write_text("")
-    for layers, seq, prec in ((4, 2048, "bf16"),):
-        cfg = llama_dir(layers, 4096, 11008, 32)
+    if HELDOUT:  # Qwen2-7B widths (GQA, 152k vocabulary): the logits dominate
+        wholes = [(hf_dir(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                          hidden_size=3584, intermediate_size=18944, num_hidden_layers=4,
+                          num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                          max_position_embeddings=4096, tie_word_embeddings=False),
+                   "Qwen2-7B widths, 4 layers", 4096, "bf16")]
+    else:
+        wholes = [(llama_dir(4, 4096, 11008, 32), "Llama-7B widths, 4 layers", 2048, "bf16")]
+    for cfg, label, seq, prec in wholes:
         t0 = time.time()
         checks = {}
         for margin in (0.0, 0.2):
@@ -283,7 +362,7 @@ def section_whole(out: Path) -> None:
         guess = max(1, checks["0.0"]["max_batch"])
         task = on_gpu(config_task(cfg, seq))
         truth, tries = true_max(task, settings_for(prec, False), guess)
-        row = dict(config=f"llama 7B widths, {layers} layers, seq {seq}", precision=prec,
+        row = dict(config=f"{label}, seq {seq}", precision=prec,
                    total=total, check=checks, true_max=truth, tries=tries,
                    seconds=round(time.time() - t0, 1))
         rows.append(row)
@@ -408,7 +487,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--sections", default="context,peaks,capped,whole,timing,cli,env")
+    ap.add_argument("--cases", choices=("tune", "heldout"), default="tune",
+                    help="tune: the models the CUDA terms were set on; heldout: the others")
     args = ap.parse_args()
+    global HELDOUT
+    HELDOUT = args.cases == "heldout"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.sections.split(","):

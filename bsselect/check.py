@@ -57,7 +57,7 @@ class CheckConfig:
     budget_source: str
     margin: float
     target: Target
-    hopper: bool = False
+    hopper: bool | None = None       # sm90+ (workspaces); None: GPU not named
     precision: Precision = Precision.fp32
     accumulate: int = 1              # batch_size is the micro-batch; it trains on batch x this
     inputs: InputMode = InputMode.worst_case
@@ -109,8 +109,9 @@ class CheckResult:
         return self.to_json()
 
 
-def resolve_budget(memory: str | None, preset: str | None) -> tuple[int, str, bool]:
-    """(bytes, source, is_hopper) from exactly one of --memory / --device-preset."""
+def resolve_budget(memory: str | None, preset: str | None) -> tuple[int, str, bool | None]:
+    """(bytes, source, is_hopper) from exactly one of --memory / --device-preset; is_hopper is
+    None (unknown GPU) with --memory."""
     if memory and preset:
         raise UsageError("give --memory or --device-preset, not both")
     if preset:
@@ -120,7 +121,7 @@ def resolve_budget(memory: str | None, preset: str | None) -> tuple[int, str, bo
         size, name = PRESETS[key]
         return size, f"{key} ({name})", key in HOPPER
     if memory:
-        return parse_size(memory), "--memory", False
+        return parse_size(memory), "--memory", None
     raise UsageError("check needs the device's memory: --memory 80GiB or --device-preset "
                      "a100-80gb (or memory/device_preset in [tool.bsselect] of pyproject.toml)")
 

@@ -1,7 +1,9 @@
 """Memory a CUDA device needs beyond the tensors a CPU/meta simulation sees.
 
 Each term is named, valued and explained so that ``probe``/``check`` can show it as its own
-line (docs/method.md, "CUDA terms"). Values are PyTorch's defaults; sources in the notes.
+line (docs/method.md, "CUDA terms"). Workspaces are PyTorch's defaults; the context and the
+fragmentation allowance are set from measurements on an NVIDIA H200 (torch 2.11, CUDA 13,
+``benchmarks/bench_cuda.py``; docs/benchmarks-cuda.md).
 """
 
 from __future__ import annotations
@@ -23,10 +25,16 @@ CUBLASLT_WORKSPACE_HOPPER_BYTES = 32 * MiB
 # cuDNN convolution workspace: the algorithms PyTorch picks commonly ask for tens to
 # hundreds of MiB; 256 MiB is a conservative allowance, only for models with convolutions.
 CUDNN_WORKSPACE_BYTES = 256 * MiB
-# CUDA context + kernels loaded lazily (CUDA_MODULE_LOADING=LAZY, the default since 11.7):
-# typically 300-600 MiB outside the allocator; only when the budget is the device's total.
-CUDA_CONTEXT_BYTES = 512 * MiB
-FRAGMENTATION_FRACTION = 0.05  # caching-allocator reserved-but-unusable headroom
+# CUDA context + kernels loaded lazily (CUDA_MODULE_LOADING=LAZY, the default since 11.7),
+# outside the allocator; only when the budget is the device's total. Measured on an H200
+# (torch 2.11+cu130): 619 MiB right after init, 789 MiB after training eight models.
+CUDA_CONTEXT_BYTES = 800 * MiB
+# The caching allocator's reserved-but-unusable headroom: max_memory_reserved over
+# max_memory_allocated in a training step measured 7-15% on an H200 for the five model and
+# precision pairs whose peak was over 100 MB (up to 27% on smaller ones, a few MiB). 15%: the
+# largest of them. Set from the tuning half of benchmarks/bench_cuda.py; the held-out half is
+# reported separately (docs/benchmarks-cuda.md).
+FRAGMENTATION_FRACTION = 0.15
 ALLOC_ROUND_BYTES = 512        # the caching allocator rounds every request up to 512 B
 
 
@@ -52,13 +60,15 @@ def cuda_terms(
     peak_bytes: int,
     rounded_peak_bytes: int | None,
     has_conv: bool,
-    hopper: bool = False,
+    hopper: bool | None = None,
     budget_is_total: bool = True,
 ) -> list[Term]:
     """The CUDA-only terms for a step whose simulated peak is ``peak_bytes``.
 
     ``rounded_peak_bytes`` is the same peak with every live storage rounded up to 512 B (from
-    the simulation); when unknown the rounding term is 0 and says so.
+    the simulation); when unknown the rounding term is 0 and says so. ``hopper``: whether the
+    GPU is sm90 or newer (larger cuBLAS workspaces); None (unknown GPU): assume it is, the
+    larger of the two (51 MiB more than older GPUs use).
     """
     terms: list[Term] = []
     if rounded_peak_bytes is not None:
@@ -66,10 +76,14 @@ def cuda_terms(
                           "each allocation rounded up to 512 B (CUDA caching allocator)"))
     else:
         terms.append(Term("allocator rounding", 0, "not modelled for this peak"))
-    cublas = CUBLAS_WORKSPACE_HOPPER_BYTES if hopper else CUBLAS_WORKSPACE_BYTES
-    lt = CUBLASLT_WORKSPACE_HOPPER_BYTES if hopper else CUBLASLT_WORKSPACE_BYTES
+    large = hopper is None or hopper
+    cublas = CUBLAS_WORKSPACE_HOPPER_BYTES if large else CUBLAS_WORKSPACE_BYTES
+    lt = CUBLASLT_WORKSPACE_HOPPER_BYTES if large else CUBLASLT_WORKSPACE_BYTES
+    which = ("sm90+ sizes; GPU not named" if hopper is None
+             else "sm90+ sizes" if hopper else "pre-sm90 sizes")
     terms.append(Term("cuBLAS + cuBLASLt workspace", cublas + lt,
-                      "default CUBLAS_WORKSPACE_CONFIG and CUBLASLT_WORKSPACE_SIZE, one stream"))
+                      f"default CUBLAS_WORKSPACE_CONFIG and CUBLASLT_WORKSPACE_SIZE, one "
+                      f"stream ({which})"))
     if has_conv:
         terms.append(Term("cuDNN workspace", CUDNN_WORKSPACE_BYTES,
                           "allowance for convolution algorithm workspaces"))
