@@ -119,9 +119,12 @@ def choose_method(method: Method, device: torch.device) -> Method:
 
 
 def model_has_conv(task: Task) -> bool:
+    """Whether the model runs cuDNN kernels that take a workspace on CUDA: convolutions and
+    RNNs (cuDNN's RNN also keeps its own weight and reserve buffers: a 2-layer GRU measured
+    92-114 MB above the simulation on an H200, docs/benchmarks-cuda.md)."""
     with torch.device("meta"):
         model = task.model()
-    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    return any(isinstance(m, (nn.modules.conv._ConvNd, nn.RNNBase)) for m in model.modules())
 
 
 def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,

@@ -398,14 +398,20 @@ def build_fake_model(task: Task, fake_mode: Any) -> nn.Module:
     return model
 
 
-def autocast_lists_of(settings: StepSettings) -> Any:
-    """CUDA's autocast op lists when the step will run under autocast on CUDA (the CPU's
-    otherwise): see ``cuda_autocast``."""
-    if settings.target_device == "cuda" and settings.precision is not Precision.fp32:
-        from .cuda_autocast import cuda_autocast_policy
+@contextmanager
+def cuda_rules_of(settings: StepSettings) -> Iterator[None]:
+    """When the step will run on CUDA: CUDA's choice of attention kernel (``cuda_attention``)
+    and, under autocast, CUDA's autocast op lists (``cuda_autocast``); nothing otherwise."""
+    if settings.target_device != "cuda":
+        yield
+        return
+    from .cuda_attention import cuda_attention_policy
+    from .cuda_autocast import cuda_autocast_policy
 
-        return cuda_autocast_policy()
-    return nullcontext()
+    lists = (cuda_autocast_policy() if settings.precision is not Precision.fp32
+             else nullcontext())
+    with lists, cuda_attention_policy():
+        yield
 
 
 REAL_ITEMS_MAX = 1024  # above this, collate this many real items and stretch the batch
@@ -528,7 +534,7 @@ def simulate_step_peak(
                 except Exception as exc:
                     raise TaskError(f"wrapping the model with fully_shard failed: "
                                     f"{one_line(exc)}") from exc
-        with young_gc_only(), autocast_lists_of(settings), fake_mode, RealWhereKnown(), \
+        with young_gc_only(), cuda_rules_of(settings), fake_mode, RealWhereKnown(), \
                 (following_resizes(counter) if plan else nullcontext()):
             batch = tree_map(lambda t: _fake_batch(t, fake_mode), batch)
             try:

@@ -1,0 +1,109 @@
+"""CUDA's choice of attention kernel, in a simulation that runs on fake ``cpu`` tensors.
+
+``F.scaled_dot_product_attention`` picks a kernel per device, and what a training step saves
+for backward depends on the pick: the fused kernels (flash, memory-efficient) save the output
+and a float32 log-sum-exp per query row; the math fallback materialises the (T x T) attention
+weights of every head, and with dropout its mask too. The CPU and CUDA pick differently:
+
+- the CPU's fused kernel refuses dropout (GPT-2 trains with attention dropout 0.1), so the CPU
+  falls back to math where CUDA runs flash: a CPU simulation overstated a GPT-2 step by 41-48%
+  on an H200;
+- CUDA's flash kernel takes only fp16/bf16 and no explicit mask, its memory-efficient kernel
+  takes fp32 and masks but not grouped-query attention (``enable_gqa``), so an fp32 GQA
+  decoder (Qwen2, Llama 3) runs math on CUDA where the CPU's fused kernel accepts it: the
+  simulation understated an fp32 Qwen2-style step by 23-27% (docs/benchmarks-cuda.md).
+
+Inside ``cuda_attention_policy()`` (a ``TorchFunctionMode``, so calls through any alias of
+the function are seen), each call is routed as CUDA would route it: to the CPU's fused op for
+flash and memory-efficient (the same saved tensors: output and log-sum-exp; dropout keeps only
+a seed on CUDA, so the fused op runs without it), or to the math implementation. Inputs are
+cast first as CUDA's autocast casts them (``scaled_dot_product_attention`` is on its
+lower-precision list). Not modelled: cuDNN attention (after math in PyTorch's default order),
+sm86/sm89's head-dimension limits, and nested tensors.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+REDUCED = (torch.float16, torch.bfloat16)
+FLASH_MAX_HEAD_DIM = 256
+
+
+def cuda_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, has_mask: bool,
+                 enable_gqa: bool, dtype: torch.dtype) -> str:
+    """The kernel CUDA's ``scaled_dot_product_attention`` picks on sm80/sm90 (flash, then
+    memory-efficient, then math; ``sdp_utils.cpp``) for inputs of these shapes computed in
+    ``dtype``: 'flash', 'efficient' or 'math'."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "math"
+    head_dim = q.shape[-1]
+    same_dims = k.shape[-1] == head_dim and v.shape[-1] == head_dim
+    grouped = enable_gqa and k.shape[-3] != q.shape[-3]
+    if dtype in REDUCED and not has_mask and head_dim <= FLASH_MAX_HEAD_DIM and same_dims:
+        return "flash"
+    if grouped or k.shape[-3] != q.shape[-3]:
+        return "math"  # memory-efficient attention has no grouped-query support
+    if dtype not in REDUCED + (torch.float32,):
+        return "math"
+    align = 8 if dtype in REDUCED else 4
+    if head_dim % align or v.shape[-1] % align:
+        return "math"
+    return "efficient"
+
+
+def _arguments(args: tuple, kwargs: dict) -> dict:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    bound.setdefault("attn_mask", None)
+    bound.setdefault("dropout_p", 0.0)
+    bound.setdefault("is_causal", False)
+    bound.setdefault("scale", None)
+    bound.setdefault("enable_gqa", False)
+    return bound
+
+
+def routed_attention(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """``scaled_dot_product_attention`` as CUDA would run it, on CPU (fake) tensors."""
+    a = _arguments(args, kwargs)
+    q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+    dtype = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+             and q.dtype.is_floating_point else q.dtype)
+    backend = cuda_backend(q, k, v, has_mask=mask is not None,
+                           enable_gqa=bool(a["enable_gqa"]), dtype=dtype)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if mask is not None and mask.dtype.is_floating_point:
+        mask = mask.to(dtype)
+    with torch.autocast("cpu", enabled=False):  # CUDA's autocast wrapper: no nested casts
+        if mask is not None and mask.dtype == torch.bool:
+            # sdpa turns a boolean mask into an additive one before any kernel, on CUDA too.
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                mask.logical_not(), float("-inf"))
+        if backend == "math":
+            return torch.ops.aten._scaled_dot_product_attention_math(
+                q, k, v, mask, a["dropout_p"], a["is_causal"], None, scale=a["scale"],
+                enable_gqa=bool(a["enable_gqa"]))[0]
+        # The CPU's fused op takes grouped-query heads as CUDA's flash does (not repeated).
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, a["is_causal"], attn_mask=mask, scale=a["scale"])[0]
+
+
+class _Route(TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        if func is F.scaled_dot_product_attention:
+            return routed_attention(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def cuda_attention_policy() -> Iterator[None]:
+    """Inside, ``F.scaled_dot_product_attention`` saves for backward what it would on CUDA."""
+    with _Route():
+        yield

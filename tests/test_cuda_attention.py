@@ -1,0 +1,117 @@
+"""CUDA's attention-kernel choice in a CPU simulation (bsselect/memory/cuda_attention.py).
+
+The GPU numbers this reproduces are in docs/benchmarks-cuda.md; here, on the CPU: the choice
+itself case by case, that the routed call computes what ``scaled_dot_product_attention``
+computes, and that a simulated step's memory per sample moves by exactly the attention
+weights the two devices' kernels save differently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from bsselect import Task
+from bsselect.memory.cuda_attention import cuda_backend, cuda_attention_policy, routed_attention
+from bsselect.memory.simulated import simulate_step_peak
+from bsselect.precision import Precision
+from bsselect.step import StepSettings
+
+bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+
+
+def qkv(heads: int = 8, kv_heads: int = 8, head_dim: int = 64, dims: int = 4):
+    q = torch.empty(2, heads, 16, head_dim, device="meta")
+    k = torch.empty(2, kv_heads, 16, head_dim, device="meta")
+    if dims == 3:
+        q, k = q[0], k[0]
+    return q, k, k
+
+
+@pytest.mark.parametrize("dtype,mask,kv_heads,head_dim,dims,expected", [
+    (bf16, False, 8, 64, 4, "flash"),
+    (fp16, False, 2, 128, 4, "flash"),        # flash takes grouped-query heads
+    (bf16, True, 8, 64, 4, "efficient"),      # flash takes no explicit mask
+    (bf16, True, 2, 64, 4, "math"),           # efficient takes no grouped-query heads
+    (fp32, False, 8, 64, 4, "efficient"),     # flash is fp16/bf16 only
+    (fp32, False, 2, 64, 4, "math"),          # fp32 + GQA: the Qwen2/Llama-3 case
+    (fp32, True, 8, 64, 4, "efficient"),
+    (bf16, False, 8, 512, 4, "efficient"),    # head dim over flash's 256
+    (fp32, False, 8, 6, 4, "math"),           # not aligned for efficient
+    (bf16, False, 8, 64, 3, "math"),          # fused kernels need 4-D inputs
+    (torch.float64, False, 8, 64, 4, "math"),
+])
+def test_backend_choice(dtype, mask, kv_heads, head_dim, dims, expected):
+    q, k, v = qkv(kv_heads=kv_heads, head_dim=head_dim, dims=dims)
+    assert cuda_backend(q, k, v, has_mask=mask, enable_gqa=kv_heads != 8,
+                        dtype=dtype) == expected
+
+
+@pytest.mark.parametrize("kv_heads,mask,causal", [(4, False, True), (2, False, True),
+                                                   (4, True, False), (2, True, False)])
+def test_routed_call_computes_attention(kv_heads, mask, causal):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 10, 8, generator=g)
+    k, v = (torch.randn(2, kv_heads, 10, 8, generator=g) for _ in range(2))
+    m = torch.rand(10, 10, generator=g) > 0.3 if mask else None
+    if m is not None:
+        m[:, 0] = True  # no fully masked row
+    gqa = kv_heads != 4
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal,
+                                          enable_gqa=gqa)
+    got = routed_attention(q, k, v, attn_mask=m, is_causal=causal, enable_gqa=gqa)
+    torch.testing.assert_close(got, want)
+    with cuda_attention_policy():  # through the mode, positional arguments too
+        again = F.scaled_dot_product_attention(q, k, v, m, 0.0, causal, enable_gqa=gqa)
+    torch.testing.assert_close(again, want)
+
+
+T, D, H = 64, 64, 4
+
+
+class Attention(nn.Module):
+    def __init__(self, kv_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.kv, self.p = kv_heads, dropout
+        self.q, self.o = nn.Linear(D, D), nn.Linear(D, D)
+        self.k, self.v = nn.Linear(D, D // H * kv_heads), nn.Linear(D, D // H * kv_heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        q = self.q(x).view(b, T, H, D // H).transpose(1, 2)
+        k = self.k(x).view(b, T, self.kv, D // H).transpose(1, 2)
+        v = self.v(x).view(b, T, self.kv, D // H).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p, is_causal=True,
+                                           enable_gqa=self.kv != H)
+        return self.o(o.transpose(1, 2).reshape(b, T, D))
+
+
+def per_sample(kv_heads: int, dropout: float, precision: Precision, target: str | None
+               ) -> float:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, T, D, generator=g), torch.randn(64, T, D, generator=g))
+    task = Task(model=lambda: Attention(kv_heads, dropout), train_data=data, loss_fn=F.mse_loss,
+                optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr))
+    settings = StepSettings(precision=precision, target_device=target)
+    peaks = [simulate_step_peak(task, b, kernel_workspace=False, settings=settings).peak_bytes
+             for b in (8, 16)]
+    return (peaks[1] - peaks[0]) / 8
+
+
+def test_fp32_grouped_query_attention_saves_the_weights_on_cuda():
+    """fp32 with GQA: the CPU's fused kernel saves no (T x T) weights; CUDA's math fallback
+    saves the softmax output of every head (float32)."""
+    weights = H * T * T * 4
+    extra = per_sample(2, 0.0, Precision.fp32, "cuda") - per_sample(2, 0.0, Precision.fp32, None)
+    assert weights <= extra <= 2.5 * weights
+
+
+def test_dropout_keeps_the_fused_kernel_on_cuda():
+    """bf16 with attention dropout: the CPU falls back to math (weights, dropout mask and the
+    dropped weights saved); CUDA's flash keeps only a seed, so no (T x T) tensor per head."""
+    cpu = per_sample(H, 0.1, Precision.bf16, None)
+    cuda = per_sample(H, 0.1, Precision.bf16, "cuda")
+    assert cpu - cuda >= H * T * T * 2  # at least the bf16 weights
+    assert cuda == pytest.approx(per_sample(H, 0.0, Precision.bf16, "cuda"), rel=0.02)
