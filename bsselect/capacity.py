@@ -180,7 +180,8 @@ def refine_max_batch(
                 best = guess
             else:
                 fail = guess
-        guess = _next_guess(sorted(fits), usable_bytes, best, fail, max_jump)
+        guess = _next_guess(sorted(fits), usable_bytes, best, fail, max_jump,
+                            ceiling if ceiling is not None and fail == ceiling + 1 else None)
     return RefineResult(best, tuple(path), exact=guess is None)
 
 
@@ -194,7 +195,10 @@ def _clamp(guess: int, best: int, fail: int | None, max_jump: int) -> int | None
 
 
 def _next_guess(fits: list[tuple[int, int]], usable: float, best: int, fail: int | None,
-                max_jump: int) -> int | None:
+                max_jump: int, ceiling: int | None = None) -> int | None:
+    """The next batch to measure. ``ceiling``: the bracket's upper end is the data limit,
+    not a failure; when the line reaches it, try the limit itself rather than bisect
+    towards it (a GPU run crept 12 real steps towards 7,026 training items)."""
     if len(fits) >= 2 and fits[-1][0] > fits[-2][0]:
         (b1, p1), (b2, p2) = fits[-2], fits[-1]
         slope = (p2 - p1) / (b2 - b1)
@@ -202,7 +206,10 @@ def _next_guess(fits: list[tuple[int, int]], usable: float, best: int, fail: int
             room = math.floor((usable - p2) / slope)
             if room < 1 and fail is None:
                 return None  # less than one more sample's memory left
-            return _clamp(b2 + max(room, 1), best, fail, max_jump)
+            guess = b2 + max(room, 1)
+            if ceiling is not None and guess >= ceiling:
+                guess = ceiling
+            return _clamp(guess, best, fail, max_jump)
     if best == 0:  # nothing fits yet: halve towards 1
         return _clamp(fail // 2, 0, fail, max_jump) if fail and fail > 1 else None
     return _clamp(best * 2 if fail is None else (best + fail) // 2, best, fail, max_jump)

@@ -114,6 +114,23 @@ def test_refine_first_guess_exact_stops_after_one_sample_check():
     assert [(s.batch_size, s.outcome) for s in result.path] == [(900, "ok")]
 
 
+def test_refine_tries_the_data_limit_instead_of_creeping_towards_it():
+    """Memory for far more than the training set (a small model on a big GPU): the line's
+    answer is past the ceiling, so the refinement climbs at most 8x per step and then tries
+    the ceiling itself. The CUDA run that found this crept 12 real steps (4025, 5526, ...,
+    7024) towards 7,026 items and stopped short."""
+    line = lambda b: 70_000_000 + 760 * b  # noqa: E731
+    probed = [(b, line(b)) for b in (8, 16, 32, 64, 128)]
+    result = refine_max_batch(line, 7.4e9, probed, first_guess=9_000_000, ceiling=7026)
+    assert [(s.batch_size, s.outcome) for s in result.path] == [(1024, "ok"), (7026, "ok")]
+    assert result.batch_size == 7026 and result.exact
+    # once a real failure (not the ceiling) closes the bracket, it bisects as before
+    step = lambda b: line(b) if b <= 3000 else 10**10  # noqa: E731
+    result = refine_max_batch(step, 7.4e9, probed, first_guess=9_000_000, ceiling=7026)
+    assert [s.batch_size for s in result.path][:3] == [1024, 7026, 4025]
+    assert 2900 <= result.batch_size <= 3000
+
+
 def test_refine_nothing_fits():
     result = refine_max_batch(lambda b: 10**9, 10_000, [], first_guess=64)
     assert result.batch_size == 0
