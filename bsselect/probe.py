@@ -82,6 +82,9 @@ class ProbeResult:
     sharding: str = ""                    # one rank of a sharded run (ShardPlan.describe())
     shard_ranks: int = 1                  # ranks the model is sharded over (FSDP2)
     tokens_per_sample: int | None = None  # a token batch's sequence length (LM tasks)
+    # Sharded or checkpointed: the per-rank terms of the simulated peak at max_batch, as
+    # check's (parameters, gradients, optimizer state, batch, activations and buffers).
+    rank_terms: tuple[tuple[str, int], ...] = ()
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -146,6 +149,7 @@ def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
             meter.extras["optimizer_state_bytes"] = step.optimizer_state_bytes
             meter.extras["optimizer_impl"] = step.optimizer_impl
             meter.extras.setdefault("rounded", {})[b] = step.rounded_peak_bytes
+            meter.extras.setdefault("steps", {})[b] = step
             return step.peak_bytes
 
         meter.peak = simulated
@@ -324,6 +328,7 @@ def run_probe(
     rounded_best = meter.extras.get("rounded", {}).get(best) or _rounded_at(best, raw, rounded)
     terms = _required(at_best, rounded_best, target, has_conv, budget_is_total)[1]
     return ProbeResult(
+        rank_terms=_rank_terms(settings, meter, best),
         train_items=train_items,
         task=task_name, device=str(device), method=method.value, target=target.value,
         margin=margin, budget_bytes=budget.bytes, budget_source=budget.source,
@@ -341,6 +346,17 @@ def run_probe(
         shard_ranks=settings.shard.world_size if settings.shard is not None
         and settings.shard.fsdp else 1,
     )
+
+
+def _rank_terms(settings: StepSettings, meter: Meter, batch_size: int
+                ) -> tuple[tuple[str, int], ...]:
+    """check's per-rank terms of the simulated step at ``batch_size`` (sharded runs only)."""
+    step = meter.extras.get("steps", {}).get(batch_size)
+    if settings.shard is None or step is None:
+        return ()
+    from .check import shard_fields
+
+    return shard_fields(settings.shard, step, None)["rank_terms"]
 
 
 def step_fields(settings: StepSettings, inputs: "InputScan | None") -> dict:

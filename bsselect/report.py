@@ -81,6 +81,10 @@ def render_probe(result: Any) -> None:
         out.print(f"checked with {how}: {path}", highlight=False)
     if result.sharding:
         out.print(f"sharding: {result.sharding}; batch sizes are per device", highlight=False)
+        who = "per rank" if result.shard_ranks > 1 else "per device"
+        for name, nbytes in result.rank_terms:
+            out.print(f"  {name}: {format_bytes(nbytes)} {who} at batch {result.max_batch}",
+                      highlight=False)
     out.print(
         f"[bold green]max batch {'at least ' if not result.max_batch_exact else ''}"
         f"{result.max_batch}[/]{_tokens(result, result.max_batch)} · largest power of two "

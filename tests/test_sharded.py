@@ -151,6 +151,24 @@ def test_cli_check_names_the_plan_its_terms_and_what_checkpointing_saves():
     assert "batch 8 per device (512 tokens, 64 per sample) of tiny-lm fits" in text.stdout
 
 
+def test_a_sharded_probe_gives_the_rank_terms_at_its_answer():
+    """probe's per-rank terms are check's at the same batch: simulate the answer again with
+    check and compare term by term (and they sum to the simulated peak there)."""
+    done = run_cli("probe", "tiny-lm", "--memory", "64MiB", "--shard", "fsdp",
+                   "--world-size", "4", "--activation-checkpointing", "--json")
+    assert done.returncode == 0, done.stderr
+    probe = json.loads(done.stdout)
+    best = probe["max_batch"]
+    checked = json.loads(run_cli(
+        "check", "tiny-lm", "--batch-size", str(best), "--memory", "64MiB", "--target", "same",
+        "--shard", "fsdp", "--world-size", "4", "--activation-checkpointing", "--json").stdout)
+    assert [tuple(t) for t in probe["rank_terms"]] == [tuple(t) for t in checked["rank_terms"]]
+    assert sum(n for _, n in probe["rank_terms"]) == checked["peak_bytes"]
+    text = run_cli("probe", "tiny-lm", "--memory", "64MiB", "--shard", "fsdp",
+                   "--world-size", "4", "--activation-checkpointing").stdout
+    assert "optimizer state: " in text and f"per rank at batch {best}" in text
+
+
 def test_a_sharded_probe_is_simulated_only():
     done = run_cli("probe", "tiny-lm", "--method", "measured", "--shard", "fsdp",
                    "--world-size", "2")
