@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -114,23 +113,22 @@ def scale(tmp: Path) -> list[dict]:
     rows = []
     for name, world in SCALE_RUNS:
         config = llama_config(tmp / name, *SCALE[name])
-        if True:
-            args = ["check", "--hf-config", str(config), "--seq-len", "4096", "--batch-size",
-                    "1", "--precision", "bf16", "--device-preset", "h100-80gb", "--shard",
-                    "fsdp", "--world-size", str(world), "--activation-checkpointing", "--json"]
-            cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "bsselect", *args]
-            t0 = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-            wall = time.perf_counter() - t0
-            rss_kib = int(done.stderr.strip().splitlines()[-1])
-            out = json.loads(done.stdout)
-            row = dict(model=name, world_size=world, wall_s=round(wall, 1),
-                       rss_mib=round(rss_kib / 1024), exit=done.returncode,
-                       required_gib=round(out["required_bytes"] / 2**30, 2),
-                       max_batch=out["max_batch"], tokens=out.get("tokens_per_sample"),
-                       saves_gib=round((out.get("checkpointing_saves_bytes") or 0) / 2**30, 2))
-            rows.append(row)
-            log(f"{name} over {world}: {row}")
+        args = ["check", "--hf-config", str(config), "--seq-len", "4096", "--batch-size",
+                "1", "--precision", "bf16", "--device-preset", "h100-80gb", "--shard",
+                "fsdp", "--world-size", str(world), "--activation-checkpointing", "--json"]
+        cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "bsselect", *args]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        wall = time.perf_counter() - t0
+        rss_kib = int(done.stderr.strip().splitlines()[-1])
+        out = json.loads(done.stdout)
+        row = dict(model=name, world_size=world, wall_s=round(wall, 1),
+                   rss_mib=round(rss_kib / 1024), exit=done.returncode,
+                   required_gib=round(out["required_bytes"] / 2**30, 2),
+                   max_batch=out["max_batch"], tokens=out.get("tokens_per_sample"),
+                   saves_gib=round((out.get("checkpointing_saves_bytes") or 0) / 2**30, 2))
+        rows.append(row)
+        log(f"{name} over {world}: {row}")
     return rows
 
 
