@@ -45,8 +45,7 @@ def qkv(heads: int = 8, kv_heads: int = 8, head_dim: int = 64, dims: int = 4):
 ])
 def test_backend_choice(dtype, mask, kv_heads, head_dim, dims, expected):
     q, k, v = qkv(kv_heads=kv_heads, head_dim=head_dim, dims=dims)
-    assert cuda_backend(q, k, v, has_mask=mask, enable_gqa=kv_heads != 8,
-                        dtype=dtype) == expected
+    assert cuda_backend(q, k, v, has_mask=mask, dtype=dtype) == expected
 
 
 @pytest.mark.parametrize("kv_heads,mask,causal", [(4, False, True), (2, False, True),

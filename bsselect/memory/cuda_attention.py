@@ -36,18 +36,18 @@ FLASH_MAX_HEAD_DIM = 256
 
 
 def cuda_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, has_mask: bool,
-                 enable_gqa: bool, dtype: torch.dtype) -> str:
+                 dtype: torch.dtype) -> str:
     """The kernel CUDA's ``scaled_dot_product_attention`` picks on sm80/sm90 (flash, then
     memory-efficient, then math; ``sdp_utils.cpp``) for inputs of these shapes computed in
-    ``dtype``: 'flash', 'efficient' or 'math'."""
+    ``dtype``: 'flash', 'efficient' or 'math'. Fewer key/value heads than query heads is
+    grouped-query attention (sdpa accepts it only with ``enable_gqa``)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return "math"
     head_dim = q.shape[-1]
     same_dims = k.shape[-1] == head_dim and v.shape[-1] == head_dim
-    grouped = enable_gqa and k.shape[-3] != q.shape[-3]
     if dtype in REDUCED and not has_mask and head_dim <= FLASH_MAX_HEAD_DIM and same_dims:
         return "flash"
-    if grouped or k.shape[-3] != q.shape[-3]:
+    if k.shape[-3] != q.shape[-3]:
         return "math"  # memory-efficient attention has no grouped-query support
     if dtype not in REDUCED + (torch.float32,):
         return "math"
@@ -75,8 +75,7 @@ def routed_attention(*args: Any, **kwargs: Any) -> torch.Tensor:
     q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
     dtype = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
              and q.dtype.is_floating_point else q.dtype)
-    backend = cuda_backend(q, k, v, has_mask=mask is not None,
-                           enable_gqa=bool(a["enable_gqa"]), dtype=dtype)
+    backend = cuda_backend(q, k, v, has_mask=mask is not None, dtype=dtype)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     if mask is not None and mask.dtype.is_floating_point:
         mask = mask.to(dtype)
