@@ -112,7 +112,7 @@ class Meter:
 
     method: Method
     peak: Callable[[int], int]
-    extras: dict = field(default_factory=dict)     # param/optimizer bytes, rounding per b
+    extras: dict = field(default_factory=dict)  # simulated: param/optimizer bytes, StepPeak per b
 
 
 def choose_method(method: Method, device: torch.device) -> Method:
@@ -121,7 +121,7 @@ def choose_method(method: Method, device: torch.device) -> Method:
     return method
 
 
-def model_has_conv(task: Task) -> bool:
+def model_uses_cudnn(task: Task) -> bool:
     """Whether the model runs cuDNN kernels that take a workspace on CUDA: convolutions and
     RNNs (cuDNN's RNN also keeps its own weight and reserve buffers: a 2-layer GRU measured
     92-114 MB above the simulation on an H200, docs/benchmarks-cuda.md)."""
@@ -148,7 +148,6 @@ def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
             meter.extras["param_bytes"] = step.param_bytes
             meter.extras["optimizer_state_bytes"] = step.optimizer_state_bytes
             meter.extras["optimizer_impl"] = step.optimizer_impl
-            meter.extras.setdefault("rounded", {})[b] = step.rounded_peak_bytes
             meter.extras.setdefault("steps", {})[b] = step
             return step.peak_bytes
 
@@ -201,11 +200,11 @@ def _check_host_headroom(batch_size: int, seen: dict[int, int]) -> None:
                           f"{format_bytes(available)} of RAM available now")
 
 
-def _required(point_peak: int, rounded: int | None, target: Target, has_conv: bool,
+def _required(point_peak: int, rounded: int | None, target: Target, uses_cudnn: bool,
               budget_is_total: bool) -> tuple[int, list[Term]]:
     if target is Target.same:
         return point_peak, []
-    terms = cuda_terms(point_peak, rounded, has_conv, budget_is_total=budget_is_total)
+    terms = cuda_terms(point_peak, rounded, uses_cudnn, budget_is_total=budget_is_total)
     return point_peak + sum(t.bytes for t in terms), terms
 
 
@@ -284,10 +283,10 @@ def run_probe(
     # Under torchrun every measurement is agreed: an OOM on one rank ends the series on all.
     meter = distributed.agree_meter(meter)
     raw = measure_points(meter, sizes, on_point)
-    has_conv = target is not Target.same and model_has_conv(task)
-    rounded = meter.extras.get("rounded", {})
+    uses_cudnn = target is not Target.same and model_uses_cudnn(task)
+    rounded = _rounded(meter)
     points = tuple(
-        Point(b, p, _required(p, rounded.get(b), target, has_conv, budget_is_total)[0])
+        Point(b, p, _required(p, rounded.get(b), target, uses_cudnn, budget_is_total)[0])
         for b, p in raw
     )
     fit: MemoryFit = fit_memory([(p.batch_size, p.required_bytes) for p in points])
@@ -304,7 +303,7 @@ def run_probe(
         def required_at(b: int) -> int:
             peak = meter.peak(b)
             checked_peaks[b] = peak
-            return _required(peak, meter.extras.get("rounded", {}).get(b), target, has_conv,
+            return _required(peak, _rounded(meter).get(b), target, uses_cudnn,
                              budget_is_total)[0]
 
         # Real steps never jump more than 8x past a batch that ran; simulations may.
@@ -325,8 +324,8 @@ def run_probe(
     # The terms of the answer as measured where it landed (the line's prediction only when
     # nothing was measured there: confirm=False, or a probed point).
     at_best = checked_peaks.get(best) or dict(raw).get(best) or int(fit.predict(best))
-    rounded_best = meter.extras.get("rounded", {}).get(best) or _rounded_at(best, raw, rounded)
-    terms = _required(at_best, rounded_best, target, has_conv, budget_is_total)[1]
+    rounded_best = _rounded(meter).get(best) or _rounded_at(best, raw, rounded)
+    terms = _required(at_best, rounded_best, target, uses_cudnn, budget_is_total)[1]
     return ProbeResult(
         rank_terms=_rank_terms(settings, meter, best),
         train_items=train_items,
@@ -346,6 +345,11 @@ def run_probe(
         shard_ranks=settings.shard.world_size if settings.shard is not None
         and settings.shard.fsdp else 1,
     )
+
+
+def _rounded(meter: Meter) -> dict[int, int | None]:
+    """The 512-byte-rounded peak of each simulated batch size (none when measured)."""
+    return {b: step.rounded_peak_bytes for b, step in meter.extras.get("steps", {}).items()}
 
 
 def _rank_terms(settings: StepSettings, meter: Meter, batch_size: int

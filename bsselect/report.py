@@ -81,10 +81,7 @@ def render_probe(result: Any) -> None:
         out.print(f"checked with {how}: {path}", highlight=False)
     if result.sharding:
         out.print(f"sharding: {result.sharding}; batch sizes are per device", highlight=False)
-        who = "per rank" if result.shard_ranks > 1 else "per device"
-        for name, nbytes in result.rank_terms:
-            out.print(f"  {name}: {format_bytes(nbytes)} {who} at batch {result.max_batch}",
-                      highlight=False)
+        _rank_terms(result, f" at batch {result.max_batch}")
     out.print(
         f"[bold green]max batch {'at least ' if not result.max_batch_exact else ''}"
         f"{result.max_batch}[/]{_tokens(result, result.max_batch)} · largest power of two "
@@ -241,13 +238,20 @@ def render_sharding(result: Any, batch: int) -> None:
     saves; the batch in tokens too for token batches."""
     if not getattr(result, "sharding", ""):
         return
-    who = "per rank" if result.shard_ranks > 1 else "per device"
     out.print(f"sharding: {result.sharding}", highlight=False)
-    for name, nbytes in result.rank_terms:
-        out.print(f"  {name}: {format_bytes(nbytes)} {who}", highlight=False)
+    who = _rank_terms(result)
     if result.checkpointing_saves_bytes is not None:
         out.print(f"  activation checkpointing saves {format_bytes(result.checkpointing_saves_bytes)}"
                   f" {who} at batch {batch}", highlight=False)
+
+
+def _rank_terms(result: Any, suffix: str = "") -> str:
+    """Print a sharded result's per-rank terms, one per line; returns "per rank" or "per
+    device" (one rank: checkpointing without sharding)."""
+    who = "per rank" if result.shard_ranks > 1 else "per device"
+    for name, nbytes in result.rank_terms:
+        out.print(f"  {name}: {format_bytes(nbytes)} {who}{suffix}", highlight=False)
+    return who
 
 
 def _tokens(result: Any, batch: int) -> str:

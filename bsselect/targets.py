@@ -61,7 +61,7 @@ def round_up(n: int, multiple: int = ALLOC_ROUND_BYTES) -> int:
 def cuda_terms(
     peak_bytes: int,
     rounded_peak_bytes: int | None,
-    has_conv: bool,
+    uses_cudnn: bool,
     hopper: bool | None = None,
     budget_is_total: bool = True,
 ) -> list[Term]:
@@ -86,7 +86,7 @@ def cuda_terms(
     terms.append(Term("cuBLAS + cuBLASLt workspace", cublas + lt,
                       f"default CUBLAS_WORKSPACE_CONFIG and CUBLASLT_WORKSPACE_SIZE, one "
                       f"stream ({which})"))
-    if has_conv:
+    if uses_cudnn:
         terms.append(Term("cuDNN workspace", CUDNN_WORKSPACE_BYTES,
                           "allowance for convolution / RNN algorithm workspaces"))
     if budget_is_total:
