@@ -50,7 +50,7 @@ from bsselect.memory.measured import AcceleratorAllocator, run_two_steps  # noqa
 from bsselect.memory.simulated import simulate_step_peak  # noqa: E402
 from bsselect.oom import is_oom_error  # noqa: E402
 from bsselect.precision import Precision  # noqa: E402
-from bsselect.probe import Method, model_has_conv, run_probe  # noqa: E402
+from bsselect.probe import Method, model_uses_cudnn, run_probe  # noqa: E402
 from bsselect.step import StepSettings  # noqa: E402
 from bsselect.targets import Target  # noqa: E402
 
@@ -59,14 +59,20 @@ RESULTS: dict = {}
 HELDOUT = False  # --cases heldout
 
 
-def llama_dir(layers: int, hidden: int, inter: int, heads: int, vocab: int = 32000) -> str:
-    src = json.loads((ROOT / "bsselect/examples/data/llama-7b/config.json").read_text())
-    src.update(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=inter,
-               num_attention_heads=heads, num_key_value_heads=heads,
-               head_dim=hidden // heads, vocab_size=vocab)
-    d = Path(tempfile.mkdtemp(prefix=f"llama{layers}x{hidden}-"))
-    (d / "config.json").write_text(json.dumps(src))
+def hf_dir(**config) -> str:
+    """A directory holding ``config.json`` with ``config`` (for ``--hf-config``)."""
+    d = Path(tempfile.mkdtemp(prefix=f"{config['model_type']}-"))
+    (d / "config.json").write_text(json.dumps(config))
     return str(d)
+
+
+def llama_dir(layers: int, hidden: int, inter: int, heads: int, vocab: int = 32000) -> str:
+    """The shipped Llama-7B config with other widths and depth."""
+    src = json.loads((ROOT / "bsselect/examples/data/llama-7b/config.json").read_text())
+    return hf_dir(**{**src, "num_hidden_layers": layers, "hidden_size": hidden,
+                     "intermediate_size": inter, "num_attention_heads": heads,
+                     "num_key_value_heads": heads, "head_dim": hidden // heads,
+                     "vocab_size": vocab})
 
 
 def on_gpu(task):
@@ -79,12 +85,6 @@ def on_gpu(task):
             return base()
 
     return replace(task, model=model)
-
-
-def hf_dir(**config) -> str:
-    d = Path(tempfile.mkdtemp(prefix=f"{config['model_type']}-"))
-    (d / "config.json").write_text(json.dumps(config))
-    return str(d)
 
 
 class _ResNet(torch.nn.Module):
@@ -287,7 +287,7 @@ def section_capped(out: Path) -> None:
         at = simulate_step_peak(sim_task, target_b, kernel_workspace=False,
                                 settings=settings_for(prec, True)).peak_bytes
         # Hopper's cuBLAS + cuBLASLt workspaces are 64 MiB; cuDNN's vary.
-        extra = (72 + (256 if model_has_conv(sim_task) else 0)) * MiB
+        extra = (72 + (256 if model_uses_cudnn(sim_task) else 0)) * MiB
         cap = int(math.ceil((at * 1.1 + extra) / MiB)) * MiB
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(cap / total)
