@@ -24,6 +24,9 @@ from .trial_types import TrialResult
 
 FORMAT_VERSION = 1
 _HEADER_TAG = "bsselect_journal"
+# Records other than trials and timing that a journal may hold: ``bsselect schedule`` writes
+# one line per branched trial and one per noise measurement of its base run.
+RECORD_TAGS = ("branch", "point_noise")
 
 
 def settings_key(settings: Mapping[str, Any]) -> str:
@@ -83,6 +86,9 @@ class JournalContents:
     warnings: tuple[str, ...] = field(default=())
     # The last complete set of interleaved timing rounds (``timing.RoundTiming`` dicts), if any.
     timing: tuple[dict[str, Any], ...] = field(default=())
+    # Other commands' records (``RECORD_TAGS``: ``bsselect schedule``'s branches and noise
+    # points), as (tag, payload) in the order written.
+    records: tuple[tuple[str, dict[str, Any]], ...] = field(default=())
 
 
 def load(path: str | Path) -> JournalContents:
@@ -106,6 +112,7 @@ def load(path: str | Path) -> JournalContents:
     trials: list[TrialResult] = []
     warnings: list[str] = []
     timing: tuple[dict[str, Any], ...] = ()
+    records: list[tuple[str, dict[str, Any]]] = []
     for number, raw in enumerate(lines, start=1):
         last_and_cut = number == len(lines) and not complete
         record, problem = _parse_line(raw)
@@ -121,6 +128,12 @@ def load(path: str | Path) -> JournalContents:
         elif problem is None and "timing" in record:
             rounds, problem = _timing_from(record["timing"])
             timing = rounds if problem is None else timing
+        elif problem is None and len(record) == 1 and next(iter(record)) in RECORD_TAGS:
+            tag, payload = next(iter(record.items()))
+            if isinstance(payload, dict):
+                records.append((tag, payload))
+            else:
+                problem = f"its {tag} record is not an object"
         elif problem is None:
             problem = "neither a header, a trial nor a timing record"
         if problem is not None:
@@ -129,7 +142,7 @@ def load(path: str | Path) -> JournalContents:
             warnings.append(f"{path}: line {number} skipped: {cause}")
     if header is None and lines:
         warnings.append(f"{path}: no readable header line; its task and settings are unknown")
-    return JournalContents(header, tuple(trials), tuple(warnings), timing)
+    return JournalContents(header, tuple(trials), tuple(warnings), timing, tuple(records))
 
 
 def _timing_from(raw: Any) -> tuple[tuple[dict[str, Any], ...], str | None]:
@@ -270,6 +283,7 @@ class Journal:
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             bsselect_version=__version__)
         self.resumed: dict[int, TrialResult] = {}
+        self.records: tuple[tuple[str, dict[str, Any]], ...] = ()  # resumed RECORD_TAGS lines
         self.warnings: tuple[str, ...] = ()
         exists = self.path.exists() and self.path.stat().st_size > 0
         match JournalMode(mode):
@@ -296,6 +310,13 @@ class Journal:
         _append_line(self.path, json.dumps({"timing": rounds}, separators=(",", ":"),
                                            allow_nan=False))
 
+    def append_record(self, tag: str, payload: Mapping[str, Any]) -> None:
+        """Write ``{tag: payload}`` (a ``RECORD_TAGS`` tag) as one fsync'd line."""
+        if tag not in RECORD_TAGS:
+            raise ValueError(f"unknown journal record {tag!r}")
+        _append_line(self.path, json.dumps({tag: dict(payload)}, separators=(",", ":"),
+                                           allow_nan=False, default=_canonical))
+
     def _start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _append_line(self.path, self.header.to_json(), truncate=True)
@@ -312,6 +333,7 @@ class Journal:
         _check_fingerprint(self.path, contents.header, self.fingerprint)
         _repair_tail(self.path)
         self.resumed = {t.batch_size: t for t in contents.trials}
+        self.records = contents.records
         self.warnings = contents.warnings
         return False
 
@@ -341,7 +363,7 @@ def _repair_tail(path: Path) -> None:
         return
     record, problem = _parse_line(data[keep:])
     with open(path, "r+b") as fh:
-        if problem is None and "trial" in record:
+        if problem is None and ("trial" in record or any(t in record for t in RECORD_TAGS)):
             fh.seek(0, os.SEEK_END)
             fh.write(b"\n")
         else:

@@ -1,0 +1,585 @@
+"""``bsselect schedule``: how the best batch size moves over a run, and a batch-size warm-up.
+
+The base configuration (the task's batch size ``b0`` and lr) trains for the first half of the
+run's horizon ``H``. At points ``0, H/2^(P-1), ..., H/4, H/2`` (samples seen) the run is
+branched: every batch size trains ``branch_samples`` samples from that point's weights and
+optimizer state, with its lr scaled by the sweep's rule, and its loss drop on a fixed training
+subset is measured. At each point this gives
+
+- the **critical batch size** (Merrill et al. 2025): the largest batch whose drop over the equal
+  sample budget is within ``tolerance`` of the smallest batch's;
+- the **fastest batch size**: the largest loss drop per second of training, at step times
+  measured in interleaved rounds (``trials.time_batch_sizes``) and fitted with the physics of a
+  step (``steptime.physical_fit``);
+- ``B_simple`` (McCandlish et al. 2018) at the point, with ``bsselect noise``'s estimator.
+
+The schedule: stage ``k`` makes the progress the base run makes between points ``k`` and
+``k+1`` (the last stage: to ``H``) at that point's fastest batch, never smaller than the batch
+before it (a batch-size warm-up), with the lr scaled for it and ramped up from the previous
+stage's over ``lr_ramp_samples``. Its predicted cost uses the measured relative sample
+efficiency ``r_k(b) = drop_k(b0) / drop_k(b)``: stage ``k`` needs ``L_k * r_k(b)`` samples,
+``L_k * r_k(b) / b`` steps and ``t(b)`` seconds a step. The same prediction is made for every
+fixed batch size, so the saving is stated against the base batch and the best fixed one.
+Method and measured results: docs/noise.md ("The noise scale over a run"),
+docs/benchmarks-schedule.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from . import distributed
+from .errors import InterruptedRun, TaskError, UsageError, one_line
+from .lr_scaling import LrScaling, scale_lr
+from .noise import default_batch_sizes
+from .oom import is_oom_error, release_memory
+from .steptime import pava, physical_fit
+from .timing import RoundTiming, cpu_threads, progress_units
+from .trial_types import TrialResult
+from .trials import (EVAL_BATCH, WARM_START_SEED_OFFSET, BudgetKind, TrialBudget, TrialSetup,
+                     _fresh_model, _lr_at, _step_options, _timed_step, cycle_batches,
+                     run_trial, time_batch_sizes)
+
+DEFAULT_POINTS = 5          # 0, H/16, H/8, H/4, H/2
+BRANCH_FRACTION = 16        # a branch trains H/16 samples
+MIN_BRANCH_STEPS = 4        # the largest branched batch takes at least this many steps
+DEFAULT_HORIZON_STEPS = 256  # default horizon: this many base steps, or one epoch if longer
+DEFAULT_NOISE_MEASUREMENTS = 8
+DEFAULT_TOLERANCE = 0.1     # critical batch: drop within 10% of the smallest batch's
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """What shapes a schedule measurement (and its journal's key)."""
+
+    horizon: int                 # samples of the run to plan
+    points: int = DEFAULT_POINTS
+    branch_samples: int = 0      # 0: horizon // BRANCH_FRACTION
+    lr_scaling: LrScaling = LrScaling.linear
+    seed: int = 0
+    lr_ramp_samples: int = 0
+    noise_measurements: int = DEFAULT_NOISE_MEASUREMENTS
+    tolerance: float = DEFAULT_TOLERANCE
+
+    def __post_init__(self) -> None:
+        if self.horizon < 1:
+            raise UsageError(f"--horizon must be >= 1 sample, got {self.horizon}")
+        if self.points < 2:
+            raise UsageError(f"--points must be at least 2 (the start and one later point), "
+                             f"got {self.points}")
+        if self.branch_samples < 0 or self.noise_measurements < 0:
+            raise UsageError("--branch-samples and --noise-measurements must be >= 0")
+        if not 0 < self.tolerance < 1:
+            raise UsageError(f"--tolerance must be between 0 and 1, got {self.tolerance}")
+        if self.noise_measurements == 1:
+            raise UsageError("--noise-measurements must be 0 (off) or at least 2")
+
+    @property
+    def branch(self) -> int:
+        return self.branch_samples or max(1, self.horizon // BRANCH_FRACTION)
+
+    def point_samples(self) -> list[int]:
+        """Samples seen by the base run at each point: 0, then H/2^(P-1) .. H/2."""
+        later = [self.horizon >> k for k in range(self.points - 1, 0, -1)]
+        return sorted({0, *[s for s in later if s > 0]})
+
+    def journal_settings(self, task: Any, batch_sizes: Sequence[int]) -> dict[str, Any]:
+        return {"command": "schedule", "horizon": self.horizon, "points": self.points,
+                "branch_samples": self.branch, "lr_scaling": self.lr_scaling.value,
+                "seed": self.seed, "lr_ramp_samples": self.lr_ramp_samples,
+                "noise_measurements": self.noise_measurements, "base_lr": task.lr,
+                "base_batch_size": task.base_batch_size, "batch_sizes": list(batch_sizes)}
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One branched trial at a point: its loss drop over the equal sample budget and the
+    drop per second of training at the fitted step time."""
+
+    trial: TrialResult
+    drop: float | None           # training-subset loss drop; None unless the trial is ok
+    drop_per_s: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        t = self.trial
+        return {"batch_size": t.batch_size, "lr": t.lr, "status": t.status.value,
+                "steps": t.steps, "samples": t.samples, "loss_start": t.train_loss_start,
+                "loss_end": t.train_loss_end, "drop": self.drop, "drop_per_s": self.drop_per_s,
+                "error": t.error}
+
+
+@dataclass(frozen=True)
+class SchedulePoint:
+    samples: int                 # seen by the base run
+    base_steps: int
+    branches: tuple[Branch, ...]
+    noise: dict[str, Any] | None  # B_simple at the point (``noise._estimate_json``), or None
+    critical_batch_size: int | None
+    fastest_batch_size: int | None
+
+    def drop_of(self, b: int) -> float | None:
+        for br in self.branches:
+            if br.trial.batch_size == b:
+                return br.drop
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        noise = self.noise or {}
+        return {"samples": self.samples, "base_steps": self.base_steps,
+                "critical_batch_size": self.critical_batch_size,
+                "fastest_batch_size": self.fastest_batch_size,
+                "b_simple": noise.get("b_simple"), "b_simple_ci": noise.get("b_simple_ci"),
+                "train_loss": self.branches[0].trial.train_loss_start if self.branches else None,
+                "branches": [b.to_json() for b in self.branches]}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage of the schedule: from ``start_samples`` (samples seen by the scheduled run) it
+    trains at ``batch_size`` and ``lr``; it covers the progress the base run makes from
+    ``base_samples`` on. ``steps``/``time_s``: predicted for the stage."""
+
+    start_samples: float
+    base_samples: int
+    batch_size: int
+    lr: float
+    samples: float
+    steps: float
+    time_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    """A batch-size warm-up a training loop can follow: ``batch_size_at(samples)`` and
+    ``lr_at(samples)`` for the samples seen so far. A stage whose lr is above the one before
+    it (the first stage: above ``base_lr``, the task's) ramps up to it linearly over its first
+    ``lr_ramp_samples`` samples, as the sweep's and the schedule's trials do."""
+
+    stages: tuple[Stage, ...]
+    lr_ramp_samples: int = 0
+    base_lr: float | None = None
+
+    def _index(self, samples: float) -> int:
+        i = 0
+        for k, st in enumerate(self.stages):
+            if samples >= st.start_samples:
+                i = k
+        return i
+
+    def batch_size_at(self, samples: float) -> int:
+        return self.stages[self._index(samples)].batch_size
+
+    def lr_at(self, samples: float) -> float:
+        i = self._index(samples)
+        stage = self.stages[i]
+        before = self.stages[i - 1].lr if i else self.base_lr
+        if before is None or self.lr_ramp_samples <= 0 or stage.lr <= before:
+            return stage.lr
+        ramp_steps = max(1, math.ceil(self.lr_ramp_samples / stage.batch_size))
+        step = math.floor(max(0.0, samples - stage.start_samples) / stage.batch_size)
+        return before + (stage.lr - before) * min(1.0, (step + 1) / ramp_steps)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [s.to_json() for s in self.stages]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    steps: float
+    samples: float
+    time_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"steps": _finite(self.steps), "samples": _finite(self.samples),
+                "time_s": _finite(self.time_s)}
+
+
+@dataclass(frozen=True)
+class ScheduleResult:
+    task_name: str
+    settings: ScheduleSettings
+    base_batch_size: int
+    base_lr: float
+    batch_sizes: tuple[int, ...]
+    step_times_s: dict[int, float]       # fitted (physical_fit of the interleaved rounds)
+    timing: tuple[RoundTiming, ...]
+    points: tuple[SchedulePoint, ...]
+    schedule: BatchSchedule
+    fixed: dict[int, Prediction]          # predicted cost of each fixed batch size
+    predicted: Prediction                 # the schedule's
+    growth: dict[str, float | None]       # exponents of B ~ samples^k (critical, b_simple)
+    journal: str
+    resumed: int
+    wall_s: float
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def best_fixed(self) -> int | None:
+        finite = [(p.time_s, b) for b, p in self.fixed.items() if math.isfinite(p.time_s)]
+        return min(finite)[1] if finite else None
+
+    def saving(self, against: int | None) -> dict[str, float | None]:
+        """Predicted steps and time of the schedule over those of fixed batch ``against``."""
+        if against is None or against not in self.fixed:
+            return {"steps": None, "time": None}
+        ref = self.fixed[against]
+        return {"steps": _ratio(self.predicted.steps, ref.steps),
+                "time": _ratio(self.predicted.time_s, ref.time_s)}
+
+    def to_json(self) -> dict[str, Any]:
+        best = self.best_fixed
+        return {
+            "task": self.task_name, "horizon_samples": self.settings.horizon,
+            "branch_samples": self.settings.branch, "tolerance": self.settings.tolerance,
+            "base_batch_size": self.base_batch_size, "base_lr": self.base_lr,
+            "lr_scaling": self.settings.lr_scaling.value,
+            "lr_ramp_samples": self.settings.lr_ramp_samples,
+            "batch_sizes": list(self.batch_sizes),
+            "step_time_s": {str(b): t for b, t in self.step_times_s.items()},
+            "timing": [t.to_dict() for t in self.timing],
+            "points": [p.to_json() for p in self.points],
+            "stages": [s.to_json() for s in self.schedule.stages],
+            "predicted": self.predicted.to_json(),
+            "fixed": {str(b): p.to_json() for b, p in self.fixed.items()},
+            "best_fixed_batch_size": best,
+            "vs_base": self.saving(self.base_batch_size), "vs_best_fixed": self.saving(best),
+            "growth_exponent": self.growth, "notes": list(self.notes),
+            "journal": self.journal, "resumed_trials": self.resumed, "wall_s": self.wall_s,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.to_json()
+
+
+@dataclass
+class ScheduleHooks:
+    """Progress callbacks (all optional): ``phase(description, total)`` starts a bar,
+    ``advance()`` moves it, ``warn(text)``."""
+
+    phase: Callable[[str, int | None], None] | None = None
+    advance: Callable[[], None] | None = None
+    warn: Callable[[str], None] | None = None
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else None
+
+
+# --- pure decisions (tested exhaustively in tests/test_schedule.py) ---------------------------
+
+def critical_batch(drops: dict[int, float | None], tolerance: float) -> int | None:
+    """The largest batch whose loss drop is at least ``(1 - tolerance)`` of the smallest
+    batch's (the smallest batch with a positive drop); None when no batch dropped."""
+    ok = sorted(b for b, d in drops.items() if d is not None and d > 0)
+    if not ok:
+        return None
+    ref = drops[ok[0]]
+    assert ref is not None
+    return max(b for b in ok if drops[b] is not None and drops[b] >= (1 - tolerance) * ref)
+
+
+def fastest_batch(rates: dict[int, float | None]) -> int | None:
+    """The batch with the largest positive loss drop per second (the larger one on a tie)."""
+    ok = [(r, b) for b, r in rates.items() if r is not None and r > 0]
+    return max(ok)[1] if ok else None
+
+
+def relative_samples(point: SchedulePoint, b: int, b0: int) -> float:
+    """``r(b) = drop(b0) / drop(b)`` at ``point``: samples batch ``b`` needs for the progress
+    ``b0`` makes in one sample (inf when ``b`` made no progress; 1 when ``b0`` made none, so
+    such a point predicts no difference)."""
+    d0, d = point.drop_of(b0), point.drop_of(b)
+    if d is None or d <= 0:
+        return math.inf
+    if d0 is None or d0 <= 0:
+        return 1.0
+    return d0 / d
+
+
+def stage_lengths(points: Sequence[SchedulePoint], horizon: int) -> list[int]:
+    """Base-run samples between consecutive points, the last to ``horizon``."""
+    starts = [p.samples for p in points]
+    return [max(0, e - s) for s, e in zip(starts, starts[1:] + [horizon])]
+
+
+def predict_fixed(points: Sequence[SchedulePoint], horizon: int, b: int, b0: int,
+                  step_time_s: float) -> Prediction:
+    lengths = stage_lengths(points, horizon)
+    samples = sum(L * relative_samples(p, b, b0) for p, L in zip(points, lengths) if L)
+    steps = samples / b
+    return Prediction(steps, samples, steps * step_time_s)
+
+
+def stage_batches(fastest: Sequence[int | None], b0: int) -> list[int]:
+    """The batch of each point's stage: the closest non-decreasing sequence (least squares on
+    log2, ``steptime.pava``) to the points' fastest batches, rounded to powers of two, so
+    that the batch only grows and one noisy point does not set every later stage. Points
+    without a fastest batch take their neighbours' level (the first ones ``b0``)."""
+    known = [(i, math.log2(b)) for i, b in enumerate(fastest) if b]
+    if not known:
+        return [b0] * len(fastest)
+    levels = pava([v for _, v in known], [1.0] * len(known), increasing=True)
+    out: list[int] = []
+    j = 0
+    for i in range(len(fastest)):
+        while j + 1 < len(known) and known[j + 1][0] <= i:
+            j += 1
+        level = levels[j] if known[j][0] <= i else (math.log2(b0) if not out else
+                                                    math.log2(out[-1]))
+        b = 2 ** math.floor(level + 0.5)
+        out.append(max(b, out[-1]) if out else b)
+    return out
+
+
+def plan_stages(points: Sequence[SchedulePoint], horizon: int, b0: int,
+                step_times_s: dict[int, float], lr_of: Callable[[int], float]) -> list[Stage]:
+    """One stage per point at ``stage_batches``' batch (restricted to the batches measured),
+    neighbouring stages with the same batch merged; each stage's samples, steps and time are
+    predicted from its point's relative sample efficiency."""
+    stages: list[Stage] = []
+    start = 0.0
+    wanted = stage_batches([p.fastest_batch_size for p in points], b0)
+    measured = sorted(step_times_s)
+    for p, L, want in zip(points, stage_lengths(points, horizon), wanted):
+        b = max([m for m in measured if m <= want] or [measured[0]])
+        if stages and b < stages[-1].batch_size:
+            b = stages[-1].batch_size
+        r = relative_samples(p, b, b0)
+        if not math.isfinite(r):  # a batch that made no progress at this point
+            r = 1.0
+        samples = L * r
+        steps = samples / b
+        stage = Stage(start, p.samples, b, lr_of(b), samples, steps, steps * step_times_s[b])
+        if stages and stages[-1].batch_size == b:
+            last = stages[-1]
+            stages[-1] = dataclasses.replace(last, samples=last.samples + samples,
+                                             steps=last.steps + steps,
+                                             time_s=last.time_s + stage.time_s)
+        else:
+            stages.append(stage)
+        start += samples
+    return stages
+
+
+def growth_exponent(samples: Sequence[float], values: Sequence[float | None]) -> float | None:
+    """Least-squares slope of log(value) on log(samples) over the points with samples > 0
+    and value > 0: B grows as samples^k. None with fewer than two such points."""
+    pts = [(math.log(s), math.log(v)) for s, v in zip(samples, values)
+           if s > 0 and v is not None and v > 0 and math.isfinite(v)]
+    if len(pts) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    if sxx == 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in pts) / sxx
+
+
+# --- the measurement --------------------------------------------------------------------------
+
+def branch_sizes(sizes: Sequence[int], branch_samples: int, b0: int) -> tuple[list[int], list[int]]:
+    """(kept, dropped): batch sizes that take at least MIN_BRANCH_STEPS steps of a branch, with
+    the base batch always kept."""
+    kept = sorted({b for b in sizes if b * MIN_BRANCH_STEPS <= branch_samples} | {b0})
+    return kept, sorted(b for b in sizes if b not in kept)
+
+
+def _base_run(setup: TrialSetup, point_samples: Sequence[int], hooks: ScheduleHooks
+              ) -> Iterator[tuple[int, int, torch.nn.Module, dict, dict]]:
+    """Train the base configuration and yield ``(samples, steps, model, model state,
+    optimizer state)`` at each of ``point_samples`` (the first step that reaches it)."""
+    task, device = setup.task, setup.device
+    model, optimizer = _fresh_model(setup, task.lr)
+    b = task.base_batch_size
+    warm = dataclasses.replace(setup, seed=setup.seed + WARM_START_SEED_OFFSET)
+    batches = cycle_batches(warm, b // setup.accumulate)
+    options = _step_options(setup, batches, device)
+    samples = steps = 0
+    for target in point_samples:
+        while samples < target:
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(steps, task.lr, setup.warmup_steps)
+            value, y, _ = _timed_step(model, optimizer, task, batches, device, options)
+            steps += 1
+            samples += len(y) if isinstance(y, torch.Tensor) else b
+            if not math.isfinite(value):
+                raise TaskError(f"the base configuration (batch {b}, lr {task.lr:g}) diverged at "
+                                f"step {steps}; lower the task's lr or add --warmup-steps")
+            if hooks.advance:
+                hooks.advance()
+        yield samples, steps, model, copy.deepcopy(model.state_dict()), \
+            copy.deepcopy(optimizer.state_dict())
+
+
+def _noise_at(setup: TrialSetup, model: torch.nn.Module, measurements: int, seed: int
+              ) -> dict[str, Any] | None:
+    from .noise import _estimate_json, estimate_noise
+
+    if not measurements:
+        return None
+    b_small, b_big = default_batch_sizes(setup.task)
+    try:
+        est, _ = estimate_noise(model, setup.task, b_small=b_small, b_big=b_big,
+                                measurements=measurements, seed=seed,
+                                precision=setup.precision)
+    except Exception as exc:  # noqa: BLE001 - out of memory only: the point stands without it
+        if not (is_oom_error(exc) or is_oom_error(exc.__cause__)):
+            raise
+        del exc
+        release_memory()
+        return None
+    return _estimate_json(est)
+
+
+def _branch(trial: TrialResult, step_time_s: float | None) -> Branch:
+    if not trial.ok or trial.train_loss_start is None or trial.train_loss_end is None:
+        return Branch(trial, None, None)
+    drop = trial.train_loss_start - trial.train_loss_end
+    rate = drop / (trial.steps * step_time_s) if step_time_s and trial.steps else None
+    return Branch(trial, drop, rate)
+
+
+def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
+                 settings: ScheduleSettings, device: torch.device, journal_path: Path,
+                 resume: bool = False, overwrite: bool = False,
+                 hooks: ScheduleHooks | None = None, threads: int | None = None
+                 ) -> ScheduleResult:
+    """Measure and plan (see the module docstring). Every branched trial and noise point is
+    journaled as it finishes; ``resume`` reruns only the base run (deterministic) and what is
+    missing."""
+    from .journal import Journal, JournalMode
+    from .sweep import SweepSettings, make_setup, task_fingerprint, with_initial_loss
+
+    if distributed.active():
+        raise UsageError("bsselect schedule runs in one process; run it without torchrun")
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    hooks = hooks or ScheduleHooks()
+    start = time.perf_counter()
+    b0 = task.base_batch_size
+    sweep_like = SweepSettings(budget=TrialBudget(BudgetKind.samples, settings.branch),
+                               lr_scaling=settings.lr_scaling, seed=settings.seed,
+                               lr_ramp_samples=settings.lr_ramp_samples)
+    setup, _ = make_setup(task, sweep_like, device, min(EVAL_BATCH, *batch_sizes))
+    n_train = len(setup.train_data)  # type: ignore[arg-type]
+    notes: list[str] = []
+    sizes, dropped = branch_sizes([b for b in batch_sizes if b <= n_train], settings.branch, b0)
+    if dropped:
+        notes.append(f"batch sizes {dropped} left out: a branch of {settings.branch} samples "
+                     f"gives them fewer than {MIN_BRANCH_STEPS} steps (raise --branch-samples "
+                     "or --horizon)")
+    if len(sizes) < 2:
+        raise UsageError(f"only batch size {sizes} can branch: give more batch sizes, or a "
+                         f"longer --horizon / --branch-samples (now {settings.branch} samples "
+                         "per branch)")
+    mode = JournalMode.resume if resume else (
+        JournalMode.overwrite if overwrite else JournalMode.new)
+    journal = Journal(journal_path, task=task_name,
+                      settings=settings.journal_settings(task, sizes), mode=mode,
+                      fingerprint=task_fingerprint(task, setup))
+    for w in journal.warnings:
+        notes.append(w)
+    done_branch = {(int(p["point"]), int(p["trial"]["batch_size"])): TrialResult.from_dict(p["trial"])
+                   for tag, p in journal.records if tag == "branch"}
+    done_noise = {int(p["point"]): p.get("estimate") for tag, p in journal.records
+                  if tag == "point_noise"}
+    point_samples = settings.point_samples()
+    lr_of = {b: scale_lr(task.lr, b0, b, settings.lr_scaling) for b in sizes}
+    trials: dict[tuple[int, int], TrialResult] = dict(done_branch)
+    loss_init = with_initial_loss(setup).loss_start  # the branches' divergence rule
+    noises: dict[int, dict[str, Any] | None] = dict(done_noise)
+    bases: list[tuple[int, int]] = []
+    try:
+        with cpu_threads(threads):
+            timing = _timing(setup, sizes, hooks, notes)
+            if hooks.phase:
+                hooks.phase("base run and branches", None)
+            for k, (samples, steps, model, mstate, ostate) in enumerate(
+                    _base_run(setup, point_samples, hooks)):
+                bases.append((samples, steps))
+                if k not in noises:
+                    noises[k] = _noise_at(setup, model, settings.noise_measurements,
+                                          settings.seed + 1000 + k)
+                    journal.append_record("point_noise", {"point": k, "estimate": noises[k]})
+                point = dataclasses.replace(
+                    setup, initial_state=mstate, optimizer_state=ostate if steps else None,
+                    branch_steps=steps, loss_start=None, noise_measurements=0)
+                if steps:
+                    point = dataclasses.replace(point, loss_init=loss_init)
+                for b in sizes:
+                    if (k, b) in trials:
+                        continue
+                    if hooks.phase:
+                        hooks.phase(f"point {k + 1}/{len(point_samples)} ({samples} samples): "
+                                    f"batch {b}", None)
+                    result = run_trial(point, b, lr_of[b])
+                    journal.append_record("branch", {"point": k, "trial": result.to_dict()})
+                    trials[(k, b)] = result
+    except KeyboardInterrupt:
+        raise InterruptedRun(f"interrupted; the finished branches are in {journal_path} — "
+                             "rerun with --resume to continue") from None
+    fitted = _fit_times(timing, sizes)
+    points = []
+    for k, (samples, steps) in enumerate(bases):
+        branches = tuple(_branch(trials[(k, b)], fitted.get(b)) for b in sizes)
+        drops = {br.trial.batch_size: br.drop for br in branches}
+        rates = {br.trial.batch_size: br.drop_per_s for br in branches}
+        points.append(SchedulePoint(samples, steps, branches, noises.get(k),
+                                    critical_batch(drops, settings.tolerance),
+                                    fastest_batch(rates)))
+    stages = plan_stages(points, settings.horizon, b0, fitted, lambda b: lr_of[b])
+    fixed = {b: predict_fixed(points, settings.horizon, b, b0, fitted[b]) for b in sizes}
+    predicted = Prediction(sum(s.steps for s in stages), sum(s.samples for s in stages),
+                           sum(s.time_s for s in stages))
+    xs = [p.samples for p in points]
+    growth = {"critical_batch_size": growth_exponent(xs, [p.critical_batch_size for p in points]),
+              "fastest_batch_size": growth_exponent(xs, [p.fastest_batch_size for p in points]),
+              "b_simple": growth_exponent(xs, [(p.noise or {}).get("b_simple") for p in points])}
+    if points and points[-1].fastest_batch_size == max(sizes):
+        notes.append(f"the largest batch branched ({max(sizes)}) was still the fastest at the "
+                     "last point: the batch may grow further (allow larger batches, or a "
+                     "longer --branch-samples)")
+    return ScheduleResult(task_name, settings, b0, task.lr, tuple(sizes), fitted, timing,
+                          tuple(points), BatchSchedule(tuple(stages), settings.lr_ramp_samples, task.lr),
+                          fixed, predicted, growth, str(journal_path),
+                          len(done_branch), time.perf_counter() - start, tuple(notes))
+
+
+def _timing(setup: TrialSetup, sizes: list[int], hooks: ScheduleHooks, notes: list[str]
+            ) -> tuple[RoundTiming, ...]:
+    if hooks.phase:
+        hooks.phase("timing rounds", progress_units(len(sizes)))
+    try:
+        return tuple(time_batch_sizes(setup, sizes, hooks.advance).values())
+    except Exception as exc:  # noqa: BLE001 - a batch that cannot step cannot be scheduled
+        release_memory()
+        raise TaskError(f"timing the batch sizes {sizes} failed: {one_line(exc)}; give "
+                        "smaller ones (--max-batch)") from exc
+
+
+def _fit_times(timing: Sequence[RoundTiming], sizes: Sequence[int]) -> dict[int, float]:
+    by = {t.batch_size: t for t in timing}
+    shape = physical_fit(list(sizes), [by[b].step.mid for b in sizes],
+                         [by[b].step.lo for b in sizes])
+    return {b: shape.at(b) for b in sizes}
+
+
+def default_horizon(task: Any) -> int:
+    """DEFAULT_HORIZON_STEPS base steps, or one epoch if that is longer."""
+    return max(DEFAULT_HORIZON_STEPS * task.base_batch_size, len(task.train_data))
