@@ -13,13 +13,13 @@ import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-_API = ("probe", "check", "noise_scale", "sweep", "plan_sweep", "SweepPlan", "resolve_task",
-        "find_batch_size", "fits_batch_size")
+_API = ("probe", "check", "noise_scale", "sweep", "plan_sweep", "SweepPlan", "schedule",
+        "resolve_task", "find_batch_size", "fits_batch_size")
 __all__ = ["Task", "__version__", *_API]
 
 if TYPE_CHECKING:
     from .api import (SweepPlan, check, find_batch_size, fits_batch_size, noise_scale,
-                      plan_sweep, probe, resolve_task, sweep)
+                      plan_sweep, probe, resolve_task, schedule, sweep)
     from .task import Task
 
 
@@ -40,7 +40,7 @@ def __getattr__(name: str) -> Any:
 
 
 class _Package(types.ModuleType):
-    """``bsselect.probe``, ``.check`` and ``.sweep`` are the API's functions, although
+    """``bsselect.probe``, ``.check``, ``.sweep`` and ``.schedule`` are the API's functions, although
     submodules of the same names exist (``bsselect.probe`` the module holds the method):
     importing a submodule binds it on its package, which would replace the function. The
     submodules stay importable by their full names (``from bsselect.probe import ...``)."""

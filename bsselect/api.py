@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .inputs import InputMode, InputScan
     from .noise import NoiseReport
     from .probe import Method, ProbeResult
+    from .schedule import ScheduleResult
     from .step import StepSettings
     from .sweep import SweepHooks, SweepResult, SweepSettings
     from .task import Task
@@ -339,6 +340,45 @@ def sweep(task: TaskLike = None, *, resume: bool = False, overwrite: bool = Fals
                      threads=plan.threads)
 
 
+def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int = 5,
+             branch_samples: int | None = None, batch_sizes: Sequence[int] | None = None,
+             min_batch: int = 8, max_batch: int | None = None, lr_scaling: str = "auto",
+             tolerance: float = 0.1, noise_measurements: int = 8, seed: int = 0,
+             journal: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+             device: str = "auto", memory: Size = None, threads: int | None = None,
+             hooks: Any = None, console: Any = None) -> "ScheduleResult":
+    """How the best batch size moves over a run, and a batch-size warm-up that follows it
+    (``bsselect schedule``): the base configuration trains for half of ``horizon`` samples
+    (default: 256 base steps or one epoch); at ``points`` geometrically spaced points every
+    batch size branches for ``branch_samples`` (default ``horizon // 16``) samples. Returns a
+    ``ScheduleResult``; its ``schedule`` (a ``BatchSchedule``) gives ``batch_size_at`` and
+    ``lr_at`` for a training loop."""
+    from .schedule import ScheduleSettings, default_horizon, run_schedule
+    from .sweep import RAMP_BASE_STEPS, resolve_lr_scaling
+    from .timing import default_threads
+
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    explicit = list(batch_sizes) if batch_sizes else None
+    if explicit and any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                        for b in explicit):
+        raise UsageError(f"--batch-sizes must be integers >= 1, got {explicit}")
+    dev = device_of(device)
+    loaded, name = resolve_task(task)
+    settings = ScheduleSettings(
+        horizon=default_horizon(loaded) if horizon is None else horizon, points=points,
+        branch_samples=branch_samples or 0, lr_scaling=resolve_lr_scaling(loaded, lr_scaling),
+        seed=seed, lr_ramp_samples=RAMP_BASE_STEPS * loaded.base_batch_size,
+        noise_measurements=noise_measurements, tolerance=tolerance)
+    sizes, _, _ = plan_sizes(loaded, name, explicit, min_batch, max_batch, _bytes(memory, "memory"),
+                             dev, None, console)
+    path = Path(journal) if journal else Path(f"bsselect-schedule-{slug(name)}.jsonl")
+    n_threads = None if dev.type != "cpu" else (threads or default_threads(local_processes()))
+    return run_schedule(loaded, task_name=name, batch_sizes=sizes, settings=settings,
+                        device=dev, journal_path=path, resume=resume, overwrite=overwrite,
+                        hooks=hooks, threads=n_threads)
+
+
 def local_processes() -> int:
     """Processes sharing this machine's cores under torchrun (1 otherwise)."""
     try:
@@ -437,5 +477,5 @@ def fits_batch_size(**options: Any) -> Any:
     return decorator(**options)
 
 
-__all__ = ["probe", "check", "noise_scale", "sweep", "plan_sweep", "SweepPlan",
+__all__ = ["probe", "check", "noise_scale", "sweep", "plan_sweep", "SweepPlan", "schedule",
            "resolve_task", "device_of", "find_batch_size", "fits_batch_size"]

@@ -359,6 +359,126 @@ def sweep(
 
 
 @app.command()
+def schedule(
+    task: TaskArg = None,
+    horizon: Annotated[Optional[int], typer.Option(
+        help="Samples of the run to plan (the length of your training run).",
+        show_default="256 steps of the task's base batch size, or one epoch if longer")] = None,
+    points: Annotated[int, typer.Option(
+        help="Points of the base run to branch from: 0, then horizon/2^(points-1) .. "
+             "horizon/2.")] = 5,
+    branch_samples: Annotated[Optional[int], typer.Option(
+        help="Samples each branched trial trains.", show_default="horizon / 16")] = None,
+    batch_sizes: Annotated[Optional[str], typer.Option(
+        help="Explicit comma-separated batch sizes (skips the probe).")] = None,
+    min_batch: Annotated[int, typer.Option(help="Smallest power of two to branch.")] = 8,
+    max_batch: Annotated[Optional[int], typer.Option(
+        help="Largest batch to branch. Default: probe's largest power of two that fits, "
+             "capped at half the training set (and at branch-samples / 4).")] = None,
+    lr_scaling: Annotated[str, typer.Option(
+        help="auto (linear for SGD, sqrt for Adam-family), linear, sqrt or none.")] = "auto",
+    tolerance: Annotated[float, typer.Option(
+        help="Critical batch: the largest whose loss drop is within this fraction of the "
+             "smallest batch's.")] = 0.1,
+    noise_measurements: Annotated[int, typer.Option(
+        help="B_simple measurements at each point (0: off).")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed for initial weights and data order.")] = 0,
+    journal: Annotated[Optional[Path], typer.Option(
+        help="JSONL journal of finished branches.",
+        show_default="bsselect-schedule-TASK.jsonl")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Skip branches already in the journal for the same task and "
+                         "settings.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Start the journal afresh if it exists.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps, xpu ...")] = "auto",
+    memory: MemoryOpt = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="Write a PNG of the batch sizes over the run with the schedule (needs "
+             "matplotlib).")] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        help="CPU threads (on a CPU device).", show_default="half the usable cores")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """How does the best batch size move over the run? A batch-size warm-up schedule.
+
+    Trains the base configuration (the task's batch size and lr) and branches short
+    equal-sample trials at every batch size from points of it; per point it reports B_simple,
+    the critical batch (Merrill et al. 2025) and the fastest batch at measured step times,
+    and plans stages that grow the batch, with the predicted steps and time against fixed
+    batch sizes.
+
+    Examples:
+
+      bsselect schedule                               # digits-mlp, seconds on a laptop
+
+      bsselect schedule tiny-lm --horizon 16384 --batch-sizes 8,16,32,64,128 --plot s.png
+
+      bsselect schedule train.py:make_task --resume --json > schedule.json
+    """
+
+    def body() -> None:
+        from . import api
+        from .report import console, emit_json, render_schedule
+
+        if resume and overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
+        if plot is not None:
+            from .plots import check_plot_target
+
+            check_plot_target(plot)
+        with _ScheduleProgress(console) as hooks:
+            result = api.schedule(
+                task, horizon=horizon, points=points, branch_samples=branch_samples,
+                batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"), min_batch=min_batch,
+                max_batch=max_batch, lr_scaling=lr_scaling, tolerance=tolerance,
+                noise_measurements=noise_measurements, seed=seed, journal=journal,
+                resume=resume, overwrite=overwrite, device=device, memory=memory,
+                threads=threads, hooks=hooks, console=console)
+        if as_json:
+            emit_json(result.to_json())
+        else:
+            render_schedule(result)
+        if plot is not None:
+            from .plots import plot_schedule
+
+            try:
+                plot_schedule(result, plot)
+            except OSError as exc:
+                raise UsageError(f"writing the plot {str(plot)!r} failed: {one_line(exc)}; the "
+                                 f"results are also in {result.journal}") from None
+            console.print(f"plot written to {plot}", highlight=False)
+
+    guarded(body)
+
+
+class _ScheduleProgress:
+    """One transient rich bar for the current phase (timing rounds, base run, a branch)."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                            console=console, transient=True)
+        self.current = self.bar.add_task("schedule", total=None)
+        self.console = console
+
+    def __enter__(self):
+        from .schedule import ScheduleHooks
+
+        self.bar.start()
+        return ScheduleHooks(
+            phase=lambda what, total: self.bar.update(self.current, description=what,
+                                                      completed=0, total=total),
+            advance=lambda: self.bar.advance(self.current),
+            warn=lambda w: self.console.print(f"[yellow]warning:[/] {_escape(w)}",
+                                              highlight=False))
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+
+@app.command()
 def report(
     journal: Annotated[Path, typer.Argument(help="A sweep's JSONL journal.")],
     plot: Annotated[Optional[Path], typer.Option(help="Write the sweep's plots to this PNG.")] = None,

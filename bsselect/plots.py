@@ -136,3 +136,33 @@ def _ranking_panel(ax: Any, ranking: Any) -> None:
     ax.axvline(1.0, color="k", lw=0.5)
     ax.set(xlabel="predicted time to target / best (90% interval; green: tied)",
            ylabel="batch size (ranked)")
+
+
+def plot_schedule(result: Any, path: Path) -> None:
+    """Batch size over the run (log-log): B_simple with its interval, the critical and the
+    fastest batch at each point, and the schedule as a step line over samples seen."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    xs = [max(p.samples, 1) for p in result.points]
+    noise = [(x, p.noise) for x, p in zip(xs, result.points) if p.noise and p.noise.get("b_simple")]
+    if noise:
+        ax.plot([x for x, _ in noise], [n["b_simple"] for _, n in noise], "o-", label="B_simple")
+        for x, n in noise:
+            if n.get("b_simple_ci"):
+                ax.vlines(x, *n["b_simple_ci"], color="C0", alpha=0.4)
+    for attr, style, label in (("critical_batch_size", "s--", "critical batch"),
+                               ("fastest_batch_size", "^--", "fastest batch")):
+        pts = [(x, getattr(p, attr)) for x, p in zip(xs, result.points) if getattr(p, attr)]
+        if pts:
+            ax.plot([x for x, _ in pts], [v for _, v in pts], style, label=label)
+    stages = result.schedule.stages
+    edges = [max(s.start_samples, 1) for s in stages] + [max(result.predicted.samples, xs[-1])]
+    for st, lo, hi in zip(stages, edges, edges[1:]):
+        ax.hlines(st.batch_size, lo, hi, colors="k", lw=2.5)
+    ax.plot([], [], "k-", lw=2.5, label="schedule (samples of the scheduled run)")
+    ax.set(xscale="log", yscale="log", xlabel="samples seen (0 drawn at 1)", ylabel="batch size",
+           title=f"bsselect schedule — {result.task_name}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -279,3 +279,56 @@ def render_check_github(result: Any) -> None:
     level = "notice" if result.fits else "error"
     message = f"{head}; {tail}".replace("%", "%25").replace("\n", "%0A")
     print(f"::{level} title=bsselect check::{message}")
+
+
+def render_schedule(result: Any) -> None:
+    """Per point: the base run's loss, B_simple, the critical and fastest batch and each
+    branch's loss drop; then the stages and the predicted saving."""
+    s = result.settings
+    out.print(f"[bold]Schedule — {escape(result.task_name)}[/] (horizon {s.horizon:,} samples; "
+              f"branches of {s.branch:,} samples from {len(result.points)} points of the base "
+              f"run at batch {result.base_batch_size}, lr {result.base_lr:g})", highlight=False)
+    table = Table(box=None, pad_edge=False)
+    table.add_column("samples", justify="right")
+    table.add_column("train loss", justify="right")
+    table.add_column("B_simple", justify="right")
+    table.add_column("critical b", justify="right")
+    table.add_column("fastest b", justify="right")
+    for b in result.batch_sizes:
+        table.add_column(f"drop b={b}", justify="right")
+    for p in result.points:
+        js = p.to_json()
+        cells = []
+        for br in p.branches:
+            if br.drop is None:
+                cells.append(br.trial.status.value)
+            else:
+                cells.append(f"{br.drop:.3g}")
+        table.add_row(f"{p.samples:,}", _f(js["train_loss"], ".4g"), _f(js["b_simple"]),
+                      _f(p.critical_batch_size, "d"), _f(p.fastest_batch_size, "d"), *cells)
+    out.print(table)
+    out.print(f"critical b: the largest batch whose loss drop over the branch is within "
+              f"{s.tolerance:.0%} of the smallest batch's; fastest b: the largest loss drop per "
+              "second at the measured step times", highlight=False)
+    stages = Table(box=None, pad_edge=False)
+    for col in ("stage", "from sample", "batch", "lr", "predicted steps", "predicted time"):
+        stages.add_column(col, justify="right")
+    for i, st in enumerate(result.schedule.stages, start=1):
+        stages.add_row(str(i), f"{st.start_samples:,.0f}", str(st.batch_size), f"{st.lr:.4g}",
+                       f"{st.steps:,.0f}", f"{st.time_s:.3g} s")
+    out.print(stages)
+    best = result.best_fixed
+    base = result.saving(result.base_batch_size)
+    vs_best = result.saving(best)
+    pred = result.predicted
+    out.print(f"predicted for the schedule: {pred.steps:,.0f} steps, {pred.time_s:.3g} s of "
+              f"training; vs the base batch {result.base_batch_size}: {_x(base['steps'])} the "
+              f"steps, {_x(base['time'])} the time; vs the best fixed batch ({best}): "
+              f"{_x(vs_best['steps'])} the steps, {_x(vs_best['time'])} the time", highlight=False)
+    for note in result.notes:
+        out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    out.print(f"journal {result.journal} · {result.wall_s:.1f} s", highlight=False)
+
+
+def _x(ratio: float | None) -> str:
+    return "—" if ratio is None else f"{ratio:.2f}x"

@@ -22,9 +22,9 @@ from pathlib import Path
 GUIDE = Path(__file__).resolve().parent / "guide.md"
 BLOCK = re.compile(r"```text\n(\$ bsselect [^\n]*)\n(.*?)```", re.S)
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*(?:e[+-]?\d+)?")
-# Commands whose output depends on timing (the sweep's ranking and tied set): only the lines
-# up to the table's header are compared.
-TIMED = ("bsselect sweep",)
+# Commands whose output depends on timing (the sweep's ranking and tied set, the schedule's
+# fastest batches and stages): only the lines up to the table's header are compared.
+TIMED = {"bsselect sweep": "# batch", "bsselect schedule": "samples train loss"}
 
 
 def run(command: str) -> str:
@@ -44,9 +44,11 @@ def run(command: str) -> str:
 def masked(text: str, command: str) -> list[str]:
     lines = [" ".join(NUMBER.sub("#", line).split()) for line in text.splitlines()]
     lines = [line for line in lines if line]
-    if command.removeprefix("$ ").startswith(TIMED):
-        end = next((i for i, line in enumerate(lines) if line.startswith("# batch")), len(lines))
-        lines = lines[: end + 1]
+    for prefix, header in TIMED.items():
+        if command.removeprefix("$ ").startswith(prefix):
+            end = next((i for i, line in enumerate(lines) if line.startswith(header)),
+                       len(lines))
+            lines = lines[: end + 1]
     return lines
 
 

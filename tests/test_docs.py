@@ -22,7 +22,8 @@ def test_cli_reference_is_current():
 
 def test_readme_mentions_every_command():
     readme = (ROOT / "README.md").read_text()
-    for cmd in ("probe", "sweep", "noise", "check", "report", "examples", "presets"):
+    for cmd in ("probe", "sweep", "noise", "schedule", "check", "report", "examples",
+                "presets"):
         assert f"bsselect {cmd}" in readme, cmd
 
 

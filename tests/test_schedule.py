@@ -1,0 +1,242 @@
+"""``bsselect schedule``: the pure decisions exhaustively, the measurement on tiny real tasks
+(tests/tasks/sweep_tasks.py) in process, resume from a journal cut short, and the command in
+a subprocess for its JSON and exit codes. Nothing asserts on a duration or on which batch
+comes out fastest (that depends on the machine's step times)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bsselect.errors import UsageError
+from bsselect.lr_scaling import LrScaling
+from bsselect.schedule import (BatchSchedule, Branch, ScheduleSettings, SchedulePoint, Stage,
+                               branch_sizes, critical_batch, fastest_batch, growth_exponent,
+                               plan_stages, predict_fixed, relative_samples, run_schedule,
+                               stage_batches, stage_lengths)
+from bsselect.trial_types import TrialResult, TrialStatus
+from bsselect.trials import trial_lr
+
+from conftest import run_cli
+
+TASKS = Path(__file__).parent / "tasks" / "sweep_tasks.py"
+sys.path.insert(0, str(TASKS.parent))
+import sweep_tasks  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+# --- pure decisions ----------------------------------------------------------------------------
+
+def test_critical_batch_is_the_largest_within_tolerance_of_the_smallest():
+    drops = {8: 1.0, 16: 0.95, 32: 0.91, 64: 0.5, 128: None}
+    assert critical_batch(drops, 0.1) == 32
+    assert critical_batch(drops, 0.04) == 8
+    assert critical_batch(drops, 0.06) == 16
+    # the reference is the smallest batch that made progress; a later recovery still counts
+    assert critical_batch({8: None, 16: -0.1, 32: 0.4, 64: 0.39, 128: 0.1}, 0.1) == 64
+    assert critical_batch({8: 1.0, 16: 0.2, 32: 0.95}, 0.1) == 32
+    assert critical_batch({8: None, 16: 0.0}, 0.1) is None
+
+
+def test_fastest_batch_takes_the_largest_positive_rate_and_the_larger_batch_on_ties():
+    assert fastest_batch({8: 1.0, 16: 3.0, 32: 2.0}) == 16
+    assert fastest_batch({8: 2.0, 16: 2.0}) == 16
+    assert fastest_batch({8: None, 16: -1.0}) is None
+    assert fastest_batch({}) is None
+
+
+@pytest.mark.parametrize("fastest", list(itertools.product([None, 8, 16, 32, 64], repeat=4)))
+def test_stage_batches_never_shrink_and_stay_powers_of_two(fastest):
+    out = stage_batches(list(fastest), 32)
+    assert len(out) == len(fastest)
+    assert all(b > 0 and b & (b - 1) == 0 for b in out)
+    assert out == sorted(out)
+    known = [b for b in fastest if b]
+    if known:  # isotonic: within the range of what was measured
+        assert min(known) <= out[0] and out[-1] <= max(known)
+        if known == sorted(known) and None not in fastest:
+            assert out == list(fastest)  # already non-decreasing: kept as measured
+    else:
+        assert out == [32] * len(fastest)
+
+
+def test_stage_batches_one_noisy_point_does_not_set_the_rest():
+    # 128 at the second point, then 16s: pooled, not carried forward
+    assert stage_batches([16, 128, 16, 16, 16], 32) == [16, 16, 16, 16, 16]
+    assert stage_batches([16, 32, 128, 64, 128], 32) == [16, 32, 128, 128, 128]
+
+
+def _trial(b: int, drop: float | None, status: TrialStatus = TrialStatus.ok) -> TrialResult:
+    if drop is None:
+        return TrialResult(batch_size=b, lr=0.1, status=TrialStatus.diverged, steps=1,
+                           samples=b, wall_s=0.0, error="x")
+    return TrialResult(batch_size=b, lr=0.1, status=status, steps=4, samples=4 * b, wall_s=0.0,
+                       train_loss_start=2.0, train_loss_end=2.0 - drop, step_time_s=0.01)
+
+
+def _point(samples: int, drops: dict[int, float | None], fastest: int | None) -> SchedulePoint:
+    branches = tuple(Branch(_trial(b, d), d, None if d is None else d / b) for b, d in drops.items())
+    return SchedulePoint(samples, samples // 32, branches, None, None, fastest)
+
+
+def test_relative_samples_and_the_prediction_for_a_fixed_batch():
+    p0 = _point(0, {32: 1.0, 64: 0.5, 128: None}, 32)
+    p1 = _point(100, {32: 1.0, 64: 1.0, 128: 0.25}, 64)
+    assert relative_samples(p0, 64, 32) == 2.0
+    assert relative_samples(p0, 128, 32) == math.inf
+    assert relative_samples(_point(0, {32: None, 64: 0.5}, 64), 64, 32) == 1.0
+    assert stage_lengths([p0, p1], 400) == [100, 300]
+    pred = predict_fixed([p0, p1], 400, 64, 32, step_time_s=0.5)
+    assert pred.samples == pytest.approx(100 * 2 + 300 * 1)
+    assert pred.steps == pytest.approx(500 / 64)
+    assert pred.time_s == pytest.approx(500 / 64 * 0.5)
+    assert predict_fixed([p0, p1], 400, 32, 32, 0.25).samples == 400
+    assert math.isinf(predict_fixed([p0, p1], 400, 128, 32, 1.0).time_s)
+
+
+def test_plan_stages_merges_equal_batches_and_predicts_each_stage():
+    points = [_point(0, {32: 1.0, 64: 0.5}, 32), _point(100, {32: 1.0, 64: 1.0}, 64),
+              _point(200, {32: 1.0, 64: 0.8}, 64)]
+    times = {32: 0.1, 64: 0.15}
+    stages = plan_stages(points, 400, 32, times, lambda b: b / 320)
+    assert [s.batch_size for s in stages] == [32, 64]
+    first, second = stages
+    assert (first.start_samples, first.samples, first.steps) == (0, 100, 100 / 32)
+    assert second.start_samples == 100 and second.base_samples == 100
+    assert second.samples == pytest.approx(100 * 1.0 + 200 * 1.25)
+    assert second.steps == pytest.approx(350 / 64)
+    assert second.time_s == pytest.approx(350 / 64 * 0.15)
+    assert second.lr == pytest.approx(0.2)
+
+
+def test_growth_exponent_recovers_a_power_law_and_needs_two_points():
+    xs = [0, 100, 200, 400, 800]
+    assert growth_exponent(xs, [None, 10, 10 * 2 ** 0.5, 20, 20 * 2 ** 0.5]) == pytest.approx(0.5)
+    assert growth_exponent(xs, [5, None, None, None, 7]) is None  # 0 samples: not on a log axis
+    assert growth_exponent([100, 100], [1, 2]) is None
+
+
+def test_batch_schedule_follows_stages_and_ramps_like_the_trials():
+    stages = (Stage(0, 0, 64, 0.2, 640, 10, 1.0), Stage(640, 100, 128, 0.4, 1280, 10, 1.0))
+    sched = BatchSchedule(stages, lr_ramp_samples=256, base_lr=0.1)
+    assert sched.batch_size_at(0) == 64 and sched.batch_size_at(639) == 64
+    assert sched.batch_size_at(640) == 128
+    for step in range(8):  # the first stage ramps from the task's lr exactly as a trial does
+        assert sched.lr_at(step * 64) == pytest.approx(trial_lr(step, 0.2, 64, 0.1, 0, 256))
+    assert sched.lr_at(640) == pytest.approx(0.2 + 0.2 * 0.5)  # ramp of 2 steps at 128
+    assert sched.lr_at(640 + 128) == pytest.approx(0.4)
+    assert BatchSchedule(stages).lr_at(0) == 0.2  # no ramp asked
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(horizon=0), "--horizon"), (dict(points=1), "--points"),
+    (dict(tolerance=1.5), "--tolerance"), (dict(noise_measurements=1), "--noise-measurements"),
+    (dict(branch_samples=-1), "--branch-samples"),
+])
+def test_settings_refuse_bad_values(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        ScheduleSettings(**{"horizon": 1024, **kwargs})
+
+
+def test_points_are_geometric_and_branch_sizes_take_enough_steps():
+    s = ScheduleSettings(horizon=1600)
+    assert s.point_samples() == [0, 100, 200, 400, 800] and s.branch == 100
+    assert branch_sizes([8, 16, 32, 64], 100, 32) == ([8, 16, 32], [64])
+    assert branch_sizes([8, 16], 100, 32) == ([8, 16, 32], [])  # the base batch is kept
+
+
+# --- on a real tiny task --------------------------------------------------------------------
+
+def _settings(**kw) -> ScheduleSettings:
+    return ScheduleSettings(**{"horizon": 2048, "lr_scaling": LrScaling.linear,
+                               "noise_measurements": 2, "lr_ramp_samples": 64, **kw})
+
+
+def test_run_schedule_on_a_tiny_task(tmp_path):
+    task = sweep_tasks.tiny()
+    result = run_schedule(task, task_name="tiny", batch_sizes=[8, 16, 32], settings=_settings(),
+                          device=CPU, journal_path=tmp_path / "j.jsonl", threads=1)
+    js = result.to_json()
+    assert [p["samples"] for p in js["points"]] == [0, 128, 256, 512, 1024]
+    assert result.batch_sizes == (8, 16, 32)
+    for p in result.points:
+        assert [br.trial.batch_size for br in p.branches] == [8, 16, 32]
+        for br in p.branches:
+            assert br.trial.samples >= 128  # the equal sample budget, whole batches
+            if br.trial.ok:
+                assert br.drop == pytest.approx(br.trial.train_loss_start - br.trial.train_loss_end)
+        assert p.noise is not None and p.noise["measurements"] == 2
+    later = [p.branches[0].trial.train_loss_start for p in result.points]
+    assert later[-1] < later[0]  # the base run trained between the points
+    sizes = [s.batch_size for s in result.schedule.stages]
+    assert sizes == sorted(sizes) and set(sizes) <= {8, 16, 32}
+    assert sum(s.samples for s in result.schedule.stages) == pytest.approx(js["predicted"]["samples"])
+    assert js["fixed"][str(task.base_batch_size)]["samples"] == pytest.approx(2048)
+    json.dumps(js, allow_nan=False)  # JSON-safe
+
+
+def test_resume_reruns_only_what_the_journal_lacks(tmp_path):
+    task = sweep_tasks.tiny()
+    path = tmp_path / "j.jsonl"
+    first = run_schedule(task, task_name="tiny", batch_sizes=[8, 16, 32], settings=_settings(),
+                         device=CPU, journal_path=path, threads=1)
+    lines = path.read_text().splitlines()
+    # keep the header and the first point's noise and branches; cut the next line in half
+    path.write_text("\n".join(lines[:5]) + "\n" + lines[5][: len(lines[5]) // 2])
+    again = run_schedule(task, task_name="tiny", batch_sizes=[8, 16, 32], settings=_settings(),
+                         device=CPU, journal_path=path, resume=True, threads=1)
+    assert again.resumed == 3
+    for a, b in zip(first.points, again.points):  # the base run and branches are deterministic
+        assert [x.drop for x in a.branches] == pytest.approx([x.drop for x in b.branches])
+        assert a.samples == b.samples
+    with pytest.raises(UsageError, match="already exists"):
+        run_schedule(task, task_name="tiny", batch_sizes=[8, 16, 32], settings=_settings(),
+                     device=CPU, journal_path=path, threads=1)
+    with pytest.raises(UsageError):  # other settings: refused, not mixed
+        run_schedule(task, task_name="tiny", batch_sizes=[8, 16, 32],
+                     settings=_settings(horizon=4096), device=CPU, journal_path=path,
+                     resume=True, threads=1)
+
+
+def test_too_short_a_branch_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="can branch"):
+        run_schedule(sweep_tasks.tiny(), task_name="tiny", batch_sizes=[64, 128],
+                     settings=_settings(horizon=256), device=CPU,
+                     journal_path=tmp_path / "j.jsonl", threads=1)
+
+
+# --- the command ------------------------------------------------------------------------------
+
+def test_cli_schedule_json_and_table(tmp_path):
+    task = f"{TASKS}:tiny"
+    proc = run_cli("schedule", task, "--horizon", "1024", "--batch-sizes", "8,16,32",
+                   "--noise-measurements", "2", "--journal", str(tmp_path / "j.jsonl"),
+                   "--threads", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    js = json.loads(proc.stdout)
+    assert js["horizon_samples"] == 1024 and len(js["points"]) == 5
+    assert js["stages"] and js["stages"][0]["start_samples"] == 0
+    table = run_cli("schedule", task, "--horizon", "1024", "--batch-sizes", "8,16,32",
+                    "--noise-measurements", "0", "--journal", str(tmp_path / "j.jsonl"),
+                    "--threads", "1", "--overwrite")
+    assert table.returncode == 0, table.stderr
+    assert "Schedule" in table.stdout and "predicted for the schedule" in table.stdout
+
+
+@pytest.mark.parametrize("args, code, text", [
+    (["--points", "1"], 2, "--points must be at least 2"),
+    (["--tolerance", "0"], 2, "--tolerance"),
+    (["--resume", "--overwrite"], 2, "exclude each other"),
+    (["--batch-sizes", "512,1024", "--horizon", "256"], 2, "can branch"),
+])
+def test_cli_schedule_bad_input(tmp_path, args, code, text):
+    proc = run_cli("schedule", f"{TASKS}:tiny", "--journal", str(tmp_path / "j.jsonl"), *args)
+    assert proc.returncode == code, proc.stderr
+    assert text in proc.stderr and "Traceback" not in proc.stderr
