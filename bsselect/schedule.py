@@ -328,8 +328,9 @@ def predict_fixed(points: Sequence[SchedulePoint], horizon: int, b: int, b0: int
 def stage_batches(fastest: Sequence[int | None], b0: int) -> list[int]:
     """The batch of each point's stage: the closest non-decreasing sequence (least squares on
     log2, ``steptime.pava``) to the points' fastest batches, rounded to powers of two, so
-    that the batch only grows and one noisy point does not set every later stage. Points
-    without a fastest batch take their neighbours' level (the first ones ``b0``)."""
+    that the batch only grows and one noisy point does not set every later stage. A point
+    without a fastest batch takes the level of the last measured point before it (points
+    before the first measured one: its level); with none measured, every stage is ``b0``."""
     known = [(i, math.log2(b)) for i, b in enumerate(fastest) if b]
     if not known:
         return [b0] * len(fastest)
@@ -339,9 +340,8 @@ def stage_batches(fastest: Sequence[int | None], b0: int) -> list[int]:
     for i in range(len(fastest)):
         while j + 1 < len(known) and known[j + 1][0] <= i:
             j += 1
-        level = levels[j] if known[j][0] <= i else (math.log2(b0) if not out else
-                                                    math.log2(out[-1]))
-        b = 2 ** math.floor(level + 0.5)
+        # before the first measured point: the first measured level
+        b = 2 ** math.floor(levels[j] + 0.5)
         out.append(max(b, out[-1]) if out else b)
     return out
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-COMMANDS = ["", "probe", "sweep", "noise", "check", "report", "examples", "presets"]
+COMMANDS = ["", "probe", "sweep", "noise", "schedule", "check", "report", "examples", "presets"]
 OUT = Path(__file__).with_name("cli.md")
 
 

@@ -68,8 +68,10 @@ def test_stage_batches_never_shrink_and_stay_powers_of_two(fastest):
 
 
 def test_stage_batches_one_noisy_point_does_not_set_the_rest():
-    # 128 at the second point, then 16s: pooled, not carried forward
-    assert stage_batches([16, 128, 16, 16, 16], 32) == [16, 16, 16, 16, 16]
+    # 128 at the second point, then 16s: pooled with them (log2 mean 4.75 -> 32), not
+    # carried forward as 128
+    assert stage_batches([16, 128, 16, 16, 16], 32) == [16, 32, 32, 32, 32]
+    assert stage_batches([None, None, 16, 32], 64) == [16, 16, 16, 32]
     assert stage_batches([16, 32, 128, 64, 128], 32) == [16, 32, 128, 128, 128]
 
 
