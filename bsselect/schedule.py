@@ -325,16 +325,23 @@ def predict_fixed(points: Sequence[SchedulePoint], horizon: int, b: int, b0: int
     return Prediction(steps, samples, steps * step_time_s)
 
 
-def stage_batches(fastest: Sequence[int | None], b0: int) -> list[int]:
-    """The batch of each point's stage: the closest non-decreasing sequence (least squares on
-    log2, ``steptime.pava``) to the points' fastest batches, rounded to powers of two, so
-    that the batch only grows and one noisy point does not set every later stage. A point
-    without a fastest batch takes the level of the last measured point before it (points
-    before the first measured one: its level); with none measured, every stage is ``b0``."""
+def stage_batches(fastest: Sequence[int | None], b0: int,
+                  weights: Sequence[float] | None = None) -> list[int]:
+    """The batch of each point's stage: the closest non-decreasing sequence (weighted least
+    squares on log2, ``steptime.pava``) to the points' fastest batches, rounded to powers of
+    two, so that the batch only grows and one noisy point does not set every later stage.
+    ``weights`` (default: equal) are the shares of the run the points' stages cover, so a
+    point counts as much as the part of training it governs. A point without a fastest batch
+    takes the level of the last measured point before it (points before the first measured
+    one: its level); with none measured, every stage is ``b0``."""
+    w = list(weights) if weights is not None else [1.0] * len(fastest)
+    if len(w) != len(fastest):
+        raise ValueError("fastest and weights differ in length")
     known = [(i, math.log2(b)) for i, b in enumerate(fastest) if b]
     if not known:
         return [b0] * len(fastest)
-    levels = pava([v for _, v in known], [1.0] * len(known), increasing=True)
+    levels = pava([v for _, v in known], [max(w[i], 1e-12) for i, _ in known],
+                  increasing=True)
     out: list[int] = []
     j = 0
     for i in range(len(fastest)):
@@ -348,12 +355,14 @@ def stage_batches(fastest: Sequence[int | None], b0: int) -> list[int]:
 
 def plan_stages(points: Sequence[SchedulePoint], horizon: int, b0: int,
                 step_times_s: dict[int, float], lr_of: Callable[[int], float]) -> list[Stage]:
-    """One stage per point at ``stage_batches``' batch (restricted to the batches measured),
+    """One stage per point at ``stage_batches``' batch (the points weighted by the base-run
+    samples their stages cover; restricted to the batches measured),
     neighbouring stages with the same batch merged; each stage's samples, steps and time are
     predicted from its point's relative sample efficiency."""
     stages: list[Stage] = []
     start = 0.0
-    wanted = stage_batches([p.fastest_batch_size for p in points], b0)
+    wanted = stage_batches([p.fastest_batch_size for p in points], b0,
+                           [max(1, L) for L in stage_lengths(points, horizon)])
     measured = sorted(step_times_s)
     for p, L, want in zip(points, stage_lengths(points, horizon), wanted):
         b = max([m for m in measured if m <= want] or [measured[0]])

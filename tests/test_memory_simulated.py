@@ -298,3 +298,78 @@ def test_high_water_and_calibration_sizes() -> None:
     assert calibration_items(256, item_bytes=1000, min_items=2) == (256,)  # cheap: exact
     assert calibration_items(256, item_bytes=4 << 20, min_items=2) == (2, 4)
     assert calibration_items(256, item_bytes=1 << 20, min_items=1) == (8, 16)
+
+
+# --- step 1 without its forward and backward (simulated.prime_optimizer) ------------------------
+
+class _Unused(nn.Module):
+    """A model with a parameter no forward reaches: a real step 1 gives it no gradient and
+    Adam no state for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(16, 4)
+        self.unused = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def _unused_task() -> Task:
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    return Task(model=_Unused, train_data=TensorDataset(x, y), loss_fn=F.cross_entropy,
+                optimizer=lambda p, lr: torch.optim.Adam(p, lr=lr), lr=1e-3, base_batch_size=8)
+
+
+def _prime_cases() -> list:
+    from bsselect.memory.sharded import ShardPlan
+    from bsselect.precision import Precision
+    from bsselect.step import StepSettings
+
+    return [
+        ("digits-cnn", StepSettings()),
+        ("tiny-lm", StepSettings(precision=Precision.fp16)),
+        ("tiny-lm", StepSettings(precision=Precision.bf16, accumulate=2)),
+        ("tiny-lm", StepSettings(target_device="cuda")),
+        ("tiny-lm", StepSettings(shard=ShardPlan(world_size=2, checkpointing=True))),
+        ("tiny-lm", StepSettings(shard=ShardPlan(world_size=4, param_dtype=torch.bfloat16))),
+        ("unused", StepSettings()),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_primed_step_one_leaves_step_two_exactly_as_a_real_step_one(case, monkeypatch):
+    import bsselect.memory.simulated as sim
+
+    name, settings = _prime_cases()[case]
+    task = _unused_task() if name == "unused" else EXAMPLES[name]()
+    monkeypatch.setattr(sim, "PRIME_OPTIMIZER", False)
+    real = simulate_step_peak(task, 8, settings=settings)
+    monkeypatch.setattr(sim, "PRIME_OPTIMIZER", True)
+    primed = simulate_step_peak(task, 8, settings=settings)
+    fields = ("peak_bytes", "forward_peak_bytes", "backward_peak_bytes", "optimizer_peak_bytes",
+              "start_bytes", "optimizer_state_bytes", "param_bytes", "peak_phase")
+    assert [getattr(primed, f) for f in fields] == [getattr(real, f) for f in fields]
+
+
+@pytest.mark.parametrize("world, checkpointing, precision", [
+    (2, False, "fp32"), (3, True, "fp32"), (4, True, "bf16"), (4, False, "fp16")])
+def test_fast_sharded_paths_count_the_same_bytes(world, checkpointing, precision, monkeypatch):
+    """FSDP2's lazy chunking and the optimizer on local shards (``sharded.lazy_chunks``,
+    ``sharded.local_optimizer_steps``) leave every counted byte as the plain path has it,
+    with uneven shards (3 ranks), checkpointing and mixed precision."""
+    import bsselect.memory.simulated as sim
+    from bsselect.memory.sharded import ShardPlan
+    from bsselect.precision import Precision
+    from bsselect.step import StepSettings
+
+    p = Precision(precision)
+    settings = StepSettings(precision=p, shard=ShardPlan(
+        world_size=world, checkpointing=checkpointing,
+        param_dtype=torch.bfloat16 if p is Precision.bf16 else None))
+    task = EXAMPLES["tiny-lm"]()
+    monkeypatch.setattr(sim, "FAST_SHARDED", False)
+    plain = simulate_step_peak(task, 8, settings=settings)
+    monkeypatch.setattr(sim, "FAST_SHARDED", True)
+    fast = simulate_step_peak(task, 8, settings=settings)
+    assert fast == plain

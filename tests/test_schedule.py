@@ -75,6 +75,16 @@ def test_stage_batches_one_noisy_point_does_not_set_the_rest():
     assert stage_batches([16, 32, 128, 64, 128], 32) == [16, 32, 128, 128, 128]
 
 
+def test_stage_batches_weigh_points_by_the_run_they_cover():
+    # an early outlier covering 1/16 of the run pools into the later points' level
+    assert stage_batches([256, 32, 32, 32, 32], 32, [1, 1, 2, 4, 8]) == [32] * 5
+    assert stage_batches([256, 32, 32, 32, 32], 32) == [64] * 5  # unweighted: 2^5.6
+    # weights only matter where the sequence must pool
+    assert stage_batches([16, 32, 64], 32, [1, 100, 1]) == [16, 32, 64]
+    with pytest.raises(ValueError):
+        stage_batches([16, 32], 32, [1.0])
+
+
 def _trial(b: int, drop: float | None, status: TrialStatus = TrialStatus.ok) -> TrialResult:
     if drop is None:
         return TrialResult(batch_size=b, lr=0.1, status=TrialStatus.diverged, steps=1,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Iterator, Optional
 
 import torch
@@ -179,3 +180,114 @@ def following_resizes(counter: Any) -> Iterator[None]:
     finally:
         torch.UntypedStorage.resize_ = original  # type: ignore[method-assign]
 
+
+
+class _Chunks(Sequence):
+    """``torch.chunk(tensor, n, dim)`` padded with empties to ``n`` entries, as FSDP2's
+    ``_chunk_with_empty`` returns it, but each chunk made only when indexed: FSDP2 reads the
+    local rank's chunk and chunk 0 of every parameter, and making all ``n`` (512 for 512
+    ranks) fake tensors per parameter was most of a 70B model's sharding time."""
+
+    def __init__(self, tensor: torch.Tensor, num_chunks: int, dim: int) -> None:
+        self.tensor, self.n, self.dim = tensor, num_chunks, dim
+        size = tensor.size(dim)
+        self.step = -(-size // num_chunks)
+        self.nonempty = -(-size // self.step)
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self.n))]
+        if i < 0:
+            i += self.n
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        if i < self.nonempty:
+            start = i * self.step
+            return self.tensor.narrow(self.dim, start, min(self.step, self.size - start))
+        return self[0].new_empty(0)
+
+
+@contextmanager
+def lazy_chunks() -> Iterator[None]:
+    """While inside, FSDP2 chunks parameters with ``_Chunks`` (the same tensors for the
+    indices it reads). Left as it is when this torch has no ``_chunk_with_empty`` to replace,
+    or for a dimension of size 0 (``torch.chunk``'s own rules apply there)."""
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param
+    except ImportError:  # pragma: no cover - another torch layout
+        yield
+        return
+    original = getattr(_fsdp_param, "_chunk_with_empty", None)
+    if original is None:  # pragma: no cover
+        yield
+        return
+
+    def chunk_with_empty(tensor: torch.Tensor, num_chunks: int, dim: int) -> Any:
+        if tensor.dim() == 0 or tensor.size(dim) == 0:
+            return original(tensor, num_chunks, dim)
+        return _Chunks(tensor, num_chunks, dim)
+
+    _fsdp_param._chunk_with_empty = chunk_with_empty
+    try:
+        yield
+    finally:
+        _fsdp_param._chunk_with_empty = original
+
+
+@contextmanager
+def local_optimizer_steps(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """While inside, ``optimizer.step`` runs on the local shards of its DTensor parameters
+    (their gradients' local shards, its state kept as plain local tensors), not on the
+    DTensors: the same storages and the same elementwise ops — a DTensor's op is its local
+    tensor's op when every operand is sharded alike — without DTensor's sharding
+    propagation, which took most of a sharded simulation's optimizer step (a 70B model: 7 s
+    a step on fake tensors). ``zero_grad`` and everything else still see the DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    original = optimizer.step
+    own = optimizer.__dict__.get("step")  # an instance attribute already there, if any
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        swapped: list[tuple[dict, list]] = []
+        moved: list[tuple[Any, Any]] = []
+        for group in optimizer.param_groups:
+            params = group["params"]
+            if not any(isinstance(p, DTensor) for p in params):
+                continue
+            local = []
+            for p in params:
+                if not isinstance(p, DTensor):
+                    local.append(p)
+                    continue
+                loc = p._local_tensor
+                if p.grad is not None and not isinstance(p.grad, DTensor):
+                    raise TypeError("a sharded parameter with an unsharded gradient")
+                loc.grad = None if p.grad is None else p.grad._local_tensor
+                if p in optimizer.state:
+                    optimizer.state[loc] = optimizer.state.pop(p)
+                moved.append((p, loc))
+                local.append(loc)
+            swapped.append((group, params))
+            group["params"] = local
+        try:
+            return original(*args, **kwargs)
+        finally:
+            for group, params in swapped:
+                group["params"] = params
+            for p, loc in moved:
+                loc.grad = None
+                if loc in optimizer.state:
+                    optimizer.state[p] = optimizer.state.pop(loc)
+
+    optimizer.step = step  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own is None:
+            del optimizer.step  # the class's step again
+        else:
+            optimizer.step = own  # type: ignore[method-assign]

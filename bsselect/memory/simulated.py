@@ -467,8 +467,40 @@ def fake_step(task: Task, batch: Any) -> Iterator[tuple[nn.Module, Any]]:
         yield model, tree_map(lambda t: _fake_batch(t, fake_mode), batch)
 
 
+# Step 1 only has to leave what a real step 1 leaves for step 2: the optimizer's state and
+# the gradients (freed by step 2's zero_grad). ``prime_optimizer`` creates both without a
+# forward or backward pass, half of a simulation's time (a 70B model's step on fake tensors:
+# 12.6 s). What a real step 1 would also do is checked against it in tests/test_memory_simulated.py.
+PRIME_OPTIMIZER = True
+# Sharded simulations: FSDP2 chunks parameters lazily (``sharded.lazy_chunks``) and the
+# optimizer steps on local shards (``sharded.local_optimizer_steps``); the same bytes, checked
+# against the plain path in tests/test_memory_simulated.py.
+FAST_SHARDED = True
+
+
+def prime_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
+                    skip: frozenset[str] = frozenset()) -> None:
+    """Step 1 without its forward and backward: every trainable parameter not named in
+    ``skip`` gets a zero gradient (the size a backward gives it; a sharded parameter's is its
+    shard) and the optimizer steps once (with fp16 through the GradScaler, which creates its
+    scale), so the optimizer's state is what a real first step creates. ``skip``: the
+    parameters a backward leaves without a gradient (``simulate_step_peak`` finds them in step
+    2 and simulates again without them)."""
+    params = [p for n, p in model.named_parameters() if p.requires_grad and n not in skip]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    if scaler is not None and params:
+        scaler.scale(params[0].new_zeros(()).to_local() if hasattr(params[0], "to_local")
+                     else params[0].new_zeros(()))
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def _run_steps(task: Task, model: nn.Module, batch: Any, counter: LiveStorageCounter,
-               settings: StepSettings = StepSettings()) -> Any:
+               settings: StepSettings = StepSettings(), skip: frozenset[str] = frozenset()
+               ) -> Any:
     """Step 1 (creates optimizer state), then step 2 under the counter."""
     optimizer = task.make_optimizer(model.parameters(), task.lr)
     impl = run_as_on(optimizer, settings.target_device or "cpu")
@@ -482,18 +514,27 @@ def _run_steps(task: Task, model: nn.Module, batch: Any, counter: LiveStorageCou
         on_optimizer=lambda: counter.enter_phase(Phase.OPTIMIZER),
         on_graph=counter.watch_graph,
     )
+    from .sharded import local_optimizer_steps
+
     x, y = batch
-    # Step 1 runs without the counter, which makes the simulation 15% faster; what it leaves
-    # alive is found by walking the model, the optimizer and the batch (a tensor step 1 hides
-    # anywhere else, in a global cache say, is not counted).
-    train_step(model, optimizer, marked, x, y, **options)
-    gc.collect()  # a real loop frees step 1's graph before step 2; cycles included
-    for t in live_at_step_start(model, optimizer, batch, scaler):
-        counter.track(t)
-    start_bytes = counter.live_bytes
-    counter.start_step()
-    with counter:
-        train_step(model, optimizer, marked, x, y, **options)
+    plan = settings.shard
+    local = (local_optimizer_steps(optimizer) if plan and plan.fsdp and FAST_SHARDED
+             else nullcontext())
+    with local:
+        # Step 1 runs without the counter, which makes the simulation 15% faster; what it
+        # leaves alive is found by walking the model, the optimizer and the batch (a tensor
+        # step 1 hides anywhere else, in a global cache say, is not counted).
+        if PRIME_OPTIMIZER:
+            prime_optimizer(model, optimizer, scaler, skip)
+        else:
+            train_step(model, optimizer, marked, x, y, **options)
+        gc.collect()  # a real loop frees step 1's graph before step 2; cycles included
+        for t in live_at_step_start(model, optimizer, batch, scaler):
+            counter.track(t)
+        start_bytes = counter.live_bytes
+        counter.start_step()
+        with counter:
+            train_step(model, optimizer, marked, x, y, **options)
     for handle in handles:
         handle.remove()
     return optimizer, start_bytes, impl
@@ -512,9 +553,19 @@ def simulate_step_peak(
     the batch) describe the step as the real run will take it; ``batch_size`` is the
     micro-batch. Fake ``cpu`` tensors honour CPU autocast (``meta`` ones ignore it).
     """
+    peak, unused = _simulate(task, batch_size, seed, kernel_workspace, settings, inputs)
+    if unused and PRIME_OPTIMIZER:  # a real step 1 gives these no gradient and no state
+        peak, _ = _simulate(task, batch_size, seed, kernel_workspace, settings, inputs, unused)
+    return peak
+
+
+def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
+              settings: StepSettings, inputs: Any, skip: frozenset[str] = frozenset()
+              ) -> tuple[StepPeak, frozenset[str]]:
+    """One simulation; also the trainable parameters step 2 left without a gradient."""
     from .cpu_truth import kernel_cost
 
-    from .sharded import fake_process_group, following_resizes, shard
+    from .sharded import fake_process_group, following_resizes, lazy_chunks, shard
 
     batch = real_batch(task, batch_size, seed, inputs)
     plan = settings.shard
@@ -526,7 +577,8 @@ def simulate_step_peak(
     with (fake_process_group(plan.world_size) if plan and plan.fsdp else nullcontext()) as mesh:
         model = build_fake_model(task, fake_mode)
         if plan:  # outside RealWhereKnown: FSDP2 splits every parameter N ways (fast on fakes)
-            with young_gc_only(), fake_mode:
+            with young_gc_only(), fake_mode, (lazy_chunks() if FAST_SHARDED
+                                              else nullcontext()):
                 try:
                     shard(model, plan, mesh)
                 except UsageError:
@@ -539,7 +591,7 @@ def simulate_step_peak(
             batch = tree_map(lambda t: _fake_batch(t, fake_mode), batch)
             try:
                 optimizer, start_bytes, impl = _run_steps(task, model, batch, counter,
-                                                          settings)
+                                                          settings, skip)
             except UsageError:
                 raise
             except Exception as exc:
@@ -550,8 +602,11 @@ def simulate_step_peak(
             peak = step_peak(batch_size, model, optimizer, batch, start_bytes,
                              counter.phase_peak_bytes, counter.workspace_at_peak_bytes,
                              counter.rounded_peak_bytes)
+            unused = frozenset(n for n, p in model.named_parameters()
+                               if p.requires_grad and p.grad is None)
     return dataclasses.replace(peak, precision=settings.precision.value,
-                               accumulate=settings.accumulate, optimizer_impl=impl.value)
+                               accumulate=settings.accumulate,
+                               optimizer_impl=impl.value), unused
 
 
 def step_peak(
