@@ -150,9 +150,11 @@ def refine_max_batch(
     nobody's question and can take minutes to collate).
     """
     fits = sorted((b, p) for b, p in known if p <= usable_bytes)
-    fail = min((b for b, p in known if p > usable_bytes), default=None)
+    over = sorted((b, p) for b, p in known if p > usable_bytes)
+    fail = over[0][0] if over else None
+    fail_peak = over[0][1] if over else None  # its measured peak (None: OOM or the ceiling)
     if ceiling is not None and (fail is None or fail > ceiling + 1):
-        fail = ceiling + 1  # as if it did not fit
+        fail, fail_peak = ceiling + 1, None  # as if it did not fit
     best = fits[-1][0] if fits else 0
     path: list[SearchStep] = []
     guess = _clamp(first_guess, best, fail, max_jump)
@@ -160,6 +162,7 @@ def refine_max_batch(
         guess = _clamp(ceiling, best, fail, max_jump)  # the line says the data limits it
     if guess is None:  # the line undershoots a probed batch that fitted: search from there
         guess = _next_guess(fits, usable_bytes, best, fail, max_jump)
+    overs_in_a_row = 0
     for _ in range(max_tries):
         if guess is None:
             break
@@ -171,17 +174,25 @@ def refine_max_batch(
             del exc
             release_memory()
             path.append(SearchStep(guess, "oom"))
-            fail = guess
+            fail, fail_peak = guess, None
+            overs_in_a_row += 1
         else:
             fitted = peak <= usable_bytes
             path.append(SearchStep(guess, "ok" if fitted else "over", peak))
             if fitted:
                 fits.append((guess, peak))
                 best = guess
+                overs_in_a_row = 0
             else:
-                fail = guess
+                fail, fail_peak = guess, peak
+                overs_in_a_row += 1
+        # Just over the budget with a measured peak: interpolate inside the bracket (the
+        # peak between the largest fitting batch and this one is nearly a line); twice over
+        # in a row, the peak is not a line there (a cliff): bisect.
+        between = fail_peak if overs_in_a_row == 1 and path[-1].outcome == "over" else None
         guess = _next_guess(sorted(fits), usable_bytes, best, fail, max_jump,
-                            ceiling if ceiling is not None and fail == ceiling + 1 else None)
+                            ceiling if ceiling is not None and fail == ceiling + 1 else None,
+                            between)
     return RefineResult(best, tuple(path), exact=guess is None)
 
 
@@ -195,10 +206,19 @@ def _clamp(guess: int, best: int, fail: int | None, max_jump: int) -> int | None
 
 
 def _next_guess(fits: list[tuple[int, int]], usable: float, best: int, fail: int | None,
-                max_jump: int, ceiling: int | None = None) -> int | None:
+                max_jump: int, ceiling: int | None = None,
+                fail_peak: int | None = None) -> int | None:
     """The next batch to measure. ``ceiling``: the bracket's upper end is the data limit,
     not a failure; when the line reaches it, try the limit itself rather than bisect
-    towards it (a GPU run crept 12 real steps towards 7,026 training items)."""
+    towards it (a GPU run crept 12 real steps towards 7,026 training items). ``fail_peak``:
+    the peak measured at ``fail``, just over the budget: the guess is read off the line
+    between the largest fitting batch and it (at least one past the fitting batch, so the
+    bracket closes when the line says nothing larger fits)."""
+    if fail_peak is not None and fail is not None and fits and fits[-1][0] == best:
+        slope = (fail_peak - fits[-1][1]) / (fail - best)
+        if slope > 0:
+            room = math.floor((usable - fits[-1][1]) / slope)
+            return _clamp(best + max(room, 1), best, fail, max_jump)
     if len(fits) >= 2 and fits[-1][0] > fits[-2][0]:
         (b1, p1), (b2, p2) = fits[-2], fits[-1]
         slope = (p2 - p1) / (b2 - b1)

@@ -504,10 +504,7 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
                       fingerprint=task_fingerprint(task, setup))
     for w in journal.warnings:
         notes.append(w)
-    done_branch = {(int(p["point"]), int(p["trial"]["batch_size"])): TrialResult.from_dict(p["trial"])
-                   for tag, p in journal.records if tag == "branch"}
-    done_noise = {int(p["point"]): p.get("estimate") for tag, p in journal.records
-                  if tag == "point_noise"}
+    done_branch, done_noise = _resumed(journal.records, notes)
     point_samples = settings.point_samples()
     lr_of = {b: scale_lr(task.lr, b0, b, settings.lr_scaling) for b in sizes}
     trials: dict[tuple[int, int], TrialResult] = dict(done_branch)
@@ -528,7 +525,8 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
                     journal.append_record("point_noise", {"point": k, "estimate": noises[k]})
                 point = dataclasses.replace(
                     setup, initial_state=mstate, optimizer_state=ostate if steps else None,
-                    branch_steps=steps, loss_start=None, noise_measurements=0)
+                    branch_steps=steps, loss_start=None, noise_measurements=0,
+                    validate=False)
                 if steps:
                     point = dataclasses.replace(point, loss_init=loss_init)
                 for b in sizes:
@@ -568,6 +566,28 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
                           tuple(points), BatchSchedule(tuple(stages), settings.lr_ramp_samples, task.lr),
                           fixed, predicted, growth, str(journal_path),
                           len(done_branch), time.perf_counter() - start, tuple(notes))
+
+
+def _resumed(records: Sequence[tuple[str, dict[str, Any]]], notes: list[str]
+             ) -> tuple[dict[tuple[int, int], TrialResult], dict[int, dict[str, Any] | None]]:
+    """The branches and noise points a journal holds; a record that does not read as one is
+    skipped with a note (it is measured again)."""
+    branches: dict[tuple[int, int], TrialResult] = {}
+    noises: dict[int, dict[str, Any] | None] = {}
+    for tag, payload in records:
+        try:
+            if tag == "branch":
+                trial = TrialResult.from_dict(payload["trial"])
+                branches[(int(payload["point"]), trial.batch_size)] = trial
+            elif tag == "point_noise":
+                estimate = payload.get("estimate")
+                if estimate is not None and not isinstance(estimate, dict):
+                    raise TypeError("estimate is not an object")
+                noises[int(payload["point"])] = estimate
+        except (KeyError, TypeError, ValueError) as exc:
+            notes.append(f"a {tag} record of the journal was skipped ({one_line(exc)}); "
+                         "measured again")
+    return branches, noises
 
 
 def _timing(setup: TrialSetup, sizes: list[int], hooks: ScheduleHooks, notes: list[str]

@@ -87,6 +87,8 @@ class TrialSetup:
     optimizer_state: dict[str, Any] | None = None
     branch_steps: int = 0  # base-configuration steps behind ``initial_state``
     loss_init: float | None = None  # warm start: the training loss at initialisation
+    validate: bool = True  # False: no validation pass at the end (``bsselect schedule``'s
+    # branches compare training-subset losses only)
 
 
 def cycle_batches(setup: TrialSetup, batch_size: int):
@@ -375,7 +377,8 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
     step_time = median(step_times) if step_times else wall_s / max(steps, 1)
     loss_end, _ = evaluate(model, task, setup.eval_train, device, setup.eval_batch_size,
                            metric=False)
-    val_loss, val_metric = evaluate(model, task, setup.val_data, device, setup.eval_batch_size)
+    val_loss, val_metric = (evaluate(model, task, setup.val_data, device, setup.eval_batch_size)
+                            if setup.validate else (None, None))
     drop = loss_start - loss_end
     if loss_end > rise_limit(loss_start, setup.loss_init):  # the LR is too high for this batch
         undone = (f", undoing more than half of the warm start's progress from "

@@ -252,3 +252,18 @@ def test_cli_schedule_bad_input(tmp_path, args, code, text):
     proc = run_cli("schedule", f"{TASKS}:tiny", "--journal", str(tmp_path / "j.jsonl"), *args)
     assert proc.returncode == code, proc.stderr
     assert text in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_malformed_journal_record_is_measured_again_with_a_note(tmp_path):
+    task = sweep_tasks.tiny()
+    path = tmp_path / "j.jsonl"
+    run_schedule(task, task_name="tiny", batch_sizes=[8, 16, 32], settings=_settings(),
+                 device=CPU, journal_path=path, threads=1)
+    lines = path.read_text().splitlines()
+    lines[2] = json.dumps({"branch": {"trial": {"batch_size": "x"}}})  # no point, bad trial
+    path.write_text("\n".join(lines) + "\n")
+    again = run_schedule(task, task_name="tiny", batch_sizes=[8, 16, 32], settings=_settings(),
+                         device=CPU, journal_path=path, resume=True, threads=1)
+    assert any("branch record of the journal was skipped" in n for n in again.notes)
+    assert again.resumed == 14 and all(len(p.branches) == 3 for p in again.points)
+    assert all(br.trial.val_loss is None for p in again.points for br in p.branches)

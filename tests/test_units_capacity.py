@@ -76,11 +76,27 @@ PROBED = [(b, piecewise_peak(b)) for b in (8, 16, 32, 64, 128)]
 
 
 def test_refine_exact_path_when_the_line_overshoots():
+    # over at 900: the next guess is read off the line between 128 (fits) and 900 (its
+    # measured peak), not the bracket's midpoint; five measurements where bisection took six
     result = refine_max_batch(piecewise_peak, 10_000, PROBED, first_guess=900)
     assert [(s.batch_size, s.outcome) for s in result.path] == [
-        (900, "over"), (514, "over"), (321, "ok"), (417, "ok"), (500, "ok"), (501, "over")]
+        (900, "over"), (430, "ok"), (542, "over"), (500, "ok"), (501, "over")]
     assert result.batch_size == 500 == max(b for b in range(1, 2000) if piecewise_peak(b) <= 10_000)
-    assert result.path[2] == SearchStep(321, "ok", piecewise_peak(321))
+    assert result.path[1] == SearchStep(430, "ok", piecewise_peak(430)) and result.exact
+
+
+def test_refine_closes_a_small_bracket_by_interpolation():
+    """A 70B model over 512 ranks: batch 1 fits, 16 does not, the line's 8 does not; the
+    line between 1 and 8 says 2 is over, so 2 is measured and the bracket closes (bisection
+    measured 8, 4, 2)."""
+    peak = lambda b: 37e9 + 3.5e9 * b**1.3  # noqa: E731
+    known = [(1, peak(1)), (16, peak(16))]
+    result = refine_max_batch(peak, 41e9, known, first_guess=8, max_jump=2**40)
+    assert [(s.batch_size, s.outcome) for s in result.path] == [(8, "over"), (2, "over")]
+    assert result.batch_size == 1 and result.exact
+    result = refine_max_batch(peak, 70e9, known, first_guess=8, max_jump=2**40)
+    assert result.batch_size == max(b for b in range(1, 100) if peak(b) <= 70e9) == 5
+    assert len(result.path) == 3 and result.exact
 
 
 def test_refine_treats_oom_like_over_and_reraises_other_errors():
@@ -127,7 +143,9 @@ def test_refine_tries_the_data_limit_instead_of_creeping_towards_it():
     # once a real failure (not the ceiling) closes the bracket, it bisects as before
     step = lambda b: line(b) if b <= 3000 else 10**10  # noqa: E731
     result = refine_max_batch(step, 7.4e9, probed, first_guess=9_000_000, ceiling=7026)
-    assert [s.batch_size for s in result.path][:3] == [1024, 7026, 4025]
+    # a cliff: the interpolated guess (5454) is over too, and from the second over in a row
+    # it bisects
+    assert [s.batch_size for s in result.path][:4] == [1024, 7026, 5454, 3239]
     assert 2900 <= result.batch_size <= 3000
 
 
