@@ -126,7 +126,8 @@ def scale(tmp: Path) -> list[dict]:
                    rss_mib=round(rss_kib / 1024), exit=done.returncode,
                    required_gib=round(out["required_bytes"] / 2**30, 2),
                    max_batch=out["max_batch"], tokens=out.get("tokens_per_sample"),
-                   saves_gib=round((out.get("checkpointing_saves_bytes") or 0) / 2**30, 2))
+                   saves_gib=round((out.get("checkpointing_saves_bytes") or 0) / 2**30, 2),
+                   checked=out.get("max_batch_checked"))
         rows.append(row)
         log(f"{name} over {world}: {row}")
     return rows
@@ -143,12 +144,14 @@ def render(agree: list[dict], scaled: list[dict]) -> str:
                      f"{max(r['err_min'], key=abs):+.3%} | {max(r['err_max'], key=abs):+.3%} |")
     if scaled:
         lines += ["", "| model | ranks | wall s | peak RSS MiB | required per rank (b=1) GiB | "
-                  "largest per-device batch | checkpointing saves GiB | exit |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "largest per-device batch | search after the line | checkpointing saves GiB "
+                  "| exit |",
+                  "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
         for r in scaled:
+            search = ", ".join(r.get("checked") or []) or "—"
             lines.append(f"| {r['model']} | {r['world_size']} | {r['wall_s']} | {r['rss_mib']} "
-                         f"| {r['required_gib']} | {r['max_batch']} | {r['saves_gib']} | "
-                         f"{r['exit']} |")
+                         f"| {r['required_gib']} | {r['max_batch']} | {search} | "
+                         f"{r['saves_gib']} | {r['exit']} |")
     return "\n".join(lines)
 
 
