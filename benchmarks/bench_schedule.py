@@ -11,7 +11,7 @@ oracle of full runs at every fixed power-of-two batch size, read from a saved re
    target in the oracle (the length of the run the user is planning), on a quiet machine and
    with one busy process holding a core (started and stopped here).
 2. **Scheduled runs** — the schedule followed (``BatchSchedule.batch_size_at`` / ``lr_at``)
-   from the oracle's initial weights, seeds 0..S-1 as the oracle's full runs, until the
+   from the oracle's initial weights, for the oracle's seeds (3; tiny-lm 1, gru-lm 2), until the
    validation loss reaches the target (same evaluation cadence and crossing rule as
    ``bench_selection.full_run``). Stage 0 draws from the oracle's seeded batch stream and
    RNG, so a one-stage schedule at b is exactly the oracle's run at b; each later stage from
@@ -155,7 +155,9 @@ def bench(ex: dict, seeds: int) -> dict:
             f"({cost['wall_s']:.1f} s); fastest per point "
             f"{[p['fastest_batch_size'] for p in js['points']]}, critical "
             f"{[p['critical_batch_size'] for p in js['points']]}")
-        runs = [scheduled_run(task, ex, result.schedule, seed, t) for seed in range(seeds)]
+        # the oracle's seeds (fewer on the LM tasks), so that medians compare like with like
+        runs = [scheduled_run(task, ex, result.schedule, seed, t)
+                for seed in range(min(seeds, len(ex["runs"])))]
         steps = lib.median_inf(r["to_target"]["step"] if r["to_target"] else lib.INF for r in runs)
         time_s = lib.median_inf(r["to_target"]["cpu_s"] if r["to_target"] else lib.INF
                                 for r in runs)
@@ -174,7 +176,8 @@ def main() -> None:
     ap.add_argument("--oracle", type=Path, required=True,
                     help="bench_selection.py results (its full runs are the oracle)")
     ap.add_argument("--examples", default=None)
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=3,
+                    help="at most this many of the oracle's seeds")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -189,3 +189,25 @@ def test_pyproject_keys_shard_a_check(tmp_path):
         'activation_checkpointing = "yes"\n')
     bad = run_cli("check", "--config", str(tmp_path / "pyproject.toml"))
     assert bad.returncode == 2 and "activation_checkpointing must be true or false" in bad.stderr
+
+
+@pytest.mark.parametrize("size, n", [(10, 3), (10, 4), (7, 8), (512, 512), (513, 512), (1, 5),
+                                     (16, 1), (9, 9)])
+def test_lazy_chunks_are_fsdp2s_chunks(size, n):
+    """``sharded._Chunks`` gives, at every index, the tensor FSDP2's ``_chunk_with_empty``
+    gives (the same values, shape, dtype and storage offset), for even, uneven and
+    more-ranks-than-rows splits."""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import _chunk_with_empty
+
+    from bsselect.memory.sharded import _Chunks
+
+    t = torch.arange(size * 3, dtype=torch.float32).reshape(size, 3)
+    eager = _chunk_with_empty(t, n, 0)
+    lazy = _Chunks(t, n, 0)
+    assert len(lazy) == len(eager) == n
+    for i in range(-n, n):
+        a, b = eager[i], lazy[i]
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+        if a.numel():
+            assert a.storage_offset() == b.storage_offset()
+    assert [c.shape for c in lazy[1:3]] == [c.shape for c in eager[1:3]]
