@@ -505,6 +505,10 @@ def report(
             console.print(f"[yellow]warning:[/] {_escape(warning)}", highlight=False)
         if contents.header is None:
             raise UsageError(f"{journal} has no readable header; cannot report it")
+        if contents.header.settings.get("command") == "schedule":
+            raise UsageError(f"{journal} is a `bsselect schedule` journal; report re-renders "
+                             "sweeps. Rerun the schedule with --resume: it reuses every "
+                             "finished branch and retrains only the base run")
         if not contents.trials:
             raise UsageError(f"{journal} holds no finished trial yet")
         from .timing import RoundTiming

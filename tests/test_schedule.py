@@ -267,3 +267,13 @@ def test_a_malformed_journal_record_is_measured_again_with_a_note(tmp_path):
     assert any("branch record of the journal was skipped" in n for n in again.notes)
     assert again.resumed == 14 and all(len(p.branches) == 3 for p in again.points)
     assert all(br.trial.val_loss is None for p in again.points for br in p.branches)
+
+
+def test_report_says_a_schedule_journal_is_not_a_sweeps(tmp_path):
+    path = tmp_path / "j.jsonl"
+    run_schedule(sweep_tasks.tiny(), task_name="tiny", batch_sizes=[8, 16],
+                 settings=_settings(noise_measurements=0), device=CPU, journal_path=path,
+                 threads=1)
+    proc = run_cli("report", str(path))
+    assert proc.returncode == 2 and "bsselect schedule` journal" in proc.stderr
+    assert "--resume" in proc.stderr and "Traceback" not in proc.stderr
