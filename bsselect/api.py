@@ -296,12 +296,7 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
     warmup_steps = parse_warmup(warmup_steps)
     if noise_measurements < 0 or warm_start_steps < 0:
         raise UsageError("--warm-start-steps and --noise-measurements must be >= 0")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {threads}")
-    explicit = list(batch_sizes) if batch_sizes else None
-    if explicit and any(isinstance(b, bool) or not isinstance(b, int) or b < 1
-                        for b in explicit):
-        raise UsageError(f"--batch-sizes must be integers >= 1, got {explicit}")
+    explicit = _sizes_and_threads(batch_sizes, threads)
     trial_budget = parse_budget(budget) if budget is not None else None
     dev = device_of(device)
     step = step_settings(precision, accumulate)
@@ -357,12 +352,7 @@ def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int =
     from .sweep import RAMP_BASE_STEPS, resolve_lr_scaling
     from .timing import default_threads
 
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {threads}")
-    explicit = list(batch_sizes) if batch_sizes else None
-    if explicit and any(isinstance(b, bool) or not isinstance(b, int) or b < 1
-                        for b in explicit):
-        raise UsageError(f"--batch-sizes must be integers >= 1, got {explicit}")
+    explicit = _sizes_and_threads(batch_sizes, threads)
     dev = device_of(device)
     loaded, name = resolve_task(task)
     settings = ScheduleSettings(
@@ -377,6 +367,18 @@ def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int =
     return run_schedule(loaded, task_name=name, batch_sizes=sizes, settings=settings,
                         device=dev, journal_path=path, resume=resume, overwrite=overwrite,
                         hooks=hooks, threads=n_threads)
+
+
+def _sizes_and_threads(batch_sizes: Sequence[int] | None, threads: int | None
+                       ) -> list[int] | None:
+    """``--batch-sizes`` as a list (None when not given) and ``--threads``, checked."""
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    explicit = list(batch_sizes) if batch_sizes else None
+    if explicit and any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                        for b in explicit):
+        raise UsageError(f"--batch-sizes must be integers >= 1, got {explicit}")
+    return explicit
 
 
 def local_processes() -> int:

@@ -111,6 +111,30 @@ def root(
     _state["debug"] = debug
 
 
+def _write_plot(draw: Callable[..., None], result, plot: Path) -> None:
+    """Draw ``result`` to ``plot`` after the results were printed: a plot that fails to write
+    loses nothing (the journal holds them too)."""
+    from .report import console
+
+    try:
+        draw(result, plot)
+    except OSError as exc:
+        raise UsageError(f"writing the plot {str(plot)!r} failed: {one_line(exc)}; the "
+                         f"results above are also in {result.journal}") from None
+    console.print(f"plot written to {plot}", highlight=False)
+
+
+def _journal_and_plot_options(resume: bool, overwrite: bool, plot: Optional[Path]) -> None:
+    """Before any work: --resume and --overwrite exclude each other, and a --plot can be
+    written (matplotlib importable, the folder writable)."""
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    if plot is not None:
+        from .plots import check_plot_target
+
+        check_plot_target(plot)
+
+
 def parse_int_list(text: str | None, option: str) -> list[int] | None:
     if text is None:
         return None
@@ -322,12 +346,7 @@ def sweep(
         from . import api
         from .report import console
 
-        if resume and overwrite:
-            raise UsageError("--resume and --overwrite exclude each other")
-        if plot is not None:
-            from .plots import check_plot_target
-
-            check_plot_target(plot)
+        _journal_and_plot_options(resume, overwrite, plot)
         plan = api.plan_sweep(
             task, batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"), min_batch=min_batch,
             max_batch=max_batch, budget=budget, lr_scaling=lr_scaling, seed=seed,
@@ -421,12 +440,7 @@ def schedule(
         from . import api
         from .report import console, emit_json, render_schedule
 
-        if resume and overwrite:
-            raise UsageError("--resume and --overwrite exclude each other")
-        if plot is not None:
-            from .plots import check_plot_target
-
-            check_plot_target(plot)
+        _journal_and_plot_options(resume, overwrite, plot)
         with _ScheduleProgress(console) as hooks:
             result = api.schedule(
                 task, horizon=horizon, points=points, branch_samples=branch_samples,
@@ -442,12 +456,7 @@ def schedule(
         if plot is not None:
             from .plots import plot_schedule
 
-            try:
-                plot_schedule(result, plot)
-            except OSError as exc:
-                raise UsageError(f"writing the plot {str(plot)!r} failed: {one_line(exc)}; the "
-                                 f"results are also in {result.journal}") from None
-            console.print(f"plot written to {plot}", highlight=False)
+            _write_plot(plot_schedule, result, plot)
 
     guarded(body)
 
@@ -532,7 +541,7 @@ def _finish_sweep(result, as_json: bool, plot: Optional[Path]) -> None:
     """The results first (table or JSON), then the plot: a plot that still fails to write
     loses nothing."""
     from .distributed import sweep_json
-    from .report import console, emit_json, render_sweep
+    from .report import emit_json, render_sweep
 
     if as_json:
         emit_json(sweep_json(result.to_json()))
@@ -542,12 +551,7 @@ def _finish_sweep(result, as_json: bool, plot: Optional[Path]) -> None:
     if plot is not None:
         from .plots import plot_sweep
 
-        try:
-            plot_sweep(result, plot)
-        except OSError as exc:
-            raise UsageError(f"writing the plot {str(plot)!r} failed: {one_line(exc)}; the "
-                             f"results above are also in {result.journal}") from None
-        console.print(f"plot written to {plot}", highlight=False)
+        _write_plot(plot_sweep, result, plot)
     failure = result.failure()
     if failure is not None:  # the table and the journal are kept; the exit code says it failed
         raise failure
