@@ -151,3 +151,20 @@ def test_measured_probe_on_the_cpu_budgets_half_the_available_ram_by_default():
     assert data["method"] == "measured" and data["budget_source"].startswith("half of the")
     assert data["budget_bytes"] <= 0.5 * max(before, available_ram_bytes()) * 1.05
     assert rss < data["budget_bytes"]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_activation_checkpointing_on_a_padded_decoder_matches_the_cpu_allocator(name):
+    """``--activation-checkpointing`` on a Hugging Face decoder fed padded batches: the KV
+    cache is off as HF's own gradient checkpointing turns it off (on, the recomputation
+    appends every layer's keys and values again: wrong memory, and an error with a mask)."""
+    from bsselect.memory.sharded import ShardPlan
+    from bsselect.step import StepSettings
+
+    task = getattr(seq_tasks, name)()
+    settings = StepSettings(shard=ShardPlan(fsdp=False, checkpointing=True))
+    sim = simulate_step_peak(task, 8, settings=settings).peak_bytes
+    real = cpu_step_peak(task, 8, settings=settings).peak_bytes
+    plain = simulate_step_peak(task, 8).peak_bytes
+    assert abs(sim / real - 1) <= 0.005, (name, sim, real)
+    assert sim < plain

@@ -114,10 +114,20 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
 
 
 def apply_checkpointing(model: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
-    """Each unit wrapped by ``checkpoint_wrapper`` (non-reentrant), in place; the wrappers."""
+    """Each unit wrapped by ``checkpoint_wrapper`` (non-reentrant), in place; the wrappers.
+
+    A Hugging Face model's KV cache is turned off (``config.use_cache = False``), as its own
+    ``gradient_checkpointing_enable`` does for training: with the cache on, the recomputation
+    in the backward appends every layer's keys and values to the cache a second time — more
+    memory than the run has (21% on a 4-layer Llama), and with a padding mask an error."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         checkpoint_wrapper,
     )
+
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", None) is True:
+            config.use_cache = False
 
     wrapped = []
     for unit in units:

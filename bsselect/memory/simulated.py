@@ -499,8 +499,8 @@ def prime_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
 
 
 def _run_steps(task: Task, model: nn.Module, batch: Any, counter: LiveStorageCounter,
-               settings: StepSettings = StepSettings(), skip: frozenset[str] = frozenset()
-               ) -> Any:
+               settings: StepSettings = StepSettings(), skip: frozenset[str] = frozenset(),
+               prime: bool = True) -> Any:
     """Step 1 (creates optimizer state), then step 2 under the counter."""
     optimizer = task.make_optimizer(model.parameters(), task.lr)
     impl = run_as_on(optimizer, settings.target_device or "cpu")
@@ -524,7 +524,8 @@ def _run_steps(task: Task, model: nn.Module, batch: Any, counter: LiveStorageCou
         # Step 1 runs without the counter, which makes the simulation 15% faster; what it
         # leaves alive is found by walking the model, the optimizer and the batch (a tensor
         # step 1 hides anywhere else, in a global cache say, is not counted).
-        if PRIME_OPTIMIZER:
+        prime = prime and PRIME_OPTIMIZER
+        if prime:
             prime_optimizer(model, optimizer, scaler, skip)
         else:
             train_step(model, optimizer, marked, x, y, **options)
@@ -532,12 +533,22 @@ def _run_steps(task: Task, model: nn.Module, batch: Any, counter: LiveStorageCou
         for t in live_at_step_start(model, optimizer, batch, scaler):
             counter.track(t)
         start_bytes = counter.live_bytes
+        kept = _module_storages(model)
         counter.start_step()
         with counter:
             train_step(model, optimizer, marked, x, y, **options)
     for handle in handles:
         handle.remove()
-    return optimizer, start_bytes, impl
+    # A tensor the forward keeps in a module attribute (a cache made on the first call) that
+    # did not exist before step 2: a real step 1 would have made it, so it would be live from
+    # the start of step 2. Only a real step 1 says exactly when it counts.
+    cached = prime and bool(_module_storages(model) - kept)
+    return optimizer, start_bytes, impl, cached
+
+
+def _module_storages(model: nn.Module) -> set[int]:
+    """Identities of the storages held by the model's parameters, buffers and attributes."""
+    return {id(local(t).untyped_storage()) for t in module_tensors(model)}
 
 
 def simulate_step_peak(
@@ -553,16 +564,22 @@ def simulate_step_peak(
     the batch) describe the step as the real run will take it; ``batch_size`` is the
     micro-batch. Fake ``cpu`` tensors honour CPU autocast (``meta`` ones ignore it).
     """
-    peak, unused = _simulate(task, batch_size, seed, kernel_workspace, settings, inputs)
-    if unused and PRIME_OPTIMIZER:  # a real step 1 gives these no gradient and no state
-        peak, _ = _simulate(task, batch_size, seed, kernel_workspace, settings, inputs, unused)
+    peak, unused, cached = _simulate(task, batch_size, seed, kernel_workspace, settings,
+                                     inputs)
+    if cached:  # the forward keeps a cache in the model: a real step 1 makes it first
+        peak, _, _ = _simulate(task, batch_size, seed, kernel_workspace, settings, inputs,
+                               prime=False)
+    elif unused:  # a real step 1 gives these no gradient and no state
+        peak, _, _ = _simulate(task, batch_size, seed, kernel_workspace, settings, inputs,
+                               unused)
     return peak
 
 
 def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
-              settings: StepSettings, inputs: Any, skip: frozenset[str] = frozenset()
-              ) -> tuple[StepPeak, frozenset[str]]:
-    """One simulation; also the trainable parameters step 2 left without a gradient."""
+              settings: StepSettings, inputs: Any, skip: frozenset[str] = frozenset(),
+              prime: bool = True) -> tuple[StepPeak, frozenset[str], bool]:
+    """One simulation; also the trainable parameters step 2 left without a gradient, and
+    whether step 2 left a new tensor in the model (a forward-time cache)."""
     from .cpu_truth import kernel_cost
 
     from .sharded import fake_process_group, following_resizes, lazy_chunks, shard
@@ -590,8 +607,8 @@ def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
                 (following_resizes(counter) if plan else nullcontext()):
             batch = tree_map(lambda t: _fake_batch(t, fake_mode), batch)
             try:
-                optimizer, start_bytes, impl = _run_steps(task, model, batch, counter,
-                                                          settings, skip)
+                optimizer, start_bytes, impl, cached = _run_steps(
+                    task, model, batch, counter, settings, skip, prime)
             except UsageError:
                 raise
             except Exception as exc:
@@ -606,7 +623,7 @@ def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
                                if p.requires_grad and p.grad is None)
     return dataclasses.replace(peak, precision=settings.precision.value,
                                accumulate=settings.accumulate,
-                               optimizer_impl=impl.value), unused
+                               optimizer_impl=impl.value), unused, cached
 
 
 def step_peak(
