@@ -62,7 +62,8 @@ class ShardPlan:
 
     def describe(self) -> str:
         if not self.fsdp:
-            return f"activation checkpointing per {self.unit or 'block'}"
+            return (f"activation checkpointing per {self.unit or 'block'} (a Hugging Face "
+                    "model's KV cache off: use_cache=False)")
         parts = [f"FSDP2 over {self.world_size} ranks",
                  f"per {self.unit or 'block'}",
                  "resharded after forward" if self.reshard_after_forward
@@ -71,7 +72,8 @@ class ShardPlan:
             parts.append(f"{str(self.param_dtype).replace('torch.', '')} parameters, "
                          f"{str(self.reduce_dtype).replace('torch.', '')} reduction")
         if self.checkpointing:
-            parts.append("activation checkpointing per unit")
+            parts.append("activation checkpointing per unit (a Hugging Face model's KV cache "
+                         "off: use_cache=False)")
         return ", ".join(parts)
 
 
