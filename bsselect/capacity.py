@@ -224,8 +224,9 @@ def _next_guess(fits: list[tuple[int, int]], usable: float, best: int, fail: int
         slope = (p2 - p1) / (b2 - b1)
         if slope > 0:
             room = math.floor((usable - p2) / slope)
-            if room < 1 and fail is None:
-                return None  # less than one more sample's memory left
+            # Less than one more sample's memory left by the line: the next batch is still
+            # measured, so the answer is the bracket's, not the line's (the peak is only
+            # piecewise linear in b).
             guess = b2 + max(room, 1)
             if ceiling is not None and guess >= ceiling:
                 guess = ceiling

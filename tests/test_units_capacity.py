@@ -120,14 +120,21 @@ def test_refine_grows_when_the_line_undershoots():
     # grow along the measured line, never more than 8x past a batch that fitted
     result = refine_max_batch(lambda b: 1000 + 10 * b, 10_000, PROBED[:2], first_guess=20)
     assert [(s.batch_size, s.outcome) for s in result.path] == [
-        (20, "ok"), (160, "ok"), (900, "ok")]
-    assert result.batch_size == 900
+        (20, "ok"), (160, "ok"), (900, "ok"), (901, "over")]
+    assert result.batch_size == 900 and result.exact
 
 
-def test_refine_first_guess_exact_stops_after_one_sample_check():
+def test_refine_first_guess_exact_is_confirmed_by_the_next_batch():
+    """The line says 900 is the last batch that fits; 901 is measured all the same, so that
+    "exact" means the bracket closed, not that the line said so."""
     line = lambda b: 1000 + 10 * b  # noqa: E731
     result = refine_max_batch(line, 10_000, PROBED, first_guess=900)
-    assert [(s.batch_size, s.outcome) for s in result.path] == [(900, "ok")]
+    assert [(s.batch_size, s.outcome) for s in result.path] == [(900, "ok"), (901, "over")]
+    assert result.exact
+    # a peak that bends down after the line's answer: the next batch fits and the search goes on
+    bent = lambda b: line(b) if b <= 900 else 10_000 - (b - 900)  # noqa: E731
+    result = refine_max_batch(bent, 10_000, PROBED, first_guess=900, max_tries=3)
+    assert [s.outcome for s in result.path][:2] == ["ok", "ok"] and result.batch_size > 900
 
 
 def test_refine_tries_the_data_limit_instead_of_creeping_towards_it():
