@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import json
 import math
 import os
@@ -44,7 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import selection_lib as lib  # noqa: E402
-from bench_selection import CONFIG, TASKS, start_busy, stop_busy  # noqa: E402
+from bench_selection import (CONFIG, CPU, EVAL_BS, TASKS, clock, log, read_json,  # noqa: E402
+                             start_busy, stop_busy)
 
 from bsselect.schedule import BatchSchedule, ScheduleSettings, run_schedule  # noqa: E402
 from bsselect.step import to_device, train_step  # noqa: E402
@@ -54,19 +54,6 @@ from bsselect.timing import default_threads  # noqa: E402
 from bsselect.trials import (BudgetKind, DIVERGENCE_FACTOR, TrialBudget, cycle_batches,
                              evaluate,  # noqa: E402
                              trial_seed)
-
-CPU = torch.device("cpu")
-EVAL_BS = 256
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def read(path: Path) -> dict:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as fh:
-        return json.load(fh)
 
 
 def scheduled_run(task, ex: dict, schedule: BatchSchedule, seed: int, t: dict[int, float]
@@ -140,12 +127,13 @@ def bench(ex: dict, seeds: int) -> dict:
         busy = start_busy() if condition == "loaded" else None
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                c0, w0 = time.process_time(), time.perf_counter()
+                c0, w0 = clock()
                 result = run_schedule(task, task_name=name, batch_sizes=ex["batch_sizes"],
                                       settings=settings, device=CPU,
                                       journal_path=Path(tmp) / "s.jsonl",
                                       threads=default_threads())
-                cost = dict(cpu_s=time.process_time() - c0, wall_s=time.perf_counter() - w0)
+                c1, w1 = clock()
+                cost = dict(cpu_s=c1 - c0, wall_s=w1 - w0)
         finally:
             if busy is not None:
                 stop_busy(busy)
@@ -162,7 +150,8 @@ def bench(ex: dict, seeds: int) -> dict:
         time_s = lib.median_inf(r["to_target"]["cpu_s"] if r["to_target"] else lib.INF
                                 for r in runs)
         row = dict(schedule=js, cost=cost, runs=runs, steps=steps, time_s=time_s,
-                   steps_vs_best=steps / ot[best]["steps"], time_vs_best=time_s / ot[best]["time_s"],
+                   steps_vs_best=steps / ot[best]["steps"],
+                   time_vs_best=time_s / ot[best]["time_s"],
                    steps_vs_base=steps / ot[b0]["steps"], time_vs_base=time_s / ot[b0]["time_s"])
         out["conditions"][condition] = row
         log(f"   scheduled runs: steps {steps:.1f} ({row['steps_vs_best']:.2f}x best fixed {best}),"
@@ -181,7 +170,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    oracle = read(args.oracle)
+    oracle = read_json(args.oracle)
     names = args.examples.split(",") if args.examples else [e["name"] for e in oracle["examples"]]
     by_name = {e["name"]: e for e in oracle["examples"]}
     start = time.perf_counter()

@@ -150,11 +150,9 @@ def refine_max_batch(
     nobody's question and can take minutes to collate).
     """
     fits = sorted((b, p) for b, p in known if p <= usable_bytes)
-    over = sorted((b, p) for b, p in known if p > usable_bytes)
-    fail = over[0][0] if over else None
-    fail_peak = over[0][1] if over else None  # its measured peak (None: OOM or the ceiling)
+    fail = min((b for b, p in known if p > usable_bytes), default=None)
     if ceiling is not None and (fail is None or fail > ceiling + 1):
-        fail, fail_peak = ceiling + 1, None  # as if it did not fit
+        fail = ceiling + 1  # as if it did not fit
     best = fits[-1][0] if fits else 0
     path: list[SearchStep] = []
     guess = _clamp(first_guess, best, fail, max_jump)
@@ -174,7 +172,7 @@ def refine_max_batch(
             del exc
             release_memory()
             path.append(SearchStep(guess, "oom"))
-            fail, fail_peak = guess, None
+            fail = guess
             overs_in_a_row += 1
         else:
             fitted = peak <= usable_bytes
@@ -184,12 +182,13 @@ def refine_max_batch(
                 best = guess
                 overs_in_a_row = 0
             else:
-                fail, fail_peak = guess, peak
+                fail = guess
                 overs_in_a_row += 1
         # Just over the budget with a measured peak: interpolate inside the bracket (the
         # peak between the largest fitting batch and this one is nearly a line); twice over
         # in a row, the peak is not a line there (a cliff): bisect.
-        between = fail_peak if overs_in_a_row == 1 and path[-1].outcome == "over" else None
+        last = path[-1]
+        between = last.peak_bytes if overs_in_a_row == 1 and last.outcome == "over" else None
         guess = _next_guess(sorted(fits), usable_bytes, best, fail, max_jump,
                             ceiling if ceiling is not None and fail == ceiling + 1 else None,
                             between)

@@ -470,7 +470,6 @@ class _ScheduleProgress:
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                             console=console, transient=True)
         self.current = self.bar.add_task("schedule", total=None)
-        self.console = console
 
     def __enter__(self):
         from .schedule import ScheduleHooks
@@ -479,9 +478,7 @@ class _ScheduleProgress:
         return ScheduleHooks(
             phase=lambda what, total: self.bar.update(self.current, description=what,
                                                       completed=0, total=total),
-            advance=lambda: self.bar.advance(self.current),
-            warn=lambda w: self.console.print(f"[yellow]warning:[/] {_escape(w)}",
-                                              highlight=False))
+            advance=lambda: self.bar.advance(self.current))
 
     def __exit__(self, *exc: object) -> None:
         self.bar.stop()

@@ -46,7 +46,7 @@ from .timing import RoundTiming, cpu_threads, progress_units
 from .trial_types import TrialResult
 from .trials import (EVAL_BATCH, WARM_START_SEED_OFFSET, BudgetKind, TrialBudget, TrialSetup,
                      _fresh_model, _lr_at, _step_options, _timed_step, cycle_batches,
-                     run_trial, time_batch_sizes)
+                     run_trial, time_batch_sizes, trial_lr)
 
 DEFAULT_POINTS = 5          # 0, H/16, H/8, H/4, H/2
 BRANCH_FRACTION = 16        # a branch trains H/16 samples
@@ -184,11 +184,11 @@ class BatchSchedule:
         i = self._index(samples)
         stage = self.stages[i]
         before = self.stages[i - 1].lr if i else self.base_lr
-        if before is None or self.lr_ramp_samples <= 0 or stage.lr <= before:
+        if before is None:
             return stage.lr
-        ramp_steps = max(1, math.ceil(self.lr_ramp_samples / stage.batch_size))
         step = math.floor(max(0.0, samples - stage.start_samples) / stage.batch_size)
-        return before + (stage.lr - before) * min(1.0, (step + 1) / ramp_steps)
+        return trial_lr(step, stage.lr, stage.batch_size, before,
+                        ramp_samples=self.lr_ramp_samples)
 
     def to_json(self) -> list[dict[str, Any]]:
         return [s.to_json() for s in self.stages]
@@ -218,7 +218,8 @@ class ScheduleResult:
     schedule: BatchSchedule
     fixed: dict[int, Prediction]          # predicted cost of each fixed batch size
     predicted: Prediction                 # the schedule's
-    growth: dict[str, float | None]       # exponents of B ~ samples^k (critical, b_simple)
+    growth: dict[str, float | None]       # exponents of B ~ samples^k (critical, fastest,
+    # b_simple)
     journal: str
     resumed: int
     wall_s: float
@@ -264,12 +265,11 @@ class ScheduleResult:
 
 @dataclass
 class ScheduleHooks:
-    """Progress callbacks (all optional): ``phase(description, total)`` starts a bar,
-    ``advance()`` moves it, ``warn(text)``."""
+    """Progress callbacks (both optional): ``phase(description, total)`` starts a bar,
+    ``advance()`` moves it. Warnings are the result's ``notes``."""
 
     phase: Callable[[str, int | None], None] | None = None
     advance: Callable[[], None] | None = None
-    warn: Callable[[str], None] | None = None
 
 
 def _finite(x: float) -> float | None:
@@ -361,13 +361,13 @@ def plan_stages(points: Sequence[SchedulePoint], horizon: int, b0: int,
     predicted from its point's relative sample efficiency."""
     stages: list[Stage] = []
     start = 0.0
+    lengths = stage_lengths(points, horizon)
     wanted = stage_batches([p.fastest_batch_size for p in points], b0,
-                           [max(1, L) for L in stage_lengths(points, horizon)])
+                           [max(1, L) for L in lengths])
     measured = sorted(step_times_s)
-    for p, L, want in zip(points, stage_lengths(points, horizon), wanted):
+    for p, L, want in zip(points, lengths, wanted):
+        # non-decreasing, as ``wanted`` is: the largest measured batch up to it
         b = max([m for m in measured if m <= want] or [measured[0]])
-        if stages and b < stages[-1].batch_size:
-            b = stages[-1].batch_size
         r = relative_samples(p, b, b0)
         if not math.isfinite(r):  # a batch that made no progress at this point
             r = 1.0
@@ -513,7 +513,7 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
     bases: list[tuple[int, int]] = []
     try:
         with cpu_threads(threads):
-            timing = _timing(setup, sizes, hooks, notes)
+            timing = _timing(setup, sizes, hooks)
             if hooks.phase:
                 hooks.phase("base run and branches", None)
             for k, (samples, steps, model, mstate, ostate) in enumerate(
@@ -563,7 +563,8 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
                      "last point: the batch may grow further (allow larger batches, or a "
                      "longer --branch-samples)")
     return ScheduleResult(task_name, settings, b0, task.lr, tuple(sizes), fitted, timing,
-                          tuple(points), BatchSchedule(tuple(stages), settings.lr_ramp_samples, task.lr),
+                          tuple(points),
+                          BatchSchedule(tuple(stages), settings.lr_ramp_samples, task.lr),
                           fixed, predicted, growth, str(journal_path),
                           len(done_branch), time.perf_counter() - start, tuple(notes))
 
@@ -590,7 +591,7 @@ def _resumed(records: Sequence[tuple[str, dict[str, Any]]], notes: list[str]
     return branches, noises
 
 
-def _timing(setup: TrialSetup, sizes: list[int], hooks: ScheduleHooks, notes: list[str]
+def _timing(setup: TrialSetup, sizes: list[int], hooks: ScheduleHooks
             ) -> tuple[RoundTiming, ...]:
     if hooks.phase:
         hooks.phase("timing rounds", progress_units(len(sizes)))

@@ -28,15 +28,19 @@ allocator; gloo's on a CPU are inside it) — docs/benchmarks-sharded.md says wh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from collections.abc import Sequence
 from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
 from ..errors import UsageError
+
+
+# Said wherever checkpointing is (``apply_checkpointing`` turns the cache off).
+_NO_KV_CACHE = "(a Hugging Face model's KV cache off: use_cache=False)"
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,7 @@ class ShardPlan:
 
     def describe(self) -> str:
         if not self.fsdp:
-            return (f"activation checkpointing per {self.unit or 'block'} (a Hugging Face "
-                    "model's KV cache off: use_cache=False)")
+            return f"activation checkpointing per {self.unit or 'block'} {_NO_KV_CACHE}"
         parts = [f"FSDP2 over {self.world_size} ranks",
                  f"per {self.unit or 'block'}",
                  "resharded after forward" if self.reshard_after_forward
@@ -72,8 +75,7 @@ class ShardPlan:
             parts.append(f"{str(self.param_dtype).replace('torch.', '')} parameters, "
                          f"{str(self.reduce_dtype).replace('torch.', '')} reduction")
         if self.checkpointing:
-            parts.append("activation checkpointing per unit (a Hugging Face model's KV cache "
-                         "off: use_cache=False)")
+            parts.append(f"activation checkpointing per unit {_NO_KV_CACHE}")
         return ", ".join(parts)
 
 
@@ -191,7 +193,6 @@ def following_resizes(counter: Any) -> Iterator[None]:
         yield
     finally:
         torch.UntypedStorage.resize_ = original  # type: ignore[method-assign]
-
 
 
 class _Chunks(Sequence):
