@@ -21,11 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_tasks  # noqa: E402
 import selection_lib  # noqa: E402
+
 from bsselect.examples import EXAMPLES  # noqa: E402
-from bsselect.lr_scaling import LrScaling  # noqa: E402
-from bsselect.rank import pooled_b_simple  # noqa: E402
-from bsselect.sweep import SweepSettings, default_budget, make_setup  # noqa: E402
-from bsselect.trials import _fresh_model, branch_point, measure_trial_noise  # noqa: E402
+from bsselect.selection.lr_scaling import LrScaling  # noqa: E402
+from bsselect.selection.rank import pooled_b_simple  # noqa: E402
+from bsselect.selection.sweep import SweepSettings, default_budget, make_setup  # noqa: E402
+from bsselect.selection.trials import _fresh_model, branch_point, measure_trial_noise  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sweep-ramp-93f9bcf.json.gz"
 STEPS = (0, 8, 32, 128)

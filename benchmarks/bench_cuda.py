@@ -20,7 +20,7 @@ DIR/bench_cuda.json after every section and prints Markdown tables. Sections:
 * ``whole``: ``check --hf-config`` (Llama-7B widths, fewer layers, bf16) with the whole GPU as
   the budget (context term included) against the largest batch that really trains on it.
 * ``timing``: step times of tiny-lm at powers of two, interleaved rounds with
-  ``synchronize`` (bsselect.timing), and the sweep's constrained fit through them.
+  ``synchronize`` (bsselect.selection.timing), and the sweep's constrained fit through them.
 * ``cli``: ``bsselect probe``/``noise``/``sweep`` on ``--device cuda`` end to end, JSON kept.
 """
 
@@ -47,12 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bsselect.device import Budget  # noqa: E402
 from bsselect.examples import EXAMPLES  # noqa: E402
 from bsselect.memory.measured import AcceleratorAllocator, run_two_steps  # noqa: E402
+from bsselect.memory.probe import Method, model_uses_cudnn, run_probe  # noqa: E402
 from bsselect.memory.simulated import simulate_step_peak  # noqa: E402
+from bsselect.memory.targets import Target  # noqa: E402
 from bsselect.oom import is_oom_error  # noqa: E402
 from bsselect.precision import Precision  # noqa: E402
-from bsselect.probe import Method, model_uses_cudnn, run_probe  # noqa: E402
 from bsselect.step import StepSettings  # noqa: E402
-from bsselect.targets import Target  # noqa: E402
 
 MiB, GiB = 2**20, 2**30
 RESULTS: dict = {}
@@ -116,9 +116,9 @@ def heldout_cases() -> list[tuple[str, object, object, str, int, tuple[int, int]
     on 64x64 images, a 2-layer GRU LM (cuDNN's RNN on CUDA), GPT-2 and a Qwen2-style GQA
     decoder from configs."""
     import torch.nn.functional as F
+    from bench_real_runs import lm_loss
     from torch.utils.data import TensorDataset
 
-    from bench_real_runs import lm_loss
     from bsselect import Task
     from bsselect.adapters.hf import config_task
 
@@ -155,6 +155,7 @@ def cases() -> list[tuple[str, object, object, str, int, tuple[int, int]]]:
     if HELDOUT:
         return heldout_cases()
     from bench_real_runs import manual_attention_task
+
     from bsselect.adapters.hf import config_task
 
     small_llama = config_task(llama_dir(4, 512, 1376, 8), 512)
@@ -374,9 +375,9 @@ def section_whole(out: Path) -> None:
 
 
 def section_timing(out: Path) -> None:
-    from bsselect.steptime import physical_fit
+    from bsselect.selection.steptime import physical_fit
+    from bsselect.selection.timing import interleaved_rounds
     from bsselect.step import make_batch, to_device, train_step
-    from bsselect.timing import interleaved_rounds
 
     print("\n## timing: tiny-lm step times on CUDA, interleaved rounds\n")
     dev = torch.device("cuda")

@@ -31,6 +31,7 @@ from bsselect.step import StepSettings
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_simulate_speed import gpt_task, lm_loss  # noqa: E402
 
+
 class Attn(nn.Module):
     """nanoGPT's non-flash attention: an explicit (T x T) softmax."""
 
@@ -186,10 +187,10 @@ def worst_case(args: argparse.Namespace) -> None:
     from tasks.varlen_tasks import variable_length
 
     from bsselect.device import Budget
-    from bsselect.inputs import scan_inputs, typical_inputs
     from bsselect.memory.capped import CappedCpuAllocator
+    from bsselect.memory.inputs import scan_inputs, typical_inputs
     from bsselect.memory.measured import run_two_steps
-    from bsselect.probe import Method, run_probe
+    from bsselect.memory.probe import Method, run_probe
 
     task = variable_length()
     t0 = time.perf_counter()

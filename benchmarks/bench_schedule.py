@@ -6,7 +6,7 @@
 For every task of the selection benchmark (``bench_selection.py``: its tasks, targets and
 oracle of full runs at every fixed power-of-two batch size, read from a saved results file):
 
-1. **The schedule** — ``bsselect.schedule.run_schedule`` with its defaults except the horizon:
+1. **The schedule** — ``bsselect.selection.schedule.run_schedule`` with its defaults except the horizon:
    the samples the base configuration (the task's batch size and lr) takes to reach the
    target in the oracle (the length of the run the user is planning), on a quiet machine and
    with one busy process holding a core (started and stopped here).
@@ -46,14 +46,14 @@ import selection_lib as lib  # noqa: E402
 from bench_selection import (CONFIG, CPU, EVAL_BS, TASKS, clock, log, read_json,  # noqa: E402
                              start_busy, stop_busy)
 
-from bsselect.schedule import BatchSchedule, ScheduleSettings, run_schedule  # noqa: E402
+from bsselect.selection.schedule import BatchSchedule, ScheduleSettings, run_schedule  # noqa: E402
+from bsselect.selection.sweep import (RAMP_BASE_STEPS, SweepSettings, make_setup,  # noqa: E402
+                                      resolve_lr_scaling)
+from bsselect.selection.timing import default_threads  # noqa: E402
+from bsselect.selection.trials import evaluate  # noqa: E402
+from bsselect.selection.trials import (DIVERGENCE_FACTOR, BudgetKind, TrialBudget, cycle_batches,
+                                       trial_seed)
 from bsselect.step import to_device, train_step  # noqa: E402
-from bsselect.sweep import (RAMP_BASE_STEPS, SweepSettings, make_setup,  # noqa: E402
-                            resolve_lr_scaling)
-from bsselect.timing import default_threads  # noqa: E402
-from bsselect.trials import (BudgetKind, DIVERGENCE_FACTOR, TrialBudget, cycle_batches,
-                             evaluate,  # noqa: E402
-                             trial_seed)
 
 
 def scheduled_run(task, ex: dict, schedule: BatchSchedule, seed: int, t: dict[int, float]

@@ -8,7 +8,7 @@ For every task (the built-in examples: tuning half; bench_tasks.py: held-out hal
 power-of-two batch size the sweep would try (8 .. the
 sweep's cap, half the training set; tiny-lm capped at 256 to bound the cost):
 
-1. **The sweep** — ``bsselect.sweep.run_sweep`` with default settings on those batch sizes
+1. **The sweep** — ``bsselect.selection.sweep.run_sweep`` with default settings on those batch sizes
    (explicit sizes, so no probe), timed (process CPU and wall). Its recommendation, what the
    closed form ``b_opt`` rounds to, and the baseline "largest batch that fits" (the largest
    tried power of two) are recorded.
@@ -17,8 +17,8 @@ sweep's cap, half the training set; tiny-lm capped at 256 to bound the cost):
    ``target = L_best + f * (L_0 - L_best)`` (L_best: best 3-eval moving average; f per example,
    see CONFIG): the loss at which a run has made 1 - f of the calibration run's best drop.
 3. **Full runs** — every batch size from the same seeded initial weights and data order as the
-   sweep's trials (``bsselect.sweep.make_setup``, ``bsselect.trials.cycle_batches``), the same
-   scaled learning rate (``bsselect.lr_scaling.scale_lr`` with the sweep's default rule), the same
+   sweep's trials (``bsselect.selection.sweep.make_setup``, ``bsselect.selection.trials.cycle_batches``), the same
+   scaled learning rate (``bsselect.selection.lr_scaling.scale_lr`` with the sweep's default rule), the same
    training step (``bsselect.step.train_step``) and divergence rule, until the validation loss
    reaches the target (crossing interpolated linearly between evaluations) or the calibration
    budget runs out (then time-to-target is inf). Evaluations are not on the clock.
@@ -61,21 +61,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import selection_lib as lib  # noqa: E402
+from bench_tasks import HELD_OUT  # noqa: E402
 from selection_report import CONDITIONS, render  # noqa: E402
 
-from bench_tasks import HELD_OUT  # noqa: E402
 from bsselect.examples import EXAMPLES  # noqa: E402
-from bsselect.timing import default_threads  # noqa: E402
-from bsselect.lr_scaling import scale_lr  # noqa: E402
-from bsselect.sweep import (  # noqa: E402
-    RAMP_BASE_STEPS, SweepSettings, data_cap, default_budget, make_setup, powers_of_two,
-    resolve_lr_scaling, run_sweep,
-)
+from bsselect.selection.lr_scaling import scale_lr  # noqa: E402
+from bsselect.selection.sweep import (RAMP_BASE_STEPS, SweepSettings, data_cap,  # noqa: E402
+                                      default_budget, make_setup, powers_of_two, resolve_lr_scaling,
+                                      run_sweep)
+from bsselect.selection.timing import default_threads  # noqa: E402
+from bsselect.selection.trials import (DIVERGENCE_FACTOR, TrialBudget, cycle_batches,  # noqa: E402
+                                       evaluate, measure_trial_noise, trial_lr, trial_seed)
 from bsselect.step import to_device, train_step  # noqa: E402
-from bsselect.trials import (  # noqa: E402
-    DIVERGENCE_FACTOR, TrialBudget, cycle_batches, evaluate, measure_trial_noise, trial_lr,
-    trial_seed,
-)
 
 # cap: largest batch (None: the sweep's own data cap, half the training set).
 # calib_samples: the calibration run's budget, also every full run's maximum.

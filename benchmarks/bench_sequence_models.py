@@ -39,8 +39,8 @@ def task_of(name: str):
 
 
 def one(name: str, b: int, kind: str) -> int:
-    from bsselect.inputs import InputMode, scan_inputs
     from bsselect.memory.cpu_truth import cpu_step_peak
+    from bsselect.memory.inputs import InputMode, scan_inputs
     from bsselect.memory.simulated import simulate_step_peak
 
     task = task_of(name)
@@ -53,8 +53,8 @@ def sim_max_batch(name: str) -> int:
     import torch
 
     from bsselect.device import Budget
-    from bsselect.inputs import InputMode, scan_inputs
-    from bsselect.probe import Method, run_probe
+    from bsselect.memory.inputs import InputMode, scan_inputs
+    from bsselect.memory.probe import Method, run_probe
 
     task = task_of(name)
     inputs = scan_inputs(task.train_data, InputMode.worst_case)

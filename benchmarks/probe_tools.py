@@ -26,13 +26,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from bsselect.capacity import fit_memory, solve_max_batch
 from bsselect.device import Budget
 from bsselect.errors import DoesNotFitError
+from bsselect.memory.capacity import fit_memory, solve_max_batch
 from bsselect.memory.capped import CappedCpuAllocator
 from bsselect.memory.measured import run_two_steps
+from bsselect.memory.probe import Method, run_probe
 from bsselect.oom import is_oom_error
-from bsselect.probe import Method, run_probe
 from bsselect.task import Task
 
 HUGE = 2**62   # a cap that never bites: pure measurement
@@ -538,11 +538,10 @@ def check_oom_recognition() -> dict[str, bool]:
 
 def versions() -> dict[str, str]:
     import platform
+    import subprocess
 
     import accelerate
     import lightning
-
-    import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:

@@ -9,11 +9,11 @@ import math
 from statistics import median
 from typing import Any, Iterable, Mapping, Sequence
 
-from bsselect.rank import pooled_b_simple
-from bsselect.sweep import SweepSettings, summarize
-from bsselect.trial_types import TrialResult, TrialStatus
-from bsselect.timing import MAX_STEPS_PER_ROUND, ROUNDS, WARMUP_STEPS, steps_per_round
-from bsselect.trials import MAX_CURVE_POINTS
+from bsselect.selection.rank import pooled_b_simple
+from bsselect.selection.sweep import SweepSettings, summarize
+from bsselect.selection.timing import MAX_STEPS_PER_ROUND, ROUNDS, WARMUP_STEPS, steps_per_round
+from bsselect.selection.trial_types import TrialResult, TrialStatus
+from bsselect.selection.trials import MAX_CURVE_POINTS
 
 INF = math.inf
 
@@ -153,7 +153,7 @@ def rule_picks(example: Mapping[str, Any], trials: Sequence[TrialResult],
     - ``equal_time``: lowest training loss at the same point in time for every trial (the
       shortest ok trial's duration), read off the trials' loss curves.
     - ``b_simple``: ``(1 + B_simple/b) * t(b)`` with the trials' ``B_simple`` pooled
-      (``bsselect.rank.pooled_b_simple``; the sweep's own rule, unless it fell back to B_noise).
+      (``bsselect.selection.rank.pooled_b_simple``; the sweep's own rule, unless it fell back to B_noise).
     - ``b_simple_median``: the same with the median of the trials' ``B_simple`` (the rule
       before the pooling).
     - ``b_simple_trained``: the same, pooled over the better-trained half of the trials only
@@ -312,7 +312,7 @@ def emulated_trials(example: Mapping[str, Any], seed_index: int, fraction: str,
 
 def steps_run(trial: TrialResult) -> int:
     """Training steps a trial costs: its budget's steps, plus (ok trials) the sweep's
-    interleaved timing steps for its batch size (``bsselect.timing``: warm-up, then ROUNDS
+    interleaved timing steps for its batch size (``bsselect.selection.timing``: warm-up, then ROUNDS
     rounds of ``steps_per_round`` steps, one more per round to re-warm when that is > 1)."""
     if not trial.ok:
         return trial.steps
@@ -321,7 +321,7 @@ def steps_run(trial: TrialResult) -> int:
 
 
 def thin(curve: list, points: int = MAX_CURVE_POINTS) -> list:
-    """The loss curve as a trial stores it (bsselect.trials keeps MAX_CURVE_POINTS)."""
+    """The loss curve as a trial stores it (bsselect.selection.trials keeps MAX_CURVE_POINTS)."""
     if len(curve) <= points:
         return curve
     stride = len(curve) / points

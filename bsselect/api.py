@@ -27,13 +27,13 @@ from .errors import CannotSimulate, TaskError, UsageError, parse_choice
 if TYPE_CHECKING:
     import torch
 
-    from .check import CheckResult
-    from .inputs import InputMode, InputScan
-    from .noise import NoiseReport
-    from .probe import Method, ProbeResult
-    from .schedule import ScheduleResult
+    from .gate.check import CheckResult
+    from .memory.inputs import InputMode, InputScan
+    from .memory.probe import Method, ProbeResult
+    from .selection.noise import NoiseReport
+    from .selection.schedule import ScheduleResult
+    from .selection.sweep import SweepHooks, SweepResult, SweepSettings
     from .step import StepSettings
-    from .sweep import SweepHooks, SweepResult, SweepSettings
     from .task import Task
 
 TaskLike = Union["Task", str, None]
@@ -98,7 +98,7 @@ def device_of(name: str = "auto") -> "torch.device":
 
 
 def _scan(task: "Task", mode: "InputMode", console: Any) -> "InputScan":
-    from .inputs import scan_inputs
+    from .memory.inputs import scan_inputs
 
     if console is None:
         return scan_inputs(task.train_data, mode)
@@ -112,8 +112,8 @@ def probe_method(task: "Task", method: "Method", device: "torch.device", target:
     """The probe's method after validating the task for it, and a note when it differs from
     the one asked for: ``auto`` falls back from a simulation the model cannot run (a branch
     on an activation's value) to real steps on this device."""
-    from .probe import Method, choose_method
-    from .targets import Target
+    from .memory.probe import Method, choose_method
+    from .memory.targets import Target
     from .task import validate_task
 
     resolved = choose_method(method, device)
@@ -152,12 +152,10 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
     steps, half the available RAM). ``hf_config`` (instead of a task): a local transformers
     config, trained as a causal LM on ``seq_len``-token sequences."""
     from .device import Budget, default_budget
-    from .probe import DEFAULT_BATCH_SIZES, HOST_HEADROOM, Method, run_probe
-    from .run_options import parse_inputs, step_settings
-    from .targets import Target
+    from .memory.probe import DEFAULT_BATCH_SIZES, HOST_HEADROOM, Method, run_probe
+    from .memory.targets import Target
+    from .run_options import parse_inputs, shard_plan, step_settings
     from .task import load_task
-
-    from .run_options import shard_plan
 
     meth = parse_choice(Method, method, "--method")
     tgt = parse_choice(Target, target, "--target")
@@ -222,7 +220,7 @@ def check(task: TaskLike = None, *, batch_size: int | None = None, memory: Size 
     ``seq_len``-token sequences. ``shard="fsdp"`` with ``world_size``: one rank of an FSDP2
     run (``shard_unit``, ``reshard_after_forward``, ``activation_checkpointing`` as the CLI's
     options)."""
-    from .check import merge_config, read_pyproject, run_check
+    from .gate.check import merge_config, read_pyproject, run_check
 
     task, hf_name = hf_config_task(task, hf_config, seq_len)
     size = _bytes(memory, "memory")
@@ -249,8 +247,8 @@ def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
                 progress: Callable[[int, int], None] | None = None) -> "NoiseReport":
     """How noisy are the gradients: B_simple (McCandlish et al. 2018) at the initial weights,
     after ``warmup_steps`` and every ``every`` steps in between (``bsselect noise``)."""
-    from .noise import measure_noise
     from .run_options import parse_precision
+    from .selection.noise import measure_noise
 
     if every is not None and every < 1:
         raise UsageError("--every must be >= 1")
@@ -290,8 +288,8 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
     """The batch sizes (explicit, or powers of two up to what the probe says fits), the
     per-trial budget, the settings and the journal of a sweep, with the CLI's defaults."""
     from .run_options import step_settings
-    from .sweep import default_budget, parse_budget
-    from .timing import default_threads
+    from .selection.sweep import default_budget, parse_budget
+    from .selection.timing import default_threads
 
     warmup_steps = parse_warmup(warmup_steps)
     if noise_measurements < 0 or warm_start_steps < 0:
@@ -320,7 +318,7 @@ def sweep(task: TaskLike = None, *, resume: bool = False, overwrite: bool = Fals
     timed in interleaved rounds and ranked by predicted time to target (``bsselect sweep``).
     ``options`` are ``plan_sweep``'s; or pass a ``plan``. ``resume`` skips the trials already
     in the journal for the same task and settings."""
-    from .sweep import run_sweep
+    from .selection.sweep import run_sweep
 
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
@@ -348,9 +346,9 @@ def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int =
     batch size branches for ``branch_samples`` (default ``horizon // 16``) samples. Returns a
     ``ScheduleResult``; its ``schedule`` (a ``BatchSchedule``) gives ``batch_size_at`` and
     ``lr_at`` for a training loop."""
-    from .schedule import ScheduleSettings, default_horizon, run_schedule
-    from .sweep import RAMP_BASE_STEPS, resolve_lr_scaling
-    from .timing import default_threads
+    from .selection.schedule import ScheduleSettings, default_horizon, run_schedule
+    from .selection.sweep import RAMP_BASE_STEPS, resolve_lr_scaling
+    from .selection.timing import default_threads
 
     explicit = _sizes_and_threads(batch_sizes, threads)
     dev = device_of(device)
@@ -402,10 +400,10 @@ def plan_sizes(task: "Task", name: str, explicit: list[int] | None, min_batch: i
     answers for the micro-batch, on the largest items."""
     from .device import Budget, default_budget
     from .distributed import per_device, world_size
-    from .inputs import InputMode
-    from .probe import run_probe
+    from .memory.inputs import InputMode
+    from .memory.probe import run_probe
+    from .selection.sweep import data_cap, powers_of_two
     from .step import StepSettings
-    from .sweep import data_cap, powers_of_two
 
     # Under torchrun these are global batches: a power of two per device x world size w
     # (the probe answers per device), times the accumulation steps.
@@ -454,7 +452,7 @@ def sweep_settings(task: "Task", budget: Any, lr_scaling: str, seed: int,
                    warm_start_steps: int = 0) -> "SweepSettings":
     """``warmup_steps`` "auto": trials above the task's lr ramp up from it over
     ``RAMP_BASE_STEPS`` base batches' worth of samples; N: every trial from 0 over N steps."""
-    from .sweep import RAMP_BASE_STEPS, SweepSettings, resolve_lr_scaling
+    from .selection.sweep import RAMP_BASE_STEPS, SweepSettings, resolve_lr_scaling
 
     extra = {} if step is None else dict(precision=step.precision, accumulate=step.accumulate)
     auto = parse_warmup(warmup_steps) == "auto"

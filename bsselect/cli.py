@@ -199,7 +199,7 @@ def probe(
 
     def body() -> None:
         from . import api
-        from .probe import DEFAULT_BATCH_SIZES
+        from .memory.probe import DEFAULT_BATCH_SIZES
         from .report import console, emit_json, render_probe
         from .run_options import print_step_lines
 
@@ -268,7 +268,6 @@ def noise(
                                      precision=precision, progress=advance)
         if as_json:
             from .distributed import noise_json
-
             from .report import emit_json
 
             emit_json({"task": name, **noise_json(report.to_json())})
@@ -472,7 +471,7 @@ class _ScheduleProgress:
         self.current = self.bar.add_task("schedule", total=None)
 
     def __enter__(self):
-        from .schedule import ScheduleHooks
+        from .selection.schedule import ScheduleHooks
 
         self.bar.start()
         return ScheduleHooks(
@@ -498,9 +497,9 @@ def report(
     """
 
     def body() -> None:
-        from .journal import load
         from .report import console
-        from .sweep import SweepSettings, summarize
+        from .selection.journal import load
+        from .selection.sweep import SweepSettings, summarize
 
         if plot is not None:
             from .plots import check_plot_target
@@ -517,7 +516,7 @@ def report(
                              "finished branch and retrains only the base run")
         if not contents.trials:
             raise UsageError(f"{journal} holds no finished trial yet")
-        from .timing import RoundTiming
+        from .selection.timing import RoundTiming
 
         s = contents.header.settings
         trials = {t.batch_size: t for t in contents.trials}
@@ -569,7 +568,7 @@ class _SweepProgress:
         self.current = self.bar.add_task("trial", total=None, visible=False)
 
     def __enter__(self):
-        from .sweep import SweepHooks
+        from .selection.sweep import SweepHooks
 
         self.bar.start()
         return SweepHooks(trial_start=self._start, step=self._step, trial_end=self._end,
@@ -703,7 +702,7 @@ def check(
 @app.command()
 def presets() -> None:
     """List the device presets for `check --device-preset` with their memory."""
-    from .check import PRESETS
+    from .gate.check import PRESETS
     from .units import format_bytes
 
     for key, (size, name) in PRESETS.items():

@@ -11,7 +11,7 @@ import typer
 from .errors import UsageError, parse_choice
 
 if TYPE_CHECKING:  # torch is imported when a command runs, not for --help
-    from .inputs import InputMode, InputScan
+    from .memory.inputs import InputMode, InputScan
     from .precision import Precision
     from .step import StepSettings
     from .task import Task
@@ -90,7 +90,7 @@ def parse_precision(value: str) -> "Precision":
 
 
 def parse_inputs(value: str) -> "InputMode":
-    from .inputs import InputMode
+    from .memory.inputs import InputMode
 
     return parse_choice(InputMode, value, "--inputs")
 
@@ -110,7 +110,7 @@ def scan(task: "Task", mode: "InputMode", console: Any, seed: int = 0) -> "Input
     stderr (transient: it disappears when done; the result's ``how`` says what was read)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .inputs import InputMode, scan_inputs
+    from .memory.inputs import InputMode, scan_inputs
 
     if mode is InputMode.typical:
         return scan_inputs(task.train_data, mode)

@@ -12,14 +12,15 @@ import torch
 
 pytest.importorskip("transformers")
 
-from bsselect import Task  # noqa: E402
-from bsselect.errors import TaskError, UsageError  # noqa: E402
-from bsselect.inputs import InputMode, scan_inputs  # noqa: E402
-from bsselect.memory.cpu_truth import cpu_step_peak  # noqa: E402
-from bsselect.memory.simulated import simulate_step_peak  # noqa: E402
-from bsselect.task import validate_task  # noqa: E402
 from conftest import run_cli  # noqa: E402
 from tasks import hf_tasks  # noqa: E402
+
+from bsselect import Task  # noqa: E402
+from bsselect.errors import TaskError, UsageError  # noqa: E402
+from bsselect.memory.cpu_truth import cpu_step_peak  # noqa: E402
+from bsselect.memory.inputs import InputMode, scan_inputs  # noqa: E402
+from bsselect.memory.simulated import simulate_step_peak  # noqa: E402
+from bsselect.task import validate_task  # noqa: E402
 
 TASKS = str(Path(__file__).parent / "tasks" / "hf_tasks.py")
 
@@ -108,9 +109,10 @@ def _tiny_llama_config(path: Path) -> Path:
 
 
 def test_check_hf_config_answers_for_an_architecture_and_agrees_with_from_hf(tmp_path):
+    from transformers import AutoConfig
+
     from bsselect import check
     from bsselect.adapters.hf import RandomTokens
-    from transformers import AutoConfig
 
     config = _tiny_llama_config(tmp_path / "llama")
     done = run_cli("check", "--hf-config", str(config), "--seq-len", "96", "--batch-size", "8",

@@ -11,12 +11,13 @@ import torch
 
 pytest.importorskip("lightning")
 
-from bsselect.inputs import InputMode, scan_inputs  # noqa: E402
-from bsselect.memory.cpu_truth import cpu_step_peak  # noqa: E402
-from bsselect.memory.simulated import simulate_step_peak  # noqa: E402
-from bsselect.task import validate_task  # noqa: E402
 from conftest import run_cli  # noqa: E402
 from tasks import lightning_tasks  # noqa: E402
+
+from bsselect.memory.cpu_truth import cpu_step_peak  # noqa: E402
+from bsselect.memory.inputs import InputMode, scan_inputs  # noqa: E402
+from bsselect.memory.simulated import simulate_step_peak  # noqa: E402
+from bsselect.task import validate_task  # noqa: E402
 
 TASKS = str(Path(__file__).parent / "tasks" / "lightning_tasks.py")
 

@@ -8,8 +8,9 @@ import json
 import re
 from pathlib import Path
 
-import bsselect
 from conftest import run_cli
+
+import bsselect
 
 DOC = Path(__file__).parent.parent / "docs" / "api.md"
 
@@ -23,15 +24,17 @@ def test_the_api_doc_examples_run_in_order(tmp_path):
     assert (tmp_path / "sweep.jsonl").exists()
 
 
-def test_the_names_stay_the_functions_after_their_submodules_import():
-    import bsselect.check  # noqa: F401 - binding the submodule must not replace the function
-    import bsselect.probe  # noqa: F401
-    import bsselect.sweep  # noqa: F401
+def test_the_names_stay_the_functions_after_the_modules_behind_them_import():
+    import bsselect.gate.check  # noqa: F401 - the methods live in memory/, selection/, gate/
+    import bsselect.memory.probe  # noqa: F401
+    import bsselect.selection.schedule  # noqa: F401
+    import bsselect.selection.sweep  # noqa: F401
     from bsselect import api
-    from bsselect.probe import run_probe  # the submodule is importable by its full name
+    from bsselect.memory.probe import run_probe
 
     assert bsselect.probe is api.probe and bsselect.check is api.check
     assert bsselect.sweep is api.sweep and bsselect.noise_scale is api.noise_scale
+    assert bsselect.schedule is api.schedule
     assert callable(run_probe)
 
 

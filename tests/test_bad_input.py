@@ -8,7 +8,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 
@@ -131,8 +130,8 @@ def test_a_bad_plot_path_fails_before_any_trial(tmp_path, monkeypatch, plot, mes
 
 
 def test_report_refuses_a_file_holding_two_sweeps(tmp_path):
-    from bsselect.journal import Journal
-    from bsselect.trial_types import TrialResult
+    from bsselect.selection.journal import Journal
+    from bsselect.selection.trial_types import TrialResult
 
     def journal(path, task):
         j = Journal(path, task=task, settings={"seed": 0})

@@ -7,10 +7,10 @@ import resource
 import textwrap
 
 import pytest
-
-from bsselect.check import PRESETS, merge_config, read_pyproject
-from bsselect.errors import UsageError
 from conftest import run_cli
+
+from bsselect.errors import UsageError
+from bsselect.gate.check import PRESETS, merge_config, read_pyproject
 
 CHECK_FIELDS = {"fits", "batch_size", "required_bytes", "budget_bytes", "max_batch"}
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-import bsselect.journal as journal_module
+import bsselect.selection.journal as journal_module
 from bsselect.errors import UsageError
-from bsselect.journal import Journal, JournalMode, completed, journal_key, load, settings_key
-from bsselect.trial_types import LossPoint, TrialResult, TrialStatus
+from bsselect.selection.journal import (Journal, JournalMode, completed, journal_key, load,
+                                        settings_key)
+from bsselect.selection.trial_types import LossPoint, TrialResult, TrialStatus
 
 TASK = "digits-mlp"
 SETTINGS = {"budget": ["samples", 4096.0], "lr_scaling": "linear", "seed": 0, "warmup_steps": 0}
@@ -327,8 +328,8 @@ def test_each_line_is_one_write_call_then_fsync(tmp_path, monkeypatch):
 
 WRITER = textwrap.dedent('''
     import sys
-    from bsselect.journal import Journal
-    from bsselect.trial_types import TrialResult
+    from bsselect.selection.journal import Journal
+    from bsselect.selection.trial_types import TrialResult
 
     j = Journal(sys.argv[1], task="killed", settings={"seed": 0})
     curve = [(i, 64 * i, 0.01 * i, 2.0 - 0.001 * i) for i in range(1, 2001)]  # ~70 kB lines

@@ -18,11 +18,12 @@ from torch.utils.data import TensorDataset
 from bsselect import Task
 from bsselect.errors import TaskError, UsageError
 from bsselect.examples.linreg import closed_form_b_simple, make_linreg_task
-from bsselect.noise import (
-    NoiseEstimate, default_batch_sizes, estimate_from_norms, estimate_noise, measure_grad_norms,
-    measure_noise, split_batch,
-)
-from bsselect.noise_math import expanded_tail, per_measurement, sampling_factor, t_quantile
+from bsselect.selection.noise import (NoiseEstimate, default_batch_sizes, estimate_from_norms,
+                                      estimate_noise, measure_grad_norms, measure_noise,
+                                      split_batch)
+from bsselect.selection.noise_math import (expanded_tail, per_measurement, sampling_factor,
+                                           t_quantile)
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():

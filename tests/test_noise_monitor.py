@@ -1,4 +1,4 @@
-"""The noise scale during the user's own run (bsselect.noise_monitor and its Lightning and
+"""The noise scale during the user's own run (bsselect.selection.noise_monitor and its Lightning and
 Hugging Face callbacks) against ``bsselect noise`` at the same checkpoint: the run trains at
 lr 0, so every step sees the initial weights that ``noise_scale`` measures, and the monitor's
 pooled ``B_simple`` must lie inside ``noise_scale``'s 90% interval. A monitor that got the
@@ -13,16 +13,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from test_distributed import TASKS, torchrun
 from torch import nn
 from torch.utils.data import DataLoader
 
 from bsselect import Task, noise_scale
 from bsselect.api import resolve_task
 from bsselect.errors import UsageError
-from bsselect.noise_math import per_measurement
-from bsselect.noise_monitor import GROW_FACTOR, GradientNoiseMonitor
-
-from test_distributed import TASKS, torchrun
+from bsselect.selection.noise_math import per_measurement
+from bsselect.selection.noise_monitor import GROW_FACTOR, GradientNoiseMonitor
 
 
 def _inside(value, interval):
@@ -140,8 +139,9 @@ def test_ddp_on_two_gloo_ranks_agrees_with_bsselect_noise(tmp_path, digits, accu
 
 def test_lightning_callback_agrees_with_bsselect_noise(tmp_path):
     L = pytest.importorskip("lightning")
-    from bsselect.adapters.lightning import NoiseScaleMonitor
     from tasks.lightning_tasks import Blobs, Classifier
+
+    from bsselect.adapters.lightning import NoiseScaleMonitor
 
     class Frozen(Classifier):  # lr 0: every step is at the initial weights
         def configure_optimizers(self):
@@ -169,8 +169,9 @@ def test_lightning_callback_agrees_with_bsselect_noise(tmp_path):
 
 def test_lightning_callback_without_a_second_batch_size_warns_and_stays_off(tmp_path):
     L = pytest.importorskip("lightning")
-    from bsselect.adapters.lightning import NoiseScaleMonitor
     from tasks.lightning_tasks import Blobs, Classifier
+
+    from bsselect.adapters.lightning import NoiseScaleMonitor
 
     callback = NoiseScaleMonitor()
     trainer = L.Trainer(max_steps=2, callbacks=[callback], accelerator="cpu", logger=False,

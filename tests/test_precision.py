@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_cli
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -19,11 +20,9 @@ from bsselect import Task
 from bsselect.examples import EXAMPLES
 from bsselect.memory import cpu_step_peak, simulate_step_peak
 from bsselect.memory.cuda_autocast import cuda_autocast_policy
-from bsselect.noise import measure_grad_norms
 from bsselect.precision import Precision, raw_grads
+from bsselect.selection.noise import measure_grad_norms
 from bsselect.step import StepSettings, make_batch
-
-from conftest import run_cli
 
 BF16, FP16 = StepSettings(Precision.bf16), StepSettings(Precision.fp16)
 
@@ -277,9 +276,9 @@ def test_raw_grads_back_off_the_scale_until_nothing_overflows():
 # --- sweep, CLI --------------------------------------------------------------------------
 
 def test_sweep_trains_effective_batches_of_micro_batches(tmp_path):
-    from bsselect.lr_scaling import LrScaling
-    from bsselect.sweep import SweepSettings, run_sweep
-    from bsselect.trials import BudgetKind, TrialBudget
+    from bsselect.selection.lr_scaling import LrScaling
+    from bsselect.selection.sweep import SweepSettings, run_sweep
+    from bsselect.selection.trials import BudgetKind, TrialBudget
 
     x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0))
     task = Task(model=lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2)),

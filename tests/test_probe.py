@@ -9,18 +9,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_cli
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from bsselect.device import Budget
-from bsselect.memory.cpu_truth import cpu_step_peak
 from bsselect.errors import DoesNotFitError
 from bsselect.memory.capped import CappedCpuAllocator
+from bsselect.memory.cpu_truth import cpu_step_peak
 from bsselect.memory.measured import run_two_steps
-from bsselect.probe import Method, run_probe
+from bsselect.memory.probe import Method, run_probe
 from bsselect.task import Task, load_task
-
-from conftest import run_cli
 
 PROBE_FIELDS = {"device", "method", "margin", "budget_bytes", "fixed_bytes", "per_sample_bytes",
                 "max_batch", "max_batch_pow2", "points"}
@@ -172,8 +171,8 @@ def test_the_host_guard_refuses_a_real_cpu_step_that_would_crowd_the_ram(monkeyp
     """A measured probe on the CPU must never push the host into the OOM killer: a step
     predicted (from the steps so far) above half the RAM available now is an OOM result."""
     import bsselect.device as device_mod
+    from bsselect.memory.probe import _check_host_headroom
     from bsselect.oom import is_oom_error
-    from bsselect.probe import _check_host_headroom
 
     monkeypatch.setattr(device_mod, "available_ram_bytes", lambda: 1000 * 2**20)  # 1000 MiB
     seen = {8: 100 * 2**20, 16: 150 * 2**20}  # 50 MiB fixed + 6.25 MiB per sample
@@ -186,7 +185,7 @@ def test_the_host_guard_refuses_a_real_cpu_step_that_would_crowd_the_ram(monkeyp
 
 
 def test_cuda_terms_are_those_of_the_step_measured_at_the_answer():
-    from bsselect.targets import Target
+    from bsselect.memory.targets import Target
 
     task, _ = load_task("tiny-lm")
     result = run_probe(task, task_name="t", device=torch.device("cpu"),

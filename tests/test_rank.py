@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from bsselect.lr_scaling import LrScaling, default_lr_scaling, scale_lr
-from bsselect.rank import (
-    MIN_B_NOISE_POINTS, NONLINEAR_REL_RESIDUAL, BHatSource, VerdictKind, b_opt, choose_b_hat,
-    fit_b_noise, fit_noise_model, fit_step_time, grad_accum_steps, pooled_b_simple,
-    rank_trials,
-)
-from bsselect.trial_types import TrialResult, TrialStatus
+from bsselect.selection.lr_scaling import LrScaling, default_lr_scaling, scale_lr
+from bsselect.selection.rank import (MIN_B_NOISE_POINTS, NONLINEAR_REL_RESIDUAL, BHatSource,
+                                     VerdictKind, b_opt, choose_b_hat, fit_b_noise, fit_noise_model,
+                                     fit_step_time, grad_accum_steps, pooled_b_simple, rank_trials)
+from bsselect.selection.trial_types import TrialResult, TrialStatus
 
 POW2 = [8, 16, 32, 64, 128, 256, 512]
 TAU_F, TAU_D = 0.01, 2e-4  # 10 ms per step, 0.2 ms per sample

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 from bsselect.errors import UsageError
-from bsselect.lr_scaling import LrScaling
-from bsselect.schedule import (BatchSchedule, Branch, ScheduleSettings, SchedulePoint, Stage,
-                               branch_sizes, critical_batch, fastest_batch, growth_exponent,
-                               plan_stages, predict_fixed, relative_samples, run_schedule,
-                               stage_batches, stage_lengths)
-from bsselect.trial_types import TrialResult, TrialStatus
-from bsselect.trials import trial_lr
-
-from conftest import run_cli
+from bsselect.selection.lr_scaling import LrScaling
+from bsselect.selection.schedule import (BatchSchedule, Branch, SchedulePoint, ScheduleSettings,
+                                         Stage, branch_sizes, critical_batch, fastest_batch,
+                                         growth_exponent, plan_stages, predict_fixed,
+                                         relative_samples, run_schedule, stage_batches,
+                                         stage_lengths)
+from bsselect.selection.trial_types import TrialResult, TrialStatus
+from bsselect.selection.trials import trial_lr
 
 TASKS = Path(__file__).parent / "tasks" / "sweep_tasks.py"
 sys.path.insert(0, str(TASKS.parent))

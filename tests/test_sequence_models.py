@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from bsselect.errors import CannotSimulate
-from bsselect.inputs import InputMode, scan_inputs
-from bsselect.memory.cpu_truth import cpu_step_peak
-from bsselect.memory.simulated import simulate_step_peak
-from bsselect.task import validate_task
 from conftest import run_cli
 from tasks import seq_tasks
+
+from bsselect.errors import CannotSimulate
+from bsselect.memory.cpu_truth import cpu_step_peak
+from bsselect.memory.inputs import InputMode, scan_inputs
+from bsselect.memory.simulated import simulate_step_peak
+from bsselect.task import validate_task
 
 pytest.importorskip("transformers")
 

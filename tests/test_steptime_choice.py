@@ -10,12 +10,10 @@ import random
 import numpy as np
 import pytest
 
-from bsselect.choice import (
-    Z, NoiseInterval, choose, cost, is_tied, noise_interval, predicted,
-)
-from bsselect.steptime import (
-    CLIFF_TOLERANCE, TimeInterval, pava, physical_fit, quantile, summarize_rounds,
-)
+from bsselect.selection.choice import (NoiseInterval, Z, choose, cost, is_tied, noise_interval,
+                                       predicted)
+from bsselect.selection.steptime import (CLIFF_TOLERANCE, TimeInterval, pava, physical_fit,
+                                         quantile, summarize_rounds)
 
 POW2 = [8, 16, 32, 64, 128, 256, 512]
 

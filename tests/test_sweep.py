@@ -9,6 +9,7 @@ checked as a set and against ``recommended_batch_size``, never as a fixed order.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import signal
@@ -17,22 +18,19 @@ import sys
 import time
 from pathlib import Path
 
-import importlib
-
 import pytest
 import torch
-
-from bsselect.lr_scaling import LrScaling
-import bsselect.trials as trials_mod
-from bsselect.sweep import SweepSettings, default_budget, make_setup, parse_budget, run_sweep
-from bsselect.timing import usable_cpus
-from bsselect.trials import BudgetKind, evaluate
-
-sweep_mod = importlib.import_module("bsselect.sweep")  # bsselect.sweep: the API function
-from bsselect.task import load_task
-from bsselect.trial_types import TrialStatus
-
 from conftest import run_cli  # tests/ is on sys.path (rootdir-relative, no __init__.py)
+
+import bsselect.selection.trials as trials_mod
+from bsselect.selection import sweep as sweep_mod  # noqa: E402
+from bsselect.selection.lr_scaling import LrScaling
+from bsselect.selection.sweep import (SweepSettings, default_budget, make_setup, parse_budget,
+                                      run_sweep)
+from bsselect.selection.timing import usable_cpus
+from bsselect.selection.trial_types import TrialStatus
+from bsselect.selection.trials import BudgetKind, evaluate
+from bsselect.task import load_task
 
 TASKS = Path(__file__).parent / "tasks" / "sweep_tasks.py"
 sys.path.insert(0, str(TASKS.parent))

@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bsselect.steptime import summarize_rounds
-from bsselect.timing import (
-    MAX_STEPS_PER_ROUND, ROUND_S, ROUNDS, RoundTiming, cpu_threads, default_threads,
-    interleaved_rounds, progress_units, steps_per_round, usable_cpus,
-)
+from bsselect.selection.steptime import summarize_rounds
+from bsselect.selection.timing import (MAX_STEPS_PER_ROUND, ROUND_S, ROUNDS, RoundTiming,
+                                       cpu_threads, default_threads, interleaved_rounds,
+                                       progress_units, steps_per_round, usable_cpus)
 
 TRUE = {8: 0.010, 16: 0.012, 32: 0.016, 64: 0.024}  # seconds per step, quiet
 

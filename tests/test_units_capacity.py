@@ -3,10 +3,9 @@ import math
 import pytest
 import torch
 
-from bsselect.capacity import (
-    MemoryFit, SearchStep, fit_memory, largest_pow2_at_most, refine_max_batch, solve_max_batch,
-)
 from bsselect.errors import DoesNotFitError, UsageError
+from bsselect.memory.capacity import (MemoryFit, SearchStep, fit_memory, largest_pow2_at_most,
+                                      refine_max_batch, solve_max_batch)
 from bsselect.oom import is_oom_error
 from bsselect.units import format_bytes, parse_size
 

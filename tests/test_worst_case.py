@@ -9,18 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
+from tasks.varlen_tasks import LONG, LONG_INDEX, N_ITEMS, variable_length
 
 from bsselect.device import Budget
 from bsselect.examples import EXAMPLES
-from bsselect.inputs import InputMode, item_elements, scan_inputs, typical_inputs
 from bsselect.memory.capped import CappedCpuAllocator
 from bsselect.memory.cpu_truth import cpu_step_peak
+from bsselect.memory.inputs import InputMode, item_elements, scan_inputs, typical_inputs
 from bsselect.memory.measured import run_two_steps
+from bsselect.memory.probe import Method, run_probe
 from bsselect.oom import is_oom_error
-from bsselect.probe import Method, run_probe
-
-from conftest import run_cli
-from tasks.varlen_tasks import LONG, LONG_INDEX, N_ITEMS, variable_length
 
 CPU = torch.device("cpu")
 SIZES = [8, 16, 32, 64]

@@ -217,7 +217,7 @@ def _trainer_callback_base() -> type:
 def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> Any:
     """A Hugging Face ``TrainerCallback`` that measures the gradient noise scale ``B_simple``
     during ``trainer.train()`` from the gradients the run computes anyway: the micro-batches
-    of ``gradient_accumulation_steps`` and the ranks of DDP (``bsselect.noise_monitor``).
+    of ``gradient_accumulation_steps`` and the ranks of DDP (``bsselect.selection.noise_monitor``).
     Each log line gains ``b_simple`` (in ``trainer.state.log_history`` and the callbacks after
     this one); the monitor is ``callback.monitor`` (``.estimate()`` gives an interval).
 
@@ -228,7 +228,7 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
         trainer = Trainer(model, args, train_dataset=data, callbacks=[NoiseScaleCallback()])
     """
     Base = _trainer_callback_base()
-    from ..noise_monitor import GradientNoiseMonitor
+    from ..selection.noise_monitor import GradientNoiseMonitor
 
     class _NoiseScaleCallback(Base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:

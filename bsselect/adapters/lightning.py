@@ -172,7 +172,7 @@ def NoiseScaleMonitor(every: int = 1, window: int = 64, ema: float = 0.95,
                       name: str = "bsselect/b_simple") -> Any:
     """A Lightning callback that measures the gradient noise scale ``B_simple`` during
     ``fit`` from the gradients the run computes anyway: the micro-batches of
-    ``accumulate_grad_batches`` and, under DDP, the ranks (``bsselect.noise_monitor``). It
+    ``accumulate_grad_batches`` and, under DDP, the ranks (``bsselect.selection.noise_monitor``). It
     logs ``name`` (the moving-average ``B_simple``) each measured step, keeps the monitor as
     ``callback.monitor`` (``.estimate()`` gives an interval), and warns once when the interval
     says the global batch could grow. With neither accumulation nor several ranks there is no
@@ -181,7 +181,7 @@ def NoiseScaleMonitor(every: int = 1, window: int = 64, ema: float = 0.95,
         trainer = L.Trainer(accumulate_grad_batches=4, callbacks=[NoiseScaleMonitor()])
     """
     Callback = _callback_base()
-    from ..noise_monitor import GradientNoiseMonitor
+    from ..selection.noise_monitor import GradientNoiseMonitor
 
     class _NoiseScaleMonitor(Callback):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:

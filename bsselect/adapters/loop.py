@@ -102,9 +102,10 @@ def find_batch_size(step: Callable[[int], Any], *, memory: Any = None, margin: f
     ``step(b)`` runs one training step at batch ``b``; ``max_batch`` caps the search (your
     dataset's size, say). ``backend``: an ``AllocatorBackend`` (tests pass a capped CPU one)."""
     from ..api import _bytes, device_of
-    from ..capacity import (check_batch_sizes, check_margin, fit_memory, largest_pow2_at_most,
-                            refine_max_batch, solve_max_batch, usable_bytes)
     from ..device import default_budget
+    from ..memory.capacity import (check_batch_sizes, check_margin, fit_memory,
+                                   largest_pow2_at_most, refine_max_batch, solve_max_batch,
+                                   usable_bytes)
 
     margin = check_margin(margin)
     sizes = check_batch_sizes(batch_sizes)

@@ -33,10 +33,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._pytree import tree_flatten
 
 from ..errors import TaskError, one_line
-from ..optim_impl import run_as_on
 from ..precision import make_scaler
 from ..step import StepSettings, make_batch, train_step
 from ..task import Task
+from .optim_impl import run_as_on
 from .simulated import Phase, StepPeak, step_peak, with_phase_marks, young_gc_only
 
 _STEP = "bsselect::step2"

@@ -35,10 +35,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import CannotSimulate, TaskError, UsageError, one_line
-from ..optim_impl import run_as_on
 from ..precision import Precision, make_scaler
 from ..step import StepSettings, make_batch, train_step
 from ..task import Task
+from .optim_impl import run_as_on
 from .values import DataDependentOp, RealWhereKnown, keep_real, really
 
 
@@ -581,7 +581,6 @@ def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
     """One simulation; also the trainable parameters step 2 left without a gradient, and
     whether step 2 left a new tensor in the model (a forward-time cache)."""
     from .cpu_truth import kernel_cost
-
     from .sharded import fake_process_group, following_resizes, lazy_chunks, shard
 
     batch = real_batch(task, batch_size, seed, inputs)

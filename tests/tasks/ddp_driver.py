@@ -21,16 +21,16 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
+from test_probe import quadratic_task  # noqa: E402  (the b**2 model of the single-process test)
+
 from bsselect import distributed  # noqa: E402
 from bsselect.device import Budget  # noqa: E402
 from bsselect.memory.capped import CappedCpuAllocator  # noqa: E402
-from bsselect.noise import measure_noise  # noqa: E402
-from bsselect.probe import run_probe  # noqa: E402
-from bsselect.lr_scaling import LrScaling  # noqa: E402
-from bsselect.sweep import SweepSettings, parse_budget, run_sweep  # noqa: E402
+from bsselect.memory.probe import run_probe  # noqa: E402
+from bsselect.selection.lr_scaling import LrScaling  # noqa: E402
+from bsselect.selection.noise import measure_noise  # noqa: E402
+from bsselect.selection.sweep import SweepSettings, parse_budget, run_sweep  # noqa: E402
 from bsselect.task import load_task  # noqa: E402
-
-from test_probe import quadratic_task  # noqa: E402  (the b**2 model of the single-process test)
 
 RANK1_CAP_BATCH = 400  # rank 1's cap: what the line fitted on b <= 64 promises for b = 400
 

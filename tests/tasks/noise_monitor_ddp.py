@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bsselect import distributed
 from bsselect.api import resolve_task
-from bsselect.noise_monitor import GradientNoiseMonitor
+from bsselect.selection.noise_monitor import GradientNoiseMonitor
 
 MICRO = 16
 

@@ -47,7 +47,7 @@ class TrialResult:
       estimates behind it (kept even when unresolved: the sweep pools them over trials),
       ``grad_sq_norm_se`` and ``trace_sigma_se`` their standard errors over measurements.
     - ``step_time_s`` is the sweep's interleaved, load-robust step time once the timing rounds
-      ran (``bsselect.timing``); ``trial_step_time_s`` the median inside the trial's own window.
+      ran (``bsselect.selection.timing``); ``trial_step_time_s`` the median inside the trial's own window.
     """
 
     batch_size: int

@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import distributed
-from .errors import TaskError, UsageError, one_line
+from .. import distributed
+from ..errors import TaskError, UsageError, one_line
+from ..precision import Precision, make_scaler, raw_grads
+from ..step import collate, forward_loss, sample_indices, to_device
+from ..task import Task
 from .noise_math import NoiseEstimate, check_batch_sizes, estimate_from_norms
-from .precision import Precision, make_scaler, raw_grads
-from .step import collate, forward_loss, sample_indices, to_device
-from .task import Task
 
 __all__ = [
     "NoiseEstimate", "NoisePoint", "NoiseReport", "estimate_from_norms", "measure_grad_norms",

@@ -11,20 +11,18 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import distributed
-from .capacity import largest_pow2_at_most
-from .errors import BsselectError, DoesNotFitError, InterruptedRun, TaskError, UsageError, one_line
-from .oom import release_memory
-from .precision import Precision
+from .. import distributed
+from ..errors import BsselectError, DoesNotFitError, InterruptedRun, TaskError, UsageError, one_line
+from ..memory.capacity import largest_pow2_at_most
+from ..oom import release_memory
+from ..precision import Precision
+from ..task import Task
 from .lr_scaling import LrScaling, default_lr_scaling, scale_lr
 from .rank import Ranking, choose_b_hat, grad_accum_steps, rank_trials
-from .task import Task
-from .trial_types import TrialResult
 from .timing import RoundTiming, cpu_threads, progress_units
-from .trials import (
-    EVAL_BATCH, BudgetKind, TrialBudget, TrialSetup, branch_point, eval_subset, initial_loss,
-    run_trial, split_validation, time_batch_sizes,
-)
+from .trial_types import TrialResult
+from .trials import (EVAL_BATCH, BudgetKind, TrialBudget, TrialSetup, branch_point, eval_subset,
+                     initial_loss, run_trial, split_validation, time_batch_sizes)
 
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(samples|sample|steps|step|seconds|s|)\s*$",
                      re.IGNORECASE)

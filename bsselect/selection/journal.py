@@ -18,8 +18,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import __version__
-from .errors import UsageError
+from .. import __version__
+from ..errors import UsageError
 from .trial_types import TrialResult
 
 FORMAT_VERSION = 1

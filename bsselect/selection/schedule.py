@@ -36,17 +36,17 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from . import distributed
-from .errors import InterruptedRun, TaskError, UsageError, one_line
+from .. import distributed
+from ..errors import InterruptedRun, TaskError, UsageError, one_line
+from ..oom import is_oom_error, release_memory
 from .lr_scaling import LrScaling, scale_lr
 from .noise import default_batch_sizes
-from .oom import is_oom_error, release_memory
 from .steptime import pava, physical_fit
 from .timing import RoundTiming, cpu_threads, progress_units
 from .trial_types import TrialResult
 from .trials import (EVAL_BATCH, WARM_START_SEED_OFFSET, BudgetKind, TrialBudget, TrialSetup,
-                     _fresh_model, _lr_at, _step_options, _timed_step, cycle_batches,
-                     run_trial, time_batch_sizes, trial_lr)
+                     _fresh_model, _lr_at, _step_options, _timed_step, cycle_batches, run_trial,
+                     time_batch_sizes, trial_lr)
 
 DEFAULT_POINTS = 5          # 0, H/16, H/8, H/4, H/2
 BRANCH_FRACTION = 16        # a branch trains H/16 samples

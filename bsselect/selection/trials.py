@@ -19,13 +19,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from . import distributed
-from .errors import one_line
+from .. import distributed
+from ..errors import one_line
+from ..oom import is_oom_error, release_memory
+from ..precision import Precision, make_scaler
+from ..step import to_device
+from ..task import Task
 from .noise_math import NoiseEstimate
-from .oom import is_oom_error, release_memory
-from .precision import Precision, make_scaler
-from .step import to_device
-from .task import Task
 from .timing import RoundTiming, interleaved_rounds
 from .trial_types import LossPoint, TrialResult, TrialStatus
 
@@ -250,7 +250,7 @@ def branch_point(setup: TrialSetup, steps: int,
     ``initial_state`` and its optimizer state ``optimizer_state``. The warm-up draws its
     batches from its own seeded stream, so the trials' streams do not repeat it. A warm-up
     whose loss diverges raises TaskError: no trial could branch from it."""
-    from .errors import TaskError
+    from ..errors import TaskError
 
     task, device = setup.task, setup.device
     model, optimizer = _fresh_model(setup, task.lr)

@@ -9,21 +9,19 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torch import nn
 
-from . import distributed
-from .capacity import (
-    SIMULATED_TRIES, MemoryFit, check_batch_sizes, check_margin, fit_memory, refine_max_batch, usable_bytes,
-    largest_pow2_at_most, solve_max_batch,
-)
-from .device import Budget
-from .errors import DoesNotFitError, UsageError
-from .oom import is_oom_error, release_memory
-from .step import StepSettings, tokens_per_sample
+from .. import distributed
+from ..device import Budget
+from ..errors import DoesNotFitError, UsageError
+from ..oom import is_oom_error, release_memory
+from ..step import StepSettings, tokens_per_sample
+from ..task import Task
+from .capacity import (SIMULATED_TRIES, MemoryFit, check_batch_sizes, check_margin, fit_memory,
+                       largest_pow2_at_most, refine_max_batch, solve_max_batch, usable_bytes)
 from .targets import Target, Term, cuda_terms
-from .task import Task
 
 if TYPE_CHECKING:
     from .inputs import InputScan
-    from .memory.measured import AllocatorBackend
+    from .measured import AllocatorBackend
 
 DEFAULT_BATCH_SIZES = (8, 16, 32, 64, 128)
 
@@ -138,7 +136,7 @@ def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
     with peak statistics — tests pass a CPU allocator with a cap). ``settings`` and
     ``inputs``: the step as the run trains it, on the items it is measured on."""
     if method is Method.simulated:
-        from .memory.simulated import simulate_step_peak
+        from .simulated import simulate_step_peak
 
         meter = Meter(method, lambda b: 0)
 
@@ -154,7 +152,7 @@ def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
         meter.peak = simulated
         return meter
     if backend is None and device.type == "cpu":
-        from .memory.cpu_truth import cpu_step_peak
+        from .cpu_truth import cpu_step_peak
 
         seen: dict[int, int] = {}
 
@@ -165,7 +163,7 @@ def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
             return seen[b]
 
         return Meter(method, host_guarded)
-    from .memory.measured import AcceleratorAllocator, run_two_steps
+    from .measured import AcceleratorAllocator, run_two_steps
 
     real = backend if backend is not None else AcceleratorAllocator(device)
     run = lambda b: run_two_steps(task, b, real, seed, settings, inputs)  # noqa: E731
@@ -180,7 +178,7 @@ def _check_host_headroom(batch_size: int, seen: dict[int, int]) -> None:
     when the peak predicted from the steps measured so far (a line through the two largest;
     the largest alone, scaled, with one) exceeds HOST_HEADROOM of the RAM available now. A
     measured probe must never push the host into the kernel's OOM killer."""
-    from .device import available_ram_bytes
+    from ..device import available_ram_bytes
 
     if not seen:
         return
@@ -193,7 +191,7 @@ def _check_host_headroom(batch_size: int, seen: dict[int, int]) -> None:
         predicted = seen[b1] + slope * (batch_size - b1)
     available = available_ram_bytes()
     if predicted > HOST_HEADROOM * available:
-        from .units import format_bytes
+        from ..units import format_bytes
 
         raise MemoryError(f"out of memory (host guard): a real step at batch {batch_size} "
                           f"would need about {format_bytes(predicted)}, more than half of the "
@@ -358,7 +356,7 @@ def _rank_terms(settings: StepSettings, meter: Meter, batch_size: int
     step = meter.extras.get("steps", {}).get(batch_size)
     if settings.shard is None or step is None:
         return ()
-    from .check import shard_fields
+    from ..gate.check import shard_fields
 
     return shard_fields(settings.shard, step, None)["rank_terms"]
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UsageError
+from ..errors import UsageError
 from .noise_math import NoiseEstimate, estimate_from_norms, per_measurement
 
 DEFAULT_WINDOW = 64   # measured steps behind ``estimate()``

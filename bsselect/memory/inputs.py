@@ -25,8 +25,8 @@ import torch
 from torch.utils._pytree import tree_flatten
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .errors import TaskError, one_line
-from .step import sample_indices
+from ..errors import TaskError, one_line
+from ..step import sample_indices
 
 MAX_SCAN_ITEMS = 100_000
 Progress = Callable[[int, int], None]  # (items scanned, items to scan)

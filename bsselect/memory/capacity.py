@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import DoesNotFitError, UsageError
-from .oom import is_oom_error, release_memory
-from .units import format_bytes
+from ..errors import DoesNotFitError, UsageError
+from ..oom import is_oom_error, release_memory
+from ..units import format_bytes
 
 MIN_FIT_BATCH = 8  # tiny batches are dominated by the optimizer-step peak and bias the slope
 

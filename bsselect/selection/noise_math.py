@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import TaskError, UsageError
+from ..errors import TaskError, UsageError
 
 CONFIDENCE = 0.90  # two-sided level of every interval reported
 BOOTSTRAP_RESAMPLES = 2000

@@ -7,23 +7,22 @@ terms are added, and the result is compared with the budget after the margin.
 from __future__ import annotations
 
 import dataclasses
-
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .capacity import check_margin, fit_memory, largest_pow2_at_most, usable_bytes
-from .errors import DoesNotFitError, UsageError, parse_choice
-from .inputs import InputMode
-from .precision import Precision
-from .step import StepSettings, tokens_per_sample
-from .targets import Target, Term, cuda_terms
-from .task import Task
-from .units import parse_size
+from ..errors import DoesNotFitError, UsageError, parse_choice
+from ..memory.capacity import check_margin, fit_memory, largest_pow2_at_most, usable_bytes
+from ..memory.inputs import InputMode
+from ..memory.targets import Target, Term, cuda_terms
+from ..precision import Precision
+from ..step import StepSettings, tokens_per_sample
+from ..task import Task
+from ..units import parse_size
 
 if TYPE_CHECKING:
-    from .inputs import InputScan
+    from ..memory.inputs import InputScan
 
 GiB, MiB = 2**30, 2**20
 
@@ -193,7 +192,7 @@ def merge_config(cli: dict[str, Any], file: dict[str, Any],
     accumulate = pick("accumulate", 1)
     if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
         raise UsageError(f"accumulate must be an integer >= 1, got {accumulate!r}")
-    from .run_options import shard_plan
+    from ..run_options import shard_plan
 
     precision = pick("precision", "fp32")
     plan = shard_plan(pick("shard"), pick("world_size"), pick("shard_unit"),
@@ -219,8 +218,8 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
     """Simulate the step at the requested batch (and one more size for the line through
     which the largest fitting batch is solved), with the config's precision and accumulation,
     on ``inputs`` (the largest items for worst-case inputs; None: random items)."""
-    from .memory.simulated import simulate_step_peak
-    from .probe import model_uses_cudnn, step_fields
+    from ..memory.probe import model_uses_cudnn, step_fields
+    from ..memory.simulated import simulate_step_peak
 
     b = config.batch_size
     other = b // 2 if b >= 16 else 2 * max(b, 8)
@@ -237,7 +236,7 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
     required, terms = req[b]
     usable = int(usable_bytes(config.budget_bytes, config.margin))
     fit = fit_memory([(n, r) for n, (r, _) in req.items()], min_batch=1)
-    from .capacity import SIMULATED_TRIES, refine_max_batch, solve_max_batch
+    from ..memory.capacity import SIMULATED_TRIES, refine_max_batch, solve_max_batch
 
     try:
         guess = solve_max_batch(config.budget_bytes, config.margin, fit)
