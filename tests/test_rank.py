@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from bsselect.selection.lr_scaling import LrScaling, default_lr_scaling, scale_lr
-from bsselect.selection.rank import (MIN_B_NOISE_POINTS, NONLINEAR_REL_RESIDUAL, BHatSource,
-                                     VerdictKind, b_opt, choose_b_hat, fit_b_noise, fit_noise_model,
-                                     fit_step_time, grad_accum_steps, pooled_b_simple, rank_trials)
+from bsselect.selection.formula import (MIN_B_NOISE_POINTS, NONLINEAR_REL_RESIDUAL, b_opt,
+                                        fit_b_noise, fit_noise_model, fit_step_time,
+                                        grad_accum_steps)
+from bsselect.selection.rank import (BHatSource, VerdictKind, choose_b_hat, pooled_b_simple,
+                                     rank_trials)
 from bsselect.selection.trial_types import TrialResult, TrialStatus
 
 POW2 = [8, 16, 32, 64, 128, 256, 512]

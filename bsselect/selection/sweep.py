@@ -18,7 +18,8 @@ from ..oom import release_memory
 from ..precision import Precision
 from ..task import Task
 from .lr_scaling import LrScaling, default_lr_scaling, scale_lr
-from .rank import Ranking, choose_b_hat, grad_accum_steps, rank_trials
+from .formula import grad_accum_steps
+from .rank import Ranking, choose_b_hat, rank_trials
 from .timing import RoundTiming, cpu_threads, progress_units
 from .trial_types import TrialResult
 from .trials import (EVAL_BATCH, BudgetKind, TrialBudget, TrialSetup, branch_point, eval_subset,

@@ -41,7 +41,7 @@ class TrialResult:
     - ``step_time_s``: median wall time of one optimizer step, seconds.
     - ``loss_drop_per_s`` = (train_loss_start - train_loss_end) / wall_s, loss units per second.
     - ``loss_drop_per_sample`` = the same drop / samples; ``loss_drop_per_step`` = drop / steps.
-      The per-step drop is what ``rank.fit_b_noise`` fits (McCandlish et al. 2018).
+      The per-step drop is what ``formula.fit_b_noise`` fits (McCandlish et al. 2018).
     - ``b_simple``: the gradient noise scale tr(Sigma)/|G|^2 measured in this trial, if it was
       resolved; ``grad_sq_norm`` (|G|^2) and ``trace_sigma`` (tr Sigma) are the unbiased
       estimates behind it (kept even when unresolved: the sweep pools them over trials),
