@@ -55,7 +55,7 @@ def plot_sweep(result: Any, path: Path) -> None:
         ax.set(xlabel=xlabel, ylabel="training loss (mini-batch)")
         _loss_axis(ax)
         ax.legend(fontsize=7)
-    _step_time_panel(axes[0, 2], ok, result.ranking)
+    _step_time_panel(axes[0, 2], ok, result.ranking, {t.batch_size for t in result.timing})
     _validation_panel(axes[1, 0], ok)
     _ranking_panel(axes[1, 1], result.ranking)
     axes[1, 2].axis("off")
@@ -85,11 +85,17 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3g} ms"
 
 
-def _step_time_panel(ax: Any, ok: list, ranking: Any) -> None:
+def _step_time_panel(ax: Any, ok: list, ranking: Any, rounds: set[int]) -> None:
     fit, shape = ranking.step_fit, ranking.shape
-    sizes = [t.batch_size for t in ok if t.step_time_s is not None]
-    times = [t.step_time_s * 1e3 for t in ok if t.step_time_s is not None]
-    ax.plot(sizes, times, "o", label="step time (interleaved rounds)")
+    measured = [t for t in ok if t.step_time_s is not None]
+    sizes = [t.batch_size for t in measured]
+    for label, marker, group in (("step time (interleaved rounds)", "o",
+                                  [t for t in measured if t.batch_size in rounds]),
+                                 ("step time (its own trial)", "x",
+                                  [t for t in measured if t.batch_size not in rounds])):
+        if group:
+            ax.plot([t.batch_size for t in group], [t.step_time_s * 1e3 for t in group],
+                    marker, label=label)
     if shape is not None and shape.batch_sizes:
         ax.plot(shape.batch_sizes, [t * 1e3 for t in shape.fitted_s], "-", lw=2,
                 label="physical fit (ranking)")

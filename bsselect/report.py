@@ -170,6 +170,8 @@ def render_sweep(result: Any) -> None:
     if shares:
         timing += (f" (fetching the batch: {100 * min(shares):.0f}–{100 * max(shares):.0f}% of "
                    "a step, included)")
+    if result.timing and result.timing_note:
+        timing += f"; {result.timing_note}"
     threads = f"cpu threads {result.threads} · " if result.threads else ""
     shape = f" · {r.shape.note}" if r.shape is not None and r.shape.note else ""
     out.print(f"{threads}{timing}{shape}", highlight=False)

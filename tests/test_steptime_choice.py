@@ -10,8 +10,8 @@ import random
 import numpy as np
 import pytest
 
-from bsselect.selection.choice import (NoiseInterval, Z, choose, cost, is_tied, noise_interval,
-                                       predicted)
+from bsselect.selection.choice import (NoiseInterval, Z, choose, contenders, cost, is_tied,
+                                       noise_interval, predicted)
 from bsselect.selection.steptime import (CLIFF_TOLERANCE, TimeInterval, pava, physical_fit,
                                          quantile, summarize_rounds)
 
@@ -291,3 +291,54 @@ def test_choose_rejects_bad_input():
         choose({}, NoiseInterval.exact(1.0))
     with pytest.raises(ValueError):
         choose({0: TimeInterval(1, 1, 1)}, NoiseInterval.exact(1.0))
+
+
+# --------------------------------------------------------------------------- contenders
+
+
+def _contenders_by_brute_force(times: dict[int, float], b: NoiseInterval, factor: float
+                               ) -> tuple[int, ...]:
+    """The definition, written out: a size is kept if at some B of the interval's ends and
+    estimate its cost is within ``factor`` of that B's lowest; then the two cheapest at the
+    estimate."""
+    keep = set()
+    for B in (b.lo, b.value, b.hi):
+        costs = {s: (t / s if math.isinf(B) else (1 + B / s) * t) for s, t in times.items()}
+        keep |= {s for s, c in costs.items() if c <= factor * min(costs.values())}
+    at_value = sorted(times, key=lambda s: ((1 + b.value / s) * times[s], s))
+    return tuple(sorted(keep | set(at_value[:2])))
+
+
+def test_contenders_match_their_definition_on_a_grid():
+    sizes = [8, 16, 32, 64, 128]
+    rng = random.Random(3)
+    for _ in range(3000):
+        # Per-sample times falling, flat or rising; noise scales from 0 to unbounded.
+        per_sample = rng.choice([0.2, 0.5, 1.0, 1.5])
+        times = {s: rng.uniform(0.5, 2.0) * (1e-3 + 1e-4 * s ** per_sample) for s in sizes}
+        value = rng.choice([0.0, 1.0, 10.0, 100.0, 1e4])
+        b = NoiseInterval(value * rng.choice([1.0, 0.5]), value,
+                          rng.choice([value, 2 * value + 1, math.inf]))
+        factor = rng.choice([1.0, 1.5, 3.0, 10.0])
+        got = contenders(times, b, factor)
+        assert got == _contenders_by_brute_force(times, b, factor)
+        # The fastest size at every B of the interval is always timed again.
+        for B in (b.lo, b.value, b.hi):
+            assert min(sizes, key=lambda s: cost(s, times[s], B)) in got
+
+
+def test_contenders_keep_what_cannot_be_judged():
+    b = NoiseInterval.exact(10.0)
+    times = {8: 1e-3, 16: 1.9e-3, 32: 4e-3, 64: 1.0}
+    assert contenders(times, b) == (8, 16, 32)  # 64 costs ~200x the fastest's
+    assert contenders(times, None) == (8, 16, 32, 64)  # no B: no prediction, time them all
+    assert contenders({8: 1e-3, 64: 1.0}, b) == (8, 64)  # two sizes: nothing to leave out
+    # A size without a usable step time of its own cannot be judged: it is timed.
+    assert contenders({**times, 128: None}, b) == (8, 16, 32, 128)
+    assert contenders({**times, 128: math.nan, 256: 0.0}, b) == (8, 16, 32, 128, 256)
+    # Only one usable time: nothing to compare it with.
+    assert contenders({8: 1e-3, 16: None, 32: None}, b) == (8, 16, 32)
+    # A factor of 1 keeps exactly the fastest at each B and the two cheapest.
+    assert contenders(times, b, factor=1.0) == (8, 16)
+    with pytest.raises(ValueError):
+        contenders(times, b, factor=0.5)

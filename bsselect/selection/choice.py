@@ -29,6 +29,14 @@ from .steptime import TimeInterval
 
 Z = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)
 
+# The sweep times a batch size again in interleaved rounds when its predicted time to the
+# target, from its own trial's step time, is within this factor of the fastest's at some B in
+# the noise scale's interval (``contenders``). A busy minute during one trial inflates that
+# trial's step time; this is how far it may inflate it, relative to the fastest's, before a
+# batch size that is really the fastest goes untimed. One busy process on a 2-core machine
+# moved trial step times by up to 1.5x (docs/benchmarks-sweep.md).
+CONTENDER_FACTOR = 3.0
+
 
 @dataclass(frozen=True)
 class NoiseInterval:
@@ -125,3 +133,31 @@ def choose(times: Mapping[int, TimeInterval], b_noise: NoiseInterval) -> Choice:
     # Ties in worst-case regret (to rounding): the point estimate's best, then the larger b.
     pick = min(tied, key=lambda b: (round(regret[b], 9), b != best, -b))
     return Choice(best, tied, pick, regret, pred)
+
+
+def contenders(step_times: Mapping[int, float | None], b_noise: NoiseInterval | None,
+               factor: float = CONTENDER_FACTOR) -> tuple[int, ...]:
+    """The batch sizes worth timing again (ascending): those whose cost ``(1 + B/b) t(b)``,
+    at their own trials' step times ``step_times``, is within ``factor`` of the lowest at
+    some ``B`` in the interval (its ends and the estimate). Every size without a usable step
+    time is kept (it cannot be judged), and so is every size when there is no ``B`` (the
+    ranking then does not predict times) or only two sizes; at least the two cheapest at the
+    estimate are kept, since interleaved rounds compare sizes with each other."""
+    if not factor >= 1:
+        raise ValueError(f"factor must be >= 1, got {factor}")
+    sizes = sorted(step_times)
+    usable = [b for b in sizes if _usable(step_times[b])]
+    if b_noise is None or len(sizes) <= 2 or len(usable) < 2:
+        return tuple(sizes)
+    keep = {b for b in sizes if b not in usable}
+    for B in (b_noise.lo, b_noise.value, b_noise.hi):
+        costs = {b: cost(b, step_times[b], B) for b in usable}  # type: ignore[arg-type]
+        low = min(costs.values())
+        keep |= {b for b in usable if costs[b] <= factor * low}
+    at_estimate = {b: cost(b, step_times[b], b_noise.value) for b in usable}  # type: ignore[arg-type]
+    keep |= set(sorted(usable, key=lambda b: (at_estimate[b], b))[:2])
+    return tuple(sorted(keep))
+
+
+def _usable(t: float | None) -> bool:
+    return t is not None and math.isfinite(t) and t > 0

@@ -250,8 +250,14 @@ def rank_trials(
              for t in ok if t.step_time_s is not None or (times and t.batch_size in times)}
     sizes = sorted(timed)
     fit = fit_step_time(sizes, [timed[b].mid for b in sizes])
-    shape = physical_fit(sizes, [timed[b].mid for b in sizes], [timed[b].lo for b in sizes])
-    fitted = {b: timed[b].scaled(shape.at(b) / timed[b].mid) for b in sizes}
+    # The constrained shape is fitted to the interleaved rounds' sizes alone where there are
+    # two or more: a size the sweep did not time again (``choice.contenders``: far from the
+    # fastest) keeps its trial's step time, which saw another window of the machine's load.
+    rounds = [b for b in sizes if times and b in times]
+    shaped = rounds if len(rounds) >= 2 else sizes
+    shape = physical_fit(shaped, [timed[b].mid for b in shaped], [timed[b].lo for b in shaped])
+    fitted = {b: timed[b].scaled(shape.at(b) / timed[b].mid) if b in shaped else timed[b]
+              for b in sizes}
     pick = None
     if b_hat is not None and fitted:
         pick = choose(fitted, b_interval or NoiseInterval.exact(b_hat))

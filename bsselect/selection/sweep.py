@@ -17,8 +17,9 @@ from ..memory.capacity import largest_pow2_at_most
 from ..oom import release_memory
 from ..precision import Precision
 from ..task import Task
-from .lr_scaling import LrScaling, default_lr_scaling, scale_lr
+from .choice import CONTENDER_FACTOR, NoiseInterval, contenders
 from .formula import grad_accum_steps
+from .lr_scaling import LrScaling, default_lr_scaling, scale_lr
 from .rank import Ranking, choose_b_hat, rank_trials
 from .timing import RoundTiming, cpu_threads, progress_units
 from .trial_types import TrialResult
@@ -153,7 +154,7 @@ class SweepResult:
     validation_items: int | None = None  # validated on a fixed subset of this many items
     threads: int | None = None  # CPU intra-op threads during the sweep (None: not set)
     timing: tuple[RoundTiming, ...] = ()  # interleaved timing rounds behind step_time_s
-    timing_note: str | None = None  # why there are none, when there are none
+    timing_note: str | None = None  # why there are none, or which sizes kept their own
     skipped: tuple[int, ...] = ()  # batch sizes larger than the training set: not run
     n_train: int | None = None  # items the trials train on
 
@@ -350,15 +351,18 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
 
 def _time_ok_trials(setup: TrialSetup, trials: dict[int, TrialResult], hooks: SweepHooks
                     ) -> tuple[dict[int, RoundTiming], str | None]:
-    """Interleaved timing rounds over the ok batch sizes (``trials.time_batch_sizes``). A
-    failure here never loses the trials: the ranking then uses their own step times."""
+    """Interleaved timing rounds (``trials.time_batch_sizes``) over the ok batch sizes that
+    can still be the fastest (``choice.contenders``); the others keep their trials' own step
+    times, and the note says which and why. A failure here never loses the trials: the
+    ranking then uses their own step times."""
     sizes = sorted(b for b, t in trials.items() if t.ok)
     if len(sizes) < 2:
         return {}, "fewer than two ok trials: each trial's own step time is used"
+    timed, note = timing_plan([trials[b] for b in sizes])
     if hooks.timing_start:
-        hooks.timing_start(progress_units(len(sizes)))
+        hooks.timing_start(progress_units(len(timed)))
     try:
-        return time_batch_sizes(setup, sizes, hooks.timing_step), None
+        return time_batch_sizes(setup, list(timed), hooks.timing_step), note
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - the trials stand; say why
@@ -368,6 +372,27 @@ def _time_ok_trials(setup: TrialSetup, trials: dict[int, TrialResult], hooks: Sw
         if hooks.warn:
             hooks.warn(note)
         return {}, note
+
+
+def timing_plan(ok: Sequence[TrialResult]) -> tuple[tuple[int, ...], str | None]:
+    """Which ok trials' batch sizes to time again in interleaved rounds: those that can still
+    be the fastest at their own trials' step times and the noise scale the ranking will use
+    (``choice.contenders``), and a note naming the rest (None when every size is timed)."""
+    b_hat = choose_b_hat(ok)
+    interval = b_hat.interval or (NoiseInterval.exact(b_hat.value)
+                                  if b_hat.value is not None else None)
+    timed = contenders({t.batch_size: t.step_time_s for t in ok}, interval)
+    rest = [t.batch_size for t in ok if t.batch_size not in timed]
+    return timed, _untimed_note(rest)
+
+
+def _untimed_note(sizes: Sequence[int]) -> str | None:
+    if not sizes:
+        return None
+    whose = "the trial's own step time" if len(sizes) == 1 else "the trials' own step times"
+    return (f"b={_sizes(sizes)} not timed again: {'each ' if len(sizes) > 1 else ''}over "
+            f"{CONTENDER_FACTOR:g}x the fastest's predicted time to the target (at {whose}, "
+            "across the noise scale's interval)")
 
 
 def apply_timing(trials: Sequence[TrialResult], timing: Sequence[RoundTiming]
@@ -443,6 +468,9 @@ def summarize(base_lr: float, base_batch_size: int, task_name: str, device: torc
     interleaved ``timing`` rounds' step times where there are any."""
     trials = apply_timing(trials, timing)
     times = {t.batch_size: t.step for t in timing}
+    if times and timing_note is None:  # a journal's rounds: the sizes they left out
+        timing_note = _untimed_note([t.batch_size for t in trials if t.ok and t.batch_size
+                                     not in times])
     b_hat = choose_b_hat(trials)
     if b_hat.source:
         ranking = rank_trials(trials, b_hat.value, b_hat.source, times=times,
