@@ -309,6 +309,7 @@ def test_cli_sweep_json_has_the_design_fields(finished):
         assert 0 < r["data_s"] < r["step_time_hi_s"]  # fetching the batch, timed apart
         assert t["trial_step_time_s"] > 0
     assert (out["timing"]["note"] is None) == (len(rounds) == len(trials))
+    assert out["timing"]["not_timed"] == [b for b in own if b not in rounds]
     assert set(out["tied_with_best"]) <= {8, 16, 32, 64}
     assert out["recommended_batch_size"] in out["tied_with_best"]
     assert out["threads"] == max(1, usable_cpus() // 2)  # the default: half the cores

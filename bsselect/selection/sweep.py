@@ -158,6 +158,12 @@ class SweepResult:
     skipped: tuple[int, ...] = ()  # batch sizes larger than the training set: not run
     n_train: int | None = None  # items the trials train on
 
+    def not_timed(self) -> list[int]:
+        """The ok batch sizes whose step time is their own trial's, not the rounds' (all of
+        them when there were no rounds)."""
+        timed = {t.batch_size for t in self.timing}
+        return [t.batch_size for t in self.trials if t.ok and t.batch_size not in timed]
+
     def failure(self) -> BsselectError | None:
         """Why the sweep as a whole failed (no trial finished ok), as the error the CLI exits
         with after printing the table: DoesNotFitError when every trial ran out of memory,
@@ -202,7 +208,7 @@ class SweepResult:
             "threads": self.threads,
             "skipped_batch_sizes": list(self.skipped),
             "timing": {"method": "interleaved rounds", "rounds": [t.to_dict() for t in self.timing],
-                       "note": self.timing_note},
+                       "note": self.timing_note, "not_timed": self.not_timed()},
             "b_opt_accumulation": self.b_opt_accumulation,
             "verdict": self.ranking.verdict,
             "journal": self.journal, "resumed": list(self.resumed),
