@@ -310,11 +310,12 @@ def emulated_trials(example: Mapping[str, Any], seed_index: int, fraction: str,
     return out
 
 
-def steps_run(trial: TrialResult) -> int:
-    """Training steps a trial costs: its budget's steps, plus (ok trials) the sweep's
-    interleaved timing steps for its batch size (``bsselect.selection.timing``: warm-up, then ROUNDS
-    rounds of ``steps_per_round`` steps, one more per round to re-warm when that is > 1)."""
-    if not trial.ok:
+def steps_run(trial: TrialResult, timed: bool = True) -> int:
+    """Training steps a trial costs: its budget's steps, plus (ok trials the sweep timed
+    again, ``timed``) the interleaved timing steps for its batch size
+    (``bsselect.selection.timing``: warm-up, then ROUNDS rounds of ``steps_per_round`` steps,
+    one more per round to re-warm when that is > 1)."""
+    if not trial.ok or not timed:
         return trial.steps
     k = steps_per_round(trial.step_time_s or 0.0) if trial.step_time_s else MAX_STEPS_PER_ROUND
     return trial.steps + WARMUP_STEPS + ROUNDS * (k + (1 if k > 1 else 0))

@@ -27,7 +27,12 @@ def analyse(ex: dict) -> dict:
         # What the sweep itself recommended (with its timing rounds' intervals), not a
         # re-ranking of its trials.
         picks["sweep"] = sw["result"]["recommended_batch_size"]
-        ideal_cost = sum(lib.steps_run(t) * step_t[t.batch_size] for t in trials)
+        timing = sw["result"].get("timing") or {}
+        rounds = {r["batch_size"] for r in timing.get("rounds", [])}
+        # Sweeps before 377b688 timed every ok size; later ones only the contenders.
+        timed = rounds if "not_timed" in timing else {t.batch_size for t in trials}
+        ideal_cost = sum(lib.steps_run(t, t.batch_size in timed) * step_t[t.batch_size]
+                         for t in trials)
         real.append(dict(seed=sw["seed"], condition=sw.get("condition", "quiet"),
                          tied=sw["result"].get("tied_with_best", []), picks=picks,
                          regrets={k: lib.regret(times, v) for k, v in picks.items()},

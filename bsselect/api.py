@@ -88,13 +88,19 @@ def _bytes(value: Size, name: str) -> int | None:
     return parse_size(str(value)) if isinstance(value, str) else parse_size(f"{value}B")
 
 
-def device_of(name: str = "auto") -> "torch.device":
+def device_of(name: str = "auto", trains: bool = False) -> "torch.device":
     """The device to run on; under torchrun also joins the process group (docs/multi-gpu.md)
-    and gives each rank its own accelerator."""
+    and gives each rank its own accelerator. ``trains``: the command runs real training steps,
+    which the ``meta`` device (shapes only) cannot."""
     from .device import resolve_device
     from .distributed import setup
 
-    return setup(resolve_device(name))
+    device = resolve_device(name)
+    if trains and device.type == "meta":
+        raise UsageError("--device meta has shapes but no values, so it cannot train; this "
+                         "command needs a real device (cpu, cuda, ...). For memory without one: "
+                         "bsselect probe --method simulated")
+    return setup(device)
 
 
 def _scan(task: "Task", mode: "InputMode", console: Any) -> "InputScan":
@@ -254,7 +260,7 @@ def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
         raise UsageError("--every must be >= 1")
     if warmup_steps < 0:
         raise UsageError("--warmup-steps must be >= 0")
-    dev = device_of(device)
+    dev = device_of(device, trains=True)
     loaded, _ = resolve_task(task)
     return measure_noise(loaded, b_small=b_small, b_big=b_big, measurements=measurements,
                          seed=seed, warmup_steps=warmup_steps, every=every, progress=progress,
@@ -279,8 +285,9 @@ class SweepPlan:
 
 
 def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = None,
-               min_batch: int = 8, max_batch: int | None = None, budget: str | None = None,
-               lr_scaling: str = "auto", seed: int = 0, warmup_steps: int | str = "auto",
+               min_batch: int | None = None, max_batch: int | None = None,
+               budget: str | None = None, lr_scaling: str = "auto", seed: int = 0,
+               warmup_steps: int | str = "auto",
                noise_measurements: int = 2, warm_start_steps: int = 0,
                journal: str | Path | None = None, device: str = "auto", memory: Size = None,
                precision: str = "fp32", accumulate: int = 1, threads: int | None = None,
@@ -295,8 +302,13 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
     if noise_measurements < 0 or warm_start_steps < 0:
         raise UsageError("--warm-start-steps and --noise-measurements must be >= 0")
     explicit = _sizes_and_threads(batch_sizes, threads)
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        budget = str(budget)  # a number of samples, as on the command line
+    if budget is not None and not isinstance(budget, str):
+        raise UsageError(f"budget must be a string such as '4096', '200steps' or '30s' (or a "
+                         f"number of samples), got {budget!r}")
     trial_budget = parse_budget(budget) if budget is not None else None
-    dev = device_of(device)
+    dev = device_of(device, trains=True)
     step = step_settings(precision, accumulate)
     loaded, name = resolve_task(task)
     size = _bytes(memory, "memory")
@@ -335,7 +347,7 @@ def sweep(task: TaskLike = None, *, resume: bool = False, overwrite: bool = Fals
 
 def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int = 5,
              branch_samples: int | None = None, batch_sizes: Sequence[int] | None = None,
-             min_batch: int = 8, max_batch: int | None = None, lr_scaling: str = "auto",
+             min_batch: int | None = None, max_batch: int | None = None, lr_scaling: str = "auto",
              tolerance: float = 0.1, noise_measurements: int = 8, seed: int = 0,
              journal: str | Path | None = None, resume: bool = False, overwrite: bool = False,
              device: str = "auto", memory: Size = None, threads: int | None = None,
@@ -351,11 +363,11 @@ def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int =
     from .selection.timing import default_threads
 
     explicit = _sizes_and_threads(batch_sizes, threads)
-    dev = device_of(device)
+    dev = device_of(device, trains=True)
     loaded, name = resolve_task(task)
     settings = ScheduleSettings(
         horizon=default_horizon(loaded) if horizon is None else horizon, points=points,
-        branch_samples=branch_samples or 0, lr_scaling=resolve_lr_scaling(loaded, lr_scaling),
+        branch_samples=_branch_samples(branch_samples), lr_scaling=resolve_lr_scaling(loaded, lr_scaling),
         seed=seed, lr_ramp_samples=RAMP_BASE_STEPS * loaded.base_batch_size,
         noise_measurements=noise_measurements, tolerance=tolerance)
     sizes, _, _ = plan_sizes(loaded, name, explicit, min_batch, max_batch, _bytes(memory, "memory"),
@@ -372,11 +384,12 @@ def _sizes_and_threads(batch_sizes: Sequence[int] | None, threads: int | None
     """``--batch-sizes`` as a list (None when not given) and ``--threads``, checked."""
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")
-    explicit = list(batch_sizes) if batch_sizes else None
-    if explicit and any(isinstance(b, bool) or not isinstance(b, int) or b < 1
-                        for b in explicit):
-        raise UsageError(f"--batch-sizes must be integers >= 1, got {explicit}")
-    return explicit
+    from .memory.capacity import check_batch_sizes
+
+    if batch_sizes is None or (not isinstance(batch_sizes, (str, bytes)) and not batch_sizes):
+        return None
+    check_batch_sizes(batch_sizes, "--batch-sizes")
+    return [int(b) for b in batch_sizes]
 
 
 def local_processes() -> int:
@@ -391,13 +404,27 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name.rsplit("/", 1)[-1]).strip("-") or "task"
 
 
-def plan_sizes(task: "Task", name: str, explicit: list[int] | None, min_batch: int,
+DEFAULT_MIN_BATCH = 8
+
+
+def plan_sizes(task: "Task", name: str, explicit: list[int] | None, min_batch: int | None,
                max_batch: int | None, memory: int | None, dev: "torch.device",
                step: "StepSettings | None" = None, console: Any = None
                ) -> tuple[list[int], int, str]:
     """Batch sizes to try, the largest allowed, and where that maximum came from. With
     accumulation (``step``) they are effective batches of N micro-batches, and the probe
-    answers for the micro-batch, on the largest items."""
+    answers for the micro-batch, on the largest items. ``min_batch`` None: 8. Options that
+    the chosen route would ignore are refused (UsageError), never dropped in silence."""
+    if explicit:
+        ignored = [o for o, v in (("--min-batch", min_batch), ("--max-batch", max_batch),
+                                  ("--memory", memory)) if v is not None]
+        if ignored:
+            raise UsageError(f"--batch-sizes lists the sizes to try, so {', '.join(ignored)} "
+                             "would be ignored; give one or the other")
+    elif max_batch is not None and memory is not None:
+        raise UsageError("--max-batch bounds the sizes without a probe, so --memory would be "
+                         "ignored; give one or the other")
+    min_batch = DEFAULT_MIN_BATCH if min_batch is None else min_batch
     from .device import Budget, default_budget
     from .distributed import per_device, world_size
     from .memory.inputs import InputMode
@@ -479,3 +506,12 @@ def fits_batch_size(**options: Any) -> Any:
 
 __all__ = ["probe", "check", "noise_scale", "sweep", "plan_sweep", "SweepPlan", "schedule",
            "resolve_task", "device_of", "find_batch_size", "fits_batch_size"]
+
+
+def _branch_samples(value: int | None) -> int:
+    """``--branch-samples``: None means the default (0 in ``ScheduleSettings``); else >= 1."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"--branch-samples must be an integer >= 1, got {value!r}")
+    return value

@@ -12,7 +12,7 @@ import typer
 from . import __version__
 from .errors import BsselectError, UsageError, one_line
 from .run_options import (AccumulateOpt, CheckpointingOpt, InputsOpt, PrecisionOpt, ReshardOpt,
-                          ShardOpt, ShardUnitOpt, WorldSizeOpt)
+                          ShardOpt, ShardUnitOpt, SweepAccumulateOpt, WorldSizeOpt)
 
 T = TypeVar("T")
 
@@ -283,7 +283,8 @@ def sweep(
     task: TaskArg = None,
     batch_sizes: Annotated[Optional[str], typer.Option(
         help="Explicit comma-separated batch sizes (skips the probe).")] = None,
-    min_batch: Annotated[int, typer.Option(help="Smallest power of two to try.")] = 8,
+    min_batch: Annotated[Optional[int], typer.Option(
+        help="Smallest power of two to try. [default: 8]")] = None,
     max_batch: Annotated[Optional[int], typer.Option(
         help="Largest batch to try. Default: probe's largest power of two that fits, "
              "capped at half the training set.")] = None,
@@ -318,7 +319,7 @@ def sweep(
     plot: Annotated[Optional[Path], typer.Option(
         help="Write a PNG with loss curves, step-time fit and ranking (needs matplotlib).")] = None,
     precision: PrecisionOpt = "fp32",
-    accumulate: AccumulateOpt = 1,
+    accumulate: SweepAccumulateOpt = 1,
     threads: Annotated[Optional[int], typer.Option(
         help="CPU threads for the trials and timing (on a CPU device). Default: half the "
              "usable cores, so a busy core does not stall every step.",
@@ -389,7 +390,8 @@ def schedule(
         help="Samples each branched trial trains.", show_default="horizon / 16")] = None,
     batch_sizes: Annotated[Optional[str], typer.Option(
         help="Explicit comma-separated batch sizes (skips the probe).")] = None,
-    min_batch: Annotated[int, typer.Option(help="Smallest power of two to branch.")] = 8,
+    min_batch: Annotated[Optional[int], typer.Option(
+        help="Smallest power of two to branch. [default: 8]")] = None,
     max_batch: Annotated[Optional[int], typer.Option(
         help="Largest batch to branch. Default: probe's largest power of two that fits, "
              "capped at half the training set (and at branch-samples / 4).")] = None,
@@ -520,14 +522,25 @@ def report(
 
         s = contents.header.settings
         trials = {t.batch_size: t for t in contents.trials}
-        ordered = tuple(trials[b] for b in sorted(trials))
+        sizes = sorted(trials)
         timing = tuple(RoundTiming.from_dict(t) for t in contents.timing)
+        note = None if timing else ("the journal holds no timing rounds: each trial's own "
+                                    "step time is used")
+        ran = [b for b in contents.timing_batch_sizes or () if b in trials]
+        if ran:  # the last sweep's batch sizes, timing and note: what it ranked
+            left = [b for b in sizes if b not in ran]
+            sizes, note = ran, contents.timing_note
+            if left:
+                console.print(
+                    f"[yellow]warning:[/] b={', '.join(map(str, left))}: in the journal but "
+                    f"not in its last sweep (which ranked {', '.join(map(str, ran))}), so left "
+                    "out as that sweep left them out; `bsselect sweep --resume` with every "
+                    "batch size ranks them all, timed together", highlight=False)
+        ordered = tuple(trials[b] for b in sizes)
         result = summarize(s["base_lr"], s["base_batch_size"], contents.header.task, "journal",
-                           ordered, SweepSettings.from_journal(s), max(trials), "journal",
+                           ordered, SweepSettings.from_journal(s), max(sizes), "journal",
                            str(journal), (), bool(s.get("held_out_validation", False)),
-                           s.get("validation_items"), timing=timing,
-                           timing_note=None if timing else
-                           "the journal holds no timing rounds: each trial's own step time is used")
+                           s.get("validation_items"), timing=timing, timing_note=note)
         _finish_sweep(result, as_json, plot)
 
     guarded(body)

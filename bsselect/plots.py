@@ -33,6 +33,13 @@ def check_plot_target(path: Path) -> None:
         raise UsageError(f"--plot {str(path)!r}: folder {str(folder)!r} does not exist")
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UsageError(f"--plot {str(path)!r} is not writable")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = path.suffix.lstrip(".").lower()
+    if suffix and suffix not in kinds:
+        raise UsageError(f"--plot {str(path)!r}: matplotlib cannot write .{suffix} files; use "
+                         f"one of {', '.join('.' + k for k in sorted(kinds))} (e.g. sweep.png)")
 
 
 def plot_sweep(result: Any, path: Path) -> None:

@@ -325,8 +325,11 @@ def render_schedule(result: Any) -> None:
     pred = result.predicted
     out.print(f"predicted for the schedule: {pred.steps:,.0f} steps, {pred.time_s:.3g} s of "
               f"training; vs the base batch {result.base_batch_size}: {_x(base['steps'])} the "
-              f"steps, {_x(base['time'])} the time; vs the best fixed batch ({best}): "
-              f"{_x(vs_best['steps'])} the steps, {_x(vs_best['time'])} the time", highlight=False)
+              f"steps, {_x(base['time'])} the time; "
+              + (f"vs the best fixed batch ({best}): {_x(vs_best['steps'])} the steps, "
+                 f"{_x(vs_best['time'])} the time" if best is not None else
+                 "no fixed batch has a finite predicted time to compare with"),
+              highlight=False)
     for note in result.notes:
         out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     out.print(f"journal {result.journal} · {result.wall_s:.1f} s", highlight=False)

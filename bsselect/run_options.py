@@ -22,6 +22,11 @@ PrecisionOpt = Annotated[str, typer.Option(
 AccumulateOpt = Annotated[int, typer.Option(
     help="Gradient accumulation: micro-steps per optimizer step. Batch sizes are then "
          "micro-batches (what must fit); the effective batch is micro-batch x N.")]
+SweepAccumulateOpt = Annotated[int, typer.Option(
+    "--accumulate",
+    help="Gradient accumulation: micro-steps per optimizer step. The batch sizes swept are "
+         "then effective batches (what the optimizer sees, and what the lr is scaled for), "
+         "each trained as N micro-batches of batch/N; the micro-batch is what must fit.")]
 InputsOpt = Annotated[str, typer.Option(
     help="worst-case: measure batches of the largest items (by element count; one scan of "
          "the dataset, at most 100,000 items); typical: random batches.")]
@@ -99,8 +104,8 @@ def step_settings(precision: str, accumulate: int = 1, shard: Any = None) -> "St
     """``shard``: a ShardPlan (``shard_plan``) or None."""
     from .step import StepSettings
 
-    if accumulate < 1:
-        raise UsageError(f"--accumulate must be >= 1, got {accumulate}")
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise UsageError(f"--accumulate must be an integer >= 1, got {accumulate!r}")
     return StepSettings(precision=parse_precision(precision), accumulate=accumulate,
                         shard=shard)
 
@@ -184,6 +189,7 @@ def print_step_lines(data: dict[str, Any]) -> None:
         out.print(line, highlight=False)
 
 
-__all__ = ["PrecisionOpt", "AccumulateOpt", "InputsOpt", "ShardOpt", "WorldSizeOpt",
-           "ShardUnitOpt", "ReshardOpt", "CheckpointingOpt", "shard_plan", "parse_precision",
-           "parse_inputs", "step_settings", "scan", "step_lines", "print_step_lines", "progress_bar"]
+__all__ = ["PrecisionOpt", "AccumulateOpt", "SweepAccumulateOpt", "InputsOpt", "ShardOpt",
+           "WorldSizeOpt", "ShardUnitOpt", "ReshardOpt", "CheckpointingOpt", "shard_plan",
+           "parse_precision", "parse_inputs", "step_settings", "scan", "step_lines",
+           "print_step_lines", "progress_bar"]

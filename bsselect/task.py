@@ -157,6 +157,9 @@ def load_task(spec: str | None) -> tuple[Task, str]:
             f"task {spec!r} is neither a built-in example ({names}) nor `module:function`"
         )
     module_part, _, func_name = spec.rpartition(":")
+    if not module_part.strip() or not func_name.strip():
+        raise UsageError(f"task {spec!r}: expected `module:function` or `path/to/file.py:"
+                         "function`, with both parts")
     module = _import_target(module_part)
     if not hasattr(module, func_name):
         raise UsageError(
@@ -169,6 +172,15 @@ def load_task(spec: str | None) -> tuple[Task, str]:
 
 
 def _build(factory: Callable[[], Any], spec: str) -> Task:
+    import inspect
+
+    try:  # the contract: a zero-argument callable; one that needs arguments is a usage error
+        inspect.signature(factory).bind()
+    except TypeError as exc:
+        raise UsageError(f"`{spec}` needs arguments ({one_line(exc)}); the entry point must be "
+                         "a function that takes none and returns a Task") from exc
+    except ValueError:  # no signature to read (a builtin): call it and see
+        pass
     try:
         task = factory()
     except Exception as exc:
@@ -234,6 +246,10 @@ def validate_task(task: Task, on_meta: bool = False) -> None:
         except CannotSimulate:
             raise
         except TaskError as exc:
+            from .memory.values import IndexOutOfRange
+
+            if isinstance(exc.__cause__, IndexOutOfRange):  # a real step fails the same way
+                raise
             raise TaskError(f"{exc}{SIMULATION_HINT}") from exc
         return
     try:
@@ -253,6 +269,9 @@ def _failed(what: str, exc: Exception) -> TaskError:
 def _check_forward(task: Task, model: Any, x: Any, y: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TaskError(f"Task.model() returned {type(model).__name__}, not an nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TaskError("the model has no trainable parameters (none, or all frozen): there is "
+                        "nothing to train")
     try:
         out = model(x)
     except Exception as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import UsageError
@@ -32,7 +33,11 @@ def parse_size(text: str | int | float) -> int:
         raise UsageError(
             f"cannot read memory size {text!r}; use e.g. 24GiB, 16GB, 512MiB or a byte count"
         )
-    value = int(float(match.group(1)) * _UNITS[unit])
+    number = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(number):
+        raise UsageError(f"memory size {text!r} is more than any device (the limit is 1 PiB); "
+                         "check the unit")
+    value = int(number)
     if value <= 0:
         raise UsageError(f"memory size must be positive, got {text!r}")
     if unit == "" and value < MIN_BARE_BYTES:

@@ -142,6 +142,47 @@ def test_hf_config_mistakes_are_one_line_usage_errors(tmp_path):
         assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+def test_hf_config_reads_the_file_it_is_given_not_the_config_json_beside_it(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=100,
+               n_positions=64).save_pretrained(tmp_path)  # tmp_path/config.json: a tiny one
+    bigger = tmp_path / "gpt2-wider.json"
+    bigger.write_text(GPT2Config(n_embd=256, n_layer=2, n_head=4, vocab_size=1000,
+                                 n_positions=64).to_json_string())
+    peaks = {}
+    for name, config in (("tiny", tmp_path / "config.json"), ("named", bigger),
+                         ("directory", tmp_path)):
+        done = run_cli("check", "--hf-config", str(config), "--seq-len", "32", "--batch-size",
+                       "4", "--memory", "1GiB", "--json")
+        assert done.returncode == 0, done.stderr
+        peaks[name] = json.loads(done.stdout)["required_bytes"]
+    assert peaks["directory"] == peaks["tiny"] < peaks["named"]
+
+
+def test_a_sequence_longer_than_learned_positions_fails_as_a_real_step_does(tmp_path):
+    """GPT-2 looks positions up in a table of n_positions rows: a real step at a longer
+    sequence raises IndexError. Fake tensors do not check indices; the simulation checks the
+    real ones and fails alike (a rotary model has no such table and simulates)."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=100,
+               n_positions=64).save_pretrained(tmp_path / "gpt2")
+    fits = run_cli("check", "--hf-config", str(tmp_path / "gpt2"), "--seq-len", "64",
+                   "--batch-size", "4", "--memory", "1GiB")
+    assert fits.returncode == 0, fits.stderr
+    done = run_cli("check", "--hf-config", str(tmp_path / "gpt2"), "--seq-len", "65",
+                   "--batch-size", "4", "--memory", "1GiB")
+    assert done.returncode == 1
+    assert ("an embedding of 64 rows was looked up at index 64, which a real step fails on too"
+            in done.stderr), done.stderr
+    assert "Traceback" not in done.stderr and "--method measured" not in done.stderr
+    rotary = _tiny_llama_config(tmp_path / "llama")  # max_position_embeddings 128
+    done = run_cli("check", "--hf-config", str(rotary), "--seq-len", "160", "--batch-size", "4",
+                   "--memory", "1GiB")
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.parametrize("entry, words", [
     ("no_loss", "the batch has no 'labels'"),
     ("datamodule_setup_fails", "FileNotFoundError: data/train.parquet"),

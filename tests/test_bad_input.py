@@ -30,6 +30,37 @@ def one_error(proc) -> str:
      "error: memory size '1e30' is 8.67e+11 EiB, more than any device (the limit is 1 PiB); "
      "check the unit"),
     (["sweep", "digits-mlp", "--threads", "0"], 2, "error: --threads must be >= 1, got 0"),
+    (["probe", "digits-mlp", "--memory", "1e999GiB"], 2,
+     "error: memory size '1e999GiB' is more than any device (the limit is 1 PiB); check the "
+     "unit"),
+    # Options the chosen route would ignore are refused, not dropped.
+    (["sweep", "linreg", "--batch-sizes", "8,16", "--max-batch", "8"], 2,
+     "error: --batch-sizes lists the sizes to try, so --max-batch would be ignored; give one "
+     "or the other"),
+    (["sweep", "linreg", "--batch-sizes", "8,16", "--min-batch", "64", "--memory", "1KiB"], 2,
+     "error: --batch-sizes lists the sizes to try, so --min-batch, --memory would be ignored; "
+     "give one or the other"),
+    (["schedule", "linreg", "--batch-sizes", "8,16", "--max-batch", "16"], 2,
+     "error: --batch-sizes lists the sizes to try, so --max-batch would be ignored; give one "
+     "or the other"),
+    (["sweep", "linreg", "--max-batch", "64", "--memory", "1GiB"], 2,
+     "error: --max-batch bounds the sizes without a probe, so --memory would be ignored; give "
+     "one or the other"),
+    (["sweep", "linreg", "--batch-sizes", "8,16", "--budget", "1.5steps"], 2,
+     "error: --budget '1.5steps': a number of steps must be whole"),
+    (["sweep", "linreg", "--batch-sizes", "8,16", "--budget", "4"], 2,
+     "error: --budget 4 samples is less than one batch of 16: every trial takes at least one "
+     "step, so the trials would not be equal; use --budget >= 16 (samples)"),
+    (["check", "linreg", "--batch-size", "99999999999999999999", "--memory", "1GiB"], 2,
+     "error: batch size must be an integer from 1 to 2,147,483,647, got 99999999999999999999"),
+    (["probe", "linreg", "--memory", "1GiB", "--batch-sizes", "8,99999999999999999999"], 2,
+     "error: batch sizes must be integers from 1 to 2,147,483,647, got [8, "
+     "99999999999999999999]"),
+    (["sweep", "linreg", "--device", "meta", "--batch-sizes", "8,16"], 2,
+     "error: --device meta has shapes but no values, so it cannot train; this command needs a "
+     "real device (cpu, cuda, ...). For memory without one: bsselect probe --method simulated"),
+    (["schedule", "linreg", "--branch-samples", "0"], 2,
+     "error: --branch-samples must be an integer >= 1, got 0"),
     (["check", "digits-mlp", "--batch-size", "8", "--memory", "1GiB", "--config",
       "missing.toml"], 2, "error: --config 'missing.toml' does not exist"),
 ])
@@ -120,13 +151,50 @@ def test_check_github_format_annotates_a_failure(tmp_path, monkeypatch):
     ("missing-dir/sweep.png", "--plot 'missing-dir/sweep.png': folder 'missing-dir' does not "
                               "exist"),
     (".", "--plot '.' is a directory; give a file name like sweep.png"),
+    ("out.txt", "--plot 'out.txt': matplotlib cannot write .txt files; use one of "),
 ])
 def test_a_bad_plot_path_fails_before_any_trial(tmp_path, monkeypatch, plot, message):
     monkeypatch.chdir(tmp_path)
     proc = run_cli("sweep", "digits-mlp", "--batch-sizes", "8,16", "--plot", plot)
     assert proc.returncode == 2
-    assert one_error(proc) == f"error: {message}"
+    assert one_error(proc).startswith(f"error: {message}")
     assert not list(tmp_path.glob("*.jsonl"))  # nothing ran, no journal started
+
+
+@pytest.mark.parametrize("journal, message", [
+    (".", "journal '.' is a directory; give a file path, e.g. 'bsselect-sweep.jsonl'"),
+    ("/dev/null", "journal '/dev/null' is not a regular file (a device or a pipe); give a file "
+                  "path"),
+    ("/proc/nope.jsonl", "cannot write the journal '/proc/nope.jsonl' ("),
+])
+def test_a_journal_path_that_cannot_be_one_is_a_usage_error(tmp_path, monkeypatch, journal,
+                                                            message):
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        proc = run_cli("sweep", "linreg", "--batch-sizes", "8,16", "--budget", "32",
+                       "--journal", journal, *extra)
+        assert proc.returncode == 2, proc.stderr
+        assert one_error(proc).startswith(f"error: {message}")
+
+
+@pytest.mark.parametrize("command", ["sweep", "schedule"])
+def test_resume_never_overwrites_a_file_that_is_not_a_journal(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    precious = '{"my": "results",\n "x": [1, 2, 3]}\n'
+    Path("results.json").write_text(precious)
+    extra = (["--budget", "32"] if command == "sweep" else
+             ["--horizon", "2048", "--points", "2", "--noise-measurements", "0"])
+    proc = run_cli(command, "linreg", "--batch-sizes", "8,16", *extra, "--journal",
+                   "results.json", "--resume")
+    assert proc.returncode == 2
+    assert "has no readable header, so it cannot be resumed" in one_error(proc)
+    assert Path("results.json").read_text() == precious
+    # What a run killed while writing its header leaves is started again.
+    Path("cut.jsonl").write_text('{"bsselect_journal":1,"key":"ab')
+    proc = run_cli(command, "linreg", "--batch-sizes", "8,16", *extra, "--journal",
+                   "cut.jsonl", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert Path("cut.jsonl").read_text().startswith('{"bsselect_journal":1,')
 
 
 def test_report_refuses_a_file_holding_two_sweeps(tmp_path):

@@ -75,7 +75,7 @@ def test_max_batch_is_consistent_with_fits():
     (["--batch-size", "64", "--memory", "1GiB", "--device-preset", "t4-16gb"], "not both"),
     (["--batch-size", "64", "--device-preset", "tpu-v9"], "unknown --device-preset"),
     (["--batch-size", "64", "--memory", "1GiB", "--margin", "-0.1"], "--margin must be in"),
-    (["--batch-size", "0", "--memory", "1GiB"], "batch size must be an integer >= 1"),
+    (["--batch-size", "0", "--memory", "1GiB"], "batch size must be an integer from 1 to 2,147,483,647"),
     (["--batch-size", "64", "--memory", "1GiB", "--format", "xml"], "--format must be"),
 ])
 def test_usage_errors_exit_2(args, message):

@@ -184,9 +184,13 @@ def test_core_functions_agree_across_ranks(tmp_path):
     assert untimed(r0["resumed"]["trials"][:2]) == untimed(r0["first"]["trials"])
     journal = [json.loads(line) for line in (tmp_path / "tiny.jsonl").read_text().splitlines()]
     assert [line["trial"]["batch_size"] for line in journal[1:] if "trial" in line] == [16, 32, 64]
-    # Each run timed its ok batch sizes together; the resumed run all three.
-    assert [[r["batch_size"] for r in line["timing"]] for line in journal if "timing" in line] \
-        == [[16, 32], [16, 32, 64]]
+    # Each run timed its ok batch sizes together (the resumed run those of all three that can
+    # still be the fastest: choice.contenders), on every rank alike.
+    rounds = [[r["batch_size"] for r in line["timing"]] for line in journal if "timing" in line]
+    not_timed = r0["resumed"]["timing"]["not_timed"]
+    assert r1["resumed"]["timing"]["not_timed"] == not_timed
+    assert rounds == [[16, 32], [b for b in (16, 32, 64) if b not in not_timed]]
+    assert len(rounds[1]) >= 2
 
     # noise: one estimate, on every rank.
     assert r0["noise"] == r1["noise"] and r0["noise"]["resolved"]

@@ -104,7 +104,7 @@ def test_measured_probe_stops_at_the_training_set():
 
 def test_nothing_fits_is_a_clear_error():
     task, _ = load_task("tiny-lm")
-    with pytest.raises(DoesNotFitError, match="the model alone needs"):
+    with pytest.raises(DoesNotFitError, match="the fixed memory alone needs"):
         run_probe(task, task_name="t", device=torch.device("cpu"),
                   budget=Budget(2**20, "x"), method=Method.simulated)
 
@@ -142,7 +142,7 @@ def test_probe_target_cuda_shows_each_term():
     (["--batch-sizes", "0,8"], 2, "--batch-sizes takes integers >= 1"),
     (["--method", "guess"], 2, "--method must be one of"),
     (["--target", "cuda"], 2, "--target cuda needs --memory"),
-    (["--memory", "1MiB"], 3, "the model alone needs"),
+    (["--memory", "1MiB"], 3, "the fixed memory alone needs"),
     (["no_such_module:make"], 2, "module 'no_such_module' not found"),
 ])
 def test_probe_errors_are_one_line_with_exit_code(args, code, message):

@@ -220,8 +220,28 @@ def test_resume_reruns_only_what_the_journal_lacks(tmp_path):
 def test_too_short_a_branch_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="can branch"):
         run_schedule(sweep_tasks.tiny(), task_name="tiny", batch_sizes=[64, 128],
-                     settings=_settings(horizon=256), device=CPU,
+                     settings=_settings(horizon=1024), device=CPU,
                      journal_path=tmp_path / "j.jsonl", threads=1)
+    # The base batch is every point's reference, so the 4-step rule holds for it too: a
+    # branch it takes 1 step of cannot decide the plan.
+    with pytest.raises(UsageError, match="a branch of 16 samples gives the base batch size 16 "
+                                         "fewer than 4 steps"):
+        run_schedule(sweep_tasks.tiny(), task_name="tiny", batch_sizes=[8],
+                     settings=_settings(horizon=256), device=CPU,
+                     journal_path=tmp_path / "k.jsonl", threads=1)
+    assert not (tmp_path / "k.jsonl").exists()  # refused before anything ran
+
+
+def test_points_within_one_base_step_are_measured_once(tmp_path):
+    # horizon 2048, 10 points: 0, 4, 8, 16, ... samples; the base batch is 16, so 4, 8 and 16
+    # are all reached by its first step.
+    result = run_schedule(sweep_tasks.tiny(), task_name="tiny", batch_sizes=[8, 16, 32],
+                          settings=_settings(points=10, noise_measurements=0), device=CPU,
+                          journal_path=tmp_path / "j.jsonl", threads=1)
+    steps = [p.base_steps for p in result.points]
+    assert steps == sorted(set(steps)) and steps[:3] == [0, 1, 2]
+    assert "2 of the 10 points fell on the base step of the point before" in " ".join(
+        result.notes)
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -246,7 +266,8 @@ def test_cli_schedule_json_and_table(tmp_path):
     (["--points", "1"], 2, "--points must be at least 2"),
     (["--tolerance", "0"], 2, "--tolerance"),
     (["--resume", "--overwrite"], 2, "exclude each other"),
-    (["--batch-sizes", "512,1024", "--horizon", "256"], 2, "can branch"),
+    (["--batch-sizes", "512,1024", "--horizon", "1024"], 2, "can branch"),
+    (["--branch-samples", "0"], 2, "--branch-samples must be an integer >= 1"),
 ])
 def test_cli_schedule_bad_input(tmp_path, args, code, text):
     proc = run_cli("schedule", f"{TASKS}:tiny", "--journal", str(tmp_path / "j.jsonl"), *args)

@@ -509,6 +509,27 @@ def test_report_json_and_plot_match_the_sweep(finished, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_report_re_renders_the_last_sweep_not_every_trial_of_the_journal(finished, tmp_path):
+    """A sweep resumed with fewer batch sizes ranks only those, timed together; `report`
+    re-renders that sweep (its sizes, rounds and note), and says which journaled trials it
+    left out, instead of ranking them by step times from another window of the machine."""
+    journal = tmp_path / "j.jsonl"
+    journal.write_bytes(finished[0].read_bytes())
+    args = [a if a != "8,16,32,64" else "8,16" for a in TINY_ARGS]
+    resumed = json_out(sweep_cli(spec("tiny"), *args, "--journal", str(journal), "--resume",
+                                 "--json"))
+    assert resumed["resumed"] == [8, 16] and resumed["batch_sizes"] == [8, 16]
+    last = journal_lines(journal)[-1]
+    assert last["batch_sizes"] == [8, 16] and [r["batch_size"] for r in last["timing"]] == [8, 16]
+    proc = run_cli("report", str(journal), "--json", env=CLI_ENV)
+    out = json_out(proc)
+    for key in ("batch_sizes", "trials", "fit", "ranking", "rows", "recommended_batch_size",
+                "tied_with_best", "timing", "verdict"):
+        assert out[key] == resumed[key], key
+    assert ("warning: b=32, 64: in the journal but not in its last sweep (which ranked 8, 16), "
+            "so left out") in " ".join(proc.stderr.split())
+
+
 # --------------------------------------------------------------------------- usage errors
 
 

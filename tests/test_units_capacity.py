@@ -61,7 +61,7 @@ def test_solve_max_batch_exact_arithmetic():
 
 def test_solve_max_batch_model_alone_too_big():
     fit = MemoryFit(9000.0, 10.0, 0.0, (8, 16))
-    with pytest.raises(DoesNotFitError, match="the model alone needs"):
+    with pytest.raises(DoesNotFitError, match="the fixed memory alone needs"):
         solve_max_batch(10_000, 0.2, fit)
 
 

@@ -75,8 +75,9 @@ def shipped_configs() -> list[str]:
 
 
 def _load_config(path: str | Path, option: str = "model") -> Any:
-    """The transformers config in a local ``config.json`` or its directory; never
-    downloads. UsageError naming ``option`` when it is missing or not a config."""
+    """The transformers config in a local JSON file (any name) or a directory's
+    ``config.json``; never downloads. UsageError naming ``option`` when it is missing or not
+    a config."""
     from transformers import AutoConfig
 
     where = Path(path)
@@ -87,9 +88,8 @@ def _load_config(path: str | Path, option: str = "model") -> Any:
         raise UsageError(f"{option} {path}: no such file or directory (a local config.json or "
                          "its directory, or a shipped one: "
                          f"{', '.join(shipped_configs())}; bsselect never downloads)")
-    try:
-        return AutoConfig.from_pretrained(str(where.parent if where.is_file() else where),
-                                          local_files_only=True)
+    try:  # the file named, whatever its name (not the config.json beside it)
+        return AutoConfig.from_pretrained(str(where), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise UsageError(f"{option} {path}: not a transformers config ({exc})") from exc
 

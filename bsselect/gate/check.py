@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DoesNotFitError, UsageError, parse_choice
-from ..memory.capacity import check_margin, fit_memory, largest_pow2_at_most, usable_bytes
+from ..memory.capacity import (MAX_BATCH_SIZE, check_margin, fit_memory, largest_pow2_at_most,
+                               usable_bytes)
 from ..memory.inputs import InputMode
 from ..memory.targets import Target, Term, cuda_terms
 from ..precision import Precision
@@ -180,8 +181,9 @@ def merge_config(cli: dict[str, Any], file: dict[str, Any],
     if batch is None:
         raise UsageError(f"check needs --batch-size (or batch_size in [tool.bsselect] of "
                          f"{source})")
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise UsageError(f"batch size must be an integer >= 1, got {batch!r}")
+    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= MAX_BATCH_SIZE:
+        raise UsageError(f"batch size must be an integer from 1 to {MAX_BATCH_SIZE:,}, got "
+                         f"{batch!r}")
     memory, preset = cli.get("memory"), cli.get("device_preset")
     if memory is None and preset is None:
         memory, preset = file.get("memory"), file.get("device_preset")

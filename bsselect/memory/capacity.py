@@ -9,6 +9,7 @@ activations scale with b). With a safety ``margin`` the largest batch that fits 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -47,15 +48,27 @@ CURVED = 0.01  # a line more than 1% off a measured peak does not describe the p
 
 
 def check_margin(margin: float) -> float:
-    if not 0.0 <= margin < 1.0:
-        raise UsageError(f"--margin must be in [0, 1), got {margin}")
-    return margin
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) \
+            or not 0.0 <= margin < 1.0:
+        raise UsageError(f"--margin must be in [0, 1), got {margin!r}")
+    return float(margin)
 
 
-def check_batch_sizes(batch_sizes: Sequence[int]) -> list[int]:
-    sizes = sorted(set(int(b) for b in batch_sizes))
-    if not sizes or sizes[0] < 1:
-        raise UsageError(f"batch sizes must be integers >= 1, got {list(batch_sizes)}")
+# No batch holds more samples than this (2**31 - 1): larger is a typo, and would overflow
+# the indexing of the batch itself.
+MAX_BATCH_SIZE = 2**31 - 1
+
+
+def check_batch_sizes(batch_sizes: Sequence[int], option: str = "batch sizes") -> list[int]:
+    """``batch_sizes`` sorted without repeats; UsageError unless each is an int in
+    [1, MAX_BATCH_SIZE] (``option`` names them in the message)."""
+    if isinstance(batch_sizes, (str, bytes)) or any(
+            isinstance(b, bool) or not isinstance(b, numbers.Integral) for b in batch_sizes):
+        raise UsageError(f"{option} must be a list of integers, got {batch_sizes!r}")
+    sizes = sorted({int(b) for b in batch_sizes})
+    if not sizes or sizes[0] < 1 or sizes[-1] > MAX_BATCH_SIZE:
+        raise UsageError(f"{option} must be integers from 1 to {MAX_BATCH_SIZE:,}, got "
+                         f"{list(batch_sizes)}")
     return sizes
 
 
@@ -91,8 +104,10 @@ def solve_max_batch(budget_bytes: int, margin: float, fit: MemoryFit) -> int:
     usable = usable_bytes(budget_bytes, margin)
     if fit.fixed_bytes >= usable:
         raise DoesNotFitError(
-            f"the model alone needs {format_bytes(fit.fixed_bytes)}, budget is "
-            f"{format_bytes(budget_bytes)} ({format_bytes(usable)} after the {margin:.0%} margin)"
+            f"the fixed memory alone needs {format_bytes(fit.fixed_bytes)} (what every batch "
+            "size needs: the model, its gradients and optimizer state, and on a CUDA target the "
+            f"context and workspaces), budget is {format_bytes(budget_bytes)} "
+            f"({format_bytes(usable)} after the {margin:.0%} margin)"
         )
     if fit.per_sample_bytes <= 0:
         raise DoesNotFitError(

@@ -308,13 +308,16 @@ def run_probe(
         # Under torchrun: the smallest budget of any rank, so all ranks search alike.
         usable = distributed.agree_min(int(usable_bytes(budget.bytes, margin)))
         real_steps = method is Method.measured
+        ceiling = max(train_items, max(sizes)) if real_steps else None
         result = refine_max_batch(required_at, usable,
                                   [(p.batch_size, p.required_bytes) for p in points], best,
                                   max_jump=8 if real_steps else 2**40,
                                   max_tries=12 if real_steps else SIMULATED_TRIES,
-                                  ceiling=max(train_items, max(sizes)) if real_steps else None)
+                                  ceiling=ceiling)
         confirmation = tuple(asdict(s) for s in result.path)
-        exact = result.exact
+        # Stopped at the data's size, not at a batch that did not fit: memory allows at least
+        # this much, how much more is not known.
+        exact = result.exact and not (ceiling is not None and result.batch_size >= ceiling)
         if result.batch_size < 1:
             tried = ", ".join(f"{s.batch_size} {s.outcome}" for s in result.path)
             raise DoesNotFitError(f"no batch size fits the budget after the margin ({tried})")

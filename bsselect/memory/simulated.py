@@ -39,7 +39,7 @@ from ..precision import Precision, make_scaler
 from ..step import StepSettings, make_batch, train_step
 from ..task import Task
 from .optim_impl import run_as_on
-from .values import DataDependentOp, RealWhereKnown, keep_real, really
+from .values import DataDependentOp, IndexOutOfRange, RealWhereKnown, keep_real, really
 
 
 class Phase(str, Enum):
@@ -612,7 +612,9 @@ def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
                 raise
             except Exception as exc:
                 kind = CannotSimulate if isinstance(exc, DataDependentOp) else TaskError
-                hint = "" if kind is CannotSimulate else SIMULATION_HINT
+                # An index past an embedding's rows fails a real step too: no hint.
+                hint = "" if kind is CannotSimulate or isinstance(exc, IndexOutOfRange) \
+                    else SIMULATION_HINT
                 raise kind(f"the simulated training step at batch size {batch_size} failed: "
                            f"{one_line(exc)}{hint}") from exc
             peak = step_peak(batch_size, model, optimizer, batch, start_bytes,

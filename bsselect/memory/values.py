@@ -47,6 +47,28 @@ class DataDependentOp(RuntimeError):
         self.what = what
 
 
+class IndexOutOfRange(IndexError):
+    """A lookup the real step would fail on too: an embedding row past the table's end (a
+    token id beyond the vocabulary, a position beyond the model's positions). Fake tensors do
+    not check indices, so the simulation checks the real ones it has."""
+
+
+def check_embedding(weight: Any, indices: Any) -> None:
+    """Raise IndexOutOfRange when real ``indices`` fall outside ``weight``'s rows, as
+    ``torch.embedding`` does on real tensors ("index out of range in self")."""
+    if not isinstance(indices, torch.Tensor) or is_fake(indices) or not indices.numel():
+        return
+    with really():
+        lo, hi = int(indices.min()), int(indices.max())
+    rows = int(weight.shape[0])
+    if lo < 0 or hi >= rows:
+        at = hi if hi >= rows else lo
+        raise IndexOutOfRange(
+            f"index out of range: an embedding of {rows:,} rows was looked up at index {at:,}, "
+            "which a real step fails on too (a sequence longer than the model's positions, "
+            "e.g. --seq-len, or a token id beyond its vocabulary?)")
+
+
 @contextmanager
 def really() -> Iterator[None]:
     """Inside, ops run on the CPU for real: every dispatch mode is off, the fake mode too."""
@@ -116,6 +138,8 @@ class RealWhereKnown(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        if func is aten.embedding.default:
+            check_embedding(args[0], args[1])
         special = _SHAPE_FROM_REAL_ARGS.get(func)
         if special is not None:
             out = special(*args, **kwargs)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .. import __version__
-from ..errors import UsageError
+from ..errors import UsageError, one_line
 from .trial_types import TrialResult
 
 FORMAT_VERSION = 1
@@ -86,6 +86,10 @@ class JournalContents:
     warnings: tuple[str, ...] = field(default=())
     # The last complete set of interleaved timing rounds (``timing.RoundTiming`` dicts), if any.
     timing: tuple[dict[str, Any], ...] = field(default=())
+    # The batch sizes of the sweep that wrote that timing record and its timing note (None:
+    # a journal from before they were recorded). ``bsselect report`` re-renders that sweep.
+    timing_batch_sizes: tuple[int, ...] | None = None
+    timing_note: str | None = None
     # Other commands' records (``RECORD_TAGS``: ``bsselect schedule``'s branches and noise
     # points), as (tag, payload) in the order written.
     records: tuple[tuple[str, dict[str, Any]], ...] = field(default=())
@@ -112,6 +116,8 @@ def load(path: str | Path) -> JournalContents:
     trials: list[TrialResult] = []
     warnings: list[str] = []
     timing: tuple[dict[str, Any], ...] = ()
+    timing_sizes: tuple[int, ...] | None = None
+    timing_note: str | None = None
     records: list[tuple[str, dict[str, Any]]] = []
     for number, raw in enumerate(lines, start=1):
         last_and_cut = number == len(lines) and not complete
@@ -127,7 +133,15 @@ def load(path: str | Path) -> JournalContents:
             problem = _append_trial(record["trial"], trials)
         elif problem is None and "timing" in record:
             rounds, problem = _timing_from(record["timing"])
-            timing = rounds if problem is None else timing
+            sizes, note = record.get("batch_sizes"), record.get("note")
+            if problem is None and not (sizes is None or (
+                    isinstance(sizes, list) and all(type(b) is int and b > 0 for b in sizes))):
+                problem = "its batch_sizes are not a list of positive integers"
+            if problem is None and not (note is None or isinstance(note, str)):
+                problem = "its note is not a string"
+            if problem is None:
+                timing, timing_note = rounds, note
+                timing_sizes = None if sizes is None else tuple(sizes)
         elif problem is None and len(record) == 1 and next(iter(record)) in RECORD_TAGS:
             tag, payload = next(iter(record.items()))
             if isinstance(payload, dict):
@@ -142,7 +156,9 @@ def load(path: str | Path) -> JournalContents:
             warnings.append(f"{path}: line {number} skipped: {cause}")
     if header is None and lines:
         warnings.append(f"{path}: no readable header line; its task and settings are unknown")
-    return JournalContents(header, tuple(trials), tuple(warnings), timing, tuple(records))
+    return JournalContents(header, tuple(trials), tuple(warnings), timing=timing,
+                           records=tuple(records), timing_batch_sizes=timing_sizes,
+                           timing_note=timing_note)
 
 
 def _timing_from(raw: Any) -> tuple[tuple[dict[str, Any], ...], str | None]:
@@ -199,10 +215,19 @@ def completed(path: str | Path, key: str) -> dict[int, TrialResult]:
     if not path.exists() or path.stat().st_size == 0:
         return {}
     contents = load(path)
-    if contents.header is None and not contents.trials:
+    if contents.header is None and not contents.trials and _cut_header(path):
         return {}  # killed while writing the header: nothing was recorded
     _check_key(path, contents, key)
     return {t.batch_size: t for t in contents.trials}
+
+
+def _cut_header(path: Path) -> bool:
+    """Whether ``path`` holds only the start of a header line, as a run killed while writing
+    it leaves: one line, no newline, the beginning of ``{"bsselect_journal":``. Anything else
+    without a readable header is not ours to overwrite."""
+    data = path.read_bytes()
+    tag = b'{"' + _HEADER_TAG.encode() + b'":'
+    return b"\n" not in data and (data.startswith(tag) or tag.startswith(data))
 
 
 def _check_key(path: Path, contents: JournalContents, key: str,
@@ -285,6 +310,7 @@ class Journal:
         self.resumed: dict[int, TrialResult] = {}
         self.records: tuple[tuple[str, dict[str, Any]], ...] = ()  # resumed RECORD_TAGS lines
         self.warnings: tuple[str, ...] = ()
+        _check_path(self.path)
         exists = self.path.exists() and self.path.stat().st_size > 0
         match JournalMode(mode):
             case JournalMode.new:
@@ -304,11 +330,14 @@ class Journal:
         _append_line(self.path, json.dumps({"trial": trial.to_dict()}, separators=(",", ":"),
                                            allow_nan=False))
 
-    def append_timing(self, rounds: list[dict[str, Any]]) -> None:
-        """Write the sweep's interleaved timing rounds (``timing.RoundTiming.to_dict``) as one
+    def append_timing(self, rounds: list[dict[str, Any]], batch_sizes: Sequence[int] = (),
+                      note: str | None = None) -> None:
+        """Write the sweep's interleaved timing rounds (``timing.RoundTiming.to_dict``; none
+        when there were none), the batch sizes that sweep ranked and its timing note as one
         line; ``load`` keeps the last such line."""
-        _append_line(self.path, json.dumps({"timing": rounds}, separators=(",", ":"),
-                                           allow_nan=False))
+        _append_line(self.path, json.dumps(
+            {"timing": rounds, "batch_sizes": list(batch_sizes), "note": note},
+            separators=(",", ":"), allow_nan=False))
 
     def append_record(self, tag: str, payload: Mapping[str, Any]) -> None:
         """Write ``{tag: payload}`` (a ``RECORD_TAGS`` tag) as one fsync'd line."""
@@ -318,14 +347,19 @@ class Journal:
                                            allow_nan=False, default=_canonical))
 
     def _start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _append_line(self.path, self.header.to_json(), truncate=True)
-        _fsync_dir(self.path.parent)  # make the new directory entry itself durable
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _append_line(self.path, self.header.to_json(), truncate=True)
+            _fsync_dir(self.path.parent)  # make the new directory entry itself durable
+        except OSError as exc:  # before any work: the path is the problem
+            raise UsageError(f"cannot write the journal {str(self.path)!r} "
+                             f"({exc.strerror or one_line(exc)}); choose another --journal "
+                             "path") from None
 
     def _resume(self, task: str, settings: Mapping[str, Any]) -> bool:
         """Check and repair an existing journal; True when it must be started afresh."""
         contents = load(self.path)
-        if contents.header is None and not contents.trials:
+        if contents.header is None and not contents.trials and _cut_header(self.path):
             # Killed while writing the header: nothing was recorded, so start afresh.
             self.warnings = contents.warnings + (f"{self.path}: started again",)
             return True
@@ -336,6 +370,16 @@ class Journal:
         self.records = contents.records
         self.warnings = contents.warnings
         return False
+
+
+def _check_path(path: Path) -> None:
+    """UsageError unless ``path`` can be a journal file: not a directory, not a device."""
+    if path.is_dir():
+        raise UsageError(f"journal {str(path)!r} is a directory; give a file path, e.g. "
+                         f"{str(path / 'bsselect-sweep.jsonl')!r}")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"journal {str(path)!r} is not a regular file (a device or a pipe); "
+                         "give a file path")
 
 
 def _append_line(path: Path, line: str, truncate: bool = False) -> None:

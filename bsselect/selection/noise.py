@@ -254,10 +254,17 @@ def default_batch_sizes(task: Task, b_small: int | None = None, b_big: int | Non
     n_data = len(task.train_data)  # type: ignore[arg-type]
     world = distributed.world_size()
     n_sub = -(-DEFAULT_N_SUB // world) * world  # under torchrun: the same number on every rank
+    given_small = b_small is not None
     if b_small is None:
         b_small = max(1, min(task.base_batch_size, n_data // n_sub))
     if b_big is None:
         b_big = min(n_sub * b_small, (n_data // (b_small * world)) * b_small * world)
+        if b_big <= b_small:
+            raise UsageError(
+                (f"--b-small {b_small} leaves no room for the larger batch" if given_small else
+                 f"the {n_data:,} training items are too few for two batch sizes")
+                + f": b_big must be a multiple of b_small above it and at most {n_data:,}"
+                + ("; choose a smaller --b-small" if given_small else ""))
     return b_small, b_big
 
 

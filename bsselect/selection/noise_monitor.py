@@ -25,6 +25,7 @@ single batch size per step and nothing to compare: the monitor says so instead o
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,7 +142,12 @@ class GradientNoiseMonitor:
     def step(self, micro_batch_size: int) -> NoiseReading | None:
         """Read this step's pair (after its last backward, before clipping and the optimizer
         step). ``micro_batch_size``: items in each micro-batch on one rank. Returns the
-        reading, or None on a step that is not measured."""
+        reading, or None on a step that is not measured (also when ``micro_batch_size`` is 0:
+        a batch whose size is unknown, as the adapters pass it)."""
+        if isinstance(micro_batch_size, bool) or not isinstance(
+                micro_batch_size, numbers.Integral) or micro_batch_size < 0:
+            raise UsageError(f"micro_batch_size must be an integer >= 1 (0: unknown, the step "
+                             f"is not measured), got {micro_batch_size!r}")
         measuring = self._measuring()
         self._steps += 1
         small, self._small = self._small, None

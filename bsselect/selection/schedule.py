@@ -404,7 +404,7 @@ def growth_exponent(samples: Sequence[float], values: Sequence[float | None]) ->
 
 def branch_sizes(sizes: Sequence[int], branch_samples: int, b0: int) -> tuple[list[int], list[int]]:
     """(kept, dropped): batch sizes that take at least MIN_BRANCH_STEPS steps of a branch, with
-    the base batch always kept."""
+    the base batch always kept (``run_schedule`` refuses a branch too short for it)."""
     kept = sorted({b for b in sizes if b * MIN_BRANCH_STEPS <= branch_samples} | {b0})
     return kept, sorted(b for b in sizes if b not in kept)
 
@@ -488,6 +488,11 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
     setup, _ = make_setup(task, sweep_like, device, min(EVAL_BATCH, *batch_sizes))
     n_train = len(setup.train_data)  # type: ignore[arg-type]
     notes: list[str] = []
+    if b0 * MIN_BRANCH_STEPS > settings.branch:
+        raise UsageError(
+            f"a branch of {settings.branch} samples gives the base batch size {b0} fewer than "
+            f"{MIN_BRANCH_STEPS} steps, too few to compare branches by: use --branch-samples >= "
+            f"{b0 * MIN_BRANCH_STEPS} or --horizon >= {b0 * MIN_BRANCH_STEPS * BRANCH_FRACTION}")
     sizes, dropped = branch_sizes([b for b in batch_sizes if b <= n_train], settings.branch, b0)
     if dropped:
         notes.append(f"batch sizes {dropped} left out: a branch of {settings.branch} samples "
@@ -510,7 +515,8 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
     trials: dict[tuple[int, int], TrialResult] = dict(done_branch)
     loss_init = with_initial_loss(setup).loss_start  # the branches' divergence rule
     noises: dict[int, dict[str, Any] | None] = dict(done_noise)
-    bases: list[tuple[int, int]] = []
+    bases: list[tuple[int, int, int]] = []  # (point index, samples, base steps)
+    merged = 0
     try:
         with cpu_threads(threads):
             timing = _timing(setup, sizes, hooks)
@@ -518,7 +524,10 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
                 hooks.phase("base run and branches", None)
             for k, (samples, steps, model, mstate, ostate) in enumerate(
                     _base_run(setup, point_samples, hooks)):
-                bases.append((samples, steps))
+                if bases and bases[-1][2] == steps:  # no base step between the two points
+                    merged += 1
+                    continue
+                bases.append((k, samples, steps))
                 if k not in noises:
                     noises[k] = _noise_at(setup, model, settings.noise_measurements,
                                           settings.seed + 1000 + k)
@@ -541,9 +550,12 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
     except KeyboardInterrupt:
         raise InterruptedRun(f"interrupted; the finished branches are in {journal_path} — "
                              "rerun with --resume to continue") from None
+    if merged:
+        notes.append(f"{merged} of the {len(point_samples)} points fell on the base step of the "
+                     f"point before (a base step is {b0} samples): measured once")
     fitted = _fit_times(timing, sizes)
     points = []
-    for k, (samples, steps) in enumerate(bases):
+    for k, samples, steps in bases:
         branches = tuple(_branch(trials[(k, b)], fitted.get(b)) for b in sizes)
         drops = {br.trial.batch_size: br.drop for br in branches}
         rates = {br.trial.batch_size: br.drop_per_s for br in branches}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +40,10 @@ def parse_budget(text: str) -> TrialBudget:
     kind = (BudgetKind.steps if unit.startswith("step") else
             BudgetKind.seconds if unit.startswith("s") and unit not in ("samples", "sample")
             else BudgetKind.samples)
-    return TrialBudget(kind, float(match.group(1)))
+    amount = float(match.group(1))
+    if kind is not BudgetKind.seconds and amount != int(amount):
+        raise UsageError(f"--budget {text!r}: a number of {kind.value} must be whole")
+    return TrialBudget(kind, amount)
 
 
 VAL_ITEMS = 4096  # validation at the end of a trial: at most this many items (a fixed subset)
@@ -307,6 +311,12 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
             hooks.warn(f"batch sizes {_sizes(skipped)} are larger than the {n_train:,} training "
                        f"items{where}: skipped (a batch cannot hold more items than the data)")
         batch_sizes = [b for b in batch_sizes if b <= n_train]
+    budget = settings.budget
+    if budget.kind is BudgetKind.samples and budget.amount < max(batch_sizes):
+        raise UsageError(f"--budget {budget.amount:g} samples is less than one batch of "
+                         f"{max(batch_sizes)}: every trial takes at least one step, so the "
+                         f"trials would not be equal; use --budget >= {max(batch_sizes)} "
+                         "(samples)")
     mode = JournalMode.resume if resume else (
         JournalMode.overwrite if overwrite else JournalMode.new)
     # Under torchrun only rank 0 reads and writes the journal; the others get what it read.
@@ -326,6 +336,10 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
                 hooks.trial_start(task.base_batch_size, -1, settings.warm_start_steps)
             setup = branch_point(setup, settings.warm_start_steps, hooks.step)
         setup = with_initial_loss(setup)
+        if setup.loss_start is not None and not math.isfinite(setup.loss_start):
+            raise TaskError(f"the training loss at the initial weights is {setup.loss_start}, "
+                            "before any step, so no learning rate can help: the model's output "
+                            "or the task's loss_fn makes it (check them on one batch)")
     try:
         for i, b in enumerate(batch_sizes):
             if b in trials:
@@ -340,8 +354,8 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
             if hooks.trial_end:
                 hooks.trial_end(result)
         timing, note = _time_ok_trials(setup, trials, hooks)
-        if timing and distributed.is_main():
-            journal.append_timing([t.to_dict() for t in timing.values()])
+        if distributed.is_main():  # what this sweep ranked, so that `report` re-renders it
+            journal.append_timing([t.to_dict() for t in timing.values()], batch_sizes, note)
     except KeyboardInterrupt:
         raise InterruptedRun(
             f"interrupted; {len(trials)} finished trial(s) are in {journal_path} — "
