@@ -41,7 +41,7 @@ Size = Union[str, int, None]
 
 
 def _name(task: "Task") -> str:
-    name = getattr(task.model, "__qualname__", "")
+    name = getattr(getattr(task, "model", None), "__qualname__", "")
     return name if name and "<" not in name else "task"
 
 
@@ -161,7 +161,7 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
     from .memory.probe import DEFAULT_BATCH_SIZES, HOST_HEADROOM, Method, run_probe
     from .memory.targets import Target
     from .run_options import parse_inputs, shard_plan, step_settings
-    from .task import load_task
+    from .task import Task, load_task
 
     meth = parse_choice(Method, method, "--method")
     tgt = parse_choice(Target, target, "--target")
@@ -179,6 +179,9 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
     if size is None and tgt is not Target.same:
         raise UsageError(f"--target {tgt.value} needs --memory (the target device's memory)")
     task, hf_name = hf_config_task(task, hf_config, seq_len)
+    if not isinstance(task, (str, type(None), Task)):
+        raise UsageError(f"task must be a bsselect.Task or a spec string, got "
+                         f"{type(task).__name__}")
     loaded, name = (task, hf_name or _name(task)) if not isinstance(
         task, (str, type(None))) else load_task(task)
     resolved, note = probe_method(loaded, meth, dev, tgt)
@@ -256,6 +259,11 @@ def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
     from .run_options import parse_precision
     from .selection.noise import measure_noise
 
+    for option, value in (("--b-small", b_small), ("--b-big", b_big), ("--every", every),
+                          ("--measurements", measurements), ("--warmup-steps", warmup_steps),
+                          ("--seed", seed)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UsageError(f"{option} must be an integer, got {value!r}")
     if every is not None and every < 1:
         raise UsageError("--every must be >= 1")
     if warmup_steps < 0:

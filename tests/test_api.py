@@ -8,6 +8,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from conftest import run_cli
 
 import bsselect
@@ -50,3 +52,24 @@ def test_api_results_are_the_cli_json():
     done = run_cli("check", "digits-mlp", "--batch-size", "64", "--memory", "256MiB", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == via_api
+
+
+@pytest.mark.parametrize("call", [
+    lambda api: api.probe(42, memory="1GiB"),
+    lambda api: api.probe("linreg", memory="1GiB", accumulate=2.5),
+    lambda api: api.probe("linreg", memory="1GiB", margin="0.2"),
+    lambda api: api.probe("linreg", memory="1GiB", batch_sizes=[True, 16]),
+    lambda api: api.check("linreg", batch_size=8, device_preset=5),
+    lambda api: api.noise_scale("linreg", b_small=8.0),
+    lambda api: api.noise_scale("linreg", seed="a"),
+    lambda api: api.sweep("linreg", batch_sizes="8,16", budget="32"),
+    lambda api: api.sweep("linreg", batch_sizes=[8, 16], budget=1.5),
+])
+def test_wrong_argument_types_are_usage_errors_not_raw_exceptions(call, tmp_path, monkeypatch):
+    from bsselect import api
+    from bsselect.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError):
+        call(api)
+    assert not list(tmp_path.iterdir())  # refused before anything ran or was written

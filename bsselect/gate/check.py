@@ -114,6 +114,9 @@ def resolve_budget(memory: str | None, preset: str | None) -> tuple[int, str, bo
     None (unknown GPU) with --memory."""
     if memory and preset:
         raise UsageError("give --memory or --device-preset, not both")
+    if preset is not None and not isinstance(preset, str):
+        raise UsageError(f"--device-preset must be a preset name such as 'h100-80gb', got "
+                         f"{preset!r}")
     if preset:
         key = preset.lower()
         if key not in PRESETS:
