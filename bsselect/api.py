@@ -464,6 +464,11 @@ def plan_sizes(task: "Task", name: str, explicit: list[int] | None, min_batch: i
     fits = probed.max_batch * w
     if probed.max_batch_pow2 * w <= cap:
         return powers(min_batch, probed.max_batch_pow2), fits, "probe"
+    if cap // w < min_batch:
+        raise UsageError(f"the {n_train:,} training items allow batches up to {cap} (half of "
+                         "them, so that every trial sees two batches an epoch), below "
+                         f"--min-batch {min_batch}: pass a smaller --min-batch, --batch-sizes, "
+                         "or more data")
     return (powers(min_batch, cap // w), fits,
             f"probe allows {fits}; capped at half the {n_train} training items")
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .units import format_bytes
+from .units import format_bytes, format_percent
 
 console = Console(stderr=True)      # progress, logs and human tables
 # Results for people when not --json. Piped or in CI there is no terminal width to read;
@@ -73,7 +73,7 @@ def render_probe(result: Any) -> None:
     )
     out.print(
         f"budget {format_bytes(result.budget_bytes)} ({result.budget_source}), "
-        f"{result.margin:.0%} margin → {format_bytes(usable)} usable"
+        f"{format_percent(result.margin)} margin → {format_bytes(usable)} usable"
     )
     if result.confirmation:
         path = " → ".join(f"{s['batch_size']} {s['outcome']}" for s in result.confirmation)
@@ -213,7 +213,7 @@ def _check_lines(result: Any) -> tuple[str, str]:
             f"{result.task} {verdict}: needs "
             f"{format_bytes(result.required_bytes)} of {format_bytes(result.usable_bytes)} usable "
             f"({format_bytes(result.budget_bytes)} {result.budget_source}, "
-            f"{result.margin:.0%} margin)")
+            f"{format_percent(result.margin)} margin)")
     room = "headroom" if result.headroom_bytes >= 0 else "over by"
     tail = (f"{room} {format_bytes(abs(result.headroom_bytes))} "
             f"({abs(result.headroom_pct):.1f}%); largest batch that fits: "

@@ -58,3 +58,12 @@ def format_bytes(n: float) -> str:
             return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.3g} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def format_percent(fraction: float) -> str:
+    """``20%``; more digits only where rounding to a whole percent would change what is said
+    (``99.999%``, never ``100%`` for a margin below 1)."""
+    whole = f"{fraction:.0%}"
+    if abs(round(fraction * 100) - fraction * 100) < 1e-9:
+        return whole
+    return f"{fraction * 100:.6g}%"

@@ -125,6 +125,20 @@ def test_pyproject_supplies_everything(tmp_path, task_file):
     assert json.loads(proc.stdout)["batch_size"] == 32
 
 
+def test_a_task_file_in_pyproject_is_relative_to_its_folder(tmp_path, task_file, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    task_file.rename(project / "tiny_task.py")
+    (project / "pyproject.toml").write_text(
+        '[tool.bsselect]\ntask = "tiny_task.py:make_task"\nbatch_size = 8\nmemory = "1GiB"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    proc = run_cli("check", "--config", str(project / "pyproject.toml"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["fits"]
+
+
 def test_pyproject_errors(tmp_path):
     path = tmp_path / "pyproject.toml"
     path.write_text("[tool.bsselect]\nbatch_sise = 3\n")

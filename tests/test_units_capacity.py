@@ -186,3 +186,10 @@ def test_a_line_through_curved_peaks_is_raised_never_to_read_low():
     assert min(fit.predict(b) - p for b, p in pts) == pytest.approx(0, abs=1)  # touches one
     linear = fit_memory([(b, 1000 + 37 * b) for b in (8, 16, 32, 64)])
     assert not linear.curved and linear.raised_bytes == 0 and linear.max_error_frac < 1e-9
+
+
+def test_format_percent_never_rounds_a_margin_up_to_a_whole():
+    from bsselect.units import format_percent
+
+    assert [format_percent(x) for x in (0.2, 0.0, 0.125, 0.99999)] == [
+        "20%", "0%", "12.5%", "99.999%"]

@@ -57,12 +57,10 @@ class LoopFit:
 
 def _cpu_peak(call: Callable[[], Any]) -> int:
     """Peak bytes ``call`` allocates above the level at its start (CPU allocator events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from ..memory.cpu_truth import allocator_deltas, return_freed_memory_to_the_os
+    from ..memory.cpu_truth import allocator_deltas, memory_profile, return_freed_memory_to_the_os
 
     return_freed_memory_to_the_os()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with memory_profile() as prof:
         call()
     level = peak = 0
     for _, delta in allocator_deltas(prof.profiler.kineto_results.events()):

@@ -170,6 +170,12 @@ def read_pyproject(path: Path, required: bool = False) -> dict[str, Any]:
             want = " or ".join({str: "a string", int: "an integer", float: "a number",
                                 bool: "true or false"}[t] for t in types)
             raise UsageError(f"[tool.bsselect] in {path}: {key} must be {want}, got {value!r}")
+    task = table.get("task")
+    if isinstance(task, str) and ":" in task:  # a task file is relative to this file's folder
+        file_part, _, function = task.rpartition(":")
+        here = path.parent.resolve() == Path.cwd().resolve()
+        if file_part.endswith(".py") and not Path(file_part).is_absolute() and not here:
+            table = {**table, "task": f"{path.parent / file_part}:{function}"}
     return table
 
 

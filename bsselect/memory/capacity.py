@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import DoesNotFitError, UsageError
 from ..oom import is_oom_error, release_memory
-from ..units import format_bytes
+from ..units import format_bytes, format_percent
 
 MIN_FIT_BATCH = 8  # tiny batches are dominated by the optimizer-step peak and bias the slope
 
@@ -107,7 +107,7 @@ def solve_max_batch(budget_bytes: int, margin: float, fit: MemoryFit) -> int:
             f"the fixed memory alone needs {format_bytes(fit.fixed_bytes)} (what every batch "
             "size needs: the model, its gradients and optimizer state, and on a CUDA target the "
             f"context and workspaces), budget is {format_bytes(budget_bytes)} "
-            f"({format_bytes(usable)} after the {margin:.0%} margin)"
+            f"({format_bytes(usable)} after the {format_percent(margin)} margin)"
         )
     if fit.per_sample_bytes <= 0:
         raise DoesNotFitError(
@@ -118,7 +118,7 @@ def solve_max_batch(budget_bytes: int, margin: float, fit: MemoryFit) -> int:
     if best < 1:
         raise DoesNotFitError(
             f"not even a batch of 1 fits: it needs {format_bytes(fit.predict(1))}, "
-            f"budget is {format_bytes(usable)} after the {margin:.0%} margin"
+            f"budget is {format_bytes(usable)} after the {format_percent(margin)} margin"
         )
     return best
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -138,6 +139,43 @@ def return_freed_memory_to_the_os() -> bool:
         return False
 
 
+@contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null inside: the profiler's C++ side prints a
+    ``USDT: ... profiler_start`` / ``profiler_stop`` line to it at each start and stop, which
+    would litter the tool's output (a measured probe starts it a dozen times)."""
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (an embedding app): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@contextmanager
+def memory_profile() -> Iterator[profile]:
+    """``torch.profiler.profile`` over the CPU with memory events, started and stopped
+    without the profiler's own lines on stderr (errors from inside still raise)."""
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _stderr_silenced():
+        prof.__enter__()
+    try:
+        yield prof
+    finally:
+        with _stderr_silenced():
+            prof.__exit__(None, None, None)
+
+
 def cpu_step_peak(task: Task, batch_size: int, *, seed: int = 0,
                   settings: StepSettings = StepSettings(), inputs: Any = None) -> StepPeak:
     """Peak bytes of training step 2 at ``batch_size``, measured on the real CPU allocator.
@@ -149,7 +187,7 @@ def cpu_step_peak(task: Task, batch_size: int, *, seed: int = 0,
     return_freed_memory_to_the_os()
     with young_gc_only(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with memory_profile() as prof:
             model, optimizer, batch, impl = _real_steps(task, batch_size, seed, settings, inputs)
     events = _kineto_events(prof)
     step = _range_ns(events, _STEP)[0]
