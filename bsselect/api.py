@@ -264,6 +264,7 @@ def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
                           ("--seed", seed)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise UsageError(f"{option} must be an integer, got {value!r}")
+    _check_seed(seed)
     if every is not None and every < 1:
         raise UsageError("--every must be >= 1")
     if warmup_steps < 0:
@@ -323,7 +324,7 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
     sizes, cap, cap_source = plan_sizes(loaded, name, explicit, min_batch, max_batch, size,
                                         dev, step, console)
     per_trial = trial_budget or default_budget(max(sizes), loaded.base_batch_size)
-    settings = sweep_settings(loaded, per_trial, lr_scaling, seed, warmup_steps,
+    settings = sweep_settings(loaded, per_trial, lr_scaling, _check_seed(seed), warmup_steps,
                               noise_measurements, step, warm_start_steps)
     n_threads = None if dev.type != "cpu" else (threads or default_threads(local_processes()))
     path = Path(journal) if journal else Path(f"bsselect-sweep-{slug(name)}.jsonl")
@@ -375,8 +376,9 @@ def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int =
     loaded, name = resolve_task(task)
     settings = ScheduleSettings(
         horizon=default_horizon(loaded) if horizon is None else horizon, points=points,
-        branch_samples=_branch_samples(branch_samples), lr_scaling=resolve_lr_scaling(loaded, lr_scaling),
-        seed=seed, lr_ramp_samples=RAMP_BASE_STEPS * loaded.base_batch_size,
+        branch_samples=_branch_samples(branch_samples),
+        lr_scaling=resolve_lr_scaling(loaded, lr_scaling),
+        seed=_check_seed(seed), lr_ramp_samples=RAMP_BASE_STEPS * loaded.base_batch_size,
         noise_measurements=noise_measurements, tolerance=tolerance)
     sizes, _, _ = plan_sizes(loaded, name, explicit, min_batch, max_batch, _bytes(memory, "memory"),
                              dev, None, console)
@@ -528,3 +530,13 @@ def _branch_samples(value: int | None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageError(f"--branch-samples must be an integer >= 1, got {value!r}")
     return value
+
+
+MAX_SEED = 2**31 - 1
+
+
+def _check_seed(seed: Any) -> int:
+    """``--seed``: an integer in [0, 2**31 - 1] (UsageError otherwise)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed must be an integer from 0 to {MAX_SEED:,}, got {seed!r}")
+    return seed

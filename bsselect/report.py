@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -316,15 +317,20 @@ def render_schedule(result: Any) -> None:
     for col in ("stage", "from sample", "batch", "lr", "predicted steps", "predicted time"):
         stages.add_column(col, justify="right")
     for i, st in enumerate(result.schedule.stages, start=1):
-        stages.add_row(str(i), f"{st.start_samples:,.0f}", str(st.batch_size), f"{st.lr:.4g}",
-                       f"{st.steps:,.0f}", f"{st.time_s:.3g} s")
+        finite = math.isfinite(st.steps)
+        stages.add_row(str(i), f"{st.start_samples:,.0f}" if math.isfinite(st.start_samples)
+                       else "—", str(st.batch_size), f"{st.lr:.4g}",
+                       f"{st.steps:,.0f}" if finite else "—",
+                       f"{st.time_s:.3g} s" if finite else "—")
     out.print(stages)
     best = result.best_fixed
     base = result.saving(result.base_batch_size)
     vs_best = result.saving(best)
     pred = result.predicted
-    out.print(f"predicted for the schedule: {pred.steps:,.0f} steps, {pred.time_s:.3g} s of "
-              f"training; vs the base batch {result.base_batch_size}: {_x(base['steps'])} the "
+    out.print((f"predicted for the schedule: {pred.steps:,.0f} steps, {pred.time_s:.3g} s of "
+               "training" if math.isfinite(pred.steps) else
+               "predicted for the schedule: not finite (see the note)")
+              + f"; vs the base batch {result.base_batch_size}: {_x(base['steps'])} the "
               f"steps, {_x(base['time'])} the time; "
               + (f"vs the best fixed batch ({best}): {_x(vs_best['steps'])} the steps, "
                  f"{_x(vs_best['time'])} the time" if best is not None else

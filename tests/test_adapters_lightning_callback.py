@@ -23,3 +23,23 @@ def test_the_trainer_trains_at_the_probed_batch_size(tmp_path):
     assert callback.batch_size == min(result.max_batch_pow2, 1000) != 24
     assert data.batch_size == callback.batch_size
     assert trainer.train_dataloader.batch_size == callback.batch_size
+
+
+def test_the_probe_takes_the_trainers_precision_and_accumulation(tmp_path):
+    """Gradient accumulation keeps gradients alive through the micro-steps and bf16 autocast
+    changes the activations: the callback probes the step the Trainer will run."""
+    from bsselect import Task, probe
+
+    callback = BatchSizeFromProbe(memory="4MiB", margin=0.2)
+    data = Blobs(batch_size=24)
+    trainer = L.Trainer(max_steps=2, callbacks=[callback], accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        precision="bf16-mixed", accumulate_grad_batches=4)
+    module = Classifier()
+    trainer.fit(module, datamodule=data)
+    result = callback.result.to_json()
+    assert (result["precision"], result["accumulate"]) == ("bf16", 4)
+    same = probe(Task.from_lightning(Classifier(), Blobs(batch_size=24)), memory="4MiB",
+                 precision="bf16", accumulate=4)
+    assert callback.result.max_batch == same.max_batch

@@ -76,3 +76,28 @@ def test_a_failing_step_is_one_task_error():
 
     with pytest.raises(TaskError, match=r"step\(8\) failed: KeyError"):
         find_batch_size(step, memory="1GiB", device="cpu")
+
+
+def test_max_batch_caps_the_answer_and_is_checked():
+    import torch
+    from torch import nn
+
+    from bsselect import find_batch_size
+    from bsselect.errors import UsageError
+
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(b):
+        x, y = torch.randn(b, 64), torch.randint(0, 10, (b,))
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for cap in (1, 10, 100):
+        fit = find_batch_size(step, memory="16MiB", device="cpu", max_batch=cap)
+        assert 1 <= fit.max_batch <= cap
+        assert fit.exact is False  # it stopped at the cap, not at a batch that did not fit
+    for bad in (0, -5, 100.5, True):
+        with pytest.raises(UsageError, match="max_batch must be an integer >= 1"):
+            find_batch_size(step, memory="16MiB", device="cpu", max_batch=bad)

@@ -66,6 +66,35 @@ def test_a_step_with_one_batch_size_is_refused():
         GradientNoiseMonitor(nn.Linear(2, 1))
 
 
+def test_an_unused_parameter_does_not_stop_the_measurement():
+    """Backward passes are counted once per pass that reaches any trainable parameter: a model
+    whose first parameter gets no gradient (an unused embedding, an HF pooler) is measured."""
+
+    class Skips(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = nn.Embedding(4, 4)
+            self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    model = Skips()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = GradientNoiseMonitor(model, accumulation_steps=4)
+    for _ in range(6):
+        for _ in range(4):
+            x, y = torch.randn(8, 16), torch.randint(0, 3, (8,))
+            (nn.functional.cross_entropy(model(x), y) / 4).backward()
+        mon.step(micro_batch_size=8)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert mon.skipped == 0 and len(mon.readings) == 6
+    with pytest.raises(UsageError):
+        mon.step(micro_batch_size=-8)
+
+
 def test_advice_only_when_the_interval_clears_twice_the_batch():
     mon = GradientNoiseMonitor(nn.Linear(2, 1), accumulation_steps=2)
     # |g_small|^2 = |G|^2 + tr/8, |g_big|^2 = |G|^2 + tr/16 with |G|^2 = 1, tr = 800: B = 800.
@@ -178,6 +207,25 @@ def test_lightning_callback_without_a_second_batch_size_warns_and_stays_off(tmp_
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.warns(UserWarning, match="two batch sizes"):
+        trainer.fit(Classifier(), datamodule=Blobs())
+    assert callback.monitor is None
+
+
+def test_lightning_callback_under_fp16_loss_scaling_warns_and_stays_off(tmp_path):
+    """The hooks would see gradients still multiplied by the loss scale (S^2 too large)."""
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from tasks.lightning_tasks import Blobs, Classifier
+
+    from bsselect.adapters.lightning import NoiseScaleMonitor
+
+    callback = NoiseScaleMonitor()
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = L.Trainer(max_steps=2, accumulate_grad_batches=4, callbacks=[callback],
+                        accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        plugins=[scaled], default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="fp16 loss scaling is not supported"):
         trainer.fit(Classifier(), datamodule=Blobs())
     assert callback.monitor is None
 

@@ -113,6 +113,42 @@ def test_relative_samples_and_the_prediction_for_a_fixed_batch():
     assert math.isinf(predict_fixed([p0, p1], 400, 128, 32, 1.0).time_s)
 
 
+def test_a_plan_and_a_fixed_batch_are_predicted_by_one_rule():
+    """Whatever the drops (a branch's drop at a late point is noise around 0, either sign),
+    a plan that is one batch throughout is predicted exactly as that fixed batch: the same
+    finite number, or not finite for both — never a saving over itself."""
+    import random
+
+    rng = random.Random(7)
+    sizes, b0, horizon = (16, 32, 64), 32, 1000
+    times = {16: 0.1, 32: 0.15, 64: 0.25}
+    for _ in range(2000):
+        points = []
+        for k, samples in enumerate((0, 125, 250, 500)):
+            drops = {b: rng.choice([None, -0.01, 0.0, rng.uniform(0.01, 1.0)]) for b in sizes}
+            points.append(_point(samples, drops, rng.choice([None, *sizes])))
+        stages = plan_stages(points, horizon, b0, times, lambda b: b / 320)
+        assert all(relative_samples(p, b0, b0) == 1.0 for p in points)
+        total = sum(st.steps for st in stages)
+        if len(stages) == 1:
+            b = stages[0].batch_size
+            fixed = predict_fixed(points, horizon, b, b0, times[b])
+            assert (total == pytest.approx(fixed.steps) if math.isfinite(fixed.steps)
+                    else math.isinf(total))
+        for st in stages:
+            json.dumps(st.to_json(), allow_nan=False)  # not-finite stages are JSON-safe
+
+
+def test_batch_schedule_refuses_samples_it_cannot_place():
+    schedule = BatchSchedule((Stage(0.0, 0, 32, 0.1, 100.0, 3.0, 0.1),), 0, 0.1)
+    for bad in (math.inf, math.nan, -1, "10"):
+        with pytest.raises(ValueError):
+            schedule.lr_at(bad)
+        with pytest.raises(ValueError):
+            schedule.batch_size_at(bad)
+    assert schedule.batch_size_at(0) == 32 and schedule.lr_at(50.5) == pytest.approx(0.1)
+
+
 def test_plan_stages_merges_equal_batches_and_predicts_each_stage():
     points = [_point(0, {32: 1.0, 64: 0.5}, 32), _point(100, {32: 1.0, 64: 1.0}, 64),
               _point(200, {32: 1.0, 64: 0.8}, 64)]

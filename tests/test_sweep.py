@@ -679,3 +679,39 @@ def test_each_trial_has_its_own_rng_stream_so_a_resumed_trial_equals_a_fresh_one
     assert [(p.step, p.loss) for p in alone.loss_curve] == [
         (p.step, p.loss) for p in both[32].loss_curve]
     assert alone.train_loss_end == pytest.approx(both[32].train_loss_end, rel=1e-6)
+
+
+def test_an_optimizers_parameter_groups_keep_their_own_learning_rates(tmp_path):
+    """A factory may freeze a part (lr 0) or give it its own lr: the trials scale every group
+    by the same factor and ramp, never flatten them to one lr."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from bsselect import Task, sweep
+
+    made = []
+
+    def frozen_first(params, lr):
+        params = list(params)
+        opt = torch.optim.SGD([{"params": params[:2], "lr": 0.0},
+                               {"params": params[2:], "lr": lr / 2}], lr=lr, momentum=0.9)
+        made.append((lr, opt))
+        return opt
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g)
+    y = (x[:, :2].sum(1) > 0).long()
+    task = Task(model=lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)),
+                train_data=TensorDataset(x, y), loss_fn=nn.functional.cross_entropy,
+                optimizer=frozen_first, lr=0.05, base_batch_size=16)
+    result = sweep(task, batch_sizes=[16, 32], budget="128", noise_measurements=0,
+                   journal=tmp_path / "j.jsonl", warmup_steps=0)
+    assert result.recommended_batch_size in (16, 32)
+    # The trials' and the timing's optimizers (not the one built on meta to read its type).
+    used = [opt for _, opt in made if "bsselect_lr_scale" in opt.param_groups[0]]
+    assert len(used) >= 3
+    for opt in used:
+        frozen, half = opt.param_groups
+        assert frozen["lr"] == 0.0 and frozen["bsselect_lr_scale"] == 0.0
+        assert half["bsselect_lr_scale"] == 0.5
+    assert {opt.param_groups[1]["lr"] for opt in used} >= {0.05 / 2, 0.1 / 2}  # 16 and 32

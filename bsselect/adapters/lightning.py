@@ -159,6 +159,11 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
                                  f"{attribute!r} to set (attribute=...)")
             task = from_lightning(pl_module, datamodule)
             options = dict(probe_options)
+            # The run's own step: the Trainer's mixed precision and gradient accumulation
+            # (the batch attribute is the micro-batch each accumulation step loads).
+            options.setdefault("accumulate", int(trainer.accumulate_grad_batches))
+            if "precision" not in options:
+                options["precision"] = _lightning_precision(str(trainer.precision))
             device = options.pop("device", None) or pl_module.device.type
             self.result = probe(task, memory=memory, margin=margin, device=device, **options)
             best = self.result.max_batch_pow2 if power_of_two else self.result.max_batch
@@ -166,6 +171,19 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
             setattr(holder, attribute, self.batch_size)
 
     return _BatchSizeFromProbe()
+
+
+def _lightning_precision(name: str) -> str:
+    """bsselect's ``--precision`` for a Trainer's ``precision``: autocast ``bf16-mixed`` and
+    ``16-mixed`` as bf16 / fp16; everything else as fp32 (``bf16-true``/``16-true`` hold
+    weights in half precision, so fp32 is the larger, safe answer; it says so)."""
+    mixed = {"bf16-mixed": "bf16", "16-mixed": "fp16"}
+    if name in mixed:
+        return mixed[name]
+    if name not in ("32-true", "32", "64-true", "64"):
+        warnings.warn(f"BatchSizeFromProbe: precision {name!r} is probed as fp32 (more memory "
+                      "than the run uses)", stacklevel=3)
+    return "fp32"
 
 
 def NoiseScaleMonitor(every: int = 1, window: int = 64, ema: float = 0.95,
@@ -193,6 +211,12 @@ def NoiseScaleMonitor(every: int = 1, window: int = 64, ema: float = 0.95,
             if not pl_module.automatic_optimization:
                 warnings.warn("NoiseScaleMonitor: manual optimization is not supported; off",
                               stacklevel=2)
+                return
+            if getattr(trainer.precision_plugin, "scaler", None) is not None:
+                # The per-micro-batch hooks see gradients still multiplied by the loss scale;
+                # Lightning unscales only the accumulated .grad (as the HF callback refuses).
+                warnings.warn("NoiseScaleMonitor: fp16 loss scaling is not supported (bf16 and "
+                              "fp32 are); off", stacklevel=2)
                 return
             loader = trainer.train_dataloader
             dataset = getattr(loader, "dataset", None)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..errors import TaskError, UsageError, one_line
+from ..errors import DoesNotFitError, TaskError, UsageError, one_line
 from ..oom import is_oom_error, release_memory
 
 
@@ -50,6 +50,9 @@ class LoopFit:
     checked: tuple[dict, ...]               # the confirm-and-refine path
     fixed_bytes: int
     per_sample_bytes: int
+    # False when the search stopped before a batch that did not fit (its tries ran out, or
+    # it reached max_batch): max_batch is then "at least", as probe's max_batch_exact says.
+    exact: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,7 +113,11 @@ def find_batch_size(step: Callable[[int], Any], *, memory: Any = None, margin: f
     if len(sizes) < 2:
         raise UsageError("find_batch_size needs at least two batch sizes to fit a line")
     if max_batch is not None:
-        sizes = [b for b in sizes if b <= max_batch] or [1, 2]
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise UsageError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        sizes = [b for b in sizes if b <= max_batch]
+        if len(sizes) < 2:  # two sizes under the cap for the line, whatever was asked
+            sizes = sorted({max(1, max_batch // 2), max_batch}) if max_batch >= 2 else [1]
     dev = backend.device if backend is not None else device_of(device)
     if backend is None and dev.type != "cpu":
         from ..memory.measured import AcceleratorAllocator
@@ -127,6 +134,14 @@ def find_batch_size(step: Callable[[int], Any], *, memory: Any = None, margin: f
             if not is_oom_error(exc):
                 raise
             break
+    if sizes == [1] and points:  # max_batch=1: the one batch there is fits
+        (_, peak), = points
+        if peak > usable:
+            raise DoesNotFitError(f"batch 1 needs {peak:,} bytes, more than the "
+                                  f"{int(usable):,} usable after the margin")
+        return LoopFit(1, 1, budget, margin, str(dev), "allocator peak" if backend is not None
+                       else "step's own allocations", tuple(points), (), peak, 0,
+                       exact=False)
     if len(points) < 2:
         raise UsageError(f"only {len(points)} of the batch sizes {list(sizes)} ran without "
                          "running out of memory; pass smaller batch_sizes")
@@ -136,11 +151,13 @@ def find_batch_size(step: Callable[[int], Any], *, memory: Any = None, margin: f
                               first, ceiling=max_batch)
     if result.batch_size < 1:
         raise UsageError("no batch size fits the budget after the margin")
-    return LoopFit(result.batch_size, largest_pow2_at_most(result.batch_size), budget, margin,
+    best = min(result.batch_size, max_batch) if max_batch is not None else result.batch_size
+    capped = max_batch is not None and best >= max_batch
+    return LoopFit(best, largest_pow2_at_most(best), budget, margin,
                    str(dev), "allocator peak" if backend is not None else
                    "step's own allocations", tuple(points),
                    tuple(asdict(s) for s in result.path), round(fit.fixed_bytes),
-                   round(fit.per_sample_bytes))
+                   round(fit.per_sample_bytes), exact=result.exact and not capped)
 
 
 def fits_batch_size(**options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

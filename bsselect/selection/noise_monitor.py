@@ -118,10 +118,14 @@ class GradientNoiseMonitor:
             raise UsageError("the model has no trainable parameters")
         self._params = params
         self._handles = [p.register_hook(self._on_grad) for p in params]
-        # Backward passes in this step, counted on one parameter: a step with another number
-        # of micro-batches than ``accumulation_steps`` (an epoch's last, partial one) has a
-        # different loss scaling and is not measured.
-        self._handles.append(params[0].register_hook(self._count_backward))
+        # Backward passes in this step, counted once per pass that reaches any trainable
+        # parameter (a model's unused parameters, an HF pooler, get none): a step with another
+        # number of micro-batches than ``accumulation_steps`` (an epoch's last, partial one)
+        # has a different loss scaling and is not measured.
+        from torch.autograd.graph import register_multi_grad_hook
+
+        self._handles.append(register_multi_grad_hook(params, self._count_backward,
+                                                      mode="any"))
 
     # ------------------------------------------------------------------ hooks
 

@@ -46,7 +46,7 @@ from .timing import RoundTiming, cpu_threads, progress_units
 from .trial_types import TrialResult
 from .trials import (EVAL_BATCH, WARM_START_SEED_OFFSET, BudgetKind, TrialBudget, TrialSetup,
                      _fresh_model, _lr_at, _step_options, _timed_step, cycle_batches, run_trial,
-                     time_batch_sizes, trial_lr)
+                     set_lr, time_batch_sizes, trial_lr)
 
 DEFAULT_POINTS = 5          # 0, H/16, H/8, H/4, H/2
 BRANCH_FRACTION = 16        # a branch trains H/16 samples
@@ -156,7 +156,8 @@ class Stage:
     time_s: float
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: _finite(v) if isinstance(v, float) else v
+                for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,9 @@ class BatchSchedule:
     base_lr: float | None = None
 
     def _index(self, samples: float) -> int:
+        if isinstance(samples, bool) or not isinstance(samples, (int, float)) \
+                or not math.isfinite(samples) or samples < 0:
+            raise ValueError(f"samples must be a finite number >= 0, got {samples!r}")
         i = 0
         for k, st in enumerate(self.stages):
             if samples >= st.start_samples:
@@ -301,8 +305,10 @@ def fastest_batch(rates: dict[int, float | None]) -> int | None:
 
 def relative_samples(point: SchedulePoint, b: int, b0: int) -> float:
     """``r(b) = drop(b0) / drop(b)`` at ``point``: samples batch ``b`` needs for the progress
-    ``b0`` makes in one sample (inf when ``b`` made no progress; 1 when ``b0`` made none, so
-    such a point predicts no difference)."""
+    ``b0`` makes in one sample (1 for ``b0`` itself; inf when ``b`` made no progress; 1 when
+    ``b0`` made none, so such a point predicts no difference)."""
+    if b == b0:  # the base run's own progress, by definition
+        return 1.0
     d0, d = point.drop_of(b0), point.drop_of(b)
     if d is None or d <= 0:
         return math.inf
@@ -368,9 +374,11 @@ def plan_stages(points: Sequence[SchedulePoint], horizon: int, b0: int,
     for p, L, want in zip(points, lengths, wanted):
         # non-decreasing, as ``wanted`` is: the largest measured batch up to it
         b = max([m for m in measured if m <= want] or [measured[0]])
-        r = relative_samples(p, b, b0)
-        if not math.isfinite(r):  # a batch that made no progress at this point
-            r = 1.0
+        # A stage batch that made no progress in its point's branch (the smoothing can give
+        # a point a batch that was not its fastest) is predicted as a fixed batch would be:
+        # not finite, and said so (a note of ``run_schedule``), never credited with the base
+        # run's progress.
+        r = relative_samples(p, b, b0) if L else 1.0
         samples = L * r
         steps = samples / b
         stage = Stage(start, p.samples, b, lr_of(b), samples, steps, steps * step_times_s[b])
@@ -422,14 +430,13 @@ def _base_run(setup: TrialSetup, point_samples: Sequence[int], hooks: ScheduleHo
     samples = steps = 0
     for target in point_samples:
         while samples < target:
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(steps, task.lr, setup.warmup_steps)
+            set_lr(optimizer, _lr_at(steps, task.lr, setup.warmup_steps))
             value, y, _ = _timed_step(model, optimizer, task, batches, device, options)
             steps += 1
             samples += len(y) if isinstance(y, torch.Tensor) else b
             if not math.isfinite(value):
                 raise TaskError(f"the base configuration (batch {b}, lr {task.lr:g}) diverged at "
-                                f"step {steps}; lower the task's lr or add --warmup-steps")
+                                f"step {steps}; lower the task's lr")
             if hooks.advance:
                 hooks.advance()
         yield samples, steps, model, copy.deepcopy(model.state_dict()), \
@@ -511,6 +518,9 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
         notes.append(w)
     done_branch, done_noise = _resumed(journal.records, notes)
     point_samples = settings.point_samples()
+    if len(point_samples) < settings.points:
+        notes.append(f"{settings.points} points asked, but halving the horizon of "
+                     f"{settings.horizon:,} samples gives {len(point_samples)} distinct ones")
     lr_of = {b: scale_lr(task.lr, b0, b, settings.lr_scaling) for b in sizes}
     trials: dict[tuple[int, int], TrialResult] = dict(done_branch)
     loss_init = with_initial_loss(setup).loss_start  # the branches' divergence rule
@@ -566,6 +576,13 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
     fixed = {b: predict_fixed(points, settings.horizon, b, b0, fitted[b]) for b in sizes}
     predicted = Prediction(sum(s.steps for s in stages), sum(s.samples for s in stages),
                            sum(s.time_s for s in stages))
+    stuck = [st for st in stages if not math.isfinite(st.steps)]
+    if stuck:
+        notes.append("no finite prediction for the schedule: its batch "
+                     + ", ".join(f"{st.batch_size} (from base-run sample {st.base_samples:,})"
+                                 for st in stuck)
+                     + " made no progress in that point's branch; a longer --branch-samples "
+                     "measures the drop above its noise")
     xs = [p.samples for p in points]
     growth = {"critical_batch_size": growth_exponent(xs, [p.critical_batch_size for p in points]),
               "fastest_batch_size": growth_exponent(xs, [p.fastest_batch_size for p in points]),

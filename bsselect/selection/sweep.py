@@ -174,16 +174,19 @@ class SweepResult:
         else TaskError with what to try; None when there is a recommendation."""
         if any(t.ok for t in self.trials):
             return None
+        again = (f" (batch sizes {_sizes(self.resumed)} came from the journal as they were: "
+                 "--resume keeps every finished trial, --overwrite runs them again)"
+                 if self.resumed else "")
         statuses = {t.status.value for t in self.trials}
         if statuses == {"oom"}:
             return DoesNotFitError(
                 f"every batch size ran out of memory ({_sizes(self.batch_sizes)}); try smaller "
-                "batches (--min-batch, --batch-sizes) or --accumulate")
+                f"batches (--min-batch, --batch-sizes) or --accumulate{again}")
         lrs = ", ".join(f"{t.lr:.3g}" for t in self.trials)
         errors = [t for t in self.trials if t.status.value == "error"]
         if errors and len(errors) == len(self.trials):
             return TaskError(f"every trial failed; the first: batch {errors[0].batch_size}: "
-                             f"{errors[0].error}")
+                             f"{errors[0].error}{again}")
         return TaskError(
             f"no trial trained ({', '.join(f'{t.batch_size}: {t.status.value}' for t in self.trials)}); "
             f"the learning rates tried were {lrs} ({self.settings.lr_scaling.value} scaling from "

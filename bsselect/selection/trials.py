@@ -196,9 +196,8 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
     status, error = TrialStatus.ok, None
     while (total_steps is None and train_wall < setup.budget.amount) or (
             total_steps is not None and step < total_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = trial_lr(step, lr, batch_size, task.lr, setup.warmup_steps,
-                                   setup.lr_ramp_samples)
+        set_lr(optimizer, trial_lr(step, lr, batch_size, task.lr, setup.warmup_steps,
+                                   setup.lr_ramp_samples))
         value, y, elapsed = _timed_step(train_model, optimizer, task, batches, device, options,
                                         careful=step < TIMING_WARMUP_STEPS)
         train_wall += elapsed
@@ -219,6 +218,23 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
                    step_times, curve, loss_start)
 
 
+LR_SCALE_KEY = "bsselect_lr_scale"  # a param group's lr over the lr its factory was given
+
+
+def keep_group_ratios(optimizer: torch.optim.Optimizer, built_lr: float) -> None:
+    """Record each parameter group's lr relative to ``built_lr``, the lr the task's optimizer
+    factory was called with: a factory may give groups their own lrs (lr 0 for a frozen
+    part, a lower lr for a backbone), and ``set_lr`` keeps those ratios."""
+    for group in optimizer.param_groups:
+        group.setdefault(LR_SCALE_KEY, float(group["lr"]) / built_lr if built_lr else 1.0)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group at ``lr`` times its own ratio (``keep_group_ratios``; 1 by default)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get(LR_SCALE_KEY, 1.0)
+
+
 def trial_seed(seed: int, batch_size: int) -> int:
     """The global RNG seed of the trial at ``batch_size`` in a sweep seeded ``seed``."""
     return (seed * 1_000_003 + batch_size * 7_919 + 17) % (2**63 - 1)
@@ -235,11 +251,12 @@ def _fresh_model(setup: TrialSetup, lr: float, branch: bool = False
         model = task.model().to(setup.device)
         model.load_state_dict(setup.initial_state)
         model.train()
-        optimizer = task.make_optimizer(model.parameters(), task.lr if lr == 0 else lr)
+        built = task.lr if lr == 0 else lr
+        optimizer = task.make_optimizer(model.parameters(), built)
+        keep_group_ratios(optimizer, built)
         if branch and setup.optimizer_state is not None:  # the base run's moments
             optimizer.load_state_dict(copy.deepcopy(setup.optimizer_state))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
     return model, optimizer
 
 
@@ -261,8 +278,7 @@ def branch_point(setup: TrialSetup, steps: int,
     batches = cycle_batches(warm, b // setup.accumulate)
     options = _step_options(setup, batches, device)
     for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, task.lr, setup.warmup_steps)
+        set_lr(optimizer, _lr_at(step, task.lr, setup.warmup_steps))
         value, _, _ = _timed_step(train_model, optimizer, task, batches, device, options)
         if not math.isfinite(value):
             raise TaskError(f"the warm start (the base configuration: batch {b}, lr "
