@@ -260,8 +260,7 @@ def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
     from .selection.noise import measure_noise
 
     for option, value in (("--b-small", b_small), ("--b-big", b_big), ("--every", every),
-                          ("--measurements", measurements), ("--warmup-steps", warmup_steps),
-                          ("--seed", seed)):
+                          ("--measurements", measurements), ("--warmup-steps", warmup_steps)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise UsageError(f"{option} must be an integer, got {value!r}")
     _check_seed(seed)

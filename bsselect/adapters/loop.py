@@ -48,8 +48,8 @@ class LoopFit:
     what: str                               # "allocator peak" | "step's own allocations"
     points: tuple[tuple[int, int], ...]     # (batch, peak) measured for the line
     checked: tuple[dict, ...]               # the confirm-and-refine path
-    fixed_bytes: int
-    per_sample_bytes: int
+    fixed_bytes: Optional[int]              # the line's; None with one batch size (max_batch=1)
+    per_sample_bytes: Optional[int]
     # False when the search stopped before a batch that did not fit (its tries ran out, or
     # it reached max_batch): max_batch is then "at least", as probe's max_batch_exact says.
     exact: bool = True
@@ -140,7 +140,7 @@ def find_batch_size(step: Callable[[int], Any], *, memory: Any = None, margin: f
             raise DoesNotFitError(f"batch 1 needs {peak:,} bytes, more than the "
                                   f"{int(usable):,} usable after the margin")
         return LoopFit(1, 1, budget, margin, str(dev), "allocator peak" if backend is not None
-                       else "step's own allocations", tuple(points), (), peak, 0,
+                       else "step's own allocations", tuple(points), (), None, None,
                        exact=False)
     if len(points) < 2:
         raise UsageError(f"only {len(points)} of the batch sizes {list(sizes)} ran without "

@@ -150,11 +150,12 @@ def contenders(step_times: Mapping[int, float | None], b_noise: NoiseInterval | 
     if b_noise is None or len(sizes) <= 2 or len(usable) < 2:
         return tuple(sizes)
     keep = {b for b in sizes if b not in usable}
-    for B in (b_noise.lo, b_noise.value, b_noise.hi):
-        costs = {b: cost(b, step_times[b], B) for b in usable}  # type: ignore[arg-type]
-        low = min(costs.values())
-        keep |= {b for b in usable if costs[b] <= factor * low}
-    at_estimate = {b: cost(b, step_times[b], b_noise.value) for b in usable}  # type: ignore[arg-type]
+    costs = {B: {b: cost(b, step_times[b], B) for b in usable}  # type: ignore[arg-type]
+             for B in (b_noise.lo, b_noise.value, b_noise.hi)}
+    for at_b in costs.values():
+        low = min(at_b.values())
+        keep |= {b for b in usable if at_b[b] <= factor * low}
+    at_estimate = costs[b_noise.value]
     keep |= set(sorted(usable, key=lambda b: (at_estimate[b], b))[:2])
     return tuple(sorted(keep))
 

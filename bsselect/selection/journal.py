@@ -215,16 +215,19 @@ def completed(path: str | Path, key: str) -> dict[int, TrialResult]:
     if not path.exists() or path.stat().st_size == 0:
         return {}
     contents = load(path)
-    if contents.header is None and not contents.trials and _cut_header(path):
+    if _killed_in_header(path, contents):
         return {}  # killed while writing the header: nothing was recorded
     _check_key(path, contents, key)
     return {t.batch_size: t for t in contents.trials}
 
 
-def _cut_header(path: Path) -> bool:
-    """Whether ``path`` holds only the start of a header line, as a run killed while writing
-    it leaves: one line, no newline, the beginning of ``{"bsselect_journal":``. Anything else
-    without a readable header is not ours to overwrite."""
+def _killed_in_header(path: Path, contents: JournalContents) -> bool:
+    """Whether ``path`` (read as ``contents``) is what a run killed while writing its header
+    leaves: no header or trial read, and only the start of a header line — one line, no
+    newline, the beginning of ``{"bsselect_journal":``. Anything else without a readable
+    header is not ours to overwrite."""
+    if contents.header is not None or contents.trials:
+        return False
     data = path.read_bytes()
     tag = b'{"' + _HEADER_TAG.encode() + b'":'
     return b"\n" not in data and (data.startswith(tag) or tag.startswith(data))
@@ -359,7 +362,7 @@ class Journal:
     def _resume(self, task: str, settings: Mapping[str, Any]) -> bool:
         """Check and repair an existing journal; True when it must be started afresh."""
         contents = load(self.path)
-        if contents.header is None and not contents.trials and _cut_header(self.path):
+        if _killed_in_header(self.path, contents):
             # Killed while writing the header: nothing was recorded, so start afresh.
             self.warnings = contents.warnings + (f"{self.path}: started again",)
             return True

@@ -165,8 +165,7 @@ class SweepResult:
     def not_timed(self) -> list[int]:
         """The ok batch sizes whose step time is their own trial's, not the rounds' (all of
         them when there were no rounds)."""
-        timed = {t.batch_size for t in self.timing}
-        return [t.batch_size for t in self.trials if t.ok and t.batch_size not in timed]
+        return _not_timed(self.trials, self.timing)
 
     def failure(self) -> BsselectError | None:
         """Why the sweep as a whole failed (no trial finished ok), as the error the CLI exits
@@ -381,11 +380,11 @@ def _time_ok_trials(setup: TrialSetup, trials: dict[int, TrialResult], hooks: Sw
     sizes = sorted(b for b, t in trials.items() if t.ok)
     if len(sizes) < 2:
         return {}, "fewer than two ok trials: each trial's own step time is used"
-    timed, note = timing_plan([trials[b] for b in sizes])
+    timed = timing_plan([trials[b] for b in sizes])
     if hooks.timing_start:
         hooks.timing_start(progress_units(len(timed)))
     try:
-        return time_batch_sizes(setup, list(timed), hooks.timing_step), note
+        return time_batch_sizes(setup, list(timed), hooks.timing_step), None
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - the trials stand; say why
@@ -397,16 +396,20 @@ def _time_ok_trials(setup: TrialSetup, trials: dict[int, TrialResult], hooks: Sw
         return {}, note
 
 
-def timing_plan(ok: Sequence[TrialResult]) -> tuple[tuple[int, ...], str | None]:
+def timing_plan(ok: Sequence[TrialResult]) -> tuple[int, ...]:
     """Which ok trials' batch sizes to time again in interleaved rounds: those that can still
     be the fastest at their own trials' step times and the noise scale the ranking will use
-    (``choice.contenders``), and a note naming the rest (None when every size is timed)."""
+    (``choice.contenders``). ``summarize`` names the rest in the result's timing note."""
     b_hat = choose_b_hat(ok)
     interval = b_hat.interval or (NoiseInterval.exact(b_hat.value)
                                   if b_hat.value is not None else None)
-    timed = contenders({t.batch_size: t.step_time_s for t in ok}, interval)
-    rest = [t.batch_size for t in ok if t.batch_size not in timed]
-    return timed, _untimed_note(rest)
+    return contenders({t.batch_size: t.step_time_s for t in ok}, interval)
+
+
+def _not_timed(trials: Sequence[TrialResult], timing: Sequence[RoundTiming]) -> list[int]:
+    """The ok batch sizes the rounds did not time (all of them when there were none)."""
+    timed = {t.batch_size for t in timing}
+    return [t.batch_size for t in trials if t.ok and t.batch_size not in timed]
 
 
 def _untimed_note(sizes: Sequence[int]) -> str | None:
@@ -491,9 +494,8 @@ def summarize(base_lr: float, base_batch_size: int, task_name: str, device: torc
     interleaved ``timing`` rounds' step times where there are any."""
     trials = apply_timing(trials, timing)
     times = {t.batch_size: t.step for t in timing}
-    if times and timing_note is None:  # a journal's rounds: the sizes they left out
-        timing_note = _untimed_note([t.batch_size for t in trials if t.ok and t.batch_size
-                                     not in times])
+    if times and timing_note is None:  # the sizes the rounds left out (choice.contenders)
+        timing_note = _untimed_note(_not_timed(trials, timing))
     b_hat = choose_b_hat(trials)
     if b_hat.source:
         ranking = rank_trials(trials, b_hat.value, b_hat.source, times=times,
