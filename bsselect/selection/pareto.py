@@ -29,7 +29,7 @@ class LevelFit:
     (None unless both the fit's intercept and its slope are positive)."""
 
     level: float
-    steps: tuple[tuple[int, int], ...]  # (batch_size, steps to the level)
+    steps: tuple[tuple[int, float], ...]  # (batch_size, steps to the level)
     b_noise: float | None
 
 
@@ -50,10 +50,18 @@ def _smoothed(values: Sequence[float], width: int) -> list[float]:
             (values[max(0, i - half): i + half + 1] for i in range(len(values)))]
 
 
-def _steps_to(curve: Sequence[tuple[int, float]], level: float) -> int | None:
-    for step, loss in curve:
+def _steps_to(curve: Sequence[tuple[int, float]], level: float) -> float | None:
+    """Steps until the smoothed loss first reaches ``level``, interpolated linearly between
+    the recorded points around the crossing (whole steps would add half a step on average,
+    which biases ``B`` low when the levels are reached in a few steps). None when it never
+    does, or when it does within the first ``SMOOTHING // 2`` points: their moving average
+    has a window cut short at the start that reaches ahead only, so they cross early."""
+    for i, (step, loss) in enumerate(curve):
         if loss <= level:
-            return step
+            if i < SMOOTHING // 2:
+                return None
+            p_step, p_loss = curve[i - 1]
+            return p_step + (step - p_step) * (p_loss - level) / (p_loss - loss)
     return None
 
 

@@ -16,11 +16,10 @@ from enum import Enum
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .choice import Choice, NoiseInterval, choose, noise_interval
-from .formula import (BNoiseFit, StepTimeFit, b_opt, fit_noise_model, fit_step_time,
-                      format_seconds)
+from .formula import BNoiseFit, StepTimeFit, b_opt, fit_noise_model, fit_step_time, format_seconds
+from .pareto import StepsFit, steps_to_loss_fit
 from .steptime import ShapeFit, TimeInterval, physical_fit
 from .trial_types import TrialResult, TrialStatus
-
 
 # --------------------------------------------------------------------------- ranking
 
@@ -30,15 +29,17 @@ class BHatSource(str, Enum):
 
     b_noise = "b_noise"  # fitted from the trials' per-step loss drops (fit_noise_model)
     b_simple = "b_simple"  # gradient noise scale measured in the trials (pooled)
+    b_steps = "b_steps"  # steps to common loss levels against 1/b (pareto.steps_to_loss_fit)
     given = "given"  # supplied by the caller
 
 
 @dataclass(frozen=True)
 class BHat:
-    """The noise-scale estimate to rank with, and both candidates it was chosen from.
+    """The noise-scale estimate to rank with, and the candidates it was chosen from.
 
-    ``interval`` is its uncertainty (``choice.noise_interval``; None when none was recorded)
-    and ``from_sizes`` the batch sizes of the trials it was pooled over."""
+    ``interval`` is its uncertainty (``choice.noise_interval`` for ``B_simple``, the spread
+    over loss levels for ``B_steps``; None when none was recorded) and ``from_sizes`` the
+    batch sizes of the trials it came from."""
 
     value: float | None
     source: BHatSource | None
@@ -46,6 +47,7 @@ class BHat:
     noise_fit: BNoiseFit
     interval: NoiseInterval | None = None
     from_sizes: tuple[int, ...] = ()
+    steps_fit: StepsFit | None = None
 
 
 def pooled_b_simple(trials: Iterable[TrialResult]) -> float | None:
@@ -97,29 +99,51 @@ def noise_fit_of(trials: Iterable[TrialResult]) -> BNoiseFit:
     return fit_noise_model([t.batch_size for t in ok], [t.loss_drop_per_step for t in ok])
 
 
+def steps_fit_of(trials: Iterable[TrialResult]) -> StepsFit:
+    """``pareto.steps_to_loss_fit`` on the ok trials' training-loss curves (start loss: the
+    highest of their measured start losses; they all start from the same weights)."""
+    ok = [t for t in trials if t.ok and t.loss_curve and t.train_loss_start is not None]
+    curves = {t.batch_size: [(p.step, p.loss) for p in t.loss_curve if p.loss is not None]
+              for t in ok}
+    return steps_to_loss_fit(curves, max((t.train_loss_start for t in ok), default=math.nan))
+
+
 def choose_b_hat(trials: Sequence[TrialResult]) -> BHat:
-    """Prefer the ``B_simple`` measured in the trials, pooled over every ok trial that
-    measured it (``pooled_b_simple``) with its interval (``pooled_interval``); fall back to
-    ``B_noise`` fitted from the trials' per-step loss drops; else None.
+    """The larger of two measurements of the noise scale from the same trials, else ``B_noise``
+    fitted from the per-step loss drops, else None:
+
+    - ``B_simple`` (McCandlish et al. 2018, eq. 2.8), pooled over every ok trial that measured
+      it (``pooled_b_simple``), with its interval (``pooled_interval``);
+    - ``B_steps``, the same paper's empirical definition: steps to common loss levels against
+      ``1/b`` over the trials' own loss curves (``pareto``), with the spread over the levels.
+
+    The larger, because both are read earlier in training than the run they are for goes,
+    and the noise scale grows as training goes on (ibid. sec. 3; Merrill et al. 2025): on the
+    selection benchmark's thirteen tasks the full runs' implied noise scale is 0.2x-3,500x
+    the pooled ``B_simple`` and 0.3x-120x ``B_steps``, above both on ten. The fresh held-out
+    tasks' worst regret went from 7.99 (``B_simple`` alone, which picked 8 where 256 was best)
+    to 1.59 (docs/benchmarks-sweep.md).
 
     Measured, not fitted, first: with equal-sample trials the small batches get further and
-    flatten out, which inflates the fitted B_noise by 5x to 20,000x on the built-in examples
-    (docs/benchmarks-sweep.md). The fit is still reported as a diagnostic.
-
-    Pooled over all the trials, not only the better-trained half (tried, and kept as the
-    benchmark's ``b_simple_trained`` rule): on linreg
-    the better-trained half sits at the noise floor, where its pooled |G|^2 is not positive,
-    and the fallback to the fitted B_noise then picked 2048 (regret 36); pooled over all it
-    picks 64-128 (docs/benchmarks-sweep.md)."""
+    flatten out, which inflates the fitted B_noise by 5x to 20,000x on the built-in examples.
+    ``B_simple`` is pooled over all the trials, not only the better-trained half (tried: on
+    linreg that half sits at the noise floor, its pooled |G|^2 is not positive, and the
+    fallback picked 2048, regret 36)."""
     fit = noise_fit_of(trials)
     pooled = pooled_trials(trials)
     simple = pooled_b_simple(pooled)
+    steps = steps_fit_of(trials)
+    if steps.b_noise is not None and (simple is None or steps.b_noise > simple):
+        interval = NoiseInterval(steps.lo, steps.b_noise, steps.hi)  # type: ignore[arg-type]
+        sizes = sorted({b for level in steps.levels for b, _ in level.steps})
+        return BHat(steps.b_noise, BHatSource.b_steps, simple, fit, interval, tuple(sizes),
+                    steps)
     if simple is not None:
         return BHat(simple, BHatSource.b_simple, simple, fit, pooled_interval(pooled),
-                    tuple(sorted(t.batch_size for t in pooled)))
+                    tuple(sorted(t.batch_size for t in pooled)), steps)
     if fit.b_noise is not None:
-        return BHat(fit.b_noise, BHatSource.b_noise, simple, fit)
-    return BHat(None, None, simple, fit)
+        return BHat(fit.b_noise, BHatSource.b_noise, simple, fit, steps_fit=steps)
+    return BHat(None, None, simple, fit, steps_fit=steps)
 
 
 class VerdictKind(str, Enum):
@@ -192,6 +216,7 @@ class Ranking:
     b_hat_interval: NoiseInterval | None = None
     b_hat_sizes: tuple[int, ...] = ()
     shape: ShapeFit | None = None
+    b_steps: float | None = None
 
     def fit_dict(self) -> dict[str, Any]:
         """docs/contract.md's ``sweep`` ``fit`` object (tau_f_s, tau_d_s, b_simple, b_noise, b_opt),
@@ -204,6 +229,7 @@ class Ranking:
             "b_noise": self.noise_fit.b_noise,
             "b_opt": self.b_opt,
             "r2": self.step_fit.r2,
+            "b_steps": self.b_steps,
             "b_hat": self.b_hat,
             "b_hat_source": self.b_hat_source.value if self.b_hat_source else None,
             "b_hat_interval": None if interval is None else [
@@ -268,6 +294,7 @@ def rank_trials(
         fit=fit,
         noise_fit=noise_fit_of(trials),
         b_simple=pooled_b_simple(trials),
+        b_steps=steps_fit_of(trials).b_noise,
         b_hat=b_hat,
         source=b_hat_source if b_hat is not None else None,
         b_opt=_b_opt_or_inf(b_hat, fit),
@@ -284,7 +311,7 @@ def rank_trials(
                    _best(ok, lambda t: t.loss_drop_per_s, higher=True),
                    _best(ok, lambda t: t.val_loss, higher=False),
                    pick.tied if pick else (), pick.best if pick else None, ctx.interval,
-                   tuple(b_hat_sizes), shape)
+                   tuple(b_hat_sizes), shape, ctx.b_steps)
 
 
 def _ordered_rows(trials: Sequence[TrialResult], pick: Choice | None,
@@ -355,6 +382,7 @@ class _Context:
     fit: StepTimeFit
     noise_fit: BNoiseFit
     b_simple: float | None
+    b_steps: float | None
     b_hat: float | None
     source: BHatSource | None
     b_opt: float | None
@@ -366,15 +394,22 @@ class _Context:
 
 
 def _b_hat_text(c: _Context) -> str:
-    """``B_hat = 319 (90%: 210-640; B_simple pooled over 7 trials)``."""
+    """``B_hat = 319 (90%: 210-640; B_simple pooled over 7 trials, above B_steps 120)``."""
     parts = []
     if c.interval is not None and (c.interval.lo < c.interval.value or
                                    c.interval.hi > c.interval.value):
-        parts.append(f"90%: {_fmt_num(c.interval.lo)}-{_fmt_num(c.interval.hi)}")
+        kind = "over loss levels" if c.source is BHatSource.b_steps else "90%"
+        parts.append(f"{kind}: {_fmt_num(c.interval.lo)}-{_fmt_num(c.interval.hi)}")
     label = _SOURCE_LABEL[c.source] if c.source else "given"
-    if c.source is BHatSource.b_simple and c.b_hat_sizes:
-        n = len(c.b_hat_sizes)
+    n = len(c.b_hat_sizes)
+    if c.source is BHatSource.b_simple and n:
         label = f"B_simple pooled over {n} trial{'s' * (n > 1)}"
+        if c.b_steps is not None:
+            label += f", above B_steps {_fmt_num(c.b_steps)}"
+    elif c.source is BHatSource.b_steps:
+        label = f"B_steps, from steps to common loss levels in {n} trials"
+        if c.b_simple is not None:
+            label += f", above B_simple {_fmt_num(c.b_simple)}"
     parts.append(label)
     return f"B_hat = {_fmt_num(c.b_hat)} ({'; '.join(parts)})"
 
@@ -439,6 +474,7 @@ def _verdict(c: _Context) -> tuple[VerdictKind, str]:
 _SOURCE_LABEL = {
     BHatSource.b_noise: "B_noise fitted from the trials",
     BHatSource.b_simple: "B_simple pooled over the trials",
+    BHatSource.b_steps: "from the trials' steps to common loss levels",
     BHatSource.given: "given",
 }
 
