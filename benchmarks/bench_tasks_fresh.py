@@ -115,3 +115,113 @@ def softmax_50() -> Task:
 
 FRESH = {"conv1d-wave": conv1d_wave, "autoenc": autoenc, "attn-count": attn_count,
          "softmax-50": softmax_50}
+
+
+# --------------------------------------------------------------------------- second set
+# Written after the rule adopted from the first set (the larger of B_simple and B_steps) was
+# fixed, and before any result on these was seen: the adopted rule's held-out number.
+
+
+class _SumGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(1, 48, batch_first=True)
+        self.head = nn.Linear(48, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(x)[0][:, -1]).squeeze(-1)
+
+
+def gru_sum() -> Task:
+    """GRU regression: the sum of the positive entries of a noisy sequence, Adam."""
+    g = _gen(31)
+    n, length = 9216, 20
+    x = torch.randn(n, length, 1, generator=g)
+    y = x.clamp(min=0).sum((1, 2)) / 4 + 0.1 * torch.randn(n, generator=g)
+    train, val = _split(x, y, 1024)
+    return Task(model=_SumGRU, train_data=train, val_data=val, loss_fn=F.mse_loss,
+                optimizer=lambda p, lr: torch.optim.Adam(p, lr=lr), lr=3e-3,
+                base_batch_size=32)
+
+
+def spirals() -> Task:
+    """Wide one-hidden-layer MLP on three noisy interleaved spirals in 2-D, SGD, momentum."""
+    g = _gen(32)
+    n, k = 9216, 3
+    y = torch.randint(0, k, (n,), generator=g)
+    r = torch.rand(n, generator=g)
+    angle = 3 * math.pi * r + 2 * math.pi * y / k
+    x = torch.stack([r * torch.cos(angle), r * torch.sin(angle)], 1)
+    x = x + 0.04 * torch.randn(n, 2, generator=g)
+    train, val = _split(x, y, 1024)
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(2, 512), nn.ReLU(), nn.Linear(512, k))
+
+    return Task(model=model, train_data=train, val_data=val, loss_fn=F.cross_entropy,
+                metric=accuracy,
+                optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9),
+                lr=0.05, base_batch_size=32)
+
+
+class _Bag(nn.Module):
+    def __init__(self, vocab: int = 500, d: int = 32, k: int = 8) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(vocab, d, mode="mean")
+        self.head = nn.Linear(d, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bag(x))
+
+
+def topics() -> Task:
+    """Bag-of-embeddings classifier: 8 topics, each a different distribution over 500 words,
+    documents of 24 words of which 40% come from a shared background, RMSprop."""
+    g = _gen(33)
+    n, length, vocab, k = 9216, 24, 500, 8
+    topic_words = torch.softmax(2.0 * torch.randn(k, vocab, generator=g), 1)
+    background = torch.full((vocab,), 1.0 / vocab)
+    y = torch.randint(0, k, (n,), generator=g)
+    from_topic = torch.rand(n, length, generator=g) < 0.6
+    words = torch.multinomial(topic_words[y], length, replacement=True, generator=g)
+    noise = torch.multinomial(background.expand(n, vocab), length, replacement=True,
+                              generator=g)
+    x = torch.where(from_topic, words, noise)
+    train, val = _split(x, y, 1024)
+    return Task(model=_Bag, train_data=train, val_data=val, loss_fn=F.cross_entropy,
+                metric=accuracy, optimizer=lambda p, lr: torch.optim.RMSprop(p, lr=lr),
+                lr=1e-3, base_batch_size=32)
+
+
+class _ResMLP(nn.Module):
+    def __init__(self, d_in: int = 16, d: int = 64, blocks: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d),
+                                                  nn.GELU(), nn.Dropout(0.1),
+                                                  nn.Linear(2 * d, d)) for _ in range(blocks))
+        self.out = nn.Linear(d, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h).squeeze(-1)
+
+
+def teacher() -> Task:
+    """Residual MLP with LayerNorm, GELU and dropout regressing a random teacher network's
+    output plus noise, AdamW."""
+    g = _gen(34)
+    n, d = 9216, 16
+    w1 = torch.randn(d, 32, generator=g) / 4
+    w2 = torch.randn(32, generator=g) / 4
+    x = torch.randn(n, d, generator=g)
+    y = torch.tanh(x @ w1) @ w2 + 0.1 * torch.randn(n, generator=g)
+    train, val = _split(x, y, 1024)
+    return Task(model=_ResMLP, train_data=train, val_data=val, loss_fn=F.mse_loss,
+                optimizer=lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.01),
+                lr=1e-3, base_batch_size=32)
+
+
+FRESH_2 = {"gru-sum": gru_sum, "spirals": spirals, "topics": topics, "teacher": teacher}

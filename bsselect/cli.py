@@ -329,8 +329,9 @@ def sweep(
     """What trains best? Short equal-budget trials at power-of-two batch sizes, ranked.
 
     Ranks by predicted time-to-target (1 + B/b)·t(b), with step times from interleaved timing
-    rounds (robust to a busy machine) and B the gradient noise scale pooled over the trials;
-    batch sizes within uncertainty of the best are shown as tied. Compares with
+    rounds (robust to a busy machine) and B the noise scale measured in the trials (the larger
+    of the pooled gradient noise scale B_simple and B_steps, from the trials' steps to common
+    loss levels); batch sizes within uncertainty of the best are shown as tied. Compares with
     b_opt = sqrt(B_noise·tau_f/tau_d).
 
     Examples:
