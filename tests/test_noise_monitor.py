@@ -7,8 +7,6 @@ or world factor and fails."""
 
 from __future__ import annotations
 
-import math
-import sys
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ with a cap (the same seam a GPU allocator plugs into), and the JSON contract."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch

@@ -424,6 +424,44 @@ def test_choose_b_hat_uses_b_simple_when_no_fit():
     assert bh.noise_fit.b_noise is None
 
 
+def with_curve(trial: TrialResult, b_noise: float, s_min: float = 20.0) -> TrialResult:
+    """The trial with a loss curve from the McCandlish model: batch b needs S_min (1 + B/b)
+    steps for what S_min steps do at an infinite batch (tests/test_pareto.py)."""
+    b = trial.batch_size
+    scale = s_min * (1 + b_noise / b)
+    curve = [(s, s * b, 0.0, 2.0 * math.exp(-s / scale)) for s in range(1, 8192 // b + 1)]
+    return dataclasses.replace(trial, loss_curve=curve)
+
+
+@pytest.mark.parametrize("b_steps_true, b_simple, source", [
+    (400.0, 120.0, BHatSource.b_steps), (40.0, 120.0, BHatSource.b_simple)])
+def test_b_hat_is_the_larger_of_b_simple_and_b_steps(b_steps_true, b_simple, source):
+    trials = [with_curve(dataclasses.replace(measured(b, 1.0, b_simple), grad_sq_norm_se=0.1,
+                                             trace_sigma_se=5.0), b_steps_true) for b in POW2]
+    bh = choose_b_hat(trials)
+    assert bh.source is source
+    assert bh.b_simple == pytest.approx(b_simple)
+    assert bh.steps_fit.b_noise == pytest.approx(b_steps_true, rel=0.1)
+    assert bh.value == max(bh.b_simple, bh.steps_fit.b_noise)
+    if source is BHatSource.b_steps:  # its interval: the range over the loss levels
+        assert (bh.interval.lo, bh.interval.hi) == (bh.steps_fit.lo, bh.steps_fit.hi)
+        assert bh.from_sizes == tuple(sorted({b for lv in bh.steps_fit.levels
+                                              for b, _ in lv.steps}))
+    r = rank_trials(trials, bh.value, bh.source, b_interval=bh.interval,
+                    b_hat_sizes=bh.from_sizes)
+    other = "B_simple" if source is BHatSource.b_steps else "B_steps"
+    assert f"above {other}" in r.verdict
+    assert r.fit_dict()["b_steps"] == pytest.approx(bh.steps_fit.b_noise)
+    assert r.fit_dict()["b_hat_source"] == source.value
+
+
+def test_b_steps_alone_when_nothing_measured_b_simple():
+    trials = [with_curve(ok_trial(b), 300.0) for b in POW2]
+    bh = choose_b_hat(trials)
+    assert bh.source is BHatSource.b_steps and bh.b_simple is None
+    assert bh.value == pytest.approx(300.0, rel=0.1)
+
+
 def test_one_timed_batch_size_gives_no_b_opt():
     r = rank_trials([ok_trial(64), failed(128, "oom")], 50.0, BHatSource.b_simple)
     assert r.verdict_kind is VerdictKind.no_step_fit and r.b_opt is None

@@ -29,7 +29,8 @@ from bsselect.selection.lr_scaling import LrScaling
 from bsselect.selection.sweep import (SweepSettings, default_budget, make_setup, parse_budget,
                                       run_sweep)
 from bsselect.selection.timing import usable_cpus
-from bsselect.selection.trial_types import TrialStatus
+from bsselect.selection.rank import steps_fit_of
+from bsselect.selection.trial_types import TrialResult, TrialStatus
 from bsselect.selection.trials import BudgetKind, evaluate
 from bsselect.task import load_task
 
@@ -288,9 +289,18 @@ def test_cli_sweep_json_has_the_design_fields(finished):
     pooled = (sum(t["trace_sigma"] for t in trials)
               / sum(t["grad_sq_norm"] for t in trials))
     assert out["fit"]["b_simple"] == pytest.approx(pooled)
-    assert out["fit"]["b_hat_from_batch_sizes"] == [8, 16, 32, 64]
-    lo, hi = out["fit"]["b_hat_interval"]
-    assert lo < out["fit"]["b_hat"] and (hi is None or hi > out["fit"]["b_hat"])
+    # B_steps comes from the trials' own loss curves; B_hat is the larger of the two.
+    steps = steps_fit_of([TrialResult.from_dict(t) for t in trials])
+    assert out["fit"]["b_steps"] == steps.b_noise
+    fit = out["fit"]
+    assert fit["b_hat"] == max(v for v in (fit["b_simple"], fit["b_steps"]) if v is not None)
+    lo, hi = fit["b_hat_interval"]
+    if fit["b_hat_source"] == "b_simple":
+        assert fit["b_hat_from_batch_sizes"] == [8, 16, 32, 64]
+        assert lo < fit["b_hat"] and (hi is None or hi > fit["b_hat"])
+    else:
+        assert fit["b_hat_source"] == "b_steps"
+        assert (lo, hi) == (steps.lo, steps.hi) and lo <= fit["b_hat"] <= hi
     # Step times come from the interleaved rounds, journaled after the trials, for the
     # batch sizes that can still be the fastest at their trials' own step times; the rest
     # keep their own, and the note names them.
