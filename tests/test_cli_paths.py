@@ -119,7 +119,7 @@ def test_check_largest_batch_on_memory_that_grows_faster_than_a_line():
 
 
 def test_trial_lr_ramps_from_the_task_lr_only_above_it():
-    from bsselect.selection.trials import trial_lr
+    from bsselect.selection.lr_scaling import trial_lr
 
     # b=128 at lr 0.4 from the task's 0.1: a ramp over 256 samples is 2 steps.
     assert [trial_lr(s, 0.4, 128, 0.1, ramp_samples=256) for s in range(3)] == [0.25, 0.4, 0.4]

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from bsselect.selection.lr_scaling import LrScaling, default_lr_scaling, scale_lr
 from bsselect.selection.formula import (MIN_B_NOISE_POINTS, NONLINEAR_REL_RESIDUAL, b_opt,
                                         fit_b_noise, fit_noise_model, fit_step_time,
                                         grad_accum_steps)
+from bsselect.selection.lr_scaling import LrScaling, default_lr_scaling, scale_lr
 from bsselect.selection.rank import (BHatSource, VerdictKind, choose_b_hat, pooled_b_simple,
                                      rank_trials)
 from bsselect.selection.trial_types import TrialResult, TrialStatus

@@ -23,7 +23,7 @@ from bsselect.selection.schedule import (BatchSchedule, Branch, SchedulePoint, S
                                          relative_samples, run_schedule, stage_batches,
                                          stage_lengths)
 from bsselect.selection.trial_types import TrialResult, TrialStatus
-from bsselect.selection.trials import trial_lr
+from bsselect.selection.lr_scaling import trial_lr
 
 TASKS = Path(__file__).parent / "tasks" / "sweep_tasks.py"
 sys.path.insert(0, str(TASKS.parent))

@@ -26,10 +26,10 @@ import bsselect.selection.trials as trials_mod
 from bsselect.selection import sweep as sweep_mod  # noqa: E402
 from bsselect.selection.choice import NoiseInterval, contenders
 from bsselect.selection.lr_scaling import LrScaling
+from bsselect.selection.rank import steps_fit_of
 from bsselect.selection.sweep import (SweepSettings, default_budget, make_setup, parse_budget,
                                       run_sweep)
 from bsselect.selection.timing import usable_cpus
-from bsselect.selection.rank import steps_fit_of
 from bsselect.selection.trial_types import TrialResult, TrialStatus
 from bsselect.selection.trials import BudgetKind, evaluate
 from bsselect.task import load_task

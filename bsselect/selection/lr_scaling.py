@@ -1,6 +1,6 @@
 """How the learning rate follows the batch size in a sweep: linear for SGD (Goyal et al. 2017,
 "Accurate, Large Minibatch SGD"), square root for Adam-family optimizers (Malladi et al. 2022,
-"On the SDEs and Scaling Rules for Adaptive Gradient Algorithms"), or none. Pure: no torch.
+"On the SDEs and Scaling Rules for Adaptive Gradient Algorithms"), or none; and the lr of each step while a trial warms up to its scaled lr. Pure: no torch.
 """
 
 from __future__ import annotations
@@ -56,3 +56,21 @@ def default_lr_scaling(optimizer: object) -> LrScaling:
         if any(key in name for key in _SGD_FAMILY):
             return LrScaling.linear
     return LrScaling.none
+
+
+def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """The lr of optimizer step ``step`` (0-based) warmed up linearly from 0 to ``lr`` over
+    ``warmup_steps`` steps (none when 0)."""
+    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
+
+
+def trial_lr(step: int, lr: float, batch_size: int, base_lr: float, warmup_steps: int = 0,
+             ramp_samples: int = 0) -> float:
+    """The lr of optimizer step ``step`` (0-based) of a trial at ``batch_size`` whose target
+    lr is ``lr``: with ``ramp_samples``, a linear ramp from ``base_lr`` (the task's) over the
+    first ``ramp_samples`` samples when ``lr`` is above it (Goyal et al. 2017's gradual
+    warm-up for linearly scaled lrs); else ``warmup_steps`` from 0; else ``lr``."""
+    if ramp_samples > 0 and lr > base_lr:
+        ramp = max(1, math.ceil(ramp_samples / batch_size))
+        return base_lr + (lr - base_lr) * min(1.0, (step + 1) / ramp)
+    return warmup_lr(step, lr, warmup_steps)

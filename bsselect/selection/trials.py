@@ -25,6 +25,7 @@ from ..oom import is_oom_error, release_memory
 from ..precision import Precision, make_scaler
 from ..step import to_device
 from ..task import Task
+from .lr_scaling import trial_lr, warmup_lr
 from .noise_math import NoiseEstimate
 from .timing import RoundTiming, interleaved_rounds
 from .trial_types import LossPoint, TrialResult, TrialStatus
@@ -140,22 +141,6 @@ def _sync(device: torch.device) -> None:
     # A CPU-GPU sync point: without it the clock reads kernel-launch time, not compute time.
     if device.type != "cpu" and torch.accelerator.is_available():
         torch.accelerator.synchronize(device)
-
-
-def _lr_at(step: int, lr: float, warmup_steps: int) -> float:
-    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
-
-
-def trial_lr(step: int, lr: float, batch_size: int, base_lr: float, warmup_steps: int = 0,
-             ramp_samples: int = 0) -> float:
-    """The lr of optimizer step ``step`` (0-based) of a trial at ``batch_size`` whose target
-    lr is ``lr``: with ``ramp_samples``, a linear ramp from ``base_lr`` (the task's) over the
-    first ``ramp_samples`` samples when ``lr`` is above it (Goyal et al. 2017's gradual
-    warm-up for linearly scaled lrs); else ``warmup_steps`` from 0; else ``lr``."""
-    if ramp_samples > 0 and lr > base_lr:
-        ramp = max(1, math.ceil(ramp_samples / batch_size))
-        return base_lr + (lr - base_lr) * min(1.0, (step + 1) / ramp)
-    return _lr_at(step, lr, warmup_steps)
 
 
 def run_trial(setup: TrialSetup, batch_size: int, lr: float,
@@ -278,7 +263,7 @@ def branch_point(setup: TrialSetup, steps: int,
     batches = cycle_batches(warm, b // setup.accumulate)
     options = _step_options(setup, batches, device)
     for step in range(steps):
-        set_lr(optimizer, _lr_at(step, task.lr, setup.warmup_steps))
+        set_lr(optimizer, warmup_lr(step, task.lr, setup.warmup_steps))
         value, _, _ = _timed_step(train_model, optimizer, task, batches, device, options)
         if not math.isfinite(value):
             raise TaskError(f"the warm start (the base configuration: batch {b}, lr "

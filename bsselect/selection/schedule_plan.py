@@ -1,0 +1,256 @@
+"""The pure half of ``bsselect schedule``: what the branched trials at each point say (critical
+and fastest batch), what each fixed batch size and a batch-size warm-up are predicted to cost,
+and the schedule a training loop follows. No torch; the measurement is ``schedule``.
+Tested exhaustively in tests/test_schedule.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from .lr_scaling import trial_lr
+from .steptime import pava
+from .trial_types import TrialResult
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One branched trial at a point: its loss drop over the equal sample budget and the
+    drop per second of training at the fitted step time."""
+
+    trial: TrialResult
+    drop: float | None           # training-subset loss drop; None unless the trial is ok
+    drop_per_s: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        t = self.trial
+        return {"batch_size": t.batch_size, "lr": t.lr, "status": t.status.value,
+                "steps": t.steps, "samples": t.samples, "loss_start": t.train_loss_start,
+                "loss_end": t.train_loss_end, "drop": self.drop, "drop_per_s": self.drop_per_s,
+                "error": t.error}
+
+
+@dataclass(frozen=True)
+class SchedulePoint:
+    samples: int                 # seen by the base run
+    base_steps: int
+    branches: tuple[Branch, ...]
+    noise: dict[str, Any] | None  # B_simple at the point (``noise._estimate_json``), or None
+    critical_batch_size: int | None
+    fastest_batch_size: int | None
+
+    def drop_of(self, b: int) -> float | None:
+        for br in self.branches:
+            if br.trial.batch_size == b:
+                return br.drop
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        noise = self.noise or {}
+        return {"samples": self.samples, "base_steps": self.base_steps,
+                "critical_batch_size": self.critical_batch_size,
+                "fastest_batch_size": self.fastest_batch_size,
+                "b_simple": noise.get("b_simple"), "b_simple_ci": noise.get("b_simple_ci"),
+                "train_loss": self.branches[0].trial.train_loss_start if self.branches else None,
+                "branches": [b.to_json() for b in self.branches]}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage of the schedule: from ``start_samples`` (samples seen by the scheduled run) it
+    trains at ``batch_size`` and ``lr``; it covers the progress the base run makes from
+    ``base_samples`` on. ``steps``/``time_s``: predicted for the stage."""
+
+    start_samples: float
+    base_samples: int
+    batch_size: int
+    lr: float
+    samples: float
+    steps: float
+    time_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: _finite(v) if isinstance(v, float) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    """A batch-size warm-up a training loop can follow: ``batch_size_at(samples)`` and
+    ``lr_at(samples)`` for the samples seen so far. A stage whose lr is above the one before
+    it (the first stage: above ``base_lr``, the task's) ramps up to it linearly over its first
+    ``lr_ramp_samples`` samples, as the sweep's and the schedule's trials do."""
+
+    stages: tuple[Stage, ...]
+    lr_ramp_samples: int = 0
+    base_lr: float | None = None
+
+    def _index(self, samples: float) -> int:
+        if isinstance(samples, bool) or not isinstance(samples, (int, float)) \
+                or not math.isfinite(samples) or samples < 0:
+            raise ValueError(f"samples must be a finite number >= 0, got {samples!r}")
+        i = 0
+        for k, st in enumerate(self.stages):
+            if samples >= st.start_samples:
+                i = k
+        return i
+
+    def batch_size_at(self, samples: float) -> int:
+        return self.stages[self._index(samples)].batch_size
+
+    def lr_at(self, samples: float) -> float:
+        i = self._index(samples)
+        stage = self.stages[i]
+        before = self.stages[i - 1].lr if i else self.base_lr
+        if before is None:
+            return stage.lr
+        step = math.floor(max(0.0, samples - stage.start_samples) / stage.batch_size)
+        return trial_lr(step, stage.lr, stage.batch_size, before,
+                        ramp_samples=self.lr_ramp_samples)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [s.to_json() for s in self.stages]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    steps: float
+    samples: float
+    time_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"steps": _finite(self.steps), "samples": _finite(self.samples),
+                "time_s": _finite(self.time_s)}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else None
+
+
+def critical_batch(drops: dict[int, float | None], tolerance: float) -> int | None:
+    """The largest batch whose loss drop is at least ``(1 - tolerance)`` of the smallest
+    batch's (the smallest batch with a positive drop); None when no batch dropped."""
+    ok = sorted(b for b, d in drops.items() if d is not None and d > 0)
+    if not ok:
+        return None
+    ref = drops[ok[0]]
+    assert ref is not None
+    return max(b for b in ok if drops[b] is not None and drops[b] >= (1 - tolerance) * ref)
+
+
+def fastest_batch(rates: dict[int, float | None]) -> int | None:
+    """The batch with the largest positive loss drop per second (the larger one on a tie)."""
+    ok = [(r, b) for b, r in rates.items() if r is not None and r > 0]
+    return max(ok)[1] if ok else None
+
+
+def relative_samples(point: SchedulePoint, b: int, b0: int) -> float:
+    """``r(b) = drop(b0) / drop(b)`` at ``point``: samples batch ``b`` needs for the progress
+    ``b0`` makes in one sample (1 for ``b0`` itself; inf when ``b`` made no progress; 1 when
+    ``b0`` made none, so such a point predicts no difference)."""
+    if b == b0:  # the base run's own progress, by definition
+        return 1.0
+    d0, d = point.drop_of(b0), point.drop_of(b)
+    if d is None or d <= 0:
+        return math.inf
+    if d0 is None or d0 <= 0:
+        return 1.0
+    return d0 / d
+
+
+def stage_lengths(points: Sequence[SchedulePoint], horizon: int) -> list[int]:
+    """Base-run samples between consecutive points, the last to ``horizon``."""
+    starts = [p.samples for p in points]
+    return [max(0, e - s) for s, e in zip(starts, starts[1:] + [horizon])]
+
+
+def predict_fixed(points: Sequence[SchedulePoint], horizon: int, b: int, b0: int,
+                  step_time_s: float) -> Prediction:
+    lengths = stage_lengths(points, horizon)
+    samples = sum(L * relative_samples(p, b, b0) for p, L in zip(points, lengths) if L)
+    steps = samples / b
+    return Prediction(steps, samples, steps * step_time_s)
+
+
+def stage_batches(fastest: Sequence[int | None], b0: int,
+                  weights: Sequence[float] | None = None) -> list[int]:
+    """The batch of each point's stage: the closest non-decreasing sequence (weighted least
+    squares on log2, ``steptime.pava``) to the points' fastest batches, rounded to powers of
+    two, so that the batch only grows and one noisy point does not set every later stage.
+    ``weights`` (default: equal) are the shares of the run the points' stages cover, so a
+    point counts as much as the part of training it governs. A point without a fastest batch
+    takes the level of the last measured point before it (points before the first measured
+    one: its level); with none measured, every stage is ``b0``."""
+    w = list(weights) if weights is not None else [1.0] * len(fastest)
+    if len(w) != len(fastest):
+        raise ValueError("fastest and weights differ in length")
+    known = [(i, math.log2(b)) for i, b in enumerate(fastest) if b]
+    if not known:
+        return [b0] * len(fastest)
+    levels = pava([v for _, v in known], [max(w[i], 1e-12) for i, _ in known],
+                  increasing=True)
+    out: list[int] = []
+    j = 0
+    for i in range(len(fastest)):
+        while j + 1 < len(known) and known[j + 1][0] <= i:
+            j += 1
+        # before the first measured point: the first measured level
+        b = 2 ** math.floor(levels[j] + 0.5)
+        out.append(max(b, out[-1]) if out else b)
+    return out
+
+
+def plan_stages(points: Sequence[SchedulePoint], horizon: int, b0: int,
+                step_times_s: dict[int, float], lr_of: Callable[[int], float]) -> list[Stage]:
+    """One stage per point at ``stage_batches``' batch (the points weighted by the base-run
+    samples their stages cover; restricted to the batches measured),
+    neighbouring stages with the same batch merged; each stage's samples, steps and time are
+    predicted from its point's relative sample efficiency."""
+    stages: list[Stage] = []
+    start = 0.0
+    lengths = stage_lengths(points, horizon)
+    wanted = stage_batches([p.fastest_batch_size for p in points], b0,
+                           [max(1, L) for L in lengths])
+    measured = sorted(step_times_s)
+    for p, L, want in zip(points, lengths, wanted):
+        # non-decreasing, as ``wanted`` is: the largest measured batch up to it
+        b = max([m for m in measured if m <= want] or [measured[0]])
+        # A stage batch that made no progress in its point's branch (the smoothing can give
+        # a point a batch that was not its fastest) is predicted as a fixed batch would be:
+        # not finite, and said so (a note of ``run_schedule``), never credited with the base
+        # run's progress.
+        r = relative_samples(p, b, b0) if L else 1.0
+        samples = L * r
+        steps = samples / b
+        stage = Stage(start, p.samples, b, lr_of(b), samples, steps, steps * step_times_s[b])
+        if stages and stages[-1].batch_size == b:
+            last = stages[-1]
+            stages[-1] = dataclasses.replace(last, samples=last.samples + samples,
+                                             steps=last.steps + steps,
+                                             time_s=last.time_s + stage.time_s)
+        else:
+            stages.append(stage)
+        start += samples
+    return stages
+
+
+def growth_exponent(samples: Sequence[float], values: Sequence[float | None]) -> float | None:
+    """Least-squares slope of log(value) on log(samples) over the points with samples > 0
+    and value > 0: B grows as samples^k. None with fewer than two such points."""
+    pts = [(math.log(s), math.log(v)) for s, v in zip(samples, values)
+           if s > 0 and v is not None and v > 0 and math.isfinite(v)]
+    if len(pts) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    if sxx == 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in pts) / sxx
