@@ -13,7 +13,7 @@ from bsselect.selection.pareto import steps_to_loss_fit
 from bsselect.selection.rank import pooled_b_simple
 from bsselect.selection.sweep import SweepSettings, summarize
 from bsselect.selection.timing import MAX_STEPS_PER_ROUND, ROUNDS, WARMUP_STEPS, steps_per_round
-from bsselect.selection.trial_types import TrialResult, TrialStatus
+from bsselect.selection.trial_types import LossPoint, TrialResult, TrialStatus, thin_curve
 from bsselect.selection.trials import MAX_CURVE_POINTS
 
 INF = math.inf
@@ -343,11 +343,9 @@ def steps_run(trial: TrialResult, timed: bool = True) -> int:
 
 
 def thin(curve: list, points: int = MAX_CURVE_POINTS) -> list:
-    """The loss curve as a trial stores it (bsselect.selection.trials keeps MAX_CURVE_POINTS)."""
-    if len(curve) <= points:
-        return curve
-    stride = len(curve) / points
-    return [curve[int(i * stride)] for i in range(points - 1)] + [curve[-1]]
+    """The loss curve as a trial stores it (``trial_types.thin_curve``: MAX_CURVE_POINTS block
+    means)."""
+    return [tuple(p) for p in thin_curve([LossPoint(*p) for p in curve], points)]
 
 
 def model_pick(trials: Sequence[TrialResult], b_noise: float) -> int | None:

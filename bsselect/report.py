@@ -158,13 +158,15 @@ def render_sweep(result: Any) -> None:
     out.print(table)
     fit = r.fit_dict()
     interval = fit["b_hat_interval"]
-    b_range = "" if not interval else (
-        f" [{_f(interval[0])}–{'∞' if interval[1] is None else _f(interval[1])}]")
+    b_range = "" if not interval or interval[0] == interval[1] else (
+        f"{_f(interval[0])}–{'∞' if interval[1] is None else _f(interval[1])}")
+    source = fit["b_hat_source"]
     out.print(
         f"step time t(b) = {_f(fit['tau_f_s'])} s + {_f(fit['tau_d_s'])} s·b · "
-        f"B_simple {_f(fit['b_simple'])}{b_range if fit['b_hat_source'] == 'b_simple' else ''}"
+        f"B_simple {_f(fit['b_simple'])}"
+        f"{f' [90%: {b_range}]' if b_range and source == 'b_simple' else ''}"
         f" · B_steps {_f(fit.get('b_steps'))}"
-        f"{b_range if fit['b_hat_source'] == 'b_steps' else ''}"
+        f"{f' [over loss levels: {b_range}]' if b_range and source == 'b_steps' else ''}"
         f" · B_noise {_f(fit['b_noise'])} · b_opt = √(B·τ_f/τ_d) = {_f(fit['b_opt'])}"
         + (f" (B from {fit['b_hat_source']})" if fit["b_hat_source"] else ""), highlight=False)
     timing = (f"{len(result.timing)} batch sizes timed in interleaved rounds"

@@ -17,7 +17,8 @@ from bsselect.selection.formula import (MIN_B_NOISE_POINTS, NONLINEAR_REL_RESIDU
 from bsselect.selection.lr_scaling import LrScaling, default_lr_scaling, scale_lr
 from bsselect.selection.rank import (BHatSource, VerdictKind, choose_b_hat, pooled_b_simple,
                                      rank_trials)
-from bsselect.selection.trial_types import TrialResult, TrialStatus
+from bsselect.selection.trial_types import LossPoint, TrialResult, TrialStatus, thin_curve
+from bsselect.selection.trials import MAX_CURVE_POINTS
 
 POW2 = [8, 16, 32, 64, 128, 256, 512]
 TAU_F, TAU_D = 0.01, 2e-4  # 10 ms per step, 0.2 ms per sample
@@ -351,8 +352,10 @@ def test_without_a_noise_scale_ranks_by_measured_loss_speed():
     speed = {t.batch_size: t.loss_drop_per_s for t in trials}
     assert list(r.ranking) == sorted(speed, key=lambda b: -speed[b])  # type: ignore[operator]
     assert r.verdict_kind is VerdictKind.no_b_hat and r.b_opt is None
-    assert r.verdict.startswith("no noise-scale estimate (no B_simple measured; B_noise: need a "
-                                "positive per-step loss drop at >= 3 batch sizes, have 2)")
+    assert r.verdict.startswith(
+        "no noise-scale estimate (no B_simple measured, fewer than three trials reached common "
+        "loss levels for B_steps; B_noise: need a positive per-step loss drop at >= 3 batch "
+        "sizes, have 2)")
     assert r.verdict.endswith(f"best b={r.ranking[0]}")
     assert all(row.predicted_time_s is None for row in r.rows)
 
@@ -426,11 +429,13 @@ def test_choose_b_hat_uses_b_simple_when_no_fit():
 
 def with_curve(trial: TrialResult, b_noise: float, s_min: float = 20.0) -> TrialResult:
     """The trial with a loss curve from the McCandlish model: batch b needs S_min (1 + B/b)
-    steps for what S_min steps do at an infinite batch (tests/test_pareto.py)."""
+    steps for what S_min steps do at an infinite batch, recorded as a trial records it
+    (tests/test_pareto.py)."""
     b = trial.batch_size
     scale = s_min * (1 + b_noise / b)
-    curve = [(s, s * b, 0.0, 2.0 * math.exp(-s / scale)) for s in range(1, 8192 // b + 1)]
-    return dataclasses.replace(trial, loss_curve=curve)
+    curve = [LossPoint(s, s * b, 0.0, 2.0 * math.exp(-(s - 1) / scale))
+             for s in range(1, 8192 // b + 1)]
+    return dataclasses.replace(trial, loss_curve=thin_curve(curve, MAX_CURVE_POINTS))
 
 
 @pytest.mark.parametrize("b_steps_true, b_simple, source", [
@@ -446,7 +451,7 @@ def test_b_hat_is_the_larger_of_b_simple_and_b_steps(b_steps_true, b_simple, sou
     if source is BHatSource.b_steps:  # its interval: the range over the loss levels
         assert (bh.interval.lo, bh.interval.hi) == (bh.steps_fit.lo, bh.steps_fit.hi)
         assert bh.from_sizes == tuple(sorted({b for lv in bh.steps_fit.levels
-                                              for b, _ in lv.steps}))
+                                              if lv.b_noise is not None for b, _ in lv.steps}))
     r = rank_trials(trials, bh.value, bh.source, b_interval=bh.interval,
                     b_hat_sizes=bh.from_sizes)
     other = "B_simple" if source is BHatSource.b_steps else "B_steps"

@@ -12,6 +12,7 @@ summarised by their median. Pure: no torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from statistics import median
 from typing import Sequence
@@ -20,7 +21,7 @@ from typing import Sequence
 # (0) back to the start loss (1): the lower half, where the trials have trained longest.
 LEVEL_FRACTIONS = (0.6, 0.5, 0.4, 0.3)
 MIN_TRIALS = 3  # a line through fewer points cannot tell a slope from noise
-SMOOTHING = 9  # points of the centred moving average over a mini-batch loss curve
+SMOOTHING = 9  # steps of the centred moving average over a mini-batch loss curve
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class LevelFit:
     (None unless both the fit's intercept and its slope are positive)."""
 
     level: float
-    steps: tuple[tuple[int, float], ...]  # (batch_size, steps to the level)
+    steps: tuple[tuple[int, float], ...]  # (batch_size, updates done to reach the level)
     b_noise: float | None
 
 
@@ -44,24 +45,51 @@ class StepsFit:
     levels: tuple[LevelFit, ...]
 
 
-def _smoothed(values: Sequence[float], width: int) -> list[float]:
-    half = width // 2
-    return [sum(w) / len(w) for w in
-            (values[max(0, i - half): i + half + 1] for i in range(len(values)))]
+def _smoothed(curve: Sequence[tuple[int, float]]) -> list[tuple[float, float, bool]]:
+    """(updates done, smoothed loss, resolved) per point of a recorded curve.
+
+    A point recorded at step ``s`` after the point at step ``p`` (0 for the first) holds the
+    loss of the steps ``p+1 .. s`` (one step, or the mean of a thinned run of them,
+    ``trial_types.thin_curve``), each taken in the forward pass before its update, so it
+    stands at ``(p + s - 1) / 2`` updates done. The smoothed loss is the mean over the points
+    within ``SMOOTHING // 2`` updates of it, weighted by the steps each holds: a window in
+    steps, whatever the thinning. ``resolved`` is False where that window is cut short by
+    either end of the curve, where a centred mean is biased."""
+    half = SMOOTHING // 2
+    pts = []
+    prev = 0
+    for step, loss in curve:
+        width = max(1, step - prev)
+        pts.append(((prev + step - 1) / 2, width, loss, prev, step - 1))
+        prev = step
+    if not pts:
+        return []
+    first, last = pts[0][3], pts[-1][4]
+    out = []
+    lo = hi = 0  # the window is pts[lo:hi]; the centres increase, so both only move forward
+    for x, _, _, _, _ in pts:
+        while pts[lo][0] < x - half:
+            lo += 1
+        while hi < len(pts) and pts[hi][0] <= x + half:
+            hi += 1
+        window = pts[lo:hi]
+        mean = sum(w * v for _, w, v, _, _ in window) / sum(w for _, w, _, _, _ in window)
+        out.append((x, mean, x - half >= first and x + half <= last))
+    return out
 
 
-def _steps_to(curve: Sequence[tuple[int, float]], level: float) -> float | None:
-    """Steps until the smoothed loss first reaches ``level``, interpolated linearly between
-    the recorded points around the crossing (whole steps would add half a step on average,
-    which biases ``B`` low when the levels are reached in a few steps). None when it never
-    does, or when it does within the first ``SMOOTHING // 2`` points: their moving average
-    has a window cut short at the start that reaches ahead only, so they cross early."""
-    for i, (step, loss) in enumerate(curve):
+def _steps_to(curve: Sequence[tuple[float, float, bool]], level: float) -> float | None:
+    """Updates done until the smoothed loss first reaches ``level``, interpolated linearly
+    between the points around the crossing (whole points would add half a point on
+    average, which biases ``B`` low when a level is reached in a few steps). None when it
+    never does, or when the crossing is at a point whose window is cut short
+    (``_smoothed``)."""
+    for i, (x, loss, resolved) in enumerate(curve):
         if loss <= level:
-            if i < SMOOTHING // 2:
+            if i == 0 or not resolved:
                 return None
-            p_step, p_loss = curve[i - 1]
-            return p_step + (step - p_step) * (p_loss - level) / (p_loss - loss)
+            px, p_loss, _ = curve[i - 1]
+            return px + (x - px) * (p_loss - level) / (p_loss - loss)
     return None
 
 
@@ -79,20 +107,23 @@ def _theil_sen_ratio(points: Sequence[tuple[float, float]]) -> float | None:
 
 def steps_to_loss_fit(curves: dict[int, Sequence[tuple[int, float]]],
                       start_loss: float) -> StepsFit:
-    """``curves``: batch size -> that trial's training-loss curve as (step, loss) points,
-    non-finite losses left out; ``start_loss``: the loss before training."""
-    smooth = {}
-    for b, curve in curves.items():
-        pts = sorted(curve)
-        losses = _smoothed([loss for _, loss in pts], SMOOTHING)
-        smooth[b] = [(step, loss) for (step, _), loss in zip(pts, losses)]
-    lows = sorted(min(loss for _, loss in c) for c in smooth.values() if c)
-    if len(lows) < MIN_TRIALS or not start_loss > lows[MIN_TRIALS - 1]:
+    """``curves``: batch size -> that trial's training-loss curve as recorded
+    (``trial_types.LossPoint``: step, loss), non-finite losses left out; ``start_loss``: the
+    loss before training. The levels reach from the lowest smoothed loss three trials reach
+    up to the start: the higher of ``start_loss`` and the trials' first smoothed losses
+    (training-mode losses can sit above an evaluation-mode start, with dropout)."""
+    smooth = {b: _smoothed(sorted(c)) for b, c in curves.items()}
+    smooth = {b: c for b, c in smooth.items() if c}
+    lows = sorted(min(loss for _, loss, _ in c) for c in smooth.values())
+    if len(lows) < MIN_TRIALS:
         return StepsFit(None, None, None, ())
+    top = max([c[0][1] for c in smooth.values()] + [start_loss] * math.isfinite(start_loss))
     floor = lows[MIN_TRIALS - 1]
+    if not (math.isfinite(top) and math.isfinite(floor) and top > floor):
+        return StepsFit(None, None, None, ())
     levels = []
     for f in LEVEL_FRACTIONS:
-        level = floor + f * (start_loss - floor)
+        level = floor + f * (top - floor)
         steps = tuple((b, s) for b in sorted(smooth)
                       if (s := _steps_to(smooth[b], level)) is not None)
         fit = _theil_sen_ratio([(1.0 / b, s) for b, s in steps]) if len(steps) >= MIN_TRIALS \

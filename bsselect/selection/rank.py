@@ -135,7 +135,8 @@ def choose_b_hat(trials: Sequence[TrialResult]) -> BHat:
     steps = steps_fit_of(trials)
     if steps.b_noise is not None and (simple is None or steps.b_noise > simple):
         interval = NoiseInterval(steps.lo, steps.b_noise, steps.hi)  # type: ignore[arg-type]
-        sizes = sorted({b for level in steps.levels for b, _ in level.steps})
+        sizes = sorted({b for level in steps.levels if level.b_noise is not None
+                        for b, _ in level.steps})
         return BHat(steps.b_noise, BHatSource.b_steps, simple, fit, interval, tuple(sizes),
                     steps)
     if simple is not None:
@@ -426,7 +427,9 @@ def _verdict(c: _Context) -> tuple[VerdictKind, str]:
         return VerdictKind.no_ok_trials, f"no trial finished ok ({counts}); nothing to recommend"
     if c.b_hat is None or c.source is None or c.choice is None:
         why = ("no B_hat given" if c.noise_fit.b_noise is not None or c.b_simple is not None
-               else f"no B_simple measured; B_noise: {c.noise_fit.reason}")
+               or c.b_steps is not None
+               else "no B_simple measured, fewer than three trials reached common loss levels "
+                    f"for B_steps; B_noise: {c.noise_fit.reason}")
         return VerdictKind.no_b_hat, (
             f"no noise-scale estimate ({why}); ranked by measured loss drop per second, "
             f"best b={c.recommended}")

@@ -26,12 +26,35 @@ class TrialStatus(str, Enum):
 
 
 class LossPoint(NamedTuple):
-    """One point of a trial's training-loss curve (``loss`` is None where it was not finite)."""
+    """One point of a trial's training-loss curve, recorded after optimizer step ``step``
+    (1-based): ``loss`` is the mini-batch loss of that step's forward pass, so the loss after
+    ``step - 1`` updates; None where it was not finite. A thinned curve (``thin_curve``)
+    stores the mean loss of the steps since the previous point instead."""
 
     step: int
     samples: int
     wall_s: float
     loss: float | None
+
+
+def thin_curve(curve: Sequence[LossPoint], points: int) -> tuple[LossPoint, ...]:
+    """At most ``points`` points: the curve cut into that many runs of consecutive steps,
+    each stored at its last step with the mean of its finite losses (None when it has none).
+    Means, not every k-th point, so that a thinned curve keeps the information of every step
+    and a loss level is crossed where the curve crosses it (``pareto`` reads the crossings)."""
+    if points < 1:
+        raise ValueError(f"points must be >= 1, got {points}")
+    if len(curve) <= points:
+        return tuple(curve)
+    out = []
+    n = len(curve)
+    for i in range(points):
+        block = curve[i * n // points:(i + 1) * n // points]
+        finite = [p.loss for p in block if p.loss is not None]
+        last = block[-1]
+        out.append(LossPoint(last.step, last.samples, last.wall_s,
+                             sum(finite) / len(finite) if finite else None))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

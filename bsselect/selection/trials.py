@@ -28,7 +28,7 @@ from ..task import Task
 from .lr_scaling import trial_lr, warmup_lr
 from .noise_math import NoiseEstimate
 from .timing import RoundTiming, interleaved_rounds
-from .trial_types import LossPoint, TrialResult, TrialStatus
+from .trial_types import LossPoint, TrialResult, TrialStatus, thin_curve
 
 TIMING_WARMUP_STEPS = 3     # first steps pay for allocation and kernel selection
 WARM_START_SEED_OFFSET = 7919  # the warm start's batch stream: not the trials' stream
@@ -358,20 +358,12 @@ def _step_options(setup: TrialSetup, batches: Any, device: torch.device) -> dict
                 next_micro_batch=lambda: to_device(next(batches), device))
 
 
-def _thin(curve: list[LossPoint]) -> tuple[LossPoint, ...]:
-    if len(curve) <= MAX_CURVE_POINTS:
-        return tuple(curve)
-    stride = len(curve) / MAX_CURVE_POINTS
-    picked = [curve[int(i * stride)] for i in range(MAX_CURVE_POINTS - 1)] + [curve[-1]]
-    return tuple(picked)
-
-
 def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
             status: TrialStatus, error: str | None, steps: int, samples: int, wall_s: float,
             step_times: list[float], curve: list[LossPoint], loss_start: float) -> TrialResult:
     task, device = setup.task, setup.device
     common: dict[str, Any] = dict(batch_size=batch_size, lr=lr, steps=steps, samples=samples,
-                                  wall_s=wall_s, loss_curve=_thin(curve), error=error,
+                                  wall_s=wall_s, loss_curve=thin_curve(curve, MAX_CURVE_POINTS), error=error,
                                   train_loss_start=loss_start)
     if status is not TrialStatus.ok:
         return TrialResult(status=status, **common)
