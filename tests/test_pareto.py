@@ -119,3 +119,12 @@ def test_training_losses_above_an_evaluation_start_still_give_levels():
     curves = model_curves(80.0, 20.0, 8192, [8, 16, 32, 64, 128, 256], start=2.0)
     fit = steps_to_loss_fit(curves, start_loss=1.0)
     assert fit.b_noise == pytest.approx(80.0, rel=0.15)
+
+
+def test_non_finite_losses_are_left_out():
+    curves = model_curves(80.0, 20.0, 8192, [8, 16, 32, 64, 128, 256])
+    clean = steps_to_loss_fit(curves, 2.0)
+    dirty = {b: c[:3] + [(c[3][0], math.nan)] + c[4:] + [(c[-1][0] + 1, math.inf)]
+             for b, c in curves.items()}
+    fit = steps_to_loss_fit(dirty, 2.0)
+    assert fit.b_noise == pytest.approx(clean.b_noise, rel=0.05)

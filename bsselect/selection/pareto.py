@@ -108,11 +108,12 @@ def _theil_sen_ratio(points: Sequence[tuple[float, float]]) -> float | None:
 def steps_to_loss_fit(curves: dict[int, Sequence[tuple[int, float]]],
                       start_loss: float) -> StepsFit:
     """``curves``: batch size -> that trial's training-loss curve as recorded
-    (``trial_types.LossPoint``: step, loss), non-finite losses left out; ``start_loss``: the
+    (``trial_types.LossPoint``: step, loss; non-finite losses are left out); ``start_loss``: the
     loss before training. The levels reach from the lowest smoothed loss three trials reach
     up to the start: the higher of ``start_loss`` and the trials' first smoothed losses
     (training-mode losses can sit above an evaluation-mode start, with dropout)."""
-    smooth = {b: _smoothed(sorted(c)) for b, c in curves.items()}
+    smooth = {b: _smoothed(sorted((step, loss) for step, loss in c if math.isfinite(loss)))
+              for b, c in curves.items()}
     smooth = {b: c for b, c in smooth.items() if c}
     lows = sorted(min(loss for _, loss, _ in c) for c in smooth.values())
     if len(lows) < MIN_TRIALS:
