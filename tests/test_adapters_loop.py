@@ -10,7 +10,7 @@ from torch import nn
 
 from bsselect import find_batch_size, fits_batch_size
 from bsselect.adapters.loop import _cpu_peak
-from bsselect.errors import TaskError
+from bsselect.errors import TaskError, UsageError
 from bsselect.memory.capped import CappedCpuAllocator
 
 
@@ -76,6 +76,14 @@ def test_a_failing_step_is_one_task_error():
 
     with pytest.raises(TaskError, match=r"step\(8\) failed: KeyError"):
         find_batch_size(step, memory="1GiB", device="cpu")
+
+
+def test_a_step_whose_memory_does_not_grow_says_so_in_api_terms():
+    """A step that ignores its batch size (or allocates nothing the allocator sees): a
+    usage error naming the measurements and the API's own option, not a CLI flag."""
+    with pytest.raises(UsageError, match=r"does not grow with the batch size \(b=8: 0 bytes.*"
+                                         r"pass larger batch_sizes="):
+        find_batch_size(lambda batch_size: None, memory="1GiB", device="cpu")
 
 
 def test_max_batch_caps_the_answer_and_is_checked():

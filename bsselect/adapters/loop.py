@@ -146,6 +146,12 @@ def find_batch_size(step: Callable[[int], Any], *, memory: Any = None, margin: f
         raise UsageError(f"only {len(points)} of the batch sizes {list(sizes)} ran without "
                          "running out of memory; pass smaller batch_sizes")
     fit = fit_memory(points, min_batch=1)
+    if fit.per_sample_bytes <= 0:
+        raise UsageError(
+            "the step's measured memory does not grow with the batch size ("
+            + ", ".join(f"b={b}: {peak:,} bytes" for b, peak in points)
+            + "): it may not use its batch_size argument, or allocate where this device's "
+            "allocator does not see; pass larger batch_sizes= to measure further")
     first = solve_max_batch(budget, margin, fit)
     result = refine_max_batch(lambda b: measure_step(step, b, dev, backend), usable, points,
                               first, ceiling=max_batch)
