@@ -542,6 +542,12 @@ def report(
                            ordered, SweepSettings.from_journal(s), max(sizes), "journal",
                            str(journal), (), bool(s.get("held_out_validation", False)),
                            s.get("validation_items"), timing=timing, timing_note=note)
+        then, now = contents.timing_recommended, result.recommended_batch_size
+        if ran and then is not None and then != now:
+            console.print(
+                f"[yellow]warning:[/] the sweep that wrote {journal} recommended b={then}; the "
+                f"same trials ranked by this bsselect give b={now}: its ranking rules have "
+                "changed since (docs/benchmarks-sweep.md says how)", highlight=False)
         _finish_sweep(result, as_json, plot)
 
     guarded(body)

@@ -540,6 +540,24 @@ def test_report_re_renders_the_last_sweep_not_every_trial_of_the_journal(finishe
             "so left out") in " ".join(proc.stderr.split())
 
 
+def test_report_says_when_the_same_trials_now_rank_differently(finished, tmp_path):
+    """The journal keeps what its sweep recommended; when `report` ranks the same trials to
+    another answer (the rules changed since), it says so instead of showing it silently."""
+    lines = journal_lines(finished[0])
+    assert lines[-1]["recommended_batch_size"] == finished[1]["recommended_batch_size"]
+    other = next(b for b in (8, 16, 32, 64) if b != finished[1]["recommended_batch_size"])
+    journal = tmp_path / "j.jsonl"
+    journal.write_text("".join(json.dumps(line) + "\n" for line in
+                               lines[:-1] + [dict(lines[-1], recommended_batch_size=other)]))
+    proc = run_cli("report", str(journal), "--json", env=CLI_ENV)
+    assert json_out(proc)["recommended_batch_size"] == finished[1]["recommended_batch_size"]
+    assert (f"warning: the sweep that wrote {journal} recommended b={other}; the same trials "
+            f"ranked by this bsselect give b={finished[1]['recommended_batch_size']}") in \
+        " ".join(proc.stderr.split())
+    same = run_cli("report", str(finished[0]), "--json", env=CLI_ENV)
+    assert "warning" not in same.stderr
+
+
 # --------------------------------------------------------------------------- usage errors
 
 

@@ -90,6 +90,9 @@ class JournalContents:
     # a journal from before they were recorded). ``bsselect report`` re-renders that sweep.
     timing_batch_sizes: tuple[int, ...] | None = None
     timing_note: str | None = None
+    # What that sweep recommended (None: none, or a journal from before it was recorded), so
+    # that ``report`` can say when re-ranking the same trials gives another answer.
+    timing_recommended: int | None = None
     # Other commands' records (``RECORD_TAGS``: ``bsselect schedule``'s branches and noise
     # points), as (tag, payload) in the order written.
     records: tuple[tuple[str, dict[str, Any]], ...] = field(default=())
@@ -118,6 +121,7 @@ def load(path: str | Path) -> JournalContents:
     timing: tuple[dict[str, Any], ...] = ()
     timing_sizes: tuple[int, ...] | None = None
     timing_note: str | None = None
+    timing_recommended: int | None = None
     records: list[tuple[str, dict[str, Any]]] = []
     for number, raw in enumerate(lines, start=1):
         last_and_cut = number == len(lines) and not complete
@@ -139,9 +143,14 @@ def load(path: str | Path) -> JournalContents:
                 problem = "its batch_sizes are not a list of positive integers"
             if problem is None and not (note is None or isinstance(note, str)):
                 problem = "its note is not a string"
+            recommended = record.get("recommended_batch_size")
+            if problem is None and not (recommended is None or (
+                    type(recommended) is int and recommended > 0)):
+                problem = "its recommended_batch_size is not a positive integer"
             if problem is None:
                 timing, timing_note = rounds, note
                 timing_sizes = None if sizes is None else tuple(sizes)
+                timing_recommended = recommended
         elif problem is None and len(record) == 1 and next(iter(record)) in RECORD_TAGS:
             tag, payload = next(iter(record.items()))
             if isinstance(payload, dict):
@@ -158,7 +167,7 @@ def load(path: str | Path) -> JournalContents:
         warnings.append(f"{path}: no readable header line; its task and settings are unknown")
     return JournalContents(header, tuple(trials), tuple(warnings), timing=timing,
                            records=tuple(records), timing_batch_sizes=timing_sizes,
-                           timing_note=timing_note)
+                           timing_note=timing_note, timing_recommended=timing_recommended)
 
 
 def _timing_from(raw: Any) -> tuple[tuple[dict[str, Any], ...], str | None]:
@@ -334,13 +343,13 @@ class Journal:
                                            allow_nan=False))
 
     def append_timing(self, rounds: list[dict[str, Any]], batch_sizes: Sequence[int] = (),
-                      note: str | None = None) -> None:
+                      note: str | None = None, recommended: int | None = None) -> None:
         """Write the sweep's interleaved timing rounds (``timing.RoundTiming.to_dict``; none
-        when there were none), the batch sizes that sweep ranked and its timing note as one
-        line; ``load`` keeps the last such line."""
+        when there were none), the batch sizes that sweep ranked, its timing note and what it
+        recommended as one line; ``load`` keeps the last such line."""
         _append_line(self.path, json.dumps(
-            {"timing": rounds, "batch_sizes": list(batch_sizes), "note": note},
-            separators=(",", ":"), allow_nan=False))
+            {"timing": rounds, "batch_sizes": list(batch_sizes), "note": note,
+             "recommended_batch_size": recommended}, separators=(",", ":"), allow_nan=False))
 
     def append_record(self, tag: str, payload: Mapping[str, Any]) -> None:
         """Write ``{tag: payload}`` (a ``RECORD_TAGS`` tag) as one fsync'd line."""

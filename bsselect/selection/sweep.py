@@ -356,19 +356,21 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
             if hooks.trial_end:
                 hooks.trial_end(result)
         timing, note = _time_ok_trials(setup, trials, hooks)
+        ordered = tuple(trials[b] for b in batch_sizes)
+        result = summarize(task.lr, task.base_batch_size, task_name, device, ordered, settings,
+                           max_batch, max_batch_source,
+                           str(journal_path), tuple(b for b in batch_sizes if b in done),
+                           made_split, validation_cap(task), timing=tuple(timing.values()),
+                           timing_note=note, skipped=skipped, n_train=n_train)
         if distributed.is_main():  # what this sweep ranked, so that `report` re-renders it
-            journal.append_timing([t.to_dict() for t in timing.values()], batch_sizes, note)
+            journal.append_timing([t.to_dict() for t in timing.values()], batch_sizes, note,
+                                  result.recommended_batch_size)
     except KeyboardInterrupt:
         raise InterruptedRun(
             f"interrupted; {len(trials)} finished trial(s) are in {journal_path} — "
             "rerun with --resume to continue"
         ) from None
-    ordered = tuple(trials[b] for b in batch_sizes)
-    return summarize(task.lr, task.base_batch_size, task_name, device, ordered, settings,
-                     max_batch, max_batch_source,
-                     str(journal_path), tuple(b for b in batch_sizes if b in done), made_split,
-                     validation_cap(task), timing=tuple(timing.values()), timing_note=note,
-                     skipped=skipped, n_train=n_train)
+    return result
 
 
 def _time_ok_trials(setup: TrialSetup, trials: dict[int, TrialResult], hooks: SweepHooks
