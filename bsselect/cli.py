@@ -543,11 +543,13 @@ def report(
                            str(journal), (), bool(s.get("held_out_validation", False)),
                            s.get("validation_items"), timing=timing, timing_note=note)
         then, now = contents.timing_recommended, result.recommended_batch_size
-        if ran and then is not None and then != now:
+        # Only when every batch size that sweep ranked is still here: the same trials.
+        same = bool(ran) and set(contents.timing_batch_sizes or ()) <= set(trials)
+        if same and then is not None and now is not None and then != now and then in ran:
             console.print(
-                f"[yellow]warning:[/] the sweep that wrote {journal} recommended b={then}; the "
-                f"same trials ranked by this bsselect give b={now}: its ranking rules have "
-                "changed since (docs/benchmarks-sweep.md says how)", highlight=False)
+                f"[yellow]warning:[/] the sweep that wrote {_escape(str(journal))} recommended "
+                f"b={then}; the same trials ranked by this bsselect give b={now}: its ranking "
+                "rules have changed since", highlight=False)
         _finish_sweep(result, as_json, plot)
 
     guarded(body)

@@ -10,7 +10,7 @@ from torch import nn
 
 from bsselect import find_batch_size, fits_batch_size
 from bsselect.adapters.loop import _cpu_peak
-from bsselect.errors import TaskError, UsageError
+from bsselect.errors import DoesNotFitError, TaskError, UsageError
 from bsselect.memory.capped import CappedCpuAllocator
 
 
@@ -84,6 +84,18 @@ def test_a_step_whose_memory_does_not_grow_says_so_in_api_terms():
     with pytest.raises(UsageError, match=r"does not grow with the batch size \(b=8: 0 bytes.*"
                                          r"pass larger batch_sizes="):
         find_batch_size(lambda batch_size: None, memory="1GiB", device="cpu")
+
+
+def test_a_constant_allocation_is_flat_too_and_over_budget_still_does_not_fit():
+    """A step that always allocates the same 1 MiB fits a slope of rounding error, not a
+    million-sample batch; one whose constant allocation is over the budget does not fit."""
+    def step(batch_size: int) -> None:
+        torch.ones(1 << 18)  # 1 MiB whatever the batch
+
+    with pytest.raises(UsageError, match="does not grow with the batch size"):
+        find_batch_size(step, memory="64MiB", device="cpu")
+    with pytest.raises(DoesNotFitError, match="fixed memory alone"):
+        find_batch_size(step, memory="1MiB", device="cpu")
 
 
 def test_max_batch_caps_the_answer_and_is_checked():

@@ -556,6 +556,30 @@ def test_report_says_when_the_same_trials_now_rank_differently(finished, tmp_pat
         " ".join(proc.stderr.split())
     same = run_cli("report", str(finished[0]), "--json", env=CLI_ENV)
     assert "warning" not in same.stderr
+    # A path rich would read as markup is printed as it is; a recommendation that is not one
+    # of that sweep's batch sizes, or not an integer, is not compared (the rounds stay).
+    odd = tmp_path / "[bs]a[" / "]j.jsonl"  # ".../[bs]a[/]j.jsonl"
+    odd.parent.mkdir()
+    odd.write_bytes(journal.read_bytes())
+    proc = run_cli("report", str(odd), env=CLI_ENV)
+    assert proc.returncode == 0 and str(odd) in " ".join(proc.stderr.split()).replace(" ", "")
+    for bad in (1024, "16", True):
+        journal.write_text("".join(json.dumps(line) + "\n" for line in
+                                   lines[:-1] + [dict(lines[-1], recommended_batch_size=bad)]))
+        proc = run_cli("report", str(journal), "--json", env=CLI_ENV)
+        assert proc.stderr == "" and json_out(proc)["timing"] == finished[1]["timing"]
+
+
+def test_report_compares_only_when_that_sweeps_trials_are_all_there(finished, tmp_path):
+    """A trial line lost (cut, hand-edited) means other trials are ranked: not a rules change."""
+    lines = journal_lines(finished[0])
+    other = next(b for b in (8, 16, 32, 64) if b != finished[1]["recommended_batch_size"])
+    kept = [line for line in lines[:-1] if line.get("trial", {}).get("batch_size") != 64]
+    journal = tmp_path / "j.jsonl"
+    journal.write_text("".join(json.dumps(line) + "\n" for line in
+                               kept + [dict(lines[-1], recommended_batch_size=other)]))
+    proc = run_cli("report", str(journal), "--json", env=CLI_ENV)
+    assert "recommended b=" not in proc.stderr
 
 
 # --------------------------------------------------------------------------- usage errors

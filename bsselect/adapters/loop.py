@@ -146,7 +146,9 @@ def find_batch_size(step: Callable[[int], Any], *, memory: Any = None, margin: f
         raise UsageError(f"only {len(points)} of the batch sizes {list(sizes)} ran without "
                          "running out of memory; pass smaller batch_sizes")
     fit = fit_memory(points, min_batch=1)
-    if fit.per_sample_bytes <= 0:
+    # Flat: under a byte per sample (a constant peak fits a slope of rounding error). When the
+    # fixed memory alone is over the budget, solve_max_batch says that instead.
+    if fit.per_sample_bytes < 1 and fit.fixed_bytes < usable:
         raise UsageError(
             "the step's measured memory does not grow with the batch size ("
             + ", ".join(f"b={b}: {peak:,} bytes" for b, peak in points)

@@ -144,9 +144,8 @@ def load(path: str | Path) -> JournalContents:
             if problem is None and not (note is None or isinstance(note, str)):
                 problem = "its note is not a string"
             recommended = record.get("recommended_batch_size")
-            if problem is None and not (recommended is None or (
-                    type(recommended) is int and recommended > 0)):
-                problem = "its recommended_batch_size is not a positive integer"
+            if not (type(recommended) is int and recommended > 0):
+                recommended = None  # only what report compares with: a bad one is not kept
             if problem is None:
                 timing, timing_note = rounds, note
                 timing_sizes = None if sizes is None else tuple(sizes)

@@ -1,6 +1,7 @@
 """How the learning rate follows the batch size in a sweep: linear for SGD (Goyal et al. 2017,
 "Accurate, Large Minibatch SGD"), square root for Adam-family optimizers (Malladi et al. 2022,
-"On the SDEs and Scaling Rules for Adaptive Gradient Algorithms"), or none; and the lr of each step while a trial warms up to its scaled lr. Pure: no torch.
+"On the SDEs and Scaling Rules for Adaptive Gradient Algorithms"), or none; and the lr of each
+step while a trial warms up to its scaled lr. Pure: no torch.
 """
 
 from __future__ import annotations

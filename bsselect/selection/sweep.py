@@ -357,14 +357,17 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
                 hooks.trial_end(result)
         timing, note = _time_ok_trials(setup, trials, hooks)
         ordered = tuple(trials[b] for b in batch_sizes)
-        result = summarize(task.lr, task.base_batch_size, task_name, device, ordered, settings,
-                           max_batch, max_batch_source,
-                           str(journal_path), tuple(b for b in batch_sizes if b in done),
-                           made_split, validation_cap(task), timing=tuple(timing.values()),
-                           timing_note=note, skipped=skipped, n_train=n_train)
-        if distributed.is_main():  # what this sweep ranked, so that `report` re-renders it
-            journal.append_timing([t.to_dict() for t in timing.values()], batch_sizes, note,
-                                  result.recommended_batch_size)
+        result = None
+        try:
+            result = summarize(task.lr, task.base_batch_size, task_name, device, ordered,
+                               settings, max_batch, max_batch_source, str(journal_path),
+                               tuple(b for b in batch_sizes if b in done), made_split,
+                               validation_cap(task), timing=tuple(timing.values()),
+                               timing_note=note, skipped=skipped, n_train=n_train)
+        finally:  # the rounds are kept even when ranking them fails or is interrupted
+            if distributed.is_main():  # what this sweep ranked, so that `report` re-renders it
+                journal.append_timing([t.to_dict() for t in timing.values()], batch_sizes,
+                                      note, result.recommended_batch_size if result else None)
     except KeyboardInterrupt:
         raise InterruptedRun(
             f"interrupted; {len(trials)} finished trial(s) are in {journal_path} — "

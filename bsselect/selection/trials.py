@@ -363,7 +363,8 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
             step_times: list[float], curve: list[LossPoint], loss_start: float) -> TrialResult:
     task, device = setup.task, setup.device
     common: dict[str, Any] = dict(batch_size=batch_size, lr=lr, steps=steps, samples=samples,
-                                  wall_s=wall_s, loss_curve=thin_curve(curve, MAX_CURVE_POINTS), error=error,
+                                  wall_s=wall_s, loss_curve=thin_curve(curve, MAX_CURVE_POINTS),
+                                  error=error,
                                   train_loss_start=loss_start)
     if status is not TrialStatus.ok:
         return TrialResult(status=status, **common)
