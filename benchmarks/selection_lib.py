@@ -9,8 +9,7 @@ import math
 from statistics import median
 from typing import Any, Iterable, Mapping, Sequence
 
-from bsselect.selection.pareto import steps_to_loss_fit
-from bsselect.selection.rank import pooled_b_simple
+from bsselect.selection.rank import pooled_b_simple, steps_fit_of
 from bsselect.selection.sweep import SweepSettings, summarize
 from bsselect.selection.timing import MAX_STEPS_PER_ROUND, ROUNDS, WARMUP_STEPS, steps_per_round
 from bsselect.selection.trial_types import LossPoint, TrialResult, TrialStatus, thin_curve
@@ -162,7 +161,7 @@ def rule_picks(example: Mapping[str, Any], trials: Sequence[TrialResult],
     - ``b_simple_base``: the same with the ``B_simple`` of the base-batch trial alone (the
       pooled value when that one has none): the other trials then only need step times.
     - ``b_steps``: ``(1 + B/b) * t(b)`` with ``B`` from steps to common loss levels against
-      1/b (``steps_b_noise``; pre-registered for the fresh held-out tasks, session 9).
+      1/b (``rank.steps_fit_of``; pre-registered for the fresh held-out tasks, session 9).
     - ``b_max``: the same with the larger of the pooled ``B_simple`` and that ``B``: both are
       measured earlier in training than the run goes, where the noise scale is smaller
       (pre-registered with ``b_steps``).
@@ -200,22 +199,11 @@ def rule_picks(example: Mapping[str, Any], trials: Sequence[TrialResult],
     picks["b_simple_base"] = model_pick(trials, b_base) if b_base is not None else None
     for f in LEVEL_FRACTIONS:
         picks[f"level{f}"] = level_pick(trials, f)
-    b_steps = steps_b_noise(trials)
+    b_steps = steps_fit_of(trials).b_noise
     picks["b_steps"] = model_pick(trials, b_steps) if b_steps is not None else None
     both = [v for v in (b_simple, b_steps) if v is not None]
     picks["b_max"] = model_pick(trials, max(both)) if both else None
     return picks
-
-
-def steps_b_noise(trials: Sequence[TrialResult]) -> float | None:
-    """``bsselect.selection.pareto.steps_to_loss_fit`` on the ok trials' loss curves: the
-    noise scale from steps to common loss levels against 1/b (McCandlish et al. 2018)."""
-    ok = [t for t in trials if t.ok and t.loss_curve and t.train_loss_start is not None]
-    if not ok:
-        return None
-    curves = {t.batch_size: [(p.step, p.loss) for p in t.loss_curve if p.loss is not None]
-              for t in ok}
-    return steps_to_loss_fit(curves, max(t.train_loss_start for t in ok)).b_noise
 
 
 def _curve_time_loss(trial: TrialResult, horizon_s: float) -> float | None:

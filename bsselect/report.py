@@ -130,6 +130,8 @@ def render_noise(report: Any) -> None:
 
 
 def render_sweep(result: Any) -> None:
+    from .selection.rank import interval_label
+
     r = result.ranking
     out.print(f"[bold]Sweep — {escape(result.task)}[/] ({result.settings.budget.amount:g} "
               f"{result.settings.budget.kind.value} per trial)", highlight=False)
@@ -161,12 +163,11 @@ def render_sweep(result: Any) -> None:
     b_range = "" if not interval or interval[0] == interval[1] else (
         f"{_f(interval[0])}–{'∞' if interval[1] is None else _f(interval[1])}")
     source = fit["b_hat_source"]
+    bracket = f" [{interval_label(source)}: {b_range}]" if b_range else ""
     out.print(
         f"step time t(b) = {_f(fit['tau_f_s'])} s + {_f(fit['tau_d_s'])} s·b · "
-        f"B_simple {_f(fit['b_simple'])}"
-        f"{f' [90%: {b_range}]' if b_range and source == 'b_simple' else ''}"
-        f" · B_steps {_f(fit.get('b_steps'))}"
-        f"{f' [over loss levels: {b_range}]' if b_range and source == 'b_steps' else ''}"
+        f"B_simple {_f(fit['b_simple'])}{bracket if source == 'b_simple' else ''}"
+        f" · B_steps {_f(fit['b_steps'])}{bracket if source == 'b_steps' else ''}"
         f" · B_noise {_f(fit['b_noise'])} · b_opt = √(B·τ_f/τ_d) = {_f(fit['b_opt'])}"
         + (f" (B from {fit['b_hat_source']})" if fit["b_hat_source"] else ""), highlight=False)
     timing = (f"{len(result.timing)} batch sizes timed in interleaved rounds"

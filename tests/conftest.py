@@ -68,3 +68,22 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.run([sys.executable, "-m", "bsselect", *args], capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+def model_loss_curve(batch_size: int, b_noise: float, s_min: float, samples: int, *,
+                     start: float = 2.0, floor: float = 0.0, thin: bool = True) -> list:
+    """A trial's loss curve on the McCandlish model, whose noise scale is ``b_noise``: batch b
+    needs ``S_min (1 + B/b)`` updates for what ``S_min`` updates do at an infinite batch, so
+    its loss after u updates is the same function of ``u / (1 + B/b)`` for every b. Recorded
+    as a trial records it (``LossPoint``s; the point of step s holds that step's forward-pass
+    loss, after s - 1 updates) and thinned like a trial's (``thin_curve``)."""
+    import math
+
+    from bsselect.selection.trial_types import LossPoint, thin_curve
+    from bsselect.selection.trials import MAX_CURVE_POINTS
+
+    scale = s_min * (1 + b_noise / batch_size)
+    curve = [LossPoint(s, s * batch_size, 0.0,
+                       floor + (start - floor) * math.exp(-(s - 1) / scale))
+             for s in range(1, samples // batch_size + 1)]
+    return list(thin_curve(curve, MAX_CURVE_POINTS)) if thin else curve

@@ -7,28 +7,19 @@ import math
 import random
 
 import pytest
+from conftest import model_loss_curve
 
 from bsselect.selection.pareto import LEVEL_FRACTIONS, MIN_TRIALS, SMOOTHING, steps_to_loss_fit
 from bsselect.selection.trial_types import LossPoint, thin_curve
-from bsselect.selection.trials import MAX_CURVE_POINTS
 
 
 def model_curves(b_noise: float, s_min: float, samples: int, sizes, floor: float = 0.0,
                  start: float = 2.0, thin: bool = True) -> dict[int, list[tuple[int, float]]]:
-    """Equal-sample trials on the McCandlish model: batch b needs ``S_min (1 + B/b)``
-    updates for what ``S_min`` updates do at an infinite batch, so its loss after u updates
-    is the same function of ``u / (1 + B/b)`` for every b. Recorded as a trial records them:
-    the point of step s holds the loss of that step's forward pass, after s - 1 updates, and
-    the curve is thinned like a trial's (``thin_curve``, MAX_CURVE_POINTS)."""
-    out = {}
-    for b in sizes:
-        scale = s_min * (1 + b_noise / b)
-        curve = [LossPoint(s, s * b, 0.0, floor + (start - floor) * math.exp(-(s - 1) / scale))
-                 for s in range(1, samples // b + 1)]
-        if thin:
-            curve = list(thin_curve(curve, MAX_CURVE_POINTS))
-        out[b] = [(p.step, p.loss) for p in curve]
-    return out
+    """Equal-sample trials on the McCandlish model (``conftest.model_loss_curve``), as the
+    (step, loss) pairs ``steps_to_loss_fit`` reads."""
+    return {b: [(p.step, p.loss) for p in model_loss_curve(b, b_noise, s_min, samples,
+                                                           start=start, floor=floor, thin=thin)]
+            for b in sizes}
 
 
 @pytest.mark.parametrize("b_noise", [4.0, 30.0, 200.0, 1500.0])

@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import model_loss_curve
 
 from bsselect.selection.formula import (MIN_B_NOISE_POINTS, NONLINEAR_REL_RESIDUAL, b_opt,
                                         fit_b_noise, fit_noise_model, fit_step_time,
@@ -17,8 +18,7 @@ from bsselect.selection.formula import (MIN_B_NOISE_POINTS, NONLINEAR_REL_RESIDU
 from bsselect.selection.lr_scaling import LrScaling, default_lr_scaling, scale_lr
 from bsselect.selection.rank import (BHatSource, VerdictKind, choose_b_hat, pooled_b_simple,
                                      rank_trials)
-from bsselect.selection.trial_types import LossPoint, TrialResult, TrialStatus, thin_curve
-from bsselect.selection.trials import MAX_CURVE_POINTS
+from bsselect.selection.trial_types import TrialResult, TrialStatus
 
 POW2 = [8, 16, 32, 64, 128, 256, 512]
 TAU_F, TAU_D = 0.01, 2e-4  # 10 ms per step, 0.2 ms per sample
@@ -428,14 +428,9 @@ def test_choose_b_hat_uses_b_simple_when_no_fit():
 
 
 def with_curve(trial: TrialResult, b_noise: float, s_min: float = 20.0) -> TrialResult:
-    """The trial with a loss curve from the McCandlish model: batch b needs S_min (1 + B/b)
-    steps for what S_min steps do at an infinite batch, recorded as a trial records it
-    (tests/test_pareto.py)."""
-    b = trial.batch_size
-    scale = s_min * (1 + b_noise / b)
-    curve = [LossPoint(s, s * b, 0.0, 2.0 * math.exp(-(s - 1) / scale))
-             for s in range(1, 8192 // b + 1)]
-    return dataclasses.replace(trial, loss_curve=thin_curve(curve, MAX_CURVE_POINTS))
+    """The trial with a loss curve from the McCandlish model (``conftest.model_loss_curve``)."""
+    return dataclasses.replace(trial, loss_curve=model_loss_curve(trial.batch_size, b_noise,
+                                                                  s_min, 8192))
 
 
 @pytest.mark.parametrize("b_steps_true, b_simple, source", [

@@ -55,26 +55,25 @@ def _smoothed(curve: Sequence[tuple[int, float]]) -> list[tuple[float, float, bo
     within ``SMOOTHING // 2`` updates of it, weighted by the steps each holds: a window in
     steps, whatever the thinning. ``resolved`` is False where that window is cut short by
     either end of the curve, where a centred mean is biased."""
+    if not curve:
+        return []
     half = SMOOTHING // 2
-    pts = []
+    pts = []  # (updates done at the point's centre, steps it holds, loss)
     prev = 0
     for step, loss in curve:
-        width = max(1, step - prev)
-        pts.append(((prev + step - 1) / 2, width, loss, prev, step - 1))
+        pts.append(((prev + step - 1) / 2, max(1, step - prev), loss))
         prev = step
-    if not pts:
-        return []
-    first, last = pts[0][3], pts[-1][4]
+    last = curve[-1][0] - 1  # the curve spans 0 .. last updates done
     out = []
     lo = hi = 0  # the window is pts[lo:hi]; the centres increase, so both only move forward
-    for x, _, _, _, _ in pts:
+    for x, _, _ in pts:
         while pts[lo][0] < x - half:
             lo += 1
         while hi < len(pts) and pts[hi][0] <= x + half:
             hi += 1
         window = pts[lo:hi]
-        mean = sum(w * v for _, w, v, _, _ in window) / sum(w for _, w, _, _, _ in window)
-        out.append((x, mean, x - half >= first and x + half <= last))
+        mean = sum(w * v for _, w, v in window) / sum(w for _, w, _ in window)
+        out.append((x, mean, x - half >= 0 and x + half <= last))
     return out
 
 

@@ -393,13 +393,19 @@ class _Context:
     b_hat_sizes: tuple[int, ...]
 
 
+def interval_label(source: BHatSource | str | None) -> str:
+    """What ``B_hat``'s interval is: the range over the loss levels for ``B_steps``, else the
+    90% interval of the estimates' standard errors."""
+    return "over loss levels" if source == BHatSource.b_steps else "90%"
+
+
 def _b_hat_text(c: _Context) -> str:
     """``B_hat = 319 (90%: 210-640; B_simple pooled over 7 trials, above B_steps 120)``."""
     parts = []
     if c.interval is not None and (c.interval.lo < c.interval.value or
                                    c.interval.hi > c.interval.value):
-        kind = "over loss levels" if c.source is BHatSource.b_steps else "90%"
-        parts.append(f"{kind}: {_fmt_num(c.interval.lo)}-{_fmt_num(c.interval.hi)}")
+        parts.append(f"{interval_label(c.source)}: {_fmt_num(c.interval.lo)}-"
+                     f"{_fmt_num(c.interval.hi)}")
     label = _SOURCE_LABEL[c.source] if c.source else "given"
     n = len(c.b_hat_sizes)
     if c.source is BHatSource.b_simple and n:

@@ -42,9 +42,9 @@ from ..errors import InterruptedRun, TaskError, UsageError, one_line
 from ..oom import is_oom_error, release_memory
 from .lr_scaling import LrScaling, scale_lr, warmup_lr
 from .noise import default_batch_sizes
-from .schedule_plan import (BatchSchedule, Branch, Prediction, SchedulePoint, Stage, _ratio,
-                            critical_batch, fastest_batch, growth_exponent, plan_stages,
-                            predict_fixed, relative_samples, stage_batches, stage_lengths)
+from .schedule_plan import (BatchSchedule, Branch, Prediction, SchedulePoint, Stage, critical_batch,
+                            fastest_batch, growth_exponent, plan_stages, predict_fixed,
+                            relative_samples, stage_batches, stage_lengths)
 from .steptime import physical_fit
 from .timing import RoundTiming, cpu_threads, progress_units
 from .trial_types import TrialResult
@@ -173,6 +173,10 @@ class ScheduleHooks:
 
     phase: Callable[[str, int | None], None] | None = None
     advance: Callable[[], None] | None = None
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else None
 
 
 # --- the measurement --------------------------------------------------------------------------

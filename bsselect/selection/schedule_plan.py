@@ -130,10 +130,6 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _ratio(a: float, b: float) -> float | None:
-    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else None
-
-
 def critical_batch(drops: dict[int, float | None], tolerance: float) -> int | None:
     """The largest batch whose loss drop is at least ``(1 - tolerance)`` of the smallest
     batch's (the smallest batch with a positive drop); None when no batch dropped."""
