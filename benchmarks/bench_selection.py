@@ -122,6 +122,10 @@ CONFIG: dict[str, dict[str, Any]] = {
 }
 TASKS = {**EXAMPLES, **HELD_OUT, **FRESH, **FRESH_2}
 WARM_START_STEPS = 0  # --warm-start-steps: the sweep's, for every example
+# --warm-start-run-fraction: the warm start as a fraction of the run (samples to the target at
+# the base batch size, median over the oracle's seeds), with --reuse-oracle only
+WARM_START_RUN_FRACTION: float | None = None
+SWEEP_CONDITIONS = CONDITIONS  # --quiet-only: ("quiet",), for screening a rule
 LR_RAMP = True  # the sweep's default (--warmup-steps auto), in its trials and the full runs
 FRACTIONS = ("0.5", "1", "2", "4")   # of the sweep's default per-trial budget
 EVAL_BS = 256                               # the loss is a mean: batch size only changes speed
@@ -238,6 +242,18 @@ def time_steps(task, setup, b: int, lr: float, state, n_steps: int) -> tuple[flo
 # --------------------------------------------------------------------------- one example
 
 
+def run_samples(saved: dict | None) -> float:
+    """The run a user knows before the sweep: samples to the target at the base batch size
+    (median over the saved oracle's seeds)."""
+    if saved is None:
+        raise SystemExit("--warm-start-run-fraction needs --reuse-oracle")
+    base = str(saved["base_batch_size"])
+    hits = [r[base]["to_target"] for r in saved["runs"] if base in r]
+    if not hits or any(h is None for h in hits):
+        raise SystemExit(f"{saved['name']}: the base batch size never reached the target")
+    return median(h["samples"] for h in hits)
+
+
 def start_busy() -> subprocess.Popen:
     """One process spinning on a core (pure Python, so it holds one core, not more)."""
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -273,10 +289,14 @@ def bench_example(name: str, repeats: int, workdir: Path, sweep_repeats: int = 3
     # 1. the sweep, as `bsselect sweep NAME --batch-sizes ... --json` runs it: the same seed
     # (identical trials) `sweep_repeats` times on a quiet machine and as many times with one
     # busy process holding a core, so that only the machine differs.
+    warm = WARM_START_STEPS
+    if WARM_START_RUN_FRACTION is not None:
+        warm = round(WARM_START_RUN_FRACTION * run_samples(saved) / task.base_batch_size)
+        log(f"   warm start: {warm} base steps ({WARM_START_RUN_FRACTION:g} of the run)")
     settings = SweepSettings(budget=budget, lr_scaling=scaling, seed=0,
-                             warm_start_steps=WARM_START_STEPS, lr_ramp_samples=ramp)
+                             warm_start_steps=warm, lr_ramp_samples=ramp)
     out["sweep_settings"] = settings.journal_settings(task)
-    for condition in CONDITIONS:
+    for condition in SWEEP_CONDITIONS:
         busy = start_busy() if condition == "loaded" else None
         try:
             for rep in range(sweep_repeats):
@@ -393,6 +413,11 @@ def main() -> None:
                         help="oracle seeds per example: N, or name=N,name=N (others 1)")
     parser.add_argument("--warm-start-steps", type=int, default=0,
                         help="sweep option: base-configuration steps before the trials branch")
+    parser.add_argument("--warm-start-run-fraction", type=float,
+                        help="warm start = this fraction of the run (the oracle's samples to "
+                             "the target at the base batch size); needs --reuse-oracle")
+    parser.add_argument("--quiet-only", action="store_true",
+                        help="sweeps on a quiet machine only (screening a rule)")
     parser.add_argument("--no-lr-ramp", action="store_true",
                         help="trials and full runs without the default lr ramp")
     parser.add_argument("--sweep-repeats", type=int, default=3,
@@ -407,8 +432,11 @@ def main() -> None:
         print(render(read_json(args.from_json)), end="")
         return
     torch.set_num_threads(1)
-    global WARM_START_STEPS, LR_RAMP
+    global WARM_START_STEPS, LR_RAMP, WARM_START_RUN_FRACTION, SWEEP_CONDITIONS
     WARM_START_STEPS = args.warm_start_steps
+    WARM_START_RUN_FRACTION = args.warm_start_run_fraction
+    if args.quiet_only:
+        SWEEP_CONDITIONS = ("quiet",)
     LR_RAMP = not args.no_lr_ramp
     names = [n.strip() for n in args.examples.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIG]

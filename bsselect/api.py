@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
@@ -27,6 +27,7 @@ from .errors import CannotSimulate, TaskError, UsageError, parse_choice
 if TYPE_CHECKING:
     import torch
 
+    from .checkpoint import Checkpoint
     from .gate.check import CheckResult
     from .memory.inputs import InputMode, InputScan
     from .memory.probe import Method, ProbeResult
@@ -253,9 +254,12 @@ def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
                 b_big: int | None = None, measurements: int = 32, warmup_steps: int = 0,
                 every: int | None = None, seed: int = 0, device: str = "auto",
                 precision: str = "fp32",
-                progress: Callable[[int, int], None] | None = None) -> "NoiseReport":
-    """How noisy are the gradients: B_simple (McCandlish et al. 2018) at the initial weights,
-    after ``warmup_steps`` and every ``every`` steps in between (``bsselect noise``)."""
+                progress: Callable[[int, int], None] | None = None,
+                from_checkpoint: str | Path | None = None,
+                warn: Callable[[str], None] | None = None) -> "NoiseReport":
+    """How noisy are the gradients: B_simple (McCandlish et al. 2018) at the initial weights
+    (or at ``from_checkpoint``, a checkpoint of the user's run: ``bsselect.checkpoint``), after
+    ``warmup_steps`` and every ``every`` steps in between (``bsselect noise``)."""
     from .run_options import parse_precision
     from .selection.noise import measure_noise
 
@@ -268,11 +272,17 @@ def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
         raise UsageError("--every must be >= 1")
     if warmup_steps < 0:
         raise UsageError("--warmup-steps must be >= 0")
+    checkpoint = None
+    if from_checkpoint is not None:
+        from .checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(from_checkpoint)
     dev = device_of(device, trains=True)
     loaded, _ = resolve_task(task)
     return measure_noise(loaded, b_small=b_small, b_big=b_big, measurements=measurements,
                          seed=seed, warmup_steps=warmup_steps, every=every, progress=progress,
-                         device=dev, precision=parse_precision(precision))
+                         device=dev, precision=parse_precision(precision),
+                         checkpoint=checkpoint, warn=warn)
 
 
 @dataclass(frozen=True)
@@ -290,6 +300,7 @@ class SweepPlan:
     journal: Path
     threads: int | None      # CPU intra-op threads (None: not on a CPU)
     threads_given: bool
+    checkpoint: "Checkpoint | None" = None  # --from-checkpoint: what every trial branches from
 
 
 def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = None,
@@ -299,9 +310,11 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
                noise_measurements: int = 2, warm_start_steps: int = 0,
                journal: str | Path | None = None, device: str = "auto", memory: Size = None,
                precision: str = "fp32", accumulate: int = 1, threads: int | None = None,
-               console: Any = None) -> SweepPlan:
+               from_checkpoint: str | Path | None = None, console: Any = None) -> SweepPlan:
     """The batch sizes (explicit, or powers of two up to what the probe says fits), the
-    per-trial budget, the settings and the journal of a sweep, with the CLI's defaults."""
+    per-trial budget, the settings and the journal of a sweep, with the CLI's defaults.
+    ``from_checkpoint``: a checkpoint of the user's run (``bsselect.checkpoint`` lists the
+    formats) that every trial branches from, read here so that a bad file fails first."""
     from .run_options import step_settings
     from .selection.sweep import default_budget, parse_budget
     from .selection.timing import default_threads
@@ -310,6 +323,11 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
     if noise_measurements < 0 or warm_start_steps < 0:
         raise UsageError("--warm-start-steps and --noise-measurements must be >= 0")
     explicit = _sizes_and_threads(batch_sizes, threads)
+    checkpoint = None
+    if from_checkpoint is not None:
+        from .checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(from_checkpoint)
     if isinstance(budget, int) and not isinstance(budget, bool):
         budget = str(budget)  # a number of samples, as on the command line
     if budget is not None and not isinstance(budget, str):
@@ -325,10 +343,12 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
     per_trial = trial_budget or default_budget(max(sizes), loaded.base_batch_size)
     settings = sweep_settings(loaded, per_trial, lr_scaling, _check_seed(seed), warmup_steps,
                               noise_measurements, step, warm_start_steps)
+    if checkpoint is not None:
+        settings = replace(settings, checkpoint_sha256=checkpoint.sha256)
     n_threads = None if dev.type != "cpu" else (threads or default_threads(local_processes()))
     path = Path(journal) if journal else Path(f"bsselect-sweep-{slug(name)}.jsonl")
     return SweepPlan(loaded, name, tuple(sizes), cap, cap_source, settings, dev, path,
-                     n_threads, threads is not None)
+                     n_threads, threads is not None, checkpoint)
 
 
 def sweep(task: TaskLike = None, *, resume: bool = False, overwrite: bool = False,
@@ -350,7 +370,7 @@ def sweep(task: TaskLike = None, *, resume: bool = False, overwrite: bool = Fals
                      settings=plan.settings, device=plan.device, journal_path=plan.journal,
                      resume=resume, max_batch=plan.max_batch,
                      max_batch_source=plan.max_batch_source, overwrite=overwrite, hooks=hooks,
-                     threads=plan.threads)
+                     threads=plan.threads, checkpoint=plan.checkpoint)
 
 
 def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int = 5,

@@ -239,6 +239,9 @@ def noise(
     every: Annotated[Optional[int], typer.Option(
         help="Also estimate every K steps during the warm-up run.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the initial weights and batches.")] = 0,
+    from_checkpoint: Annotated[Optional[Path], typer.Option(
+        help="Measure at a checkpoint of your run instead of at initialisation (the formats "
+             "of sweep --from-checkpoint).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps, xpu ...")] = "auto",
     precision: PrecisionOpt = "fp32",
     as_json: JsonOpt = False,
@@ -252,6 +255,8 @@ def noise(
       bsselect noise digits-mlp --warmup-steps 200 --every 50
 
       bsselect noise tiny-lm --json
+
+      bsselect noise train.py:make_task --from-checkpoint ckpt/step-2000.pt
     """
 
     def body() -> None:
@@ -265,7 +270,10 @@ def noise(
             report = api.noise_scale(task, b_small=b_small, b_big=b_big,
                                      measurements=measurements, warmup_steps=warmup_steps,
                                      every=every, seed=seed, device=device,
-                                     precision=precision, progress=advance)
+                                     precision=precision, progress=advance,
+                                     from_checkpoint=from_checkpoint,
+                                     warn=lambda w: console.print(
+                                         f"[yellow]warning:[/] {_escape(w)}", highlight=False))
         if as_json:
             from .distributed import noise_json
             from .report import emit_json
@@ -304,6 +312,12 @@ def sweep(
              "every trial then branches from that state, optimizer state included "
              "(0: trials start from initialisation).")] = 0,  # sweep.WARM_START_STEPS (a test
     # keeps them equal; importing sweep here would import torch for --help)
+    from_checkpoint: Annotated[Optional[Path], typer.Option(
+        help="Branch every trial from a checkpoint of your run, to ask which batch size "
+             "trains best from where the run is now: torch.save({'model': "
+             "model.state_dict(), 'optimizer': optimizer.state_dict()}), a Lightning .ckpt "
+             "or a Hugging Face Trainer checkpoint directory. Loaded without running code "
+             "(weights_only).")] = None,
     noise_measurements: Annotated[int, typer.Option(
         help="Gradient-noise measurements at the end of each trial, pooled over trials "
              "for the ranking (0: off).")] = 2,
@@ -341,6 +355,8 @@ def sweep(
       bsselect sweep tiny-lm --batch-sizes 8,16,32,64 --budget 60s
 
       bsselect sweep train.py:make_task --resume --json > sweep.json
+
+      bsselect sweep train.py:make_task --from-checkpoint ckpt/step-2000.pt
     """
 
     def body() -> None:
@@ -353,12 +369,18 @@ def sweep(
             max_batch=max_batch, budget=budget, lr_scaling=lr_scaling, seed=seed,
             warmup_steps=warmup_steps, noise_measurements=noise_measurements,
             warm_start_steps=warm_start_steps, journal=journal, device=device, memory=memory,
-            precision=precision, accumulate=accumulate, threads=threads, console=console)
+            precision=precision, accumulate=accumulate, threads=threads,
+            from_checkpoint=from_checkpoint, console=console)
         settings = plan.settings
         console.print(f"sweeping {plan.task_name}: batch sizes {list(plan.batch_sizes)} "
                       f"({plan.max_batch_source}), {settings.budget.amount:g} "
                       f"{settings.budget.kind.value} per trial, journal {plan.journal}",
                       highlight=False)
+        if plan.checkpoint is not None:
+            ck = plan.checkpoint
+            console.print(f"every trial branches from {ck.path} ({ck.format}"
+                          + (f", step {ck.step}" if ck.step is not None else "")
+                          + f", sha256 {ck.sha256[:12]})", highlight=False)
         if settings.budget.kind.value == "seconds":
             console.print(f"a {settings.budget.amount:g} s budget bounds each trial's training "
                           "steps; its evaluation and noise measurements, and the timing rounds "

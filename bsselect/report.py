@@ -105,6 +105,11 @@ def _f(value: float | None, fmt: str = ".3g", none: str = "—") -> str:
 def render_noise(report: Any) -> None:
     est = report.final
     out.print("[bold]Gradient noise scale B_simple = tr(Σ)/|G|²[/]")
+    branch = getattr(report, "from_checkpoint", None)
+    if branch:  # step 0 of the table is the checkpoint
+        out.print(f"from {escape(branch['path'])} ({branch['format']}"
+                  + (f", its step {branch['step']}" if branch.get("step") is not None else "")
+                  + "): step 0 below is the checkpoint", highlight=False)
     table = Table()
     for col in ("step", "train loss", "B_simple", f"{est.confidence:.0%} CI", "|G|²", "tr(Σ)"):
         table.add_column(col, justify="right")
@@ -135,6 +140,13 @@ def render_sweep(result: Any) -> None:
     r = result.ranking
     out.print(f"[bold]Sweep — {escape(result.task)}[/] ({result.settings.budget.amount:g} "
               f"{result.settings.budget.kind.value} per trial)", highlight=False)
+    branch = getattr(result, "from_checkpoint", None)
+    if branch:
+        out.print(f"trials branched from {escape(branch['path'])} ({branch['format']}"
+                  + (f", step {branch['step']}" if branch.get("step") is not None else "")
+                  + (", with its optimizer state" if branch["optimizer_state"] else
+                     ", fresh optimizer: the file's optimizer state was absent or did not fit")
+                  + ")", highlight=False)
     # Compact: no vertical rules, and the status column only when a trial was not ok, so
     # that the table reads at 80 columns.
     from rich import box

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import distributed
+from ..checkpoint import Checkpoint, branch_from
 from ..errors import TaskError, UsageError, one_line
 from ..precision import Precision, make_scaler, raw_grads
 from ..step import collate, forward_loss, sample_indices, to_device
@@ -70,6 +71,8 @@ class NoiseReport:
     samples: int  # examples through forward/backward, measurement and training together
     wall_s: float
     precision: str = "fp32"  # the forward's autocast dtype; gradients are fp32 and unscaled
+    # --from-checkpoint: path, sha256, format, step, optimizer_state (bool); None: from init
+    from_checkpoint: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """docs/contract.md's ``noise`` fields (of ``final``) plus siblings; JSON-safe (no inf/NaN)."""
@@ -81,7 +84,7 @@ class NoiseReport:
                         for p in self.trajectory],
             passes=self.passes, measure_passes=self.measure_passes,
             train_steps=self.train_steps, samples_total=self.samples, wall_s=self.wall_s,
-            precision=self.precision,
+            precision=self.precision, from_checkpoint=self.from_checkpoint,
         )
         return out
 
@@ -351,8 +354,10 @@ def measure_noise(
     measurements: int = DEFAULT_MEASUREMENTS, seed: int = 0, warmup_steps: int = 0,
     every: int | None = None, progress: Progress | None = None,
     device: str | torch.device = "cpu", precision: Precision = Precision.fp32,
+    checkpoint: Checkpoint | None = None, warn: Callable[[str], None] | None = None,
 ) -> NoiseReport:
-    """B_simple of ``task`` at fresh initial weights (``torch.manual_seed(seed)``), and after
+    """B_simple of ``task`` at fresh initial weights (``torch.manual_seed(seed)``) or at
+    ``checkpoint`` (its weights, and its optimizer state for the warm-up steps), and after
     ``warmup_steps`` optimizer steps at ``task.base_batch_size`` with ``task.make_optimizer``
     and ``task.lr``; with ``every=K`` also every K steps in between. ``b_small``/``b_big`` left
     as None take ``default_batch_sizes``.
@@ -371,9 +376,21 @@ def measure_noise(
     torch.manual_seed(seed)
     device = torch.device(device)
     model = _run_task(task.model, "building the model").to(device)
+    branch = None
+    if checkpoint is not None:
+        branch = branch_from(checkpoint, task.model, task.make_optimizer, task.lr)
+        model.load_state_dict(branch.model_state)
+        for message in branch.warnings if warmup_steps else ():  # the state only trains
+            if warn:
+                warn(message)
     model.train()  # the noise of the gradients training sees (dropout on, batch statistics)
     opt = (_run_task(lambda: task.make_optimizer(model.parameters(), task.lr),
                      "building the optimizer") if warmup_steps else None)
+    if opt is not None and branch is not None and branch.optimizer_state is not None:
+        lrs = [group["lr"] for group in opt.param_groups]  # the task's, not the run's last
+        opt.load_state_dict(branch.optimizer_state)
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr
     train_gen = torch.Generator().manual_seed(seed)
     train_model = distributed.wrap_model(model, device) if warmup_steps else model
     options = {} if precision is Precision.fp32 else dict(
@@ -398,4 +415,8 @@ def measure_noise(
         measure_passes=measure_passes, train_steps=warmup_steps,
         samples=measure_passes * b_small + warmup_steps * task.base_batch_size,
         wall_s=time.perf_counter() - start, precision=precision.value,
+        from_checkpoint=None if checkpoint is None else {
+            "path": checkpoint.path, "sha256": checkpoint.sha256, "format": checkpoint.format,
+            "step": checkpoint.step,
+            "optimizer_state": bool(warmup_steps and branch and branch.optimizer_state)},
     )

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import distributed
+from ..checkpoint import Checkpoint, branch_from
 from ..errors import BsselectError, DoesNotFitError, InterruptedRun, TaskError, UsageError, one_line
 from ..memory.capacity import largest_pow2_at_most
 from ..oom import release_memory
@@ -102,6 +103,9 @@ class SweepSettings:
     accumulate: int = 1  # micro-steps per optimizer step; trial batch sizes are effective
     warm_start_steps: int = 0  # base-configuration steps before every trial branches off
     lr_ramp_samples: int = 0  # --warmup-steps auto: see TrialSetup.lr_ramp_samples
+    # --from-checkpoint: the SHA-256 of the user's checkpoint every trial branches from (the
+    # journal keys its trials on it, so --resume never mixes two checkpoints)
+    checkpoint_sha256: str | None = None
 
     def journal_settings(self, task: Task) -> dict[str, Any]:
         """What makes two sweeps' trials comparable (hashed into the journal's resume key);
@@ -123,6 +127,8 @@ class SweepSettings:
             settings["warm_start_steps"] = self.warm_start_steps
         if self.lr_ramp_samples:
             settings["lr_ramp_samples"] = self.lr_ramp_samples
+        if self.checkpoint_sha256:
+            settings["from_checkpoint_sha256"] = self.checkpoint_sha256
         return settings
 
     @classmethod
@@ -134,7 +140,8 @@ class SweepSettings:
                    precision=Precision(settings.get("precision", "fp32")),
                    accumulate=settings.get("accumulate", 1),
                    warm_start_steps=settings.get("warm_start_steps", 0),
-                   lr_ramp_samples=settings.get("lr_ramp_samples", 0))
+                   lr_ramp_samples=settings.get("lr_ramp_samples", 0),
+                   checkpoint_sha256=settings.get("from_checkpoint_sha256"))
 
 
 @dataclass(frozen=True)
@@ -161,6 +168,8 @@ class SweepResult:
     timing_note: str | None = None  # why there are none, or which sizes kept their own
     skipped: tuple[int, ...] = ()  # batch sizes larger than the training set: not run
     n_train: int | None = None  # items the trials train on
+    # --from-checkpoint: path, sha256, format, step, optimizer_state (bool); None: no checkpoint
+    from_checkpoint: dict | None = None
 
     def not_timed(self) -> list[int]:
         """The ok batch sizes whose step time is their own trial's, not the rounds' (all of
@@ -202,6 +211,7 @@ class SweepResult:
             "max_batch": self.max_batch, "max_batch_source": self.max_batch_source,
             "precision": self.settings.precision.value, "accumulate": self.settings.accumulate,
             "warm_start_steps": self.settings.warm_start_steps,
+            "from_checkpoint": self.from_checkpoint,
             "warmup_steps": self.settings.warmup_steps,
             "lr_ramp_samples": self.settings.lr_ramp_samples,
             "trials": [self._trial_json(t) for t in self.trials],
@@ -276,25 +286,54 @@ def with_initial_loss(setup: TrialSetup) -> TrialSetup:
     return dataclasses.replace(setup, loss_start=loss)
 
 
+def from_checkpoint(setup: TrialSetup, checkpoint: Checkpoint,
+                    warn: Callable[[str], None] | None = None) -> TrialSetup:
+    """``setup`` with its trials branching from the user's ``checkpoint``: its weights and
+    (where it has one that fits the task's optimizer) its optimizer state. The divergence
+    rule's reference loss is the task's loss at initialisation (``rise_limit``)."""
+    loss_init = with_initial_loss(setup).loss_start
+    task = setup.task
+    with distributed.agreement():
+        branch = branch_from(checkpoint, task.model, task.make_optimizer, task.lr)
+    for message in branch.warnings:
+        if warn:
+            warn(message)
+    return dataclasses.replace(setup, initial_state=branch.model_state,
+                               optimizer_state=branch.optimizer_state, loss_start=None,
+                               loss_init=loss_init)
+
+
+def checkpoint_json(checkpoint: Checkpoint, setup: TrialSetup) -> dict:
+    """What the result and the table say about the checkpoint the trials branched from."""
+    return {"path": checkpoint.path, "sha256": checkpoint.sha256, "format": checkpoint.format,
+            "step": checkpoint.step, "optimizer_state": setup.optimizer_state is not None}
+
+
 def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], settings: SweepSettings,
               device: torch.device, journal_path: Path, resume: bool, max_batch: int,
               max_batch_source: str, overwrite: bool = False,
-              hooks: SweepHooks | None = None, threads: int | None = None) -> SweepResult:
+              hooks: SweepHooks | None = None, threads: int | None = None,
+              checkpoint: Checkpoint | None = None) -> SweepResult:
     """Run (or resume) one trial per batch size, journal each, time the ok batch sizes in
     interleaved rounds (journaled too), then rank. ``threads``: CPU intra-op threads for the
-    whole sweep (None: torch's current setting)."""
+    whole sweep (None: torch's current setting). ``checkpoint``: every trial branches from it
+    (``settings.checkpoint_sha256`` must be its digest)."""
+    if (checkpoint.sha256 if checkpoint else None) != settings.checkpoint_sha256:
+        raise UsageError("the sweep's settings name another checkpoint than the one passed "
+                         "(build them with api.plan_sweep(from_checkpoint=...))")
     with cpu_threads(threads) as in_force:
         result = _run_sweep(task, task_name=task_name, batch_sizes=batch_sizes,
                             settings=settings, device=device, journal_path=journal_path,
                             resume=resume, max_batch=max_batch,
-                            max_batch_source=max_batch_source, overwrite=overwrite, hooks=hooks)
+                            max_batch_source=max_batch_source, overwrite=overwrite, hooks=hooks,
+                            checkpoint=checkpoint)
     return dataclasses.replace(result, threads=in_force if device.type == "cpu" else None)
 
 
 def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
                settings: SweepSettings, device: torch.device, journal_path: Path, resume: bool,
                max_batch: int, max_batch_source: str, overwrite: bool,
-               hooks: SweepHooks | None) -> SweepResult:
+               hooks: SweepHooks | None, checkpoint: Checkpoint | None = None) -> SweepResult:
     from .journal import Journal, JournalMode
 
     hooks = hooks or SweepHooks()
@@ -319,6 +358,11 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
                          f"{max(batch_sizes)}: every trial takes at least one step, so the "
                          f"trials would not be equal; use --budget >= {max(batch_sizes)} "
                          "(samples)")
+    branched = None
+    if checkpoint is not None:  # before the journal: a checkpoint that does not fit the model
+        # is refused with nothing written (and matched on --resume too: the result says so)
+        setup = from_checkpoint(setup, checkpoint, hooks.warn)
+        branched = checkpoint_json(checkpoint, setup)
     mode = JournalMode.resume if resume else (
         JournalMode.overwrite if overwrite else JournalMode.new)
     # Under torchrun only rank 0 reads and writes the journal; the others get what it read.
@@ -364,6 +408,8 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
                                tuple(b for b in batch_sizes if b in done), made_split,
                                validation_cap(task), timing=tuple(timing.values()),
                                timing_note=note, skipped=skipped, n_train=n_train)
+            if checkpoint is not None:
+                result = dataclasses.replace(result, from_checkpoint=branched)
         finally:  # the rounds are kept even when ranking them fails or is interrupted
             if distributed.is_main():  # what this sweep ranked, so that `report` re-renders it
                 journal.append_timing([t.to_dict() for t in timing.values()], batch_sizes,

@@ -248,16 +248,18 @@ def _fresh_model(setup: TrialSetup, lr: float, branch: bool = False
 def branch_point(setup: TrialSetup, steps: int,
                  on_step: Callable[[int, int | None], None] | None = None) -> TrialSetup:
     """``setup`` with its trials branching from the base configuration trained for ``steps``
-    steps (the task's base batch size and lr, the setup's LR warm-up): its weights become
+    steps (the task's base batch size and lr, the setup's LR warm-up), from ``setup``'s
+    weights and optimizer state (a checkpoint's, or initialisation): its weights become
     ``initial_state`` and its optimizer state ``optimizer_state``. The warm-up draws its
     batches from its own seeded stream, so the trials' streams do not repeat it. A warm-up
     whose loss diverges raises TaskError: no trial could branch from it."""
     from ..errors import TaskError
 
     task, device = setup.task, setup.device
-    model, optimizer = _fresh_model(setup, task.lr)
+    model, optimizer = _fresh_model(setup, task.lr, branch=True)  # a checkpoint's moments
     train_model = distributed.wrap_model(model, device)
-    loss_init = initial_loss(model, setup)
+    # from a checkpoint: the task's loss at initialisation, not the checkpoint's
+    loss_init = setup.loss_init if setup.loss_init is not None else initial_loss(model, setup)
     b = task.base_batch_size
     warm = dataclasses.replace(setup, seed=setup.seed + WARM_START_SEED_OFFSET)
     batches = cycle_batches(warm, b // setup.accumulate)

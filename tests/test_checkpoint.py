@@ -1,0 +1,300 @@
+"""``sweep --from-checkpoint``: trials branch from a checkpoint of the user's own run — a
+``torch.save`` dict, a bare state_dict, a real Lightning ``.ckpt`` and a real Hugging Face
+Trainer checkpoint directory — and every bad file is one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from torch import nn
+
+from bsselect import api
+from bsselect.checkpoint import _rename, branch_from, load_checkpoint
+from bsselect.errors import UsageError
+from bsselect.selection.trials import evaluate
+from bsselect.task import load_task
+
+TASKS = Path(__file__).parent / "tasks"
+TINY = f"{TASKS / 'sweep_tasks.py'}:tiny"   # an MLP, SGD with momentum 0.9 (Task's default)
+CLI_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_run(steps: int = 40, seed: int = 3):
+    """The user's run: the task's model and optimizer trained ``steps`` steps."""
+    task, _ = load_task(TINY)
+    torch.manual_seed(seed)
+    model = task.model()
+    optimizer = task.make_optimizer(model.parameters(), task.lr)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = task.train_data.tensors
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (task.base_batch_size,), generator=gen)
+        loss = task.loss_fn(model(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return task, model, optimizer
+
+
+@pytest.fixture(scope="module")
+def run_files(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    task, model, optimizer = train_run()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 40},
+               path / "run.pt")
+    torch.save(model.state_dict(), path / "bare.pt")
+    return path, model, optimizer
+
+
+def test_a_dict_checkpoint_round_trips_weights_and_momentum(run_files):
+    path, model, optimizer = run_files
+    ck = load_checkpoint(path / "run.pt")
+    assert (ck.format, ck.step) == ("dict", 40)
+    task, _ = load_task(TINY)
+    branch = branch_from(ck, task.model, task.make_optimizer, task.lr)
+    assert branch.warnings == ()
+    for key, value in model.state_dict().items():
+        assert torch.equal(branch.model_state[key], value)
+    fresh = task.make_optimizer(task.model().parameters(), 0.3)
+    fresh.load_state_dict(branch.optimizer_state)
+    buffers = [fresh.state[p]["momentum_buffer"] for p in fresh.param_groups[0]["params"]]
+    expected = [optimizer.state[p]["momentum_buffer"] for p in optimizer.param_groups[0]["params"]]
+    assert all(torch.equal(a, b) for a, b in zip(buffers, expected))
+
+
+def test_every_trial_starts_from_the_checkpoint(run_files, tmp_path):
+    path, model, _ = run_files
+    result = api.sweep(TINY, batch_sizes=[8, 32], budget="256", noise_measurements=0,
+                       journal=tmp_path / "j.jsonl", from_checkpoint=path / "run.pt")
+    cold = api.sweep(TINY, batch_sizes=[8, 32], budget="256", noise_measurements=0,
+                     journal=tmp_path / "cold.jsonl")
+    # The trials' first loss is the checkpoint model's loss on the sweep's fixed subset.
+    task, _ = load_task(TINY)
+    setup, _ = api_setup(task)
+    expected = evaluate(model.eval(), task, setup.eval_train, torch.device("cpu"),
+                        setup.eval_batch_size, metric=False)[0]
+    starts = {t.train_loss_start for t in result.trials}
+    assert len(starts) == 1
+    start = starts.pop()
+    assert start == pytest.approx(expected, rel=1e-5)
+    assert start < cold.trials[0].train_loss_start / 2
+    data = result.to_json()
+    ck = data["from_checkpoint"]
+    assert ck["path"].endswith("run.pt") and ck["format"] == "dict" and ck["step"] == 40
+    assert ck["optimizer_state"] is True and len(ck["sha256"]) == 64
+    assert cold.to_json()["from_checkpoint"] is None
+    header = json.loads((tmp_path / "j.jsonl").read_text().splitlines()[0])
+    assert header["settings"]["from_checkpoint_sha256"] == ck["sha256"]  # the resume key
+    # --resume with another checkpoint is refused; with the same one it reruns nothing.
+    with pytest.raises(UsageError, match="different task or settings"):
+        api.sweep(TINY, batch_sizes=[8, 32], budget="256", noise_measurements=0, resume=True,
+                  journal=tmp_path / "j.jsonl", from_checkpoint=path / "bare.pt")
+    again = api.sweep(TINY, batch_sizes=[8, 32], budget="256", noise_measurements=0,
+                      resume=True, journal=tmp_path / "j.jsonl",
+                      from_checkpoint=path / "run.pt")
+    assert set(again.resumed) == {8, 32}
+    assert again.to_json()["from_checkpoint"] == ck
+
+
+def api_setup(task):
+    from bsselect.selection.lr_scaling import LrScaling
+    from bsselect.selection.sweep import SweepSettings, make_setup, parse_budget
+
+    return make_setup(task, SweepSettings(budget=parse_budget("256"),
+                                          lr_scaling=LrScaling.linear), torch.device("cpu"))
+
+
+def test_a_bare_state_dict_branches_with_a_fresh_optimizer_and_says_so(run_files, tmp_path):
+    path, _, _ = run_files
+    done = run_cli("sweep", TINY, "--batch-sizes", "8,32", "--budget", "256",
+                   "--noise-measurements", "0", "--journal", str(tmp_path / "j.jsonl"),
+                   "--from-checkpoint", str(path / "bare.pt"), "--json", env=CLI_ENV)
+    assert done.returncode == 0, done.stderr
+    assert "holds no optimizer state: every trial starts a fresh optimizer" in done.stderr
+    data = json.loads(done.stdout)
+    assert data["from_checkpoint"]["format"] == "state_dict"
+    assert data["from_checkpoint"]["optimizer_state"] is False
+    table = run_cli("report", str(tmp_path / "j.jsonl"), env=CLI_ENV)
+    assert table.returncode == 0, table.stderr
+
+
+def test_the_table_says_where_the_trials_branched_from(run_files, tmp_path):
+    path, _, _ = run_files
+    done = run_cli("sweep", TINY, "--batch-sizes", "8,32", "--budget", "256",
+                   "--noise-measurements", "0", "--journal", str(tmp_path / "j.jsonl"),
+                   "--from-checkpoint", str(path / "run.pt"), env=CLI_ENV)
+    assert done.returncode == 0, done.stderr
+    before = " ".join(done.stderr.split())  # what the sweep will do: on stderr
+    assert "every trial branches from" in before and "(dict, step 40, sha256" in before
+    table = " ".join(done.stdout.split())
+    assert "trials branched from" in table and "step 40, with its optimizer state)" in table
+
+
+class _Holds:
+    """Pickled by reference: loading it would import and run code."""
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: torch.save({"model": {}, "hook": _Holds()}, p),
+     "holds objects other than tensors and plain containers (it names"),
+    (lambda p: p.write_text("not a checkpoint"), "cannot read"),
+    (lambda p: torch.save({"weights": {"w": torch.zeros(2)}}, p),
+     "has no model state_dict under 'model', 'model_state_dict' or 'state_dict'"),
+    (lambda p: torch.save([torch.zeros(2)], p), "holds a list, not a state_dict"),
+    (lambda p: torch.save({"model": nn.Linear(3, 3).state_dict()}, p),
+     "the checkpoint's parameters do not match the task's model"),
+    (lambda p: None, "no such file or directory"),
+    (lambda p: p.mkdir(), "is a directory without model.safetensors or pytorch_model.bin"),
+])
+def test_a_bad_checkpoint_is_one_line_and_exit_2(tmp_path, make, message):
+    path = tmp_path / "ck.pt"
+    make(path)
+    done = run_cli("sweep", TINY, "--batch-sizes", "8,32", "--budget", "256",
+                   "--journal", str(tmp_path / "j.jsonl"), "--from-checkpoint", str(path),
+                   env=CLI_ENV)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "j.jsonl").exists()  # refused before any trial
+
+
+def test_tensors_of_the_wrong_shape_are_refused_by_name(tmp_path):
+    task, _ = load_task(TINY)
+    state = task.model().state_dict()
+    key = next(iter(state))
+    state[key] = torch.zeros(*[n + 1 for n in state[key].shape])
+    torch.save(state, tmp_path / "wrong.pt")
+    with pytest.raises(UsageError, match=f"do not fit the task's model: size mismatch for {key}"):
+        branch_from(load_checkpoint(tmp_path / "wrong.pt"), task.model, task.make_optimizer,
+                    task.lr)
+
+
+def test_an_optimizer_state_of_other_shapes_is_left_out_with_a_warning(tmp_path):
+    task, _ = load_task(TINY)
+    model = task.model()
+    params = list(model.parameters())
+    other = [nn.Parameter(torch.zeros(p.numel() + 1)) for p in params]  # same count, other shapes
+    opt = torch.optim.SGD(other, lr=0.1, momentum=0.9)
+    sum(p.sum() for p in other).backward()
+    opt.step()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "o.pt")
+    branch = branch_from(load_checkpoint(tmp_path / "o.pt"), task.model, task.make_optimizer,
+                         task.lr)
+    assert branch.optimizer_state is None
+    assert len(branch.warnings) == 1 and "does not fit the task's parameters" in branch.warnings[0]
+
+
+def test_keys_are_matched_across_a_module_prefix_and_tied_weights():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(5, 3)
+            self.head = nn.Linear(3, 5, bias=False)
+            self.head.weight = self.embed.weight
+
+    class Wrapper(nn.Module):  # as bsselect's adapters wrap a model: keys gain "model."
+        def __init__(self):
+            super().__init__()
+            self.model = Tied()
+
+    inner = Tied().state_dict()
+    saved = {f"net.{k}": v for k, v in inner.items() if k != "head.weight"}  # stored once
+    renamed = _rename(Wrapper(), saved)
+    assert set(renamed) == {"model.embed.weight"}
+    with pytest.raises(UsageError, match=r"model: 1 unexpected \(e.g. model.x\)"):
+        _rename(Wrapper(), {"net.embed.weight": inner["embed.weight"], "net.x": torch.zeros(1)})
+
+
+def test_a_lightning_checkpoint_branches_with_its_optimizer_state(tmp_path):
+    L = pytest.importorskip("lightning")
+    sys.path.insert(0, str(TASKS))
+    import lightning_tasks
+
+    module, data = lightning_tasks.Classifier(), lightning_tasks.Blobs()
+    trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    ck = load_checkpoint(tmp_path / "run.ckpt")
+    assert (ck.format, ck.step) == ("lightning", 12)
+    task = lightning_tasks.blobs()
+    branch = branch_from(ck, task.model, task.make_optimizer, task.lr)
+    assert branch.warnings == ()
+    for key, value in module.state_dict().items():  # the adapter's StepModule adds "module."
+        assert torch.equal(branch.model_state[f"module.{key}"], value)
+    moments = branch.optimizer_state["state"]
+    live = trainer.optimizers[0]
+    expected = [live.state[p]["momentum_buffer"] for p in live.param_groups[0]["params"]]
+    assert all(torch.equal(moments[i]["momentum_buffer"], e) for i, e in enumerate(expected))
+    done = run_cli("sweep", f"{TASKS / 'lightning_tasks.py'}:blobs", "--batch-sizes", "8,32",
+                   "--budget", "256", "--journal", str(tmp_path / "j.jsonl"),
+                   "--from-checkpoint", str(tmp_path / "run.ckpt"), "--json", env=CLI_ENV)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["from_checkpoint"]["optimizer_state"] is True
+
+
+def test_a_hugging_face_trainer_checkpoint_directory_loads_its_weights(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from bsselect import Task
+    from bsselect.examples.hf_trainer import build_trainer
+
+    monkeypatch.chdir(tmp_path)
+    trainer = build_trainer()
+    trainer.args.output_dir = str(tmp_path / "out")
+    trainer.args.max_steps = 2
+    trainer.args.save_strategy = "steps"
+    trainer.args.save_steps = 2
+    trainer.args.disable_tqdm = True
+    trainer.train()
+    ck = load_checkpoint(tmp_path / "out" / "checkpoint-2")
+    assert (ck.format, ck.step) == ("hf-trainer", 2)
+    task = Task.from_trainer(build_trainer())
+    branch = branch_from(ck, task.model, task.make_optimizer, task.lr)
+    trained = trainer.model.state_dict()
+    # safetensors stores the tied lm_head once; the model ties it back
+    for key, value in trained.items():
+        assert torch.equal(branch.model_state[f"model.{key}"], value)
+    # Trainer's AdamW splits weight decay into two parameter groups; the task's optimizer has
+    # one, so the moments cannot be matched to parameters: refused, said.
+    assert branch.optimizer_state is None
+    assert "does not fit the task's optimizer" in branch.warnings[0]
+
+
+def test_noise_at_a_checkpoint_is_noise_of_the_checkpoints_weights(run_files):
+    import copy
+    import dataclasses
+
+    from bsselect.selection.noise import measure_noise
+
+    path, model, _ = run_files
+    task, _ = load_task(TINY)
+    trained = dataclasses.replace(task, model=lambda: copy.deepcopy(model))
+    at_checkpoint = measure_noise(task, measurements=4, checkpoint=load_checkpoint(
+        path / "run.pt"))
+    direct = measure_noise(trained, measurements=4)
+    assert at_checkpoint.initial.b_simple == pytest.approx(direct.initial.b_simple, rel=1e-6)
+    assert at_checkpoint.initial_loss == pytest.approx(direct.initial_loss, rel=1e-6)
+    fresh = measure_noise(task, measurements=4)
+    assert at_checkpoint.initial_loss < fresh.initial_loss / 2
+    done = run_cli("noise", TINY, "--measurements", "4", "--from-checkpoint",
+                   str(path / "run.pt"), "--json", env=CLI_ENV)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["from_checkpoint"]["step"] == 40
+    assert data["b_simple"] == pytest.approx(at_checkpoint.initial.b_simple, rel=1e-6)
