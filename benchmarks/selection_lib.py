@@ -103,6 +103,31 @@ def oracle_times(example: Mapping[str, Any]) -> dict[int, dict[str, float]]:
     return out
 
 
+def regret_interval(example: Mapping[str, Any], pick: int | None, *, draws: int = 2000,
+                    level: float = 0.8, seed: int = 0) -> tuple[float, float] | None:
+    """How well the oracle itself resolves ``pick``'s regret: a bootstrap over its seeds
+    (each batch size's seeds drawn again with replacement, ``T(b)`` and the best size
+    recomputed as ``oracle_times`` does), the central ``level`` interval of the regret. With
+    3 seeds per size the bootstrap is coarse; an interval that reaches 1.0 says the oracle
+    cannot tell this pick from the best. None with a single seed or no pick."""
+    import random
+
+    if pick is None or len(example["runs"]) < 2:
+        return None
+    rng = random.Random(seed)
+    timing = {int(b): v["cpu_s"] for b, v in example["timing"].items()}
+    steps = {b: [r[str(b)]["to_target"]["step"] if r[str(b)]["to_target"] else INF
+                 for r in example["runs"]] for b in example["batch_sizes"]}
+    regrets = []
+    for _ in range(draws):
+        t = {b: median_inf(rng.choice(v) for _ in v) * timing[b] for b, v in steps.items()}
+        finite = [x for x in t.values() if math.isfinite(x)]
+        regrets.append(t[pick] / min(finite) if finite and math.isfinite(t[pick]) else INF)
+    regrets.sort()
+    tail = (1 - level) / 2
+    return regrets[int(tail * draws)], regrets[min(draws - 1, int((1 - tail) * draws))]
+
+
 def best_batch(times: Mapping[int, Mapping[str, float]], key: str = "time_s") -> int | None:
     finite = [(v[key], b) for b, v in times.items() if math.isfinite(v[key])]
     return min(finite)[1] if finite else None
