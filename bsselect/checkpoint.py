@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import pickle
+import io
+import json
+import pathlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,25 +64,35 @@ class Branch:
     warnings: tuple[str, ...] = ()
 
 
-def digest(path: str | Path) -> str:
-    """SHA-256 of the checkpoint (a directory: of its weight and optimizer files, by name):
-    what a journal keys its trials on, so ``--resume`` never mixes two checkpoints."""
-    p = Path(path)
-    files = [p] if p.is_file() else sorted(
-        f for f in p.iterdir() if f.name in (*_HF_WEIGHTS, "optimizer.pt"))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+class _Hasher:
+    """SHA-256 over the bytes every file of a checkpoint was loaded from (a directory: each
+    file's name, then its bytes), so that the key is of exactly what the trials used."""
+
+    def __init__(self, directory: bool) -> None:
+        self.sha = hashlib.sha256()
+        self.directory = directory
+
+    def read(self, path: Path) -> bytes:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {path} ({exc.strerror or exc})") from None
+        if self.directory:
+            self.sha.update(path.name.encode() + b"\0")
+        self.sha.update(data)
+        return data
 
 
-def _torch_load(path: Path) -> Any:
+_SAFE_GLOBALS = (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+                 pathlib.PureWindowsPath)  # Lightning's save_hyperparameters often holds paths
+
+
+def _torch_load(path: Path, hasher: _Hasher) -> Any:
+    data = hasher.read(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, EOFError) as exc:
+        with torch.serialization.safe_globals(list(_SAFE_GLOBALS)):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read the file is the file's
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
         what = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         if what or "Unsupported class" in text:
@@ -128,31 +140,52 @@ def _from_dict(path: Path, raw: Any) -> tuple[dict, dict | None, str, int | None
         keys = ", ".join(repr(k) for k in list(raw)[:8])
         raise UsageError(f"{path} has no model state_dict under 'model', 'model_state_dict' "
                          f"or 'state_dict' (its keys: {keys})")
-    optimizer = next((raw[k] for k in _OPTIMIZER_KEYS if isinstance(raw.get(k), dict)), None)
+    optimizer = next((raw[k] for k in _OPTIMIZER_KEYS if k in raw), None)
+    if optimizer is not None and not isinstance(optimizer, dict):
+        raise UsageError(f"{path}: its optimizer entry is a {type(optimizer).__name__}, not an "
+                         "optimizer.state_dict()")
     return model, optimizer, "dict", _step_of(raw)
 
 
-def _hf_directory(path: Path) -> tuple[dict, dict | None, str, int | None]:
-    weights = next((path / n for n in _HF_WEIGHTS if (path / n).is_file()), None)
-    if weights is None:
-        raise UsageError(f"{path} is a directory without {' or '.join(_HF_WEIGHTS)}: not a "
-                         "Hugging Face Trainer checkpoint; pass a checkpoint file")
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def _weights_file(path: Path, hasher: _Hasher) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load as load_bytes
 
-        model = load_file(str(weights), device="cpu")
+        try:
+            return load_bytes(hasher.read(path))
+        except Exception as exc:  # noqa: BLE001 - the file's problem
+            raise UsageError(f"cannot read {path} as safetensors: {exc}") from exc
+    return _torch_load(path, hasher)
+
+
+def _hf_directory(path: Path, hasher: _Hasher) -> tuple[dict, dict | None, str, int | None]:
+    weights = next((path / n for n in _HF_WEIGHTS if (path / n).is_file()), None)
+    index = next((path / f"{n}.index.json" for n in _HF_WEIGHTS
+                  if (path / f"{n}.index.json").is_file()), None)
+    if weights is not None:
+        model = _weights_file(weights, hasher)
+    elif index is not None:  # a sharded checkpoint: the index names each tensor's shard
+        try:
+            weight_map = json.loads(hasher.read(index)).get("weight_map")
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise UsageError(f"cannot read {index} (a sharded checkpoint's index): "
+                             f"{exc}") from exc
+        model = {}
+        for shard in shards:
+            model.update(_weights_file(path / shard, hasher))
     else:
-        model = _torch_load(weights)
+        raise UsageError(f"{path} is a directory without {' or '.join(_HF_WEIGHTS)} (or their "
+                         "sharded .index.json): not a Hugging Face Trainer checkpoint; pass a "
+                         "checkpoint file")
     opt_file = path / "optimizer.pt"
-    optimizer = _torch_load(opt_file) if opt_file.is_file() else None
+    optimizer = _torch_load(opt_file, hasher) if opt_file.is_file() else None
     step = None
     state_file = path / "trainer_state.json"
     if state_file.is_file():
-        import json
-
         try:
             step = json.loads(state_file.read_text()).get("global_step")
-        except (ValueError, OSError):
+        except (ValueError, OSError, AttributeError):
             step = None
     return model, optimizer, "hf-trainer", step if isinstance(step, int) else None
 
@@ -163,15 +196,21 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     p = Path(path).expanduser()
     if not p.exists():
         raise UsageError(f"--from-checkpoint {path}: no such file or directory")
+    hasher = _Hasher(p.is_dir())
     if p.is_dir():
-        model, optimizer, fmt, step = _hf_directory(p)
+        model, optimizer, fmt, step = _hf_directory(p, hasher)
     else:
-        model, optimizer, fmt, step = _from_dict(p, _torch_load(p))
+        model, optimizer, fmt, step = _from_dict(p, _torch_load(p, hasher))
     if optimizer is not None and not (isinstance(optimizer.get("state"), dict)
                                       and isinstance(optimizer.get("param_groups"), list)):
         raise UsageError(f"{path}: its optimizer entry is not an optimizer.state_dict() "
                          "(no 'state' and 'param_groups')")
-    return Checkpoint(str(p), digest(p), model, optimizer, fmt, step)
+    bad = next((k for k, v in model.items() if v.is_floating_point()
+                and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise UsageError(f"{path} holds non-finite weights (nan or inf in {bad}): no trial "
+                         "could train from it; pass an earlier checkpoint")
+    return Checkpoint(str(p), hasher.sha.hexdigest(), model, optimizer, fmt, step)
 
 
 def _prefixes(keys: set[str]) -> list[str]:
@@ -193,10 +232,17 @@ def _tied(model: nn.Module) -> dict[str, set[str]]:
     return {k: group - {k} for group in by_ptr.values() for k in group}
 
 
-def _rename(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+# Prefixes that wrappers add (DDP/DataParallel, torch.compile, Lightning's fabric, bsselect's
+# own adapters and a LightningModule's usual attribute): renamed without a word.
+_WRAPPERS = ("", "module.", "model.", "_orig_mod.", "_forward_module.")
+
+
+def _rename(model: nn.Module, state: dict[str, torch.Tensor]
+            ) -> tuple[dict[str, torch.Tensor], str | None]:
     """``state`` with its keys renamed to the model's, by stripping a prefix every checkpoint
     key shares and adding one every model key shares; missing keys allowed only where the
-    model ties them to a present one."""
+    model ties them to a present one. Also a note when the renaming was not a known wrapper's
+    prefix (the user should know that ``teacher.*`` went into ``student.*``)."""
     want = set(model.state_dict())
     tied = _tied(model)
     best: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -205,7 +251,10 @@ def _rename(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch
             renamed = {add + k[len(strip):]: v for k, v in state.items()}
             missing = want - set(renamed)
             if set(renamed) <= want and all(tied.get(k, set()) & set(renamed) for k in missing):
-                return renamed
+                note = None if strip in _WRAPPERS and add in _WRAPPERS else (
+                    f"the checkpoint's parameter names were matched to the model's by "
+                    f"renaming {strip or '(no prefix)'!s}* to {add or '(no prefix)'!s}*")
+                return renamed, note
             overlap = len(want & set(renamed))
             if best is None or overlap > best[0]:
                 best = (overlap, renamed)
@@ -222,57 +271,120 @@ def _rename(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch
         + " — pass a checkpoint of the same model")
 
 
-def _misshapen_state(optimizer: torch.optim.Optimizer) -> str | None:
-    """A per-parameter state tensor (momentum, Adam's moments) whose shape is not its
-    parameter's: ``load_state_dict`` matches parameters by position only."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            for name, value in optimizer.state.get(param, {}).items():
-                if (isinstance(value, torch.Tensor) and value.dim() > 0
-                        and value.shape != param.shape):
-                    return (f"a {name} of shape {tuple(value.shape)} for a parameter of shape "
-                            f"{tuple(param.shape)}")
+def _state_keys(optimizer: torch.optim.Optimizer) -> set[str] | None:
+    """The per-parameter state names the task's optimizer keeps (SGD: momentum_buffer; Adam:
+    step, exp_avg, exp_avg_sq), from one zero-gradient step of the same class and settings
+    on a 2-element parameter; None when the class cannot be probed that way."""
+    try:
+        probe = nn.Parameter(torch.zeros(2))
+        settings = {k: v for k, v in optimizer.defaults.items()
+                    if k not in ("differentiable", "fused", "foreach", "capturable")}
+        twin = type(optimizer)([probe], **settings)
+        probe.grad = torch.zeros(2)
+        twin.step()
+        return set(twin.state[probe])
+    except Exception:  # noqa: BLE001 - a custom optimizer: no check, shapes still checked
+        return None
+
+
+def _optimizer_fit(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> str | None:
+    """Why ``saved`` (an optimizer.state_dict()) cannot give ``optimizer`` its per-parameter
+    state, or None. Groups must hold the same number of parameters in the same order (the
+    state is keyed by position), each state tensor must have its parameter's shape, and the
+    state must be the same kind (an Adam state does not make an SGD's momentum)."""
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    saved_sizes = [len(g.get("params", ())) for g in saved["param_groups"]]
+    if sizes != saved_sizes:
+        return (f"its parameter groups hold {saved_sizes} parameters, the task optimizer's "
+                f"{sizes}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    expected = _state_keys(optimizer)
+    for param, index in zip(params, ids):
+        entry = saved["state"].get(index)
+        if not isinstance(entry, dict):
+            continue  # a parameter that never had a gradient keeps no state
+        if expected is not None and set(entry) != expected:
+            return (f"it keeps {', '.join(sorted(entry))} per parameter, the task's "
+                    f"{type(optimizer).__name__} keeps {', '.join(sorted(expected))}: another "
+                    "optimizer's state")
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                return (f"a {name} of shape {tuple(value.shape)} for a parameter of shape "
+                        f"{tuple(param.shape)}")
     return None
+
+
+_NOT_SETTINGS = ("params", "lr", "initial_lr")
+
+
+def _settings_differ(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> list[str]:
+    """The optimizer settings (momentum, weight decay, betas ...) in which the checkpoint's
+    groups differ from the task's: the task's are kept."""
+    out = []
+    for mine, theirs in zip(optimizer.param_groups, saved["param_groups"]):
+        for key, value in mine.items():
+            if key in _NOT_SETTINGS or key.startswith("bsselect") or key not in theirs:
+                continue
+            other = theirs[key]
+            value = list(value) if isinstance(value, tuple) else value
+            other = list(other) if isinstance(other, tuple) else other
+            if value != other and key not in out:
+                out.append(key)
+    return out
 
 
 def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
                 make_optimizer: Callable[[Any, float], torch.optim.Optimizer],
                 lr: float) -> Branch:
     """Match ``checkpoint`` to a fresh model from ``model_factory`` and an optimizer from
-    ``make_optimizer``: the model's state_dict with the checkpoint's weights (shapes checked)
-    and the optimizer state, loaded once to prove it fits. An optimizer state of another
-    shape (other parameter groups, e.g. Hugging Face Trainer's weight-decay split) is left out
-    with a warning: trials then start a fresh optimizer at the checkpoint's weights."""
+    ``make_optimizer``: the model's state_dict with the checkpoint's weights (shapes checked),
+    and the task's optimizer (its own settings and parameter groups) with the checkpoint's
+    per-parameter state (momentum, Adam's moments), when that state fits (``_optimizer_fit``).
+    A state that does not fit (another optimizer's; other parameter groups, e.g. Hugging Face
+    Trainer's weight-decay split) is left out with a warning: trials then start a fresh
+    optimizer at the checkpoint's weights."""
     model = model_factory()
-    renamed = _rename(model, checkpoint.model_state)
+    renamed, note = _rename(model, checkpoint.model_state)
     try:
         model.load_state_dict(renamed, strict=False)
     except RuntimeError as exc:  # shapes
         lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
         raise UsageError("the checkpoint's tensors do not fit the task's model: "
                          + ("; ".join(lines[:2]) or str(exc).splitlines()[0])) from exc
-    warnings: list[str] = []
+    warnings: list[str] = [note] if note else []
     optimizer_state = None
-    if checkpoint.optimizer_state is None:
-        warnings.append(f"{checkpoint.path} holds no optimizer state: every trial starts a "
-                        "fresh optimizer at the checkpoint's weights (momentum and Adam's "
-                        "moments at zero)")
+    saved = checkpoint.optimizer_state
+    fresh = "every trial starts a fresh optimizer at the checkpoint's weights"
+    if saved is None or not saved["state"]:
+        warnings.append(f"{checkpoint.path} holds "
+                        + ("no optimizer state" if saved is None else
+                           "an empty optimizer state (its optimizer never stepped)")
+                        + f": {fresh} (momentum and Adam's moments at zero)")
     else:
         optimizer = make_optimizer(model.parameters(), lr)
-        try:
-            optimizer.load_state_dict(copy.deepcopy(checkpoint.optimizer_state))
-        except (ValueError, KeyError, RuntimeError) as exc:
+        why = _optimizer_fit(optimizer, saved)
+        if why is None:
+            own = optimizer.state_dict()
+            # the checkpoint's state, by position, under the task's own groups and settings
+            theirs = [i for g in saved["param_groups"] for i in g["params"]]
+            mine = [i for g in own["param_groups"] for i in g["params"]]
+            moved = {m: copy.deepcopy(saved["state"][t]) for m, t in zip(mine, theirs)
+                     if t in saved["state"]}
+            try:
+                optimizer.load_state_dict({"state": moved, "param_groups": own["param_groups"]})
+            except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+                why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        if why is not None:
             warnings.append(f"the optimizer state in {checkpoint.path} does not fit the task's "
-                            f"optimizer ({str(exc).splitlines()[0][:120]}): every trial starts "
-                            "a fresh optimizer at the checkpoint's weights")
+                            f"optimizer ({why}): {fresh}")
         else:
-            wrong = _misshapen_state(optimizer)
-            if wrong:
-                warnings.append(f"the optimizer state in {checkpoint.path} does not fit the "
-                                f"task's parameters ({wrong}): every trial starts a fresh "
-                                "optimizer at the checkpoint's weights")
-            else:
-                optimizer_state = copy.deepcopy(optimizer.state_dict())
-            del optimizer
+            differ = _settings_differ(optimizer, saved)
+            if differ:
+                warnings.append(f"the optimizer settings in {checkpoint.path} differ from the "
+                                f"task's ({', '.join(differ)}): the trials keep the task's, "
+                                "with the checkpoint's momentum/moments")
+            optimizer_state = copy.deepcopy(optimizer.state_dict())
+        del optimizer
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return Branch(state, optimizer_state, tuple(warnings))

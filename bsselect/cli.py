@@ -378,7 +378,7 @@ def sweep(
                       highlight=False)
         if plan.checkpoint is not None:
             ck = plan.checkpoint
-            console.print(f"every trial branches from {ck.path} ({ck.format}"
+            console.print(f"every trial branches from {_escape(ck.path)} ({ck.format}"
                           + (f", step {ck.step}" if ck.step is not None else "")
                           + f", sha256 {ck.sha256[:12]})", highlight=False)
         if settings.budget.kind.value == "seconds":
@@ -564,6 +564,13 @@ def report(
                            ordered, SweepSettings.from_journal(s), max(sizes), "journal",
                            str(journal), (), bool(s.get("held_out_validation", False)),
                            s.get("validation_items"), timing=timing, timing_note=note)
+        if s.get("from_checkpoint_sha256"):  # trials from a checkpoint: say so, as the sweep did
+            import dataclasses
+
+            result = dataclasses.replace(result, from_checkpoint=contents.timing_from_checkpoint
+                                         or {"path": None, "sha256": s["from_checkpoint_sha256"],
+                                             "format": None, "step": None,
+                                             "optimizer_state": None})
         then, now = contents.timing_recommended, result.recommended_batch_size
         # Only when every batch size that sweep ranked is still here: the same trials.
         same = bool(ran) and set(contents.timing_batch_sizes or ()) <= set(trials)

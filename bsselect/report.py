@@ -141,7 +141,10 @@ def render_sweep(result: Any) -> None:
     out.print(f"[bold]Sweep — {escape(result.task)}[/] ({result.settings.budget.amount:g} "
               f"{result.settings.budget.kind.value} per trial)", highlight=False)
     branch = getattr(result, "from_checkpoint", None)
-    if branch:
+    if branch and branch.get("path") is None:  # a journal that kept only the checkpoint's key
+        out.print(f"trials branched from a checkpoint (sha256 {branch['sha256'][:12]})",
+                  highlight=False)
+    elif branch:
         out.print(f"trials branched from {escape(branch['path'])} ({branch['format']}"
                   + (f", step {branch['step']}" if branch.get("step") is not None else "")
                   + (", with its optimizer state" if branch["optimizer_state"] else

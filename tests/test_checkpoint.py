@@ -151,6 +151,11 @@ class _Holds:
     (lambda p: torch.save({"model": {}, "hook": _Holds()}, p),
      "holds objects other than tensors and plain containers (it names"),
     (lambda p: p.write_text("not a checkpoint"), "cannot read"),
+    (lambda p: p.write_text("hello world\n"), "cannot read"),
+    (lambda p: torch.save({"model": {"0.weight": torch.full((32, 16), float("nan"))}}, p),
+     "holds non-finite weights (nan or inf in 0.weight)"),
+    (lambda p: torch.save({"model": {"w": torch.zeros(2)}, "optimizer": [1, 2]}, p),
+     "its optimizer entry is a list, not an optimizer.state_dict()"),
     (lambda p: torch.save({"weights": {"w": torch.zeros(2)}}, p),
      "has no model state_dict under 'model', 'model_state_dict' or 'state_dict'"),
     (lambda p: torch.save([torch.zeros(2)], p), "holds a list, not a state_dict"),
@@ -195,7 +200,8 @@ def test_an_optimizer_state_of_other_shapes_is_left_out_with_a_warning(tmp_path)
     branch = branch_from(load_checkpoint(tmp_path / "o.pt"), task.model, task.make_optimizer,
                          task.lr)
     assert branch.optimizer_state is None
-    assert len(branch.warnings) == 1 and "does not fit the task's parameters" in branch.warnings[0]
+    assert len(branch.warnings) == 1
+    assert "a momentum_buffer of shape (513,) for a parameter of shape (32, 16)" in branch.warnings[0]
 
 
 def test_keys_are_matched_across_a_module_prefix_and_tied_weights():
@@ -213,8 +219,8 @@ def test_keys_are_matched_across_a_module_prefix_and_tied_weights():
 
     inner = Tied().state_dict()
     saved = {f"net.{k}": v for k, v in inner.items() if k != "head.weight"}  # stored once
-    renamed = _rename(Wrapper(), saved)
-    assert set(renamed) == {"model.embed.weight"}
+    renamed, note = _rename(Wrapper(), saved)
+    assert set(renamed) == {"model.embed.weight"} and "renaming net.* to model.*" in note
     with pytest.raises(UsageError, match=r"model: 1 unexpected \(e.g. model.x\)"):
         _rename(Wrapper(), {"net.embed.weight": inner["embed.weight"], "net.x": torch.zeros(1)})
 
@@ -298,3 +304,150 @@ def test_noise_at_a_checkpoint_is_noise_of_the_checkpoints_weights(run_files):
     data = json.loads(done.stdout)
     assert data["from_checkpoint"]["step"] == 40
     assert data["b_simple"] == pytest.approx(at_checkpoint.initial.b_simple, rel=1e-6)
+
+
+def test_the_key_is_the_files_sha256_so_a_copied_checkpoint_resumes(run_files, tmp_path):
+    import hashlib
+    import shutil
+
+    path, _, _ = run_files
+    ck = load_checkpoint(path / "run.pt")
+    assert ck.sha256 == hashlib.sha256((path / "run.pt").read_bytes()).hexdigest()
+    odd = tmp_path / "dir [" / "] with space"  # a path holding "[/]", rich's closing tag
+    odd.mkdir(parents=True)
+    shutil.copy(path / "run.pt", odd / "step-40.pt")
+    args = ("sweep", TINY, "--budget", "256", "--noise-measurements", "0",
+            "--journal", str(tmp_path / "j.jsonl"))
+    first = run_cli(*args, "--batch-sizes", "8", "--from-checkpoint", str(path / "run.pt"),
+                    env=CLI_ENV)
+    assert first.returncode == 0, first.stderr
+    again = run_cli(*args, "--batch-sizes", "8,32", "--resume", "--from-checkpoint",
+                    str(odd / "step-40.pt"), env=CLI_ENV)
+    assert again.returncode == 0, again.stderr  # the same bytes under another name
+    assert "every trial branches from" in again.stderr
+    report = run_cli("report", str(tmp_path / "j.jsonl"), "--json", env=CLI_ENV)
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["from_checkpoint"]["path"].endswith("step-40.pt")
+    table = run_cli("report", str(tmp_path / "j.jsonl"), env=CLI_ENV)
+    assert "trials branched from" in " ".join(table.stdout.split())
+
+
+def _state_of(optimizer_class, **settings):
+    task, _ = load_task(TINY)
+    model = task.model()
+    optimizer = optimizer_class(model.parameters(), **settings)
+    x, y = task.train_data.tensors
+    for _ in range(3):
+        optimizer.zero_grad()
+        task.loss_fn(model(x[:16]), y[:16]).backward()
+        optimizer.step()
+    return task, model, optimizer
+
+
+def test_another_optimizers_state_is_refused_with_a_warning(tmp_path):
+    task, model, adam = _state_of(torch.optim.Adam, lr=1e-3)
+    torch.save({"model": model.state_dict(), "optimizer": adam.state_dict()}, tmp_path / "a.pt")
+    branch = branch_from(load_checkpoint(tmp_path / "a.pt"), task.model, task.make_optimizer,
+                         task.lr)  # the task's optimizer: SGD with momentum
+    assert branch.optimizer_state is None
+    assert "keeps exp_avg, exp_avg_sq, step per parameter, the task's SGD keeps " \
+           "momentum_buffer: another optimizer's state" in branch.warnings[0]
+    done = run_cli("sweep", TINY, "--batch-sizes", "8,32", "--budget", "256",
+                   "--journal", str(tmp_path / "j.jsonl"), "--from-checkpoint",
+                   str(tmp_path / "a.pt"), "--json", env=CLI_ENV)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["from_checkpoint"]["optimizer_state"] is False
+    assert all(t["status"] == "ok" for t in data["trials"])
+
+
+def test_the_tasks_optimizer_settings_and_group_ratios_are_kept(tmp_path):
+    from bsselect.selection.sweep import from_checkpoint
+
+    task, model, sgd = _state_of(torch.optim.SGD, lr=0.1, momentum=0.5, weight_decay=0.5)
+    torch.save({"model": model.state_dict(), "optimizer": sgd.state_dict()}, tmp_path / "s.pt")
+    ck = load_checkpoint(tmp_path / "s.pt")
+    branch = branch_from(ck, task.model, task.make_optimizer, task.lr)
+    assert "differ from the task's (momentum, weight_decay)" in branch.warnings[0]
+    group = branch.optimizer_state["param_groups"][0]
+    assert (group["momentum"], group["weight_decay"]) == (0.9, 0)  # the task's
+    buffers = [branch.optimizer_state["state"][i]["momentum_buffer"] for i in range(4)]
+    expected = [sgd.state[p]["momentum_buffer"] for p in sgd.param_groups[0]["params"]]
+    assert all(torch.equal(a, b) for a, b in zip(buffers, expected))
+    # A task whose optimizer freezes the first layer (lr ratio 0) keeps it frozen.
+    import dataclasses
+
+    def frozen_first(params, lr):
+        params = list(params)
+        return torch.optim.SGD([{"params": params[:2], "lr": 0.0},
+                                {"params": params[2:]}], lr=lr, momentum=0.9)
+
+    frozen = dataclasses.replace(task, optimizer=frozen_first)
+    opt = frozen_first(model.parameters(), 0.1)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "f.pt")
+    setup, _ = api_setup(frozen)
+    branched = from_checkpoint(setup, load_checkpoint(tmp_path / "f.pt"))
+    from bsselect.selection.trials import _fresh_model
+
+    _, trial_opt = _fresh_model(branched, 0.4, branch=True)
+    assert [g["lr"] for g in trial_opt.param_groups] == [0.0, 0.4]
+
+
+class _Dropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_well_trained_checkpoint_with_dropout_does_not_read_as_divergence(tmp_path):
+    import dataclasses
+
+    task, _ = load_task(TINY)
+    task = dataclasses.replace(task, model=_Dropout)
+    torch.manual_seed(0)
+    model = task.model()
+    optimizer = task.make_optimizer(model.parameters(), task.lr)
+    x, y = task.train_data.tensors
+    for _ in range(400):  # to a train-mode loss far above its eval-mode loss
+        idx = torch.randint(0, len(x), (16,))
+        optimizer.zero_grad()
+        task.loss_fn(model(x[idx]), y[idx]).backward()
+        optimizer.step()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+               tmp_path / "d.pt")
+    result = api.sweep(task, batch_sizes=[4, 8, 32], budget="256", noise_measurements=0,
+                       journal=tmp_path / "j.jsonl", from_checkpoint=tmp_path / "d.pt")
+    assert [t.status.value for t in result.trials] == ["ok", "ok", "ok"]
+
+
+def test_an_unknown_prefix_renaming_is_said():
+    class Student(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.student = nn.Linear(3, 3)
+
+    saved = {f"teacher.{k}": v for k, v in nn.Linear(3, 3).state_dict().items()}
+    renamed, note = _rename(Student(), saved)
+    assert set(renamed) == {"student.weight", "student.bias"}
+    assert note and "renaming teacher.* to student.*" in note
+    _, quiet = _rename(Student(), {f"module.{k}": v for k, v in renamed.items()})
+    assert quiet is None
+
+
+def test_a_sharded_hugging_face_directory_is_read_through_its_index(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=16)
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    ck = load_checkpoint(tmp_path / "sharded")
+    assert ck.format == "hf-trainer" and ck.optimizer_state is None
+    branch = branch_from(ck, lambda: GPT2LMHeadModel(config), torch.optim.AdamW, 1e-3)
+    for key, value in model.state_dict().items():
+        assert torch.equal(branch.model_state[key], value)

@@ -93,6 +93,8 @@ class JournalContents:
     # What that sweep recommended (None: none, or a journal from before it was recorded), so
     # that ``report`` can say when re-ranking the same trials gives another answer.
     timing_recommended: int | None = None
+    # The checkpoint that sweep's trials branched from (``SweepResult.from_checkpoint``).
+    timing_from_checkpoint: dict[str, Any] | None = None
     # Other commands' records (``RECORD_TAGS``: ``bsselect schedule``'s branches and noise
     # points), as (tag, payload) in the order written.
     records: tuple[tuple[str, dict[str, Any]], ...] = field(default=())
@@ -122,6 +124,7 @@ def load(path: str | Path) -> JournalContents:
     timing_sizes: tuple[int, ...] | None = None
     timing_note: str | None = None
     timing_recommended: int | None = None
+    timing_checkpoint: dict[str, Any] | None = None
     records: list[tuple[str, dict[str, Any]]] = []
     for number, raw in enumerate(lines, start=1):
         last_and_cut = number == len(lines) and not complete
@@ -146,10 +149,12 @@ def load(path: str | Path) -> JournalContents:
             recommended = record.get("recommended_batch_size")
             if not (type(recommended) is int and recommended > 0):
                 recommended = None  # only what report compares with: a bad one is not kept
+            checkpoint = record.get("from_checkpoint")
             if problem is None:
                 timing, timing_note = rounds, note
                 timing_sizes = None if sizes is None else tuple(sizes)
                 timing_recommended = recommended
+                timing_checkpoint = checkpoint if isinstance(checkpoint, dict) else None
         elif problem is None and len(record) == 1 and next(iter(record)) in RECORD_TAGS:
             tag, payload = next(iter(record.items()))
             if isinstance(payload, dict):
@@ -166,7 +171,8 @@ def load(path: str | Path) -> JournalContents:
         warnings.append(f"{path}: no readable header line; its task and settings are unknown")
     return JournalContents(header, tuple(trials), tuple(warnings), timing=timing,
                            records=tuple(records), timing_batch_sizes=timing_sizes,
-                           timing_note=timing_note, timing_recommended=timing_recommended)
+                           timing_note=timing_note, timing_recommended=timing_recommended,
+                           timing_from_checkpoint=timing_checkpoint)
 
 
 def _timing_from(raw: Any) -> tuple[tuple[dict[str, Any], ...], str | None]:
@@ -342,13 +348,17 @@ class Journal:
                                            allow_nan=False))
 
     def append_timing(self, rounds: list[dict[str, Any]], batch_sizes: Sequence[int] = (),
-                      note: str | None = None, recommended: int | None = None) -> None:
+                      note: str | None = None, recommended: int | None = None,
+                      from_checkpoint: dict[str, Any] | None = None) -> None:
         """Write the sweep's interleaved timing rounds (``timing.RoundTiming.to_dict``; none
-        when there were none), the batch sizes that sweep ranked, its timing note and what it
-        recommended as one line; ``load`` keeps the last such line."""
-        _append_line(self.path, json.dumps(
-            {"timing": rounds, "batch_sizes": list(batch_sizes), "note": note,
-             "recommended_batch_size": recommended}, separators=(",", ":"), allow_nan=False))
+        when there were none), the batch sizes that sweep ranked, its timing note, what it
+        recommended and the checkpoint its trials branched from as one line; ``load`` keeps
+        the last such line."""
+        record = {"timing": rounds, "batch_sizes": list(batch_sizes), "note": note,
+                  "recommended_batch_size": recommended}
+        if from_checkpoint is not None:
+            record["from_checkpoint"] = from_checkpoint
+        _append_line(self.path, json.dumps(record, separators=(",", ":"), allow_nan=False))
 
     def append_record(self, tag: str, payload: Mapping[str, Any]) -> None:
         """Write ``{tag: payload}`` (a ``RECORD_TAGS`` tag) as one fsync'd line."""

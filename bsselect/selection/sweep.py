@@ -26,7 +26,8 @@ from .rank import Ranking, choose_b_hat, rank_trials
 from .timing import RoundTiming, cpu_threads, progress_units
 from .trial_types import TrialResult
 from .trials import (EVAL_BATCH, BudgetKind, TrialBudget, TrialSetup, branch_point, eval_subset,
-                     initial_loss, run_trial, split_validation, time_batch_sizes)
+                     initial_loss, keep_group_ratios, run_trial, split_validation,
+                     time_batch_sizes)
 
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(samples|sample|steps|step|seconds|s|)\s*$",
                      re.IGNORECASE)
@@ -293,8 +294,13 @@ def from_checkpoint(setup: TrialSetup, checkpoint: Checkpoint,
     rule's reference loss is the task's loss at initialisation (``rise_limit``)."""
     loss_init = with_initial_loss(setup).loss_start
     task = setup.task
+    def make_optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
+        optimizer = task.make_optimizer(params, lr)
+        keep_group_ratios(optimizer, lr)  # a group's own lr ratio (a frozen part) is kept
+        return optimizer
+
     with distributed.agreement():
-        branch = branch_from(checkpoint, task.model, task.make_optimizer, task.lr)
+        branch = branch_from(checkpoint, task.model, make_optimizer, task.lr)
     for message in branch.warnings:
         if warn:
             warn(message)
@@ -413,7 +419,8 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
         finally:  # the rounds are kept even when ranking them fails or is interrupted
             if distributed.is_main():  # what this sweep ranked, so that `report` re-renders it
                 journal.append_timing([t.to_dict() for t in timing.values()], batch_sizes,
-                                      note, result.recommended_batch_size if result else None)
+                                      note, result.recommended_batch_size if result else None,
+                                      branched)
     except KeyboardInterrupt:
         raise InterruptedRun(
             f"interrupted; {len(trials)} finished trial(s) are in {journal_path} — "

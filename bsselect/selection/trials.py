@@ -171,6 +171,10 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
     loss_start = setup.loss_start
     if loss_start is None:
         loss_start = initial_loss(model, setup)
+    # A step's loss above 10x this is divergence. From a warm start or a checkpoint the start
+    # can be near zero (and eval-mode, below any train-mode step loss with dropout): the
+    # reference is then the loss at initialisation, which a diverging run passes.
+    reference = max(loss_start, setup.loss_init or 0.0, 1e-12)
     total_steps = setup.budget.steps_for(batch_size)
     # With accumulation the loader yields micro-batches, `accumulate` of them per step.
     batches = cycle_batches(setup, batch_size // setup.accumulate)
@@ -194,7 +198,7 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
         if step > TIMING_WARMUP_STEPS or total_steps is not None and total_steps <= TIMING_WARMUP_STEPS:
             step_times.append(elapsed)
         curve.append(LossPoint(step, samples, train_wall, value if math.isfinite(value) else None))
-        if not math.isfinite(value) or value > DIVERGENCE_FACTOR * max(loss_start, 1e-12):
+        if not math.isfinite(value) or value > DIVERGENCE_FACTOR * reference:
             status, error = TrialStatus.diverged, f"loss {value:.4g} at step {step}"
             break
         if on_step:
