@@ -315,7 +315,9 @@ def _optimizer_fit(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> s
     return None
 
 
-_NOT_SETTINGS = ("params", "lr", "initial_lr")
+# Not settings that change the update: the lr (each trial sets its own) and how the
+# optimizer's kernels run.
+_NOT_SETTINGS = ("params", "lr", "initial_lr", "fused", "foreach", "capturable", "differentiable")
 
 
 def _settings_differ(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> list[str]:

@@ -64,6 +64,12 @@ def test_from_trainer_takes_the_trainers_model_data_and_arguments(tmp_path):
     optimizer = task.make_optimizer(model.parameters(), task.lr)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.param_groups[0]["weight_decay"] == 0.01
+    # As the Trainer builds it: biases and norms in a second group, without weight decay.
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = [names[id(p)] for p in optimizer.param_groups[1]["params"]]
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0 and exempt
+    assert all("bias" in n or "ln_" in n for n in exempt)
+    assert not any("bias" in names[id(p)] for p in optimizer.param_groups[0]["params"])
     assert task.model() is not model  # model_init: a fresh model each time
     assert len(task.val_data) == 120
     validate_task(task)

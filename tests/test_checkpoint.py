@@ -276,10 +276,15 @@ def test_a_hugging_face_trainer_checkpoint_directory_loads_its_weights(tmp_path,
     # safetensors stores the tied lm_head once; the model ties it back
     for key, value in trained.items():
         assert torch.equal(branch.model_state[f"model.{key}"], value)
-    # Trainer's AdamW splits weight decay into two parameter groups; the task's optimizer has
-    # one, so the moments cannot be matched to parameters: refused, said.
-    assert branch.optimizer_state is None
-    assert "does not fit the task's optimizer" in branch.warnings[0]
+    # The task's AdamW has the Trainer's two groups (decay, then biases and norms), so the
+    # Trainer's moments line up parameter by parameter.
+    assert branch.warnings == ()
+    saved = torch.load(tmp_path / "out" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert [len(g["params"]) for g in branch.optimizer_state["param_groups"]] == \
+        [len(g["params"]) for g in saved["param_groups"]]
+    for i, entry in saved["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(branch.optimizer_state["state"][i][name], entry[name])
 
 
 def test_noise_at_a_checkpoint_is_noise_of_the_checkpoints_weights(run_files):

@@ -25,12 +25,46 @@ from ..errors import TaskError, UsageError
 from . import batch_len, model_factory
 
 
+# Marks a parameter the Trainer's AdamW leaves out of weight decay (``_trainer_groups``).
+NO_DECAY = "_bsselect_no_decay"
+_NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)",
+                      r"_norm(?:$|\.)")
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """The parameters ``transformers.Trainer`` exempts from weight decay: those of LayerNorm
+    modules and those whose names say bias or norm (``Trainer.get_decay_parameter_names``,
+    asked of transformers itself where it has it)."""
+    names = {n for n, _ in model.named_parameters()}
+    try:
+        from transformers import Trainer
+
+        return names - set(Trainer.get_decay_parameter_names(None, model))  # type: ignore
+    except Exception:  # noqa: BLE001 - an older transformers: the same rule, written out
+        import re
+
+        out = set()
+        for module_name, module in model.named_modules():
+            for name, _ in module.named_parameters(recurse=False):
+                full = f"{module_name}.{name}" if module_name else name
+                if isinstance(module, nn.LayerNorm) or any(
+                        re.search(p, full.lower()) for p in _NO_DECAY_PATTERNS):
+                    out.add(full)
+        return out
+
+
 class HFModel(nn.Module):
-    """The model, called as HF calls it: ``model(**batch)``; returns its ``ModelOutput``."""
+    """The model, called as HF calls it: ``model(**batch)``; returns its ``ModelOutput``. Its
+    parameters that the Trainer exempts from weight decay are marked (``NO_DECAY``) for the
+    default optimizer's two groups."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        exempt = _no_decay_names(model)
+        for name, param in model.named_parameters():
+            if name in exempt:
+                setattr(param, NO_DECAY, True)
 
     def forward(self, batch: Any) -> Any:
         if not hasattr(batch, "keys"):
@@ -137,21 +171,33 @@ def from_hf(model: Any, train_dataset: Any, *, data_collator: Any = None,
 
     ``model``: a ``PretrainedConfig`` (random weights of the class it names), a local
     directory or ``config.json``, a zero-argument factory, or an ``nn.Module`` (copied per
-    trial). ``optimizer``: ``(params, lr) -> Optimizer``; default AdamW with
-    ``weight_decay``, as the Trainer's ``adamw_torch``. ``loss_fn``: default the model's own
+    trial). ``optimizer``: ``(params, lr) -> Optimizer``; default AdamW as the Trainer's
+    ``adamw_torch`` builds it: ``weight_decay`` on the trainable parameters but biases and
+    norms, which get none (two groups, in the Trainer's order). ``loss_fn``: default the model's own
     loss. ``metric``: ``(outputs, labels) -> float``, higher is better (``logits(outputs)``
     gives the logits)."""
     from ..task import Task
 
     if optimizer is None:
         def optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+            return torch.optim.AdamW(_trainer_groups(params, weight_decay), lr=lr)
 
     build = _factory(model)
     return Task(model=lambda: HFModel(build()), train_data=train_dataset,
                 val_data=eval_dataset, loss_fn=loss_fn or model_loss, metric=metric,
                 optimizer=optimizer, lr=lr, base_batch_size=base_batch_size,
                 collate_fn=collate_with(data_collator))
+
+
+def _trainer_groups(params: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """The Trainer's two AdamW groups, in its order: the trainable parameters it decays, then
+    the ones it exempts (biases, norms), each in the model's order — so that a Trainer
+    checkpoint's optimizer state lines up with them parameter by parameter."""
+    params = [p for p in params if p.requires_grad]
+    return [{"params": [p for p in params if not getattr(p, NO_DECAY, False)],
+             "weight_decay": weight_decay},
+            {"params": [p for p in params if getattr(p, NO_DECAY, False)],
+             "weight_decay": 0.0}]
 
 
 def from_trainer(trainer: Any) -> Any:
