@@ -126,6 +126,7 @@ WARM_START_STEPS = 0  # --warm-start-steps: the sweep's, for every example
 # the base batch size, median over the oracle's seeds), with --reuse-oracle only
 WARM_START_RUN_FRACTION: float | None = None
 SWEEP_CONDITIONS = CONDITIONS  # --quiet-only: ("quiet",), for screening a rule
+SWEEP_NO_RAMP = False  # --sweep-no-ramp: the sweep's trials without the lr ramp (oracle keeps it)
 LR_RAMP = True  # the sweep's default (--warmup-steps auto), in its trials and the full runs
 FRACTIONS = ("0.5", "1", "2", "4")   # of the sweep's default per-trial budget
 EVAL_BS = 256                               # the loss is a mean: batch size only changes speed
@@ -294,7 +295,8 @@ def bench_example(name: str, repeats: int, workdir: Path, sweep_repeats: int = 3
         warm = round(WARM_START_RUN_FRACTION * run_samples(saved) / task.base_batch_size)
         log(f"   warm start: {warm} base steps ({WARM_START_RUN_FRACTION:g} of the run)")
     settings = SweepSettings(budget=budget, lr_scaling=scaling, seed=0,
-                             warm_start_steps=warm, lr_ramp_samples=ramp)
+                             warm_start_steps=warm,
+                             lr_ramp_samples=0 if SWEEP_NO_RAMP else ramp)
     out["sweep_settings"] = settings.journal_settings(task)
     for condition in SWEEP_CONDITIONS:
         busy = start_busy() if condition == "loaded" else None
@@ -418,6 +420,9 @@ def main() -> None:
                              "the target at the base batch size); needs --reuse-oracle")
     parser.add_argument("--quiet-only", action="store_true",
                         help="sweeps on a quiet machine only (screening a rule)")
+    parser.add_argument("--sweep-no-ramp", action="store_true",
+                        help="the sweep's trials without the lr ramp; the oracle's full runs "
+                             "keep it (screening: how much the ramp costs short trials)")
     parser.add_argument("--no-lr-ramp", action="store_true",
                         help="trials and full runs without the default lr ramp")
     parser.add_argument("--sweep-repeats", type=int, default=3,
@@ -432,7 +437,8 @@ def main() -> None:
         print(render(read_json(args.from_json)), end="")
         return
     torch.set_num_threads(1)
-    global WARM_START_STEPS, LR_RAMP, WARM_START_RUN_FRACTION, SWEEP_CONDITIONS
+    global WARM_START_STEPS, LR_RAMP, WARM_START_RUN_FRACTION, SWEEP_CONDITIONS, SWEEP_NO_RAMP
+    SWEEP_NO_RAMP = args.sweep_no_ramp
     WARM_START_STEPS = args.warm_start_steps
     WARM_START_RUN_FRACTION = args.warm_start_run_fraction
     if args.quiet_only:
