@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import pathlib
 import re
@@ -61,37 +60,63 @@ class Branch:
 
     model_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, Any] | None
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()   # about the optimizer state (what training starts from)
+    renamed: str | None = None       # how the parameter names were matched, when not obvious
+
+    @property
+    def messages(self) -> tuple[str, ...]:
+        """Everything to tell the user: the renaming first, then the optimizer's."""
+        return ((self.renamed,) if self.renamed else ()) + self.warnings
 
 
 class _Hasher:
-    """SHA-256 over the bytes every file of a checkpoint was loaded from (a directory: each
-    file's name, then its bytes), so that the key is of exactly what the trials used."""
+    """SHA-256 of every file a checkpoint is loaded from (a directory: each file's name, then
+    its bytes; a single file: its bytes, what ``sha256sum`` prints), streamed, so that memory
+    holds only the loaded tensors. A file rewritten between hashing and loading (a live run's
+    ``last.ckpt``) is refused: the key must be of the bytes the trials used."""
 
     def __init__(self, directory: bool) -> None:
         self.sha = hashlib.sha256()
         self.directory = directory
 
-    def read(self, path: Path) -> bytes:
+    def hash(self, path: Path) -> tuple[int, int]:
         try:
-            data = path.read_bytes()
+            before = path.stat()
+            if self.directory:
+                self.sha.update(path.name.encode() + b"\0")
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    self.sha.update(chunk)
         except OSError as exc:
             raise UsageError(f"cannot read {path} ({exc.strerror or exc})") from None
-        if self.directory:
-            self.sha.update(path.name.encode() + b"\0")
-        self.sha.update(data)
-        return data
+        return before.st_size, before.st_mtime_ns
+
+    @staticmethod
+    def unchanged(path: Path, stamp: tuple[int, int]) -> None:
+        now = path.stat()
+        if (now.st_size, now.st_mtime_ns) != stamp:
+            raise UsageError(f"{path} changed while bsselect read it (a run still writing "
+                             "it?); pass a checkpoint that is no longer being written")
 
 
 _SAFE_GLOBALS = (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
                  pathlib.PureWindowsPath)  # Lightning's save_hyperparameters often holds paths
 
 
+def _load(path: Path) -> Any:
+    with torch.serialization.safe_globals(list(_SAFE_GLOBALS)):
+        try:  # memory-mapped: the file's pages, not a second copy of it
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # a legacy file
+
+
 def _torch_load(path: Path, hasher: _Hasher) -> Any:
-    data = hasher.read(path)
+    stamp = hasher.hash(path)
     try:
-        with torch.serialization.safe_globals(list(_SAFE_GLOBALS)):
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        data = _load(path)
     except Exception as exc:  # noqa: BLE001 - any failure to read the file is the file's
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
         what = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
@@ -103,10 +128,14 @@ def _torch_load(path: Path, hasher: _Hasher) -> Any:
                 "{'model': model.state_dict(), 'optimizer': optimizer.state_dict()} with "
                 "torch.save and pass that file") from exc
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        first = (detail.group(1) if detail else
-                 text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
+        first = detail.group(1).strip() if detail else (
+            text.strip().splitlines()[0] if text.strip() else "")
+        if len(first) < 12 or isinstance(exc, (KeyError, IndexError)):
+            first = "not a file torch.save wrote"
         raise UsageError(f"cannot read {path} as a PyTorch checkpoint (torch.save's format): "
-                         f"{first.strip()[:200]}") from exc
+                         f"{first[:200]}") from exc
+    hasher.unchanged(path, stamp)
+    return data
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -140,21 +169,25 @@ def _from_dict(path: Path, raw: Any) -> tuple[dict, dict | None, str, int | None
         keys = ", ".join(repr(k) for k in list(raw)[:8])
         raise UsageError(f"{path} has no model state_dict under 'model', 'model_state_dict' "
                          f"or 'state_dict' (its keys: {keys})")
-    optimizer = next((raw[k] for k in _OPTIMIZER_KEYS if k in raw), None)
-    if optimizer is not None and not isinstance(optimizer, dict):
-        raise UsageError(f"{path}: its optimizer entry is a {type(optimizer).__name__}, not an "
+    optimizer = next((raw[k] for k in _OPTIMIZER_KEYS if isinstance(raw.get(k), dict)), None)
+    other = next((raw[k] for k in _OPTIMIZER_KEYS if raw.get(k) is not None), None)
+    if optimizer is None and other is not None:
+        raise UsageError(f"{path}: its optimizer entry is a {type(other).__name__}, not an "
                          "optimizer.state_dict()")
     return model, optimizer, "dict", _step_of(raw)
 
 
 def _weights_file(path: Path, hasher: _Hasher) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load as load_bytes
+        from safetensors.torch import load_file
 
+        stamp = hasher.hash(path)
         try:
-            return load_bytes(hasher.read(path))
+            tensors = load_file(str(path), device="cpu")
         except Exception as exc:  # noqa: BLE001 - the file's problem
             raise UsageError(f"cannot read {path} as safetensors: {exc}") from exc
+        hasher.unchanged(path, stamp)
+        return tensors
     return _torch_load(path, hasher)
 
 
@@ -166,7 +199,8 @@ def _hf_directory(path: Path, hasher: _Hasher) -> tuple[dict, dict | None, str, 
         model = _weights_file(weights, hasher)
     elif index is not None:  # a sharded checkpoint: the index names each tensor's shard
         try:
-            weight_map = json.loads(hasher.read(index)).get("weight_map")
+            hasher.hash(index)
+            weight_map = json.loads(index.read_text()).get("weight_map")
             shards = sorted(set(weight_map.values()))
         except (ValueError, AttributeError, TypeError) as exc:
             raise UsageError(f"cannot read {index} (a sharded checkpoint's index): "
@@ -205,11 +239,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                                       and isinstance(optimizer.get("param_groups"), list)):
         raise UsageError(f"{path}: its optimizer entry is not an optimizer.state_dict() "
                          "(no 'state' and 'param_groups')")
-    bad = next((k for k, v in model.items() if v.is_floating_point()
-                and not bool(torch.isfinite(v).all())), None)
-    if bad is not None:
-        raise UsageError(f"{path} holds non-finite weights (nan or inf in {bad}): no trial "
-                         "could train from it; pass an earlier checkpoint")
     return Checkpoint(str(p), hasher.sha.hexdigest(), model, optimizer, fmt, step)
 
 
@@ -271,52 +300,67 @@ def _rename(model: nn.Module, state: dict[str, torch.Tensor]
         + " — pass a checkpoint of the same model")
 
 
-def _state_keys(optimizer: torch.optim.Optimizer) -> set[str] | None:
-    """The per-parameter state names the task's optimizer keeps (SGD: momentum_buffer; Adam:
-    step, exp_avg, exp_avg_sq), from one zero-gradient step of the same class and settings
-    on a 2-element parameter; None when the class cannot be probed that way."""
+# Group entries that are not constructor settings of the update
+_NOT_ARGS = ("params", "initial_lr", "differentiable", "fused", "foreach", "capturable")
+
+
+def _state_keys(optimizer: torch.optim.Optimizer, group: dict[str, Any],
+                ndim: int) -> dict[str, bool] | None:
+    """The per-parameter state the task's optimizer keeps for a parameter of ``ndim``
+    dimensions in ``group``, as name -> whether that tensor has the parameter's shape (SGD
+    with momentum: momentum_buffer; Adam: step, exp_avg, exp_avg_sq; a factored optimizer's
+    row and column statistics do not), from one zero-gradient step of the same class with
+    that group's settings on a small parameter; None when the class cannot be probed."""
     try:
-        probe = nn.Parameter(torch.zeros(2))
-        settings = {k: v for k, v in optimizer.defaults.items()
-                    if k not in ("differentiable", "fused", "foreach", "capturable")}
+        probe = nn.Parameter(torch.zeros((2,) * max(ndim, 1)))
+        settings = {k: v for k, v in group.items()
+                    if k not in _NOT_ARGS and not k.startswith("bsselect")}
         twin = type(optimizer)([probe], **settings)
-        probe.grad = torch.zeros(2)
+        probe.grad = torch.zeros_like(probe)
         twin.step()
-        return set(twin.state[probe])
-    except Exception:  # noqa: BLE001 - a custom optimizer: no check, shapes still checked
+        return {name: isinstance(value, torch.Tensor) and value.shape == probe.shape
+                for name, value in twin.state[probe].items()}
+    except Exception:  # noqa: BLE001 - a custom optimizer: no check of names, shapes checked
         return None
 
 
 def _optimizer_fit(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> str | None:
     """Why ``saved`` (an optimizer.state_dict()) cannot give ``optimizer`` its per-parameter
     state, or None. Groups must hold the same number of parameters in the same order (the
-    state is keyed by position), each state tensor must have its parameter's shape, and the
-    state must be the same kind (an Adam state does not make an SGD's momentum)."""
+    state is keyed by position), the state must be the same kind (an Adam state does not
+    make an SGD's momentum), and each state tensor that has its parameter's shape in the task's
+    optimizer must have it here (without a probe: every tensor of the parameter's rank)."""
     sizes = [len(g["params"]) for g in optimizer.param_groups]
     saved_sizes = [len(g.get("params", ())) for g in saved["param_groups"]]
     if sizes != saved_sizes:
         return (f"its parameter groups hold {saved_sizes} parameters, the task optimizer's "
                 f"{sizes}")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     ids = [i for g in saved["param_groups"] for i in g["params"]]
-    expected = _state_keys(optimizer)
-    for param, index in zip(params, ids):
+    params = [(p, g) for g in optimizer.param_groups for p in g["params"]]
+    probed: dict[tuple[int, int], dict[str, bool] | None] = {}
+    for (param, group), index in zip(params, ids):
         entry = saved["state"].get(index)
         if not isinstance(entry, dict):
             continue  # a parameter that never had a gradient keeps no state
-        if expected is not None and set(entry) != expected:
-            return (f"it keeps {', '.join(sorted(entry))} per parameter, the task's "
-                    f"{type(optimizer).__name__} keeps {', '.join(sorted(expected))}: another "
-                    "optimizer's state")
+        key = (id(group), param.dim())
+        if key not in probed:
+            probed[key] = _state_keys(optimizer, group, param.dim())
+        expected = probed[key]
+        if expected is not None and set(entry) != set(expected):
+            keeps = ", ".join(sorted(expected)) or "no state"
+            return (f"it keeps {', '.join(sorted(entry)) or 'no state'} per parameter, the "
+                    f"task's {type(optimizer).__name__} with its settings keeps {keeps}: "
+                    "another optimizer's state, or a setting that changes it (momentum, "
+                    "amsgrad)")
         for name, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+            shaped = (expected[name] if expected is not None else
+                      isinstance(value, torch.Tensor) and value.dim() == param.dim() > 0)
+            if shaped and isinstance(value, torch.Tensor) and value.shape != param.shape:
                 return (f"a {name} of shape {tuple(value.shape)} for a parameter of shape "
                         f"{tuple(param.shape)}")
     return None
 
 
-# Not settings that change the update: the lr (each trial sets its own) and how the
-# optimizer's kernels run.
 _NOT_SETTINGS = ("params", "lr", "initial_lr", "fused", "foreach", "capturable", "differentiable")
 
 
@@ -354,14 +398,20 @@ def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
         lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
         raise UsageError("the checkpoint's tensors do not fit the task's model: "
                          + ("; ".join(lines[:2]) or str(exc).splitlines()[0])) from exc
-    warnings: list[str] = [note] if note else []
+    bad = next((name for name, param in model.named_parameters()
+                if not bool(torch.isfinite(param).all())), None)  # buffers may hold -inf masks
+    if bad is not None:
+        raise UsageError(f"{checkpoint.path} holds non-finite weights (nan or inf in {bad}): "
+                         "no trial could train from it; pass an earlier checkpoint")
+    warnings: list[str] = []
     optimizer_state = None
     saved = checkpoint.optimizer_state
     fresh = "every trial starts a fresh optimizer at the checkpoint's weights"
     if saved is None or not saved["state"]:
         warnings.append(f"{checkpoint.path} holds "
                         + ("no optimizer state" if saved is None else
-                           "an empty optimizer state (its optimizer never stepped)")
+                           "no per-parameter optimizer state (plain SGD keeps none; or it "
+                           "never stepped)")
                         + f": {fresh} (momentum and Adam's moments at zero)")
     else:
         optimizer = make_optimizer(model.parameters(), lr)
@@ -389,4 +439,4 @@ def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
             optimizer_state = copy.deepcopy(optimizer.state_dict())
         del optimizer
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Branch(state, optimizer_state, tuple(warnings))
+    return Branch(state, optimizer_state, tuple(warnings), note)

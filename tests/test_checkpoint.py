@@ -143,6 +143,11 @@ def test_the_table_says_where_the_trials_branched_from(run_files, tmp_path):
     assert "trials branched from" in table and "step 40, with its optimizer state)" in table
 
 
+def _with_nan(state: dict) -> dict:
+    state["0.weight"][0, 0] = float("nan")
+    return state
+
+
 class _Holds:
     """Pickled by reference: loading it would import and run code."""
 
@@ -152,7 +157,7 @@ class _Holds:
      "holds objects other than tensors and plain containers (it names"),
     (lambda p: p.write_text("not a checkpoint"), "cannot read"),
     (lambda p: p.write_text("hello world\n"), "cannot read"),
-    (lambda p: torch.save({"model": {"0.weight": torch.full((32, 16), float("nan"))}}, p),
+    (lambda p: torch.save({"model": _with_nan(load_task(TINY)[0].model().state_dict())}, p),
      "holds non-finite weights (nan or inf in 0.weight)"),
     (lambda p: torch.save({"model": {"w": torch.zeros(2)}, "optimizer": [1, 2]}, p),
      "its optimizer entry is a list, not an optimizer.state_dict()"),
@@ -355,8 +360,8 @@ def test_another_optimizers_state_is_refused_with_a_warning(tmp_path):
     branch = branch_from(load_checkpoint(tmp_path / "a.pt"), task.model, task.make_optimizer,
                          task.lr)  # the task's optimizer: SGD with momentum
     assert branch.optimizer_state is None
-    assert "keeps exp_avg, exp_avg_sq, step per parameter, the task's SGD keeps " \
-           "momentum_buffer: another optimizer's state" in branch.warnings[0]
+    assert "keeps exp_avg, exp_avg_sq, step per parameter, the task's SGD with its " \
+           "settings keeps momentum_buffer: another optimizer's state" in branch.warnings[0]
     done = run_cli("sweep", TINY, "--batch-sizes", "8,32", "--budget", "256",
                    "--journal", str(tmp_path / "j.jsonl"), "--from-checkpoint",
                    str(tmp_path / "a.pt"), "--json", env=CLI_ENV)
@@ -456,3 +461,101 @@ def test_a_sharded_hugging_face_directory_is_read_through_its_index(tmp_path):
     branch = branch_from(ck, lambda: GPT2LMHeadModel(config), torch.optim.AdamW, 1e-3)
     for key, value in model.state_dict().items():
         assert torch.equal(branch.model_state[key], value)
+
+
+class _Masked(nn.Module):
+    """A model with a legitimate -inf buffer (an additive mask), as attention models have."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(16, 3)
+        self.register_buffer("mask", torch.full((3,), float("-inf")).index_fill(0,
+                             torch.tensor([0, 1, 2]), 0.0).clone())
+        self.register_buffer("never", torch.tensor([float("-inf")]))
+
+    def forward(self, x):
+        return self.net(x) + self.mask
+
+
+def test_an_infinite_buffer_is_not_a_bad_weight_but_a_bad_loss_from_a_checkpoint_is(tmp_path):
+    import dataclasses
+
+    task, _ = load_task(TINY)
+    task = dataclasses.replace(task, model=_Masked)
+    model = task.model()
+    torch.save({"model": model.state_dict()}, tmp_path / "m.pt")
+    branch = branch_from(load_checkpoint(tmp_path / "m.pt"), task.model, task.make_optimizer,
+                         task.lr)
+    assert torch.isinf(branch.model_state["never"]).all()
+    # From a well-trained checkpoint, a far too high lr that multiplies its loss is diverged,
+    # though the loss stays below the loss at initialisation; and the failure says why.
+    _, trained, optimizer = train_run(steps=400)
+    torch.save({"model": trained.state_dict(), "optimizer": optimizer.state_dict()},
+               tmp_path / "t.pt")
+    hot = dataclasses.replace(load_task(TINY)[0], lr=3.0)
+    result = api.sweep(hot, batch_sizes=[8, 16], budget="256", noise_measurements=0,
+                       lr_scaling="none", journal=tmp_path / "j.jsonl",
+                       from_checkpoint=tmp_path / "t.pt")
+    assert {t.status.value for t in result.trials} == {"diverged"}
+    assert any("above 0.00" in t.error and "double the checkpoint's loss" in t.error
+               for t in result.trials)  # b=16: its end loss, 2.9, is below 0.73 at init x 10
+    failure = result.failure()
+    assert failure is not None and "likely above the lr the run trains at by now" in str(failure)
+
+
+@pytest.mark.parametrize("make", [
+    # the task's own optimizer with a group that overrides momentum
+    lambda params, lr: torch.optim.SGD([{"params": params[:2], "momentum": 0.9},
+                                        {"params": params[2:]}], lr=lr),
+    # a factored optimizer: its row/column statistics are not parameter-shaped
+    lambda params, lr: torch.optim.Adafactor(params, lr=lr),
+    lambda params, lr: torch.optim.Adam(params, lr=lr, amsgrad=True),
+    lambda params, lr: torch.optim.RMSprop(params, lr=lr, momentum=0.9, centered=True),
+])
+def test_an_optimizers_own_state_fits_it(tmp_path, make):
+    import dataclasses
+
+    task, _ = load_task(TINY)
+    task = dataclasses.replace(task, optimizer=lambda params, lr: make(list(params), lr))
+    model = task.model()
+    optimizer = task.make_optimizer(model.parameters(), 0.01)
+    x, y = task.train_data.tensors
+    for _ in range(2):
+        optimizer.zero_grad()
+        task.loss_fn(model(x[:16]), y[:16]).backward()
+        optimizer.step()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+               tmp_path / "o.pt")
+    branch = branch_from(load_checkpoint(tmp_path / "o.pt"), task.model, task.make_optimizer,
+                         task.lr)
+    assert branch.warnings == () and branch.optimizer_state is not None
+
+
+def test_optimizer_entries_take_the_first_state_dict(tmp_path):
+    task, model, sgd = _state_of(torch.optim.SGD, lr=0.1, momentum=0.9)
+    torch.save({"model": model.state_dict(), "optimizer": "sgd",
+                "optimizer_state_dict": sgd.state_dict()}, tmp_path / "k.pt")
+    assert load_checkpoint(tmp_path / "k.pt").optimizer_state is not None
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)  # momentum 0 keeps no state
+    sum(p.sum() for p in model.parameters()).backward()
+    plain.step()
+    torch.save({"model": model.state_dict(), "optimizer": plain.state_dict()}, tmp_path / "p.pt")
+    branch = branch_from(load_checkpoint(tmp_path / "p.pt"), task.model, task.make_optimizer,
+                         task.lr)
+    assert branch.optimizer_state is None
+    assert "holds no per-parameter optimizer state (plain SGD keeps none" in branch.warnings[0]
+
+
+def test_report_ignores_a_malformed_checkpoint_record(run_files, tmp_path):
+    path, _, _ = run_files
+    journal = tmp_path / "j.jsonl"
+    done = api.sweep(TINY, batch_sizes=[8], budget="256", noise_measurements=0,
+                     journal=journal, from_checkpoint=path / "run.pt")
+    assert done.from_checkpoint["format"] == "dict"
+    lines = journal.read_text().splitlines()
+    record = json.loads(lines[-1])
+    record["from_checkpoint"] = {"path": "x"}
+    journal.write_text("\n".join(lines[:-1] + [json.dumps(record)]) + "\n")
+    report = run_cli("report", str(journal), "--json", env=CLI_ENV)
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["from_checkpoint"]["sha256"] == done.from_checkpoint["sha256"]

@@ -100,6 +100,14 @@ class JournalContents:
     records: tuple[tuple[str, dict[str, Any]], ...] = field(default=())
 
 
+def _checkpoint_record(value: Any) -> bool:
+    """A timing record's ``from_checkpoint`` as the sweep writes it (report shows it)."""
+    return (isinstance(value, dict) and isinstance(value.get("path"), str)
+            and isinstance(value.get("sha256"), str) and isinstance(value.get("format"), str)
+            and (value.get("step") is None or type(value.get("step")) is int)
+            and isinstance(value.get("optimizer_state"), bool))
+
+
 def load(path: str | Path) -> JournalContents:
     """Read a journal. A missing file raises UsageError; unreadable lines are skipped with a
     warning (the last one is usually a write cut short by SIGKILL)."""
@@ -154,7 +162,7 @@ def load(path: str | Path) -> JournalContents:
                 timing, timing_note = rounds, note
                 timing_sizes = None if sizes is None else tuple(sizes)
                 timing_recommended = recommended
-                timing_checkpoint = checkpoint if isinstance(checkpoint, dict) else None
+                timing_checkpoint = checkpoint if _checkpoint_record(checkpoint) else None
         elif problem is None and len(record) == 1 and next(iter(record)) in RECORD_TAGS:
             tag, payload = next(iter(record.items()))
             if isinstance(payload, dict):

@@ -380,7 +380,10 @@ def measure_noise(
     if checkpoint is not None:
         branch = branch_from(checkpoint, task.model, task.make_optimizer, task.lr)
         model.load_state_dict(branch.model_state)
-        for message in branch.warnings if warmup_steps else ():  # the state only trains
+        # the weights' renaming always; the optimizer's state only matters if it trains
+        messages = branch.messages if warmup_steps else (
+            (branch.renamed,) if branch.renamed else ())
+        for message in messages:
             if warn:
                 warn(message)
     model.train()  # the noise of the gradients training sees (dropout on, batch statistics)

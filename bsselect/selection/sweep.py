@@ -196,8 +196,16 @@ class SweepResult:
         if errors and len(errors) == len(self.trials):
             return TaskError(f"every trial failed; the first: batch {errors[0].batch_size}: "
                              f"{errors[0].error}{again}")
+        tried = ", ".join(f"{t.batch_size}: {t.status.value}" for t in self.trials)
+        if self.from_checkpoint:
+            return TaskError(
+                f"no trial trained from the checkpoint ({tried}); "
+                f"the learning rates tried were {lrs} ({self.settings.lr_scaling.value} scaling "
+                f"from lr {self.base_lr:g} at batch {self.base_batch_size}), likely above the lr "
+                "the run trains at by now (a decayed schedule): set the task's lr to the run's "
+                "current lr, or try --lr-scaling sqrt or none")
         return TaskError(
-            f"no trial trained ({', '.join(f'{t.batch_size}: {t.status.value}' for t in self.trials)}); "
+            f"no trial trained ({tried}); "
             f"the learning rates tried were {lrs} ({self.settings.lr_scaling.value} scaling from "
             f"lr {self.base_lr:g} at batch {self.base_batch_size}): try a lower lr in the task, "
             "--lr-scaling sqrt or none, or --warmup-steps")
@@ -301,12 +309,12 @@ def from_checkpoint(setup: TrialSetup, checkpoint: Checkpoint,
 
     with distributed.agreement():
         branch = branch_from(checkpoint, task.model, make_optimizer, task.lr)
-    for message in branch.warnings:
+    for message in branch.messages:
         if warn:
             warn(message)
     return dataclasses.replace(setup, initial_state=branch.model_state,
                                optimizer_state=branch.optimizer_state, loss_start=None,
-                               loss_init=loss_init)
+                               loss_init=loss_init, from_checkpoint=True)
 
 
 def checkpoint_json(checkpoint: Checkpoint, setup: TrialSetup) -> dict:

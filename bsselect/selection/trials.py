@@ -90,6 +90,7 @@ class TrialSetup:
     loss_init: float | None = None  # warm start: the training loss at initialisation
     validate: bool = True  # False: no validation pass at the end (``bsselect schedule``'s
     # branches compare training-subset losses only)
+    from_checkpoint: bool = False  # initial_state is a user's checkpoint (``rise_limit``)
 
 
 def cycle_batches(setup: TrialSetup, batch_size: int):
@@ -380,9 +381,16 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
     val_loss, val_metric = (evaluate(model, task, setup.val_data, device, setup.eval_batch_size)
                             if setup.validate else (None, None))
     drop = loss_start - loss_end
-    if loss_end > rise_limit(loss_start, setup.loss_init):  # the LR is too high for this batch
-        undone = (f", undoing more than half of the warm start's progress from "
-                  f"{setup.loss_init:.4g}" if setup.loss_init is not None else "")
+    limit = rise_limit(loss_start, setup.loss_init, setup.from_checkpoint)
+    if loss_end > limit:  # the LR is too high for this batch
+        if setup.loss_init is None:
+            undone = ""
+        elif setup.from_checkpoint:
+            undone = (f", above {limit:.4g}: double the checkpoint's loss, or half of the "
+                      f"progress from {setup.loss_init:.4g} at initialisation")
+        else:
+            undone = (f", undoing more than half of the warm start's progress from "
+                      f"{setup.loss_init:.4g}")
         return TrialResult(status=TrialStatus.diverged,
                            **dict(common, error=f"loss rose from {loss_start:.4g} to "
                                                 f"{loss_end:.4g}{undone}"),
@@ -405,15 +413,20 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
     )
 
 
-def rise_limit(loss_start: float, loss_init: float | None) -> float:
+def rise_limit(loss_start: float, loss_init: float | None,
+               checkpoint: bool = False) -> float:
     """The end-of-trial training loss above which a trial counts as diverged. From
     initialisation: any rise over the whole trial (the LR is too high for the batch). From a
     warm start at ``loss_start`` (reached from ``loss_init``): a rise that undoes more than
     half of the warm start's progress; a smaller rise is the noise floor of a larger LR near
-    the branch point, which the same LR would not show from initialisation."""
+    the branch point, which the same LR would not show from initialisation. From a user's
+    ``checkpoint``, also a rise that doubles its loss: a trained model's loss is far below
+    its initial one, and a trial that takes it from 0.001 to 0.2 has undone what matters even
+    though the loss at initialisation is 2.3."""
     if loss_init is None or loss_init <= loss_start:
         return loss_start
-    return loss_start + 0.5 * (loss_init - loss_start)
+    limit = loss_start + 0.5 * (loss_init - loss_start)
+    return min(limit, 2 * loss_start) if checkpoint else limit
 
 
 def initial_loss(model: nn.Module, setup: TrialSetup) -> float:
