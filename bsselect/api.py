@@ -310,11 +310,14 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
                noise_measurements: int = 2, warm_start_steps: int = 0,
                journal: str | Path | None = None, device: str = "auto", memory: Size = None,
                precision: str = "fp32", accumulate: int = 1, threads: int | None = None,
-               from_checkpoint: str | Path | None = None, console: Any = None) -> SweepPlan:
+               from_checkpoint: str | Path | None = None, lr: float | None = None,
+               console: Any = None) -> SweepPlan:
     """The batch sizes (explicit, or powers of two up to what the probe says fits), the
     per-trial budget, the settings and the journal of a sweep, with the CLI's defaults.
     ``from_checkpoint``: a checkpoint of the user's run (``bsselect.checkpoint`` lists the
-    formats) that every trial branches from, read here so that a bad file fails first."""
+    formats) that every trial branches from, read here so that a bad file fails first.
+    ``lr``: the learning rate at the task's base batch size that the trials scale from,
+    instead of the task's own (e.g. the run's current lr at a checkpoint)."""
     from .run_options import step_settings
     from .selection.sweep import default_budget, parse_budget
     from .selection.timing import default_threads
@@ -337,6 +340,8 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
     dev = device_of(device, trains=True)
     step = step_settings(precision, accumulate)
     loaded, name = resolve_task(task)
+    if lr is not None:
+        loaded = replace(loaded, lr=_check_lr(lr))
     size = _bytes(memory, "memory")
     sizes, cap, cap_source = plan_sizes(loaded, name, explicit, min_batch, max_batch, size,
                                         dev, step, console)
@@ -552,6 +557,16 @@ def _branch_samples(value: int | None) -> int:
 
 
 MAX_SEED = 2**31 - 1
+
+
+def _check_lr(lr: Any) -> float:
+    """``--lr``: a finite number > 0 (UsageError otherwise)."""
+    import math
+
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
+            math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--lr must be a number > 0, got {lr!r}")
+    return float(lr)
 
 
 def _check_seed(seed: Any) -> int:

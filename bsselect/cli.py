@@ -300,6 +300,10 @@ def sweep(
         help="Per-trial budget, equal for every batch size: 4096 (samples), 200steps or 30s. "
              "Default: 32 steps of the task's base batch size, at least one step of the "
              "largest, at most 65536 samples.")] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        help="Learning rate at the task's base batch size, scaled to each batch size "
+             "(default: the task's own lr). From a checkpoint: the lr your run trains at "
+             "now.", show_default="the task's lr")] = None,
     lr_scaling: Annotated[str, typer.Option(
         help="auto (linear for SGD, sqrt for Adam-family), linear, sqrt or none.")] = "auto",
     warmup_steps: Annotated[str, typer.Option(
@@ -370,7 +374,7 @@ def sweep(
             warmup_steps=warmup_steps, noise_measurements=noise_measurements,
             warm_start_steps=warm_start_steps, journal=journal, device=device, memory=memory,
             precision=precision, accumulate=accumulate, threads=threads,
-            from_checkpoint=from_checkpoint, console=console)
+            from_checkpoint=from_checkpoint, lr=lr, console=console)
         settings = plan.settings
         console.print(f"sweeping {plan.task_name}: batch sizes {list(plan.batch_sizes)} "
                       f"({plan.max_batch_source}), {settings.budget.amount:g} "

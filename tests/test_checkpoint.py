@@ -559,3 +559,20 @@ def test_report_ignores_a_malformed_checkpoint_record(run_files, tmp_path):
     report = run_cli("report", str(journal), "--json", env=CLI_ENV)
     assert report.returncode == 0, report.stderr
     assert json.loads(report.stdout)["from_checkpoint"]["sha256"] == done.from_checkpoint["sha256"]
+
+
+def test_lr_sets_the_rate_the_trials_scale_from(run_files, tmp_path):
+    import dataclasses
+
+    path, _, _ = run_files
+    hot = dataclasses.replace(load_task(TINY)[0], lr=3.0)  # far above the run's lr (0.1)
+    result = api.sweep(hot, batch_sizes=[8, 32], budget="256", noise_measurements=0,
+                       lr_scaling="linear", lr=0.1, journal=tmp_path / "j.jsonl",
+                       from_checkpoint=path / "run.pt")
+    assert [t.lr for t in result.trials] == [pytest.approx(0.05), pytest.approx(0.2)]
+    assert result.base_lr == 0.1
+    header = json.loads((tmp_path / "j.jsonl").read_text().splitlines()[0])
+    assert header["settings"]["base_lr"] == 0.1  # part of the resume key
+    for bad in ("0", "-1", "nan", "inf"):
+        done = run_cli("sweep", TINY, "--batch-sizes", "8", "--lr", bad, env=CLI_ENV)
+        assert done.returncode == 2 and "--lr must be a number > 0" in done.stderr, done.stderr
