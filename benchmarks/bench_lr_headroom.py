@@ -17,21 +17,17 @@ headroom and the oracle's implied noise scale measures it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 import selection_lib as lib  # noqa: E402
-from bench_noise_hessian import oracle_examples  # noqa: E402
+from bench_noise_hessian import drive  # noqa: E402
 from bench_selection import CPU, RAMP_BASE_STEPS, TASKS, full_run  # noqa: E402
 
 from bsselect.selection.sweep import SweepSettings, make_setup, resolve_lr_scaling  # noqa: E402
 from bsselect.selection.trials import BudgetKind, TrialBudget  # noqa: E402
 
-MULTIPLES = (1, 2, 4, 8)
 
 def run(name: str, ex: dict, seeds: int, multiples: tuple[int, ...]) -> dict:
     """Per lr multiple: samples to the target (each seed) and, at the sweep's per-trial
@@ -97,21 +93,9 @@ def main() -> None:
     parser.add_argument("--examples", default="logreg,autoenc,spirals,topics")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--multiples", default="1,2,4,8", help="lr multiples to train")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--from-json", type=Path)
-    args = parser.parse_args()
-    if args.from_json:
-        print(render(json.loads(args.from_json.read_text())["results"]), end="")
-        return
-    torch.set_num_threads(1)
-    oracles = oracle_examples()
-    results = []
-    for name in [n.strip() for n in args.examples.split(",") if n.strip()]:
-        results.append(run(name, oracles[name], args.seeds,
-                           tuple(int(k) for k in args.multiples.split(","))))
-        if args.json:
-            args.json.write_text(json.dumps(dict(command=" ".join(sys.argv), results=results)))
-    print(render(results), end="")
+    drive(parser, lambda args, name, ex: run(
+        name, ex, args.seeds, tuple(int(k) for k in args.multiples.split(","))), render)
+
 
 if __name__ == "__main__":
     main()

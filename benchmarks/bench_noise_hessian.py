@@ -193,25 +193,32 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--examples", default="logreg,autoenc,spirals,softmax-50,linreg,"
-                        "digits-mlp,digits-cnn,cnn-bn")
-    parser.add_argument("--measurements", type=int, default=16)
+def drive(parser: argparse.ArgumentParser, run_one, render_all) -> None:
+    """The diagnostics' shared main: ``--examples``, ``--json`` (written after each task, so a
+    long run that dies keeps what it finished), ``--from-json`` (re-render, no training);
+    ``run_one(args, name, oracle example)`` -> one task's record."""
     parser.add_argument("--json", type=Path)
     parser.add_argument("--from-json", type=Path)
     args = parser.parse_args()
     if args.from_json:
-        print(render(json.loads(args.from_json.read_text())["results"]), end="")
+        print(render_all(json.loads(args.from_json.read_text())["results"]), end="")
         return
     torch.set_num_threads(1)
     oracles = oracle_examples()
     results = []
     for name in [n.strip() for n in args.examples.split(",") if n.strip()]:
-        results.append(run(name, oracles[name], args.measurements))
+        results.append(run_one(args, name, oracles[name]))
         if args.json:
             args.json.write_text(json.dumps(dict(command=" ".join(sys.argv), results=results)))
-    print(render(results), end="")
+    print(render_all(results), end="")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--examples", default="logreg,autoenc,spirals,softmax-50,linreg,"
+                        "digits-mlp,digits-cnn,cnn-bn")
+    parser.add_argument("--measurements", type=int, default=16)
+    drive(parser, lambda args, name, ex: run(name, ex, args.measurements), render)
 
 
 if __name__ == "__main__":

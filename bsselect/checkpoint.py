@@ -380,6 +380,27 @@ def _settings_differ(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) ->
     return out
 
 
+def run_lr(saved: dict[str, Any] | None) -> float | None:
+    """The lr the checkpoint's optimizer was at (its first group's, after any schedule)."""
+    groups = saved.get("param_groups") if saved else None
+    value = groups[0].get("lr") if groups and isinstance(groups[0], dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else None
+
+
+def _lr_hint(optimizer: torch.optim.Optimizer, saved: dict[str, Any], lr: float) -> str | None:
+    """A warning when the run's lr at the checkpoint is far from the one the trials scale from
+    (a decayed schedule): the answer is for the trials' lr, and ``--lr`` sets it."""
+    theirs = run_lr(saved)
+    ours = float(optimizer.param_groups[0]["lr"])
+    if not theirs or not ours or max(theirs, ours) / min(theirs, ours) < 1.5:
+        return None
+    base = theirs * lr / ours  # the base lr whose first group would train at the run's lr
+    return (f"the checkpoint's optimizer was at lr {theirs:.3g}, the trials scale from lr "
+            f"{lr:.3g}: if the run's lr has changed since (a schedule), pass --lr {base:.3g} "
+            "to ask from the lr it trains at now")
+
+
 def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
                 make_optimizer: Callable[[Any, float], torch.optim.Optimizer],
                 lr: float) -> Branch:
@@ -415,6 +436,9 @@ def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
                         + f": {fresh} (momentum and Adam's moments at zero)")
     else:
         optimizer = make_optimizer(model.parameters(), lr)
+        hint = _lr_hint(optimizer, saved, lr)
+        if hint:
+            warnings.append(hint)
         why = _optimizer_fit(optimizer, saved)
         if why is None:
             own = optimizer.state_dict()

@@ -361,13 +361,17 @@ def test_another_optimizers_state_is_refused_with_a_warning(tmp_path):
                          task.lr)  # the task's optimizer: SGD with momentum
     assert branch.optimizer_state is None
     assert "keeps exp_avg, exp_avg_sq, step per parameter, the task's SGD with its " \
-           "settings keeps momentum_buffer: another optimizer's state" in branch.warnings[0]
+           "settings keeps momentum_buffer: another optimizer's state" in branch.warnings[-1]
+    # Its lr (1e-3) is far from the task's (0.1): the hint names the --lr to ask from it.
+    assert "the checkpoint's optimizer was at lr 0.001, the trials scale from lr 0.1: if the " \
+           "run's lr has changed since (a schedule), pass --lr 0.001" in branch.warnings[0]
     done = run_cli("sweep", TINY, "--batch-sizes", "8,32", "--budget", "256",
                    "--journal", str(tmp_path / "j.jsonl"), "--from-checkpoint",
                    str(tmp_path / "a.pt"), "--json", env=CLI_ENV)
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     assert data["from_checkpoint"]["optimizer_state"] is False
+    assert data["from_checkpoint"]["lr"] == pytest.approx(1e-3)
     assert all(t["status"] == "ok" for t in data["trials"])
 
 
@@ -518,7 +522,7 @@ def test_an_optimizers_own_state_fits_it(tmp_path, make):
     task, _ = load_task(TINY)
     task = dataclasses.replace(task, optimizer=lambda params, lr: make(list(params), lr))
     model = task.model()
-    optimizer = task.make_optimizer(model.parameters(), 0.01)
+    optimizer = task.make_optimizer(model.parameters(), task.lr)
     x, y = task.train_data.tensors
     for _ in range(2):
         optimizer.zero_grad()

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import distributed
-from ..checkpoint import Checkpoint, branch_from
+from ..checkpoint import Checkpoint, branch_from, run_lr
 from ..errors import BsselectError, DoesNotFitError, InterruptedRun, TaskError, UsageError, one_line
 from ..memory.capacity import largest_pow2_at_most
 from ..oom import release_memory
@@ -320,7 +320,8 @@ def from_checkpoint(setup: TrialSetup, checkpoint: Checkpoint,
 def checkpoint_json(checkpoint: Checkpoint, setup: TrialSetup) -> dict:
     """What the result and the table say about the checkpoint the trials branched from."""
     return {"path": checkpoint.path, "sha256": checkpoint.sha256, "format": checkpoint.format,
-            "step": checkpoint.step, "optimizer_state": setup.optimizer_state is not None}
+            "step": checkpoint.step, "optimizer_state": setup.optimizer_state is not None,
+            "lr": run_lr(checkpoint.optimizer_state)}
 
 
 def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], settings: SweepSettings,
