@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import pathlib
 import re
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class Branch:
     optimizer_state: dict[str, Any] | None
     warnings: tuple[str, ...] = ()   # about the optimizer state (what training starts from)
     renamed: str | None = None       # how the parameter names were matched, when not obvious
+    run_lr: float | None = None      # the file's lr as the base lr to scale from (``--lr``)
 
     @property
     def messages(self) -> tuple[str, ...]:
@@ -380,25 +382,26 @@ def _settings_differ(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) ->
     return out
 
 
-def run_lr(saved: dict[str, Any] | None) -> float | None:
-    """The lr the checkpoint's optimizer was at (its first group's, after any schedule)."""
-    groups = saved.get("param_groups") if saved else None
-    value = groups[0].get("lr") if groups and isinstance(groups[0], dict) else None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        else None
+def _lr(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = float(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if ok and math.isfinite(value) else None
 
 
-def _lr_hint(optimizer: torch.optim.Optimizer, saved: dict[str, Any], lr: float) -> str | None:
-    """A warning when the run's lr at the checkpoint is far from the one the trials scale from
-    (a decayed schedule): the answer is for the trials' lr, and ``--lr`` sets it."""
-    theirs = run_lr(saved)
-    ours = float(optimizer.param_groups[0]["lr"])
-    if not theirs or not ours or max(theirs, ours) / min(theirs, ours) < 1.5:
-        return None
-    base = theirs * lr / ours  # the base lr whose first group would train at the run's lr
-    return (f"the checkpoint's optimizer was at lr {theirs:.3g}, the trials scale from lr "
-            f"{lr:.3g}: if the run's lr has changed since (a schedule), pass --lr {base:.3g} "
-            "to ask from the lr it trains at now")
+def base_lr_of_run(optimizer: torch.optim.Optimizer, saved: dict[str, Any],
+                   lr: float) -> float | None:
+    """The checkpoint's lr expressed as the base lr the trials scale from (what ``--lr``
+    takes): the file's lr over the task optimizer's, in the first group where both are > 0
+    (a frozen group says nothing), times ``lr``. None when the file has no usable lr."""
+    theirs = [_lr(g.get("lr")) for g in saved.get("param_groups", ()) if isinstance(g, dict)]
+    ours = [_lr(g.get("lr")) for g in optimizer.param_groups]
+    pairs = list(zip(theirs, ours)) if len(theirs) == len(ours) else [
+        (next((t for t in theirs if t), None), next((o for o in ours if o), None))]
+    for t, o in pairs:
+        if t and o:
+            return t * lr / o
+    return None
 
 
 def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
@@ -426,8 +429,11 @@ def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
                          "no trial could train from it; pass an earlier checkpoint")
     warnings: list[str] = []
     optimizer_state = None
+    run_lr = None
     saved = checkpoint.optimizer_state
     fresh = "every trial starts a fresh optimizer at the checkpoint's weights"
+    if saved is not None:  # the run's lr is in the groups, whether or not it kept state
+        run_lr = base_lr_of_run(make_optimizer(model.parameters(), lr), saved, lr)
     if saved is None or not saved["state"]:
         warnings.append(f"{checkpoint.path} holds "
                         + ("no optimizer state" if saved is None else
@@ -436,9 +442,6 @@ def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
                         + f": {fresh} (momentum and Adam's moments at zero)")
     else:
         optimizer = make_optimizer(model.parameters(), lr)
-        hint = _lr_hint(optimizer, saved, lr)
-        if hint:
-            warnings.append(hint)
         why = _optimizer_fit(optimizer, saved)
         if why is None:
             own = optimizer.state_dict()
@@ -463,4 +466,4 @@ def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
             optimizer_state = copy.deepcopy(optimizer.state_dict())
         del optimizer
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Branch(state, optimizer_state, tuple(warnings), note)
+    return Branch(state, optimizer_state, tuple(warnings), note, run_lr)

@@ -75,6 +75,30 @@ def test_from_trainer_takes_the_trainers_model_data_and_arguments(tmp_path):
     validate_task(task)
 
 
+@pytest.mark.parametrize("settings, expected", [
+    (dict(adam_beta2=0.95, adam_epsilon=1e-6), (torch.optim.AdamW, {"betas": (0.9, 0.95),
+                                                                    "eps": 1e-6})),
+    (dict(optim="sgd"), (torch.optim.SGD, {"momentum": 0})),
+])
+def test_from_trainer_builds_the_optimizer_its_arguments_name(tmp_path, settings, expected):
+    pytest.importorskip("accelerate")
+    from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from bsselect import Task
+
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, weight_decay=0.01,
+                             report_to=[], use_cpu=True, **settings)
+    trainer = Trainer(model_init=lambda: GPT2LMHeadModel(hf_tasks.config()), args=args,
+                      train_dataset=hf_tasks.Sentences(8))
+    task = Task.from_trainer(trainer)
+    optimizer = task.make_optimizer(task.model().parameters(), 1e-3)
+    cls, values = expected
+    assert type(optimizer) is cls
+    assert all(optimizer.defaults[k] == v for k, v in values.items())
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+
+
 def test_a_local_config_directory_builds_the_model_and_a_missing_one_is_refused(tmp_path):
     hf_tasks.config().save_pretrained(tmp_path / "cfg")
     task = Task.from_hf(str(tmp_path / "cfg"), hf_tasks.Sentences(64), lr=1e-3,

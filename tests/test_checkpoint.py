@@ -362,9 +362,7 @@ def test_another_optimizers_state_is_refused_with_a_warning(tmp_path):
     assert branch.optimizer_state is None
     assert "keeps exp_avg, exp_avg_sq, step per parameter, the task's SGD with its " \
            "settings keeps momentum_buffer: another optimizer's state" in branch.warnings[-1]
-    # Its lr (1e-3) is far from the task's (0.1): the hint names the --lr to ask from it.
-    assert "the checkpoint's optimizer was at lr 0.001, the trials scale from lr 0.1: if the " \
-           "run's lr has changed since (a schedule), pass --lr 0.001" in branch.warnings[0]
+    assert branch.run_lr == pytest.approx(1e-3)  # its lr as a base lr: the --lr to pass
     done = run_cli("sweep", TINY, "--batch-sizes", "8,32", "--budget", "256",
                    "--journal", str(tmp_path / "j.jsonl"), "--from-checkpoint",
                    str(tmp_path / "a.pt"), "--json", env=CLI_ENV)
@@ -372,6 +370,9 @@ def test_another_optimizers_state_is_refused_with_a_warning(tmp_path):
     data = json.loads(done.stdout)
     assert data["from_checkpoint"]["optimizer_state"] is False
     assert data["from_checkpoint"]["lr"] == pytest.approx(1e-3)
+    assert "the checkpoint's optimizer trains at the equivalent of lr 0.001 at batch 16; the " \
+           "trials scale from lr 0.1: to ask from where the run's lr is now, pass --lr 0.001" \
+           in " ".join(done.stderr.split())
     assert all(t["status"] == "ok" for t in data["trials"])
 
 
@@ -405,6 +406,15 @@ def test_the_tasks_optimizer_settings_and_group_ratios_are_kept(tmp_path):
 
     _, trial_opt = _fresh_model(branched, 0.4, branch=True)
     assert [g["lr"] for g in trial_opt.param_groups] == [0.0, 0.4]
+    # its lr read from the first group that trains (the frozen one says nothing): 0.1
+    assert branched.checkpoint_lr == pytest.approx(0.1)
+    decayed = frozen_first(model.parameters(), 0.01)  # the run's schedule cut the lr 10x
+    torch.save({"model": model.state_dict(), "optimizer": decayed.state_dict()},
+               tmp_path / "d.pt")
+    said = []
+    later = from_checkpoint(setup, load_checkpoint(tmp_path / "d.pt"), said.append)
+    assert later.checkpoint_lr == pytest.approx(0.01)
+    assert any("pass --lr 0.01" in m for m in said)
 
 
 class _Dropout(nn.Module):

@@ -646,7 +646,8 @@ def test_a_sweep_where_every_trial_diverged_exits_1_and_says_what_to_try(tmp_pat
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert error == [("error: no trial trained (128: diverged, 256: diverged); the learning "
                       "rates tried were 0.8, 1.6 (linear scaling from lr 0.05 at batch 8): try "
-                      "a lower lr in the task, --lr-scaling sqrt or none, or --warmup-steps")]
+                      "a lower lr (--lr, or the task's), --lr-scaling sqrt or none, or "
+                      "--warmup-steps")]
     assert len(journal_trials(tmp_path / "j.jsonl")) == 2
 
 

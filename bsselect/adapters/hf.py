@@ -202,17 +202,47 @@ def _trainer_groups(params: Any, weight_decay: float) -> list[dict[str, Any]]:
 
 def from_trainer(trainer: Any) -> Any:
     """A ``bsselect.Task`` from a ``transformers.Trainer``: its model (a fresh one from
-    ``model_init`` when it has one, else a copy), datasets and collator, and from its
-    ``TrainingArguments`` the learning rate, weight decay, and per-device batch x gradient
-    accumulation as the base batch size. The Trainer's precision (``bf16``/``fp16``) is the
+    ``model_init`` when it has one, else a copy), datasets and collator, its optimizer (the
+    one it was given, else the class and settings its arguments name, over its two
+    weight-decay groups), and from its ``TrainingArguments`` the learning rate, weight decay,
+    and per-device batch x gradient accumulation as the base batch size. The Trainer's precision (``bf16``/``fp16``) is the
     commands' ``--precision``; pass it there."""
     args = trainer.args
     model = getattr(trainer, "model_init", None) or trainer.model
     return from_hf(model, trainer.train_dataset, data_collator=trainer.data_collator,
                    eval_dataset=trainer.eval_dataset, lr=args.learning_rate,
-                   weight_decay=args.weight_decay,
+                   weight_decay=args.weight_decay, optimizer=_trainer_optimizer(trainer),
                    base_batch_size=args.per_device_train_batch_size
                    * args.gradient_accumulation_steps)
+
+
+def _trainer_optimizer(trainer: Any) -> Callable[[Any, float], torch.optim.Optimizer]:
+    """The optimizer the Trainer would train with, at any lr: the one it was given
+    (``optimizers=(opt, scheduler)``: its class and settings), else the class and settings its
+    arguments name (``optim``, ``adam_beta1/2``, ``adam_epsilon``: the Trainer's own
+    ``get_optimizer_cls_and_kwargs``), over the Trainer's two weight-decay groups."""
+    given = getattr(trainer, "optimizer", None)
+    if given is not None:
+        cls, kwargs = type(given), dict(given.defaults)
+    else:
+        try:
+            cls, kwargs = type(trainer).get_optimizer_cls_and_kwargs(trainer.args)
+        except Exception as exc:  # noqa: BLE001 - an optim bsselect cannot rebuild
+            raise TaskError(f"cannot rebuild the Trainer's optimizer (optim="
+                            f"{trainer.args.optim}): {exc}") from exc
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            raise TaskError(f"the Trainer's optim={trainer.args.optim} builds {cls!r}, not a "
+                            "torch.optim.Optimizer bsselect can rebuild per lr; pass "
+                            "Task.from_hf(..., optimizer=(params, lr) -> Optimizer)")
+    kwargs = {k: v for k, v in kwargs.items()
+              if k not in ("lr", "params", "differentiable") and not k.startswith("bsselect")}
+    weight_decay = trainer.args.weight_decay
+    kwargs.pop("weight_decay", None)  # per group, as the Trainer sets it
+
+    def optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
+        return cls(_trainer_groups(params, weight_decay), lr=lr, **kwargs)
+
+    return optimizer
 
 
 class RandomTokens(torch.utils.data.Dataset):

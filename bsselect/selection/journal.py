@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -105,7 +106,9 @@ def _checkpoint_record(value: Any) -> bool:
     return (isinstance(value, dict) and isinstance(value.get("path"), str)
             and isinstance(value.get("sha256"), str) and isinstance(value.get("format"), str)
             and (value.get("step") is None or type(value.get("step")) is int)
-            and isinstance(value.get("optimizer_state"), bool))
+            and isinstance(value.get("optimizer_state"), bool)
+            and (value.get("lr") is None or (type(value.get("lr")) in (int, float)
+                                             and math.isfinite(value["lr"]) and value["lr"] > 0)))
 
 
 def load(path: str | Path) -> JournalContents:

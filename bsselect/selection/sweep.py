@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import distributed
-from ..checkpoint import Checkpoint, branch_from, run_lr
+from ..checkpoint import Checkpoint, branch_from
 from ..errors import BsselectError, DoesNotFitError, InterruptedRun, TaskError, UsageError, one_line
 from ..memory.capacity import largest_pow2_at_most
 from ..oom import release_memory
@@ -202,13 +202,15 @@ class SweepResult:
                 f"no trial trained from the checkpoint ({tried}); "
                 f"the learning rates tried were {lrs} ({self.settings.lr_scaling.value} scaling "
                 f"from lr {self.base_lr:g} at batch {self.base_batch_size}), likely above the lr "
-                "the run trains at by now (a decayed schedule): set the task's lr to the run's "
-                "current lr, or try --lr-scaling sqrt or none")
+                "the run trains at by now (a decayed schedule): pass --lr "
+                + (f"{self.from_checkpoint['lr']:.3g} (the checkpoint's)"
+                   if self.from_checkpoint.get("lr") else "with the run's current lr")
+                + ", or try --lr-scaling sqrt or none")
         return TaskError(
             f"no trial trained ({tried}); "
             f"the learning rates tried were {lrs} ({self.settings.lr_scaling.value} scaling from "
-            f"lr {self.base_lr:g} at batch {self.base_batch_size}): try a lower lr in the task, "
-            "--lr-scaling sqrt or none, or --warmup-steps")
+            f"lr {self.base_lr:g} at batch {self.base_batch_size}): try a lower lr (--lr, or "
+            "the task's), --lr-scaling sqrt or none, or --warmup-steps")
 
     def to_json(self) -> dict:
         return {
@@ -309,19 +311,26 @@ def from_checkpoint(setup: TrialSetup, checkpoint: Checkpoint,
 
     with distributed.agreement():
         branch = branch_from(checkpoint, task.model, make_optimizer, task.lr)
-    for message in branch.messages:
+    messages = list(branch.messages)
+    if branch.run_lr and max(branch.run_lr, task.lr) / min(branch.run_lr, task.lr) >= 1.5:
+        messages.append(f"the checkpoint's optimizer trains at the equivalent of lr "
+                        f"{branch.run_lr:.3g} at batch {task.base_batch_size}; the trials scale "
+                        f"from lr {task.lr:.3g}: to ask from where the run's lr is now, pass "
+                        f"--lr {branch.run_lr:.3g}")
+    for message in messages:
         if warn:
             warn(message)
     return dataclasses.replace(setup, initial_state=branch.model_state,
                                optimizer_state=branch.optimizer_state, loss_start=None,
-                               loss_init=loss_init, from_checkpoint=True)
+                               loss_init=loss_init, from_checkpoint=True,
+                               checkpoint_lr=branch.run_lr)
 
 
 def checkpoint_json(checkpoint: Checkpoint, setup: TrialSetup) -> dict:
     """What the result and the table say about the checkpoint the trials branched from."""
     return {"path": checkpoint.path, "sha256": checkpoint.sha256, "format": checkpoint.format,
             "step": checkpoint.step, "optimizer_state": setup.optimizer_state is not None,
-            "lr": run_lr(checkpoint.optimizer_state)}
+            "lr": setup.checkpoint_lr}
 
 
 def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], settings: SweepSettings,

@@ -91,6 +91,7 @@ class TrialSetup:
     validate: bool = True  # False: no validation pass at the end (``bsselect schedule``'s
     # branches compare training-subset losses only)
     from_checkpoint: bool = False  # initial_state is a user's checkpoint (``rise_limit``)
+    checkpoint_lr: float | None = None  # its optimizer's lr as a base lr (``--lr``)
 
 
 def cycle_batches(setup: TrialSetup, batch_size: int):
