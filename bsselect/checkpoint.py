@@ -54,6 +54,12 @@ class Checkpoint:
     format: str                      # "dict", "lightning", "hf-trainer" or "state_dict"
     step: int | None = None          # the run's global step, where the file says it
 
+    def describe(self, optimizer_state: bool, **extra: Any) -> dict[str, Any]:
+        """The JSON's ``from_checkpoint``: which file, whether its optimizer state was used,
+        and a command's own fields (``extra``)."""
+        return {"path": self.path, "sha256": self.sha256, "format": self.format,
+                "step": self.step, "optimizer_state": optimizer_state, **extra}
+
 
 @dataclass(frozen=True)
 class Branch:
@@ -363,7 +369,7 @@ def _optimizer_fit(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> s
     return None
 
 
-_NOT_SETTINGS = ("params", "lr", "initial_lr", "fused", "foreach", "capturable", "differentiable")
+_NOT_SETTINGS = _NOT_ARGS + ("lr",)
 
 
 def _settings_differ(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> list[str]:
@@ -432,16 +438,16 @@ def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
     run_lr = None
     saved = checkpoint.optimizer_state
     fresh = "every trial starts a fresh optimizer at the checkpoint's weights"
-    if saved is not None:  # the run's lr is in the groups, whether or not it kept state
-        run_lr = base_lr_of_run(make_optimizer(model.parameters(), lr), saved, lr)
-    if saved is None or not saved["state"]:
+    optimizer = None if saved is None else make_optimizer(model.parameters(), lr)
+    if optimizer is not None:  # the run's lr is in the groups, whether or not it kept state
+        run_lr = base_lr_of_run(optimizer, saved, lr)
+    if optimizer is None or not saved["state"]:
         warnings.append(f"{checkpoint.path} holds "
                         + ("no optimizer state" if saved is None else
                            "no per-parameter optimizer state (plain SGD keeps none; or it "
                            "never stepped)")
                         + f": {fresh} (momentum and Adam's moments at zero)")
     else:
-        optimizer = make_optimizer(model.parameters(), lr)
         why = _optimizer_fit(optimizer, saved)
         if why is None:
             own = optimizer.state_dict()
@@ -464,6 +470,6 @@ def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
                                 f"task's ({', '.join(differ)}): the trials keep the task's, "
                                 "with the checkpoint's momentum/moments")
             optimizer_state = copy.deepcopy(optimizer.state_dict())
-        del optimizer
+    del optimizer
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return Branch(state, optimizer_state, tuple(warnings), note, run_lr)

@@ -390,10 +390,8 @@ def measure_noise(
     opt = (_run_task(lambda: task.make_optimizer(model.parameters(), task.lr),
                      "building the optimizer") if warmup_steps else None)
     if opt is not None and branch is not None and branch.optimizer_state is not None:
-        lrs = [group["lr"] for group in opt.param_groups]  # the task's, not the run's last
+        # the moments under the task's own groups and lrs (branch_from put them there)
         opt.load_state_dict(branch.optimizer_state)
-        for group, lr in zip(opt.param_groups, lrs):
-            group["lr"] = lr
     train_gen = torch.Generator().manual_seed(seed)
     train_model = distributed.wrap_model(model, device) if warmup_steps else model
     options = {} if precision is Precision.fp32 else dict(
@@ -418,8 +416,6 @@ def measure_noise(
         measure_passes=measure_passes, train_steps=warmup_steps,
         samples=measure_passes * b_small + warmup_steps * task.base_batch_size,
         wall_s=time.perf_counter() - start, precision=precision.value,
-        from_checkpoint=None if checkpoint is None else {
-            "path": checkpoint.path, "sha256": checkpoint.sha256, "format": checkpoint.format,
-            "step": checkpoint.step,
-            "optimizer_state": bool(warmup_steps and branch and branch.optimizer_state)},
+        from_checkpoint=None if checkpoint is None else checkpoint.describe(
+            bool(warmup_steps and branch and branch.optimizer_state)),
     )

@@ -304,6 +304,7 @@ def from_checkpoint(setup: TrialSetup, checkpoint: Checkpoint,
     rule's reference loss is the task's loss at initialisation (``rise_limit``)."""
     loss_init = with_initial_loss(setup).loss_start
     task = setup.task
+
     def make_optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
         optimizer = task.make_optimizer(params, lr)
         keep_group_ratios(optimizer, lr)  # a group's own lr ratio (a frozen part) is kept
@@ -328,9 +329,7 @@ def from_checkpoint(setup: TrialSetup, checkpoint: Checkpoint,
 
 def checkpoint_json(checkpoint: Checkpoint, setup: TrialSetup) -> dict:
     """What the result and the table say about the checkpoint the trials branched from."""
-    return {"path": checkpoint.path, "sha256": checkpoint.sha256, "format": checkpoint.format,
-            "step": checkpoint.step, "optimizer_state": setup.optimizer_state is not None,
-            "lr": setup.checkpoint_lr}
+    return checkpoint.describe(setup.optimizer_state is not None, lr=setup.checkpoint_lr)
 
 
 def run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int], settings: SweepSettings,
