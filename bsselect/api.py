@@ -378,39 +378,90 @@ def sweep(task: TaskLike = None, *, resume: bool = False, overwrite: bool = Fals
                      threads=plan.threads, checkpoint=plan.checkpoint)
 
 
-def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int = 5,
+def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int | None = None,
              branch_samples: int | None = None, batch_sizes: Sequence[int] | None = None,
              min_batch: int | None = None, max_batch: int | None = None, lr_scaling: str = "auto",
              tolerance: float = 0.1, noise_measurements: int = 8, seed: int = 0,
              journal: str | Path | None = None, resume: bool = False, overwrite: bool = False,
              device: str = "auto", memory: Size = None, threads: int | None = None,
-             hooks: Any = None, console: Any = None) -> "ScheduleResult":
+             hooks: Any = None, console: Any = None,
+             from_checkpoints: Sequence[str | Path] = ()) -> "ScheduleResult":
     """How the best batch size moves over a run, and a batch-size warm-up that follows it
     (``bsselect schedule``): the base configuration trains for half of ``horizon`` samples
-    (default: 256 base steps or one epoch); at ``points`` geometrically spaced points every
-    batch size branches for ``branch_samples`` (default ``horizon // 16``) samples. Returns a
-    ``ScheduleResult``; its ``schedule`` (a ``BatchSchedule``) gives ``batch_size_at`` and
-    ``lr_at`` for a training loop."""
-    from .selection.schedule import ScheduleSettings, default_horizon, run_schedule
+    (default: 256 base steps or one epoch); at ``points`` (default 5) geometrically spaced
+    points every batch size branches for ``branch_samples`` (default ``horizon // 16``)
+    samples. Returns a ``ScheduleResult``; its ``schedule`` (a ``BatchSchedule``) gives
+    ``batch_size_at`` and ``lr_at`` for a training loop.
+
+    ``from_checkpoints``: checkpoints of the user's own run (the formats of
+    ``bsselect.checkpoint``; ``"PATH@STEP"`` names the run's optimizer step where the file
+    does not hold one) are the points instead of a base run, with initialisation; the run is
+    taken to have trained at the task's base batch size (a checkpoint at step ``s`` had seen
+    ``s * base_batch_size`` samples); ``horizon`` defaults to twice the last one's samples."""
+    from .selection.schedule import (DEFAULT_POINTS, ScheduleSettings, default_horizon,
+                                     run_schedule)
     from .selection.sweep import RAMP_BASE_STEPS, resolve_lr_scaling
     from .selection.timing import default_threads
 
     explicit = _sizes_and_threads(batch_sizes, threads)
+    if isinstance(from_checkpoints, (str, Path)):
+        from_checkpoints = [from_checkpoints]
+    if from_checkpoints and points is not None:
+        raise UsageError("--points spaces the base run's points; with --from-checkpoint the "
+                         "points are your checkpoints: leave --points out")
+    checkpoints, steps = _run_checkpoints(from_checkpoints)
     dev = device_of(device, trains=True)
     loaded, name = resolve_task(task)
+    at = tuple(s * loaded.base_batch_size for s in steps)
+    if horizon is None:
+        horizon = 2 * max(at) if at and max(at) > 0 else default_horizon(loaded)
     settings = ScheduleSettings(
-        horizon=default_horizon(loaded) if horizon is None else horizon, points=points,
+        horizon=horizon, points=DEFAULT_POINTS if points is None else points,
         branch_samples=_branch_samples(branch_samples),
         lr_scaling=resolve_lr_scaling(loaded, lr_scaling),
         seed=_check_seed(seed), lr_ramp_samples=RAMP_BASE_STEPS * loaded.base_batch_size,
-        noise_measurements=noise_measurements, tolerance=tolerance)
+        noise_measurements=noise_measurements, tolerance=tolerance,
+        checkpoint_samples=at, checkpoint_sha256=tuple(c.sha256 for c in checkpoints))
     sizes, _, _ = plan_sizes(loaded, name, explicit, min_batch, max_batch, _bytes(memory, "memory"),
                              dev, None, console)
     path = Path(journal) if journal else Path(f"bsselect-schedule-{slug(name)}.jsonl")
     n_threads = None if dev.type != "cpu" else (threads or default_threads(local_processes()))
     return run_schedule(loaded, task_name=name, batch_sizes=sizes, settings=settings,
                         device=dev, journal_path=path, resume=resume, overwrite=overwrite,
-                        hooks=hooks, threads=n_threads)
+                        hooks=hooks, threads=n_threads, checkpoints=checkpoints)
+
+
+_AT_STEP = re.compile(r"^(.+)@([0-9]+)$")
+
+
+def _run_checkpoints(specs: Sequence[str | Path]) -> tuple[list["Checkpoint"], list[int]]:
+    """``schedule --from-checkpoint``: each checkpoint loaded, with the run's optimizer step
+    at it (the file's, or ``PATH@STEP``'s, which wins), in the order of the steps. One line and exit 2 for a file without
+    a step, two at the same step, or a path that is not there."""
+    from .checkpoint import load_checkpoint
+
+    checkpoints, steps = [], []
+    for spec in specs:
+        text = str(spec)
+        match = _AT_STEP.match(text)
+        path, step = (match.group(1), int(match.group(2))) if (
+            match and not Path(text).exists()) else (text, None)
+        checkpoint = load_checkpoint(path)
+        step = checkpoint.step if step is None else step
+        if step is None:
+            raise UsageError(f"--from-checkpoint {path}: the file does not say how far the run "
+                             f"was (no global_step/step): name it, e.g. {path}@2000 for the "
+                             "checkpoint after optimizer step 2000")
+        if step < 0:
+            raise UsageError(f"--from-checkpoint {path}: step {step} is negative")
+        if step in steps:
+            other = checkpoints[steps.index(step)].path
+            raise UsageError(f"--from-checkpoint: {other} and {path} are both at step {step}; "
+                             "give each point once")
+        checkpoints.append(checkpoint)
+        steps.append(step)
+    order = sorted(range(len(steps)), key=steps.__getitem__)  # the run's order, whatever given
+    return [checkpoints[i] for i in order], [steps[i] for i in order]
 
 
 def _sizes_and_threads(batch_sizes: Sequence[int] | None, threads: int | None

@@ -410,9 +410,9 @@ def schedule(
     horizon: Annotated[Optional[int], typer.Option(
         help="Samples of the run to plan (the length of your training run).",
         show_default="256 steps of the task's base batch size, or one epoch if longer")] = None,
-    points: Annotated[int, typer.Option(
+    points: Annotated[Optional[int], typer.Option(
         help="Points of the base run to branch from: 0, then horizon/2^(points-1) .. "
-             "horizon/2.")] = 5,
+             "horizon/2.", show_default="5")] = None,
     branch_samples: Annotated[Optional[int], typer.Option(
         help="Samples each branched trial trains.", show_default="horizon / 16")] = None,
     batch_sizes: Annotated[Optional[str], typer.Option(
@@ -445,6 +445,13 @@ def schedule(
              "matplotlib).")] = None,
     threads: Annotated[Optional[int], typer.Option(
         help="CPU threads (on a CPU device).", show_default="half the usable cores")] = None,
+    from_checkpoint: Annotated[Optional[list[str]], typer.Option(
+        "--from-checkpoint", metavar="PATH[@STEP]",
+        help="A checkpoint of your run to branch from, instead of a base run (repeat it: one "
+             "point each, with initialisation): torch.save({'model': ..., 'optimizer': ...}), "
+             "a Lightning .ckpt or a Hugging Face Trainer checkpoint directory. @STEP names "
+             "the run's optimizer step where the file does not hold one; the run is taken to "
+             "train at the task's base batch size.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """How does the best batch size move over the run? A batch-size warm-up schedule.
@@ -453,7 +460,7 @@ def schedule(
     equal-sample trials at every batch size from points of it; per point it reports B_simple,
     the critical batch (Merrill et al. 2025) and the fastest batch at measured step times,
     and plans stages that grow the batch, with the predicted steps and time against fixed
-    batch sizes.
+    batch sizes. With --from-checkpoint the points are your own run's checkpoints.
 
     Examples:
 
@@ -462,6 +469,8 @@ def schedule(
       bsselect schedule tiny-lm --horizon 16384 --batch-sizes 8,16,32,64,128 --plot s.png
 
       bsselect schedule train.py:make_task --resume --json > schedule.json
+
+      bsselect schedule train.py:make_task --from-checkpoint a.pt --from-checkpoint b.pt
     """
 
     def body() -> None:
@@ -476,7 +485,8 @@ def schedule(
                 max_batch=max_batch, lr_scaling=lr_scaling, tolerance=tolerance,
                 noise_measurements=noise_measurements, seed=seed, journal=journal,
                 resume=resume, overwrite=overwrite, device=device, memory=memory,
-                threads=threads, hooks=hooks, console=console)
+                threads=threads, hooks=hooks, console=console,
+                from_checkpoints=from_checkpoint or ())
         if as_json:
             emit_json(result.to_json())
         else:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -308,10 +309,16 @@ def render_schedule(result: Any) -> None:
     """Per point: the base run's loss, B_simple, the critical and fastest batch and each
     branch's loss drop; then the stages and the predicted saving."""
     s = result.settings
+    users = sum(p.checkpoint is not None for p in result.points)
+    source = (f"{len(result.points)} points of the base run" if not s.checkpoint_samples else
+              f"{users} checkpoint{'s' * (users != 1)} of your run"
+              + (" and initialisation" if users < len(result.points) else ""))
     out.print(f"[bold]Schedule — {escape(result.task_name)}[/] (horizon {s.horizon:,} samples; "
-              f"branches of {s.branch:,} samples from {len(result.points)} points of the base "
-              f"run at batch {result.base_batch_size}, lr {result.base_lr:g})", highlight=False)
+              f"branches of {s.branch:,} samples from {source} at batch "
+              f"{result.base_batch_size}, lr {result.base_lr:g})", highlight=False)
     table = Table(box=None, pad_edge=False)
+    if s.checkpoint_samples:
+        table.add_column("checkpoint")
     table.add_column("samples", justify="right")
     table.add_column("train loss", justify="right")
     table.add_column("B_simple", justify="right")
@@ -327,7 +334,9 @@ def render_schedule(result: Any) -> None:
                 cells.append(br.trial.status.value)
             else:
                 cells.append(f"{br.drop:.3g}")
-        table.add_row(f"{p.samples:,}", _f(js["train_loss"], ".4g"), _f(js["b_simple"]),
+        first = ([escape(Path(p.checkpoint).name) if p.checkpoint else "(initialisation)"]
+                 if s.checkpoint_samples else [])
+        table.add_row(*first, f"{p.samples:,}", _f(js["train_loss"], ".4g"), _f(js["b_simple"]),
                       _f(p.critical_batch_size, "d"), _f(p.fastest_batch_size, "d"), *cells)
     out.print(table)
     out.print(f"critical b: the largest batch whose loss drop over the branch is within "

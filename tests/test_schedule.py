@@ -334,3 +334,97 @@ def test_report_says_a_schedule_journal_is_not_a_sweeps(tmp_path):
     proc = run_cli("report", str(path))
     assert proc.returncode == 2 and "bsselect schedule` journal" in proc.stderr
     assert "--resume" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- from the user's checkpoints --------------------------------------------------------------
+
+def _base_run_checkpoints(tmp_path, settings: ScheduleSettings, batch_sizes, with_step=True):
+    """The base run that ``run_schedule`` itself trains, saved at its points as a user's
+    checkpoints would be (weights, optimizer state, step): the independent truth for the
+    checkpoint route is the base-run route."""
+    from bsselect.selection.schedule import ScheduleHooks, _base_run
+    from bsselect.selection.sweep import SweepSettings, make_setup
+    from bsselect.selection.trials import EVAL_BATCH, BudgetKind, TrialBudget
+
+    task = sweep_tasks.tiny()
+    sweep_like = SweepSettings(budget=TrialBudget(BudgetKind.samples, settings.branch),
+                               lr_scaling=settings.lr_scaling, seed=settings.seed,
+                               lr_ramp_samples=settings.lr_ramp_samples)
+    setup, _ = make_setup(task, sweep_like, CPU, min(EVAL_BATCH, *batch_sizes))
+    paths = []
+    for samples, steps, _, mstate, ostate in _base_run(setup, settings.point_samples()[1:],
+                                                       ScheduleHooks()):
+        path = tmp_path / f"step-{steps}.pt"
+        entry = {"model": mstate, "optimizer": ostate}
+        if with_step:
+            entry["step"] = steps
+        torch.save(entry, path)
+        paths.append(path)
+    return paths
+
+
+def test_schedule_at_the_users_checkpoints_equals_the_base_runs_schedule(tmp_path):
+    """Checkpoints of the base run at the base run's points give the same branches, noise
+    points and plan as the base-run route: the checkpoints are read, matched and branched
+    exactly (weights and momentum)."""
+    from bsselect import api
+
+    sizes = [8, 16, 32]
+    base = api.schedule(f"{TASKS}:tiny", batch_sizes=sizes, noise_measurements=2, horizon=2048,
+                        journal=tmp_path / "base.jsonl", threads=1, device="cpu")
+    paths = _base_run_checkpoints(tmp_path, base.settings, sizes)
+    result = api.schedule(f"{TASKS}:tiny", batch_sizes=sizes, noise_measurements=2,
+                          from_checkpoints=[str(p) for p in reversed(paths)],  # any order
+                          journal=tmp_path / "ck.jsonl", threads=1, device="cpu")
+    assert result.settings.horizon == 2048  # twice the last checkpoint's 1,024 samples
+    assert [p.samples for p in result.points] == [p.samples for p in base.points]
+    assert [p.checkpoint for p in result.points] == [None] + [str(p) for p in paths]
+    for a, b in zip(base.points, result.points):
+        assert [x.drop for x in b.branches] == pytest.approx([x.drop for x in a.branches],
+                                                             rel=1e-5)
+        assert b.noise["b_simple"] == pytest.approx(a.noise["b_simple"], rel=1e-4)
+    js = result.to_json()
+    assert [c["samples"] for c in js["from_checkpoints"]] == [128, 256, 512, 1024]
+    assert all(len(c["sha256"]) == 64 for c in js["from_checkpoints"])
+    assert js["points"][1]["checkpoint"].endswith("step-8.pt")
+    assert not any("optimizer" in n for n in result.notes)  # the momentum fitted
+    header = json.loads((tmp_path / "ck.jsonl").read_text().splitlines()[0])
+    assert header["settings"]["checkpoints"][-1][0] == 1024  # the resume key holds the files
+    # --resume with the same files reruns nothing; with one file changed it is refused
+    again = api.schedule(f"{TASKS}:tiny", batch_sizes=sizes, noise_measurements=2,
+                         from_checkpoints=[str(p) for p in paths], resume=True,
+                         journal=tmp_path / "ck.jsonl", threads=1, device="cpu")
+    assert again.resumed == 15
+    torch.save({"model": sweep_tasks.tiny().model().state_dict(), "step": 8}, paths[0])
+    with pytest.raises(UsageError, match="different task or settings"):
+        api.schedule(f"{TASKS}:tiny", batch_sizes=sizes, noise_measurements=2,
+                     from_checkpoints=[str(p) for p in paths], resume=True,
+                     journal=tmp_path / "ck.jsonl", threads=1, device="cpu")
+
+
+def test_cli_schedule_from_checkpoints_table_and_bad_input(tmp_path):
+    paths = _base_run_checkpoints(tmp_path, _settings(), [8, 16, 32], with_step=False)
+    task = f"{TASKS}:tiny"
+    common = ["--batch-sizes", "8,16,32", "--noise-measurements", "0", "--threads", "1",
+              "--journal", str(tmp_path / "j.jsonl")]
+    # the file has no step: one line that says how to name it
+    proc = run_cli("schedule", task, *common, "--from-checkpoint", str(paths[0]))
+    assert proc.returncode == 2 and "does not say how far the run was" in proc.stderr
+    assert f"{paths[0]}@2000" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "j.jsonl").exists()
+    named = [f"{paths[1]}@16", f"{paths[3]}@64"]
+    proc = run_cli("schedule", task, *common, "--from-checkpoint", named[0],
+                   "--from-checkpoint", named[1])
+    assert proc.returncode == 0, proc.stderr
+    assert "2 checkpoints of your run and initialisation" in proc.stdout
+    assert "(initialisation)" in proc.stdout and "step-64.pt" in proc.stdout
+    for args, text in [
+        (["--from-checkpoint", named[0], "--from-checkpoint", f"{paths[2]}@16"],
+         "are both at step 16"),
+        (["--from-checkpoint", named[1], "--horizon", "1024"], "is not before the end of"),
+        (["--from-checkpoint", named[0], "--points", "3"], "leave --points out"),
+        (["--from-checkpoint", str(tmp_path / "nope.pt")], "no such file"),
+    ]:
+        proc = run_cli("schedule", task, *common, "--overwrite", *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert text in proc.stderr and "Traceback" not in proc.stderr

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .. import distributed
+from ..checkpoint import Checkpoint
 from ..errors import InterruptedRun, TaskError, UsageError, one_line
 from ..oom import is_oom_error, release_memory
 from .lr_scaling import LrScaling, scale_lr, warmup_lr
@@ -77,6 +78,10 @@ class ScheduleSettings:
     lr_ramp_samples: int = 0
     noise_measurements: int = DEFAULT_NOISE_MEASUREMENTS
     tolerance: float = DEFAULT_TOLERANCE
+    # The user's checkpoints as the points (no base run): the samples their run had seen at
+    # each, and each file's SHA-256 (the journal's key), in the same order.
+    checkpoint_samples: tuple[int, ...] = ()
+    checkpoint_sha256: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.horizon < 1:
@@ -90,13 +95,23 @@ class ScheduleSettings:
             raise UsageError(f"--tolerance must be between 0 and 1, got {self.tolerance}")
         if self.noise_measurements == 1:
             raise UsageError("--noise-measurements must be 0 (off) or at least 2")
+        if len(self.checkpoint_samples) != len(self.checkpoint_sha256):
+            raise ValueError("checkpoint_samples and checkpoint_sha256 differ in length")
+        late = [n for n in self.checkpoint_samples if n >= self.horizon]
+        if late:
+            raise UsageError(f"a checkpoint at sample {late[0]:,} is not before the end of the "
+                             f"run (--horizon {self.horizon:,}): the schedule plans up to the "
+                             "horizon; give a longer --horizon")
 
     @property
     def branch(self) -> int:
         return self.branch_samples or max(1, self.horizon // BRANCH_FRACTION)
 
     def point_samples(self) -> list[int]:
-        """Samples seen by the base run at each point: 0, then H/2^(P-1) .. H/2."""
+        """Samples seen by the base run at each point: 0, then H/2^(P-1) .. H/2; with the
+        user's checkpoints, 0 (initialisation) and theirs."""
+        if self.checkpoint_samples:
+            return sorted({0, *self.checkpoint_samples})
         later = [self.horizon >> k for k in range(self.points - 1, 0, -1)]
         return sorted({0, *[s for s in later if s > 0]})
 
@@ -105,7 +120,10 @@ class ScheduleSettings:
                 "branch_samples": self.branch, "lr_scaling": self.lr_scaling.value,
                 "seed": self.seed, "lr_ramp_samples": self.lr_ramp_samples,
                 "noise_measurements": self.noise_measurements, "base_lr": task.lr,
-                "base_batch_size": task.base_batch_size, "batch_sizes": list(batch_sizes)}
+                "base_batch_size": task.base_batch_size, "batch_sizes": list(batch_sizes),
+                **({"checkpoints": [[n, h] for n, h in zip(self.checkpoint_samples,
+                                                          self.checkpoint_sha256)]}
+                   if self.checkpoint_samples else {})}
 
 
 @dataclass(frozen=True)
@@ -159,6 +177,8 @@ class ScheduleResult:
             "best_fixed_batch_size": best,
             "vs_base": self.saving(self.base_batch_size), "vs_best_fixed": self.saving(best),
             "growth_exponent": self.growth, "notes": list(self.notes),
+            "from_checkpoints": [{"samples": n, "sha256": h} for n, h in zip(
+                self.settings.checkpoint_samples, self.settings.checkpoint_sha256)],
             "journal": self.journal, "resumed_trials": self.resumed, "wall_s": self.wall_s,
         }
 
@@ -214,6 +234,38 @@ def _base_run(setup: TrialSetup, point_samples: Sequence[int], hooks: ScheduleHo
             copy.deepcopy(optimizer.state_dict())
 
 
+def _checkpoint_run(setup: TrialSetup, checkpoints: Sequence[Checkpoint],
+                    settings: ScheduleSettings, hooks: ScheduleHooks, notes: list[str]
+                    ) -> Iterator[tuple[int, int, torch.nn.Module, dict, dict | None,
+                                    str | None]]:
+    """The points of ``_base_run`` from the user's checkpoints instead of a base run:
+    initialisation (unless a checkpoint is at sample 0), then each checkpoint in the order of
+    the samples its run had seen, as ``(samples, the run's steps, model, model state,
+    optimizer state, path)``. Each file is matched to the task's model and optimizer as
+    ``sweep --from-checkpoint`` matches it (its warnings become notes)."""
+    from .sweep import from_checkpoint, lr_differs
+
+    b0 = setup.task.base_batch_size
+    order = sorted(zip(settings.checkpoint_samples, checkpoints), key=lambda x: x[0])
+    if order[0][0] > 0:
+        for samples, steps, model, mstate, ostate in _base_run(setup, [0], hooks):
+            yield samples, steps, model, mstate, ostate, None
+    for samples, checkpoint in order:
+        name = Path(checkpoint.path).name
+        branched = from_checkpoint(setup, checkpoint, lambda m: notes.append(f"{name}: {m}"),
+                                   suggest_lr=False)
+        if branched.checkpoint_lr and lr_differs(branched.checkpoint_lr, setup.task.lr):
+            notes.append(f"{name}: the run's optimizer was at the "
+                         f"equivalent of lr {branched.checkpoint_lr:.3g} at batch {b0}; the "
+                         f"branches scale from the task's lr {setup.task.lr:.3g}, as the "
+                         "schedule's stages do (a schedule for a constant base lr)")
+        model = setup.task.model().to(setup.device)
+        model.load_state_dict(branched.initial_state)
+        model.train()
+        yield (samples, samples // b0, model, branched.initial_state, branched.optimizer_state,
+               checkpoint.path)
+
+
 def _noise_at(setup: TrialSetup, model: torch.nn.Module, measurements: int, seed: int
               ) -> dict[str, Any] | None:
     from .noise import _estimate_json, estimate_noise
@@ -245,11 +297,12 @@ def _branch(trial: TrialResult, step_time_s: float | None) -> Branch:
 def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
                  settings: ScheduleSettings, device: torch.device, journal_path: Path,
                  resume: bool = False, overwrite: bool = False,
-                 hooks: ScheduleHooks | None = None, threads: int | None = None
-                 ) -> ScheduleResult:
+                 hooks: ScheduleHooks | None = None, threads: int | None = None,
+                 checkpoints: Sequence[Checkpoint] = ()) -> ScheduleResult:
     """Measure and plan (see the module docstring). Every branched trial and noise point is
     journaled as it finishes; ``resume`` reruns only the base run (deterministic) and what is
-    missing."""
+    missing. ``checkpoints`` (the user's, at ``settings.checkpoint_samples``): the points are
+    initialisation and those files, and there is no base run."""
     from .journal import Journal, JournalMode
     from .sweep import SweepSettings, make_setup, task_fingerprint, with_initial_loss
 
@@ -288,27 +341,31 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
     for w in journal.warnings:
         notes.append(w)
     done_branch, done_noise = _resumed(journal.records, notes)
+    if len(checkpoints) != len(settings.checkpoint_samples):
+        raise ValueError("give the checkpoints with their samples (settings.checkpoint_samples)")
     point_samples = settings.point_samples()
-    if len(point_samples) < settings.points:
+    if not checkpoints and len(point_samples) < settings.points:
         notes.append(f"{settings.points} points asked, but halving the horizon of "
                      f"{settings.horizon:,} samples gives {len(point_samples)} distinct ones")
     lr_of = {b: scale_lr(task.lr, b0, b, settings.lr_scaling) for b in sizes}
     trials: dict[tuple[int, int], TrialResult] = dict(done_branch)
     loss_init = with_initial_loss(setup).loss_start  # the branches' divergence rule
     noises: dict[int, dict[str, Any] | None] = dict(done_noise)
-    bases: list[tuple[int, int, int]] = []  # (point index, samples, base steps)
+    bases: list[tuple[int, int, int, str | None]] = []  # (point, samples, steps, checkpoint)
     merged = 0
     try:
         with cpu_threads(threads):
             timing = _timing(setup, sizes, hooks)
             if hooks.phase:
                 hooks.phase("base run and branches", None)
-            for k, (samples, steps, model, mstate, ostate) in enumerate(
-                    _base_run(setup, point_samples, hooks)):
+            source = (_checkpoint_run(setup, checkpoints, settings, hooks, notes)
+                      if checkpoints else
+                      ((*point, None) for point in _base_run(setup, point_samples, hooks)))
+            for k, (samples, steps, model, mstate, ostate, path) in enumerate(source):
                 if bases and bases[-1][2] == steps:  # no base step between the two points
                     merged += 1
                     continue
-                bases.append((k, samples, steps))
+                bases.append((k, samples, steps, path))
                 if k not in noises:
                     noises[k] = _noise_at(setup, model, settings.noise_measurements,
                                           settings.seed + 1000 + k)
@@ -316,8 +373,8 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
                 point = dataclasses.replace(
                     setup, initial_state=mstate, optimizer_state=ostate if steps else None,
                     branch_steps=steps, loss_start=None, noise_measurements=0,
-                    validate=False)
-                if steps:
+                    validate=False, from_checkpoint=path is not None)
+                if steps or path is not None:
                     point = dataclasses.replace(point, loss_init=loss_init)
                 for b in sizes:
                     if (k, b) in trials:
@@ -336,13 +393,13 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
                      f"point before (a base step is {b0} samples): measured once")
     fitted = _fit_times(timing, sizes)
     points = []
-    for k, samples, steps in bases:
+    for k, samples, steps, path in bases:
         branches = tuple(_branch(trials[(k, b)], fitted.get(b)) for b in sizes)
         drops = {br.trial.batch_size: br.drop for br in branches}
         rates = {br.trial.batch_size: br.drop_per_s for br in branches}
         points.append(SchedulePoint(samples, steps, branches, noises.get(k),
                                     critical_batch(drops, settings.tolerance),
-                                    fastest_batch(rates)))
+                                    fastest_batch(rates), path))
     stages = plan_stages(points, settings.horizon, b0, fitted, lambda b: lr_of[b])
     fixed = {b: predict_fixed(points, settings.horizon, b, b0, fitted[b]) for b in sizes}
     predicted = Prediction(sum(s.steps for s in stages), sum(s.samples for s in stages),

@@ -41,6 +41,7 @@ class SchedulePoint:
     noise: dict[str, Any] | None  # B_simple at the point (``noise._estimate_json``), or None
     critical_batch_size: int | None
     fastest_batch_size: int | None
+    checkpoint: str | None = None  # the user's checkpoint this point is (None: the base run)
 
     def drop_of(self, b: int) -> float | None:
         for br in self.branches:
@@ -51,6 +52,7 @@ class SchedulePoint:
     def to_json(self) -> dict[str, Any]:
         noise = self.noise or {}
         return {"samples": self.samples, "base_steps": self.base_steps,
+                "checkpoint": self.checkpoint,
                 "critical_batch_size": self.critical_batch_size,
                 "fastest_batch_size": self.fastest_batch_size,
                 "b_simple": noise.get("b_simple"), "b_simple_ci": noise.get("b_simple_ci"),

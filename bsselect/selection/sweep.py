@@ -298,10 +298,13 @@ def with_initial_loss(setup: TrialSetup) -> TrialSetup:
 
 
 def from_checkpoint(setup: TrialSetup, checkpoint: Checkpoint,
-                    warn: Callable[[str], None] | None = None) -> TrialSetup:
+                    warn: Callable[[str], None] | None = None,
+                    suggest_lr: bool = True) -> TrialSetup:
     """``setup`` with its trials branching from the user's ``checkpoint``: its weights and
     (where it has one that fits the task's optimizer) its optimizer state. The divergence
-    rule's reference loss is the task's loss at initialisation (``rise_limit``)."""
+    rule's reference loss is the task's loss at initialisation (``rise_limit``).
+    ``suggest_lr``: warn when the file's lr is 1.5x or more from the task's, naming ``--lr``
+    (the sweep's option)."""
     loss_init = with_initial_loss(setup).loss_start
     task = setup.task
 
@@ -313,7 +316,7 @@ def from_checkpoint(setup: TrialSetup, checkpoint: Checkpoint,
     with distributed.agreement():
         branch = branch_from(checkpoint, task.model, make_optimizer, task.lr)
     messages = list(branch.messages)
-    if branch.run_lr and max(branch.run_lr, task.lr) / min(branch.run_lr, task.lr) >= 1.5:
+    if suggest_lr and branch.run_lr and lr_differs(branch.run_lr, task.lr):
         messages.append(f"the checkpoint's optimizer trains at the equivalent of lr "
                         f"{branch.run_lr:.3g} at batch {task.base_batch_size}; the trials scale "
                         f"from lr {task.lr:.3g}: to ask from where the run's lr is now, pass "
@@ -325,6 +328,11 @@ def from_checkpoint(setup: TrialSetup, checkpoint: Checkpoint,
                                optimizer_state=branch.optimizer_state, loss_start=None,
                                loss_init=loss_init, from_checkpoint=True,
                                checkpoint_lr=branch.run_lr)
+
+
+def lr_differs(a: float, b: float) -> bool:
+    """Two lrs far enough apart (1.5x) that trials at one say little about the other."""
+    return max(a, b) / min(a, b) >= 1.5
 
 
 def checkpoint_json(checkpoint: Checkpoint, setup: TrialSetup) -> dict:
