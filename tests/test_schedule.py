@@ -17,11 +17,11 @@ from conftest import run_cli
 
 from bsselect.errors import UsageError
 from bsselect.selection.lr_scaling import LrScaling
-from bsselect.selection.schedule import (BatchSchedule, Branch, SchedulePoint, ScheduleSettings,
-                                         Stage, branch_sizes, critical_batch, fastest_batch,
-                                         growth_exponent, plan_stages, predict_fixed,
-                                         relative_samples, run_schedule, stage_batches,
-                                         stage_lengths)
+from bsselect.selection.schedule import (BatchSchedule, Branch, Prediction, SchedulePoint,
+                                         ScheduleSettings, Stage, branch_sizes, critical_batch,
+                                         fastest_batch, growth_exponent, no_worse_than_fixed,
+                                         plan_stages, predict_fixed, relative_samples,
+                                         run_schedule, stage_batches, stage_lengths)
 from bsselect.selection.trial_types import TrialResult, TrialStatus
 from bsselect.selection.lr_scaling import trial_lr
 
@@ -428,3 +428,36 @@ def test_cli_schedule_from_checkpoints_table_and_bad_input(tmp_path):
         proc = run_cli("schedule", task, *common, "--overwrite", *args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert text in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _stage(b: int, time_s: float, samples: float = 100.0) -> Stage:
+    return Stage(0.0, 0, b, 0.1 * b, samples, samples / b, time_s)
+
+
+@pytest.mark.parametrize("plan_times, fixed_times", list(itertools.product(
+    [[0.5], [0.5, 0.4], [math.inf], [0.3, math.inf], [1.0, 1.0]],
+    [{16: 1.0}, {16: 0.8, 32: 0.95}, {16: math.inf, 32: 0.9}, {8: 2.0, 16: 1.4, 32: 1.8}])))
+def test_the_plan_offered_is_never_predicted_slower_than_a_fixed_batch(plan_times,
+                                                                       fixed_times):
+    stages = [_stage(16 * 2 ** i, t) for i, t in enumerate(plan_times)]
+    fixed = {b: Prediction(100.0 / b if math.isfinite(t) else math.inf,
+                           100.0 if math.isfinite(t) else math.inf, t)
+             for b, t in fixed_times.items()}
+    chosen, predicted, note = no_worse_than_fixed(stages, fixed, lambda b: 0.1 * b)
+    best_time, best = min((t, b) for b, t in fixed_times.items())
+    plan_time = sum(plan_times)
+    if math.isfinite(plan_time) and plan_time <= best_time:  # kept as measured
+        assert chosen == stages and note is None
+        assert predicted.time_s == pytest.approx(plan_time)
+    else:  # the best fixed batch, one stage, said
+        assert [s.batch_size for s in chosen] == [best] and chosen[0].lr == pytest.approx(0.1 * best)
+        assert predicted == fixed[best] and chosen[0].time_s == best_time
+        assert note is not None and f"the fixed batch {best}" in note
+        assert ("not predictable" in note) == (not math.isfinite(plan_time))
+    assert predicted.time_s <= best_time
+
+
+def test_no_fixed_prediction_at_all_is_a_programming_error():
+    with pytest.raises(ValueError):
+        no_worse_than_fixed([_stage(16, 1.0)], {16: Prediction(math.inf, math.inf, math.inf)},
+                            lambda b: 0.1)

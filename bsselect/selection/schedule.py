@@ -19,8 +19,9 @@ before it (a batch-size warm-up), with the lr scaled for it and ramped up from t
 stage's over ``lr_ramp_samples``. Its predicted cost uses the measured relative sample
 efficiency ``r_k(b) = drop_k(b0) / drop_k(b)``: stage ``k`` needs ``L_k * r_k(b)`` samples,
 ``L_k * r_k(b) / b`` steps and ``t(b)`` seconds a step. The same prediction is made for every
-fixed batch size, so the saving is stated against the base batch and the best fixed one.
-The pure decisions and the schedule's types are in ``schedule_plan``; this module measures.
+fixed batch size, so the saving is stated against the base batch and the best fixed one;
+a plan that prediction finds slower than a fixed batch (or cannot predict) gives way to that
+fixed batch (``no_worse_than_fixed``). The pure decisions and the schedule's types are in ``schedule_plan``; this module measures.
 Method and measured results: docs/noise.md ("The noise scale over a run"),
 docs/benchmarks-schedule.md.
 """
@@ -44,8 +45,8 @@ from ..oom import is_oom_error, release_memory
 from .lr_scaling import LrScaling, scale_lr, warmup_lr
 from .noise import default_batch_sizes
 from .schedule_plan import (BatchSchedule, Branch, Prediction, SchedulePoint, Stage, critical_batch,
-                            fastest_batch, growth_exponent, plan_stages, predict_fixed,
-                            relative_samples, stage_batches, stage_lengths)
+                            fastest_batch, growth_exponent, no_worse_than_fixed, plan_stages,
+                            predict_fixed, relative_samples, stage_batches, stage_lengths)
 from .steptime import physical_fit
 from .timing import RoundTiming, cpu_threads, progress_units
 from .trial_types import TrialResult
@@ -55,8 +56,8 @@ from .trials import (EVAL_BATCH, WARM_START_SEED_OFFSET, BudgetKind, TrialBudget
 
 __all__ = ["BatchSchedule", "Branch", "Prediction", "ScheduleHooks", "SchedulePoint",
            "ScheduleResult", "ScheduleSettings", "Stage", "critical_batch", "default_horizon",
-           "fastest_batch", "growth_exponent", "plan_stages", "predict_fixed",
-           "relative_samples", "run_schedule", "stage_batches", "stage_lengths"]
+           "fastest_batch", "growth_exponent", "no_worse_than_fixed", "plan_stages",
+           "predict_fixed", "relative_samples", "run_schedule", "stage_batches", "stage_lengths"]
 
 DEFAULT_POINTS = 5          # 0, H/16, H/8, H/4, H/2
 BRANCH_FRACTION = 16        # a branch trains H/16 samples
@@ -400,17 +401,18 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
         points.append(SchedulePoint(samples, steps, branches, noises.get(k),
                                     critical_batch(drops, settings.tolerance),
                                     fastest_batch(rates), path))
-    stages = plan_stages(points, settings.horizon, b0, fitted, lambda b: lr_of[b])
+    measured = plan_stages(points, settings.horizon, b0, fitted, lambda b: lr_of[b])
     fixed = {b: predict_fixed(points, settings.horizon, b, b0, fitted[b]) for b in sizes}
-    predicted = Prediction(sum(s.steps for s in stages), sum(s.samples for s in stages),
-                           sum(s.time_s for s in stages))
-    stuck = [st for st in stages if not math.isfinite(st.steps)]
+    stuck = [st for st in measured if not math.isfinite(st.steps)]
     if stuck:
-        notes.append("no finite prediction for the schedule: its batch "
+        notes.append("the stage batch "
                      + ", ".join(f"{st.batch_size} (from base-run sample {st.base_samples:,})"
                                  for st in stuck)
                      + " made no progress in that point's branch; a longer --branch-samples "
                      "measures the drop above its noise")
+    stages, predicted, fallback = no_worse_than_fixed(measured, fixed, lambda b: lr_of[b])
+    if fallback:
+        notes.append(fallback)
     xs = [p.samples for p in points]
     growth = {"critical_batch_size": growth_exponent(xs, [p.critical_batch_size for p in points]),
               "fastest_batch_size": growth_exponent(xs, [p.fastest_batch_size for p in points]),

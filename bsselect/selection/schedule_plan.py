@@ -239,6 +239,32 @@ def plan_stages(points: Sequence[SchedulePoint], horizon: int, b0: int,
     return stages
 
 
+def no_worse_than_fixed(stages: Sequence[Stage], fixed: dict[int, Prediction],
+                        lr_of: Callable[[int], float]
+                        ) -> tuple[list[Stage], Prediction, str | None]:
+    """The plan to recommend: ``stages`` when their predicted time is finite and no more than
+    the best fixed batch's (by the same prediction), else that fixed batch as one stage, with
+    a note saying why. A warm-up the measurement itself predicts to be slower than a fixed
+    batch, or cannot predict, is not offered as the answer. ``fixed`` must hold at least one
+    finite prediction (the base batch's always is)."""
+    predicted = Prediction(sum(s.steps for s in stages), sum(s.samples for s in stages),
+                           sum(s.time_s for s in stages))
+    finite = sorted((p.time_s, b) for b, p in fixed.items() if math.isfinite(p.time_s))
+    if not finite:
+        raise ValueError("no fixed batch has a finite prediction")
+    best_time, best = finite[0]
+    if math.isfinite(predicted.time_s) and predicted.time_s <= best_time:
+        return list(stages), predicted, None
+    plan = " → ".join(str(s.batch_size) for s in stages)
+    why = (f"predicted at {predicted.time_s:.3g} s, slower than" if
+           math.isfinite(predicted.time_s) else "not predictable (a stage's batch made no "
+           "progress in its point's branch), unlike")
+    p = fixed[best]
+    note = (f"the plan from the points' fastest batches ({plan}) is {why} the fixed batch "
+            f"{best} ({best_time:.3g} s): the schedule is batch {best} throughout")
+    return [Stage(0.0, 0, best, lr_of(best), p.samples, p.steps, p.time_s)], p, note
+
+
 def growth_exponent(samples: Sequence[float], values: Sequence[float | None]) -> float | None:
     """Least-squares slope of log(value) on log(samples) over the points with samples > 0
     and value > 0: B grows as samples^k. None with fewer than two such points."""
