@@ -37,6 +37,46 @@ def test_the_module_and_datamodule_settings_are_taken_over():
     validate_task(task, on_meta=True)
 
 
+def test_the_optimizers_parameter_groups_are_rebuilt_at_each_lr():
+    task = lightning_tasks.grouped()
+    assert task.lr == 0.01  # the first group's
+    model = task.model()
+    optimizer = task.make_optimizer(model.parameters(), 0.04)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    net = model.module.net
+    groups = optimizer.param_groups
+    assert [[id(p) for p in g["params"]] for g in groups] == [
+        [id(net[0].weight), id(net[2].weight)], [id(net[2].bias)]]  # net[0].bias in none
+    assert [g["lr"] for g in groups] == [0.04, 0.02]  # the second group's ratio kept
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(g["betas"] == (0.8, 0.95) for g in groups)
+    # parameters that are not the module's own, in order: one group of the first's settings
+    loose = task.make_optimizer([torch.nn.Parameter(torch.zeros(2))], 0.04)
+    assert len(loose.param_groups) == 1 and loose.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_a_two_group_lightning_checkpoint_gives_its_optimizer_state(tmp_path):
+    from bsselect.checkpoint import branch_from, load_checkpoint
+
+    L = pytest.importorskip("lightning")
+    module, data = lightning_tasks.GroupedClassifier(), lightning_tasks.Blobs()
+    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    task = lightning_tasks.grouped()
+    branch = branch_from(load_checkpoint(tmp_path / "run.ckpt"), task.model,
+                         task.make_optimizer, task.lr)
+    assert branch.warnings == ()  # it fitted: same groups, same state
+    live = trainer.optimizers[0]
+    saved = branch.optimizer_state
+    assert [len(g["params"]) for g in saved["param_groups"]] == [2, 1]
+    order = [p for g in live.param_groups for p in g["params"]]
+    for i, p in enumerate(order):
+        assert torch.equal(saved["state"][i]["exp_avg"], live.state[p]["exp_avg"])
+
+
 def test_the_simulated_step_of_training_step_matches_the_cpu_allocator():
     task = lightning_tasks.blobs()
     inputs = scan_inputs(task.train_data, InputMode.worst_case)

@@ -6,15 +6,18 @@
 The step is the module's own: ``training_step(batch, 0)`` is the forward and its loss (a tensor,
 or a dict with ``"loss"``), on the batches of ``train_dataloader()`` (its dataset and
 ``collate_fn``; its ``batch_size`` is the base batch size). The optimizer is the one
-``configure_optimizers`` returns, rebuilt at each trial's learning rate with the same class
-and settings (per-parameter-group settings are not kept; a scheduler is not applied). Its
-``lr`` is the task's ``lr``. ``self.log`` calls inside the step are skipped (no Trainer).
+``configure_optimizers`` returns, rebuilt at each trial's learning rate with the same class,
+parameter groups and settings (each group's own weight decay, betas...; groups' lrs keep their
+ratio to the first training group's, which is the task's ``lr``; parameters in no group stay
+out, as in the user's run; a scheduler is not applied). ``self.log`` calls inside the step are
+skipped (no Trainer).
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -62,21 +65,52 @@ def _optimizer_of(configured: Any) -> torch.optim.Optimizer:
                     "needs one optimizer (or a list/dict holding it)")
 
 
-def _optimizer_recipe(build: Callable[[], nn.Module]) -> tuple[type, dict[str, Any]]:
-    """The class and settings of the optimizer ``configure_optimizers`` makes (asked of a
-    module built on the meta device: nothing is allocated)."""
+@dataclass(frozen=True)
+class OptimizerRecipe:
+    """What ``configure_optimizers`` makes, to rebuild it over another copy of the module at
+    another lr: the class, each parameter group's constructor settings, and the group of each
+    parameter by its position in ``module.parameters()`` (None: in no group)."""
+
+    cls: type
+    groups: tuple[dict[str, Any], ...]
+    group_of: tuple[int | None, ...]
+
+    @property
+    def lr(self) -> float | None:
+        """The first group that trains' lr (the task's lr; other groups keep their ratio)."""
+        return next((float(g["lr"]) for g in self.groups
+                     if isinstance(g.get("lr"), (int, float)) and g["lr"] > 0), None)
+
+    def build(self, params: Any, lr: float) -> torch.optim.Optimizer:
+        params = list(params)
+        ref = self.lr
+        if len(self.groups) == 1 or len(params) != len(self.group_of) or ref is None:
+            # one group, or parameters that are not the module's own in order: the first
+            # group's settings for all of them
+            return self.cls(params, **{**self.groups[0], "lr": lr})
+        built = []
+        for g, settings in enumerate(self.groups):
+            members = [p for p, k in zip(params, self.group_of) if k == g]
+            if members:
+                ratio = float(settings.get("lr", ref)) / ref
+                built.append({**settings, "params": members, "lr": lr * ratio})
+        return self.cls(built, lr=lr)
+
+
+def _optimizer_recipe(build: Callable[[], nn.Module]) -> OptimizerRecipe:
+    """The class, groups and settings of the optimizer ``configure_optimizers`` makes (asked
+    of a module built on the meta device: nothing is allocated)."""
     with torch.device("meta"):
         module = build()
     optimizer = _optimizer_of(module.configure_optimizers())
-    if len(optimizer.param_groups) > 1:
-        warnings.warn("configure_optimizers made several parameter groups; bsselect rebuilds "
-                      "the optimizer with the first group's settings for all parameters",
-                      stacklevel=3)
     # Only what the constructor takes (a scheduler adds 'initial_lr' to the group)
     accepted = inspect.signature(type(optimizer).__init__).parameters
-    settings = {k: v for k, v in optimizer.param_groups[0].items()
-                if k != "params" and k in accepted}
-    return type(optimizer), settings
+    groups = tuple({k: v for k, v in group.items() if k != "params" and k in accepted}
+                   for group in optimizer.param_groups)
+    index = {id(p): g for g, group in enumerate(optimizer.param_groups)
+             for p in group["params"]}
+    return OptimizerRecipe(type(optimizer), groups,
+                           tuple(index.get(id(p)) for p in module.parameters()))
 
 
 def _loader_parts(loader: Any) -> tuple[Any, Any, Optional[int]]:
@@ -107,15 +141,11 @@ def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any
         raise UsageError("from_lightning needs a datamodule or a train_dataloader")
     train, collate, loader_batch = _loader_parts(train_dataloader)
     val = _loader_parts(val_dataloader)[0] if val_dataloader is not None else None
-    opt_class, settings = _optimizer_recipe(build)
+    recipe = _optimizer_recipe(build)
     collate = collate or torch.utils.data.default_collate
-
-    def make_optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
-        return opt_class(params, **{**settings, "lr": lr})
-
     return Task(model=lambda: StepModule(build()), train_data=train, val_data=val,
-                loss_fn=step_loss, optimizer=make_optimizer,
-                lr=float(lr if lr is not None else settings.get("lr", 1e-3)),
+                loss_fn=step_loss, optimizer=recipe.build,
+                lr=float(lr if lr is not None else (recipe.lr or 1e-3)),
                 base_batch_size=base_batch_size or loader_batch or 32,
                 collate_fn=lambda items: (collate(items), None))
 

@@ -28,6 +28,18 @@ class Classifier(L.LightningModule):
                 "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 10)}
 
 
+class GroupedClassifier(Classifier):
+    """AdamW over two groups as Lightning users write them: weights with decay, biases without
+    and at half the lr; the first layer's bias in no group (frozen by leaving it out)."""
+
+    def configure_optimizers(self):
+        first, second = self.net[0], self.net[2]
+        return torch.optim.AdamW([
+            {"params": [first.weight, second.weight], "weight_decay": 0.1},
+            {"params": [second.bias], "weight_decay": 0.0, "lr": 0.005},
+        ], lr=0.01, betas=(0.8, 0.95))
+
+
 def _as_dict(items):
     x, y = zip(*items)
     return {"x": torch.stack(x), "y": torch.stack(y)}
@@ -55,3 +67,7 @@ class Blobs(L.LightningDataModule):
 
 def blobs() -> Task:
     return Task.from_lightning(Classifier, Blobs())
+
+
+def grouped() -> Task:
+    return Task.from_lightning(GroupedClassifier, Blobs())
