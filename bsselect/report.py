@@ -137,6 +137,7 @@ def render_noise(report: Any) -> None:
 
 def render_sweep(result: Any) -> None:
     from .selection.rank import interval_label
+    from .selection.sweep import lr_differs
 
     r = result.ranking
     out.print(f"[bold]Sweep — {escape(result.task)}[/] ({result.settings.budget.amount:g} "
@@ -151,6 +152,12 @@ def render_sweep(result: Any) -> None:
                   + (", with its optimizer state" if branch["optimizer_state"] else
                      ", fresh optimizer: the file's optimizer state was absent or did not fit")
                   + ")", highlight=False)
+        run_lr = branch.get("lr")
+        if isinstance(run_lr, (int, float)) and run_lr > 0 and lr_differs(run_lr, result.base_lr):
+            out.print(f"[yellow]note:[/] the checkpoint's optimizer trains at the equivalent of "
+                      f"lr {run_lr:.3g} at batch {result.base_batch_size}; these trials scaled "
+                      f"from lr {result.base_lr:.3g} (--lr {run_lr:.3g} asks from the run's lr)",
+                      highlight=False)
     # Compact: no vertical rules, and the status column only when a trial was not ok, so
     # that the table reads at 80 columns.
     from rich import box

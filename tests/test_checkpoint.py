@@ -590,3 +590,25 @@ def test_lr_sets_the_rate_the_trials_scale_from(run_files, tmp_path):
     for bad in ("0", "-1", "nan", "inf"):
         done = run_cli("sweep", TINY, "--batch-sizes", "8", "--lr", bad, env=CLI_ENV)
         assert done.returncode == 2 and "--lr must be a number > 0" in done.stderr, done.stderr
+
+
+def test_the_table_and_report_say_when_the_checkpoints_lr_is_not_the_trials(tmp_path):
+    task, model, optimizer = train_run(steps=10)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.01  # the run's schedule cut its lr 10x from the task's 0.1
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 10},
+               tmp_path / "late.pt")
+    common = ["--batch-sizes", "8,16", "--budget", "128", "--noise-measurements", "0",
+              "--from-checkpoint", str(tmp_path / "late.pt")]
+    note = "the checkpoint's optimizer trains at the equivalent of lr 0.01 at batch 16"
+    done = run_cli("sweep", TINY, *common, "--journal", str(tmp_path / "j.jsonl"), env=CLI_ENV)
+    assert done.returncode == 0, done.stderr
+    assert note in done.stdout and "--lr 0.01 asks from the run's lr" in done.stdout
+    report = run_cli("report", str(tmp_path / "j.jsonl"), env=CLI_ENV)
+    assert report.returncode == 0, report.stderr
+    assert note in report.stdout
+    # at the run's lr, nothing to say
+    done = run_cli("sweep", TINY, *common, "--lr", "0.01", "--journal",
+                   str(tmp_path / "k.jsonl"), env=CLI_ENV)
+    assert done.returncode == 0, done.stderr
+    assert "equivalent of lr" not in done.stdout
