@@ -457,6 +457,15 @@ def test_the_plan_offered_is_never_predicted_slower_than_a_fixed_batch(plan_time
     assert predicted.time_s <= best_time
 
 
+def test_a_plan_equal_to_a_fixed_batch_up_to_rounding_is_kept():
+    # a one-stage plan sums its stages in another order than the fixed prediction
+    parts = [0.1, 0.2, 0.3]
+    plan = [_stage(32, t) for t in parts]
+    fixed = {32: Prediction(3.0, 300.0, sum(reversed(parts)) - 1e-16)}
+    chosen, _, note = no_worse_than_fixed(plan, fixed, lambda b: 0.1)
+    assert chosen == plan and note is None
+
+
 def test_no_fixed_prediction_at_all_is_a_programming_error():
     with pytest.raises(ValueError):
         no_worse_than_fixed([_stage(16, 1.0)], {16: Prediction(math.inf, math.inf, math.inf)},
