@@ -119,16 +119,17 @@ def measure(model, task, optimizer, n_data: int, b_small: int, b_big: int, m: in
     simple = estimate_from_norms(small_sq, big_sq, b_small, b_big, n_data)
     hess = estimate_from_norms(small_h, big_h, b_small, b_big, n_data)
     return dict(b_simple=simple.b_simple, b_h=hess.b_simple, gthg=hess.grad_sq_norm,
-                tr_h_sigma=hess.trace_sigma, preconditioned=inv is not None)
+                tr_h_sigma=hess.trace_sigma, g2=simple.grad_sq_norm,
+                tr_sigma=simple.trace_sigma, preconditioned=inv is not None)
 
 
-def run(name: str, ex: dict, m: int) -> dict:
+def run(name: str, ex: dict, m: int, fractions: tuple[float, ...] = FRACTIONS) -> dict:
     task = TASKS[name]()
     b = task.base_batch_size
     hits = [r[str(b)]["to_target"] for r in ex["runs"]]
     run_samples = median(h["samples"] for h in hits if h)
     total_steps = max(1, round(run_samples / b))
-    points = sorted({round(f * total_steps) for f in FRACTIONS})
+    points = sorted({round(f * total_steps) for f in fractions})
     torch.manual_seed(0)
     model = task.model()
     model.train()
