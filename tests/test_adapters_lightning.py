@@ -58,13 +58,8 @@ def test_the_optimizers_parameter_groups_are_rebuilt_at_each_lr():
 def test_a_two_group_lightning_checkpoint_gives_its_optimizer_state(tmp_path):
     from bsselect.checkpoint import branch_from, load_checkpoint
 
-    L = pytest.importorskip("lightning")
-    module, data = lightning_tasks.GroupedClassifier(), lightning_tasks.Blobs()
-    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", default_root_dir=tmp_path)
-    trainer.fit(module, data)
-    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    trainer = lightning_tasks.fit_and_save(lightning_tasks.GroupedClassifier(),
+                                           lightning_tasks.Blobs(), 6, tmp_path / "run.ckpt")
     task = lightning_tasks.grouped()
     branch = branch_from(load_checkpoint(tmp_path / "run.ckpt"), task.model,
                          task.make_optimizer, task.lr)

@@ -231,16 +231,13 @@ def test_keys_are_matched_across_a_module_prefix_and_tied_weights():
 
 
 def test_a_lightning_checkpoint_branches_with_its_optimizer_state(tmp_path):
-    L = pytest.importorskip("lightning")
+    pytest.importorskip("lightning")
     sys.path.insert(0, str(TASKS))
     import lightning_tasks
 
-    module, data = lightning_tasks.Classifier(), lightning_tasks.Blobs()
-    trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", default_root_dir=tmp_path)
-    trainer.fit(module, data)
-    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    module = lightning_tasks.Classifier()
+    trainer = lightning_tasks.fit_and_save(module, lightning_tasks.Blobs(), 12,
+                                           tmp_path / "run.ckpt")
     ck = load_checkpoint(tmp_path / "run.ckpt")
     assert (ck.format, ck.step) == ("lightning", 12)
     task = lightning_tasks.blobs()

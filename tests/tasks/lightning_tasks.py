@@ -71,3 +71,14 @@ def blobs() -> Task:
 
 def grouped() -> Task:
     return Task.from_lightning(GroupedClassifier, Blobs())
+
+
+def fit_and_save(module: L.LightningModule, data: L.LightningDataModule, steps: int,
+                 path) -> L.Trainer:
+    """A user's short run: a quiet CPU Trainer fits ``steps`` steps and saves ``path`` (.ckpt)."""
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", default_root_dir=path.parent)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(path)
+    return trainer
