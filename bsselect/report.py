@@ -190,7 +190,8 @@ def render_sweep(result: Any) -> None:
     out.print(
         f"step time t(b) = {_f(fit['tau_f_s'])} s + {_f(fit['tau_d_s'])} s·b · "
         f"B_simple {_f(fit['b_simple'])}{bracket if source == 'b_simple' else ''}"
-        f" · B_steps {_f(fit['b_steps'])}{bracket if source == 'b_steps' else ''}"
+        f" · B_steps {'≥ ' * bool(fit.get('b_steps_lower_bound'))}{_f(fit['b_steps'])}"
+        f"{bracket if source == 'b_steps' else ''}"
         f" · B_noise {_f(fit['b_noise'])} · b_opt = √(B·τ_f/τ_d) = {_f(fit['b_opt'])}"
         + (f" (B from {fit['b_hat_source']})" if fit["b_hat_source"] else ""), highlight=False)
     timing = (f"{len(result.timing)} batch sizes timed in interleaved rounds"

@@ -119,3 +119,29 @@ def test_non_finite_losses_are_left_out():
              for b, c in curves.items()}
     fit = steps_to_loss_fit(dirty, 2.0)
     assert fit.b_noise == pytest.approx(clean.b_noise, rel=0.05)
+
+
+def test_steps_falling_faster_than_one_over_b_give_a_lower_bound():
+    """Past perfect scaling: updates to a level ``-2 + 4000/b`` (a negative S_min: a larger
+    batch at its scaled lr is *more* sample efficient over the range, as when the base lr has
+    headroom). No ``S_min`` to divide by, but ``B`` is beyond every batch measured: each level
+    gives the largest batch that reached it, flagged as a bound."""
+    sizes = [8, 16, 32, 64, 128, 256, 512]
+    fit = steps_to_loss_fit(model_curves(-2000.0, -2.0, 8192, sizes), start_loss=2.0)
+    assert fit.bound and all(lv.bound for lv in fit.levels if lv.b_noise is not None)
+    for lv in fit.levels:
+        assert lv.b_noise == max(b for b, _ in lv.steps)
+    assert fit.b_noise == 512
+
+
+def test_a_model_with_a_finite_noise_scale_is_not_a_bound():
+    fit = steps_to_loss_fit(model_curves(30.0, 20.0, 8192, [8, 16, 32, 64, 128]), 2.0)
+    assert not fit.bound and fit.b_noise == pytest.approx(30.0, rel=0.1)
+    assert not any(lv.bound for lv in fit.levels)
+
+
+def test_no_trade_off_measured_is_still_no_estimate():
+    """Steps that grow with the batch (a negative slope: the larger batch needs more updates)
+    say nothing about B: no value, no bound."""
+    fit = steps_to_loss_fit(model_curves(-2000.0, 2.0, 8192, [8, 16, 32, 64]), 2.0)
+    assert fit.b_noise is None and not fit.bound

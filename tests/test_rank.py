@@ -591,3 +591,14 @@ def test_ties_break_towards_higher_loss_speed_then_smaller_batch():
     b = ok_trial(64, t=0.1, dl=0.01)
     r = rank_trials([b, a], None)
     assert r.ranking == (32, 64)
+
+
+def test_a_b_steps_bound_is_said_as_one():
+    trials = [dataclasses.replace(ok_trial(b), loss_curve=model_loss_curve(b, -2000.0, -2.0, 8192))
+              for b in POW2]
+    bh = choose_b_hat(trials)
+    assert bh.source is BHatSource.b_steps and bh.steps_fit.bound
+    r = rank_trials(trials, bh.value, bh.source, b_interval=bh.interval,
+                    b_hat_sizes=bh.from_sizes)
+    assert r.fit_dict()["b_steps_lower_bound"] is True
+    assert f"B_steps ≥ {bh.value:g}" in r.verdict and "B is beyond it" in r.verdict

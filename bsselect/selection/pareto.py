@@ -7,7 +7,11 @@ fit of steps to ``L`` against ``1/b`` (slope ``S_min B``, intercept ``S_min``). 
 equal-sample trials already record their training-loss curves, so this costs no extra steps:
 at a few loss levels that at least ``MIN_TRIALS`` trials reach, the steps each trial took to
 reach the level are fitted robustly (Theil–Sen) against ``1/b``, and the levels' estimates are
-summarised by their median. Pure: no torch.
+summarised by their median. A level whose steps fall as fast as ``1/b`` or faster (slope
+positive, intercept ``S_min <= 0``: a larger batch at its scaled lr is at least as sample
+efficient over the whole range measured) has no ``S_min`` to divide by, but it does say that
+``B`` is beyond that range: it gives the largest batch measured at it as a lower bound.
+Pure: no torch.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ SMOOTHING = 9  # steps of the centred moving average over a mini-batch loss curv
 @dataclass(frozen=True)
 class LevelFit:
     """One loss level: the steps each batch size took to reach it and the fitted ``B``
-    (None unless both the fit's intercept and its slope are positive)."""
+    (None unless the slope is positive; with an intercept <= 0, ``bound``: ``B`` is at least
+    the largest batch measured at the level, and ``b_noise`` is that batch)."""
 
     level: float
     steps: tuple[tuple[int, float], ...]  # (batch_size, updates done to reach the level)
     b_noise: float | None
+    bound: bool = False
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,13 @@ class StepsFit:
     lo: float | None
     hi: float | None
     levels: tuple[LevelFit, ...]
+
+    @property
+    def bound(self) -> bool:
+        """Every level that gave a value gave a lower bound (perfect scaling or better over
+        the batch sizes measured): ``b_noise`` is then "at least"."""
+        given = [lv for lv in self.levels if lv.b_noise is not None]
+        return bool(given) and all(lv.bound for lv in given)
 
 
 def _smoothed(curve: Sequence[tuple[int, float]]) -> list[tuple[float, float, bool]]:
@@ -92,16 +105,22 @@ def _steps_to(curve: Sequence[tuple[float, float, bool]], level: float) -> float
     return None
 
 
-def _theil_sen_ratio(points: Sequence[tuple[float, float]]) -> float | None:
+def _theil_sen_ratio(points: Sequence[tuple[float, float]]) -> tuple[float | None, bool]:
+    """``(B, bound)`` from (1/b, steps) points: slope / intercept of a Theil–Sen line; with
+    a positive slope but an intercept <= 0 (steps fall at least as fast as 1/b), the
+    largest batch among the points as a lower bound (``bound`` True); no positive slope (no
+    trade-off measured): None."""
     slopes = [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points)
               for x2, y2 in points[i + 1:] if x2 != x1]
     if not slopes:
-        return None
+        return None, False
     slope = median(slopes)
     intercept = median(y - slope * x for x, y in points)
-    if intercept <= 0 or slope <= 0:  # no S_min, or no trade-off measured: no B
-        return None
-    return slope / intercept
+    if slope <= 0:
+        return None, False
+    if intercept <= 0:
+        return 1.0 / min(x for x, _ in points), True
+    return slope / intercept, False
 
 
 def steps_to_loss_fit(curves: dict[int, Sequence[tuple[int, float]]],
@@ -126,9 +145,9 @@ def steps_to_loss_fit(curves: dict[int, Sequence[tuple[int, float]]],
         level = floor + f * (top - floor)
         steps = tuple((b, s) for b in sorted(smooth)
                       if (s := _steps_to(smooth[b], level)) is not None)
-        fit = _theil_sen_ratio([(1.0 / b, s) for b, s in steps]) if len(steps) >= MIN_TRIALS \
-            else None
-        levels.append(LevelFit(level, steps, fit))
+        fit, bound = (_theil_sen_ratio([(1.0 / b, s) for b, s in steps])
+                      if len(steps) >= MIN_TRIALS else (None, False))
+        levels.append(LevelFit(level, steps, fit, bound))
     values = [lv.b_noise for lv in levels if lv.b_noise is not None]
     if not values:
         return StepsFit(None, None, None, tuple(levels))

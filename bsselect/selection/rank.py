@@ -217,6 +217,7 @@ class Ranking:
     b_hat_sizes: tuple[int, ...] = ()
     shape: ShapeFit | None = None
     b_steps: float | None = None
+    b_steps_bound: bool = False  # B_steps is a lower bound (perfect scaling measured)
 
     def fit_dict(self) -> dict[str, Any]:
         """docs/contract.md's ``sweep`` ``fit`` object (tau_f_s, tau_d_s, b_simple, b_noise, b_opt),
@@ -230,6 +231,7 @@ class Ranking:
             "b_opt": self.b_opt,
             "r2": self.step_fit.r2,
             "b_steps": self.b_steps,
+            "b_steps_lower_bound": self.b_steps_bound,
             "b_hat": self.b_hat,
             "b_hat_source": self.b_hat_source.value if self.b_hat_source else None,
             "b_hat_interval": None if interval is None else [
@@ -287,6 +289,7 @@ def rank_trials(
     pick = None
     if b_hat is not None and fitted:
         pick = choose(fitted, b_interval or NoiseInterval.exact(b_hat))
+    steps = steps_fit_of(trials)
     rows = _ordered_rows(trials, pick, fitted)
     ranking = tuple(r.batch_size for r in rows if r.status is TrialStatus.ok)
     ctx = _Context(
@@ -294,7 +297,8 @@ def rank_trials(
         fit=fit,
         noise_fit=noise_fit_of(trials),
         b_simple=pooled_b_simple(trials),
-        b_steps=steps_fit_of(trials).b_noise,
+        b_steps=steps.b_noise,
+        b_steps_bound=steps.bound,
         b_hat=b_hat,
         source=b_hat_source if b_hat is not None else None,
         b_opt=_b_opt_or_inf(b_hat, fit),
@@ -311,7 +315,7 @@ def rank_trials(
                    _best(ok, lambda t: t.loss_drop_per_s, higher=True),
                    _best(ok, lambda t: t.val_loss, higher=False),
                    pick.tied if pick else (), pick.best if pick else None, ctx.interval,
-                   tuple(b_hat_sizes), shape, ctx.b_steps)
+                   tuple(b_hat_sizes), shape, ctx.b_steps, ctx.b_steps_bound)
 
 
 def _ordered_rows(trials: Sequence[TrialResult], pick: Choice | None,
@@ -383,6 +387,7 @@ class _Context:
     noise_fit: BNoiseFit
     b_simple: float | None
     b_steps: float | None
+    b_steps_bound: bool
     b_hat: float | None
     source: BHatSource | None
     b_opt: float | None
@@ -411,7 +416,11 @@ def _b_hat_text(c: _Context) -> str:
     if c.source is BHatSource.b_simple and n:
         label = f"B_simple pooled over {n} trial{'s' * (n > 1)}"
         if c.b_steps is not None:
-            label += f", above B_steps {_fmt_num(c.b_steps)}"
+            label += f", above B_steps {'≥ ' * c.b_steps_bound}{_fmt_num(c.b_steps)}"
+    elif c.source is BHatSource.b_steps and c.b_steps_bound:
+        label = (f"B_steps ≥ {_fmt_num(c.b_steps)}: in {n} trials the steps to common loss "
+                 "levels fell as fast as 1/b or faster up to the largest batch that reached "
+                 "them, so B is beyond it")
     elif c.source is BHatSource.b_steps:
         label = f"B_steps, from steps to common loss levels in {n} trials"
         if c.b_simple is not None:
