@@ -406,6 +406,7 @@ def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int |
     explicit = _sizes_and_threads(batch_sizes, threads)
     if isinstance(from_checkpoints, (str, Path)):
         from_checkpoints = [from_checkpoints]
+    from_checkpoints = list(from_checkpoints or ())
     if from_checkpoints and points is not None:
         raise UsageError("--points spaces the base run's points; with --from-checkpoint the "
                          "points are your checkpoints: leave --points out")
@@ -436,21 +437,27 @@ _AT_STEP = re.compile(r"^(.+)@([0-9]+)$")
 
 def _run_checkpoints(specs: Sequence[str | Path]) -> tuple[list["Checkpoint"], list[int]]:
     """``schedule --from-checkpoint``: each checkpoint loaded, with the run's optimizer step
-    at it (the file's, or ``PATH@STEP``'s, which wins), in the order of the steps. One line and exit 2 for a file without
+    at it (the file's, or ``PATH@STEP``'s where it holds none: the two must not disagree), in
+    the order of the steps. One line and exit 2 for a file without
     a step, two at the same step, or a path that is not there."""
     from .checkpoint import load_checkpoint
 
     checkpoints, steps = [], []
-    for spec in specs:
+    for spec in specs or ():
         text = str(spec)
         match = _AT_STEP.match(text)
         path, step = (match.group(1), int(match.group(2))) if (
-            match and not Path(text).exists()) else (text, None)
+            match and not Path(text).expanduser().exists()) else (text, None)
         checkpoint = load_checkpoint(path)
-        step = checkpoint.step if step is None else step
         if step is None:
-            raise UsageError(f"--from-checkpoint {path}: the file does not say how far the run "
-                             f"was (no global_step/step): name it, e.g. {path}@2000 for the "
+            step = checkpoint.step
+        elif checkpoint.step is not None and checkpoint.step != step:
+            raise UsageError(f"--from-checkpoint {text}: the checkpoint itself says step "
+                             f"{checkpoint.step}; leave @{step} out, or pass a file without a "
+                             "step of its own")
+        if step is None:
+            raise UsageError(f"--from-checkpoint {path}: the checkpoint does not say how far the "
+                             f"run was (no global_step/step): name it, e.g. {path}@2000 for the "
                              "checkpoint after optimizer step 2000")
         if step < 0:
             raise UsageError(f"--from-checkpoint {path}: step {step} is negative")

@@ -70,6 +70,7 @@ class Branch:
     warnings: tuple[str, ...] = ()   # about the optimizer state (what training starts from)
     renamed: str | None = None       # how the parameter names were matched, when not obvious
     run_lr: float | None = None      # the file's lr as the base lr to scale from (``--lr``)
+    run_lr_zero: bool = False        # every group of the file's optimizer at lr 0
 
     @property
     def messages(self) -> tuple[str, ...]:
@@ -155,6 +156,9 @@ def _is_state_dict(value: Any) -> bool:
 def _step_of(raw: dict) -> int | None:
     for key in ("global_step", "step", "steps"):
         value = raw.get(key)
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not (
+                value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            value = int(value.item())  # a step counter kept as a tensor
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
@@ -439,8 +443,11 @@ def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
     saved = checkpoint.optimizer_state
     fresh = "every trial starts a fresh optimizer at the checkpoint's weights"
     optimizer = None if saved is None else make_optimizer(model.parameters(), lr)
+    run_lr_zero = False
     if optimizer is not None:  # the run's lr is in the groups, whether or not it kept state
         run_lr = base_lr_of_run(optimizer, saved, lr)
+        theirs = [_lr(g.get("lr")) for g in saved.get("param_groups", ()) if isinstance(g, dict)]
+        run_lr_zero = bool(theirs) and all(t == 0 for t in theirs)  # a schedule's last step
     if optimizer is None or not saved["state"]:
         warnings.append(f"{checkpoint.path} holds "
                         + ("no optimizer state" if saved is None else
@@ -472,4 +479,4 @@ def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
             optimizer_state = copy.deepcopy(optimizer.state_dict())
     del optimizer
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Branch(state, optimizer_state, tuple(warnings), note, run_lr)
+    return Branch(state, optimizer_state, tuple(warnings), note, run_lr, run_lr_zero)

@@ -409,7 +409,8 @@ def schedule(
     task: TaskArg = None,
     horizon: Annotated[Optional[int], typer.Option(
         help="Samples of the run to plan (the length of your training run).",
-        show_default="256 steps of the task's base batch size, or one epoch if longer")] = None,
+        show_default="256 steps of the task's base batch size, or one epoch if longer; with "
+                     "--from-checkpoint, twice the last checkpoint's samples")] = None,
     points: Annotated[Optional[int], typer.Option(
         help="Points of the base run to branch from: 0, then horizon/2^(points-1) .. "
              "horizon/2.", show_default="5")] = None,

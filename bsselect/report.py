@@ -6,7 +6,6 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -317,13 +316,17 @@ def render_schedule(result: Any) -> None:
     """Per point: the base run's loss, B_simple, the critical and fastest batch and each
     branch's loss drop; then the stages and the predicted saving."""
     s = result.settings
+    from .selection.schedule import short_names
+
     users = sum(p.checkpoint is not None for p in result.points)
-    source = (f"{len(result.points)} points of the base run" if not s.checkpoint_samples else
+    source = (f"{len(result.points)} points of the base run at batch "
+              f"{result.base_batch_size}, lr {result.base_lr:g}" if not s.checkpoint_samples else
               f"{users} checkpoint{'s' * (users != 1)} of your run"
-              + (" and initialisation" if users < len(result.points) else ""))
+              + (" and initialisation" if users < len(result.points) else "")
+              + f", at the task's batch {result.base_batch_size}, lr {result.base_lr:g}, scaled")
     out.print(f"[bold]Schedule — {escape(result.task_name)}[/] (horizon {s.horizon:,} samples; "
-              f"branches of {s.branch:,} samples from {source} at batch "
-              f"{result.base_batch_size}, lr {result.base_lr:g})", highlight=False)
+              f"branches of {s.branch:,} samples from {source})", highlight=False)
+    names = iter(short_names([p.checkpoint for p in result.points if p.checkpoint]))
     table = Table(box=None, pad_edge=False)
     if s.checkpoint_samples:
         table.add_column("checkpoint")
@@ -342,7 +345,7 @@ def render_schedule(result: Any) -> None:
                 cells.append(br.trial.status.value)
             else:
                 cells.append(f"{br.drop:.3g}")
-        first = ([escape(Path(p.checkpoint).name) if p.checkpoint else "(initialisation)"]
+        first = ([escape(next(names)) if p.checkpoint else "(initialisation)"]
                  if s.checkpoint_samples else [])
         table.add_row(*first, f"{p.samples:,}", _f(js["train_loss"], ".4g"), _f(js["b_simple"]),
                       _f(p.critical_batch_size, "d"), _f(p.fastest_batch_size, "d"), *cells)

@@ -14,6 +14,7 @@ pytest.importorskip("lightning")
 from conftest import run_cli  # noqa: E402
 from tasks import lightning_tasks  # noqa: E402
 
+from bsselect import Task  # noqa: E402
 from bsselect.memory.cpu_truth import cpu_step_peak  # noqa: E402
 from bsselect.memory.inputs import InputMode, scan_inputs  # noqa: E402
 from bsselect.memory.simulated import simulate_step_peak  # noqa: E402
@@ -55,21 +56,52 @@ def test_the_optimizers_parameter_groups_are_rebuilt_at_each_lr():
     assert len(loose.param_groups) == 1 and loose.param_groups[0]["weight_decay"] == 0.1
 
 
-def test_a_two_group_lightning_checkpoint_gives_its_optimizer_state(tmp_path):
+def test_one_group_over_part_of_the_module_in_its_own_order_is_rebuilt_so():
+    """The usual freezing pattern (only some parameters handed to the optimizer) and a group
+    that lists its parameters in another order than the module: each rebuilt exactly so, as
+    a checkpoint's optimizer state is keyed by that order."""
+    task = Task.from_lightning(lightning_tasks.PartClassifier, lightning_tasks.Blobs())
+    model = task.model()
+    net = model.module.net
+    optimizer = task.make_optimizer(model.parameters(), 0.1)
+    assert len(optimizer.param_groups) == 1
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [
+        id(net[2].bias), id(net[2].weight)]  # net[0] left out, as the module's own optimizer
+    assert optimizer.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("module_class, state_name", [
+    (lightning_tasks.GroupedClassifier, "exp_avg"), (lightning_tasks.PartClassifier,
+                                                     "momentum_buffer")])
+def test_a_lightning_checkpoint_gives_its_optimizer_state_to_the_right_parameters(
+        tmp_path, module_class, state_name):
+    """Two groups (one parameter in none), and one group over part of the module listed in
+    its own order: the checkpoint's state fits, and lands on the parameters it belongs to."""
     from bsselect.checkpoint import branch_from, load_checkpoint
 
-    trainer = lightning_tasks.fit_and_save(lightning_tasks.GroupedClassifier(),
-                                           lightning_tasks.Blobs(), 6, tmp_path / "run.ckpt")
-    task = lightning_tasks.grouped()
+    trainer = lightning_tasks.fit_and_save(module_class(), lightning_tasks.Blobs(), 6,
+                                           tmp_path / "run.ckpt")
+    task = Task.from_lightning(module_class, lightning_tasks.Blobs())
     branch = branch_from(load_checkpoint(tmp_path / "run.ckpt"), task.model,
                          task.make_optimizer, task.lr)
     assert branch.warnings == ()  # it fitted: same groups, same state
     live = trainer.optimizers[0]
     saved = branch.optimizer_state
-    assert [len(g["params"]) for g in saved["param_groups"]] == [2, 1]
+    assert [len(g["params"]) for g in saved["param_groups"]] == [
+        len(g["params"]) for g in live.param_groups]
     order = [p for g in live.param_groups for p in g["params"]]
     for i, p in enumerate(order):
-        assert torch.equal(saved["state"][i]["exp_avg"], live.state[p]["exp_avg"])
+        assert torch.equal(saved["state"][i][state_name], live.state[p][state_name])
+    # and the rebuilt optimizer, loaded with it, holds each buffer on its own parameter
+    model = task.model()
+    model.load_state_dict(branch.model_state)
+    rebuilt = task.make_optimizer(model.parameters(), task.lr)
+    rebuilt.load_state_dict(saved)
+    names = {id(p): n for n, p in model.named_parameters()}
+    live_names = {id(p): n for n, p in trainer.lightning_module.named_parameters()}
+    for p in (q for g in rebuilt.param_groups for q in g["params"]):
+        twin = next(q for q in order if live_names[id(q)] == names[id(p)].removeprefix("module."))
+        assert torch.equal(rebuilt.state[p][state_name], live.state[twin][state_name])
 
 
 def test_the_simulated_step_of_training_step_matches_the_cpu_allocator():

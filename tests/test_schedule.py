@@ -470,3 +470,52 @@ def test_no_fixed_prediction_at_all_is_a_programming_error():
     with pytest.raises(ValueError):
         no_worse_than_fixed([_stage(16, 1.0)], {16: Prediction(math.inf, math.inf, math.inf)},
                             lambda b: 0.1)
+
+
+def test_a_step_named_by_hand_must_agree_with_the_files_own(tmp_path):
+    from bsselect import api
+    from bsselect.api import _run_checkpoints
+
+    model = sweep_tasks.tiny().model()
+    torch.save({"model": model.state_dict(), "global_step": torch.tensor(8)}, tmp_path / "t.pt")
+    checkpoints, steps = _run_checkpoints([str(tmp_path / "t.pt")])  # a tensor step is read
+    assert steps == [8]
+    assert _run_checkpoints([f"{tmp_path / 't.pt'}@8"])[1] == [8]  # agreeing: fine
+    with pytest.raises(UsageError, match="the checkpoint itself says step 8; leave @4 out"):
+        _run_checkpoints([f"{tmp_path / 't.pt'}@4"])
+    assert _run_checkpoints(None) == ([], [])
+    with pytest.raises(UsageError, match="leave --points out"):
+        api.schedule(f"{TASKS}:tiny", points=3, from_checkpoints=[str(tmp_path / "t.pt")])
+
+
+def test_short_names_tell_same_named_files_apart():
+    from bsselect.selection.schedule import short_names
+
+    assert short_names(["/r/a/model.pt", "/r/b/model.pt", "/r/c/x.pt"]) == [
+        "a/model.pt", "b/model.pt", "x.pt"]
+    assert short_names(["/r/s/e=0/last.ckpt", "/r/t/e=0/last.ckpt"]) == [
+        "s/e=0/last.ckpt", "t/e=0/last.ckpt"]
+    assert short_names(["m.pt"]) == ["m.pt"]
+
+
+def test_a_checkpoint_at_lr_zero_is_said(tmp_path):
+    from bsselect import api
+
+    task = sweep_tasks.tiny()
+    model = task.model()
+    optimizer = task.make_optimizer(model.parameters(), 0.0)  # a schedule decayed to 0
+    model(torch.randn(4, 16)).sum().backward()
+    optimizer.step()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 64},
+               tmp_path / "end.pt")
+    result = api.schedule(f"{TASKS}:tiny", batch_sizes=[8, 16, 32], noise_measurements=0,
+                          from_checkpoints=[str(tmp_path / "end.pt")],
+                          journal=tmp_path / "j.jsonl", threads=1, device="cpu")
+    assert any("end.pt: the checkpoint's optimizer is at lr 0" in n for n in result.notes)
+    from bsselect.selection.sweep import SweepHooks
+
+    said = []
+    api.sweep(f"{TASKS}:tiny", batch_sizes=[8, 16], budget="128", noise_measurements=0,
+              from_checkpoint=tmp_path / "end.pt", journal=tmp_path / "k.jsonl",
+              hooks=SweepHooks(warn=said.append))
+    assert any("is at lr 0" in m and "pass --lr" in m for m in said)

@@ -68,12 +68,14 @@ def _optimizer_of(configured: Any) -> torch.optim.Optimizer:
 @dataclass(frozen=True)
 class OptimizerRecipe:
     """What ``configure_optimizers`` makes, to rebuild it over another copy of the module at
-    another lr: the class, each parameter group's constructor settings, and the group of each
-    parameter by its position in ``module.parameters()`` (None: in no group)."""
+    another lr: the class, each parameter group's constructor settings, and each group's
+    parameters as positions in ``module.parameters()``, in the group's own order (an
+    optimizer's state_dict is keyed by that order; parameters in no group are in none)."""
 
     cls: type
     groups: tuple[dict[str, Any], ...]
-    group_of: tuple[int | None, ...]
+    members: tuple[tuple[int, ...], ...]
+    n_params: int
 
     @property
     def lr(self) -> float | None:
@@ -84,16 +86,15 @@ class OptimizerRecipe:
     def build(self, params: Any, lr: float) -> torch.optim.Optimizer:
         params = list(params)
         ref = self.lr
-        if len(self.groups) == 1 or len(params) != len(self.group_of) or ref is None:
-            # one group, or parameters that are not the module's own in order: the first
-            # group's settings for all of them
+        if len(params) != self.n_params:
+            # not the module's own parameters in order: the first group's settings for all
             return self.cls(params, **{**self.groups[0], "lr": lr})
         built = []
-        for g, settings in enumerate(self.groups):
-            members = [p for p, k in zip(params, self.group_of) if k == g]
+        for settings, members in zip(self.groups, self.members):
             if members:
-                ratio = float(settings.get("lr", ref)) / ref
-                built.append({**settings, "params": members, "lr": lr * ratio})
+                ratio = float(settings.get("lr", ref)) / ref if ref else 1.0
+                built.append({**settings, "params": [params[i] for i in members],
+                              "lr": lr * ratio})
         return self.cls(built, lr=lr)
 
 
@@ -107,10 +108,10 @@ def _optimizer_recipe(build: Callable[[], nn.Module]) -> OptimizerRecipe:
     accepted = inspect.signature(type(optimizer).__init__).parameters
     groups = tuple({k: v for k, v in group.items() if k != "params" and k in accepted}
                    for group in optimizer.param_groups)
-    index = {id(p): g for g, group in enumerate(optimizer.param_groups)
-             for p in group["params"]}
-    return OptimizerRecipe(type(optimizer), groups,
-                           tuple(index.get(id(p)) for p in module.parameters()))
+    position = {id(p): i for i, p in enumerate(module.parameters())}
+    members = tuple(tuple(position[id(p)] for p in group["params"] if id(p) in position)
+                    for group in optimizer.param_groups)
+    return OptimizerRecipe(type(optimizer), groups, members, len(position))
 
 
 def _loader_parts(loader: Any) -> tuple[Any, Any, Optional[int]]:

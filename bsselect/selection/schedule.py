@@ -57,7 +57,8 @@ from .trials import (EVAL_BATCH, WARM_START_SEED_OFFSET, BudgetKind, TrialBudget
 __all__ = ["BatchSchedule", "Branch", "Prediction", "ScheduleHooks", "SchedulePoint",
            "ScheduleResult", "ScheduleSettings", "Stage", "critical_batch", "default_horizon",
            "fastest_batch", "growth_exponent", "no_worse_than_fixed", "plan_stages",
-           "predict_fixed", "relative_samples", "run_schedule", "stage_batches", "stage_lengths"]
+           "predict_fixed", "relative_samples", "run_schedule", "short_names", "stage_batches",
+           "stage_lengths"]
 
 DEFAULT_POINTS = 5          # 0, H/16, H/8, H/4, H/2
 BRANCH_FRACTION = 16        # a branch trains H/16 samples
@@ -244,27 +245,45 @@ def _checkpoint_run(setup: TrialSetup, checkpoints: Sequence[Checkpoint],
     the samples its run had seen, as ``(samples, the run's steps, model, model state,
     optimizer state, path)``. Each file is matched to the task's model and optimizer as
     ``sweep --from-checkpoint`` matches it (its warnings become notes)."""
-    from .sweep import from_checkpoint, lr_differs
+    from .sweep import from_checkpoint, lr_differs, zero_lr_note
 
     b0 = setup.task.base_batch_size
     order = sorted(zip(settings.checkpoint_samples, checkpoints), key=lambda x: x[0])
     if order[0][0] > 0:
         for samples, steps, model, mstate, ostate in _base_run(setup, [0], hooks):
             yield samples, steps, model, mstate, ostate, None
-    for samples, checkpoint in order:
-        name = Path(checkpoint.path).name
-        branched = from_checkpoint(setup, checkpoint, lambda m: notes.append(f"{name}: {m}"),
-                                   suggest_lr=False)
+    names = short_names([c.path for _, c in order])
+    for (samples, checkpoint), name in zip(order, names):
+        branched = from_checkpoint(
+            setup, checkpoint, lambda m: notes.append(m if checkpoint.path in m else f"{name}: {m}"),
+            suggest_lr=False)
         if branched.checkpoint_lr and lr_differs(branched.checkpoint_lr, setup.task.lr):
             notes.append(f"{name}: the run's optimizer was at the "
                          f"equivalent of lr {branched.checkpoint_lr:.3g} at batch {b0}; the "
                          f"branches scale from the task's lr {setup.task.lr:.3g}, as the "
                          "schedule's stages do (a schedule for a constant base lr)")
+        elif branched.checkpoint_lr_zero:
+            notes.append(f"{name}: {zero_lr_note(setup.task.lr)} (a schedule for a constant "
+                         "base lr)")
         model = setup.task.model().to(setup.device)
         model.load_state_dict(branched.initial_state)
         model.train()
         yield (samples, samples // b0, model, branched.initial_state, branched.optimizer_state,
                checkpoint.path)
+
+
+def short_names(paths: Sequence[str]) -> list[str]:
+    """Each path's file name, or as many trailing parts as it takes to tell it from the
+    others (``a/model.pt``, ``b/model.pt``)."""
+    parts = [Path(p).parts for p in paths]
+    out = []
+    for i, mine in enumerate(parts):
+        k = 1
+        while k < len(mine) and any(j != i and other[-k:] == mine[-k:]
+                                    for j, other in enumerate(parts)):
+            k += 1
+        out.append(str(Path(*mine[-k:])) if mine else paths[i])
+    return out
 
 
 def _noise_at(setup: TrialSetup, model: torch.nn.Module, measurements: int, seed: int
@@ -406,7 +425,7 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
     stuck = [st for st in measured if not math.isfinite(st.steps)]
     if stuck:
         notes.append("the stage batch "
-                     + ", ".join(f"{st.batch_size} (from base-run sample {st.base_samples:,})"
+                     + ", ".join(f"{st.batch_size} (from run sample {st.base_samples:,})"
                                  for st in stuck)
                      + " made no progress in that point's branch; a longer --branch-samples "
                      "measures the drop above its noise")

@@ -321,13 +321,24 @@ def from_checkpoint(setup: TrialSetup, checkpoint: Checkpoint,
                         f"{branch.run_lr:.3g} at batch {task.base_batch_size}; the trials scale "
                         f"from lr {task.lr:.3g}: to ask from where the run's lr is now, pass "
                         f"--lr {branch.run_lr:.3g}")
+    elif suggest_lr and branch.run_lr_zero:
+        messages.append(zero_lr_note(task.lr) + ": pass --lr with the lr the run will go on "
+                        "at")
     for message in messages:
         if warn:
             warn(message)
     return dataclasses.replace(setup, initial_state=branch.model_state,
                                optimizer_state=branch.optimizer_state, loss_start=None,
                                loss_init=loss_init, from_checkpoint=True,
-                               checkpoint_lr=branch.run_lr)
+                               checkpoint_lr=branch.run_lr,
+                               checkpoint_lr_zero=branch.run_lr_zero)
+
+
+def zero_lr_note(lr: float) -> str:
+    """What to say of a checkpoint whose optimizer is at lr 0 (the last step of a schedule
+    that decays to 0): trials from it at a scaled ``lr`` ask about a run that is not there."""
+    return (f"the checkpoint's optimizer is at lr 0 (its lr schedule's end?); the trials train "
+            f"at lr {lr:.3g} scaled to each batch size, not at the run's")
 
 
 def lr_differs(a: float, b: float) -> bool:

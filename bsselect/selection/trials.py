@@ -92,6 +92,7 @@ class TrialSetup:
     # branches compare training-subset losses only)
     from_checkpoint: bool = False  # initial_state is a user's checkpoint (``rise_limit``)
     checkpoint_lr: float | None = None  # its optimizer's lr as a base lr (``--lr``)
+    checkpoint_lr_zero: bool = False  # its optimizer was at lr 0
 
 
 def cycle_batches(setup: TrialSetup, batch_size: int):

@@ -40,6 +40,15 @@ class GroupedClassifier(Classifier):
         ], lr=0.01, betas=(0.8, 0.95))
 
 
+class PartClassifier(Classifier):
+    """Only the last layer trains (the first is left out of the optimizer), its bias listed
+    before its weight."""
+
+    def configure_optimizers(self):
+        last = self.net[2]
+        return torch.optim.SGD([last.bias, last.weight], lr=0.05, momentum=0.9)
+
+
 def _as_dict(items):
     x, y = zip(*items)
     return {"x": torch.stack(x), "y": torch.stack(y)}
