@@ -62,7 +62,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import selection_lib as lib  # noqa: E402
 from bench_tasks import HELD_OUT  # noqa: E402
-from bench_tasks_fresh import FRESH, FRESH_2  # noqa: E402
+from bench_tasks_fresh import FRESH, FRESH_2, FRESH_3  # noqa: E402
 from selection_report import CONDITIONS, render  # noqa: E402
 
 from bsselect.examples import EXAMPLES  # noqa: E402
@@ -119,8 +119,18 @@ CONFIG: dict[str, dict[str, Any]] = {
                    split="fresh-2"),
     "teacher": dict(cap=None, calib_samples=40_000, eval_every=256, drop_fraction=0.05,
                     split="fresh-2"),
+    # "fresh-3": the third set, written in session 11 after B_steps as a lower bound was
+    # adopted (found on topics): the held-out number of the rule at c13edf6.
+    "poly-tanh": dict(cap=None, calib_samples=40_000, eval_every=256, drop_fraction=0.05,
+                      split="fresh-3"),
+    "motif-cnn": dict(cap=None, calib_samples=40_000, eval_every=256, drop_fraction=0.05,
+                      split="fresh-3"),
+    "noisy-labels": dict(cap=None, calib_samples=40_000, eval_every=256, drop_fraction=0.05,
+                         split="fresh-3"),
+    "delay-gru": dict(cap=None, calib_samples=40_000, eval_every=256, drop_fraction=0.05,
+                      split="fresh-3"),
 }
-TASKS = {**EXAMPLES, **HELD_OUT, **FRESH, **FRESH_2}
+TASKS = {**EXAMPLES, **HELD_OUT, **FRESH, **FRESH_2, **FRESH_3}
 WARM_START_STEPS = 0  # --warm-start-steps: the sweep's, for every example
 # --warm-start-run-fraction: the warm start as a fraction of the run (samples to the target at
 # the base batch size, median over the oracle's seeds), with --reuse-oracle only

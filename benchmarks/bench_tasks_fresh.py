@@ -10,6 +10,9 @@ the code or shipped with bsselect, nothing downloaded.
 - ``attn-count``: one-layer transformer encoder: which of four tokens occurs most often in a
   sequence, AdamW.
 - ``softmax-50``: multinomial logistic regression, 50 classes in 64 dimensions, plain SGD.
+
+The second set (session 9) and the third (session 11: ``poly-tanh``, ``motif-cnn``,
+``noisy-labels``, ``delay-gru``) are further down, each written before its first run.
 """
 
 from __future__ import annotations
@@ -225,3 +228,116 @@ def teacher() -> Task:
 
 
 FRESH_2 = {"gru-sum": gru_sum, "spirals": spirals, "topics": topics, "teacher": teacher}
+
+
+# --------------------------------------------------------------------------- third set
+# Written in session 11 after `B_steps` as a lower bound (found on topics) was adopted, and
+# before any result on these was seen: the held-out number of the rule as it stands at
+# c13edf6 (docs/benchmarks-sweep.md, "Fresh held-out tasks, third set").
+
+
+def poly_tanh() -> Task:
+    """Two-layer tanh MLP regressing a sum of three sines of a 1-D input plus noise, SGD with
+    momentum."""
+    g = _gen(41)
+    n = 9216
+    x = 4 * torch.rand(n, 1, generator=g) - 2
+    y = (torch.sin(3 * x) + 0.5 * torch.sin(7 * x + 1) + 0.3 * torch.cos(11 * x)).squeeze(1)
+    y = y + 0.1 * torch.randn(n, generator=g)
+    train, val = _split(x, y, 1024)
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(1, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                             nn.Linear(64, 1), nn.Flatten(0))
+
+    return Task(model=model, train_data=train, val_data=val, loss_fn=F.mse_loss,
+                optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9),
+                lr=0.02, base_batch_size=32)
+
+
+class _MotifCNN(nn.Module):
+    def __init__(self, vocab: int = 6) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.conv = nn.Sequential(nn.Conv1d(vocab, 32, 5, padding=2), nn.BatchNorm1d(32),
+                                  nn.ReLU(), nn.Conv1d(32, 32, 5, padding=2),
+                                  nn.BatchNorm1d(32), nn.ReLU())
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.one_hot(x, self.vocab).float().transpose(1, 2)
+        return self.head(self.conv(h).amax(2))
+
+
+def motif_cnn() -> Task:
+    """1-D CNN with BatchNorm: does a random token sequence contain a 4-token motif (with one
+    substitution allowed)? Nesterov SGD."""
+    g = _gen(42)
+    n, length, vocab = 9216, 40, 6
+    x = torch.randint(0, vocab, (n, length), generator=g)
+    motif = torch.tensor([1, 4, 2, 5])
+    y = torch.randint(0, 2, (n,), generator=g)
+    where = torch.randint(0, length - 4, (n,), generator=g)
+    slip = torch.randint(0, 4, (n,), generator=g)
+    for i in torch.nonzero(y).flatten().tolist():
+        planted = motif.clone()
+        planted[slip[i]] = torch.randint(0, vocab, (1,), generator=g)
+        x[i, where[i]:where[i] + 4] = planted
+    train, val = _split(x, y, 1024)
+    return Task(model=_MotifCNN, train_data=train, val_data=val, loss_fn=F.cross_entropy,
+                metric=accuracy,
+                optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True),
+                lr=0.05, base_batch_size=32)
+
+
+def noisy_labels() -> Task:
+    """MLP on 12 Gaussian clusters in 32 dimensions with 20% of the labels replaced at
+    random, Adam."""
+    g = _gen(43)
+    n, d, k = 9216, 32, 12
+    centers = 1.2 * torch.randn(k, d, generator=g)
+    y = torch.randint(0, k, (n,), generator=g)
+    x = centers[y] + torch.randn(n, d, generator=g)
+    flip = torch.rand(n, generator=g) < 0.2
+    y = torch.where(flip, torch.randint(0, k, (n,), generator=g), y)
+    train, val = _split(x, y, 1024)
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(d, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                             nn.Linear(128, k))
+
+    return Task(model=model, train_data=train, val_data=val, loss_fn=F.cross_entropy,
+                metric=accuracy, optimizer=lambda p, lr: torch.optim.Adam(p, lr=lr),
+                lr=1e-3, base_batch_size=32)
+
+
+class _DelayGRU(nn.Module):
+    def __init__(self, vocab: int = 8, d: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.gru = nn.GRU(d, d, batch_first=True)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(self.embed(x))[0]).flatten(0, 1)
+
+
+def _per_token(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y.flatten())
+
+
+def delay_gru() -> Task:
+    """GRU sequence-to-sequence: at every position output the token three positions back
+    (the first three: token 0), per-token cross-entropy, AdamW."""
+    g = _gen(44)
+    n, length, vocab, lag = 9216, 24, 8, 3
+    x = torch.randint(0, vocab, (n, length), generator=g)
+    y = torch.cat([torch.zeros(n, lag, dtype=torch.long), x[:, :-lag]], 1)
+    train, val = _split(x, y, 1024)
+    return Task(model=_DelayGRU, train_data=train, val_data=val, loss_fn=_per_token,
+                optimizer=lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.01),
+                lr=3e-3, base_batch_size=32)
+
+
+FRESH_3 = {"poly-tanh": poly_tanh, "motif-cnn": motif_cnn, "noisy-labels": noisy_labels,
+           "delay-gru": delay_gru}
