@@ -237,8 +237,8 @@ FRESH_2 = {"gru-sum": gru_sum, "spirals": spirals, "topics": topics, "teacher": 
 
 
 def poly_tanh() -> Task:
-    """Two-layer tanh MLP regressing a sum of three sines of a 1-D input plus noise, SGD with
-    momentum."""
+    """Two-layer tanh MLP regressing a sum of three sinusoids of a 1-D input plus noise, SGD
+    with momentum."""
     g = _gen(41)
     n = 9216
     x = 4 * torch.rand(n, 1, generator=g) - 2
@@ -270,8 +270,10 @@ class _MotifCNN(nn.Module):
 
 
 def motif_cnn() -> Task:
-    """1-D CNN with BatchNorm: does a random token sequence contain a 4-token motif (with one
-    substitution allowed)? Nesterov SGD."""
+    """1-D CNN with BatchNorm, Nesterov SGD: was a 4-token motif (one position substituted at
+    random) planted in a random token sequence? About half of the unplanted sequences contain
+    such a near-motif by chance, so the label is noisy (review after its first run: the
+    description said "contains"; the task is unchanged)."""
     g = _gen(42)
     n, length, vocab = 9216, 40, 6
     x = torch.randint(0, vocab, (n, length), generator=g)

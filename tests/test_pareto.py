@@ -145,3 +145,30 @@ def test_no_trade_off_measured_is_still_no_estimate():
     say nothing about B: no value, no bound."""
     fit = steps_to_loss_fit(model_curves(-2000.0, 2.0, 8192, [8, 16, 32, 64]), 2.0)
     assert fit.b_noise is None and not fit.bound
+
+
+def _level(b_noise, bound=False):
+    from bsselect.selection.pareto import LevelFit
+
+    return LevelFit(1.0, ((8, 10.0),), b_noise, bound)
+
+
+@pytest.mark.parametrize("levels, value, bound", [
+    ([(40.0, False), (60.0, False)], 50.0, False),            # no bounds: the plain median
+    ([(512.0, True)] * 3 + [(1764.0, False)], 512.0, True),   # mostly bounds: "at least 512"
+    ([(40.0, False), (60.0, False), (256.0, True), (256.0, True)], 60.0, False),  # no averaging
+    ([(40.0, False), (256.0, True), (512.0, True)], 512.0, True),  # on a bound: the largest
+    ([(40.0, False), (50.0, False), (256.0, True)], 50.0, False),
+])
+def test_bound_levels_rank_above_estimates_in_the_median(levels, value, bound):
+    from bsselect.selection.pareto import _summary
+
+    fit = _summary(tuple(_level(v, b) for v, b in levels))
+    assert (fit.b_noise, fit.bound) == (value, bound)
+    assert fit.lo == min(v for v, _ in levels) and fit.hi == max(v for v, _ in levels)
+    assert fit.lo <= fit.b_noise <= fit.hi
+
+
+def test_a_bound_is_the_batch_itself_not_a_float_round_trip():
+    fit = steps_to_loss_fit(model_curves(-2000.0, -2.0, 8192, [7, 14, 49, 98]), 2.0)
+    assert fit.bound and fit.b_noise in (49.0, 98.0) and float(fit.b_noise).is_integer()

@@ -9,9 +9,11 @@ at a few loss levels that at least ``MIN_TRIALS`` trials reach, the steps each t
 reach the level are fitted robustly (Theil–Sen) against ``1/b``, and the levels' estimates are
 summarised by their median. A level whose steps fall as fast as ``1/b`` or faster (slope
 positive, intercept ``S_min <= 0``: a larger batch at its scaled lr is at least as sample
-efficient over the whole range measured) has no ``S_min`` to divide by, but it does say that
-``B`` is beyond that range: it gives the largest batch measured at it as a lower bound.
-Pure: no torch.
+efficient over the whole range measured) has no ``S_min`` to divide by: the model does not
+hold under the scaled lr (typically an lr with headroom), and what the level does say is that
+no sample efficiency is lost up to the largest batch measured at it. It gives that batch,
+flagged as a bound (``LevelFit.bound``); nothing above it was measured, so nothing above it is
+claimed (the summary's ``hi`` stays the largest value given). Pure: no torch.
 """
 
 from __future__ import annotations
@@ -43,19 +45,14 @@ class LevelFit:
 @dataclass(frozen=True)
 class StepsFit:
     """``b_noise``: the median over ``levels`` of their fitted B (None when no level gave
-    one); ``lo``/``hi``: the smallest and largest of them."""
+    one; with bound levels, ``_summary``); ``lo``/``hi``: the smallest and largest of them."""
 
     b_noise: float | None
     lo: float | None
     hi: float | None
     levels: tuple[LevelFit, ...]
 
-    @property
-    def bound(self) -> bool:
-        """Every level that gave a value gave a lower bound (perfect scaling or better over
-        the batch sizes measured): ``b_noise`` is then "at least"."""
-        given = [lv for lv in self.levels if lv.b_noise is not None]
-        return bool(given) and all(lv.bound for lv in given)
+    bound: bool = False  # ``b_noise`` is a bound level's batch: "at least"
 
 
 def _smoothed(curve: Sequence[tuple[int, float]]) -> list[tuple[float, float, bool]]:
@@ -119,7 +116,7 @@ def _theil_sen_ratio(points: Sequence[tuple[float, float]]) -> tuple[float | Non
     if slope <= 0:
         return None, False
     if intercept <= 0:
-        return 1.0 / min(x for x, _ in points), True
+        return None, True
     return slope / intercept, False
 
 
@@ -147,8 +144,27 @@ def steps_to_loss_fit(curves: dict[int, Sequence[tuple[int, float]]],
                       if (s := _steps_to(smooth[b], level)) is not None)
         fit, bound = (_theil_sen_ratio([(1.0 / b, s) for b, s in steps])
                       if len(steps) >= MIN_TRIALS else (None, False))
+        if bound:  # no slowdown measured up to the largest batch that reached the level
+            fit = float(max(b for b, _ in steps))
         levels.append(LevelFit(level, steps, fit, bound))
-    values = [lv.b_noise for lv in levels if lv.b_noise is not None]
-    if not values:
-        return StepsFit(None, None, None, tuple(levels))
-    return StepsFit(median(values), min(values), max(values), tuple(levels))
+    return _summary(tuple(levels))
+
+
+def _summary(levels: tuple[LevelFit, ...]) -> StepsFit:
+    """The levels' median, its range and whether it is a bound. Without bound levels: the
+    plain median. With some: a bound level stands for "at least its batch", so the median is
+    taken with bounds ranked above every ordinary value (``median_low``, no averaging of a
+    bound with an estimate); when it lands on a bound, the result is the largest bound batch,
+    flagged, else that ordinary value."""
+    given = [lv for lv in levels if lv.b_noise is not None]
+    if not given:
+        return StepsFit(None, None, None, levels)
+    values = [lv.b_noise for lv in given]
+    lo, hi = min(values), max(values)
+    if not any(lv.bound for lv in given):
+        return StepsFit(median(values), lo, hi, levels)
+    ranked = sorted((lv.bound, lv.b_noise) for lv in given)  # ordinary first, then bounds
+    is_bound, value = ranked[(len(ranked) - 1) // 2]
+    if is_bound:
+        value = max(lv.b_noise for lv in given if lv.bound)
+    return StepsFit(value, lo, hi, levels, bound=is_bound)

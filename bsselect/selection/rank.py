@@ -419,8 +419,9 @@ def _b_hat_text(c: _Context) -> str:
             label += f", above B_steps {'≥ ' * c.b_steps_bound}{_fmt_num(c.b_steps)}"
     elif c.source is BHatSource.b_steps and c.b_steps_bound:
         label = (f"B_steps ≥ {_fmt_num(c.b_steps)}: in {n} trials the steps to common loss "
-                 "levels fell as fast as 1/b or faster up to the largest batch that reached "
-                 "them, so B is beyond it")
+                 f"levels fell as fast as 1/b or faster up to b={_fmt_num(c.b_steps)}, no "
+                 "slowdown from batch size measured at the scaled lr; nothing above it is "
+                 "assumed")
     elif c.source is BHatSource.b_steps:
         label = f"B_steps, from steps to common loss levels in {n} trials"
         if c.b_simple is not None:
