@@ -436,15 +436,21 @@ _AT_STEP = re.compile(r"^(.+)@([0-9]+)$")
 
 
 def _run_checkpoints(specs: Sequence[str | Path]) -> tuple[list["Checkpoint"], list[int]]:
-    """``schedule --from-checkpoint``: each checkpoint loaded, with the run's optimizer step
+    """``schedule --from-checkpoint``: each checkpoint loaded (a directory of a run's
+    checkpoints: each one in it, ``checkpoint.checkpoints_in``), with the run's optimizer step
     at it (the file's, or ``PATH@STEP``'s where it holds none: the two must not disagree), in
-    the order of the steps. One line and exit 2 for a file without
-    a step, two at the same step, or a path that is not there."""
-    from .checkpoint import load_checkpoint
+    the order of the steps. One line and exit 2 for a file without a step, two at the same
+    step, a directory without checkpoints, or a path that is not there."""
+    from .checkpoint import checkpoints_in, load_checkpoint
 
-    checkpoints, steps = [], []
-    for spec in specs or ():
+    expanded: list[str] = []
+    for spec in specs or ():  # a run's checkpoint directory stands for the checkpoints in it
         text = str(spec)
+        named_step = _AT_STEP.match(text) is not None and not Path(text).expanduser().exists()
+        inside = None if named_step else checkpoints_in(text)
+        expanded.extend([str(c) for c in inside] if inside else [text])
+    checkpoints, steps = [], []
+    for text in expanded:
         match = _AT_STEP.match(text)
         path, step = (match.group(1), int(match.group(2))) if (
             match and not Path(text).expanduser().exists()) else (text, None)

@@ -236,6 +236,32 @@ def _hf_directory(path: Path, hasher: _Hasher) -> tuple[dict, dict | None, str, 
     return model, optimizer, "hf-trainer", step if isinstance(step, int) else None
 
 
+_CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
+
+
+def is_hf_checkpoint(path: Path) -> bool:
+    """A Hugging Face Trainer checkpoint directory: its weights, or their sharded index."""
+    return path.is_dir() and any((path / n).is_file() or (path / f"{n}.index.json").is_file()
+                                 for n in _HF_WEIGHTS)
+
+
+def checkpoints_in(path: str | Path) -> list[Path] | None:
+    """The checkpoints a directory of a run holds, one level down — a Hugging Face Trainer
+    ``output_dir``'s ``checkpoint-N/`` directories, a Lightning ``dirpath``'s ``.ckpt`` files,
+    ``.pt``/``.pth``/``.bin``/``.safetensors`` files — sorted by name; None when ``path`` is
+    not a directory or is itself a Hugging Face checkpoint; UsageError when it holds none."""
+    p = Path(path).expanduser()
+    if not p.is_dir() or is_hf_checkpoint(p):
+        return None
+    found = sorted(c for c in p.iterdir()
+                   if is_hf_checkpoint(c) or (c.is_file() and c.suffix in _CHECKPOINT_SUFFIXES))
+    if not found:
+        raise UsageError(f"{path} holds no checkpoints (no checkpoint-N/ directory with "
+                         f"{' or '.join(_HF_WEIGHTS)}, no {', '.join(_CHECKPOINT_SUFFIXES)} "
+                         "file): pass checkpoint files")
+    return found
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint (file or Hugging Face checkpoint directory); UsageError when it is
     missing, unreadable or not one of the formats above."""

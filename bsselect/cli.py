@@ -450,7 +450,8 @@ def schedule(
         "--from-checkpoint", metavar="PATH[@STEP]",
         help="A checkpoint of your run to branch from, instead of a base run (repeat it: one "
              "point each, with initialisation): torch.save({'model': ..., 'optimizer': ...}), "
-             "a Lightning .ckpt or a Hugging Face Trainer checkpoint directory. @STEP names "
+             "a Lightning .ckpt or a Hugging Face Trainer checkpoint directory; or a run's "
+             "directory of them (a Trainer output_dir, a Lightning dirpath). @STEP names "
              "the run's optimizer step where the file does not hold one; the run is taken to "
              "train at the task's base batch size.")] = None,
     as_json: JsonOpt = False,
@@ -472,6 +473,8 @@ def schedule(
       bsselect schedule train.py:make_task --resume --json > schedule.json
 
       bsselect schedule train.py:make_task --from-checkpoint a.pt --from-checkpoint b.pt
+
+      bsselect schedule hf_train.py:make_task --from-checkpoint out/   # out/checkpoint-N/
     """
 
     def body() -> None:

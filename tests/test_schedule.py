@@ -519,3 +519,35 @@ def test_a_checkpoint_at_lr_zero_is_said(tmp_path):
               from_checkpoint=tmp_path / "end.pt", journal=tmp_path / "k.jsonl",
               hooks=SweepHooks(warn=said.append))
     assert any("is at lr 0" in m and "pass --lr" in m for m in said)
+
+
+def test_a_runs_checkpoint_directory_stands_for_the_checkpoints_in_it(tmp_path):
+    """A Lightning dirpath / Trainer output_dir: every checkpoint one level down, ordered by
+    the run's steps, other files ignored; an HF checkpoint directory itself is one point; a
+    directory without any is one line, exit 2."""
+    from safetensors.torch import save_file
+
+    from bsselect.api import _run_checkpoints
+    from bsselect.checkpoint import checkpoints_in
+
+    task = sweep_tasks.tiny()
+    run = tmp_path / "run"
+    run.mkdir()
+    state = task.model().state_dict()
+    torch.save({"model": state, "global_step": 40}, run / "epoch=1-step=40.ckpt")
+    torch.save({"model": state, "global_step": 8}, run / "epoch=0-step=8.ckpt")
+    (run / "notes.txt").write_text("not a checkpoint")
+    hf = run / "checkpoint-20"
+    hf.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(hf / "model.safetensors"))
+    (hf / "trainer_state.json").write_text(json.dumps({"global_step": 20}))
+    assert checkpoints_in(hf) is None  # a checkpoint itself, not a directory of them
+    assert [p.name for p in checkpoints_in(run)] == [
+        "checkpoint-20", "epoch=0-step=8.ckpt", "epoch=1-step=40.ckpt"]
+    checkpoints, steps = _run_checkpoints([str(run)])
+    assert steps == [8, 20, 40] and checkpoints[1].format == "hf-trainer"
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("schedule", f"{TASKS}:tiny", "--from-checkpoint", str(tmp_path / "empty"),
+                   "--journal", str(tmp_path / "j.jsonl"))
+    assert proc.returncode == 2 and "holds no checkpoints" in proc.stderr
+    assert "Traceback" not in proc.stderr
