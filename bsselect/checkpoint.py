@@ -221,6 +221,12 @@ def _hf_directory(path: Path, hasher: _Hasher) -> tuple[dict, dict | None, str, 
         for shard in shards:
             model.update(_weights_file(path / shard, hasher))
     else:
+        inside = sorted(c.name for c in path.iterdir()
+                        if is_hf_checkpoint(c) or c.suffix in _CHECKPOINT_SUFFIXES)
+        if inside:
+            raise UsageError(f"{path} is a directory of {len(inside)} checkpoints ("
+                             + ", ".join(inside[:3]) + (", ..." if len(inside) > 3 else "")
+                             + "), not one: pass one of them")
         raise UsageError(f"{path} is a directory without {' or '.join(_HF_WEIGHTS)} (or their "
                          "sharded .index.json): not a Hugging Face Trainer checkpoint; pass a "
                          "checkpoint file")

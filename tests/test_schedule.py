@@ -546,6 +546,10 @@ def test_a_runs_checkpoint_directory_stands_for_the_checkpoints_in_it(tmp_path):
         "checkpoint-20", "epoch=0-step=8.ckpt", "epoch=1-step=40.ckpt"]
     checkpoints, steps = _run_checkpoints([str(run)])
     assert steps == [8, 20, 40] and checkpoints[1].format == "hf-trainer"
+    proc = run_cli("sweep", f"{TASKS}:tiny", "--from-checkpoint", str(run),
+                   "--journal", str(tmp_path / "s.jsonl"))  # the sweep branches from one
+    assert proc.returncode == 2 and "is a directory of 3 checkpoints (checkpoint-20, " \
+        "epoch=0-step=8.ckpt, epoch=1-step=40.ckpt), not one: pass one of them" in proc.stderr
     (tmp_path / "empty").mkdir()
     proc = run_cli("schedule", f"{TASKS}:tiny", "--from-checkpoint", str(tmp_path / "empty"),
                    "--journal", str(tmp_path / "j.jsonl"))
