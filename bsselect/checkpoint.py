@@ -222,7 +222,8 @@ def _hf_directory(path: Path, hasher: _Hasher) -> tuple[dict, dict | None, str, 
             model.update(_weights_file(path / shard, hasher))
     else:
         inside = sorted(c.name for c in path.iterdir()
-                        if is_hf_checkpoint(c) or c.suffix in _CHECKPOINT_SUFFIXES)
+                        if is_hf_checkpoint(c) or (c.suffix in _CHECKPOINT_SUFFIXES
+                                                   and not _HF_AUXILIARY.match(c.name)))
         if inside:
             raise UsageError(f"{path} is a directory of {len(inside)} checkpoints ("
                              + ", ".join(inside[:3]) + (", ..." if len(inside) > 3 else "")
@@ -251,16 +252,28 @@ def is_hf_checkpoint(path: Path) -> bool:
                                  for n in _HF_WEIGHTS)
 
 
+# What a Hugging Face Trainer writes beside its weights: never a checkpoint of the model
+_HF_AUXILIARY = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|"
+                           r"rng_state(_\d+)?\.pth)$")
+
+
 def checkpoints_in(path: str | Path) -> list[Path] | None:
-    """The checkpoints a directory of a run holds, one level down — a Hugging Face Trainer
-    ``output_dir``'s ``checkpoint-N/`` directories, a Lightning ``dirpath``'s ``.ckpt`` files,
-    ``.pt``/``.pth``/``.bin``/``.safetensors`` files — sorted by name; None when ``path`` is
-    not a directory or is itself a Hugging Face checkpoint; UsageError when it holds none."""
+    """The checkpoints a directory of a run holds, one level down, sorted by name: a Hugging
+    Face Trainer ``output_dir``'s ``checkpoint-N/`` directories (only those, where it has any:
+    a final ``save_model`` beside them is not one of the run's checkpoints), else a Lightning
+    ``dirpath``'s ``.ckpt`` files and ``.pt``/``.pth``/``.bin``/``.safetensors`` files (not the
+    Trainer's ``training_args.bin``, ``optimizer.pt``...). None when ``path`` is not a
+    directory or is itself one Hugging Face checkpoint; UsageError when it holds none."""
     p = Path(path).expanduser()
-    if not p.is_dir() or is_hf_checkpoint(p):
+    if not p.is_dir():
         return None
-    found = sorted(c for c in p.iterdir()
-                   if is_hf_checkpoint(c) or (c.is_file() and c.suffix in _CHECKPOINT_SUFFIXES))
+    subdirs = sorted(c for c in p.iterdir() if is_hf_checkpoint(c))
+    if subdirs:
+        return subdirs
+    if is_hf_checkpoint(p):
+        return None
+    found = sorted(c for c in p.iterdir() if c.is_file() and c.suffix in _CHECKPOINT_SUFFIXES
+                   and not _HF_AUXILIARY.match(c.name))
     if not found:
         raise UsageError(f"{path} holds no checkpoints (no checkpoint-N/ directory with "
                          f"{' or '.join(_HF_WEIGHTS)}, no {', '.join(_CHECKPOINT_SUFFIXES)} "

@@ -609,3 +609,33 @@ def test_the_table_and_report_say_when_the_checkpoints_lr_is_not_the_trials(tmp_
                    str(tmp_path / "k.jsonl"), env=CLI_ENV)
     assert done.returncode == 0, done.stderr
     assert "equivalent of lr" not in done.stdout
+
+
+def test_a_hugging_face_trainer_output_dir_gives_its_checkpoints(tmp_path, monkeypatch):
+    """A real Trainer's output_dir after save_model: schedule's points are its checkpoint-N/
+    (not the final save beside them, not training_args.bin); read as one checkpoint (what
+    sweep and noise branch from), the directory is the final save."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from bsselect.api import _run_checkpoints
+    from bsselect.checkpoint import checkpoints_in
+    from bsselect.examples.hf_trainer import build_trainer
+
+    monkeypatch.chdir(tmp_path)
+    trainer = build_trainer()
+    out = tmp_path / "out"
+    trainer.args.output_dir = str(out)
+    trainer.args.max_steps = 4
+    trainer.args.save_strategy = "steps"
+    trainer.args.save_steps = 2
+    trainer.args.disable_tqdm = True
+    trainer.train()
+    trainer.save_model()
+    assert (out / "training_args.bin").exists() and (out / "model.safetensors").exists()
+    assert [p.name for p in checkpoints_in(out)] == ["checkpoint-2", "checkpoint-4"]
+    run, steps = _run_checkpoints([str(out)])
+    assert steps == [2, 4] and {c.format for c in run} == {"hf-trainer"}
+    final = load_checkpoint(out)
+    trained = trainer.model.state_dict()
+    assert all(torch.equal(final.model_state[k], v) for k, v in trained.items()
+               if k in final.model_state)
