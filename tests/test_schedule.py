@@ -522,9 +522,10 @@ def test_a_checkpoint_at_lr_zero_is_said(tmp_path):
 
 
 def test_a_runs_checkpoint_directory_stands_for_the_checkpoints_in_it(tmp_path):
-    """A Lightning dirpath / Trainer output_dir: every checkpoint one level down, ordered by
-    the run's steps, other files ignored; an HF checkpoint directory itself is one point; a
-    directory without any is one line, exit 2."""
+    """A Lightning dirpath: every checkpoint one level down, ordered by the run's steps, other
+    files (and a Trainer's training_args.bin) ignored; an HF checkpoint directory itself is
+    one point (a Trainer's output_dir: tests/test_checkpoint.py); a directory without any is
+    one line, exit 2."""
     from safetensors.torch import save_file
 
     from bsselect.api import _run_checkpoints
@@ -537,19 +538,20 @@ def test_a_runs_checkpoint_directory_stands_for_the_checkpoints_in_it(tmp_path):
     torch.save({"model": state, "global_step": 40}, run / "epoch=1-step=40.ckpt")
     torch.save({"model": state, "global_step": 8}, run / "epoch=0-step=8.ckpt")
     (run / "notes.txt").write_text("not a checkpoint")
-    hf = run / "checkpoint-20"
+    (run / "training_args.bin").write_bytes(b"not a checkpoint either")
+    hf = tmp_path / "checkpoint-20"
     hf.mkdir()
     save_file({k: v.contiguous() for k, v in state.items()}, str(hf / "model.safetensors"))
     (hf / "trainer_state.json").write_text(json.dumps({"global_step": 20}))
     assert checkpoints_in(hf) is None  # a checkpoint itself, not a directory of them
-    assert [p.name for p in checkpoints_in(run)] == [
-        "checkpoint-20", "epoch=0-step=8.ckpt", "epoch=1-step=40.ckpt"]
-    checkpoints, steps = _run_checkpoints([str(run)])
+    assert [p.name for p in checkpoints_in(run)] == ["epoch=0-step=8.ckpt",
+                                                     "epoch=1-step=40.ckpt"]
+    checkpoints, steps = _run_checkpoints([str(run), str(hf)])
     assert steps == [8, 20, 40] and checkpoints[1].format == "hf-trainer"
     proc = run_cli("sweep", f"{TASKS}:tiny", "--from-checkpoint", str(run),
                    "--journal", str(tmp_path / "s.jsonl"))  # the sweep branches from one
-    assert proc.returncode == 2 and "is a directory of 3 checkpoints (checkpoint-20, " \
-        "epoch=0-step=8.ckpt, epoch=1-step=40.ckpt), not one: pass one of them" in proc.stderr
+    assert proc.returncode == 2 and "is a directory of 2 checkpoints (epoch=0-step=8.ckpt, " \
+        "epoch=1-step=40.ckpt), not one: pass one of them" in proc.stderr
     (tmp_path / "empty").mkdir()
     proc = run_cli("schedule", f"{TASKS}:tiny", "--from-checkpoint", str(tmp_path / "empty"),
                    "--journal", str(tmp_path / "j.jsonl"))
