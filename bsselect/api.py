@@ -443,17 +443,16 @@ def _run_checkpoints(specs: Sequence[str | Path]) -> tuple[list["Checkpoint"], l
     step, a directory without checkpoints, or a path that is not there."""
     from .checkpoint import checkpoints_in, load_checkpoint
 
-    expanded: list[str] = []
-    for spec in specs or ():  # a run's checkpoint directory stands for the checkpoints in it
+    expanded: list[tuple[str, str, int | None]] = []  # (as given, path, named step)
+    for spec in specs or ():
         text = str(spec)
-        named_step = _AT_STEP.match(text) is not None and not Path(text).expanduser().exists()
-        inside = None if named_step else checkpoints_in(text)
-        expanded.extend([str(c) for c in inside] if inside else [text])
-    checkpoints, steps = [], []
-    for text in expanded:
         match = _AT_STEP.match(text)
-        path, step = (match.group(1), int(match.group(2))) if (
-            match and not Path(text).expanduser().exists()) else (text, None)
+        if match and not Path(text).expanduser().exists():  # PATH@STEP, not a name with '@'
+            expanded.append((text, match.group(1), int(match.group(2))))
+        else:  # a run's checkpoint directory stands for the checkpoints in it
+            expanded.extend((str(c), str(c), None) for c in checkpoints_in(text) or [text])
+    checkpoints, steps = [], []
+    for text, path, step in expanded:
         checkpoint = load_checkpoint(path)
         if step is None:
             step = checkpoint.step

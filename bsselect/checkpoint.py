@@ -221,9 +221,7 @@ def _hf_directory(path: Path, hasher: _Hasher) -> tuple[dict, dict | None, str, 
         for shard in shards:
             model.update(_weights_file(path / shard, hasher))
     else:
-        inside = sorted(c.name for c in path.iterdir()
-                        if is_hf_checkpoint(c) or (c.suffix in _CHECKPOINT_SUFFIXES
-                                                   and not _HF_AUXILIARY.match(c.name)))
+        inside = [c.name for c in _run_listing(path) or ()]
         if inside:
             raise UsageError(f"{path} is a directory of {len(inside)} checkpoints ("
                              + ", ".join(inside[:3]) + (", ..." if len(inside) > 3 else "")
@@ -257,6 +255,18 @@ _HF_AUXILIARY = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|sc
                            r"rng_state(_\d+)?\.pth)$")
 
 
+def _run_listing(p: Path) -> list[Path] | None:
+    """The checkpoints one level down in directory ``p`` (``checkpoints_in``'s rule), or None
+    when ``p`` is itself one Hugging Face checkpoint."""
+    subdirs = sorted(c for c in p.iterdir() if is_hf_checkpoint(c))
+    if subdirs:
+        return subdirs
+    if is_hf_checkpoint(p):
+        return None
+    return sorted(c for c in p.iterdir() if c.is_file() and c.suffix in _CHECKPOINT_SUFFIXES
+                  and not _HF_AUXILIARY.match(c.name))
+
+
 def checkpoints_in(path: str | Path) -> list[Path] | None:
     """The checkpoints a directory of a run holds, one level down, sorted by name: a Hugging
     Face Trainer ``output_dir``'s ``checkpoint-N/`` directories (only those, where it has any:
@@ -267,13 +277,9 @@ def checkpoints_in(path: str | Path) -> list[Path] | None:
     p = Path(path).expanduser()
     if not p.is_dir():
         return None
-    subdirs = sorted(c for c in p.iterdir() if is_hf_checkpoint(c))
-    if subdirs:
-        return subdirs
-    if is_hf_checkpoint(p):
+    found = _run_listing(p)
+    if found is None:
         return None
-    found = sorted(c for c in p.iterdir() if c.is_file() and c.suffix in _CHECKPOINT_SUFFIXES
-                   and not _HF_AUXILIARY.match(c.name))
     if not found:
         raise UsageError(f"{path} holds no checkpoints (no checkpoint-N/ directory with "
                          f"{' or '.join(_HF_WEIGHTS)}, no {', '.join(_CHECKPOINT_SUFFIXES)} "
@@ -444,12 +450,17 @@ def _lr(value: Any) -> float | None:
     return float(value) if ok and math.isfinite(value) else None
 
 
+def _file_lrs(saved: dict[str, Any]) -> list[float | None]:
+    """The lr of each parameter group of a saved optimizer state (None where unreadable)."""
+    return [_lr(g.get("lr")) for g in saved.get("param_groups", ()) if isinstance(g, dict)]
+
+
 def base_lr_of_run(optimizer: torch.optim.Optimizer, saved: dict[str, Any],
                    lr: float) -> float | None:
     """The checkpoint's lr expressed as the base lr the trials scale from (what ``--lr``
     takes): the file's lr over the task optimizer's, in the first group where both are > 0
     (a frozen group says nothing), times ``lr``. None when the file has no usable lr."""
-    theirs = [_lr(g.get("lr")) for g in saved.get("param_groups", ()) if isinstance(g, dict)]
+    theirs = _file_lrs(saved)
     ours = [_lr(g.get("lr")) for g in optimizer.param_groups]
     pairs = list(zip(theirs, ours)) if len(theirs) == len(ours) else [
         (next((t for t in theirs if t), None), next((o for o in ours if o), None))]
@@ -491,7 +502,7 @@ def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
     run_lr_zero = False
     if optimizer is not None:  # the run's lr is in the groups, whether or not it kept state
         run_lr = base_lr_of_run(optimizer, saved, lr)
-        theirs = [_lr(g.get("lr")) for g in saved.get("param_groups", ()) if isinstance(g, dict)]
+        theirs = _file_lrs(saved)
         run_lr_zero = bool(theirs) and all(t == 0 for t in theirs)  # a schedule's last step
     if optimizer is None or not saved["state"]:
         warnings.append(f"{checkpoint.path} holds "

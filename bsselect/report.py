@@ -136,7 +136,7 @@ def render_noise(report: Any) -> None:
 
 def render_sweep(result: Any) -> None:
     from .selection.rank import interval_label
-    from .selection.sweep import lr_differs
+    from .selection.sweep import checkpoint_lr_note
 
     r = result.ranking
     out.print(f"[bold]Sweep — {escape(result.task)}[/] ({result.settings.budget.amount:g} "
@@ -151,12 +151,12 @@ def render_sweep(result: Any) -> None:
                   + (", with its optimizer state" if branch["optimizer_state"] else
                      ", fresh optimizer: the file's optimizer state was absent or did not fit")
                   + ")", highlight=False)
-        run_lr = branch.get("lr")
-        if isinstance(run_lr, (int, float)) and run_lr > 0 and lr_differs(run_lr, result.base_lr):
-            out.print(f"[yellow]note:[/] the checkpoint's optimizer trains at the equivalent of "
-                      f"lr {run_lr:.3g} at batch {result.base_batch_size}; these trials scaled "
-                      f"from lr {result.base_lr:.3g} (--lr {run_lr:.3g} asks from the run's lr)",
-                      highlight=False)
+        run_lr = branch.get("lr")  # the journal keeps a positive lr or none
+        note = checkpoint_lr_note(run_lr if isinstance(run_lr, (int, float)) else None, False,
+                                  result.base_lr, result.base_batch_size)
+        if note:
+            out.print(f"[yellow]note:[/] {escape(note)} (--lr {run_lr:.3g} asks from the run's "
+                      "lr)", highlight=False)
     # Compact: no vertical rules, and the status column only when a trial was not ok, so
     # that the table reads at 80 columns.
     from rich import box
@@ -315,9 +315,9 @@ def render_check_github(result: Any) -> None:
 def render_schedule(result: Any) -> None:
     """Per point: the base run's loss, B_simple, the critical and fastest batch and each
     branch's loss drop; then the stages and the predicted saving."""
-    s = result.settings
     from .selection.schedule import short_names
 
+    s = result.settings
     users = sum(p.checkpoint is not None for p in result.points)
     source = (f"{len(result.points)} points of the base run at batch "
               f"{result.base_batch_size}, lr {result.base_lr:g}" if not s.checkpoint_samples else

@@ -205,8 +205,8 @@ def from_trainer(trainer: Any) -> Any:
     ``model_init`` when it has one, else a copy), datasets and collator, its optimizer (the
     one it was given, else the class and settings its arguments name, over its two
     weight-decay groups), and from its ``TrainingArguments`` the learning rate, weight decay,
-    and per-device batch x gradient accumulation as the base batch size. The Trainer's precision (``bf16``/``fp16``) is the
-    commands' ``--precision``; pass it there."""
+    and per-device batch x gradient accumulation as the base batch size. The Trainer's
+    precision (``bf16``/``fp16``) is the commands' ``--precision``; pass it there."""
     args = trainer.args
     model = getattr(trainer, "model_init", None) or trainer.model
     return from_hf(model, trainer.train_dataset, data_collator=trainer.data_collator,

@@ -21,7 +21,8 @@ efficiency ``r_k(b) = drop_k(b0) / drop_k(b)``: stage ``k`` needs ``L_k * r_k(b)
 ``L_k * r_k(b) / b`` steps and ``t(b)`` seconds a step. The same prediction is made for every
 fixed batch size, so the saving is stated against the base batch and the best fixed one;
 a plan that prediction finds slower than a fixed batch (or cannot predict) gives way to that
-fixed batch (``no_worse_than_fixed``). The pure decisions and the schedule's types are in ``schedule_plan``; this module measures.
+fixed batch (``no_worse_than_fixed``). The pure decisions and the schedule's types are in
+``schedule_plan``; this module measures.
 Method and measured results: docs/noise.md ("The noise scale over a run"),
 docs/benchmarks-schedule.md.
 """
@@ -245,7 +246,7 @@ def _checkpoint_run(setup: TrialSetup, checkpoints: Sequence[Checkpoint],
     the samples its run had seen, as ``(samples, the run's steps, model, model state,
     optimizer state, path)``. Each file is matched to the task's model and optimizer as
     ``sweep --from-checkpoint`` matches it (its warnings become notes)."""
-    from .sweep import from_checkpoint, lr_differs, zero_lr_note
+    from .sweep import checkpoint_lr_note, from_checkpoint
 
     b0 = setup.task.base_batch_size
     order = sorted(zip(settings.checkpoint_samples, checkpoints), key=lambda x: x[0])
@@ -254,17 +255,15 @@ def _checkpoint_run(setup: TrialSetup, checkpoints: Sequence[Checkpoint],
             yield samples, steps, model, mstate, ostate, None
     names = short_names([c.path for _, c in order])
     for (samples, checkpoint), name in zip(order, names):
-        branched = from_checkpoint(
-            setup, checkpoint, lambda m: notes.append(m if checkpoint.path in m else f"{name}: {m}"),
-            suggest_lr=False)
-        if branched.checkpoint_lr and lr_differs(branched.checkpoint_lr, setup.task.lr):
-            notes.append(f"{name}: the run's optimizer was at the "
-                         f"equivalent of lr {branched.checkpoint_lr:.3g} at batch {b0}; the "
-                         f"branches scale from the task's lr {setup.task.lr:.3g}, as the "
-                         "schedule's stages do (a schedule for a constant base lr)")
-        elif branched.checkpoint_lr_zero:
-            notes.append(f"{name}: {zero_lr_note(setup.task.lr)} (a schedule for a constant "
-                         "base lr)")
+        def note(message: str, name: str = name, path: str = checkpoint.path) -> None:
+            notes.append(message if path in message else f"{name}: {message}")
+
+        branched = from_checkpoint(setup, checkpoint, note, suggest_lr=False)
+        said = checkpoint_lr_note(branched.checkpoint_lr, branched.checkpoint_lr_zero,
+                                  setup.task.lr, b0)
+        if said:
+            notes.append(f"{name}: {said}, as the schedule's stages do (a schedule for a "
+                         "constant base lr)")
         model = setup.task.model().to(setup.device)
         model.load_state_dict(branched.initial_state)
         model.train()

@@ -316,14 +316,11 @@ def from_checkpoint(setup: TrialSetup, checkpoint: Checkpoint,
     with distributed.agreement():
         branch = branch_from(checkpoint, task.model, make_optimizer, task.lr)
     messages = list(branch.messages)
-    if suggest_lr and branch.run_lr and lr_differs(branch.run_lr, task.lr):
-        messages.append(f"the checkpoint's optimizer trains at the equivalent of lr "
-                        f"{branch.run_lr:.3g} at batch {task.base_batch_size}; the trials scale "
-                        f"from lr {task.lr:.3g}: to ask from where the run's lr is now, pass "
-                        f"--lr {branch.run_lr:.3g}")
-    elif suggest_lr and branch.run_lr_zero:
-        messages.append(zero_lr_note(task.lr) + ": pass --lr with the lr the run will go on "
-                        "at")
+    note = checkpoint_lr_note(branch.run_lr, branch.run_lr_zero, task.lr, task.base_batch_size)
+    if suggest_lr and note:
+        messages.append(note + (f": to ask from where the run's lr is now, pass --lr "
+                                f"{branch.run_lr:.3g}" if branch.run_lr else
+                                ": pass --lr with the lr the run will go on at"))
     for message in messages:
         if warn:
             warn(message)
@@ -334,16 +331,19 @@ def from_checkpoint(setup: TrialSetup, checkpoint: Checkpoint,
                                checkpoint_lr_zero=branch.run_lr_zero)
 
 
-def zero_lr_note(lr: float) -> str:
-    """What to say of a checkpoint whose optimizer is at lr 0 (the last step of a schedule
-    that decays to 0): trials from it at a scaled ``lr`` ask about a run that is not there."""
-    return (f"the checkpoint's optimizer is at lr 0 (its lr schedule's end?); the trials train "
-            f"at lr {lr:.3g} scaled to each batch size, not at the run's")
-
-
-def lr_differs(a: float, b: float) -> bool:
-    """Two lrs far enough apart (1.5x) that trials at one say little about the other."""
-    return max(a, b) / min(a, b) >= 1.5
+def checkpoint_lr_note(run_lr: float | None, run_lr_zero: bool, lr: float,
+                       base_batch_size: int) -> str | None:
+    """What to say when a checkpoint's optimizer is not at the lr the trials scale from
+    (``lr``): 1.5x or more away from it (``run_lr``, as a base lr), or at lr 0 (the last step
+    of a schedule that decays to 0); None when it is near (or says nothing). Each command
+    adds what to do about it."""
+    if run_lr and max(run_lr, lr) / min(run_lr, lr) >= 1.5:
+        return (f"the checkpoint's optimizer trains at the equivalent of lr {run_lr:.3g} at "
+                f"batch {base_batch_size}; the trials scale from lr {lr:.3g}")
+    if run_lr_zero:
+        return (f"the checkpoint's optimizer is at lr 0 (its lr schedule's end?); the trials "
+                f"train at lr {lr:.3g} scaled to each batch size, not at the run's")
+    return None
 
 
 def checkpoint_json(checkpoint: Checkpoint, setup: TrialSetup) -> dict:
