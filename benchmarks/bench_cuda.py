@@ -57,6 +57,10 @@ from bsselect.step import StepSettings  # noqa: E402
 MiB, GiB = 2**20, 2**30
 RESULTS: dict = {}
 HELDOUT = False  # --cases heldout
+CASES = "tune"
+ONLY: list[str] = []  # --only: "name/precision" of the cases to run
+METHODS = ("measured", "simulated")  # --methods
+TAG = ""
 
 
 def hf_dir(**config) -> str:
@@ -149,9 +153,176 @@ def heldout_cases() -> list[tuple[str, object, object, str, int, tuple[int, int]
     ]
 
 
+class _Lengths(torch.utils.data.Dataset):
+    """``n`` token sequences of ``lo``..``hi`` tokens (seeded), each its own target."""
+
+    def __init__(self, n: int, lo: int, hi: int, vocab: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+        self.items = [torch.randint(3, vocab, (k,), generator=g) for k in lengths]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i], self.items[i]
+
+
+class _HF(torch.nn.Module):
+    """A transformers model built from its config, fed ``input_ids`` and ``attention_mask``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        import transformers as tf
+
+        v, t = SEQ_VOCAB, SEQ_MAX
+        if kind == "llama":  # grouped-query attention (8 heads, 2 KV heads)
+            self.m = tf.LlamaForCausalLM(tf.LlamaConfig(
+                vocab_size=v, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=t,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0))
+        elif kind == "gpt2":  # attention dropout 0.1
+            self.m = tf.GPT2LMHeadModel(tf.GPT2Config(
+                vocab_size=v, n_embd=512, n_layer=4, n_head=8, n_positions=t,
+                bos_token_id=1, eos_token_id=2))
+        else:
+            self.m = tf.BertForSequenceClassification(tf.BertConfig(
+                vocab_size=v, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
+                intermediate_size=2048, max_position_embeddings=t, num_labels=4))
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.m(input_ids=batch["input_ids"],
+                      attention_mask=batch["attention_mask"]).logits
+
+
+class _PackedLSTM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(SEQ_VOCAB, 256)
+        self.rnn = torch.nn.LSTM(256, 512, num_layers=2, batch_first=True)
+        self.out = torch.nn.Linear(512, 4)
+
+    def forward(self, x):
+        from torch.nn.utils.rnn import pack_padded_sequence
+
+        ids, lengths = x
+        packed = pack_padded_sequence(self.emb(ids), lengths.cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        _, (h, _) = self.rnn(packed)
+        return self.out(h[-1])
+
+
+class _ViT(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import ViTConfig, ViTForImageClassification
+
+        self.m = ViTForImageClassification(ViTConfig(
+            image_size=224, patch_size=16, hidden_size=384, num_hidden_layers=6,
+            num_attention_heads=6, intermediate_size=1536, num_labels=10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m(pixel_values=x).logits
+
+
+SEQ_VOCAB, SEQ_MAX = 8000, 512
+
+
+def _pad_mask(items: list):
+    """A padding collator as HF's: input_ids, attention_mask, labels -100 on padding."""
+    longest = max(len(x) for x, _ in items)
+    ids = torch.zeros(len(items), longest, dtype=torch.long)
+    mask = torch.zeros(len(items), longest, dtype=torch.long)
+    labels = torch.full((len(items), longest), -100, dtype=torch.long)
+    for i, (x, _) in enumerate(items):
+        ids[i, :len(x)], mask[i, :len(x)], labels[i, :len(x)] = x, 1, x
+    return {"input_ids": ids, "attention_mask": mask}, labels
+
+
+def _pad_classify(items: list):
+    x, _ = _pad_mask(items)
+    return x, torch.tensor([int(t.sum()) % 4 for t, _ in items])
+
+
+def _pad_lengths(items: list):
+    longest = max(len(x) for x, _ in items)
+    ids = torch.zeros(len(items), longest, dtype=torch.long)
+    for i, (x, _) in enumerate(items):
+        ids[i, :len(x)] = x
+    return ((ids, torch.tensor([len(x) for x, _ in items])),
+            torch.tensor([int(x.sum()) % 4 for x, _ in items]))
+
+
+def _next_token(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                           labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def seq_cases() -> list[tuple[str, object, object, str, int, tuple[int, int]]]:
+    """Models never run on a GPU before and not used to set any CUDA term (the third run):
+    variable-length inputs as issue 13 simulates them — padded Hugging Face batches with an
+    attention mask (Llama with grouped-query attention, GPT-2 with attention dropout, a BERT
+    classifier) and a packed-sequence LSTM (cuDNN's packed RNN) — on worst-case inputs (the
+    longest items; ``inputs_of``), and a ViT (no mask: fp32 takes the memory-efficient
+    kernel, bf16 flash)."""
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    from bsselect import Task
+
+    data = _Lengths(2048, 32, SEQ_MAX, SEQ_VOCAB)
+    adamw = torch.optim.AdamW
+
+    def hf(kind: str, loss, collate) -> Task:
+        return Task(model=lambda: _HF(kind), train_data=data, loss_fn=loss,
+                    collate_fn=collate, optimizer=adamw, lr=1e-4, base_batch_size=8)
+
+    llama = hf("llama", _next_token, _pad_mask)
+    gpt2 = hf("gpt2", _next_token, _pad_mask)
+    bert = hf("bert", F.cross_entropy, _pad_classify)
+    lstm = Task(model=_PackedLSTM, train_data=data, loss_fn=F.cross_entropy,
+                collate_fn=_pad_lengths, optimizer=torch.optim.Adam, lr=1e-3,
+                base_batch_size=8)
+    g = torch.Generator().manual_seed(0)
+    images = TensorDataset(torch.randn(1024, 3, 224, 224, generator=g),
+                           torch.randint(10, (1024,), generator=g))
+    vit = Task(model=_ViT, train_data=images, loss_fn=F.cross_entropy, optimizer=adamw,
+               lr=1e-4, base_batch_size=8)
+    return [
+        ("padded llama-gqa 4x512 seq<=512", llama, on_gpu(llama), "fp32", 40, (4, 16)),
+        ("padded llama-gqa 4x512 seq<=512", llama, on_gpu(llama), "bf16", 40, (4, 16)),
+        ("padded gpt2 4x512 seq<=512", gpt2, on_gpu(gpt2), "fp32", 40, (4, 16)),
+        ("padded gpt2 4x512 seq<=512", gpt2, on_gpu(gpt2), "bf16", 40, (4, 16)),
+        ("padded bert 4x512 seq<=512", bert, on_gpu(bert), "bf16", 40, (4, 16)),
+        ("packed lstm 2x512 seq<=512", lstm, lstm, "fp32", 200, (8, 32)),
+        ("vit 6x384 224px", vit, vit, "fp32", 100, (8, 32)),
+        ("vit 6x384 224px", vit, vit, "bf16", 100, (8, 32)),
+    ]
+
+
+_SCANS: dict = {}
+
+
+def inputs_of(task):
+    """Worst-case inputs (the longest items, as ``probe --inputs worst-case`` takes them) for
+    the sequence cases; None (random items) for the others, whose items are all one size."""
+    if CASES != "seq":
+        return None
+    from bsselect.memory.inputs import InputMode, scan_inputs
+
+    key = id(task.train_data)
+    if key not in _SCANS:
+        _SCANS[key] = scan_inputs(task.train_data, InputMode.worst_case)
+    return _SCANS[key]
+
+
 def cases() -> list[tuple[str, object, object, str, int, tuple[int, int]]]:
     """(name, task to simulate, task to train, precision, target batch under the cap, two
     batch sizes for ``peaks``)."""
+    if CASES == "seq":
+        return seq_cases()
     if HELDOUT:
         return heldout_cases()
     from bench_real_runs import manual_attention_task
@@ -179,7 +350,8 @@ def settings_for(precision: str, target: bool) -> StepSettings:
 
 
 def save(out: Path) -> None:
-    name = "bench_cuda_heldout.json" if HELDOUT else "bench_cuda.json"
+    name = {"heldout": "bench_cuda_heldout", "seq": "bench_cuda_seq"}.get(CASES, "bench_cuda")
+    name += f"{TAG}.json"
     (out / name).write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
@@ -196,14 +368,15 @@ def real_peaks(task, b: int, settings: StepSettings) -> tuple[int, int]:
             Both.reserved = int(torch.cuda.max_memory_reserved())
             return super().peak_bytes()
 
-    alloc = run_two_steps(task, b, Both(dev), settings=settings)
+    alloc = run_two_steps(task, b, Both(dev), settings=settings, inputs=inputs_of(task))
     return alloc, Both.reserved
 
 
 def fits(task, b: int, settings: StepSettings) -> bool:
     torch.cuda.empty_cache()
     try:
-        run_two_steps(task, b, AcceleratorAllocator(torch.device("cuda")), settings=settings)
+        run_two_steps(task, b, AcceleratorAllocator(torch.device("cuda")), settings=settings,
+                      inputs=inputs_of(task))
         return True
     except Exception as exc:  # noqa: BLE001
         if not is_oom_error(exc):
@@ -260,7 +433,8 @@ def section_peaks(out: Path) -> None:
     for name, sim_task, task, prec, _t, sizes in cases():
         for b in sizes:
             sim = simulate_step_peak(sim_task, b, kernel_workspace=False,
-                                     settings=settings_for(prec, True))
+                                     settings=settings_for(prec, True),
+                                     inputs=inputs_of(sim_task))
             alloc, reserved = real_peaks(task, b, settings_for(prec, False))
             row = dict(model=name, precision=prec, batch=b, simulated=sim.peak_bytes,
                        simulated_rounded=sim.rounded_peak_bytes, allocated=alloc,
@@ -282,11 +456,14 @@ def section_capped(out: Path) -> None:
           "m=0.2 | simulated m=0.2 | sim fixed | sim per sample |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, sim_task, task, prec, target_b, _s in cases():
+        if ONLY and not any(o == f"{name}/{prec}" for o in ONLY):
+            continue
         t0 = time.time()
         sim_settings = settings_for(prec, False)
         # The cap: about where the simulation puts target_b, plus room for the CUDA terms.
         at = simulate_step_peak(sim_task, target_b, kernel_workspace=False,
-                                settings=settings_for(prec, True)).peak_bytes
+                                settings=settings_for(prec, True),
+                                inputs=inputs_of(sim_task)).peak_bytes
         # Hopper's cuBLAS + cuBLASLt workspaces are 64 MiB; cuDNN's vary.
         extra = (72 + (256 if model_uses_cudnn(sim_task) else 0)) * MiB
         cap = int(math.ceil((at * 1.1 + extra) / MiB)) * MiB
@@ -299,6 +476,8 @@ def section_capped(out: Path) -> None:
             answers = {}
             for method, target in ((Method.measured, Target.same),
                                    (Method.simulated, Target.cuda)):
+                if method.value not in METHODS:
+                    continue
                 for margin in (0.0, 0.2):
                     try:
                         r = run_probe(task if method is Method.measured else sim_task,
@@ -306,7 +485,7 @@ def section_capped(out: Path) -> None:
                                       Method.measured else torch.device("cpu"),
                                       budget=Budget(cap, "cap"), method=method, margin=margin,
                                       target=target, budget_is_total=False,
-                                      settings=sim_settings)
+                                      settings=sim_settings, inputs=inputs_of(task))
                         answers[f"{method.value}_{margin}"] = dict(
                             max_batch=r.max_batch, fixed=r.fixed_bytes,
                             per_sample=r.per_sample_bytes,
@@ -488,11 +667,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--sections", default="context,peaks,capped,whole,timing,cli,env")
-    ap.add_argument("--cases", choices=("tune", "heldout"), default="tune",
-                    help="tune: the models the CUDA terms were set on; heldout: the others")
+    ap.add_argument("--cases", choices=("tune", "heldout", "seq"), default="tune",
+                    help="tune: the models the CUDA terms were set on; heldout: the second "
+                         "run's; seq: variable-length models and a ViT (third run)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated name/precision of the cases to run (capped)")
+    ap.add_argument("--methods", default="measured,simulated",
+                    help="the probe methods the capped section runs")
+    ap.add_argument("--tag", default="", help="suffix of the JSON's file name")
     args = ap.parse_args()
-    global HELDOUT
+    global HELDOUT, CASES, ONLY, METHODS, TAG
     HELDOUT = args.cases == "heldout"
+    CASES = args.cases
+    ONLY = [o for o in args.only.split(",") if o]
+    METHODS = tuple(args.methods.split(","))
+    TAG = args.tag
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.sections.split(","):

@@ -37,7 +37,9 @@ def is_oom_error(exc: BaseException) -> bool:
 
 
 def release_memory() -> None:
-    """Drop Python garbage and return cached blocks to the device after an OOM."""
+    """Drop Python garbage and return cached blocks to the device after an OOM. Call it after
+    the ``except`` block, not inside it: there the exception's traceback still holds the
+    failed step's frames, and with them its tensors (PyTorch's FAQ)."""
     gc.collect()
     if torch.accelerator.is_available():
         torch.accelerator.empty_cache()

@@ -74,7 +74,11 @@ def _cpu_peak(call: Callable[[], Any]) -> int:
 
 def measure_step(step: Callable[[int], Any], batch_size: int, device: torch.device,
                  backend: Any = None) -> int:
-    """Peak bytes of the second of two calls ``step(batch_size)``; OOM errors propagate."""
+    """Peak bytes of the second of two calls ``step(batch_size)``; OOM errors propagate.
+    Starts from an empty cache, as a fresh process would (``measured.run_two_steps``)."""
+    release_memory()
+    if backend is not None:
+        backend.release()
     try:
         if backend is not None:
             with backend.session():

@@ -179,12 +179,15 @@ def refine_max_batch(
     for _ in range(max_tries):
         if guess is None:
             break
+        peak = None
         try:
             peak = measure(guess)
         except Exception as exc:  # noqa: BLE001 - re-raised unless it is an OOM
             if not is_oom_error(exc):
                 raise
-            del exc
+        if peak is None:
+            # Released here, not in the except block: there the exception's frames still
+            # hold the failed step's tensors.
             release_memory()
             path.append(SearchStep(guess, "oom"))
             fail = guess

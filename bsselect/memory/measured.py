@@ -7,6 +7,7 @@ use a CPU backend that raises out-of-memory above a cap, through the same seam.
 
 from __future__ import annotations
 
+import gc
 from contextlib import nullcontext
 from typing import Any, ContextManager, Protocol
 
@@ -66,6 +67,12 @@ def run_two_steps(task: Task, batch_size: int, backend: AllocatorBackend, seed: 
     peak allocator bytes of the second (by then the optimizer state exists). ``settings``:
     precision and accumulation as the run will use them; ``inputs``: which items (the largest,
     for worst-case inputs). OOM errors propagate to the caller."""
+    # Each attempt starts from an empty cache, as in a fresh process: blocks cached by an
+    # earlier attempt (one that ran out of memory above all) fragment this one, whose
+    # parameters land inside them. On an H100 the measured probe answered 69 where 112 trains
+    # (docs/benchmarks-cuda.md).
+    gc.collect()
+    backend.release()
     torch.manual_seed(seed)
     model = optimizer = x = y = None
     try:

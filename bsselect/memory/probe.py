@@ -222,12 +222,14 @@ def measure_points(meter: Meter, batch_sizes: Sequence[int],
     """Peaks at each batch size; on the measured path an OOM ends the series early."""
     points: list[tuple[int, int]] = []
     for i, b in enumerate(batch_sizes):
+        ran_out = False
         try:
             points.append((b, meter.peak(b)))
         except Exception as exc:
             if not (meter.method is Method.measured and is_oom_error(exc)):
                 raise
-            del exc
+            ran_out = True
+        if ran_out:  # outside the except block, whose exception still holds the step's tensors
             release_memory()
             break
         if on_point:

@@ -299,8 +299,9 @@ def _noise_at(setup: TrialSetup, model: torch.nn.Module, measurements: int, seed
     except Exception as exc:  # noqa: BLE001 - out of memory only: the point stands without it
         if not (is_oom_error(exc) or is_oom_error(exc.__cause__)):
             raise
-        del exc
-        release_memory()
+        est = None
+    if est is None:
+        release_memory()  # after the except block, which holds the failed step's tensors
         return None
     return _estimate_json(est)
 

@@ -482,12 +482,12 @@ def _time_ok_trials(setup: TrialSetup, trials: dict[int, TrialResult], hooks: Sw
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - the trials stand; say why
-        release_memory()
         note = (f"interleaved timing failed ({one_line(exc)}); each trial's own step time is "
                 "used")
-        if hooks.warn:
-            hooks.warn(note)
-        return {}, note
+    release_memory()  # after the except block, which holds the failed step's tensors
+    if hooks.warn:
+        hooks.warn(note)
+    return {}, note
 
 
 def timing_plan(ok: Sequence[TrialResult]) -> tuple[int, ...]:

@@ -158,9 +158,10 @@ def run_trial(setup: TrialSetup, batch_size: int, lr: float,
     except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
         status = TrialStatus.oom if is_oom_error(exc) else TrialStatus.error
         message = one_line(exc)
-        del exc
-        release_memory()
-        return TrialResult(**base, status=status, steps=0, samples=0, wall_s=0.0, error=message)
+    # Released after the except block: inside it the exception's frames hold the trial's
+    # model and activations, and the next trial would start on a fragmented cache.
+    release_memory()
+    return TrialResult(**base, status=status, steps=0, samples=0, wall_s=0.0, error=message)
 
 
 def _train(setup: TrialSetup, batch_size: int, lr: float,
@@ -457,8 +458,7 @@ def measure_trial_noise(setup: TrialSetup, model: nn.Module,
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
             if not (is_oom_error(exc) or is_oom_error(exc.__cause__)):  # TaskError wraps it
                 raise
-            del exc
-            release_memory()
+        release_memory()  # out of memory: after the except block, which holds its tensors
     return None
 
 
