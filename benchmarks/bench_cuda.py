@@ -228,31 +228,6 @@ class _ViT(torch.nn.Module):
 SEQ_VOCAB, SEQ_MAX = 8000, 512
 
 
-def _pad_mask(items: list):
-    """A padding collator as HF's: input_ids, attention_mask, labels -100 on padding."""
-    longest = max(len(x) for x, _ in items)
-    ids = torch.zeros(len(items), longest, dtype=torch.long)
-    mask = torch.zeros(len(items), longest, dtype=torch.long)
-    labels = torch.full((len(items), longest), -100, dtype=torch.long)
-    for i, (x, _) in enumerate(items):
-        ids[i, :len(x)], mask[i, :len(x)], labels[i, :len(x)] = x, 1, x
-    return {"input_ids": ids, "attention_mask": mask}, labels
-
-
-def _pad_classify(items: list):
-    x, _ = _pad_mask(items)
-    return x, torch.tensor([int(t.sum()) % 4 for t, _ in items])
-
-
-def _pad_lengths(items: list):
-    longest = max(len(x) for x, _ in items)
-    ids = torch.zeros(len(items), longest, dtype=torch.long)
-    for i, (x, _) in enumerate(items):
-        ids[i, :len(x)] = x
-    return ((ids, torch.tensor([len(x) for x, _ in items])),
-            torch.tensor([int(x.sum()) % 4 for x, _ in items]))
-
-
 def _next_token(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     import torch.nn.functional as F
 
@@ -270,6 +245,9 @@ def seq_cases() -> list[tuple[str, object, object, str, int, tuple[int, int]]]:
     import torch.nn.functional as F
     from torch.utils.data import TensorDataset
 
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tasks.seq_tasks import _classify, pad_with_lengths, pad_with_mask
+
     from bsselect import Task
 
     data = _Lengths(2048, 32, SEQ_MAX, SEQ_VOCAB)
@@ -279,11 +257,11 @@ def seq_cases() -> list[tuple[str, object, object, str, int, tuple[int, int]]]:
         return Task(model=lambda: _HF(kind), train_data=data, loss_fn=loss,
                     collate_fn=collate, optimizer=adamw, lr=1e-4, base_batch_size=8)
 
-    llama = hf("llama", _next_token, _pad_mask)
-    gpt2 = hf("gpt2", _next_token, _pad_mask)
-    bert = hf("bert", F.cross_entropy, _pad_classify)
+    llama = hf("llama", _next_token, pad_with_mask)
+    gpt2 = hf("gpt2", _next_token, pad_with_mask)
+    bert = hf("bert", F.cross_entropy, _classify)
     lstm = Task(model=_PackedLSTM, train_data=data, loss_fn=F.cross_entropy,
-                collate_fn=_pad_lengths, optimizer=torch.optim.Adam, lr=1e-3,
+                collate_fn=pad_with_lengths, optimizer=torch.optim.Adam, lr=1e-3,
                 base_batch_size=8)
     g = torch.Generator().manual_seed(0)
     images = TensorDataset(torch.randn(1024, 3, 224, 224, generator=g),
