@@ -33,6 +33,7 @@ class Recorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[dict] = []
+        self.high = 0  # the allocator's highest level inside any recorded op
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._overloadpacket.__name__
@@ -44,6 +45,7 @@ class Recorder(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
+        self.high = max(self.high, peak)
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         seen, out_bytes = set(), []
         for t in outs:
@@ -67,6 +69,21 @@ def configs():
         # Thin the grid (768 combinations) to 96 spread across every factor.
         if i % 8 == (i // 8) % 8:
             out.append(c)
+    return out
+
+
+def series():
+    """The second run: the same op at three batch sizes per configuration (B 8, 32, 128;
+    T 128), to separate what grows with tokens from what does not. Every third
+    configuration (all three batch sizes) is a check."""
+    base = itertools.product(("LSTM", "GRU"), ((1, 256, 512, False), (2, 512, 1024, False),
+                                               (3, 128, 256, True)),
+                             (False, True), ("fp32", "bf16"))
+    out = []
+    for i, (mode, (layers, inp, hidden, bidir), packed, prec) in enumerate(base):
+        for b in (8, 32, 128):
+            out.append(("check" if i % 3 == 2 else "fit",
+                        (mode, layers, inp, hidden, 128, b, packed, bidir, prec)))
     return out
 
 
@@ -101,12 +118,15 @@ def run_one(mode, layers, inp, hidden, T, B, packed, bidir, prec) -> dict:
     tokens = int(lengths.sum()) if packed else B * T
     return dict(mode=mode, layers=layers, input=inp, hidden=hidden, T=T, B=B, packed=packed,
                 bidirectional=bidir, precision=prec, tokens=tokens,
-                live_after_forward=live_after_forward, calls=rec.calls)
+                live_after_forward=live_after_forward, high_in_ops=rec.high - base,
+                calls=rec.calls)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
+    ap.add_argument("--series", action="store_true",
+                    help="the second run: three batch sizes per configuration")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,8 +137,9 @@ def main() -> None:
     print("| split | mode | L | in | H | T | B | packed | bi | prec | tokens | reserve | "
           "fwd scratch | bwd scratch | reserve / (L*dirs*tokens*H*elem) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for i, c in enumerate(configs()):
-        split = "check" if i % 3 == 2 else "fit"
+    plan = (series() if args.series else
+            [("check" if i % 3 == 2 else "fit", c) for i, c in enumerate(configs())])
+    for split, c in plan:
         try:
             r = run_one(*c)
         except Exception as exc:  # noqa: BLE001
@@ -137,7 +158,7 @@ def main() -> None:
               f"{fwd[0]['scratch'] if fwd else -1:,} | "
               f"{bwd[0]['scratch'] if bwd else -1:,} | {reserve / unit:.3f} |", flush=True)
         torch.cuda.empty_cache()
-    (out / "cudnn_rnn.json").write_text(json.dumps(dict(
+    (out / ("cudnn_rnn_series.json" if args.series else "cudnn_rnn.json")).write_text(json.dumps(dict(
         torch=torch.__version__, cudnn=torch.backends.cudnn.version(),
         device=torch.cuda.get_device_name(0), rows=rows), indent=1))
     print(f"[{time.time() - t0:.1f} s]", file=sys.stderr)
