@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bsselect.device import Budget  # noqa: E402
 from bsselect.examples import EXAMPLES  # noqa: E402
 from bsselect.memory.measured import AcceleratorAllocator, run_two_steps  # noqa: E402
-from bsselect.memory.probe import Method, cudnn_allowance_of, run_probe  # noqa: E402
+from bsselect.memory.probe import Method, model_uses_cudnn, run_probe  # noqa: E402
 from bsselect.memory.simulated import simulate_step_peak  # noqa: E402
 from bsselect.memory.targets import Target  # noqa: E402
 from bsselect.oom import is_oom_error  # noqa: E402
@@ -443,7 +443,7 @@ def section_capped(out: Path) -> None:
                                 settings=settings_for(prec, True),
                                 inputs=inputs_of(sim_task)).peak_bytes
         # Hopper's cuBLAS + cuBLASLt workspaces are 64 MiB; cuDNN's vary.
-        extra = 72 * MiB + cudnn_allowance_of(sim_task)
+        extra = (72 + (256 if model_uses_cudnn(sim_task) else 0)) * MiB
         cap = int(math.ceil((at * 1.1 + extra) / MiB)) * MiB
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(cap / total)

@@ -216,11 +216,11 @@ def merge_config(cli: dict[str, Any], file: dict[str, Any],
                        shard=plan)
 
 
-def _required(peak: int, rounded: int | None, config: CheckConfig, cudnn_bytes: int
+def _required(peak: int, rounded: int | None, config: CheckConfig, uses_cudnn: bool
               ) -> tuple[int, list[Term]]:
     if config.target is Target.same:
         return peak, []
-    terms = cuda_terms(peak, rounded, cudnn_bytes, hopper=config.hopper, budget_is_total=True)
+    terms = cuda_terms(peak, rounded, uses_cudnn, hopper=config.hopper, budget_is_total=True)
     return peak + sum(t.bytes for t in terms), terms
 
 
@@ -229,12 +229,12 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
     """Simulate the step at the requested batch (and one more size for the line through
     which the largest fitting batch is solved), with the config's precision and accumulation,
     on ``inputs`` (the largest items for worst-case inputs; None: random items)."""
-    from ..memory.probe import cudnn_allowance_of, step_fields
+    from ..memory.probe import model_uses_cudnn, step_fields
     from ..memory.simulated import simulate_step_peak
 
     b = config.batch_size
     other = b // 2 if b >= 16 else 2 * max(b, 8)
-    cudnn_bytes = cudnn_allowance_of(task) if config.target is not Target.same else 0
+    uses_cudnn = config.target is not Target.same and model_uses_cudnn(task)
     # CPU kernels' internal scratch (oneDNN layouts) applies only when the target is this CPU.
     scratch = config.target is Target.same
     settings = StepSettings(config.precision, config.accumulate,
@@ -242,7 +242,7 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
                             shard=config.shard)
     steps = {n: simulate_step_peak(task, n, kernel_workspace=scratch, settings=settings,
                                    inputs=inputs) for n in sorted({b, other})}
-    req = {n: _required(s.peak_bytes, s.rounded_peak_bytes, config, cudnn_bytes)
+    req = {n: _required(s.peak_bytes, s.rounded_peak_bytes, config, uses_cudnn)
            for n, s in steps.items()}
     required, terms = req[b]
     usable = int(usable_bytes(config.budget_bytes, config.margin))
@@ -257,7 +257,7 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
     def required_at(n: int) -> int:
         step = simulate_step_peak(task, n, kernel_workspace=scratch, settings=settings,
                                   inputs=inputs)
-        return _required(step.peak_bytes, step.rounded_peak_bytes, config, cudnn_bytes)[0]
+        return _required(step.peak_bytes, step.rounded_peak_bytes, config, uses_cudnn)[0]
 
     # The two-point line is only piecewise right: the largest batch that fits is checked by
     # simulating it where the line lands and refined inside a bracket, as the probe does.

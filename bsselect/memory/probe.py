@@ -7,6 +7,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
+from torch import nn
 
 from .. import distributed
 from ..device import Budget
@@ -16,7 +17,7 @@ from ..step import StepSettings, tokens_per_sample
 from ..task import Task
 from .capacity import (SIMULATED_TRIES, MemoryFit, check_batch_sizes, check_margin, fit_memory,
                        largest_pow2_at_most, refine_max_batch, solve_max_batch, usable_bytes)
-from .targets import Target, Term, cuda_terms, cudnn_allowance
+from .targets import Target, Term, cuda_terms
 
 if TYPE_CHECKING:
     from .inputs import InputScan
@@ -118,12 +119,13 @@ def choose_method(method: Method, device: torch.device) -> Method:
     return method
 
 
-def cudnn_allowance_of(task: Task, simulated: bool = True) -> int:
-    """The cuDNN workspace allowance (bytes, 0 for none) for the task's model on CUDA
-    (``targets.cudnn_allowance``); ``simulated``: the peak is simulated with CUDA's rules."""
+def model_uses_cudnn(task: Task) -> bool:
+    """Whether the model runs cuDNN kernels that take a workspace on CUDA: convolutions and
+    RNNs (cuDNN's RNN also keeps its own weight and reserve buffers: a 2-layer GRU measured
+    92-114 MB above the simulation on an H200, docs/benchmarks-cuda.md)."""
     with torch.device("meta"):
         model = task.model()
-    return cudnn_allowance(model, simulated)
+    return any(isinstance(m, (nn.modules.conv._ConvNd, nn.RNNBase)) for m in model.modules())
 
 
 def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
@@ -196,11 +198,11 @@ def _check_host_headroom(batch_size: int, seen: dict[int, int]) -> None:
                           f"{format_bytes(available)} of RAM available now")
 
 
-def _required(point_peak: int, rounded: int | None, target: Target, cudnn_bytes: int,
+def _required(point_peak: int, rounded: int | None, target: Target, uses_cudnn: bool,
               budget_is_total: bool) -> tuple[int, list[Term]]:
     if target is Target.same:
         return point_peak, []
-    terms = cuda_terms(point_peak, rounded, cudnn_bytes, budget_is_total=budget_is_total)
+    terms = cuda_terms(point_peak, rounded, uses_cudnn, budget_is_total=budget_is_total)
     return point_peak + sum(t.bytes for t in terms), terms
 
 
@@ -281,11 +283,10 @@ def run_probe(
     # Under torchrun every measurement is agreed: an OOM on one rank ends the series on all.
     meter = distributed.agree_meter(meter)
     raw = measure_points(meter, sizes, on_point)
-    cudnn_bytes = (cudnn_allowance_of(task, method is Method.simulated)
-                   if target is not Target.same else 0)
+    uses_cudnn = target is not Target.same and model_uses_cudnn(task)
     rounded = _rounded(meter)
     points = tuple(
-        Point(b, p, _required(p, rounded.get(b), target, cudnn_bytes, budget_is_total)[0])
+        Point(b, p, _required(p, rounded.get(b), target, uses_cudnn, budget_is_total)[0])
         for b, p in raw
     )
     fit: MemoryFit = fit_memory([(p.batch_size, p.required_bytes) for p in points])
@@ -302,7 +303,7 @@ def run_probe(
         def required_at(b: int) -> int:
             peak = meter.peak(b)
             checked_peaks[b] = peak
-            return _required(peak, _rounded(meter).get(b), target, cudnn_bytes,
+            return _required(peak, _rounded(meter).get(b), target, uses_cudnn,
                              budget_is_total)[0]
 
         # Real steps never jump more than 8x past a batch that ran; simulations may.
@@ -327,7 +328,7 @@ def run_probe(
     # nothing was measured there: confirm=False, or a probed point).
     at_best = checked_peaks.get(best) or dict(raw).get(best) or int(fit.predict(best))
     rounded_best = _rounded(meter).get(best) or _rounded_at(best, raw, rounded)
-    terms = _required(at_best, rounded_best, target, cudnn_bytes, budget_is_total)[1]
+    terms = _required(at_best, rounded_best, target, uses_cudnn, budget_is_total)[1]
     return ProbeResult(
         rank_terms=_rank_terms(settings, meter, best),
         train_items=train_items,

@@ -400,19 +400,17 @@ def build_fake_model(task: Task, fake_mode: Any) -> nn.Module:
 
 @contextmanager
 def cuda_rules_of(settings: StepSettings) -> Iterator[None]:
-    """When the step will run on CUDA: CUDA's choice of attention kernel (``cuda_attention``),
-    cuDNN's LSTM and GRU (``cuda_rnn``) and, under autocast, CUDA's autocast op lists
-    (``cuda_autocast``); nothing otherwise."""
+    """When the step will run on CUDA: CUDA's choice of attention kernel (``cuda_attention``)
+    and, under autocast, CUDA's autocast op lists (``cuda_autocast``); nothing otherwise."""
     if settings.target_device != "cuda":
         yield
         return
     from .cuda_attention import cuda_attention_policy
     from .cuda_autocast import cuda_autocast_policy
-    from .cuda_rnn import cuda_rnn_policy
 
     lists = (cuda_autocast_policy() if settings.precision is not Precision.fp32
              else nullcontext())
-    with lists, cuda_attention_policy(), cuda_rnn_policy():
+    with lists, cuda_attention_policy():
         yield
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from torch import nn
-
 MiB = 2**20
 
 # CUBLAS_WORKSPACE_CONFIG default ":4096:2:16:8" = 2*4 MiB + 8*16 KiB per (handle, stream),
@@ -26,7 +24,8 @@ CUBLASLT_WORKSPACE_BYTES = 4 * MiB
 CUBLASLT_WORKSPACE_HOPPER_BYTES = 32 * MiB
 # cuDNN workspace: the convolution algorithms PyTorch picks commonly ask for tens to hundreds
 # of MiB; 256 MiB is a conservative allowance, only for models with convolutions or RNNs
-# (measured on an H200: ResNet-18 shapes 61 MB above the simulation at batch 64).
+# (measured on an H200: ResNet-18 shapes 61 MB above the simulation at batch 64, a 2-layer GRU
+# 92-114 MB for cuDNN's RNN buffers).
 CUDNN_WORKSPACE_BYTES = 256 * MiB
 # CUDA context + kernels loaded lazily (CUDA_MODULE_LOADING=LAZY, the default since 11.7),
 # outside the allocator; only when the budget is the device's total. Measured on an H200
@@ -59,25 +58,10 @@ def round_up(n: int, multiple: int = ALLOC_ROUND_BYTES) -> int:
     return -(-n // multiple) * multiple
 
 
-def cudnn_allowance(model: nn.Module, simulated: bool) -> int:
-    """The cuDNN workspace allowance for ``model`` (built on any device, ``meta`` included):
-    256 MiB with convolutions, or with RNNs whose cuDNN call the simulation does not model
-    (``cuda_rnn.routes``; none when the peak is measured on another device); 0 otherwise.
-    A modelled RNN's scratch is part of its simulated step."""
-    from .cuda_rnn import routes
-
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return CUDNN_WORKSPACE_BYTES
-        if isinstance(m, nn.RNNBase) and not (simulated and routes(m)):
-            return CUDNN_WORKSPACE_BYTES
-    return 0
-
-
 def cuda_terms(
     peak_bytes: int,
     rounded_peak_bytes: int | None,
-    cudnn_bytes: int,
+    uses_cudnn: bool,
     hopper: bool | None = None,
     budget_is_total: bool = True,
 ) -> list[Term]:
@@ -102,8 +86,8 @@ def cuda_terms(
     terms.append(Term("cuBLAS + cuBLASLt workspace", cublas + lt,
                       f"default CUBLAS_WORKSPACE_CONFIG and CUBLASLT_WORKSPACE_SIZE, one "
                       f"stream ({which})"))
-    if cudnn_bytes:
-        terms.append(Term("cuDNN workspace", cudnn_bytes,
+    if uses_cudnn:
+        terms.append(Term("cuDNN workspace", CUDNN_WORKSPACE_BYTES,
                           "allowance for convolution / RNN algorithm workspaces"))
     if budget_is_total:
         terms.append(Term("CUDA context", CUDA_CONTEXT_BYTES,
