@@ -10,17 +10,21 @@ recording whether the failed attempt's tensor is still alive when it is called."
 from __future__ import annotations
 
 import weakref
+from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from bsselect import Task
+from bsselect.device import Budget
+from bsselect.errors import TaskError
 from bsselect.memory import capacity, probe
 from bsselect.memory.capped import CappedCpuAllocator
 from bsselect.memory.measured import run_two_steps
 from bsselect.memory.probe import Meter, Method, measure_points
-from bsselect.selection import trials
+from bsselect.selection import noise, schedule, sweep, trials
 
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
@@ -95,6 +99,116 @@ def test_every_measured_attempt_starts_from_a_released_cache():
         run_two_steps(task, b, backend)
     kinds = [k for k, _ in events]
     # release, model, (steps), release; and again: each model is built right after a
-    # release, and no release sees a model alive (the attempt's own is deleted first).
+    # release, and no release sees a model alive (the attempt's own is deleted first). These
+    # attempts succeed; test_every_model_after_an_oom_... runs ones that run out.
     assert kinds == ["release", "model", "release", "release", "model", "release"]
     assert not any(alive for kind, alive in events if kind == "release")
+
+
+def test_sweep_timing_failure_releases_after_the_exception_is_gone(monkeypatch):
+    refs, alive = [], []
+    step = failing_step(refs)
+    monkeypatch.setattr(sweep, "time_batch_sizes", lambda setup, sizes, on_step: step(64))
+    monkeypatch.setattr(sweep, "timing_plan", lambda ok: (8, 16))
+    monkeypatch.setattr(sweep, "release_memory", recorder(refs, alive))
+    ok = {b: SimpleNamespace(ok=True) for b in (8, 16)}
+    timing, note = sweep._time_ok_trials(None, ok, sweep.SweepHooks())
+    assert timing == {} and "interleaved timing failed" in note and alive == [False]
+
+
+def test_trial_noise_fallback_releases_after_the_exception_is_gone(monkeypatch):
+    refs, alive = [], []
+    step = failing_step(refs)
+    monkeypatch.setattr(noise, "default_batch_sizes",
+                        lambda task, b_small=None: (b_small or 32, 64))
+    monkeypatch.setattr(trials, "_estimate_noise", lambda setup, model, bs, bb: step(bs))
+    monkeypatch.setattr(trials, "release_memory", recorder(refs, alive))
+    assert trials.measure_trial_noise(SimpleNamespace(task=None), None, 8) == 8000
+    assert alive == [False]  # one release, after the 32 ran out
+
+
+def test_schedule_noise_point_releases_after_the_exception_is_gone(monkeypatch):
+    refs, alive = [], []
+    step = failing_step(refs)
+    monkeypatch.setattr(schedule, "default_batch_sizes", lambda task: (32, 64))
+    monkeypatch.setattr(noise, "estimate_noise", lambda *a, **k: step(64))
+    monkeypatch.setattr(schedule, "release_memory", recorder(refs, alive))
+    setup = SimpleNamespace(task=None, precision=None)
+    assert schedule._noise_at(setup, None, 2, 0) is None and alive == [False]
+
+
+def test_schedule_timing_failure_frees_the_step_before_it_is_reported(monkeypatch):
+    """The schedule ends with a TaskError whose cause is the OOM; that cause must not keep
+    the failed step's frames (and tensors) alive while the caller holds the error."""
+    refs, alive = [], []
+    step = failing_step(refs)
+    monkeypatch.setattr(schedule, "time_batch_sizes", lambda setup, sizes, on_step: step(64))
+    monkeypatch.setattr(schedule, "release_memory", recorder(refs, alive))
+    with pytest.raises(TaskError, match="timing the batch sizes") as caught:
+        schedule._timing(None, [8, 64], schedule.ScheduleHooks())
+    assert alive == [False]
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+    assert refs[-1]() is None  # still freed while the error is held
+
+
+def test_every_model_after_an_oom_is_built_on_a_released_cache(monkeypatch):
+    """The measured probe end to end on the capped CPU allocator, with attempts that really
+    run out of memory (in the series and in the refinement)."""
+    models, events = [], []
+
+    def alive():
+        return any(m() is not None for m in models)
+
+    class Recording(CappedCpuAllocator):
+        def release(self):
+            events.append(("release", alive()))
+
+    for mod in (capacity, probe):
+        real = mod.release_memory
+        monkeypatch.setattr(mod, "release_memory",
+                            lambda real=real: (events.append(("release", alive())), real()))
+
+    def model():
+        m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 2))
+        events.append(("model", alive()))
+        models.append(weakref.ref(m))
+        return m
+
+    x = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
+    task = Task(model=model, train_data=TensorDataset(x, (x[:, 0] > 0).long()),
+                loss_fn=F.cross_entropy, lr=0.1)
+    cap = 4 * 2**20
+    backend = Recording(cap)
+    result = probe.run_probe(task, task_name="t", device=torch.device("cpu"),
+                             budget=Budget(cap, "cap"), method=Method.measured, margin=0.0,
+                             batch_sizes=(8, 16, 32, 4096), backend=backend)
+    assert backend.ooms >= 2  # the series and the refinement both ran out
+    assert "oom" in [s["outcome"] for s in result.confirmation]
+    for i, (kind, _) in enumerate(events):
+        if kind == "model":
+            assert i > 0 and events[i - 1] == ("release", False), events[:i + 1]
+
+
+class _AllocatorFailsAbove16(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 16:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                               "allocate 1073741824 bytes. Error code 12")
+        return self.lin(x)
+
+
+def test_a_cpu_allocator_failure_ends_the_measured_series_instead_of_the_probe():
+    """On the CPU's measured path a real allocator failure is an OOM like any other (it was
+    wrapped in a TaskError that ended the probe with an error)."""
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    task = Task(model=_AllocatorFailsAbove16, train_data=TensorDataset(x, (x[:, 0] > 0).long()),
+                loss_fn=F.cross_entropy, lr=0.1)
+    result = probe.run_probe(task, task_name="t", device=torch.device("cpu"),
+                             budget=Budget(2**30, "x"), method=Method.measured,
+                             batch_sizes=(8, 16, 32, 64))
+    assert result.max_batch == 16

@@ -34,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._pytree import tree_flatten
 
 from ..errors import TaskError, one_line
+from ..oom import is_oom_error
 from ..precision import make_scaler
 from ..step import StepSettings, make_batch, train_step
 from ..task import Task
@@ -226,6 +227,8 @@ def _real_steps(task: Task, batch_size: int, seed: int, settings: StepSettings,
         with record_function(_STEP):
             train_step(model, optimizer, marked, x, y, **options)
     except Exception as exc:
+        if is_oom_error(exc):  # the caller's to handle: an OOM ends a measured series
+            raise
         raise TaskError(
             f"the CPU training step at batch size {batch_size} failed: {one_line(exc)}"
         ) from exc

@@ -476,6 +476,10 @@ def _timing(setup: TrialSetup, sizes: list[int], hooks: ScheduleHooks
     try:
         return tuple(time_batch_sizes(setup, sizes, hooks.advance).values())
     except Exception as exc:  # noqa: BLE001 - a batch that cannot step cannot be scheduled
+        if is_oom_error(exc):
+            # The error raised below keeps this one as its cause, and its traceback would keep
+            # the failed step's frames and tensors alive for as long as the caller holds it.
+            exc.__traceback__ = None
         release_memory()
         raise TaskError(f"timing the batch sizes {sizes} failed: {one_line(exc)}; give "
                         "smaller ones (--max-batch)") from exc
