@@ -36,6 +36,18 @@ def is_oom_error(exc: BaseException) -> bool:
     return False
 
 
+def drop_frames(exc: BaseException) -> None:
+    """Clear the tracebacks of ``exc`` and of the errors it was raised from (``__cause__``,
+    ``__context__``: under torchrun an OOM is re-raised from the rank's own), so that an error
+    kept to report an OOM does not keep the failed step's frames and tensors alive."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
+
+
 def release_memory() -> None:
     """Drop Python garbage and return cached blocks to the device after an OOM. Call it after
     the ``except`` block, not inside it: there the exception's traceback still holds the

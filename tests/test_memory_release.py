@@ -137,12 +137,26 @@ def test_schedule_noise_point_releases_after_the_exception_is_gone(monkeypatch):
     assert schedule._noise_at(setup, None, 2, 0) is None and alive == [False]
 
 
-def test_schedule_timing_failure_frees_the_step_before_it_is_reported(monkeypatch):
-    """The schedule ends with a TaskError whose cause is the OOM; that cause must not keep
-    the failed step's frames (and tensors) alive while the caller holds the error."""
+def _agreed_oom(step):
+    """What torchrun's agreement raises on every rank: a new OOM from the rank's own."""
+    def run(setup, sizes, on_step):
+        try:
+            step(64)
+        except torch.OutOfMemoryError as exc:
+            raise torch.OutOfMemoryError(f"rank 0: {exc}") from exc
+    return run
+
+
+@pytest.mark.parametrize("agreed", [False, True], ids=["one process", "torchrun"])
+def test_schedule_timing_failure_frees_the_step_before_it_is_reported(monkeypatch, agreed):
+    """The schedule ends with a TaskError whose cause is the OOM; that cause (and, under
+    torchrun, the rank's own OOM it was raised from) must not keep the failed step's frames
+    and tensors alive while the caller holds the error."""
     refs, alive = [], []
     step = failing_step(refs)
-    monkeypatch.setattr(schedule, "time_batch_sizes", lambda setup, sizes, on_step: step(64))
+    monkeypatch.setattr(schedule, "time_batch_sizes",
+                        _agreed_oom(step) if agreed
+                        else lambda setup, sizes, on_step: step(64))
     monkeypatch.setattr(schedule, "release_memory", recorder(refs, alive))
     with pytest.raises(TaskError, match="timing the batch sizes") as caught:
         schedule._timing(None, [8, 64], schedule.ScheduleHooks())

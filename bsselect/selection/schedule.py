@@ -42,7 +42,7 @@ import torch
 from .. import distributed
 from ..checkpoint import Checkpoint
 from ..errors import InterruptedRun, TaskError, UsageError, one_line
-from ..oom import is_oom_error, release_memory
+from ..oom import drop_frames, is_oom_error, release_memory
 from .lr_scaling import LrScaling, scale_lr, warmup_lr
 from .noise import default_batch_sizes
 from .schedule_plan import (BatchSchedule, Branch, Prediction, SchedulePoint, Stage, critical_batch,
@@ -479,7 +479,7 @@ def _timing(setup: TrialSetup, sizes: list[int], hooks: ScheduleHooks
         if is_oom_error(exc):
             # The error raised below keeps this one as its cause, and its traceback would keep
             # the failed step's frames and tensors alive for as long as the caller holds it.
-            exc.__traceback__ = None
+            drop_frames(exc)
         release_memory()
         raise TaskError(f"timing the batch sizes {sizes} failed: {one_line(exc)}; give "
                         "smaller ones (--max-batch)") from exc
