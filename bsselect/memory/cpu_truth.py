@@ -183,7 +183,9 @@ def cpu_step_peak(task: Task, batch_size: int, *, seed: int = 0,
 
     The same step as ``simulate_step_peak``: build the model and optimizer, run step 1 (which
     creates optimizer state), then replay the allocator's events over step 2. All
-    ``settings.accumulate`` micro-steps run here (the simulation runs two).
+    ``settings.accumulate`` micro-steps run here (the simulation runs two). Running out of
+    memory raises the allocator's own error (``oom.is_oom_error``); any other failure of the
+    step, a TaskError.
     """
     return_freed_memory_to_the_os()
     with young_gc_only(), torch.random.fork_rng(devices=[]):
