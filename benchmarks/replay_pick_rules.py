@@ -1,8 +1,8 @@
 """Re-rank saved sweeps' trials under variants of the pick rule (no training).
 
-    PYTHONPATH=. python3 benchmarks/replay_pick_rules.py benchmarks/results/sweep-b2-old-ws0-6a8349b.json.gz \
-        benchmarks/results/sweep-b2-fresh-ws0-6a8349b.json.gz \
-        benchmarks/results/sweep-b2-fresh2-ws0-6a8349b.json.gz benchmarks/results/sweep-fresh3-40cf877.json.gz
+    cd benchmarks/results && PYTHONPATH=../.. python3 ../replay_pick_rules.py \
+        sweep-b2-old-ws0-6a8349b.json.gz sweep-b2-fresh-ws0-6a8349b.json.gz \
+        sweep-b2-fresh2-ws0-6a8349b.json.gz sweep-fresh3-40cf877.json.gz
 
 ``choice.choose`` picks, among the batch sizes tied with the best, the one with the smallest
 worst-case slowdown over the noise scale at its interval's low end, its estimate and its high
@@ -16,6 +16,7 @@ over the best batch size's. Prints each task's picks and worst regret per varian
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import sys
@@ -27,14 +28,14 @@ import selection_lib as lib  # noqa: E402
 from bench_selection import read_json  # noqa: E402
 
 import bsselect.selection.rank as rank  # noqa: E402
-from bsselect.selection.choice import Choice, cost, is_tied, predicted  # noqa: E402
+from bsselect.selection import choice  # noqa: E402
 
 VARIANTS = ("shipped", "no_lo", "point", "geo_lo")
 
 
 def scenarios(variant: str, b_noise) -> tuple[float, ...]:
     if variant == "shipped":
-        return (b_noise.lo, b_noise.value, b_noise.hi)
+        return choice.regret_scenarios(b_noise)
     if variant == "no_lo":
         return (b_noise.value, b_noise.hi)
     if variant == "point":
@@ -43,19 +44,8 @@ def scenarios(variant: str, b_noise) -> tuple[float, ...]:
 
 
 def make_choose(variant: str):
-    """``choice.choose`` with the variant's scenarios (the rest as shipped)."""
-    def choose(times, b_noise):
-        sizes = sorted(times)
-        pred = {b: predicted(b, times[b], b_noise) for b in sizes}
-        best = min(sizes, key=lambda b: (pred[b].mid, b))
-        tied = tuple(b for b in sizes
-                     if b == best or is_tied(b, times[b], best, times[best], b_noise))
-        scen = scenarios(variant, b_noise)
-        fastest = {B: min(cost(c, times[c].mid, B) for c in sizes) for B in scen}
-        regret = {b: max(cost(b, times[b].mid, B) / fastest[B] for B in scen) for b in tied}
-        pick = min(tied, key=lambda b: (round(regret[b], 9), b != best, -b))
-        return Choice(best, tied, pick, regret, pred)
-    return choose
+    """``choice.choose`` taking its worst case over the variant's scenarios."""
+    return functools.partial(choice.choose, scenarios=lambda b_noise: scenarios(variant, b_noise))
 
 
 def main() -> None:

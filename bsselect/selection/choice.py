@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Mapping
+from typing import Callable, Mapping
 
 from .noise_math import CONFIDENCE
 from .steptime import TimeInterval
@@ -115,8 +115,17 @@ def is_tied(b: int, t_b: TimeInterval, best: int, t_best: TimeInterval,
                for B in (b_noise.lo, b_noise.value, b_noise.hi))
 
 
-def choose(times: Mapping[int, TimeInterval], b_noise: NoiseInterval) -> Choice:
-    """Best, tied set and pick for step times ``times`` (batch size -> interval, seconds)."""
+def regret_scenarios(b_noise: NoiseInterval) -> tuple[float, ...]:
+    """The values of ``B`` over which the pick's worst-case slowdown is taken."""
+    return (b_noise.lo, b_noise.value, b_noise.hi)
+
+
+def choose(times: Mapping[int, TimeInterval], b_noise: NoiseInterval,
+           scenarios: Callable[[NoiseInterval], tuple[float, ...]] = regret_scenarios
+           ) -> Choice:
+    """Best, tied set and pick for step times ``times`` (batch size -> interval, seconds).
+    ``scenarios``: the values of ``B`` the pick's worst case is taken over (the default is
+    the rule; ``benchmarks/replay_pick_rules.py`` replays others)."""
     if not times:
         raise ValueError("no batch sizes to choose from")
     for b in times:
@@ -127,9 +136,9 @@ def choose(times: Mapping[int, TimeInterval], b_noise: NoiseInterval) -> Choice:
     best = min(sizes, key=lambda b: (pred[b].mid, b))
     tied = tuple(b for b in sizes if b == best or is_tied(b, times[b], best, times[best],
                                                           b_noise))
-    scenarios = (b_noise.lo, b_noise.value, b_noise.hi)
-    fastest = {B: min(cost(c, times[c].mid, B) for c in sizes) for B in scenarios}
-    regret = {b: max(cost(b, times[b].mid, B) / fastest[B] for B in scenarios) for b in tied}
+    at = scenarios(b_noise)
+    fastest = {B: min(cost(c, times[c].mid, B) for c in sizes) for B in at}
+    regret = {b: max(cost(b, times[b].mid, B) / fastest[B] for B in at) for b in tied}
     # Ties in worst-case regret (to rounding): the point estimate's best, then the larger b.
     pick = min(tied, key=lambda b: (round(regret[b], 9), b != best, -b))
     return Choice(best, tied, pick, regret, pred)
