@@ -16,6 +16,7 @@ default: a library call prints nothing.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, replace
@@ -39,6 +40,19 @@ if TYPE_CHECKING:
 
 TaskLike = Union["Task", str, None]
 Size = Union[str, int, None]
+
+
+def _keeps_callers_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with torch's CPU RNG forked around it: building models, batches and trials
+    draws from it and seeds it, and the caller's stream must go on as if bsselect had not run.
+    (An accelerator's RNG is forked where the device is known: ``device.callers_rng``.)"""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def _name(task: "Task") -> str:
@@ -144,6 +158,7 @@ def probe_method(task: "Task", method: "Method", device: "torch.device", target:
                              f"this model: {why}")
 
 
+@_keeps_callers_rng
 def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
           method: str = "auto", target: str = "same", batch_sizes: Sequence[int] | None = None,
           precision: str = "fp32", accumulate: int = 1, inputs: str = "worst-case",
@@ -204,14 +219,18 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
                          budget_is_total=size is not None, on_point=advance,
                          settings=settings, inputs=items, method_note=note)
 
-    if console is None:
-        return run(on_point)
-    from .run_options import progress_bar
+    from .device import callers_rng
 
-    with progress_bar(console, f"probing {name}", len(sizes)) as advance:
-        return run(advance)
+    with callers_rng(dev):  # a measured probe seeds its steps
+        if console is None:
+            return run(on_point)
+        from .run_options import progress_bar
+
+        with progress_bar(console, f"probing {name}", len(sizes)) as advance:
+            return run(advance)
 
 
+@_keeps_callers_rng
 def check(task: TaskLike = None, *, batch_size: int | None = None, memory: Size = None,
           device_preset: str | None = None, margin: float | None = None,
           target: str | None = None, precision: str | None = None,
@@ -250,6 +269,7 @@ def check(task: TaskLike = None, *, batch_size: int | None = None, memory: Size 
     return run_check(loaded, name, cfg, _scan(loaded, cfg.inputs, console))
 
 
+@_keeps_callers_rng
 def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
                 b_big: int | None = None, measurements: int = 32, warmup_steps: int = 0,
                 every: int | None = None, seed: int = 0, device: str = "auto",
@@ -279,10 +299,13 @@ def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
         checkpoint = load_checkpoint(from_checkpoint)
     dev = device_of(device, trains=True)
     loaded, _ = resolve_task(task)
-    return measure_noise(loaded, b_small=b_small, b_big=b_big, measurements=measurements,
-                         seed=seed, warmup_steps=warmup_steps, every=every, progress=progress,
-                         device=dev, precision=parse_precision(precision),
-                         checkpoint=checkpoint, warn=warn)
+    from .device import callers_rng
+
+    with callers_rng(dev):
+        return measure_noise(loaded, b_small=b_small, b_big=b_big, measurements=measurements,
+                             seed=seed, warmup_steps=warmup_steps, every=every,
+                             progress=progress, device=dev, precision=parse_precision(precision),
+                             checkpoint=checkpoint, warn=warn)
 
 
 @dataclass(frozen=True)
@@ -303,6 +326,7 @@ class SweepPlan:
     checkpoint: "Checkpoint | None" = None  # --from-checkpoint: what every trial branches from
 
 
+@_keeps_callers_rng
 def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = None,
                min_batch: int | None = None, max_batch: int | None = None,
                budget: str | None = None, lr_scaling: str = "auto", seed: int = 0,
@@ -356,6 +380,7 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
                      n_threads, threads is not None, checkpoint)
 
 
+@_keeps_callers_rng
 def sweep(task: TaskLike = None, *, resume: bool = False, overwrite: bool = False,
           hooks: "SweepHooks | None" = None, plan: SweepPlan | None = None,
           **options: Any) -> "SweepResult":
@@ -371,13 +396,17 @@ def sweep(task: TaskLike = None, *, resume: bool = False, overwrite: bool = Fals
         plan = plan_sweep(task, **options)
     elif options:
         raise UsageError(f"pass either a plan or plan options, not both: {sorted(options)}")
-    return run_sweep(plan.task, task_name=plan.task_name, batch_sizes=plan.batch_sizes,
-                     settings=plan.settings, device=plan.device, journal_path=plan.journal,
-                     resume=resume, max_batch=plan.max_batch,
-                     max_batch_source=plan.max_batch_source, overwrite=overwrite, hooks=hooks,
-                     threads=plan.threads, checkpoint=plan.checkpoint)
+    from .device import callers_rng
+
+    with callers_rng(plan.device):
+        return run_sweep(plan.task, task_name=plan.task_name, batch_sizes=plan.batch_sizes,
+                         settings=plan.settings, device=plan.device, journal_path=plan.journal,
+                         resume=resume, max_batch=plan.max_batch,
+                         max_batch_source=plan.max_batch_source, overwrite=overwrite,
+                         hooks=hooks, threads=plan.threads, checkpoint=plan.checkpoint)
 
 
+@_keeps_callers_rng
 def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int | None = None,
              branch_samples: int | None = None, batch_sizes: Sequence[int] | None = None,
              min_batch: int | None = None, max_batch: int | None = None, lr_scaling: str = "auto",
@@ -427,9 +456,12 @@ def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int |
                              dev, None, console)
     path = Path(journal) if journal else Path(f"bsselect-schedule-{slug(name)}.jsonl")
     n_threads = None if dev.type != "cpu" else (threads or default_threads(local_processes()))
-    return run_schedule(loaded, task_name=name, batch_sizes=sizes, settings=settings,
-                        device=dev, journal_path=path, resume=resume, overwrite=overwrite,
-                        hooks=hooks, threads=n_threads, checkpoints=checkpoints)
+    from .device import callers_rng
+
+    with callers_rng(dev):
+        return run_schedule(loaded, task_name=name, batch_sizes=sizes, settings=settings,
+                            device=dev, journal_path=path, resume=resume, overwrite=overwrite,
+                            hooks=hooks, threads=n_threads, checkpoints=checkpoints)
 
 
 _AT_STEP = re.compile(r"^(.+)@([0-9]+)$")

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
 from .errors import UsageError
+
+
+@contextmanager
+def callers_rng(device: torch.device) -> Iterator[None]:
+    """Torch's global RNG (the CPU's, and ``device``'s when it is an accelerator) forked for
+    the duration: bsselect seeds it so that its trials and measurements repeat, and the
+    caller's stream must go on as if bsselect had not run (a user who seeds, chooses a batch
+    size with the API, then initialises and trains, gets the run of their own seed)."""
+    accelerator = device.type not in ("cpu", "meta")
+    with torch.random.fork_rng(devices=[device] if accelerator else [],
+                               device_type=device.type if accelerator else "cuda"):
+        yield
 
 
 def resolve_device(name: str | None) -> torch.device:

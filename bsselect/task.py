@@ -208,6 +208,7 @@ def validate_task(task: Task, on_meta: bool = False) -> None:
         raise TaskError("Task.loss_fn must be callable as loss_fn(output, target)")
     if task.lr <= 0 or task.base_batch_size < 1:
         raise TaskError("Task.lr must be > 0 and Task.base_batch_size >= 1")
+    _check_builds_new_models(task)
     for name in ("train_data", "val_data"):
         data = getattr(task, name)
         if data is None:
@@ -257,6 +258,53 @@ def validate_task(task: Task, on_meta: bool = False) -> None:
     except Exception as exc:
         raise TaskError(f"building the model failed: {one_line(exc)}") from exc
     _check_forward(task, model, x, y)
+
+
+FRESH = "bsselect_builds_fresh"  # set on the adapters' factories: a copy per call, not checked
+
+
+def builds_fresh(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """``factory``, marked as building a new model on every call (the adapters' copies of a
+    user's instance), so that ``validate_task`` does not build it twice to check: a copy of
+    a large instance costs its whole memory."""
+    setattr(factory, FRESH, True)
+    return factory
+
+
+def same_freshness(build: Callable[[], Any], wrapper: Callable[[], nn.Module]
+                   ) -> Callable[[], nn.Module]:
+    """``wrapper`` (which calls ``build``), marked fresh when ``build`` is."""
+    return builds_fresh(wrapper) if getattr(build, FRESH, False) else wrapper
+
+
+def _check_builds_new_models(task: Task) -> None:
+    """TaskError when two calls of ``Task.model`` share a module or a tensor: ``lambda: net``
+    (the user's live model) or a factory around a pre-built backbone. Every command builds the
+    model afresh and changes it — trains it, turns it into fake tensors for a simulation — so
+    a shared one would be the user's own model, changed behind their back. Built twice on the
+    ``meta`` device (nothing allocated; a 70B Llama in 0.13 s); a factory that cannot build
+    there constructs its model, and is not checked."""
+    if getattr(task.model, FRESH, False):
+        return
+    try:
+        with torch.device("meta"):
+            first, second = task.model(), task.model()
+    except Exception:  # noqa: BLE001 - it constructs; the real build reports real errors
+        return
+    if not (isinstance(first, nn.Module) and isinstance(second, nn.Module)):
+        return  # the real build says what is wrong with it
+    mine = {id(m) for m in first.modules()}
+    mine.update(id(t) for t in first.parameters())
+    mine.update(id(t) for t in first.buffers())
+    shared = (first is second or any(id(m) in mine for m in second.modules())
+              or any(id(t) in mine for t in (*second.parameters(), *second.buffers())))
+    if shared:
+        what = ("the same model" if first is second else
+                "models that share modules or tensors (a pre-built part)")
+        raise TaskError(
+            f"Task.model returned {what} on two calls: it must build a new model each time "
+            "(`lambda: MyNet()`, or `lambda: copy.deepcopy(net)`, not `lambda: net`), "
+            "because bsselect trains and changes the model it builds and would change yours")
 
 
 def _failed(what: str, exc: Exception) -> TaskError:

@@ -73,3 +73,70 @@ def test_wrong_argument_types_are_usage_errors_not_raw_exceptions(call, tmp_path
     with pytest.raises(UsageError):
         call(api)
     assert not list(tmp_path.iterdir())  # refused before anything ran or was written
+
+
+def _small_task(model):
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    return bsselect.Task(model=model, train_data=TensorDataset(x, y),
+                         loss_fn=nn.functional.cross_entropy, lr=0.05, base_batch_size=8)
+
+
+@pytest.mark.parametrize("call", ["noise", "sweep", "probe-measured", "schedule"])
+def test_api_calls_leave_the_callers_rng_where_it_was(call, tmp_path):
+    """bsselect seeds torch's RNG for its trials: a caller who seeds, asks, then initialises
+    and trains must get the run of their own seed (before: the same numbers whatever the
+    seed, after noise_scale, sweep or a measured probe)."""
+    import torch
+    from torch import nn
+
+    task = _small_task(lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)))
+    run = {
+        "noise": lambda: bsselect.noise_scale(task, measurements=2, device="cpu"),
+        "sweep": lambda: bsselect.sweep(task, batch_sizes=[8, 16], journal=tmp_path / "s.jsonl",
+                                        overwrite=True,
+                                        device="cpu", budget="64"),
+        "probe-measured": lambda: bsselect.probe(task, memory="256MiB", method="measured",
+                                                 batch_sizes=[2, 4], device="cpu"),
+        "schedule": lambda: bsselect.schedule(task, batch_sizes=[8, 16], horizon=1024,
+                                              points=2, journal=tmp_path / "p.jsonl", overwrite=True,
+                                              branch_samples=128,
+                                              device="cpu", noise_measurements=2),
+    }[call]
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        expected = torch.rand(3)
+        torch.manual_seed(seed)
+        run()
+        assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_factory_that_returns_the_users_model_is_refused_before_anything_changes_it():
+    """`lambda: net` would have the simulation turn net's parameters into fake tensors (and
+    a measured probe or a sweep train it in place); a factory around a pre-built part, the
+    same for that part. Refused with one line; net untouched."""
+    import torch
+    from torch import nn
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from bsselect.errors import TaskError
+
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    before = [p.detach().clone() for p in net.parameters()]
+    for method in ("simulated", "measured"):
+        with pytest.raises(TaskError, match="must build a new model each time"):
+            bsselect.probe(_small_task(lambda: net), memory="64MiB", method=method)
+    with pytest.raises(TaskError, match="share modules or tensors"):
+        bsselect.check(_small_task(lambda: nn.Sequential(net[0], nn.ReLU(), nn.Linear(16, 2))),
+                       batch_size=8, memory="64MiB")
+    assert not any(isinstance(p, FakeTensor) for p in net.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    # a copy per call is what the message advises, and it runs
+    import copy
+
+    assert bsselect.probe(_small_task(lambda: copy.deepcopy(net)), memory="64MiB").max_batch > 0

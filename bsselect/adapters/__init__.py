@@ -16,7 +16,9 @@ def model_factory(model: Any, kinds: str) -> Callable[[], nn.Module]:
     instance's memory is already spent, so a factory is cheaper). ``kinds`` names what else
     the caller accepts, for the error."""
     if isinstance(model, nn.Module):
-        return lambda: copy.deepcopy(model)
+        from ..task import builds_fresh
+
+        return builds_fresh(lambda: copy.deepcopy(model))
     if callable(model):
         return model
     raise UsageError(f"model must be {kinds}; got {type(model).__name__}")

@@ -176,14 +176,14 @@ def from_hf(model: Any, train_dataset: Any, *, data_collator: Any = None,
     norms, which get none (two groups, in the Trainer's order). ``loss_fn``: default the model's own
     loss. ``metric``: ``(outputs, labels) -> float``, higher is better (``logits(outputs)``
     gives the logits)."""
-    from ..task import Task
+    from ..task import Task, same_freshness
 
     if optimizer is None:
         def optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
             return torch.optim.AdamW(_trainer_groups(params, weight_decay), lr=lr)
 
     build = _factory(model)
-    return Task(model=lambda: HFModel(build()), train_data=train_dataset,
+    return Task(model=same_freshness(build, lambda: HFModel(build())), train_data=train_dataset,
                 val_data=eval_dataset, loss_fn=loss_fn or model_loss, metric=metric,
                 optimizer=optimizer, lr=lr, base_batch_size=base_batch_size,
                 collate_fn=collate_with(data_collator))

@@ -125,7 +125,7 @@ def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any
     """A ``bsselect.Task`` from a LightningModule and a LightningDataModule (or dataloaders):
     see the module's doc. ``lr`` and ``base_batch_size`` default to the optimizer's and the
     train dataloader's."""
-    from ..task import Task
+    from ..task import Task, same_freshness
 
     build = model_factory(module, "a LightningModule class, factory or instance")
     if datamodule is not None:
@@ -144,7 +144,8 @@ def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any
     val = _loader_parts(val_dataloader)[0] if val_dataloader is not None else None
     recipe = _optimizer_recipe(build)
     collate = collate or torch.utils.data.default_collate
-    return Task(model=lambda: StepModule(build()), train_data=train, val_data=val,
+    return Task(model=same_freshness(build, lambda: StepModule(build())), train_data=train,
+                val_data=val,
                 loss_fn=step_loss, optimizer=recipe.build,
                 lr=float(lr if lr is not None else (recipe.lr or 1e-3)),
                 base_batch_size=base_batch_size or loader_batch or 32,
