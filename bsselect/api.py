@@ -152,7 +152,8 @@ def probe_method(task: "Task", method: "Method", device: "torch.device", target:
     # It runs for real but not on fake tensors: a value read from the weights, or an op
     # without a fake kernel. Real steps answer for this device.
     what = getattr(failure.__cause__, "what", "")
-    why = (f"{what} computed from its weights" if isinstance(failure, CannotSimulate) and what
+    why = (f"{what} computed from its weights or the batch's floating-point tensors"
+           if isinstance(failure, CannotSimulate) and what
            else str(failure))
     return Method.measured, (f"real steps on {device.type}, because the simulation cannot run "
                              f"this model: {why}")

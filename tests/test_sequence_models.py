@@ -106,6 +106,54 @@ def test_shape_from_a_real_mask_simulates_and_from_an_activation_is_refused():
         simulate_step_peak(_select_task(True), 16)
 
 
+class _Voxels(torch.nn.Module):
+    """Points quantised to a grid and deduplicated with ``torch.unique`` (a voxel net): the
+    number of occupied voxels, and every activation after it, follows the points' float
+    values, which the simulation holds as fake tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.ReLU(),
+                                       torch.nn.Linear(64, 64))
+        self.head = torch.nn.Linear(64, 2)
+
+    def forward(self, pts):
+        q = (pts * 16).floor().clamp(0, 15).long()
+        key = (q[..., 0] * 16 + q[..., 1]) * 16 + q[..., 2]
+        key = key + torch.arange(pts.shape[0]).view(-1, 1) * 4096  # per sample
+        uniq, inv = torch.unique(key.reshape(-1), return_inverse=True)
+        vox = torch.zeros(uniq.shape[0], 3).index_add(0, inv, pts.reshape(-1, 3))
+        h = self.mlp(vox)  # (occupied voxels, 64): the term that grows with the data
+        pooled = torch.zeros(pts.shape[0], 64).index_add(0, uniq // 4096, h)
+        return self.head(pooled)
+
+
+def _voxel_task():
+    from torch.utils.data import TensorDataset
+
+    from bsselect import Task
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.rand(64, 256, 3, generator=g),
+                         torch.randint(0, 2, (64,), generator=g))
+    return Task(model=_Voxels, train_data=data, loss_fn=torch.nn.functional.cross_entropy,
+                lr=0.01, base_batch_size=8)
+
+
+def test_unique_on_the_batch_floats_is_refused_not_simulated_as_one_element():
+    # Before: zeros and ones both give one unique value, so the simulation took one occupied
+    # voxel for the whole batch (a review's voxel net: 0.8 MB/sample simulated, 15 MB real,
+    # the answer 19x above the truth). Now the op is refused and `auto` measures instead.
+    with pytest.raises(CannotSimulate, match=r"aten\._unique2"):
+        simulate_step_peak(_voxel_task(), 8)
+    from bsselect import probe
+
+    result = probe(_voxel_task(), memory="256MiB", batch_sizes=[2, 4, 8], device="cpu")
+    assert result.method == "measured"
+    real = cpu_step_peak(_voxel_task(), 8).peak_bytes
+    assert result.points[-1].peak_bytes == pytest.approx(real, rel=0.05)
+
+
 def _max_rss_bytes(*args: str) -> tuple[int, dict]:
     """Peak resident memory of a real `bsselect` process (its own, from a wrapper that runs
     nothing else), and its JSON."""

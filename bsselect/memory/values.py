@@ -39,7 +39,8 @@ aten = torch.ops.aten
 
 
 class DataDependentOp(RuntimeError):
-    """The simulated step needed the values of a tensor computed from the model's weights.
+    """The simulated step needed the values of a tensor computed from the model's weights
+    (or the batch's floating-point tensors, which the simulation holds as fake ones).
     ``what``: what the step did, in a few words."""
 
     def __init__(self, message: str, what: str = "") -> None:
@@ -171,11 +172,14 @@ STAND_IN_MAX_BYTES = 256 * 2**20  # fake inputs stood in for by real ones, at mo
 
 def _shapes_from_real_inputs(func: Any, args: tuple, kwargs: dict) -> Any:
     """A data-dependent op on real and fake inputs (``h[mask]``: ``aten.index`` with a real
-    boolean mask): run it for real twice, with the fake inputs stood in for by zeros and then
-    by ones. Outputs whose shapes differ between the two depend on the fake inputs' values:
-    NotImplemented (nobody knows them). Otherwise the shapes follow from the real inputs
-    alone; an output equal in both runs (an index, a count) does not depend on the fake
-    inputs and stays real, the others become fake tensors of that shape."""
+    boolean mask): run it for real three times, with the fake inputs stood in for by zeros,
+    by ones and by seeded random values. Outputs whose shapes differ between the runs depend
+    on the fake inputs' values: NotImplemented (nobody knows them). Otherwise the shapes
+    follow from the real inputs alone; an output equal in every run (an index, a count) does
+    not depend on the fake inputs and stays real, the others become fake tensors of that
+    shape. The random run is what tells ``unique`` apart: on zeros and on ones alike it
+    gives one element (a voxel net's occupied voxels came out as 1 where a real batch has
+    64,553, and the answer 19x above the truth)."""
     flat, spec = tree_flatten((args, kwargs))
     fakes = [t for t in flat if isinstance(t, torch.Tensor) and is_fake(t)]
     if (not fakes or _nbytes(fakes) > STAND_IN_MAX_BYTES or not _runs_for_real(func)
@@ -183,35 +187,50 @@ def _shapes_from_real_inputs(func: Any, args: tuple, kwargs: dict) -> Any:
         return NotImplemented
     runs = []
     with really():
-        for fill in (0, 1):
-            stood = [torch.full(t.shape, fill, dtype=t.dtype) if isinstance(t, torch.Tensor)
-                     and is_fake(t) else t for t in flat]
+        for fill in ("zeros", "ones", "random"):
+            stood = [_stand_in(t, fill) if isinstance(t, torch.Tensor) and is_fake(t) else t
+                     for t in flat]
             a, k = tree_unflatten(stood, spec)
             try:
                 runs.append(tree_flatten(func(*a, **k))[0])
             except Exception:  # noqa: BLE001 - not explained by the real inputs
                 return NotImplemented
-    zeros, ones = runs
-    for z, o in zip(zeros, ones):
-        if isinstance(z, torch.Tensor) and z.shape != o.shape:
-            return NotImplemented  # the shape depends on the fake inputs' values
-        if not isinstance(z, torch.Tensor) and z != o:
-            return NotImplemented  # a value read from them
+    first, others = runs[0], runs[1:]
+    for other in others:
+        for z, o in zip(first, other):
+            if isinstance(z, torch.Tensor) and z.shape != o.shape:
+                return NotImplemented  # the shape depends on the fake inputs' values
+            if not isinstance(z, torch.Tensor) and z != o:
+                return NotImplemented  # a value read from them
     mutated = _mutated_args(func, args)
     out = []
-    for i, (z, o) in enumerate(zip(zeros, ones)):
+    for i, z in enumerate(first):
         if i in mutated:
             out.append(mutated[i])  # an in-place op returns its (fake) argument
         elif not isinstance(z, torch.Tensor):
             out.append(z)
         else:
             with really():
-                same = z.dtype == o.dtype and bool(torch.equal(z, o))
+                same = all(z.dtype == o[i].dtype and bool(torch.equal(z, o[i]))
+                           for o in others)
             out.append(z if same and keep_real(z) else
                        torch.empty_strided(z.shape, z.stride(), dtype=z.dtype))
     result = func._schema.returns
     return out[0] if len(result) == 1 and not _returns_list(func) else tuple(out) if len(
         result) > 1 else out
+
+
+def _stand_in(t: torch.Tensor, fill: str) -> torch.Tensor:
+    """A real tensor of ``t``'s shape and dtype: zeros, ones, or values drawn from a fixed
+    generator (never the global RNG), varied enough that a value-dependent shape shows."""
+    if fill != "random":
+        return torch.full(t.shape, 0 if fill == "zeros" else 1, dtype=t.dtype)
+    g = torch.Generator().manual_seed(0)
+    if t.dtype == torch.bool:
+        return torch.randint(0, 2, t.shape, generator=g).bool()
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        return torch.rand(t.shape, generator=g).to(t.dtype)
+    return torch.randint(0, 127, t.shape, generator=g).to(t.dtype)
 
 
 def _returns_list(func: Any) -> bool:
@@ -252,8 +271,8 @@ def _what(func: Any) -> str:
 
 
 def _advice(func: Any) -> str:
-    return (f"{_what(func)}, and that tensor is computed from the model's weights, whose "
-            "values a simulation does not have (it has the batch's integer and boolean tensors "
+    return (f"{_what(func)}, and that tensor is computed from the model's weights or the "
+            "batch's floating-point tensors, whose values a simulation does not have (it has the batch's integer and boolean tensors "
             "and what is computed from them alone); measure with real steps instead (`bsselect "
             "probe --method measured`, on the target device for another device's answer), or "
             "keep value-dependent branches on the batch's integer tensors")
