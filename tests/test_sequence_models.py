@@ -154,6 +154,53 @@ def test_unique_on_the_batch_floats_is_refused_not_simulated_as_one_element():
     assert result.points[-1].peak_bytes == pytest.approx(real, rel=0.05)
 
 
+class _Unpad(torch.nn.Module):
+    """Padded token rows of one length whose model keeps only the real tokens (``h[mask]``,
+    as BERT unpadding does): memory follows the mask's values, not the items' shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(16, 256), torch.nn.GELU(),
+                                       torch.nn.Linear(256, 16))
+        self.head = torch.nn.Linear(16, 2)
+
+    def forward(self, x):
+        ids, mask = x[:, 0], x[:, 1].bool()
+        h = self.mlp(self.emb(ids)[mask])
+        seg = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(ids)[mask]
+        return self.head(torch.zeros(ids.shape[0], 16).index_add(0, seg, h))
+
+
+def _unpad_task(n: int = 4096, length: int = 32):
+    from torch.utils.data import TensorDataset
+
+    from bsselect import Task
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, length + 1, (n,), generator=g)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, 50, (n, length), generator=g) * mask
+    return Task(model=_Unpad, train_data=TensorDataset(torch.stack([ids, mask], 1),
+                                                       torch.randint(0, 2, (n,), generator=g)),
+                loss_fn=torch.nn.functional.cross_entropy, lr=0.01, base_batch_size=8)
+
+
+def test_a_stretched_batch_keeps_its_items_real_values_in_proportion():
+    # Above REAL_ITEMS_MAX (1024) items the simulation collates 1024 and stretches them. It
+    # repeated the first item, so a model that keeps a mask's real tokens measured that one
+    # item's tokens times the batch: less memory at 1025 than at 1024 (review finding M2).
+    from bsselect.memory.simulated import REAL_ITEMS_MAX
+
+    task = _unpad_task()
+    scan = scan_inputs(task.train_data, InputMode.typical)
+    peaks = {b: simulate_step_peak(task, b, inputs=scan).peak_bytes
+             for b in (REAL_ITEMS_MAX, REAL_ITEMS_MAX + 1, 2 * REAL_ITEMS_MAX)}
+    assert peaks[REAL_ITEMS_MAX + 1] >= peaks[REAL_ITEMS_MAX]
+    real = cpu_step_peak(task, 2 * REAL_ITEMS_MAX, inputs=scan).peak_bytes
+    assert peaks[2 * REAL_ITEMS_MAX] == pytest.approx(real, rel=0.05)
+
+
 def _max_rss_bytes(*args: str) -> tuple[int, dict]:
     """Peak resident memory of a real `bsselect` process (its own, from a wrapper that runs
     nothing else), and its JSON."""

@@ -424,18 +424,33 @@ def real_batch(task: Task, batch_size: int, seed: int, inputs: Any = None) -> tu
 
     Collating millions of items would cost minutes (the line's answer for a small model can
     be that large), so above REAL_ITEMS_MAX a batch of that many real items is collated and,
-    when every tensor in it leads with the batch dimension, stretched to ``batch_size`` as a
-    zero-stride view that ``_fake_batch`` turns into a full-size fake tensor."""
+    when every tensor in it leads with the batch dimension, stretched to ``batch_size``
+    (``_stretched``)."""
     try:
         if batch_size > REAL_ITEMS_MAX:
             small = make_batch(task, REAL_ITEMS_MAX, seed, inputs)
             leaves = [t for t in tree_flatten(small)[0] if isinstance(t, torch.Tensor)]
             if leaves and all(t.dim() >= 1 and t.shape[0] == REAL_ITEMS_MAX for t in leaves):
-                return tree_map(lambda t: t[:1].expand(batch_size, *t.shape[1:])
+                return tree_map(lambda t: _stretched(t, batch_size)
                                 if isinstance(t, torch.Tensor) else t, small)
         return make_batch(task, batch_size, seed, inputs)
     except Exception as exc:
         raise TaskError(f"collating a batch of {batch_size} failed: {one_line(exc)}") from exc
+
+
+def _stretched(t: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``t`` (REAL_ITEMS_MAX collated items) as a batch of ``batch_size``. A tensor the
+    simulation keeps real (ids, masks, lengths: the model may read their values) repeats the
+    collated items in turn, so the stretched batch holds them in their proportions; repeating
+    one item made every item that one (a model that keeps a mask's real tokens measured one
+    item's tokens times the batch: 3780 answered where a typical 3780 needs 1.5x the budget).
+    A fake one's values are never read: a zero-stride view of its first item, which
+    ``_fake_batch`` turns into a full-size fake tensor."""
+    if keep_real(t):
+        reps = -(-batch_size // t.shape[0])
+        with really():
+            return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size]
+    return t[:1].expand(batch_size, *t.shape[1:])
 
 
 def _fake_batch(t: Any, fake_mode: Any) -> Any:
