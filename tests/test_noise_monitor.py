@@ -121,6 +121,114 @@ def test_every_measures_only_those_steps(digits):
     mon.close()
 
 
+def test_estimate_rests_on_the_pair_most_readings_have():
+    """An epoch's odd last step (another pair of batch sizes) must not decide which readings
+    the interval uses."""
+    mon = GradientNoiseMonitor(nn.Linear(2, 1), accumulation_steps=4)
+    for k in range(20):
+        mon.record(101 + k % 3, 51 + k % 3, 8, 32)
+    mon.record(150.0, 60.0, 4, 16)
+    est = mon.estimate()
+    assert (est.b_small, est.b_big, est.measurements) == (8, 32, 20)
+
+
+@pytest.mark.parametrize("kwargs", [dict(accumulation_steps="4"), dict(every=1.5),
+                                    dict(window=None), dict(n_data=0)])
+def test_settings_of_the_wrong_type_are_one_usage_error(kwargs):
+    with pytest.raises(UsageError, match="must be"):
+        GradientNoiseMonitor(nn.Linear(2, 1), **{"accumulation_steps": 2, **kwargs})
+
+
+class _CheckpointedMLP(nn.Module):
+    """The middle layers under activation checkpointing, the head tied to nothing."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.inp, self.out = nn.Linear(16, 32), nn.Linear(32, 3)
+        self.mid = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32))
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.inp(x)
+        if self.reentrant is not None:
+            h = checkpoint(self.mid, h, use_reentrant=self.reentrant)
+        else:
+            h = self.mid(h)
+        return self.out(h)
+
+
+def _pairs(model, steps=3, accum=4, scaler=None, monitor_scaler=True):
+    """Each step's (small_sq, big_sq) from the monitor, on fixed batches at lr 0; with a
+    GradScaler, step() is called after unscale_ and clipping, as AMP recipes do."""
+    g = torch.Generator().manual_seed(0)
+    mon = GradientNoiseMonitor(model, accumulation_steps=accum,
+                               scaler=scaler if monitor_scaler else None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    for _ in range(steps):
+        for _ in range(accum):
+            x, y = torch.randn(8, 16, generator=g), torch.randint(0, 3, (8,), generator=g)
+            loss = F.cross_entropy(model(x), y) / accum
+            (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        mon.step(micro_batch_size=8)
+        (scaler.step(optimizer) if scaler else optimizer.step())
+        if scaler:
+            scaler.update()
+        optimizer.zero_grad()
+    mon.close()
+    return mon
+
+
+def test_reentrant_checkpointing_is_one_backward_per_micro_batch():
+    """Its recomputing backward is a backward of its own inside the micro-batch's: counted, it
+    made every step 'another number of micro-batches' and nothing was ever measured."""
+    runs = {}
+    for reentrant in (None, True, False):
+        torch.manual_seed(0)
+        runs[reentrant] = _pairs(_CheckpointedMLP(reentrant))
+    plain = [x for r in runs[None].readings for x in (r.small_sq, r.big_sq)]
+    assert len(plain) == 6
+    for reentrant in (True, False):
+        assert runs[reentrant].skipped == 0
+        got = [x for r in runs[reentrant].readings for x in (r.small_sq, r.big_sq)]
+        assert got == pytest.approx(plain, rel=1e-5)
+
+
+def test_a_wrong_accumulation_count_is_said_once_not_skipped_in_silence():
+    model = nn.Linear(16, 3)
+    mon = GradientNoiseMonitor(model, accumulation_steps=3)
+    with pytest.warns(UserWarning, match="2 backward passes, not accumulation_steps=3"):
+        for _ in range(5):
+            for _ in range(2):
+                F.cross_entropy(model(torch.randn(8, 16)), torch.randint(0, 3, (8,))).backward()
+            mon.step(8)
+    assert mon.readings == [] and mon.skipped == 5
+
+
+def test_under_a_grad_scaler_step_after_unscale_and_clipping_reads_the_true_norms():
+    """With step() after scaler.unscale_ (and clipping), the hooks had seen gradients times
+    the scale S and .grad had not: b_simple was None. Both are read during backward now; with
+    scaler= the scale is divided out, without it B_simple (a ratio) is still right."""
+    runs = []
+    def scaler():
+        return torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+
+    for scaler, given in ((None, True), (scaler(), True), (scaler(), False)):
+        torch.manual_seed(0)
+        runs.append(_pairs(nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 3)),
+                           steps=6, scaler=scaler, monitor_scaler=given))
+    plain, scaled, unscaled = runs
+    assert len(scaled.readings) == 6
+    assert [x for r in scaled.readings for x in (r.small_sq, r.big_sq)] == pytest.approx(
+        [x for r in plain.readings for x in (r.small_sq, r.big_sq)], rel=1e-4)
+    assert unscaled.b_simple == pytest.approx(plain.b_simple, rel=1e-4)
+    assert unscaled.grad_sq_norm == pytest.approx(plain.grad_sq_norm * 2.0 ** 32, rel=1e-4)
+
+
 # ----------------------------------------------------------------------- the real runs
 
 
@@ -287,14 +395,92 @@ def test_hf_callback_agrees_with_bsselect_noise(tmp_path):
     assert logged and logged[-1] == pytest.approx(callback.monitor.b_simple)
 
 
-def test_hf_callback_does_not_count_clipped_steps(tmp_path):
+def test_hf_callback_reads_the_gradients_before_clipping(tmp_path):
+    """The Trainer clips before callbacks run; keeping only the unclipped steps chose steps by
+    |g_big| and overstated B_simple several-fold. Clipped or not, the readings are the same."""
     pytest.importorskip("transformers")
     from bsselect.adapters.hf import NoiseScaleCallback
 
+    runs = {}
+    for max_norm in (0.0, 1e-3):   # 1e-3 clips every step
+        torch.manual_seed(0)
+        callback = NoiseScaleCallback()
+        trainer = _hf_trainer(tmp_path, HFStyle(), DictBlobs(200), callback,
+                              max_grad_norm=max_norm, num_train_epochs=1)
+        trainer.train()
+        runs[max_norm] = callback.monitor
+    clipped, free = runs[1e-3], runs[0.0]
+    assert len(clipped.readings) == 6 and clipped.skipped == 1   # the epoch's partial step
+    for a, b in zip(clipped.readings, free.readings):
+        assert (a.small_sq, a.big_sq) == pytest.approx((b.small_sq, b.big_sq), rel=1e-5)
+    assert clipped.b_simple == pytest.approx(free.b_simple, rel=1e-5)
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=2,
+                                      n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0, eos_token_id=0, bos_token_id=0))
+
+
+def _ragged_lm_batches(items):
+    lengths = [4 + (i * 13) % 57 for i in range(items)]     # 4..60 tokens
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(1, 40, (n,), generator=g).tolist()} for n in lengths]
+
+    def collate(batch):
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = labels[i, :n] = torch.tensor(b["input_ids"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return data, collate
+
+
+def test_hf_callback_takes_each_micro_batch_as_its_own_token_mean(tmp_path):
+    """transformers 5 divides a GPT-2's summed token losses by the whole step's token count
+    (num_items_in_batch), not each micro-batch's mean by the accumulation: the hook norms are
+    rescaled by each micro-batch's share of the tokens, so that small_sq / big_sq is the
+    ratio of the micro-batches' own mean gradients to the step's (it was up to 1.5% low)."""
+    pytest.importorskip("transformers")
+    import copy
+
+    from transformers import Trainer, TrainingArguments
+
+    from bsselect.adapters.hf import NoiseScaleCallback
+
+    torch.manual_seed(0)
+    model = _tiny_gpt2()
+    twin = copy.deepcopy(model)
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, a, k: seen.append({n: k[n] for n in ("input_ids", "attention_mask", "labels")})
+        if m.training else None, with_kwargs=True)
+    data, collate = _ragged_lm_batches(64)
     callback = NoiseScaleCallback()
-    trainer = _hf_trainer(tmp_path, HFStyle(), DictBlobs(200), callback, max_grad_norm=1e-6,
-                          num_train_epochs=1)
-    trainer.train()
-    assert callback.monitor.readings == []
-    assert callback.monitor.skipped == trainer.state.global_step == 7  # 6 clipped, 1 partial
-    assert callback.monitor.b_simple is None
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, max_steps=6, learning_rate=0.0,
+                             max_grad_norm=0.0, report_to=[], save_strategy="no",
+                             use_cpu=True, dataloader_drop_last=True, seed=0, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
+            callbacks=[callback]).train()
+    params = list(twin.parameters())
+
+    def micro_mean_grad(batch):   # the micro-batch's own token-mean loss
+        grads = torch.autograd.grad(twin(**batch).loss, params)
+        return torch.cat([g.reshape(-1) for g in grads]).double()
+
+    assert len(callback.monitor.readings) == 6
+    for r in callback.monitor.readings:
+        pair = seen[2 * (r.step - 1): 2 * r.step]
+        grads = [micro_mean_grad(b) for b in pair]
+        tokens = [int(b["labels"][:, 1:].ne(-100).sum()) for b in pair]
+        small = sum(g.pow(2).sum() for g in grads).item() / 2
+        big = (sum(g * n for g, n in zip(grads, tokens)) / sum(tokens)).pow(2).sum().item()
+        assert r.small_sq / r.big_sq == pytest.approx(small / big, rel=1e-3)

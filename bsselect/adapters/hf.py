@@ -290,6 +290,18 @@ def _trainer_callback_base() -> type:
     return TrainerCallback
 
 
+def _loss_shifts_labels(model: Any) -> bool:
+    """Whether the model's own loss is the causal-LM one, which predicts token t+1 from t and
+    so counts ``labels[..., 1:]`` (transformers' ``ForCausalLMLoss``)."""
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError:  # pragma: no cover - an older transformers without loss kwargs
+        return False
+    config = getattr(model, "config", None)
+    return (getattr(model, "loss_function", None) is ForCausalLMLoss
+            and not getattr(config, "is_encoder_decoder", False))
+
+
 def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> Any:
     """A Hugging Face ``TrainerCallback`` that measures the gradient noise scale ``B_simple``
     during ``trainer.train()`` from the gradients the run computes anyway: the micro-batches
@@ -297,9 +309,14 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
     Each log line gains ``b_simple`` (in ``trainer.state.log_history`` and the callbacks after
     this one); the monitor is ``callback.monitor`` (``.estimate()`` gives an interval).
 
-    The Trainer clips gradients (``max_grad_norm``, default 1.0) before callbacks see them: a
-    step whose gradient was clipped is not counted (``monitor.skipped``). fp16 loss scaling is
-    not supported (bf16 and fp32 are).
+    Every step is measured, clipped or not: the Trainer clips (``max_grad_norm``) before
+    callbacks run, but the monitor reads both norms during the backward passes, before the
+    clipping. A step whose micro-batches differ in size (an epoch's last) is not measured. For
+    a model that takes ``num_items_in_batch`` (GPT-2, Llama...), the Trainer divides each
+    micro-batch's summed token loss by the whole step's token count rather than each mean by
+    the number of micro-batches; the callback passes each micro-batch's label-token count
+    (``labels != -100``), so each micro-batch's gradient is still taken as its own mean. fp16
+    loss scaling is not supported (bf16 and fp32 are).
 
         trainer = Trainer(model, args, train_dataset=data, callbacks=[NoiseScaleCallback()])
     """
@@ -310,9 +327,10 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
         def __init__(self) -> None:
             self.monitor: Optional[GradientNoiseMonitor] = None
             self.advice: Optional[str] = None
-            self._sizes: set[int] = set()
+            self._sizes: list[int] = []      # items of each micro-batch of this step
+            self._tokens: list[Any] = []     # their label tokens, when the loss is per token
             self._handle: Any = None
-            self._max_norm = 0.0
+            self._shifts = False             # a causal LM's loss drops each first label
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                            train_dataloader: Any = None, **kwargs: Any) -> None:
@@ -337,30 +355,33 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
             except UsageError as exc:
                 warnings.warn(f"NoiseScaleCallback is off: {exc}", stacklevel=2)
                 return
-            self._max_norm = float(args.max_grad_norm or 0.0)
+            self._shifts = _loss_shifts_labels(model)
             self._handle = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
 
         def _on_forward(self, module: Any, args: Any, kwargs: Any) -> None:
-            if module.training:
-                self._sizes.add(batch_len((*args, kwargs)))
+            if not (module.training and torch.is_grad_enabled()):
+                return
+            self._sizes.append(batch_len((*args, kwargs)))
+            labels = kwargs.get("shift_labels")
+            if labels is None and torch.is_tensor(kwargs.get("labels")):
+                labels = kwargs["labels"][..., 1:] if self._shifts else kwargs["labels"]
+            # The Trainer passes num_items_in_batch exactly when the model's loss is the sum
+            # over the micro-batch's label tokens divided by the step's total.
+            if kwargs.get("num_items_in_batch") is not None and torch.is_tensor(labels):
+                self._tokens.append(labels.ne(-100).sum())
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self._sizes = set()
+            self._sizes, self._tokens = [], []
 
         def on_pre_optimizer_step(self, args: Any, state: Any, control: Any,
                                   **kwargs: Any) -> None:
             if self.monitor is None:
                 return
             # One micro-batch size in the step, or the pair has no single b_small.
-            micro = next(iter(self._sizes)) if len(self._sizes) == 1 else 0
-            reading = self.monitor.step(micro)
-            if reading is None:
-                return
-            # Clipped before we saw it: |g|^2 at the clip's bound is not the step's gradient.
-            if self._max_norm > 0 and reading.big_sq >= (self._max_norm * (1 - 1e-4)) ** 2:
-                self.monitor.skip_last()
-                return
-            if self.advice is None:
+            micro = self._sizes[0] if len(set(self._sizes)) == 1 else 0
+            tokens = self._tokens if len(self._tokens) == len(self._sizes) else None
+            reading = self.monitor.step(micro, micro_weights=tokens)
+            if reading is not None and self.advice is None:
                 self.advice = self.monitor.advice(reading.b_big)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,

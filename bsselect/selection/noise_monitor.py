@@ -9,25 +9,34 @@ all-reduced gradients). This monitor reads
 - ``|g_small|^2``: every backward's gradient of each parameter as autograd hands it over
   (a tensor hook: before it is added to ``.grad`` and before DDP reduces it) — one micro-batch
   of one rank;
-- ``|g_big|^2``: ``.grad`` after the step's last backward (accumulated over the micro-batches,
-  averaged over the ranks by DDP), before clipping and the optimizer step;
+- ``|g_big|^2``: ``.grad`` at the end of the step's last backward (accumulated over the
+  micro-batches, averaged over the ranks by DDP): read by a callback autograd runs when that
+  backward is over, so clipping, unscaling or anything else done to ``.grad`` before
+  :meth:`GradientNoiseMonitor.step` does not change it;
 
 and turns each step's pair into unbiased ``|G|^2`` and ``tr(Sigma)`` (``noise_math``), kept as
 two separate exponential moving averages (their ratio is ``B_simple``) and, over the last
 ``window`` measured steps, an estimate with a bootstrap interval like ``bsselect noise``'s.
 
-The loss of each micro-batch is assumed divided by the number of micro-batches (Lightning,
-Hugging Face ``Trainer`` and the usual hand-written loop do this), so that ``.grad`` after
-the last one is the mean gradient of the whole step. One process without accumulation has a
-single batch size per step and nothing to compare: the monitor says so instead of guessing.
+The loss of each micro-batch is assumed divided by the number of micro-batches (Lightning and
+the usual hand-written loop do this; so does the Hugging Face ``Trainer`` for a model that takes
+no loss kwargs), so that ``.grad`` after the last one is the mean gradient of the whole step.
+The ``Trainer`` divides the summed token losses of a model that takes ``num_items_in_batch``
+(GPT-2, Llama...) by the whole step's token count instead; its callback passes each
+micro-batch's token count (``micro_weights``) and the hook norms are rescaled to per-micro-batch
+means. One process without accumulation has a single batch size per step and nothing to
+compare: the monitor says so instead of guessing.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import sys
+import warnings
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +47,7 @@ from .noise_math import NoiseEstimate, estimate_from_norms, per_measurement
 DEFAULT_WINDOW = 64   # measured steps behind ``estimate()``
 DEFAULT_EMA = 0.95    # decay of the moving averages of |G|^2 and tr(Sigma)
 GROW_FACTOR = 2.0     # "the batch could grow" when B_simple's lower bound is this x the batch
+MISMATCH_WARN_AFTER = 3   # measured steps in a row with another backward count: warn once
 
 
 @dataclass(frozen=True)
@@ -71,30 +81,69 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _check_settings(accumulation_steps: Any, every: Any, window: Any, ema: Any,
+                    n_data: Any, world_size: Any) -> None:
+    def integer(value: Any) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if not (integer(accumulation_steps) and integer(every) and integer(window)
+            and isinstance(ema, numbers.Real) and not isinstance(ema, bool)):
+        raise UsageError(f"accumulation_steps, every and window must be integers and ema a "
+                         f"number; got {accumulation_steps!r}, {every!r}, {window!r}, {ema!r}")
+    if accumulation_steps < 1 or every < 1 or window < 2 or not 0 <= ema < 1:
+        raise UsageError("accumulation_steps and every must be >= 1, window >= 2 and "
+                         "0 <= ema < 1")
+    for name, value in (("n_data", n_data), ("world_size", world_size)):
+        if value is not None and (not integer(value) or value < 1):
+            raise UsageError(f"{name} must be an integer >= 1 or None, got {value!r}")
+
+
+def _inside_function_backward() -> bool:
+    """Whether this hook runs inside an autograd Function's backward: the recomputing backward
+    of reentrant activation checkpointing, nested in the micro-batch's own."""
+    from torch.autograd.function import BackwardCFunction
+
+    apply = BackwardCFunction.apply.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is apply:
+            return True
+        frame = frame.f_back
+    return False
+
+
 class GradientNoiseMonitor:
     """``B_simple`` from the gradients a training run computes anyway.
 
     ``model``: the module being trained (a DDP-wrapped one as is: its ranks are the big batch).
     ``accumulation_steps``: micro-batches per optimizer step. ``every``: measure every N-th step
     (the others cost nothing). ``n_data``: the training set's size, for the finite-population
-    correction (None: an unlimited stream). Call :meth:`step` once per optimizer step, after
-    the last backward and before clipping and ``optimizer.step()``, on every rank::
+    correction (None: an unlimited stream). ``scaler``: the ``torch.amp.GradScaler`` of an fp16
+    run, whose scale the norms are divided by (without it ``B_simple`` is still right, the
+    ratio of two norms of the same scaled gradients, but ``grad_sq_norm`` and ``trace_sigma``
+    are in scaled units and mix scales when the scale changes). Call :meth:`step` once per
+    optimizer step, after the last backward and before ``optimizer.step()`` (or
+    ``scaler.step``), on every rank; before or after ``scaler.unscale_`` and clipping alike,
+    since both norms are read during the backward passes. Every micro-batch of a step must
+    have ``micro_batch_size`` items (``drop_last=True``; an epoch's smaller last batch is
+    passed as 0, not measured)::
 
-        monitor = GradientNoiseMonitor(model, accumulation_steps=4)
-        for i, (x, y) in enumerate(loader):
-            (loss_fn(model(x), y) / 4).backward()
+        monitor = GradientNoiseMonitor(model, accumulation_steps=4, scaler=scaler)
+        for i, (x, y) in enumerate(loader):               # drop_last=True
+            scaler.scale(loss_fn(model(x), y) / 4).backward()
             if (i + 1) % 4 == 0:
+                scaler.unscale_(optimizer)
+                clip_grad_norm_(model.parameters(), 1.0)
                 monitor.step(micro_batch_size=len(x))
-                optimizer.step(); optimizer.zero_grad()
+                scaler.step(optimizer); scaler.update(); optimizer.zero_grad()
         print(monitor.b_simple, monitor.estimate().b_simple_ci)
     """
 
     def __init__(self, model: nn.Module, *, accumulation_steps: int = 1, every: int = 1,
                  ema: float = DEFAULT_EMA, window: int = DEFAULT_WINDOW,
-                 n_data: int | None = None, world_size: int | None = None) -> None:
-        if accumulation_steps < 1 or every < 1 or window < 2 or not 0 <= ema < 1:
-            raise UsageError("accumulation_steps and every must be >= 1, window >= 2 and "
-                             "0 <= ema < 1")
+                 n_data: int | None = None, world_size: int | None = None,
+                 scaler: Any = None) -> None:
+        _check_settings(accumulation_steps, every, window, ema, n_data, world_size)
         self.model = model
         self.accumulation_steps = accumulation_steps
         self.world_size = world_size or (_world_size() if _is_ddp(model) else 1)
@@ -105,27 +154,33 @@ class GradientNoiseMonitor:
                 "with neither, measure it with `bsselect noise` (extra passes at two batch "
                 "sizes)")
         self.every, self.ema, self.window, self.n_data = every, ema, window, n_data
+        self.scaler = scaler
         self.readings: list[NoiseReading] = []
-        # Steps not measured: a clipped gradient, uneven micro-batches, a partial accumulation.
+        # Steps not measured: uneven micro-batches, a partial accumulation, a non-finite norm.
         self.skipped = 0
         self._steps = 0
         self._backwards = 0
-        self._small: torch.Tensor | None = None   # this step's sum of micro |grad|^2
+        self._mismatched = 0       # measured steps in a row skipped for their backward count
+        self._warned = False
+        self._small: list[torch.Tensor] = []   # this step's sum of |hook grad|^2, per backward
+        self._pending: torch.Tensor | None = None   # hooks before their backward was counted
+        self._open = False                     # a counted backward is running
+        self._big: torch.Tensor | None = None  # |.grad|^2 at the end of the a-th backward
         self._ema_g = self._ema_t = 0.0
         self._ema_n = 0
         params = [p for p in _unwrap(model).parameters() if p.requires_grad]
         if not params:
             raise UsageError("the model has no trainable parameters")
         self._params = params
-        self._handles = [p.register_hook(self._on_grad) for p in params]
         # Backward passes in this step, counted once per pass that reaches any trainable
         # parameter (a model's unused parameters, an HF pooler, get none): a step with another
         # number of micro-batches than ``accumulation_steps`` (an epoch's last, partial one)
-        # has a different loss scaling and is not measured.
+        # has a different loss scaling and is not measured. Registered before the tensor
+        # hooks, so that a backward is counted before its first gradient is added up.
         from torch.autograd.graph import register_multi_grad_hook
 
-        self._handles.append(register_multi_grad_hook(params, self._count_backward,
-                                                      mode="any"))
+        self._handles = [register_multi_grad_hook(params, self._count_backward, mode="any")]
+        self._handles += [p.register_hook(self._on_grad) for p in params]
 
     # ------------------------------------------------------------------ hooks
 
@@ -136,44 +191,98 @@ class GradientNoiseMonitor:
         if not self._measuring():
             return
         sq = grad.detach().float().pow(2).sum()
-        self._small = sq if self._small is None else self._small + sq
+        if self._open:
+            self._small[-1] = self._small[-1] + sq
+        else:  # a reentrant recompute's backward that ran before its micro-batch's own began
+            self._pending = sq if self._pending is None else self._pending + sq
 
     def _count_backward(self, grad: torch.Tensor) -> None:
+        # The recomputing backward of reentrant checkpointing (use_reentrant=True) runs inside
+        # the micro-batch's own: part of that micro-batch, not another one.
+        if _inside_function_backward():
+            return
         self._backwards += 1
+        if not self._measuring():
+            return
+        pending, self._pending = self._pending, None
+        self._small.append(pending if pending is not None else torch.zeros((), device=grad.device))
+        self._open = True
+        engine = torch.autograd.Variable._execution_engine
+        engine.queue_callback(self._close)
+        if self._backwards == self.accumulation_steps:
+            # .grad is complete only when autograd is done with this backward, and under DDP
+            # only after DDP's own end-of-backward callback (queued later, during the pass)
+            # has written the all-reduced gradient: read it from a callback queued by one.
+            engine.queue_callback(lambda: engine.queue_callback(self._read_big))
+
+    def _close(self) -> None:
+        self._open = False
+
+    def _read_big(self) -> None:
+        self._big = sum(p.grad.detach().float().pow(2).sum() for p in self._params
+                        if p.grad is not None)
 
     # ------------------------------------------------------------------ per step
 
-    def step(self, micro_batch_size: int) -> NoiseReading | None:
-        """Read this step's pair (after its last backward, before clipping and the optimizer
-        step). ``micro_batch_size``: items in each micro-batch on one rank. Returns the
-        reading, or None on a step that is not measured (also when ``micro_batch_size`` is 0:
-        a batch whose size is unknown, as the adapters pass it)."""
+    def step(self, micro_batch_size: int, micro_weights: Sequence[float] | None = None
+             ) -> NoiseReading | None:
+        """Take this step's pair; call it after the step's last backward and before
+        ``optimizer.step()`` (before or after clipping and ``scaler.unscale_``: both norms were
+        read during the backward passes). ``micro_batch_size``: items in each micro-batch on one
+        rank; every micro-batch of the step must have that many (0: unknown or uneven, the step
+        is not measured). ``micro_weights``: each micro-batch's share of the step's loss
+        normaliser, in backward order, when the losses are not divided equally (the HF
+        ``Trainer`` dividing by the step's token count passes the token counts). Returns the
+        reading, or None on a step that is not measured."""
         if isinstance(micro_batch_size, bool) or not isinstance(
                 micro_batch_size, numbers.Integral) or micro_batch_size < 0:
             raise UsageError(f"micro_batch_size must be an integer >= 1 (0: unknown, the step "
                              f"is not measured), got {micro_batch_size!r}")
         measuring = self._measuring()
         self._steps += 1
-        small, self._small = self._small, None
+        smalls, self._small, self._pending = self._small, [], None
+        big, self._big = self._big, None
         backwards, self._backwards = self._backwards, 0
         if not measuring:
             return None
-        if small is None or micro_batch_size < 1 or backwards != self.accumulation_steps:
+        self._note_backwards(backwards)
+        a, w = self.accumulation_steps, self.world_size
+        if big is None or len(smalls) != a or micro_batch_size < 1 or (
+                micro_weights is not None and len(micro_weights) != a):
             self.skipped += 1
             return None
-        big = sum(p.grad.detach().float().pow(2).sum() for p in self._params
-                  if p.grad is not None)
-        a, w = self.accumulation_steps, self.world_size
-        # Hook gradients are of loss/a: |micro mean gradient|^2 = a^2 |hook|^2; the mean over
-        # the a micro-batches of one rank is a * (sum of the hooks' |.|^2).
-        local = small * a
-        pair = torch.stack([local, torch.as_tensor(big, dtype=local.dtype,
-                                                   device=local.device)])
+        if micro_weights is None:
+            # Hook gradients are of loss/a: |micro mean gradient|^2 = a^2 |hook|^2; the mean
+            # over the a micro-batches of one rank is a * (sum of the hooks' |.|^2).
+            local = torch.stack(smalls).sum() * a
+        else:
+            # Hook gradient j is share_j x micro-batch j's mean gradient.
+            shares = torch.tensor([float(x) for x in micro_weights], dtype=torch.float32)
+            shares = (shares / shares.sum()).to(smalls[0].device)
+            local = (torch.stack(smalls) / shares.pow(2)).mean()
+        pair = torch.stack([local, big.to(local)])
         if w > 1:
             torch.distributed.all_reduce(pair)   # sums over ranks; big is the same on each
             pair = pair / w
+        if self.scaler is not None:   # the gradients were of the loss times the scale
+            pair = pair / float(self.scaler.get_scale()) ** 2
         small_sq, big_sq = (float(v) for v in pair.cpu())
         return self.record(small_sq, big_sq, micro_batch_size, micro_batch_size * a * w)
+
+    def _note_backwards(self, backwards: int) -> None:
+        """Warn once when measured steps keep having another number of backward passes than
+        ``accumulation_steps`` (nothing would ever be measured, silently)."""
+        if backwards == self.accumulation_steps:
+            self._mismatched = 0
+            return
+        self._mismatched += 1
+        if self._mismatched == MISMATCH_WARN_AFTER and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"GradientNoiseMonitor: {self._mismatched} steps in a row had {backwards} "
+                f"backward passes, not accumulation_steps={self.accumulation_steps}; none of "
+                "them is measured. Pass the number of micro-batches per optimizer step, and "
+                "call step() once per optimizer step", stacklevel=3)
 
     def record(self, small_sq: float, big_sq: float, b_small: int, b_big: int
                ) -> NoiseReading | None:
@@ -230,10 +339,13 @@ class GradientNoiseMonitor:
 
     def estimate(self, last: int | None = None, seed: int = 0) -> NoiseEstimate:
         """``B_simple`` with a 90% bootstrap interval over the last ``last`` readings (default:
-        the window), all at the same pair of batch sizes. Raises UsageError with fewer than 2."""
+        the window) at the pair of batch sizes most of them have (the latest such pair on a
+        tie; an epoch's odd last step does not decide it). Raises UsageError with fewer
+        than 2."""
         chosen = self.readings[-(last or self.window):]
         if chosen:
-            key = (chosen[-1].b_small, chosen[-1].b_big)
+            counts = Counter((r.b_small, r.b_big) for r in chosen)
+            key = max(reversed([(r.b_small, r.b_big) for r in chosen]), key=counts.__getitem__)
             chosen = [r for r in chosen if (r.b_small, r.b_big) == key]
         if len(chosen) < 2:
             raise UsageError(f"{len(chosen)} measured step(s) so far; the interval needs at "
