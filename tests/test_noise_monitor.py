@@ -302,6 +302,32 @@ def test_lightning_callback_agrees_with_bsselect_noise(tmp_path):
         callback.monitor.b_simple)
 
 
+def test_lightning_callback_skips_an_epochs_uneven_last_step(tmp_path):
+    """1000 items in micro-batches of 12: each epoch ends on [12, 12, 12, 4], four backwards
+    but no single b_small (it was read as 4, b_big 16, and estimate() after fit rested on
+    those steps alone)."""
+    L = pytest.importorskip("lightning")
+    from tasks.lightning_tasks import Blobs, Classifier
+
+    from bsselect.adapters.lightning import NoiseScaleMonitor
+
+    class Frozen(Classifier):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    torch.manual_seed(0)
+    callback = NoiseScaleMonitor()
+    trainer = L.Trainer(max_epochs=2, accumulate_grad_batches=4, callbacks=[callback],
+                        accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(Frozen(), datamodule=Blobs(batch_size=12))
+    readings = callback.monitor.readings
+    assert {(r.b_small, r.b_big) for r in readings} == {(12, 48)}
+    assert len(readings) == 40 and callback.monitor.skipped == 2
+    assert callback.monitor.estimate().measurements == 40
+
+
 def test_lightning_callback_without_a_second_batch_size_warns_and_stays_off(tmp_path):
     L = pytest.importorskip("lightning")
     from tasks.lightning_tasks import Blobs, Classifier

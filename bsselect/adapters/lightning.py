@@ -226,7 +226,8 @@ def NoiseScaleMonitor(every: int = 1, window: int = 64, ema: float = 0.95,
     logs ``name`` (the moving-average ``B_simple``) each measured step, keeps the monitor as
     ``callback.monitor`` (``.estimate()`` gives an interval), and warns once when the interval
     says the global batch could grow. With neither accumulation nor several ranks there is no
-    second batch size: it warns once and stays off.
+    second batch size: it warns once and stays off. A step whose micro-batches differ in size
+    (an epoch's last one without ``drop_last``) is skipped, not measured.
 
         trainer = L.Trainer(accumulate_grad_batches=4, callbacks=[NoiseScaleMonitor()])
     """
@@ -237,7 +238,7 @@ def NoiseScaleMonitor(every: int = 1, window: int = 64, ema: float = 0.95,
         def __init__(self) -> None:
             self.monitor: Optional[GradientNoiseMonitor] = None
             self.advice: Optional[str] = None
-            self._micro = 0
+            self._sizes: list[int] = []   # items of each micro-batch of this step
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             if not pl_module.automatic_optimization:
@@ -272,13 +273,16 @@ def NoiseScaleMonitor(every: int = 1, window: int = 64, ema: float = 0.95,
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                                  batch_idx: int) -> None:
-            self._micro = batch_len(batch)
+            self._sizes.append(batch_len(batch))
 
         def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any
                                      ) -> None:
+            sizes, self._sizes = self._sizes, []
             if self.monitor is None:
                 return
-            reading = self.monitor.step(self._micro)
+            # Micro-batches of different sizes (an epoch's last, [8, 8, 8, 4]) have no single
+            # b_small, and .grad is not their mean gradient: the step is skipped (0).
+            reading = self.monitor.step(sizes[0] if len(set(sizes)) == 1 else 0)
             if reading is None or self.monitor.b_simple is None:
                 return
             pl_module.log(name, self.monitor.b_simple, on_step=True, on_epoch=False)
