@@ -99,6 +99,40 @@ def test_from_trainer_builds_the_optimizer_its_arguments_name(tmp_path, settings
     assert optimizer.param_groups[0]["lr"] == 1e-3
 
 
+def test_from_trainer_rebuilds_a_given_optimizer_with_its_own_groups_and_settings(tmp_path):
+    """optimizers=(AdamW(...), None): the Trainer trains with it as given. Its defaults were
+    passed back to AdamW (torch 2.13 keeps 'decoupled_weight_decay' there, which AdamW does not
+    take: every probe failed), and its groups were replaced by the Trainer's two at
+    args.weight_decay (0.0) and one lr."""
+    pytest.importorskip("accelerate")
+    from transformers import (DataCollatorForLanguageModeling, GPT2LMHeadModel, Trainer,
+                              TrainingArguments)
+
+    from bsselect import check
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(hf_tasks.config())
+    head = [p for n, p in model.named_parameters() if n.startswith("transformer.h.1.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("transformer.h.1.")]
+    given = torch.optim.AdamW([{"params": rest, "weight_decay": 0.1},
+                               {"params": head, "lr": 1e-3, "weight_decay": 0.0}],
+                              lr=1e-4, betas=(0.8, 0.95), eps=1e-7)
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=5e-5, report_to=[],
+                             use_cpu=True, per_device_train_batch_size=2)
+    collator = DataCollatorForLanguageModeling(hf_tasks.tokenizer(), mlm=False)
+    trainer = Trainer(model=model, args=args, train_dataset=hf_tasks.Sentences(8),
+                      data_collator=collator, optimizers=(given, None))
+    task = Task.from_trainer(trainer)
+    assert task.lr == 1e-4   # the given optimizer's, not args.learning_rate
+    built = task.make_optimizer(task.model().parameters(), 2e-4)
+    assert type(built) is torch.optim.AdamW
+    assert [len(g["params"]) for g in built.param_groups] == [len(rest), len(head)]
+    assert [g["lr"] for g in built.param_groups] == pytest.approx([2e-4, 2e-3])
+    assert [g["weight_decay"] for g in built.param_groups] == [0.1, 0.0]
+    assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-7 for g in built.param_groups)
+    assert check(task, memory="8GiB", batch_size=2).fits
+
+
 def test_a_local_config_directory_builds_the_model_and_a_missing_one_is_refused(tmp_path):
     hf_tasks.config().save_pretrained(tmp_path / "cfg")
     task = Task.from_hf(str(tmp_path / "cfg"), hf_tasks.Sentences(64), lr=1e-3,

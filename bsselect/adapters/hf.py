@@ -209,31 +209,37 @@ def from_trainer(trainer: Any) -> Any:
     precision (``bf16``/``fp16``) is the commands' ``--precision``; pass it there."""
     args = trainer.args
     model = getattr(trainer, "model_init", None) or trainer.model
+    lr, optimizer = _trainer_optimizer(trainer)
     return from_hf(model, trainer.train_dataset, data_collator=trainer.data_collator,
-                   eval_dataset=trainer.eval_dataset, lr=args.learning_rate,
-                   weight_decay=args.weight_decay, optimizer=_trainer_optimizer(trainer),
+                   eval_dataset=trainer.eval_dataset, lr=lr,
+                   weight_decay=args.weight_decay, optimizer=optimizer,
                    base_batch_size=args.per_device_train_batch_size
                    * args.gradient_accumulation_steps)
 
 
-def _trainer_optimizer(trainer: Any) -> Callable[[Any, float], torch.optim.Optimizer]:
-    """The optimizer the Trainer would train with, at any lr: the one it was given
-    (``optimizers=(opt, scheduler)``: its class and settings), else the class and settings its
-    arguments name (``optim``, ``adam_beta1/2``, ``adam_epsilon``: the Trainer's own
-    ``get_optimizer_cls_and_kwargs``), over the Trainer's two weight-decay groups."""
+def _trainer_optimizer(trainer: Any) -> tuple[float, Callable[[Any, float], torch.optim.Optimizer]]:
+    """The lr and the optimizer the Trainer would train with, at any lr. The one it was given
+    (``optimizers=(opt, scheduler)``) trains as given, ``args.learning_rate`` and
+    ``weight_decay`` unused: its class, its own groups over the same parameters, each with its
+    settings (weight decay, betas, eps...) and its lr in the same ratio to the first group's,
+    which is the task's lr. Else the class and settings the arguments name (``optim``,
+    ``adam_beta1/2``, ``adam_epsilon``: the Trainer's own ``get_optimizer_cls_and_kwargs``)
+    over the Trainer's two weight-decay groups, at ``args.learning_rate``."""
     given = getattr(trainer, "optimizer", None)
     if given is not None:
-        cls, kwargs = type(given), dict(given.defaults)
-    else:
-        try:
-            cls, kwargs = type(trainer).get_optimizer_cls_and_kwargs(trainer.args)
-        except Exception as exc:  # noqa: BLE001 - an optim bsselect cannot rebuild
-            raise TaskError(f"cannot rebuild the Trainer's optimizer (optim="
-                            f"{trainer.args.optim}): {exc}") from exc
-        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-            raise TaskError(f"the Trainer's optim={trainer.args.optim} builds {cls!r}, not a "
-                            "torch.optim.Optimizer bsselect can rebuild per lr; pass "
-                            "Task.from_hf(..., optimizer=(params, lr) -> Optimizer)")
+        from .lightning import recipe_of
+
+        recipe = recipe_of(given, trainer.model)
+        return float(recipe.lr or trainer.args.learning_rate), recipe.build
+    try:
+        cls, kwargs = type(trainer).get_optimizer_cls_and_kwargs(trainer.args)
+    except Exception as exc:  # noqa: BLE001 - an optim bsselect cannot rebuild
+        raise TaskError(f"cannot rebuild the Trainer's optimizer (optim="
+                        f"{trainer.args.optim}): {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise TaskError(f"the Trainer's optim={trainer.args.optim} builds {cls!r}, not a "
+                        "torch.optim.Optimizer bsselect can rebuild per lr; pass "
+                        "Task.from_hf(..., optimizer=(params, lr) -> Optimizer)")
     kwargs = {k: v for k, v in kwargs.items()
               if k not in ("lr", "params", "differentiable") and not k.startswith("bsselect")}
     weight_decay = trainer.args.weight_decay
@@ -242,7 +248,7 @@ def _trainer_optimizer(trainer: Any) -> Callable[[Any, float], torch.optim.Optim
     def optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
         return cls(_trainer_groups(params, weight_decay), lr=lr, **kwargs)
 
-    return optimizer
+    return trainer.args.learning_rate, optimizer
 
 
 class RandomTokens(torch.utils.data.Dataset):

@@ -103,10 +103,17 @@ def _optimizer_recipe(build: Callable[[], nn.Module]) -> OptimizerRecipe:
     of a module built on the meta device: nothing is allocated)."""
     with torch.device("meta"):
         module = build()
-    optimizer = _optimizer_of(module.configure_optimizers())
-    # Only what the constructor takes (a scheduler adds 'initial_lr' to the group)
+    return recipe_of(_optimizer_of(module.configure_optimizers()), module)
+
+
+def recipe_of(optimizer: torch.optim.Optimizer, module: nn.Module) -> OptimizerRecipe:
+    """The recipe of ``optimizer`` over ``module``'s parameters: each group's constructor
+    settings (its lr before any scheduler: ``initial_lr``) and members."""
+    # Only what the constructor takes: a scheduler adds 'initial_lr' to the group, and
+    # torch 2.13's AdamW keeps 'decoupled_weight_decay' in its groups but takes no such argument
     accepted = inspect.signature(type(optimizer).__init__).parameters
-    groups = tuple({k: v for k, v in group.items() if k != "params" and k in accepted}
+    groups = tuple({**{k: v for k, v in group.items() if k != "params" and k in accepted},
+                    **({"lr": group["initial_lr"]} if "initial_lr" in group else {})}
                    for group in optimizer.param_groups)
     position = {id(p): i for i, p in enumerate(module.parameters())}
     members = tuple(tuple(position[id(p)] for p in group["params"] if id(p) in position)
