@@ -120,3 +120,16 @@ def test_sweep_trains_the_module_through_its_training_step():
     assert [t["status"] for t in data["trials"]] == ["ok", "ok", "ok"]
     assert all(t["train_loss_end"] < t["train_loss_start"] for t in data["trials"])
     assert data["recommended_batch_size"] in (8, 32, 128)
+
+
+def test_manual_optimization_is_refused_in_one_line():
+    """It failed later, in the simulated step, with "Manual is not attached to a Trainer"."""
+    from bsselect.errors import TaskError
+
+    class Manual(lightning_tasks.Classifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(TaskError, match=r"manual optimization \(automatic_optimization=False"):
+        Task.from_lightning(Manual, lightning_tasks.Blobs())

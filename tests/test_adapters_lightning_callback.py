@@ -43,3 +43,34 @@ def test_the_probe_takes_the_trainers_precision_and_accumulation(tmp_path):
     same = probe(Task.from_lightning(Classifier(), Blobs(batch_size=24)), memory="4MiB",
                  precision="bf16", accumulate=4)
     assert callback.result.max_batch == same.max_batch
+
+
+class _SplitBlobs(Blobs):
+    """Its validation items drawn by a seeded random_split in setup, as users write it."""
+
+    calls = 0
+
+    def setup(self, stage: str) -> None:
+        import torch
+
+        type(self).calls += 1
+        super().setup(stage)
+        whole = self.train
+        self.train, self.val = torch.utils.data.random_split(whole, [800, 200])
+
+
+def test_the_probe_does_not_set_the_datamodule_up_a_second_time(tmp_path):
+    """Lightning has run setup("fit") before on_fit_start: running it again drew another
+    random_split (the user's validation set changed when the callback was added)."""
+    def fit(callbacks):
+        L.seed_everything(0)
+        _SplitBlobs.calls = 0
+        data = _SplitBlobs(batch_size=24)
+        trainer = L.Trainer(max_steps=1, callbacks=callbacks, accelerator="cpu", logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.fit(Classifier(), datamodule=data)
+        return list(data.val.indices), _SplitBlobs.calls
+
+    plain, with_probe = fit([]), fit([BatchSizeFromProbe(memory="4MiB")])
+    assert with_probe == plain and plain[1] == 1

@@ -10,7 +10,7 @@ or a dict with ``"loss"``), on the batches of ``train_dataloader()`` (its datase
 parameter groups and settings (each group's own weight decay, betas...; groups' lrs keep their
 ratio to the first training group's, which is the task's ``lr``; parameters in no group stay
 out, as in the user's run; a scheduler is not applied). ``self.log`` calls inside the step are
-skipped (no Trainer).
+skipped (no Trainer). Manual optimization (``automatic_optimization=False``) is refused.
 """
 
 from __future__ import annotations
@@ -103,6 +103,10 @@ def _optimizer_recipe(build: Callable[[], nn.Module]) -> OptimizerRecipe:
     of a module built on the meta device: nothing is allocated)."""
     with torch.device("meta"):
         module = build()
+    if not getattr(module, "automatic_optimization", True):
+        raise TaskError("from_lightning does not support manual optimization "
+                        "(automatic_optimization=False): bsselect trains on the loss "
+                        "training_step returns, with one optimizer; write a Task for it instead")
     return recipe_of(_optimizer_of(module.configure_optimizers()), module)
 
 
@@ -171,7 +175,8 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
                        power_of_two: bool = True, **probe_options: Any) -> Any:
     """A Lightning callback, like Lightning's ``BatchSizeFinder`` but without trial-and-OOM:
     on ``fit`` start it probes the module's own step (``Task.from_lightning`` on the module and
-    the Trainer's DataModule; simulated on a CPU, measured on an accelerator), and sets the
+    the train dataloader of the Trainer's DataModule, as Lightning has set it up: no second
+    ``prepare_data``/``setup``; simulated on a CPU, measured on an accelerator), and sets the
     DataModule's (or the module's) ``attribute`` to the largest batch that fits ``memory``
     after ``margin`` (its largest power of two with ``power_of_two``), capped at the training
     set. The probe's result is ``callback.result``, the batch ``callback.batch_size``.
@@ -196,7 +201,10 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
             if not hasattr(holder, attribute):
                 raise UsageError(f"neither the DataModule nor the module has an attribute "
                                  f"{attribute!r} to set (attribute=...)")
-            task = from_lightning(pl_module, datamodule)
+            # Lightning ran prepare_data and setup("fit") before on_fit_start: the loader of
+            # the DataModule as set up, not a second setup (a seeded random_split in it would
+            # draw another split).
+            task = from_lightning(pl_module, train_dataloader=datamodule.train_dataloader())
             options = dict(probe_options)
             # The run's own step: the Trainer's mixed precision and gradient accumulation
             # (the batch attribute is the micro-batch each accumulation step loads).
