@@ -70,6 +70,11 @@ def test_the_decorator_calls_training_with_the_answer():
     assert train(epochs=3) == seen[0][0] == train.bsselect_fit.max_batch <= 500
 
 
+def test_a_misspelt_decorator_option_is_refused_at_decoration():
+    with pytest.raises(UsageError, match="unknown option.*mem; it takes"):
+        fits_batch_size(step=_loop(), mem="1GiB")
+
+
 def test_a_failing_step_is_one_task_error():
     def step(batch_size: int) -> None:
         raise KeyError("features")

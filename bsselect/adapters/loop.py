@@ -179,6 +179,13 @@ def fits_batch_size(**options: Any) -> Callable[[Callable[..., Any]], Callable[.
     step = options.pop("step", None)
     if step is None:
         raise UsageError("fits_batch_size needs step=, the one-step function to measure")
+    import inspect
+
+    known = set(inspect.signature(find_batch_size).parameters) - {"step"}
+    unknown = sorted(set(options) - known)
+    if unknown:  # at decoration, not when train() is first called
+        raise UsageError(f"fits_batch_size got unknown option(s) {', '.join(unknown)}; it takes "
+                         f"step= and {', '.join(sorted(known))}")
 
     def decorate(train: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(train)
