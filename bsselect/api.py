@@ -119,13 +119,17 @@ def device_of(name: str = "auto", trains: bool = False) -> "torch.device":
 
 
 def _scan(task: "Task", mode: "InputMode", console: Any) -> "InputScan":
+    """The items memory batches are made of; after a validation on fake tensors, ranked by
+    the values that its shapes read where the items are all one size."""
     from .memory.inputs import scan_inputs
+    from .memory.values import value_shaped_ops
 
+    by_values = value_shaped_ops()
     if console is None:
-        return scan_inputs(task.train_data, mode)
+        return scan_inputs(task.train_data, mode, by_values=by_values)
     from .run_options import scan
 
-    return scan(task, mode, console)
+    return scan(task, mode, console, by_values=by_values)
 
 
 def probe_method(task: "Task", method: "Method", device: "torch.device", target: Any

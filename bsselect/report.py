@@ -20,6 +20,33 @@ console = Console(stderr=True)      # progress, logs and human tables
 out = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=160)
 
 
+def _nonlinear_why(result: Any) -> str:
+    if result.uniform_items is False:
+        return "worst-case batches take the longest items first"
+    return "the peak moves between phases of the step"
+
+
+def _marginal_note(result: Any) -> str | None:
+    """When one more sample at the max batch costs far more than the line's per-sample
+    bytes (a b x b term: contrastive losses, attention over the batch), say so: the max batch
+    was found by the checks, and the line's two numbers hold over the probed sizes only."""
+    checked = {s["batch_size"]: s.get("peak_bytes") for s in result.confirmation or ()}
+    ok = result.max_batch
+    # 10% or more apart, so that an allocator's rounding of one block is not read as a trend
+    over = min((b for b in checked if b >= 1.1 * ok and checked[b] is not None), default=None)
+    if over is None or checked.get(ok) is None:
+        return None
+    marginal = (checked[over] - checked[ok]) / (over - ok)
+    if result.per_sample_bytes <= 0 or marginal <= 4 * result.per_sample_bytes:
+        return None
+    return (f"[yellow]note:[/] from b={ok} to {over} one more sample costs "
+            f"{format_bytes(marginal)}, "
+            f"{marginal / result.per_sample_bytes:,.0f}x the line's "
+            f"{format_bytes(result.per_sample_bytes)}: memory grows faster than the batch (a "
+            "term in b², such as a b×b similarity matrix). The max batch is what the checks "
+            "found; the fixed and per-sample bytes describe the probed sizes only")
+
+
 def emit_json(data: Any) -> None:
     """Machine-readable results: one JSON document on stdout."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
@@ -63,8 +90,7 @@ def render_probe(result: Any) -> None:
         out.print(
             f"[yellow]note:[/] the peaks are not linear in the batch (the least-squares line is "
             f"{result.fit_max_error_pct:.1f}% off at b={result.fit_max_error_batch}; "
-            + ("the peak moves between phases of the step" if result.uniform_items is not False
-               else "worst-case batches take the longest items first")
+            + _nonlinear_why(result)
             + f"): the line is raised {format_bytes(result.fit_raised_bytes)} to lie on or above every peak, "
             "and the max batch is checked where it lands", highlight=False)
     out.print(
@@ -80,6 +106,9 @@ def render_probe(result: Any) -> None:
         path = " → ".join(f"{s['batch_size']} {s['outcome']}" for s in result.confirmation)
         how = "real steps" if result.method == "measured" else "simulations"
         out.print(f"checked with {how}: {path}", highlight=False)
+        note = _marginal_note(result)
+        if note:
+            out.print(note, highlight=False)
     if result.sharding:
         out.print(f"sharding: {result.sharding}; batch sizes are per device", highlight=False)
         _rank_terms(result, f" at batch {result.max_batch}")

@@ -4,7 +4,7 @@ say how a step was measured. Kept out of cli.py so that each command only wires 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional, Sequence
 
 import typer
 
@@ -110,7 +110,8 @@ def step_settings(precision: str, accumulate: int = 1, shard: Any = None) -> "St
                         shard=shard)
 
 
-def scan(task: "Task", mode: "InputMode", console: Any, seed: int = 0) -> "InputScan":
+def scan(task: "Task", mode: "InputMode", console: Any, seed: int = 0,
+         by_values: Sequence[str] = ()) -> "InputScan":
     """``inputs.scan_inputs`` over the task's training data with a rich progress bar on
     stderr (transient: it disappears when done; the result's ``how`` says what was read)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -123,7 +124,7 @@ def scan(task: "Task", mode: "InputMode", console: Any, seed: int = 0) -> "Input
                    TimeElapsedColumn(), console=console, transient=True)
     with bar:
         job = bar.add_task("finding the largest items", total=None)
-        return scan_inputs(task.train_data, mode, seed=seed,
+        return scan_inputs(task.train_data, mode, seed=seed, by_values=by_values,
                            progress=lambda done, total: bar.update(job, completed=done,
                                                                    total=total))
 

@@ -200,8 +200,10 @@ def validate_task(task: Task, on_meta: bool = False) -> None:
     tensors, with the batch's integer and boolean tensors real), so that a model too large for
     this machine (a 7B ``check``) is validated without allocating it.
     """
+    from .memory.values import clear_value_shaped
     from .step import collate
 
+    clear_value_shaped()  # the forward on fake tensors below records what its shapes read
     if not callable(task.model):
         raise TaskError("Task.model must be a zero-argument callable that builds an nn.Module")
     if not callable(task.loss_fn):
@@ -332,3 +334,25 @@ def _check_forward(task: Task, model: Any, x: Any, y: Any) -> None:
         raise TaskError("Task.loss_fn must return a scalar tensor (the MEAN over the batch)")
     if not loss.requires_grad:
         raise TaskError("the loss does not require grad; is the model's output detached?")
+    _check_optimizer(task, model)
+
+
+def _check_optimizer(task: Task, model: nn.Module) -> None:
+    """TaskError for an optimizer whose ``step`` needs a closure (LBFGS): every command steps
+    it as a training loop does, ``optimizer.step()`` once per batch, and a real step fails
+    the same way as a simulated one (whose message sent users to real steps)."""
+    import inspect
+
+    try:
+        opt = task.make_optimizer(model.parameters(), task.lr)
+    except Exception:  # noqa: BLE001 - the step builds it again and says what is wrong
+        return
+    try:
+        closure = inspect.signature(opt.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TaskError(
+            f"{type(opt).__name__}.step needs a closure (it re-evaluates the loss itself): "
+            "bsselect steps the optimizer as a training loop does, optimizer.step() once "
+            "per batch, so closure optimizers (LBFGS) are not supported")

@@ -138,6 +138,26 @@ def test_task_fields_are_checked_with_typed_messages(tmp_path, fields, message):
                                f"{message}")
 
 
+@pytest.mark.parametrize("command", [["probe", "--memory", "1GiB"],
+                                     ["probe", "--memory", "1GiB", "--method", "measured"],
+                                     ["sweep", "--batch-sizes", "8,16"]])
+def test_a_closure_optimizer_is_refused_with_what_is_unsupported(tmp_path, command):
+    # LBFGS's step needs a closure, which a training loop's optimizer.step() never passes;
+    # the simulation's failure told users to try real steps, which failed the same way
+    path = tmp_path / "task.py"
+    path.write_text(textwrap.dedent(TASK_TEMPLATE.format(
+        fields="model=lambda: nn.Linear(4, 2), train_data=data, loss_fn=F.cross_entropy, "
+               "optimizer=lambda p, lr: torch.optim.LBFGS(p, lr=lr)")))
+    proc = run_cli(command[0], f"{path}:make_task", *command[1:],
+                   "--journal" if command[0] == "sweep" else "--json",
+                   *([str(tmp_path / "s.jsonl")] if command[0] == "sweep" else []))
+    assert proc.returncode == 1, proc.stderr
+    assert one_error(proc) == (
+        "error: LBFGS.step needs a closure (it re-evaluates the loss itself): bsselect steps "
+        "the optimizer as a training loop does, optimizer.step() once per batch, so closure "
+        "optimizers (LBFGS) are not supported")
+
+
 def test_check_github_format_annotates_a_failure(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     proc = run_cli("check", "digits-mlp", "--memory", "1GiB", "--format", "github")

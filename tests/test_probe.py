@@ -199,3 +199,30 @@ def test_cuda_terms_are_those_of_the_step_measured_at_the_answer():
     step = simulate_step_peak(task, result.max_batch, kernel_workspace=False,
                               settings=StepSettings(target_device="cuda"))
     assert at_best[-1]["peak_bytes"] - sum(t.bytes for t in result.terms) == step.peak_bytes
+
+
+def test_a_term_in_batch_squared_is_named_where_the_checks_find_it(tmp_path):
+    # A b x b similarity matrix: the line through the small probed batches has ~800 B per
+    # sample, the checks find the max batch where one more sample costs ~400x that (review
+    # finding M3: the output blamed "the peak moving between phases of the step")
+    path = tmp_path / "contrast.py"
+    path.write_text(
+        "import torch, torch.nn.functional as F\n"
+        "from torch import nn\n"
+        "from torch.utils.data import TensorDataset\n"
+        "from bsselect import Task\n"
+        "def loss(z, y):\n"
+        "    z = F.normalize(z, dim=1)\n"
+        "    sim = (z @ z.T / 0.1).log_softmax(dim=1)\n"
+        "    pos = (y[:, None] == y[None, :]).float()\n"
+        "    return -((sim * pos).sum(1) / pos.sum(1)).mean()\n"
+        "def make_task():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x, y = torch.randn(8192, 16, generator=g), torch.randint(0, 10, (8192,), generator=g)\n"
+        "    return Task(model=lambda: nn.Linear(16, 32), train_data=TensorDataset(x, y),\n"
+        "                loss_fn=loss)\n")
+    done = run_cli("probe", f"{path}:make_task", "--memory", "256MiB")
+    assert done.returncode == 0, done.stderr
+    assert "memory grows faster than the batch" in done.stdout
+    plain = run_cli("probe", "digits-mlp", "--memory", "256MiB")
+    assert plain.returncode == 0 and "grows faster" not in plain.stdout

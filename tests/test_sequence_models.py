@@ -201,6 +201,38 @@ def test_a_stretched_batch_keeps_its_items_real_values_in_proportion():
     assert peaks[2 * REAL_ITEMS_MAX] == pytest.approx(real, rel=0.05)
 
 
+def test_items_of_one_size_are_ranked_by_the_values_the_steps_shapes_read():
+    # Padded rows all have one element count, so the scan called worst-case = typical and
+    # measured random items; a model that keeps the mask's real tokens needs more for the
+    # fullest rows (review finding M2b: the longest 512 items needed 1.36 GB where `check`
+    # said 728 MB fit). The validation on fake tensors records that h[mask] read the mask.
+    from bsselect import probe
+    from bsselect.memory.values import value_shaped_ops
+
+    task = _unpad_task()
+    validate_task(task, on_meta=True)
+    assert value_shaped_ops()
+    scan = scan_inputs(task.train_data, InputMode.worst_case, by_values=value_shaped_ops())
+    assert scan.picks_largest and scan.uniform is False and "ranked by" in scan.how
+    ids, mask = task.train_data.tensors[0][list(scan.indices(64))].unbind(1)
+    assert int(mask.sum()) == 64 * 32  # the 64 fullest rows are full
+    worst = simulate_step_peak(task, 64, inputs=scan).peak_bytes
+    assert worst == pytest.approx(cpu_step_peak(task, 64, inputs=scan).peak_bytes, rel=0.005)
+    typical = simulate_step_peak(task, 64, inputs=scan_inputs(task.train_data,
+                                                              InputMode.typical)).peak_bytes
+    assert worst > 1.3 * typical
+    assert probe(task, memory="64MiB").to_json()["uniform_items"] is False
+    # a model whose shapes read no values keeps worst-case = typical, without a scan
+    plain = _unpad_task()
+    plain = type(plain)(**{**plain.__dict__, "model": lambda: torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 2))})
+    plain = type(plain)(**{**plain.__dict__, "train_data": torch.utils.data.TensorDataset(
+        task.train_data.tensors[0].float(), task.train_data.tensors[1])})
+    validate_task(plain, on_meta=True)
+    assert not value_shaped_ops()
+    assert scan_inputs(plain.train_data, by_values=value_shaped_ops()).uniform is True
+
+
 def _max_rss_bytes(*args: str) -> tuple[int, dict]:
     """Peak resident memory of a real `bsselect` process (its own, from a wrapper that runs
     nothing else), and its JSON."""

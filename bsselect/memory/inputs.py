@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 from statistics import median
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.utils._pytree import tree_flatten
@@ -80,7 +80,8 @@ class InputScan:
     mode: InputMode
     items_total: int
     items_scanned: int
-    uniform: Optional[bool]                  # every scanned item the same size (None: unknown)
+    uniform: Optional[bool]                  # worst case = typical: every scanned item the same
+    #                                          size, and the step's shapes read no values
     largest_item_elements: Optional[int]
     median_item_elements: Optional[float]
     ranked: tuple[int, ...] = ()
@@ -123,30 +124,91 @@ def typical_inputs(data: Dataset) -> InputScan:
 
 
 def scan_inputs(data: Dataset, mode: InputMode = InputMode.worst_case, *, seed: int = 0,
-                max_items: int = MAX_SCAN_ITEMS, progress: Optional[Progress] = None
-                ) -> InputScan:
+                max_items: int = MAX_SCAN_ITEMS, progress: Optional[Progress] = None,
+                by_values: Sequence[str] = ()) -> InputScan:
     """The items memory batches are made of, for ``mode``: a pass over ``data`` (at most
-    ``max_items`` items, a seeded random sample beyond) ranking items by element count."""
+    ``max_items`` items, a seeded random sample beyond) ranking items by element count.
+    ``by_values``: the ops whose output shapes the batch's values decided in the simulated
+    step (``values.value_shaped_ops``: ``h[mask]`` on a padding mask). Items of one size are
+    then ranked by their nonzero integer and boolean elements (real tokens under a mask,
+    non-padding ids), when those differ."""
     n = len(data)  # type: ignore[arg-type]
     if mode is InputMode.typical:
         return typical_inputs(data)
-    if _same_size_by_construction(data):
-        size = item_elements(data[0]) if n else 0
-        return InputScan(mode, n, 0, True, size, float(size),
-                         how=f"{_kind_of(data)}: every item has {size:,} elements")
-    start = time.perf_counter()
     order = (list(range(n)) if n <= max_items else
              torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_items].tolist())
+    if _same_size_by_construction(data):
+        size = item_elements(data[0]) if n else 0
+        how = f"{_kind_of(data)}: every item has {size:,} elements"
+        if by_values:
+            start = time.perf_counter()
+            ranked = _ranked_by_nonzero(data, order, progress)
+            if ranked:
+                return InputScan(mode, n, len(order), False, size, float(size), ranked,
+                                 _by_values_note(how, by_values, len(order), n),
+                                 time.perf_counter() - start)
+        return InputScan(mode, n, 0, True, size, float(size), how=how)
+    start = time.perf_counter()
     sizes = _sizes(data, order, progress)
     elapsed = time.perf_counter() - start
     largest, mid = max(sizes), median(sizes)
     if largest == min(sizes):
+        how = f"all {len(order):,} items scanned have {largest:,} elements"
+        if by_values:
+            ranked = _ranked_by_nonzero(data, order, progress)
+            if ranked:
+                return InputScan(mode, n, len(order), False, largest, float(mid), ranked,
+                                 _by_values_note(how, by_values, len(order), n),
+                                 time.perf_counter() - start)
         return InputScan(mode, n, len(order), True, largest, float(mid),
-                         how=f"all {len(order):,} items scanned have {largest:,} elements"
-                             + _sample_note(len(order), n), scan_s=elapsed)
+                         how=how + _sample_note(len(order), n), scan_s=elapsed)
     ranked = tuple(i for _, i in sorted(zip(sizes, order), key=lambda si: (-si[0], si[1])))
     how = f"{len(order):,} items scanned in {elapsed:.1f} s" + _sample_note(len(order), n)
     return InputScan(mode, n, len(order), False, largest, float(mid), ranked, how, elapsed)
+
+
+def _by_values_note(how: str, ops: Sequence[str], scanned: int, total: int) -> str:
+    names = ", ".join(f"aten.{op}" for op in ops)
+    return (f"{how}, but the step's shapes follow their values ({names}): ranked by their "
+            f"nonzero integer and boolean elements (real tokens under a mask)"
+            + _sample_note(scanned, total))
+
+
+def _nonzero_counts(item: Any) -> int:
+    """Nonzero elements of an item's integer and boolean tensors."""
+    return sum(int(torch.count_nonzero(t)) for t in tree_flatten(item)[0]
+               if isinstance(t, torch.Tensor) and not t.dtype.is_floating_point
+               and not t.dtype.is_complex)
+
+
+def _ranked_by_nonzero(data: Dataset, order: list[int], progress: Optional[Progress]
+                       ) -> tuple[int, ...]:
+    """``order``'s items, most nonzero integer/boolean elements first (ties by index); ()
+    when every item has as many (nothing to rank by). A TensorDataset is counted whole."""
+    base, index = data, list(order)
+    while isinstance(base, Subset):
+        index = [base.indices[i] for i in index]
+        base = base.dataset
+    if isinstance(base, TensorDataset):
+        counts_all = sum((t != 0).reshape(len(t), -1).sum(1) for t in base.tensors
+                         if not t.dtype.is_floating_point and not t.dtype.is_complex)
+        if not isinstance(counts_all, torch.Tensor):
+            return ()
+        counts = counts_all[torch.tensor(index, dtype=torch.long)].tolist() if index else []
+    else:
+        counts = []
+        every = max(1, len(order) // 200)
+        for j, i in enumerate(order):
+            try:
+                counts.append(_nonzero_counts(data[i]))
+            except Exception as exc:
+                raise TaskError(f"reading train_data[{i}] to find the largest items failed: "
+                                f"{one_line(exc)} (--inputs typical skips the scan)") from exc
+            if progress is not None and (j % every == 0 or j + 1 == len(order)):
+                progress(j + 1, len(order))
+    if not counts or min(counts) == max(counts):
+        return ()
+    return tuple(i for _, i in sorted(zip(counts, order), key=lambda ci: (-ci[0], ci[1])))
 
 
 def _sample_note(scanned: int, total: int) -> str:

@@ -446,11 +446,12 @@ def _stretched(t: torch.Tensor, batch_size: int) -> torch.Tensor:
     item's tokens times the batch: 3780 answered where a typical 3780 needs 1.5x the budget).
     A fake one's values are never read: a zero-stride view of its first item, which
     ``_fake_batch`` turns into a full-size fake tensor."""
-    if keep_real(t):
+    view = t[:1].expand(batch_size, *t.shape[1:])
+    if keep_real(view):  # within the bytes the simulation keeps real
         reps = -(-batch_size // t.shape[0])
         with really():
             return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size]
-    return t[:1].expand(batch_size, *t.shape[1:])
+    return view
 
 
 def _fake_batch(t: Any, fake_mode: Any) -> Any:

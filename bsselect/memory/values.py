@@ -128,6 +128,25 @@ def _pad_packed_sequence(data: torch.Tensor, batch_sizes: Any, batch_first: bool
 
 
 # Ops whose output shapes follow from real arguments while their data is an activation.
+# The ops whose output shapes the batch's real values decided in the simulated steps since
+# the last ``clear_value_shaped`` (validate_task clears it): the memory then depends on
+# those values, not only on the items' sizes (``inputs.scan_inputs`` ranks by them).
+_VALUE_SHAPED: dict[str, None] = {}
+
+
+def clear_value_shaped() -> None:
+    _VALUE_SHAPED.clear()
+
+
+def value_shaped_ops() -> tuple[str, ...]:
+    """``aten`` names of the ops whose output shapes came from the batch's values."""
+    return tuple(_VALUE_SHAPED)
+
+
+def _value_shaped(func: Any) -> None:
+    _VALUE_SHAPED[getattr(func, "__name__", str(func)).removesuffix(".default")] = None
+
+
 _SHAPE_FROM_REAL_ARGS = {
     aten._pack_padded_sequence.default: _pack_padded_sequence,
     aten._pad_packed_sequence.default: _pad_packed_sequence,
@@ -145,12 +164,15 @@ class RealWhereKnown(TorchDispatchMode):
         if special is not None:
             out = special(*args, **kwargs)
             if out is not NotImplemented:
+                _value_shaped(func)
                 return out
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if not any(is_fake(t) for t in tensors) and _runs_for_real(func):
             try:
                 fake_out = func(*args, **kwargs)  # under the fake mode: shapes, no memory
-            except Exception:  # noqa: BLE001 - data-dependent shape: run it to learn it
+            except Exception as exc:  # noqa: BLE001 - data-dependent shape: run it to learn it
+                if _is_data_dependent(exc):
+                    _value_shaped(func)
                 fake_out = None
             if fake_out is None or _nbytes(fake_out) <= REAL_RESULT_MAX_BYTES:
                 with really():
@@ -164,6 +186,7 @@ class RealWhereKnown(TorchDispatchMode):
             out = _shapes_from_real_inputs(func, args, kwargs)
             if out is NotImplemented:
                 raise DataDependentOp(_advice(func), _what(func)) from exc
+            _value_shaped(func)
             return out
 
 
