@@ -144,7 +144,11 @@ def value_shaped_ops() -> tuple[str, ...]:
 
 
 def _value_shaped(func: Any) -> None:
-    _VALUE_SHAPED[getattr(func, "__name__", str(func)).removesuffix(".default")] = None
+    # A value read (``.item()``, ``if mask.all():``) is a branch, which can go either way (a
+    # batch without padding skips a causal mask and needs less); only an output's shape
+    # grows with the real values it keeps.
+    if func is not aten._local_scalar_dense.default:
+        _VALUE_SHAPED[getattr(func, "__name__", str(func)).removesuffix(".default")] = None
 
 
 _SHAPE_FROM_REAL_ARGS = {
