@@ -61,6 +61,13 @@ def guarded(fn: Callable[[], T]) -> T:
         raise typer.Exit(130) from None
     except typer.Exit:
         raise
+    except SystemExit as exc:  # bsselect never calls sys.exit: the user's task code did
+        if _state["debug"]:
+            traceback.print_exc()
+        _error(console, f"[red]error:[/] the task's code called sys.exit({_escape(repr(exc.code))}"
+                        ") while bsselect was building or running it; a task file must return a "
+                        "bsselect.Task, not exit (nothing was checked)")
+        raise typer.Exit(1) from None
     except Exception as exc:  # noqa: BLE001 - the boundary: never a bare traceback
         if _state["debug"]:
             traceback.print_exc()

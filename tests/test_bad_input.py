@@ -398,3 +398,17 @@ def test_plot_without_matplotlib_fails_before_any_trial(tmp_path, monkeypatch):
     assert proc.returncode == 2
     assert one_error(proc) == "error: --plot needs matplotlib: pip install 'bsselect[plot]'"
     assert not list(tmp_path.glob("*.jsonl"))
+
+
+@pytest.mark.parametrize("where", ["factory", "import"])
+def test_a_task_that_calls_sys_exit_is_an_error_not_a_pass(tmp_path, where):
+    # `check` is a CI gate: SystemExit from the task's code escaped the CLI's guard, and
+    # sys.exit(0) exited 0 ("fits") with nothing checked and nothing printed
+    path = tmp_path / "task.py"
+    path.write_text("import sys\n" + ("sys.exit(0)\n" if where == "import" else "")
+                    + "def make_task():\n    sys.exit(0)\n")
+    proc = run_cli("check", f"{path}:make_task", "--batch-size", "8", "--memory", "1GiB",
+                   "--json")
+    assert proc.returncode == 1
+    assert one_error(proc).startswith("error: the task's code called sys.exit(0)")
+    assert proc.stdout == ""
