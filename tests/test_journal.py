@@ -385,3 +385,52 @@ def test_timing_records_load_the_last_one_and_a_bad_one_is_skipped(tmp_path):
     assert [t.batch_size for t in contents.trials] == [8, 16]
     assert list(contents.timing) == second
     assert len(contents.warnings) == 1 and "bad timing record" in contents.warnings[0]
+
+
+@pytest.mark.parametrize("change", [("ACT = nn.ReLU", "ACT = nn.Tanh"),
+                                    ("momentum=0.9", "momentum=0.0, weight_decay=0.5")])
+def test_resume_refuses_trials_of_a_task_that_changed_without_changing_shapes(tmp_path, change):
+    # The fingerprint saw parameter shapes and the optimizer factory's name only: another
+    # activation or the factory's momentum resumed the old trials (CLI review 1). Now the
+    # journal's trials must start from this task's initial loss, and the optimizer's group
+    # settings are part of the fingerprint.
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "t.py"
+    source = textwrap.dedent("""
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+        from torch.utils.data import TensorDataset
+        from bsselect import Task
+        ACT = nn.ReLU
+        def make_task():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(256, 8, generator=g)
+            return Task(model=lambda: nn.Sequential(nn.Linear(8, 16), ACT(), nn.Linear(16, 2)),
+                        train_data=TensorDataset(x, (x[:, 0] > 0).long()),
+                        loss_fn=F.cross_entropy, lr=0.05, base_batch_size=8,
+                        optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9))
+    """)
+    path.write_text(source)
+    journal = tmp_path / "j.jsonl"
+
+    def sweep(*extra):
+        return subprocess.run([sys.executable, "-m", "bsselect", "sweep", f"{path}:make_task",
+                               "--batch-sizes", "8,16", "--budget", "64", "--journal",
+                               str(journal), *extra], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+
+    first = sweep()
+    assert first.returncode == 0, first.stderr
+    same = sweep("--resume")
+    assert same.returncode == 0, same.stderr  # the unchanged task resumes
+    kept = journal.read_text()
+    path.write_text(source.replace(*change))
+    changed = sweep("--resume")
+    assert changed.returncode == 2, changed.stderr
+    assert ("task changed since the journal" in changed.stderr
+            or "another version of the task" in changed.stderr)
+    assert journal.read_text() == kept  # refused with the journal as it was

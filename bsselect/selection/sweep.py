@@ -428,6 +428,9 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
             raise TaskError(f"the training loss at the initial weights is {setup.loss_start}, "
                             "before any step, so no learning rate can help: the model's output "
                             "or the task's loss_fn makes it (check them on one batch)")
+        check_resumed_start(done, setup.loss_start)
+    elif done and not settings.warm_start_steps:  # nothing to run: still the same task?
+        check_resumed_start(done, with_initial_loss(setup).loss_start)
     try:
         for i, b in enumerate(batch_sizes):
             if b in trials:
@@ -546,13 +549,49 @@ def task_fingerprint(task: Task, setup: TrialSetup) -> dict[str, Any]:
     def name(fn: Any) -> str | None:
         return None if fn is None else getattr(fn, "__qualname__", type(fn).__name__)
 
-    # The optimizer factory by name: calling it again could have side effects.
     optimizer = name(task.optimizer) if task.optimizer is not None else "SGD(momentum=0.9)"
     return {"parameters": sum(v.numel() for v in setup.initial_state.values()),
             "state_shapes": hashlib.sha256(shapes.encode()).hexdigest()[:12],
             "train_items": len(setup.train_data),  # type: ignore[arg-type]
             "val_items": len(setup.val_data),  # type: ignore[arg-type]
-            "optimizer": optimizer, "loss_fn": name(task.loss_fn), "metric": name(task.metric)}
+            "optimizer": optimizer, "optimizer_settings": _optimizer_settings(task),
+            "loss_fn": name(task.loss_fn), "metric": name(task.metric)}
+
+
+def _optimizer_settings(task: Task) -> str | None:
+    """The optimizer's class and its groups' settings but the lr (momentum, weight decay,
+    betas, ...), hashed: a factory's name stays when its arguments change (the review's
+    momentum 0.9 -> 0 resumed the old trials). Built on the model on the ``meta`` device;
+    None when it cannot be."""
+    import hashlib
+    import json
+
+    try:
+        with torch.device("meta"):
+            opt = task.make_optimizer(task.model().parameters(), task.lr)
+    except Exception:  # noqa: BLE001 - the trials build it for real and report
+        return None
+    groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+              for g in opt.param_groups]
+    text = json.dumps([type(opt).__qualname__, groups], default=repr, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def check_resumed_start(done: dict[int, TrialResult], loss_start: float | None) -> None:
+    """UsageError when the journal's trials started from another training loss than this
+    task's shared initial weights give: the same entry point now builds another model (an
+    activation changed, which no shape shows). Same machine and seed: equal to rounding."""
+    if loss_start is None or not math.isfinite(loss_start):
+        return
+    for b, trial in sorted(done.items()):
+        before = trial.train_loss_start
+        if before is not None and math.isfinite(before) and not math.isclose(
+                before, loss_start, rel_tol=1e-4, abs_tol=1e-7):
+            raise UsageError(
+                f"the journal's trials started from training loss {before:.6g} (b={b}), and "
+                f"this task's initial weights give {loss_start:.6g}: the task changed since "
+                "the journal was written, so its trials do not apply; use a new --journal "
+                "path or --overwrite")
 
 
 def validation_cap(task: Task) -> int | None:
