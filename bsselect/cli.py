@@ -128,7 +128,9 @@ def _write_plot(draw: Callable[..., None], result, plot: Path) -> None:
     except OSError as exc:
         raise UsageError(f"writing the plot {str(plot)!r} failed: {one_line(exc)}; the "
                          f"results above are also in {result.journal}") from None
-    console.print(f"plot written to {plot}", highlight=False)
+    # matplotlib adds ".png" to a name without a suffix; paths print as they are (no markup)
+    written = plot if plot.suffix else plot.with_name(plot.name + ".png")
+    console.print(f"plot written to {written}", highlight=False, markup=False)
 
 
 def _journal_and_plot_options(resume: bool, overwrite: bool, plot: Optional[Path]) -> None:
@@ -386,7 +388,7 @@ def sweep(
         console.print(f"sweeping {plan.task_name}: batch sizes {list(plan.batch_sizes)} "
                       f"({plan.max_batch_source}), {settings.budget.amount:g} "
                       f"{settings.budget.kind.value} per trial, journal {plan.journal}",
-                      highlight=False)
+                      highlight=False, markup=False)
         if plan.checkpoint is not None:
             ck = plan.checkpoint
             console.print(f"every trial branches from {_escape(ck.path)} ({ck.format}"

@@ -252,7 +252,8 @@ def render_sweep(result: Any) -> None:
                   f"({result.max_batch}): micro-batch {acc['micro_batch']} × "
                   f"{acc['steps']} accumulation steps")
     out.print(f"journal: {result.journal}"
-              + (f" (resumed batch sizes {list(result.resumed)})" if result.resumed else ""))
+              + (f" (resumed batch sizes {list(result.resumed)})" if result.resumed else ""),
+              highlight=False, markup=False)
 
 
 def _range(row: Any, best: float | None) -> str:
@@ -407,7 +408,7 @@ def render_schedule(result: Any) -> None:
               highlight=False)
     for note in result.notes:
         out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
-    out.print(f"journal {result.journal} · {result.wall_s:.1f} s", highlight=False)
+    out.print(f"journal {result.journal} · {result.wall_s:.1f} s", highlight=False, markup=False)
 
 
 def _x(ratio: float | None) -> str:
