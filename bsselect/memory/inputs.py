@@ -196,16 +196,7 @@ def _ranked_by_nonzero(data: Dataset, order: list[int], progress: Optional[Progr
             return ()
         counts = counts_all[torch.tensor(index, dtype=torch.long)].tolist() if index else []
     else:
-        counts = []
-        every = max(1, len(order) // 200)
-        for j, i in enumerate(order):
-            try:
-                counts.append(_nonzero_counts(data[i]))
-            except Exception as exc:
-                raise TaskError(f"reading train_data[{i}] to find the largest items failed: "
-                                f"{one_line(exc)} (--inputs typical skips the scan)") from exc
-            if progress is not None and (j % every == 0 or j + 1 == len(order)):
-                progress(j + 1, len(order))
+        counts = _sizes(data, order, progress, _nonzero_counts)
     if not counts or min(counts) == max(counts):
         return ()
     return tuple(i for _, i in sorted(zip(counts, order), key=lambda ci: (-ci[0], ci[1])))
@@ -218,12 +209,13 @@ def _sample_note(scanned: int, total: int) -> str:
             "may be among the rest)")
 
 
-def _sizes(data: Dataset, order: list[int], progress: Optional[Progress]) -> list[int]:
+def _sizes(data: Dataset, order: list[int], progress: Optional[Progress],
+           size_of: Callable[[Any], int] = item_elements) -> list[int]:
     sizes = []
     every = max(1, len(order) // 200)  # ~200 progress updates, whatever the size
     for j, i in enumerate(order):
         try:
-            sizes.append(item_elements(data[i]))
+            sizes.append(size_of(data[i]))
         except Exception as exc:
             raise TaskError(f"reading train_data[{i}] to find the largest items failed: "
                             f"{one_line(exc)} (--inputs typical skips the scan)") from exc
