@@ -513,11 +513,14 @@ def _run_checkpoints(specs: Sequence[str | Path]) -> tuple[list["Checkpoint"], l
     return [checkpoints[i] for i in order], [steps[i] for i in order]
 
 
+MAX_THREADS = 4096  # torch.set_num_threads takes an int; far more than any machine's cores
+
+
 def _sizes_and_threads(batch_sizes: Sequence[int] | None, threads: int | None
                        ) -> list[int] | None:
     """``--batch-sizes`` as a list (None when not given) and ``--threads``, checked."""
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {threads}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise UsageError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     from .memory.capacity import check_batch_sizes
 
     if batch_sizes is None or (not isinstance(batch_sizes, (str, bytes)) and not batch_sizes):

@@ -75,8 +75,9 @@ def shard_plan(shard: str | None, world_size: int | None, unit: str | None = Non
         return ShardPlan(fsdp=False, unit=unit, checkpointing=True) if checkpointing else None
     if world_size is None:
         raise UsageError("--shard fsdp needs --world-size N (the ranks it shards over)")
-    if world_size < 1:
-        raise UsageError(f"--world-size must be >= 1, got {world_size}")
+    if not 1 <= world_size <= 2**20:
+        raise UsageError(f"--world-size must be between 1 and {2**20:,} ranks, got "
+                         f"{world_size}")
     prec = parse_precision(precision).value
     if prec == "fp16":
         raise UsageError("--shard fsdp with --precision fp16 is not supported (loss scaling "

@@ -412,3 +412,16 @@ def test_a_task_that_calls_sys_exit_is_an_error_not_a_pass(tmp_path, where):
     assert proc.returncode == 1
     assert one_error(proc).startswith("error: the task's code called sys.exit(0)")
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sweep", "linreg", "--threads", "99999999999"], "--threads must be between 1 and 4096"),
+    (["check", "--hf-config", "llama-7b", "--shard", "fsdp", "--world-size", "4294967296",
+      "--batch-size", "1", "--memory", "80GiB"], "--world-size must be between 1 and"),
+])
+def test_out_of_range_counts_are_usage_errors_not_internal_errors(args, message):
+    # an int too large for torch.set_num_threads, or for a fake process group: internal
+    # errors (exit 1, a traceback's worth of lines) before (CLI review 7)
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    assert message in one_error(proc)

@@ -187,6 +187,8 @@ def test_batch_schedule_follows_stages_and_ramps_like_the_trials():
     (dict(horizon=0), "--horizon"), (dict(points=1), "--points"),
     (dict(tolerance=1.5), "--tolerance"), (dict(noise_measurements=1), "--noise-measurements"),
     (dict(branch_samples=-1), "--branch-samples"),
+    # 10**8 points built a list of 10**8 samples (memory without bound; CLI review 8)
+    (dict(points=10**8), "at most 11 of them"),
 ])
 def test_settings_refuse_bad_values(kwargs, message):
     with pytest.raises(UsageError, match=message):

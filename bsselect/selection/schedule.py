@@ -92,6 +92,10 @@ class ScheduleSettings:
         if self.points < 2:
             raise UsageError(f"--points must be at least 2 (the start and one later point), "
                              f"got {self.points}")
+        if self.points > self.horizon.bit_length():  # H/2^(P-1) below one sample
+            raise UsageError(f"--points {self.points} exceeds what --horizon {self.horizon:,} "
+                             f"spaces: the points are at H/2^k samples, at most "
+                             f"{self.horizon.bit_length()} of them")
         if self.branch_samples < 0 or self.noise_measurements < 0:
             raise UsageError("--branch-samples and --noise-measurements must be >= 0")
         if not 0 < self.tolerance < 1:
