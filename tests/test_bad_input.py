@@ -29,7 +29,8 @@ def one_error(proc) -> str:
     (["probe", "digits-mlp", "--memory", "1e30"], 2,
      "error: memory size '1e30' is 8.67e+11 EiB, more than any device (the limit is 1 PiB); "
      "check the unit"),
-    (["sweep", "digits-mlp", "--threads", "0"], 2, "error: --threads must be >= 1, got 0"),
+    (["sweep", "digits-mlp", "--threads", "0"], 2,
+     "error: --threads must be between 1 and 4096, got 0"),
     (["probe", "digits-mlp", "--memory", "1e999GiB"], 2,
      "error: memory size '1e999GiB' is more than any device (the limit is 1 PiB); check the "
      "unit"),

@@ -56,7 +56,7 @@ def test_units_are_the_repeated_blocks_or_the_named_class():
     (("fsdp", None), "needs --world-size"),
     (("ddp", 2), "--shard must be fsdp or none"),
     ((None, 4), "need --shard fsdp"),
-    (("fsdp", 0), "--world-size must be >= 1"),
+    (("fsdp", 0), "--world-size must be between 1 and"),
 ])
 def test_inconsistent_sharding_options_are_usage_errors(args, message):
     with pytest.raises(UsageError, match=message):
