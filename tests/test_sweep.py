@@ -117,8 +117,9 @@ class RecordingSGD:
 
     def __call__(self, params, lr: float) -> torch.optim.Optimizer:
         params = list(params)
-        self.lrs.append(lr)
-        self.weights.append([p.detach().clone() for p in params])
+        if not any(p.is_meta for p in params):  # the journal's fingerprint reads the
+            self.lrs.append(lr)                 # settings on the meta device: not a trial
+            self.weights.append([p.detach().clone() for p in params])
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
