@@ -135,33 +135,40 @@ def scan_inputs(data: Dataset, mode: InputMode = InputMode.worst_case, *, seed: 
     n = len(data)  # type: ignore[arg-type]
     if mode is InputMode.typical:
         return typical_inputs(data)
-    order = (list(range(n)) if n <= max_items else
-             torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_items].tolist())
+
+    def sampled() -> list[int]:
+        return (list(range(n)) if n <= max_items else torch.randperm(
+            n, generator=torch.Generator().manual_seed(seed))[:max_items].tolist())
+
+    def by_nonzero(order: list[int], largest: int, mid: float, how: str,
+                   start: float) -> Optional[InputScan]:
+        """Items of one size whose values the step's shapes read: ranked by nonzero
+        elements, when those differ (None: nothing to rank by)."""
+        ranked = _ranked_by_nonzero(data, order, progress) if by_values else ()
+        if not ranked:
+            return None
+        return InputScan(mode, n, len(order), False, largest, mid, ranked,
+                         _by_values_note(how, by_values, len(order), n),
+                         time.perf_counter() - start)
+
     if _same_size_by_construction(data):
         size = item_elements(data[0]) if n else 0
         how = f"{_kind_of(data)}: every item has {size:,} elements"
         if by_values:
-            start = time.perf_counter()
-            ranked = _ranked_by_nonzero(data, order, progress)
-            if ranked:
-                return InputScan(mode, n, len(order), False, size, float(size), ranked,
-                                 _by_values_note(how, by_values, len(order), n),
-                                 time.perf_counter() - start)
+            found = by_nonzero(sampled(), size, float(size), how, time.perf_counter())
+            if found:
+                return found
         return InputScan(mode, n, 0, True, size, float(size), how=how)
     start = time.perf_counter()
+    order = sampled()
     sizes = _sizes(data, order, progress)
     elapsed = time.perf_counter() - start
     largest, mid = max(sizes), median(sizes)
     if largest == min(sizes):
         how = f"all {len(order):,} items scanned have {largest:,} elements"
-        if by_values:
-            ranked = _ranked_by_nonzero(data, order, progress)
-            if ranked:
-                return InputScan(mode, n, len(order), False, largest, float(mid), ranked,
-                                 _by_values_note(how, by_values, len(order), n),
-                                 time.perf_counter() - start)
-        return InputScan(mode, n, len(order), True, largest, float(mid),
-                         how=how + _sample_note(len(order), n), scan_s=elapsed)
+        return by_nonzero(order, largest, float(mid), how, start) or InputScan(
+            mode, n, len(order), True, largest, float(mid),
+            how=how + _sample_note(len(order), n), scan_s=elapsed)
     ranked = tuple(i for _, i in sorted(zip(sizes, order), key=lambda si: (-si[0], si[1])))
     how = f"{len(order):,} items scanned in {elapsed:.1f} s" + _sample_note(len(order), n)
     return InputScan(mode, n, len(order), False, largest, float(mid), ranked, how, elapsed)
