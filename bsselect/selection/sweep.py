@@ -197,6 +197,18 @@ class SweepResult:
             return TaskError(f"every trial failed; the first: batch {errors[0].batch_size}: "
                              f"{errors[0].error}{again}")
         tried = ", ".join(f"{t.batch_size}: {t.status.value}" for t in self.trials)
+        flat = [t for t in self.trials if t.status.value == "no_progress"
+                and t.train_loss_end == t.train_loss_start]
+        if flat and len(flat) == len(self.trials):
+            return TaskError(
+                f"the training loss never changed in any trial ({_sizes(self.batch_sizes)}: "
+                f"{flat[0].train_loss_start:.4g} at the start and the end of each): no gradient "
+                "reaches the trainable parameters (a detached or constant output, frozen "
+                "parameters, an optimizer given no parameters) or the lr is 0; nothing to "
+                f"recommend{again}")
+        plateau = (", or a longer --budget if the loss sat on a plateau (no_progress: it did "
+                   "not fall, without blowing up)"
+                   if any(t.status.value == "no_progress" for t in self.trials) else "")
         if self.from_checkpoint:
             return TaskError(
                 f"no trial trained from the checkpoint ({tried}); "
@@ -210,7 +222,7 @@ class SweepResult:
             f"no trial trained ({tried}); "
             f"the learning rates tried were {lrs} ({self.settings.lr_scaling.value} scaling from "
             f"lr {self.base_lr:g} at batch {self.base_batch_size}): try a lower lr (--lr, or "
-            "the task's), --lr-scaling sqrt or none, or --warmup-steps")
+            f"the task's), --lr-scaling sqrt or none, or --warmup-steps{plateau}{again}")
 
     def to_json(self) -> dict:
         return {

@@ -22,6 +22,12 @@ class TrialStatus(str, Enum):
     ok = "ok"  # ran all its steps; every measurement is filled in
     oom = "oom"  # out of device memory at this batch size
     diverged = "diverged"  # the loss became non-finite or blew up
+    # From initialisation, the training loss did not fall over the trial (it rose, or never
+    # changed) without blowing up: the lr too high for the batch, a plateau longer than the
+    # trial, or gradients that do not reach the loss. Not a candidate, like ``diverged``, but
+    # not called divergence: a 1% rise on a plateau is not one (spirals' b = 64 and 128 rose
+    # 1.1% and 0.7% in their trials, and their full runs were the fastest to the target).
+    no_progress = "no_progress"
     error = "error"  # anything else; ``TrialResult.error`` says what
 
 

@@ -384,6 +384,10 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
     val_loss, val_metric = (evaluate(model, task, setup.val_data, device, setup.eval_batch_size)
                             if setup.validate else (None, None))
     drop = loss_start - loss_end
+    if setup.loss_init is None and loss_end >= loss_start:
+        return TrialResult(status=TrialStatus.no_progress,
+                           **dict(common, error=no_progress_text(loss_start, loss_end, steps)),
+                           train_loss_end=loss_end)
     limit = rise_limit(loss_start, setup.loss_init, setup.from_checkpoint)
     if loss_end > limit:  # the LR is too high for this batch
         if setup.loss_init is None:
@@ -416,10 +420,23 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
     )
 
 
+def no_progress_text(loss_start: float, loss_end: float, steps: int) -> str:
+    """Why a trial from initialisation is ``no_progress``, without claiming a cause the loss
+    alone cannot tell: a rise may be an lr too high for the batch or the noise on a plateau
+    that the trial did not leave; an unchanged loss, gradients that do not reach it."""
+    if loss_end == loss_start:
+        return (f"the training loss did not change over {steps} steps ({loss_start:.4g}): "
+                "no gradient reaches the trainable parameters, or the lr is 0")
+    return (f"the training loss did not fall over {steps} steps ({loss_start:.4g} -> "
+            f"{loss_end:.4g}): the lr is too high for this batch, or the trial ended on a "
+            "plateau it had not left")
+
+
 def rise_limit(loss_start: float, loss_init: float | None,
                checkpoint: bool = False) -> float:
     """The end-of-trial training loss above which a trial counts as diverged. From
-    initialisation: any rise over the whole trial (the LR is too high for the batch). From a
+    initialisation: any rise over the whole trial (``_finish`` calls a trial from
+    initialisation that did not fall ``no_progress`` before it asks). From a
     warm start at ``loss_start`` (reached from ``loss_init``): a rise that undoes more than
     half of the warm start's progress; a smaller rise is the noise floor of a larger LR near
     the branch point, which the same LR would not show from initialisation. From a user's

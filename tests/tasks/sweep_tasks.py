@@ -132,6 +132,26 @@ def ascent() -> Task:
                 lr=0.02, base_batch_size=16)
 
 
+class _Detached(nn.Module):
+    """Trainable weights whose output never reaches the loss (a common bug: an output built
+    from ``.detach()`` or ``torch.no_grad()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 2)
+        self.bias = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).detach() + 0.0 * self.bias
+
+
+def frozen() -> Task:
+    """No gradient reaches the weights the loss depends on: no trial can train."""
+    x, y = _blobs()
+    return Task(model=_Detached, train_data=TensorDataset(x, y), loss_fn=F.cross_entropy,
+                lr=0.1, base_batch_size=16)
+
+
 class BatchGram(nn.Module):
     """Memory grows with b**2 (a b x b Gram matrix): a line through small batches promises
     far more than fits."""
