@@ -144,6 +144,7 @@ def probe_method(task: "Task", method: "Method", device: "torch.device", target:
     resolved = choose_method(method, device)
     if resolved is not Method.simulated:
         validate_task(task)
+        _record_value_shaped_ops(task)
         return resolved, ""
     try:
         validate_task(task, on_meta=True)
@@ -153,6 +154,7 @@ def probe_method(task: "Task", method: "Method", device: "torch.device", target:
             raise
         failure = exc
     validate_task(task)  # it fails for real too: that error is the user's to see
+    _record_value_shaped_ops(task)
     # It runs for real but not on fake tensors: a value read from the weights, or an op
     # without a fake kernel. Real steps answer for this device.
     what = getattr(failure.__cause__, "what", "")
@@ -161,6 +163,20 @@ def probe_method(task: "Task", method: "Method", device: "torch.device", target:
            else str(failure))
     return Method.measured, (f"real steps on {device.type}, because the simulation cannot run "
                              f"this model: {why}")
+
+
+def _record_value_shaped_ops(task: "Task") -> None:
+    """For real steps too, which ops took their output shape from the batch's values: one
+    forward on fake tensors (as the simulation validates), so that ``_scan`` ranks items of
+    one size by the values those shapes read (``h[mask]`` on padded rows: the fullest rows
+    need the most memory, and measuring random ones answered above the truth). A model the
+    fake forward cannot run records what it reached; the real validation before stands."""
+    from .task import validate_task
+
+    try:
+        validate_task(task, on_meta=True)
+    except Exception:  # noqa: BLE001 - the real validation already passed
+        pass
 
 
 @_keeps_callers_rng
@@ -587,6 +603,7 @@ def plan_sizes(task: "Task", name: str, explicit: list[int] | None, min_batch: i
     if max_batch is not None:
         return powers(min_batch, max_batch // w), max_batch, "--max-batch"
     budget = Budget(memory, "--memory") if memory else default_budget(dev)
+    _record_value_shaped_ops(task)  # the sweep validated for real; rank as the probe does
     probed = run_probe(task, task_name=name, device=dev, budget=budget,
                        settings=step or StepSettings(),
                        inputs=_scan(task, InputMode.worst_case, console))

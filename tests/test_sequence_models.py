@@ -17,6 +17,7 @@ from bsselect.errors import CannotSimulate
 from bsselect.memory.cpu_truth import cpu_step_peak
 from bsselect.memory.inputs import InputMode, scan_inputs
 from bsselect.memory.simulated import simulate_step_peak
+from bsselect.memory.values import value_shaped_ops
 from bsselect.task import validate_task
 
 pytest.importorskip("transformers")
@@ -207,7 +208,6 @@ def test_items_of_one_size_are_ranked_by_the_values_the_steps_shapes_read():
     # fullest rows (review finding M2b: the longest 512 items needed 1.36 GB where `check`
     # said 728 MB fit). The validation on fake tensors records that h[mask] read the mask.
     from bsselect import probe
-    from bsselect.memory.values import value_shaped_ops
 
     task = _unpad_task()
     validate_task(task, on_meta=True)
@@ -231,6 +231,24 @@ def test_items_of_one_size_are_ranked_by_the_values_the_steps_shapes_read():
     validate_task(plain, on_meta=True)
     assert not value_shaped_ops()
     assert scan_inputs(plain.train_data, by_values=value_shaped_ops()).uniform is True
+
+
+def test_a_measured_probe_also_ranks_items_of_one_size_by_the_values_its_shapes_read():
+    # The ranking above came only with a simulation; a measured probe (real steps, here on
+    # the CPU) validated the task for real only, so it measured random padded rows and its
+    # answer held for typical batches, not for the fullest (the memory review's leftover).
+    from bsselect import probe
+
+    task = _unpad_task()
+    measured = probe(task, memory="64MiB", method="measured", batch_sizes=[16, 32, 64])
+    out = measured.to_json()
+    assert out["method"] == "measured" and out["uniform_items"] is False
+    typical = probe(task, memory="64MiB", method="measured", batch_sizes=[16, 32, 64],
+                    inputs="typical").to_json()
+    assert out["per_sample_bytes"] > 1.3 * typical["per_sample_bytes"]
+    # the answer holds for the fullest rows: a real step there stays inside the budget
+    scan = scan_inputs(task.train_data, InputMode.worst_case, by_values=value_shaped_ops())
+    assert cpu_step_peak(task, out["max_batch"], inputs=scan).peak_bytes <= out["budget_bytes"]
 
 
 def _max_rss_bytes(*args: str) -> tuple[int, dict]:
