@@ -11,7 +11,8 @@ the best drop, then among the batches up to it the fastest per sample at the ora
 step times. Scored on the real sweeps and on the trials emulated at 1/2..4x the budget, for
 several tolerances; prints each column's median and worst of the tasks' worst regret.
 """
-import math, statistics, sys
+import statistics
+import sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import selection_lib as lib
