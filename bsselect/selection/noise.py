@@ -8,6 +8,11 @@ method, sources and measured cost in docs/noise.md.
 
 Gradients are raw: ``torch.autograd.grad`` of the task's mean-reduced loss, so no clipping, no
 GradScaler scaling, and the caller's ``.grad`` fields are never touched.
+
+Active dropout (``nn.Dropout`` and its kin in training mode, ``active_dropout``) adds noise that
+the finite population correction would wrongly shrink to nothing at ``b = N``; each measurement
+then runs its first sub-batch a second time (new masks, same items) to measure that noise, and
+the estimate is corrected for it (noise_math.py; +1 pass per measurement).
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from ..task import Task
 from .noise_math import NoiseEstimate, check_batch_sizes, estimate_from_norms
 
 __all__ = [
-    "NoiseEstimate", "NoisePoint", "NoiseReport", "estimate_from_norms", "measure_grad_norms",
+    "NoiseEstimate", "NoisePoint", "NoiseReport", "active_dropout", "estimate_from_norms",
+    "measure_grad_norms",
     "estimate_noise", "measure_noise", "split_batch",
     "default_batch_sizes", "DEFAULT_N_SUB", "DEFAULT_MEASUREMENTS",
 ]
@@ -105,6 +111,8 @@ def _estimate_json(est: NoiseEstimate) -> dict[str, Any]:
         "grad_sq_norm_ci": pair(est.grad_sq_norm_ci), "trace_sigma_ci": pair(est.trace_sigma_ci),
         "grad_sq_norm_se": est.grad_sq_norm_se, "trace_sigma_se": est.trace_sigma_se,
         "samples": est.samples, "n_data": est.n_data, "confidence": est.confidence,
+        "dropout": list(est.dropout), "trace_sigma_dropout": est.trace_sigma_dropout,
+        "notes": list(est.notes),
     }
 
 
@@ -133,6 +141,23 @@ class _Norms(NamedTuple):
     small_sq: float  # mean over sub-batches of |g_small|^2
     big_sq: float  # |mean of the sub-batch gradients|^2
     loss: float  # mean loss over the sub-batches
+    mask_sq: float | None = None  # |g - g'|^2 of one sub-batch under two sets of masks
+
+
+def active_dropout(model: nn.Module) -> tuple[str, ...]:
+    """Names of the model's dropout modules (``nn.Dropout``, ``Dropout1d/2d/3d``,
+    ``AlphaDropout``, ``FeatureAlphaDropout``) that are in training mode with ``p > 0``, and
+    of ``nn.MultiheadAttention`` modules with attention dropout. Dropout called as a function
+    (``F.dropout`` in ``forward``) is not seen."""
+    found = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        p = (module.p if isinstance(module, nn.modules.dropout._DropoutNd) else
+             module.dropout if isinstance(module, nn.MultiheadAttention) else 0.0)
+        if p > 0:
+            found.append(name or type(module).__name__)
+    return tuple(found)
 
 
 def _sum_dtype(device: torch.device) -> torch.dtype:
@@ -146,7 +171,7 @@ def _sq_norm(grad: torch.Tensor) -> torch.Tensor:
 
 
 def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
-                precision: Precision = Precision.fp32) -> _Norms:
+                precision: Precision = Precision.fp32, repeat: bool = False) -> _Norms:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TaskError("the model has no parameters that require grad")
@@ -156,9 +181,10 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
     device = params[0].device
     small_sq = torch.zeros((), dtype=_sum_dtype(device), device=device)
     loss_sum = torch.zeros((), dtype=_sum_dtype(device), device=device)
+    mask_sq = torch.zeros((), dtype=_sum_dtype(device), device=device)
     # Under torchrun (x, y) is this rank's share: n_sub / world_size of the sub-batches.
     with distributed.agreement():
-        for xi, yi in split_batch((x, y), n_sub // distributed.world_size()):
+        for i, (xi, yi) in enumerate(split_batch((x, y), n_sub // distributed.world_size())):
             loss = forward_loss(model, task, xi, yi, precision)
             # autograd.grad returns the gradients instead of accumulating into .grad; with
             # fp16 the loss is scaled for the backward and the gradients unscaled (raw).
@@ -170,12 +196,21 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
                 small_sq += _sq_norm(g)
                 a.add_(g)
             loss_sum += loss.detach().to(loss_sum.dtype)
+            if repeat and i == 0:
+                # The same items again under new dropout masks; acc holds the first gradient.
+                again = raw_grads(forward_loss(model, task, xi, yi, precision), params,
+                                  precision)
+                for a, g in zip(acc, again):
+                    g = torch.zeros_like(a) if g is None else (
+                        g.to_dense() if g.is_sparse else g)
+                    mask_sq += _sq_norm(g.to(a.dtype) - a)
     # The data-parallel trick (McCandlish et al. 2018, App. A.1): each rank's sub-batch norms
     # are the small batches, the all-reduced gradient is the big batch. No-op in one process.
-    distributed.sum_([*acc, small_sq, loss_sum])
+    distributed.sum_([*acc, small_sq, loss_sum, mask_sq])
     big_sq = sum(_sq_norm(a / n_sub) for a in acc)
     # One host sync per measurement, not one per sub-batch.
-    return _Norms(float(small_sq) / n_sub, float(big_sq), float(loss_sum) / n_sub)
+    return _Norms(float(small_sq) / n_sub, float(big_sq), float(loss_sum) / n_sub,
+                  float(mask_sq) / distributed.world_size() if repeat else None)
 
 
 def measure_grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
@@ -193,10 +228,11 @@ def measure_grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
 
 
 def _grad_norms_restoring(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
-                          precision: Precision = Precision.fp32) -> _Norms:
+                          precision: Precision = Precision.fp32, repeat: bool = False
+                          ) -> _Norms:
     saved = [b.detach().clone() for b in model.buffers()]
     try:
-        return _grad_norms(model, task, x, y, n_sub, precision)
+        return _grad_norms(model, task, x, y, n_sub, precision, repeat)
     finally:
         with torch.no_grad():
             for buf, old in zip(model.buffers(), saved):
@@ -219,15 +255,19 @@ def estimate_noise(
     ``measurements`` big batches of ``b_big`` items, each drawn without replacement from
     ``task.train_data`` by ``generator`` (or a fresh one seeded with ``seed``), hence the
     finite population correction with N = len(train_data). Costs
-    ``measurements * b_big / b_small`` forward/backward passes; ``on_pass(n)`` is called after
-    each measurement with the passes it used. For use mid-training (e.g. by ``sweep``):
-    the model, its ``.grad``, buffers and the global RNG are left as they were.
+    ``measurements * b_big / b_small`` forward/backward passes, one more per measurement with
+    active dropout (``active_dropout``: the estimate is corrected for the masks' noise);
+    ``on_pass(n)`` is called after each measurement with the passes it used. For use
+    mid-training (e.g. by ``sweep``): the model, its ``.grad``, buffers and the global RNG
+    are left as they were.
     """
     n_data = len(task.train_data)  # type: ignore[arg-type]
     n_sub = check_settings(b_small, b_big, measurements, n_data)
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     device = _model_device(model)
-    small, big, losses = [], [], []
+    dropout = active_dropout(model)
+    repeat = bool(dropout)
+    small, big, losses, masks = [], [], [], []
     # Dropout etc. draw from the global RNG; fork it so measuring does not change training.
     on_cpu = device.type == "cpu"
     with torch.random.fork_rng(devices=[] if on_cpu else [device],
@@ -236,14 +276,29 @@ def estimate_noise(
         for _ in range(measurements):
             idx = distributed.shard(sample_indices(n_data, b_big, gen))  # this rank's share
             x, y = to_device(collate(task, [task.train_data[i] for i in idx]), device)
-            norms = _run_task(lambda: _grad_norms_restoring(model, task, x, y, n_sub, precision))
+            norms = _run_task(lambda: _grad_norms_restoring(model, task, x, y, n_sub, precision,
+                                                            repeat))
             small.append(norms.small_sq)
             big.append(norms.big_sq)
             losses.append(norms.loss)
+            if repeat:
+                masks.append(b_small * norms.mask_sq / 2)  # E = D, per example
             if on_pass is not None:
-                on_pass(n_sub)
-    est = estimate_from_norms(small, big, b_small, b_big, n_data, seed=seed)
+                on_pass(n_sub + repeat)
+    est = estimate_from_norms(small, big, b_small, b_big, n_data, seed=seed,
+                              mask_trace=masks if repeat else None, dropout=dropout,
+                              notes=_dropout_notes(dropout))
     return est, sum(losses) / len(losses)
+
+
+def _dropout_notes(dropout: tuple[str, ...]) -> tuple[str, ...]:
+    if not dropout:
+        return ()
+    names = ", ".join(dropout[:3]) + (f" and {len(dropout) - 3} more" if len(dropout) > 3 else "")
+    return (f"dropout is active ({names}): its mask noise is part of tr(Sigma), measured by "
+            "running one sub-batch per measurement twice, and taken out of the finite "
+            "population correction, which would otherwise overstate |G|^2 by about "
+            "tr_dropout/N and understate B_simple",)
 
 
 def default_batch_sizes(task: Task, b_small: int | None = None, b_big: int | None = None
@@ -387,6 +442,9 @@ def measure_noise(
             if warn:
                 warn(message)
     model.train()  # the noise of the gradients training sees (dropout on, batch statistics)
+    # active dropout: one more pass per measurement (estimate_noise)
+    per_point = measurements * (n_sub + bool(active_dropout(model)))
+    counter.total = len(steps) * per_point + warmup_steps
     opt = (_run_task(lambda: task.make_optimizer(model.parameters(), task.lr),
                      "building the optimizer") if warmup_steps else None)
     if opt is not None and branch is not None and branch.optimizer_state is not None:
@@ -407,7 +465,7 @@ def measure_noise(
             assert opt is not None
             _train_one(train_model, opt, task, train_gen, device, step, **options)
             counter.add(1)
-    measure_passes = len(steps) * measurements * n_sub
+    measure_passes = len(steps) * per_point
     return NoiseReport(
         initial=points[0].estimate, final=points[-1].estimate,
         initial_loss=points[0].train_loss, final_loss=points[-1].train_loss,

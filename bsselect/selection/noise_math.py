@@ -19,6 +19,13 @@ Two batch sizes ``s < B`` give two linear equations; their solution is unbiased:
 
 With ``c(b) = 1/b`` these are McCandlish's formulas. The finite-``N`` versions simplify to
 ``tr_N = tr_inf * (N - 1) / N`` and ``|G|^2_N = |G|^2_inf + tr_inf / N`` (docs/noise.md).
+
+Noise drawn inside the model (dropout masks, independent per example) does not vanish when the
+batch is the whole dataset: with ``D`` its per-example trace, ``E|g_b|^2 = |G|^2 + c(b) tr_data
++ D/b``, and the estimators above return ``|G|^2 + D/N`` and ``tr - D/N``. Given unbiased
+measurements of ``D`` (``mask_sq``: half the squared difference of two gradients of the same
+sub-batch under independent masks, times ``b_small``), ``D/N`` is taken back out of each
+measurement.
 """
 
 from __future__ import annotations
@@ -65,6 +72,12 @@ class NoiseEstimate:
     samples: int  # examples whose gradients were used: measurements * b_big
     n_data: int | None  # population size used for the finite-population correction
     confidence: float = CONFIDENCE
+    # Active dropout modules found in the model (names), and the per-example trace of the
+    # noise their masks add (part of ``trace_sigma``; None when not measured): the estimates
+    # above are then corrected for it (docs/noise.md, "Dropout").
+    dropout: tuple[str, ...] = ()
+    trace_sigma_dropout: float | None = None
+    notes: tuple[str, ...] = ()  # what the numbers are, where that is not the plain estimator
 
 
 def sampling_factor(b: int, n_data: int | None) -> float:
@@ -91,12 +104,15 @@ def check_batch_sizes(b_small: int, b_big: int, n_data: int | None) -> None:
 
 def per_measurement(
     small_sq: Sequence[float], big_sq: Sequence[float], b_small: int, b_big: int,
-    n_data: int | None = None,
+    n_data: int | None = None, mask_trace: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Unbiased (|G|^2, tr Sigma) from each measurement's (E|g_small|^2, |g_big|^2) pair.
 
     The estimators are linear in the norms, so the mean of these arrays equals the estimator
     applied to the averaged norms (docs/method.md, "Fits"), and the arrays can be resampled.
+    ``mask_trace``: each measurement's unbiased per-example trace ``D`` of the noise drawn
+    inside the model (dropout masks), which the finite population correction must not
+    shrink: ``D/N`` is moved from |G|^2 back to tr Sigma (no change without ``n_data``).
     """
     check_batch_sizes(b_small, b_big, n_data)
     e_small = np.asarray(small_sq, dtype=np.float64)
@@ -109,6 +125,14 @@ def per_measurement(
     gap = c_small - c_big  # > 0 because b_small < b_big
     grad_sq = (c_small * e_big - c_big * e_small) / gap
     trace = (e_small - e_big) / gap
+    if mask_trace is not None and n_data is not None:
+        d = np.asarray(mask_trace, dtype=np.float64)
+        if d.shape != e_small.shape:
+            raise UsageError("mask_trace must have one value per measurement")
+        if not np.all(np.isfinite(d)):
+            raise TaskError("gradient norms are not finite; the loss or the model output has "
+                            "NaN/inf")
+        grad_sq, trace = grad_sq - d / n_data, trace + d / n_data
     return grad_sq, trace
 
 
@@ -173,7 +197,8 @@ def _finite_or_none(x: float) -> float | None:
 
 def estimate_from_norms(
     small_sq: Sequence[float], big_sq: Sequence[float], b_small: int, b_big: int,
-    n_data: int | None = None, *, seed: int = 0,
+    n_data: int | None = None, *, seed: int = 0, mask_trace: Sequence[float] | None = None,
+    dropout: Sequence[str] = (), notes: Sequence[str] = (),
 ) -> NoiseEstimate:
     """B_simple from ``m`` paired measurements of squared gradient norms.
 
@@ -182,8 +207,10 @@ def estimate_from_norms(
     sub-batches). ``n_data``: dataset size when batches are drawn without replacement from it
     (finite population correction), ``None`` for an unlimited stream. |G|^2 and tr Sigma are
     averaged separately over the measurements, then divided; ``seed`` drives the bootstrap.
+    ``mask_trace``: per measurement, the per-example trace of in-model (dropout) noise
+    (``per_measurement``); ``dropout`` and ``notes`` are carried into the estimate.
     """
-    grad_sq, trace = per_measurement(small_sq, big_sq, b_small, b_big, n_data)
+    grad_sq, trace = per_measurement(small_sq, big_sq, b_small, b_big, n_data, mask_trace)
     m = len(grad_sq)
     if m < 2:
         raise UsageError(f"need at least 2 measurements for an interval, got {m}")
@@ -210,4 +237,8 @@ def estimate_from_norms(
         trace_sigma_se=float(trace.std(ddof=1) / math.sqrt(m)),
         samples=m * b_big,
         n_data=n_data,
+        dropout=tuple(dropout),
+        trace_sigma_dropout=(None if mask_trace is None
+                             else float(np.mean(np.asarray(mask_trace, dtype=np.float64)))),
+        notes=tuple(notes),
     )
