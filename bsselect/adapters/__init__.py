@@ -38,3 +38,14 @@ def batch_len(batch: Any) -> int:
         if n:
             return n
     return 0
+
+
+def loader_sampling(loader: Any) -> str:
+    """``GradientNoiseMonitor``'s ``sampling`` for a DataLoader: ``"uniform"`` when its sampler
+    draws with replacement (``RandomSampler(replacement=True)``, ``WeightedRandomSampler``
+    with replacement), else ``"epochs"`` (a permutation per epoch, or a fixed order)."""
+    sampler = getattr(loader, "sampler", None)
+    if sampler is None:
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        sampler = getattr(batch_sampler, "sampler", None)
+    return "uniform" if getattr(sampler, "replacement", False) is True else "epochs"

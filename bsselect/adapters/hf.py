@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import TaskError, UsageError
-from . import batch_len, model_factory
+from . import batch_len, loader_sampling, model_factory
 
 
 # Marks a parameter the Trainer's AdamW leaves out of weight decay (``_trainer_groups``).
@@ -322,7 +322,10 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
     micro-batch's summed token loss by the whole step's token count rather than each mean by
     the number of micro-batches; the callback passes each micro-batch's label-token count
     (``labels != -100``), so each micro-batch's gradient is still taken as its own mean. fp16
-    loss scaling is not supported (bf16 and fp32 are).
+    loss scaling is not supported (bf16 and fp32 are). Past the first epoch of the Trainer's
+    shuffled epochs ``B_simple`` reads low (the batches come from the items not yet seen this
+    epoch; docs/noise.md): each line's ``b_simple_past_first_epoch`` is then 1 (else 0) and the
+    monitor warns once.
 
         trainer = Trainer(model, args, train_dataset=data, callbacks=[NoiseScaleCallback()])
     """
@@ -357,7 +360,8 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
             try:
                 self.monitor = GradientNoiseMonitor(
                     model, accumulation_steps=args.gradient_accumulation_steps, every=every,
-                    ema=ema, window=window, n_data=n_data, world_size=world)
+                    ema=ema, window=window, n_data=n_data, world_size=world,
+                    sampling=loader_sampling(train_dataloader))
             except UsageError as exc:
                 warnings.warn(f"NoiseScaleCallback is off: {exc}", stacklevel=2)
                 return
@@ -395,9 +399,11 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
             value = self.monitor.b_simple if self.monitor is not None else None
             if value is None or logs is None:
                 return
-            logs["b_simple"] = value
+            extra = {"b_simple": value,
+                     "b_simple_past_first_epoch": int(self.monitor.past_first_epoch)}
+            logs.update(extra)
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
-                state.log_history[-1]["b_simple"] = value
+                state.log_history[-1].update(extra)
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if self.monitor is not None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import TaskError, UsageError
-from . import batch_len, model_factory
+from . import batch_len, loader_sampling, model_factory
 
 
 class StepModule(nn.Module):
@@ -242,7 +242,10 @@ def NoiseScaleMonitor(every: int = 1, window: int = 64, ema: float = 0.95,
     ``callback.monitor`` (``.estimate()`` gives an interval), and warns once when the interval
     says the global batch could grow. With neither accumulation nor several ranks there is no
     second batch size: it warns once and stays off. A step whose micro-batches differ in size
-    (an epoch's last one without ``drop_last``) is skipped, not measured.
+    (an epoch's last one without ``drop_last``) is skipped, not measured. Past the first epoch
+    of a loader that shuffles per epoch, ``B_simple`` reads low (the batches come from the
+    items not yet seen this epoch; docs/noise.md): it also logs ``name + "_past_first_epoch"``
+    (1.0 from then on) and the monitor warns once.
 
         trainer = L.Trainer(accumulate_grad_batches=4, callbacks=[NoiseScaleMonitor()])
     """
@@ -282,7 +285,7 @@ def NoiseScaleMonitor(every: int = 1, window: int = 64, ema: float = 0.95,
                 self.monitor = GradientNoiseMonitor(
                     model, accumulation_steps=trainer.accumulate_grad_batches,
                     every=every, ema=ema, window=window, n_data=n_data,
-                    world_size=trainer.world_size)
+                    world_size=trainer.world_size, sampling=loader_sampling(loader))
             except UsageError as exc:
                 warnings.warn(f"NoiseScaleMonitor is off: {exc}", stacklevel=2)
 
@@ -301,6 +304,8 @@ def NoiseScaleMonitor(every: int = 1, window: int = 64, ema: float = 0.95,
             if reading is None or self.monitor.b_simple is None:
                 return
             pl_module.log(name, self.monitor.b_simple, on_step=True, on_epoch=False)
+            pl_module.log(f"{name}_past_first_epoch", float(reading.past_first_epoch),
+                          on_step=True, on_epoch=False)
             if self.advice is None:
                 self.advice = self.monitor.advice(reading.b_big)
                 if self.advice:

@@ -26,6 +26,15 @@ The ``Trainer`` divides the summed token losses of a model that takes ``num_item
 micro-batch's token count (``micro_weights``) and the hook norms are rescaled to per-micro-batch
 means. One process without accumulation has a single batch size per step and nothing to
 compare: the monitor says so instead of guessing.
+
+Epochs: the estimators assume each step's items are a fresh uniform draw from the dataset.
+A loader that shuffles once per epoch (``DataLoader(shuffle=True)``, ``DistributedSampler``,
+the HF ``Trainer``) draws each batch from the items not yet seen this epoch; after the first
+epoch the model has just fitted the others, so that remainder's mean gradient is larger than
+the dataset's and ``|G|^2`` reads high, ``B_simple`` low (2.5-4x low on a 2,000-item MLP over
+tens of epochs; docs/noise.md, "During training"). The monitor counts the items of the steps
+(``samples_seen``); past ``n_data`` it flags its readings ``past_first_epoch``, warns once and
+notes it in ``estimate()``. ``sampling="uniform"`` says the batches are fresh draws.
 """
 
 from __future__ import annotations
@@ -48,6 +57,13 @@ DEFAULT_WINDOW = 64   # measured steps behind ``estimate()``
 DEFAULT_EMA = 0.95    # decay of the moving averages of |G|^2 and tr(Sigma)
 GROW_FACTOR = 2.0     # "the batch could grow" when B_simple's lower bound is this x the batch
 MISMATCH_WARN_AFTER = 3   # measured steps in a row with another backward count: warn once
+SAMPLINGS = ("epochs", "uniform")
+EPOCH_NOTE = (
+    "past the first epoch with batches drawn epoch by epoch (shuffled once per epoch): each "
+    "batch comes from the items not yet seen this epoch, whose mean gradient is larger than "
+    "the whole dataset's once the model has fitted the rest, so |G|^2 reads high and B_simple "
+    "low (2.5-4x low measured on a 2,000-item MLP after tens of epochs; docs/noise.md, "
+    "'During training'); with fresh uniform draws it is unbiased")
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,9 @@ class NoiseReading:
     grad_sq_norm: float
     trace_sigma: float
     b_simple_ema: float | None
+    # Items of the steps so far exceed n_data and batches come epoch by epoch: this reading's
+    # |G|^2 is that of the items not yet seen this epoch (high), B_simple low (module doc).
+    past_first_epoch: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -82,7 +101,7 @@ def _world_size() -> int:
 
 
 def _check_settings(accumulation_steps: Any, every: Any, window: Any, ema: Any,
-                    n_data: Any, world_size: Any) -> None:
+                    n_data: Any, world_size: Any, sampling: Any = "epochs") -> None:
     def integer(value: Any) -> bool:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -96,6 +115,8 @@ def _check_settings(accumulation_steps: Any, every: Any, window: Any, ema: Any,
     for name, value in (("n_data", n_data), ("world_size", world_size)):
         if value is not None and (not integer(value) or value < 1):
             raise UsageError(f"{name} must be an integer >= 1 or None, got {value!r}")
+    if sampling not in SAMPLINGS:
+        raise UsageError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
 
 
 def _inside_function_backward() -> bool:
@@ -118,7 +139,12 @@ class GradientNoiseMonitor:
     ``model``: the module being trained (a DDP-wrapped one as is: its ranks are the big batch).
     ``accumulation_steps``: micro-batches per optimizer step. ``every``: measure every N-th step
     (the others cost nothing). ``n_data``: the training set's size, for the finite-population
-    correction (None: an unlimited stream). ``scaler``: the ``torch.amp.GradScaler`` of an fp16
+    correction and to know when the run is past its first epoch (None: an unlimited stream).
+    ``sampling``: ``"epochs"`` (the default: each epoch a permutation, as a shuffling
+    ``DataLoader``) or ``"uniform"`` (each batch a fresh draw, e.g. ``RandomSampler(
+    replacement=True)``); past the first epoch of ``"epochs"`` the readings are flagged
+    ``past_first_epoch`` and read B_simple low (module doc). ``scaler``: the
+    ``torch.amp.GradScaler`` of an fp16
     run, whose scale the norms are divided by (without it ``B_simple`` is still right, the
     ratio of two norms of the same scaled gradients, but ``grad_sq_norm`` and ``trace_sigma``
     are in scaled units and mix scales when the scale changes). Call :meth:`step` once per
@@ -142,8 +168,8 @@ class GradientNoiseMonitor:
     def __init__(self, model: nn.Module, *, accumulation_steps: int = 1, every: int = 1,
                  ema: float = DEFAULT_EMA, window: int = DEFAULT_WINDOW,
                  n_data: int | None = None, world_size: int | None = None,
-                 scaler: Any = None) -> None:
-        _check_settings(accumulation_steps, every, window, ema, n_data, world_size)
+                 scaler: Any = None, sampling: str = "epochs") -> None:
+        _check_settings(accumulation_steps, every, window, ema, n_data, world_size, sampling)
         self.model = model
         self.accumulation_steps = accumulation_steps
         self.world_size = world_size or (_world_size() if _is_ddp(model) else 1)
@@ -155,6 +181,9 @@ class GradientNoiseMonitor:
                 "sizes)")
         self.every, self.ema, self.window, self.n_data = every, ema, window, n_data
         self.scaler = scaler
+        self.sampling = sampling
+        self.samples_seen = 0      # items of the steps so far, all ranks: micro-batch x backwards
+        self._epoch_warned = False
         self.readings: list[NoiseReading] = []
         # Steps not measured: uneven micro-batches, a partial accumulation, a non-finite norm.
         self.skipped = 0
@@ -243,6 +272,8 @@ class GradientNoiseMonitor:
         smalls, self._small, self._pending = self._small, [], None
         big, self._big = self._big, None
         backwards, self._backwards = self._backwards, 0
+        # uneven micro-batches (0) are not counted: at most an epoch's last step, late
+        self.samples_seen += micro_batch_size * backwards * self.world_size
         if not measuring:
             return None
         self._note_backwards(backwards)
@@ -293,9 +324,16 @@ class GradientNoiseMonitor:
         g, t = (float(x[0]) for x in per_measurement([small_sq], [big_sq], b_small, b_big,
                                                      self._n_data(b_big)))
         self._fold(g, t)
+        late = self.past_first_epoch
         reading = NoiseReading(self._steps, small_sq, big_sq, b_small, b_big, g, t,
-                               self.b_simple)
+                               self.b_simple, late)
         self.readings.append(reading)
+        if late and not self._epoch_warned:
+            self._epoch_warned = True
+            warnings.warn(f"GradientNoiseMonitor: {self.samples_seen:,} items seen of "
+                          f"{self.n_data:,}: {EPOCH_NOTE}. Readings from here on are flagged "
+                          "past_first_epoch; pass sampling='uniform' if batches are fresh "
+                          "draws", stacklevel=3)
         return reading
 
     def skip_last(self) -> None:
@@ -314,6 +352,13 @@ class GradientNoiseMonitor:
         self._ema_g = self.ema * self._ema_g + (1 - self.ema) * grad_sq
         self._ema_t = self.ema * self._ema_t + (1 - self.ema) * trace
         self._ema_n += 1
+
+    @property
+    def past_first_epoch(self) -> bool:
+        """Whether the steps so far hold more items than the dataset (``n_data``) with batches
+        drawn epoch by epoch: from then on B_simple reads low (module doc)."""
+        return (self.sampling == "epochs" and self.n_data is not None
+                and self.samples_seen > self.n_data)
 
     def _n_data(self, b_big: int) -> int | None:
         return self.n_data if self.n_data is not None and self.n_data >= b_big else None
@@ -350,9 +395,11 @@ class GradientNoiseMonitor:
         if len(chosen) < 2:
             raise UsageError(f"{len(chosen)} measured step(s) so far; the interval needs at "
                              "least 2")
+        late = sum(r.past_first_epoch for r in chosen)
+        notes = ([f"{late} of the {len(chosen)} steps are {EPOCH_NOTE}"] if late else [])
         return estimate_from_norms([r.small_sq for r in chosen], [r.big_sq for r in chosen],
                                    chosen[-1].b_small, chosen[-1].b_big,
-                                   self._n_data(chosen[-1].b_big), seed=seed)
+                                   self._n_data(chosen[-1].b_big), seed=seed, notes=notes)
 
     def advice(self, batch_size: int) -> str | None:
         """One line when the last window says the (global) ``batch_size`` could grow: the
