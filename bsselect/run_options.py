@@ -101,14 +101,28 @@ def parse_inputs(value: str) -> "InputMode":
     return parse_choice(InputMode, value, "--inputs")
 
 
+# Each micro-step takes at least one sample, so the effective batch (micro-batch x N) is at
+# least N: more steps than the largest batch (2**31 - 1, memory.capacity.MAX_BATCH_SIZE) is a
+# typo, and a result for it would print an effective batch no run can have.
+MAX_ACCUMULATE = 2**31 - 1
+
+
+def check_accumulate(accumulate: Any, option: str = "--accumulate") -> int:
+    """``accumulate`` as an int in [1, MAX_ACCUMULATE]; UsageError naming the range otherwise."""
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) \
+            or not 1 <= accumulate <= MAX_ACCUMULATE:
+        raise UsageError(f"{option} must be an integer from 1 to {MAX_ACCUMULATE:,} (micro-steps "
+                         f"per optimizer step; each takes at least one sample), got "
+                         f"{accumulate!r}")
+    return accumulate
+
+
 def step_settings(precision: str, accumulate: int = 1, shard: Any = None) -> "StepSettings":
     """``shard``: a ShardPlan (``shard_plan``) or None."""
     from .step import StepSettings
 
-    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
-        raise UsageError(f"--accumulate must be an integer >= 1, got {accumulate!r}")
-    return StepSettings(precision=parse_precision(precision), accumulate=accumulate,
-                        shard=shard)
+    return StepSettings(precision=parse_precision(precision),
+                        accumulate=check_accumulate(accumulate), shard=shard)
 
 
 def scan(task: "Task", mode: "InputMode", console: Any, seed: int = 0,
@@ -193,5 +207,5 @@ def print_step_lines(data: dict[str, Any]) -> None:
 
 __all__ = ["PrecisionOpt", "AccumulateOpt", "SweepAccumulateOpt", "InputsOpt", "ShardOpt",
            "WorldSizeOpt", "ShardUnitOpt", "ReshardOpt", "CheckpointingOpt", "shard_plan",
-           "parse_precision", "parse_inputs", "step_settings", "scan", "step_lines",
-           "print_step_lines", "progress_bar"]
+           "parse_precision", "parse_inputs", "check_accumulate", "MAX_ACCUMULATE",
+           "step_settings", "scan", "step_lines", "print_step_lines", "progress_bar"]

@@ -315,7 +315,7 @@ def test_cli_probe_reports_precision_accumulation_and_optimizer():
 
 @pytest.mark.parametrize(("args", "message"), [
     (["probe", "--precision", "fp8"], "--precision must be one of fp32, bf16, fp16"),
-    (["probe", "--accumulate", "0"], "--accumulate must be an integer >= 1"),
+    (["probe", "--accumulate", "0"], "--accumulate must be an integer from 1 to 2,147,483,647"),
     (["sweep", "--accumulate", "3", "--batch-sizes", "8,16"], "not multiples of --accumulate 3"),
 ])
 def test_cli_rejects_bad_precision_and_accumulation(args, message):

@@ -200,10 +200,13 @@ def merge_config(cli: dict[str, Any], file: dict[str, Any],
     margin = check_margin(float(pick("margin", 0.2)))
     target_name = pick("target", "cuda" if preset else "same")
     target = parse_choice(Target, target_name, "target")
-    accumulate = pick("accumulate", 1)
-    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
-        raise UsageError(f"accumulate must be an integer >= 1, got {accumulate!r}")
-    from ..run_options import shard_plan
+    from ..run_options import check_accumulate, shard_plan
+
+    accumulate = check_accumulate(pick("accumulate", 1), "accumulate")
+    if batch * accumulate > MAX_BATCH_SIZE:
+        raise UsageError(f"batch size {batch} x accumulate {accumulate} is an effective batch of "
+                         f"{batch * accumulate:,}, more than the largest batch "
+                         f"({MAX_BATCH_SIZE:,}); check the numbers")
 
     precision = pick("precision", "fp32")
     plan = shard_plan(pick("shard"), pick("world_size"), pick("shard_unit"),

@@ -1,0 +1,45 @@
+"""Bad input found by a review of the CLI: one clear line and the documented exit code, never a
+traceback, an internal error or a printed result that is not true (docs/contract.md: 1 the
+task or run failed, 2 usage error, 3 does not fit)."""
+
+from __future__ import annotations
+
+
+import pytest
+from conftest import run_cli
+
+SWEEP = ["--batch-sizes", "8,16", "--budget", "64", "--noise-measurements", "0"]
+
+
+def one_error(proc) -> str:
+    """The single ``error:`` line; no traceback, no 'internal error', nothing on stdout."""
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+# 1. --accumulate: a range like --threads and --world-size, not an effective batch of 8e20
+
+@pytest.mark.parametrize("args, message", [
+    (["check", "TASK", "--batch-size", "8", "--memory", "1GiB", "--accumulate",
+      "100000000000000000000"],
+     "error: accumulate must be an integer from 1 to 2,147,483,647 (micro-steps per optimizer "
+     "step; each takes at least one sample), got 100000000000000000000"),
+    (["check", "TASK", "--batch-size", "8", "--memory", "1GiB", "--accumulate", "1000000000"],
+     "error: batch size 8 x accumulate 1000000000 is an effective batch of 8,000,000,000, more "
+     "than the largest batch (2,147,483,647); check the numbers"),
+    (["probe", "TASK", "--memory", "1GiB", "--accumulate", "100000000000000000000"],
+     "error: --accumulate must be an integer from 1 to 2,147,483,647 (micro-steps per optimizer "
+     "step; each takes at least one sample), got 100000000000000000000"),
+    (["sweep", "TASK", "--batch-sizes", "8,16", "--accumulate", "2147483648"],
+     "error: --accumulate must be an integer from 1 to 2,147,483,647 (micro-steps per optimizer "
+     "step; each takes at least one sample), got 2147483648"),
+])
+def test_an_accumulation_beyond_any_batch_is_a_usage_error(task_file, args, message):
+    # before: check and probe printed a result (exit 0) with "effective batch
+    # 800000000000000000000"; sweep printed its plan, then a divisibility error
+    proc = run_cli(*[f"{task_file}:make_task" if a == "TASK" else a for a in args])
+    assert proc.returncode == 2, proc.stderr
+    assert one_error(proc) == message
