@@ -61,9 +61,13 @@ def format_bytes(n: float) -> str:
 
 
 def format_percent(fraction: float) -> str:
-    """``20%``; more digits only where rounding to a whole percent would change what is said
-    (``99.999%``, never ``100%`` for a margin below 1)."""
-    whole = f"{fraction:.0%}"
-    if abs(round(fraction * 100) - fraction * 100) < 1e-9:
-        return whole
-    return f"{fraction * 100:.6g}%"
+    """``20%``; as many digits as the value has, so that rounding never changes what is said:
+    ``99.99999%`` for a margin of 0.9999999, never ``100%`` for a margin below 1. (The shortest
+    decimal that reads back as ``fraction``, times 100 exactly: 0.12345 gives 12.345%, not
+    12.345000000000001%.)"""
+    if not math.isfinite(fraction) or fraction == 0:  # inf, nan; 0 and -0.0 as 0%
+        return f"{fraction * 100:g}%".replace("-0%", "0%")
+    from decimal import Decimal
+
+    percent = (Decimal(repr(float(fraction))) * 100).normalize()
+    return f"{percent:f}%"

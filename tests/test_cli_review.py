@@ -43,3 +43,28 @@ def test_an_accumulation_beyond_any_batch_is_a_usage_error(task_file, args, mess
     proc = run_cli(*[f"{task_file}:make_task" if a == "TASK" else a for a in args])
     assert proc.returncode == 2, proc.stderr
     assert one_error(proc) == message
+
+
+# 2. --margin: printed as given, and refused when it leaves less than a byte
+
+def test_a_margin_is_printed_with_the_digits_it_has():
+    from bsselect.units import format_percent
+
+    # 0.9999999 printed "100%" (six significant digits): a margin that leaves nothing
+    assert [format_percent(x) for x in (0.9999999, 0.9999999999999999, 0.12345, 0.2, -0.0)] == [
+        "99.99999%", "99.99999999999999%", "12.345%", "20%", "0%"]
+
+
+def test_check_prints_a_tiny_budget_margin_truly_and_refuses_one_that_leaves_nothing(task_file):
+    proc = run_cli("check", f"{task_file}:make_task", "--batch-size", "8", "--memory", "1GiB",
+                   "--margin", "0.9999999")
+    assert proc.returncode == 3, proc.stderr
+    assert "(1 GiB --memory, 99.99999% margin)" in proc.stdout
+    # 0.0107 bytes usable: a ZeroDivisionError, exit 1, "internal error" before
+    for command in (["check", "--batch-size", "8"], ["probe"]):
+        proc = run_cli(command[0], f"{task_file}:make_task", *command[1:], "--memory", "1GiB",
+                       "--margin", "0.99999999999")
+        assert proc.returncode == 2, proc.stderr
+        assert one_error(proc) == (
+            "error: --margin 0.99999999999 leaves 0.0107 bytes of the 1 GiB budget, less than "
+            "one byte: nothing can fit; give a margin well below 1 (the default is 0.2)")

@@ -102,6 +102,10 @@ def usable_bytes(budget_bytes: int, margin: float) -> float:
 def solve_max_batch(budget_bytes: int, margin: float, fit: MemoryFit) -> int:
     """``floor((budget*(1-margin) - fixed) / per_sample)``; raises DoesNotFitError if < 1."""
     usable = usable_bytes(budget_bytes, margin)
+    if usable < 1:  # not a batch that does not fit: a margin that leaves no budget at all
+        raise UsageError(f"--margin {margin!r} leaves {usable:.3g} bytes of the "
+                         f"{format_bytes(budget_bytes)} budget, less than one byte: nothing "
+                         "can fit; give a margin well below 1 (the default is 0.2)")
     if fit.fixed_bytes >= usable:
         raise DoesNotFitError(
             f"the fixed memory alone needs {format_bytes(fit.fixed_bytes)} (what every batch "
