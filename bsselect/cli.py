@@ -518,8 +518,9 @@ class _ScheduleProgress:
     def __init__(self, console) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                            console=console, transient=True)
+        # markup=False: descriptions are plain text (a checkpoint's name may hold brackets)
+        self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
+                            TimeElapsedColumn(), console=console, transient=True)
         self.current = self.bar.add_task("schedule", total=None)
 
     def __enter__(self):
@@ -639,9 +640,9 @@ class _SweepProgress:
                                    TimeElapsedColumn, TimeRemainingColumn)
 
         self.console = console
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                            transient=True)
+        self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=console, transient=True)
         self.overall = self.bar.add_task("trials", total=n_trials)
         self.current = self.bar.add_task("trial", total=None, visible=False)
 

@@ -14,10 +14,14 @@ from rich.table import Table
 
 from .units import format_bytes, format_percent
 
-console = Console(stderr=True)      # progress, logs and human tables
+# emoji=False: user text (task names, paths, messages) is printed as written; rich would turn
+# `:ok:` or `:smile:` in `d:smile:/tasks.py:fn` into an emoji (bsselect writes no emoji codes).
+# Markup in user text is escaped where it is printed (``escape``).
+console = Console(stderr=True, emoji=False)      # progress, logs and human tables
 # Results for people when not --json. Piped or in CI there is no terminal width to read;
 # 80 columns would squeeze the sweep table into unreadable ellipses.
-out = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=160)
+out = (Console(emoji=False) if sys.stdout.isatty() or "COLUMNS" in os.environ
+       else Console(width=160, emoji=False))
 
 
 def _nonlinear_why(result: Any) -> str:

@@ -135,8 +135,8 @@ def scan(task: "Task", mode: "InputMode", console: Any, seed: int = 0,
 
     if mode is InputMode.typical:
         return scan_inputs(task.train_data, mode)
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), console=console, transient=True)
+    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
+                   MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
     with bar:
         job = bar.add_task("finding the largest items", total=None)
         return scan_inputs(task.train_data, mode, seed=seed, by_values=by_values,
@@ -145,12 +145,13 @@ def scan(task: "Task", mode: "InputMode", console: Any, seed: int = 0,
 
 
 class progress_bar:
-    """A rich progress bar on stderr; yields ``advance(done, total)``."""
+    """A rich progress bar on stderr; yields ``advance(done, total)``. The description is
+    plain text, not markup: it may hold the task's name (a path with ``[`` or ``[/]``)."""
 
     def __init__(self, console, description: str, total: int) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+        self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
                             TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                             console=console, transient=True)
         self.task_id = self.bar.add_task(description, total=total)
@@ -201,8 +202,8 @@ def step_lines(data: dict[str, Any]) -> list[str]:
 def print_step_lines(data: dict[str, Any]) -> None:
     from .report import out
 
-    for line in step_lines(data):
-        out.print(line, highlight=False)
+    for line in step_lines(data):  # plain text: notes may quote the user's errors or paths
+        out.print(line, highlight=False, markup=False)
 
 
 __all__ = ["PrecisionOpt", "AccumulateOpt", "SweepAccumulateOpt", "InputsOpt", "ShardOpt",

@@ -4,6 +4,7 @@ task or run failed, 2 usage error, 3 does not fit)."""
 
 from __future__ import annotations
 
+import shutil
 
 import pytest
 from conftest import run_cli
@@ -68,3 +69,20 @@ def test_check_prints_a_tiny_budget_margin_truly_and_refuses_one_that_leaves_not
         assert one_error(proc) == (
             "error: --margin 0.99999999999 leaves 0.0107 bytes of the 1 GiB budget, less than "
             "one byte: nothing can fit; give a margin well below 1 (the default is 0.2)")
+
+
+# 3. task names and paths are printed as written: no emoji, no markup
+
+def test_a_task_path_is_printed_as_written(tmp_path, task_file):
+    (tmp_path / "d:smile:").mkdir()
+    shutil.copy(task_file, tmp_path / "d:smile:" / "t.py")
+    proc = run_cli("check", "d:smile:/t.py:make_task", "--batch-size", "8", "--memory", "1GiB")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("batch 8 of d:smile:/t.py:make_task fits")  # not d😄/t.py
+    # a folder `a[` holding `]b.py`: the probe's progress bar read `[/]` as a closing tag,
+    # an internal error (MarkupError) before any result
+    (tmp_path / "a[").mkdir()
+    shutil.copy(task_file, tmp_path / "a[" / "]b.py")
+    proc = run_cli("probe", "a[/]b.py:make_task", "--memory", "1GiB")
+    assert proc.returncode == 0, proc.stderr
+    assert "Peak memory of one training step — a[/]b.py:make_task" in proc.stdout
