@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from pathlib import Path
 from typing import Annotated, Callable, Optional, TypeVar
@@ -701,7 +702,9 @@ def check(
         help="pyproject.toml whose [tool.bsselect] supplies defaults (must exist when given).",
         show_default="./pyproject.toml, if present")] = None,
     output_format: Annotated[str, typer.Option(
-        "--format", help="text, json or github (GitHub Actions annotations).")] = "text",
+        "--format", help="text, json or github (a GitHub Actions annotation on stdout; with "
+        "--json, the JSON on stdout and the annotation on stderr, which GitHub reads too).")
+    ] = "text",
     precision: Annotated[Optional[str], typer.Option(
         help="fp32, bf16 or fp16 autocast (fp16 with GradScaler).", show_default="fp32")] = None,
     accumulate: Annotated[Optional[int], typer.Option(
@@ -741,18 +744,21 @@ def check(
     """
 
     def body() -> None:
-        fmt = "json" if as_json else output_format
+        fmt = output_format
         if fmt not in ("text", "json", "github"):
             raise UsageError(f"--format must be text, json or github; got {fmt!r}")
+        # --format github --json: both. The JSON keeps stdout to itself and the annotation goes
+        # to stderr, whose workflow commands the GitHub runner reads as it reads stdout's.
+        annotate = (sys.stderr if as_json else sys.stdout) if fmt == "github" else None
         try:
-            _check_body(fmt)
+            _check_body(as_json or fmt == "json", annotate)
         except BsselectError as exc:
-            if fmt == "github":  # the failure as an annotation too, not only a plain line
+            if annotate is not None:  # the failure as an annotation too, not only a plain line
                 text = str(exc).replace("%", "%25").replace("\n", "%0A")
-                print(f"::error title=bsselect check::{text}", flush=True)
+                print(f"::error title=bsselect check::{text}", file=annotate, flush=True)
             raise
 
-    def _check_body(fmt: str) -> None:
+    def _check_body(as_json: bool, annotate) -> None:
         from . import api
         from .report import console, emit_json, render_check, render_check_github
         from .run_options import print_step_lines
@@ -765,11 +771,11 @@ def check(
                            reshard_after_forward=reshard_after_forward,
                            activation_checkpointing=activation_checkpointing,
                            console=console)
-        if fmt == "json":
+        if as_json:
             emit_json(result.to_json())
-        elif fmt == "github":
-            render_check_github(result)
-        else:
+        if annotate is not None:
+            render_check_github(result, annotate)
+        if not as_json and annotate is None:
             render_check(result)
             print_step_lines(result.to_json())
         if not result.fits:

@@ -338,12 +338,13 @@ def render_check(result: Any) -> None:
     out.print(tail, highlight=False)
 
 
-def render_check_github(result: Any) -> None:
-    """GitHub Actions workflow commands: an ::error:: when it does not fit, else ::notice::."""
+def render_check_github(result: Any, file: Any = None) -> None:
+    """GitHub Actions workflow commands: an ::error:: when it does not fit, else ::notice::;
+    on stdout, or on ``file`` (stderr, beside ``--json``: the runner reads both)."""
     head, tail = _check_lines(result)
     level = "notice" if result.fits else "error"
     message = f"{head}; {tail}".replace("%", "%25").replace("\n", "%0A")
-    print(f"::{level} title=bsselect check::{message}")
+    print(f"::{level} title=bsselect check::{message}", file=file or sys.stdout, flush=True)
 
 
 def render_schedule(result: Any) -> None:

@@ -4,6 +4,7 @@ task or run failed, 2 usage error, 3 does not fit)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -86,3 +87,19 @@ def test_a_task_path_is_printed_as_written(tmp_path, task_file):
     proc = run_cli("probe", "a[/]b.py:make_task", "--memory", "1GiB")
     assert proc.returncode == 0, proc.stderr
     assert "Peak memory of one training step — a[/]b.py:make_task" in proc.stdout
+
+
+# 4. check --format github --json: both, the annotation on stderr
+
+def test_check_github_format_with_json_keeps_both(task_file):
+    # before: --json won and the annotation was dropped
+    proc = run_cli("check", f"{task_file}:make_task", "--batch-size", "8", "--memory", "1KiB",
+                   "--format", "github", "--json")
+    assert proc.returncode == 3, proc.stderr
+    assert json.loads(proc.stdout)["fits"] is False
+    assert "::error title=bsselect check::batch 8 of " in proc.stderr
+    proc = run_cli("check", f"{task_file}:make_task", "--memory", "1GiB", "--format", "github",
+                   "--json")  # the check cannot run: no batch size
+    assert proc.returncode == 2
+    assert one_error(proc).startswith("error: check needs --batch-size")
+    assert "::error title=bsselect check::check needs --batch-size" in proc.stderr
