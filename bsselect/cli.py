@@ -569,10 +569,19 @@ def report(
                              "sweeps. Rerun the schedule with --resume: it reuses every "
                              "finished branch and retrains only the base run")
         if not contents.trials:
-            raise UsageError(f"{journal} holds no finished trial yet")
+            raise UsageError(f"{journal} holds no finished trial yet" if not contents.warnings
+                             else f"{journal} holds no readable trial (see the skipped lines "
+                             "above)")
+        from .selection.journal import check_sweep_header
         from .selection.timing import RoundTiming
 
+        check_sweep_header(journal, contents.header)
         s = contents.header.settings
+        try:
+            settings = SweepSettings.from_journal(s)
+        except ValueError as exc:  # a budget_kind, lr_scaling or precision it does not know
+            raise UsageError(f"{journal}: line 1 (the header) is damaged: {exc}; restore the "
+                             "file, or rerun the sweep with --overwrite") from None
         trials = {t.batch_size: t for t in contents.trials}
         sizes = sorted(trials)
         timing = tuple(RoundTiming.from_dict(t) for t in contents.timing)
@@ -590,7 +599,7 @@ def report(
                     "batch size ranks them all, timed together", highlight=False)
         ordered = tuple(trials[b] for b in sizes)
         result = summarize(s["base_lr"], s["base_batch_size"], contents.header.task, "journal",
-                           ordered, SweepSettings.from_journal(s), max(sizes), "journal",
+                           ordered, settings, max(sizes), "journal",
                            str(journal), (), bool(s.get("held_out_validation", False)),
                            s.get("validation_items"), timing=timing, timing_note=note)
         if s.get("from_checkpoint_sha256"):  # trials from a checkpoint: say so, as the sweep did

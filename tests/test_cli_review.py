@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -103,3 +104,53 @@ def test_check_github_format_with_json_keeps_both(task_file):
     assert proc.returncode == 2
     assert one_error(proc).startswith("error: check needs --batch-size")
     assert "::error title=bsselect check::check needs --batch-size" in proc.stderr
+
+
+# 5. a journal edited by hand: a BOM is read past; a bad value names the file and line
+
+def _sweep_journal(task_file) -> Path:
+    proc = run_cli("sweep", f"{task_file.name}:make_task", *SWEEP)
+    assert proc.returncode == 0, proc.stderr
+    return Path("bsselect-sweep-tiny_task.py-make_task.jsonl")
+
+
+def test_a_journal_saved_with_a_bom_or_a_string_lr_still_resumes(task_file):
+    path = _sweep_journal(task_file)
+    original = path.read_bytes()
+    path.write_bytes(b"\xef\xbb\xbf" + original)  # "UTF-8 with BOM", as some editors save
+    proc = run_cli("sweep", f"{task_file.name}:make_task", *SWEEP, "--resume")
+    assert proc.returncode == 0, proc.stderr  # before: "has no readable header", exit 2
+    assert "(resumed batch sizes [8, 16])" in proc.stdout
+    # a trial whose lr is a string: skipped with a warning, like any damaged line, and run
+    # again (before: an internal error at the table, "Unknown format code 'g'")
+    lines = original.decode().splitlines(keepends=True)
+    trial = json.loads(lines[1])
+    trial["trial"]["lr"] = "abc"
+    lines[1] = json.dumps(trial) + "\n"
+    path.write_text("".join(lines))
+    proc = run_cli("sweep", f"{task_file.name}:make_task", *SWEEP, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert (f"warning: {path}: line 2 skipped: bad trial record (its lr is 'abc', not a number)"
+            in " ".join(proc.stderr.split()))
+    assert "(resumed batch sizes [16])" in proc.stdout
+
+
+def test_report_on_a_damaged_header_names_the_line_and_the_setting(task_file):
+    path = _sweep_journal(task_file)
+    header, rest = path.read_text().split("\n", 1)
+    record = json.loads(header)
+    record["settings"]["base_lr"] = "0.1"
+    path.write_text(json.dumps(record) + "\n" + rest)
+    proc = run_cli("report", str(path))
+    assert proc.returncode == 2  # before: exit 1, internal error: TypeError
+    assert one_error(proc) == (
+        f"error: {path}: line 1 (the header) is damaged: its setting base_lr is '0.1', not a "
+        "positive number; restore the file, or rerun the sweep with --overwrite")
+    path.write_text(header[:40] + "\n" + rest)  # a header cut short: --overwrite restarts it
+    proc = run_cli("sweep", f"{task_file.name}:make_task", *SWEEP, "--resume")
+    assert proc.returncode == 2
+    message = one_error(proc)
+    assert message.startswith(f"error: journal '{path}' has no readable header, so it cannot "
+                              "be resumed (line 1: not valid JSON (")
+    assert message.endswith("--overwrite starts it again (its trials are lost), or use a new "
+                            "--journal path")

@@ -9,6 +9,7 @@ any other unreadable one) with a warning instead of failing.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
@@ -139,6 +140,8 @@ def load(path: str | Path) -> JournalContents:
     records: list[tuple[str, dict[str, Any]]] = []
     for number, raw in enumerate(lines, start=1):
         last_and_cut = number == len(lines) and not complete
+        if number == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]  # an editor that saved the file as "UTF-8 with BOM"
         record, problem = _parse_line(raw)
         if problem is None and number == 1 and _HEADER_TAG in record:
             header, problem = _header_from(record)
@@ -225,10 +228,73 @@ def _append_trial(raw: Any, trials: list[TrialResult]) -> str | None:
     if not isinstance(raw, dict):
         return "trial record is not a JSON object"
     try:
-        trials.append(TrialResult.from_dict(raw))
+        trial = TrialResult.from_dict(raw)
     except (KeyError, TypeError, ValueError) as exc:
         return f"bad trial record ({exc!r})"
+    problem = _trial_fields_problem(trial)
+    if problem is not None:
+        return f"bad trial record ({problem})"
+    trials.append(trial)
     return None
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _trial_fields_problem(trial: TrialResult) -> str | None:
+    """What is wrong with the fields ``TrialResult`` keeps as they were read (an edited line:
+    ``"lr": "0.1"`` would reach the ranking and the table as a string), or None."""
+    for name, ok, what in (("lr", _number, "a number"), ("wall_s", _number, "a number"),
+                           ("steps", _count, "an integer >= 0"),
+                           ("samples", _count, "an integer >= 0")):
+        value = getattr(trial, name)
+        if not ok(value):
+            return f"its {name} is {value!r}, not {what}"
+    if trial.error is not None and not isinstance(trial.error, str):
+        return f"its error is {trial.error!r}, not a string"
+    return None
+
+
+# The header settings that ``bsselect report`` reads back (``SweepSettings.from_journal`` and
+# ``summarize``), with the type each must have; a missing optional one takes its default.
+_SWEEP_SETTINGS: tuple[tuple[str, bool, Any, str], ...] = (
+    ("budget_kind", True, lambda v: isinstance(v, str), "a string"),
+    ("budget", True, lambda v: _number(v) and v > 0, "a positive number"),
+    ("lr_scaling", True, lambda v: isinstance(v, str), "a string"),
+    ("seed", True, lambda v: type(v) is int, "an integer"),
+    ("warmup_steps", True, _count, "an integer >= 0"),
+    ("noise_measurements", True, _count, "an integer >= 0"),
+    ("base_lr", True, lambda v: _number(v) and v > 0, "a positive number"),
+    ("base_batch_size", True, lambda v: type(v) is int and v > 0, "an integer >= 1"),
+    ("precision", False, lambda v: isinstance(v, str), "a string"),
+    ("accumulate", False, lambda v: type(v) is int and v > 0, "an integer >= 1"),
+    ("warm_start_steps", False, _count, "an integer >= 0"),
+    ("lr_ramp_samples", False, _count, "an integer >= 0"),
+    ("held_out_validation", False, lambda v: isinstance(v, bool), "true or false"),
+    ("validation_items", False, lambda v: v is None or _count(v), "an integer >= 0 or null"),
+    ("from_checkpoint_sha256", False, lambda v: v is None or isinstance(v, str),
+     "a string or null"),
+)
+
+
+def check_sweep_header(path: str | Path, header: JournalHeader) -> None:
+    """UsageError naming the file, line 1 and the setting, when a sweep journal's header
+    holds a setting of the wrong type (an edited or damaged line) that re-rendering it would
+    trip over: ``"base_lr": "0.1"``, a missing ``budget``."""
+    settings = header.settings
+    for name, required, ok, what in _SWEEP_SETTINGS:
+        if name not in settings and not required:
+            continue
+        value = settings.get(name)
+        if name not in settings or not ok(value):
+            found = "missing" if name not in settings else f"{value!r}, not {what}"
+            raise UsageError(f"{path}: line 1 (the header) is damaged: its setting {name} is "
+                             f"{found}; restore the file, or rerun the sweep with --overwrite")
 
 
 def completed(path: str | Path, key: str) -> dict[int, TrialResult]:
@@ -264,8 +330,16 @@ def _check_key(path: Path, contents: JournalContents, key: str,
     this run, to name what changed."""
     header = contents.header
     if header is None:
-        raise UsageError(f"journal {str(path)!r} has no readable header, so it cannot be resumed; "
-                         "use a new --journal path or drop --resume")
+        first = next((w.split(" skipped: ", 1)[1] for w in contents.warnings
+                      if w.startswith(f"{path}: line 1 skipped: ")), None)
+        why = f" (line 1: {first})" if first else ""
+        if _HEADER_TAG.encode() in path.read_bytes().split(b"\n", 1)[0]:
+            remedy = ("--overwrite starts it again (its trials are lost), or use a new --journal "
+                      "path")
+        else:  # not a journal of ours: never suggest writing over it
+            remedy = "it is not a bsselect journal; use a new --journal path or drop --resume"
+        raise UsageError(f"journal {str(path)!r} has no readable header, so it cannot be "
+                         f"resumed{why}; {remedy}")
     if header.key != key:
         diff = _describe_difference(header, *now) if now is not None else ""
         raise UsageError(f"journal {str(path)!r} was written for a different task or settings "
