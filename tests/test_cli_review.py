@@ -154,3 +154,22 @@ def test_report_on_a_damaged_header_names_the_line_and_the_setting(task_file):
                               "be resumed (line 1: not valid JSON (")
     assert message.endswith("--overwrite starts it again (its trials are lost), or use a new "
                             "--journal path")
+
+
+# 6. --resume with the task file spelled another way
+
+def test_resume_accepts_another_spelling_of_the_same_task_file(tmp_path, task_file):
+    path = _sweep_journal(task_file)  # written for `tiny_task.py:make_task`
+    for spelling in (f"./{task_file.name}", str(task_file)):
+        proc = run_cli("sweep", f"{spelling}:make_task", *SWEEP, "--resume")
+        assert proc.returncode == 0, proc.stderr  # before: "written for a different task"
+        assert "(resumed batch sizes [8, 16])" in proc.stdout
+    # another file of the same name is another task
+    (tmp_path / "other").mkdir()
+    shutil.copy(task_file, tmp_path / "other" / task_file.name)
+    before = path.read_bytes()
+    proc = run_cli("sweep", f"other/{task_file.name}:make_task", *SWEEP, "--resume")
+    assert proc.returncode == 2
+    assert (f"task '{task_file.name}:make_task' -> 'other/{task_file.name}:make_task'"
+            in one_error(proc))
+    assert path.read_bytes() == before

@@ -469,6 +469,13 @@ class Journal:
             # Killed while writing the header: nothing was recorded, so start afresh.
             self.warnings = contents.warnings + (f"{self.path}: started again",)
             return True
+        header = contents.header
+        if header is not None and header.task != task and same_task_file(header.task, task,
+                                                                         self.path):
+            # The same task file spelled another way (`./tasks.py:fn`, its absolute path):
+            # compare in the journal's spelling, which its key was made from, and keep it.
+            task = header.task
+            self.key = journal_key(task, settings)
         _check_key(self.path, contents, self.key, (task, settings))
         _check_fingerprint(self.path, contents.header, self.fingerprint)
         _repair_tail(self.path)
@@ -476,6 +483,36 @@ class Journal:
         self.records = contents.records
         self.warnings = contents.warnings
         return False
+
+
+def _task_file(spec: str) -> tuple[str, str] | None:
+    """(file, function) of a ``path/to/file.py:function`` task spec, as ``task.load_task``
+    reads one (a ``.py`` name or a path separator); None for a module or an example name."""
+    module, _, function = spec.rpartition(":")
+    if not module or not function:
+        return None
+    if module.endswith(".py") or "/" in module or "\\" in module:
+        return module, function
+    return None
+
+
+def same_task_file(journaled: str, now: str, journal_path: str | Path) -> bool:
+    """Whether two task specs name the same function in the same file: ``tasks.py:fn``,
+    ``./tasks.py:fn`` and ``/abs/tasks.py:fn``. A relative path in the journal is read from
+    the working directory and from the journal's folder (where the run that wrote it stood,
+    for a default --journal)."""
+    if journaled == now:
+        return True
+    then, here = _task_file(journaled), _task_file(now)
+    if then is None or here is None or then[1] != here[1]:
+        return False
+    for base in (Path.cwd(), Path(journal_path).absolute().parent):
+        try:
+            if os.path.samefile(base / then[0], here[0]):  # an absolute path ignores base
+                return True
+        except OSError:  # not there from this base
+            continue
+    return False
 
 
 def _check_path(path: Path) -> None:
