@@ -320,6 +320,7 @@ def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
         checkpoint = load_checkpoint(from_checkpoint)
     dev = device_of(device, trains=True)
     loaded, _ = resolve_task(task)
+    _check_enough_data(loaded, "noise")
     from .device import callers_rng
 
     with callers_rng(dev):
@@ -327,6 +328,22 @@ def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
                              seed=seed, warmup_steps=warmup_steps, every=every,
                              progress=progress, device=dev, precision=parse_precision(precision),
                              checkpoint=checkpoint, warn=warn)
+
+
+def _check_enough_data(task: "Task", command: str) -> None:
+    """TaskError (the task cannot run: no option helps) when the training data is too small
+    for ``command`` at any batch size: ``noise`` compares two batch sizes (at least 2 items);
+    ``sweep`` and ``schedule`` train on what the validation split leaves (without val_data,
+    10% and at least one item are held out: ``trials.split_validation``)."""
+    n = len(task.train_data)  # type: ignore[arg-type]
+    items = f"{n:,} item{'s' * (n != 1)}"
+    if command == "noise" and n < 2:
+        raise TaskError(f"the task's training data has {items}: the noise scale compares the "
+                        "gradients of two batch sizes, so it needs at least 2 items")
+    if command != "noise" and task.val_data is None and n - max(1, n // 10) < 1:
+        raise TaskError(f"the task's training data has {items}: without val_data the {command} "
+                        "holds out 10% of it (at least one item) for validation, which leaves "
+                        "none to train on; give the task more training data, or val_data")
 
 
 @dataclass(frozen=True)
@@ -385,6 +402,7 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
     dev = device_of(device, trains=True)
     step = step_settings(precision, accumulate)
     loaded, name = resolve_task(task)
+    _check_enough_data(loaded, "sweep")
     if lr is not None:
         loaded = replace(loaded, lr=_check_lr(lr))
     size = _bytes(memory, "memory")
@@ -463,6 +481,7 @@ def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int |
     checkpoints, steps = _run_checkpoints(from_checkpoints)
     dev = device_of(device, trains=True)
     loaded, name = resolve_task(task)
+    _check_enough_data(loaded, "schedule")
     at = tuple(s * loaded.base_batch_size for s in steps)
     if horizon is None:
         horizon = 2 * max(at) if at and max(at) > 0 else default_horizon(loaded)

@@ -173,3 +173,36 @@ def test_resume_accepts_another_spelling_of_the_same_task_file(tmp_path, task_fi
     assert (f"task '{task_file.name}:make_task' -> 'other/{task_file.name}:make_task'"
             in one_error(proc))
     assert path.read_bytes() == before
+
+
+# 7. a one-item dataset: the task cannot run, exit 1, one line
+
+ONE_ITEM = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+from bsselect import Task
+
+def make_task():
+    x = torch.randn(1, 4)
+    return Task(model=lambda: nn.Linear(4, 2), train_data=TensorDataset(x, torch.zeros(1).long()),
+                loss_fn=F.cross_entropy, lr=0.1, base_batch_size=1)
+'''
+
+
+@pytest.mark.parametrize("command, message", [
+    (["sweep", "--batch-sizes", "1,2"],
+     "error: the task's training data has 1 item: without val_data the sweep holds out 10% of "
+     "it (at least one item) for validation, which leaves none to train on; give the task more "
+     "training data, or val_data"),
+    (["noise"],
+     "error: the task's training data has 1 item: the noise scale compares the gradients of two "
+     "batch sizes, so it needs at least 2 items"),
+])
+def test_a_one_item_dataset_is_a_task_that_cannot_run(tmp_path, command, message):
+    # before: exit 2, and for the sweep "choose batch sizes <= 0"
+    (tmp_path / "one.py").write_text(ONE_ITEM)
+    proc = run_cli(command[0], "one.py:make_task", *command[1:])
+    assert proc.returncode == 1, proc.stderr
+    assert one_error(proc) == message
