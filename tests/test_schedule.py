@@ -5,6 +5,7 @@ comes out fastest (that depends on the machine's step times)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -19,11 +20,13 @@ from bsselect.errors import UsageError
 from bsselect.selection.lr_scaling import LrScaling
 from bsselect.selection.schedule import (BatchSchedule, Branch, Prediction, SchedulePoint,
                                          ScheduleSettings, Stage, branch_sizes, critical_batch,
-                                         fastest_batch, growth_exponent, no_worse_than_fixed,
-                                         plan_stages, predict_fixed, relative_samples,
+                                         fastest_batch, growth_exponent, informative,
+                                         no_worse_than_fixed, plan_stages, point_fastest,
+                                         point_ratios, predict_fixed, relative_samples,
                                          run_schedule, stage_batches, stage_lengths)
 from bsselect.selection.trial_types import TrialResult, TrialStatus
 from bsselect.selection.lr_scaling import trial_lr
+from bsselect.selection.steptime import TimeInterval
 
 TASKS = Path(__file__).parent / "tasks" / "sweep_tasks.py"
 sys.path.insert(0, str(TASKS.parent))
@@ -103,7 +106,8 @@ def test_relative_samples_and_the_prediction_for_a_fixed_batch():
     p1 = _point(100, {32: 1.0, 64: 1.0, 128: 0.25}, 64)
     assert relative_samples(p0, 64, 32) == 2.0
     assert relative_samples(p0, 128, 32) == math.inf
-    assert relative_samples(_point(0, {32: None, 64: 0.5}, 64), 64, 32) == 1.0
+    # where the base batch's branch made no progress the point measures no ratio (was: 1.0)
+    assert relative_samples(_point(0, {32: None, 64: 0.5}, 64), 64, 32) is None
     assert stage_lengths([p0, p1], 400) == [100, 300]
     pred = predict_fixed([p0, p1], 400, 64, 32, step_time_s=0.5)
     assert pred.samples == pytest.approx(100 * 2 + 300 * 1)
@@ -111,6 +115,71 @@ def test_relative_samples_and_the_prediction_for_a_fixed_batch():
     assert pred.time_s == pytest.approx(500 / 64 * 0.5)
     assert predict_fixed([p0, p1], 400, 32, 32, 0.25).samples == 400
     assert math.isinf(predict_fixed([p0, p1], 400, 128, 32, 1.0).time_s)
+
+
+def test_a_point_where_the_base_batch_lost_ground_rules_no_batch_in_or_out():
+    """Review F4 (bench logreg): at run sample 1,024 every branch's drop was noise around 0
+    and the base batch 32's was -0.038; 64's -0.033 made 64 "not predictable" for the whole
+    run (inf) while 32 kept r = 1 by definition, and 16's +0.01 was credited with the base
+    run's progress (r = 1). Such a point says nothing about relative rates: it takes the
+    ratios of the point before, for every batch alike."""
+    points = [_point(0, {16: 0.14, 32: 0.11, 64: 0.09}, 16),
+              _point(512, {16: 0.087, 32: 0.042, 64: 0.056}, 16),
+              _point(1024, {16: 0.0097, 32: -0.038, 64: -0.033}, 16),
+              _point(2048, {16: 0.066, 32: 0.032, 64: 0.024}, 16)]
+    assert [informative(p, 32) for p in points] == [True, True, False, True]
+    assert relative_samples(points[2], 64, 32) is None
+    assert relative_samples(points[2], 16, 32) is None
+    assert relative_samples(points[2], 32, 32) == 1.0  # the base run's progress, by definition
+    assert point_ratios(points, 64, 32) == pytest.approx(
+        [0.11 / 0.09, 0.042 / 0.056, 0.042 / 0.056, 0.032 / 0.024])
+    assert point_ratios(points, 16, 32)[2] == pytest.approx(0.042 / 0.087)
+    pred = predict_fixed(points, 4096, 64, 32, step_time_s=1.0)
+    lengths = [512, 512, 1024, 2048]
+    assert math.isfinite(pred.samples)  # was inf: one noise point ruled 64 out
+    assert pred.samples == pytest.approx(sum(L * r for L, r in zip(
+        lengths, point_ratios(points, 64, 32))))
+    # a batch that lost ground where the base batch made progress is still not finite
+    lost = [*points[:3], _point(2048, {16: 0.066, 32: 0.032, 64: -0.02}, 16)]
+    assert math.isinf(predict_fixed(lost, 4096, 64, 32, 1.0).samples)
+    # before the first informative point: its ratios; none informative: only b0 is predicted
+    first_silent = [points[2], points[3]]
+    assert point_ratios(first_silent, 64, 32) == pytest.approx([0.032 / 0.024] * 2)
+    assert point_ratios([points[2]], 64, 32) == [math.inf]
+    assert predict_fixed([points[2]], 4096, 32, 32, 1.0).samples == 4096 - 1024
+    assert point_fastest(points[2], 32, {b: TimeInterval(1, 1, 1) for b in (16, 32, 64)}) \
+        is None
+
+
+def _timed_point(drops: dict[int, float], steps: dict[int, int]) -> SchedulePoint:
+    branches = tuple(Branch(dataclasses.replace(_trial(b, d), steps=steps[b]), d, None)
+                     for b, d in drops.items())
+    return SchedulePoint(512, 16, branches, None, None, None)
+
+
+def test_the_fastest_batch_does_not_follow_timing_noise():
+    """Two runs of one command and seed gave different plans (review F4: a split at 2,048 or
+    4,096): the drops are the same every run, the step times are not. Batch sizes whose drop
+    per second can be the largest within the timing rounds' spread are tied, and the tied
+    batch with the largest drop is the fastest, whichever clock reading came out ahead."""
+    point = _timed_point({16: 0.066, 32: 0.032, 64: 0.024}, {16: 32, 32: 16, 64: 8})
+    picks = set()
+    for t32 in (0.95, 1.0, 1.05):  # 32's step time moves within its rounds' spread
+        times = {16: TimeInterval(0.45, 0.5, 0.55), 32: TimeInterval(0.9, t32, 1.1),
+                 64: TimeInterval(1.8, 2.0, 2.2)}
+        # drop per second at mid: 16 0.0041, 32 0.0020: 16 ahead beyond the spread
+        picks.add(point_fastest(point, 32, times))
+    assert picks == {16}
+    # 16 and 32 within each other's spread: the larger drop (16's) whichever mid is faster
+    near = _timed_point({16: 0.064, 32: 0.060, 64: 0.01}, {16: 32, 32: 16, 64: 8})
+    for t16, t32 in ((0.5, 0.90), (0.5, 1.0), (0.45, 1.0)):
+        times = {16: TimeInterval(0.4, t16, 0.55), 32: TimeInterval(0.85, t32, 1.1),
+                 64: TimeInterval(1.8, 2.0, 2.2)}
+        assert point_fastest(near, 32, times) == 16
+    # clearly apart: the clock decides, as it should
+    times = {16: TimeInterval(0.99, 1.0, 1.01), 32: TimeInterval(0.99, 1.0, 1.01),
+             64: TimeInterval(0.99, 1.0, 1.01)}
+    assert point_fastest(near, 32, times) == 32  # 0.060 / 16 steps > 0.064 / 32 steps
 
 
 def test_a_plan_and_a_fixed_batch_are_predicted_by_one_rule():
@@ -225,6 +294,12 @@ def test_run_schedule_on_a_tiny_task(tmp_path):
         assert p.noise is not None and p.noise["measurements"] == 2
     later = [p.branches[0].trial.train_loss_start for p in result.points]
     assert later[-1] < later[0]  # the base run trained between the points
+    for p in result.points:  # a point where the base batch lost ground decides nothing
+        if not informative(p, task.base_batch_size):
+            assert p.fastest_batch_size is None
+            assert any(f"run sample {p.samples:,}" in n for n in result.notes)
+        elif p.fastest_batch_size is not None:
+            assert p.drop_of(p.fastest_batch_size) > 0
     sizes = [s.batch_size for s in result.schedule.stages]
     assert sizes == sorted(sizes) and set(sizes) <= {8, 16, 32}
     assert sum(s.samples for s in result.schedule.stages) == pytest.approx(js["predicted"]["samples"])

@@ -10,7 +10,9 @@ subset is measured. At each point this gives
   sample budget is within ``tolerance`` of the smallest batch's;
 - the **fastest batch size**: the largest loss drop per second of training, at step times
   measured in interleaved rounds (``trials.time_batch_sizes``) and fitted with the physics of a
-  step (``steptime.physical_fit``);
+  step (``steptime.physical_fit``); batch sizes within the rounds' spread of it are tied, and
+  the tied one with the largest drop wins, so timing noise does not decide the plan
+  (``point_fastest``);
 - ``B_simple`` (McCandlish et al. 2018) at the point, with ``bsselect noise``'s estimator.
 
 The schedule: stage ``k`` makes the progress the base run makes between points ``k`` and
@@ -18,11 +20,13 @@ The schedule: stage ``k`` makes the progress the base run makes between points `
 before it (a batch-size warm-up), with the lr scaled for it and ramped up from the previous
 stage's over ``lr_ramp_samples``. Its predicted cost uses the measured relative sample
 efficiency ``r_k(b) = drop_k(b0) / drop_k(b)``: stage ``k`` needs ``L_k * r_k(b)`` samples,
-``L_k * r_k(b) / b`` steps and ``t(b)`` seconds a step. The same prediction is made for every
-fixed batch size, so the saving is stated against the base batch and the best fixed one;
-a plan that prediction finds slower than a fixed batch (or cannot predict) gives way to that
-fixed batch (``no_worse_than_fixed``). The pure decisions and the schedule's types are in
-``schedule_plan``; this module measures.
+``L_k * r_k(b) / b`` steps and ``t(b)`` seconds a step. A point where the base batch's own
+branch made no progress is not ``informative``: it has no fastest batch and no ratios, and
+its stretch takes the ratios of the point before (``point_ratios``). The same prediction is
+made for every fixed batch size, so the saving is stated against the base batch and the best
+fixed one; a plan that prediction finds slower than a fixed batch (or cannot predict) gives
+way to that fixed batch (``no_worse_than_fixed``). The pure decisions and the schedule's types
+are in ``schedule_plan``; this module measures.
 Method and measured results: docs/noise.md ("The noise scale over a run"),
 docs/benchmarks-schedule.md.
 """
@@ -46,9 +50,10 @@ from ..oom import drop_frames, is_oom_error, release_memory
 from .lr_scaling import LrScaling, scale_lr, warmup_lr
 from .noise import default_batch_sizes
 from .schedule_plan import (BatchSchedule, Branch, Prediction, SchedulePoint, Stage, critical_batch,
-                            fastest_batch, growth_exponent, no_worse_than_fixed, plan_stages,
-                            predict_fixed, relative_samples, stage_batches, stage_lengths)
-from .steptime import physical_fit
+                            fastest_batch, growth_exponent, informative, no_worse_than_fixed,
+                            plan_stages, point_fastest, point_ratios, predict_fixed,
+                            relative_samples, stage_batches, stage_lengths)
+from .steptime import TimeInterval, physical_fit
 from .timing import RoundTiming, cpu_threads, progress_units
 from .trial_types import TrialResult
 from .trials import (EVAL_BATCH, WARM_START_SEED_OFFSET, BudgetKind, TrialBudget, TrialSetup,
@@ -57,9 +62,9 @@ from .trials import (EVAL_BATCH, WARM_START_SEED_OFFSET, BudgetKind, TrialBudget
 
 __all__ = ["BatchSchedule", "Branch", "Prediction", "ScheduleHooks", "SchedulePoint",
            "ScheduleResult", "ScheduleSettings", "Stage", "critical_batch", "default_horizon",
-           "fastest_batch", "growth_exponent", "no_worse_than_fixed", "plan_stages",
-           "predict_fixed", "relative_samples", "run_schedule", "short_names", "stage_batches",
-           "stage_lengths"]
+           "fastest_batch", "growth_exponent", "informative", "no_worse_than_fixed",
+           "plan_stages", "point_fastest", "point_ratios", "predict_fixed", "relative_samples",
+           "run_schedule", "short_names", "stage_batches", "stage_lengths"]
 
 DEFAULT_POINTS = 5          # 0, H/16, H/8, H/4, H/2
 BRANCH_FRACTION = 16        # a branch trains H/16 samples
@@ -415,15 +420,30 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
     if merged:
         notes.append(f"{merged} of the {len(point_samples)} points fell on the base step of the "
                      f"point before (a base step is {b0} samples): measured once")
-    fitted = _fit_times(timing, sizes)
+    intervals = _fit_times(timing, sizes)
+    fitted = {b: t.mid for b, t in intervals.items()}
     points = []
     for k, samples, steps, path in bases:
         branches = tuple(_branch(trials[(k, b)], fitted.get(b)) for b in sizes)
         drops = {br.trial.batch_size: br.drop for br in branches}
-        rates = {br.trial.batch_size: br.drop_per_s for br in branches}
-        points.append(SchedulePoint(samples, steps, branches, noises.get(k),
-                                    critical_batch(drops, settings.tolerance),
-                                    fastest_batch(rates), path))
+        point = SchedulePoint(samples, steps, branches, noises.get(k),
+                              critical_batch(drops, settings.tolerance), None, path)
+        points.append(dataclasses.replace(
+            point, fastest_batch_size=point_fastest(point, b0, intervals)))
+    silent = [p for p in points if not informative(p, b0)]
+    if silent:
+        said = ", ".join(f"{p.samples:,}" + ("" if p.drop_of(b0) is None else
+                                              f" (drop {p.drop_of(b0):+.3g})") for p in silent)
+        one = len(silent) == 1
+        rest = (f"{'its stretch' if one else 'their stretches'} of the run "
+                f"{'is' if one else 'are'} predicted from the nearest point before where it "
+                "did (before the first such point: from that point)"
+                if len(silent) < len(points) else
+                f"no batch but the base batch {b0} can be predicted, and the schedule is "
+                f"{b0} throughout")
+        notes.append(f"the base batch {b0} made no progress in its branch at run sample"
+                     f"{'' if one else 's'} {said}: such a point says nothing about relative "
+                     f"rates and rules no batch size in or out; {rest}")
     measured = plan_stages(points, settings.horizon, b0, fitted, lambda b: lr_of[b])
     fixed = {b: predict_fixed(points, settings.horizon, b, b0, fitted[b]) for b in sizes}
     stuck = [st for st in measured if not math.isfinite(st.steps)]
@@ -489,11 +509,14 @@ def _timing(setup: TrialSetup, sizes: list[int], hooks: ScheduleHooks
                         "smaller ones (--max-batch)") from exc
 
 
-def _fit_times(timing: Sequence[RoundTiming], sizes: Sequence[int]) -> dict[int, float]:
+def _fit_times(timing: Sequence[RoundTiming], sizes: Sequence[int]
+               ) -> dict[int, TimeInterval]:
+    """Each batch size's fitted step time (``physical_fit`` of the rounds' summaries) with the
+    rounds' relative spread around it, as the sweep's ranking scales them."""
     by = {t.batch_size: t for t in timing}
     shape = physical_fit(list(sizes), [by[b].step.mid for b in sizes],
                          [by[b].step.lo for b in sizes])
-    return {b: shape.at(b) for b in sizes}
+    return {b: by[b].step.scaled(shape.at(b) / by[b].step.mid) for b in sizes}
 
 
 def default_horizon(task: Any) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .lr_scaling import trial_lr
-from .steptime import pava
+from .steptime import TimeInterval, pava
 from .trial_types import TrialResult
 
 
@@ -149,18 +149,71 @@ def fastest_batch(rates: dict[int, float | None]) -> int | None:
     return max(ok)[1] if ok else None
 
 
-def relative_samples(point: SchedulePoint, b: int, b0: int) -> float:
+def informative(point: SchedulePoint, b0: int) -> bool:
+    """Whether ``point`` says anything about relative rates: the base batch's own branch made
+    progress there. Every ``r(b)`` is a ratio to ``drop(b0)``; where the base batch's branch
+    lost ground (near a plateau every drop can be noise around 0), a batch that also lost
+    ground is no worse than the base and one that gained is not measurably better, so the
+    point rules no batch size in or out."""
+    d0 = point.drop_of(b0)
+    return d0 is not None and d0 > 0
+
+
+def relative_samples(point: SchedulePoint, b: int, b0: int) -> float | None:
     """``r(b) = drop(b0) / drop(b)`` at ``point``: samples batch ``b`` needs for the progress
-    ``b0`` makes in one sample (1 for ``b0`` itself; inf when ``b`` made no progress; 1 when
-    ``b0`` made none, so such a point predicts no difference)."""
+    ``b0`` makes in one sample (1 for ``b0`` itself, by definition; inf when ``b`` made no
+    progress where ``b0`` did). None (not measured) for every ``b != b0`` at a point that is
+    not ``informative``: the same rule for the base batch as for any other."""
     if b == b0:  # the base run's own progress, by definition
         return 1.0
+    if not informative(point, b0):
+        return None
     d0, d = point.drop_of(b0), point.drop_of(b)
+    assert d0 is not None
     if d is None or d <= 0:
         return math.inf
-    if d0 is None or d0 <= 0:
-        return 1.0
     return d0 / d
+
+
+def point_ratios(points: Sequence[SchedulePoint], b: int, b0: int) -> list[float]:
+    """``relative_samples`` at each point, a point that is not ``informative`` taking the
+    ratio of the last informative point before it (points before the first: the first's), as
+    ``stage_batches`` does for the fastest batch. With no informative point, every ratio of
+    ``b != b0`` is inf: nothing measured says what ``b`` costs."""
+    measured = [relative_samples(p, b, b0) for p in points]
+    known = [r for r in measured if r is not None]
+    if not known:
+        return [math.inf] * len(points)
+    out: list[float] = []
+    last = known[0]
+    for r in measured:
+        if r is not None:
+            last = r
+        out.append(last)
+    return out
+
+
+def point_fastest(point: SchedulePoint, b0: int,
+                  step_times: dict[int, TimeInterval]) -> int | None:
+    """The fastest batch at ``point`` without deciding by timing noise: the batch sizes whose
+    loss drop per second (over the branch's steps at the fitted step time) can be the largest
+    within the step times' intervals (``b`` at its fastest plausible step time against the
+    best at its slowest, the sweep's tie rule) are tied, and among them the one with the
+    largest loss drop at the equal sample budget wins (a measurement no clock enters; the
+    larger batch on equal drops). None at a point that is not ``informative``, or where no
+    timed batch made progress."""
+    if not informative(point, b0):
+        return None
+    ok = [(br.drop, br.trial.steps, step_times[br.trial.batch_size], br.trial.batch_size)
+          for br in point.branches
+          if br.drop is not None and br.drop > 0 and br.trial.steps
+          and br.trial.batch_size in step_times]
+    if not ok:
+        return None
+    rate = {b: (d / (n * t.mid), d / (n * t.lo), d / (n * t.hi)) for d, n, t, b in ok}
+    best = max(rate, key=lambda b: (rate[b][0], b))
+    tied = [(d, b) for d, _, _, b in ok if b == best or rate[b][1] >= rate[best][2]]
+    return max(tied)[1]
 
 
 def stage_lengths(points: Sequence[SchedulePoint], horizon: int) -> list[int]:
@@ -172,7 +225,8 @@ def stage_lengths(points: Sequence[SchedulePoint], horizon: int) -> list[int]:
 def predict_fixed(points: Sequence[SchedulePoint], horizon: int, b: int, b0: int,
                   step_time_s: float) -> Prediction:
     lengths = stage_lengths(points, horizon)
-    samples = sum(L * relative_samples(p, b, b0) for p, L in zip(points, lengths) if L)
+    ratios = point_ratios(points, b, b0)
+    samples = sum(L * r for r, L in zip(ratios, lengths) if L)
     steps = samples / b
     return Prediction(steps, samples, steps * step_time_s)
 
@@ -217,14 +271,16 @@ def plan_stages(points: Sequence[SchedulePoint], horizon: int, b0: int,
     wanted = stage_batches([p.fastest_batch_size for p in points], b0,
                            [max(1, L) for L in lengths])
     measured = sorted(step_times_s)
-    for p, L, want in zip(points, lengths, wanted):
+    ratios = {b: point_ratios(points, b, b0) for b in measured}
+    for k, (p, L, want) in enumerate(zip(points, lengths, wanted)):
         # non-decreasing, as ``wanted`` is: the largest measured batch up to it
         b = max([m for m in measured if m <= want] or [measured[0]])
         # A stage batch that made no progress in its point's branch (the smoothing can give
         # a point a batch that was not its fastest) is predicted as a fixed batch would be:
         # not finite, and said so (a note of ``run_schedule``), never credited with the base
-        # run's progress.
-        r = relative_samples(p, b, b0) if L else 1.0
+        # run's progress. A point that is not ``informative`` takes the ratio of the point
+        # before it (``point_ratios``), for the plan as for every fixed batch.
+        r = ratios[b][k] if L else 1.0
         samples = L * r
         steps = samples / b
         stage = Stage(start, p.samples, b, lr_of(b), samples, steps, steps * step_times_s[b])
