@@ -260,6 +260,7 @@ def validate_task(task: Task, on_meta: bool = False) -> None:
     except Exception as exc:
         raise TaskError(f"building the model failed: {one_line(exc)}") from exc
     _check_forward(task, model, x, y)
+    _check_mean_reduction(task, model)
 
 
 FRESH = "bsselect_builds_fresh"  # set on the adapters' factories: a copy per call, not checked
@@ -335,6 +336,52 @@ def _check_forward(task: Task, model: Any, x: Any, y: Any) -> None:
     if not loss.requires_grad:
         raise TaskError("the loss does not require grad; is the model's output detached?")
     _check_optimizer(task, model)
+
+
+SUM_ITEMS = 4  # items of the reduction check: their batch's loss against their own losses
+
+
+def _check_mean_reduction(task: Task, model: nn.Module) -> None:
+    """TaskError when ``Task.loss_fn`` sums over the batch instead of averaging (the
+    contract: the MEAN). A sum scales the gradient with the batch, so every lr the sweep
+    scales is b times too large, and ``noise`` reports |G|^2 and tr(Sigma) scaled by its batch
+    size (review: |G|^2 279 for 0.279, and 16x apart between two ``--b-small`` values).
+
+    In eval mode, without gradients (dropout off, batch norm on its running statistics, so
+    each item's loss is its own), the loss of ``SUM_ITEMS`` items together is their mean
+    loss for a mean and ``SUM_ITEMS`` times it for a sum, both exactly up to rounding. Any
+    other relation (a contrastive loss, whose one-item loss is 0; token means over rows of
+    different lengths) is not a sum and passes. Items the model cannot take one at a time
+    skip the check."""
+    from .step import collate
+
+    n = min(SUM_ITEMS, len(task.train_data))  # type: ignore[arg-type]
+    if n < 2:
+        return
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            items = [task.train_data[i] for i in range(n)]
+            x, y = collate(task, items)
+            together = float(task.loss_fn(model(x), y))
+            alone = []
+            for item in items:
+                x, y = collate(task, [item])
+                alone.append(float(task.loss_fn(model(x), y)))
+    except Exception:  # noqa: BLE001 - a batch of one the model cannot take: no check
+        return
+    finally:
+        model.train(was_training)
+    mean_alone = sum(alone) / n
+    if not (mean_alone > 0 and math.isfinite(together)):
+        return
+    if abs(together - n * mean_alone) <= 1e-3 * n * mean_alone:
+        raise TaskError(
+            f"Task.loss_fn sums over the batch: {n} items give a loss of {together:.4g}, {n}x "
+            f"their mean loss {mean_alone:.4g}; it must be the MEAN over the batch (e.g. "
+            "reduction='mean', or divide the sum by the batch size), or every learning rate "
+            "and gradient norm bsselect measures scales with the batch size")
 
 
 def _check_optimizer(task: Task, model: nn.Module) -> None:

@@ -90,3 +90,68 @@ def test_unknown_attribute_of_the_package():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         bsselect.nope  # noqa: B018
+
+
+SUM_TASKS = '''
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from bsselect import Task
+
+
+def _data(n=256):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    return TensorDataset(x, (x[:, 0] > 0).long())
+
+
+def _net():
+    return nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.BatchNorm1d(16), nn.Linear(16, 2))
+
+
+def summed():
+    return Task(model=_net, train_data=_data(), loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                lr=0.01)
+
+
+def vae_like():  # a reconstruction and a penalty, both summed over the batch
+    def loss(out, y):
+        return nn.functional.cross_entropy(out, y, reduction="sum") + 1e-3 * (out ** 2).sum()
+    return Task(model=_net, train_data=_data(), loss_fn=loss, lr=0.01)
+
+
+def contrastive():  # batch-dependent, 0 for one item: not a sum
+    def loss(out, y):
+        z = nn.functional.normalize(out, dim=1)
+        return nn.functional.cross_entropy(z @ z.T / 0.1, torch.arange(len(z)))
+    return Task(model=lambda: nn.Linear(8, 4), train_data=_data(), loss_fn=loss, lr=0.01)
+
+
+def weighted():  # a weighted mean: a ratio of sums, not a sum
+    return Task(model=_net, train_data=_data(),
+                loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0])), lr=0.01)
+
+
+def per_row_sum():  # a sum over each row's outputs, a mean over the batch: the contract
+    return Task(model=lambda: nn.Linear(8, 3), train_data=_data(),
+                loss_fn=lambda out, y: (out - y[:, None]).pow(2).sum(1).mean(), lr=0.01)
+'''
+
+
+def test_a_loss_summed_over_the_batch_is_refused_and_means_pass(tmp_path):
+    # Before: a sum went through every command; `noise` printed |G|^2 279 where the mean
+    # loss's is 0.279, and the sweep scaled lrs that were already b times too large.
+    path = tmp_path / "sums.py"
+    path.write_text(SUM_TASKS)
+    for name in ("summed", "vae_like"):
+        task, _ = load_task(f"{path}:{name}")
+        with pytest.raises(TaskError, match=r"Task.loss_fn sums over the batch: 4 items give "
+                                             r"a loss of [\d.]+, 4x their mean loss"):
+            validate_task(task)
+    for name in ("contrastive", "weighted", "per_row_sum"):
+        validate_task(load_task(f"{path}:{name}")[0])
+    done = run_cli("noise", f"{path}:summed")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "error: Task.loss_fn sums over the batch")
+    assert "Traceback" not in done.stderr
