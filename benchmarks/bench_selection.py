@@ -203,7 +203,7 @@ def full_run(task, setup, b: int, lr: float, *, target: float | None, max_sample
         if step in cp_at:
             train_loss, _ = evaluate(model, task, setup.eval_train, CPU, EVAL_BS, metric=False)
             val_loss, val_metric = evaluate(model, task, setup.val_data, CPU, EVAL_BS)
-            noise = measure_trial_noise(setup, model)
+            noise = measure_trial_noise(setup, model, None, b)  # the trial's own batches
             cp = dict(steps=step, samples=samples, status="ok" if train_loss <= loss_start
                       else "diverged", train_loss=train_loss, val_loss=val_loss,
                       val_metric=val_metric, b_simple=noise.b_simple,

@@ -121,9 +121,10 @@ def test_trial_noise_fallback_releases_after_the_exception_is_gone(monkeypatch):
     step = failing_step(refs)
     monkeypatch.setattr(noise, "default_batch_sizes",
                         lambda task, b_small=None: (b_small or 32, 64))
-    monkeypatch.setattr(trials, "_estimate_noise", lambda setup, model, bs, bb: step(bs))
+    monkeypatch.setattr(trials, "_estimate_noise",
+                        lambda setup, model, bs, bb, seed: step(bs))
     monkeypatch.setattr(trials, "release_memory", recorder(refs, alive))
-    assert trials.measure_trial_noise(SimpleNamespace(task=None), None, 8) == 8000
+    assert trials.measure_trial_noise(SimpleNamespace(task=None, seed=0), None, 8) == 8000
     assert alive == [False]  # one release, after the 32 ran out
 
 
