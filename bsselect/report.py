@@ -165,6 +165,8 @@ def render_noise(report: Any) -> None:
         out.print("[yellow]|G|² is not distinguishable from zero[/]: the gradient signal is "
                   "below its noise here (e.g. near a minimum); the noise scale is at least the "
                   "lower bound shown. Use more --measurements or a larger --b-big.")
+    for note in getattr(est, "notes", ()):  # e.g. the dropout-mask noise moved to tr(Σ)
+        out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
 def render_sweep(result: Any) -> None:

@@ -148,3 +148,32 @@ def test_dropout_adds_one_pass_per_measurement_and_json_fields() -> None:
     out = report.to_json()
     assert out["dropout"] == ["2"] and out["trace_sigma_dropout"] > 0
     assert "dropout is active" in out["notes"][0]
+
+
+DROPOUT_TASK = '''
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from bsselect import Task
+
+
+def task():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g)
+    return Task(model=lambda: nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.5),
+                                            nn.Linear(32, 2)),
+                train_data=TensorDataset(x, (x[:, 0] > 0).long()),
+                loss_fn=nn.functional.cross_entropy, lr=0.05)
+'''
+
+
+def test_the_noise_command_prints_what_its_number_is_under_dropout(tmp_path) -> None:
+    # The JSON and the API carried the dropout note; the table did not print it.
+    from conftest import run_cli
+
+    path = tmp_path / "drop.py"
+    path.write_text(DROPOUT_TASK)
+    done = run_cli("noise", f"{path}:task", "--measurements", "4")
+    assert done.returncode == 0, done.stderr
+    assert "note: dropout is active (module 2): its mask noise is part of tr(Sigma)" in (
+        " ".join(done.stdout.split()))

@@ -295,7 +295,8 @@ def _dropout_notes(dropout: tuple[str, ...]) -> tuple[str, ...]:
     if not dropout:
         return ()
     names = ", ".join(dropout[:3]) + (f" and {len(dropout) - 3} more" if len(dropout) > 3 else "")
-    return (f"dropout is active ({names}): its mask noise is part of tr(Sigma), measured by "
+    which = f"module{'s' if len(dropout) > 1 else ''} {names}"
+    return (f"dropout is active ({which}): its mask noise is part of tr(Sigma), measured by "
             "running one sub-batch per measurement twice, and taken out of the finite "
             "population correction, which would otherwise overstate |G|^2 by about "
             "tr_dropout/N and understate B_simple",)
