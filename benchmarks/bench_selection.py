@@ -484,4 +484,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # SIGTERM (kill, timeout) unwinds like Ctrl-C, so that the `finally` around each loaded
+    # sweep stops its busy process: killed by signal, the benchmark left it spinning and the
+    # next run's "quiet" sweeps ran beside it (session 15).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     main()
