@@ -20,6 +20,16 @@ def _isolate(tmp_path, monkeypatch):
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after (numbers that should not depend on
+    the thread count's reduction order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY_TASK = '''
 import torch
 from torch import nn

@@ -24,12 +24,7 @@ TINY = f"{TASKS / 'sweep_tasks.py'}:tiny"   # an MLP, SGD with momentum 0.9 (Tas
 CLI_ENV = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def train_run(steps: int = 40, seed: int = 3):

@@ -16,12 +16,7 @@ from bsselect.selection.noise import (active_dropout, estimate_noise, measure_no
 from bsselect.selection.noise_math import estimate_from_norms, sampling_factor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _data(n: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

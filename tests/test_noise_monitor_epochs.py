@@ -19,12 +19,7 @@ from bsselect.errors import UsageError
 from bsselect.selection.noise_monitor import GradientNoiseMonitor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _data(n: int = 96):
