@@ -80,6 +80,15 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
                           text=True, timeout=timeout, env=full_env)
 
 
+def one_error(proc) -> str:
+    """The single ``error:`` line; no traceback, no 'internal error', nothing on stdout."""
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
 def model_loss_curve(batch_size: int, b_noise: float, s_min: float, samples: int, *,
                      start: float = 2.0, floor: float = 0.0, thin: bool = True) -> list:
     """A trial's loss curve on the McCandlish model, whose noise scale is ``b_noise``: batch b

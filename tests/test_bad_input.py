@@ -8,16 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
-
-
-def one_error(proc) -> str:
-    """The single ``error:`` line; no traceback, no 'internal error', nothing on stdout."""
-    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
-    assert proc.stdout == ""
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    return errors[0]
+from conftest import one_error, run_cli
 
 
 @pytest.mark.parametrize("args, code, message", [

@@ -9,18 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import one_error, run_cli
 
 SWEEP = ["--batch-sizes", "8,16", "--budget", "64", "--noise-measurements", "0"]
-
-
-def one_error(proc) -> str:
-    """The single ``error:`` line; no traceback, no 'internal error', nothing on stdout."""
-    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
-    assert proc.stdout == ""
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    return errors[0]
 
 
 # 1. --accumulate: a range like --threads and --world-size, not an effective batch of 8e20
