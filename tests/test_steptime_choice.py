@@ -10,8 +10,8 @@ import random
 import numpy as np
 import pytest
 
-from bsselect.selection.choice import (NoiseInterval, Z, choose, contenders, cost, is_tied,
-                                       noise_interval, predicted)
+from bsselect.selection.choice import (RUN_TO_RUN_SD, NoiseInterval, Z, choose, contenders, cost,
+                                       is_tied, noise_interval, predicted, run_to_run)
 from bsselect.selection.steptime import (CLIFF_TOLERANCE, TimeInterval, pava, physical_fit,
                                          quantile, summarize_rounds)
 
@@ -224,7 +224,7 @@ def test_without_uncertainty_the_pick_is_the_argmin_of_predicted_time():
         times = {b: TimeInterval(t, t, t) for b in sizes
                  for t in [(0.01 + 1e-4 * b) * math.exp(rng.gauss(0, 0.3))]}
         B = rng.uniform(0, 3000)
-        c = choose(times, NoiseInterval.exact(B))
+        c = choose(times, NoiseInterval.exact(B), run_sd=0.0)
         expected = min(sizes, key=lambda b: ((1 + B / b) * times[b].mid, b))
         assert c.pick == c.best == expected
         assert c.tied == (expected,) or all(
@@ -235,14 +235,45 @@ def test_without_uncertainty_the_pick_is_the_argmin_of_predicted_time():
 def test_ties_by_brute_force_over_the_noise_interval():
     # The endpoint rule equals a dense scan of B over the interval (the cost ratio of two
     # batch sizes is monotone in B).
-    for times, iv in _worlds(4, 300):
-        c = choose(times, iv)
+    for measured, iv in _worlds(4, 300):
+        c = choose(measured, iv)
+        times = {b: run_to_run(t) for b, t in measured.items()}  # what choose compares
         hi = iv.hi if math.isfinite(iv.hi) else iv.value * 1e6
         grid = [iv.lo + (hi - iv.lo) * k / 400 for k in range(401)] + [iv.hi]
         for b in times:
             scanned = any(cost(b, times[b].lo, B) <= cost(c.best, times[c.best].hi, B) * (1 + 1e-12)
                           for B in grid)
             assert (b in c.tied) == scanned or b == c.best, (b, c, iv)
+
+
+def test_run_to_run_widens_only_what_is_narrower_than_the_run_to_run_spread():
+    f = math.exp(Z * RUN_TO_RUN_SD)
+    tight = run_to_run(TimeInterval(0.999, 1.0, 1.001))
+    assert (tight.lo, tight.mid, tight.hi) == pytest.approx((1 / f, 1.0, f))
+    assert 1.04 < f < 1.06  # 90% of a 3% log-sd
+    wide = TimeInterval(0.5, 1.0, 3.0)
+    assert run_to_run(wide) == wide
+    assert run_to_run(TimeInterval(0.999, 1.0, 1.001), 0.0) == TimeInterval(0.999, 1.0, 1.001)
+    lopsided = run_to_run(TimeInterval(0.7, 1.0, 1.001))
+    assert lopsided.lo == 0.7 and lopsided.hi == pytest.approx(f)
+    for bad in (-0.01, math.nan, math.inf):
+        with pytest.raises(ValueError):
+            run_to_run(tight, bad)
+
+
+def test_rounds_that_agree_closely_do_not_untie_sizes_a_rerun_could_order_the_other_way():
+    # Two sizes whose costs differ by 4%: within what moves between two runs of one sweep,
+    # though each run's five rounds agreed to 0.2%. Measured tightly, they are tied; with
+    # the run-to-run spread switched off they are not.
+    times = {256: TimeInterval(0.999, 1.0, 1.001), 512: TimeInterval(1.928, 1.93, 1.932)}
+    B = NoiseInterval.exact(3000.0)
+    ratio = cost(512, 1.93, 3000.0) / cost(256, 1.0, 3000.0)
+    assert 1.0 < ratio < 1.05
+    assert choose(times, B).tied == (256, 512)
+    assert choose(times, B, run_sd=0.0).tied == (256,)
+    # ... and a real difference (15%) stays a difference.
+    slower = {256: times[256], 512: TimeInterval(2.198, 2.2, 2.202)}
+    assert choose(slower, B).tied == (256,)
 
 
 def test_pick_is_in_the_tied_set_and_minimises_worst_case_regret():

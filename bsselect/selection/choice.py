@@ -11,7 +11,10 @@ ratio of two batch sizes is monotone in ``B``, the interval's two ends suffice.
 - **best**: the lowest cost at the point estimates.
 - **tied**: ``b`` is tied with the best when, at some ``B`` in the interval, ``b``'s cost at its
   fastest plausible step time is no higher than the best's at its slowest:
-  ``(1 + B/b) t_lo(b) <= (1 + B/best) t_hi(best)``.
+  ``(1 + B/b) t_lo(b) <= (1 + B/best) t_hi(best)``. A step time's plausible range is its
+  timing rounds' spread widened, where that is narrower, to the run-to-run spread
+  (``run_to_run``): the rounds of one process cannot see how much the next run's step times
+  differ, and the user's training run is a next run.
 - **pick** (the rule): among the tied batch sizes, the one whose worst-case slowdown is
   smallest, the worst case taken over ``B`` in {lo, estimate, hi} against whichever batch
   size is fastest at that ``B`` (minimax regret). With no uncertainty it is the best.
@@ -36,6 +39,13 @@ Z = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)
 # batch size that is really the fastest goes untimed. One busy process on a 2-core machine
 # moved trial step times by up to 1.5x (docs/benchmarks-sweep.md).
 CONTENDER_FACTOR = 3.0
+
+# How much one batch size's step time, relative to the others', moves between two runs of the
+# same sweep on the same machine: the standard deviation of its log. Measured on the
+# selection benchmark's tune split (4 tasks, 6 sweeps each, 3 quiet and 3 with a busy process,
+# 20 batch sizes): 3.0% (docs/benchmarks-sweep.md, "Ties that hold from run to run"). Five
+# interleaved rounds of one process can agree to 0.5% and still miss that by 10x.
+RUN_TO_RUN_SD = 0.03
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,16 @@ class Choice:
             "slowdown over the noise scale's interval")
 
 
+def run_to_run(t: TimeInterval, sd: float = RUN_TO_RUN_SD, z: float = Z) -> TimeInterval:
+    """``t`` as a prediction of another run's step time: its interval widened, where it is
+    narrower, to ``mid`` times ``exp(-z sd)``-``exp(z sd)`` (the run-to-run spread at the
+    reported confidence). ``sd = 0`` leaves ``t`` as it is."""
+    if not (math.isfinite(sd) and sd >= 0):
+        raise ValueError(f"sd must be a finite number >= 0, got {sd!r}")
+    f = math.exp(z * sd)
+    return TimeInterval(min(t.lo, t.mid / f), t.mid, max(t.hi, t.mid * f))
+
+
 def is_tied(b: int, t_b: TimeInterval, best: int, t_best: TimeInterval,
             b_noise: NoiseInterval) -> bool:
     """Whether ``b`` can be as fast as ``best`` at some ``B`` in the interval."""
@@ -121,16 +141,18 @@ def regret_scenarios(b_noise: NoiseInterval) -> tuple[float, ...]:
 
 
 def choose(times: Mapping[int, TimeInterval], b_noise: NoiseInterval,
-           scenarios: Callable[[NoiseInterval], tuple[float, ...]] = regret_scenarios
-           ) -> Choice:
-    """Best, tied set and pick for step times ``times`` (batch size -> interval, seconds).
-    ``scenarios``: the values of ``B`` the pick's worst case is taken over (the default is
-    the rule; ``benchmarks/replay_pick_rules.py`` replays others)."""
+           scenarios: Callable[[NoiseInterval], tuple[float, ...]] = regret_scenarios,
+           run_sd: float = RUN_TO_RUN_SD) -> Choice:
+    """Best, tied set and pick for step times ``times`` (batch size -> interval, seconds,
+    as measured: each is widened by ``run_to_run(t, run_sd)`` here). ``scenarios``: the
+    values of ``B`` the pick's worst case is taken over (the default is the rule;
+    ``benchmarks/replay_pick_rules.py`` replays others)."""
     if not times:
         raise ValueError("no batch sizes to choose from")
     for b in times:
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ValueError(f"batch sizes must be ints >= 1, got {b!r}")
+    times = {b: run_to_run(t, run_sd) for b, t in times.items()}
     sizes = sorted(times)
     pred = {b: predicted(b, times[b], b_noise) for b in sizes}
     best = min(sizes, key=lambda b: (pred[b].mid, b))
