@@ -338,6 +338,9 @@ def render_check(result: Any) -> None:
     colour = "green" if result.fits else "red"
     out.print(f"[bold {colour}]{escape(head)}[/]", highlight=False)
     out.print(tail, highlight=False)
+    note = getattr(result, "data_note", None)
+    if note:
+        out.print(f"note: {note}", highlight=False, markup=False)
 
 
 def render_check_github(result: Any, file: Any = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import textwrap
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -185,3 +186,24 @@ def test_check_largest_batch_is_checked_by_simulation_not_read_off_the_line(tmp_
     # target "same": required = the simulated peak (with CPU kernel scratch, as check runs it).
     assert simulate_step_peak(task, b).peak_bytes <= usable
     assert simulate_step_peak(task, b + 1).peak_bytes > usable
+
+
+def test_a_batch_beyond_the_training_set_fits_with_a_note():
+    """The memory answer stays the memory answer (exit 0), but a batch the data can never
+    fill, or a largest batch that only the data limits, is said, not left as a bare "fits"."""
+    task = str(Path(__file__).parent / "tasks" / "sweep_tasks.py") + ":tiny"  # 384 items
+    proc = check(task, "--batch-size", "4096", "--memory", "4GiB")
+    assert proc.returncode == 0, proc.stderr
+    assert "batch 4096 of" in proc.stdout and " fits:" in proc.stdout
+    assert ("note: batch 4,096 is more than the task's 384 training items: every step would "
+            "see at most 384") in proc.stdout.replace("\n", " ")
+    data = json.loads(check(task, "--batch-size", "64", "--accumulate", "8", "--memory",
+                            "4GiB", "--json").stdout)
+    assert data["train_items"] == 384 and data["effective_batch"] == 512
+    assert data["data_note"].startswith("batch 512 (64 x 8 accumulated) is more than")
+    data = json.loads(check(task, "--batch-size", "16", "--memory", "4GiB", "--json").stdout)
+    assert data["max_batch"] >= 384
+    assert "memory does not limit the batch here, the data does" in data["data_note"]
+    data = json.loads(check("digits-mlp", "--batch-size", "64", "--memory", "1MiB",
+                            "--json").stdout)
+    assert data["max_batch"] < data["train_items"] and data["data_note"] is None

@@ -20,7 +20,7 @@ from bsselect.errors import TaskError, UsageError
 from bsselect.examples.linreg import closed_form_b_simple, make_linreg_task
 from bsselect.selection.noise import (NoiseEstimate, default_batch_sizes, estimate_from_norms,
                                       estimate_noise, measure_grad_norms, measure_noise,
-                                      split_batch)
+                                      split_batch, training_batchnorm)
 from bsselect.selection.noise_math import (expanded_tail, per_measurement, sampling_factor,
                                            t_quantile)
 
@@ -169,6 +169,28 @@ def test_measurement_restores_batchnorm_statistics_and_mode() -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.training and all(p.grad is None for p in model.parameters())
 
+
+
+def test_batchnorm_in_training_mode_is_said_in_the_estimate_notes() -> None:
+    """With BatchNorm normalising by batch statistics the number is the noise at b_small's
+    statistics (review F7): the estimate says so; without BatchNorm, or with it in eval mode,
+    nothing is said."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 4, generator=g), torch.randn(256, generator=g)
+    loss = lambda out, t: F.mse_loss(out.squeeze(-1), t)  # noqa: E731
+
+    def notes(model: nn.Module) -> tuple[str, ...]:
+        task = Task(model=lambda: model, train_data=TensorDataset(x, y), loss_fn=loss)
+        est, _ = estimate_noise(model, task, b_small=8, b_big=32, measurements=4, seed=1)
+        return est.notes
+
+    bn = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1)).train()
+    assert training_batchnorm(bn) == ("1",)
+    said = notes(bn)
+    assert len(said) == 1 and said[0].startswith("BatchNorm normalises with batch statistics (1)")
+    assert "b_small's batch statistics" in said[0]
+    assert notes(bn.eval()) == () and training_batchnorm(bn) == ()
+    assert notes(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 1))) == ()
 
 def test_split_batch_handles_nested_inputs() -> None:
     batch = ({"a": torch.arange(8), "b": torch.arange(16).reshape(8, 2)}, torch.arange(8), 1.5)

@@ -98,11 +98,33 @@ class CheckResult:
     rank_terms: tuple[tuple[str, int], ...] = ()
     checkpointing_saves_bytes: int | None = None
     tokens_per_sample: int | None = None  # a token batch's sequence length (LM tasks)
+    train_items: int | None = None  # the task's training set (None: it has no len())
+
+    @property
+    def data_note(self) -> str | None:
+        """What the training set says about a batch that memory allows: a batch (micro-batch
+        x accumulation) above it never occurs in training, and a largest fitting batch that
+        reaches it is not limited by memory."""
+        n = self.train_items
+        if n is None:
+            return None
+        trained = self.batch_size * self.accumulate
+        if trained > n:
+            what = (f"batch {trained:,} ({self.batch_size} x {self.accumulate} accumulated)"
+                    if self.accumulate > 1 else f"batch {trained:,}")
+            return (f"{what} is more than the task's {n:,} training items: every step would "
+                    f"see at most {n:,} (the memory answer is for {self.batch_size} items "
+                    "per micro-batch as asked)")
+        if self.max_batch >= n:
+            return (f"the largest batch that fits reaches the task's {n:,} training items: "
+                    "memory does not limit the batch here, the data does")
+        return None
 
     def to_json(self) -> dict:
         # batch_size is the micro-batch that must fit; the effective batch is what trains.
         return dict(asdict(self), terms=[asdict(t) for t in self.terms],
-                    micro_batch=self.batch_size, effective_batch=self.batch_size * self.accumulate)
+                    micro_batch=self.batch_size, effective_batch=self.batch_size * self.accumulate,
+                    data_note=self.data_note)
 
     def to_dict(self) -> dict:
         """The ``--json`` output (``to_json``'s name in the Python API)."""
@@ -286,8 +308,15 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
         budget_source=config.budget_source, terms=tuple(terms),
         **step_fields(settings, inputs), optimizer_impl=steps[b].optimizer_impl,
         **shard_fields(config.shard, steps[b], saves), tokens_per_sample=tokens_per_sample(
-            task, inputs),
+            task, inputs), train_items=_train_items(task),
     )
+
+
+def _train_items(task: Task) -> int | None:
+    try:
+        return len(task.train_data)  # type: ignore[arg-type]
+    except TypeError:  # an iterable dataset
+        return None
 
 
 def shard_fields(plan: Any, step: Any, saves: int | None) -> dict[str, Any]:

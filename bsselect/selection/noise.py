@@ -37,6 +37,7 @@ from .noise_math import NoiseEstimate, check_batch_sizes, estimate_from_norms
 
 __all__ = [
     "NoiseEstimate", "NoisePoint", "NoiseReport", "active_dropout", "estimate_from_norms",
+    "training_batchnorm",
     "measure_grad_norms",
     "estimate_noise", "measure_noise", "split_batch",
     "default_batch_sizes", "DEFAULT_N_SUB", "DEFAULT_MEASUREMENTS",
@@ -287,8 +288,25 @@ def estimate_noise(
                 on_pass(n_sub + repeat)
     est = estimate_from_norms(small, big, b_small, b_big, n_data, seed=seed,
                               mask_trace=masks if repeat else None, dropout=dropout,
-                              notes=_dropout_notes(dropout))
+                              notes=_dropout_notes(dropout) + _batchnorm_notes(model))
     return est, sum(losses) / len(losses)
+
+
+def training_batchnorm(model: nn.Module) -> tuple[str, ...]:
+    """Names of the model's BatchNorm modules (``nn.BatchNorm1d/2d/3d``, their lazy and
+    sync kin) in training mode: they normalise with the batch's own statistics."""
+    return tuple(name or type(module).__name__ for name, module in model.named_modules()
+                 if module.training and isinstance(module, nn.modules.batchnorm._BatchNorm))
+
+
+def _batchnorm_notes(model: nn.Module) -> tuple[str, ...]:
+    found = training_batchnorm(model)
+    if not found:
+        return ()
+    names = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    return (f"BatchNorm normalises with batch statistics ({names}): a sub-batch's gradient "
+            "depends on which items share it, so this is the noise at b_small's batch "
+            "statistics, not of single items; another --b-small can give another value",)
 
 
 def _dropout_notes(dropout: tuple[str, ...]) -> tuple[str, ...]:
