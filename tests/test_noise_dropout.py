@@ -11,8 +11,8 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import TensorDataset
 
 from bsselect import Task
-from bsselect.selection.noise import (active_dropout, estimate_noise, measure_noise,
-                                      _estimate_json)
+from bsselect.selection.noise import (_estimate_json, active_dropout, estimate_noise,
+                                      forward_randomness, measure_noise, random_forward)
 from bsselect.selection.noise_math import estimate_from_norms, sampling_factor
 
 
@@ -31,10 +31,25 @@ def _model(p: float = 0.5) -> nn.Module:
     return nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Dropout(p), nn.Linear(32, 3))
 
 
-def _trained_task(p: float = 0.5, n: int = 128, steps: int = 300) -> tuple[Task, nn.Module]:
+class _FunctionalDropout(nn.Module):
+    """_model's network with its dropout called as a function: no dropout module to find."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = p
+        self.inp, self.out = nn.Linear(10, 32), nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.dropout(torch.tanh(self.inp(x)), self.p, self.training)
+        return self.out(h)
+
+
+def _trained_task(p: float = 0.5, n: int = 128, steps: int = 300, make=None
+                  ) -> tuple[Task, nn.Module]:
+    make = make or _model
     x, y = _data(n)
     torch.manual_seed(0)
-    model = _model(p)
+    model = make(p)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -42,7 +57,7 @@ def _trained_task(p: float = 0.5, n: int = 128, steps: int = 300) -> tuple[Task,
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
-    task = Task(model=lambda: _model(p), train_data=TensorDataset(x, y),
+    task = Task(model=lambda: make(p), train_data=TensorDataset(x, y),
                 loss_fn=nn.CrossEntropyLoss(), lr=0.1, base_batch_size=8)
     return task, model
 
@@ -119,6 +134,47 @@ def test_dropout_small_dataset_matches_the_exact_noise_scale() -> None:
     assert lo <= exact["b"] <= hi
     assert est.b_simple == pytest.approx(exact["b"], rel=0.35)
     assert est.grad_sq_norm == pytest.approx(exact["g2"], abs=3 * est.grad_sq_norm_se)
+
+
+def test_functional_dropout_is_found_by_its_effect_and_corrected_too() -> None:
+    """``F.dropout`` in ``forward`` has no module for ``active_dropout`` to see (the review's
+    leftover): the forward is found random by running the same items twice, and the estimate
+    gets the same correction, against the same exact truth."""
+    task, model = _trained_task(make=_FunctionalDropout)
+    x, y = task.train_data.tensors
+    exact = _exact(model, x, y)
+    assert 150 < exact["b"] < 500
+    model.train()
+    assert active_dropout(model) == () and random_forward(model, task, x[:8], y[:8])
+    assert not random_forward(model.eval(), task, x[:8], y[:8])
+    model.train()
+    torch.manual_seed(0)
+    est, _ = estimate_noise(model, task, b_small=8, b_big=128, measurements=64, seed=3)
+    assert est.dropout == () and est.notes[0].startswith("the forward is random without")
+    assert est.trace_sigma_dropout == pytest.approx(exact["dropout"], rel=0.3)
+    lo, hi = est.b_simple_ci
+    assert lo <= exact["b"] <= hi
+    assert est.b_simple == pytest.approx(exact["b"], rel=0.35)
+    # told it is not random, the estimate is the uncorrected one, far below the truth
+    torch.manual_seed(0)
+    plain, _ = estimate_noise(model, task, b_small=8, b_big=128, measurements=64, seed=3,
+                              random=False)
+    assert plain.trace_sigma_dropout is None and plain.b_simple < 0.6 * exact["b"]
+
+
+def test_a_deterministic_forward_is_not_taken_for_a_random_one() -> None:
+    x, y = _data(64)
+    task = Task(model=lambda: _model(0.0), train_data=TensorDataset(x, y),
+                loss_fn=nn.CrossEntropyLoss(), lr=0.1, base_batch_size=8)
+    model = _model(0.0).train()
+    state = torch.random.get_rng_state()
+    assert not random_forward(model, task, x[:8], y[:8])
+    assert not forward_randomness(model, task, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)  # forward_randomness forks the RNG
+    bn = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).train()
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    assert not random_forward(bn, task, x[:8], y[:8])  # batch statistics are not randomness
+    assert all(torch.equal(before[k], v) for k, v in bn.state_dict().items())
 
 
 def test_no_dropout_costs_nothing_more_and_says_nothing() -> None:

@@ -37,7 +37,7 @@ from .noise_math import NoiseEstimate, check_batch_sizes, estimate_from_norms
 
 __all__ = [
     "NoiseEstimate", "NoisePoint", "NoiseReport", "active_dropout", "estimate_from_norms",
-    "training_batchnorm",
+    "training_batchnorm", "random_forward", "forward_randomness",
     "measure_grad_norms",
     "estimate_noise", "measure_noise", "split_batch",
     "default_batch_sizes", "DEFAULT_N_SUB", "DEFAULT_MEASUREMENTS",
@@ -161,6 +161,54 @@ def active_dropout(model: nn.Module) -> tuple[str, ...]:
     return tuple(found)
 
 
+# Two training-mode losses of the same items closer than this (relative) are the same: the
+# forward draws no random numbers. Dropout moves a loss by far more; a deterministic forward
+# repeats it to the last bit on a CPU and to ~1e-7 with a GPU's reduction order.
+RANDOM_FORWARD_RTOL = 1e-5
+
+
+def random_forward(model: nn.Module, task: Task, x: Any, y: Any,
+                   precision: Precision = Precision.fp32) -> bool:
+    """Whether the model's forward, as it is now (training mode), draws random numbers:
+    the loss of the same items ``(x, y)`` twice, without gradients, under two RNG states.
+    Catches what ``active_dropout`` cannot see: ``F.dropout`` called in ``forward``, the
+    attention's ``dropout_p``, stochastic depth, noise injection, sampling. Buffers (BatchNorm
+    statistics) are left as they were, and so is the global RNG's use by the caller's
+    measurement (call it inside the caller's ``fork_rng``)."""
+    if not model.training:
+        return False
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        with torch.no_grad():
+            first = float(forward_loss(model, task, x, y, precision))
+            second = float(forward_loss(model, task, x, y, precision))
+    finally:
+        with torch.no_grad():
+            for buf, old in zip(model.buffers(), saved):
+                buf.copy_(old)
+    differs = abs(first - second) > RANDOM_FORWARD_RTOL * max(abs(first), abs(second))
+    # every rank decides the same (the repeated pass is a collective under torchrun)
+    return distributed.max_float(float(differs or not math.isfinite(first - second))) > 0
+
+
+def forward_randomness(model: nn.Module, task: Task, seed: int,
+                       precision: Precision = Precision.fp32) -> bool:
+    """``random_forward`` on a few training items of the task (its own draw: the
+    measurement's batches are not touched), or True at once with an active dropout module."""
+    if active_dropout(model):
+        return True
+    if not model.training:
+        return False
+    n_data = len(task.train_data)  # type: ignore[arg-type]
+    idx = sample_indices(n_data, min(n_data, 8), torch.Generator().manual_seed(seed + 4099))
+    x, y = to_device(collate(task, [task.train_data[i] for i in idx]), _model_device(model))
+    device = _model_device(model)
+    on_cpu = device.type == "cpu"
+    with torch.random.fork_rng(devices=[] if on_cpu else [device],
+                               device_type=None if on_cpu else device.type):
+        return _run_task(lambda: random_forward(model, task, x, y, precision))
+
+
 def _sum_dtype(device: torch.device) -> torch.dtype:
     # float64 sums: tr(Sigma) comes from a difference of two such norms. MPS has no float64;
     # float32 (relative error ~1e-7) only matters when B_simple < 1e-5 * b_small.
@@ -250,14 +298,16 @@ def estimate_noise(
     model: nn.Module, task: Task, *, b_small: int, b_big: int, measurements: int,
     generator: torch.Generator | None = None, seed: int = 0,
     on_pass: Callable[[int], None] | None = None, precision: Precision = Precision.fp32,
+    random: bool | None = None,
 ) -> tuple[NoiseEstimate, float]:
     """(B_simple estimate, mean training loss) for ``model`` as it is now.
 
     ``measurements`` big batches of ``b_big`` items, each drawn without replacement from
     ``task.train_data`` by ``generator`` (or a fresh one seeded with ``seed``), hence the
     finite population correction with N = len(train_data). Costs
-    ``measurements * b_big / b_small`` forward/backward passes, one more per measurement with
-    active dropout (``active_dropout``: the estimate is corrected for the masks' noise);
+    ``measurements * b_big / b_small`` forward/backward passes, one more per measurement when
+    the forward is random (active dropout, or ``random_forward``: the estimate is corrected
+    for that noise; ``random`` says it when the caller has already found out, None tests);
     ``on_pass(n)`` is called after each measurement with the passes it used. For use
     mid-training (e.g. by ``sweep``): the model, its ``.grad``, buffers and the global RNG
     are left as they were.
@@ -267,7 +317,8 @@ def estimate_noise(
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     device = _model_device(model)
     dropout = active_dropout(model)
-    repeat = bool(dropout)
+    repeat = bool(dropout) or (forward_randomness(model, task, seed, precision)
+                               if random is None else random)
     small, big, losses, masks = [], [], [], []
     # Dropout etc. draw from the global RNG; fork it so measuring does not change training.
     on_cpu = device.type == "cpu"
@@ -288,7 +339,7 @@ def estimate_noise(
                 on_pass(n_sub + repeat)
     est = estimate_from_norms(small, big, b_small, b_big, n_data, seed=seed,
                               mask_trace=masks if repeat else None, dropout=dropout,
-                              notes=_dropout_notes(dropout) + _batchnorm_notes(model))
+                              notes=_dropout_notes(dropout, repeat) + _batchnorm_notes(model))
     return est, sum(losses) / len(losses)
 
 
@@ -309,7 +360,12 @@ def _batchnorm_notes(model: nn.Module) -> tuple[str, ...]:
             "statistics, not of single items; another --b-small can give another value",)
 
 
-def _dropout_notes(dropout: tuple[str, ...]) -> tuple[str, ...]:
+def _dropout_notes(dropout: tuple[str, ...], random: bool = False) -> tuple[str, ...]:
+    if not dropout and random:
+        return ("the forward is random without an active dropout module (functional dropout, "
+                "attention dropout, stochastic depth, noise or sampling in forward): that "
+                "noise is part of tr(Sigma), measured by running one sub-batch per "
+                "measurement twice, and taken out of the finite population correction",)
     if not dropout:
         return ()
     names = ", ".join(dropout[:3]) + (f" and {len(dropout) - 3} more" if len(dropout) > 3 else "")
@@ -461,8 +517,9 @@ def measure_noise(
             if warn:
                 warn(message)
     model.train()  # the noise of the gradients training sees (dropout on, batch statistics)
-    # active dropout: one more pass per measurement (estimate_noise)
-    per_point = measurements * (n_sub + bool(active_dropout(model)))
+    # a random forward (dropout): one more pass per measurement (estimate_noise)
+    random = forward_randomness(model, task, seed, precision)
+    per_point = measurements * (n_sub + random)
     counter.total = len(steps) * per_point + warmup_steps
     opt = (_run_task(lambda: task.make_optimizer(model.parameters(), task.lr),
                      "building the optimizer") if warmup_steps else None)
@@ -478,7 +535,8 @@ def measure_noise(
         if step in steps:
             est, loss = estimate_noise(model, task, b_small=b_small, b_big=b_big,
                                        measurements=measurements, seed=_point_seed(seed, step),
-                                       on_pass=counter.add, precision=precision)
+                                       on_pass=counter.add, precision=precision,
+                                       random=random)
             points.append(NoisePoint(step, loss, est))
         if step < warmup_steps:
             assert opt is not None
