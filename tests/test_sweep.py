@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli  # tests/ is on sys.path (rootdir-relative, no __init__.py)
+from conftest import one_error, run_cli  # tests/ is on sys.path (rootdir-relative, no __init__.py)
 
 import bsselect.selection.trials as trials_mod
 from bsselect.selection import sweep as sweep_mod  # noqa: E402
@@ -90,15 +90,6 @@ TIMED = ("step_time_s", "samples_per_s", "loss_drop_per_s")  # from the interlea
 def untimed(trials: list[dict]) -> list[dict]:
     """Trials without the fields the interleaved timing rounds set (re-measured per run)."""
     return [{k: v for k, v in t.items() if k not in TIMED} for t in trials]
-
-
-def the_error(proc: subprocess.CompletedProcess) -> str:
-    """The one error line of a failed command; no traceback, nothing on stdout."""
-    assert "Traceback" not in proc.stderr
-    assert proc.stdout == ""
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    return errors[0]
 
 
 def settings(rule: LrScaling, budget: str = "256", noise: int = 0) -> SweepSettings:
@@ -475,7 +466,7 @@ def test_resume_with_other_settings_exits_2_and_leaves_the_journal_alone(cut_jou
                      "--journal", str(cut_journal), "--resume")
 
     assert proc.returncode == 2
-    error = the_error(proc)
+    error = one_error(proc)
     assert error.startswith(f"error: journal '{cut_journal}' was written for a different task "
                             "or settings (key ")
     assert error.endswith(": lr_scaling 'linear' -> 'sqrt'; use a new --journal path or drop "
@@ -598,7 +589,7 @@ def test_report_compares_only_when_that_sweeps_trials_are_all_there(finished, tm
 def test_usage_errors_exit_2_with_one_line(args, message):
     proc = sweep_cli(spec("tiny"), "--batch-sizes", "8,16", *args)
     assert proc.returncode == 2
-    assert the_error(proc) == message
+    assert one_error(proc) == message
     assert list(Path.cwd().glob("*.jsonl")) == []
 
 
@@ -608,7 +599,7 @@ def test_an_existing_journal_without_resume_exits_2(tmp_path):
     proc = sweep_cli(spec("tiny"), "--batch-sizes", "8,16", "--journal", str(journal))
 
     assert proc.returncode == 2
-    assert the_error(proc) == (f"error: journal '{journal}' already exists; pass --resume to "
+    assert one_error(proc) == (f"error: journal '{journal}' already exists; pass --resume to "
                                "continue it, --overwrite to replace it, or choose a new "
                                "--journal path")
     assert journal.read_text() == '{"bsselect_journal":1}\n'
@@ -633,7 +624,7 @@ def test_only_oversized_batch_sizes_is_a_usage_error(tmp_path):
     proc = sweep_cli(spec("tiny"), "--batch-sizes", "2048,4096", "--budget", "256",
                      "--journal", str(tmp_path / "j.jsonl"))
     assert proc.returncode == 2
-    assert the_error(proc) == ("error: every batch size (2048, 4096) is larger than the 346 "
+    assert one_error(proc) == ("error: every batch size (2048, 4096) is larger than the 346 "
                                "items the sweep trains on (after holding out 10% for "
                                "validation); choose batch sizes <= 346")
 
