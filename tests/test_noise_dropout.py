@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 from bsselect import Task
 from bsselect.selection.noise import (_estimate_json, active_dropout, estimate_noise,
-                                      forward_randomness, measure_noise, random_forward)
+                                      measure_noise)
 from bsselect.selection.noise_math import estimate_from_norms, sampling_factor
 
 
@@ -138,18 +138,19 @@ def test_dropout_small_dataset_matches_the_exact_noise_scale() -> None:
 
 def test_functional_dropout_is_found_by_its_effect_and_corrected_too() -> None:
     """``F.dropout`` in ``forward`` has no module for ``active_dropout`` to see (the review's
-    leftover): the forward is found random by running the same items twice, and the estimate
-    gets the same correction, against the same exact truth."""
+    leftover): the first measurement's repeated sub-batch finds the gradients differ, and the
+    estimate gets the same correction, against the same exact truth."""
     task, model = _trained_task(make=_FunctionalDropout)
     x, y = task.train_data.tensors
     exact = _exact(model, x, y)
     assert 150 < exact["b"] < 500
     model.train()
-    assert active_dropout(model) == () and random_forward(model, task, x[:8], y[:8])
-    assert not random_forward(model.eval(), task, x[:8], y[:8])
-    model.train()
+    assert active_dropout(model) == ()
     torch.manual_seed(0)
-    est, _ = estimate_noise(model, task, b_small=8, b_big=128, measurements=64, seed=3)
+    passes: list[int] = []
+    est, _ = estimate_noise(model, task, b_small=8, b_big=128, measurements=64, seed=3,
+                            on_pass=passes.append)
+    assert passes == [17] * 64  # the test's repeat, then every measurement's
     assert est.dropout == () and est.notes[0].startswith("the forward is random without")
     assert est.trace_sigma_dropout == pytest.approx(exact["dropout"], rel=0.3)
     lo, hi = est.b_simple_ci
@@ -162,27 +163,71 @@ def test_functional_dropout_is_found_by_its_effect_and_corrected_too() -> None:
     assert plain.trace_sigma_dropout is None and plain.b_simple < 0.6 * exact["b"]
 
 
-def test_a_deterministic_forward_is_not_taken_for_a_random_one() -> None:
-    x, y = _data(64)
-    task = Task(model=lambda: _model(0.0), train_data=TensorDataset(x, y),
+class _ZeroHead(nn.Module):
+    """Dropout before a zero-initialised head: at initialisation the loss does not depend on
+    the masks, the head's gradient does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(10, 32), nn.Linear(32, 3)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(nn.functional.dropout(torch.tanh(self.inp(x)), 0.5, self.training))
+
+
+def test_randomness_is_found_in_the_gradient_at_every_point_not_once() -> None:
+    """The review's counter-example to testing the loss once at initialisation: found at
+    initialisation (the head's gradient differs under two masks) and at a point after warm-up
+    steps, each point deciding at its own weights."""
+    x, y = _data(128)
+    task = Task(model=_ZeroHead, train_data=TensorDataset(x, y),
                 loss_fn=nn.CrossEntropyLoss(), lr=0.1, base_batch_size=8)
-    model = _model(0.0).train()
-    state = torch.random.get_rng_state()
-    assert not random_forward(model, task, x[:8], y[:8])
-    assert not forward_randomness(model, task, seed=0)
-    assert torch.equal(torch.random.get_rng_state(), state)  # forward_randomness forks the RNG
-    bn = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).train()
-    before = {k: v.clone() for k, v in bn.state_dict().items()}
-    assert not random_forward(bn, task, x[:8], y[:8])  # batch statistics are not randomness
-    assert all(torch.equal(before[k], v) for k, v in bn.state_dict().items())
+    seen = []
+    report = measure_noise(task, b_small=8, b_big=32, measurements=4, warmup_steps=20, every=10,
+                           progress=lambda done, total: seen.append((done, total)))
+    for point in report.trajectory:
+        assert point.estimate.trace_sigma_dropout is not None, point.step
+        assert point.estimate.notes[0].startswith("the forward is random without")
+    assert report.measure_passes == 3 * 4 * 5 and seen[-1] == (3 * 4 * 5 + 20,) * 2
 
 
-def test_no_dropout_costs_nothing_more_and_says_nothing() -> None:
+class _SpectralMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.utils.spectral_norm(nn.Linear(10, 32))
+        self.out = nn.utils.parametrizations.spectral_norm(nn.Linear(32, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.inp(x)))
+
+
+@pytest.mark.parametrize("make", [lambda: _model(0.0), _SpectralMLP, lambda: nn.Sequential(
+    nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))], ids=["plain", "spectral", "bn"])
+def test_a_deterministic_forward_is_not_taken_for_a_random_one(make) -> None:
+    """State a forward updates (spectral norm's power iteration, BatchNorm's running
+    statistics) is not randomness: the test's two passes start from the same buffers (the
+    review found spectral norm flagged, +12.5% passes and a made-up correction)."""
+    x, y = _data(64)
+    task = Task(model=make, train_data=TensorDataset(x, y), loss_fn=nn.CrossEntropyLoss(),
+                lr=0.1, base_batch_size=8)
+    model = make().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    passes: list[int] = []
+    est, _ = estimate_noise(model, task, b_small=8, b_big=32, measurements=4, seed=0,
+                            on_pass=passes.append)
+    assert passes == [5, 4, 4, 4]  # one test pass in all
+    assert est.trace_sigma_dropout is None and not any("random" in n for n in est.notes)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_no_dropout_costs_one_test_pass_and_says_nothing() -> None:
     x, y = _data(64)
     task = Task(model=lambda: _model(0.0), train_data=TensorDataset(x, y),
                 loss_fn=nn.CrossEntropyLoss(), lr=0.1, base_batch_size=8)
     report = measure_noise(task, b_small=8, b_big=32, measurements=4)
-    assert report.measure_passes == 4 * 4
+    assert report.measure_passes == 4 * 4 + 1  # the first measurement's sub-batch twice
     out = _estimate_json(report.final)
     assert out["dropout"] == [] and out["trace_sigma_dropout"] is None and out["notes"] == []
 

@@ -37,7 +37,7 @@ from .noise_math import NoiseEstimate, check_batch_sizes, estimate_from_norms
 
 __all__ = [
     "NoiseEstimate", "NoisePoint", "NoiseReport", "active_dropout", "estimate_from_norms",
-    "training_batchnorm", "random_forward", "forward_randomness",
+    "training_batchnorm",
     "measure_grad_norms",
     "estimate_noise", "measure_noise", "split_batch",
     "default_batch_sizes", "DEFAULT_N_SUB", "DEFAULT_MEASUREMENTS",
@@ -143,6 +143,15 @@ class _Norms(NamedTuple):
     big_sq: float  # |mean of the sub-batch gradients|^2
     loss: float  # mean loss over the sub-batches
     mask_sq: float | None = None  # |g - g'|^2 of one sub-batch under two sets of masks
+    first_sq: float | None = None  # |g|^2 of that sub-batch (with mask_sq)
+
+    def random(self) -> bool:
+        """Whether the repeated sub-batch's two gradients differ: a random forward."""
+        if self.mask_sq is None or self.first_sq is None:
+            return False
+        ratio = self.mask_sq / self.first_sq if self.first_sq > 0 else (
+            math.inf if self.mask_sq > 0 else 0.0)
+        return math.isfinite(self.mask_sq) and ratio > RANDOM_FORWARD_RTOL ** 2
 
 
 def active_dropout(model: nn.Module) -> tuple[str, ...]:
@@ -161,52 +170,10 @@ def active_dropout(model: nn.Module) -> tuple[str, ...]:
     return tuple(found)
 
 
-# Two training-mode losses of the same items closer than this (relative) are the same: the
-# forward draws no random numbers. Dropout moves a loss by far more; a deterministic forward
-# repeats it to the last bit on a CPU and to ~1e-7 with a GPU's reduction order.
+# The same items' gradient twice, closer than this (relative, in norm), is the same: the
+# forward draws no random numbers. A deterministic forward and backward repeat a gradient to
+# the last bit on a CPU and to ~1e-7 with a GPU's atomic reductions; dropout moves it by far more.
 RANDOM_FORWARD_RTOL = 1e-5
-
-
-def random_forward(model: nn.Module, task: Task, x: Any, y: Any,
-                   precision: Precision = Precision.fp32) -> bool:
-    """Whether the model's forward, as it is now (training mode), draws random numbers:
-    the loss of the same items ``(x, y)`` twice, without gradients, under two RNG states.
-    Catches what ``active_dropout`` cannot see: ``F.dropout`` called in ``forward``, the
-    attention's ``dropout_p``, stochastic depth, noise injection, sampling. Buffers (BatchNorm
-    statistics) are left as they were, and so is the global RNG's use by the caller's
-    measurement (call it inside the caller's ``fork_rng``)."""
-    if not model.training:
-        return False
-    saved = [b.detach().clone() for b in model.buffers()]
-    try:
-        with torch.no_grad():
-            first = float(forward_loss(model, task, x, y, precision))
-            second = float(forward_loss(model, task, x, y, precision))
-    finally:
-        with torch.no_grad():
-            for buf, old in zip(model.buffers(), saved):
-                buf.copy_(old)
-    differs = abs(first - second) > RANDOM_FORWARD_RTOL * max(abs(first), abs(second))
-    # every rank decides the same (the repeated pass is a collective under torchrun)
-    return distributed.max_float(float(differs or not math.isfinite(first - second))) > 0
-
-
-def forward_randomness(model: nn.Module, task: Task, seed: int,
-                       precision: Precision = Precision.fp32) -> bool:
-    """``random_forward`` on a few training items of the task (its own draw: the
-    measurement's batches are not touched), or True at once with an active dropout module."""
-    if active_dropout(model):
-        return True
-    if not model.training:
-        return False
-    n_data = len(task.train_data)  # type: ignore[arg-type]
-    idx = sample_indices(n_data, min(n_data, 8), torch.Generator().manual_seed(seed + 4099))
-    x, y = to_device(collate(task, [task.train_data[i] for i in idx]), _model_device(model))
-    device = _model_device(model)
-    on_cpu = device.type == "cpu"
-    with torch.random.fork_rng(devices=[] if on_cpu else [device],
-                               device_type=None if on_cpu else device.type):
-        return _run_task(lambda: random_forward(model, task, x, y, precision))
 
 
 def _sum_dtype(device: torch.device) -> torch.dtype:
@@ -231,9 +198,12 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
     small_sq = torch.zeros((), dtype=_sum_dtype(device), device=device)
     loss_sum = torch.zeros((), dtype=_sum_dtype(device), device=device)
     mask_sq = torch.zeros((), dtype=_sum_dtype(device), device=device)
+    first_sq = torch.zeros((), dtype=_sum_dtype(device), device=device)
     # Under torchrun (x, y) is this rank's share: n_sub / world_size of the sub-batches.
     with distributed.agreement():
         for i, (xi, yi) in enumerate(split_batch((x, y), n_sub // distributed.world_size())):
+            if repeat and i == 0:  # the second pass starts from the same buffers
+                before = [b.detach().clone() for b in model.buffers()]
             loss = forward_loss(model, task, xi, yi, precision)
             # autograd.grad returns the gradients instead of accumulating into .grad; with
             # fp16 the loss is scaled for the backward and the gradients unscaled (raw).
@@ -247,6 +217,12 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
             loss_sum += loss.detach().to(loss_sum.dtype)
             if repeat and i == 0:
                 # The same items again under new dropout masks; acc holds the first gradient.
+                # Buffers as the first pass found them (spectral norm's power iteration, any
+                # running state): only the random draws differ between the two passes.
+                first_sq += small_sq
+                with torch.no_grad():
+                    for buf, old in zip(model.buffers(), before):
+                        buf.copy_(old)
                 again = raw_grads(forward_loss(model, task, xi, yi, precision), params,
                                   precision)
                 for a, g in zip(acc, again):
@@ -255,11 +231,13 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
                     mask_sq += _sq_norm(g.to(a.dtype) - a)
     # The data-parallel trick (McCandlish et al. 2018, App. A.1): each rank's sub-batch norms
     # are the small batches, the all-reduced gradient is the big batch. No-op in one process.
-    distributed.sum_([*acc, small_sq, loss_sum, mask_sq])
+    distributed.sum_([*acc, small_sq, loss_sum, mask_sq, first_sq])
     big_sq = sum(_sq_norm(a / n_sub) for a in acc)
     # One host sync per measurement, not one per sub-batch.
+    ranks = distributed.world_size()
     return _Norms(float(small_sq) / n_sub, float(big_sq), float(loss_sum) / n_sub,
-                  float(mask_sq) / distributed.world_size() if repeat else None)
+                  float(mask_sq) / ranks if repeat else None,
+                  float(first_sq) / ranks if repeat else None)
 
 
 def measure_grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
@@ -305,9 +283,13 @@ def estimate_noise(
     ``measurements`` big batches of ``b_big`` items, each drawn without replacement from
     ``task.train_data`` by ``generator`` (or a fresh one seeded with ``seed``), hence the
     finite population correction with N = len(train_data). Costs
-    ``measurements * b_big / b_small`` forward/backward passes, one more per measurement when
-    the forward is random (active dropout, or ``random_forward``: the estimate is corrected
-    for that noise; ``random`` says it when the caller has already found out, None tests);
+    ``measurements * b_big / b_small`` forward/backward passes, and more where the forward is
+    random: each measurement runs its first sub-batch twice (same items, same buffers, new
+    random draws) and the estimate is corrected for that noise. With an active dropout module
+    (``active_dropout``) or ``random=True`` every measurement does; otherwise (``random``
+    None) the first measurement does, as the test — gradients that differ say the forward is
+    random here (``F.dropout``, attention dropout, stochastic depth, sampling) and the others
+    follow — one pass more in all for a deterministic forward; ``random=False``: never.
     ``on_pass(n)`` is called after each measurement with the passes it used. For use
     mid-training (e.g. by ``sweep``): the model, its ``.grad``, buffers and the global RNG
     are left as they were.
@@ -317,26 +299,29 @@ def estimate_noise(
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     device = _model_device(model)
     dropout = active_dropout(model)
-    repeat = bool(dropout) or (forward_randomness(model, task, seed, precision)
-                               if random is None else random)
+    repeat = bool(dropout) or bool(random)  # every measurement runs a sub-batch twice
+    test = random is None and not repeat    # the first one does, to find out
     small, big, losses, masks = [], [], [], []
     # Dropout etc. draw from the global RNG; fork it so measuring does not change training.
     on_cpu = device.type == "cpu"
     with torch.random.fork_rng(devices=[] if on_cpu else [device],
                                device_type=None if on_cpu else device.type):
         distributed.seed_rank(seed)  # independent dropout masks on each rank's sub-batches
-        for _ in range(measurements):
+        for k in range(measurements):
             idx = distributed.shard(sample_indices(n_data, b_big, gen))  # this rank's share
             x, y = to_device(collate(task, [task.train_data[i] for i in idx]), device)
+            twice = repeat or (test and k == 0)
             norms = _run_task(lambda: _grad_norms_restoring(model, task, x, y, n_sub, precision,
-                                                            repeat))
+                                                            twice))
+            if test and k == 0:
+                repeat = norms.random()  # the same on every rank: the norms are all-reduced
             small.append(norms.small_sq)
             big.append(norms.big_sq)
             losses.append(norms.loss)
             if repeat:
                 masks.append(b_small * norms.mask_sq / 2)  # E = D, per example
             if on_pass is not None:
-                on_pass(n_sub + repeat)
+                on_pass(n_sub + twice)
     est = estimate_from_norms(small, big, b_small, b_big, n_data, seed=seed,
                               mask_trace=masks if repeat else None, dropout=dropout,
                               notes=_dropout_notes(dropout, repeat) + _batchnorm_notes(model))
@@ -479,6 +464,21 @@ def _train_one(model: nn.Module, opt: torch.optim.Optimizer, task: Task,
         )
 
 
+def _point_counter(counter: "_Counter", n_sub: int, extra: int) -> Callable[[int], None]:
+    """``counter.add`` for one point's measurements that raises the total by ``extra`` when
+    the point's second measurement repeats a sub-batch: the first (the test, without a dropout
+    module) found the forward random, and the point's other measurements each cost a pass
+    more than the total assumed."""
+    seen = [0]
+
+    def add(n: int) -> None:
+        seen[0] += 1
+        if seen[0] == 2 and n > n_sub:
+            counter.total += extra
+        counter.add(n)
+    return add
+
+
 def measure_noise(
     task: Task, *, b_small: int | None = None, b_big: int | None = None,
     measurements: int = DEFAULT_MEASUREMENTS, seed: int = 0, warmup_steps: int = 0,
@@ -517,9 +517,12 @@ def measure_noise(
             if warn:
                 warn(message)
     model.train()  # the noise of the gradients training sees (dropout on, batch statistics)
-    # a random forward (dropout): one more pass per measurement (estimate_noise)
-    random = forward_randomness(model, task, seed, precision)
-    per_point = measurements * (n_sub + random)
+    # A random forward costs one more pass per measurement; without a dropout module the
+    # first measurement of a point runs it as the test (estimate_noise), and a point that
+    # finds the forward random adds the rest to the total.
+    modules = bool(active_dropout(model))
+    per_point = measurements * (n_sub + 1) if modules else measurements * n_sub + 1
+    extra = 0 if modules else measurements - 1
     counter.total = len(steps) * per_point + warmup_steps
     opt = (_run_task(lambda: task.make_optimizer(model.parameters(), task.lr),
                      "building the optimizer") if warmup_steps else None)
@@ -531,18 +534,20 @@ def measure_noise(
     options = {} if precision is Precision.fp32 else dict(
         precision=precision, scaler=make_scaler(precision, device.type))
     points: list[NoisePoint] = []
+    measure_passes = 0
     for step in range(warmup_steps + 1):
         if step in steps:
+            passes = counter.done
             est, loss = estimate_noise(model, task, b_small=b_small, b_big=b_big,
                                        measurements=measurements, seed=_point_seed(seed, step),
-                                       on_pass=counter.add, precision=precision,
-                                       random=random)
+                                       on_pass=_point_counter(counter, n_sub, extra),
+                                       precision=precision)
+            measure_passes += counter.done - passes
             points.append(NoisePoint(step, loss, est))
         if step < warmup_steps:
             assert opt is not None
             _train_one(train_model, opt, task, train_gen, device, step, **options)
             counter.add(1)
-    measure_passes = len(steps) * per_point
     return NoiseReport(
         initial=points[0].estimate, final=points[-1].estimate,
         initial_loss=points[0].train_loss, final_loss=points[-1].train_loss,
