@@ -348,7 +348,9 @@ def render_check_github(result: Any, file: Any = None) -> None:
     on stdout, or on ``file`` (stderr, beside ``--json``: the runner reads both)."""
     head, tail = _check_lines(result)
     level = "notice" if result.fits else "error"
-    message = f"{head}; {tail}".replace("%", "%25").replace("\n", "%0A")
+    note = getattr(result, "data_note", None)
+    message = (f"{head}; {tail}" + (f"; note: {note}" if note else "")).replace(
+        "%", "%25").replace("\n", "%0A")
     print(f"::{level} title=bsselect check::{message}", file=file or sys.stdout, flush=True)
 
 

@@ -207,3 +207,21 @@ def test_a_batch_beyond_the_training_set_fits_with_a_note():
     data = json.loads(check("digits-mlp", "--batch-size", "64", "--memory", "1MiB",
                             "--json").stdout)
     assert data["max_batch"] < data["train_items"] and data["data_note"] is None
+
+
+def test_the_data_note_counts_ranks_and_skips_made_up_data():
+    """A sharded run trains on batch x ranks items a step (review: the note said "the largest
+    batch ... reaches" for 16,384 sequences a step on 6,556); --hf-config's random tokens are
+    not a training set; the GitHub annotation carries the note too."""
+    data = json.loads(check("tiny-lm", "--batch-size", "2048", "--memory", "64GiB", "--shard",
+                            "fsdp", "--world-size", "8", "--json").stdout)
+    assert data["train_items"] == 6556
+    assert data["data_note"].startswith("batch 16,384 (2048 x 8 ranks) is more than the task's "
+                                        "6,556 training items")
+    task = str(Path(__file__).parent / "tasks" / "sweep_tasks.py") + ":tiny"
+    proc = check(task, "--batch-size", "4096", "--memory", "4GiB", "--format", "github")
+    assert proc.returncode == 0 and "::notice" in proc.stdout
+    assert "; note: batch 4,096 is more than the task's 384 training items" in proc.stdout
+    data = json.loads(check("--hf-config", "llama-7b", "--seq-len", "64", "--batch-size", "4",
+                            "--memory", "80GiB", "--json").stdout)
+    assert data["train_items"] is None and data["data_note"] is None

@@ -108,16 +108,21 @@ class CheckResult:
         n = self.train_items
         if n is None:
             return None
-        trained = self.batch_size * self.accumulate
+        ranks = self.shard_ranks
+        trained = self.batch_size * self.accumulate * ranks
+        items = f"{n:,} training item{'s' if n != 1 else ''}"
         if trained > n:
-            what = (f"batch {trained:,} ({self.batch_size} x {self.accumulate} accumulated)"
-                    if self.accumulate > 1 else f"batch {trained:,}")
-            return (f"{what} is more than the task's {n:,} training items: every step would "
-                    f"see at most {n:,} (the memory answer is for {self.batch_size} items "
-                    "per micro-batch as asked)")
-        if self.max_batch >= n:
-            return (f"the largest batch that fits reaches the task's {n:,} training items: "
-                    "memory does not limit the batch here, the data does")
+            parts = [str(self.batch_size)] + ([f"{self.accumulate} accumulated"]
+                                              if self.accumulate > 1 else []) + (
+                [f"{ranks} ranks"] if ranks > 1 else [])
+            what = (f"batch {trained:,} ({' x '.join(parts)})" if len(parts) > 1
+                    else f"batch {trained:,}")
+            return (f"{what} is more than the task's {items}: every step would see at most "
+                    f"{n:,} (the memory answer is for {self.batch_size} items per micro-batch"
+                    f"{' and rank' if ranks > 1 else ''} as asked)")
+        if self.max_batch * self.accumulate * ranks >= n:
+            return (f"the largest batch that fits reaches the task's {items}: memory does not "
+                    "limit the batch here, the data does")
         return None
 
     def to_json(self) -> dict:
@@ -313,6 +318,12 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
 
 
 def _train_items(task: Task) -> int | None:
+    """The task's training set size; None without one (``--hf-config``'s random tokens stand
+    in for data whose size the config does not say)."""
+    from ..adapters.hf import RandomTokens
+
+    if isinstance(task.train_data, RandomTokens):
+        return None
     try:
         return len(task.train_data)  # type: ignore[arg-type]
     except TypeError:  # an iterable dataset
