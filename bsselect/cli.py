@@ -12,6 +12,7 @@ import typer
 
 from . import __version__
 from .errors import BsselectError, UsageError, one_line
+from .progress import ScheduleProgress, SweepProgress
 from .run_options import (AccumulateOpt, CheckpointingOpt, InputsOpt, PrecisionOpt, ReshardOpt,
                           ShardOpt, ShardUnitOpt, SweepAccumulateOpt, WorldSizeOpt)
 
@@ -407,7 +408,7 @@ def sweep(
             console.print(f"cpu threads: {plan.threads}"
                           + (" (--threads)" if plan.threads_given else
                              " (half the usable cores; set with --threads)"), highlight=False)
-        with _SweepProgress(console, len(plan.batch_sizes)) as hooks:
+        with SweepProgress(console, len(plan.batch_sizes)) as hooks:
             result = api.sweep(plan=plan, resume=resume, overwrite=overwrite, hooks=hooks)
         _finish_sweep(result, as_json, plot)
 
@@ -492,7 +493,7 @@ def schedule(
         from .report import console, emit_json, render_schedule
 
         _journal_and_plot_options(resume, overwrite, plot)
-        with _ScheduleProgress(console) as hooks:
+        with ScheduleProgress(console) as hooks:
             result = api.schedule(
                 task, horizon=horizon, points=points, branch_samples=branch_samples,
                 batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"), min_batch=min_batch,
@@ -511,30 +512,6 @@ def schedule(
             _write_plot(plot_schedule, result, plot)
 
     guarded(body)
-
-
-class _ScheduleProgress:
-    """One transient rich bar for the current phase (timing rounds, base run, a branch)."""
-
-    def __init__(self, console) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        # markup=False: descriptions are plain text (a checkpoint's name may hold brackets)
-        self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
-                            TimeElapsedColumn(), console=console, transient=True)
-        self.current = self.bar.add_task("schedule", total=None)
-
-    def __enter__(self):
-        from .selection.schedule import ScheduleHooks
-
-        self.bar.start()
-        return ScheduleHooks(
-            phase=lambda what, total: self.bar.update(self.current, description=what,
-                                                      completed=0, total=total),
-            advance=lambda: self.bar.advance(self.current))
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
 
 
 @app.command()
@@ -640,56 +617,6 @@ def _finish_sweep(result, as_json: bool, plot: Optional[Path]) -> None:
     failure = result.failure()
     if failure is not None:  # the table and the journal are kept; the exit code says it failed
         raise failure
-
-
-class _SweepProgress:
-    """Two rich bars: trials overall (with ETA) and steps of the current trial."""
-
-    def __init__(self, console, n_trials: int) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        self.console = console
-        self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
-                            MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=console, transient=True)
-        self.overall = self.bar.add_task("trials", total=n_trials)
-        self.current = self.bar.add_task("trial", total=None, visible=False)
-
-    def __enter__(self):
-        from .selection.sweep import SweepHooks
-
-        self.bar.start()
-        return SweepHooks(trial_start=self._start, step=self._step, trial_end=self._end,
-                          warn=lambda w: self.console.print(f"[yellow]warning:[/] {_escape(w)}",
-                                                            highlight=False),
-                          timing_start=self._timing_start, timing_step=self._timing_step)
-
-    def _timing_start(self, units: int) -> None:
-        self.bar.update(self.current, description="timing rounds", completed=0, total=units,
-                        visible=True)
-
-    def _timing_step(self) -> None:
-        self.bar.advance(self.current)
-
-    def _start(self, b: int, index: int, steps: Optional[int]) -> None:
-        what = f"warm start (batch {b})" if index < 0 else f"batch {b}"
-        self.bar.update(self.current, description=what, completed=0, total=steps,
-                        visible=True)
-
-    def _step(self, done: int, total: Optional[int]) -> None:
-        self.bar.update(self.current, completed=done)
-
-    def _end(self, result) -> None:
-        self.bar.advance(self.overall)
-        if result.status.value == "ok" and result.wall_s < 1.0:
-            return  # the bar shows it; a line per sub-second trial is noise
-        note = "" if result.status.value == "ok" else f" ({result.error})"
-        self.console.print(f"batch {result.batch_size}: {result.status.value} in "
-                           f"{result.wall_s:.1f} s{note}", highlight=False, markup=False)
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
 
 
 @app.command()
