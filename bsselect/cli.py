@@ -338,9 +338,11 @@ def sweep(
              "for the ranking (0: off).")] = 2,
     seed: Annotated[int, typer.Option(help="Seed for initial weights and data order.")] = 0,
     journal: Annotated[Optional[Path], typer.Option(
-        help="JSONL journal of finished trials.", show_default="bsselect-sweep-TASK.jsonl")] = None,
+        help="JSONL journal of finished trials.", show_default="bsselect-sweep-TASK.jsonl")
+    ] = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Skip trials already in the journal for the same task and settings.")] = False,
+        "--resume", help="Skip trials already in the journal for the same task and settings.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Start the journal afresh if it exists.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps, xpu ...")] = "auto",
@@ -517,7 +519,8 @@ def schedule(
 @app.command()
 def report(
     journal: Annotated[Path, typer.Argument(help="A sweep's JSONL journal.")],
-    plot: Annotated[Optional[Path], typer.Option(help="Write the sweep's plots to this PNG.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="Write the sweep's plots to this PNG.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Re-render a sweep's table, JSON or plot from its journal, without running anything.
@@ -622,7 +625,8 @@ def _finish_sweep(result, as_json: bool, plot: Optional[Path]) -> None:
 @app.command()
 def check(
     task: TaskArg = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="The batch size training will use.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="The batch size training will use.")] = None,
     memory: Annotated[Optional[str], typer.Option(
         help="The training device's memory, e.g. 80GiB.")] = None,
     device_preset: Annotated[Optional[str], typer.Option(
