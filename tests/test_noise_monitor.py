@@ -471,9 +471,11 @@ def _ragged_lm_batches(items):
 
 def test_hf_callback_takes_each_micro_batch_as_its_own_token_mean(tmp_path):
     """transformers 5 divides a GPT-2's summed token losses by the whole step's token count
-    (num_items_in_batch), not each micro-batch's mean by the accumulation: the hook norms are
-    rescaled by each micro-batch's share of the tokens, so that small_sq / big_sq is the
-    ratio of the micro-batches' own mean gradients to the step's (it was up to 1.5% low)."""
+    (num_items_in_batch), not each micro-batch's mean by the accumulation: each hook gradient
+    is the micro-batch's token share times its own mean gradient, and the step's |G|^2 is the
+    weighted U-statistic (|sum h|^2 - sum |h_j|^2) / (1 - sum share^2), handed on as the
+    equal-piece small_sq that gives it (review: dividing each hook by its share, a
+    per-micro-batch token mean, read B_simple 1.2-2.6x high)."""
     pytest.importorskip("transformers")
     import copy
 
@@ -507,6 +509,54 @@ def test_hf_callback_takes_each_micro_batch_as_its_own_token_mean(tmp_path):
         pair = seen[2 * (r.step - 1): 2 * r.step]
         grads = [micro_mean_grad(b) for b in pair]
         tokens = [int(b["labels"][:, 1:].ne(-100).sum()) for b in pair]
-        small = sum(g.pow(2).sum() for g in grads).item() / 2
-        big = (sum(g * n for g, n in zip(grads, tokens)) / sum(tokens)).pow(2).sum().item()
+        shares = [n / sum(tokens) for n in tokens]
+        hooks = [g * w for g, w in zip(grads, shares)]
+        big = sum(hooks).pow(2).sum().item()
+        g2 = (big - sum(h.pow(2).sum().item() for h in hooks)) / (1 - sum(w * w for w in shares))
+        small = 2 * big - g2   # a * big - (a - 1) * |G|^2, a = 2
         assert r.small_sq / r.big_sq == pytest.approx(small / big, rel=1e-3)
+
+
+def test_token_weighted_steps_are_unbiased_against_exact_per_sequence_gradients():
+    """A token-weighted loss (a step's summed token losses over its token count, as the HF
+    Trainer trains a GPT-2) over sequences of very different lengths, at fixed weights: the
+    monitor's per-step |G|^2 and tr(Sigma), averaged over many steps, against the exact values
+    from per-sequence gradients (G = sum s_i / sum n_i, tr = mean |s_i - n_i G|^2 / mean(n)^2).
+    Dividing each micro-batch by its token share (the code before) read B_simple 2.2x the
+    truth here."""
+    g = torch.Generator().manual_seed(0)
+    n_seq, d = 256, 6
+    lengths = torch.where(torch.rand(n_seq, generator=g) < 0.5,
+                          torch.randint(1, 4, (n_seq,), generator=g),
+                          torch.randint(16, 25, (n_seq,), generator=g))
+    xs = [torch.randn(int(n), d, generator=g, dtype=torch.float64) for n in lengths]
+    w_true = torch.randn(d, generator=g, dtype=torch.float64)
+    ys = [x @ w_true + 0.5 * torch.randn(len(x), generator=g, dtype=torch.float64) for x in xs]
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_((w_true + 0.4 * torch.randn(d, generator=g, dtype=torch.float64))[None])
+    w0 = model.weight.detach()[0]
+    # exact: per-sequence gradient of its summed token losses
+    s = torch.stack([2 * ((x @ w0 - y)[:, None] * x).sum(0) for x, y in zip(xs, ys)])
+    n = lengths.double()
+    G = s.sum(0) / n.sum()
+    g2_true = float(G @ G)
+    tr_true = float(((s - n[:, None] * G) ** 2).sum(1).mean() / n.mean() ** 2)
+
+    micro, accum = 2, 8
+    monitor = GradientNoiseMonitor(model, accumulation_steps=accum, n_data=n_seq,
+                                   sampling="uniform", window=4)
+    for _ in range(1500):
+        idx = torch.randperm(n_seq, generator=g)[:micro * accum].view(accum, micro)
+        tokens = [int(lengths[j].sum()) for j in idx]
+        total = sum(tokens)
+        for j in idx:
+            x = torch.cat([xs[i] for i in j])
+            y = torch.cat([ys[i] for i in j])
+            (((model(x)[:, 0] - y) ** 2).sum() / total).backward()
+        assert monitor.step(micro, micro_weights=tokens) is not None
+        model.zero_grad()
+    g2 = sum(r.grad_sq_norm for r in monitor.readings) / len(monitor.readings)
+    tr = sum(r.trace_sigma for r in monitor.readings) / len(monitor.readings)
+    assert g2 == pytest.approx(g2_true, rel=0.1)
+    assert tr / g2 == pytest.approx(tr_true / g2_true, rel=0.15)

@@ -282,22 +282,42 @@ class GradientNoiseMonitor:
                 micro_weights is not None and len(micro_weights) != a):
             self.skipped += 1
             return None
+        # Hook gradient h_j is micro-batch j's share of the step's gradient: share_j times its
+        # own mean gradient (share 1/a for a loss divided by the accumulation steps; token
+        # counts for the HF Trainer's token-weighted loss). Over the step's a * w pieces
+        # (DDP averages the ranks: each piece is h_j / w of .grad), the weighted U-statistic
+        # |G|^2 = (|sum h|^2 - sum |h_j|^2) / (1 - sum share^2) is unbiased whatever the
+        # shares; dividing each piece by its share instead (a per-micro-batch token mean)
+        # overstates the small batches' noise when lengths vary, and B_simple read 1.2-2.6x
+        # high (review). It is handed on as the equal-piece mean |g_small|^2 that gives the
+        # same |G|^2 and tr(Sigma) (with equal shares, exactly a * sum |h_j|^2 as before).
         if micro_weights is None:
-            # Hook gradients are of loss/a: |micro mean gradient|^2 = a^2 |hook|^2; the mean
-            # over the a micro-batches of one rank is a * (sum of the hooks' |.|^2).
-            local = torch.stack(smalls).sum() * a
+            shares = torch.full((a,), 1.0 / a)
         else:
-            # Hook gradient j is share_j x micro-batch j's mean gradient.
-            shares = torch.tensor([float(x) for x in micro_weights], dtype=torch.float32)
-            shares = (shares / shares.sum()).to(smalls[0].device)
-            local = (torch.stack(smalls) / shares.pow(2)).mean()
-        pair = torch.stack([local, big.to(local)])
+            shares = torch.tensor([float(x) for x in micro_weights], dtype=torch.float64)
+            if not (bool(torch.isfinite(shares).all()) and float(shares.min()) >= 0
+                    and float(shares.sum()) > 0):
+                self.skipped += 1
+                return None
+            shares = shares / shares.sum()
+        device = smalls[0].device
+        parts = torch.stack([torch.stack(smalls).sum().double(),
+                             shares.pow(2).sum().to(device=device, dtype=torch.float64),
+                             big.to(device=device, dtype=torch.float64)])
         if w > 1:
-            torch.distributed.all_reduce(pair)   # sums over ranks; big is the same on each
-            pair = pair / w
+            torch.distributed.all_reduce(parts)   # sums over ranks; big is the same on each
+            parts = parts / torch.tensor([w * w, w * w, w], dtype=parts.dtype, device=device)
         if self.scaler is not None:   # the gradients were of the loss times the scale
-            pair = pair / float(self.scaler.get_scale()) ** 2
-        small_sq, big_sq = (float(v) for v in pair.cpu())
+            parts = parts / torch.tensor([float(self.scaler.get_scale()) ** 2, 1.0,
+                                          float(self.scaler.get_scale()) ** 2],
+                                         dtype=parts.dtype, device=device)
+        pieces_sq, share_sq, big_sq = (float(v) for v in parts.cpu())
+        if share_sq >= 1.0:   # one piece holds the whole step: nothing to compare
+            self.skipped += 1
+            return None
+        pieces = a * w
+        g2 = (big_sq - pieces_sq) / (1.0 - share_sq)
+        small_sq = pieces * big_sq - (pieces - 1) * g2
         return self.record(small_sq, big_sq, micro_batch_size, micro_batch_size * a * w)
 
     def _note_backwards(self, backwards: int) -> None:
