@@ -23,8 +23,8 @@ the usual hand-written loop do this; so does the Hugging Face ``Trainer`` for a 
 no loss kwargs), so that ``.grad`` after the last one is the mean gradient of the whole step.
 The ``Trainer`` divides the summed token losses of a model that takes ``num_items_in_batch``
 (GPT-2, Llama...) by the whole step's token count instead; its callback passes each
-micro-batch's token count (``micro_weights``) and the hook norms are rescaled to per-micro-batch
-means. One process without accumulation has a single batch size per step and nothing to
+micro-batch's token count (``micro_weights``) and the step's ``|G|^2`` is the weighted
+U-statistic over the micro-batches' hook gradients (``step``). One process without accumulation has a single batch size per step and nothing to
 compare: the monitor says so instead of guessing.
 
 Epochs: the estimators assume each step's items are a fresh uniform draw from the dataset.
