@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .lr_scaling import trial_lr
-from .choice import run_to_run
 from .steptime import TimeInterval, pava
 from .trial_types import TrialResult
 
@@ -199,15 +198,15 @@ def point_fastest(point: SchedulePoint, b0: int,
     """The fastest batch at ``point`` without deciding by timing noise: the batch sizes whose
     loss drop per second (over the branch's steps at the fitted step time) can be the largest
     within the step times' intervals (``b`` at its fastest plausible step time against the
-    best at its slowest, each widened to the run-to-run spread: the sweep's tie rule,
-    ``choice.run_to_run``) are tied, and among them the one with the
+    best at its slowest: the timing rounds' spread, without the sweep's run-to-run widening,
+    which moved stages to smaller batches and let a worse fixed batch replace the plan on
+    gru-lm; docs/benchmarks-schedule.md) are tied, and among them the one with the
     largest loss drop at the equal sample budget wins (a measurement no clock enters; the
     larger batch on equal drops). None at a point that is not ``informative``, or where no
     timed batch made progress."""
     if not informative(point, b0):
         return None
-    ok = [(br.drop, br.trial.steps, run_to_run(step_times[br.trial.batch_size]),
-           br.trial.batch_size)
+    ok = [(br.drop, br.trial.steps, step_times[br.trial.batch_size], br.trial.batch_size)
           for br in point.branches
           if br.drop is not None and br.drop > 0 and br.trial.steps
           and br.trial.batch_size in step_times]
