@@ -198,9 +198,9 @@ def point_fastest(point: SchedulePoint, b0: int,
     """The fastest batch at ``point`` without deciding by timing noise: the batch sizes whose
     loss drop per second (over the branch's steps at the fitted step time) can be the largest
     within the step times' intervals (``b`` at its fastest plausible step time against the
-    best at its slowest: the timing rounds' spread, without the sweep's run-to-run widening,
-    which moved stages to smaller batches and let a worse fixed batch replace the plan on
-    gru-lm; docs/benchmarks-schedule.md) are tied, and among them the one with the
+    best at its slowest: the timing rounds' spread; the sweep's run-to-run widening was tried
+    here and taken back, not validated on the schedule's benchmark, docs/benchmarks-schedule.md)
+    are tied, and among them the one with the
     largest loss drop at the equal sample budget wins (a measurement no clock enters; the
     larger batch on equal drops). None at a point that is not ``informative``, or where no
     timed batch made progress."""
