@@ -2,8 +2,7 @@
 (no training: saved sweeps only).
 
     PYTHONPATH=. python3 benchmarks/replay_run_to_run.py \
-        benchmarks/results/sweep-s15-old-3501ce9.json.gz benchmarks/results/sweep-s15-fresh-3501ce9.json.gz \
-        benchmarks/results/sweep-s15-fresh2-3501ce9.json.gz benchmarks/results/sweep-s15-fresh3-3501ce9.json.gz
+        benchmarks/results/sweep-s15-{old,fresh,fresh2,fresh3}-3501ce9.json.gz
 
 1. ``sigma_run`` per split: each sweep's interleaved-round step times (``summarize_rounds``'
    mid) at the batch sizes every sweep of the task timed, as logs centred on that sweep's mean

@@ -203,7 +203,7 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
     with distributed.agreement():
         for i, (xi, yi) in enumerate(split_batch((x, y), n_sub // distributed.world_size())):
             if repeat and i == 0:  # the second pass starts from the same buffers
-                before = [b.detach().clone() for b in model.buffers()]
+                before = _buffers(model)
             loss = forward_loss(model, task, xi, yi, precision)
             # autograd.grad returns the gradients instead of accumulating into .grad; with
             # fp16 the loss is scaled for the backward and the gradients unscaled (raw).
@@ -220,9 +220,7 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
                 # Buffers as the first pass found them (spectral norm's power iteration, any
                 # running state): only the random draws differ between the two passes.
                 first_sq += small_sq
-                with torch.no_grad():
-                    for buf, old in zip(model.buffers(), before):
-                        buf.copy_(old)
+                _restore_buffers(model, before)
                 again = raw_grads(forward_loss(model, task, xi, yi, precision), params,
                                   precision)
                 for a, g in zip(acc, again):
@@ -257,13 +255,22 @@ def measure_grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
 def _grad_norms_restoring(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
                           precision: Precision = Precision.fp32, repeat: bool = False
                           ) -> _Norms:
-    saved = [b.detach().clone() for b in model.buffers()]
+    saved = _buffers(model)
     try:
         return _grad_norms(model, task, x, y, n_sub, precision, repeat)
     finally:
-        with torch.no_grad():
-            for buf, old in zip(model.buffers(), saved):
-                buf.copy_(old)
+        _restore_buffers(model, saved)
+
+
+def _buffers(model: nn.Module) -> list[torch.Tensor]:
+    """A copy of the model's buffers (BatchNorm statistics, spectral norm's vectors...)."""
+    return [b.detach().clone() for b in model.buffers()]
+
+
+def _restore_buffers(model: nn.Module, saved: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for buf, old in zip(model.buffers(), saved):
+            buf.copy_(old)
 
 
 # --- many measurements at one point ------------------------------------------------------------

@@ -24,8 +24,9 @@ no loss kwargs), so that ``.grad`` after the last one is the mean gradient of th
 The ``Trainer`` divides the summed token losses of a model that takes ``num_items_in_batch``
 (GPT-2, Llama...) by the whole step's token count instead; its callback passes each
 micro-batch's token count (``micro_weights``) and the step's ``|G|^2`` is the weighted
-U-statistic over the micro-batches' hook gradients (``step``). One process without accumulation has a single batch size per step and nothing to
-compare: the monitor says so instead of guessing.
+U-statistic over the micro-batches' hook gradients (``step``). One process without
+accumulation has a single batch size per step and nothing to compare: the monitor says so
+instead of guessing.
 
 Epochs: the estimators assume each step's items are a fresh uniform draw from the dataset.
 A loader that shuffles once per epoch (``DataLoader(shuffle=True)``, ``DistributedSampler``,
@@ -307,11 +308,10 @@ class GradientNoiseMonitor:
         if w > 1:
             torch.distributed.all_reduce(parts)   # sums over ranks; big is the same on each
             parts = parts / torch.tensor([w * w, w * w, w], dtype=parts.dtype, device=device)
-        if self.scaler is not None:   # the gradients were of the loss times the scale
-            parts = parts / torch.tensor([float(self.scaler.get_scale()) ** 2, 1.0,
-                                          float(self.scaler.get_scale()) ** 2],
-                                         dtype=parts.dtype, device=device)
         pieces_sq, share_sq, big_sq = (float(v) for v in parts.cpu())
+        if self.scaler is not None:   # the gradients were of the loss times the scale
+            scale_sq = float(self.scaler.get_scale()) ** 2
+            pieces_sq, big_sq = pieces_sq / scale_sq, big_sq / scale_sq
         if share_sq >= 1.0:   # one piece holds the whole step: nothing to compare
             self.skipped += 1
             return None
