@@ -36,6 +36,10 @@ class Task:
     lr: float = 0.1
     base_batch_size: int = 32
     collate_fn: Optional[Callable[[list], Any]] = None
+    # For a loss that is a mean over units whose number varies per item (a padded LM's label
+    # tokens): the number of units in a batch with targets ``y``. The noise measurement then
+    # weights sub-batches by it, and evaluation averages over the units. None: items.
+    loss_weight: Optional[Callable[[Any], float]] = None
 
     def __post_init__(self) -> None:
         """Typed checks of every field, each a one-line message that says what to pass."""
@@ -45,7 +49,7 @@ class Task:
         for name in ("model", "loss_fn"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"Task.{name} must be callable, got {_kind(getattr(self, name))}")
-        for name in ("metric", "optimizer", "collate_fn"):
+        for name in ("metric", "optimizer", "collate_fn", "loss_weight"):
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise TypeError(f"Task.{name} must be callable or None, got {_kind(value)}")
@@ -94,6 +98,19 @@ class Task:
         if self.optimizer is not None:
             return self.optimizer(params, lr)
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def loss_units(task: Task, y: Any) -> float:
+    """``task.loss_weight(y)`` as a float >= 0, or a TaskError that names it."""
+    try:
+        value = float(task.loss_weight(y))  # type: ignore[misc]
+    except Exception as exc:  # noqa: BLE001 - the user's function
+        raise TaskError(f"Task.loss_weight failed on a batch's targets: {one_line(exc)}"
+                        ) from exc
+    if not (math.isfinite(value) and value >= 0):
+        raise TaskError(f"Task.loss_weight must return a finite number >= 0 (the units the "
+                        f"loss averages over), got {value!r}")
+    return value
 
 
 def _kind(value: Any) -> str:

@@ -261,3 +261,33 @@ def test_adapter_mistakes_are_one_line_and_exit_1(entry, words):
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in done.stderr, lines
+
+
+def test_an_hf_lm_weights_by_its_shifted_label_tokens_and_evaluates_their_mean():
+    """Task.loss_weight of the model's own causal-LM loss counts labels[..., 1:] != -100 (what
+    the loss averages over), so evaluation is the token mean over the whole set — not the
+    mean of the batches' token means."""
+    from bsselect.selection.trials import evaluate
+
+    task = hf_tasks.gpt2_lm()
+    model = task.model()
+    model.eval()
+    items = [task.val_data[i] for i in range(12)]
+    _, labels = task.collate_fn(items[:6])
+    assert labels.ne(-100).sum() > labels[:, 1:].ne(-100).sum()
+    assert task.loss_weight(labels) == float(labels[:, 1:].ne(-100).sum())
+    with torch.no_grad():  # each sentence alone: its token mean times its predicted tokens
+        per = [(float(model(task.collate_fn([item])[0]).loss), len(item["input_ids"]) - 1)
+               for item in items]
+    exact = sum(loss * n for loss, n in per) / sum(n for _, n in per)
+    loss, _ = evaluate(model, task, items, torch.device("cpu"), batch_size=4)
+    assert loss == pytest.approx(exact, rel=1e-5)
+    assert Task.from_hf(hf_tasks.config(), hf_tasks.Sentences(8),
+                        loss_fn=lambda out, y: out.loss).loss_weight is None
+
+
+def test_a_sequence_classifier_weighs_each_item_once():
+    task = hf_tasks.bert_classifier()
+    task.model()
+    _, labels = task.collate_fn([task.train_data[i] for i in range(5)])
+    assert task.loss_weight(labels) == 5.0

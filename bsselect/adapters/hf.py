@@ -183,10 +183,38 @@ def from_hf(model: Any, train_dataset: Any, *, data_collator: Any = None,
             return torch.optim.AdamW(_trainer_groups(params, weight_decay), lr=lr)
 
     build = _factory(model)
-    return Task(model=same_freshness(build, lambda: HFModel(build())), train_data=train_dataset,
+    # The model's own loss is a mean over the batch's label tokens: the noise measurement and
+    # evaluation weight sub-batches by them (Task.loss_weight). A given loss_fn: items.
+    units = LabelTokens() if loss_fn is None else None
+
+    def wrapped() -> HFModel:
+        built = HFModel(build())
+        if units is not None:
+            units.shifts = _loss_shifts_labels(built.model)
+        return built
+
+    return Task(model=same_freshness(build, wrapped), train_data=train_dataset,
                 val_data=eval_dataset, loss_fn=loss_fn or model_loss, metric=metric,
                 optimizer=optimizer, lr=lr, base_batch_size=base_batch_size,
-                collate_fn=collate_with(data_collator))
+                collate_fn=collate_with(data_collator), loss_weight=units)
+
+
+class LabelTokens:
+    """``Task.loss_weight`` of an HF task trained on the model's own loss: the label tokens
+    that loss averages over — ``labels != -100`` (the ignore index of every HF loss), of
+    ``labels[..., 1:]`` for a causal LM, whose loss predicts token t+1 from t
+    (``_loss_shifts_labels``; set when the task builds its model). A batch without labels
+    weighs 1: its loss raises the error that says so."""
+
+    def __init__(self) -> None:
+        self.shifts = False
+
+    def __call__(self, labels: Any) -> float:
+        if not torch.is_tensor(labels):
+            return 1.0
+        if self.shifts and labels.dim() >= 2:
+            labels = labels[..., 1:]
+        return float(labels.ne(-100).sum())
 
 
 def _trainer_groups(params: Any, weight_decay: float) -> list[dict[str, Any]]:

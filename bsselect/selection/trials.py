@@ -24,7 +24,7 @@ from ..errors import one_line
 from ..oom import is_oom_error, release_memory
 from ..precision import Precision, make_scaler
 from ..step import to_device
-from ..task import Task
+from ..task import Task, loss_units
 from .lr_scaling import trial_lr, warmup_lr
 from .noise_math import NoiseEstimate
 from .timing import RoundTiming, interleaved_rounds
@@ -110,24 +110,29 @@ def cycle_batches(setup: TrialSetup, batch_size: int):
 
 def evaluate(model: nn.Module, task: Task, data: Dataset, device: torch.device,
              batch_size: int = EVAL_BATCH, metric: bool = True) -> tuple[float, float | None]:
-    """Mean loss (and metric) over ``data`` in eval mode, weighted by batch length."""
+    """Mean loss (and metric) over ``data`` in eval mode, weighted by batch length (the loss
+    by ``Task.loss_weight``'s units where the task has one: a token mean over the whole set)."""
     was_training = model.training
     model.eval()
-    total_loss, total_metric, n = 0.0, 0.0, 0
+    total_loss, total_metric, n, units = 0.0, 0.0, 0, 0.0
     with distributed.agreement(), torch.no_grad():  # each rank a share, summed below
         for x, y in DataLoader(distributed.shard_dataset(data), batch_size=batch_size,
                                collate_fn=task.collate_fn):
             x, y = to_device((x, y), device)
             out = model(x)
             k = len(y) if isinstance(y, torch.Tensor) else batch_size
-            total_loss += float(task.loss_fn(out, y)) * k
+            u = k if task.loss_weight is None else loss_units(task, y)
+            if u:  # a batch with no unit of the loss (all labels ignored) adds nothing
+                total_loss += float(task.loss_fn(out, y)) * u
             if metric and task.metric is not None:
                 total_metric += _metric(task, out, y) * k
             n += k
-    total_loss, total_metric, n = distributed.sum_floats(total_loss, total_metric, n)
+            units += u
+    total_loss, total_metric, n, units = distributed.sum_floats(total_loss, total_metric, n,
+                                                                units)
     model.train(was_training)
     score = total_metric / n if (metric and task.metric is not None) else None
-    return total_loss / n, score
+    return total_loss / units if units else math.nan, score
 
 
 def _metric(task: Task, out: Any, y: Any) -> float:
