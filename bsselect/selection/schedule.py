@@ -135,7 +135,8 @@ class ScheduleSettings:
                 "base_batch_size": task.base_batch_size, "batch_sizes": list(batch_sizes),
                 **({"checkpoints": [[n, h] for n, h in zip(self.checkpoint_samples,
                                                           self.checkpoint_sha256)]}
-                   if self.checkpoint_samples else {})}
+                   if self.checkpoint_samples else {}),
+                **({"loss_weight": True} if getattr(task, "loss_weight", None) else {})}
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,8 @@ class SweepSettings:
             settings["lr_ramp_samples"] = self.lr_ramp_samples
         if self.checkpoint_sha256:
             settings["from_checkpoint_sha256"] = self.checkpoint_sha256
+        if task.loss_weight is not None:  # noise and validation weighted by the loss's units
+            settings["loss_weight"] = True
         return settings
 
     @classmethod
