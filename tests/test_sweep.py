@@ -24,6 +24,7 @@ from conftest import one_error, run_cli  # tests/ is on sys.path (rootdir-relati
 
 import bsselect.selection.trials as trials_mod
 from bsselect.selection import sweep as sweep_mod  # noqa: E402
+from bsselect.selection import sweep_settings as sweep_settings_mod  # noqa: E402
 from bsselect.selection.choice import NoiseInterval, contenders
 from bsselect.selection.lr_scaling import LrScaling
 from bsselect.selection.rank import steps_fit_of
@@ -178,7 +179,8 @@ def test_default_budget(max_batch, base, expected):
 
 def test_validation_is_capped_to_a_fixed_subset(tmp_path, monkeypatch):
     task, name = load_task(spec("diverge"))  # 64 val_data items
-    monkeypatch.setattr(sweep_mod, "VAL_ITEMS", 16)
+    monkeypatch.setattr(sweep_mod, "VAL_ITEMS", 16)           # the subset make_setup takes
+    monkeypatch.setattr(sweep_settings_mod, "VAL_ITEMS", 16)  # the cap the journal records
     result = run_sweep(task, task_name=name, batch_sizes=[8, 16], settings=settings(
                            LrScaling.linear, budget="64"), device=torch.device("cpu"),
                        journal_path=tmp_path / "j.jsonl", resume=False, max_batch=16,

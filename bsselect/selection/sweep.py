@@ -1,12 +1,14 @@
-"""``sweep``: short trials at power-of-two batch sizes, journaled, ranked against the formula."""
+"""``sweep``: short trials at power-of-two batch sizes, journaled, ranked against the formula.
+
+Settings (``SweepSettings``, the budget) are in ``sweep_settings``, the finished sweep
+(``SweepResult``, ``summarize``) in ``sweep_result``; both are importable from here too."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
-import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -14,262 +16,27 @@ import torch
 
 from .. import distributed
 from ..checkpoint import Checkpoint, branch_from
-from ..errors import BsselectError, DoesNotFitError, InterruptedRun, TaskError, UsageError, one_line
-from ..memory.capacity import largest_pow2_at_most
+from ..errors import InterruptedRun, TaskError, UsageError, one_line
 from ..oom import release_memory
-from ..precision import Precision
 from ..task import Task
-from .choice import CONTENDER_FACTOR, NoiseInterval, contenders
-from .formula import grad_accum_steps
-from .lr_scaling import LrScaling, default_lr_scaling, scale_lr
-from .rank import Ranking, choose_b_hat, rank_trials
+from .choice import NoiseInterval, contenders
+from .lr_scaling import scale_lr
+from .rank import choose_b_hat
+from .sweep_result import SweepResult, _sizes, apply_timing, summarize
+from .sweep_settings import (BASE_STEPS, RAMP_BASE_STEPS, VAL_ITEMS, WARM_START_STEPS,
+                             SweepSettings, check_accumulation, data_cap, default_budget,
+                             parse_budget, powers_of_two, resolve_lr_scaling, validation_cap)
 from .timing import RoundTiming, cpu_threads, progress_units
 from .trial_types import TrialResult
-from .trials import (EVAL_BATCH, BudgetKind, TrialBudget, TrialSetup, branch_point, eval_subset,
-                     initial_loss, keep_group_ratios, run_trial, split_validation,
-                     time_batch_sizes)
+from .trials import (EVAL_BATCH, BudgetKind, TrialSetup, branch_point, eval_subset, initial_loss,
+                     keep_group_ratios, run_trial, split_validation, time_batch_sizes)
 
-_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(samples|sample|steps|step|seconds|s|)\s*$",
-                     re.IGNORECASE)
-
-
-def parse_budget(text: str) -> TrialBudget:
-    """``4096`` or ``4096samples`` · ``200steps`` · ``30s``/``30seconds``."""
-    match = _BUDGET.match(text)
-    if match is None or float(match.group(1)) <= 0:
-        raise UsageError(f"cannot read --budget {text!r}; use e.g. 4096 (samples), 200steps, 30s")
-    unit = match.group(2).lower()
-    kind = (BudgetKind.steps if unit.startswith("step") else
-            BudgetKind.seconds if unit.startswith("s") and unit not in ("samples", "sample")
-            else BudgetKind.samples)
-    amount = float(match.group(1))
-    if kind is not BudgetKind.seconds and amount != int(amount):
-        raise UsageError(f"--budget {text!r}: a number of {kind.value} must be whole")
-    return TrialBudget(kind, amount)
-
-
-VAL_ITEMS = 4096  # validation at the end of a trial: at most this many items (a fixed subset)
-BASE_STEPS = 32  # the default budget: this many steps' worth of samples at the base batch size
-# The CLI's default --warm-start-steps: trials start from initialisation. Branching from the
-# base configuration trained BASE_STEPS steps, with the LR ramp (so nothing diverges), scored
-# 1.10 / 1.15 (median / worst regret) on the tuning half against 1.02 / 1.15 from
-# initialisation, and 1.14 / 1.28 on the held-out half against 1.14 / 1.31: the noise scale
-# it measures rises, by amounts unrelated to the critical batch size (docs/benchmarks-sweep.md).
-WARM_START_STEPS = 0
-# --warmup-steps auto: trials above the task's lr ramp up to it over this many base steps'
-# worth of samples (a quarter of the default budget), as Goyal et al. warm up linearly scaled
-# lrs; without it, large-batch trials start at 16x+ the lr and diverge out of the ranking.
-RAMP_BASE_STEPS = 8
-
-
-def default_budget(max_batch: int, base_batch_size: int) -> TrialBudget:
-    """BASE_STEPS steps' worth of samples at the task's base batch size, but at least one
-    step of the largest batch; at most 65,536 samples.
-
-    Short on purpose: the ranking needs step times (every trial times enough steps whatever
-    its budget) and the noise scale pooled over the trials, not converged runs. Counted in
-    steps of the configuration the task's learning rate was tuned for, not in epochs: how
-    far training has moved (and so the noise scale) depends on the steps taken, not on the
-    dataset's size. On the built-in examples the pick's regret stayed <= 1.13 from half to
-    four times this budget (docs/benchmarks-sweep.md).
-    """
-    samples = max(BASE_STEPS * base_batch_size, max_batch)
-    return TrialBudget(BudgetKind.samples, float(min(samples, 65_536)))
-
-
-def powers_of_two(lo: int, hi: int) -> list[int]:
-    if lo < 1 or hi < lo:
-        raise UsageError(f"no power of two between --min-batch {lo} and the maximum {hi}")
-    start = 1 << max(0, (lo - 1).bit_length())
-    sizes = [b for b in (start << k for k in range(40)) if b <= hi]
-    if not sizes:
-        raise UsageError(f"no power of two between --min-batch {lo} and the maximum {hi}")
-    return sizes
-
-
-def data_cap(n_train: int) -> int:
-    """Largest power of two <= half the training set, so that every trial sees >= 2 batches
-    per epoch."""
-    return largest_pow2_at_most(max(1, n_train // 2))
-
-
-@dataclass(frozen=True)
-class SweepSettings:
-    budget: TrialBudget
-    lr_scaling: LrScaling
-    seed: int = 0
-    warmup_steps: int = 0
-    noise_measurements: int = 2  # per trial; the ranking pools them over all trials
-    precision: Precision = Precision.fp32
-    accumulate: int = 1  # micro-steps per optimizer step; trial batch sizes are effective
-    warm_start_steps: int = 0  # base-configuration steps before every trial branches off
-    lr_ramp_samples: int = 0  # --warmup-steps auto: see TrialSetup.lr_ramp_samples
-    # --from-checkpoint: the SHA-256 of the user's checkpoint every trial branches from (the
-    # journal keys its trials on it, so --resume never mixes two checkpoints)
-    checkpoint_sha256: str | None = None
-
-    def journal_settings(self, task: Task) -> dict[str, Any]:
-        """What makes two sweeps' trials comparable (hashed into the journal's resume key);
-        also what ``bsselect report`` needs to re-render without the task."""
-        settings = {"budget_kind": self.budget.kind.value, "budget": self.budget.amount,
-                    "lr_scaling": self.lr_scaling.value, "seed": self.seed,
-                    "warmup_steps": self.warmup_steps,
-                    "noise_measurements": self.noise_measurements,
-                    "base_lr": task.lr, "base_batch_size": task.base_batch_size,
-                    "held_out_validation": task.val_data is None}
-        # Only when set, so that journals of plain fp32 sweeps keep their resume key.
-        if (cap := validation_cap(task)) is not None:
-            settings["validation_items"] = cap
-        if self.precision is not Precision.fp32:
-            settings["precision"] = self.precision.value
-        if self.accumulate != 1:
-            settings["accumulate"] = self.accumulate
-        if self.warm_start_steps:
-            settings["warm_start_steps"] = self.warm_start_steps
-        if self.lr_ramp_samples:
-            settings["lr_ramp_samples"] = self.lr_ramp_samples
-        if self.checkpoint_sha256:
-            settings["from_checkpoint_sha256"] = self.checkpoint_sha256
-        if task.loss_weight is not None:  # noise and validation weighted by the loss's units
-            settings["loss_weight"] = True
-        return settings
-
-    @classmethod
-    def from_journal(cls, settings: dict[str, Any]) -> "SweepSettings":
-        return cls(budget=TrialBudget(BudgetKind(settings["budget_kind"]), settings["budget"]),
-                   lr_scaling=LrScaling(settings["lr_scaling"]), seed=settings["seed"],
-                   warmup_steps=settings["warmup_steps"],
-                   noise_measurements=settings["noise_measurements"],
-                   precision=Precision(settings.get("precision", "fp32")),
-                   accumulate=settings.get("accumulate", 1),
-                   warm_start_steps=settings.get("warm_start_steps", 0),
-                   lr_ramp_samples=settings.get("lr_ramp_samples", 0),
-                   checkpoint_sha256=settings.get("from_checkpoint_sha256"))
-
-
-@dataclass(frozen=True)
-class SweepResult:
-    task: str
-    device: str
-    batch_sizes: tuple[int, ...]
-    settings: SweepSettings
-    base_lr: float
-    base_batch_size: int
-    max_batch: int
-    max_batch_source: str
-    trials: tuple[TrialResult, ...]
-    ranking: Ranking
-    recommended_batch_size: int | None
-    recommended_lr: float | None
-    b_opt_accumulation: dict | None    # when b_opt exceeds what fits: micro-batch x steps
-    journal: str
-    resumed: tuple[int, ...]           # batch sizes taken from the journal, not re-run
-    made_val_split: bool
-    validation_items: int | None = None  # validated on a fixed subset of this many items
-    threads: int | None = None  # CPU intra-op threads during the sweep (None: not set)
-    timing: tuple[RoundTiming, ...] = ()  # interleaved timing rounds behind step_time_s
-    timing_note: str | None = None  # why there are none, or which sizes kept their own
-    skipped: tuple[int, ...] = ()  # batch sizes larger than the training set: not run
-    n_train: int | None = None  # items the trials train on
-    # --from-checkpoint: path, sha256, format, step, optimizer_state (bool); None: no checkpoint
-    from_checkpoint: dict | None = None
-
-    def not_timed(self) -> list[int]:
-        """The ok batch sizes whose step time is their own trial's, not the rounds' (all of
-        them when there were no rounds)."""
-        return _not_timed(self.trials, self.timing)
-
-    def failure(self) -> BsselectError | None:
-        """Why the sweep as a whole failed (no trial finished ok), as the error the CLI exits
-        with after printing the table: DoesNotFitError when every trial ran out of memory,
-        else TaskError with what to try; None when there is a recommendation."""
-        if any(t.ok for t in self.trials):
-            return None
-        again = (f" (batch sizes {_sizes(self.resumed)} came from the journal as they were: "
-                 "--resume keeps every finished trial, --overwrite runs them again)"
-                 if self.resumed else "")
-        statuses = {t.status.value for t in self.trials}
-        if statuses == {"oom"}:
-            return DoesNotFitError(
-                f"every batch size ran out of memory ({_sizes(self.batch_sizes)}); try smaller "
-                f"batches (--min-batch, --batch-sizes) or --accumulate{again}")
-        lrs = ", ".join(f"{t.lr:.3g}" for t in self.trials)
-        errors = [t for t in self.trials if t.status.value == "error"]
-        if errors and len(errors) == len(self.trials):
-            return TaskError(f"every trial failed; the first: batch {errors[0].batch_size}: "
-                             f"{errors[0].error}{again}")
-        tried = ", ".join(f"{t.batch_size}: {t.status.value}" for t in self.trials)
-        flat = [t for t in self.trials if t.status.value == "no_progress"
-                and t.train_loss_end == t.train_loss_start]
-        if flat and len(flat) == len(self.trials):
-            return TaskError(
-                f"the training loss never changed in any trial ({_sizes(self.batch_sizes)}: "
-                f"{flat[0].train_loss_start:.4g} at the start and the end of each): no gradient "
-                "reaches the trainable parameters (a detached or constant output, frozen "
-                "parameters, an optimizer given no parameters) or the lr is 0; nothing to "
-                f"recommend{again}")
-        plateau = (", or a longer --budget if the loss sat on a plateau (no_progress: it did "
-                   "not fall, without blowing up)"
-                   if any(t.status.value == "no_progress" for t in self.trials) else "")
-        if self.from_checkpoint:
-            return TaskError(
-                f"no trial trained from the checkpoint ({tried}); "
-                f"the learning rates tried were {lrs} ({self.settings.lr_scaling.value} scaling "
-                f"from lr {self.base_lr:g} at batch {self.base_batch_size}), likely above the lr "
-                "the run trains at by now (a decayed schedule): pass --lr "
-                + (f"{self.from_checkpoint['lr']:.3g} (the checkpoint's)"
-                   if self.from_checkpoint.get("lr") else "with the run's current lr")
-                + ", or try --lr-scaling sqrt or none")
-        return TaskError(
-            f"no trial trained ({tried}); "
-            f"the learning rates tried were {lrs} ({self.settings.lr_scaling.value} scaling from "
-            f"lr {self.base_lr:g} at batch {self.base_batch_size}): try a lower lr (--lr, or "
-            f"the task's), --lr-scaling sqrt or none, or --warmup-steps{plateau}{again}")
-
-    def to_json(self) -> dict:
-        return {
-            "task": self.task, "device": self.device, "batch_sizes": list(self.batch_sizes),
-            "budget": {"kind": self.settings.budget.kind.value,
-                       "amount": self.settings.budget.amount},
-            "lr_scaling": self.settings.lr_scaling.value, "base_lr": self.base_lr,
-            "base_batch_size": self.base_batch_size,
-            "max_batch": self.max_batch, "max_batch_source": self.max_batch_source,
-            "precision": self.settings.precision.value, "accumulate": self.settings.accumulate,
-            "warm_start_steps": self.settings.warm_start_steps,
-            "from_checkpoint": self.from_checkpoint,
-            "warmup_steps": self.settings.warmup_steps,
-            "lr_ramp_samples": self.settings.lr_ramp_samples,
-            "trials": [self._trial_json(t) for t in self.trials],
-            "fit": self.ranking.fit_dict(),
-            "ranking": list(self.ranking.ranking),
-            "rows": [dict(asdict(r), status=r.status.value) for r in self.ranking.rows],
-            "recommended_batch_size": self.recommended_batch_size,
-            "recommended_lr": self.recommended_lr,
-            "tied_with_best": list(self.ranking.tied_with_best),
-            "threads": self.threads,
-            "skipped_batch_sizes": list(self.skipped),
-            "timing": {"method": "interleaved rounds", "rounds": [t.to_dict() for t in self.timing],
-                       "note": self.timing_note, "not_timed": self.not_timed()},
-            "b_opt_accumulation": self.b_opt_accumulation,
-            "verdict": self.ranking.verdict,
-            "journal": self.journal, "resumed": list(self.resumed),
-            "validation": ("held-out 10% of train_data" if self.made_val_split else "val_data")
-            + (f", a fixed subset of {self.validation_items} items"
-               if self.validation_items else ""),
-        }
-
-    def to_dict(self) -> dict:
-        """The ``--json`` output (``to_json``'s name in the Python API)."""
-        return self.to_json()
-
-    def _trial_json(self, trial: TrialResult) -> dict:
-        """A trial as journaled; with accumulation also its micro-batch (what must fit) next
-        to ``batch_size``, the effective batch that trains."""
-        data = trial.to_dict()
-        if self.settings.accumulate > 1:
-            data.update(micro_batch=trial.batch_size // self.settings.accumulate,
-                        effective_batch=trial.batch_size)
-        return data
+__all__ = ["BASE_STEPS", "RAMP_BASE_STEPS", "VAL_ITEMS", "WARM_START_STEPS", "SweepHooks",
+           "SweepResult", "SweepSettings", "apply_timing", "check_accumulation",
+           "check_resumed_start", "checkpoint_lr_note", "data_cap", "default_budget",
+           "from_checkpoint", "make_setup", "parse_budget", "powers_of_two",
+           "resolve_lr_scaling", "run_sweep", "summarize", "task_fingerprint", "timing_plan",
+           "validation_cap", "with_initial_loss"]
 
 
 @dataclass
@@ -516,42 +283,6 @@ def timing_plan(ok: Sequence[TrialResult]) -> tuple[int, ...]:
                                   if b_hat.value is not None else None)
     return contenders({t.batch_size: t.step_time_s for t in ok}, interval)
 
-
-def _not_timed(trials: Sequence[TrialResult], timing: Sequence[RoundTiming]) -> list[int]:
-    """The ok batch sizes the rounds did not time (all of them when there were none)."""
-    timed = {t.batch_size for t in timing}
-    return [t.batch_size for t in trials if t.ok and t.batch_size not in timed]
-
-
-def _untimed_note(sizes: Sequence[int]) -> str | None:
-    if not sizes:
-        return None
-    whose = "the trial's own step time" if len(sizes) == 1 else "the trials' own step times"
-    return (f"b={_sizes(sizes)} not timed again: {'each ' if len(sizes) > 1 else ''}over "
-            f"{CONTENDER_FACTOR:g}x the fastest's predicted time to the target (at {whose}, "
-            "across the noise scale's interval)")
-
-
-def apply_timing(trials: Sequence[TrialResult], timing: Sequence[RoundTiming]
-                 ) -> tuple[TrialResult, ...]:
-    """Trials whose ``step_time_s`` (and the rates derived from it) come from the
-    interleaved timing rounds; ``trial_step_time_s`` keeps the trial's own."""
-    by_size = {t.batch_size: t for t in timing}
-    out = []
-    for t in trials:
-        round_timing = by_size.get(t.batch_size)
-        if not t.ok or round_timing is None:
-            out.append(t)
-            continue
-        step = round_timing.step.mid
-        drop = (t.train_loss_start or 0.0) - (t.train_loss_end or 0.0)
-        out.append(dataclasses.replace(
-            t, step_time_s=step, samples_per_s=t.batch_size / step,
-            loss_drop_per_s=drop / (step * t.steps) if t.steps else None,
-            trial_step_time_s=t.trial_step_time_s or t.step_time_s))
-    return tuple(out)
-
-
 def task_fingerprint(task: Task, setup: TrialSetup) -> dict[str, Any]:
     """What identifies the task behind a journal beyond its entry point: the model's
     parameter count and a hash of its state's names and shapes, the training and validation
@@ -606,81 +337,3 @@ def check_resumed_start(done: dict[int, TrialResult], loss_start: float | None) 
                 f"this task's initial weights give {loss_start:.6g}: the task changed since "
                 "the journal was written, so its trials do not apply; use a new --journal "
                 "path or --overwrite")
-
-
-def validation_cap(task: Task) -> int | None:
-    """VAL_ITEMS when the sweep's validation set (the task's val_data, or the 10% of
-    train_data that ``split_validation`` holds out) is larger, so that only a fixed subset of
-    it is evaluated; None when all of it is."""
-    if task.val_data is not None:
-        size = len(task.val_data)  # type: ignore[arg-type]
-    else:
-        size = max(1, len(task.train_data) // 10)  # type: ignore[arg-type]
-    return VAL_ITEMS if size > VAL_ITEMS else None
-
-
-def check_accumulation(batch_sizes: Sequence[int], accumulate: int) -> list[int]:
-    """The micro-batches of effective ``batch_sizes`` split into ``accumulate`` micro-steps;
-    UsageError unless each divides evenly."""
-    if accumulate < 1:
-        raise UsageError(f"--accumulate must be >= 1, got {accumulate}")
-    uneven = [b for b in batch_sizes if b % accumulate]
-    if uneven:
-        raise UsageError(f"batch sizes {uneven} are not multiples of --accumulate {accumulate}")
-    return [b // accumulate for b in batch_sizes]
-
-
-def summarize(base_lr: float, base_batch_size: int, task_name: str, device: torch.device | str,
-              trials: Sequence[TrialResult], settings: SweepSettings, max_batch: int,
-              max_batch_source: str, journal: str, resumed: tuple[int, ...],
-              made_val_split: bool, validation_items: int | None = None,
-              timing: Sequence[RoundTiming] = (), timing_note: str | None = None,
-              skipped: tuple[int, ...] = (),
-              n_train: int | None = None) -> SweepResult:
-    """Fits and ranking over finished trials (also used by ``bsselect report``), with the
-    interleaved ``timing`` rounds' step times where there are any."""
-    trials = apply_timing(trials, timing)
-    times = {t.batch_size: t.step for t in timing}
-    if times and timing_note is None:  # the sizes the rounds left out (choice.contenders)
-        timing_note = _untimed_note(_not_timed(trials, timing))
-    b_hat = choose_b_hat(trials)
-    if b_hat.source:
-        ranking = rank_trials(trials, b_hat.value, b_hat.source, times=times,
-                              b_interval=b_hat.interval, b_hat_sizes=b_hat.from_sizes)
-    else:
-        ranking = rank_trials(trials, None, times=times)
-    rec = ranking.recommended_batch_size
-    rec_lr = scale_lr(base_lr, base_batch_size, rec, settings.lr_scaling) if rec else None
-    accumulation = None
-    # Only when the maximum is what fits (the probe's), not a bound the user chose.
-    if (ranking.b_opt is not None and ranking.b_opt > max_batch >= 1
-            and max_batch_source.startswith("probe")):
-        target = 1 << max(0, round(ranking.b_opt).bit_length() - 1)
-        micro = largest_pow2_at_most(max_batch)
-        if target > micro:
-            accumulation = {"effective_batch": target, "micro_batch": micro,
-                            "steps": grad_accum_steps(target, micro)}
-    return SweepResult(
-        task=task_name, device=str(device), batch_sizes=tuple(t.batch_size for t in trials),
-        settings=settings, base_lr=base_lr, base_batch_size=base_batch_size,
-        max_batch=max_batch, max_batch_source=max_batch_source, trials=tuple(trials),
-        ranking=ranking, recommended_batch_size=rec, recommended_lr=rec_lr,
-        b_opt_accumulation=accumulation, journal=journal, resumed=resumed,
-        made_val_split=made_val_split, validation_items=validation_items,
-        timing=tuple(timing), timing_note=timing_note, skipped=skipped, n_train=n_train,
-    )
-
-
-def _sizes(sizes: Sequence[int]) -> str:
-    return ", ".join(str(b) for b in sizes)
-
-
-def resolve_lr_scaling(task: Task, rule: str | None) -> LrScaling:
-    if rule in (None, "auto"):
-        with torch.device("meta"):
-            params = [torch.nn.Parameter(torch.empty(1))]
-        return default_lr_scaling(task.make_optimizer(params, task.lr))
-    try:
-        return LrScaling(rule)
-    except ValueError:
-        raise UsageError(f"--lr-scaling must be auto, linear, sqrt or none; got {rule!r}") from None
