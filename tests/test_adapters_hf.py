@@ -291,3 +291,24 @@ def test_a_sequence_classifier_weighs_each_item_once():
     task.model()
     _, labels = task.collate_fn([task.train_data[i] for i in range(5)])
     assert task.loss_weight(labels) == 5.0
+
+
+@pytest.mark.parametrize("name, shifts", [
+    ("GPT2LMHeadModel", True), ("GPT2DoubleHeadsModel", True), ("XLNetLMHeadModel", False),
+    ("BartForCausalLM", False)])
+def test_the_label_shift_is_read_from_what_the_models_loss_does(name, shifts):
+    """``loss_function`` says ForCausalLMLoss for every model without a loss type; the ones
+    that compute their loss inline shift or not as their forward does (review)."""
+    import transformers as T
+
+    from bsselect.adapters.hf import _loss_shifts_labels
+
+    small = dict(vocab_size=50)
+    config = {"GPT2": lambda: T.GPT2Config(n_embd=16, n_layer=1, n_head=2, **small),
+              "XLNet": lambda: T.XLNetConfig(d_model=16, n_layer=1, n_head=2, d_inner=32,
+                                             **small),
+              "Bart": lambda: T.BartConfig(d_model=16, encoder_layers=1, decoder_layers=1,
+                                           encoder_attention_heads=2, decoder_attention_heads=2,
+                                           encoder_ffn_dim=32, decoder_ffn_dim=32, **small)}
+    model = getattr(T, name)(config[next(k for k in config if name.startswith(k))]())
+    assert _loss_shifts_labels(model) is shifts

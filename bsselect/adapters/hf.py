@@ -332,8 +332,19 @@ def _loss_shifts_labels(model: Any) -> bool:
     except ImportError:  # pragma: no cover - an older transformers without loss kwargs
         return False
     config = getattr(model, "config", None)
-    return (getattr(model, "loss_function", None) is ForCausalLMLoss
-            and not getattr(config, "is_encoder_decoder", False))
+    if getattr(model, "loss_function", None) is not ForCausalLMLoss or getattr(
+            config, "is_encoder_decoder", False):
+        return False
+    # ``loss_function`` falls back to ForCausalLMLoss for any model; of the ones that compute
+    # their loss inline, some shift (GPT2DoubleHeadsModel) and some do not (XLNet, XLM,
+    # BartForCausalLM: review). Their forward says which.
+    import inspect
+
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):  # no source (a compiled or generated class): as it says
+        return True
+    return any(k in source for k in ("self.loss_function", "shift_logits", "shift_labels"))
 
 
 def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> Any:

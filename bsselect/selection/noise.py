@@ -2,7 +2,9 @@
 
 Measuring: one big batch of ``b_big`` items, split into ``n_sub = b_big / b_small`` disjoint
 sub-batches, one forward/backward pass each; |g_small|^2 is averaged over the sub-batches and
-|g_big|^2 is the norm of their mean, so the big batch costs no extra pass and no extra data.
+|g_big|^2 is the norm of their mean, so the big batch costs no extra pass and no extra data. A
+loss that is a mean over units of varying number per item (``Task.loss_weight``: a padded LM's
+label tokens) weights the sub-batches by their units (``weighted_pair``).
 The math (unbiased estimators, finite population correction, bootstrap) is in noise_math.py;
 method, sources and measured cost in docs/noise.md.
 
@@ -139,11 +141,12 @@ def split_batch(batch: Any, n_sub: int) -> list[Any]:
 
 
 class _Norms(NamedTuple):
-    small_sq: float  # mean over sub-batches of |g_small|^2
-    big_sq: float  # |mean of the sub-batch gradients|^2
-    loss: float  # mean loss over the sub-batches
+    small_sq: float  # mean over sub-batches of |g_small|^2 (Task.loss_weight: weighted_pair's)
+    big_sq: float  # |mean of the sub-batch gradients|^2 (likewise)
+    loss: float  # mean loss over the sub-batches (weighted by their units)
     mask_sq: float | None = None  # |g - g'|^2 of one sub-batch under two sets of masks
     first_sq: float | None = None  # |g|^2 of that sub-batch (with mask_sq)
+    mask_scale: float = 1.0  # Task.loss_weight: mask_sq's factor as an average sub-batch's
 
     def random(self) -> bool:
         """Whether the repeated sub-batch's two gradients differ: a random forward."""
@@ -192,36 +195,44 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
     if not params:
         raise TaskError("the model has no parameters that require grad")
     # fp32 accumulator even for half-precision parameters, so the sum of n_sub grads is exact
-    # enough; this is the only parameter-sized memory the measurement adds.
-    acc = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+    # enough; this is the only parameter-sized memory the measurement adds (two with
+    # Task.loss_weight, below).
+    promoted = [torch.promote_types(p.dtype, torch.float32) for p in params]
+    acc = [torch.zeros_like(p, dtype=d) for p, d in zip(params, promoted)]
     device = params[0].device
     zero = torch.zeros((), dtype=_sum_dtype(device), device=device)
-    small_sq, loss_sum, mask_sq, first_sq = (zero.clone() for _ in range(4))
+    small_sq, loss_sum, mask_sq, first_sq, mask_w = (zero.clone() for _ in range(5))
+    # Under torchrun (x, y) is this rank's share: n_sub / world_size of the sub-batches.
+    parts = split_batch((x, y), n_sub // distributed.world_size())
     # A loss averaged over units of varying number per item (Task.loss_weight: a padded LM's
     # label tokens): sub-batch i weighs w_i, the big batch's gradient is sum w_i g_i / sum w_i.
+    # Read before any pass (one host sync each, none between the passes); a sub-batch with no
+    # unit of the loss (all labels ignored) has share 0 and is not run (its mean is 0/0).
     weighted = task.loss_weight is not None
-    w_sum, w_sq = zero.clone(), zero.clone()
-    # Under torchrun (x, y) is this rank's share: n_sub / world_size of the sub-batches.
+    weights = [loss_units(task, yi) for _, yi in parts] if weighted else [1.0] * len(parts)
+    acc_sq = [torch.zeros_like(p, dtype=d) for p, d in zip(params, promoted)] if weighted else []
+    first = next((i for i, w in enumerate(weights) if w > 0), None)  # the one run twice
     with distributed.agreement():
-        for i, (xi, yi) in enumerate(split_batch((x, y), n_sub // distributed.world_size())):
-            if repeat and i == 0:  # the second pass starts from the same buffers
+        for i, ((xi, yi), w) in enumerate(zip(parts, weights)):
+            if w == 0:
+                continue
+            if repeat and i == first:  # the second pass starts from the same buffers
                 before = _buffers(model)
-            w = loss_units(task, yi) if weighted else 1.0
             loss = forward_loss(model, task, xi, yi, precision)
             # autograd.grad returns the gradients instead of accumulating into .grad; with
             # fp16 the loss is scaled for the backward and the gradients unscaled (raw).
             grads = [None if g is None else g.to_dense() if g.is_sparse else g
                      for g in raw_grads(loss, params, precision)]
             sq = zero.clone()
-            for a, g in zip(acc, grads):
+            for k, (a, g) in enumerate(zip(acc, grads)):
                 if g is not None:
                     sq += _sq_norm(g)
                     a.add_(g, alpha=w)
+                    if weighted:
+                        acc_sq[k].add_(g, alpha=w * w)
             small_sq += sq * (w * w)
             loss_sum += loss.detach().to(loss_sum.dtype) * w
-            w_sum += w
-            w_sq += w * w
-            if repeat and i == 0:
+            if repeat and i == first:
                 # The same items again under new dropout masks. Buffers as the first pass
                 # found them (spectral norm's power iteration, any running state): only the
                 # random draws differ between the two passes.
@@ -232,42 +243,60 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
                 for a, g0, g in zip(acc, grads, again):
                     g0, g = (torch.zeros_like(a) if v is None else (
                         v.to_dense() if v.is_sparse else v).to(a.dtype) for v in (g0, g))
-                    mask_sq += _sq_norm(g - g0)
+                    diff = _sq_norm(g - g0)
+                    mask_sq += diff
+                    mask_w += diff * w  # the mask noise of a mean over w units
+    w_sum = zero + sum(weights)
+    w_sq = zero + sum(w * w for w in weights)
     # The data-parallel trick (McCandlish et al. 2018, App. A.1): each rank's sub-batch norms
     # are the small batches, the all-reduced gradient is the big batch. No-op in one process.
-    distributed.sum_([*acc, small_sq, loss_sum, mask_sq, first_sq, w_sum, w_sq])
+    distributed.sum_([*acc, *acc_sq, small_sq, loss_sum, mask_sq, first_sq, mask_w, w_sum,
+                      w_sq])
     # One host sync per measurement, not one per sub-batch.
     ranks = distributed.world_size()
-    mask = (float(mask_sq) / ranks, float(first_sq) / ranks) if repeat else (None, None)
     if not weighted:
+        mask = (float(mask_sq) / ranks, float(first_sq) / ranks) if repeat else (None, None)
         big_sq = sum(_sq_norm(a / n_sub) for a in acc)
         return _Norms(float(small_sq) / n_sub, float(big_sq), float(loss_sum) / n_sub, *mask)
     total = float(w_sum)
     if not total > 0:
         raise TaskError(f"Task.loss_weight gave the {n_sub} sub-batches of a measurement a "
                         f"total weight of {total:g}: no unit of the loss to average over")
+    # Dropout's noise in the repeated sub-batch's mean falls as 1/w (its units), not as
+    # 1/b_small: rescaled to an average sub-batch's units, as the estimator reads it.
+    raw = float(mask_sq)
+    mask = ((raw / ranks, float(first_sq) / ranks) if repeat else (None, None))
+    scale = float(mask_w) / raw * n_sub / total if repeat and raw > 0 else 1.0
     big_sq = float(sum(_sq_norm(a / total) for a in acc))
-    return _Norms(weighted_small_sq(big_sq, float(small_sq) / total ** 2,
-                                    float(w_sq) / total ** 2, n_sub),
-                  big_sq, float(loss_sum) / total, *mask)
+    cross = float(sum((a * s).sum(dtype=_sum_dtype(device)) for a, s in zip(acc, acc_sq))
+                  ) / total ** 3
+    small, big = weighted_pair(big_sq, float(small_sq) / total ** 2, cross,
+                               float(w_sq) / total ** 2, n_sub)
+    return _Norms(small, big, float(loss_sum) / total, *mask, mask_scale=scale)
 
 
-def weighted_small_sq(big_sq: float, pieces_sq: float, share_sq: float, n_sub: int) -> float:
-    """The equal-weight ``|g_small|^2`` that gives the same ``|G|^2`` and ``tr(Sigma)`` as
-    ``n_sub`` sub-batch gradients ``g_i`` weighted by shares ``s_i`` (summing to 1).
+def weighted_pair(big_sq: float, pieces_sq: float, cross: float, share_sq: float,
+                  n_sub: int) -> tuple[float, float]:
+    """The equal-weight pair (``|g_small|^2``, ``|g_big|^2``) that gives the same ``|G|^2``
+    and ``tr(Sigma)`` as ``n_sub`` sub-batch gradients ``g_i`` with shares ``s_i`` (summing
+    to 1), for ``estimate_from_norms``.
 
-    ``big_sq = |sum s_i g_i|^2`` (the big batch's gradient), ``pieces_sq = sum s_i^2 |g_i|^2``,
-    ``share_sq = sum s_i^2``. The weighted U-statistic ``|G|^2 = (big_sq - pieces_sq) /
-    (1 - share_sq)`` is unbiased whatever the shares (``GradientNoiseMonitor.step`` uses the
-    same); the two-batch estimator then reads ``n * big_sq - (n - 1) |G|^2`` as ``|g_small|^2``
-    — with equal shares exactly the mean of ``|g_i|^2``. Averaging token-mean sub-batches with
-    equal weight instead read ``B_simple`` about 8% high at ``b_small`` 4 on a padded GPT-2
-    (review, session 16)."""
+    ``big_sq = |ĝ|^2`` with ``ĝ = sum s_i g_i`` (the big batch's gradient), ``pieces_sq =
+    sum s_i^2 |g_i|^2``, ``cross = ĝ · sum s_i^2 g_i``, ``share_sq = sum s_i^2``. ``|G|^2``:
+    the weighted U-statistic ``(big_sq - pieces_sq) / (1 - share_sq)``, unbiased whatever
+    the shares; ``tr(Sigma) / b_big``: the shares' residual spread ``k/(k-1) sum s_i^2 |g_i -
+    ĝ|^2``, ``k = n_sub``. With equal shares both are the usual two-batch estimator's, and
+    the pair is exactly (mean of ``|g_i|^2``, ``|ĝ|^2``). Reading ``tr`` as ``big_sq -
+    |G|^2`` instead (the first version) kept a covariance between a sub-batch's units and its
+    gradient along ``G``: +6% on a task of very uneven lengths at any batch size (review).
+    Averaging token-mean sub-batches with equal weight (before ``Task.loss_weight``) read
+    ``B_simple`` 8% high at ``b_small`` 4 on a padded GPT-2."""
     if not share_sq < 1.0:
         raise TaskError("Task.loss_weight put the whole measurement's weight on one sub-batch: "
                         "nothing to compare it with")
     grad_sq = (big_sq - pieces_sq) / (1.0 - share_sq)
-    return n_sub * big_sq - (n_sub - 1) * grad_sq
+    spread = (pieces_sq - 2.0 * cross + share_sq * big_sq) * n_sub / (n_sub - 1)  # tr / b_big
+    return grad_sq + n_sub * spread, grad_sq + spread
 
 
 def measure_grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
@@ -277,7 +306,8 @@ def measure_grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
     The batch (nested tuples/dicts of tensors allowed) is split along dim 0 into ``n_sub``
     disjoint sub-batches of ``b_small = b_big / n_sub``: one forward/backward pass each;
     ``g_big`` is the mean of the sub-batch gradients, i.e. the gradient of the mean loss over
-    the big batch. The model's mode, ``.grad`` fields and buffers (e.g. BatchNorm running
+    the big batch (with ``Task.loss_weight``: the equal-weight pair ``weighted_pair`` gives).
+    The model's mode, ``.grad`` fields and buffers (e.g. BatchNorm running
     statistics) are left as they were; an optimizer is not involved. ``precision``: the
     forward under autocast, as training runs it; the norms are of unscaled fp32 gradients.
     """
@@ -358,7 +388,8 @@ def estimate_noise(
             big.append(norms.big_sq)
             losses.append(norms.loss)
             if repeat:
-                masks.append(b_small * norms.mask_sq / 2)  # E = D, per example
+                # E = D, per example
+                masks.append(b_small * norms.mask_sq * norms.mask_scale / 2)
             if on_pass is not None:
                 on_pass(n_sub + twice)
     est = estimate_from_norms(small, big, b_small, b_big, n_data, seed=seed,
