@@ -412,14 +412,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, task: Any, x:
     optimizer.zero_grad(set_to_none=True)
     failure: Exception | None = None
     loss = torch.zeros(())
+    scale = _unit_scale(task, y)
     if careful:
         with agreement(), model.no_sync():  # type: ignore[operator]
-            loss = task.loss_fn(model(x), y)
+            loss = task.loss_fn(model(x), y) * scale
             loss.backward()
         average_gradients([p for p in model.parameters() if p.requires_grad])
     else:
         with agreement():
-            loss = task.loss_fn(model(x), y)
+            loss = task.loss_fn(model(x), y) * scale
     try:
         if not careful:
             loss.backward()
@@ -429,6 +430,22 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, task: Any, x:
     total = _agree(failure, loss.detach())
     assert total is not None
     return (total[0] / world_size()).to(loss.device, loss.dtype)
+
+
+def _unit_scale(task: Any, y: Any) -> float:
+    """With ``Task.loss_weight`` (a mean over tokens, say): this rank's loss factor
+    ``w_r * world / sum of w`` so that DDP's mean over ranks is the global batch's mean over
+    its units, as one process would train on it (and the HF Trainer's
+    ``average_tokens_across_devices``); 1 otherwise, and when some rank holds no unit (its
+    mean is 0/0: the step stays the ranks' plain mean)."""
+    if getattr(task, "loss_weight", None) is None:
+        return 1.0
+    from .task import loss_units
+
+    with agreement():
+        w = loss_units(task, y)
+    total, empty = sum_floats(w, float(w == 0))
+    return w * world_size() / total if total > 0 and not empty else 1.0
 
 
 # --- output: which batch is which ----------------------------------------------------------

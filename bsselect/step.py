@@ -99,26 +99,56 @@ def train_step(
     ``accumulate=N`` runs N forward/backward passes (micro-steps) on micro-batches before the
     one optimizer step, each loss divided by N; micro-batches after the first come from
     ``next_micro_batch()``, or are ``(x, y)`` again (what a memory measurement wants: the same
-    shapes). From the second micro-step on the gradients of the earlier ones are alive, which
+    shapes). With ``Task.loss_weight`` and ``next_micro_batch``, the step's micro-batches are
+    fetched first and each loss weighted by its share of their units (``_unit_shares``). From the second micro-step on the gradients of the earlier ones are alive, which
     is why accumulation costs memory. ``scaler`` (fp16: ``precision.make_scaler``) scales the
     loss and unscales before the step, skipping it when a gradient overflowed.
     """
     optimizer.zero_grad(set_to_none=True)
+    shares = _unit_shares(task, accumulate, (x, y), next_micro_batch)
     total: Optional[torch.Tensor] = None
     for i in range(accumulate):
-        if i and next_micro_batch is not None:
+        if shares is not None:
+            (x, y), share = shares[i]
+            if share == 0:  # no unit of the loss in it: its mean is 0/0, its share 0
+                continue
+        elif i and next_micro_batch is not None:
             x, y = next_micro_batch()
         loss = forward_loss(model, task, x, y, precision)
-        part = loss / accumulate if accumulate > 1 else loss
+        if shares is not None:
+            part = loss * share
+            counted = part.detach()
+        else:
+            part = loss / accumulate if accumulate > 1 else loss
+            counted = loss.detach()
         (scaler.scale(part) if scaler is not None else part).backward()
-        total = loss.detach() if total is None else total + loss.detach()
+        total = counted if total is None else total + counted
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     assert total is not None
-    return total / accumulate if accumulate > 1 else total
+    return total / accumulate if accumulate > 1 and shares is None else total
+
+
+def _unit_shares(task: Task, accumulate: int, first: tuple[Any, Any],
+                 next_micro_batch: Optional[Callable[[], tuple[Any, Any]]]
+                 ) -> Optional[list[tuple[tuple[Any, Any], float]]]:
+    """With ``Task.loss_weight`` (a mean over tokens, say) and micro-steps: every micro-batch
+    of the step, fetched first, with its share of the step's units, so that the step trains on
+    the whole batch's mean as one batch would (as the HF Trainer's ``num_items_in_batch``
+    does), not on the equal-weight mean of the micro-batches' means. None otherwise."""
+    if accumulate <= 1 or task.loss_weight is None or next_micro_batch is None:
+        return None  # the same batch again (a memory measurement): equal shares anyway
+    from .task import loss_units
+
+    batches = [first] + [next_micro_batch() for _ in range(accumulate - 1)]
+    units = [loss_units(task, y) for _, y in batches]
+    whole = sum(units)
+    if not whole > 0:  # nothing to weight by (the loss is 0/0): equal shares, as without
+        return [(b, 1.0 / accumulate) for b in batches]
+    return [(b, u / whole) for b, u in zip(batches, units)]
 
 
 def tokens_per_sample(task: Task, inputs: Any = None) -> Optional[int]:

@@ -151,6 +151,18 @@ def test_noise_data_parallel_equals_the_single_process_estimate():
             two["global_batch"]) == (2, 16, 4, 128)
 
 
+def test_token_weighted_noise_and_warm_up_under_ddp_equal_one_process():
+    """Task.loss_weight under torchrun: the warm-up's DDP steps weight each rank's token mean
+    by its tokens (the global batch's token mean, as one process trains), and the measurement
+    all-reduces the units with the gradients (before: 2 ranks read B_simple 1.229 where one
+    process read 0.952, on a task of very uneven lengths)."""
+    args = ("noise", f"{TASKS / 'token_tasks.py'}:linear_tokens", "--b-small", "2",
+            "--b-big", "16", "--measurements", "16", "--warmup-steps", "5")
+    one, two = single(*args), bsselect(*args)
+    for key in ("b_simple", "grad_sq_norm", "trace_sigma", "final_loss", "initial_loss"):
+        assert two[key] == pytest.approx(one[key], rel=1e-9), key
+
+
 def test_core_functions_agree_across_ranks(tmp_path):
     proc = torchrun(str(TASKS / "ddp_driver.py"), str(tmp_path))
     assert proc.returncode == 0, proc.stderr

@@ -269,6 +269,26 @@ def test_ddp_on_two_gloo_ranks_agrees_with_bsselect_noise(tmp_path, digits, accu
     _inside(r0["b_simple"], reference.b_simple_ci)
 
 
+@pytest.mark.parametrize("across", [True, False])
+def test_ddp_token_shares_over_all_ranks(tmp_path, across):
+    """A loss divided by the step's tokens on all ranks (the HF Trainer's default
+    average_tokens_across_devices): with weights_across_ranks each piece's share is its tokens
+    over the global total, and every step's pair equals the weighted U-statistic of the
+    gathered micro-batch gradients; taking each rank's shares as summing to one (before) does
+    not."""
+    import json
+
+    proc = torchrun(str(TASKS / "noise_monitor_tokens_ddp.py"), str(tmp_path),
+                    "1" if across else "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pairs = json.loads((tmp_path / "readings.json").read_text())
+    assert len(pairs) == 12
+    # float32 norms (the monitor's) against float64 sums: 1e-7 apart; per-rank shares: 0.5-30%
+    close = [p["small"] == pytest.approx(p["true_small"], rel=1e-5)
+             and p["big"] == pytest.approx(p["true_big"], rel=1e-5) for p in pairs]
+    assert all(close) if across else not all(close)
+
+
 # ----------------------------------------------------------------------- Lightning
 
 

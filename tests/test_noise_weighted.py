@@ -4,71 +4,17 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
-from bsselect import Task
 from bsselect.errors import TaskError
 from bsselect.selection.noise import estimate_noise, weighted_pair
 from bsselect.selection.trials import evaluate
 
-N_SEQ, D = 256, 6
-
-
-def _sequences(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    # half very short, half long: where equal-weight sub-batch means go most wrong
-    lengths = torch.where(torch.rand(N_SEQ, generator=g) < 0.5,
-                          torch.randint(1, 4, (N_SEQ,), generator=g),
-                          torch.randint(16, 25, (N_SEQ,), generator=g))
-    xs = [torch.randn(int(n), D, generator=g, dtype=torch.float64) for n in lengths]
-    w_true = torch.randn(D, generator=g, dtype=torch.float64)
-    ys = [x @ w_true + 0.5 * torch.randn(len(x), generator=g, dtype=torch.float64) for x in xs]
-    w0 = w_true + 0.4 * torch.randn(D, generator=g, dtype=torch.float64)
-    return lengths, xs, ys, w0
-
-
-class _Linear(nn.Module):
-    def __init__(self, w0: torch.Tensor) -> None:
-        super().__init__()
-        self.w = nn.Parameter(w0.clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.w
-
-
-def _collate(items):
-    """Pad to the longest sequence: x [b, L, D], targets (y [b, L], mask [b, L])."""
-    longest = max(len(x) for x, _ in items)
-    x = torch.zeros(len(items), longest, D, dtype=torch.float64)
-    y = torch.zeros(len(items), longest, dtype=torch.float64)
-    mask = torch.zeros(len(items), longest, dtype=torch.float64)
-    for i, (xi, yi) in enumerate(items):
-        x[i, :len(xi)], y[i, :len(yi)], mask[i, :len(yi)] = xi, yi, 1.0
-    return x, (y, mask)
-
-
-def _token_mean(out, target):
-    y, mask = target
-    return ((out - y) ** 2 * mask).sum() / mask.sum()
-
-
-def _task(weighted: bool = True, **overrides) -> tuple[Task, float, float]:
-    """The task and the exact (|G|^2, tr(Sigma)) at its weights: G = sum s_j / sum n_j over
-    the per-sequence gradients s_j of their summed token losses, tr(Sigma) = mean |s_j - n_j
-    G|^2 / mean(n)^2 (the covariance of a big batch's token-mean gradient, times its size)."""
-    lengths, xs, ys, w0 = _sequences()
-    s = torch.stack([2 * ((x @ w0 - y)[:, None] * x).sum(0) for x, y in zip(xs, ys)])
-    n = lengths.double()
-    G = s.sum(0) / n.sum()
-    trace = float(((s - n[:, None] * G) ** 2).sum(1).mean() / n.mean() ** 2)
-    options = dict(model=lambda: _Linear(w0), train_data=list(zip(xs, ys)),
-                   loss_fn=_token_mean, collate_fn=_collate, base_batch_size=2,
-                   loss_weight=(lambda target: target[1].sum()) if weighted else None)
-    options.update(overrides)
-    return Task(**options), float(G @ G), trace
+sys.path.insert(0, str(Path(__file__).parent / "tasks"))
+from token_tasks import _collate, _Linear, _sequences, _task  # noqa: E402
 
 
 def _pair_inputs(g: torch.Tensor, shares: torch.Tensor) -> tuple[float, float, float, float]:
@@ -205,3 +151,35 @@ def test_a_sub_batch_with_no_unit_of_the_loss_is_skipped_not_nan() -> None:
     assert math.isfinite(loss) and math.isfinite(est.grad_sq_norm)
     val, _ = evaluate(task.model(), task, data, torch.device("cpu"), batch_size=1)
     assert math.isfinite(val)
+
+
+def test_accumulated_micro_batches_train_on_the_whole_batchs_token_mean() -> None:
+    """--accumulate with loss_weight: one step over two micro-batches moves the weights as one
+    step over the whole batch (each micro-batch's mean weighted by its tokens); the
+    equal-weight mean of the two means (before) moves them elsewhere."""
+    from bsselect.step import train_step
+
+    task, _, _ = _task()
+    items = [task.train_data[i] for i in (0, 1, 2, 5)]   # lengths differ a lot
+    whole = task.collate_fn(items)
+    halves = [task.collate_fn(items[:2]), task.collate_fn(items[2:])]
+    assert halves[0][1][1].sum() != halves[1][1][1].sum()
+
+    def stepped(accumulate: int, weighted: bool = True):
+        model = task.model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        t = task if weighted else _task(weighted=False)[0]
+        if accumulate == 1:
+            loss = train_step(model, opt, t, *whole)
+        else:
+            rest = iter(halves[1:])
+            loss = train_step(model, opt, t, *halves[0], accumulate=2,
+                              next_micro_batch=lambda: next(rest))
+        return model.w.detach().clone(), float(loss)
+
+    one_w, one_loss = stepped(1)
+    two_w, two_loss = stepped(2)
+    assert torch.allclose(two_w, one_w, rtol=1e-12, atol=1e-12)
+    assert two_loss == pytest.approx(one_loss, rel=1e-12)
+    equal_w, _ = stepped(2, weighted=False)
+    assert not torch.allclose(equal_w, one_w, rtol=1e-6, atol=1e-9)

@@ -379,6 +379,7 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
             self._tokens: list[Any] = []     # their label tokens, when the loss is per token
             self._handle: Any = None
             self._shifts = False             # a causal LM's loss drops each first label
+            self._across = False             # token shares over all ranks (DDP)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                            train_dataloader: Any = None, **kwargs: Any) -> None:
@@ -405,6 +406,9 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
                 warnings.warn(f"NoiseScaleCallback is off: {exc}", stacklevel=2)
                 return
             self._shifts = _loss_shifts_labels(model)
+            # the Trainer divides by the token total over all ranks (its default) or each
+            # rank's own
+            self._across = bool(getattr(args, "average_tokens_across_devices", False))
             self._handle = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
 
         def _on_forward(self, module: Any, args: Any, kwargs: Any) -> None:
@@ -429,7 +433,8 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
             # One micro-batch size in the step, or the pair has no single b_small.
             micro = self._sizes[0] if len(set(self._sizes)) == 1 else 0
             tokens = self._tokens if len(self._tokens) == len(self._sizes) else None
-            reading = self.monitor.step(micro, micro_weights=tokens)
+            reading = self.monitor.step(micro, micro_weights=tokens,
+                                        weights_across_ranks=self._across)
             if reading is not None and self.advice is None:
                 self.advice = self.monitor.advice(reading.b_big)
 

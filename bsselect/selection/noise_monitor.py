@@ -254,16 +254,18 @@ class GradientNoiseMonitor:
 
     # ------------------------------------------------------------------ per step
 
-    def step(self, micro_batch_size: int, micro_weights: Sequence[float] | None = None
-             ) -> NoiseReading | None:
+    def step(self, micro_batch_size: int, micro_weights: Sequence[float] | None = None,
+             weights_across_ranks: bool = False) -> NoiseReading | None:
         """Take this step's pair; call it after the step's last backward and before
         ``optimizer.step()`` (before or after clipping and ``scaler.unscale_``: both norms were
         read during the backward passes). ``micro_batch_size``: items in each micro-batch on one
         rank; every micro-batch of the step must have that many (0: unknown or uneven, the step
         is not measured). ``micro_weights``: each micro-batch's share of the step's loss
         normaliser, in backward order, when the losses are not divided equally (the HF
-        ``Trainer`` dividing by the step's token count passes the token counts). Returns the
-        reading, or None on a step that is not measured."""
+        ``Trainer`` dividing by the step's token count passes the token counts).
+        ``weights_across_ranks``: under DDP, the losses were divided by the weights' total over
+        all ranks (the ``Trainer``'s ``average_tokens_across_devices``), not each rank's own.
+        Returns the reading, or None on a step that is not measured."""
         if isinstance(micro_batch_size, bool) or not isinstance(
                 micro_batch_size, numbers.Integral) or micro_batch_size < 0:
             raise UsageError(f"micro_batch_size must be an integer >= 1 (0: unknown, the step "
@@ -292,23 +294,36 @@ class GradientNoiseMonitor:
         # overstates the small batches' noise when lengths vary, and B_simple read 1.2-2.6x
         # high (review). It is handed on as the equal-piece mean |g_small|^2 that gives the
         # same |G|^2 and tr(Sigma) (with equal shares, exactly a * sum |h_j|^2 as before).
+        # Shares over all ranks (the Trainer's average_tokens_across_devices): each piece's
+        # weight over the step's global total, which a rank learns from the all-reduce; else
+        # each rank's shares sum to 1 and DDP's mean gives every rank 1/w (a rank with 40% of
+        # the tokens counted as half read |G|^2 ~4% low: review).
+        across = weights_across_ranks and micro_weights is not None and w > 1
         if micro_weights is None:
             shares = torch.full((a,), 1.0 / a)
         else:
             shares = torch.tensor([float(x) for x in micro_weights], dtype=torch.float64)
             if not (bool(torch.isfinite(shares).all()) and float(shares.min()) >= 0
-                    and float(shares.sum()) > 0):
+                    and (across or float(shares.sum()) > 0)):
                 self.skipped += 1
                 return None
-            shares = shares / shares.sum()
+            if not across:
+                shares = shares / shares.sum()
         device = smalls[0].device
         parts = torch.stack([torch.stack(smalls).sum().double(),
                              shares.pow(2).sum().to(device=device, dtype=torch.float64),
-                             big.to(device=device, dtype=torch.float64)])
+                             big.to(device=device, dtype=torch.float64),
+                             shares.sum().to(device=device, dtype=torch.float64)])
         if w > 1:
             torch.distributed.all_reduce(parts)   # sums over ranks; big is the same on each
-            parts = parts / torch.tensor([w * w, w * w, w], dtype=parts.dtype, device=device)
-        pieces_sq, share_sq, big_sq = (float(v) for v in parts.cpu())
+            parts = parts / torch.tensor([w * w, 1.0 if across else w * w, w, 1.0],
+                                         dtype=parts.dtype, device=device)
+        pieces_sq, share_sq, big_sq, total = (float(v) for v in parts.cpu())
+        if across:
+            if not total > 0:
+                self.skipped += 1
+                return None
+            share_sq /= total * total
         if self.scaler is not None:   # the gradients were of the loss times the scale
             scale_sq = float(self.scaler.get_scale()) ** 2
             pieces_sq, big_sq = pieces_sq / scale_sq, big_sq / scale_sq
