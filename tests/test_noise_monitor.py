@@ -544,17 +544,14 @@ def test_token_weighted_steps_are_unbiased_against_exact_per_sequence_gradients(
     from per-sequence gradients (G = sum s_i / sum n_i, tr = mean |s_i - n_i G|^2 / mean(n)^2).
     Dividing each micro-batch by its token share (the code before) read B_simple 2.2x the
     truth here."""
-    g = torch.Generator().manual_seed(0)
-    n_seq, d = 256, 6
-    lengths = torch.where(torch.rand(n_seq, generator=g) < 0.5,
-                          torch.randint(1, 4, (n_seq,), generator=g),
-                          torch.randint(16, 25, (n_seq,), generator=g))
-    xs = [torch.randn(int(n), d, generator=g, dtype=torch.float64) for n in lengths]
-    w_true = torch.randn(d, generator=g, dtype=torch.float64)
-    ys = [x @ w_true + 0.5 * torch.randn(len(x), generator=g, dtype=torch.float64) for x in xs]
+    from tasks.token_tasks import _sequences
+
+    lengths, xs, ys, w_start = _sequences()   # lengths 1-3 and 16-24
+    n_seq, d = len(xs), w_start.numel()
+    g = torch.Generator().manual_seed(1)
     model = nn.Linear(d, 1, bias=False).double()
     with torch.no_grad():
-        model.weight.copy_((w_true + 0.4 * torch.randn(d, generator=g, dtype=torch.float64))[None])
+        model.weight.copy_(w_start[None])
     w0 = model.weight.detach()[0]
     # exact: per-sequence gradient of its summed token losses
     s = torch.stack([2 * ((x @ w0 - y)[:, None] * x).sum(0) for x, y in zip(xs, ys)])
