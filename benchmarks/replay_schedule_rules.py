@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import selection_lib as lib  # noqa: E402
 
 from bsselect.selection.schedule import _fit_times  # noqa: E402
-from bsselect.selection.schedule_plan import (Branch, SchedulePoint, no_worse_than_fixed,  # noqa: E402
-                                              plan_stages, point_fastest, predict_fixed)
+from bsselect.selection.schedule_plan import (  # noqa: E402
+    Branch, SchedulePoint, no_worse_than_fixed, plan_stages, point_fastest, predict_fixed)
 from bsselect.selection.timing import RoundTiming  # noqa: E402
 from bsselect.selection.trial_types import TrialResult, TrialStatus  # noqa: E402
 
@@ -103,7 +103,8 @@ def replay(js: dict):
 def score(plan: tuple, ot: dict, best: int, b0: int, stored: tuple, row: dict) -> str:
     if len(plan) == 1:
         b = plan[0][1]
-        return f"{ot[b]['time_s'] / ot[best]['time_s']:.2f} / {ot[b]['time_s'] / ot[b0]['time_s']:.2f}"
+        t = ot[b]["time_s"]
+        return f"{t / ot[best]['time_s']:.2f} / {t / ot[b0]['time_s']:.2f}"
     if plan == stored:
         return f"{row['time_vs_best']:.2f} / {row['time_vs_base']:.2f} (run)"
     return "live"

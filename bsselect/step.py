@@ -100,8 +100,9 @@ def train_step(
     one optimizer step, each loss divided by N; micro-batches after the first come from
     ``next_micro_batch()``, or are ``(x, y)`` again (what a memory measurement wants: the same
     shapes). With ``Task.loss_weight`` and ``next_micro_batch``, the step's micro-batches are
-    fetched first and each loss weighted by its share of their units (``_unit_shares``). From the second micro-step on the gradients of the earlier ones are alive, which
-    is why accumulation costs memory. ``scaler`` (fp16: ``precision.make_scaler``) scales the
+    fetched first and each loss weighted by its share of their units (``_unit_shares``). From
+    the second micro-step on the gradients of the earlier ones are alive, which is why
+    accumulation costs memory. ``scaler`` (fp16: ``precision.make_scaler``) scales the
     loss and unscales before the step, skipping it when a gradient overflowed.
     """
     optimizer.zero_grad(set_to_none=True)
