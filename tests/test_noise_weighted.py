@@ -183,3 +183,23 @@ def test_accumulated_micro_batches_train_on_the_whole_batchs_token_mean() -> Non
     assert two_loss == pytest.approx(one_loss, rel=1e-12)
     equal_w, _ = stepped(2, weighted=False)
     assert not torch.allclose(equal_w, one_w, rtol=1e-6, atol=1e-9)
+
+
+def test_a_journal_of_a_token_weighted_task_does_not_resume_equal_weight_trials() -> None:
+    """The sweep's and the schedule's resume keys say loss_weight, so a journal written before
+    the trials were weighted (or by the same task without loss_weight) is not resumed."""
+    from bsselect.selection.journal import settings_key
+    from bsselect.selection.lr_scaling import LrScaling
+    from bsselect.selection.schedule import ScheduleSettings
+    from bsselect.selection.sweep import SweepSettings, parse_budget
+
+    weighted, _, _ = _task()
+    plain, _, _ = _task(weighted=False)
+    sweep = SweepSettings(budget=parse_budget("64"), lr_scaling=LrScaling.linear)
+    assert sweep.journal_settings(weighted)["loss_weight"] is True
+    assert "loss_weight" not in sweep.journal_settings(plain)
+    assert settings_key(sweep.journal_settings(weighted)) != settings_key(
+        sweep.journal_settings(plain))
+    schedule = ScheduleSettings(horizon=4096)
+    assert schedule.journal_settings(weighted, [2, 4])["loss_weight"] is True
+    assert "loss_weight" not in schedule.journal_settings(plain, [2, 4])
