@@ -24,6 +24,7 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -74,8 +75,7 @@ def replay(js: dict):
     pts = points_of(js)
     fastest = [point_fastest(p, b0, intervals) for p in pts]
     same_fastest = fastest == [p["fastest_batch_size"] for p in js["points"]]
-    pts = [SchedulePoint(p.samples, p.base_steps, p.branches, None, p.critical_batch_size, f,
-                         p.checkpoint) for p, f in zip(pts, fastest)]
+    pts = [dataclasses.replace(p, fastest_batch_size=f) for p, f in zip(pts, fastest)]
     horizon = js["horizon_samples"]
     lr_of = {b: 0.0 for b in sizes}
     measured = plan_stages(pts, horizon, b0, mid, lambda b: lr_of[b])

@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.data import default_collate
 
 from .precision import Precision, autocast, device_type_of
-from .task import Task
+from .task import Task, loss_units
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,6 @@ def _unit_shares(task: Task, accumulate: int, first: tuple[Any, Any],
     does), not on the equal-weight mean of the micro-batches' means. None otherwise."""
     if accumulate <= 1 or task.loss_weight is None or next_micro_batch is None:
         return None  # the same batch again (a memory measurement): equal shares anyway
-    from .task import loss_units
-
     batches = [first] + [next_micro_batch() for _ in range(accumulate - 1)]
     units = [loss_units(task, y) for _, y in batches]
     whole = sum(units)

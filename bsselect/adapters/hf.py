@@ -210,11 +210,15 @@ class LabelTokens:
         self.shifts = False
 
     def __call__(self, labels: Any) -> float:
-        if not torch.is_tensor(labels):
-            return 1.0
-        if self.shifts and labels.dim() >= 2:
-            labels = labels[..., 1:]
-        return float(labels.ne(-100).sum())
+        return float(label_tokens(labels, self.shifts)) if torch.is_tensor(labels) else 1.0
+
+
+def label_tokens(labels: torch.Tensor, shifts: bool) -> torch.Tensor:
+    """The label tokens an HF loss averages over (a 0-d tensor: no host sync): ``labels !=
+    -100``, of ``labels[..., 1:]`` where the loss ``shifts`` them (a causal LM's)."""
+    if shifts and labels.dim() >= 2:
+        labels = labels[..., 1:]
+    return labels.ne(-100).sum()
 
 
 def _trainer_groups(params: Any, weight_decay: float) -> list[dict[str, Any]]:
@@ -415,13 +419,12 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
             if not (module.training and torch.is_grad_enabled()):
                 return
             self._sizes.append(batch_len((*args, kwargs)))
-            labels = kwargs.get("shift_labels")
-            if labels is None and torch.is_tensor(kwargs.get("labels")):
-                labels = kwargs["labels"][..., 1:] if self._shifts else kwargs["labels"]
+            shifted = kwargs.get("shift_labels")  # already shifted by the collator
+            labels = shifted if shifted is not None else kwargs.get("labels")
             # The Trainer passes num_items_in_batch exactly when the model's loss is the sum
             # over the micro-batch's label tokens divided by the step's total.
             if kwargs.get("num_items_in_batch") is not None and torch.is_tensor(labels):
-                self._tokens.append(labels.ne(-100).sum())
+                self._tokens.append(label_tokens(labels, self._shifts and shifted is None))
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self._sizes, self._tokens = [], []

@@ -221,8 +221,7 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
             loss = forward_loss(model, task, xi, yi, precision)
             # autograd.grad returns the gradients instead of accumulating into .grad; with
             # fp16 the loss is scaled for the backward and the gradients unscaled (raw).
-            grads = [None if g is None else g.to_dense() if g.is_sparse else g
-                     for g in raw_grads(loss, params, precision)]
+            grads = _dense(raw_grads(loss, params, precision))
             sq = zero.clone()
             for k, (a, g) in enumerate(zip(acc, grads)):
                 if g is not None:
@@ -238,11 +237,11 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
                 # random draws differ between the two passes.
                 first_sq += sq
                 _restore_buffers(model, before)
-                again = raw_grads(forward_loss(model, task, xi, yi, precision), params,
-                                  precision)
+                again = _dense(raw_grads(forward_loss(model, task, xi, yi, precision), params,
+                                         precision))
                 for a, g0, g in zip(acc, grads, again):
-                    g0, g = (torch.zeros_like(a) if v is None else (
-                        v.to_dense() if v.is_sparse else v).to(a.dtype) for v in (g0, g))
+                    g0, g = (torch.zeros_like(a) if v is None else v.to(a.dtype)
+                             for v in (g0, g))
                     diff = _sq_norm(g - g0)
                     mask_sq += diff
                     mask_w += diff * w  # the mask noise of a mean over w units
@@ -250,8 +249,8 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
     w_sq = zero + sum(w * w for w in weights)
     # The data-parallel trick (McCandlish et al. 2018, App. A.1): each rank's sub-batch norms
     # are the small batches, the all-reduced gradient is the big batch. No-op in one process.
-    distributed.sum_([*acc, *acc_sq, small_sq, loss_sum, mask_sq, first_sq, mask_w, w_sum,
-                      w_sq])
+    distributed.sum_([*acc, small_sq, loss_sum, mask_sq, first_sq,
+                      *([*acc_sq, mask_w, w_sum, w_sq] if weighted else [])])
     # One host sync per measurement, not one per sub-batch.
     ranks = distributed.world_size()
     if not weighted:
@@ -273,6 +272,11 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
     small, big = weighted_pair(big_sq, float(small_sq) / total ** 2, cross,
                                float(w_sq) / total ** 2, n_sub)
     return _Norms(small, big, float(loss_sum) / total, *mask, mask_scale=scale)
+
+
+def _dense(grads: Any) -> list[torch.Tensor | None]:
+    """``raw_grads``' gradients with sparse ones (an ``nn.Embedding(sparse=True)``) made dense."""
+    return [None if g is None else g.to_dense() if g.is_sparse else g for g in grads]
 
 
 def weighted_pair(big_sq: float, pieces_sq: float, cross: float, share_sq: float,

@@ -430,7 +430,8 @@ def _b_hat_text(c: _Context) -> str:
     return f"B_hat = {_fmt_num(c.b_hat)} ({'; '.join(parts)})"
 
 
-def _sizes_text(sizes: Sequence[int]) -> str:
+def sizes_text(sizes: Sequence[int]) -> str:
+    """``8, 16, 32``: batch sizes in a message."""
     return ", ".join(str(b) for b in sizes)
 
 
@@ -453,7 +454,7 @@ def _verdict(c: _Context) -> tuple[VerdictKind, str]:
            f"{_b_hat_text(c)}"
     if len(ch.tied) > 1:
         others = [b for b in ch.tied if b != ch.pick]
-        head += (f"; tied within uncertainty: {_sizes_text(ch.tied)}, picked by the smallest "
+        head += (f"; tied within uncertainty: {sizes_text(ch.tied)}, picked by the smallest "
                  f"worst-case slowdown ({ch.worst_regret[ch.pick]:.2f}x"
                  + (f", against {max(ch.worst_regret[b] for b in others):.2f}x or more for the "
                     "others" if others else "") + ")")

@@ -201,8 +201,8 @@ def point_fastest(point: SchedulePoint, b0: int,
     best at its slowest: the timing rounds' spread; the sweep's run-to-run widening was tried
     here and taken back, not validated on the schedule's benchmark, docs/benchmarks-schedule.md)
     are tied, and among them the one with the largest loss drop at the equal sample budget
-    wins (a measurement no clock enters; the larger batch on equal drops). None at a point that is not ``informative``, or where no
-    timed batch made progress."""
+    wins (a measurement no clock enters; the larger batch on equal drops). None at a point
+    that is not ``informative``, or where no timed batch made progress."""
     if not informative(point, b0):
         return None
     ok = [(br.drop, br.trial.steps, step_times[br.trial.batch_size], br.trial.batch_size)

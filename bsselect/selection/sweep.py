@@ -21,8 +21,8 @@ from ..oom import release_memory
 from ..task import Task
 from .choice import NoiseInterval, contenders
 from .lr_scaling import scale_lr
-from .rank import choose_b_hat
-from .sweep_result import SweepResult, _sizes, apply_timing, summarize
+from .rank import choose_b_hat, sizes_text
+from .sweep_result import SweepResult, apply_timing, summarize
 from .sweep_settings import (BASE_STEPS, RAMP_BASE_STEPS, VAL_ITEMS, WARM_START_STEPS,
                              SweepSettings, check_accumulation, data_cap, default_budget,
                              parse_budget, powers_of_two, resolve_lr_scaling, validation_cap)
@@ -168,12 +168,13 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
     if skipped:
         where = " (after holding out 10% for validation)" if made_split else ""
         if len(skipped) == len(batch_sizes):
-            raise UsageError(f"every batch size ({_sizes(skipped)}) is larger than the "
+            raise UsageError(f"every batch size ({sizes_text(skipped)}) is larger than the "
                              f"{n_train:,} items the sweep trains on{where}; choose batch sizes "
                              f"<= {n_train:,}")
         if hooks.warn:
-            hooks.warn(f"batch sizes {_sizes(skipped)} are larger than the {n_train:,} training "
-                       f"items{where}: skipped (a batch cannot hold more items than the data)")
+            hooks.warn(f"batch sizes {sizes_text(skipped)} are larger than the {n_train:,} "
+                       f"training items{where}: skipped (a batch cannot hold more items than "
+                       "the data)")
         batch_sizes = [b for b in batch_sizes if b <= n_train]
     budget = settings.budget
     if budget.kind is BudgetKind.samples and budget.amount < max(batch_sizes):

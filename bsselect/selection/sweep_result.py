@@ -15,7 +15,7 @@ from ..memory.capacity import largest_pow2_at_most
 from .choice import CONTENDER_FACTOR
 from .formula import grad_accum_steps
 from .lr_scaling import scale_lr
-from .rank import Ranking, choose_b_hat, rank_trials
+from .rank import Ranking, choose_b_hat, rank_trials, sizes_text
 from .sweep_settings import SweepSettings
 from .timing import RoundTiming
 from .trial_types import TrialResult
@@ -58,13 +58,13 @@ class SweepResult:
         else TaskError with what to try; None when there is a recommendation."""
         if any(t.ok for t in self.trials):
             return None
-        again = (f" (batch sizes {_sizes(self.resumed)} came from the journal as they were: "
+        again = (f" (batch sizes {sizes_text(self.resumed)} came from the journal as they were: "
                  "--resume keeps every finished trial, --overwrite runs them again)"
                  if self.resumed else "")
         statuses = {t.status.value for t in self.trials}
         if statuses == {"oom"}:
             return DoesNotFitError(
-                f"every batch size ran out of memory ({_sizes(self.batch_sizes)}); try smaller "
+                f"every batch size ran out of memory ({sizes_text(self.batch_sizes)}); try smaller "
                 f"batches (--min-batch, --batch-sizes) or --accumulate{again}")
         lrs = ", ".join(f"{t.lr:.3g}" for t in self.trials)
         errors = [t for t in self.trials if t.status.value == "error"]
@@ -76,7 +76,7 @@ class SweepResult:
                 and t.train_loss_end == t.train_loss_start]
         if flat and len(flat) == len(self.trials):
             return TaskError(
-                f"the training loss never changed in any trial ({_sizes(self.batch_sizes)}: "
+                f"the training loss never changed in any trial ({sizes_text(self.batch_sizes)}: "
                 f"{flat[0].train_loss_start:.4g} at the start and the end of each): no gradient "
                 "reaches the trainable parameters (a detached or constant output, frozen "
                 "parameters, an optimizer given no parameters) or the lr is 0; nothing to "
@@ -155,7 +155,7 @@ def _untimed_note(sizes: Sequence[int]) -> str | None:
     if not sizes:
         return None
     whose = "the trial's own step time" if len(sizes) == 1 else "the trials' own step times"
-    return (f"b={_sizes(sizes)} not timed again: {'each ' if len(sizes) > 1 else ''}over "
+    return (f"b={sizes_text(sizes)} not timed again: {'each ' if len(sizes) > 1 else ''}over "
             f"{CONTENDER_FACTOR:g}x the fastest's predicted time to the target (at {whose}, "
             "across the noise scale's interval)")
 
@@ -219,7 +219,3 @@ def summarize(base_lr: float, base_batch_size: int, task_name: str, device: torc
         made_val_split=made_val_split, validation_items=validation_items,
         timing=tuple(timing), timing_note=timing_note, skipped=skipped, n_train=n_train,
     )
-
-
-def _sizes(sizes: Sequence[int]) -> str:
-    return ", ".join(str(b) for b in sizes)
