@@ -1,7 +1,7 @@
 """bsselect under torchrun: two real processes on the CPU with the gloo backend.
 
 Each test launches ``python -m torch.distributed.run --standalone --nproc-per-node 2`` in its
-own session with a timeout, so a hang fails the test (and the whole process group is killed)
+own session with a timeout, so a hang fails the test (and the whole process tree is killed)
 instead of blocking the suite. The fake allocator in tests/tasks/ddp_tasks.py runs out of
 memory on rank 1 only; tests/tasks/ddp_driver.py runs the core functions on every rank and
 writes each rank's results, so that the ranks can be compared.
@@ -35,6 +35,25 @@ sys.path.insert(0, str(TASKS))
 import ddp_tasks  # noqa: E402
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (Linux, where the suite runs)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def torchrun(*args: str, timeout: float = 150, world: int = 2) -> subprocess.CompletedProcess:
     """``world`` ranks on this machine; the whole process group is killed if it outlives
     ``timeout``."""
@@ -45,7 +64,13 @@ def torchrun(*args: str, timeout: float = 150, world: int = 2) -> subprocess.Com
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # torchrun starts each rank in a session of its own: kill the whole tree, or a hung
+        # rank keeps the pipes open and communicate() below never returns
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         stdout, stderr = proc.communicate()
         pytest.fail(f"torchrun hung for {timeout} s: {' '.join(args)}\n{stderr[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

@@ -281,12 +281,30 @@ def test_ddp_token_shares_over_all_ranks(tmp_path, across):
     proc = torchrun(str(TASKS / "noise_monitor_tokens_ddp.py"), str(tmp_path),
                     "1" if across else "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    pairs = json.loads((tmp_path / "readings.json").read_text())
+    pairs = json.loads((tmp_path / "readings0.json").read_text())["pairs"]
     assert len(pairs) == 12
     # float32 norms (the monitor's) against float64 sums: 1e-7 apart; per-rank shares: 0.5-30%
     close = [p["small"] == pytest.approx(p["true_small"], rel=1e-5)
              and p["big"] == pytest.approx(p["true_big"], rel=1e-5) for p in pairs]
     assert all(close) if across else not all(close)
+
+
+def test_ddp_step_one_rank_cannot_measure_every_rank_skips(tmp_path):
+    """Rank 1 alone passes a NaN token count on step 5: both ranks skip that step and finish
+    (the rank used to return before the all-reduce the other rank was waiting in, which then
+    met the next step's gradient all-reduce instead), and the other steps read as ever."""
+    import json
+
+    proc = torchrun(str(TASKS / "noise_monitor_tokens_ddp.py"), str(tmp_path), "1", "5",
+                    timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        out = json.loads((tmp_path / f"readings{rank}.json").read_text())
+        assert out["skipped"] == 1
+        assert out["pairs"][5] == {"skipped": 5}
+        measured = [p for p in out["pairs"] if "small" in p]
+        assert len(measured) == 11
+        assert all(p["small"] == pytest.approx(p["true_small"], rel=1e-5) for p in measured)
 
 
 # ----------------------------------------------------------------------- Lightning

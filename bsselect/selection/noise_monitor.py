@@ -281,10 +281,6 @@ class GradientNoiseMonitor:
             return None
         self._note_backwards(backwards)
         a, w = self.accumulation_steps, self.world_size
-        if big is None or len(smalls) != a or micro_batch_size < 1 or (
-                micro_weights is not None and len(micro_weights) != a):
-            self.skipped += 1
-            return None
         # Hook gradient h_j is micro-batch j's share of the step's gradient: share_j times its
         # own mean gradient (share 1/a for a loss divided by the accumulation steps; token
         # counts for the HF Trainer's token-weighted loss). Over the step's a * w pieces
@@ -299,26 +295,29 @@ class GradientNoiseMonitor:
         # each rank's shares sum to 1 and DDP's mean gives every rank 1/w (a rank with 40% of
         # the tokens counted as half read |G|^2 ~4% low: review).
         across = weights_across_ranks and micro_weights is not None and w > 1
-        if micro_weights is None:
-            shares = torch.full((a,), 1.0 / a)
+        shares = self._shares(smalls, big, micro_batch_size, micro_weights, across)
+        if shares is None and w == 1:
+            self.skipped += 1
+            return None
+        # Under DDP every rank joins the all-reduce, a rank whose step is not measurable with
+        # zeros and a flag, and then every rank skips alike: a rank that returned before it
+        # would leave the others waiting in the collective for ever.
+        device = self._params[0].device
+        f64 = dict(device=device, dtype=torch.float64)
+        if shares is None:
+            parts = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], **f64)
         else:
-            shares = torch.tensor([float(x) for x in micro_weights], dtype=torch.float64)
-            if not (bool(torch.isfinite(shares).all()) and float(shares.min()) >= 0
-                    and (across or float(shares.sum()) > 0)):
-                self.skipped += 1
-                return None
-            if not across:
-                shares = shares / shares.sum()
-        device = smalls[0].device
-        parts = torch.stack([torch.stack(smalls).sum().double(),
-                             shares.pow(2).sum().to(device=device, dtype=torch.float64),
-                             big.to(device=device, dtype=torch.float64),
-                             shares.sum().to(device=device, dtype=torch.float64)])
+            parts = torch.stack([torch.stack(smalls).sum().to(**f64),
+                                 shares.pow(2).sum().to(**f64), big.to(**f64),
+                                 shares.sum().to(**f64), torch.zeros((), **f64)])
         if w > 1:
             torch.distributed.all_reduce(parts)   # sums over ranks; big is the same on each
-            parts = parts / torch.tensor([w * w, 1.0 if across else w * w, w, 1.0],
-                                         dtype=parts.dtype, device=device)
-        pieces_sq, share_sq, big_sq, total = (float(v) for v in parts.cpu())
+            if float(parts[4]) > 0:   # some rank could not measure this step
+                self.skipped += 1
+                return None
+            parts = parts / torch.tensor([w * w, 1.0 if across else w * w, w, 1.0, 1.0],
+                                         **f64)
+        pieces_sq, share_sq, big_sq, total = (float(v) for v in parts[:4].cpu())
         if across:
             if not total > 0:
                 self.skipped += 1
@@ -334,6 +333,26 @@ class GradientNoiseMonitor:
         g2 = (big_sq - pieces_sq) / (1.0 - share_sq)
         small_sq = pieces * big_sq - (pieces - 1) * g2
         return self.record(small_sq, big_sq, micro_batch_size, micro_batch_size * a * w)
+
+    def _shares(self, smalls: list[torch.Tensor], big: torch.Tensor | None,
+                micro_batch_size: int, micro_weights: Sequence[float] | None,
+                across: bool) -> torch.Tensor | None:
+        """This rank's micro-batch shares of the step (float64), or None where the step cannot
+        be measured here: a missing or extra backward, uneven micro-batches, bad weights."""
+        a = self.accumulation_steps
+        if big is None or len(smalls) != a or micro_batch_size < 1 or (
+                micro_weights is not None and len(micro_weights) != a):
+            return None
+        if micro_weights is None:
+            return torch.full((a,), 1.0 / a, dtype=torch.float64)
+        try:
+            shares = torch.tensor([float(x) for x in micro_weights], dtype=torch.float64)
+        except (TypeError, ValueError):
+            return None
+        if not (bool(torch.isfinite(shares).all()) and float(shares.min()) >= 0
+                and (across or float(shares.sum()) > 0)):
+            return None
+        return shares if across else shares / shares.sum()
 
     def _note_backwards(self, backwards: int) -> None:
         """Warn once when measured steps keep having another number of backward passes than

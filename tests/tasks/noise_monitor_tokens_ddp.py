@@ -5,13 +5,18 @@ sequences of very uneven lengths. Each step's reading is compared with the weigh
 U-statistic computed from every micro-batch's own token-mean gradient, gathered from both
 ranks; rank 0 writes the pairs to OUT_DIR/readings.json.
 
-    python -m torch.distributed.run --nproc-per-node 2 noise_monitor_tokens_ddp.py OUT_DIR ACROSS
+    python -m torch.distributed.run --nproc-per-node 2 noise_monitor_tokens_ddp.py OUT_DIR ACROSS [BAD]
+
+With BAD (a step number), rank 1 alone passes a non-finite token count at that step: every
+rank must skip that step alike and go on (a rank that left before the all-reduce hung the
+others); the readings of the other steps are unchanged.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -27,7 +32,7 @@ from bsselect.selection.noise_monitor import GradientNoiseMonitor  # noqa: E402
 MICRO, ACCUM, STEPS = 2, 2, 12
 
 
-def main(out: Path, across: bool) -> None:
+def main(out: Path, across: bool, bad: int | None) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     task, _, _ = _task()
@@ -38,7 +43,7 @@ def main(out: Path, across: bool) -> None:
                                    sampling="uniform", window=10_000)
     gen = torch.Generator().manual_seed(0)  # the same draws on both ranks; each takes its share
     pairs = []
-    for _ in range(STEPS):
+    for step in range(STEPS):
         idx = torch.randperm(len(task.train_data), generator=gen)[:MICRO * ACCUM * world]
         mine = idx.view(world, ACCUM, MICRO)[rank]
         batches = [task.collate_fn([task.train_data[int(i)] for i in m]) for m in mine]
@@ -53,7 +58,8 @@ def main(out: Path, across: bool) -> None:
                     loss.backward()
             else:
                 loss.backward()
-        reading = monitor.step(MICRO, micro_weights=tokens, weights_across_ranks=across)
+        weights = [math.nan, *tokens[1:]] if step == bad and rank == 1 else tokens
+        reading = monitor.step(MICRO, micro_weights=weights, weights_across_ranks=across)
         model.zero_grad()
         # the truth from each micro-batch's own token-mean gradient, gathered
         own = []
@@ -70,12 +76,15 @@ def main(out: Path, across: bool) -> None:
         pieces = float((s ** 2 * g.pow(2).sum(1)).sum())
         g2 = (big - pieces) / (1 - float(s.pow(2).sum()))
         p = ACCUM * world
+        if reading is None:
+            pairs.append(dict(skipped=step))
+            continue
         pairs.append(dict(small=reading.small_sq, big=reading.big_sq,
                           true_small=p * big - (p - 1) * g2, true_big=big))
-    if rank == 0:
-        (out / "readings.json").write_text(json.dumps(pairs))
+    (out / f"readings{rank}.json").write_text(json.dumps(dict(pairs=pairs,
+                                                              skipped=monitor.skipped)))
     distributed.teardown()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2] == "1")
+    main(Path(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]) if len(sys.argv) > 3 else None)
