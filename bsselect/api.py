@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .gate.check import CheckResult
     from .memory.inputs import InputMode, InputScan
     from .memory.probe import Method, ProbeResult
-    from .selection.noise import NoiseReport
+    from .selection.noise_run import NoiseReport
     from .selection.schedule import ScheduleResult
     from .selection.sweep import SweepHooks, SweepResult, SweepSettings
     from .task import Task
@@ -302,7 +302,7 @@ def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
     (or at ``from_checkpoint``, a checkpoint of the user's run: ``bsselect.checkpoint``), after
     ``warmup_steps`` and every ``every`` steps in between (``bsselect noise``)."""
     from .run_options import parse_precision
-    from .selection.noise import measure_noise
+    from .selection.noise_run import measure_noise
 
     for option, value in (("--b-small", b_small), ("--b-big", b_big), ("--every", every),
                           ("--measurements", measurements), ("--warmup-steps", warmup_steps)):

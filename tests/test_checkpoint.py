@@ -288,7 +288,7 @@ def test_noise_at_a_checkpoint_is_noise_of_the_checkpoints_weights(run_files):
     import copy
     import dataclasses
 
-    from bsselect.selection.noise import measure_noise
+    from bsselect.selection.noise_run import measure_noise
 
     path, model, _ = run_files
     task, _ = load_task(TINY)

@@ -19,10 +19,11 @@ from bsselect import Task
 from bsselect.errors import TaskError, UsageError
 from bsselect.examples.linreg import closed_form_b_simple, make_linreg_task
 from bsselect.selection.noise import (NoiseEstimate, default_batch_sizes, estimate_from_norms,
-                                      estimate_noise, measure_grad_norms, measure_noise,
-                                      split_batch, training_batchnorm)
+                                      estimate_noise, measure_grad_norms, split_batch,
+                                      training_batchnorm)
 from bsselect.selection.noise_math import (expanded_tail, per_measurement, sampling_factor,
                                            t_quantile)
+from bsselect.selection.noise_run import measure_noise
 
 
 @pytest.fixture(autouse=True)

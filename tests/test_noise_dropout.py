@@ -11,9 +11,9 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import TensorDataset
 
 from bsselect import Task
-from bsselect.selection.noise import (_estimate_json, active_dropout, estimate_noise,
-                                      measure_noise)
+from bsselect.selection.noise import active_dropout, estimate_noise
 from bsselect.selection.noise_math import estimate_from_norms, sampling_factor
+from bsselect.selection.noise_run import estimate_json, measure_noise
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -228,7 +228,7 @@ def test_no_dropout_costs_one_test_pass_and_says_nothing() -> None:
                 loss_fn=nn.CrossEntropyLoss(), lr=0.1, base_batch_size=8)
     report = measure_noise(task, b_small=8, b_big=32, measurements=4)
     assert report.measure_passes == 4 * 4 + 1  # the first measurement's sub-batch twice
-    out = _estimate_json(report.final)
+    out = estimate_json(report.final)
     assert out["dropout"] == [] and out["trace_sigma_dropout"] is None and out["notes"] == []
 
 

@@ -297,7 +297,8 @@ def short_names(paths: Sequence[str]) -> list[str]:
 
 def _noise_at(setup: TrialSetup, model: torch.nn.Module, measurements: int, seed: int
               ) -> dict[str, Any] | None:
-    from .noise import _estimate_json, estimate_noise
+    from .noise import estimate_noise
+    from .noise_run import estimate_json
 
     if not measurements:
         return None
@@ -313,7 +314,7 @@ def _noise_at(setup: TrialSetup, model: torch.nn.Module, measurements: int, seed
     if est is None:
         release_memory()  # after the except block, which holds the failed step's tensors
         return None
-    return _estimate_json(est)
+    return estimate_json(est)
 
 
 def _branch(trial: TrialResult, step_time_s: float | None) -> Branch:

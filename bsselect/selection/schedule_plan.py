@@ -38,7 +38,7 @@ class SchedulePoint:
     samples: int                 # seen by the base run
     base_steps: int
     branches: tuple[Branch, ...]
-    noise: dict[str, Any] | None  # B_simple at the point (``noise._estimate_json``), or None
+    noise: dict[str, Any] | None  # B_simple at the point (``noise_run.estimate_json``), or None
     critical_batch_size: int | None
     fastest_batch_size: int | None
     checkpoint: str | None = None  # the user's checkpoint this point is (None: the base run)

@@ -28,7 +28,7 @@ from bsselect.device import Budget  # noqa: E402
 from bsselect.memory.capped import CappedCpuAllocator  # noqa: E402
 from bsselect.memory.probe import run_probe  # noqa: E402
 from bsselect.selection.lr_scaling import LrScaling  # noqa: E402
-from bsselect.selection.noise import measure_noise  # noqa: E402
+from bsselect.selection.noise_run import measure_noise  # noqa: E402
 from bsselect.selection.sweep import SweepSettings, parse_budget, run_sweep  # noqa: E402
 from bsselect.task import load_task  # noqa: E402
 
