@@ -256,7 +256,7 @@ def validate_task(task: Task, on_meta: bool = False) -> None:
     except Exception as exc:
         raise TaskError(f"collating a batch failed: {one_line(exc)}") from exc
     if on_meta:  # as the simulation runs it: fake tensors, the batch's integers real
-        from .memory.simulated import fake_step
+        from .memory.fake import fake_step
 
         from .memory.simulated import SIMULATION_HINT
 

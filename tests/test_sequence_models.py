@@ -191,7 +191,7 @@ def test_a_stretched_batch_keeps_its_items_real_values_in_proportion():
     # Above REAL_ITEMS_MAX (1024) items the simulation collates 1024 and stretches them. It
     # repeated the first item, so a model that keeps a mask's real tokens measured that one
     # item's tokens times the batch: less memory at 1025 than at 1024 (review finding M2).
-    from bsselect.memory.simulated import REAL_ITEMS_MAX
+    from bsselect.memory.fake import REAL_ITEMS_MAX
 
     task = _unpad_task()
     scan = scan_inputs(task.train_data, InputMode.typical)

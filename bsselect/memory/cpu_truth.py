@@ -39,7 +39,8 @@ from ..precision import make_scaler
 from ..step import StepSettings, make_batch, train_step
 from ..task import Task
 from .optim_impl import run_as_on
-from .simulated import Phase, StepPeak, step_peak, with_phase_marks, young_gc_only
+from .fake import young_gc_only
+from .simulated import Phase, StepPeak, step_peak, with_phase_marks
 
 _STEP = "bsselect::step2"
 _BACKWARD = "bsselect::backward"

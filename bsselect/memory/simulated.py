@@ -17,6 +17,9 @@ What fake tensors cannot see is scratch that CPU kernels allocate inside themsel
 convolution reorders, flash-attention buffers), and a few meta kernels get an output's size
 wrong (oneDNN's LSTM workspace). ``kernel_workspace=True`` takes both from
 ``cpu_truth.kernel_cost``, which runs those few kernels for real on small inputs.
+
+The fake model and batch are built in fake.py; this module counts what the step does with
+them.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import CannotSimulate, TaskError, UsageError, one_line
 from ..precision import Precision, make_scaler
-from ..step import StepSettings, make_batch, train_step
+from ..step import StepSettings, train_step
 from ..task import Task
 from .optim_impl import run_as_on
-from .values import DataDependentOp, IndexOutOfRange, RealWhereKnown, keep_real, really
+from .fake import build_fake_model, fake_batch_leaf, new_fake_mode, real_batch, young_gc_only
+from .values import DataDependentOp, IndexOutOfRange, RealWhereKnown
 
 
 class Phase(str, Enum):
@@ -153,20 +157,6 @@ def with_phase_marks(
     if hasattr(optimizer, "register_step_pre_hook"):
         handles.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: on_optimizer()))
     return dataclasses.replace(task, loss_fn=loss_fn), handles
-
-
-@contextmanager
-def young_gc_only() -> Iterator[None]:
-    """Inside, ``gc.collect()`` scans only objects created inside (a full collection costs
-    0.1 s in a process that has imported torch). Cycles made inside are still collected."""
-    if gc.get_freeze_count():  # the caller froze objects already; leave that alone
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 SIMULATION_HINT = (" (if the step runs for real, it is the simulation that cannot run it: "
@@ -329,75 +319,6 @@ class LiveStorageCounter(TorchDispatchMode):
         return out
 
 
-def _fake_mode() -> Any:
-    import logging
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    # A meta kernel that raises is logged by torch at ERROR before the exception reaches us;
-    # bsselect reports the exception itself, in one line.
-    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
-
-    # Real tensors the task captured (class weights in a loss, say) are converted on use;
-    # they were allocated before the step, as in a real run, and are not counted.
-    return FakeTensorMode(allow_non_fake_inputs=True)
-
-
-def _fake_twin(t: torch.Tensor, fake_mode: Any) -> torch.Tensor:
-    """A fake ``cpu`` tensor like ``t`` (meta or real), a Parameter if ``t`` is one."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    if isinstance(t, FakeTensor):
-        return t
-    if t.device.type == "meta":
-        converter = fake_mode.fake_tensor_converter
-        fake = converter.from_meta_and_device(fake_mode, t.detach(), torch.device("cpu"))
-    else:  # created for real (from numpy, say); its memory was already spent
-        fake = fake_mode.from_tensor(t.detach())
-    if isinstance(t, nn.Parameter):
-        return nn.Parameter(fake, requires_grad=t.requires_grad)
-    return fake
-
-
-def to_fake_cpu(model: nn.Module, fake_mode: Any) -> None:
-    """Replace the model's parameters, buffers and plain tensor attributes by fake ``cpu``
-    twins, in place, keeping tied tensors tied."""
-    twins: dict[int, torch.Tensor] = {}
-
-    def twin(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor):
-            return t
-        if id(t) not in twins:
-            twins[id(t)] = _fake_twin(t, fake_mode)
-        return twins[id(t)]
-
-    for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for name, t in list(table.items()):
-                table[name] = twin(t)
-        for name, value in list(vars(module).items()):
-            if isinstance(value, torch.Tensor):  # a cached mask kept as a plain attribute
-                setattr(module, name, twin(value))
-
-
-def build_fake_model(task: Task, fake_mode: Any) -> nn.Module:
-    """``task.model()`` built on the ``meta`` device (nothing is allocated, and ``.to()``
-    inside ``__init__`` works, which FakeTensor parameters do not support), then turned into
-    fake ``cpu`` tensors. TaskError in one line if the model cannot be built that way."""
-    try:
-        with torch.device("meta"):
-            model = task.model()
-    except Exception as exc:
-        raise TaskError(
-            "building the model on the meta device failed (meta tensors have shapes but no "
-            f"values, so .item(), .tolist() and data-dependent shapes fail): {one_line(exc)}"
-        ) from exc
-    if not isinstance(model, nn.Module):
-        raise TaskError(f"Task.model() returned {type(model).__name__}, not an nn.Module")
-    to_fake_cpu(model, fake_mode)
-    return model
-
-
 @contextmanager
 def cuda_rules_of(settings: StepSettings) -> Iterator[None]:
     """When the step will run on CUDA: CUDA's choice of attention kernel (``cuda_attention``)
@@ -412,75 +333,6 @@ def cuda_rules_of(settings: StepSettings) -> Iterator[None]:
              else nullcontext())
     with lists, cuda_attention_policy():
         yield
-
-
-REAL_ITEMS_MAX = 1024  # above this, collate this many real items and stretch the batch
-
-
-def real_batch(task: Task, batch_size: int, seed: int, inputs: Any = None) -> tuple[Any, Any]:
-    """``make_batch`` for real, outside any fake mode: datasets may compute on real values,
-    and a padding collate_fn must see the true items to give the true shapes. ``inputs``
-    (an ``inputs.InputScan``) chooses the items: the largest ones for worst-case inputs.
-
-    Collating millions of items would cost minutes (the line's answer for a small model can
-    be that large), so above REAL_ITEMS_MAX a batch of that many real items is collated and,
-    when every tensor in it leads with the batch dimension, stretched to ``batch_size``
-    (``_stretched``)."""
-    try:
-        if batch_size > REAL_ITEMS_MAX:
-            small = make_batch(task, REAL_ITEMS_MAX, seed, inputs)
-            leaves = [t for t in tree_flatten(small)[0] if isinstance(t, torch.Tensor)]
-            if leaves and all(t.dim() >= 1 and t.shape[0] == REAL_ITEMS_MAX for t in leaves):
-                return tree_map(lambda t: _stretched(t, batch_size)
-                                if isinstance(t, torch.Tensor) else t, small)
-        return make_batch(task, batch_size, seed, inputs)
-    except Exception as exc:
-        raise TaskError(f"collating a batch of {batch_size} failed: {one_line(exc)}") from exc
-
-
-def _stretched(t: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``t`` (REAL_ITEMS_MAX collated items) as a batch of ``batch_size``. A tensor the
-    simulation keeps real (ids, masks, lengths: the model may read their values) repeats the
-    collated items in turn, so the stretched batch holds them in their proportions; repeating
-    one item made every item that one (a model that keeps a mask's real tokens measured one
-    item's tokens times the batch: 3780 answered where a typical 3780 needs 1.5x the budget).
-    A fake one's values are never read: a zero-stride view of its first item, which
-    ``_fake_batch`` turns into a full-size fake tensor."""
-    view = t[:1].expand(batch_size, *t.shape[1:])
-    if keep_real(view):  # within the bytes the simulation keeps real
-        reps = -(-batch_size // t.shape[0])
-        with really():
-            return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size]
-    return view
-
-
-def _fake_batch(t: Any, fake_mode: Any) -> Any:
-    """The simulation's twin of a batch tensor: integer and boolean tensors (ids, masks,
-    lengths) stay real, so that a model can read their values (``values.keep_real``); others
-    become fake. A stretched one (zero stride on the batch dimension) becomes a contiguous
-    tensor of its full size, as a real collate would give."""
-    if not isinstance(t, torch.Tensor):
-        return t
-    stretched = t.dim() >= 1 and t.shape[0] > 1 and t.stride(0) == 0
-    if keep_real(t):
-        if stretched:
-            with really():
-                return t.contiguous()
-        return t
-    if stretched:
-        return torch.empty(t.shape, dtype=t.dtype)  # inside fake_mode: fake, full storage
-    return fake_mode.from_tensor(t)
-
-
-@contextmanager
-def fake_step(task: Task, batch: Any) -> Iterator[tuple[nn.Module, Any]]:
-    """The task's model and ``batch`` as the simulation sees them (fake tensors; the
-    batch's integer and boolean tensors real, and ops on them alone run for real), with the
-    simulation's modes active inside. For checks that must not allocate the model."""
-    fake_mode = _fake_mode()
-    model = build_fake_model(task, fake_mode)
-    with young_gc_only(), fake_mode, RealWhereKnown():
-        yield model, tree_map(lambda t: _fake_batch(t, fake_mode), batch)
 
 
 # Step 1 only has to leave what a real step 1 leaves for step 2: the optimizer's state and
@@ -601,7 +453,7 @@ def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
 
     batch = real_batch(task, batch_size, seed, inputs)
     plan = settings.shard
-    fake_mode = _fake_mode()
+    fake_mode = new_fake_mode()
     counter = LiveStorageCounter(kernel_cost if kernel_workspace else None)
     # The counter is entered inside the fake mode, so that it sees every op first, as the
     # CPU dispatcher would. A CUDA target casts by CUDA's autocast lists, not the CPU's.
@@ -620,7 +472,7 @@ def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
                                     f"{one_line(exc)}") from exc
         with young_gc_only(), cuda_rules_of(settings), fake_mode, RealWhereKnown(), \
                 (following_resizes(counter) if plan else nullcontext()):
-            batch = tree_map(lambda t: _fake_batch(t, fake_mode), batch)
+            batch = tree_map(lambda t: fake_batch_leaf(t, fake_mode), batch)
             try:
                 optimizer, start_bytes, impl, cached = _run_steps(
                     task, model, batch, counter, settings, skip, prime)
