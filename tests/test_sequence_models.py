@@ -25,7 +25,8 @@ pytest.importorskip("transformers")
 TASKS = str(Path(__file__).parent / "tasks" / "seq_tasks.py")
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "packed_lstm"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "packed_lstm", "packed_lstm_trimmed",
+                                  "t5"])
 @pytest.mark.parametrize("batch_size", [8, 32])
 def test_simulation_matches_the_cpu_allocator(name, batch_size):
     task = getattr(seq_tasks, name)()

@@ -172,6 +172,14 @@ class RealWhereKnown(TorchDispatchMode):
                 return out
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if not any(is_fake(t) for t in tensors) and _runs_for_real(func):
+            if func._schema.is_mutable:
+                # In place (``lengths -= 1``) or ``out=``: it writes into a real tensor and
+                # allocates nothing. Run it once, for real: the shapes-only pass below would
+                # write into the real tensor too, and the step saw the op applied twice (T5's
+                # relative-position buckets past the table's end; a packed LSTM's lengths
+                # short by one and its memory 15% low: review).
+                with really():
+                    return func(*args, **kwargs)
             try:
                 fake_out = func(*args, **kwargs)  # under the fake mode: shapes, no memory
             except Exception as exc:  # noqa: BLE001 - data-dependent shape: run it to learn it
@@ -213,10 +221,11 @@ def _shapes_from_real_inputs(func: Any, args: tuple, kwargs: dict) -> Any:
             or func is aten._local_scalar_dense.default):  # reading a fake value: unknowable
         return NotImplemented
     runs = []
+    writes = func._schema.is_mutable  # each run on its own copies of the real tensors
     with really():
         for fill in ("zeros", "ones", "random"):
-            stood = [_stand_in(t, fill) if isinstance(t, torch.Tensor) and is_fake(t) else t
-                     for t in flat]
+            stood = [_stand_in(t, fill) if isinstance(t, torch.Tensor) and is_fake(t) else
+                     t.clone() if writes and isinstance(t, torch.Tensor) else t for t in flat]
             a, k = tree_unflatten(stood, spec)
             try:
                 runs.append(tree_flatten(func(*a, **k))[0])
