@@ -31,8 +31,9 @@ _state = {"debug": False}
 
 HfConfigOpt = Annotated[Optional[Path], typer.Option(
     "--hf-config", help="Instead of a task: a local transformers config.json (or its "
-    "directory), random weights, trained as a causal LM; or llama-7b, a Llama-2-7B-shaped "
-    "config that ships with bsselect. Never downloads.")]
+    "directory), random weights of the class its architectures names (a causal LM if none), "
+    "trained on random tokens; or llama-7b, a Llama-2-7B-shaped config that ships with "
+    "bsselect. Never downloads.")]
 SeqLenOpt = Annotated[Optional[int], typer.Option(
     help="With --hf-config: tokens per sequence.",
     show_default="the config's max_position_embeddings")]

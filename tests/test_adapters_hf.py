@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -172,6 +173,25 @@ def _tiny_llama_config(path: Path) -> Path:
     return path / "config.json"
 
 
+def _tiny_config(path: Path, kind: str, **fields: Any) -> Path:
+    import transformers
+
+    getattr(transformers, kind)(**fields).save_pretrained(path)  # no "architectures"
+    return path / "config.json"
+
+
+def test_hf_config_of_t5_naming_its_class_is_checked(tmp_path):
+    from transformers import T5Config
+
+    T5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
+             decoder_start_token_id=0, architectures=["T5ForConditionalGeneration"]
+             ).save_pretrained(tmp_path)
+    done = run_cli("check", "--hf-config", str(tmp_path), "--seq-len", "64", "--batch-size", "8",
+                   "--memory", "1GiB", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["fits"] is True
+
+
 def test_check_hf_config_answers_for_an_architecture_and_agrees_with_from_hf(tmp_path):
     from transformers import AutoConfig
 
@@ -200,6 +220,15 @@ def test_hf_config_mistakes_are_one_line_usage_errors(tmp_path):
         (["digits-mlp", "--hf-config", str(config)], "not both"),
         (["digits-mlp", "--seq-len", "64"], "--seq-len goes with --hf-config"),
         (["--hf-config", str(config), "--seq-len", "1"], ">= 2"),
+        # not a causal LM and no class named: which class to name (it used to blame the meta
+        # device, exit 1); no vocabulary: --hf-config is for language models (it used to ask
+        # for --seq-len)
+        (["--hf-config", str(_tiny_config(tmp_path / "t5", "T5Config", d_model=32, d_kv=8,
+                                          d_ff=64, num_layers=1, num_heads=2)),
+          "--seq-len", "16"], '"architectures": ["T5ForConditionalGeneration"]'),
+        (["--hf-config", str(_tiny_config(tmp_path / "vit", "ViTConfig", hidden_size=32,
+                                          num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=64))], "has no vocab_size"),
     ]:
         done = run_cli("check", *args, "--batch-size", "8", "--memory", "1GiB")
         assert done.returncode == 2, (args, done.stderr)

@@ -95,6 +95,7 @@ def _factory(model: Any) -> Callable[[], nn.Module]:
     if isinstance(model, (str, Path)):
         return _factory(_load_config(model))
     if _is_config(model):
+        _check_buildable(model)
         return lambda: _from_config(model)
     return model_factory(model, "a transformers config, a local config path, a zero-argument "
                                 "factory or an nn.Module")
@@ -134,6 +135,35 @@ def _is_config(value: Any) -> bool:
     except ImportError:
         return False
     return isinstance(value, PretrainedConfig)
+
+
+def _check_buildable(config: Any) -> None:
+    """UsageError, before anything is built, when ``_from_config`` has no class for
+    ``config``: its ``architectures`` names none that transformers has, or it names none and
+    its model type has no causal-LM class (a T5 or ViT config without ``architectures``)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = getattr(config, "architectures", None) or []
+    kind = getattr(config, "model_type", "") or type(config).__name__
+    if names and not hasattr(transformers, names[0]):
+        raise UsageError(f"the {kind} config's architectures names {names[0]}, which this "
+                         f"transformers ({transformers.__version__}) does not have")
+    if not names and kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UsageError(f"the {kind} config names no architectures and {kind} has no "
+                         "causal-LM class: add the class to build to the config, e.g. "
+                         f'"architectures": ["{_example_class(kind)}"]')
+
+
+def _example_class(kind: str) -> str:
+    from transformers.models.auto import modeling_auto
+
+    for table in ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+                  "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "MODEL_MAPPING_NAMES"):
+        found = getattr(modeling_auto, table, {}).get(kind)
+        if isinstance(found, str):
+            return found
+    return "SomeModelClass"
 
 
 def _from_config(config: Any) -> nn.Module:
@@ -309,12 +339,16 @@ def config_task(path: str | Path, seq_len: int | None = None, lr: float = 1e-4,
     ``max_position_embeddings``), the model's own loss, AdamW. For ``probe``/``check
     --hf-config``: what fits for a real architecture, without its weights."""
     config = _load_config(path, "--hf-config")
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab:
+        kind = getattr(config, "model_type", "") or "this"
+        raise UsageError(f"--hf-config {path}: the {kind} config has no vocab_size; "
+                         "--hf-config trains a language model on random tokens, so for this "
+                         "model write a task (docs/contract.md) or use Task.from_hf with your "
+                         "own data")
     length = seq_len or getattr(config, "max_position_embeddings", None)
     if not length or length < 2:
         raise UsageError("--seq-len is needed: the config has no max_position_embeddings")
-    vocab = getattr(config, "vocab_size", None)
-    if not vocab:
-        raise UsageError(f"--hf-config {path}: the config has no vocab_size")
     return from_hf(config, RandomTokens(vocab, int(length)), lr=lr,
                    base_batch_size=base_batch_size)
 
