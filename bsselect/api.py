@@ -222,6 +222,10 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
     loaded, name = (task, hf_name or _name(task)) if not isinstance(
         task, (str, type(None))) else load_task(task)
     resolved, note = probe_method(loaded, meth, dev, tgt)
+    if resolved is Method.simulated:
+        from .memory.real_check import check_real_step
+
+        check_real_step(loaded, settings.precision)
     if size is not None:
         budget = Budget(size, "--memory")
     elif resolved is Method.measured and dev.type == "cpu":
@@ -286,6 +290,9 @@ def check(task: TaskLike = None, *, batch_size: int | None = None, memory: Size 
         str(config or "pyproject.toml"))
     loaded, name = resolve_task(task if not isinstance(task, (str, type(None))) else cfg.task,
                                 on_meta=True)
+    from .memory.real_check import check_real_step
+
+    check_real_step(loaded, cfg.precision)
     name = hf_name or name
     return run_check(loaded, name, cfg, _scan(loaded, cfg.inputs, console))
 

@@ -91,6 +91,32 @@ def test_broken_task_exits_1(task_file):
     assert "ValueError: no data here" in proc.stderr
 
 
+BROKEN_STEPS = Path(__file__).parent / "tasks" / "broken_steps.py"
+
+
+@pytest.mark.parametrize("name, error", [
+    ("label_out_of_range", "IndexError: Target 2 is out of bounds"),
+    ("float64_inputs", "must have the same dtype"),
+    ("bf16_weights", "must have the same dtype"),
+])
+def test_a_task_whose_real_step_fails_never_fits(name, error):
+    """Fake tensors check neither dtypes nor class indices: check and a simulated probe said
+    "fits", exit 0, for these (review). One real step on two items now says it cannot run."""
+    for command in (("check", "--batch-size", "8", "--device-preset", "t4-16gb"),
+                    ("probe", "--method", "simulated", "--memory", "1GiB")):
+        proc = run_cli(command[0], f"{BROKEN_STEPS}:{name}", *command[1:])
+        assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and error in lines[0] and "cannot run" in lines[0], lines
+
+
+def test_bf16_weights_fit_under_bf16_autocast():
+    """The real step runs under the run's precision: with --precision bf16 it runs."""
+    proc = check(f"{BROKEN_STEPS}:bf16_weights", "--batch-size", "8", "--device-preset",
+                 "t4-16gb", "--precision", "bf16")
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_preset_implies_cuda_terms_and_github_format():
     proc = check("digits-cnn", "--batch-size", "128", "--device-preset", "t4-16gb",
                  "--format", "github")

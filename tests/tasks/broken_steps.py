@@ -1,0 +1,38 @@
+"""Tasks whose first real training step fails where a step on fake tensors runs: fake
+tensors check neither dtypes nor a loss's class indices (review: `check` said "fits")."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from bsselect import Task
+
+
+def _x(n: int = 64) -> torch.Tensor:
+    return torch.randn(n, 8, generator=torch.Generator().manual_seed(0))
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def label_out_of_range() -> Task:
+    """Labels 0..2 for a model with two outputs (the first items hold a 2)."""
+    return Task(model=_net, train_data=TensorDataset(_x(), (torch.arange(64) + 2) % 3),
+                loss_fn=nn.functional.cross_entropy)
+
+
+def float64_inputs() -> Task:
+    x = _x().double()
+    return Task(model=_net, train_data=TensorDataset(x, (x[:, 0] > 0).long()),
+                loss_fn=nn.functional.cross_entropy)
+
+
+def bf16_weights() -> Task:
+    """bf16 parameters fed float32 inputs: runs under bf16 autocast, fails without it."""
+    x = _x()
+    return Task(model=lambda: _net().to(torch.bfloat16),
+                train_data=TensorDataset(x, (x[:, 0] > 0).long()),
+                loss_fn=nn.functional.cross_entropy)
