@@ -76,6 +76,36 @@ def test_from_trainer_takes_the_trainers_model_data_and_arguments(tmp_path):
     validate_task(task)
 
 
+def test_from_trainer_applies_the_trainers_gradient_checkpointing(tmp_path):
+    """TrainingArguments(gradient_checkpointing=True): every model built has it on, as
+    Trainer.train turns it on, and the simulated step is the checkpointed one (it was the
+    plain one: the answer about 3x too small a batch; review)."""
+    pytest.importorskip("accelerate")
+    from transformers import (DataCollatorForLanguageModeling, GPT2LMHeadModel, Trainer,
+                              TrainingArguments)
+
+    from bsselect.memory.simulated import simulate_step_peak
+
+    def task(checkpointing: bool) -> Task:
+        args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                 gradient_checkpointing=checkpointing,
+                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer = Trainer(model_init=lambda: GPT2LMHeadModel(hf_tasks.config()), args=args,
+                          train_dataset=hf_tasks.Sentences(16),
+                          data_collator=DataCollatorForLanguageModeling(hf_tasks.tokenizer(),
+                                                                        mlm=False))
+        return Task.from_trainer(trainer)
+
+    plain, checkpointed = task(False), task(True)
+    assert checkpointed.model().model.is_gradient_checkpointing
+    assert not plain.model().model.is_gradient_checkpointing
+    peak = {name: simulate_step_peak(t, 8).peak_bytes
+            for name, t in (("plain", plain), ("checkpointed", checkpointed))}
+    assert peak["checkpointed"] < peak["plain"]
+    assert peak["checkpointed"] == pytest.approx(cpu_step_peak(checkpointed, 8).peak_bytes,
+                                                 rel=0.005)
+
+
 @pytest.mark.parametrize("settings, expected", [
     (dict(adam_beta2=0.95, adam_epsilon=1e-6), (torch.optim.AdamW, {"betas": (0.9, 0.95),
                                                                     "eps": 1e-6})),
