@@ -265,11 +265,19 @@ def validate_task(task: Task, on_meta: bool = False) -> None:
                 _check_forward(task, model, x, y)
         except CannotSimulate:
             raise
+        except _RealToo:
+            raise
         except TaskError as exc:
             from .memory.values import IndexOutOfRange
 
             if isinstance(exc.__cause__, IndexOutOfRange):  # a real step fails the same way
                 raise
+            # A real step on two items, where the model is small enough: when it fails too,
+            # its error is the user's (a float target for cross-entropy reads as a gather's
+            # dtype on fake tensors), and "the simulation cannot run it" would be untrue.
+            from .memory.real_check import check_real_step
+
+            check_real_step(task)  # raises the real step's own error
             raise TaskError(f"{exc}{SIMULATION_HINT}") from exc
         return
     try:
@@ -401,6 +409,11 @@ def _check_mean_reduction(task: Task, model: nn.Module) -> None:
             "and gradient norm bsselect measures scales with the batch size")
 
 
+class _RealToo(TaskError):
+    """A task error that a real step meets the same way: never "the simulation cannot run
+    it"."""
+
+
 def _check_optimizer(task: Task, model: nn.Module) -> None:
     """TaskError for an optimizer whose ``step`` needs a closure (LBFGS): every command steps
     it as a training loop does, ``optimizer.step()`` once per batch, and a real step fails
@@ -416,7 +429,7 @@ def _check_optimizer(task: Task, model: nn.Module) -> None:
     except (TypeError, ValueError):
         return
     if closure is not None and closure.default is inspect.Parameter.empty:
-        raise TaskError(
+        raise _RealToo(
             f"{type(opt).__name__}.step needs a closure (it re-evaluates the loss itself): "
             "bsselect steps the optimizer as a training loop does, optimizer.step() once "
             "per batch, so closure optimizers (LBFGS) are not supported")

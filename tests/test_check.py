@@ -110,6 +110,19 @@ def test_a_task_whose_real_step_fails_never_fits(name, error):
         assert len(lines) == 1 and error in lines[0] and "cannot run" in lines[0], lines
 
 
+@pytest.mark.parametrize("name, error", [
+    ("float_targets", "expected target dtype to be Long"),
+    ("lbfgs", "closure optimizers (LBFGS) are not supported"),
+])
+def test_an_error_a_real_step_meets_too_is_not_blamed_on_the_simulation(name, error):
+    """Both said "if the step runs for real, it is the simulation that cannot run it:
+    --method measured" (review): the float targets' error read as a gather's dtype on fake
+    tensors, and LBFGS is not supported either way."""
+    proc = check(f"{BROKEN_STEPS}:{name}", "--batch-size", "8", "--device-preset", "t4-16gb")
+    assert proc.returncode == 1, proc.stderr
+    assert error in proc.stderr and "--method measured" not in proc.stderr, proc.stderr
+
+
 def test_bf16_weights_fit_under_bf16_autocast():
     """The real step runs under the run's precision: with --precision bf16 it runs."""
     proc = check(f"{BROKEN_STEPS}:bf16_weights", "--batch-size", "8", "--device-preset",

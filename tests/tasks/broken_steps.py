@@ -36,3 +36,17 @@ def bf16_weights() -> Task:
     return Task(model=lambda: _net().to(torch.bfloat16),
                 train_data=TensorDataset(x, (x[:, 0] > 0).long()),
                 loss_fn=nn.functional.cross_entropy)
+
+
+def float_targets() -> Task:
+    """Class indices stored as floats for cross-entropy: on fake tensors it fails as a
+    gather's dtype, which read as a simulation's limit."""
+    x = _x()
+    return Task(model=_net, train_data=TensorDataset(x, (x[:, 0] > 0).float()),
+                loss_fn=nn.functional.cross_entropy)
+
+
+def lbfgs() -> Task:
+    x = _x()
+    return Task(model=_net, train_data=TensorDataset(x, (x[:, 0] > 0).long()),
+                loss_fn=nn.functional.cross_entropy, optimizer=torch.optim.LBFGS)
