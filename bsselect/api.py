@@ -150,7 +150,10 @@ def probe_method(task: "Task", method: "Method", device: "torch.device", target:
         validate_task(task, on_meta=True)
         return resolved, ""
     except TaskError as exc:
-        if method is not Method.auto or target is not Target.same:
+        from .memory.values import IndexOutOfRange
+
+        if (method is not Method.auto or target is not Target.same
+                or isinstance(exc.__cause__, IndexOutOfRange)):  # a real step fails alike
             raise
         failure = exc
     validate_task(task)  # it fails for real too: that error is the user's to see
@@ -212,6 +215,13 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
     settings, mode = step_settings(precision, accumulate, plan), parse_inputs(inputs)
     sizes = list(batch_sizes) if batch_sizes else list(DEFAULT_BATCH_SIZES)
     dev = device_of(device)
+    if meth is Method.measured and tgt is Target.cuda and dev.type != "cuda":
+        # Real steps here run this device's kernels and optimizer implementation (the CPU's
+        # for-loop Adam, its autocast lists), not CUDA's: the terms on top would not make
+        # them a CUDA answer (review: accepted without a word).
+        raise UsageError(f"--target cuda with --method measured: real steps on {dev.type} "
+                         "run its own kernels, not CUDA's; use --method simulated (or auto) "
+                         "for a CUDA answer without a GPU")
     size = _bytes(memory, "memory")
     if size is None and tgt is not Target.same:
         raise UsageError(f"--target {tgt.value} needs --memory (the target device's memory)")

@@ -179,7 +179,8 @@ def probe(
              "measured on an accelerator, simulated on the CPU.")] = "auto",
     target: Annotated[str, typer.Option(
         help="same: the probing device; cuda: add CUDA-only terms (workspaces, context, "
-             "rounding, fragmentation) to a simulation.")] = "same",
+             "rounding, fragmentation) to a simulation (with --method measured: on a CUDA "
+             "device only).")] = "same",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps, xpu ...")] = "auto",
     batch_sizes: Annotated[Optional[str], typer.Option(
         help="Comma-separated batch sizes to measure.", show_default="8,16,32,64,128")] = None,

@@ -300,6 +300,12 @@ def test_a_sequence_longer_than_learned_positions_fails_as_a_real_step_does(tmp_
     assert ("an embedding of 64 rows was looked up at index 64, which a real step fails on too"
             in done.stderr), done.stderr
     assert "Traceback" not in done.stderr and "--method measured" not in done.stderr
+    # probe says it the same way (its auto method fell back to a real step, whose bare
+    # "IndexError: index out of range in self" it printed: review)
+    done = run_cli("probe", "--hf-config", str(tmp_path / "gpt2"), "--seq-len", "65",
+                   "--memory", "1GiB")
+    assert done.returncode == 1
+    assert "an embedding of 64 rows was looked up at index 64" in done.stderr, done.stderr
     rotary = _tiny_llama_config(tmp_path / "llama")  # max_position_embeddings 128
     done = run_cli("check", "--hf-config", str(rotary), "--seq-len", "160", "--batch-size", "4",
                    "--memory", "1GiB")

@@ -226,3 +226,12 @@ def test_a_term_in_batch_squared_is_named_where_the_checks_find_it(tmp_path):
     assert "memory grows faster than the batch" in done.stdout
     plain = run_cli("probe", "digits-mlp", "--memory", "256MiB")
     assert plain.returncode == 0 and "grows faster" not in plain.stdout
+
+
+def test_measured_steps_here_are_not_a_cuda_answer():
+    """--target cuda adds CUDA's terms to a simulation; on real CPU steps (the CPU's kernels,
+    its for-loop optimizer) they made a mix, accepted without a word (review)."""
+    done = run_cli("probe", "tiny-lm", "--method", "measured", "--target", "cuda",
+                   "--memory", "1GiB")
+    assert done.returncode == 2
+    assert "--method simulated" in done.stderr and len(done.stderr.strip().splitlines()) == 1
