@@ -60,19 +60,20 @@ def _name(task: "Task") -> str:
     return name if name and "<" not in name else "task"
 
 
-def resolve_task(task: TaskLike, *, on_meta: bool = False) -> tuple["Task", str]:
+def resolve_task(task: TaskLike, *, on_meta: bool = False, precision: Any = None
+                 ) -> tuple["Task", str]:
     """(Task, display name) from a Task or a CLI task spec; validated (``on_meta``: on fake
     tensors, as the simulation runs it, without allocating the model)."""
     from .task import Task, load_task, validate_task
 
     if isinstance(task, Task):
-        validate_task(task, on_meta=on_meta)
+        validate_task(task, on_meta=on_meta, precision=precision)
         return task, _name(task)
     if task is not None and not isinstance(task, str):
         raise UsageError(f"task must be a bsselect.Task or a spec string, got "
                          f"{type(task).__name__}")
     loaded, name = load_task(task)
-    validate_task(loaded, on_meta=on_meta)
+    validate_task(loaded, on_meta=on_meta, precision=precision)
     return loaded, name
 
 
@@ -132,8 +133,8 @@ def _scan(task: "Task", mode: "InputMode", console: Any) -> "InputScan":
     return scan(task, mode, console, by_values=by_values)
 
 
-def probe_method(task: "Task", method: "Method", device: "torch.device", target: Any
-                 ) -> tuple["Method", str]:
+def probe_method(task: "Task", method: "Method", device: "torch.device", target: Any,
+                 precision: Any = None) -> tuple["Method", str]:
     """The probe's method after validating the task for it, and a note when it differs from
     the one asked for: ``auto`` falls back from a simulation the model cannot run (a branch
     on an activation's value) to real steps on this device."""
@@ -147,7 +148,7 @@ def probe_method(task: "Task", method: "Method", device: "torch.device", target:
         _record_value_shaped_ops(task)
         return resolved, ""
     try:
-        validate_task(task, on_meta=True)
+        validate_task(task, on_meta=True, precision=precision)
         return resolved, ""
     except TaskError as exc:
         from .memory.values import IndexOutOfRange
@@ -231,7 +232,7 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
                          f"{type(task).__name__}")
     loaded, name = (task, hf_name or _name(task)) if not isinstance(
         task, (str, type(None))) else load_task(task)
-    resolved, note = probe_method(loaded, meth, dev, tgt)
+    resolved, note = probe_method(loaded, meth, dev, tgt, settings.precision)
     if resolved is Method.simulated:
         from .memory.real_check import check_real_step
 
@@ -299,7 +300,7 @@ def check(task: TaskLike = None, *, batch_size: int | None = None, memory: Size 
         read_pyproject(Path(config or "pyproject.toml"), required=config is not None),
         str(config or "pyproject.toml"))
     loaded, name = resolve_task(task if not isinstance(task, (str, type(None))) else cfg.task,
-                                on_meta=True)
+                                on_meta=True, precision=cfg.precision)
     from .memory.real_check import check_real_step
 
     check_real_step(loaded, cfg.precision)

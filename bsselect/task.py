@@ -209,13 +209,15 @@ def _build(factory: Callable[[], Any], spec: str) -> Task:
     return task
 
 
-def validate_task(task: Task, on_meta: bool = False) -> None:
+def validate_task(task: Task, on_meta: bool = False, precision: Any = None) -> None:
     """Check the contract on real data: non-empty dataset, (input, target) items, and one
     forward + loss on a batch of two. Raises TaskError with the underlying error in one line.
 
     ``on_meta=True`` builds the model and runs the forward as the simulation does (on fake
     tensors, with the batch's integer and boolean tensors real), so that a model too large for
-    this machine (a 7B ``check``) is validated without allocating it.
+    this machine (a 7B ``check``) is validated without allocating it; where that fails and
+    the model is small, one real step under ``precision`` (the run's ``Precision``; None:
+    fp32) tells the task's own error from the simulation's limit.
     """
     from .memory.values import clear_value_shaped
     from .step import collate
@@ -277,7 +279,7 @@ def validate_task(task: Task, on_meta: bool = False) -> None:
             # dtype on fake tensors), and "the simulation cannot run it" would be untrue.
             from .memory.real_check import check_real_step
 
-            check_real_step(task)  # raises the real step's own error
+            check_real_step(task, *([precision] if precision is not None else []))
             raise TaskError(f"{exc}{SIMULATION_HINT}") from exc
         return
     try:

@@ -377,3 +377,43 @@ def test_the_label_shift_is_read_from_what_the_models_loss_does(name, shifts):
                                            encoder_ffn_dim=32, decoder_ffn_dim=32, **small)}
     model = getattr(T, name)(config[next(k for k in config if name.startswith(k))]())
     assert _loss_shifts_labels(model) is shifts
+
+
+def test_a_config_registered_with_the_auto_classes_builds():
+    """A model plugged in with AutoConfig.register / AutoModelForCausalLM.register (as a
+    remote-code model is once loaded) builds from its config with or without an
+    architectures entry naming its class, which transformers itself does not have (the
+    buildability check rejected both: review)."""
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
+
+    class TinyConfig(PretrainedConfig):
+        model_type = "bsselect-test-tiny"
+
+        def __init__(self, vocab_size: int = 64, hidden: int = 16, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.vocab_size, self.hidden = vocab_size, hidden
+
+    class TinyForCausalLM(PreTrainedModel):
+        config_class = TinyConfig
+
+        def __init__(self, config: TinyConfig) -> None:
+            super().__init__(config)
+            self.emb = nn.Embedding(config.vocab_size, config.hidden)
+            self.head = nn.Linear(config.hidden, config.vocab_size)
+            self.post_init()
+
+        def forward(self, input_ids: Any = None, labels: Any = None, **kw: Any) -> Any:
+            logits = self.head(self.emb(input_ids))
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                               labels[:, 1:].reshape(-1))
+            return CausalLMOutput(loss=loss, logits=logits)
+
+    AutoConfig.register(TinyConfig.model_type, TinyConfig)
+    AutoModelForCausalLM.register(TinyConfig, TinyForCausalLM)
+    data = [{"input_ids": torch.randint(0, 64, (8,)), "labels": torch.randint(0, 64, (8,))}
+            for _ in range(16)]
+    for config in (TinyConfig(), TinyConfig(architectures=["TinyForCausalLM"])):
+        task = Task.from_hf(config, data)
+        assert type(task.model().model) is TinyForCausalLM

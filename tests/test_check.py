@@ -123,6 +123,16 @@ def test_an_error_a_real_step_meets_too_is_not_blamed_on_the_simulation(name, er
     assert error in proc.stderr and "--method measured" not in proc.stderr, proc.stderr
 
 
+def test_the_real_step_after_a_failed_simulation_runs_at_the_runs_precision():
+    """A bf16-weight model with an op the simulation cannot run: under --precision bf16 the
+    real step runs, so the simulation is what fails (--method measured), not "the step cannot
+    run" (the real step ran in fp32 and met the dtype mismatch: review)."""
+    proc = check(f"{BROKEN_STEPS}:bf16_custom_op", "--batch-size", "8", "--device-preset",
+                 "t4-16gb", "--precision", "bf16")
+    assert proc.returncode == 1, proc.stderr
+    assert "--method measured" in proc.stderr and "cannot run at any" not in proc.stderr
+
+
 def test_bf16_weights_fit_under_bf16_autocast():
     """The real step runs under the run's precision: with --precision bf16 it runs."""
     proc = check(f"{BROKEN_STEPS}:bf16_weights", "--batch-size", "8", "--device-preset",
@@ -264,3 +274,21 @@ def test_the_data_note_counts_ranks_and_skips_made_up_data():
     data = json.loads(check("--hf-config", "llama-7b", "--seq-len", "64", "--batch-size", "4",
                             "--memory", "80GiB", "--json").stdout)
     assert data["train_items"] is None and data["data_note"] is None
+
+
+def test_the_real_step_is_skipped_where_it_would_be_large():
+    """The real step runs only where the model (parameters and buffers) and the step's
+    simulated peak on two items are small: a long context's activations took 8 GB and 38 s
+    for real on a small Llama (review). Skipped, a broken task is left to the simulation."""
+    import importlib.util
+
+    from bsselect.memory.real_check import check_real_step
+
+    spec = importlib.util.spec_from_file_location("broken_steps", BROKEN_STEPS)
+    broken = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(broken)
+    task = broken.label_out_of_range()
+    assert check_real_step(task, max_step_bytes=1) is False
+    assert check_real_step(task, max_bytes=1) is False
+    with pytest.raises(Exception, match="Target 2 is out of bounds"):
+        check_real_step(task)

@@ -314,3 +314,21 @@ def test_activation_checkpointing_on_a_padded_decoder_matches_the_cpu_allocator(
     plain = simulate_step_peak(task, 8).peak_bytes
     assert abs(sim / real - 1) <= 0.005, (name, sim, real)
     assert sim < plain
+
+
+@pytest.mark.parametrize("batch_size", [8, 32])
+def test_a_random_draw_into_a_real_tensor_is_drawn_for_real(batch_size):
+    """``keep = torch.zeros(s).bernoulli_(0.85)`` keeps ~85% of the tokens in the simulation
+    too (a draw of its own, so within a few percent of a real step's), not none of them."""
+    task = seq_tasks.word_dropout()
+    before = torch.random.get_rng_state()
+    sim = simulate_step_peak(task, batch_size).peak_bytes
+    assert torch.equal(before, torch.random.get_rng_state())  # the caller's generator
+    real = cpu_step_peak(task, batch_size).peak_bytes
+    assert sim == pytest.approx(real, rel=0.05), (sim, real)
+
+
+def test_an_lstm_checks_in_fp16_though_the_cpu_has_no_fp16_lstm():
+    done = run_cli("check", f"{TASKS}:plain_lstm", "--precision", "fp16", "--batch-size", "8",
+                   "--device-preset", "t4-16gb")
+    assert done.returncode == 0, done.stderr

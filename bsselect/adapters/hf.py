@@ -139,20 +139,27 @@ def _is_config(value: Any) -> bool:
 
 def _check_buildable(config: Any) -> None:
     """UsageError, before anything is built, when ``_from_config`` has no class for
-    ``config``: its ``architectures`` names none that transformers has, or it names none and
-    its model type has no causal-LM class (a T5 or ViT config without ``architectures``)."""
+    ``config``: neither a class its ``architectures`` names that transformers has, nor a
+    causal-LM class for its config (a T5 or ViT config without ``architectures``). Classes
+    registered with ``AutoModelForCausalLM.register`` count, as ``from_config`` builds them
+    (and an ``architectures`` name transformers lacks, such as a remote-code model's, falls
+    back to them as before)."""
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     names = getattr(config, "architectures", None) or []
+    if names and hasattr(transformers, names[0]):
+        return
+    try:
+        if type(config) in transformers.AutoModelForCausalLM._model_mapping:
+            return
+    except Exception:  # noqa: BLE001 - a mapping that cannot say: let from_config decide
+        return
     kind = getattr(config, "model_type", "") or type(config).__name__
-    if names and not hasattr(transformers, names[0]):
-        raise UsageError(f"the {kind} config's architectures names {names[0]}, which this "
-                         f"transformers ({transformers.__version__}) does not have")
-    if not names and kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UsageError(f"the {kind} config names no architectures and {kind} has no "
-                         "causal-LM class: add the class to build to the config, e.g. "
-                         f'"architectures": ["{_example_class(kind)}"]')
+    named = (f"names {names[0]}, which this transformers ({transformers.__version__}) does "
+             f"not have, " if names else "names no architectures ")
+    raise UsageError(f"the {kind} config {named}and {kind} has no causal-LM class: name the "
+                     f"class to build in the config, e.g. "
+                     f'"architectures": ["{_example_class(kind)}"]')
 
 
 def _example_class(kind: str) -> str:
@@ -276,6 +283,10 @@ def from_trainer(trainer: Any) -> Any:
     model = getattr(trainer, "model_init", None) or trainer.model
     lr, optimizer = _trainer_optimizer(trainer)
     if getattr(args, "gradient_checkpointing", False):
+        if not hasattr(trainer.model, "gradient_checkpointing_enable"):  # the Trainer's too
+            raise TaskError(f"the Trainer's gradient_checkpointing=True needs a model with "
+                            f"gradient_checkpointing_enable; "
+                            f"{type(trainer.model).__name__} has none")
         model = _checkpointing(_factory(model), getattr(args, "gradient_checkpointing_kwargs",
                                                         None))
     return from_hf(model, trainer.train_dataset, data_collator=trainer.data_collator,

@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 REAL_RESULT_MAX_BYTES = 16 * 2**20  # an op on real inputs runs for real below this output size
+RANDOM_SEED = 0  # a random op writing into a real tensor draws from a generator of its own
 
 aten = torch.ops.aten
 
@@ -171,6 +172,15 @@ class RealWhereKnown(TorchDispatchMode):
                 _value_shaped(func)
                 return out
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if tensors and not any(is_fake(t) for t in tensors) and func._schema.is_mutable and (
+                not _runs_for_real(func)):
+            # A random op writing into a real tensor (``keep = torch.zeros(s).bernoulli_(p)``,
+            # word dropout): on the fake pass the tensor kept its old values, and a mask drawn
+            # so selected no token at all, the memory far below the real step's (review). A
+            # draw of its own (seeded, the caller's generator untouched) gives typical values.
+            with really(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_SEED)
+                return func(*args, **kwargs)
         if not any(is_fake(t) for t in tensors) and _runs_for_real(func):
             if func._schema.is_mutable:
                 # In place (``lengths -= 1``) or ``out=``: it writes into a real tensor and

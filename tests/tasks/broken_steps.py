@@ -50,3 +50,29 @@ def lbfgs() -> Task:
     x = _x()
     return Task(model=_net, train_data=TensorDataset(x, (x[:, 0] > 0).long()),
                 loss_fn=nn.functional.cross_entropy, optimizer=torch.optim.LBFGS)
+
+
+@torch.library.custom_op("bsselect_tests::double", mutates_args=())
+def _double(x: torch.Tensor) -> torch.Tensor:  # no fake kernel: a simulation cannot run it
+    return x * 2
+
+
+_double.register_autograd(lambda ctx, g: g * 2)
+
+
+class _Doubled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(_double(self.a(x)))
+
+
+def bf16_custom_op() -> Task:
+    """bf16 weights (trains under bf16 autocast) and an op without a fake kernel: the
+    simulation cannot run it, a real step under the run's precision can."""
+    x = _x()
+    return Task(model=lambda: _Doubled().to(torch.bfloat16),
+                train_data=TensorDataset(x, (x[:, 0] > 0).long()),
+                loss_fn=lambda out, y: nn.functional.cross_entropy(out.float(), y))

@@ -211,3 +211,46 @@ def extra_family(family: str) -> Task:
     return Task(model=lambda: _Family("qwen2"), train_data=Sequences(), loss_fn=next_token_loss,
                 collate_fn=pad_with_mask, optimizer=torch.optim.AdamW, lr=1e-3,
                 base_batch_size=8)
+
+
+class WordDropout(nn.Module):
+    """Keeps each token with p=0.85, drawn in place into a tensor made in forward
+    (``torch.zeros(s).bernoulli_(p)``), then runs the head on the kept tokens only. On the
+    fake pass the tensor kept its zeros: no token kept, the peak 0.06x the real one (review)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32)
+        self.mlp = nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 4))
+
+    def forward(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ids, _ = x
+        keep = torch.zeros(ids.shape).bernoulli_(0.85).bool()
+        h = self.mlp(self.emb(ids)[keep])
+        return h.mean(0, keepdim=True).expand(ids.shape[0], -1)
+
+
+def word_dropout() -> Task:
+    return Task(model=WordDropout, train_data=Sequences(), loss_fn=F.cross_entropy,
+                collate_fn=pad_with_lengths, optimizer=torch.optim.Adam, lr=1e-3,
+                base_batch_size=8)
+
+
+class PlainLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32)
+        self.rnn = nn.LSTM(32, 64, batch_first=True)
+        self.out = nn.Linear(64, 4)
+
+    def forward(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        h, _ = self.rnn(self.emb(x[0]))
+        return self.out(h[:, -1])
+
+
+def plain_lstm() -> Task:
+    """oneDNN has no fp16 LSTM on the CPU: under CPU fp16 autocast its real step fails, where
+    CUDA's runs it (the real check said "cannot run at any batch size": review)."""
+    return Task(model=PlainLSTM, train_data=Sequences(), loss_fn=F.cross_entropy,
+                collate_fn=pad_with_lengths, optimizer=torch.optim.Adam, lr=1e-3,
+                base_batch_size=8)
