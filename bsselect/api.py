@@ -278,7 +278,8 @@ def check(task: TaskLike = None, *, batch_size: int | None = None, memory: Size 
           activation_checkpointing: bool | None = None,
           console: Any = None) -> "CheckResult":
     """Will this config fit: a simulated step at ``batch_size`` against ``memory`` (or a
-    ``device_preset``) after ``margin``, never allocating the model (``bsselect check``).
+    ``device_preset``) after ``margin`` (``bsselect check``): a large model is never
+    allocated; a small one also runs one real step on two items (``memory.real_check``).
     Options left None come from ``[tool.bsselect]`` in ``config`` (default: ./pyproject.toml
     when it exists), then from the CLI's defaults. ``result.fits`` says yes or no.
     ``hf_config`` (instead of a task): a local transformers config, trained as a causal LM on

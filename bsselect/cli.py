@@ -666,8 +666,9 @@ def check(
 ) -> None:
     """Will this config fit on that GPU? Exit 0 if it fits, 3 if not — no GPU needed.
 
-    The training step is simulated on the meta device (parameters are never allocated, so a
-    7B-parameter model checks in seconds on a laptop).
+    The training step is simulated on the meta device (a large model's parameters are never
+    allocated, so a 7B-parameter model checks in seconds on a laptop; a small one also runs
+    one real step on two items, which catches dtype and label errors a simulation cannot).
 
     Examples:
 
