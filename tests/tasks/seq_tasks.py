@@ -102,10 +102,13 @@ class PackedLSTM(nn.Module):
 
     def forward(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         ids, lengths = x
-        packed = pack_padded_sequence(self.emb(ids), lengths.cpu(), batch_first=True,
-                                      enforce_sorted=False)
+        packed = pack_padded_sequence(self.emb(ids), self.lengths(ids, lengths).cpu(),
+                                      batch_first=True, enforce_sorted=False)
         _, (h, _) = self.rnn(packed)
         return self.out(h[-1])
+
+    def lengths(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return lengths
 
 
 def packed_lstm() -> Task:
@@ -119,14 +122,10 @@ class TrimmedPackedLSTM(PackedLSTM):
     batch (``lengths -= 1``): the simulation once applied such ops twice, packed fewer tokens
     than the real step and read the memory 15% low (review)."""
 
-    def forward(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        ids, _ = x
+    def lengths(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         lengths = (ids != 0).sum(1)
         lengths -= 1
-        packed = pack_padded_sequence(self.emb(ids), lengths.cpu(), batch_first=True,
-                                      enforce_sorted=False)
-        _, (h, _) = self.rnn(packed)
-        return self.out(h[-1])
+        return lengths
 
 
 def packed_lstm_trimmed() -> Task:
