@@ -77,7 +77,8 @@ def test_from_trainer_takes_the_trainers_model_data_and_arguments(tmp_path):
 
 
 def test_from_trainer_applies_the_trainers_gradient_checkpointing(tmp_path):
-    """TrainingArguments(gradient_checkpointing=True): every model built has it on, as
+    """TrainingArguments(activation_checkpointing=True) (gradient_checkpointing before
+    transformers 5): every model built has it on, as
     Trainer.train turns it on, and the simulated step is the checkpointed one (it was the
     plain one: the answer about 3x too small a batch; review)."""
     pytest.importorskip("accelerate")
@@ -86,10 +87,16 @@ def test_from_trainer_applies_the_trainers_gradient_checkpointing(tmp_path):
 
     from bsselect.memory.simulated import simulate_step_peak
 
+    import inspect
+
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing
+    new = "activation_checkpointing" in inspect.signature(TrainingArguments).parameters
+    name = "activation_checkpointing" if new else "gradient_checkpointing"
+
     def task(checkpointing: bool) -> Task:
         args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
-                                 gradient_checkpointing=checkpointing,
-                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+                                 **{name: checkpointing,
+                                    f"{name}_kwargs": {"use_reentrant": False}})
         trainer = Trainer(model_init=lambda: GPT2LMHeadModel(hf_tasks.config()), args=args,
                           train_dataset=hf_tasks.Sentences(16),
                           data_collator=DataCollatorForLanguageModeling(hf_tasks.tokenizer(),
@@ -97,8 +104,8 @@ def test_from_trainer_applies_the_trainers_gradient_checkpointing(tmp_path):
         return Task.from_trainer(trainer)
 
     plain, checkpointed = task(False), task(True)
-    assert checkpointed.model().model.is_gradient_checkpointing
-    assert not plain.model().model.is_gradient_checkpointing
+    assert getattr(checkpointed.model().model, f"is_{name}")
+    assert not getattr(plain.model().model, f"is_{name}")
     peak = {name: simulate_step_peak(t, 8).peak_bytes
             for name, t in (("plain", plain), ("checkpointed", checkpointed))}
     assert peak["checkpointed"] < peak["plain"]

@@ -274,21 +274,26 @@ def from_trainer(trainer: Any) -> Any:
     ``model_init`` when it has one, else a copy), datasets and collator, its optimizer (the
     one it was given, else the class and settings its arguments name, over its two
     weight-decay groups), and from its ``TrainingArguments`` the learning rate, weight decay,
-    and per-device batch x gradient accumulation as the base batch size. Its
-    ``gradient_checkpointing`` is applied to every model built, as the Trainer applies it
-    (``gradient_checkpointing_enable`` with its ``gradient_checkpointing_kwargs``). The
-    Trainer's precision (``bf16``/``fp16``) and its ``gradient_accumulation_steps`` as micro-
-    batches are the commands' ``--precision`` and ``--accumulate``: pass them there."""
+    and per-device batch x gradient accumulation as the base batch size. Its activation
+    checkpointing (``activation_checkpointing``, ``gradient_checkpointing`` before
+    transformers 5) is applied to every model built, with its kwargs, as the Trainer applies
+    it. The Trainer's precision (``bf16``/``fp16``) and its ``gradient_accumulation_steps``
+    as micro-batches are the commands' ``--precision`` and ``--accumulate``: pass them
+    there."""
     args = trainer.args
     model = getattr(trainer, "model_init", None) or trainer.model
     lr, optimizer = _trainer_optimizer(trainer)
-    if getattr(args, "gradient_checkpointing", False):
-        if not hasattr(trainer.model, "gradient_checkpointing_enable"):  # the Trainer's too
-            raise TaskError(f"the Trainer's gradient_checkpointing=True needs a model with "
-                            f"gradient_checkpointing_enable; "
-                            f"{type(trainer.model).__name__} has none")
-        model = _checkpointing(_factory(model), getattr(args, "gradient_checkpointing_kwargs",
-                                                        None))
+    checkpointing = getattr(args, "activation_checkpointing", None)
+    if checkpointing is None:  # transformers before the rename (gradient_checkpointing)
+        checkpointing = getattr(args, "gradient_checkpointing", False)
+    if checkpointing:
+        if not any(hasattr(trainer.model, name) for name in _ENABLE):  # the Trainer's too
+            raise TaskError(f"the Trainer's activation checkpointing needs a model with "
+                            f"activation_checkpointing_enable; {type(trainer.model).__name__} "
+                            "has none")
+        kwargs = (getattr(args, "activation_checkpointing_kwargs", None)
+                  or getattr(args, "gradient_checkpointing_kwargs", None))
+        model = _checkpointing(_factory(model), kwargs)
     return from_hf(model, trainer.train_dataset, data_collator=trainer.data_collator,
                    eval_dataset=trainer.eval_dataset, lr=lr,
                    weight_decay=args.weight_decay, optimizer=optimizer,
@@ -296,19 +301,32 @@ def from_trainer(trainer: Any) -> Any:
                    * args.gradient_accumulation_steps)
 
 
+_ENABLE = ("activation_checkpointing_enable", "gradient_checkpointing_enable")  # new, old name
+
+
 def _checkpointing(build: Callable[[], nn.Module], kwargs: Any) -> Callable[[], nn.Module]:
-    """``build`` whose models have gradient checkpointing on, as ``Trainer.train`` turns it on
-    for ``TrainingArguments(gradient_checkpointing=True)``: left out, the probe answered for a
-    run without it, about 3x too small a batch on a small GPT-2 (review)."""
+    """``build`` whose models have activation checkpointing on, as ``Trainer.train`` turns it
+    on for ``TrainingArguments(activation_checkpointing=True)`` (``gradient_checkpointing``
+    before transformers 5): left out, the probe answered for a run without it, about 3x too
+    small a batch on a small GPT-2 (review). ``kwargs``: the arguments' checkpointing kwargs,
+    whose ``every_n_layers`` and ``offload`` the Trainer passes on by name."""
     from ..task import same_freshness
 
     def built() -> nn.Module:
         model = build()
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if enable is None:
-            raise TaskError(f"the Trainer's gradient_checkpointing=True needs a model with "
-                            f"gradient_checkpointing_enable; {type(model).__name__} has none")
-        enable(gradient_checkpointing_kwargs=kwargs)
+        options = dict(kwargs or {})
+        layers, offload = options.pop("every_n_layers", None), options.pop("offload", None)
+        extra = {k: v for k, v in (("every_n_layers", layers), ("offload", offload))
+                 if v is not None}
+        if hasattr(model, _ENABLE[0]):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options or None,
+                                                  **extra)
+        elif hasattr(model, _ENABLE[1]):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options or None,
+                                                **extra)
+        else:
+            raise TaskError(f"the Trainer's activation checkpointing needs a model with "
+                            f"activation_checkpointing_enable; {type(model).__name__} has none")
         return model
 
     return same_freshness(build, built)
