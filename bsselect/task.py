@@ -279,7 +279,7 @@ def validate_task(task: Task, on_meta: bool = False, precision: Any = None) -> N
             # dtype on fake tensors), and "the simulation cannot run it" would be untrue.
             from .memory.real_check import check_real_step
 
-            check_real_step(task, *([precision] if precision is not None else []))
+            check_real_step(task, precision)
             raise TaskError(f"{exc}{SIMULATION_HINT}") from exc
         return
     try:

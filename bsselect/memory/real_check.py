@@ -45,7 +45,7 @@ def _simulated_peak(task: Task, n: int, precision: Precision) -> int | None:
         return None
 
 
-def check_real_step(task: Task, precision: Precision = Precision.fp32,
+def check_real_step(task: Task, precision: Precision | None = None,
                     max_bytes: int = REAL_CHECK_MAX_BYTES,
                     max_step_bytes: int = REAL_STEP_MAX_BYTES) -> bool:
     """One real forward, loss and backward on two items on the CPU, under ``precision``'s
@@ -53,7 +53,9 @@ def check_real_step(task: Task, precision: Precision = Precision.fp32,
     step's simulated peak at most ``max_step_bytes`` (where it simulates); TaskError in one
     line when it fails. Returns whether it ran. The caller's RNG is left as it was. A step
     that fails only under the CPU's autocast and runs in fp32 passes: the CPU lacks some
-    kernels at half precision (oneDNN's LSTM in fp16) that the run's device has."""
+    kernels at half precision (oneDNN's LSTM in fp16) that the run's device has. ``precision``
+    None: fp32."""
+    precision = precision or Precision.fp32
     nbytes = model_bytes_on_meta(task)
     if nbytes is None or nbytes > max_bytes:
         return False

@@ -172,8 +172,8 @@ class RealWhereKnown(TorchDispatchMode):
                 _value_shaped(func)
                 return out
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        if tensors and not any(is_fake(t) for t in tensors) and func._schema.is_mutable and (
-                not _runs_for_real(func)):
+        all_real = not any(is_fake(t) for t in tensors)
+        if tensors and all_real and func._schema.is_mutable and not _runs_for_real(func):
             # A random op writing into a real tensor (``keep = torch.zeros(s).bernoulli_(p)``,
             # word dropout): on the fake pass the tensor kept its old values, and a mask drawn
             # so selected no token at all, the memory far below the real step's (review). A
@@ -181,7 +181,7 @@ class RealWhereKnown(TorchDispatchMode):
             with really(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_SEED)
                 return func(*args, **kwargs)
-        if not any(is_fake(t) for t in tensors) and _runs_for_real(func):
+        if all_real and _runs_for_real(func):
             if func._schema.is_mutable:
                 # In place (``lengths -= 1``) or ``out=``: it writes into a real tensor and
                 # allocates nothing. Run it once, for real: the shapes-only pass below would
