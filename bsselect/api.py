@@ -89,7 +89,7 @@ def hf_config_task(task: TaskLike, hf_config: str | Path | None, seq_len: int | 
         raise UsageError("give a task or --hf-config, not both")
     if seq_len is not None and (isinstance(seq_len, bool) or seq_len < 2):
         raise UsageError(f"--seq-len must be an integer >= 2, got {seq_len!r}")
-    from .adapters.hf import config_task
+    from .adapters.hf_config import config_task
 
     return config_task(hf_config, seq_len), f"hf-config:{hf_config}"
 

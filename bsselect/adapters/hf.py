@@ -11,6 +11,10 @@ the loss is the model's own (``outputs.loss``, computed from ``labels`` in the b
 over tokens as HF computes it. Padding collators give variable-length batches; probe and check
 see the token lengths (the worst-case scan counts each item's tokens) and simulate the padded,
 masked step exactly (docs/benchmarks-simulate.md).
+
+Configs (reading, building, the ``--hf-config`` task) are in ``hf_config``; the Trainer
+callback that measures the noise scale during training is in ``hf_callback`` (also
+importable from here).
 """
 
 from __future__ import annotations
@@ -21,8 +25,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..errors import TaskError, UsageError
-from . import batch_len, loader_sampling, model_factory
+from ..errors import TaskError
+from . import model_factory
+from .hf_config import (RandomTokens, check_buildable, config_task, from_config, is_config,
+                        load_config, shipped_configs)
+
+__all__ = ["HFModel", "LabelTokens", "RandomTokens", "collate_with",
+           "config_task", "from_hf", "from_trainer", "label_tokens", "logits", "model_loss",
+           "shipped_configs"]  # and NoiseScaleCallback (hf_callback), by __getattr__ below
 
 
 # Marks a parameter the Trainer's AdamW leaves out of weight decay (``_trainer_groups``).
@@ -93,96 +103,12 @@ def logits(output: Any) -> torch.Tensor:
 def _factory(model: Any) -> Callable[[], nn.Module]:
     """A zero-argument builder of a freshly initialised model from what the user has."""
     if isinstance(model, (str, Path)):
-        return _factory(_load_config(model))
-    if _is_config(model):
-        _check_buildable(model)
-        return lambda: _from_config(model)
+        return _factory(load_config(model))
+    if is_config(model):
+        check_buildable(model)
+        return lambda: from_config(model)
     return model_factory(model, "a transformers config, a local config path, a zero-argument "
                                 "factory or an nn.Module")
-
-
-SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "data"
-
-
-def shipped_configs() -> list[str]:
-    """Names of the model configs that ship with bsselect (``--hf-config llama-7b``)."""
-    return sorted(p.parent.name for p in SHIPPED_CONFIGS.glob("*/config.json"))
-
-
-def _load_config(path: str | Path, option: str = "model") -> Any:
-    """The transformers config in a local JSON file (any name) or a directory's
-    ``config.json``; never downloads. UsageError naming ``option`` when it is missing or not
-    a config."""
-    from transformers import AutoConfig
-
-    where = Path(path)
-    shipped = SHIPPED_CONFIGS / str(path)
-    if not where.exists() and (shipped / "config.json").is_file():
-        where = shipped  # a config that ships with bsselect, by name: llama-7b
-    if not where.exists():
-        raise UsageError(f"{option} {path}: no such file or directory (a local config.json or "
-                         "its directory, or a shipped one: "
-                         f"{', '.join(shipped_configs())}; bsselect never downloads)")
-    try:  # the file named, whatever its name (not the config.json beside it)
-        return AutoConfig.from_pretrained(str(where), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{option} {path}: not a transformers config ({exc})") from exc
-
-
-def _is_config(value: Any) -> bool:
-    try:
-        from transformers import PretrainedConfig
-    except ImportError:
-        return False
-    return isinstance(value, PretrainedConfig)
-
-
-def _check_buildable(config: Any) -> None:
-    """UsageError, before anything is built, when ``_from_config`` has no class for
-    ``config``: neither a class its ``architectures`` names that transformers has, nor a
-    causal-LM class for its config (a T5 or ViT config without ``architectures``). Classes
-    registered with ``AutoModelForCausalLM.register`` count, as ``from_config`` builds them
-    (and an ``architectures`` name transformers lacks, such as a remote-code model's, falls
-    back to them as before)."""
-    import transformers
-
-    names = getattr(config, "architectures", None) or []
-    if names and hasattr(transformers, names[0]):
-        return
-    try:
-        if type(config) in transformers.AutoModelForCausalLM._model_mapping:
-            return
-    except Exception:  # noqa: BLE001 - a mapping that cannot say: let from_config decide
-        return
-    kind = getattr(config, "model_type", "") or type(config).__name__
-    named = (f"names {names[0]}, which this transformers ({transformers.__version__}) does "
-             f"not have, " if names else "names no architectures ")
-    raise UsageError(f"the {kind} config {named}and {kind} has no causal-LM class: name the "
-                     f"class to build in the config, e.g. "
-                     f'"architectures": ["{_example_class(kind)}"]')
-
-
-def _example_class(kind: str) -> str:
-    from transformers.models.auto import modeling_auto
-
-    for table in ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
-                  "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "MODEL_MAPPING_NAMES"):
-        found = getattr(modeling_auto, table, {}).get(kind)
-        if isinstance(found, str):
-            return found
-    return "SomeModelClass"
-
-
-def _from_config(config: Any) -> nn.Module:
-    """Random weights from ``config``: the class its ``architectures`` names, else the
-    causal-LM auto class."""
-    import transformers
-
-    names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is not None:
-        return cls(config)
-    return transformers.AutoModelForCausalLM.from_config(config)
 
 
 def collate_with(data_collator: Optional[Callable[[list], Any]]) -> Callable[[list], Any]:
@@ -366,55 +292,6 @@ def _trainer_optimizer(trainer: Any) -> tuple[float, Callable[[Any, float], torc
     return trainer.args.learning_rate, optimizer
 
 
-class RandomTokens(torch.utils.data.Dataset):
-    """``items`` sequences of ``seq_len`` random token ids (seeded per item, made on demand),
-    each its own causal-LM labels: the data of ``--hf-config`` tasks, where only shapes matter
-    for memory. Every item has one shape (``uniform_items``), so no scan reads them."""
-
-    uniform_items = True
-
-    def __init__(self, vocab_size: int, seq_len: int, items: int = 1 << 20) -> None:
-        self.vocab_size, self.seq_len, self.items = vocab_size, seq_len, items
-
-    def __len__(self) -> int:
-        return self.items
-
-    def __getitem__(self, i: int) -> dict:
-        g = torch.Generator().manual_seed(i)
-        ids = torch.randint(self.vocab_size, (self.seq_len,), generator=g)
-        return {"input_ids": ids, "labels": ids}
-
-
-def config_task(path: str | Path, seq_len: int | None = None, lr: float = 1e-4,
-                base_batch_size: int = 8) -> Any:
-    """A causal-LM Task from a local ``config.json`` (or its directory): random weights of the
-    architecture it names, sequences of ``seq_len`` tokens (default: the config's
-    ``max_position_embeddings``), the model's own loss, AdamW. For ``probe``/``check
-    --hf-config``: what fits for a real architecture, without its weights."""
-    config = _load_config(path, "--hf-config")
-    vocab = getattr(config, "vocab_size", None)
-    if not vocab:
-        kind = getattr(config, "model_type", "") or "this"
-        raise UsageError(f"--hf-config {path}: the {kind} config has no vocab_size; "
-                         "--hf-config trains a language model on random tokens, so for this "
-                         "model write a task (docs/contract.md) or use Task.from_hf with your "
-                         "own data")
-    length = seq_len or getattr(config, "max_position_embeddings", None)
-    if not length or length < 2:
-        raise UsageError("--seq-len is needed: the config has no max_position_embeddings")
-    return from_hf(config, RandomTokens(vocab, int(length)), lr=lr,
-                   base_batch_size=base_batch_size)
-
-
-def _trainer_callback_base() -> type:
-    try:
-        from transformers import TrainerCallback
-    except ImportError as exc:  # pragma: no cover - the hf extra is missing
-        raise UsageError("NoiseScaleCallback needs transformers (pip install "
-                         "'bsselect[hf]')") from exc
-    return TrainerCallback
-
-
 def _loss_shifts_labels(model: Any) -> bool:
     """Whether the model's own loss is the causal-LM one, which predicts token t+1 from t and
     so counts ``labels[..., 1:]`` (transformers' ``ForCausalLMLoss``)."""
@@ -438,111 +315,11 @@ def _loss_shifts_labels(model: Any) -> bool:
     return any(k in source for k in ("self.loss_function", "shift_logits", "shift_labels"))
 
 
-def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> Any:
-    """A Hugging Face ``TrainerCallback`` that measures the gradient noise scale ``B_simple``
-    during ``trainer.train()`` from the gradients the run computes anyway: the micro-batches
-    of ``gradient_accumulation_steps`` and the ranks of DDP (``bsselect.selection.noise_monitor``).
-    Each log line gains ``b_simple`` (in ``trainer.state.log_history`` and the callbacks after
-    this one); the monitor is ``callback.monitor`` (``.estimate()`` gives an interval).
+def __getattr__(name: str) -> Any:
+    """``bsselect.adapters.hf.NoiseScaleCallback``, imported on first use (its module imports
+    this one)."""
+    if name == "NoiseScaleCallback":
+        from .hf_callback import NoiseScaleCallback
 
-    Every step is measured, clipped or not: the Trainer clips (``max_grad_norm``) before
-    callbacks run, but the monitor reads both norms during the backward passes, before the
-    clipping. A step whose micro-batches differ in size (an epoch's last) is not measured. For
-    a model that takes ``num_items_in_batch`` (GPT-2, Llama...), the Trainer divides each
-    micro-batch's summed token loss by the whole step's token count rather than each mean by
-    the number of micro-batches; the callback passes each micro-batch's label-token count
-    (``labels != -100``), so each micro-batch's gradient is still taken as its own mean. fp16
-    loss scaling is not supported (bf16 and fp32 are). Past the first epoch of the Trainer's
-    shuffled epochs ``B_simple`` reads low (the batches come from the items not yet seen this
-    epoch; docs/noise.md): each line's ``b_simple_past_first_epoch`` is then 1 (else 0) and the
-    monitor warns once.
-
-        trainer = Trainer(model, args, train_dataset=data, callbacks=[NoiseScaleCallback()])
-    """
-    Base = _trainer_callback_base()
-    from ..selection.noise_monitor import GradientNoiseMonitor
-
-    class _NoiseScaleCallback(Base):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            self.monitor: Optional[GradientNoiseMonitor] = None
-            self.advice: Optional[str] = None
-            self._sizes: list[int] = []      # items of each micro-batch of this step
-            self._tokens: list[Any] = []     # their label tokens, when the loss is per token
-            self._handle: Any = None
-            self._shifts = False             # a causal LM's loss drops each first label
-            self._across = False             # token shares over all ranks (DDP)
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
-                           train_dataloader: Any = None, **kwargs: Any) -> None:
-            import warnings
-
-            if args.fp16:
-                warnings.warn("NoiseScaleCallback: fp16 loss scaling is not supported; off",
-                              stacklevel=2)
-                return
-            dataset = getattr(train_dataloader, "dataset", None)
-            try:
-                n_data = len(dataset) if dataset is not None else None
-            except TypeError:
-                n_data = None
-            dist = torch.distributed
-            world = (dist.get_world_size() if dist.is_available() and dist.is_initialized()
-                     else 1)
-            try:
-                self.monitor = GradientNoiseMonitor(
-                    model, accumulation_steps=args.gradient_accumulation_steps, every=every,
-                    ema=ema, window=window, n_data=n_data, world_size=world,
-                    sampling=loader_sampling(train_dataloader))
-            except UsageError as exc:
-                warnings.warn(f"NoiseScaleCallback is off: {exc}", stacklevel=2)
-                return
-            self._shifts = _loss_shifts_labels(model)
-            # the Trainer divides by the token total over all ranks (its default) or each
-            # rank's own
-            self._across = bool(getattr(args, "average_tokens_across_devices", False))
-            self._handle = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
-
-        def _on_forward(self, module: Any, args: Any, kwargs: Any) -> None:
-            if not (module.training and torch.is_grad_enabled()):
-                return
-            self._sizes.append(batch_len((*args, kwargs)))
-            shifted = kwargs.get("shift_labels")  # already shifted by the collator
-            labels = shifted if shifted is not None else kwargs.get("labels")
-            # The Trainer passes num_items_in_batch exactly when the model's loss is the sum
-            # over the micro-batch's label tokens divided by the step's total.
-            if kwargs.get("num_items_in_batch") is not None and torch.is_tensor(labels):
-                self._tokens.append(label_tokens(labels, self._shifts and shifted is None))
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self._sizes, self._tokens = [], []
-
-        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any,
-                                  **kwargs: Any) -> None:
-            if self.monitor is None:
-                return
-            # One micro-batch size in the step, or the pair has no single b_small.
-            micro = self._sizes[0] if len(set(self._sizes)) == 1 else 0
-            tokens = self._tokens if len(self._tokens) == len(self._sizes) else None
-            reading = self.monitor.step(micro, micro_weights=tokens,
-                                        weights_across_ranks=self._across)
-            if reading is not None and self.advice is None:
-                self.advice = self.monitor.advice(reading.b_big)
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
-                   **kwargs: Any) -> None:
-            value = self.monitor.b_simple if self.monitor is not None else None
-            if value is None or logs is None:
-                return
-            extra = {"b_simple": value,
-                     "b_simple_past_first_epoch": int(self.monitor.past_first_epoch)}
-            logs.update(extra)
-            if state.log_history and state.log_history[-1].get("step") == state.global_step:
-                state.log_history[-1].update(extra)
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if self.monitor is not None:
-                self.monitor.close()
-            if self._handle is not None:
-                self._handle.remove()
-
-    return _NoiseScaleCallback()
+        return NoiseScaleCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -320,7 +320,7 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
 def _train_items(task: Task) -> int | None:
     """The task's training set size; None without one (``--hf-config``'s random tokens stand
     in for data whose size the config does not say)."""
-    from ..adapters.hf import RandomTokens
+    from ..adapters.hf_config import RandomTokens
 
     if isinstance(task.train_data, RandomTokens):
         return None
