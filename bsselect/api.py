@@ -144,7 +144,7 @@ def probe_method(task: "Task", method: "Method", device: "torch.device", target:
 
     resolved = choose_method(method, device)
     if resolved is not Method.simulated:
-        validate_task(task)
+        validate_task(task, precision=precision)
         _record_value_shaped_ops(task)
         return resolved, ""
     try:
@@ -157,16 +157,20 @@ def probe_method(task: "Task", method: "Method", device: "torch.device", target:
                 or isinstance(exc.__cause__, IndexOutOfRange)):  # a real step fails alike
             raise
         failure = exc
-    validate_task(task)  # it fails for real too: that error is the user's to see
+    validate_task(task, precision=precision)  # it fails for real too: the user's to see
     _record_value_shaped_ops(task)
     # It runs for real but not on fake tensors: a value read from the weights, or an op
     # without a fake kernel. Real steps answer for this device.
+    return Method.measured, _measured_note(failure, device)
+
+
+def _measured_note(failure: Exception, device: "torch.device") -> str:
+    """Why ``auto`` measures with real steps: the simulation's failure, in one line."""
     what = getattr(failure.__cause__, "what", "")
     why = (f"{what} computed from its weights or the batch's floating-point tensors"
            if isinstance(failure, CannotSimulate) and what
            else str(failure))
-    return Method.measured, (f"real steps on {device.type}, because the simulation cannot run "
-                             f"this model: {why}")
+    return f"real steps on {device.type}, because the simulation cannot run this model: {why}"
 
 
 def _record_value_shaped_ops(task: "Task") -> None:
@@ -237,33 +241,45 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
         from .memory.real_check import check_real_step
 
         check_real_step(loaded, settings.precision)
-    if size is not None:
-        budget = Budget(size, "--memory")
-    elif resolved is Method.measured and dev.type == "cpu":
-        # Real steps on the host: never plan to fill it (the OS, other jobs, the profiler).
-        ram = default_budget(dev)
-        budget = Budget(int(ram.bytes * HOST_HEADROOM),
-                        f"half of the {ram.source}: a measured probe on the CPU allocates for "
-                        "real (--memory to set it)")
-    else:
-        budget = default_budget(dev)
     items = _scan(loaded, mode, console)
 
-    def run(advance: Callable[[int, int], None] | None) -> "ProbeResult":
-        return run_probe(loaded, task_name=name, device=dev, budget=budget, method=resolved,
+    def run(advance: Callable[[int, int], None] | None, method: "Method", note: str
+            ) -> "ProbeResult":
+        if size is not None:
+            budget = Budget(size, "--memory")
+        elif method is Method.measured and dev.type == "cpu":
+            # Real steps on the host: never plan to fill it (the OS, other jobs, the profiler).
+            ram = default_budget(dev)
+            budget = Budget(int(ram.bytes * HOST_HEADROOM),
+                            f"half of the {ram.source}: a measured probe on the CPU allocates "
+                            "for real (--memory to set it)")
+        else:
+            budget = default_budget(dev)
+        return run_probe(loaded, task_name=name, device=dev, budget=budget, method=method,
                          margin=margin, batch_sizes=sizes, target=tgt,
                          budget_is_total=size is not None, on_point=advance,
                          settings=settings, inputs=items, method_note=note)
+
+    def run_or_measure(advance: Callable[[int, int], None] | None) -> "ProbeResult":
+        try:
+            return run(advance, resolved, note)
+        except CannotSimulate as exc:
+            # The forward simulated (probe_method) but the step did not: a value read in the
+            # backward or the optimizer (Adafactor reads each parameter's norm). auto falls
+            # back to real steps here as it does for the forward.
+            if not (meth is Method.auto and tgt is Target.same and resolved is Method.simulated):
+                raise
+            return run(advance, Method.measured, _measured_note(exc, dev))
 
     from .device import callers_rng
 
     with callers_rng(dev):  # a measured probe seeds its steps
         if console is None:
-            return run(on_point)
+            return run_or_measure(on_point)
         from .run_options import progress_bar
 
         with progress_bar(console, f"probing {name}", len(sizes)) as advance:
-            return run(advance)
+            return run_or_measure(advance)
 
 
 @_keeps_callers_rng
@@ -338,7 +354,7 @@ def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
 
         checkpoint = load_checkpoint(from_checkpoint)
     dev = device_of(device, trains=True)
-    loaded, _ = resolve_task(task)
+    loaded, _ = resolve_task(task, precision=parse_precision(precision))
     _check_enough_data(loaded, "noise")
     from .device import callers_rng
 
@@ -404,7 +420,7 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
     trial_budget = parse_budget(budget) if budget is not None else None
     dev = device_of(device, trains=True)
     step = step_settings(precision, accumulate)
-    loaded, name = resolve_task(task)
+    loaded, name = resolve_task(task, precision=step.precision)
     _check_enough_data(loaded, "sweep")
     if lr is not None:
         loaded = replace(loaded, lr=_check_lr(lr))

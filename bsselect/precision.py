@@ -91,6 +91,31 @@ def raw_grads(loss: torch.Tensor, params: Sequence[torch.Tensor], precision: Pre
         scale = max(NOISE_MIN_SCALE, scale / 2)
 
 
+def parameter_dtype(model: torch.nn.Module) -> str:
+    """The dtype of the model's trainable parameters, which their gradients and the
+    optimizer's step use: ``float32``, or several joined by ``+`` (``float32+bfloat16``)."""
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                     if p.requires_grad})
+    return "+".join(dtypes) or "float32"
+
+
+def check_parameters(precision: Precision, model: torch.nn.Module) -> None:
+    """TaskError when ``precision`` cannot train ``model``'s parameters: fp16 scales the loss
+    with GradScaler, which refuses float16 gradients ("Attempting to unscale FP16
+    gradients"), so the parameters it updates must be float32 (autocast computes in fp16)."""
+    if not precision.scales_loss:
+        return
+    half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if half:
+        from .errors import TaskError
+
+        raise TaskError(
+            f"--precision fp16 scales the loss with GradScaler, which cannot unscale float16 "
+            f"gradients, and {len(half)} of the model's trainable parameters are float16 (first: "
+            f"{half[0]}): keep the parameters in float32 (autocast runs the forward in fp16), "
+            "or use --precision bf16")
+
+
 def describe(precision: Precision) -> str:
     """One line for the human output."""
     if precision is Precision.fp32:
@@ -99,4 +124,5 @@ def describe(precision: Precision) -> str:
     return f"{precision.value} autocast (float32 parameters{scaling})"
 
 
-__all__ = ["Precision", "autocast", "make_scaler", "raw_grads", "device_type_of", "describe"]
+__all__ = ["Precision", "autocast", "make_scaler", "raw_grads", "device_type_of", "describe",
+           "parameter_dtype", "check_parameters"]

@@ -18,7 +18,8 @@ if TYPE_CHECKING:  # torch is imported when a command runs, not for --help
 
 PrecisionOpt = Annotated[str, typer.Option(
     help="fp32, bf16 or fp16: the forward under torch.autocast with that dtype (fp16 also with "
-         "GradScaler loss scaling); parameters, gradients and optimizer state stay fp32.")]
+         "GradScaler loss scaling); parameters, gradients and optimizer state stay in the "
+         "model's dtype (fp32 unless it is built in another; fp16 needs fp32 parameters).")]
 AccumulateOpt = Annotated[int, typer.Option(
     help="Gradient accumulation: micro-steps per optimizer step. Batch sizes are then "
          "micro-batches (what must fit); the effective batch is micro-batch x N.")]
@@ -188,7 +189,9 @@ def step_lines(data: dict[str, Any]) -> list[str]:
                      "fp32")
     elif precision != "fp32":
         scaling = " with GradScaler" if precision == "fp16" else ""
-        lines.append(f"precision: {precision} autocast{scaling}, fp32 parameters and gradients")
+        dtype = data.get("parameter_dtype")
+        lines.append(f"precision: {precision} autocast{scaling}"
+                     + (f", {dtype} parameters and gradients" if dtype else ""))
     if data.get("optimizer_impl"):
         lines.append(f"optimizer: {data['optimizer_impl']} implementation"
                      + (" (as CUDA runs it)" if data.get("target") == "cuda" else ""))

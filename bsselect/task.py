@@ -217,7 +217,8 @@ def validate_task(task: Task, on_meta: bool = False, precision: Any = None) -> N
     tensors, with the batch's integer and boolean tensors real), so that a model too large for
     this machine (a 7B ``check``) is validated without allocating it; where that fails and
     the model is small, one real step under ``precision`` (the run's ``Precision``; None:
-    fp32) tells the task's own error from the simulation's limit.
+    fp32) tells the task's own error from the simulation's limit. ``precision`` fp16 also
+    needs trainable parameters GradScaler can unscale (``precision.check_parameters``).
     """
     from .memory.values import clear_value_shaped
     from .step import collate
@@ -264,6 +265,7 @@ def validate_task(task: Task, on_meta: bool = False, precision: Any = None) -> N
 
         try:
             with fake_step(task, (x, y)) as (model, (x, y)):
+                _check_precision(model, precision)
                 _check_forward(task, model, x, y)
         except CannotSimulate:
             raise
@@ -286,6 +288,7 @@ def validate_task(task: Task, on_meta: bool = False, precision: Any = None) -> N
         model = task.model()
     except Exception as exc:
         raise TaskError(f"building the model failed: {one_line(exc)}") from exc
+    _check_precision(model, precision)
     _check_forward(task, model, x, y)
     _check_mean_reduction(task, model)
 
@@ -414,6 +417,19 @@ def _check_mean_reduction(task: Task, model: nn.Module) -> None:
 class _RealToo(TaskError):
     """A task error that a real step meets the same way: never "the simulation cannot run
     it"."""
+
+
+def _check_precision(model: nn.Module, precision: Any) -> None:
+    """``precision.check_parameters``, as an error a real step meets alike (GradScaler
+    refuses float16 gradients: it is the task's, not the simulation's)."""
+    if precision is None:
+        return
+    from .precision import check_parameters
+
+    try:
+        check_parameters(precision, model)
+    except TaskError as exc:
+        raise _RealToo(str(exc)) from None
 
 
 def _check_optimizer(task: Task, model: nn.Module) -> None:

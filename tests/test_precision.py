@@ -322,3 +322,47 @@ def test_cli_rejects_bad_precision_and_accumulation(args, message):
     proc = run_cli(*args)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
+
+
+# --- the parameters' dtype -------------------------------------------------------------------
+
+HALF_TASK = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from bsselect import Task
+
+def task():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    return Task(model=lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).half(),
+                train_data=TensorDataset(x, y), loss_fn=nn.functional.cross_entropy, lr=0.1,
+                base_batch_size=8)
+"""
+
+
+@pytest.mark.parametrize("command", [
+    ["probe"], ["probe", "--method", "measured"], ["check", "--batch-size", "8", "--memory", "1GiB"],
+    ["sweep", "--budget", "64"], ["noise"]])
+def test_fp16_loss_scaling_on_float16_parameters_is_the_tasks_error(tmp_path, command):
+    """GradScaler cannot unscale float16 gradients: every command says so up front, as the
+    task's error (exit 1), not as "the simulation cannot run it" (it said that before)."""
+    (tmp_path / "half.py").write_text(HALF_TASK)
+    out = run_cli(command[0], f"{tmp_path / 'half.py'}:task", *command[1:], "--precision", "fp16")
+    assert out.returncode == 1, out.stderr
+    assert "cannot unscale float16 gradients" in out.stderr
+    assert "simulation" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_precision_line_names_the_parameters_dtype(tmp_path):
+    """bf16 autocast over float16 parameters: the line said "fp32 parameters" whatever they
+    were; now the dtype the step ran, in the text and the JSON."""
+    (tmp_path / "half.py").write_text(HALF_TASK)
+    out = run_cli("probe", f"{tmp_path / 'half.py'}:task", "--precision", "bf16")
+    assert out.returncode == 0, out.stderr
+    assert "bf16 autocast, float16 parameters and gradients" in out.stdout
+    data = json.loads(run_cli("probe", "digits-mlp", "--precision", "bf16", "--json").stdout)
+    assert data["parameter_dtype"] == "float32"
+    data = json.loads(run_cli("check", f"{tmp_path / 'half.py'}:task", "--batch-size", "8",
+                              "--memory", "1GiB", "--precision", "bf16", "--json").stdout)
+    assert data["parameter_dtype"] == "float16"

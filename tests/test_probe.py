@@ -237,3 +237,26 @@ def test_measured_steps_here_are_not_a_cuda_answer():
                    "--memory", "1GiB")
     assert done.returncode == 2
     assert "--method simulated" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_auto_measures_when_the_optimizer_step_cannot_simulate(tmp_path):
+    """Adafactor reads each parameter's norm with .item() in its step: the forward simulates,
+    the step does not. auto fell back to real steps only for the forward and otherwise
+    failed with "measure with real steps instead"; now it measures and says why."""
+    path = tmp_path / "adafactor.py"
+    path.write_text(
+        "import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+        "from bsselect import Task\n\n"
+        "def task():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)\n"
+        "    return Task(model=lambda: nn.Linear(8, 3), train_data=TensorDataset(x, y),\n"
+        "                loss_fn=nn.functional.cross_entropy, lr=0.01, base_batch_size=8,\n"
+        "                optimizer=lambda p, lr: torch.optim.Adafactor(p, lr=lr))\n")
+    out = run_cli("probe", f"{path}:task", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["method"] == "measured"
+    assert "simulation cannot run this model" in data["method_note"]
+    simulated = run_cli("probe", f"{path}:task", "--method", "simulated")
+    assert simulated.returncode == 1 and "real steps" in simulated.stderr

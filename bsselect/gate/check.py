@@ -84,6 +84,7 @@ class CheckResult:
     precision: str = "fp32"
     accumulate: int = 1
     optimizer_impl: str | None = None
+    parameter_dtype: str = "float32"  # of the trainable parameters, as simulated
     inputs: str = "typical"
     largest_item_elements: int | None = None
     items_scanned: int = 0
@@ -312,7 +313,7 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
         peak_bytes=steps[b].peak_bytes, target=config.target.value,
         budget_source=config.budget_source, terms=tuple(terms),
         **step_fields(settings, inputs), optimizer_impl=steps[b].optimizer_impl,
-        **shard_fields(config.shard, steps[b], saves), tokens_per_sample=tokens_per_sample(
+        parameter_dtype=steps[b].parameter_dtype, **shard_fields(config.shard, steps[b], saves), tokens_per_sample=tokens_per_sample(
             task, inputs), train_items=_train_items(task),
     )
 

@@ -62,6 +62,7 @@ class ProbeResult:
     precision: str = "fp32"
     accumulate: int = 1                   # micro-steps per optimizer step
     optimizer_impl: str | None = None     # for-loop | foreach | fused (simulated)
+    parameter_dtype: str | None = None    # the trainable parameters' (simulated): float32...
     inputs: str = "typical"               # worst-case | typical
     largest_item_elements: int | None = None
     items_scanned: int = 0
@@ -146,6 +147,7 @@ def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
             meter.extras["param_bytes"] = step.param_bytes
             meter.extras["optimizer_state_bytes"] = step.optimizer_state_bytes
             meter.extras["optimizer_impl"] = step.optimizer_impl
+            meter.extras["parameter_dtype"] = step.parameter_dtype
             meter.extras.setdefault("steps", {})[b] = step
             return step.peak_bytes
 
@@ -341,7 +343,7 @@ def run_probe(
         param_bytes=meter.extras.get("param_bytes"),
         optimizer_state_bytes=meter.extras.get("optimizer_state_bytes"),
         **step_fields(settings, inputs), optimizer_impl=meter.extras.get("optimizer_impl"),
-        method_note=method_note, fit_max_error_pct=round(100 * fit.max_error_frac, 3),
+        parameter_dtype=meter.extras.get("parameter_dtype"), method_note=method_note, fit_max_error_pct=round(100 * fit.max_error_frac, 3),
         fit_max_error_batch=fit.max_error_batch, fit_raised_bytes=round(fit.raised_bytes),
         max_batch_exact=exact, tokens_per_sample=tokens_per_sample(task, inputs),
         sharding=settings.shard.describe() if settings.shard is not None else "",

@@ -34,11 +34,12 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import CannotSimulate, TaskError, UsageError, one_line
-from ..precision import Precision, make_scaler
+from ..precision import Precision, make_scaler, parameter_dtype
 from ..step import StepSettings, train_step
 from ..task import Task
 from .optim_impl import run_as_on
@@ -85,6 +86,7 @@ class StepPeak:
     precision: str = "fp32"
     accumulate: int = 1           # micro-steps per optimizer step
     optimizer_impl: Optional[str] = None  # for-loop | foreach | fused, as the step ran it
+    parameter_dtype: str = "float32"  # of the trainable parameters (and so their gradients)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -168,6 +170,20 @@ _ACCUMULATE = torch.ops.aten.add.Tensor  # the autograd engine's gradient sum, o
 # buffer otherwise: the gradient of ``h[mask]`` is ``zeros.index_put(...)`` on fake tensors,
 # ``zeros.index_put_(...)`` for real (+27-43% on a masked-token model without this).
 _COPIED_ON_FAKE = {torch.ops.aten.index_put.default}
+# F.linear on an input it cannot fold into one addmm (3-D and non-contiguous: the transposed
+# output of nn.MultiheadAttention(batch_first=True)) computes matmul, then adds the bias in
+# place for real (``output.add_(bias)``) and out of place for a tensor subclass (a fake bias):
+# +8-11% on an MHA model at the end of its forward without this (review).
+_LINEAR_FUNCS = (torch._C._nn.linear,)
+# Reduced losses whose 0-d result keeps the elementwise buffer it was reduced from as its
+# storage (the shared structured or composite kernel computes into the output, then resizes
+# it to 0-d), alive as long as the loss: 10-28% low on regression steps without this (review).
+# Checked against the CPU allocator; the kernels are the same code on CUDA.
+_KEEPS_ELEMENTWISE_BUFFER = {torch.ops.aten.mse_loss.default,
+                             torch.ops.aten.smooth_l1_loss.default,
+                             torch.ops.aten.soft_margin_loss.default,
+                             torch.ops.aten.binary_cross_entropy.default}
+_BIAS_ADD = torch.ops.aten.add.Tensor
 CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to this
 
 
@@ -198,6 +214,7 @@ class LiveStorageCounter(TorchDispatchMode):
         self._refs: dict[int, weakref.ref] = {}
         self._kernel_cost = kernel_cost
         self._between_nodes = False  # the autograd engine runs between two nodes' apply
+        self._in_linear = 0  # inside F.linear (``LinearCalls``): its bias add is in place
         self._deferred: Optional[tuple[int, int]] = None  # (level, input storage): _settle
 
     def watch_graph(self, root: Any) -> None:
@@ -268,6 +285,17 @@ class LiveStorageCounter(TorchDispatchMode):
         self.live_bytes += self._bytes[key]
         self.live_rounded_bytes += cuda_rounded(nbytes)
 
+    def _took_over(self, out: torch.Tensor, old: torch.Tensor) -> None:
+        """``out`` is what a real run computes in place into ``old``'s storage: the one
+        buffer is counted once, now under ``out`` (which outlives ``old``, a temporary)."""
+        key = id(local(old).untyped_storage())
+        if key not in self._bytes or id(local(out).untyped_storage()) == key:
+            return
+        self.live_bytes -= self._bytes[key]
+        self.live_rounded_bytes -= cuda_rounded(self._fake_nbytes[key])
+        self._bytes[key] = 0
+        self._fake_nbytes[key] = 0
+
     def _free(self, key: int) -> None:
         self.live_bytes -= self._bytes.pop(key)
         self.live_rounded_bytes -= cuda_rounded(self._fake_nbytes.pop(key))
@@ -303,11 +331,20 @@ class LiveStorageCounter(TorchDispatchMode):
             self.track(out)
             self._deferred = (self.live_bytes, id(args[0].untyped_storage()))
             return out
+        if self._in_linear and func is _BIAS_ADD and isinstance(args[0], torch.Tensor):
+            out = func(*args, **kwargs)
+            if out.shape == args[0].shape and out.dtype == args[0].dtype:
+                self._took_over(out, args[0])
+            self.track(out)
+            self.note(self.live_bytes)
+            return out
         before = self.live_bytes
         cost = self._kernel_cost(func, args, kwargs) if self._kernel_cost else None
         out = func(*args, **kwargs)
         outputs = (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]
         real_sizes = cost.output_bytes if cost and len(cost.output_bytes) == len(outputs) else None
+        if real_sizes is None and func in _KEEPS_ELEMENTWISE_BUFFER and out.dim() == 0:
+            real_sizes = (args[0].numel() * out.dtype.itemsize,)
         for i, t in enumerate(outputs):
             if isinstance(t, torch.Tensor):
                 self.track(t, real_sizes[i] if real_sizes else None)
@@ -317,6 +354,24 @@ class LiveStorageCounter(TorchDispatchMode):
             level = before + cost.high_water_bytes
             self.note(level, max(0, level - self.live_bytes))
         return out
+
+
+class LinearCalls(TorchFunctionMode):
+    """Tells ``counter`` when the step is inside ``F.linear``, whose bias add a real run does
+    in place (``_LINEAR_FUNCS``)."""
+
+    def __init__(self, counter: LiveStorageCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func not in _LINEAR_FUNCS:
+            return func(*args, **(kwargs or {}))
+        self.counter._in_linear += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.counter._in_linear -= 1
 
 
 @contextmanager
@@ -403,7 +458,7 @@ def _run_steps(task: Task, model: nn.Module, batch: Any, counter: LiveStorageCou
         start_bytes = counter.live_bytes
         kept = _module_storages(model)
         counter.start_step()
-        with counter:
+        with LinearCalls(counter), counter:
             train_step(model, optimizer, marked, x, y, **options)
     for handle in handles:
         handle.remove()
@@ -492,7 +547,8 @@ def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
                                if p.requires_grad and p.grad is None)
     return dataclasses.replace(peak, precision=settings.precision.value,
                                accumulate=settings.accumulate,
-                               optimizer_impl=impl.value), unused, cached
+                               optimizer_impl=impl.value,
+                               parameter_dtype=parameter_dtype(model)), unused, cached
 
 
 def step_peak(
