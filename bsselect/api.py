@@ -406,6 +406,8 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
     warmup_steps = parse_warmup(warmup_steps)
     if noise_measurements < 0 or warm_start_steps < 0:
         raise UsageError("--warm-start-steps and --noise-measurements must be >= 0")
+    if noise_measurements == 1:  # before any trial trains (each failed on it after training)
+        raise UsageError("--noise-measurements must be 0 (off) or at least 2")
     explicit = _sizes_and_threads(batch_sizes, threads)
     checkpoint = None
     if from_checkpoint is not None:

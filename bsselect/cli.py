@@ -246,7 +246,7 @@ def noise(
         show_default="the task's base batch size")] = None,
     b_big: Annotated[Optional[int], typer.Option(
         help="Big batch, a multiple of --b-small.", show_default="8 x b_small")] = None,
-    measurements: Annotated[int, typer.Option(help="Big batches per estimate.")] = 32,
+    measurements: Annotated[int, typer.Option(help="Big batches per estimate (at least 4).")] = 32,
     warmup_steps: Annotated[int, typer.Option(
         help="Train this many steps at the task's base batch size first.")] = 0,
     every: Annotated[Optional[int], typer.Option(

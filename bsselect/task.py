@@ -291,6 +291,7 @@ def validate_task(task: Task, on_meta: bool = False, precision: Any = None) -> N
     _check_precision(model, precision)
     _check_forward(task, model, x, y)
     _check_mean_reduction(task, model)
+    _check_evaluation(task, model)
 
 
 FRESH = "bsselect_builds_fresh"  # set on the adapters' factories: a copy per call, not checked
@@ -363,9 +364,50 @@ def _check_forward(task: Task, model: Any, x: Any, y: Any) -> None:
         raise _failed("the loss failed", exc) from exc
     if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
         raise TaskError("Task.loss_fn must return a scalar tensor (the MEAN over the batch)")
+    if loss.dim():  # shape [1]: a training step sums it into a 0-d total and fails there
+        raise TaskError(f"Task.loss_fn returned a tensor of shape {list(loss.shape)}; it must be "
+                        "a 0-d scalar (the MEAN over the batch): .mean(), or .squeeze() it")
     if not loss.requires_grad:
         raise TaskError("the loss does not require grad; is the model's output detached?")
     _check_optimizer(task, model)
+
+
+def _check_evaluation(task: Task, model: nn.Module) -> None:
+    """TaskError, before anything trains, when evaluation fails: the forward and loss on two
+    items of ``val_data`` (the trials' validation; a sweep found a broken one only after
+    training every trial, review), and ``Task.metric`` returning a number (on those items,
+    or on training items without ``val_data``)."""
+    from .step import collate
+
+    data = task.val_data if task.val_data is not None else task.train_data
+    if task.val_data is None and task.metric is None:
+        return
+    where = "Task.val_data" if task.val_data is not None else "Task.train_data"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                x, y = collate(task, [data[i] for i in range(min(2, len(data)))])  # type: ignore[arg-type]
+                out = model(x)
+                task.loss_fn(out, y)
+            except Exception as exc:
+                raise TaskError(f"evaluating on {where} fails (the forward and loss on 2 of its "
+                                f"items): {one_line(exc)}") from exc
+            if task.metric is None:
+                return
+            try:
+                value = task.metric(out, y)
+            except Exception as exc:
+                raise TaskError(f"Task.metric fails on 2 items of {where}: "
+                                f"{one_line(exc)}") from exc
+            try:
+                float(value)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise TaskError(f"Task.metric must return a number (higher is better), got "
+                                f"{type(value).__name__}") from exc
+    finally:
+        model.train(was_training)
 
 
 SUM_ITEMS = 4  # items of the reduction check: their batch's loss against their own losses

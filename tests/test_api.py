@@ -97,7 +97,7 @@ def test_api_calls_leave_the_callers_rng_where_it_was(call, tmp_path):
 
     task = _small_task(lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)))
     run = {
-        "noise": lambda: bsselect.noise_scale(task, measurements=2, device="cpu"),
+        "noise": lambda: bsselect.noise_scale(task, measurements=4, device="cpu"),
         "sweep": lambda: bsselect.sweep(task, batch_sizes=[8, 16], journal=tmp_path / "s.jsonl",
                                         overwrite=True,
                                         device="cpu", budget="64"),
@@ -140,3 +140,14 @@ def test_a_factory_that_returns_the_users_model_is_refused_before_anything_chang
     import copy
 
     assert bsselect.probe(_small_task(lambda: copy.deepcopy(net)), memory="64MiB").max_batch > 0
+
+
+def test_batch_sizes_may_be_a_numpy_array_or_a_range(tmp_path):
+    """``not batch_sizes`` on an array raised numpy's "truth value is ambiguous" (review)."""
+    import numpy as np
+
+    for sizes in (np.array([8, 16]), range(8, 17, 8)):
+        result = bsselect.sweep("linreg", batch_sizes=sizes, budget="64", device="cpu",
+                                noise_measurements=0, journal=tmp_path / "s.jsonl",
+                                overwrite=True)
+        assert [t.batch_size for t in result.trials] == [8, 16]

@@ -417,3 +417,44 @@ def test_out_of_range_counts_are_usage_errors_not_internal_errors(args, message)
     proc = run_cli(*args)
     assert proc.returncode == 2
     assert message in one_error(proc)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ("model=lambda: nn.Linear(4, 2), train_data=data, loss_fn=F.cross_entropy, "
+     "val_data=TensorDataset(torch.randn(8, 7), torch.zeros(8).long())",
+     "error: evaluating on Task.val_data fails (the forward and loss on 2 of its items): "
+     "RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x7 and 4x2)"),
+    ("model=lambda: nn.Linear(4, 2), train_data=data, loss_fn=F.cross_entropy, "
+     "metric=lambda o, y: [1.0, 2.0]",
+     "error: Task.metric must return a number (higher is better), got list"),
+    ("model=lambda: nn.Linear(4, 2), train_data=data, "
+     "loss_fn=lambda o, y: F.cross_entropy(o, y).reshape(1)",
+     "error: Task.loss_fn returned a tensor of shape [1]; it must be a 0-d scalar (the MEAN "
+     "over the batch): .mean(), or .squeeze() it"),
+])
+def test_evaluation_and_loss_shape_fail_before_any_trial_trains(tmp_path, fields, message):
+    """Each of these trained every trial first and then failed them all (review), with a
+    message that did not name the validation data, the metric or the loss's shape."""
+    path = tmp_path / "task.py"
+    path.write_text(textwrap.dedent(TASK_TEMPLATE.format(fields=fields)))
+    proc = run_cli("sweep", f"{path}:make_task", "--batch-sizes", "8,16", "--budget", "64",
+                   "--journal", str(tmp_path / "j.jsonl"))
+    assert proc.returncode == 1
+    assert one_error(proc) == message
+    assert not (tmp_path / "j.jsonl").exists()  # nothing trained, nothing journaled
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sweep", "linreg", "--batch-sizes", "8,16", "--noise-measurements", "1"],
+     "error: --noise-measurements must be 0 (off) or at least 2"),
+    (["noise", "linreg", "--measurements", "3"],
+     "error: measurements must be at least 4 (32 is a good start), got 3: with fewer, a "
+     "bootstrap interval cannot reach past the values measured (a '90%' interval from 2 "
+     "covered the truth about half the time)"),
+])
+def test_too_few_noise_measurements_is_a_usage_error_before_training(tmp_path, monkeypatch,
+                                                                      args, message):
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    assert one_error(proc) == message

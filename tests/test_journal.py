@@ -388,12 +388,14 @@ def test_timing_records_load_the_last_one_and_a_bad_one_is_skipped(tmp_path):
 
 
 @pytest.mark.parametrize("change", [("ACT = nn.ReLU", "ACT = nn.Tanh"),
-                                    ("momentum=0.9", "momentum=0.0, weight_decay=0.5")])
+                                    ("momentum=0.9", "momentum=0.0, weight_decay=0.5"),
+                                    ("P = 0.0", "P = 0.9")])
 def test_resume_refuses_trials_of_a_task_that_changed_without_changing_shapes(tmp_path, change):
     # The fingerprint saw parameter shapes and the optimizer factory's name only: another
     # activation or the factory's momentum resumed the old trials (CLI review 1). Now the
     # journal's trials must start from this task's initial loss, and the optimizer's group
-    # settings are part of the fingerprint.
+    # settings are part of the fingerprint. A dropout's p shows in neither (eval mode, no
+    # shapes): the modules' repr is (review).
     import subprocess
     import sys
     import textwrap
@@ -406,10 +408,12 @@ def test_resume_refuses_trials_of_a_task_that_changed_without_changing_shapes(tm
         from torch.utils.data import TensorDataset
         from bsselect import Task
         ACT = nn.ReLU
+        P = 0.0
         def make_task():
             g = torch.Generator().manual_seed(0)
             x = torch.randn(256, 8, generator=g)
-            return Task(model=lambda: nn.Sequential(nn.Linear(8, 16), ACT(), nn.Linear(16, 2)),
+            return Task(model=lambda: nn.Sequential(nn.Linear(8, 16), ACT(), nn.Dropout(P),
+                                                    nn.Linear(16, 2)),
                         train_data=TensorDataset(x, (x[:, 0] > 0).long()),
                         loss_fn=F.cross_entropy, lr=0.05, base_batch_size=8,
                         optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9))

@@ -368,10 +368,10 @@ def test_errors_in_the_users_model_are_one_line_task_errors() -> None:
     task = make_linreg_task(d=4, sigma=1.0, n=1000, seed=0)
     task.loss_fn = lambda out, target: out.sum() / 0 * torch.nan  # NaN loss
     with pytest.raises(TaskError, match="not finite"):
-        measure_noise(task, b_small=4, b_big=16, measurements=2)
+        measure_noise(task, b_small=4, b_big=16, measurements=4)
     task.loss_fn = lambda out, target: out[:, 5].mean()  # wrong shape
     with pytest.raises(TaskError, match="forward/backward pass failed: IndexError"):
-        measure_noise(task, b_small=4, b_big=16, measurements=2)
+        measure_noise(task, b_small=4, b_big=16, measurements=4)
 
 
 def test_estimate_is_a_frozen_value() -> None:

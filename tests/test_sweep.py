@@ -788,3 +788,57 @@ def test_each_trial_measures_its_noise_on_its_own_batches(tmp_path, monkeypatch)
     assert all(t.ok and t.grad_sq_norm is not None for t in result.trials)
     assert len(seeds) == 3 and set(seeds.values()) == {1}
     assert set(seeds) == {trials_mod.noise_seed(0, b) for b in (8, 16, 32)}
+
+
+def test_resume_times_every_ok_size_so_no_old_step_time_is_ranked(cut_journal, finished):
+    """Resumed trials were timed in another session (another machine, thread count or load):
+    the timing rounds then take every ok size. Before, a size the old step times ruled out of
+    the rounds kept its old time against the new ones (review: an old 0.8 ms b=8 against
+    24 ms now was picked). Here the journal says b=16 took 1,000x longer than it does."""
+    lines = cut_journal.read_bytes().splitlines(keepends=True)
+    slow = []
+    for line in lines:
+        record = json.loads(line) if line.strip().endswith(b"}") else None
+        if record and record.get("trial", {}).get("batch_size") == 16:
+            record["trial"]["step_time_s"] *= 1000
+            record["trial"]["wall_s"] *= 1000
+            line = (json.dumps(record) + "\n").encode()
+        slow.append(line)
+    cut_journal.write_bytes(b"".join(slow))
+    out = json_out(sweep_cli(spec("tiny"), *TINY_ARGS, "--journal", str(cut_journal),
+                             "--resume", "--json"))
+    assert out["resumed"] == [8, 16, 32]
+    assert out["timing"]["not_timed"] == []
+    timed = {t["batch_size"]: t["step_time_s"] for t in out["trials"]}
+    assert timed[16] < 10 * timed[8]  # its time now, not the journal's
+
+
+def test_evaluation_weights_the_last_short_batch_by_its_items_whatever_the_targets():
+    """70 validation items in batches of 16: the last holds 6. With targets in a tuple the
+    last batch counted as 16 items (review: val_metric 0.6375 against 0.6571)."""
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from bsselect import Task
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 16, generator=g)
+    y = (x[:, 0] > 0.3).long()
+    model = nn.Sequential(nn.Linear(16, 2))
+
+    def wrap(items):
+        return torch.stack([i[0] for i in items]), (torch.stack([i[1] for i in items]),)
+
+    plain = Task(model=lambda: model, train_data=TensorDataset(x, y), loss_fn=F.cross_entropy,
+                 metric=sweep_tasks.accuracy)
+    tupled = Task(model=lambda: model, train_data=TensorDataset(x, y), collate_fn=wrap,
+                  loss_fn=lambda o, t: F.cross_entropy(o, t[0]),
+                  metric=lambda o, t: sweep_tasks.accuracy(o, t[0]))
+    with torch.no_grad():
+        out = model(x)
+        truth = (float(F.cross_entropy(out, y)), sweep_tasks.accuracy(out, y))
+    for task in (plain, tupled):
+        loss, metric = evaluate(model, task, TensorDataset(x, y), torch.device("cpu"),
+                                batch_size=16)
+        assert loss == pytest.approx(truth[0], rel=1e-6) and metric == pytest.approx(truth[1])

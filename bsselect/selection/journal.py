@@ -357,8 +357,11 @@ def _check_fingerprint(path: Path, header: JournalHeader | None,
     before = header.settings.get(TASK_FINGERPRINT) if header is not None else None
     if not before or not now or before == now:
         return
+    # What both record: a journal of an earlier version lacks the fields added since.
     changed = [f"{n} {before.get(n)!r} -> {now.get(n)!r}"
-               for n in sorted(set(before) | set(now)) if before.get(n) != now.get(n)]
+               for n in sorted(set(before) & set(now)) if before.get(n) != now.get(n)]
+    if not changed:
+        return
     raise UsageError(f"journal {str(path)!r} was written for another version of the task "
                      f"({', '.join(changed[:4])}); its trials do not apply: use a new --journal "
                      "path or --overwrite")

@@ -76,6 +76,11 @@ class NoiseReport:
         return self.to_json()
 
 
+# The least for one estimate with its interval (`bsselect noise`): a 90% interval from 2
+# measurements covered the truth in 53% of 30 seeds, from 4 in 87%, from 32 in 90% (review,
+# against B_simple from per-example gradients). A sweep pools its trials' measurements.
+MIN_MEASUREMENTS = 4
+
 def estimate_json(est: NoiseEstimate) -> dict[str, Any]:
     """One estimate as JSON: docs/contract.md's ``noise`` fields and their siblings."""
 
@@ -180,6 +185,11 @@ def measure_noise(
     """
     n_data = len(task.train_data)  # type: ignore[arg-type]
     b_small, b_big = default_batch_sizes(task, b_small, b_big)
+    if measurements < MIN_MEASUREMENTS:
+        raise UsageError(f"measurements must be at least {MIN_MEASUREMENTS} (32 is a good start), "
+                         f"got {measurements}: with fewer, a bootstrap interval cannot reach past "
+                         "the values measured (a '90%' interval from 2 covered the truth about "
+                         "half the time)")
     n_sub = check_settings(b_small, b_big, measurements, n_data)
     steps = measurement_steps(warmup_steps, every)
     counter = _Counter(len(steps) * measurements * n_sub + warmup_steps, progress)

@@ -78,6 +78,9 @@ def _sizes_and_threads(batch_sizes: Sequence[int] | None, threads: int | None
         raise UsageError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     from ..memory.capacity import check_batch_sizes
 
+    if batch_sizes is not None and not isinstance(batch_sizes, (str, bytes)) and hasattr(
+            batch_sizes, "__iter__"):
+        batch_sizes = list(batch_sizes)  # a numpy array or a range: its truth is not its length
     if batch_sizes is None or (not isinstance(batch_sizes, (str, bytes)) and not batch_sizes):
         return None
     check_batch_sizes(batch_sizes, "--batch-sizes")

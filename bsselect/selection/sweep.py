@@ -226,7 +226,8 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
             trials[b] = result
             if hooks.trial_end:
                 hooks.trial_end(result)
-        timing, note = _time_ok_trials(setup, trials, hooks)
+        timing, note = _time_ok_trials(setup, trials, hooks,
+                                       resumed=any(b in done for b in trials))
         ordered = tuple(trials[b] for b in batch_sizes)
         result = None
         try:
@@ -250,16 +251,19 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
     return result
 
 
-def _time_ok_trials(setup: TrialSetup, trials: dict[int, TrialResult], hooks: SweepHooks
-                    ) -> tuple[dict[int, RoundTiming], str | None]:
+def _time_ok_trials(setup: TrialSetup, trials: dict[int, TrialResult], hooks: SweepHooks,
+                    resumed: bool = False) -> tuple[dict[int, RoundTiming], str | None]:
     """Interleaved timing rounds (``trials.time_batch_sizes``) over the ok batch sizes that
     can still be the fastest (``choice.contenders``); the others keep their trials' own step
-    times, and the note says which and why. A failure here never loses the trials: the
-    ranking then uses their own step times."""
+    times, and the note says which and why. ``resumed`` (some trials come from the journal,
+    timed in another session, perhaps on another machine or thread count): every ok size is
+    timed, so that no old step time is ranked against new ones (review: an old 0.8 ms against
+    24 ms now picked it). A failure here never loses the trials: the ranking then uses their
+    own step times."""
     sizes = sorted(b for b, t in trials.items() if t.ok)
     if len(sizes) < 2:
         return {}, "fewer than two ok trials: each trial's own step time is used"
-    timed = timing_plan([trials[b] for b in sizes])
+    timed = sizes if resumed else timing_plan([trials[b] for b in sizes])
     if hooks.timing_start:
         hooks.timing_start(progress_units(len(timed)))
     try:
@@ -301,7 +305,23 @@ def task_fingerprint(task: Task, setup: TrialSetup) -> dict[str, Any]:
             "train_items": len(setup.train_data),  # type: ignore[arg-type]
             "val_items": len(setup.val_data),  # type: ignore[arg-type]
             "optimizer": optimizer, "optimizer_settings": _optimizer_settings(task),
-            "loss_fn": name(task.loss_fn), "metric": name(task.metric)}
+            "loss_fn": name(task.loss_fn), "metric": name(task.metric),
+            "modules": _modules(task)}
+
+
+def _modules(task: Task) -> str | None:
+    """The model's modules as ``repr`` prints them (their types and settings: a dropout's p,
+    an activation's class), hashed: a change that only training mode shows (dropout 0 -> 0.9)
+    leaves the shapes and the eval-mode start loss alike, and resumed the old trials (review).
+    Built on the ``meta`` device; None when it cannot be."""
+    import hashlib
+
+    try:
+        with torch.device("meta"):
+            text = repr(task.model())
+    except Exception:  # noqa: BLE001 - the trials build it for real and report
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _optimizer_settings(task: Task) -> str | None:

@@ -116,11 +116,14 @@ def evaluate(model: nn.Module, task: Task, data: Dataset, device: torch.device,
     model.eval()
     total_loss, total_metric, n, units = 0.0, 0.0, 0, 0.0
     with distributed.agreement(), torch.no_grad():  # each rank a share, summed below
-        for x, y in DataLoader(distributed.shard_dataset(data), batch_size=batch_size,
-                               collate_fn=task.collate_fn):
+        share = distributed.shard_dataset(data)
+        left = len(share)  # type: ignore[arg-type]
+        for x, y in DataLoader(share, batch_size=batch_size, collate_fn=task.collate_fn):
             x, y = to_device((x, y), device)
             out = model(x)
-            k = len(y) if isinstance(y, torch.Tensor) else batch_size
+            # items in this batch, in order and the last one short: whatever the targets' type
+            # (a tuple or dict of targets counted the last batch as full: review)
+            k, left = min(batch_size, left), left - min(batch_size, left)
             u = k if task.loss_weight is None else loss_units(task, y)
             if u:  # a batch with no unit of the loss (all labels ignored) adds nothing
                 total_loss += float(task.loss_fn(out, y)) * u
