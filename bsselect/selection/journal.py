@@ -358,8 +358,10 @@ def _check_fingerprint(path: Path, header: JournalHeader | None,
     if not before or not now or before == now:
         return
     # What both record: a journal of an earlier version lacks the fields added since.
+    # The opaque hash of the modules last: a shape or a name says more when it changed too.
     changed = [f"{n} {before.get(n)!r} -> {now.get(n)!r}"
-               for n in sorted(set(before) & set(now)) if before.get(n) != now.get(n)]
+               for n in sorted(set(before) & set(now), key=lambda n: (n == "modules", n))
+               if before.get(n) != now.get(n)]
     if not changed:
         return
     raise UsageError(f"journal {str(path)!r} was written for another version of the task "
