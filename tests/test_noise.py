@@ -352,7 +352,7 @@ def test_defaults_run_on_a_tiny_dataset() -> None:
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"b_small": 8, "b_big": 60}, "multiple of b_small"),
-    ({"b_small": 8, "b_big": 64, "measurements": 1}, "at least 2"),
+    ({"b_small": 8, "b_big": 64, "measurements": 1}, "at least 4"),
     ({"b_small": 64, "b_big": 8192}, "larger than the dataset"),
     ({"b_small": 8, "b_big": 64, "every": 5}, "--warmup-steps"),
     ({"b_small": 8, "b_big": 64, "warmup_steps": -1}, ">= 0"),
