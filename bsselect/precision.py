@@ -99,23 +99,6 @@ def parameter_dtype(model: torch.nn.Module) -> str:
     return "+".join(dtypes) or "float32"
 
 
-def check_parameters(precision: Precision, model: torch.nn.Module) -> None:
-    """TaskError when ``precision`` cannot train ``model``'s parameters: fp16 scales the loss
-    with GradScaler, which refuses float16 gradients ("Attempting to unscale FP16
-    gradients"), so the parameters it updates must be float32 (autocast computes in fp16)."""
-    if not precision.scales_loss:
-        return
-    half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
-    if half:
-        from .errors import TaskError
-
-        raise TaskError(
-            f"--precision fp16 scales the loss with GradScaler, which cannot unscale float16 "
-            f"gradients, and {len(half)} of the model's trainable parameters are float16 (first: "
-            f"{half[0]}): keep the parameters in float32 (autocast runs the forward in fp16), "
-            "or use --precision bf16")
-
-
 def describe(precision: Precision) -> str:
     """One line for the human output."""
     if precision is Precision.fp32:
@@ -125,4 +108,4 @@ def describe(precision: Precision) -> str:
 
 
 __all__ = ["Precision", "autocast", "make_scaler", "raw_grads", "device_type_of", "describe",
-           "parameter_dtype", "check_parameters"]
+           "parameter_dtype"]

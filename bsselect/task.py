@@ -218,7 +218,7 @@ def validate_task(task: Task, on_meta: bool = False, precision: Any = None) -> N
     this machine (a 7B ``check``) is validated without allocating it; where that fails and
     the model is small, one real step under ``precision`` (the run's ``Precision``; None:
     fp32) tells the task's own error from the simulation's limit. ``precision`` fp16 also
-    needs trainable parameters GradScaler can unscale (``precision.check_parameters``).
+    needs trainable parameters GradScaler can unscale (``_check_precision``).
     """
     from .memory.values import clear_value_shaped
     from .step import collate
@@ -462,16 +462,19 @@ class _RealToo(TaskError):
 
 
 def _check_precision(model: nn.Module, precision: Any) -> None:
-    """``precision.check_parameters``, as an error a real step meets alike (GradScaler
-    refuses float16 gradients: it is the task's, not the simulation's)."""
-    if precision is None:
+    """An error a real step meets alike (the task's, not the simulation's) when ``precision``
+    cannot train the model's parameters: fp16 scales the loss with GradScaler, which refuses
+    float16 gradients ("Attempting to unscale FP16 gradients"), so the parameters it updates
+    must be float32 (autocast computes in fp16)."""
+    if precision is None or not precision.scales_loss:
         return
-    from .precision import check_parameters
-
-    try:
-        check_parameters(precision, model)
-    except TaskError as exc:
-        raise _RealToo(str(exc)) from None
+    half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if half:
+        raise _RealToo(
+            f"--precision fp16 scales the loss with GradScaler, which cannot unscale float16 "
+            f"gradients, and {len(half)} of the model's trainable parameters are float16 (first: "
+            f"{half[0]}): keep the parameters in float32 (autocast runs the forward in fp16), "
+            "or use --precision bf16")
 
 
 def _check_optimizer(task: Task, model: nn.Module) -> None:

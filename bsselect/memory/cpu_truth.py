@@ -358,9 +358,9 @@ KERNELS: dict[Any, KernelSpec] = {
         _dim0(0, 1, 2, 3, 4, 5, "attn_mask"), min_items=1),
     _aten.mkldnn_rnn_layer.default: KernelSpec(
         _rnn_dims(sequences=(0,), states=(5, 6)), min_items=1),
-    # Reduced losses whose 0-d result keeps the whole elementwise buffer as its storage (the
-    # CPU kernel reduces into it and resizes it), alive as long as the loss is: -10 to -20%
-    # on an autoencoder or regression step without these (review).
+    # Reduced losses whose 0-d result keeps its elementwise buffer as storage: the counter
+    # sizes that output on any device (simulated._KEEPS_ELEMENTWISE_BUFFER); calibrated here
+    # for the second, transient buffer the CPU kernels allocate, and soft_margin's backward.
     **{op: KernelSpec(_dim0(0, 1), min_items=1)
        for op in (_aten.mse_loss.default, _aten.smooth_l1_loss.default,
                   _aten.soft_margin_loss.default, _aten.binary_cross_entropy.default)},

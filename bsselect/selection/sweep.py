@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from torch import nn
 
 from .. import distributed
 from ..checkpoint import Checkpoint, branch_from
@@ -300,41 +301,50 @@ def task_fingerprint(task: Task, setup: TrialSetup) -> dict[str, Any]:
         return None if fn is None else getattr(fn, "__qualname__", type(fn).__name__)
 
     optimizer = name(task.optimizer) if task.optimizer is not None else "SGD(momentum=0.9)"
+    model = _meta_model(task)
     return {"parameters": sum(v.numel() for v in setup.initial_state.values()),
             "state_shapes": hashlib.sha256(shapes.encode()).hexdigest()[:12],
             "train_items": len(setup.train_data),  # type: ignore[arg-type]
             "val_items": len(setup.val_data),  # type: ignore[arg-type]
-            "optimizer": optimizer, "optimizer_settings": _optimizer_settings(task),
+            "optimizer": optimizer, "optimizer_settings": _optimizer_settings(task, model),
             "loss_fn": name(task.loss_fn), "metric": name(task.metric),
-            "modules": _modules(task)}
+            "modules": _modules(model)}
 
 
-def _modules(task: Task) -> str | None:
-    """The model's modules as ``repr`` prints them (their types and settings: a dropout's p,
-    an activation's class), hashed: a change that only training mode shows (dropout 0 -> 0.9)
-    leaves the shapes and the eval-mode start loss alike, and resumed the old trials (review).
-    Built on the ``meta`` device; None when it cannot be."""
-    import hashlib
-
+def _meta_model(task: Task) -> nn.Module | None:
+    """The task's model built on the ``meta`` device (no memory), once for both fingerprint
+    fields that read it; None when it cannot be (the trials build it for real and report)."""
     try:
         with torch.device("meta"):
-            text = repr(task.model())
+            return task.model()
     except Exception:  # noqa: BLE001 - the trials build it for real and report
         return None
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _optimizer_settings(task: Task) -> str | None:
+def _modules(model: nn.Module | None) -> str | None:
+    """The model's modules as ``repr`` prints them (their types and settings: a dropout's p,
+    an activation's class), hashed: a change that only training mode shows (dropout 0 -> 0.9)
+    leaves the shapes and the eval-mode start loss alike, and resumed the old trials (review)."""
+    import hashlib
+
+    if model is None:
+        return None
+    return hashlib.sha256(repr(model).encode()).hexdigest()[:12]
+
+
+def _optimizer_settings(task: Task, model: nn.Module | None) -> str | None:
     """The optimizer's class and its groups' settings but the lr (momentum, weight decay,
     betas, ...), hashed: a factory's name stays when its arguments change (the review's
-    momentum 0.9 -> 0 resumed the old trials). Built on the model on the ``meta`` device;
+    momentum 0.9 -> 0 resumed the old trials). Built on ``model`` (on the ``meta`` device);
     None when it cannot be."""
     import hashlib
     import json
 
+    if model is None:
+        return None
     try:
         with torch.device("meta"):
-            opt = task.make_optimizer(task.model().parameters(), task.lr)
+            opt = task.make_optimizer(model.parameters(), task.lr)
     except Exception:  # noqa: BLE001 - the trials build it for real and report
         return None
     groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}

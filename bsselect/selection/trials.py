@@ -123,7 +123,8 @@ def evaluate(model: nn.Module, task: Task, data: Dataset, device: torch.device,
             out = model(x)
             # items in this batch, in order and the last one short: whatever the targets' type
             # (a tuple or dict of targets counted the last batch as full: review)
-            k, left = min(batch_size, left), left - min(batch_size, left)
+            k = min(batch_size, left)
+            left -= k
             u = k if task.loss_weight is None else loss_units(task, y)
             if u:  # a batch with no unit of the loss (all labels ignored) adds nothing
                 total_loss += float(task.loss_fn(out, y)) * u
