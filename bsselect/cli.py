@@ -444,7 +444,8 @@ def schedule(
         help="Critical batch: the largest whose loss drop is within this fraction of the "
              "smallest batch's.")] = 0.1,
     noise_measurements: Annotated[int, typer.Option(
-        help="B_simple measurements at each point (0: off).")] = 8,
+        help="B_simple measurements at each point (0: off; else at least 4, each point's "
+             "interval comes from its own).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed for initial weights and data order.")] = 0,
     journal: Annotated[Optional[Path], typer.Option(
         help="JSONL journal of finished branches.",

@@ -106,7 +106,7 @@ def test_api_calls_leave_the_callers_rng_where_it_was(call, tmp_path):
         "schedule": lambda: bsselect.schedule(task, batch_sizes=[8, 16], horizon=1024,
                                               points=2, journal=tmp_path / "p.jsonl", overwrite=True,
                                               branch_samples=128,
-                                              device="cpu", noise_measurements=2),
+                                              device="cpu", noise_measurements=4),
     }[call]
     for seed in (1, 2):
         torch.manual_seed(seed)

@@ -451,6 +451,9 @@ def test_evaluation_and_loss_shape_fail_before_any_trial_trains(tmp_path, fields
      "error: measurements must be at least 4 (32 is a good start), got 3: with fewer, a "
      "bootstrap interval cannot reach past the values measured (a '90%' interval from 2 "
      "covered the truth about half the time)"),
+    (["schedule", "linreg", "--horizon", "2048", "--noise-measurements", "2"],
+     "error: --noise-measurements must be 0 (off) or at least 4: each point's B_simple "
+     "interval comes from its own measurements, got 2"),
 ])
 def test_too_few_noise_measurements_is_a_usage_error_before_training(tmp_path, monkeypatch,
                                                                       args, message):

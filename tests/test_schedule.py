@@ -254,7 +254,7 @@ def test_batch_schedule_follows_stages_and_ramps_like_the_trials():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(horizon=0), "--horizon"), (dict(points=1), "--points"),
-    (dict(tolerance=1.5), "--tolerance"), (dict(noise_measurements=1), "--noise-measurements"),
+    (dict(tolerance=1.5), "--tolerance"), (dict(noise_measurements=3), "--noise-measurements"),
     (dict(branch_samples=-1), "--branch-samples"),
     # 10**8 points built a list of 10**8 samples (memory without bound; CLI review 8)
     (dict(points=10**8), "at most 11 of them"),
@@ -275,7 +275,7 @@ def test_points_are_geometric_and_branch_sizes_take_enough_steps():
 
 def _settings(**kw) -> ScheduleSettings:
     return ScheduleSettings(**{"horizon": 2048, "lr_scaling": LrScaling.linear,
-                               "noise_measurements": 2, "lr_ramp_samples": 64, **kw})
+                               "noise_measurements": 4, "lr_ramp_samples": 64, **kw})
 
 
 def test_run_schedule_on_a_tiny_task(tmp_path):
@@ -291,7 +291,7 @@ def test_run_schedule_on_a_tiny_task(tmp_path):
             assert br.trial.samples >= 128  # the equal sample budget, whole batches
             if br.trial.ok:
                 assert br.drop == pytest.approx(br.trial.train_loss_start - br.trial.train_loss_end)
-        assert p.noise is not None and p.noise["measurements"] == 2
+        assert p.noise is not None and p.noise["measurements"] == 4
     later = [p.branches[0].trial.train_loss_start for p in result.points]
     assert later[-1] < later[0]  # the base run trained between the points
     for p in result.points:  # a point where the base batch lost ground decides nothing
@@ -362,7 +362,7 @@ def test_points_within_one_base_step_are_measured_once(tmp_path):
 def test_cli_schedule_json_and_table(tmp_path):
     task = f"{TASKS}:tiny"
     proc = run_cli("schedule", task, "--horizon", "1024", "--batch-sizes", "8,16,32",
-                   "--noise-measurements", "2", "--journal", str(tmp_path / "j.jsonl"),
+                   "--noise-measurements", "4", "--journal", str(tmp_path / "j.jsonl"),
                    "--threads", "1", "--json")
     assert proc.returncode == 0, proc.stderr
     js = json.loads(proc.stdout)
@@ -447,10 +447,10 @@ def test_schedule_at_the_users_checkpoints_equals_the_base_runs_schedule(tmp_pat
     from bsselect import api
 
     sizes = [8, 16, 32]
-    base = api.schedule(f"{TASKS}:tiny", batch_sizes=sizes, noise_measurements=2, horizon=2048,
+    base = api.schedule(f"{TASKS}:tiny", batch_sizes=sizes, noise_measurements=4, horizon=2048,
                         journal=tmp_path / "base.jsonl", threads=1, device="cpu")
     paths = _base_run_checkpoints(tmp_path, base.settings, sizes)
-    result = api.schedule(f"{TASKS}:tiny", batch_sizes=sizes, noise_measurements=2,
+    result = api.schedule(f"{TASKS}:tiny", batch_sizes=sizes, noise_measurements=4,
                           from_checkpoints=[str(p) for p in reversed(paths)],  # any order
                           journal=tmp_path / "ck.jsonl", threads=1, device="cpu")
     assert result.settings.horizon == 2048  # twice the last checkpoint's 1,024 samples
@@ -468,13 +468,13 @@ def test_schedule_at_the_users_checkpoints_equals_the_base_runs_schedule(tmp_pat
     header = json.loads((tmp_path / "ck.jsonl").read_text().splitlines()[0])
     assert header["settings"]["checkpoints"][-1][0] == 1024  # the resume key holds the files
     # --resume with the same files reruns nothing; with one file changed it is refused
-    again = api.schedule(f"{TASKS}:tiny", batch_sizes=sizes, noise_measurements=2,
+    again = api.schedule(f"{TASKS}:tiny", batch_sizes=sizes, noise_measurements=4,
                          from_checkpoints=[str(p) for p in paths], resume=True,
                          journal=tmp_path / "ck.jsonl", threads=1, device="cpu")
     assert again.resumed == 15
     torch.save({"model": sweep_tasks.tiny().model().state_dict(), "step": 8}, paths[0])
     with pytest.raises(UsageError, match="different task or settings"):
-        api.schedule(f"{TASKS}:tiny", batch_sizes=sizes, noise_measurements=2,
+        api.schedule(f"{TASKS}:tiny", batch_sizes=sizes, noise_measurements=4,
                      from_checkpoints=[str(p) for p in paths], resume=True,
                      journal=tmp_path / "ck.jsonl", threads=1, device="cpu")
 

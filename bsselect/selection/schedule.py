@@ -49,6 +49,7 @@ from ..errors import InterruptedRun, TaskError, UsageError, one_line
 from ..oom import drop_frames, is_oom_error, release_memory
 from .lr_scaling import LrScaling, scale_lr, warmup_lr
 from .noise import default_batch_sizes
+from .noise_run import MIN_MEASUREMENTS
 from .schedule_plan import (BatchSchedule, Branch, Prediction, SchedulePoint, Stage, critical_batch,
                             fastest_batch, growth_exponent, informative, no_worse_than_fixed,
                             plan_stages, point_fastest, point_ratios, predict_fixed,
@@ -105,8 +106,12 @@ class ScheduleSettings:
             raise UsageError("--branch-samples and --noise-measurements must be >= 0")
         if not 0 < self.tolerance < 1:
             raise UsageError(f"--tolerance must be between 0 and 1, got {self.tolerance}")
-        if self.noise_measurements == 1:
-            raise UsageError("--noise-measurements must be 0 (off) or at least 2")
+        if 0 < self.noise_measurements < MIN_MEASUREMENTS:
+            # Each point's B_simple is one estimate with its own interval, as `bsselect noise`
+            # gives: from fewer, a "90%" interval covers the truth about half the time.
+            raise UsageError(f"--noise-measurements must be 0 (off) or at least "
+                             f"{MIN_MEASUREMENTS}: each point's B_simple interval comes from "
+                             f"its own measurements, got {self.noise_measurements}")
         if len(self.checkpoint_samples) != len(self.checkpoint_sha256):
             raise ValueError("checkpoint_samples and checkpoint_sha256 differ in length")
         late = [n for n in self.checkpoint_samples if n >= self.horizon]
