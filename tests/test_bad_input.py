@@ -444,6 +444,22 @@ def test_evaluation_and_loss_shape_fail_before_any_trial_trains(tmp_path, fields
     assert not (tmp_path / "j.jsonl").exists()  # nothing trained, nothing journaled
 
 
+def test_a_metric_that_gives_nan_is_named_not_shown_as_a_silent_dash(tmp_path):
+    """A NaN metric on one validation batch emptied the trial's metric column with no word
+    why (review)."""
+    path = tmp_path / "task.py"
+    fields = ("model=lambda: nn.Linear(4, 2), train_data=data, loss_fn=F.cross_entropy, "
+              "metric=lambda o, y: float('nan')")
+    path.write_text(textwrap.dedent(TASK_TEMPLATE.format(fields=fields)))
+    proc = run_cli("sweep", f"{path}:make_task", "--batch-sizes", "8,16", "--budget", "64",
+                   "--noise-measurements", "0", "--journal", str(tmp_path / "j.jsonl"),
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert ("warning: Task.metric gave NaN or inf on the validation data at batch size(s) "
+            "8, 16") in " ".join(proc.stderr.split())
+    assert all(t["val_metric"] is None for t in json.loads(proc.stdout)["trials"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["sweep", "linreg", "--batch-sizes", "8,16", "--noise-measurements", "1"],
      "error: --noise-measurements must be 0 (off) or at least 2"),

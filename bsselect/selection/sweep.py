@@ -227,6 +227,7 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
             trials[b] = result
             if hooks.trial_end:
                 hooks.trial_end(result)
+        _warn_unscored(task, setup, trials, hooks)
         timing, note = _time_ok_trials(setup, trials, hooks,
                                        resumed=any(b in done for b in trials))
         ordered = tuple(trials[b] for b in batch_sizes)
@@ -250,6 +251,19 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
             "rerun with --resume to continue"
         ) from None
     return result
+
+
+def _warn_unscored(task: Task, setup: TrialSetup, trials: dict[int, TrialResult],
+                   hooks: SweepHooks) -> None:
+    """Say why the metric column is empty where ``Task.metric`` gave NaN or inf (the
+    trial's score is the mean over the validation batches, so one such batch empties it)."""
+    if task.metric is None or not setup.validate or not hooks.warn:
+        return
+    unscored = sorted(b for b, t in trials.items() if t.ok and t.val_metric is None)
+    if unscored:
+        hooks.warn(f"Task.metric gave NaN or inf on the validation data at batch size(s) "
+                   f"{sizes_text(unscored)}: their metric shows as — (a mean over the "
+                   "validation batches; check the metric on a small or degenerate batch)")
 
 
 def _time_ok_trials(setup: TrialSetup, trials: dict[int, TrialResult], hooks: SweepHooks,
