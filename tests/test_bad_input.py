@@ -444,6 +444,22 @@ def test_evaluation_and_loss_shape_fail_before_any_trial_trains(tmp_path, fields
     assert not (tmp_path / "j.jsonl").exists()  # nothing trained, nothing journaled
 
 
+@pytest.mark.parametrize("extra, warned", [(1, True), (0, False)])
+def test_more_threads_than_cpus_is_warned_about(tmp_path, extra, warned):
+    """--threads 64 on 2 cores ran with no word (review): the threads take turns, and the
+    step times that rank the batch sizes follow the machine's load."""
+    from bsselect.selection.timing import usable_cpus
+
+    threads = usable_cpus() + extra
+    proc = run_cli("sweep", "linreg", "--batch-sizes", "8,16", "--budget", "64",
+                   "--noise-measurements", "0", "--threads", str(threads),
+                   "--journal", str(tmp_path / "j.jsonl"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stderr.split())
+    assert (f"warning: --threads {threads} is more than the {usable_cpus()} usable CPU(s)"
+            in text) is warned
+
+
 def test_a_metric_that_gives_nan_is_named_not_shown_as_a_silent_dash(tmp_path):
     """A NaN metric on one validation batch emptied the trial's metric column with no word
     why (review)."""

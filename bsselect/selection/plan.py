@@ -95,6 +95,14 @@ def local_processes() -> int:
         return 1
 
 
+def threads_warning(threads: int | None) -> str | None:
+    """What to say when ``--threads`` (given) asks for more than this process's share of
+    the usable CPUs; None when it does not."""
+    from .timing import oversubscribed
+
+    return None if threads is None else oversubscribed(threads, local_processes())
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name.rsplit("/", 1)[-1]).strip("-") or "task"
 

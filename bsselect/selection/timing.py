@@ -126,6 +126,18 @@ def default_threads(local_processes: int = 1) -> int:
     return max(1, usable_cpus() // (2 * max(1, local_processes)))
 
 
+def oversubscribed(threads: int, local_processes: int = 1) -> str | None:
+    """What to say when ``--threads`` asks for more threads than this process's share of the
+    usable CPUs (None when it does not)."""
+    cpus = usable_cpus()
+    if threads * max(1, local_processes) <= cpus:
+        return None
+    per = " per process" if local_processes > 1 else ""
+    return (f"--threads {threads}{per} is more than the {cpus} usable CPU(s): the threads take "
+            "turns on the cores, so each step waits for the slowest and a busy core stalls "
+            "every step")
+
+
 @contextmanager
 def cpu_threads(threads: int | None) -> Iterator[int]:
     """Run the block with torch's intra-op thread count set to ``threads`` (None: leave it);
