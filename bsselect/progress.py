@@ -19,7 +19,8 @@ class SweepProgress:
         self.console = console
         self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
                             MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=console, transient=True)
+                            console=console, transient=True,
+                            disable=not console.is_terminal)
         self.overall = self.bar.add_task("trials", total=n_trials)
         self.current = self.bar.add_task("trial", total=None, visible=False)
 
@@ -69,7 +70,8 @@ class ScheduleProgress:
 
         # markup=False: descriptions are plain text (a checkpoint's name may hold brackets)
         self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
-                            TimeElapsedColumn(), console=console, transient=True)
+                            TimeElapsedColumn(), console=console, transient=True,
+                            disable=not console.is_terminal)
         self.current = self.bar.add_task("schedule", total=None)
 
     def __enter__(self):

@@ -137,7 +137,8 @@ def scan(task: "Task", mode: "InputMode", console: Any, seed: int = 0,
     if mode is InputMode.typical:
         return scan_inputs(task.train_data, mode)
     bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
-                   MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+                   MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True,
+                   disable=not console.is_terminal)  # off a terminal it left a blank line
     with bar:
         job = bar.add_task("finding the largest items", total=None)
         return scan_inputs(task.train_data, mode, seed=seed, by_values=by_values,
@@ -154,7 +155,8 @@ class progress_bar:
 
         self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
                             TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                            console=console, transient=True)
+                            console=console, transient=True,
+                            disable=not console.is_terminal)
         self.task_id = self.bar.add_task(description, total=total)
 
     def __enter__(self) -> Callable[[int, int], None]:

@@ -150,11 +150,19 @@ def _unit_shares(task: Task, accumulate: int, first: tuple[Any, Any],
     return [(b, u / whole) for b, u in zip(batches, units)]
 
 
-def tokens_per_sample(task: Task, inputs: Any = None) -> Optional[int]:
+TOKENS_BATCH_MAX = 1024  # as memory.fake.REAL_ITEMS_MAX: larger batches repeat these items
+
+
+def tokens_per_sample(task: Task, inputs: Any = None, batch_size: int = 1) -> Optional[int]:
     """The sequence length of a token batch (a 2-D integer tensor, or ``input_ids`` in a
-    dict): tokens per sample, so that probe and check answer in tokens too. None otherwise."""
+    dict): tokens per sample, so that probe and check answer in tokens too. None otherwise.
+    Worst-case inputs: the largest item's, which every batch of the largest items is padded
+    to. Random inputs: that of the batch of ``batch_size`` the step was measured on (one
+    random item's said 5 tokens where the measured batch was padded to 48: review)."""
+    largest_first = inputs is not None and (inputs.picks_largest or inputs.uniform)
+    batch_size = 1 if largest_first else min(batch_size, TOKENS_BATCH_MAX)
     try:
-        x, _ = make_batch(task, 1, 0, inputs)
+        x, _ = make_batch(task, batch_size, 0, inputs)
     except Exception:  # noqa: BLE001 - a label only; the step's own errors are reported
         return None
     ids = x.get("input_ids") if hasattr(x, "get") else x

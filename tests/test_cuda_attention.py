@@ -114,3 +114,75 @@ def test_dropout_keeps_the_fused_kernel_on_cuda():
     cuda = per_sample(H, 0.1, Precision.bf16, "cuda")
     assert cpu - cuda >= H * T * T * 2  # at least the bf16 weights
     assert cuda == pytest.approx(per_sample(H, 0.0, Precision.bf16, "cuda"), rel=0.02)
+
+
+class Checkpointed(nn.Module):
+    """The attention block under activation checkpointing, as a user's model or
+    ``--activation-checkpointing`` runs it: recomputed in the backward."""
+
+    def __init__(self, dropout: float, reentrant: bool) -> None:
+        super().__init__()
+        self.inner, self.reentrant = Attention(H, dropout), reentrant
+        self.pre = nn.Linear(D, D)  # a reentrant checkpoint needs an input that needs grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.inner, self.pre(x), use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_the_recomputation_runs_cuda_attention_too(reentrant):
+    """Function modes are not active in the backward, where checkpointing recomputes: the
+    recomputation ran the CPU's math attention where the forward had run CUDA's flash, and
+    non-reentrant checkpointing failed the step on the mismatch (review: GPT-2 with
+    --activation-checkpointing --target cuda, exit 1). With flash in both, attention dropout
+    adds no (T x T) tensor per head, as without checkpointing."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, T, D, generator=g), torch.randn(64, T, D, generator=g))
+
+    def per_sample_checkpointed(dropout: float) -> float:
+        task = Task(model=lambda: Checkpointed(dropout, reentrant), train_data=data,
+                    loss_fn=F.mse_loss, optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr))
+        settings = StepSettings(precision=Precision.bf16, target_device="cuda")
+        peaks = [simulate_step_peak(task, b, kernel_workspace=False,
+                                    settings=settings).peak_bytes for b in (8, 16)]
+        return (peaks[1] - peaks[0]) / 8
+
+    assert per_sample_checkpointed(0.1) == pytest.approx(per_sample_checkpointed(0.0), rel=0.02)
+
+
+def test_modes_are_entered_around_both_kinds_of_recomputation_and_then_removed():
+    from torch.overrides import TorchFunctionMode
+    from torch.utils import checkpoint as ck
+
+    from bsselect.memory.recompute import recomputed_under
+
+    seen: list[str] = []
+
+    class Spy(TorchFunctionMode):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.scaled_dot_product_attention:
+                seen.append(self.name)
+            return func(*args, **(kwargs or {}))
+
+    def block(q: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, q, q)
+
+    before = (ck._checkpoint_without_reentrant_generator, ck.CheckpointFunction.backward)
+    q = torch.randn(1, 2, 8, 4, requires_grad=True)
+    for reentrant in (False, True):
+        seen.clear()
+        with Spy("outer"), recomputed_under(lambda: Spy("outer")), \
+                Spy("inner"), recomputed_under(lambda: Spy("inner")):
+            ck.checkpoint(block, q, use_reentrant=reentrant).sum().backward()
+        # forward: the innermost mode first; the recomputation: the same order
+        assert seen == ["inner", "outer", "inner", "outer"], (reentrant, seen)
+    assert (ck._checkpoint_without_reentrant_generator, ck.CheckpointFunction.backward) == before
+    seen.clear()
+    ck.checkpoint(block, q, use_reentrant=False).sum().backward()
+    assert seen == []

@@ -211,3 +211,57 @@ def test_lazy_chunks_are_fsdp2s_chunks(size, n):
         if a.numel():
             assert a.storage_offset() == b.storage_offset()
     assert [c.shape for c in lazy[1:3]] == [c.shape for c in eager[1:3]]
+
+
+class _Buffered(nn.Module):
+    """Two repeated blocks (the shard units) and a registered buffer FSDP2 does not shard."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+                                    for _ in range(2))
+        self.head = nn.Linear(16, 50)
+        self.register_buffer("table", torch.zeros(4096))  # 16 KiB
+
+    def forward(self, x):
+        h = self.emb(x) + self.table[:16]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def test_rank_terms_name_buffers_apart_from_the_gradients():
+    """The gradients term was start-of-step memory less parameters, optimizer state and batch,
+    so a model's buffers read as gradients (review: 679 KiB of 'gradients' against an 87 KiB
+    parameter shard). Now the gradients are their own storages and the buffers a term."""
+    import bsselect
+    from bsselect import Task
+
+    x = torch.randint(0, 50, (64, 8), generator=torch.Generator().manual_seed(0))
+    task = Task(model=_Buffered, train_data=torch.utils.data.TensorDataset(x, x),
+                loss_fn=lambda out, y: nn.functional.cross_entropy(out.flatten(0, 1),
+                                                                   y.flatten()),
+                lr=1e-3, base_batch_size=8, optimizer=lambda p, lr: torch.optim.AdamW(p, lr))
+    result = bsselect.check(task, batch_size=8, memory="64MiB", target="same", shard="fsdp",
+                            world_size=2)
+    terms = dict(result.rank_terms)
+    params = terms["parameters (this rank's shard)"]
+    assert terms["gradients"] == params  # fp32 grads of every (trainable) parameter's shard
+    assert terms["optimizer state"] >= 2 * params  # Adam's two moments (and its steps)
+    assert terms["buffers and other tensors kept between steps"] == 4096 * 4
+    assert sum(terms.values()) == result.peak_bytes
+
+
+@pytest.mark.parametrize("extra", [["--shard", "fsdp", "--world-size", "2"],
+                                   ["--activation-checkpointing"]])
+def test_the_models_own_class_as_the_unit_is_a_usage_error(extra):
+    """fully_shard applied twice to the root (exit 1, an AssertionError cut off before the
+    module's name), or checkpointing that wrapped nothing while the output said "saves 0 B"
+    (review)."""
+    from conftest import one_error
+
+    proc = run_cli("check", "tiny-lm", "--batch-size", "8", "--memory", "64MiB",
+                   "--target", "same", "--shard-unit", "TinyGPT", *extra)
+    assert proc.returncode == 2
+    assert one_error(proc).startswith("error: --shard-unit TinyGPT is the model's own class")

@@ -154,3 +154,20 @@ def test_cli_rejects_an_unknown_inputs_mode():
     proc = run_cli("probe", "digits-mlp", "--inputs", "largest")
     assert proc.returncode == 2
     assert "--inputs must be one of worst-case, typical" in proc.stderr
+
+
+def test_tokens_per_sample_is_the_measured_batchs_padded_length(varlen_task):
+    """Under --inputs typical the tokens per sample came from one random item (5 tokens where
+    the measured batch was padded to 48: review); it is the measured batch's length now, and
+    under worst-case inputs the longest item's, which every worst-case batch is padded to."""
+    from bsselect.step import make_batch
+
+    task = variable_length()
+    typical = json.loads(run_cli("check", varlen_task, "--batch-size", "64", "--memory", "1GiB",
+                                 "--inputs", "typical", "--json").stdout)
+    x, _ = make_batch(task, 64, 0, typical_inputs(task.train_data))
+    assert typical["tokens_per_sample"] == x.shape[1] > make_batch(task, 1, 0)[0].shape[1]
+    assert LONG_INDEX not in typical_inputs(task.train_data).indices(64)  # x.shape[1] <= 32
+    worst = json.loads(run_cli("check", varlen_task, "--batch-size", "64", "--memory", "1GiB",
+                               "--json").stdout)
+    assert worst["tokens_per_sample"] == LONG

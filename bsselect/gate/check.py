@@ -313,8 +313,8 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
         peak_bytes=steps[b].peak_bytes, target=config.target.value,
         budget_source=config.budget_source, terms=tuple(terms),
         **step_fields(settings, inputs), optimizer_impl=steps[b].optimizer_impl,
-        parameter_dtype=steps[b].parameter_dtype, **shard_fields(config.shard, steps[b], saves), tokens_per_sample=tokens_per_sample(
-            task, inputs), train_items=_train_items(task),
+        parameter_dtype=steps[b].parameter_dtype, **shard_fields(config.shard, steps[b], saves),
+        tokens_per_sample=tokens_per_sample(task, inputs, b), train_items=_train_items(task),
     )
 
 
@@ -336,14 +336,20 @@ def shard_fields(plan: Any, step: Any, saves: int | None) -> dict[str, Any]:
     the world size, and the per-rank terms of the peak."""
     if plan is None:
         return {}
-    activations = step.peak_bytes - step.start_bytes
-    grads = max(0, step.start_bytes - step.param_bytes - step.optimizer_state_bytes
-                - step.batch_bytes)
+    kept = step.param_bytes + step.optimizer_state_bytes + step.batch_bytes
+    # The gradients counted as themselves: the rest of what lives between steps (buffers,
+    # which FSDP2 does not shard; a module's cached tensors) is a term of its own (review:
+    # a 606 KB buffer read as gradients).
+    grads = (step.grad_bytes if step.grad_bytes is not None
+             else max(0, step.start_bytes - kept))
+    other = max(0, step.start_bytes - kept - grads)
+    activations = step.peak_bytes - kept - grads - other  # the terms sum to the peak
     terms = (("parameters (this rank's shard)" if plan.fsdp else "parameters",
               step.param_bytes),
              ("gradients", grads),
              ("optimizer state", step.optimizer_state_bytes),
              ("batch", step.batch_bytes),
+             *((("buffers and other tensors kept between steps", other),) if other else ()),
              (f"activations{', unsharded parameters and gradients' if plan.fsdp else ''} at "
               f"the {step.peak_phase.value} peak", activations))
     return dict(sharding=plan.describe(), shard_ranks=plan.world_size if plan.fsdp else 1,

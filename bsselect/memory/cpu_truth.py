@@ -208,7 +208,7 @@ def _real_steps(task: Task, batch_size: int, seed: int, settings: StepSettings,
                 inputs: Any) -> tuple[Any, Any, Any, Any]:
     try:
         batch = make_batch(task, batch_size, seed, inputs)
-        model = task.model()
+        model = task.model().train()  # a training step, as the simulation's (fake.py)
         if settings.shard is not None:  # one rank of a real FSDP2 run (under torchrun)
             from torch.distributed.device_mesh import init_device_mesh
 

@@ -77,7 +77,7 @@ def run_two_steps(task: Task, batch_size: int, backend: AllocatorBackend, seed: 
     model = optimizer = x = y = None
     try:
         with backend.session():
-            model = task.model().to(backend.device)
+            model = task.model().to(backend.device).train()  # as fake.build_fake_model
             optimizer = task.make_optimizer(model.parameters(), task.lr)
             x, y = to_device(make_batch(task, batch_size, seed, inputs), backend.device)
             options = dict(precision=settings.precision, accumulate=settings.accumulate,

@@ -345,7 +345,7 @@ def run_probe(
         **step_fields(settings, inputs), optimizer_impl=meter.extras.get("optimizer_impl"),
         parameter_dtype=meter.extras.get("parameter_dtype"), method_note=method_note, fit_max_error_pct=round(100 * fit.max_error_frac, 3),
         fit_max_error_batch=fit.max_error_batch, fit_raised_bytes=round(fit.raised_bytes),
-        max_batch_exact=exact, tokens_per_sample=tokens_per_sample(task, inputs),
+        max_batch_exact=exact, tokens_per_sample=tokens_per_sample(task, inputs, best),
         sharding=settings.shard.describe() if settings.shard is not None else "",
         shard_ranks=settings.shard.world_size if settings.shard is not None
         and settings.shard.fsdp else 1,

@@ -96,6 +96,11 @@ def find_units(model: nn.Module, unit: Optional[str]) -> list[nn.Module]:
             names = sorted({type(m).__name__ for m in model.modules()})
             raise UsageError(f"--shard-unit {unit}: no module of that class in the model "
                              f"(its classes: {', '.join(names[:20])})")
+        if found[0] is model:  # fully_shard applied twice to the root; nothing to checkpoint
+            raise UsageError(f"--shard-unit {unit} is the model's own class: a unit is a "
+                             "block inside the model (FSDP2 wraps the root by itself, and "
+                             "checkpointing the whole model saves nothing), e.g. its "
+                             "transformer layer's class")
         return found
     best: list[nn.Module] = []
     for module in model.modules():

@@ -87,6 +87,7 @@ class StepPeak:
     accumulate: int = 1           # micro-steps per optimizer step
     optimizer_impl: Optional[str] = None  # for-loop | foreach | fused, as the step ran it
     parameter_dtype: str = "float32"  # of the trainable parameters (and so their gradients)
+    grad_bytes: Optional[int] = None  # the gradients live between steps (this rank's shard)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -381,6 +382,15 @@ def cuda_rules_of(settings: StepSettings) -> Iterator[None]:
     if settings.target_device != "cuda":
         yield
         return
+    from .recompute import recomputed_under
+
+    # and in activation checkpointing's recomputation, where function modes are not active
+    with _cuda_modes(settings), recomputed_under(lambda: _cuda_modes(settings)):
+        yield
+
+
+@contextmanager
+def _cuda_modes(settings: StepSettings) -> Iterator[None]:
     from .cuda_attention import cuda_attention_policy
     from .cuda_autocast import cuda_autocast_policy
 
@@ -437,6 +447,7 @@ def _run_steps(task: Task, model: nn.Module, batch: Any, counter: LiveStorageCou
         on_optimizer=lambda: counter.enter_phase(Phase.OPTIMIZER),
         on_graph=counter.watch_graph,
     )
+    from .recompute import recomputed_under
     from .sharded import local_optimizer_steps
 
     x, y = batch
@@ -458,7 +469,7 @@ def _run_steps(task: Task, model: nn.Module, batch: Any, counter: LiveStorageCou
         start_bytes = counter.live_bytes
         kept = _module_storages(model)
         counter.start_step()
-        with LinearCalls(counter), counter:
+        with LinearCalls(counter), recomputed_under(lambda: LinearCalls(counter)), counter:
             train_step(model, optimizer, marked, x, y, **options)
     for handle in handles:
         handle.remove()
@@ -570,6 +581,7 @@ def step_peak(
         optimizer_state_bytes=storage_bytes(optimizer_state_tensors(optimizer)),
         batch_bytes=storage_bytes(tree_flatten(batch)[0]),
         start_bytes=start_bytes,
+        grad_bytes=storage_bytes(p.grad for p in model.parameters()),
         forward_peak_bytes=phase_peak_bytes[Phase.FORWARD],
         backward_peak_bytes=phase_peak_bytes[Phase.BACKWARD],
         optimizer_peak_bytes=phase_peak_bytes[Phase.OPTIMIZER],
