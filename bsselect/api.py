@@ -127,7 +127,8 @@ def _scan(task: "Task", mode: "InputMode", console: Any) -> "InputScan":
 
     by_values = value_shaped_ops()
     if console is None:
-        return scan_inputs(task.train_data, mode, by_values=by_values)
+        return scan_inputs(task.train_data, mode, by_values=by_values,
+                           collate_fn=task.collate_fn)
     from .run_options import scan
 
     return scan(task, mode, console, by_values=by_values)

@@ -29,8 +29,9 @@ SweepAccumulateOpt = Annotated[int, typer.Option(
          "then effective batches (what the optimizer sees, and what the lr is scaled for), "
          "each trained as N micro-batches of batch/N; the micro-batch is what must fit.")]
 InputsOpt = Annotated[str, typer.Option(
-    help="worst-case: measure batches of the largest items (by element count; one scan of "
-         "the dataset, at most 100,000 items); typical: random batches.")]
+    help="worst-case: measure batches of the largest items (by element count, text in its "
+         "collate_fn's tokens, the longest in each dimension first; one scan of the dataset, "
+         "at most 100,000 items); typical: random batches.")]
 
 
 ShardOpt = Annotated[Optional[str], typer.Option(
@@ -142,6 +143,7 @@ def scan(task: "Task", mode: "InputMode", console: Any, seed: int = 0,
     with bar:
         job = bar.add_task("finding the largest items", total=None)
         return scan_inputs(task.train_data, mode, seed=seed, by_values=by_values,
+                           collate_fn=task.collate_fn,
                            progress=lambda done, total: bar.update(job, completed=done,
                                                                    total=total))
 

@@ -20,6 +20,7 @@ from bsselect.memory.inputs import InputMode, item_elements, scan_inputs, typica
 from bsselect.memory.measured import run_two_steps
 from bsselect.memory.probe import Method, run_probe
 from bsselect.oom import is_oom_error
+from bsselect.step import make_batch
 
 CPU = torch.device("cpu")
 SIZES = [8, 16, 32, 64]
@@ -160,8 +161,6 @@ def test_tokens_per_sample_is_the_measured_batchs_padded_length(varlen_task):
     """Under --inputs typical the tokens per sample came from one random item (5 tokens where
     the measured batch was padded to 48: review); it is the measured batch's length now, and
     under worst-case inputs the longest item's, which every worst-case batch is padded to."""
-    from bsselect.step import make_batch
-
     task = variable_length()
     typical = json.loads(run_cli("check", varlen_task, "--batch-size", "64", "--memory", "1GiB",
                                  "--inputs", "typical", "--json").stdout)
@@ -171,3 +170,43 @@ def test_tokens_per_sample_is_the_measured_batchs_padded_length(varlen_task):
     worst = json.loads(run_cli("check", varlen_task, "--batch-size", "64", "--memory", "1GiB",
                                "--json").stdout)
     assert worst["tokens_per_sample"] == LONG
+
+
+def _real_fits(task, batch_size: int, cap: int, scan) -> bool:
+    """Whether a real CPU step on the scan's batch of ``batch_size`` peaks within ``cap``."""
+    return cpu_step_peak(task, batch_size, inputs=scan).peak_bytes <= cap
+
+
+def test_padding_per_dimension_puts_the_tallest_and_the_widest_item_in_the_worst_batch():
+    """Equal element counts (3x32x32, 3x8x128, 3x128x8) read as "worst-case = typical", and a
+    probe answered 365 where a batch holding the two odd images needs 4.5x the budget
+    (review). They lead the ranking now, and the answer fits a real step on them."""
+    from tasks.varlen_tasks import padded_images
+
+    task = padded_images()
+    scan = scan_inputs(task.train_data, collate_fn=task.collate_fn)
+    assert not scan.uniform and set(scan.ranked[:2]) == {500, 501}
+    assert "first the 2 item(s) longest in some dimension" in scan.how
+    x, _ = make_batch(task, 3, 0, scan)
+    assert tuple(x.shape) == (3, 3, 128, 128)
+    cap = 96 * 2**20
+    answer = probe(task, cap, scan).max_batch
+    assert _real_fits(task, answer, cap, scan)
+    assert not _real_fits(task, 2 * answer, cap, scan)
+
+
+def test_text_items_are_ranked_by_the_tokens_the_collate_fn_makes():
+    """Ranked by characters, 960 twelve-token texts of 250 characters came before 40
+    sixty-token texts of 119, and the answer was 4x what the worst batch fits (review)."""
+    from tasks.varlen_tasks import LONG_TEXT, raw_texts
+
+    task = raw_texts()
+    by_characters = scan_inputs(task.train_data)
+    assert by_characters.ranked[0] < LONG_TEXT  # what the scan did before
+    scan = scan_inputs(task.train_data, collate_fn=task.collate_fn)
+    assert scan.ranked[:40] == tuple(range(LONG_TEXT, LONG_TEXT + 40))
+    assert scan.largest_item_elements == 60 + 1 and "its tokens" in scan.how
+    cap = 16 * 2**20
+    answer = probe(task, cap, scan).max_batch
+    assert _real_fits(task, answer, cap, scan)
+    assert not _real_fits(task, probe(task, cap, by_characters).max_batch, cap, scan)

@@ -15,6 +15,7 @@ is kept (the answer is exactly what it was before worst-case inputs existed) and
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -37,22 +38,59 @@ class InputMode(str, Enum):
     typical = "typical"
 
 
-def item_elements(item: Any) -> int:
-    """Elements in one dataset item: tensor and array elements, characters of strings (a
-    collate_fn may tokenise them), images' pixels times bands, 1 per other scalar."""
-    total = 0
+Shape = tuple[int, ...]
+
+
+def item_shapes(item: Any) -> tuple[Shape, ...]:
+    """The shape of every leaf of one dataset item: tensors' and arrays' shapes, a string's
+    length, an image's (bands, height, width), () for any other scalar."""
+    shapes: list[Shape] = []
     for leaf in tree_flatten(item)[0]:
         if isinstance(leaf, torch.Tensor):
-            total += leaf.numel()
+            shapes.append(tuple(leaf.shape))
         elif isinstance(leaf, (str, bytes)):
-            total += len(leaf)
+            shapes.append((len(leaf),))
         elif hasattr(leaf, "getbands") and hasattr(leaf, "width"):  # a PIL image
-            total += leaf.width * leaf.height * len(leaf.getbands())
+            shapes.append((len(leaf.getbands()), leaf.height, leaf.width))
         elif hasattr(leaf, "size") and hasattr(leaf, "shape") and isinstance(leaf.size, int):
-            total += leaf.size  # a numpy array
+            shapes.append(tuple(int(d) for d in leaf.shape))  # a numpy array
         else:
-            total += 1
-    return total
+            shapes.append(())
+    return tuple(shapes)
+
+
+def _elements(shapes: tuple[Shape, ...]) -> int:
+    return sum(math.prod(s) for s in shapes)
+
+
+def item_elements(item: Any) -> int:
+    """Elements in one dataset item: tensor and array elements, characters of strings (a
+    collate_fn may tokenise them: ``scan_inputs`` then counts its tokens), images' pixels
+    times bands, 1 per other scalar."""
+    return _elements(item_shapes(item))
+
+
+def _has_text(item: Any) -> bool:
+    return any(isinstance(leaf, (str, bytes)) for leaf in tree_flatten(item)[0])
+
+
+def collated_shapes(collate_fn: Callable[[list], Any]) -> Callable[[Any], tuple[Shape, ...]]:
+    """``item_shapes`` of what ``collate_fn`` makes of the item alone, without the batch
+    dimension, for items holding text: a collate_fn that tokenises makes tokens of its
+    characters, and characters are not tokens (a 60-word text of 119 characters is 60
+    tokens, a 12-word one of 250 is 12: review)."""
+    def shapes(item: Any) -> tuple[Shape, ...]:
+        if not _has_text(item):
+            return item_shapes(item)
+        try:
+            out = collate_fn([item])
+        except Exception as exc:
+            raise TaskError(f"the task's collate_fn on one text item failed (the worst-case "
+                            f"scan counts a text item's tokens by collating it alone): "
+                            f"{one_line(exc)} (--inputs typical skips the scan)") from exc
+        return tuple(tuple(t.shape[1:]) if isinstance(t, torch.Tensor) and t.dim() else ()
+                     for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+    return shapes
 
 
 def _kind_of(data: Dataset) -> str:
@@ -125,9 +163,12 @@ def typical_inputs(data: Dataset) -> InputScan:
 
 def scan_inputs(data: Dataset, mode: InputMode = InputMode.worst_case, *, seed: int = 0,
                 max_items: int = MAX_SCAN_ITEMS, progress: Optional[Progress] = None,
-                by_values: Sequence[str] = ()) -> InputScan:
+                by_values: Sequence[str] = (),
+                collate_fn: Optional[Callable[[list], Any]] = None) -> InputScan:
     """The items memory batches are made of, for ``mode``: a pass over ``data`` (at most
-    ``max_items`` items, a seeded random sample beyond) ranking items by element count.
+    ``max_items`` items, a seeded random sample beyond) ranking items by element count,
+    after the items longest in each dimension (``_ranked``). Items holding text are
+    measured as ``collate_fn`` makes them (tokens, not characters).
     ``by_values``: the ops whose output shapes the batch's values decided in the simulated
     step (``values.value_shaped_ops``: ``h[mask]`` on a padding mask). Items of one size are
     then ranked by their nonzero integer and boolean elements (real tokens under a mask,
@@ -161,17 +202,50 @@ def scan_inputs(data: Dataset, mode: InputMode = InputMode.worst_case, *, seed: 
         return InputScan(mode, n, 0, True, size, float(size), how=how)
     start = time.perf_counter()
     order = sampled()
-    sizes = _sizes(data, order, progress)
+    size_of = item_shapes if collate_fn is None else collated_shapes(collate_fn)
+    shapes = _sizes(data, order, progress, size_of)
     elapsed = time.perf_counter() - start
+    sizes = [_elements(sh) for sh in shapes]
     largest, mid = max(sizes), median(sizes)
-    if largest == min(sizes):
+    text = ("; text measured as the collate_fn makes it (its tokens)"
+            if collate_fn is not None and n and _has_text(data[order[0]]) else "")
+    if all(sh == shapes[0] for sh in shapes):
         how = f"all {len(order):,} items scanned have {largest:,} elements"
         return by_nonzero(order, largest, float(mid), how, start) or InputScan(
             mode, n, len(order), True, largest, float(mid),
-            how=how + _sample_note(len(order), n), scan_s=elapsed)
-    ranked = tuple(i for _, i in sorted(zip(sizes, order), key=lambda si: (-si[0], si[1])))
-    how = f"{len(order):,} items scanned in {elapsed:.1f} s" + _sample_note(len(order), n)
+            how=how + text + _sample_note(len(order), n), scan_s=elapsed)
+    ranked, extremes = _ranked(shapes, sizes, order)
+    how = (f"{len(order):,} items scanned in {elapsed:.1f} s" + text
+           + (f"; first the {extremes} item(s) longest in some dimension: a collate_fn that "
+              "pads takes the whole batch to their extents" if extremes else "")
+           + _sample_note(len(order), n))
     return InputScan(mode, n, len(order), False, largest, float(mid), ranked, how, elapsed)
+
+
+def _ranked(shapes: list[tuple[Shape, ...]], sizes: list[int], order: list[int]
+            ) -> tuple[tuple[int, ...], int]:
+    """``order``'s items for worst-case batches, and how many lead it out of size order.
+
+    By element count (most first, ties by index), except that the items with the largest
+    extent in each dimension of each leaf come first, when every item has the same leaves of
+    the same ranks: a collate_fn that pads does so per dimension, so the worst batch holds
+    the tallest and the widest item (500 images of 32x32 with one of 8x128 and one of 128x8
+    have equal element counts, and a batch holding both is padded to 128x128: review)."""
+    by_size = sorted(range(len(order)), key=lambda k: (-sizes[k], order[k]))
+    ranks = [len(s) for s in shapes[0]]
+    extremes: set[int] = set()
+    if all([len(s) for s in sh] == ranks for sh in shapes):
+        for j, rank in enumerate(ranks):
+            for d in range(rank):
+                extents = [sh[j][d] for sh in shapes]
+                if min(extents) == max(extents):
+                    continue
+                extremes.add(min(range(len(order)),
+                                 key=lambda k: (-extents[k], -sizes[k], order[k])))
+    first = sorted(extremes, key=lambda k: (-sizes[k], order[k]))
+    lead = 0 if first == by_size[:len(first)] else len(first)
+    rest = [k for k in by_size if k not in extremes]
+    return tuple(order[k] for k in first + rest), lead
 
 
 def _by_values_note(how: str, ops: Sequence[str], scanned: int, total: int) -> str:
@@ -217,12 +291,14 @@ def _sample_note(scanned: int, total: int) -> str:
 
 
 def _sizes(data: Dataset, order: list[int], progress: Optional[Progress],
-           size_of: Callable[[Any], int] = item_elements) -> list[int]:
+           size_of: Callable[[Any], Any] = item_elements) -> list[Any]:
     sizes = []
     every = max(1, len(order) // 200)  # ~200 progress updates, whatever the size
     for j, i in enumerate(order):
         try:
             sizes.append(size_of(data[i]))
+        except TaskError:
+            raise
         except Exception as exc:
             raise TaskError(f"reading train_data[{i}] to find the largest items failed: "
                             f"{one_line(exc)} (--inputs typical skips the scan)") from exc
