@@ -121,6 +121,7 @@ def render_probe(result: Any) -> None:
         f"{result.max_batch}[/]{_tokens(result, result.max_batch)} · largest power of two "
         f"[bold green]{result.max_batch_pow2}[/]"
         + ("" if result.max_batch_exact else
+           f" ({result.max_batch_stop}; a larger batch may fit)" if result.max_batch_stop else
            f" (the search stopped after {len(result.confirmation)} real steps; a larger "
            "batch may fit)"))
     if result.exceeds_dataset:
@@ -286,7 +287,9 @@ def _check_lines(result: Any) -> tuple[str, str]:
             + _tokens(result, result.max_batch)
             + (f" (power of two: {result.max_batch_pow2})" if result.max_batch else "")
             + (f", checked by simulation: {', '.join(result.max_batch_checked)}"
-               if result.max_batch_checked else ""))
+               if result.max_batch_checked else "")
+            + (f" ({result.max_batch_stop}; a larger batch may fit)"
+               if getattr(result, "max_batch_stop", None) else ""))
     return head, tail
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import run_cli
+from torch import nn
 from tasks import seq_tasks
 
 from bsselect.errors import CannotSimulate
@@ -332,3 +334,40 @@ def test_an_lstm_checks_in_fp16_though_the_cpu_has_no_fp16_lstm():
     done = run_cli("check", f"{TASKS}:plain_lstm", "--precision", "fp16", "--batch-size", "8",
                    "--device-preset", "t4-16gb")
     assert done.returncode == 0, done.stderr
+
+
+def test_check_answers_when_a_larger_batch_cannot_be_simulated(monkeypatch):
+    """A packed GRU's lengths, (ids != 0).long().sum(1), are a real tensor only while that
+    int64 intermediate is under ``values.REAL_RESULT_MAX_BYTES``; past it the search for the
+    largest batch failed the whole check with a message that blamed the model's weights
+    (review). The check answers now, its largest batch a lower bound that names the limit."""
+    import bsselect
+    from bsselect.memory import values
+
+    monkeypatch.setattr(values, "REAL_RESULT_MAX_BYTES", 2**12)  # 512 int64s: b * T over it
+    gen = torch.Generator().manual_seed(0)
+    items = [(torch.randint(1, 20, (int(n),), generator=gen), int(n) % 2)
+             for n in torch.randint(4, 17, (256,), generator=gen)]
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.rnn, self.out = nn.Embedding(20, 8), nn.GRU(8, 8, batch_first=True), \
+                nn.Linear(8, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            lengths = (ids != 0).long().sum(1)
+            packed = nn.utils.rnn.pack_padded_sequence(self.emb(ids), lengths.cpu(),
+                                                       batch_first=True, enforce_sorted=False)
+            return self.out(self.rnn(packed)[1][-1])
+
+    def pad(batch):
+        xs, ys = zip(*batch)
+        return nn.utils.rnn.pad_sequence(list(xs), batch_first=True), torch.tensor(ys)
+
+    task = bsselect.Task(model=Packed, train_data=items, loss_fn=F.cross_entropy, collate_fn=pad)
+    result = bsselect.check(task, batch_size=8, memory="1GiB", target="same")
+    assert result.fits and not result.max_batch_exact
+    assert 8 <= result.max_batch <= 2**12 // 8 // 16 + 1  # T = 16: the last batch under it
+    assert "over the 4 KiB the simulation computes for real" in result.max_batch_stop
+    assert "aten._pack_padded_sequence" in result.max_batch_stop

@@ -193,3 +193,29 @@ def test_format_percent_never_rounds_a_margin_up_to_a_whole():
 
     assert [format_percent(x) for x in (0.2, 0.0, 0.125, 0.99999)] == [
         "20%", "0%", "12.5%", "99.999%"]
+
+
+class _CannotRun(Exception):
+    pass
+
+
+def test_refine_stops_below_a_batch_the_measure_cannot_run():
+    """check's search for the largest batch met a batch the simulation cannot run (a packed
+    GRU's lengths over the size it computes for real) and failed the whole check, exit 1,
+    though the batch asked about simulated (review). A ``stops`` error now ends the bracket
+    from above: the answer is a lower bound within 2x of the first batch that did not run,
+    and says why."""
+    def peak(b: int) -> int:
+        if b > 3000:
+            raise _CannotRun(f"batch {b} has no values")
+        return 1000 + 10 * b
+
+    result = refine_max_batch(peak, 10**9, [(8, peak(8)), (16, peak(16))], first_guess=10**8,
+                              max_jump=2**40, max_tries=96, stops=(_CannotRun,))
+    assert not result.exact and result.stop.startswith("batch ")
+    unrun = [s.batch_size for s in result.path if s.outcome == "unsimulated"]
+    assert unrun and result.batch_size <= 3000 < min(unrun) <= 2 * result.batch_size
+    assert all(s.outcome in ("ok", "unsimulated") for s in result.path)
+    with pytest.raises(_CannotRun):  # not a stop: raised as before
+        refine_max_batch(peak, 10**9, [(8, peak(8)), (16, peak(16))], first_guess=10**8,
+                         max_jump=2**40, max_tries=96)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DoesNotFitError, UsageError, parse_choice
+from ..errors import CannotSimulate, DoesNotFitError, UsageError, parse_choice
 from ..memory.capacity import (MAX_BATCH_SIZE, check_margin, fit_memory, largest_pow2_at_most,
                                usable_bytes)
 from ..memory.inputs import InputMode
@@ -92,6 +92,7 @@ class CheckResult:
     inputs_note: str = ""
     max_batch_checked: tuple[str, ...] = ()  # the simulations that checked max_batch
     max_batch_exact: bool = True  # False: the search stopped early; max_batch is a lower bound
+    max_batch_stop: str | None = None  # why, where a larger batch could not be simulated
     # Sharded runs and activation checkpointing (memory.sharded.ShardPlan.describe()); the
     # per-rank terms of the step's peak; what checkpointing saves at this batch size.
     sharding: str = ""
@@ -293,7 +294,8 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
     # The two-point line is only piecewise right: the largest batch that fits is checked by
     # simulating it where the line lands and refined inside a bracket, as the probe does.
     refined = refine_max_batch(required_at, usable, [(n, r) for n, (r, _) in req.items()],
-                               max(guess, 1), max_jump=2**40, max_tries=SIMULATED_TRIES)
+                               max(guess, 1), max_jump=2**40, max_tries=SIMULATED_TRIES,
+                               stops=(CannotSimulate,))
     best = refined.batch_size
     headroom = usable - required
     saves = None
@@ -309,7 +311,7 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
         headroom_bytes=headroom, headroom_pct=100.0 * headroom / usable,
         max_batch=best, max_batch_pow2=largest_pow2_at_most(best) if best else 0,
         max_batch_checked=tuple(f"{st.batch_size} {st.outcome}" for st in refined.path),
-        max_batch_exact=refined.exact,
+        max_batch_exact=refined.exact, max_batch_stop=refined.stop,
         peak_bytes=steps[b].peak_bytes, target=config.target.value,
         budget_source=config.budget_source, terms=tuple(terms),
         **step_fields(settings, inputs), optimizer_impl=steps[b].optimizer_impl,

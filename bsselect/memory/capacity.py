@@ -137,6 +137,7 @@ def largest_pow2_at_most(n: int) -> int:
 class SearchStep:
     batch_size: int
     outcome: str  # "ok" | "oom" (the device refused) | "over" (ran, but above the budget)
+    #               | "unsimulated" (the simulation cannot run this batch: RefineResult.stop)
     peak_bytes: int | None = None
 
 
@@ -147,6 +148,9 @@ class RefineResult:
     # The bracket closed (the next batch did not fit, or less than one sample's memory was
     # left); False: ``max_tries`` ran out first and ``batch_size`` is a checked lower bound.
     exact: bool = True
+    # Why a batch above ``batch_size`` could not be simulated (``stops``), in one line; the
+    # answer is then a lower bound.
+    stop: str | None = None
 
 SIMULATED_TRIES = 96  # simulations per search: enough to close any bracket below 2**40
 
@@ -154,6 +158,7 @@ SIMULATED_TRIES = 96  # simulations per search: enough to close any bracket belo
 def refine_max_batch(
     measure: Callable[[int], int], usable_bytes: float, known: Sequence[tuple[int, int]],
     first_guess: int, max_tries: int = 12, max_jump: int = 8, ceiling: int | None = None,
+    stops: tuple[type[BaseException], ...] = (),
 ) -> RefineResult:
     """The largest batch whose measured peak fits ``usable_bytes``, starting from the line's
     answer ``first_guess``.
@@ -166,7 +171,9 @@ def refine_max_batch(
     than one more sample's memory is left. ``measure(b)`` returns peak bytes or raises an
     out-of-memory error (any backend); ``known`` are the probe's already measured points.
     ``ceiling``: no batch above it is tried (real steps past the training set's size answer
-    nobody's question and can take minutes to collate).
+    nobody's question and can take minutes to collate). ``stops``: errors of ``measure``
+    that end the bracket from above like a batch that does not fit, and make the answer a
+    lower bound (a simulation that cannot run a batch far larger than the one asked about).
     """
     fits = sorted((b, p) for b, p in known if p <= usable_bytes)
     fail = min((b for b, p in known if p > usable_bytes), default=None)
@@ -180,12 +187,22 @@ def refine_max_batch(
     if guess is None:  # the line undershoots a probed batch that fitted: search from there
         guess = _next_guess(fits, usable_bytes, best, fail, max_jump)
     overs_in_a_row = 0
+    stop = None
     for _ in range(max_tries):
         if guess is None:
             break
         peak = None
         try:
             peak = measure(guess)
+        except stops as exc:
+            stop = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            path.append(SearchStep(guess, "unsimulated"))
+            fail = guess  # the bracket's upper end, as a batch that does not fit
+            # A lower bound within 2x of where the simulation stops is answer enough: each
+            # try at the edge costs a whole simulation.
+            guess = (None if best and fail <= 2 * best else
+                     _next_guess(sorted(fits), usable_bytes, best, fail, max_jump))
+            continue
         except Exception as exc:  # noqa: BLE001 - re-raised unless it is an OOM
             if not is_oom_error(exc):
                 raise
@@ -214,7 +231,7 @@ def refine_max_batch(
         guess = _next_guess(sorted(fits), usable_bytes, best, fail, max_jump,
                             ceiling if ceiling is not None and fail == ceiling + 1 else None,
                             between)
-    return RefineResult(best, tuple(path), exact=guess is None)
+    return RefineResult(best, tuple(path), exact=guess is None and stop is None, stop=stop)
 
 
 def _clamp(guess: int, best: int, fail: int | None, max_jump: int) -> int | None:

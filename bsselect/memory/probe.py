@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import distributed
 from ..device import Budget
-from ..errors import DoesNotFitError, UsageError
+from ..errors import CannotSimulate, DoesNotFitError, UsageError
 from ..oom import is_oom_error, release_memory
 from ..step import StepSettings, tokens_per_sample
 from ..task import Task
@@ -78,6 +78,9 @@ class ProbeResult:
     # False: the confirming search stopped (12 real steps) before the bracket closed, so
     # max_batch is the largest batch checked to fit, and a larger one may fit too.
     max_batch_exact: bool = True
+    # Why no larger batch was checked, where the simulation could not run one (the answer
+    # is then a lower bound): capacity.RefineResult.stop.
+    max_batch_stop: str | None = None
     sharding: str = ""                    # one rank of a sharded run (ShardPlan.describe())
     shard_ranks: int = 1                  # ranks the model is sharded over (FSDP2)
     tokens_per_sample: int | None = None  # a token batch's sequence length (LM tasks)
@@ -317,7 +320,7 @@ def run_probe(
                                   [(p.batch_size, p.required_bytes) for p in points], best,
                                   max_jump=8 if real_steps else 2**40,
                                   max_tries=12 if real_steps else SIMULATED_TRIES,
-                                  ceiling=ceiling)
+                                  ceiling=ceiling, stops=() if real_steps else (CannotSimulate,))
         confirmation = tuple(asdict(s) for s in result.path)
         # Stopped at the data's size, not at a batch that did not fit: memory allows at least
         # this much, how much more is not known.
@@ -345,7 +348,7 @@ def run_probe(
         **step_fields(settings, inputs), optimizer_impl=meter.extras.get("optimizer_impl"),
         parameter_dtype=meter.extras.get("parameter_dtype"), method_note=method_note, fit_max_error_pct=round(100 * fit.max_error_frac, 3),
         fit_max_error_batch=fit.max_error_batch, fit_raised_bytes=round(fit.raised_bytes),
-        max_batch_exact=exact, tokens_per_sample=tokens_per_sample(task, inputs, best),
+        max_batch_exact=exact, max_batch_stop=result.stop, tokens_per_sample=tokens_per_sample(task, inputs, best),
         sharding=settings.shard.describe() if settings.shard is not None else "",
         shard_ranks=settings.shard.world_size if settings.shard is not None
         and settings.shard.fsdp else 1,

@@ -161,6 +161,12 @@ _SHAPE_FROM_REAL_ARGS = {
 class RealWhereKnown(TorchDispatchMode):
     """Runs ops on all-real inputs for real when their result is small (see module doc)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # The first op on real inputs whose result was left fake for its size (op, bytes):
+        # what follows from it has no values, whatever it was computed from.
+        self.capped: tuple[str, int] | None = None
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         if func is aten.embedding.default:
@@ -199,6 +205,8 @@ class RealWhereKnown(TorchDispatchMode):
             if fake_out is None or _nbytes(fake_out) <= REAL_RESULT_MAX_BYTES:
                 with really():
                     return func(*args, **kwargs)
+            if self.capped is None:
+                self.capped = (_what_op(func), _nbytes(fake_out))
             return fake_out
         try:
             return func(*args, **kwargs)
@@ -207,7 +215,7 @@ class RealWhereKnown(TorchDispatchMode):
                 raise
             out = _shapes_from_real_inputs(func, args, kwargs)
             if out is NotImplemented:
-                raise DataDependentOp(_advice(func), _what(func)) from exc
+                raise DataDependentOp(_advice(func, self.capped), _what(func)) from exc
             _value_shaped(func)
             return out
 
@@ -316,11 +324,29 @@ def _what(func: Any) -> str:
     return f"the shape of aten.{name}'s output depends on a tensor's values"
 
 
-def _advice(func: Any) -> str:
+def _advice(func: Any, capped: tuple[str, int] | None = None) -> str:
+    if capped is not None:
+        # At a large batch a tensor computed from the batch's integer tensors alone is over
+        # the size the simulation computes for real: it was the limit, not the weights
+        # (review: a packed GRU's lengths, (ids != 0).long().sum(1), at b = 528,406).
+        op, nbytes = capped
+        from ..units import format_bytes
+
+        return (f"{_what(func)}, and at this batch size that tensor has no values: it "
+                f"follows from {op} on the batch's integer tensors, whose "
+                f"{format_bytes(nbytes)} result is over the "
+                f"{format_bytes(REAL_RESULT_MAX_BYTES)} the simulation "
+                "computes for real (or from the model's weights or the batch's floating-point "
+                "tensors); smaller batches simulate")
     return (f"{_what(func)}, and that tensor is computed from the model's weights or the "
-            "batch's floating-point tensors, whose values a simulation does not have (it has the batch's integer and boolean tensors "
-            "and what is computed from them alone); measure with real steps instead (`bsselect "
-            "probe --method measured`, on the target device for another device's answer), or "
-            "keep value-dependent branches on the batch's integer tensors")
+            "batch's floating-point tensors, whose values a simulation does not have (it has "
+            "the batch's integer and boolean tensors and what is computed from them alone); "
+            "measure with real steps instead (`bsselect probe --method measured`, on the "
+            "target device for another device's answer), or keep value-dependent branches on "
+            "the batch's integer tensors")
+
+
+def _what_op(func: Any) -> str:
+    return f"aten.{func.__name__.split('.')[0]}" if hasattr(func, "__name__") else str(func)
 
 
