@@ -59,7 +59,10 @@ def test_sweep_runs_on_the_hf_setup_with_the_models_own_loss(tmp_path):
 
 def test_from_trainer_takes_the_trainers_model_data_and_arguments(tmp_path):
     pytest.importorskip("accelerate")
-    task = hf_tasks.trainer_task()
+    # The Trainer's accumulation is the commands' to apply: said, not silently left out.
+    with pytest.warns(UserWarning, match=r"2 gradient-accumulation steps: probe and check "
+                                         r"answer for its step with accumulate=2"):
+        task = hf_tasks.trainer_task()
     assert task.lr == 3e-4 and task.base_batch_size == 4 * 2
     model = task.model()
     optimizer = task.make_optimizer(model.parameters(), task.lr)

@@ -9,6 +9,7 @@ L = pytest.importorskip("lightning")
 
 from bsselect.adapters.lightning import BatchSizeFromProbe  # noqa: E402
 from tasks.lightning_tasks import Blobs, Classifier  # noqa: E402
+import torch  # noqa: E402
 
 
 def test_the_trainer_trains_at_the_probed_batch_size(tmp_path):
@@ -74,3 +75,25 @@ def test_the_probe_does_not_set_the_datamodule_up_a_second_time(tmp_path):
 
     plain, with_probe = fit([]), fit([BatchSizeFromProbe(memory="4MiB")])
     assert with_probe == plain and plain[1] == 1
+
+
+def test_a_configure_optimizers_that_reads_the_trainer(tmp_path):
+    """``self.trainer.estimated_stepping_batches`` in configure_optimizers: from_lightning and
+    the callback raised "not attached to a Trainer" as a traceback (review). The callback
+    takes the optimizer the Trainer made; from_lightning says how, or takes it too."""
+    from bsselect import Task
+    from bsselect.errors import TaskError
+    from tasks.lightning_tasks import ScheduledClassifier
+
+    with pytest.raises(TaskError, match="optimizer=trainer.optimizers"):
+        Task.from_lightning(ScheduledClassifier(), Blobs(batch_size=24))
+    callback = BatchSizeFromProbe(memory="4MiB", margin=0.2)
+    trainer = L.Trainer(max_steps=2, callbacks=[callback], accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    module = ScheduledClassifier()
+    trainer.fit(module, datamodule=Blobs(batch_size=24))
+    assert callback.batch_size >= 1 and callback.result.max_batch >= 1
+    task = Task.from_lightning(module, Blobs(batch_size=24), optimizer=trainer.optimizers[0])
+    built = task.make_optimizer(task.model().parameters(), task.lr)
+    assert type(built) is torch.optim.AdamW and built.param_groups[0]["weight_decay"] == 0.01

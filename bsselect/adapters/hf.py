@@ -220,6 +220,7 @@ def from_trainer(trainer: Any) -> Any:
         kwargs = (getattr(args, "activation_checkpointing_kwargs", None)
                   or getattr(args, "gradient_checkpointing_kwargs", None))
         model = _checkpointing(_factory(model), kwargs)
+    _warn_run_settings(args)
     return from_hf(model, trainer.train_dataset, data_collator=trainer.data_collator,
                    eval_dataset=trainer.eval_dataset, lr=lr,
                    weight_decay=args.weight_decay, optimizer=optimizer,
@@ -228,6 +229,29 @@ def from_trainer(trainer: Any) -> Any:
 
 
 _ENABLE = ("activation_checkpointing_enable", "gradient_checkpointing_enable")  # new, old name
+
+
+def _warn_run_settings(args: Any) -> None:
+    """A warning naming the Trainer's precision and accumulation, which a Task does not hold
+    (the commands' ``--precision``/``--accumulate`` do): without them a probe answered for
+    an fp32 step of the whole batch, and said nothing (review)."""
+    precision = "bf16" if getattr(args, "bf16", False) else (
+        "fp16" if getattr(args, "fp16", False) else None)
+    steps = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+    if precision is None and steps == 1:
+        return
+    import warnings
+
+    said = " and ".join(x for x in (f"{precision} autocast" if precision else "",
+                                    f"{steps} gradient-accumulation steps" if steps > 1 else "")
+                        if x)
+    options = ", ".join(x for x in (f"precision='{precision}'" if precision else "",
+                                    f"accumulate={steps}" if steps > 1 else "") if x)
+    flags = " ".join(x for x in (f"--precision {precision}" if precision else "",
+                                 f"--accumulate {steps}" if steps > 1 else "") if x)
+    warnings.warn(f"the Trainer trains with {said}: probe and check answer for its step with "
+                  f"{options} ({flags}); the task alone is an fp32 step of the whole batch",
+                  stacklevel=3)
 
 
 def _checkpointing(build: Callable[[], nn.Module], kwargs: Any) -> Callable[[], nn.Module]:

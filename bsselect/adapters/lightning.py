@@ -103,11 +103,28 @@ def _optimizer_recipe(build: Callable[[], nn.Module]) -> OptimizerRecipe:
     of a module built on the meta device: nothing is allocated)."""
     with torch.device("meta"):
         module = build()
+    _check_automatic(module)
+    try:
+        made = module.configure_optimizers()
+    except Exception as exc:
+        from ..errors import one_line
+
+        # A scheduler sized by self.trainer.estimated_stepping_batches, as Lightning's docs
+        # suggest, raised "not attached to a Trainer" as a traceback (review).
+        raise TaskError(
+            f"configure_optimizers() failed on a module with no Trainer attached: "
+            f"{one_line(exc)}; from_lightning asks it for the optimizer outside any Trainer. "
+            "Pass the optimizer your Trainer made (from_lightning(module, ..., "
+            "optimizer=trainer.optimizers[0]), with the module instance it holds), or use "
+            "the BatchSizeFromProbe callback in trainer.fit, which does") from exc
+    return recipe_of(_optimizer_of(made), module)
+
+
+def _check_automatic(module: nn.Module) -> None:
     if not getattr(module, "automatic_optimization", True):
         raise TaskError("from_lightning does not support manual optimization "
                         "(automatic_optimization=False): bsselect trains on the loss "
                         "training_step returns, with one optimizer; write a Task for it instead")
-    return recipe_of(_optimizer_of(module.configure_optimizers()), module)
 
 
 def recipe_of(optimizer: torch.optim.Optimizer, module: nn.Module) -> OptimizerRecipe:
@@ -132,10 +149,13 @@ def _loader_parts(loader: Any) -> tuple[Any, Any, Optional[int]]:
 
 def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any = None,
                    val_dataloader: Any = None, lr: float | None = None,
-                   base_batch_size: int | None = None) -> Any:
+                   base_batch_size: int | None = None,
+                   optimizer: torch.optim.Optimizer | None = None) -> Any:
     """A ``bsselect.Task`` from a LightningModule and a LightningDataModule (or dataloaders):
     see the module's doc. ``lr`` and ``base_batch_size`` default to the optimizer's and the
-    train dataloader's."""
+    train dataloader's. ``optimizer``: the one a Trainer made for ``module`` (an instance;
+    ``trainer.optimizers[0]``), instead of asking ``configure_optimizers`` again, which may
+    need the Trainer (``self.trainer.estimated_stepping_batches``)."""
     from ..task import Task, same_freshness
 
     build = model_factory(module, "a LightningModule class, factory or instance")
@@ -153,7 +173,14 @@ def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any
         raise UsageError("from_lightning needs a datamodule or a train_dataloader")
     train, collate, loader_batch = _loader_parts(train_dataloader)
     val = _loader_parts(val_dataloader)[0] if val_dataloader is not None else None
-    recipe = _optimizer_recipe(build)
+    if optimizer is None:
+        recipe = _optimizer_recipe(build)
+    elif not isinstance(module, nn.Module):
+        raise UsageError("from_lightning(optimizer=...) needs the module instance whose "
+                         "parameters the optimizer holds, not a class or factory")
+    else:
+        _check_automatic(module)
+        recipe = recipe_of(optimizer, module)
     collate = collate or torch.utils.data.default_collate
     return Task(model=same_freshness(build, lambda: StepModule(build())), train_data=train,
                 val_data=val,
@@ -204,7 +231,11 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
             # Lightning ran prepare_data and setup("fit") before on_fit_start: the loader of
             # the DataModule as set up, not a second setup (a seeded random_split in it would
             # draw another split).
-            task = from_lightning(pl_module, train_dataloader=datamodule.train_dataloader())
+            # The optimizer the Trainer made (its configure_optimizers may read self.trainer,
+            # which a copy of the module has none of).
+            optimizers = list(getattr(trainer, "optimizers", None) or ())
+            task = from_lightning(pl_module, train_dataloader=datamodule.train_dataloader(),
+                                  optimizer=optimizers[0] if optimizers else None)
             options = dict(probe_options)
             # The run's own step: the Trainer's mixed precision and gradient accumulation
             # (the batch attribute is the micro-batch each accumulation step loads).

@@ -91,3 +91,16 @@ def fit_and_save(module: L.LightningModule, data: L.LightningDataModule, steps: 
     trainer.fit(module, data)
     trainer.save_checkpoint(path)
     return trainer
+
+
+class ScheduledClassifier(Classifier):
+    """A scheduler sized by the Trainer, as Lightning's docs suggest: configure_optimizers
+    reads ``self.trainer``, which a module outside ``fit`` does not have."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.01)
+        steps = self.trainer.estimated_stepping_batches
+        return {"optimizer": optimizer, "lr_scheduler": {
+            "scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2,
+                                                             total_steps=steps),
+            "interval": "step"}}
