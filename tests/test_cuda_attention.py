@@ -120,19 +120,25 @@ class Checkpointed(nn.Module):
     """The attention block under activation checkpointing, as a user's model or
     ``--activation-checkpointing`` runs it: recomputed in the backward."""
 
-    def __init__(self, dropout: float, reentrant: bool) -> None:
+    def __init__(self, dropout: float, kind: str) -> None:
         super().__init__()
-        self.inner, self.reentrant = Attention(H, dropout), reentrant
+        self.inner, self.kind = Attention(H, dropout), kind
         self.pre = nn.Linear(D, D)  # a reentrant checkpoint needs an input that needs grad
+        if kind == "composable":
+            from torch.distributed._composable import checkpoint
+
+            checkpoint(self.inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from torch.utils.checkpoint import checkpoint
 
-        return checkpoint(self.inner, self.pre(x), use_reentrant=self.reentrant)
+        if self.kind == "composable":
+            return self.inner(self.pre(x))
+        return checkpoint(self.inner, self.pre(x), use_reentrant=self.kind == "reentrant")
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_the_recomputation_runs_cuda_attention_too(reentrant):
+@pytest.mark.parametrize("kind", ["non-reentrant", "reentrant", "composable"])
+def test_the_recomputation_runs_cuda_attention_too(kind):
     """Function modes are not active in the backward, where checkpointing recomputes: the
     recomputation ran the CPU's math attention where the forward had run CUDA's flash, and
     non-reentrant checkpointing failed the step on the mismatch (review: GPT-2 with
@@ -142,7 +148,7 @@ def test_the_recomputation_runs_cuda_attention_too(reentrant):
     data = TensorDataset(torch.randn(64, T, D, generator=g), torch.randn(64, T, D, generator=g))
 
     def per_sample_checkpointed(dropout: float) -> float:
-        task = Task(model=lambda: Checkpointed(dropout, reentrant), train_data=data,
+        task = Task(model=lambda: Checkpointed(dropout, kind), train_data=data,
                     loss_fn=F.mse_loss, optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr))
         settings = StepSettings(precision=Precision.bf16, target_device="cuda")
         peaks = [simulate_step_peak(task, b, kernel_workspace=False,

@@ -371,3 +371,9 @@ def test_check_answers_when_a_larger_batch_cannot_be_simulated(monkeypatch):
     assert 8 <= result.max_batch <= 2**12 // 8 // 16 + 1  # T = 16: the last batch under it
     assert "over the 4 KiB the simulation computes for real" in result.max_batch_stop
     assert "aten._pack_padded_sequence" in result.max_batch_stop
+    # The line's second point above the batch (2 x 8 for a batch under 16) cannot run either
+    monkeypatch.setattr(values, "REAL_RESULT_MAX_BYTES", 2**9)  # 64 int64s: b <= 4 runs
+    for b in (1, 4):
+        small = bsselect.check(task, batch_size=b, memory="1GiB", target="same")
+        assert small.fits and not small.max_batch_exact and b <= small.max_batch <= 4
+        assert "the simulation computes for real" in small.max_batch_stop

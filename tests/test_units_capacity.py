@@ -219,3 +219,17 @@ def test_refine_stops_below_a_batch_the_measure_cannot_run():
     with pytest.raises(_CannotRun):  # not a stop: raised as before
         refine_max_batch(peak, 10**9, [(8, peak(8)), (16, peak(16))], first_guess=10**8,
                          max_jump=2**40, max_tries=96)
+
+
+def test_a_search_that_closes_below_an_unsimulated_batch_is_exact():
+    """5000 could not run, 700 fits and 701 is over: the bracket closed on a batch that ran,
+    so 700 is the answer, not a lower bound (review)."""
+    def peak(b: int) -> int:
+        if b > 3000:
+            raise _CannotRun("no values")
+        return 10 * b
+
+    result = refine_max_batch(peak, 7005, [(8, 80), (16, 160)], first_guess=5000,
+                              max_jump=2**40, max_tries=96, stops=(_CannotRun,))
+    assert result.batch_size == 700 and result.exact and result.stop is None
+    assert result.path[0].outcome == "unsimulated"

@@ -185,8 +185,8 @@ def test_padding_per_dimension_puts_the_tallest_and_the_widest_item_in_the_worst
 
     task = padded_images()
     scan = scan_inputs(task.train_data, collate_fn=task.collate_fn)
-    assert not scan.uniform and set(scan.ranked[:2]) == {500, 501}
-    assert "first the 2 item(s) longest in some dimension" in scan.how
+    assert not scan.uniform and set(scan.ranked[1:3]) == {500, 501}
+    assert "after the largest, the 2 item(s) longest in some dimension" in scan.how
     x, _ = make_batch(task, 3, 0, scan)
     assert tuple(x.shape) == (3, 3, 128, 128)
     cap = 96 * 2**20
@@ -210,3 +210,77 @@ def test_text_items_are_ranked_by_the_tokens_the_collate_fn_makes():
     answer = probe(task, cap, scan).max_batch
     assert _real_fits(task, answer, cap, scan)
     assert not _real_fits(task, probe(task, cap, by_characters).max_batch, cap, scan)
+
+
+def test_the_largest_item_stays_first_before_the_padding_extremes():
+    """300 images of 96x96 and two strips (8x160, 160x8): the extremes led the ranking, so
+    the worst batch of 1 was a strip and check said a batch of 1 fits where one square image
+    does not (review). The largest item is first; then the strips."""
+    from tasks.varlen_tasks import pad_images
+
+    class Squares(torch.utils.data.Dataset):
+        shapes = [(96, 96)] * 300 + [(8, 160), (160, 8)]
+
+        def __len__(self):
+            return len(self.shapes)
+
+        def __getitem__(self, i):
+            return torch.zeros(3, *self.shapes[i]), 0
+
+    scan = scan_inputs(Squares(), collate_fn=pad_images)
+    assert scan.ranked[0] < 300 and set(scan.ranked[1:3]) == {300, 301}
+    assert tuple(make_batch_of(Squares(), scan, 1).shape) == (1, 3, 96, 96)
+    assert tuple(make_batch_of(Squares(), scan, 2).shape[2:]) in {(96, 160), (160, 96)}
+    assert tuple(make_batch_of(Squares(), scan, 3).shape[2:]) == (160, 160)
+
+
+def make_batch_of(data, scan, b: int) -> torch.Tensor:
+    from tasks.varlen_tasks import pad_images
+
+    return pad_images([data[i] for i in scan.indices(b)])[0]
+
+
+class _Encoding(__import__("collections").UserDict):
+    """What a tokenizer returns (transformers.BatchEncoding is a UserDict)."""
+
+
+def _word_ids(texts):
+    return [[len(w) for w in t.split()] for t in texts]
+
+
+def _padded(ids):
+    out = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+    for i, row in enumerate(ids):
+        out[i, :len(row)] = torch.tensor(row)
+    return out
+
+
+TEXTS_LONG_LAST = ["aaaaaaaaaaaaaaaaaaaa " * 12] * 300 + ["a " * 60] * 3  # 12 vs 60 tokens
+
+
+@pytest.mark.parametrize("collate, note", [
+    # a BatchEncoding: a mapping pytree takes for one leaf (every item was "1 element")
+    (lambda texts: (_Encoding(input_ids=_padded(_word_ids(texts))), torch.zeros(len(texts))),
+     "its tokens"),
+    # one tensor per item, no batch dimension
+    (lambda texts: [torch.tensor(ids) for ids in _word_ids(texts)], "its tokens"),
+])
+def test_text_collated_into_a_mapping_or_a_list_is_still_counted_in_tokens(collate, note):
+    """Both made every text item alone look one size, and worst-case inputs fell back to
+    random batches: 2.6 MiB simulated where the batch with the long texts needs 38.7 MiB
+    (review)."""
+    scan = scan_inputs(TEXTS_LONG_LAST, collate_fn=collate)
+    assert not scan.uniform and set(scan.ranked[:3]) == {300, 301, 302}, scan.how
+    assert note in scan.how
+
+
+def test_a_collate_fn_that_cannot_take_one_item_ranks_text_by_characters():
+    """A pairing collate (contrastive pairs) fails on one item: the scan failed the
+    command (review); it ranks by characters, as before, and says why."""
+    def pairs(texts):
+        assert len(texts) % 2 == 0, "pairs"
+        return _padded(_word_ids(texts))
+
+    scan = scan_inputs(TEXTS_LONG_LAST, collate_fn=pairs)
+    assert "text ranked by characters: the collate_fn cannot take one item alone" in scan.how
+    assert scan.ranked[0] < 300  # the longest in characters

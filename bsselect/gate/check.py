@@ -272,19 +272,33 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
     settings = StepSettings(config.precision, config.accumulate,
                             None if config.target is Target.same else config.target.value,
                             shard=config.shard)
-    steps = {n: simulate_step_peak(task, n, kernel_workspace=scratch, settings=settings,
-                                   inputs=inputs) for n in sorted({b, other})}
+    steps = {b: simulate_step_peak(task, b, kernel_workspace=scratch, settings=settings,
+                                   inputs=inputs)}
+    # The line's second point; above b it may be a batch the simulation cannot run (the
+    # answer for b stands: review), then one below b.
+    unrun = None
+    for n in [other] + ([b // 2] if other > b and b >= 2 else []):
+        try:
+            steps[n] = simulate_step_peak(task, n, kernel_workspace=scratch,
+                                          settings=settings, inputs=inputs)
+            break
+        except CannotSimulate as exc:
+            unrun = (n, str(exc).splitlines()[0])
     req = {n: _required(s.peak_bytes, s.rounded_peak_bytes, config, uses_cudnn)
            for n, s in steps.items()}
     required, terms = req[b]
     usable = int(usable_bytes(config.budget_bytes, config.margin))
-    fit = fit_memory([(n, r) for n, (r, _) in req.items()], min_batch=1)
-    from ..memory.capacity import SIMULATED_TRIES, refine_max_batch, solve_max_batch
+    from ..memory.capacity import (SIMULATED_TRIES, RefineResult, SearchStep, refine_max_batch,
+                                   solve_max_batch)
 
-    try:
-        guess = solve_max_batch(config.budget_bytes, config.margin, fit)
-    except DoesNotFitError:
-        guess = 0
+    guess = 0
+    if len(steps) > 1:
+        try:
+            guess = solve_max_batch(config.budget_bytes, config.margin,
+                                    fit_memory([(n, r) for n, (r, _) in req.items()],
+                                               min_batch=1))
+        except DoesNotFitError:
+            pass
 
     def required_at(n: int) -> int:
         step = simulate_step_peak(task, n, kernel_workspace=scratch, settings=settings,
@@ -293,9 +307,15 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
 
     # The two-point line is only piecewise right: the largest batch that fits is checked by
     # simulating it where the line lands and refined inside a bracket, as the probe does.
-    refined = refine_max_batch(required_at, usable, [(n, r) for n, (r, _) in req.items()],
-                               max(guess, 1), max_jump=2**40, max_tries=SIMULATED_TRIES,
-                               stops=(CannotSimulate,))
+    if len(steps) > 1:
+        refined = refine_max_batch(required_at, usable, [(n, r) for n, (r, _) in req.items()],
+                                   max(guess, 1), max_jump=2**40, max_tries=SIMULATED_TRIES,
+                                   stops=(CannotSimulate,))
+    else:  # no line: the batch asked about is all that is known
+        assert unrun is not None
+        fits = required <= usable
+        refined = RefineResult(b if fits else 0, (SearchStep(unrun[0], "unsimulated"),),
+                               exact=not fits, stop=unrun[1] if fits else None)
     best = refined.batch_size
     headroom = usable - required
     saves = None

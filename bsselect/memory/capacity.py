@@ -187,7 +187,7 @@ def refine_max_batch(
     if guess is None:  # the line undershoots a probed batch that fitted: search from there
         guess = _next_guess(fits, usable_bytes, best, fail, max_jump)
     overs_in_a_row = 0
-    stop = None
+    stop, unsimulated = None, False  # unsimulated: the bracket's upper end could not run
     for _ in range(max_tries):
         if guess is None:
             break
@@ -197,7 +197,7 @@ def refine_max_batch(
         except stops as exc:
             stop = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             path.append(SearchStep(guess, "unsimulated"))
-            fail = guess  # the bracket's upper end, as a batch that does not fit
+            fail, unsimulated = guess, True  # the bracket's upper end, as if over
             # A lower bound within 2x of where the simulation stops is answer enough: each
             # try at the edge costs a whole simulation.
             guess = (None if best and fail <= 2 * best else
@@ -211,7 +211,7 @@ def refine_max_batch(
             # hold the failed step's tensors.
             release_memory()
             path.append(SearchStep(guess, "oom"))
-            fail = guess
+            fail, unsimulated = guess, False
             overs_in_a_row += 1
         else:
             fitted = peak <= usable_bytes
@@ -221,7 +221,7 @@ def refine_max_batch(
                 best = guess
                 overs_in_a_row = 0
             else:
-                fail = guess
+                fail, unsimulated = guess, False
                 overs_in_a_row += 1
         # Just over the budget with a measured peak: interpolate inside the bracket (the
         # peak between the largest fitting batch and this one is nearly a line); twice over
@@ -231,7 +231,9 @@ def refine_max_batch(
         guess = _next_guess(sorted(fits), usable_bytes, best, fail, max_jump,
                             ceiling if ceiling is not None and fail == ceiling + 1 else None,
                             between)
-    return RefineResult(best, tuple(path), exact=guess is None and stop is None, stop=stop)
+    # Closed next to a batch that ran and did not fit: exact, whatever stopped above it.
+    return RefineResult(best, tuple(path), exact=guess is None and not unsimulated,
+                        stop=stop if unsimulated else None)
 
 
 def _clamp(guess: int, best: int, fail: int | None, max_jump: int) -> int | None:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from statistics import median
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from torch.utils._pytree import tree_flatten
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..errors import TaskError, one_line
@@ -41,11 +41,22 @@ class InputMode(str, Enum):
 Shape = tuple[int, ...]
 
 
+def _leaves(obj: Any) -> list[Any]:
+    """The leaves of an item or a collated batch: inside lists, tuples and every mapping
+    (a ``transformers.BatchEncoding`` is a UserDict, which pytree takes for one leaf: the
+    token tensors inside it went unseen, review)."""
+    if isinstance(obj, Mapping):
+        return [leaf for value in obj.values() for leaf in _leaves(value)]
+    if isinstance(obj, (list, tuple)):
+        return [leaf for value in obj for leaf in _leaves(value)]
+    return [obj]
+
+
 def item_shapes(item: Any) -> tuple[Shape, ...]:
     """The shape of every leaf of one dataset item: tensors' and arrays' shapes, a string's
     length, an image's (bands, height, width), () for any other scalar."""
     shapes: list[Shape] = []
-    for leaf in tree_flatten(item)[0]:
+    for leaf in _leaves(item):
         if isinstance(leaf, torch.Tensor):
             shapes.append(tuple(leaf.shape))
         elif isinstance(leaf, (str, bytes)):
@@ -71,25 +82,27 @@ def item_elements(item: Any) -> int:
 
 
 def _has_text(item: Any) -> bool:
-    return any(isinstance(leaf, (str, bytes)) for leaf in tree_flatten(item)[0])
+    return any(isinstance(leaf, (str, bytes)) for leaf in _leaves(item))
+
+
+class _CollateFailed(Exception):
+    """The collate_fn could not take one item alone (a pairing collate, say)."""
 
 
 def collated_shapes(collate_fn: Callable[[list], Any]) -> Callable[[Any], tuple[Shape, ...]]:
-    """``item_shapes`` of what ``collate_fn`` makes of the item alone, without the batch
-    dimension, for items holding text: a collate_fn that tokenises makes tokens of its
-    characters, and characters are not tokens (a 60-word text of 119 characters is 60
-    tokens, a 12-word one of 250 is 12: review)."""
+    """``item_shapes`` of what ``collate_fn`` makes of the item alone (without a leading
+    batch dimension of 1), for items holding text: a collate_fn that tokenises makes tokens
+    of its characters, and characters are not tokens (a 60-word text of 119 characters is 60
+    tokens, a 12-word one of 250 is 12: review). ``_CollateFailed`` when it cannot."""
     def shapes(item: Any) -> tuple[Shape, ...]:
         if not _has_text(item):
             return item_shapes(item)
         try:
             out = collate_fn([item])
-        except Exception as exc:
-            raise TaskError(f"the task's collate_fn on one text item failed (the worst-case "
-                            f"scan counts a text item's tokens by collating it alone): "
-                            f"{one_line(exc)} (--inputs typical skips the scan)") from exc
-        return tuple(tuple(t.shape[1:]) if isinstance(t, torch.Tensor) and t.dim() else ()
-                     for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        except Exception as exc:  # noqa: BLE001 - the scan falls back to characters
+            raise _CollateFailed(one_line(exc)) from exc
+        return tuple(tuple(t.shape[1:]) if t.dim() and t.shape[0] == 1 else tuple(t.shape)
+                     for t in _leaves(out) if isinstance(t, torch.Tensor))
     return shapes
 
 
@@ -177,9 +190,9 @@ def scan_inputs(data: Dataset, mode: InputMode = InputMode.worst_case, *, seed: 
     if mode is InputMode.typical:
         return typical_inputs(data)
 
-    def sampled() -> list[int]:
-        return (list(range(n)) if n <= max_items else torch.randperm(
-            n, generator=torch.Generator().manual_seed(seed))[:max_items].tolist())
+    def sampled(limit: int = max_items) -> list[int]:
+        return (list(range(n)) if n <= limit else torch.randperm(
+            n, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
 
     def by_nonzero(order: list[int], largest: int, mid: float, how: str,
                    start: float) -> Optional[InputScan]:
@@ -202,13 +215,12 @@ def scan_inputs(data: Dataset, mode: InputMode = InputMode.worst_case, *, seed: 
         return InputScan(mode, n, 0, True, size, float(size), how=how)
     start = time.perf_counter()
     order = sampled()
-    size_of = item_shapes if collate_fn is None else collated_shapes(collate_fn)
-    shapes = _sizes(data, order, progress, size_of)
+    shapes, text, order = _text_shapes(data, order, collate_fn, progress, sampled)
+    if shapes is None:
+        shapes = _sizes(data, order, progress, item_shapes)
     elapsed = time.perf_counter() - start
     sizes = [_elements(sh) for sh in shapes]
     largest, mid = max(sizes), median(sizes)
-    text = ("; text measured as the collate_fn makes it (its tokens)"
-            if collate_fn is not None and n and _has_text(data[order[0]]) else "")
     if all(sh == shapes[0] for sh in shapes):
         how = f"all {len(order):,} items scanned have {largest:,} elements"
         return by_nonzero(order, largest, float(mid), how, start) or InputScan(
@@ -216,35 +228,76 @@ def scan_inputs(data: Dataset, mode: InputMode = InputMode.worst_case, *, seed: 
             how=how + text + _sample_note(len(order), n), scan_s=elapsed)
     ranked, extremes = _ranked(shapes, sizes, order)
     how = (f"{len(order):,} items scanned in {elapsed:.1f} s" + text
-           + (f"; first the {extremes} item(s) longest in some dimension: a collate_fn that "
-              "pads takes the whole batch to their extents" if extremes else "")
+           + (f"; after the largest, the {extremes} item(s) longest in some dimension: a "
+              "collate_fn that pads takes the whole batch to their extents" if extremes else "")
            + _sample_note(len(order), n))
     return InputScan(mode, n, len(order), False, largest, float(mid), ranked, how, elapsed)
+
+
+COLLATE_SCAN_S = 30.0  # the most the per-item collation of text items may take
+
+
+def _text_shapes(data: Dataset, order: list[int], collate_fn: Optional[Callable[[list], Any]],
+                 progress: Optional[Progress], sampled: Callable[[int], list[int]]
+                 ) -> tuple[Optional[list[tuple[Shape, ...]]], str, list[int]]:
+    """For items holding text and a collate_fn: the shapes of each item collated alone,
+    the note that says so, and the items scanned (fewer, a random sample, when collating
+    them all would take over ``COLLATE_SCAN_S``). None (and a note why) where the raw
+    shapes, characters for text, are the better ranking: the collate_fn cannot take one
+    item, or it makes every item alone one shape (a BatchEncoding unseen, a list per item)
+    while the characters differ — a fixed-length tokenizer makes every real batch one size
+    too, so ranking by characters then costs nothing."""
+    if collate_fn is None or not order or not _has_text(data[order[0]]):
+        return None, "", order
+    size_of = collated_shapes(collate_fn)
+    try:
+        tick = time.perf_counter()
+        first = [size_of(data[i]) for i in order[:16]]
+        per_item = (time.perf_counter() - tick) / len(first)
+        limit = max(len(first), int(COLLATE_SCAN_S / max(per_item, 1e-9)))
+        if limit < len(order):
+            order = sampled(limit)
+        shapes = _sizes(data, order, progress, size_of)
+    except _CollateFailed as exc:
+        return None, (f"; text ranked by characters: the collate_fn cannot take one item "
+                      f"alone ({exc})"), order
+    if all(sh == shapes[0] for sh in shapes) and len(
+            {item_shapes(data[i]) for i in order[:4096]}) > 1:
+        return None, ("; text ranked by characters: the collate_fn makes every item alone "
+                      "one shape"), order
+    return shapes, "; text measured as the collate_fn makes it (its tokens)", order
 
 
 def _ranked(shapes: list[tuple[Shape, ...]], sizes: list[int], order: list[int]
             ) -> tuple[tuple[int, ...], int]:
     """``order``'s items for worst-case batches, and how many lead it out of size order.
 
-    By element count (most first, ties by index), except that the items with the largest
-    extent in each dimension of each leaf come first, when every item has the same leaves of
-    the same ranks: a collate_fn that pads does so per dimension, so the worst batch holds
-    the tallest and the widest item (500 images of 32x32 with one of 8x128 and one of 128x8
-    have equal element counts, and a batch holding both is padded to 128x128: review)."""
+    By element count (most first, ties by index), except that where every item has the same
+    leaves of the same ranks, the first items are chosen greedily for the padded batch they
+    make: the largest item, then each time the one that pads the batch so far the most, until
+    every dimension is at its longest. A collate_fn that pads does so per dimension, so the
+    worst batch holds the tallest and the widest item (500 images of 32x32 with one of 8x128
+    and one of 128x8 have equal element counts, and a batch holding both is padded to
+    128x128: review); and the largest item stays first, the worst batch of one."""
     by_size = sorted(range(len(order)), key=lambda k: (-sizes[k], order[k]))
     ranks = [len(s) for s in shapes[0]]
-    extremes: set[int] = set()
+    first: list[int] = by_size[:1]
     if all([len(s) for s in sh] == ranks for sh in shapes):
-        for j, rank in enumerate(ranks):
-            for d in range(rank):
-                extents = [sh[j][d] for sh in shapes]
-                if min(extents) == max(extents):
-                    continue
-                extremes.add(min(range(len(order)),
-                                 key=lambda k: (-extents[k], -sizes[k], order[k])))
-    first = sorted(extremes, key=lambda k: (-sizes[k], order[k]))
-    lead = 0 if first == by_size[:len(first)] else len(first)
-    rest = [k for k in by_size if k not in extremes]
+        longest = [[max(sh[j][d] for sh in shapes) for d in range(r)] for j, r in
+                   enumerate(ranks)]
+        reach = [list(shapes[first[0]][j]) for j in range(len(ranks))]
+        while reach != longest:
+            def padded(k: int) -> int:
+                return sum(math.prod(max(a, b) for a, b in zip(reach[j], shapes[k][j]))
+                           for j in range(len(ranks)))
+            best = min((k for k in range(len(order)) if k not in first),
+                       key=lambda k: (-padded(k), -sizes[k], order[k]))
+            first.append(best)
+            reach = [[max(a, b) for a, b in zip(reach[j], shapes[best][j])]
+                     for j in range(len(ranks))]
+    lead = 0 if first == by_size[:len(first)] else len(first) - 1
+    chosen = set(first)
+    rest = [k for k in by_size if k not in chosen]
     return tuple(order[k] for k in first + rest), lead
 
 
@@ -257,7 +310,7 @@ def _by_values_note(how: str, ops: Sequence[str], scanned: int, total: int) -> s
 
 def _nonzero_counts(item: Any) -> int:
     """Nonzero elements of an item's integer and boolean tensors."""
-    return sum(int(torch.count_nonzero(t)) for t in tree_flatten(item)[0]
+    return sum(int(torch.count_nonzero(t)) for t in _leaves(item)
                if isinstance(t, torch.Tensor) and not t.dtype.is_floating_point
                and not t.dtype.is_complex)
 

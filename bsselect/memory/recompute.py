@@ -10,8 +10,9 @@ different metadata" (review), and where they save the same the recomputation was
 the CPU's rules. Inside ``recomputed_under(make)``, both kinds of checkpoint enter ``make()``
 around their recomputation:
 
-- non-reentrant (``use_reentrant=False``, ``checkpoint_wrapper``'s default): through the
-  recomputation context of ``context_fn``, entered before the caller's own;
+- non-reentrant (``use_reentrant=False``, ``checkpoint_wrapper``'s default, and the
+  composable ``torch.distributed._composable.checkpoint``): through the recomputation
+  context of ``context_fn``, entered before the caller's own;
 - reentrant (``use_reentrant=True``): around ``CheckpointFunction.backward``, which
   recomputes the forward and runs its backward.
 
@@ -20,12 +21,15 @@ Nested calls enter their contexts in the order they were entered, as in the forw
 
 from __future__ import annotations
 
+import sys
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, ContextManager, Iterator
 
 import torch.utils.checkpoint as _checkpoint
 
 _FACTORIES: list[Callable[[], ContextManager[Any]]] = []
+_GENERATOR = "_checkpoint_without_reentrant_generator"
+_COMPOSABLE = "torch.distributed._composable.checkpoint_activation"
 
 
 @contextmanager
@@ -50,6 +54,9 @@ def recomputed_under(make: Callable[[], ContextManager[Any]]) -> Iterator[None]:
     if first:
         generator = _checkpoint._checkpoint_without_reentrant_generator
         backward = _checkpoint.CheckpointFunction.backward
+        # The composable ``checkpoint(module)`` imported the generator by name (review).
+        holders = [m for m in (_checkpoint, sys.modules.get(_COMPOSABLE))
+                   if m is not None and getattr(m, _GENERATOR, None) is generator]
 
         def with_modes(fn: Any, preserve_rng_state: bool = True,
                        context_fn: Any = _checkpoint.noop_context_fn, *args: Any,
@@ -63,7 +70,8 @@ def recomputed_under(make: Callable[[], ContextManager[Any]]) -> Iterator[None]:
             with _all_modes():
                 return backward(ctx, *grads)
 
-        _checkpoint._checkpoint_without_reentrant_generator = with_modes
+        for module in holders:
+            setattr(module, _GENERATOR, with_modes)
         _checkpoint.CheckpointFunction.backward = staticmethod(backward_with_modes)
     _FACTORIES.append(make)
     try:
@@ -71,5 +79,6 @@ def recomputed_under(make: Callable[[], ContextManager[Any]]) -> Iterator[None]:
     finally:
         _FACTORIES.pop()
         if first:
-            _checkpoint._checkpoint_without_reentrant_generator = generator
+            for module in holders:
+                setattr(module, _GENERATOR, generator)
             _checkpoint.CheckpointFunction.backward = staticmethod(backward)
