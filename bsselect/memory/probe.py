@@ -301,6 +301,7 @@ def run_probe(
     confirmation: tuple[dict, ...] = ()
     checked_peaks: dict[int, int] = {}
     exact = not confirm  # unconfirmed: the line's answer, as exact as the line
+    stop = None  # why a larger batch could not be simulated (the answer a lower bound)
     if confirm:
         # The line is only piecewise right (the peak moves between phases as b grows), so
         # the answer is checked where it lands: real steps when measured, a simulation (as
@@ -325,6 +326,7 @@ def run_probe(
         # Stopped at the data's size, not at a batch that did not fit: memory allows at least
         # this much, how much more is not known.
         exact = result.exact and not (ceiling is not None and result.batch_size >= ceiling)
+        stop = result.stop
         if result.batch_size < 1:
             tried = ", ".join(f"{s.batch_size} {s.outcome}" for s in result.path)
             raise DoesNotFitError(f"no batch size fits the budget after the margin ({tried})")
@@ -346,9 +348,11 @@ def run_probe(
         param_bytes=meter.extras.get("param_bytes"),
         optimizer_state_bytes=meter.extras.get("optimizer_state_bytes"),
         **step_fields(settings, inputs), optimizer_impl=meter.extras.get("optimizer_impl"),
-        parameter_dtype=meter.extras.get("parameter_dtype"), method_note=method_note, fit_max_error_pct=round(100 * fit.max_error_frac, 3),
+        parameter_dtype=meter.extras.get("parameter_dtype"), method_note=method_note,
+        fit_max_error_pct=round(100 * fit.max_error_frac, 3),
         fit_max_error_batch=fit.max_error_batch, fit_raised_bytes=round(fit.raised_bytes),
-        max_batch_exact=exact, max_batch_stop=result.stop, tokens_per_sample=tokens_per_sample(task, inputs, best),
+        max_batch_exact=exact, max_batch_stop=stop,
+        tokens_per_sample=tokens_per_sample(task, inputs, best),
         sharding=settings.shard.describe() if settings.shard is not None else "",
         shard_ranks=settings.shard.world_size if settings.shard is not None
         and settings.shard.fsdp else 1,
