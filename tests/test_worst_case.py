@@ -284,3 +284,16 @@ def test_a_collate_fn_that_cannot_take_one_item_ranks_text_by_characters():
     scan = scan_inputs(TEXTS_LONG_LAST, collate_fn=pairs)
     assert "text ranked by characters: the collate_fn cannot take one item alone" in scan.how
     assert scan.ranked[0] < 300  # the longest in characters
+
+
+def test_token_ids_in_plain_lists_are_one_leaf_each():
+    """A Hugging Face dataset's items hold token ids as lists of ints: each list is one 1-D
+    leaf (one shape per item, not one per token, which for 100,000 items of 512 tokens
+    would hold 51 million entries), and the longest list leads."""
+    from bsselect.memory.inputs import item_shapes
+
+    items = [{"input_ids": [1] * n, "attention_mask": [1] * n, "label": n % 2}
+             for n in [5, 9, 300, 7] * 25]
+    assert item_shapes(items[2]) == ((300,), (300,), ())
+    scan = scan_inputs(items)
+    assert scan.ranked[0] == 2 and scan.largest_item_elements == 601

@@ -48,8 +48,13 @@ def _leaves(obj: Any) -> list[Any]:
     if isinstance(obj, Mapping):
         return [leaf for value in obj.values() for leaf in _leaves(value)]
     if isinstance(obj, (list, tuple)):
+        if obj and all(isinstance(v, _NUMBERS) for v in obj):
+            return [obj]  # a sequence of numbers (token ids in a list): one leaf, 1-D
         return [leaf for value in obj for leaf in _leaves(value)]
     return [obj]
+
+
+_NUMBERS = (int, float, bool)
 
 
 def item_shapes(item: Any) -> tuple[Shape, ...]:
@@ -59,7 +64,7 @@ def item_shapes(item: Any) -> tuple[Shape, ...]:
     for leaf in _leaves(item):
         if isinstance(leaf, torch.Tensor):
             shapes.append(tuple(leaf.shape))
-        elif isinstance(leaf, (str, bytes)):
+        elif isinstance(leaf, (str, bytes, list, tuple)):
             shapes.append((len(leaf),))
         elif hasattr(leaf, "getbands") and hasattr(leaf, "width"):  # a PIL image
             shapes.append((len(leaf.getbands()), leaf.height, leaf.width))
