@@ -427,3 +427,33 @@ def test_a_config_registered_with_the_auto_classes_builds():
     for config in (TinyConfig(), TinyConfig(architectures=["TinyForCausalLM"])):
         task = Task.from_hf(config, data)
         assert type(task.model().model) is TinyForCausalLM
+
+
+def test_from_trainer_after_train_with_a_trial_model_init_and_another_loss(tmp_path):
+    """Three things a review found in ordinary Trainer code: after trainer.train() the
+    optimizer is accelerate's wrapper, whose class takes no lr (sweep raised TypeError);
+    model_init(trial), the form hyperparameter_search documents, was refused; label
+    smoothing (the Trainer's loss, not the model's) was dropped without a word."""
+    pytest.importorskip("accelerate")
+    import warnings
+
+    from transformers import (DataCollatorForLanguageModeling, GPT2LMHeadModel, Trainer,
+                              TrainingArguments)
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), learning_rate=3e-4,
+                             per_device_train_batch_size=4, max_steps=2, report_to=[],
+                             use_cpu=True, label_smoothing_factor=0.1, save_strategy="no")
+    trainer = Trainer(model_init=lambda trial: GPT2LMHeadModel(hf_tasks.config()), args=args,
+                      train_dataset=hf_tasks.Sentences(),
+                      data_collator=DataCollatorForLanguageModeling(hf_tasks.tokenizer(),
+                                                                    mlm=False))
+    trainer.train()
+    assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        task = Task.from_trainer(trainer)
+    assert any("label_smoothing_factor=0.1" in str(w.message) for w in caught)
+    model = task.model()
+    optimizer = task.make_optimizer(model.parameters(), 2 * task.lr)
+    assert type(optimizer) is torch.optim.AdamW and task.lr == 3e-4
+    assert optimizer.param_groups[0]["lr"] == 6e-4

@@ -19,6 +19,7 @@ importable from here).
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -207,7 +208,7 @@ def from_trainer(trainer: Any) -> Any:
     as micro-batches are the commands' ``--precision`` and ``--accumulate``: pass them
     there."""
     args = trainer.args
-    model = getattr(trainer, "model_init", None) or trainer.model
+    model = _model_init(trainer) or trainer.model
     lr, optimizer = _trainer_optimizer(trainer)
     checkpointing = getattr(args, "activation_checkpointing", None)
     if checkpointing is None:  # transformers before the rename (gradient_checkpointing)
@@ -221,6 +222,7 @@ def from_trainer(trainer: Any) -> Any:
                   or getattr(args, "gradient_checkpointing_kwargs", None))
         model = _checkpointing(_factory(model), kwargs)
     _warn_run_settings(args)
+    _warn_loss(trainer)
     return from_hf(model, trainer.train_dataset, data_collator=trainer.data_collator,
                    eval_dataset=trainer.eval_dataset, lr=lr,
                    weight_decay=args.weight_decay, optimizer=optimizer,
@@ -229,6 +231,39 @@ def from_trainer(trainer: Any) -> Any:
 
 
 _ENABLE = ("activation_checkpointing_enable", "gradient_checkpointing_enable")  # new, old name
+
+
+def _model_init(trainer: Any) -> Optional[Callable[[], nn.Module]]:
+    """The Trainer's ``model_init`` as a zero-argument factory: one that takes the
+    hyperparameter-search ``trial`` gets None, as ``Trainer.call_model_init`` passes it
+    outside a search (it was refused: review)."""
+    init = getattr(trainer, "model_init", None)
+    if init is None:
+        return None
+    try:
+        takes = len(inspect.signature(init).parameters)
+    except (TypeError, ValueError):
+        takes = 0
+    return (lambda: init(None)) if takes == 1 else init
+
+
+def _warn_loss(trainer: Any) -> None:
+    """A warning where the Trainer trains on another loss than the model's own, which the
+    Task uses (review: label smoothing 0.1, a compute_loss_func of twice the loss)."""
+    import warnings
+
+    from transformers import Trainer
+
+    other = [name for name, on in (
+        (f"label_smoothing_factor={trainer.args.label_smoothing_factor}",
+         getattr(trainer.args, "label_smoothing_factor", 0)),
+        ("compute_loss_func", getattr(trainer, "compute_loss_func", None) is not None),
+        (f"{type(trainer).__name__}.compute_loss",
+         getattr(type(trainer), "compute_loss", None) is not Trainer.compute_loss)) if on]
+    if other:
+        warnings.warn(f"the Trainer's loss is not the model's own ({', '.join(other)}): the "
+                      "task trains and evaluates on the model's loss; for the Trainer's, "
+                      "build the task with Task.from_hf(..., loss_fn=...)", stacklevel=3)
 
 
 def _warn_run_settings(args: Any) -> None:
@@ -291,6 +326,9 @@ def _trainer_optimizer(trainer: Any) -> tuple[float, Callable[[Any, float], torc
     ``adam_beta1/2``, ``adam_epsilon``: the Trainer's own ``get_optimizer_cls_and_kwargs``)
     over the Trainer's two weight-decay groups, at ``args.learning_rate``."""
     given = getattr(trainer, "optimizer", None)
+    inner = getattr(given, "optimizer", None)  # accelerate's wrapper, after trainer.train()
+    if isinstance(inner, torch.optim.Optimizer):  # (its class takes no lr: review)
+        given = inner
     if given is not None:
         from .lightning import recipe_of
 
