@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 from .errors import CannotSimulate, TaskError, UsageError, parse_choice
 from .selection.plan import (_branch_samples, _check_enough_data, _check_lr, _check_seed,
                              _run_checkpoints, _sizes_and_threads, local_processes,
-                             parse_warmup, plan_sizes, slug, sweep_settings, threads_warning)
+                             parse_warmup, plan_sizes, slug, sweep_settings, warn_threads)
 
 if TYPE_CHECKING:
     import torch
@@ -518,11 +518,8 @@ def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int |
                              dev, None, console)
     path = Path(journal) if journal else Path(f"bsselect-schedule-{slug(name)}.jsonl")
     n_threads = None if dev.type != "cpu" else (threads or default_threads(local_processes()))
-    warning = threads_warning(threads) if n_threads is not None else None
-    if console is not None and warning:
-        from rich.markup import escape
-
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    if n_threads is not None:  # on a CPU device
+        warn_threads(console, threads)
     from .device import callers_rng
 
     with callers_rng(dev):

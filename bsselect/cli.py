@@ -136,16 +136,6 @@ def _write_plot(draw: Callable[..., None], result, plot: Path) -> None:
     console.print(f"plot written to {written}", highlight=False, markup=False)
 
 
-def _warn_oversubscribed(threads: Optional[int]) -> None:
-    """A warning line where ``--threads`` asks for more threads than the usable CPUs."""
-    from .report import console
-    from .selection.plan import threads_warning
-
-    message = threads_warning(threads)
-    if message:
-        console.print(f"[yellow]warning:[/] {_escape(message)}", highlight=False)
-
-
 def _journal_and_plot_options(resume: bool, overwrite: bool, plot: Optional[Path]) -> None:
     """Before any work: --resume and --overwrite exclude each other, and a --plot can be
     written (matplotlib importable, the folder writable)."""
@@ -391,6 +381,7 @@ def sweep(
     def body() -> None:
         from . import api
         from .report import console
+        from .selection.plan import warn_threads
 
         _journal_and_plot_options(resume, overwrite, plot)
         plan = api.plan_sweep(
@@ -422,7 +413,7 @@ def sweep(
             console.print(f"cpu threads: {plan.threads}"
                           + (" (--threads)" if plan.threads_given else
                              " (half the usable cores; set with --threads)"), highlight=False)
-            _warn_oversubscribed(plan.threads if plan.threads_given else None)
+            warn_threads(console, plan.threads if plan.threads_given else None)
         with SweepProgress(console, len(plan.batch_sizes)) as hooks:
             result = api.sweep(plan=plan, resume=resume, overwrite=overwrite, hooks=hooks)
         _finish_sweep(result, as_json, plot)

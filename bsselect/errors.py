@@ -53,8 +53,13 @@ def parse_choice(enum: Any, value: Any, name: str) -> Any:
         raise UsageError(f"{name} must be one of {known}; got {value!r}") from None
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else ""
+
+
 def one_line(exc: BaseException) -> str:
     """``TypeError: bad shape`` — the first line of an exception, for one-line errors."""
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
+    first = first_line(exc)
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -150,7 +150,8 @@ def _unit_shares(task: Task, accumulate: int, first: tuple[Any, Any],
     return [(b, u / whole) for b, u in zip(batches, units)]
 
 
-TOKENS_BATCH_MAX = 1024  # as memory.fake.REAL_ITEMS_MAX: larger batches repeat these items
+# Above this many items a simulated batch is this many real items, stretched (memory.fake)
+REAL_ITEMS_MAX = 1024
 
 
 def tokens_per_sample(task: Task, inputs: Any = None, batch_size: int = 1) -> Optional[int]:
@@ -160,7 +161,7 @@ def tokens_per_sample(task: Task, inputs: Any = None, batch_size: int = 1) -> Op
     to. Random inputs: that of the batch of ``batch_size`` the step was measured on (one
     random item's said 5 tokens where the measured batch was padded to 48: review)."""
     largest_first = inputs is not None and (inputs.picks_largest or inputs.uniform)
-    batch_size = 1 if largest_first else min(batch_size, TOKENS_BATCH_MAX)
+    batch_size = 1 if largest_first else min(batch_size, REAL_ITEMS_MAX)
     try:
         x, _ = make_batch(task, batch_size, 0, inputs)
     except Exception:  # noqa: BLE001 - a label only; the step's own errors are reported

@@ -273,20 +273,19 @@ def _warn_run_settings(args: Any) -> None:
     precision = "bf16" if getattr(args, "bf16", False) else (
         "fp16" if getattr(args, "fp16", False) else None)
     steps = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
-    if precision is None and steps == 1:
+    # (what the Trainer does, the API option, the CLI flag) for each setting it uses
+    used = ([(f"{precision} autocast", f"precision='{precision}'", f"--precision {precision}")]
+            if precision else []) + ([(f"{steps} gradient-accumulation steps",
+                                      f"accumulate={steps}", f"--accumulate {steps}")]
+                                     if steps > 1 else [])
+    if not used:
         return
     import warnings
 
-    said = " and ".join(x for x in (f"{precision} autocast" if precision else "",
-                                    f"{steps} gradient-accumulation steps" if steps > 1 else "")
-                        if x)
-    options = ", ".join(x for x in (f"precision='{precision}'" if precision else "",
-                                    f"accumulate={steps}" if steps > 1 else "") if x)
-    flags = " ".join(x for x in (f"--precision {precision}" if precision else "",
-                                 f"--accumulate {steps}" if steps > 1 else "") if x)
-    warnings.warn(f"the Trainer trains with {said}: probe and check answer for its step with "
-                  f"{options} ({flags}); the task alone is an fp32 step of the whole batch",
-                  stacklevel=3)
+    said, options, flags = zip(*used)
+    warnings.warn(f"the Trainer trains with {' and '.join(said)}: probe and check answer for "
+                  f"its step with {', '.join(options)} ({' '.join(flags)}); the task alone is "
+                  "an fp32 step of the whole batch", stacklevel=3)
 
 
 def _checkpointing(build: Callable[[], nn.Module], kwargs: Any) -> Callable[[], nn.Module]:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..errors import TaskError, UsageError
+from ..errors import TaskError, UsageError, one_line
 from . import batch_len, loader_sampling, model_factory
 
 
@@ -107,8 +107,6 @@ def _optimizer_recipe(build: Callable[[], nn.Module]) -> OptimizerRecipe:
     try:
         made = module.configure_optimizers()
     except Exception as exc:
-        from ..errors import one_line
-
         # A scheduler sized by self.trainer.estimated_stepping_batches, as Lightning's docs
         # suggest, raised "not attached to a Trainer" as a traceback (review).
         raise TaskError(

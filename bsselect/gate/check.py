@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CannotSimulate, DoesNotFitError, UsageError, parse_choice
+from ..errors import CannotSimulate, DoesNotFitError, UsageError, first_line, parse_choice
 from ..memory.capacity import (MAX_BATCH_SIZE, check_margin, fit_memory, largest_pow2_at_most,
                                usable_bytes)
 from ..memory.inputs import InputMode
@@ -283,7 +283,7 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
                                           settings=settings, inputs=inputs)
             break
         except CannotSimulate as exc:
-            unrun = (n, str(exc).splitlines()[0])
+            unrun = (n, first_line(exc) or type(exc).__name__)
     req = {n: _required(s.peak_bytes, s.rounded_peak_bytes, config, uses_cudnn)
            for n, s in steps.items()}
     required, terms = req[b]

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import DoesNotFitError, UsageError
+from ..errors import DoesNotFitError, UsageError, first_line
 from ..oom import is_oom_error, release_memory
 from ..units import format_bytes, format_percent
 
@@ -195,7 +195,7 @@ def refine_max_batch(
         try:
             peak = measure(guess)
         except stops as exc:
-            stop = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            stop = first_line(exc) or type(exc).__name__
             path.append(SearchStep(guess, "unsimulated"))
             fail, unsimulated = guess, True  # the bracket's upper end, as if over
             # A lower bound within 2x of where the simulation stops is answer enough: each

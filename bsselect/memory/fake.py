@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import TaskError, one_line
-from ..step import make_batch
+from ..step import REAL_ITEMS_MAX, make_batch
 from ..task import Task
 from .values import RealWhereKnown, keep_real, really
 
@@ -107,7 +107,6 @@ def build_fake_model(task: Task, fake_mode: Any) -> nn.Module:
     return model
 
 
-REAL_ITEMS_MAX = 1024  # above this, collate this many real items and stretch the batch
 
 
 def real_batch(task: Task, batch_size: int, seed: int, inputs: Any = None) -> tuple[Any, Any]:

@@ -287,21 +287,24 @@ def _ranked(shapes: list[tuple[Shape, ...]], sizes: list[int], order: list[int]
     by_size = sorted(range(len(order)), key=lambda k: (-sizes[k], order[k]))
     ranks = [len(s) for s in shapes[0]]
     first: list[int] = by_size[:1]
-    if all([len(s) for s in sh] == ranks for sh in shapes):
-        longest = [[max(sh[j][d] for sh in shapes) for d in range(r)] for j, r in
-                   enumerate(ranks)]
-        reach = [list(shapes[first[0]][j]) for j in range(len(ranks))]
-        while reach != longest:
-            def padded(k: int) -> int:
-                return sum(math.prod(max(a, b) for a, b in zip(reach[j], shapes[k][j]))
-                           for j in range(len(ranks)))
-            best = min((k for k in range(len(order)) if k not in first),
-                       key=lambda k: (-padded(k), -sizes[k], order[k]))
-            first.append(best)
-            reach = [[max(a, b) for a, b in zip(reach[j], shapes[best][j])]
-                     for j in range(len(ranks))]
-    lead = 0 if first == by_size[:len(first)] else len(first) - 1
     chosen = set(first)
+
+    def padded_by(reach: list[Shape], k: int) -> list[Shape]:
+        """Each leaf's extents once item ``k`` joins a batch padded to ``reach``."""
+        return [tuple(max(a, b) for a, b in zip(r, s)) for r, s in zip(reach, shapes[k])]
+
+    if all([len(s) for s in sh] == ranks for sh in shapes):
+        longest = [tuple(max(sh[j][d] for sh in shapes) for d in range(r))
+                   for j, r in enumerate(ranks)]
+        reach = list(shapes[first[0]])
+        while reach != longest:
+            best = min((k for k in range(len(order)) if k not in chosen),
+                       key=lambda k: (-_elements(tuple(padded_by(reach, k))), -sizes[k],
+                                      order[k]))
+            first.append(best)
+            chosen.add(best)
+            reach = padded_by(reach, best)
+    lead = 0 if first == by_size[:len(first)] else len(first) - 1
     rest = [k for k in by_size if k not in chosen]
     return tuple(order[k] for k in first + rest), lead
 

@@ -206,7 +206,7 @@ class RealWhereKnown(TorchDispatchMode):
                 with really():
                     return func(*args, **kwargs)
             if self.capped is None:
-                self.capped = (_what_op(func), _nbytes(fake_out))
+                self.capped = (f"aten.{_op_name(func)}", _nbytes(fake_out))
             return fake_out
         try:
             return func(*args, **kwargs)
@@ -317,8 +317,12 @@ def _is_data_dependent(exc: BaseException) -> bool:
     return isinstance(exc, (DataDependentOutputException, DynamicOutputShapeException))
 
 
+def _op_name(func: Any) -> str:
+    return getattr(func, "__name__", str(func)).removesuffix(".default")
+
+
 def _what(func: Any) -> str:
-    name = getattr(func, "__name__", str(func)).removesuffix(".default")
+    name = _op_name(func)
     if name == "_local_scalar_dense":
         return "the step reads a tensor's value (.item(), bool(t), `if t > 0:`)"
     return f"the shape of aten.{name}'s output depends on a tensor's values"
@@ -344,9 +348,5 @@ def _advice(func: Any, capped: tuple[str, int] | None = None) -> str:
             "measure with real steps instead (`bsselect probe --method measured`, on the "
             "target device for another device's answer), or keep value-dependent branches on "
             "the batch's integer tensors")
-
-
-def _what_op(func: Any) -> str:
-    return f"aten.{func.__name__.split('.')[0]}" if hasattr(func, "__name__") else str(func)
 
 

@@ -95,12 +95,16 @@ def local_processes() -> int:
         return 1
 
 
-def threads_warning(threads: int | None) -> str | None:
-    """What to say when ``--threads`` (given) asks for more than this process's share of
-    the usable CPUs; None when it does not."""
+def warn_threads(console: Any, threads: int | None) -> None:
+    """A warning line on ``console`` where ``--threads`` (given) asks for more than this
+    process's share of the usable CPUs."""
     from .timing import oversubscribed
 
-    return None if threads is None else oversubscribed(threads, local_processes())
+    message = None if threads is None else oversubscribed(threads, local_processes())
+    if message and console is not None:
+        from rich.markup import escape
+
+        console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
 def slug(name: str) -> str:
