@@ -171,12 +171,24 @@ class _Lengths(torch.utils.data.Dataset):
 class _HF(torch.nn.Module):
     """A transformers model built from its config, fed ``input_ids`` and ``attention_mask``."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, checkpointing: str | None = None, eval_mode: bool = False
+                 ) -> None:
         super().__init__()
         import transformers as tf
 
         v, t = SEQ_VOCAB, SEQ_MAX
-        if kind == "llama":  # grouped-query attention (8 heads, 2 KV heads)
+        if kind == "mistral":  # sliding window of 128 over lengths up to 512, GQA
+            self.m = tf.MistralForCausalLM(tf.MistralConfig(
+                vocab_size=v, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=t,
+                sliding_window=128, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+        elif kind == "gemma2":  # alternating sliding/global layers, logit soft-capping
+            self.m = tf.Gemma2ForCausalLM(tf.Gemma2Config(
+                vocab_size=v, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                max_position_embeddings=t, sliding_window=128, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0))
+        elif kind == "llama":  # grouped-query attention (8 heads, 2 KV heads)
             self.m = tf.LlamaForCausalLM(tf.LlamaConfig(
                 vocab_size=v, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=t,
@@ -189,6 +201,11 @@ class _HF(torch.nn.Module):
             self.m = tf.BertForSequenceClassification(tf.BertConfig(
                 vocab_size=v, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
                 intermediate_size=2048, max_position_embeddings=t, num_labels=4))
+        if checkpointing:  # the model's own, as TrainingArguments(gradient_checkpointing=True)
+            self.m.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+        if eval_mode:  # as a from_pretrained instance comes: the step must train it anyway
+            self.eval()
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.m(input_ids=batch["input_ids"],
@@ -280,13 +297,73 @@ def seq_cases() -> list[tuple[str, object, object, str, int, tuple[int, int]]]:
     ]
 
 
+# Cases simulated with a shard plan (``--activation-checkpointing`` alone): name -> plan. Their
+# real task's model is wrapped the same way by hand (``apply_checkpointing``).
+PLANS: dict = {}
+
+
+def recompute_cases() -> list[tuple[str, object, object, str, int, tuple[int, int]]]:
+    """Session 21 (fourth loan): what changed in the simulation since the third, on CUDA.
+
+    - activation checkpointing, whose recomputation now runs under the simulation's CUDA
+      modes (``memory/recompute.py``): GPT-2 with attention dropout (flash on CUDA, math on
+      the CPU: it failed before the fix) through the model's own
+      ``gradient_checkpointing_enable``, non-reentrant and reentrant; a GQA Llama the same
+      way; and ``--activation-checkpointing`` (``checkpoint_wrapper`` per block, the CLI's
+      path) on the same Llama;
+    - sliding-window attention (Mistral, Gemma2), never run on a GPU before;
+    - a model handed over in eval mode (memory steps now train it, as a Trainer does).
+    All on padded worst-case batches, as the third run."""
+    from bsselect import Task
+    from bsselect.memory.sharded import ShardPlan, apply_checkpointing, find_units
+
+    data = _Lengths(2048, 32, SEQ_MAX, SEQ_VOCAB)
+    adamw = torch.optim.AdamW
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tasks.seq_tasks import pad_with_mask
+
+    def hf(model) -> Task:
+        return Task(model=model, train_data=data, loss_fn=_next_token,
+                    collate_fn=pad_with_mask, optimizer=adamw, lr=1e-4, base_batch_size=8)
+
+    def wrapped_llama() -> torch.nn.Module:
+        model = _HF("llama")
+        apply_checkpointing(model, find_units(model, None))
+        return model
+
+    gpt2_nr = hf(lambda: _HF("gpt2", "non-reentrant"))
+    gpt2_r = hf(lambda: _HF("gpt2", "reentrant"))
+    llama_nr = hf(lambda: _HF("llama", "non-reentrant"))
+    llama = hf(lambda: _HF("llama"))
+    llama_cli = hf(wrapped_llama)
+    mistral = hf(lambda: _HF("mistral"))
+    gemma2 = hf(lambda: _HF("gemma2"))
+    gpt2_eval = hf(lambda: _HF("gpt2", eval_mode=True))
+    mistral_nr = hf(lambda: _HF("mistral", "non-reentrant"))
+    cli = "llama-gqa --activation-checkpointing"
+    PLANS[cli] = ShardPlan(fsdp=False, checkpointing=True)
+    return [
+        ("gpt2 ckpt non-reentrant", gpt2_nr, on_gpu(gpt2_nr), "fp32", 80, (4, 16)),
+        ("gpt2 ckpt non-reentrant", gpt2_nr, on_gpu(gpt2_nr), "bf16", 80, (4, 16)),
+        ("gpt2 ckpt reentrant", gpt2_r, on_gpu(gpt2_r), "bf16", 80, (4, 16)),
+        ("llama-gqa ckpt non-reentrant", llama_nr, on_gpu(llama_nr), "bf16", 80, (4, 16)),
+        (cli, llama, on_gpu(llama_cli), "bf16", 80, (4, 16)),
+        ("mistral sliding-window 128", mistral, on_gpu(mistral), "fp32", 40, (4, 16)),
+        ("mistral sliding-window 128", mistral, on_gpu(mistral), "bf16", 40, (4, 16)),
+        ("gemma2 sliding-window 128", gemma2, on_gpu(gemma2), "bf16", 40, (4, 16)),
+        ("gpt2 handed over in eval mode", gpt2_eval, on_gpu(gpt2_eval), "fp32", 40, (4, 16)),
+        ("mistral sliding-window 128 ckpt non-reentrant", mistral_nr, on_gpu(mistral_nr),
+         "fp32", 80, (4, 16)),
+    ]
+
+
 _SCANS: dict = {}
 
 
 def inputs_of(task):
     """Worst-case inputs (the longest items, as ``probe --inputs worst-case`` takes them) for
     the sequence cases; None (random items) for the others, whose items are all one size."""
-    if CASES != "seq":
+    if CASES not in ("seq", "recompute"):
         return None
     from bsselect.memory.inputs import InputMode, scan_inputs
 
@@ -301,6 +378,8 @@ def cases() -> list[tuple[str, object, object, str, int, tuple[int, int]]]:
     batch sizes for ``peaks``)."""
     if CASES == "seq":
         return seq_cases()
+    if CASES == "recompute":
+        return recompute_cases()
     if HELDOUT:
         return heldout_cases()
     from bench_real_runs import manual_attention_task
@@ -322,13 +401,15 @@ def cases() -> list[tuple[str, object, object, str, int, tuple[int, int]]]:
     ]
 
 
-def settings_for(precision: str, target: bool) -> StepSettings:
+def settings_for(precision: str, target: bool, name: str | None = None) -> StepSettings:
+    """The step's settings; ``name``: a case simulated with a plan (``PLANS``) gets it."""
     return StepSettings(precision=Precision(precision),
-                        target_device="cuda" if target else None)
+                        target_device="cuda" if target else None, shard=PLANS.get(name))
 
 
 def save(out: Path) -> None:
-    name = {"heldout": "bench_cuda_heldout", "seq": "bench_cuda_seq"}.get(CASES, "bench_cuda")
+    name = {"heldout": "bench_cuda_heldout", "seq": "bench_cuda_seq",
+            "recompute": "bench_cuda_recompute"}.get(CASES, "bench_cuda")
     name += f"{TAG}.json"
     (out / name).write_text(json.dumps(RESULTS, indent=1, default=str))
 
@@ -409,11 +490,21 @@ def section_peaks(out: Path) -> None:
           "reserved - allocated |")
     print("|---|---|---|---|---|---|---|---|")
     for name, sim_task, task, prec, _t, sizes in cases():
+        if ONLY and f"{name}/{prec}" not in ONLY:
+            continue
         for b in sizes:
-            sim = simulate_step_peak(sim_task, b, kernel_workspace=False,
-                                     settings=settings_for(prec, True),
-                                     inputs=inputs_of(sim_task))
-            alloc, reserved = real_peaks(task, b, settings_for(prec, False))
+            try:
+                sim = simulate_step_peak(sim_task, b, kernel_workspace=False,
+                                         settings=settings_for(prec, True, name),
+                                         inputs=inputs_of(sim_task))
+                alloc, reserved = real_peaks(task, b, settings_for(prec, False))
+            except Exception as exc:  # noqa: BLE001 - one case's failure is a row
+                rows.append(dict(model=name, precision=prec, batch=b,
+                                 error=traceback.format_exc()[-1500:]))
+                print(f"| {name} | {prec} | {b} | error: {repr(exc)[:200]} |", flush=True)
+                del exc
+                torch.cuda.empty_cache()
+                continue
             row = dict(model=name, precision=prec, batch=b, simulated=sim.peak_bytes,
                        simulated_rounded=sim.rounded_peak_bytes, allocated=alloc,
                        reserved=reserved, optimizer_impl=sim.optimizer_impl)
@@ -440,7 +531,7 @@ def section_capped(out: Path) -> None:
         sim_settings = settings_for(prec, False)
         # The cap: about where the simulation puts target_b, plus room for the CUDA terms.
         at = simulate_step_peak(sim_task, target_b, kernel_workspace=False,
-                                settings=settings_for(prec, True),
+                                settings=settings_for(prec, True, name),
                                 inputs=inputs_of(sim_task)).peak_bytes
         # Hopper's cuBLAS + cuBLASLt workspaces are 64 MiB; cuDNN's vary.
         extra = (72 + (256 if model_uses_cudnn(sim_task) else 0)) * MiB
@@ -463,7 +554,9 @@ def section_capped(out: Path) -> None:
                                       Method.measured else torch.device("cpu"),
                                       budget=Budget(cap, "cap"), method=method, margin=margin,
                                       target=target, budget_is_total=False,
-                                      settings=sim_settings, inputs=inputs_of(task))
+                                      settings=sim_settings if method is Method.measured
+                                      else settings_for(prec, False, name),
+                                      inputs=inputs_of(task))
                         answers[f"{method.value}_{margin}"] = dict(
                             max_batch=r.max_batch, fixed=r.fixed_bytes,
                             per_sample=r.per_sample_bytes,
@@ -645,11 +738,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--sections", default="context,peaks,capped,whole,timing,cli,env")
-    ap.add_argument("--cases", choices=("tune", "heldout", "seq"), default="tune",
+    ap.add_argument("--cases", choices=("tune", "heldout", "seq", "recompute"),
+                    default="tune",
                     help="tune: the models the CUDA terms were set on; heldout: the second "
-                         "run's; seq: variable-length models and a ViT (third run)")
+                         "run's; seq: variable-length models and a ViT (third run); "
+                         "recompute: activation checkpointing, sliding windows, eval mode "
+                         "(fourth)")
     ap.add_argument("--only", default="",
-                    help="comma-separated name/precision of the cases to run (capped)")
+                    help="comma-separated name/precision of the cases to run (peaks, capped)")
     ap.add_argument("--methods", default="measured,simulated",
                     help="the probe methods the capped section runs")
     ap.add_argument("--tag", default="", help="suffix of the JSON's file name")

@@ -192,3 +192,64 @@ def test_modes_are_entered_around_both_kinds_of_recomputation_and_then_removed()
     seen.clear()
     ck.checkpoint(block, q, use_reentrant=False).sum().backward()
     assert seen == []
+
+
+def test_cuda_autocast_policy_registers_once_when_re_entered(monkeypatch):
+    """Checkpointing's recomputation enters the simulation's modes again inside the step. A
+    second Python kernel on the AutocastCPU key is an error in torch 2.11 ("already a kernel
+    registered from python"; every bf16 checkpointed model failed to simulate on the CUDA
+    machine), so a nested entry registers nothing, and the outer policy holds after it."""
+    from bsselect.memory import cuda_autocast
+
+    made: list[object] = []
+    real = torch.library.Library
+
+    def counting(*args, **kwargs):
+        made.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.library, "Library", counting)
+    x = torch.randn(4, 8)
+
+    def softmax_dtype() -> torch.dtype:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.softmax(x.bfloat16(), -1).dtype
+
+    assert softmax_dtype() == torch.bfloat16  # the CPU's list
+    with cuda_autocast.cuda_autocast_policy():
+        assert softmax_dtype() == torch.float32  # CUDA's: softmax in fp32
+        with cuda_autocast.cuda_autocast_policy():
+            assert softmax_dtype() == torch.float32
+        assert softmax_dtype() == torch.float32
+    assert softmax_dtype() == torch.bfloat16
+    assert len(made) == 1
+
+
+@pytest.mark.parametrize("kind", ["none", "non-reentrant", "reentrant", "composable"])
+def test_a_step_that_recomputes_says_so(kind):
+    """``StepPeak.recomputes``: the CUDA terms give such a step a larger fragmentation
+    allowance (measured on an H200: reserved up to 1.27x the tensors at the largest batch
+    that trained, against 1.15x without checkpointing)."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, T, D, generator=g), torch.randn(16, T, D, generator=g))
+    model = (lambda: nn.Sequential(nn.Linear(D, D), Attention(H, 0.0))) if kind == "none" \
+        else (lambda: Checkpointed(0.0, kind))
+    task = Task(model=model, train_data=data, loss_fn=F.mse_loss,
+                optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr))
+    for target in (None, "cuda"):
+        step = simulate_step_peak(task, 4, settings=StepSettings(target_device=target))
+        assert step.recomputes is (kind != "none")
+
+
+def test_cuda_terms_give_a_recomputing_step_more_fragmentation_headroom():
+    from bsselect.memory.targets import (FRAGMENTATION_FRACTION,
+                                         FRAGMENTATION_FRACTION_RECOMPUTE, cuda_terms)
+
+    def headroom(recomputes: bool):
+        terms = cuda_terms(10**9, None, False, recomputes=recomputes)
+        return next(t for t in terms if t.name == "fragmentation headroom")
+
+    assert headroom(False).bytes == int(FRAGMENTATION_FRACTION * 10**9)
+    assert headroom(True).bytes == int(FRAGMENTATION_FRACTION_RECOMPUTE * 10**9)
+    assert FRAGMENTATION_FRACTION_RECOMPUTE > FRAGMENTATION_FRACTION
+    assert "checkpointing" in headroom(True).note and "checkpointing" not in headroom(False).note

@@ -271,3 +271,25 @@ def test_the_models_own_class_as_the_unit_is_a_usage_error(extra):
                    "--target", "same", "--shard-unit", "TinyGPT", *extra)
     assert proc.returncode == 2
     assert one_error(proc).startswith("error: --shard-unit TinyGPT is the model's own class")
+
+
+@pytest.mark.parametrize("command", ["check", "probe"])
+def test_checkpointing_on_cuda_takes_the_recomputation_fragmentation(command):
+    """``--activation-checkpointing --target cuda``: the fragmentation headroom is the
+    recomputing step's (30% of the peak, measured on an H200), not the plain 15%."""
+    size = ["--batch-size", "8"] if command == "check" else []
+    common = [command, "tiny-lm", *size, "--memory", "4GiB", "--target", "cuda", "--json"]
+
+    def headroom(*extra: str) -> tuple[dict, dict]:
+        done = run_cli(*common, *extra)
+        assert done.returncode == 0, done.stderr
+        data = json.loads(done.stdout)
+        return next(t for t in data["terms"] if t["name"] == "fragmentation headroom"), data
+
+    plain, plain_data = headroom()
+    ckpt, ckpt_data = headroom("--activation-checkpointing")
+    assert plain["note"].startswith("15% of the peak") and "checkpointing" not in plain["note"]
+    assert ckpt["note"].startswith("30% of the peak") and "checkpointing" in ckpt["note"]
+    if command == "check":
+        assert plain["bytes"] == int(0.15 * plain_data["peak_bytes"])
+        assert ckpt["bytes"] == int(0.30 * ckpt_data["peak_bytes"])

@@ -248,11 +248,12 @@ def merge_config(cli: dict[str, Any], file: dict[str, Any],
                        shard=plan)
 
 
-def _required(peak: int, rounded: int | None, config: CheckConfig, uses_cudnn: bool
-              ) -> tuple[int, list[Term]]:
+def _required(peak: int, rounded: int | None, config: CheckConfig, uses_cudnn: bool,
+              recomputes: bool = False) -> tuple[int, list[Term]]:
     if config.target is Target.same:
         return peak, []
-    terms = cuda_terms(peak, rounded, uses_cudnn, hopper=config.hopper, budget_is_total=True)
+    terms = cuda_terms(peak, rounded, uses_cudnn, hopper=config.hopper, budget_is_total=True,
+                       recomputes=recomputes)
     return peak + sum(t.bytes for t in terms), terms
 
 
@@ -284,7 +285,8 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
             break
         except CannotSimulate as exc:
             unrun = (n, first_line(exc) or type(exc).__name__)
-    req = {n: _required(s.peak_bytes, s.rounded_peak_bytes, config, uses_cudnn)
+    recomputes = steps[b].recomputes
+    req = {n: _required(s.peak_bytes, s.rounded_peak_bytes, config, uses_cudnn, recomputes)
            for n, s in steps.items()}
     required, terms = req[b]
     usable = int(usable_bytes(config.budget_bytes, config.margin))
@@ -303,7 +305,8 @@ def run_check(task: Task, task_name: str, config: CheckConfig,
     def required_at(n: int) -> int:
         step = simulate_step_peak(task, n, kernel_workspace=scratch, settings=settings,
                                   inputs=inputs)
-        return _required(step.peak_bytes, step.rounded_peak_bytes, config, uses_cudnn)[0]
+        return _required(step.peak_bytes, step.rounded_peak_bytes, config, uses_cudnn,
+                         recomputes)[0]
 
     # The two-point line is only piecewise right: the largest batch that fits is checked by
     # simulating it where the line lands and refined inside a bracket, as the probe does.

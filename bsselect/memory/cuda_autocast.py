@@ -165,11 +165,30 @@ def cuda_policies() -> dict[str, Callable[[Any], Callable[..., Any]]]:
     return policies
 
 
+_DEPTH = [0]  # entries of cuda_autocast_policy now open
+
+
 @contextmanager
 def cuda_autocast_policy() -> Iterator[None]:
     """Inside, ``torch.autocast("cpu", ...)`` casts as ``torch.autocast("cuda", ...)`` does.
     Process-wide while inside (the dispatcher has no per-thread kernels); the CPU's own
-    kernels are back on exit."""
+    kernels are back on exit. Re-entered (activation checkpointing's recomputation enters the
+    simulation's modes again inside the step) it registers nothing more: a second Python
+    kernel on a key that has one is an error in torch 2.11 (seen on CUDA machines), and its
+    exit would take the outer one's kernels away."""
+    _DEPTH[0] += 1
+    try:
+        if _DEPTH[0] > 1:
+            yield
+            return
+        with _registered():
+            yield
+    finally:
+        _DEPTH[0] -= 1
+
+
+@contextmanager
+def _registered() -> Iterator[None]:
     lib = torch.library.Library("aten", "IMPL")
     try:
         with warnings.catch_warnings():

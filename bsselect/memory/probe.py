@@ -204,10 +204,11 @@ def _check_host_headroom(batch_size: int, seen: dict[int, int]) -> None:
 
 
 def _required(point_peak: int, rounded: int | None, target: Target, uses_cudnn: bool,
-              budget_is_total: bool) -> tuple[int, list[Term]]:
+              budget_is_total: bool, recomputes: bool = False) -> tuple[int, list[Term]]:
     if target is Target.same:
         return point_peak, []
-    terms = cuda_terms(point_peak, rounded, uses_cudnn, budget_is_total=budget_is_total)
+    terms = cuda_terms(point_peak, rounded, uses_cudnn, budget_is_total=budget_is_total,
+                       recomputes=recomputes)
     return point_peak + sum(t.bytes for t in terms), terms
 
 
@@ -290,8 +291,10 @@ def run_probe(
     raw = measure_points(meter, sizes, on_point)
     uses_cudnn = target is not Target.same and model_uses_cudnn(task)
     rounded = _rounded(meter)
+    recomputes = any(step.recomputes for step in meter.extras.get("steps", {}).values())
     points = tuple(
-        Point(b, p, _required(p, rounded.get(b), target, uses_cudnn, budget_is_total)[0])
+        Point(b, p, _required(p, rounded.get(b), target, uses_cudnn, budget_is_total,
+                              recomputes)[0])
         for b, p in raw
     )
     fit: MemoryFit = fit_memory([(p.batch_size, p.required_bytes) for p in points])
@@ -310,7 +313,7 @@ def run_probe(
             peak = meter.peak(b)
             checked_peaks[b] = peak
             return _required(peak, _rounded(meter).get(b), target, uses_cudnn,
-                             budget_is_total)[0]
+                             budget_is_total, recomputes)[0]
 
         # Real steps never jump more than 8x past a batch that ran; simulations may.
         # Under torchrun: the smallest budget of any rank, so all ranks search alike.
@@ -335,7 +338,8 @@ def run_probe(
     # nothing was measured there: confirm=False, or a probed point).
     at_best = checked_peaks.get(best) or dict(raw).get(best) or int(fit.predict(best))
     rounded_best = _rounded(meter).get(best) or _rounded_at(best, raw, rounded)
-    terms = _required(at_best, rounded_best, target, uses_cudnn, budget_is_total)[1]
+    terms = _required(at_best, rounded_best, target, uses_cudnn, budget_is_total,
+                      recomputes)[1]
     return ProbeResult(
         rank_terms=_rank_terms(settings, meter, best),
         train_items=train_items,

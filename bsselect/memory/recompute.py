@@ -28,12 +28,20 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch.utils.checkpoint as _checkpoint
 
 _FACTORIES: list[Callable[[], ContextManager[Any]]] = []
+_RECOMPUTED = [0]  # recomputations run under the modes so far (this process)
 _GENERATOR = "_checkpoint_without_reentrant_generator"
 _COMPOSABLE = "torch.distributed._composable.checkpoint_activation"
 
 
+def recomputations() -> int:
+    """How many checkpoint recomputations have run inside ``recomputed_under`` so far: a
+    simulation that saw one recomputes (CUDA's caching allocator fragments more then)."""
+    return _RECOMPUTED[0]
+
+
 @contextmanager
 def _all_modes() -> Iterator[None]:
+    _RECOMPUTED[0] += 1
     with ExitStack() as stack:
         for make in list(_FACTORIES):
             stack.enter_context(make())

@@ -88,6 +88,7 @@ class StepPeak:
     optimizer_impl: Optional[str] = None  # for-loop | foreach | fused, as the step ran it
     parameter_dtype: str = "float32"  # of the trainable parameters (and so their gradients)
     grad_bytes: Optional[int] = None  # the gradients live between steps (this rank's shard)
+    recomputes: bool = False  # activation checkpointing recomputed a forward in the backward
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -498,6 +499,9 @@ def simulate_step_peak(
     the batch) describe the step as the real run will take it; ``batch_size`` is the
     micro-batch. Fake ``cpu`` tensors honour CPU autocast (``meta`` ones ignore it).
     """
+    from .recompute import recomputations
+
+    before = recomputations()
     peak, unused, cached = _simulate(task, batch_size, seed, kernel_workspace, settings,
                                      inputs)
     if cached:  # the forward keeps a cache in the model: a real step 1 makes it first
@@ -506,7 +510,7 @@ def simulate_step_peak(
     elif unused:  # a real step 1 gives these no gradient and no state
         peak, _, _ = _simulate(task, batch_size, seed, kernel_workspace, settings, inputs,
                                unused)
-    return peak
+    return dataclasses.replace(peak, recomputes=recomputations() > before)
 
 
 def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
