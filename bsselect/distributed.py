@@ -424,6 +424,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, task: Any, x:
     try:
         if not careful:
             loss.backward()
+        from .step import clip_gradients
+
+        clip_gradients(model, optimizer, task)  # after the average, as DDP's own loop does
         optimizer.step()
     except Exception as exc:  # noqa: BLE001 - agreed below, then raised on every rank
         failure = exc

@@ -124,6 +124,7 @@ def train_step(
             counted = loss.detach()
         (scaler.scale(part) if scaler is not None else part).backward()
         total = counted if total is None else total + counted
+    clip_gradients(model, optimizer, task, scaler)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -131,6 +132,19 @@ def train_step(
         optimizer.step()
     assert total is not None
     return total / accumulate if accumulate > 1 and shares is None else total
+
+
+def clip_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, task: Task,
+                   scaler: Optional[torch.amp.GradScaler] = None) -> None:
+    """``Task.max_grad_norm``: the model's gradients clipped to that global L2 norm, after
+    the scaler (fp16) has unscaled them, as the HF Trainer and Lightning do; nothing when
+    None."""
+    norm = getattr(task, "max_grad_norm", None)
+    if norm is None:
+        return
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), norm)
 
 
 def _unit_shares(task: Task, accumulate: int, first: tuple[Any, Any],

@@ -40,6 +40,10 @@ class Task:
     # tokens): the number of units in a batch with targets ``y``. The noise measurement then
     # weights sub-batches by it, and evaluation averages over the units. None: items.
     loss_weight: Optional[Callable[[Any], float]] = None
+    # Gradient clipping as the run does it: the gradients' global L2 norm clipped to this
+    # before every optimizer step (``clip_grad_norm_``; the HF Trainer's ``max_grad_norm``,
+    # Lightning's ``gradient_clip_val``). None: no clipping.
+    max_grad_norm: Optional[float] = None
 
     def __post_init__(self) -> None:
         """Typed checks of every field, each a one-line message that says what to pass."""
@@ -66,6 +70,12 @@ class Task:
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (
                 math.isfinite(self.lr) and self.lr > 0):
             raise TypeError(f"Task.lr must be a number > 0, got {_kind(self.lr)}")
+        if self.max_grad_norm is not None and (
+                isinstance(self.max_grad_norm, bool)
+                or not isinstance(self.max_grad_norm, (int, float))
+                or not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0)):
+            raise TypeError(f"Task.max_grad_norm must be a number > 0 or None, got "
+                            f"{_kind(self.max_grad_norm)}")
         if isinstance(self.base_batch_size, bool) or not isinstance(self.base_batch_size, int) \
                 or self.base_batch_size < 1:
             raise TypeError(f"Task.base_batch_size must be an int >= 1, got "

@@ -133,3 +133,67 @@ def test_manual_optimization_is_refused_in_one_line():
 
     with pytest.raises(TaskError, match=r"manual optimization \(automatic_optimization=False"):
         Task.from_lightning(Manual, lightning_tasks.Blobs())
+
+
+class _NoisyTrainCollate(lightning_tasks.Blobs):
+    """A DataModule whose train loader augments (noise on the inputs) and whose val loader
+    does not: evaluation must batch the val set with the val loader's collate_fn."""
+
+    def train_dataloader(self):
+        def augmenting(items):
+            batch = lightning_tasks._as_dict(items)
+            return {"x": batch["x"] + 100.0, "y": batch["y"]}
+
+        return torch.utils.data.DataLoader(self.train, batch_size=self.batch_size,
+                                           collate_fn=augmenting)
+
+
+def test_validation_batches_come_from_the_val_loaders_collate_fn():
+    task = Task.from_lightning(lightning_tasks.Classifier, _NoisyTrainCollate())
+    items = [task.val_data[i] for i in range(4)]
+    x, _ = task.collate_fn(items)
+    raw = torch.stack([task.val_data.data[i][0] for i in range(4)])
+    torch.testing.assert_close(x["x"], raw)  # not shifted by the train loader's +100
+    train_x, _ = task.collate_fn([task.train_data[i] for i in range(4)])
+    torch.testing.assert_close(train_x["x"], torch.stack(
+        [task.train_data[i][0] for i in range(4)]) + 100.0)
+    # One collate_fn for both (the usual case): the val set is the loader's own dataset.
+    same = lightning_tasks.blobs()
+    assert isinstance(same.val_data, torch.utils.data.TensorDataset)
+
+
+def test_the_callback_and_from_lightning_carry_gradient_clipping(tmp_path):
+    import lightning as L
+
+    from bsselect.adapters.lightning import BatchSizeFromProbe
+
+    assert Task.from_lightning(lightning_tasks.Classifier, lightning_tasks.Blobs(),
+                               max_grad_norm=0.5).max_grad_norm == 0.5
+    assert lightning_tasks.blobs().max_grad_norm is None
+    seen = []
+
+    class Spy(BatchSizeFromProbe(memory="4MiB").__class__):
+        def on_fit_start(self, trainer, pl_module):
+            from bsselect.adapters import lightning as adapter
+
+            real = adapter.from_lightning
+
+            def spying(*args, **kwargs):
+                task = real(*args, **kwargs)
+                seen.append(task.max_grad_norm)
+                return task
+
+            adapter.from_lightning = spying
+            try:
+                super().on_fit_start(trainer, pl_module)
+            finally:
+                adapter.from_lightning = real
+
+    for clip, algorithm, expected in ((0.25, "norm", 0.25), (0.25, "value", None),
+                                      (None, None, None)):
+        trainer = L.Trainer(max_steps=1, callbacks=[Spy()], accelerator="cpu", logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path,
+                            gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+        trainer.fit(lightning_tasks.Classifier(), datamodule=lightning_tasks.Blobs())
+        assert seen[-1] == expected

@@ -130,7 +130,7 @@ def collate_with(data_collator: Optional[Callable[[list], Any]]) -> Callable[[li
 def from_hf(model: Any, train_dataset: Any, *, data_collator: Any = None,
             eval_dataset: Any = None, optimizer: Any = None, lr: float = 5e-5,
             weight_decay: float = 0.0, base_batch_size: int = 8, loss_fn: Any = None,
-            metric: Any = None) -> Any:
+            metric: Any = None, max_grad_norm: float | None = None) -> Any:
     """A ``bsselect.Task`` from a Hugging Face setup (see the module's doc).
 
     ``model``: a ``PretrainedConfig`` (random weights of the class it names), a local
@@ -139,7 +139,7 @@ def from_hf(model: Any, train_dataset: Any, *, data_collator: Any = None,
     ``adamw_torch`` builds it: ``weight_decay`` on the trainable parameters but biases and
     norms, which get none (two groups, in the Trainer's order). ``loss_fn``: default the model's own
     loss. ``metric``: ``(outputs, labels) -> float``, higher is better (``logits(outputs)``
-    gives the logits)."""
+    gives the logits). ``max_grad_norm``: the run's gradient clipping (``Task.max_grad_norm``)."""
     from ..task import Task, same_freshness
 
     if optimizer is None:
@@ -160,7 +160,8 @@ def from_hf(model: Any, train_dataset: Any, *, data_collator: Any = None,
     return Task(model=same_freshness(build, wrapped), train_data=train_dataset,
                 val_data=eval_dataset, loss_fn=loss_fn or model_loss, metric=metric,
                 optimizer=optimizer, lr=lr, base_batch_size=base_batch_size,
-                collate_fn=collate_with(data_collator), loss_weight=units)
+                collate_fn=collate_with(data_collator), loss_weight=units,
+                max_grad_norm=max_grad_norm)
 
 
 class LabelTokens:
@@ -206,7 +207,8 @@ def from_trainer(trainer: Any) -> Any:
     transformers 5) is applied to every model built, with its kwargs, as the Trainer applies
     it. The Trainer's precision (``bf16``/``fp16``) and its ``gradient_accumulation_steps``
     as micro-batches are the commands' ``--precision`` and ``--accumulate``: pass them
-    there."""
+    there. Its gradient clipping (``max_grad_norm``, 1.0 by default; 0 or None: off) is the
+    task's ``max_grad_norm``."""
     args = trainer.args
     model = _model_init(trainer) or trainer.model
     lr, optimizer = _trainer_optimizer(trainer)
@@ -227,7 +229,8 @@ def from_trainer(trainer: Any) -> Any:
                    eval_dataset=trainer.eval_dataset, lr=lr,
                    weight_decay=args.weight_decay, optimizer=optimizer,
                    base_batch_size=args.per_device_train_batch_size
-                   * args.gradient_accumulation_steps)
+                   * args.gradient_accumulation_steps,
+                   max_grad_norm=float(args.max_grad_norm) if args.max_grad_norm else None)
 
 
 _ENABLE = ("activation_checkpointing_enable", "gradient_checkpointing_enable")  # new, old name

@@ -148,12 +148,15 @@ def _loader_parts(loader: Any) -> tuple[Any, Any, Optional[int]]:
 def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any = None,
                    val_dataloader: Any = None, lr: float | None = None,
                    base_batch_size: int | None = None,
-                   optimizer: torch.optim.Optimizer | None = None) -> Any:
+                   optimizer: torch.optim.Optimizer | None = None,
+                   max_grad_norm: float | None = None) -> Any:
     """A ``bsselect.Task`` from a LightningModule and a LightningDataModule (or dataloaders):
     see the module's doc. ``lr`` and ``base_batch_size`` default to the optimizer's and the
     train dataloader's. ``optimizer``: the one a Trainer made for ``module`` (an instance;
     ``trainer.optimizers[0]``), instead of asking ``configure_optimizers`` again, which may
-    need the Trainer (``self.trainer.estimated_stepping_batches``)."""
+    need the Trainer (``self.trainer.estimated_stepping_batches``). ``max_grad_norm``: the
+    Trainer's ``gradient_clip_val`` (norm clipping), applied before every optimizer step.
+    Validation batches are made by the val dataloader's own ``collate_fn``."""
     from ..task import Task, same_freshness
 
     build = model_factory(module, "a LightningModule class, factory or instance")
@@ -170,7 +173,8 @@ def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any
     if train_dataloader is None:
         raise UsageError("from_lightning needs a datamodule or a train_dataloader")
     train, collate, loader_batch = _loader_parts(train_dataloader)
-    val = _loader_parts(val_dataloader)[0] if val_dataloader is not None else None
+    val, val_collate, _ = (_loader_parts(val_dataloader) if val_dataloader is not None
+                           else (None, None, None))
     if optimizer is None:
         recipe = _optimizer_recipe(build)
     elif not isinstance(module, nn.Module):
@@ -180,12 +184,43 @@ def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any
         _check_automatic(module)
         recipe = recipe_of(optimizer, module)
     collate = collate or torch.utils.data.default_collate
+    val_collate = val_collate or torch.utils.data.default_collate
+    if val is not None and val_collate is not collate:
+        val = _ValData(val)  # its items are collated by its own loader's collate_fn
+
+    def collate_either(items: list) -> tuple[Any, None]:
+        if items and isinstance(items[0], _ValItem):
+            return val_collate([item.item for item in items]), None
+        return collate(items), None
+
     return Task(model=same_freshness(build, lambda: StepModule(build())), train_data=train,
                 val_data=val,
                 loss_fn=step_loss, optimizer=recipe.build,
                 lr=float(lr if lr is not None else (recipe.lr or 1e-3)),
                 base_batch_size=base_batch_size or loader_batch or 32,
-                collate_fn=lambda items: (collate(items), None))
+                collate_fn=collate_either, max_grad_norm=max_grad_norm)
+
+
+class _ValItem:
+    """An item of the validation set, marked so that the task's one ``collate_fn`` batches it
+    with the val dataloader's ``collate_fn`` (a DataModule may give the two loaders different
+    ones: the train loader's augmenting or masking one, say; evaluating with it was wrong)."""
+
+    __slots__ = ("item",)
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
+
+
+class _ValData(torch.utils.data.Dataset):
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> _ValItem:
+        return _ValItem(self.data[i])
 
 
 def _callback_base() -> type:
@@ -233,7 +268,8 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
             # which a copy of the module has none of).
             optimizers = list(getattr(trainer, "optimizers", None) or ())
             task = from_lightning(pl_module, train_dataloader=datamodule.train_dataloader(),
-                                  optimizer=optimizers[0] if optimizers else None)
+                                  optimizer=optimizers[0] if optimizers else None,
+                                  max_grad_norm=_norm_clipping(trainer))
             options = dict(probe_options)
             # The run's own step: the Trainer's mixed precision and gradient accumulation
             # (the batch attribute is the micro-batch each accumulation step loads).
@@ -247,6 +283,14 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
             setattr(holder, attribute, self.batch_size)
 
     return _BatchSizeFromProbe()
+
+
+def _norm_clipping(trainer: Any) -> float | None:
+    """The Trainer's gradient clipping by norm (``gradient_clip_val`` with the default or
+    ``"norm"`` algorithm); None without clipping or with clipping by value."""
+    value = getattr(trainer, "gradient_clip_val", None)
+    algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm").lower()
+    return float(value) if value and algorithm.endswith("norm") else None
 
 
 def _lightning_precision(name: str) -> str:
