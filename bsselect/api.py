@@ -17,9 +17,10 @@ default: a library call prints nothing.
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, Union
 
 from .errors import CannotSimulate, TaskError, UsageError, parse_choice
 from .selection.plan import (_branch_samples, _check_enough_data, _check_lr, _check_seed,
@@ -92,6 +93,26 @@ def hf_config_task(task: TaskLike, hf_config: str | Path | None, seq_len: int | 
     from .adapters.hf_config import config_task
 
     return config_task(hf_config, seq_len), f"hf-config:{hf_config}"
+
+
+@contextmanager
+def _positions_of(hf_config: Any, seq_len: int | None) -> Iterator[None]:
+    """A ``--hf-config`` task's random tokens are within its vocabulary, so an embedding
+    lookup out of range is a position past the model's learned ones (GPT-2's
+    ``n_positions``): ``--seq-len`` is the user's to change, a usage error (exit 2), not a
+    failed task (exit 1)."""
+    try:
+        yield
+    except TaskError as exc:
+        from .memory.values import IndexOutOfRange
+
+        cause = exc.__cause__
+        if hf_config is None or seq_len is None or not isinstance(cause, IndexOutOfRange):
+            raise
+        lookup = str(cause).split(", which")[0].replace("index out of range: ", "")
+        raise UsageError(f"--seq-len {seq_len} is past this model's learned positions ({lookup}"
+                         "): use a --seq-len within its position table (n_positions / "
+                         "max_position_embeddings)") from exc
 
 
 def _bytes(value: Size, name: str) -> int | None:
@@ -237,11 +258,12 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
                          f"{type(task).__name__}")
     loaded, name = (task, hf_name or _name(task)) if not isinstance(
         task, (str, type(None))) else load_task(task)
-    resolved, note = probe_method(loaded, meth, dev, tgt, settings.precision)
-    if resolved is Method.simulated:
-        from .memory.real_check import check_real_step
+    with _positions_of(hf_config, seq_len):
+        resolved, note = probe_method(loaded, meth, dev, tgt, settings.precision)
+        if resolved is Method.simulated:
+            from .memory.real_check import check_real_step
 
-        check_real_step(loaded, settings.precision)
+            check_real_step(loaded, settings.precision)
     items = _scan(loaded, mode, console)
 
     def run(advance: Callable[[int, int], None] | None, method: "Method", note: str
@@ -317,11 +339,13 @@ def check(task: TaskLike = None, *, batch_size: int | None = None, memory: Size 
          "activation_checkpointing": activation_checkpointing},
         read_pyproject(Path(config or "pyproject.toml"), required=config is not None),
         str(config or "pyproject.toml"))
-    loaded, name = resolve_task(task if not isinstance(task, (str, type(None))) else cfg.task,
-                                on_meta=True, precision=cfg.precision)
     from .memory.real_check import check_real_step
 
-    check_real_step(loaded, cfg.precision)
+    with _positions_of(hf_config, seq_len):
+        loaded, name = resolve_task(
+            task if not isinstance(task, (str, type(None))) else cfg.task, on_meta=True,
+            precision=cfg.precision)
+        check_real_step(loaded, cfg.precision)
     name = hf_name or name
     return run_check(loaded, name, cfg, _scan(loaded, cfg.inputs, console))
 

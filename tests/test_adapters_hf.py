@@ -296,7 +296,9 @@ def test_hf_config_reads_the_file_it_is_given_not_the_config_json_beside_it(tmp_
 def test_a_sequence_longer_than_learned_positions_fails_as_a_real_step_does(tmp_path):
     """GPT-2 looks positions up in a table of n_positions rows: a real step at a longer
     sequence raises IndexError. Fake tensors do not check indices; the simulation checks the
-    real ones and fails alike (a rotary model has no such table and simulates)."""
+    real ones and fails alike (a rotary model has no such table and simulates). With
+    --hf-config the tokens are within the vocabulary, so the position is --seq-len's: a usage
+    error, exit 2 (it was exit 1, a failed task)."""
     from transformers import GPT2Config
 
     GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=100,
@@ -306,15 +308,15 @@ def test_a_sequence_longer_than_learned_positions_fails_as_a_real_step_does(tmp_
     assert fits.returncode == 0, fits.stderr
     done = run_cli("check", "--hf-config", str(tmp_path / "gpt2"), "--seq-len", "65",
                    "--batch-size", "4", "--memory", "1GiB")
-    assert done.returncode == 1
-    assert ("an embedding of 64 rows was looked up at index 64, which a real step fails on too"
-            in done.stderr), done.stderr
+    assert done.returncode == 2
+    assert ("--seq-len 65 is past this model's learned positions (an embedding of 64 rows was "
+            "looked up at index 64)" in done.stderr), done.stderr
     assert "Traceback" not in done.stderr and "--method measured" not in done.stderr
     # probe says it the same way (its auto method fell back to a real step, whose bare
     # "IndexError: index out of range in self" it printed: review)
     done = run_cli("probe", "--hf-config", str(tmp_path / "gpt2"), "--seq-len", "65",
                    "--memory", "1GiB")
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "an embedding of 64 rows was looked up at index 64" in done.stderr, done.stderr
     rotary = _tiny_llama_config(tmp_path / "llama")  # max_position_embeddings 128
     done = run_cli("check", "--hf-config", str(rotary), "--seq-len", "160", "--batch-size", "4",
