@@ -840,3 +840,57 @@ def test_evaluation_weights_the_last_short_batch_by_its_items_whatever_the_targe
         loss, metric = evaluate(model, task, TensorDataset(x, y), torch.device("cpu"),
                                 batch_size=16)
         assert loss == pytest.approx(truth[0], rel=1e-6) and metric == pytest.approx(truth[1])
+
+
+FLAKY_TASK = '''
+import os
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+from bsselect import Task
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if len(x) == 16 and os.environ.get("BROKEN_AT_16"):
+            raise RuntimeError("a bug in the user's forward at 16")
+        return self.lin(x)
+
+
+def make():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 4, generator=g)
+    return Task(model=Net, train_data=TensorDataset(x, (x[:, 0] > 0).long()),
+                loss_fn=F.cross_entropy, lr=0.1, base_batch_size=8)
+'''
+
+
+def test_resume_runs_a_failed_trial_again_and_keeps_the_others(tmp_path):
+    """A trial that failed with an error (a bug since fixed; on a GPU, an OOM because another
+    job held memory) is the moment's, not the batch size's: --resume runs it again, and
+    says so (it was kept, so no resume could ever retry it)."""
+    (tmp_path / "flaky.py").write_text(FLAKY_TASK)
+    spec = f"{tmp_path / 'flaky.py'}:make"
+    journal = tmp_path / "j.jsonl"
+    args = ("sweep", spec, "--batch-sizes", "8,16", "--budget", "256", "--journal",
+            str(journal), "--noise-measurements", "0", "--json")
+    first = run_cli(*args, env={"BROKEN_AT_16": "1"})
+    assert first.returncode == 0, first.stderr
+    statuses = {t["batch_size"]: t["status"] for t in json.loads(first.stdout)["trials"]}
+    assert statuses == {8: "ok", 16: "error"}
+    again = run_cli(*args, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "--resume runs again the trials the journal holds as failed: b=16 (error)" in \
+        again.stderr
+    data = json.loads(again.stdout)
+    assert {t["batch_size"]: t["status"] for t in data["trials"]} == {8: "ok", 16: "ok"}
+    assert data["resumed"] == [8]
+    report = run_cli("report", str(journal), "--json")
+    assert report.returncode == 0, report.stderr
+    assert {t["batch_size"]: t["status"] for t in json.loads(report.stdout)["trials"]} == \
+        {8: "ok", 16: "ok"}

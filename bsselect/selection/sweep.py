@@ -28,7 +28,7 @@ from .sweep_settings import (BASE_STEPS, RAMP_BASE_STEPS, VAL_ITEMS, WARM_START_
                              SweepSettings, check_accumulation, data_cap, default_budget,
                              parse_budget, powers_of_two, resolve_lr_scaling, validation_cap)
 from .timing import RoundTiming, cpu_threads, progress_units
-from .trial_types import TrialResult
+from .trial_types import TrialResult, TrialStatus
 from .trials import (EVAL_BATCH, BudgetKind, TrialSetup, branch_point, eval_subset, initial_loss,
                      keep_group_ratios, run_trial, split_validation, time_batch_sizes)
 
@@ -196,7 +196,7 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
         journal_path, task=task_name,
         settings={**settings.journal_settings(task), **distributed.journal_settings()}, mode=mode,
         fingerprint=fingerprint))
-    done = journal.resumed
+    done = _keep_finished(journal.resumed, batch_sizes, hooks)
     for warning in journal.warnings:
         if hooks.warn:
             hooks.warn(warning)
@@ -251,6 +251,23 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
             "rerun with --resume to continue"
         ) from None
     return result
+
+
+RERUN_ON_RESUME = (TrialStatus.error, TrialStatus.oom)
+
+
+def _keep_finished(resumed: dict[int, TrialResult], batch_sizes: Sequence[int],
+                   hooks: SweepHooks) -> dict[int, TrialResult]:
+    """The journal's trials that ``--resume`` keeps: not those that failed with an error or
+    out of memory, which say more about the moment (a bug since fixed, a GPU another job
+    held) than about the batch size, and run again, said in a warning (they were kept: a
+    resume could never retry them). A diverged or stalled trial is the batch size's answer
+    and is kept; the rerun's record follows the old one, which ``report`` then skips."""
+    again = [b for b in batch_sizes if b in resumed and resumed[b].status in RERUN_ON_RESUME]
+    if again and hooks.warn:
+        hooks.warn("--resume runs again the trials the journal holds as failed: "
+                   + ", ".join(f"b={b} ({resumed[b].status.value})" for b in again))
+    return {b: t for b, t in resumed.items() if b not in again}
 
 
 def _warn_unscored(task: Task, setup: TrialSetup, trials: dict[int, TrialResult],
