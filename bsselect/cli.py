@@ -343,8 +343,8 @@ def sweep(
         help="JSONL journal of finished trials.", show_default="bsselect-sweep-TASK.jsonl")
     ] = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Skip trials already in the journal for the same task and settings (those that "
-        "failed with an error or out of memory run again).")
+        "--resume", help="Skip trials already in the journal for the same task and settings "
+        "(those that failed with an error or out of memory run again).")
     ] = False,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Start the journal afresh if it exists.")] = False,
