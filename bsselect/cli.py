@@ -410,6 +410,9 @@ def sweep(
             console.print(f"{settings.precision.value}; each batch size is the effective "
                           f"batch: micro-batch x {settings.accumulate} accumulation steps",
                           highlight=False)
+        if plan.task.max_grad_norm is not None:
+            console.print(f"gradients clipped to norm {plan.task.max_grad_norm:g} before every "
+                          "step (Task.max_grad_norm)", highlight=False)
         if plan.threads is not None:
             console.print(f"cpu threads: {plan.threads}"
                           + (" (--threads)" if plan.threads_given else

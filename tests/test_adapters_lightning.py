@@ -197,3 +197,26 @@ def test_the_callback_and_from_lightning_carry_gradient_clipping(tmp_path):
                             gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
         trainer.fit(lightning_tasks.Classifier(), datamodule=lightning_tasks.Blobs())
         assert seen[-1] == expected
+
+
+class _IndexedValCollate(lightning_tasks.Blobs):
+    """A val loader whose batches carry an index beside x and y, for a validation_step that
+    takes them: training_step (which bsselect evaluates with) cannot."""
+
+    def val_dataloader(self):
+        def with_index(items):
+            x, y = zip(*items)
+            return torch.stack(x), torch.stack(y), torch.arange(len(items))
+
+        return torch.utils.data.DataLoader(self.val, batch_size=self.batch_size,
+                                           collate_fn=with_index)
+
+
+def test_a_val_collate_that_training_step_cannot_take_falls_back_to_the_train_one():
+    with pytest.warns(UserWarning, match="the val dataloader's collate_fn makes batches that "
+                                         "training_step cannot take"):
+        task = Task.from_lightning(lightning_tasks.Classifier, _IndexedValCollate())
+    assert isinstance(task.val_data, torch.utils.data.TensorDataset)  # not wrapped
+    x, _ = task.collate_fn([task.val_data[i] for i in range(4)])
+    assert set(x) == {"x", "y"}  # the train loader's batches, which the step takes
+    validate_task(task)

@@ -91,7 +91,7 @@ def test_a_sweep_trial_clips_and_its_journal_says_so(tmp_path):
     header = json.loads((tmp_path / "clipped.jsonl").read_text().splitlines()[0])
     assert header["settings"]["task_fingerprint"]["max_grad_norm"] == 1.0
     header = json.loads((tmp_path / "plain.jsonl").read_text().splitlines()[0])
-    assert "max_grad_norm" not in header["settings"]["task_fingerprint"]
+    assert header["settings"]["task_fingerprint"]["max_grad_norm"] is None
 
 
 def test_from_trainer_carries_the_trainers_clipping(tmp_path):
@@ -110,5 +110,97 @@ def test_from_trainer_carries_the_trainers_clipping(tmp_path):
         return Task.from_trainer(trainer)
 
     assert make(0.5).max_grad_norm == 0.5
-    assert make(0.0).max_grad_norm is None  # 0 turns the Trainer's clipping off
+    # The Trainer clips only above 0, and inf clips nothing: no clipping (review: -1 and inf
+    # were refused by Task's check, a traceback-free crash of a valid Trainer)
+    for off in (0.0, -1.0, float("inf")):
+        assert make(off).max_grad_norm is None
     assert TrainingArguments(output_dir=str(tmp_path)).max_grad_norm == 1.0  # its default
+
+
+CLIP_TASK = """
+import os
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+from bsselect import Task
+
+
+def make():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 4, generator=g)
+    norm = os.environ.get("CLIP")
+    return Task(model=lambda: nn.Linear(4, 2), train_data=TensorDataset(x, (x[:, 0] > 0).long()),
+                loss_fn=F.cross_entropy, lr=0.1, base_batch_size=8,
+                max_grad_norm=float(norm) if norm else None)
+"""
+
+
+def test_resume_refuses_a_journal_trained_with_other_clipping(tmp_path):
+    """Clipped trials are not unclipped ones: a resume that switches clipping on or off is
+    refused (review: the fingerprint held the norm only when set, and the comparison reads
+    the fields both journals hold, so on <-> off resumed). A journal written before the field
+    existed trained without clipping: it resumes unclipped, and is refused clipped."""
+    import json
+
+    from conftest import run_cli
+
+    (tmp_path / "clip.py").write_text(CLIP_TASK)
+    spec = f"{tmp_path / 'clip.py'}:make"
+
+    def sweep(journal: str, clip: str | None, *extra: str):
+        return run_cli("sweep", spec, "--batch-sizes", "8,16", "--budget", "128", "--journal",
+                       str(tmp_path / journal), "--noise-measurements", "0", *extra,
+                       env={"CLIP": clip or ""})
+
+    for first, then in (("1.0", None), (None, "1.0")):
+        name = f"j-{first}.jsonl"
+        done = sweep(name, first)
+        assert done.returncode == 0, done.stderr
+        said = "gradients clipped to norm 1 before every step (Task.max_grad_norm)"
+        assert (said in done.stderr) == (first is not None), done.stderr
+        again = sweep(name, then, "--resume")
+        assert again.returncode == 2, again.stderr
+        assert "max_grad_norm" in again.stderr and "its trials do not apply" in again.stderr
+    # An older journal: no max_grad_norm in its fingerprint.
+    journal = tmp_path / "old.jsonl"
+    assert sweep("old.jsonl", None).returncode == 0
+    lines = journal.read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["settings"]["task_fingerprint"]["max_grad_norm"]
+    journal.write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n")
+    assert sweep("old.jsonl", None, "--resume").returncode == 0
+    refused = sweep("old.jsonl", "1.0", "--resume")
+    assert refused.returncode == 2 and "max_grad_norm None -> 1.0" in refused.stderr
+
+
+def test_a_measured_probe_for_cuda_of_a_checkpointed_model_takes_the_larger_headroom():
+    """``--target cuda`` with real steps (a CUDA machine's auto method): the steps recompute,
+    so the fragmentation headroom is the recomputing step's 30% (review: it was always 15%:
+    only simulations said whether they recomputed). The allocator is the CPU one with a cap,
+    the seam the measured path takes on any device."""
+    from torch.utils.checkpoint import checkpoint
+
+    from bsselect.device import Budget
+    from bsselect.memory.capped import CappedCpuAllocator
+    from bsselect.memory.probe import Method, run_probe
+    from bsselect.memory.targets import Target
+
+    class Net(nn.Module):
+        def __init__(self, checkpointed: bool) -> None:
+            super().__init__()
+            self.a, self.b, self.checkpointed = nn.Linear(8, 64), nn.Linear(64, 1), checkpointed
+
+        def forward(self, x):
+            h = checkpoint(self.a, x, use_reentrant=False) if self.checkpointed else self.a(x)
+            return self.b(torch.relu(h))
+
+    data = _task().train_data
+    for checkpointed, note in ((True, "30% of the peak"), (False, "15% of the peak")):
+        task = Task(model=lambda c=checkpointed: Net(c), train_data=data, loss_fn=F.mse_loss)
+        result = run_probe(task, task_name="t", device=torch.device("cpu"),
+                           budget=Budget(2**31, "test"), method=Method.measured,
+                           target=Target.cuda, batch_sizes=[8, 16],
+                           backend=CappedCpuAllocator(2**40), confirm=False)
+        headroom = next(t for t in result.terms if t.name == "fragmentation headroom")
+        assert headroom.note.startswith(note), (checkpointed, headroom.note)

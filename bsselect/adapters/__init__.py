@@ -10,6 +10,16 @@ from torch import nn
 from ..errors import UsageError
 
 
+def norm_or_none(value: Any) -> float | None:
+    """A framework's gradient-clipping norm as ``Task.max_grad_norm``: None where the
+    framework clips nothing (None, 0 or below — the HF Trainer clips only above 0 — and
+    inf), else the number (bools and non-numbers are left to Task's own check)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            value <= 0 or value == float("inf")):
+        return None
+    return value
+
+
 def model_factory(model: Any, kinds: str) -> Callable[[], nn.Module]:
     """A zero-argument builder of a fresh model: ``model`` itself when it is a factory (or a
     class); a copy per call when it is an instance (each trial needs its own weights; the

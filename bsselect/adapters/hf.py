@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import TaskError
-from . import model_factory
+from . import model_factory, norm_or_none
 from .hf_config import (RandomTokens, check_buildable, config_task, from_config, is_config,
                         load_config, shipped_configs)
 
@@ -161,7 +161,7 @@ def from_hf(model: Any, train_dataset: Any, *, data_collator: Any = None,
                 val_data=eval_dataset, loss_fn=loss_fn or model_loss, metric=metric,
                 optimizer=optimizer, lr=lr, base_batch_size=base_batch_size,
                 collate_fn=collate_with(data_collator), loss_weight=units,
-                max_grad_norm=max_grad_norm)
+                max_grad_norm=norm_or_none(max_grad_norm))
 
 
 class LabelTokens:
@@ -207,8 +207,8 @@ def from_trainer(trainer: Any) -> Any:
     transformers 5) is applied to every model built, with its kwargs, as the Trainer applies
     it. The Trainer's precision (``bf16``/``fp16``) and its ``gradient_accumulation_steps``
     as micro-batches are the commands' ``--precision`` and ``--accumulate``: pass them
-    there. Its gradient clipping (``max_grad_norm``, 1.0 by default; 0 or None: off) is the
-    task's ``max_grad_norm``."""
+    there. Its gradient clipping (``max_grad_norm``, 1.0 by default; it clips only when
+    above 0, and inf clips nothing) is the task's ``max_grad_norm``."""
     args = trainer.args
     model = _model_init(trainer) or trainer.model
     lr, optimizer = _trainer_optimizer(trainer)
@@ -230,7 +230,7 @@ def from_trainer(trainer: Any) -> Any:
                    weight_decay=args.weight_decay, optimizer=optimizer,
                    base_batch_size=args.per_device_train_batch_size
                    * args.gradient_accumulation_steps,
-                   max_grad_norm=float(args.max_grad_norm) if args.max_grad_norm else None)
+                   max_grad_norm=norm_or_none(args.max_grad_norm))
 
 
 _ENABLE = ("activation_checkpointing_enable", "gradient_checkpointing_enable")  # new, old name

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import TaskError, UsageError, one_line
-from . import batch_len, loader_sampling, model_factory
+from . import batch_len, loader_sampling, model_factory, norm_or_none
 
 
 class StepModule(nn.Module):
@@ -185,7 +185,7 @@ def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any
         recipe = recipe_of(optimizer, module)
     collate = collate or torch.utils.data.default_collate
     val_collate = val_collate or torch.utils.data.default_collate
-    if val is not None and val_collate is not collate:
+    if val is not None and val_collate != collate and _steps_on(build, val, val_collate):
         val = _ValData(val)  # its items are collated by its own loader's collate_fn
 
     def collate_either(items: list) -> tuple[Any, None]:
@@ -198,7 +198,27 @@ def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any
                 loss_fn=step_loss, optimizer=recipe.build,
                 lr=float(lr if lr is not None else (recipe.lr or 1e-3)),
                 base_batch_size=base_batch_size or loader_batch or 32,
-                collate_fn=collate_either, max_grad_norm=max_grad_norm)
+                collate_fn=collate_either, max_grad_norm=norm_or_none(max_grad_norm))
+
+
+def _steps_on(build: Callable[[], nn.Module], val: Any, val_collate: Any) -> bool:
+    """Whether ``training_step`` takes a batch of the val dataloader's ``collate_fn`` (two
+    items, no gradient). Lightning feeds those batches to ``validation_step``, which may take
+    another layout (an index beside ``x, y``) that the training step, which bsselect
+    evaluates with, cannot unpack: then the train loader's ``collate_fn`` batches the
+    validation set as well, with a warning (review: the sweep failed where it had run)."""
+    items = [val[i] for i in range(min(2, len(val)))]
+    try:
+        module = build()
+        module.eval()
+        with torch.no_grad():
+            step_loss(StepModule(module)(val_collate(items)), None)
+        return True
+    except Exception as exc:  # noqa: BLE001 - the user's code: said, then the other collate
+        warnings.warn(f"the val dataloader's collate_fn makes batches that training_step "
+                      f"cannot take ({one_line(exc)}); the validation set is batched by the "
+                      "train dataloader's collate_fn instead", stacklevel=3)
+        return False
 
 
 class _ValItem:
@@ -290,7 +310,7 @@ def _norm_clipping(trainer: Any) -> float | None:
     ``"norm"`` algorithm); None without clipping or with clipping by value."""
     value = getattr(trainer, "gradient_clip_val", None)
     algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm").lower()
-    return float(value) if value and algorithm.endswith("norm") else None
+    return norm_or_none(float(value)) if value and algorithm.endswith("norm") else None
 
 
 def _lightning_precision(name: str) -> str:

@@ -152,6 +152,7 @@ def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
             meter.extras["optimizer_impl"] = step.optimizer_impl
             meter.extras["parameter_dtype"] = step.parameter_dtype
             meter.extras.setdefault("steps", {})[b] = step
+            meter.extras["recomputes"] = meter.extras.get("recomputes") or step.recomputes
             return step.peak_bytes
 
         meter.peak = simulated
@@ -170,9 +171,26 @@ def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
         return Meter(method, host_guarded)
     from .measured import AcceleratorAllocator, run_two_steps
 
+    from contextlib import nullcontext
+
+    from .recompute import recomputations, recomputed_under
+
     real = backend if backend is not None else AcceleratorAllocator(device)
-    run = lambda b: run_two_steps(task, b, real, seed, settings, inputs)  # noqa: E731
-    return Meter(method, run)
+    meter = Meter(method, lambda b: 0)
+
+    def run(b: int) -> int:
+        # Whether the real steps recompute checkpointed activations: the CUDA terms give such
+        # a step more fragmentation headroom (review: a measured --target cuda probe of a
+        # checkpointed model got the plain 15%).
+        before = recomputations()
+        with recomputed_under(nullcontext):
+            peak = run_two_steps(task, b, real, seed, settings, inputs)
+        meter.extras["recomputes"] = meter.extras.get("recomputes") or \
+            recomputations() > before
+        return peak
+
+    meter.peak = run
+    return meter
 
 
 HOST_HEADROOM = 0.5  # a real step on the CPU may use at most this share of the available RAM
@@ -291,7 +309,7 @@ def run_probe(
     raw = measure_points(meter, sizes, on_point)
     uses_cudnn = target is not Target.same and model_uses_cudnn(task)
     rounded = _rounded(meter)
-    recomputes = any(step.recomputes for step in meter.extras.get("steps", {}).values())
+    recomputes = bool(meter.extras.get("recomputes"))
     points = tuple(
         Point(b, p, _required(p, rounded.get(b), target, uses_cudnn, budget_is_total,
                               recomputes)[0])

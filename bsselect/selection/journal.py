@@ -348,6 +348,9 @@ def _check_key(path: Path, contents: JournalContents, key: str,
 
 
 TASK_FINGERPRINT = "task_fingerprint"
+# Fingerprint fields added since journals were first written, with the value a journal
+# without them stands for: one written before Task.max_grad_norm trained without clipping.
+FINGERPRINT_DEFAULTS: dict[str, Any] = {"max_grad_norm": None}
 
 
 def _check_fingerprint(path: Path, header: JournalHeader | None,
@@ -355,7 +358,10 @@ def _check_fingerprint(path: Path, header: JournalHeader | None,
     """UsageError when the journal records a task fingerprint that differs from ``now``'s,
     naming what changed: the same entry point may build another model or data."""
     before = header.settings.get(TASK_FINGERPRINT) if header is not None else None
-    if not before or not now or before == now:
+    if not before or not now:
+        return
+    before = {**FINGERPRINT_DEFAULTS, **before}
+    if before == now:
         return
     # What both record: a journal of an earlier version lacks the fields added since.
     # The opaque hash of the modules last: a shape or a name says more when it changed too.

@@ -340,9 +340,8 @@ def task_fingerprint(task: Task, setup: TrialSetup) -> dict[str, Any]:
             "optimizer": optimizer, "optimizer_settings": _optimizer_settings(task, model),
             "loss_fn": name(task.loss_fn), "metric": name(task.metric),
             "modules": _modules(model),
-            # only when set: journals written before the field keep their fingerprint
-            **({"max_grad_norm": task.max_grad_norm} if task.max_grad_norm is not None
-               else {})}
+            # a journal without it (older) stands for None: journal.FINGERPRINT_DEFAULTS
+            "max_grad_norm": task.max_grad_norm}
 
 
 def _meta_model(task: Task) -> nn.Module | None:
