@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, Union
 
-from .errors import CannotSimulate, TaskError, UsageError, parse_choice
+from .errors import CannotSimulate, TaskError, UsageError, one_line, parse_choice
 from .selection.plan import (_branch_samples, _check_enough_data, _check_lr, _check_seed,
                              _run_checkpoints, _sizes_and_threads, local_processes,
                              parse_warmup, plan_sizes, slug, sweep_settings, warn_threads)
@@ -96,23 +96,43 @@ def hf_config_task(task: TaskLike, hf_config: str | Path | None, seq_len: int | 
 
 
 @contextmanager
-def _positions_of(hf_config: Any, seq_len: int | None) -> Iterator[None]:
-    """A ``--hf-config`` task's random tokens are within its vocabulary, so an embedding
-    lookup out of range is a position past the model's learned ones (GPT-2's
-    ``n_positions``): ``--seq-len`` is the user's to change, a usage error (exit 2), not a
-    failed task (exit 1)."""
+def _positions_of(hf_config: Any, task: Any) -> Iterator[None]:
+    """Inside: a ``--hf-config`` task whose step fails past the model's learned positions is
+    a usage error (exit 2) that says the longest ``--seq-len`` it takes, not a failed task
+    (exit 1). Its random tokens are within the vocabulary, so an embedding lookup out of
+    range is a position (GPT-2's ``n_positions``; RoBERTa's and OPT's tables hold 2 more
+    rows than the positions they take, which the limit allows for); a failure of another
+    kind at a length past the config's ``max_position_embeddings`` / ``n_positions`` (BERT's
+    token-type buffer) is the length's too. Rotary models run past that number and are not
+    refused: only a failure is."""
+    if hf_config is None:
+        yield
+        return
+    length = int(task.train_data.seq_len)
     try:
         yield
-    except TaskError as exc:
+    except (TaskError, IndexError) as exc:
+        from .adapters.hf_config import load_config
         from .memory.values import IndexOutOfRange
 
-        cause = exc.__cause__
-        if hf_config is None or seq_len is None or not isinstance(cause, IndexOutOfRange):
+        cause = exc if isinstance(exc, IndexOutOfRange) else exc.__cause__
+        config = load_config(hf_config, "--hf-config")
+        declared = next((int(v) for v in (getattr(config, name, None) for name in (
+            "max_position_embeddings", "n_positions")) if isinstance(v, int)), None)
+        if isinstance(cause, IndexOutOfRange):
+            offset = max(0, cause.index - (length - 1))  # rows before position 0
+            longest = cause.rows - offset
+            what = (f"it looks positions up in a table of {cause.rows:,} rows, at index "
+                    f"{cause.index:,}")
+        elif declared is not None and length > declared:
+            longest = declared
+            what = f"a step at {length:,} tokens fails: {one_line(exc.__cause__ or exc)}"
+        else:
             raise
-        lookup = str(cause).split(", which")[0].replace("index out of range: ", "")
-        raise UsageError(f"--seq-len {seq_len} is past this model's learned positions ({lookup}"
-                         "): use a --seq-len within its position table (n_positions / "
-                         "max_position_embeddings)") from exc
+        told = (f"--seq-len {length:,}" if task.train_data.seq_len_given else
+                f"the default --seq-len (the config's max_position_embeddings, {length:,})")
+        raise UsageError(f"{told} is past this model's learned positions ({what}): use "
+                         f"--seq-len {longest:,} or less") from exc
 
 
 def _bytes(value: Size, name: str) -> int | None:
@@ -225,7 +245,8 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
     steps, half the available RAM). ``hf_config`` (instead of a task): a local transformers
     config, trained as a causal LM on ``seq_len``-token sequences."""
     from .device import Budget, default_budget
-    from .memory.probe import DEFAULT_BATCH_SIZES, HOST_HEADROOM, Method, run_probe
+    from .memory.probe import (DEFAULT_BATCH_SIZES, HOST_HEADROOM, Method, choose_method,
+                               run_probe)
     from .memory.targets import Target
     from .run_options import parse_inputs, shard_plan, step_settings
     from .task import Task, load_task
@@ -258,7 +279,13 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
                          f"{type(task).__name__}")
     loaded, name = (task, hf_name or _name(task)) if not isinstance(
         task, (str, type(None))) else load_task(task)
-    with _positions_of(hf_config, seq_len):
+    with _positions_of(hf_config, loaded):
+        if hf_config is not None and choose_method(meth, dev) is not Method.simulated:
+            from .task import validate_task
+
+            # A real step past the positions is a bare IndexError (on CUDA a device-side
+            # assert): the meta-device check says it first, in words (review).
+            validate_task(loaded, on_meta=True, precision=settings.precision)
         resolved, note = probe_method(loaded, meth, dev, tgt, settings.precision)
         if resolved is Method.simulated:
             from .memory.real_check import check_real_step
@@ -341,7 +368,7 @@ def check(task: TaskLike = None, *, batch_size: int | None = None, memory: Size 
         str(config or "pyproject.toml"))
     from .memory.real_check import check_real_step
 
-    with _positions_of(hf_config, seq_len):
+    with _positions_of(hf_config, task):
         loaded, name = resolve_task(
             task if not isinstance(task, (str, type(None))) else cfg.task, on_meta=True,
             precision=cfg.precision)

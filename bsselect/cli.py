@@ -599,8 +599,16 @@ def report(
                                              "format": None, "step": None,
                                              "optimizer_state": None})
         then, now = contents.timing_recommended, result.recommended_batch_size
+        rerun = sorted(set(contents.after_timing) & set(sizes))
+        if rerun:  # a resume that stopped after rerunning them, before timing them
+            console.print(
+                f"[yellow]warning:[/] b={', '.join(map(str, rerun))}: trained after the "
+                "journal's last timing rounds (a --resume that stopped before timing), so "
+                "ranked at their trials' own step times; `bsselect sweep --resume` times them "
+                "with the others", highlight=False)
         # Only when every batch size that sweep ranked is still here: the same trials.
-        same = bool(ran) and set(contents.timing_batch_sizes or ()) <= set(trials)
+        same = bool(ran) and set(contents.timing_batch_sizes or ()) <= set(trials) \
+            and not rerun
         if same and then is not None and now is not None and then != now and then in ran:
             console.print(
                 f"[yellow]warning:[/] the sweep that wrote {_escape(str(journal))} recommended "

@@ -309,15 +309,38 @@ def test_a_sequence_longer_than_learned_positions_fails_as_a_real_step_does(tmp_
     done = run_cli("check", "--hf-config", str(tmp_path / "gpt2"), "--seq-len", "65",
                    "--batch-size", "4", "--memory", "1GiB")
     assert done.returncode == 2
-    assert ("--seq-len 65 is past this model's learned positions (an embedding of 64 rows was "
-            "looked up at index 64)" in done.stderr), done.stderr
+    assert ("--seq-len 65 is past this model's learned positions (it looks positions up in a "
+            "table of 64 rows, at index 64): use --seq-len 64 or less" in done.stderr), \
+        done.stderr
     assert "Traceback" not in done.stderr and "--method measured" not in done.stderr
     # probe says it the same way (its auto method fell back to a real step, whose bare
     # "IndexError: index out of range in self" it printed: review)
-    done = run_cli("probe", "--hf-config", str(tmp_path / "gpt2"), "--seq-len", "65",
+    for method in ("auto", "measured"):  # real steps (a GPU's auto) hit a bare IndexError
+        done = run_cli("probe", "--hf-config", str(tmp_path / "gpt2"), "--seq-len", "65",
+                       "--memory", "1GiB", "--method", method)
+        assert done.returncode == 2, (method, done.stderr)
+        assert "use --seq-len 64 or less" in done.stderr, done.stderr
+    # RoBERTa's positions start after its padding index: a table of 16 rows takes 14 tokens,
+    # and the config's own max_position_embeddings (the default --seq-len) is past them
+    from transformers import BertConfig, RobertaConfig
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=64, vocab_size=100, max_position_embeddings=16,
+                 is_decoder=True)
+    RobertaConfig(**small).save_pretrained(tmp_path / "roberta")
+    done = run_cli("check", "--hf-config", str(tmp_path / "roberta"), "--batch-size", "2",
                    "--memory", "1GiB")
     assert done.returncode == 2
-    assert "an embedding of 64 rows was looked up at index 64" in done.stderr, done.stderr
+    assert ("the default --seq-len (the config's max_position_embeddings, 16) is past this "
+            "model's learned positions" in done.stderr and "use --seq-len 14 or less" in
+            done.stderr), done.stderr
+    assert run_cli("check", "--hf-config", str(tmp_path / "roberta"), "--seq-len", "14",
+                   "--batch-size", "2", "--memory", "1GiB").returncode == 0
+    # BERT fails past its positions elsewhere (its token-type buffer): the same usage error
+    BertConfig(**small).save_pretrained(tmp_path / "bert")
+    done = run_cli("check", "--hf-config", str(tmp_path / "bert"), "--seq-len", "17",
+                   "--batch-size", "2", "--memory", "1GiB")
+    assert done.returncode == 2 and "use --seq-len 16 or less" in done.stderr, done.stderr
     rotary = _tiny_llama_config(tmp_path / "llama")  # max_position_embeddings 128
     done = run_cli("check", "--hf-config", str(rotary), "--seq-len", "160", "--batch-size", "4",
                    "--memory", "1GiB")

@@ -330,6 +330,33 @@ def test_resume_reruns_only_what_the_journal_lacks(tmp_path):
                      resume=True, threads=1)
 
 
+def test_resume_runs_a_failed_branch_again(tmp_path):
+    """As sweep --resume: a branch the journal holds as failed (error, out of memory) runs
+    again, and a note says so; the others are kept (review: kept, and called "made no
+    progress")."""
+    task = sweep_tasks.tiny()
+    path = tmp_path / "j.jsonl"
+    first = run_schedule(task, task_name="tiny", batch_sizes=[8, 16, 32], settings=_settings(),
+                         device=CPU, journal_path=path, threads=1)
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        record = json.loads(line)
+        if "branch" in record and record["branch"]["trial"]["batch_size"] == 16:
+            record["branch"]["trial"].update(status="error", error="a bug since fixed")
+            lines[i] = json.dumps(record)
+            point = record["branch"]["point"]
+            break
+    path.write_text("\n".join(lines) + "\n")
+    again = run_schedule(task, task_name="tiny", batch_sizes=[8, 16, 32], settings=_settings(),
+                         device=CPU, journal_path=path, resume=True, threads=1)
+    assert f"--resume ran again the branches the journal held as failed: point {point} b=16 " \
+        "(error)" in " ".join(again.notes)
+    branches = sum(1 for line in lines if "branch" in json.loads(line))
+    assert again.resumed == branches - 1  # every other branch kept
+    statuses = [b.trial.status.value for p in again.points for b in p.branches]
+    assert statuses == [b.trial.status.value for p in first.points for b in p.branches]
+
+
 def test_too_short_a_branch_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="can branch"):
         run_schedule(sweep_tasks.tiny(), task_name="tiny", batch_sizes=[64, 128],

@@ -894,3 +894,13 @@ def test_resume_runs_a_failed_trial_again_and_keeps_the_others(tmp_path):
     assert report.returncode == 0, report.stderr
     assert {t["batch_size"]: t["status"] for t in json.loads(report.stdout)["trials"]} == \
         {8: "ok", 16: "ok"}
+    # A resume killed after the rerun, before its timing rounds: report says that b=16 was
+    # not timed with the others, not that the ranking rules changed (review).
+    lines = journal.read_text().splitlines()
+    assert "timing" in json.loads(lines[-1])
+    journal.write_text("\n".join(lines[:-1]) + "\n")
+    report = run_cli("report", str(journal))
+    assert report.returncode == 0, report.stderr
+    assert "b=16: trained after the journal's last timing rounds" in report.stderr, \
+        report.stderr
+    assert "rules have changed" not in report.stderr

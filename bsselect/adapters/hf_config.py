@@ -105,8 +105,10 @@ class RandomTokens(torch.utils.data.Dataset):
 
     uniform_items = True
 
-    def __init__(self, vocab_size: int, seq_len: int, items: int = 1 << 20) -> None:
+    def __init__(self, vocab_size: int, seq_len: int, items: int = 1 << 20,
+                 seq_len_given: bool = True) -> None:
         self.vocab_size, self.seq_len, self.items = vocab_size, seq_len, items
+        self.seq_len_given = seq_len_given  # False: the config's max_position_embeddings
 
     def __len__(self) -> int:
         return self.items
@@ -136,5 +138,5 @@ def config_task(path: str | Path, seq_len: int | None = None, lr: float = 1e-4,
         raise UsageError("--seq-len is needed: the config has no max_position_embeddings")
     from .hf import from_hf
 
-    return from_hf(config, RandomTokens(vocab, int(length)), lr=lr,
-                   base_batch_size=base_batch_size)
+    return from_hf(config, RandomTokens(vocab, int(length), seq_len_given=bool(seq_len)),
+                   lr=lr, base_batch_size=base_batch_size)

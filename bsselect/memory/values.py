@@ -52,7 +52,12 @@ class DataDependentOp(RuntimeError):
 class IndexOutOfRange(IndexError):
     """A lookup the real step would fail on too: an embedding row past the table's end (a
     token id beyond the vocabulary, a position beyond the model's positions). Fake tensors do
-    not check indices, so the simulation checks the real ones it has."""
+    not check indices, so the simulation checks the real ones it has. ``rows``: the table's;
+    ``index``: the one looked up."""
+
+    def __init__(self, message: str, rows: int = 0, index: int = 0) -> None:
+        super().__init__(message)
+        self.rows, self.index = rows, index
 
 
 def check_embedding(weight: Any, indices: Any) -> None:
@@ -68,7 +73,7 @@ def check_embedding(weight: Any, indices: Any) -> None:
         raise IndexOutOfRange(
             f"index out of range: an embedding of {rows:,} rows was looked up at index {at:,}, "
             "which a real step fails on too (a sequence longer than the model's positions, "
-            "e.g. --seq-len, or a token id beyond its vocabulary?)")
+            "e.g. --seq-len, or a token id beyond its vocabulary?)", rows, at)
 
 
 @contextmanager

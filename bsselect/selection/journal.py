@@ -97,6 +97,9 @@ class JournalContents:
     timing_recommended: int | None = None
     # The checkpoint that sweep's trials branched from (``SweepResult.from_checkpoint``).
     timing_from_checkpoint: dict[str, Any] | None = None
+    # Batch sizes with a trial record after the last timing record: run (again) by a resume
+    # that stopped before it timed them (``sweep --resume`` reruns failed trials).
+    after_timing: tuple[int, ...] = ()
     # Other commands' records (``RECORD_TAGS``: ``bsselect schedule``'s branches and noise
     # points), as (tag, payload) in the order written.
     records: tuple[tuple[str, dict[str, Any]], ...] = field(default=())
@@ -137,6 +140,7 @@ def load(path: str | Path) -> JournalContents:
     timing_note: str | None = None
     timing_recommended: int | None = None
     timing_checkpoint: dict[str, Any] | None = None
+    after_timing: list[int] = []
     records: list[tuple[str, dict[str, Any]]] = []
     for number, raw in enumerate(lines, start=1):
         last_and_cut = number == len(lines) and not complete
@@ -152,6 +156,8 @@ def load(path: str | Path) -> JournalContents:
                              "not be mixed; split the file, or keep one sweep per --journal")
         elif problem is None and "trial" in record:
             problem = _append_trial(record["trial"], trials)
+            if problem is None and timing_sizes is not None:
+                after_timing.append(trials[-1].batch_size)
         elif problem is None and "timing" in record:
             rounds, problem = _timing_from(record["timing"])
             sizes, note = record.get("batch_sizes"), record.get("note")
@@ -169,6 +175,7 @@ def load(path: str | Path) -> JournalContents:
                 timing_sizes = None if sizes is None else tuple(sizes)
                 timing_recommended = recommended
                 timing_checkpoint = checkpoint if _checkpoint_record(checkpoint) else None
+                after_timing = []
         elif problem is None and len(record) == 1 and next(iter(record)) in RECORD_TAGS:
             tag, payload = next(iter(record.items()))
             if isinstance(payload, dict):
@@ -186,7 +193,8 @@ def load(path: str | Path) -> JournalContents:
     return JournalContents(header, tuple(trials), tuple(warnings), timing=timing,
                            records=tuple(records), timing_batch_sizes=timing_sizes,
                            timing_note=timing_note, timing_recommended=timing_recommended,
-                           timing_from_checkpoint=timing_checkpoint)
+                           timing_from_checkpoint=timing_checkpoint,
+                           after_timing=tuple(sorted(set(after_timing))))
 
 
 def _timing_from(raw: Any) -> tuple[tuple[dict[str, Any], ...], str | None]:

@@ -56,7 +56,7 @@ from .schedule_plan import (BatchSchedule, Branch, Prediction, SchedulePoint, St
                             relative_samples, stage_batches, stage_lengths)
 from .steptime import TimeInterval, physical_fit
 from .timing import RoundTiming, cpu_threads, progress_units
-from .trial_types import TrialResult
+from .trial_types import RERUN_ON_RESUME, TrialResult
 from .trials import (EVAL_BATCH, WARM_START_SEED_OFFSET, BudgetKind, TrialBudget, TrialSetup,
                      _fresh_model, _step_options, _timed_step, cycle_batches, run_trial, set_lr,
                      time_batch_sizes)
@@ -377,6 +377,11 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
     for w in journal.warnings:
         notes.append(w)
     done_branch, done_noise = _resumed(journal.records, notes)
+    again = sorted(k for k, t in done_branch.items() if t.status in RERUN_ON_RESUME)
+    if again:  # as sweep --resume: a failure of the moment, not of the batch size
+        notes.append("--resume ran again the branches the journal held as failed: " + ", ".join(
+            f"point {p} b={b} ({done_branch[(p, b)].status.value})" for p, b in again))
+        done_branch = {k: t for k, t in done_branch.items() if k not in again}
     if len(checkpoints) != len(settings.checkpoint_samples):
         raise ValueError("give the checkpoints with their samples (settings.checkpoint_samples)")
     point_samples = settings.point_samples()

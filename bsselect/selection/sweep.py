@@ -28,7 +28,7 @@ from .sweep_settings import (BASE_STEPS, RAMP_BASE_STEPS, VAL_ITEMS, WARM_START_
                              SweepSettings, check_accumulation, data_cap, default_budget,
                              parse_budget, powers_of_two, resolve_lr_scaling, validation_cap)
 from .timing import RoundTiming, cpu_threads, progress_units
-from .trial_types import TrialResult, TrialStatus
+from .trial_types import RERUN_ON_RESUME, TrialResult
 from .trials import (EVAL_BATCH, BudgetKind, TrialSetup, branch_point, eval_subset, initial_loss,
                      keep_group_ratios, run_trial, split_validation, time_batch_sizes)
 
@@ -251,9 +251,6 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
             "rerun with --resume to continue"
         ) from None
     return result
-
-
-RERUN_ON_RESUME = (TrialStatus.error, TrialStatus.oom)
 
 
 def _keep_finished(resumed: dict[int, TrialResult], batch_sizes: Sequence[int],

@@ -31,6 +31,11 @@ class TrialStatus(str, Enum):
     error = "error"  # anything else; ``TrialResult.error`` says what
 
 
+# A resumed sweep or schedule runs these again: failures of the moment (a bug since fixed, a
+# GPU another job held), not the batch size's answer, which diverged and stalled trials are.
+RERUN_ON_RESUME = (TrialStatus.error, TrialStatus.oom)
+
+
 class LossPoint(NamedTuple):
     """One point of a trial's training-loss curve, recorded after optimizer step ``step``
     (1-based): ``loss`` is the mini-batch loss of that step's forward pass, so the loss after
