@@ -67,13 +67,9 @@ class Task:
                              if hasattr(value, "__iter__") and value is not None else "")
                 raise TypeError(f"Task.{name} must be a map-style Dataset (with __len__ and "
                                 f"__getitem__), got {_kind(value)}{streaming}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (
-                math.isfinite(self.lr) and self.lr > 0):
+        if not _positive_number(self.lr):
             raise TypeError(f"Task.lr must be a number > 0, got {_kind(self.lr)}")
-        if self.max_grad_norm is not None and (
-                isinstance(self.max_grad_norm, bool)
-                or not isinstance(self.max_grad_norm, (int, float))
-                or not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0)):
+        if self.max_grad_norm is not None and not _positive_number(self.max_grad_norm):
             raise TypeError(f"Task.max_grad_norm must be a number > 0 or None, got "
                             f"{_kind(self.max_grad_norm)}")
         if isinstance(self.base_batch_size, bool) or not isinstance(self.base_batch_size, int) \
@@ -108,6 +104,12 @@ class Task:
         if self.optimizer is not None:
             return self.optimizer(params, lr)
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def _positive_number(value: Any) -> bool:
+    """A finite int or float above 0 (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value) and value > 0
 
 
 def loss_units(task: Task, y: Any) -> float:

@@ -230,7 +230,7 @@ def from_trainer(trainer: Any) -> Any:
                    weight_decay=args.weight_decay, optimizer=optimizer,
                    base_batch_size=args.per_device_train_batch_size
                    * args.gradient_accumulation_steps,
-                   max_grad_norm=norm_or_none(args.max_grad_norm))
+                   max_grad_norm=args.max_grad_norm)  # from_hf reads it (norm_or_none)
 
 
 _ENABLE = ("activation_checkpointing_enable", "gradient_checkpointing_enable")  # new, old name

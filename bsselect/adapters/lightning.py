@@ -307,10 +307,11 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
 
 def _norm_clipping(trainer: Any) -> float | None:
     """The Trainer's gradient clipping by norm (``gradient_clip_val`` with the default or
-    ``"norm"`` algorithm); None without clipping or with clipping by value."""
+    ``"norm"`` algorithm; ``from_lightning`` reads 0 as none); None without clipping or with
+    clipping by value."""
     value = getattr(trainer, "gradient_clip_val", None)
     algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm").lower()
-    return norm_or_none(float(value)) if value and algorithm.endswith("norm") else None
+    return float(value) if value is not None and algorithm.endswith("norm") else None
 
 
 def _lightning_precision(name: str) -> str:
