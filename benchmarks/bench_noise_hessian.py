@@ -48,7 +48,7 @@ from bsselect.step import collate, sample_indices  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ORACLES = ("sweep-ramp-93f9bcf.json.gz", "sweep-fresh-b2d7097.json.gz",
-           "sweep-fresh2-3a274f4.json.gz")
+           "sweep-fresh2-3a274f4.json.gz", "sweep-fresh3-40cf877.json.gz")
 FRACTIONS = (0.0, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
 
