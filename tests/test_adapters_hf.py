@@ -230,6 +230,12 @@ def test_hf_config_of_t5_naming_its_class_is_checked(tmp_path):
                    "--memory", "1GiB", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["fits"] is True
+    # On a CUDA preset, T5's learned position bias (an attention mask that needs a gradient)
+    # runs CUDA's memory-efficient kernel; the step failed, exit 1 (review).
+    done = run_cli("check", "--hf-config", str(tmp_path), "--seq-len", "64", "--batch-size", "8",
+                   "--device-preset", "t4-16gb", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["fits"] is True
 
 
 def test_check_hf_config_answers_for_an_architecture_and_agrees_with_from_hf(tmp_path):

@@ -116,6 +116,56 @@ def test_dropout_keeps_the_fused_kernel_on_cuda():
     assert cuda == pytest.approx(per_sample(H, 0.0, Precision.bf16, "cuda"), rel=0.02)
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 10, 10), (2, 1, 10, 10), (10, 10)])
+def test_routed_call_differentiates_a_learned_bias(shape):
+    """T5's relative-position bias is an additive mask that needs a gradient; the CPU's fused
+    op refuses to differentiate its mask (every T5 step on a CUDA target failed: review)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 10, 8, generator=g, requires_grad=True) for _ in range(3))
+    m = torch.randn(*shape, generator=g, requires_grad=True)
+    w = torch.randn(2, 4, 10, 8, generator=g)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    got = routed_attention(q, k, v, attn_mask=m)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad((got * w).sum(), (q, k, v, m)),
+                    torch.autograd.grad((want * w).sum(), (q, k, v, m))):
+        torch.testing.assert_close(a, b)
+
+
+class LearnedBias(nn.Module):
+    def __init__(self, learned: bool = True) -> None:
+        super().__init__()
+        self.qkv, self.o = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.bias = nn.Parameter(torch.zeros(1, H, T, T), requires_grad=learned)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        q, k, v = self.qkv(x).view(b, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        return self.o(o.transpose(1, 2).reshape(b, T, D))
+
+
+def test_a_learned_bias_keeps_the_fused_kernel_on_cuda():
+    """fp32 with a learned bias: the CPU runs math (the weights of every head saved); CUDA's
+    memory-efficient kernel saves none, and its backward writes the bias's gradient for every
+    sample and head: exactly that much per sample more than the same step with the bias
+    frozen (where the CPU's fused kernel runs too)."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, T, D, generator=g), torch.randn(64, T, D, generator=g))
+
+    def per_sample_of(learned: bool, target: str | None) -> float:
+        task = Task(model=lambda: LearnedBias(learned), train_data=data, loss_fn=F.mse_loss,
+                    optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr))
+        settings = StepSettings(precision=Precision.fp32, target_device=target)
+        peaks = [simulate_step_peak(task, b, kernel_workspace=False,
+                                    settings=settings).peak_bytes for b in (8, 16)]
+        return (peaks[1] - peaks[0]) / 8
+
+    cuda = per_sample_of(True, "cuda")
+    assert cuda - per_sample_of(False, "cuda") == H * T * T * 4
+    assert per_sample_of(True, None) > cuda
+
+
 class Checkpointed(nn.Module):
     """The attention block under activation checkpointing, as a user's model or
     ``--activation-checkpointing`` runs it: recomputed in the backward."""

@@ -18,7 +18,9 @@ the function are seen), each call is routed as CUDA would route it: to the CPU's
 flash and memory-efficient (the same saved tensors: output and log-sum-exp; dropout keeps only
 a seed on CUDA, so the fused op runs without it), or to the math implementation. Inputs are
 cast first as CUDA's autocast casts them (``scaled_dot_product_attention`` is on its
-lower-precision list). Not modelled: cuDNN attention (after math in PyTorch's default order),
+lower-precision list). A mask that needs a gradient (T5's learned position bias), which the
+CPU's fused op refuses to differentiate, runs a fused forward and backward by hand
+(``_LearnedBias``). Not modelled: cuDNN attention (after math in PyTorch's default order),
 sm86/sm89's head-dimension limits, and nested tensors.
 """
 
@@ -30,6 +32,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from .values import is_fake
 
 REDUCED = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256
@@ -88,9 +92,49 @@ def routed_attention(*args: Any, **kwargs: Any) -> torch.Tensor:
             return torch.ops.aten._scaled_dot_product_attention_math(
                 q, k, v, mask, a["dropout_p"], a["is_causal"], None, scale=a["scale"],
                 enable_gqa=bool(a["enable_gqa"]))[0]
+        if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+            return _LearnedBias.apply(q, k, v, mask, a["is_causal"], a["scale"])
         # The CPU's fused op takes grouped-query heads as CUDA's flash does (not repeated).
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, a["is_causal"], attn_mask=mask, scale=a["scale"])[0]
+
+
+class _LearnedBias(torch.autograd.Function):
+    """CUDA's memory-efficient kernel with an additive mask that needs a gradient (T5's
+    learned relative-position bias): the CPU's fused op refuses to differentiate its mask, so
+    its forward and backward run here by hand. Saved for backward as on CUDA: the inputs, the
+    output and the log-sum-exp, no (T x T) weights; the backward writes the bias's gradient
+    at the full (batch, heads, queries, keys) shape, then sums it to the mask's own."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor, is_causal: bool, scale: float | None) -> torch.Tensor:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad.contiguous(), q, k, v, out, lse, 0.0, ctx.is_causal, attn_mask=mask,
+            scale=ctx.scale)
+        full = (*q.shape[:-1], k.shape[-2])
+        if is_fake(q):  # the simulation: CUDA's kernel writes only this, block by block
+            d_bias = q.new_empty(full, dtype=mask.dtype)
+        else:  # real tensors (tests): the value, dS = P * (dP - rowsum(dO * O))
+            d_bias = _bias_grad(q, k, v, mask, out, grad, ctx.scale)
+        return gq, gk, gv, d_bias.sum_to_size(mask.shape), None, None
+
+
+def _bias_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+               out: torch.Tensor, grad: torch.Tensor, scale: float | None) -> torch.Tensor:
+    # (sdpa takes no explicit mask with is_causal)
+    scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    p = torch.softmax(scores + mask, dim=-1)
+    return (p * (grad @ v.transpose(-2, -1) - (grad * out).sum(-1, keepdim=True))).to(mask.dtype)
 
 
 class _Route(TorchFunctionMode):
