@@ -21,6 +21,8 @@ from bsselect.errors import TaskError, UsageError  # noqa: E402
 from bsselect.memory.cpu_truth import cpu_step_peak  # noqa: E402
 from bsselect.memory.inputs import InputMode, scan_inputs  # noqa: E402
 from bsselect.memory.simulated import simulate_step_peak  # noqa: E402
+from bsselect.precision import Precision  # noqa: E402
+from bsselect.step import StepSettings  # noqa: E402
 from bsselect.task import validate_task  # noqa: E402
 
 TASKS = str(Path(__file__).parent / "tasks" / "hf_tasks.py")
@@ -234,6 +236,30 @@ def test_hf_config_of_t5_naming_its_class_is_checked(tmp_path):
     # runs CUDA's memory-efficient kernel; the step failed, exit 1 (review).
     done = run_cli("check", "--hf-config", str(tmp_path), "--seq-len", "64", "--batch-size", "8",
                    "--device-preset", "t4-16gb", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["fits"] is True
+
+
+def test_a_mixture_of_experts_simulates_byte_exact_and_checks_on_a_cuda_preset(tmp_path):
+    """Mixtral's experts run ``torch._grouped_mm`` in fp32 (also under bf16 autocast), which
+    its meta kernel refused ("Expected inputs of BF16 type"): ``check`` failed, exit 1, and
+    the probe fell back to real steps (review). The CPU kernel and CUDA's fallback take fp32;
+    the simulated step now matches the real CPU allocator where the backward sets the peak."""
+    from bsselect.adapters.hf_config import config_task
+
+    config = _tiny_config(tmp_path / "mixtral", "MixtralConfig", vocab_size=256, hidden_size=32,
+                          intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                          max_position_embeddings=64)
+    task = config_task(str(config), 32)
+    for b in (4, 8):
+        for precision in (Precision.fp32, Precision.bf16):
+            settings = StepSettings(precision=precision)
+            sim = simulate_step_peak(task, b, settings=settings)
+            assert sim.peak_phase.name == "BACKWARD"
+            assert sim.peak_bytes == cpu_step_peak(task, b, settings=settings).peak_bytes
+    done = run_cli("check", "--hf-config", str(config), "--seq-len", "32", "--batch-size", "8",
+                   "--device-preset", "t4-16gb", "--precision", "bf16", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["fits"] is True
 

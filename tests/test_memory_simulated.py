@@ -466,3 +466,26 @@ def test_a_model_returned_in_eval_mode_is_measured_as_it_trains() -> None:
     real = cpu_step_peak(task(False), 256).peak_bytes
     assert cpu_step_peak(task(True), 256).peak_bytes == real
     assert relative_error(trained, real) < 0.01
+
+
+@pytest.mark.parametrize("a,b,offs", [
+    ((10, 64), (4, 64, 32), (3, 5, 8, 10)),      # a mixture of experts' forward
+    ((16, 64), (64, 32), (16, 32, 48, 64)),      # its experts' weight gradient
+    ((4, 10, 64), (64, 32), (16, 32, 48, 64)),
+    ((4, 10, 64), (4, 64, 32), None),            # a plain batched matmul
+])
+def test_grouped_matmul_takes_float32_on_fake_inputs(a, b, offs):
+    """``torch._grouped_mm``'s meta kernel accepts bf16 only, the CUDA fast path's rule; the
+    CPU kernel and CUDA's fallback take fp32 (a Mixtral step failed to simulate: review).
+    On a fake input the output has the real kernel's shape, in the input's dtype."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bsselect.memory.values import _grouped_mm
+
+    mat_a, mat_b = torch.randn(*a), torch.randn(*b)
+    offsets = None if offs is None else torch.tensor(offs, dtype=torch.int32)
+    real = torch._grouped_mm(mat_a, mat_b, offsets)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = _grouped_mm(mode.from_tensor(mat_a), mat_b, offsets)
+    assert (fake.shape, fake.dtype) == (real.shape, torch.float32)
+    assert _grouped_mm(mat_a, mat_b, offsets) is NotImplemented  # all real: runs for real

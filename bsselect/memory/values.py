@@ -133,6 +133,26 @@ def _pad_packed_sequence(data: torch.Tensor, batch_sizes: Any, batch_first: bool
     return torch.empty(shape, dtype=data.dtype), lengths
 
 
+def _grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: Any = None, bias: Any = None,
+                out_dtype: torch.dtype | None = None) -> Any:
+    """aten._grouped_mm (mixture-of-experts layers: every routed token through its expert in
+    one call) on fake inputs. Its meta kernel accepts bf16 only, the CUDA fast path's rule;
+    the CPU kernel and CUDA's fallback (a loop of matmuls into one output) take fp32 too, and
+    transformers passes its fp32 experts under bf16 autocast. The output's shape follows from
+    the inputs' shapes (the tokens per expert, in ``offs``, only split its rows)."""
+    if not (is_fake(mat_a) or is_fake(mat_b)) or offs is None and mat_a.dim() != mat_b.dim():
+        return NotImplemented
+    if mat_a.dim() == 2 and mat_b.dim() == 2:
+        shape = (offs.shape[0], mat_a.shape[0], mat_b.shape[1])
+    elif mat_a.dim() == 2:
+        shape = (mat_a.shape[0], mat_b.shape[-1])
+    elif mat_b.dim() == 2:
+        shape = (mat_a.shape[1], mat_b.shape[1])
+    else:
+        shape = (mat_a.shape[0], mat_a.shape[1], mat_b.shape[-1])
+    return torch.empty(shape, dtype=out_dtype or mat_a.dtype)  # fake (under fake_mode)
+
+
 # Ops whose output shapes follow from real arguments while their data is an activation.
 # The ops whose output shapes the batch's real values decided in the simulated steps since
 # the last ``clear_value_shaped`` (validate_task clears it): the memory then depends on
@@ -176,6 +196,10 @@ class RealWhereKnown(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is aten.embedding.default:
             check_embedding(args[0], args[1])
+        if func is aten._grouped_mm.default:
+            out = _grouped_mm(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         special = _SHAPE_FROM_REAL_ARGS.get(func)
         if special is not None:
             out = special(*args, **kwargs)
