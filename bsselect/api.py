@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, Union
 
 from .errors import CannotSimulate, TaskError, UsageError, one_line, parse_choice
+from .oom import is_oom_error
 from .selection.plan import (_branch_samples, _check_enough_data, _check_lr, _check_seed,
                              _run_checkpoints, _sizes_and_threads, local_processes,
                              parse_warmup, plan_sizes, slug, sweep_settings, warn_threads)
@@ -124,14 +125,19 @@ def _positions_of(hf_config: Any, task: Any) -> Iterator[None]:
             longest = cause.rows - offset
             what = (f"it looks positions up in a table of {cause.rows:,} rows, at index "
                     f"{cause.index:,}")
-        elif declared is not None and length > declared:
+            limit = "learned positions"
+        elif declared is not None and length > declared and not (
+                is_oom_error(exc) or is_oom_error(exc.__cause__)):
+            # (out of memory is the length's size, not its position: a rotary model at a
+            # length of 10^11 failed to allocate its batch: review)
             longest = declared
             what = f"a step at {length:,} tokens fails: {one_line(exc.__cause__ or exc)}"
+            limit = "max_position_embeddings"
         else:
             raise
         told = (f"--seq-len {length:,}" if task.train_data.seq_len_given else
                 f"the default --seq-len (the config's max_position_embeddings, {length:,})")
-        raise UsageError(f"{told} is past this model's learned positions ({what}): use "
+        raise UsageError(f"{told} is past this model's {limit} ({what}): use "
                          f"--seq-len {longest:,} or less") from exc
 
 

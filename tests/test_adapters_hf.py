@@ -377,6 +377,11 @@ def test_a_sequence_longer_than_learned_positions_fails_as_a_real_step_does(tmp_
     done = run_cli("check", "--hf-config", str(rotary), "--seq-len", "160", "--batch-size", "4",
                    "--memory", "1GiB")
     assert done.returncode == 0, done.stderr
+    # a length whose one item does not fit in host memory: that, not its position (review)
+    done = run_cli("check", "--hf-config", str(rotary), "--seq-len", str(10**11),
+                   "--batch-size", "4", "--memory", "1GiB")
+    assert done.returncode == 1 and "can't allocate memory" in done.stderr, done.stderr
+    assert "positions" not in done.stderr and "max_position_embeddings" not in done.stderr
 
 
 @pytest.mark.parametrize("entry, words", [
