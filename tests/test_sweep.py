@@ -904,3 +904,73 @@ def test_resume_runs_a_failed_trial_again_and_keeps_the_others(tmp_path):
     assert "b=16: trained after the journal's last timing rounds" in report.stderr, \
         report.stderr
     assert "rules have changed" not in report.stderr
+
+
+def test_a_trial_whose_last_step_made_the_weights_non_finite_is_diverged(tmp_path):
+    """Each step's loss is read before its update: a trial whose last update turned the
+    weights to NaN ended with a NaN evaluation, which every divergence comparison passes
+    (False for NaN), so it counted as ok and was recommended (review)."""
+    out = tmp_path / "j.jsonl"
+    proc = run_cli("sweep", f"{TASKS}:nan_at_end", "--batch-sizes", "16,32,64", "--budget",
+                   "1600samples", "--warmup-steps", "0", "--noise-measurements", "0",
+                   "--journal", str(out), "--json")
+    assert proc.returncode == 1  # no trial trained
+    trials = json.loads(proc.stdout)["trials"]
+    assert [t["status"] for t in trials] == ["diverged"] * 3
+    assert all("the loss is not finite after training (training nan" in t["error"]
+               for t in trials)
+
+
+def test_an_optimizer_factory_that_ignores_its_lr_is_refused_before_training(tmp_path):
+    """``lambda p, lr: Adam(p, lr=1e-3)``: every trial trained at 1e-3 while the table
+    showed each batch size's scaled lr (review)."""
+    proc = run_cli("sweep", f"{TASKS}:fixed_lr", "--batch-sizes", "8,16", "--budget", "64",
+                   "--journal", str(tmp_path / "j.jsonl"))
+    assert proc.returncode == 1
+    assert one_error(proc) == (
+        "error: the task's optimizer fixed_lr.<locals>.<lambda> ignores its lr argument: "
+        "called with lr 0.004 and 0.008 it built the same group lrs [0.001]; bsselect scales "
+        "the lr per batch size through that argument, so build the optimizer with it "
+        "(optimizer=lambda params, lr: torch.optim.Adam(params, lr=lr))")
+    assert not (tmp_path / "j.jsonl").exists()
+
+
+def test_resume_refuses_a_journal_written_at_other_group_lr_ratios(tmp_path):
+    """A backbone group at 0.1x the lr, then at 1x: the ratio was left out of the task's
+    fingerprint, and --resume ranked trials of two optimizer setups together (review)."""
+    args = ("sweep", f"{TASKS}:group_ratio", "--batch-sizes", "8,16", "--budget", "64",
+            "--noise-measurements", "0", "--journal", str(tmp_path / "j.jsonl"))
+    env = sweep_tasks.GROUP_RATIO_ENV
+    assert run_cli(*args, env={env: "0.1"}).returncode == 0
+    assert run_cli(*args, "--resume", env={env: "0.1"}).returncode == 0
+    proc = run_cli(*args, "--resume", env={env: "1.0"})
+    assert proc.returncode == 2
+    assert "was written for another version of the task (optimizer_settings" in one_error(proc)
+
+
+def test_a_single_group_at_the_tasks_lr_keeps_its_fingerprint():
+    """The ratio enters the hash only where it is not 1: journals written before it resume."""
+    task = sweep_tasks.tiny()
+    model = sweep_mod._meta_model(task)
+    import hashlib
+    groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+              for g in task.make_optimizer(model.parameters(), task.lr).param_groups]
+    before = hashlib.sha256(json.dumps(["SGD", groups], default=repr,
+                                       sort_keys=True).encode()).hexdigest()[:12]
+    assert sweep_mod._optimizer_settings(task, model) == before
+
+
+def test_a_failed_noise_measurement_keeps_the_trained_trials(tmp_path):
+    """A batch with a tensor shared by its rows trains but cannot be cut into the noise
+    measurement's sub-batches: every trial became an error and nothing was recommended,
+    exit 1 (review). The trials stand without a B_simple, and a warning says why."""
+    proc = run_cli("sweep", f"{TASKS}:shared_offset", "--batch-sizes", "8,16,32", "--budget",
+                   "256", "--journal", str(tmp_path / "j.jsonl"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert [t["status"] for t in out["trials"]] == ["ok"] * 3
+    assert all(t["b_simple"] is None and "cannot split the batch" in t["noise_error"]
+               for t in out["trials"])
+    assert out["recommended_batch_size"] in (8, 16, 32)
+    assert "the noise measurement failed at batch size(s) 8, 16, 32" in " ".join(
+        proc.stderr.split())

@@ -263,8 +263,10 @@ def _trial_fields_problem(trial: TrialResult) -> str | None:
         value = getattr(trial, name)
         if not ok(value):
             return f"its {name} is {value!r}, not {what}"
-    if trial.error is not None and not isinstance(trial.error, str):
-        return f"its error is {trial.error!r}, not a string"
+    for name in ("error", "noise_error"):
+        value = getattr(trial, name)
+        if value is not None and not isinstance(value, str):
+            return f"its {name} is {value!r}, not a string"
     return None
 
 

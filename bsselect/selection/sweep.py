@@ -228,6 +228,7 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
             if hooks.trial_end:
                 hooks.trial_end(result)
         _warn_unscored(task, setup, trials, hooks)
+        warn_noise_failed(trials, hooks.warn)
         timing, note = _time_ok_trials(setup, trials, hooks,
                                        resumed=any(b in done for b in trials))
         ordered = tuple(trials[b] for b in batch_sizes)
@@ -278,6 +279,17 @@ def _warn_unscored(task: Task, setup: TrialSetup, trials: dict[int, TrialResult]
         hooks.warn(f"Task.metric gave NaN or inf on the validation data at batch size(s) "
                    f"{sizes_text(unscored)}: their metric shows as — (a mean over the "
                    "validation batches; check the metric on a small or degenerate batch)")
+
+
+def warn_noise_failed(trials: dict[int, TrialResult], warn: Callable[[str], None] | None
+                      ) -> None:
+    """Say which trials trained but could not measure their noise scale, and why: they stand
+    (their training is done and ranked) without a B_simple of their own."""
+    failed = sorted(b for b, t in trials.items() if t.noise_error)
+    if failed and warn:
+        warn(f"the noise measurement failed at batch size(s) {sizes_text(failed)} "
+             f"({trials[failed[0]].noise_error}); those trials stand without a B_simple "
+             "(--noise-measurements 0 skips the measurement)")
 
 
 def _time_ok_trials(setup: TrialSetup, trials: dict[int, TrialResult], hooks: SweepHooks,
@@ -364,23 +376,57 @@ def _modules(model: nn.Module | None) -> str | None:
 
 def _optimizer_settings(task: Task, model: nn.Module | None) -> str | None:
     """The optimizer's class and its groups' settings but the lr (momentum, weight decay,
-    betas, ...), hashed: a factory's name stays when its arguments change (the review's
+    betas, ...), and each group's lr relative to the task's where it is not 1 (a backbone at
+    0.1x: the ratio changed from one run to the next, and the resume compared trials of two
+    setups, review), hashed: a factory's name stays when its arguments change (the review's
     momentum 0.9 -> 0 resumed the old trials). Built on ``model`` (on the ``meta`` device);
-    None when it cannot be."""
+    None when it cannot be. Raises TaskError when the factory ignores its ``lr``."""
     import hashlib
     import json
 
+    built = _built_optimizers(task, model)
+    if built is None:
+        return None
+    opt, doubled = built
+    _check_lr_reaches(task, opt, doubled)
+    groups = []
+    for g in opt.param_groups:
+        settings = {k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+        ratio = float(g["lr"]) / task.lr if task.lr else 1.0
+        if ratio != 1.0:  # absent at 1, so a journal from before the ratio still resumes
+            settings["lr_ratio"] = float(f"{ratio:.12g}")
+        groups.append(settings)
+    text = json.dumps([type(opt).__qualname__, groups], default=repr, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _built_optimizers(task: Task, model: nn.Module | None) -> tuple[Any, Any] | None:
+    """The task's optimizer for ``model`` (on the ``meta`` device) at the task's lr and at
+    twice it; None when it cannot be built (the trials build it for real and report)."""
     if model is None:
         return None
     try:
         with torch.device("meta"):
-            opt = task.make_optimizer(model.parameters(), task.lr)
+            return (task.make_optimizer(model.parameters(), task.lr),
+                    task.make_optimizer(model.parameters(), 2 * task.lr))
     except Exception:  # noqa: BLE001 - the trials build it for real and report
         return None
-    groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
-              for g in opt.param_groups]
-    text = json.dumps([type(opt).__qualname__, groups], default=repr, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _check_lr_reaches(task: Task, opt: Any, doubled: Any) -> None:
+    """TaskError when no group's lr follows the factory's ``lr`` argument (``lambda p, lr:
+    Adam(p, lr=1e-3)``): every trial would train at that one lr while the table said each
+    batch size's scaled lr (review)."""
+    lrs = [float(g["lr"]) for g in opt.param_groups]
+    if not task.lr or not any(lrs):
+        return
+    if lrs == [float(g["lr"]) for g in doubled.param_groups]:
+        name = getattr(task.optimizer, "__qualname__", type(opt).__qualname__)
+        raise TaskError(
+            f"the task's optimizer {name} ignores its lr argument: called with lr "
+            f"{task.lr:g} and {2 * task.lr:g} it built the same group lrs {lrs}; bsselect "
+            "scales the lr per batch size through that argument, so build the optimizer "
+            "with it (optimizer=lambda params, lr: torch.optim.Adam(params, lr=lr))")
 
 
 def check_resumed_start(done: dict[int, TrialResult], loss_start: float | None) -> None:

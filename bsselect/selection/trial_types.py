@@ -107,6 +107,7 @@ class TrialResult:
     grad_sq_norm_se: float | None = None  # standard errors of the two estimates
     trace_sigma_se: float | None = None
     trial_step_time_s: float | None = None  # median step time inside the trial's own window
+    noise_error: str | None = None  # why its noise measurement failed (the trial stands)
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):

@@ -392,6 +392,14 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
                            metric=False)
     val_loss, val_metric = (evaluate(model, task, setup.val_data, device, setup.eval_batch_size)
                             if setup.validate else (None, None))
+    if not math.isfinite(loss_end) or val_loss is not None and not math.isfinite(val_loss):
+        # The last step's update made the weights non-finite after its own loss was read:
+        # every comparison below is False for NaN, and the trial passed as ok (review).
+        val = "not measured" if val_loss is None else f"{val_loss:.4g}"
+        return TrialResult(status=TrialStatus.diverged,
+                           **dict(common, error=f"the loss is not finite after training "
+                                                f"(training {loss_end:.4g}, validation {val})"),
+                           train_loss_end=loss_end)
     drop = loss_start - loss_end
     if setup.loss_init is None and loss_end >= loss_start:
         return TrialResult(status=TrialStatus.no_progress,
@@ -412,8 +420,14 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
                                                 f"{loss_end:.4g}{undone}"),
                            train_loss_end=loss_end)
     fitted = distributed.per_device(batch_size) // setup.accumulate
-    noise = (measure_trial_noise(setup, model, fitted, batch_size)
-             if setup.noise_measurements else None)
+    noise, noise_error = None, None
+    if setup.noise_measurements:
+        try:
+            noise = measure_trial_noise(setup, model, fitted, batch_size)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the trial's training stands (review)
+            noise_error = one_line(exc)
     return TrialResult(
         status=status, **common, step_time_s=step_time, samples_per_s=batch_size / step_time,
         # Per second of steady-state training (median step time x steps): one-off warm-up
@@ -426,7 +440,7 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
         grad_sq_norm_se=noise.grad_sq_norm_se if noise else None,
         trace_sigma_se=noise.trace_sigma_se if noise else None,
         loss_drop_per_sample=drop / samples, loss_drop_per_step=drop / steps,
-        trial_step_time_s=step_time,
+        trial_step_time_s=step_time, noise_error=noise_error,
     )
 
 

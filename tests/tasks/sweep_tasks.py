@@ -169,3 +169,81 @@ def gram() -> Task:
     x, y = x.repeat(64, 1), y.repeat(64)  # 24,576 items: the data does not cap the batch
     return Task(model=BatchGram, train_data=TensorDataset(x, y), loss_fn=F.cross_entropy,
                 lr=0.1, base_batch_size=16)
+
+
+class _NanAtEnd(nn.Module):
+    """A "temperature" ``t`` that enters the forward as ``0 * sqrt(t)`` and the loss as +t:
+    SGD lowers it by the lr each step, so ``t`` crosses 0 (sqrt -> NaN weights' outputs) on a
+    trial's last step, after that step's own, finite, loss was read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 1)
+        self.t = nn.Parameter(torch.tensor(0.99))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x).squeeze(-1) + 0.0 * torch.sqrt(self.t), self.t
+
+
+def _nan_at_end_loss(out: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    prediction, t = out
+    return F.mse_loss(prediction, y) + t
+
+
+def nan_at_end() -> Task:
+    """With linear lr scaling every trial of a 1,600-sample budget lowers ``t`` by 1.0 in
+    total (budget x lr / base batch): past 0.99 on its last step, whatever the batch size."""
+    x, _ = _blobs()
+    x = x.repeat(6, 1)
+    y = x @ torch.randn(16, generator=torch.Generator().manual_seed(3))
+    return Task(model=_NanAtEnd, train_data=TensorDataset(x[:1800], y[:1800]),
+                val_data=TensorDataset(x[1800:], y[1800:]), loss_fn=_nan_at_end_loss,
+                optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr), lr=0.01,
+                base_batch_size=16)
+
+
+def fixed_lr() -> Task:
+    """An optimizer factory that ignores the lr it is given (a hard-coded lr)."""
+    x, y = _blobs()
+    return Task(model=_mlp, train_data=TensorDataset(x, y), loss_fn=F.cross_entropy,
+                optimizer=lambda params, lr: torch.optim.Adam(params, lr=1e-3), lr=4e-3,
+                base_batch_size=16)
+
+
+GROUP_RATIO_ENV = "BSSELECT_TEST_GROUP_RATIO"  # the first layer's lr over the factory's
+
+
+def group_ratio() -> Task:
+    """The first layer at its own fraction of the lr (from the environment), the rest at it."""
+    ratio = float(os.environ.get(GROUP_RATIO_ENV, "0.1"))
+
+    def optimizer(params, lr: float) -> torch.optim.Optimizer:
+        params = list(params)
+        return torch.optim.SGD([{"params": params[:2], "lr": lr * ratio},
+                                {"params": params[2:]}], lr=lr, momentum=0.9)
+
+    x, y = _blobs()
+    return Task(model=_mlp, train_data=TensorDataset(x, y), loss_fn=F.cross_entropy,
+                optimizer=optimizer, lr=0.1, base_batch_size=16)
+
+
+class _SharedOffset(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.fc(batch["x"] + batch["offset"])
+
+
+def _with_offset(items: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    x = torch.stack([i[0] for i in items])
+    return {"x": x, "offset": torch.zeros(16)}, torch.stack([i[1] for i in items])
+
+
+def shared_offset() -> Task:
+    """A batch holding a tensor shared by its rows (an offset of shape (16,)): it trains,
+    but cannot be split into the noise measurement's sub-batches."""
+    x, y = _blobs()
+    return Task(model=_SharedOffset, train_data=TensorDataset(x, y), loss_fn=F.cross_entropy,
+                collate_fn=_with_offset, lr=0.1, base_batch_size=16)
