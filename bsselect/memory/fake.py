@@ -60,7 +60,11 @@ def _fake_twin(t: torch.Tensor, fake_mode: Any) -> torch.Tensor:
     else:  # created for real (from numpy, say); its memory was already spent
         fake = fake_mode.from_tensor(t.detach())
     if isinstance(t, nn.Parameter):
-        return nn.Parameter(fake, requires_grad=t.requires_grad)
+        param = nn.Parameter(fake, requires_grad=t.requires_grad)
+        # Attributes set on the parameter (an optimizer factory's grouping marks, such as
+        # hf.NO_DECAY) decide the optimizer's groups, hence the order it steps in.
+        param.__dict__.update(vars(t))
+        return param
     return fake
 
 

@@ -194,6 +194,48 @@ def cuda_rounded(nbytes: int) -> int:
     return -(-nbytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
 
 
+_NOT_PROMOTED = {"condition", "mask"}  # where's and masked_fill's: read as bool, never cast
+
+
+def cpu_promotion_casts(func: Any, args: tuple, kwargs: dict) -> int:
+    """Bytes the CPU's TensorIterator allocates inside a pointwise op whose operands differ in
+    dtype: CPU loops compute in one dtype, so each operand of another dtype is first copied to
+    the common one (``TensorIteratorBase::compute_types``: ``op.tensor().to(common_dtype)``),
+    a Python number in a Tensor argument is wrapped (8 bytes) and cast too, and an in-place or
+    out= result of another dtype is computed into a temporary of the common dtype and copied
+    back. All are freed when the op returns; meta kernels (fake tensors) do none of it.
+    Under autocast this is every residual add of a float32 stream and a bf16 branch."""
+    if torch.Tag.pointwise not in func.tags:
+        return 0
+    from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
+
+    schema = func._schema
+    operands, numbers = [], []
+    for i, arg in enumerate(schema.arguments):
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        if arg.name in _NOT_PROMOTED or arg.kwarg_only or value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            operands.append(value)
+        elif isinstance(value, (bool, int, float)) and isinstance(arg.type, torch.TensorType):
+            numbers.append(value)
+    if not operands or (len(operands) == 1 and not numbers):
+        return 0
+    try:
+        _, common = elementwise_dtypes(*operands, *numbers,
+                                       type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)
+    except Exception:  # noqa: BLE001 - a combination the helper rejects: count nothing
+        return 0
+    scratch = sum(t.numel() * common.itemsize for t in operands if t.dtype != common)
+    for n in numbers:  # wrapped as a 0-d double / long / bool tensor, then cast
+        wrapped = (torch.bool if isinstance(n, bool) else
+                   torch.int64 if isinstance(n, int) else torch.float64)
+        scratch += 8 + (common.itemsize if wrapped != common else 0)
+    if torch.Tag.inplace in func.tags and operands[0].dtype != common:
+        scratch += operands[0].numel() * common.itemsize  # the result, then copied back
+    return scratch
+
+
 class LiveStorageCounter(TorchDispatchMode):
     """Counts the bytes of live tensor storages returned by ops, and their peak per phase.
 
@@ -351,6 +393,10 @@ class LiveStorageCounter(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.track(t, real_sizes[i] if real_sizes else None)
         self.note(self.live_bytes)
+        if self._kernel_cost is not None and cost is None:
+            casts = cpu_promotion_casts(func, args, kwargs)
+            if casts:
+                self.note(self.live_bytes + casts, casts)
         if cost is not None:
             # Inside the kernel, scratch and outputs coexist above what was live before it.
             level = before + cost.high_water_bytes
