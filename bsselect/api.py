@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, Union
 
 from .errors import CannotSimulate, TaskError, UsageError, one_line, parse_choice
-from .oom import is_oom_error
+from .oom import caused_by_oom
 from .selection.plan import (_branch_samples, _check_enough_data, _check_lr, _check_seed,
                              _run_checkpoints, _sizes_and_threads, local_processes,
                              parse_warmup, plan_sizes, slug, sweep_settings, warn_threads)
@@ -126,8 +126,7 @@ def _positions_of(hf_config: Any, task: Any) -> Iterator[None]:
             what = (f"it looks positions up in a table of {cause.rows:,} rows, at index "
                     f"{cause.index:,}")
             limit = "learned positions"
-        elif declared is not None and length > declared and not (
-                is_oom_error(exc) or is_oom_error(exc.__cause__)):
+        elif declared is not None and length > declared and not caused_by_oom(exc):
             # (out of memory is the length's size, not its position: a rotary model at a
             # length of 10^11 failed to allocate its batch: review)
             longest = declared

@@ -36,6 +36,12 @@ def is_oom_error(exc: BaseException) -> bool:
     return False
 
 
+def caused_by_oom(exc: BaseException) -> bool:
+    """``is_oom_error`` of ``exc`` or of the error it was raised from (a TaskError that wraps
+    the device's out-of-memory error)."""
+    return is_oom_error(exc) or (exc.__cause__ is not None and is_oom_error(exc.__cause__))
+
+
 def drop_frames(exc: BaseException) -> None:
     """Clear the tracebacks of ``exc`` and of the errors it was raised from (``__cause__``,
     ``__context__``: under torchrun an OOM is re-raised from the rank's own), so that an error

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
+from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
@@ -207,8 +208,6 @@ def cpu_promotion_casts(func: Any, args: tuple, kwargs: dict) -> int:
     Under autocast this is every residual add of a float32 stream and a bf16 branch."""
     if torch.Tag.pointwise not in func.tags:
         return 0
-    from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
-
     schema = func._schema
     operands, numbers = [], []
     for i, arg in enumerate(schema.arguments):
@@ -222,8 +221,8 @@ def cpu_promotion_casts(func: Any, args: tuple, kwargs: dict) -> int:
     if not operands or (len(operands) == 1 and not numbers):
         return 0
     try:
-        _, common = elementwise_dtypes(*operands, *numbers,
-                                       type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)
+        _, common = elementwise_dtypes(
+            *operands, *numbers, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)
     except Exception:  # noqa: BLE001 - a combination the helper rejects: count nothing
         return 0
     scratch = sum(t.numel() * common.itemsize for t in operands if t.dtype != common)

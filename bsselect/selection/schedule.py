@@ -46,7 +46,7 @@ import torch
 from .. import distributed
 from ..checkpoint import Checkpoint
 from ..errors import InterruptedRun, TaskError, UsageError, one_line
-from ..oom import drop_frames, is_oom_error, release_memory
+from ..oom import caused_by_oom, drop_frames, is_oom_error, release_memory
 from .lr_scaling import LrScaling, scale_lr, warmup_lr
 from .noise import default_batch_sizes
 from .noise_run import MIN_MEASUREMENTS
@@ -313,7 +313,7 @@ def _noise_at(setup: TrialSetup, model: torch.nn.Module, measurements: int, seed
                                 measurements=measurements, seed=seed,
                                 precision=setup.precision)
     except Exception as exc:  # noqa: BLE001 - out of memory only: the point stands without it
-        if not (is_oom_error(exc) or is_oom_error(exc.__cause__)):
+        if not caused_by_oom(exc):
             raise
         est = None
     if est is None:

@@ -392,7 +392,7 @@ def _optimizer_settings(task: Task, model: nn.Module | None) -> str | None:
     groups = []
     for g in opt.param_groups:
         settings = {k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
-        ratio = float(g["lr"]) / task.lr if task.lr else 1.0
+        ratio = float(g["lr"]) / task.lr  # Task.lr > 0
         if ratio != 1.0:  # absent at 1, so a journal from before the ratio still resumes
             settings["lr_ratio"] = float(f"{ratio:.12g}")
         groups.append(settings)
@@ -418,7 +418,7 @@ def _check_lr_reaches(task: Task, opt: Any, doubled: Any) -> None:
     Adam(p, lr=1e-3)``): every trial would train at that one lr while the table said each
     batch size's scaled lr (review)."""
     lrs = [float(g["lr"]) for g in opt.param_groups]
-    if not task.lr or not any(lrs):
+    if not any(lrs):
         return
     if lrs == [float(g["lr"]) for g in doubled.param_groups]:
         name = getattr(task.optimizer, "__qualname__", type(opt).__qualname__)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import distributed
 from ..errors import one_line
-from ..oom import is_oom_error, release_memory
+from ..oom import caused_by_oom, is_oom_error, release_memory
 from ..precision import Precision, make_scaler
 from ..step import to_device
 from ..task import Task, loss_units
@@ -499,7 +499,7 @@ def measure_trial_noise(setup: TrialSetup, model: nn.Module,
             return _estimate_noise(setup, model, *default_batch_sizes(setup.task, b_small=small),
                                    seed=noise_seed(setup.seed, batch_size))
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
-            if not (is_oom_error(exc) or is_oom_error(exc.__cause__)):  # TaskError wraps it
+            if not caused_by_oom(exc):  # TaskError wraps it
                 raise
         release_memory()  # out of memory: after the except block, which holds its tensors
     return None
