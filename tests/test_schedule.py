@@ -661,3 +661,18 @@ def test_a_runs_checkpoint_directory_stands_for_the_checkpoints_in_it(tmp_path):
                    "--journal", str(tmp_path / "j.jsonl"))
     assert proc.returncode == 2 and "holds no checkpoints" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_failed_noise_measurement_leaves_the_schedule_standing(tmp_path):
+    """A batch holding a tensor shared by its rows trains but cannot be cut into the noise
+    measurement's sub-batches: the schedule stopped at its first point, exit 1, as the
+    sweep's trials did (review). The points stand without a B_simple, and a note says why."""
+    tasks = Path(__file__).parent / "tasks" / "sweep_tasks.py"
+    proc = run_cli("schedule", f"{tasks}:shared_offset", "--horizon", "2048", "--points", "3",
+                   "--batch-sizes", "8,16,32", "--journal", str(tmp_path / "s.jsonl"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert [p["b_simple"] for p in out["points"]] == [None] * 3
+    assert out["notes"][0].startswith("the noise measurement failed at 3 point(s) (TaskError: "
+                                      "cannot split the batch into sub-batches")
+    assert out["stages"]

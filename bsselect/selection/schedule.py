@@ -300,8 +300,11 @@ def short_names(paths: Sequence[str]) -> list[str]:
     return out
 
 
-def _noise_at(setup: TrialSetup, model: torch.nn.Module, measurements: int, seed: int
-              ) -> dict[str, Any] | None:
+def _noise_at(setup: TrialSetup, model: torch.nn.Module, measurements: int, seed: int,
+              failed: list[str]) -> dict[str, Any] | None:
+    """The noise scale at a point, or None: out of memory, or a failure whose reason is
+    added to ``failed`` (a batch that cannot be cut into sub-batches). The point and its
+    branches stand without it, as a sweep's trial does."""
     from .noise import estimate_noise
     from .noise_run import estimate_json
 
@@ -312,9 +315,9 @@ def _noise_at(setup: TrialSetup, model: torch.nn.Module, measurements: int, seed
         est, _ = estimate_noise(model, setup.task, b_small=b_small, b_big=b_big,
                                 measurements=measurements, seed=seed,
                                 precision=setup.precision)
-    except Exception as exc:  # noqa: BLE001 - out of memory only: the point stands without it
+    except Exception as exc:  # noqa: BLE001 - the point stands without it
         if not caused_by_oom(exc):
-            raise
+            failed.append(one_line(exc))
         est = None
     if est is None:
         release_memory()  # after the except block, which holds the failed step's tensors
@@ -393,6 +396,7 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
     loss_init = with_initial_loss(setup).loss_start  # the branches' divergence rule
     noises: dict[int, dict[str, Any] | None] = dict(done_noise)
     bases: list[tuple[int, int, int, str | None]] = []  # (point, samples, steps, checkpoint)
+    noise_failed: list[str] = []
     merged = 0
     try:
         with cpu_threads(threads):
@@ -409,7 +413,7 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
                 bases.append((k, samples, steps, path))
                 if k not in noises:
                     noises[k] = _noise_at(setup, model, settings.noise_measurements,
-                                          settings.seed + 1000 + k)
+                                          settings.seed + 1000 + k, noise_failed)
                     journal.append_record("point_noise", {"point": k, "estimate": noises[k]})
                 point = dataclasses.replace(
                     setup, initial_state=mstate, optimizer_state=ostate if steps else None,
@@ -429,6 +433,10 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
     except KeyboardInterrupt:
         raise InterruptedRun(f"interrupted; the finished branches are in {journal_path} — "
                              "rerun with --resume to continue") from None
+    if noise_failed:
+        notes.append(f"the noise measurement failed at {len(noise_failed)} point(s) "
+                     f"({noise_failed[0]}); they stand without a B_simple "
+                     "(--noise-measurements 0 skips the measurement)")
     if merged:
         notes.append(f"{merged} of the {len(point_samples)} points fell on the base step of the "
                      f"point before (a base step is {b0} samples): measured once")

@@ -424,8 +424,6 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
     if setup.noise_measurements:
         try:
             noise = measure_trial_noise(setup, model, fitted, batch_size)
-        except KeyboardInterrupt:
-            raise
         except Exception as exc:  # noqa: BLE001 - the trial's training stands (review)
             noise_error = one_line(exc)
     return TrialResult(
