@@ -935,6 +935,18 @@ def test_an_optimizer_factory_that_ignores_its_lr_is_refused_before_training(tmp
     assert not (tmp_path / "j.jsonl").exists()
 
 
+def test_an_optimizer_group_without_a_number_for_its_lr_is_one_line(tmp_path):
+    """Adafactor(lr=None): reading the groups' lr ratios for the fingerprint raised an
+    internal error (before it, every trial failed on the same TypeError)."""
+    pytest.importorskip("transformers")
+    proc = run_cli("sweep", f"{TASKS}:no_group_lr", "--batch-sizes", "8,16", "--budget", "64",
+                   "--journal", str(tmp_path / "j.jsonl"))
+    assert proc.returncode == 1
+    assert one_error(proc).startswith(
+        "error: the task's optimizer no_group_lr.<locals>.<lambda> has a parameter group "
+        "without a number for its lr (TypeError: ")
+
+
 def test_resume_refuses_a_journal_written_at_other_group_lr_ratios(tmp_path):
     """A backbone group at 0.1x the lr, then at 1x: the ratio was left out of the task's
     fingerprint, and --resume ranked trials of two optimizer setups together (review)."""

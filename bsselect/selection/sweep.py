@@ -380,7 +380,7 @@ def _optimizer_settings(task: Task, model: nn.Module | None) -> str | None:
     0.1x: the ratio changed from one run to the next, and the resume compared trials of two
     setups, review), hashed: a factory's name stays when its arguments change (the review's
     momentum 0.9 -> 0 resumed the old trials). Built on ``model`` (on the ``meta`` device);
-    None when it cannot be. Raises TaskError when the factory ignores its ``lr``."""
+    None when it cannot be. TaskError: ``_lrs_following``."""
     import hashlib
     import json
 
@@ -388,11 +388,11 @@ def _optimizer_settings(task: Task, model: nn.Module | None) -> str | None:
     if built is None:
         return None
     opt, doubled = built
-    _check_lr_reaches(task, opt, doubled)
+    lrs = _lrs_following(task, opt, doubled)
     groups = []
-    for g in opt.param_groups:
+    for g, lr in zip(opt.param_groups, lrs):
         settings = {k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
-        ratio = float(g["lr"]) / task.lr  # Task.lr > 0
+        ratio = lr / task.lr  # Task.lr > 0
         if ratio != 1.0:  # absent at 1, so a journal from before the ratio still resumes
             settings["lr_ratio"] = float(f"{ratio:.12g}")
         groups.append(settings)
@@ -413,20 +413,27 @@ def _built_optimizers(task: Task, model: nn.Module | None) -> tuple[Any, Any] | 
         return None
 
 
-def _check_lr_reaches(task: Task, opt: Any, doubled: Any) -> None:
-    """TaskError when no group's lr follows the factory's ``lr`` argument (``lambda p, lr:
-    Adam(p, lr=1e-3)``): every trial would train at that one lr while the table said each
-    batch size's scaled lr (review)."""
-    lrs = [float(g["lr"]) for g in opt.param_groups]
-    if not any(lrs):
-        return
-    if lrs == [float(g["lr"]) for g in doubled.param_groups]:
-        name = getattr(task.optimizer, "__qualname__", type(opt).__qualname__)
+def _lrs_following(task: Task, opt: Any, doubled: Any) -> list[float]:
+    """The groups' lrs of the optimizer built at the task's lr. TaskError when a group has no
+    number for its lr (Adafactor's ``lr=None``: every trial failed on it, and the fingerprint
+    raised an internal error) or when no group's lr follows the factory's ``lr`` argument
+    (``lambda p, lr: Adam(p, lr=1e-3)``: every trial would train at that one lr while the
+    table said each batch size's scaled lr, review)."""
+    name = getattr(task.optimizer, "__qualname__", type(opt).__qualname__)
+    try:
+        lrs = [float(g["lr"]) for g in opt.param_groups]
+        again = [float(g["lr"]) for g in doubled.param_groups]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TaskError(f"the task's optimizer {name} has a parameter group without a number "
+                        f"for its lr ({one_line(exc)}); bsselect scales the lr per batch size "
+                        "through each group's lr, so give it one") from exc
+    if any(lrs) and lrs == again:
         raise TaskError(
             f"the task's optimizer {name} ignores its lr argument: called with lr "
             f"{task.lr:g} and {2 * task.lr:g} it built the same group lrs {lrs}; bsselect "
             "scales the lr per batch size through that argument, so build the optimizer "
             "with it (optimizer=lambda params, lr: torch.optim.Adam(params, lr=lr))")
+    return lrs
 
 
 def check_resumed_start(done: dict[int, TrialResult], loss_start: float | None) -> None:

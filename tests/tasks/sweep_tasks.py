@@ -247,3 +247,14 @@ def shared_offset() -> Task:
     x, y = _blobs()
     return Task(model=_SharedOffset, train_data=TensorDataset(x, y), loss_fn=F.cross_entropy,
                 collate_fn=_with_offset, lr=0.1, base_batch_size=16)
+
+
+def no_group_lr() -> Task:
+    """transformers' Adafactor with its own relative step: its groups' lr is None."""
+    from transformers.optimization import Adafactor
+
+    x, y = _blobs()
+    return Task(model=_mlp, train_data=TensorDataset(x, y), loss_fn=F.cross_entropy,
+                optimizer=lambda params, lr: Adafactor(params, lr=None, relative_step=True,
+                                                       warmup_init=True),
+                lr=0.01, base_batch_size=16)
