@@ -97,3 +97,69 @@ def test_a_configure_optimizers_that_reads_the_trainer(tmp_path):
     task = Task.from_lightning(module, Blobs(batch_size=24), optimizer=trainer.optimizers[0])
     built = task.make_optimizer(task.model().parameters(), task.lr)
     assert type(built) is torch.optim.AdamW and built.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_a_onecycle_schedule_gives_the_task_its_peak_lr(tmp_path):
+    """OneCycleLR writes ``initial_lr = max_lr / 25`` into the groups: the task's lr was 25x
+    below the run's (review). The peak is the lr the trials scale from."""
+    from bsselect import Task
+    from tasks.lightning_tasks import ScheduledClassifier
+
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    module = ScheduledClassifier()
+    trainer.fit(module, datamodule=Blobs(batch_size=24))
+    task = Task.from_lightning(module, Blobs(batch_size=24), optimizer=trainer.optimizers[0])
+    assert task.lr == pytest.approx(1e-2)
+
+
+def test_a_cyclic_schedule_says_the_lr_is_its_base():
+    from bsselect.adapters.lightning import recipe_of
+
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.optim.lr_scheduler.CyclicLR(opt, base_lr=1e-3, max_lr=1e-2)
+    with pytest.warns(UserWarning, match="base lr 0.001"):
+        recipe = recipe_of(opt, model)
+    assert recipe.groups[0]["lr"] == pytest.approx(1e-3)
+
+
+class _LoaderInSetup(Blobs):
+    """Builds its train loader in setup(), before the callback sets the batch size."""
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        from tasks.lightning_tasks import _as_dict
+
+        self.loader = torch.utils.data.DataLoader(self.train, batch_size=self.batch_size,
+                                                  collate_fn=_as_dict)
+
+    def train_dataloader(self):
+        return self.loader
+
+
+def test_a_loader_built_before_the_callback_is_an_error_not_an_unused_answer(tmp_path):
+    """The callback set batch_size, the run trained at the loader's 24 with no word (review)."""
+    from bsselect.errors import UsageError
+
+    callback = BatchSizeFromProbe(memory="4MiB", margin=0.2)
+    trainer = L.Trainer(max_steps=1, callbacks=[callback], accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(UsageError, match="loads batches of 24"):
+        trainer.fit(Classifier(), datamodule=_LoaderInSetup(batch_size=24))
+
+
+def test_the_batch_leaves_room_for_every_accumulated_micro_batch(tmp_path):
+    """A micro-batch of the whole training set under accumulate_grad_batches=4 made each
+    epoch one micro-batch, and Lightning stepped on it alone (review)."""
+    callback = BatchSizeFromProbe(memory="256MiB", margin=0.2, power_of_two=False)
+    data = Blobs(batch_size=24)
+    trainer = L.Trainer(max_steps=1, callbacks=[callback], accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        accumulate_grad_batches=4)
+    trainer.fit(Classifier(), datamodule=data)
+    assert callback.result.max_batch > 1000
+    assert callback.batch_size == data.batch_size == 1000 // 4

@@ -132,12 +132,25 @@ def recipe_of(optimizer: torch.optim.Optimizer, module: nn.Module) -> OptimizerR
     # torch 2.13's AdamW keeps 'decoupled_weight_decay' in its groups but takes no such argument
     accepted = inspect.signature(type(optimizer).__init__).parameters
     groups = tuple({**{k: v for k, v in group.items() if k != "params" and k in accepted},
-                    **({"lr": group["initial_lr"]} if "initial_lr" in group else {})}
+                    **({"lr": _scheduled_lr(group)} if "initial_lr" in group else {})}
                    for group in optimizer.param_groups)
     position = {id(p): i for i, p in enumerate(module.parameters())}
     members = tuple(tuple(position[id(p)] for p in group["params"] if id(p) in position)
                     for group in optimizer.param_groups)
     return OptimizerRecipe(type(optimizer), groups, members, len(position))
+
+
+def _scheduled_lr(group: dict) -> float:
+    """A scheduled group's lr before the scheduler: ``initial_lr``, which warm-ups and decays
+    start from; OneCycleLR's peak ``max_lr`` (its ``initial_lr`` is ``max_lr / 25``: the task's
+    lr was 25x low, review). CyclicLR leaves only its base lr in the group: said."""
+    if "max_lr" in group:
+        return group["max_lr"]
+    if "base_momentum" in group:  # CyclicLR with cycle_momentum; the peak is not in the group
+        warnings.warn(f"the optimizer follows a cyclic schedule (CyclicLR): the task's lr is "
+                      f"its base lr {group['initial_lr']:g}, not the cycle's peak; pass lr= to "
+                      "choose the lr the trials scale from", stacklevel=4)
+    return group["initial_lr"]
 
 
 def _loader_parts(loader: Any) -> tuple[Any, Any, Optional[int]]:
@@ -270,6 +283,7 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
         def __init__(self) -> None:
             self.result: Any = None
             self.batch_size: Optional[int] = None
+            self.holder = ""
 
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
             from ..api import probe
@@ -299,8 +313,27 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
             device = options.pop("device", None) or pl_module.device.type
             self.result = probe(task, memory=memory, margin=margin, device=device, **options)
             best = self.result.max_batch_pow2 if power_of_two else self.result.max_batch
-            self.batch_size = max(1, min(best, len(task.train_data)))
+            # Capped so that one optimizer step's micro-batches fit the training set: a
+            # micro-batch of the whole set under accumulate_grad_batches=4 made every epoch one
+            # micro-batch, and Lightning stepped on it alone (review).
+            accumulate = int(options["accumulate"])
+            self.batch_size = max(1, min(best, len(task.train_data) // accumulate))
+            self.holder = f"{type(holder).__name__}.{attribute}"
             setattr(holder, attribute, self.batch_size)
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            # A DataModule that built its loader in setup() (before on_fit_start) trains at
+            # the loader's batch size, whatever the attribute says: the callback's answer
+            # then goes unused, silently (review).
+            loader = getattr(trainer, "train_dataloader", None)
+            loaded = getattr(loader, "batch_size", None)
+            if loaded is None and getattr(loader, "batch_sampler", None) is not None:
+                loaded = getattr(loader.batch_sampler, "batch_size", None)
+            if self.batch_size is not None and loaded is not None and loaded != self.batch_size:
+                raise UsageError(
+                    f"BatchSizeFromProbe set {self.holder} = {self.batch_size}, but the train "
+                    f"dataloader loads batches of {loaded}: it was built before the callback "
+                    f"ran (in setup()?). Build it in train_dataloader() from self.{attribute}")
 
     return _BatchSizeFromProbe()
 
