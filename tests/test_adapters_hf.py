@@ -535,3 +535,47 @@ def test_from_trainer_after_train_with_a_trial_model_init_and_another_loss(tmp_p
     optimizer = task.make_optimizer(model.parameters(), 2 * task.lr)
     assert type(optimizer) is torch.optim.AdamW and task.lr == 3e-4
     assert optimizer.param_groups[0]["lr"] == 6e-4
+
+
+class _WithExtraColumns(torch.utils.data.Dataset):
+    """``hf_tasks._Labelled`` with a text column and an index beside the tokens, as a user's
+    list of dicts often has them."""
+
+    def __init__(self, n: int = 200) -> None:
+        self.items = hf_tasks._Labelled(n)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.items[i], "text": f"sentence {i}", "idx": i}
+
+
+def test_from_trainer_drops_the_columns_the_trainer_drops(tmp_path):
+    """``remove_unused_columns`` (the default): the Trainer trains on such a dataset, and the
+    task's collation failed with "activate truncation and/or padding" on the text column
+    (review). The task collates as the Trainer's loader does; a dict of eval datasets gives
+    its first, with a warning (it failed as "KeyError: 0")."""
+    pytest.importorskip("accelerate")
+    from transformers import (BertConfig, BertForSequenceClassification,
+                              DataCollatorWithPadding, Trainer, TrainingArguments)
+
+    from bsselect import check
+
+    config = BertConfig(vocab_size=len(hf_tasks.WORDS) + 2, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, num_labels=3)
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=8, max_steps=1,
+                             report_to=[], save_strategy="no", use_cpu=True)
+    trainer = Trainer(BertForSequenceClassification(config), args,
+                      train_dataset=_WithExtraColumns(),
+                      eval_dataset={"a": _WithExtraColumns(40), "b": _WithExtraColumns(20)},
+                      data_collator=DataCollatorWithPadding(hf_tasks.tokenizer()))
+    trainer.train()
+    with pytest.warns(UserWarning, match="eval_dataset holds 2 datasets; the task evaluates "
+                                         "on the first, 'a'"):
+        task = Task.from_trainer(trainer)
+    assert len(task.val_data) == 40
+    x, _ = task.collate_fn([task.train_data[0], task.train_data[1]])
+    assert "text" not in x and "idx" not in x and "input_ids" in x
+    assert check(task, batch_size=8, memory="256MiB").fits

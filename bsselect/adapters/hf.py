@@ -20,6 +20,7 @@ importable from here).
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -225,8 +226,18 @@ def from_trainer(trainer: Any) -> Any:
         model = _checkpointing(_factory(model), kwargs)
     _warn_run_settings(args)
     _warn_loss(trainer)
-    return from_hf(model, trainer.train_dataset, data_collator=trainer.data_collator,
-                   eval_dataset=trainer.eval_dataset, lr=lr,
+    train, collator = _without_unused_columns(trainer, trainer.train_dataset,
+                                              trainer.data_collator)
+    evaluation = trainer.eval_dataset
+    if isinstance(evaluation, dict):  # the Trainer evaluates each; a task has one
+        if evaluation:
+            name = next(iter(evaluation))
+            warnings.warn(f"the Trainer's eval_dataset holds {len(evaluation)} datasets; the "
+                          f"task evaluates on the first, {name!r}", stacklevel=2)
+        evaluation = next(iter(evaluation.values()), None)
+    evaluation = _without_unused_columns(trainer, evaluation, None)[0]
+    return from_hf(model, train, data_collator=collator,
+                   eval_dataset=evaluation, lr=lr,
                    weight_decay=args.weight_decay, optimizer=optimizer,
                    base_batch_size=args.per_device_train_batch_size
                    * args.gradient_accumulation_steps,
@@ -234,6 +245,27 @@ def from_trainer(trainer: Any) -> Any:
 
 
 _ENABLE = ("activation_checkpointing_enable", "gradient_checkpointing_enable")  # new, old name
+
+
+def _without_unused_columns(trainer: Any, dataset: Any, collator: Any) -> tuple[Any, Any]:
+    """``dataset`` and ``collator`` as the Trainer's loaders take them: with
+    ``remove_unused_columns`` (the default), a ``datasets.Dataset`` loses the columns the
+    model's ``forward`` does not name, and other datasets are collated by a collator that
+    drops them (a "text" column beside the tokens made the task's collation fail, blaming
+    padding, where the Trainer trained: review). ``collator`` None: only the dataset."""
+    if dataset is None or not getattr(trainer.args, "remove_unused_columns", False):
+        return dataset, collator
+    try:
+        import datasets
+
+        if isinstance(dataset, datasets.Dataset):
+            return trainer._remove_unused_columns(dataset, description="training"), collator
+    except ImportError:
+        pass
+    if collator is None or not hasattr(trainer, "_get_collator_with_removed_columns"):
+        return dataset, collator
+    return dataset, trainer._get_collator_with_removed_columns(collator,
+                                                               description="training")
 
 
 def _model_init(trainer: Any) -> Optional[Callable[[], nn.Module]]:
