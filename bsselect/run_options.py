@@ -128,7 +128,8 @@ def step_settings(precision: str, accumulate: int = 1, shard: Any = None) -> "St
 
 
 def scan(task: "Task", mode: "InputMode", console: Any, seed: int = 0,
-         by_values: Sequence[str] = ()) -> "InputScan":
+         by_values: Sequence[str] = (), reads_values: bool = False,
+         judge: Any = None) -> "InputScan":
     """``inputs.scan_inputs`` over the task's training data with a rich progress bar on
     stderr (transient: it disappears when done; the result's ``how`` says what was read)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -143,7 +144,7 @@ def scan(task: "Task", mode: "InputMode", console: Any, seed: int = 0,
     with bar:
         job = bar.add_task("finding the largest items", total=None)
         return scan_inputs(task.train_data, mode, seed=seed, by_values=by_values,
-                           collate_fn=task.collate_fn,
+                           reads_values=reads_values, collate_fn=task.collate_fn, judge=judge,
                            progress=lambda done, total: bar.update(job, completed=done,
                                                                    total=total))
 
@@ -201,8 +202,12 @@ def step_lines(data: dict[str, Any]) -> list[str]:
                      + (" (as CUDA runs it)" if data.get("target") == "cuda" else ""))
     accumulate = data.get("accumulate", 1)
     if accumulate > 1:
+        ranks = data.get("shard_ranks", 1)
+        over = (f" per rank; {data['global_batch']} over the {ranks} ranks" if ranks > 1
+                else "")
         lines.append(f"accumulation: micro-batch {data['micro_batch']} must fit; x {accumulate} "
-                     f"micro-steps = effective batch {data['effective_batch']} per optimizer step")
+                     f"micro-steps = effective batch {data['effective_batch']} per optimizer "
+                     f"step{over}")
     return lines
 
 

@@ -293,3 +293,15 @@ def test_checkpointing_on_cuda_takes_the_recomputation_fragmentation(command):
     if command == "check":
         assert plain["bytes"] == int(0.15 * plain_data["peak_bytes"])
         assert ckpt["bytes"] == int(0.30 * ckpt_data["peak_bytes"])
+
+
+def test_the_effective_batch_is_said_per_rank_and_the_global_batch_over_the_ranks():
+    """``--accumulate 3 --world-size 2`` printed "effective batch 24 per optimizer step" where
+    each step averages 48 items (review): per rank, and the global batch beside it."""
+    out = run_cli("check", "tiny-lm", "--batch-size", "8", "--memory", "64MiB", "--shard",
+                  "fsdp", "--world-size", "2", "--accumulate", "3", "--json")
+    data = json.loads(out.stdout)
+    assert (data["effective_batch"], data["global_batch"]) == (24, 48)
+    text = run_cli("check", "tiny-lm", "--batch-size", "8", "--memory", "64MiB", "--shard",
+                   "fsdp", "--world-size", "2", "--accumulate", "3").stdout
+    assert "effective batch 24 per optimizer step per rank; 48 over the 2 ranks" in text

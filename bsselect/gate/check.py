@@ -131,6 +131,7 @@ class CheckResult:
         # batch_size is the micro-batch that must fit; the effective batch is what trains.
         return dict(asdict(self), terms=[asdict(t) for t in self.terms],
                     micro_batch=self.batch_size, effective_batch=self.batch_size * self.accumulate,
+                    global_batch=self.batch_size * self.accumulate * self.shard_ranks,
                     data_note=self.data_note)
 
     def to_dict(self) -> dict:

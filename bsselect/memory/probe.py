@@ -94,6 +94,7 @@ class ProbeResult:
         data["terms"] = [asdict(t) for t in self.terms]
         # max_batch is per micro-step: the batch that must fit. Accumulation trains on more.
         data.update(micro_batch=self.max_batch, effective_batch=self.max_batch * self.accumulate,
+                    global_batch=self.max_batch * self.accumulate * self.shard_ranks,
                     exceeds_dataset=self.exceeds_dataset)
         return data
 
