@@ -169,15 +169,35 @@ def _scan(task: "Task", mode: "InputMode", console: Any) -> "InputScan":
     """The items memory batches are made of; after a validation on fake tensors, ranked by
     the values that its shapes read where the items are all one size."""
     from .memory.inputs import scan_inputs
-    from .memory.values import value_shaped_ops
+    from .memory.values import reads_batch_values, value_shaped_ops
 
-    by_values = value_shaped_ops()
+    by_values, reads = value_shaped_ops(), reads_batch_values()
     if console is None:
-        return scan_inputs(task.train_data, mode, by_values=by_values,
-                           collate_fn=task.collate_fn)
+        return scan_inputs(task.train_data, mode, by_values=by_values, reads_values=reads,
+                           collate_fn=task.collate_fn, judge=_judge(task))
     from .run_options import scan
 
-    return scan(task, mode, console, by_values=by_values)
+    return scan(task, mode, console, by_values=by_values, reads_values=reads,
+                judge=_judge(task))
+
+
+def _judge(task: "Task") -> Callable[[Sequence[int]], int | None]:
+    """The simulated step's peak (fp32, the CPU's kernel scratch included: a packed LSTM's
+    memory is mostly that) on a batch of the given items:
+    how ``scan_inputs`` tells which ordering of the items makes the heaviest batch where the
+    step's shapes follow the batch's values. None where the simulation cannot run it."""
+    def judge(items: Sequence[int]) -> int | None:
+        from .errors import BsselectError
+        from .memory.inputs import InputMode, InputScan
+        from .memory.simulated import simulate_step_peak
+
+        n = len(task.train_data)  # type: ignore[arg-type]
+        scan = InputScan(InputMode.worst_case, n, len(items), False, None, None, tuple(items))
+        try:
+            return simulate_step_peak(task, len(items), inputs=scan).peak_bytes
+        except (BsselectError, RuntimeError, ValueError, TypeError, IndexError):
+            return None
+    return judge
 
 
 def probe_method(task: "Task", method: "Method", device: "torch.device", target: Any,

@@ -160,8 +160,20 @@ def _grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: Any = None, bias
 _VALUE_SHAPED: dict[str, None] = {}
 
 
+_VALUE_READS: list[bool] = [False]  # a batch value read (``.item()``) since the last clear
+
+
 def clear_value_shaped() -> None:
     _VALUE_SHAPED.clear()
+    _VALUE_READS[0] = False
+
+
+def reads_batch_values() -> bool:
+    """Whether the simulated steps since the last ``clear_value_shaped`` read a value of the
+    batch into Python (``int(mask.sum(1).max())``, ``if mask.all():``): a branch, or a length
+    that later shapes follow (trimming the padding); ``inputs.scan_inputs`` then judges the
+    orderings of the items by the simulated step."""
+    return _VALUE_READS[0]
 
 
 def value_shaped_ops() -> tuple[str, ...]:
@@ -175,6 +187,8 @@ def _value_shaped(func: Any) -> None:
     # grows with the real values it keeps.
     if func is not aten._local_scalar_dense.default:
         _VALUE_SHAPED[getattr(func, "__name__", str(func)).removesuffix(".default")] = None
+    else:
+        _VALUE_READS[0] = True
 
 
 _SHAPE_FROM_REAL_ARGS = {
@@ -371,7 +385,8 @@ def _advice(func: Any, capped: tuple[str, int] | None = None) -> str:
                 f"{format_bytes(REAL_RESULT_MAX_BYTES)} the simulation "
                 "computes for real (or from the model's weights or the batch's floating-point "
                 "tensors); smaller batches simulate")
-    return (f"{_what(func)}, and that tensor is computed from the model's weights or the "
+    return (f"{_what(func)}, and that tensor is computed from the model's weights (in the "
+            "forward, or in the optimizer's step: Adafactor reads its gradients' values) or the "
             "batch's floating-point tensors, whose values a simulation does not have (it has "
             "the batch's integer and boolean tensors and what is computed from them alone); "
             "measure with real steps instead (`bsselect probe --method measured`, on the "

@@ -1,0 +1,160 @@
+"""Tasks whose memory follows the batch's values in ways no item size or nonzero count sees
+(review, session 23): a padding id that is not 0, a model that trims its batch to the longest
+real row through a value read, and a loss on the answer tokens only (labels of -100 on the
+prompt). Each has a few heavy items among many light ones; ``HEAVY`` names them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils.data import Dataset
+
+from bsselect import Task
+
+N, T, VOCAB = 300, 48, 64
+PAD = VOCAB - 1  # the last id, as GPT-2 pads with its eos
+HEAVY = list(range(7, N, 30))  # 10 items: long sequences / long answers
+
+
+def _lengths(g: torch.Generator, short: int, long: int) -> list[int]:
+    lengths = torch.randint(3, short, (N,), generator=g).tolist()
+    for i in HEAVY:
+        lengths[i] = long
+    return lengths
+
+
+class PrePadded(Dataset):
+    """Token ids stored padded to ``T`` with ``PAD``, their lengths, a class label."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.lengths = torch.tensor(_lengths(g, 10, T))
+        self.ids = torch.randint(1, PAD, (N, T), generator=g)
+        for i, n in enumerate(self.lengths.tolist()):
+            self.ids[i, n:] = PAD
+        self.y = torch.randint(0, 4, (N,), generator=g)
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int):
+        return (self.ids[i], self.lengths[i]), self.y[i]
+
+
+class PackedLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.rnn = nn.LSTM(16, 96, batch_first=True)
+        self.out = nn.Linear(96, 4)
+
+    def forward(self, x):
+        ids, lengths = x
+        packed = pack_padded_sequence(self.emb(ids), lengths, batch_first=True,
+                                      enforce_sorted=False)
+        _, (h, _) = self.rnn(packed)
+        return self.out(h[-1])
+
+
+def prepadded_task() -> Task:
+    return Task(model=PackedLSTM, train_data=PrePadded(), loss_fn=F.cross_entropy,
+                optimizer=torch.optim.Adam, lr=1e-3, base_batch_size=8)
+
+
+class Masked(Dataset):
+    """Token ids padded to ``T`` with 0 and their attention mask."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(1)
+        lengths = _lengths(g, 8, T)
+        self.ids = torch.zeros(N, T, dtype=torch.long)
+        self.mask = torch.zeros(N, T, dtype=torch.long)
+        for i, n in enumerate(lengths):
+            self.ids[i, :n] = torch.randint(1, VOCAB, (n,), generator=g)
+            self.mask[i, :n] = 1
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int):
+        return {"ids": self.ids[i], "mask": self.mask[i]}, self.ids[i, 0] % 4
+
+
+class Trimmed(nn.Module):
+    """Cuts the batch to its longest real row (``int(mask.sum(1).max())``), then attends:
+    (B, t, t) scores, so the memory grows with the longest row of the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x):
+        longest = int(x["mask"].sum(1).max())
+        h = self.emb(x["ids"][:, :longest])
+        scores = torch.softmax(h @ h.transpose(1, 2), dim=-1)
+        return self.out((scores @ h).mean(1))
+
+
+def trimmed_task() -> Task:
+    return Task(model=Trimmed, train_data=Masked(), loss_fn=F.cross_entropy,
+                optimizer=torch.optim.SGD, lr=0.1, base_batch_size=8)
+
+
+class PromptAnswer(Dataset):
+    """Items of different lengths: most a long prompt and a short answer, ``HEAVY`` a short
+    prompt and a long answer; labels -100 on the prompt."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(2)
+        self.items = []
+        for i in range(N):
+            prompt, answer = (3, 30) if i in HEAVY else (40, 2)
+            ids = torch.randint(1, VOCAB, (prompt + answer,), generator=g)
+            labels = ids.clone()
+            labels[:prompt] = -100
+            self.items.append({"ids": ids, "labels": labels})
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def pad_prompt_answer(items: list) -> tuple:
+    longest = max(len(it["ids"]) for it in items)
+    ids = torch.zeros(len(items), longest, dtype=torch.long)
+    labels = torch.full((len(items), longest), -100, dtype=torch.long)
+    for k, it in enumerate(items):
+        ids[k, :len(it["ids"])] = it["ids"]
+        labels[k, :len(it["labels"])] = it["labels"]
+    return ids, labels
+
+
+class AnswerHead(nn.Module):
+    """Logits over a large vocabulary on the answer tokens only (``h[labels != -100]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.head = nn.Linear(16, 8192)
+
+    def forward(self, batch):
+        ids, labels = batch
+        h = self.emb(ids)
+        keep = labels != -100
+        return self.head(h[keep]), labels[keep]
+
+
+def answer_loss(out, _target) -> torch.Tensor:
+    logits, labels = out
+    return F.cross_entropy(logits, labels.clamp(max=8191))
+
+
+def answer_task() -> Task:
+    return Task(model=AnswerHead, train_data=PromptAnswer(), loss_fn=answer_loss,
+                collate_fn=lambda items: (pad_prompt_answer(items), None),
+                optimizer=torch.optim.SGD, lr=0.1, base_batch_size=8)
