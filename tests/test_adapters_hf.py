@@ -579,3 +579,26 @@ def test_from_trainer_drops_the_columns_the_trainer_drops(tmp_path):
     x, _ = task.collate_fn([task.train_data[0], task.train_data[1]])
     assert "text" not in x and "idx" not in x and "input_ids" in x
     assert check(task, batch_size=8, memory="256MiB").fits
+
+
+def test_a_long_hf_config_sequence_checks_its_real_step_on_short_items(tmp_path, monkeypatch):
+    """The real check (dtype and index errors) ran a real step on two items at the full
+    --seq-len: at 100,000 tokens a tiny model's check did not finish in 5 minutes (review).
+    It runs on 1,024-token items of the same random data; the simulation keeps the length."""
+    import bsselect.memory.real_check as real_check
+    from bsselect import check
+    from bsselect.adapters.hf_config import REAL_CHECK_TOKENS, config_task
+
+    seen = []
+    original = real_check._step_error
+
+    def spy(model, task, x, y, precision):
+        seen.append(tuple(x["input_ids"].shape))
+        return original(model, task, x, y, precision)
+
+    monkeypatch.setattr(real_check, "_step_error", spy)
+    task = config_task(str(_tiny_llama_config(tmp_path)), 4096)
+    result = check(task, batch_size=1, memory="1GiB")
+    assert seen == [(2, REAL_CHECK_TOKENS)]
+    assert result.tokens_per_sample == 4096
+    assert task.train_data.real_check_data().real_check_data().seq_len == REAL_CHECK_TOKENS

@@ -613,3 +613,24 @@ def test_a_sharded_optimizer_that_gathers_full_matrices_is_simulated_on_dtensors
     assert steps_elementwise(type("Mine", (torch.optim.SGD,), {})(model.parameters(), lr=0.1))
     assert not steps_elementwise(torch.optim.Adafactor(model.parameters()))
     assert not steps_elementwise(_GatheringOrthogonaliser(model.parameters(), 0.1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_attention_is_calibrated_at_two_shorter_lengths_to_the_byte(dtype, monkeypatch):
+    """CPU flash attention's real run at the full length costs the length squared (a check at
+    100,000 tokens did not finish in 5 minutes: review); above 4,096 tokens its allocations
+    come from runs at 2,048 and 4,096, affine in the length: the same bytes as the exact run,
+    forward and backward, with a transposed (B, T, H, d) layout and an uneven length."""
+    import bsselect.memory.cpu_truth as ct
+
+    aten = torch.ops.aten
+    q = torch.empty(1, 6000, 2, 16, dtype=dtype, device="meta").transpose(1, 2)
+    lse = torch.empty(1, 2, 6000, device="meta")
+    cases = [(aten._scaled_dot_product_flash_attention_for_cpu.default, (q, q, q),
+              {"is_causal": True}),
+             (aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+              (q, q, q, q, q, lse), {"dropout_p": 0.0, "is_causal": True})]
+    fast = [ct.kernel_cost(*case) for case in cases]
+    monkeypatch.setattr(ct, "ATTENTION_CALIBRATION_TOKENS", (2**40, 2**41))
+    exact = [ct.kernel_cost(*case) for case in cases]
+    assert fast == exact and all(c.high_water_bytes > 0 for c in exact)

@@ -359,3 +359,25 @@ def test_items_whose_values_decide_nothing_are_not_judged():
     assert calls == [] and scan.uniform
     # Integer fields that are all alike give no ordering to try.
     assert _orderings([(torch.ones(4, dtype=torch.long), 3)] * 5, list(range(5)), None) == {}
+
+
+def test_random_token_data_is_not_read_for_orderings():
+    """--hf-config's random tokens: the model reads mask values, but no ordering of random
+    ids makes a heavier batch; the judging read all 100,000 sampled items (13 s: review)."""
+    from bsselect.adapters.hf_config import RandomTokens
+
+    calls = []
+    scan = scan_inputs(RandomTokens(100, 64), InputMode.worst_case, reads_values=True,
+                       judge=lambda items: calls.append(items) or 1)
+    assert calls == [] and scan.uniform and scan.items_scanned == 0
+
+
+def test_reading_the_orderings_stops_at_its_time_budget(monkeypatch):
+    import bsselect.memory.inputs as inputs
+    from tasks.value_order_tasks import HEAVY, PrePadded
+
+    monkeypatch.setattr(inputs, "ORDERINGS_SCAN_S", 0.0)  # the first 64 items only
+    orderings = inputs._orderings(PrePadded(), list(range(300)), None)
+    assert orderings and all(len(r) == 64 for r in orderings.values())
+    sample = sorted(next(iter(orderings.values())))
+    assert sample != list(range(64)) and set(HEAVY) & set(sample)  # seeded, over all items

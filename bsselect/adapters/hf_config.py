@@ -101,9 +101,11 @@ def from_config(config: Any) -> nn.Module:
 class RandomTokens(torch.utils.data.Dataset):
     """``items`` sequences of ``seq_len`` random token ids (seeded per item, made on demand),
     each its own causal-LM labels: the data of ``--hf-config`` tasks, where only shapes matter
-    for memory. Every item has one shape (``uniform_items``), so no scan reads them."""
+    for memory. Every item has one shape (``uniform_items``), and no ordering of their random
+    values makes a heavier batch (``memory_follows_values``), so no scan reads them."""
 
     uniform_items = True
+    memory_follows_values = False
 
     def __init__(self, vocab_size: int, seq_len: int, items: int = 1 << 20,
                  seq_len_given: bool = True) -> None:
@@ -117,6 +119,19 @@ class RandomTokens(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(i)
         ids = torch.randint(self.vocab_size, (self.seq_len,), generator=g)
         return {"input_ids": ids, "labels": ids}
+
+    def real_check_data(self) -> "RandomTokens":
+        """The items the real check's step (``memory.real_check``) runs on: at most
+        ``REAL_CHECK_TOKENS`` tokens. It looks for dtype and index errors, which the length
+        does not change, and at the full length its attention costs the length squared (a
+        tiny model at 100,000 tokens did not finish in 5 minutes: review); lengths past the
+        model's positions are refused before it runs."""
+        if self.seq_len <= REAL_CHECK_TOKENS:
+            return self
+        return RandomTokens(self.vocab_size, REAL_CHECK_TOKENS, items=2)
+
+
+REAL_CHECK_TOKENS = 1024
 
 
 def config_task(path: str | Path, seq_len: int | None = None, lr: float = 1e-4,

@@ -525,6 +525,51 @@ def calibration_items(items: int, item_bytes: int, min_items: int) -> tuple[int,
     return (hi // 2, hi)
 
 
+_ATTENTION = (_aten._scaled_dot_product_flash_attention_for_cpu.default,
+              _aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+# Sequences longer than this calibrate CPU flash attention at two shorter lengths. From 768
+# tokens on its blocks are a fixed size (256 queries x 512 keys), and what it allocates is
+# affine in the length: checked from 1,024 to 8,192 tokens, fp32 and bf16, forward and
+# backward, the runs at 2,048 and 4,096 give those at 8,192 to the byte
+# (tests/test_memory_simulated.py). A real run at the full length costs its length squared: a
+# check at 100,000 tokens did not finish in 5 minutes (review).
+ATTENTION_CALIBRATION_TOKENS = (2048, 4096)
+
+
+def _resized(t: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    """A meta tensor like ``t`` (dtype, dim order) with ``n`` along ``dim``."""
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))  # outer to inner
+    shape = [n if d == dim else t.shape[d] for d in order]
+    return torch.empty(shape, dtype=t.dtype, device="meta").permute(
+        [order.index(d) for d in range(t.dim())])
+
+
+def _attention_by_length(func: Any, args: Sequence[Any], kwargs: dict
+                         ) -> Optional[KernelCost]:
+    """CPU flash attention on a long sequence (self-attention, no mask), from its cost at
+    ``ATTENTION_CALIBRATION_TOKENS`` extrapolated affinely in the length; None where that
+    does not apply (short, masked or cross-attention: the exact calibration runs)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if (kwargs.get("attn_mask") is not None or len(tensors) < 3
+            or any(t.dim() < 3 for t in tensors)):
+        return None
+    length = tensors[0].shape[2]
+    if length <= ATTENTION_CALIBRATION_TOKENS[1] or any(t.shape[2] != length
+                                                         for t in tensors):
+        return None
+    runs = []
+    for n in ATTENTION_CALIBRATION_TOKENS:
+        short = [_resized(a, 2, n) if isinstance(a, torch.Tensor) else a for a in args]
+        cost = kernel_cost(func, short, kwargs)
+        if cost is None:
+            return None
+        runs.append(cost)
+    (lo, hi), (n_lo, n_hi) = runs, ATTENTION_CALIBRATION_TOKENS
+    mark = _affine([lo.high_water_bytes], [hi.high_water_bytes], n_lo, n_hi, length)[0]
+    return KernelCost(mark, tuple(_affine(lo.output_bytes, hi.output_bytes, n_lo, n_hi,
+                                          length)))
+
+
 def kernel_cost(func: Any, args: Sequence[Any], kwargs: dict) -> Optional[KernelCost]:
     """What the real CPU kernel for ``func`` allocates for arguments shaped like ``args``
     (fake tensors are fine); None for kernels the simulation can trust to meta, or if the
@@ -532,6 +577,10 @@ def kernel_cost(func: Any, args: Sequence[Any], kwargs: dict) -> Optional[Kernel
     spec = KERNELS.get(func)
     if spec is None or (spec.applies is not None and not spec.applies(args)):
         return None
+    if func in _ATTENTION:
+        by_length = _attention_by_length(func, args, kwargs)
+        if by_length is not None:
+            return by_length
     dims = spec.batch_dims(args)
     key, dim = next(iter(dims.items()))
     items = (args[key] if isinstance(key, int) else kwargs[key]).shape[dim]

@@ -114,17 +114,22 @@ def collated_shapes(collate_fn: Callable[[list], Any]) -> Callable[[Any], tuple[
     return shapes
 
 
-def _kind_of(data: Dataset) -> str:
+def _base(data: Dataset) -> Dataset:
+    """The dataset under any ``Subset`` wrappers."""
     while isinstance(data, Subset):
         data = data.dataset
+    return data
+
+
+def _kind_of(data: Dataset) -> str:
+    data = _base(data)
     return "a TensorDataset" if isinstance(data, TensorDataset) else type(data).__name__
 
 
 def _same_size_by_construction(data: Dataset) -> bool:
     """A TensorDataset (or a Subset of one) indexes tensors along dim 0: one item shape; a
     dataset may also say so itself (``uniform_items = True``)."""
-    while isinstance(data, Subset):
-        data = data.dataset
+    data = _base(data)
     return isinstance(data, TensorDataset) or getattr(data, "uniform_items", False) is True
 
 
@@ -203,7 +208,8 @@ def scan_inputs(data: Dataset, mode: InputMode = InputMode.worst_case, *, seed: 
     give and keeps the one whose batch needs the most memory (review: each heuristic alone
     measured batches 2.4-4.5x below the real worst)."""
     scan = _scan_inputs(data, mode, seed, max_items, progress, by_values, collate_fn)
-    if judge is None or not (by_values or reads_values) or mode is InputMode.typical:
+    if (judge is None or not (by_values or reads_values) or mode is InputMode.typical
+            or getattr(_base(data), "memory_follows_values", True) is False):
         return scan
     return _judged(data, scan, seed, max_items, progress, judge)
 
@@ -391,6 +397,7 @@ def _sizes(data: Dataset, order: list[int], progress: Optional[Progress],
 JUDGE_BATCH = 8       # the batch each ordering is judged on: its first items
 MAX_ORDERINGS = 8     # orderings judged at most, beside the scan's own
 _PAD_PROBE_ITEMS = 256  # items read to guess each leaf's padding value
+ORDERINGS_SCAN_S = 5.0  # the most reading the items' integer fields may take; beyond, a sample
 
 
 def _int_leaf(leaf: Any) -> Optional[torch.Tensor]:
@@ -456,6 +463,13 @@ def _orderings(data: Dataset, order: list[int], progress: Optional[Progress]
         return out
 
     try:
+        tick = time.perf_counter()
+        first = [counts(data[i]) for i in order[:64]]
+        per_item = (time.perf_counter() - tick) / max(1, len(first))
+        limit = max(len(first), int(ORDERINGS_SCAN_S / max(per_item, 1e-9)))
+        if limit < len(order):  # a seeded random sample of them, as the scan samples
+            order = [order[i] for i in sorted(torch.randperm(
+                len(order), generator=torch.Generator().manual_seed(0))[:limit].tolist())]
         table = _sizes(data, order, progress, counts)
     except _CollateFailed:
         return {}
@@ -506,6 +520,7 @@ def _judged(data: Dataset, scan: InputScan, seed: int, max_items: int,
     how = (f"{found}; the step's shapes follow the batch's values, so {len(seen)} orderings "
            f"were tried on a simulated batch of {k}: ranked by {best_name}, it needs "
            f"{best_peak / base:.2f}x the memory of the {first}'s")
+    how += _sample_note(len(ranked), n)
     return dataclasses.replace(scan, uniform=False, ranked=ranked, how=how,
-                               items_scanned=len(order),
+                               items_scanned=len(ranked),
                                scan_s=scan.scan_s + time.perf_counter() - start)

@@ -8,6 +8,8 @@ under the run's precision, says so first.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..errors import TaskError, one_line
@@ -59,6 +61,11 @@ def check_real_step(task: Task, precision: Precision | None = None,
     nbytes = model_bytes_on_meta(task)
     if nbytes is None or nbytes > max_bytes:
         return False
+    # A dataset may give shorter items of the same kind for this check (--hf-config's
+    # random tokens at a long --seq-len: ``RandomTokens.real_check_data``).
+    shorter = getattr(task.train_data, "real_check_data", None)
+    if callable(shorter):
+        task = dataclasses.replace(task, train_data=shorter())
     n = min(2, len(task.train_data))  # type: ignore[arg-type]
     peak = _simulated_peak(task, n, precision)
     if peak is not None and peak > max_step_bytes:
