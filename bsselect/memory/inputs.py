@@ -151,16 +151,40 @@ class InputScan:
     ranked: tuple[int, ...] = ()
     how: str = ""                            # how the sizes were found, for people
     scan_s: float = 0.0
+    padding_lead: int = 1                    # ranked's first items, which pad a batch the most
+    # Where the step's shapes follow the batch's values (``_judged``): other orderings of the
+    # items, and the simulated step's peak on given items that picks among them per batch.
+    alternatives: tuple[tuple[int, ...], ...] = ()
+    judge: Optional[Judge] = dataclasses.field(default=None, compare=False, repr=False)
+    _chosen: dict = dataclasses.field(default_factory=dict, init=False, compare=False,
+                                      repr=False)
 
     @property
     def picks_largest(self) -> bool:
-        return self.mode is InputMode.worst_case and bool(self.ranked)
+        return self.mode is InputMode.worst_case and bool(self.ranked or self.alternatives)
 
     def indices(self, batch_size: int, seed: int = 0) -> list[int]:
         """The items of a batch: the ``batch_size`` largest (repeated from the largest on if
         the batch is larger than the scanned items), else the random draw ``make_batch``
-        makes with ``seed``."""
-        if not self.picks_largest:
+        makes with ``seed``. With ``alternatives``, the heaviest in the simulated step of
+        that batch and each alternative's first ``batch_size`` items (judged at this size:
+        the ordering heaviest at 8 items was lighter at 64 on a task with both long items
+        and value-heavy ones, review)."""
+        own = self._own(batch_size, seed)
+        if not self.alternatives or self.judge is None:
+            return own
+        key = (batch_size, seed)
+        if key not in self._chosen:
+            batches = [own] + [[r[i % len(r)] for i in range(batch_size)]
+                               for r in self.alternatives]
+            peaks = [self.judge(b) for b in batches]
+            best = max(range(len(batches)), key=lambda i: (
+                -1 if peaks[i] is None else peaks[i], -i))
+            self._chosen[key] = batches[best]
+        return list(self._chosen[key])
+
+    def _own(self, batch_size: int, seed: int) -> list[int]:
+        if self.mode is not InputMode.worst_case or not self.ranked:
             gen = torch.Generator().manual_seed(seed)
             return sample_indices(self.items_total, batch_size, gen)
         ranked = self.ranked
@@ -262,7 +286,8 @@ def _scan_inputs(data: Dataset, mode: InputMode, seed: int, max_items: int,
            + (f"; after the largest, the {extremes} item(s) longest in some dimension: a "
               "collate_fn that pads takes the whole batch to their extents" if extremes else "")
            + _sample_note(len(order), n))
-    return InputScan(mode, n, len(order), False, largest, float(mid), ranked, how, elapsed)
+    return InputScan(mode, n, len(order), False, largest, float(mid), ranked, how, elapsed,
+                     padding_lead=1 + extremes)
 
 
 COLLATE_SCAN_S = 30.0  # the most the per-item collation of text items may take
@@ -397,12 +422,24 @@ def _sizes(data: Dataset, order: list[int], progress: Optional[Progress],
 JUDGE_BATCH = 8       # the batch each ordering is judged on: its first items
 MAX_ORDERINGS = 8     # orderings judged at most, beside the scan's own
 _PAD_PROBE_ITEMS = 256  # items read to guess each leaf's padding value
+MIN_DISTINCT_VALUES = 8  # an integer scalar ordered by: a length, not a class label
 ORDERINGS_SCAN_S = 5.0  # the most reading the items' integer fields may take; beyond, a sample
 
 
 def _int_leaf(leaf: Any) -> Optional[torch.Tensor]:
-    """An integer or boolean leaf as a tensor (a list of ints, a numpy array too); None for
-    anything else (floats, text, images)."""
+    """An integer or boolean leaf as a dense tensor of real values (a list of ints, a numpy
+    array too); None for anything else (floats, text, images, sparse or meta tensors, a
+    64-bit unsigned hash past int64)."""
+    try:
+        t = _as_int_tensor(leaf)
+    except Exception:  # noqa: BLE001 - a value torch cannot hold as an integer tensor
+        return None
+    if t is None or t.layout is not torch.strided or t.is_meta:
+        return None
+    return t
+
+
+def _as_int_tensor(leaf: Any) -> Optional[torch.Tensor]:
     if isinstance(leaf, torch.Tensor):
         t = leaf
     elif isinstance(leaf, (list, tuple)) and leaf and all(
@@ -445,8 +482,13 @@ def _orderings(data: Dataset, order: list[int], progress: Optional[Progress]
             features.append((f"the value of integer field {j}", j, None))
             continue
         flat = [t.reshape(-1) for t in ts if t.numel()]
-        pads = {0, _mode([int(t[-1]) for t in flat]), _mode([int(t[0]) for t in flat])}
-        for v in sorted(x for x in pads if x is not None):
+        pads = {0}
+        for ends in ([int(t[-1]) for t in flat], [int(t[0]) for t in flat]):
+            v = _mode(ends)
+            # Padding ends (or begins) many items; the commonest last token of text does not.
+            if v is not None and ends.count(v) >= len(ends) / 4:
+                pads.add(v)
+        for v in sorted(pads):
             features.append((f"elements of field {j} other than {v}", j, v))
     if not features:
         return {}
@@ -481,8 +523,12 @@ def _orderings(data: Dataset, order: list[int], progress: Optional[Progress]
             key = f"elements other than {v}, over every field"
             by_pad[key] = [a + b for a, b in zip(by_pad.get(key, [0] * len(col)), col)]
     named.update(by_pad)
+    # An ordering needs counts that differ by something (a tenth of the largest): random
+    # ids' rare zeros, or a class label, order nothing the memory follows.
     return {name: tuple(i for _, i in sorted(zip(col, order), key=lambda ci: (-ci[0], ci[1])))
-            for name, col in named.items() if min(col) != max(col)}
+            for name, col in named.items()
+            if max(col) - min(col) > 0.1 * max(abs(max(col)), abs(min(col)), 1)
+            and (len(set(col)) >= MIN_DISTINCT_VALUES or not name.startswith("the value"))}
 
 
 def _judged(data: Dataset, scan: InputScan, seed: int, max_items: int,
@@ -495,7 +541,10 @@ def _judged(data: Dataset, scan: InputScan, seed: int, max_items: int,
     order = (list(range(n)) if n <= max_items else torch.randperm(
         n, generator=torch.Generator().manual_seed(seed))[:max_items].tolist())
     k = min(JUDGE_BATCH, len(order))
-    candidates = _orderings(data, order, progress)
+    try:
+        candidates = _orderings(data, order, progress)
+    except Exception:  # noqa: BLE001 - values it cannot count (uint64 past int64, sparse,
+        return scan     # meta): no ordering by them; the scan's own stands (review)
     if not candidates or k == 0:
         return scan
     own = scan.indices(k, seed)
@@ -513,14 +562,20 @@ def _judged(data: Dataset, scan: InputScan, seed: int, max_items: int,
             best_name, best_peak = name, peak
     if not best_name:
         return scan
-    ranked = candidates[best_name]
-    # What the scan found about sizes, without its own ranking's reason (now not the one).
-    found = scan.how.split(", but the step's shapes")[0]
-    first = "scan's own ranking" if scan.ranked else "random items"
-    how = (f"{found}; the step's shapes follow the batch's values, so {len(seen)} orderings "
-           f"were tried on a simulated batch of {k}: ranked by {best_name}, it needs "
-           f"{best_peak / base:.2f}x the memory of the {first}'s")
-    how += _sample_note(len(ranked), n)
-    return dataclasses.replace(scan, uniform=False, ranked=ranked, how=how,
-                               items_scanned=len(ranked),
-                               scan_s=scan.scan_s + time.perf_counter() - start)
+    winner = candidates[best_name]
+    # The items that pad a batch the most (the longest), then the winner's: a batch holding
+    # both the long items and the value-heavy ones (review: at 64 items the long prompts
+    # weighed more, at 8 the long answers).
+    lead = tuple(scan.ranked[:scan.padding_lead])
+    alternatives = (winner,) + ((lead + tuple(i for i in winner if i not in lead),)
+                                if lead else ())
+    first = "largest items" if scan.ranked else "random items"
+    how = (f"{scan.how}; the step's shapes follow the batch's values, so {len(seen)} orderings "
+           f"were tried on a simulated batch of {k}: by {best_name} it needs "
+           f"{best_peak / base:.2f}x the {first}' memory. Each batch is the heaviest in the "
+           f"simulated step of the {first}, that ordering's"
+           + (" and the same after the items that pad the most" if len(alternatives) > 1
+              else "")
+           + _sample_note(len(winner), n))
+    return dataclasses.replace(scan, uniform=False, alternatives=alternatives, judge=judge,
+                               how=how, scan_s=scan.scan_s + time.perf_counter() - start)

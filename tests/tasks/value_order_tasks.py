@@ -158,3 +158,40 @@ def answer_task() -> Task:
     return Task(model=AnswerHead, train_data=PromptAnswer(), loss_fn=answer_loss,
                 collate_fn=lambda items: (pad_prompt_answer(items), None),
                 optimizer=torch.optim.SGD, lr=0.1, base_batch_size=8)
+
+
+LONG_PROMPTS = [290, 295, 299]  # a 300-token prompt, a 2-token answer
+
+
+class MixedPromptAnswer(PromptAnswer):
+    """``PromptAnswer`` with three very long prompts too: at 8 items the long answers are the
+    heaviest batch, at 64 the long prompts (which pad every row) weigh more (review)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        for i in LONG_PROMPTS:
+            ids = torch.randint(1, VOCAB, (302,), generator=g)
+            labels = ids.clone()
+            labels[:300] = -100
+            self.items[i] = {"ids": ids, "labels": labels}
+
+
+class PerTokenAnswerHead(AnswerHead):
+    """An MLP over every (padded) token, then the large head on the answer tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, batch):
+        ids, labels = batch
+        h = self.down(torch.relu(self.up(self.emb(ids))))
+        keep = labels != -100
+        return self.head(h[keep]), labels[keep]
+
+
+def mixed_task() -> Task:
+    return Task(model=PerTokenAnswerHead, train_data=MixedPromptAnswer(), loss_fn=answer_loss,
+                collate_fn=lambda items: (pad_prompt_answer(items), None),
+                optimizer=torch.optim.SGD, lr=0.1, base_batch_size=8)
