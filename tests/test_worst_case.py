@@ -442,3 +442,17 @@ def test_values_the_orderings_cannot_count_leave_the_scan_as_it_was():
                 collate_fn=collate, optimizer=torch.optim.SGD, lr=0.1, base_batch_size=8)
     result = check(task, batch_size=8, memory="1GiB")
     assert result.fits and "orderings were tried" in result.inputs_note  # the hash skipped
+
+
+def test_a_step_that_needs_sorted_items_fails_the_real_check():
+    """enforce_sorted=True after a collate that does not sort: worst-case batches come out
+    sorted by length and the real check's items 0 and 1 were too, so check said "fits" for a
+    step whose first random batch fails (review). The real check now takes the smallest item,
+    then the largest."""
+    from tasks.value_order_tasks import unsorted_task
+
+    from bsselect import check
+    from bsselect.errors import TaskError
+
+    with pytest.raises(TaskError, match="a real training step on 2 items fails.*sorted"):
+        check(unsorted_task(), batch_size=16, memory="16MiB")

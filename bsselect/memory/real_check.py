@@ -66,12 +66,13 @@ def check_real_step(task: Task, precision: Precision | None = None,
     shorter = getattr(task.train_data, "real_check_data", None)
     if callable(shorter):
         task = dataclasses.replace(task, train_data=shorter())
-    n = min(2, len(task.train_data))  # type: ignore[arg-type]
+    items = _two_items(task.train_data)
+    n = len(items)
     peak = _simulated_peak(task, n, precision)
     if peak is not None and peak > max_step_bytes:
         return False
     with torch.random.fork_rng(devices=[]):
-        x, y = to_device(collate(task, [task.train_data[i] for i in range(n)]), "cpu")
+        x, y = to_device(collate(task, [task.train_data[i] for i in items]), "cpu")
         try:
             # on the CPU: a copy of a user's instance keeps its device (the Trainer moves
             # its model to the GPU), and the batch is collated here
@@ -90,6 +91,30 @@ def check_real_step(task: Task, precision: Precision | None = None,
                         f"cannot run at any batch size (a simulation does not check dtypes or "
                         f"class indices): {one_line(error)}") from error
     return True
+
+
+PAIR_SCAN_ITEMS = 64  # items read to pick the real check's pair
+
+
+def _two_items(data: object) -> list[int]:
+    """The real check's items: of the first ``PAIR_SCAN_ITEMS``, the smallest then the
+    largest (by elements), where sizes differ; else the first two. A random batch of the run
+    holds items of different lengths in any order, and a step that needs them sorted
+    (``pack_padded_sequence(enforce_sorted=True)`` after a collate that does not sort)
+    passed a check of two equal or sorted items and the simulation's largest-first batches
+    alike (review)."""
+    from .inputs import item_elements
+
+    n = min(PAIR_SCAN_ITEMS, len(data))  # type: ignore[arg-type]
+    if n < 2:
+        return list(range(n))
+    try:
+        sizes = [item_elements(data[i]) for i in range(n)]  # type: ignore[index]
+    except Exception:  # noqa: BLE001 - the step's own reading says what is wrong
+        return [0, 1]
+    small = min(range(n), key=lambda i: (sizes[i], i))
+    large = max(range(n), key=lambda i: (sizes[i], -i))
+    return [small, large] if sizes[small] < sizes[large] else [0, 1]
 
 
 def _step_error(model: torch.nn.Module, task: Task, x: object, y: object,

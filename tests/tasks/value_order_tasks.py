@@ -195,3 +195,45 @@ def mixed_task() -> Task:
     return Task(model=PerTokenAnswerHead, train_data=MixedPromptAnswer(), loss_fn=answer_loss,
                 collate_fn=lambda items: (pad_prompt_answer(items), None),
                 optimizer=torch.optim.SGD, lr=0.1, base_batch_size=8)
+
+
+class Unsorted(Dataset):
+    """Token sequences of 3..40 tokens in no order; the first two happen to be long, then
+    short (a check of items 0 and 1 sees them sorted)."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(4)
+        self.lengths = torch.randint(3, 41, (N,), generator=g).tolist()
+        self.lengths[0], self.lengths[1] = 40, 30
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int):
+        return torch.randint(1, VOCAB, (self.lengths[i],)), i % 4
+
+
+def pad_in_given_order(items: list) -> tuple:
+    longest = max(len(x) for x, _ in items)
+    ids = torch.zeros(len(items), longest, dtype=torch.long)
+    for k, (x, _) in enumerate(items):
+        ids[k, :len(x)] = x
+    lengths = torch.tensor([len(x) for x, _ in items])
+    return (ids, lengths), torch.tensor([y for _, y in items])
+
+
+class SortedPackedLSTM(PackedLSTM):
+    """``pack_padded_sequence(enforce_sorted=True)``: the batch must come sorted."""
+
+    def forward(self, x):
+        ids, lengths = x
+        packed = pack_padded_sequence(self.emb(ids), lengths, batch_first=True,
+                                      enforce_sorted=True)
+        _, (h, _) = self.rnn(packed)
+        return self.out(h[-1])
+
+
+def unsorted_task() -> Task:
+    return Task(model=SortedPackedLSTM, train_data=Unsorted(), loss_fn=F.cross_entropy,
+                collate_fn=pad_in_given_order, optimizer=torch.optim.SGD, lr=0.1,
+                base_batch_size=8)
