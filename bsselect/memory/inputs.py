@@ -238,6 +238,17 @@ def scan_inputs(data: Dataset, mode: InputMode = InputMode.worst_case, *, seed: 
     return _judged(data, scan, seed, max_items, progress, judge)
 
 
+def _sampled(n: int, limit: int, seed: int) -> list[int]:
+    """The items a scan reads: all ``n``, or a seeded random ``limit`` of them."""
+    return (list(range(n)) if n <= limit else torch.randperm(
+        n, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
+
+
+def _most_first(counts: Sequence[int], order: Sequence[int]) -> tuple[int, ...]:
+    """``order``'s items by their ``counts``, most first (ties by index)."""
+    return tuple(i for _, i in sorted(zip(counts, order), key=lambda ci: (-ci[0], ci[1])))
+
+
 def _scan_inputs(data: Dataset, mode: InputMode, seed: int, max_items: int,
                  progress: Optional[Progress], by_values: Sequence[str],
                  collate_fn: Optional[Callable[[list], Any]]) -> InputScan:
@@ -246,8 +257,7 @@ def _scan_inputs(data: Dataset, mode: InputMode, seed: int, max_items: int,
         return typical_inputs(data)
 
     def sampled(limit: int = max_items) -> list[int]:
-        return (list(range(n)) if n <= limit else torch.randperm(
-            n, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
+        return _sampled(n, limit, seed)
 
     def by_nonzero(order: list[int], largest: int, mid: float, how: str,
                    start: float) -> Optional[InputScan]:
@@ -392,7 +402,7 @@ def _ranked_by_nonzero(data: Dataset, order: list[int], progress: Optional[Progr
         counts = _sizes(data, order, progress, _nonzero_counts)
     if not counts or min(counts) == max(counts):
         return ()
-    return tuple(i for _, i in sorted(zip(counts, order), key=lambda ci: (-ci[0], ci[1])))
+    return _most_first(counts, order)
 
 
 def _sample_note(scanned: int, total: int) -> str:
@@ -525,8 +535,7 @@ def _orderings(data: Dataset, order: list[int], progress: Optional[Progress]
     named.update(by_pad)
     # An ordering needs counts that differ by something (a tenth of the largest): random
     # ids' rare zeros, or a class label, order nothing the memory follows.
-    return {name: tuple(i for _, i in sorted(zip(col, order), key=lambda ci: (-ci[0], ci[1])))
-            for name, col in named.items()
+    return {name: _most_first(col, order) for name, col in named.items()
             if max(col) - min(col) > 0.1 * max(abs(max(col)), abs(min(col)), 1)
             and (len(set(col)) >= MIN_DISTINCT_VALUES or not name.startswith("the value"))}
 
@@ -538,8 +547,7 @@ def _judged(data: Dataset, scan: InputScan, seed: int, max_items: int,
     own batch (its largest items, or a random batch where it found them all one size)."""
     start = time.perf_counter()
     n = scan.items_total
-    order = (list(range(n)) if n <= max_items else torch.randperm(
-        n, generator=torch.Generator().manual_seed(seed))[:max_items].tolist())
+    order = _sampled(n, max_items, seed)
     k = min(JUDGE_BATCH, len(order))
     try:
         candidates = _orderings(data, order, progress)

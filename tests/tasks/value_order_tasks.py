@@ -44,6 +44,8 @@ class PrePadded(Dataset):
 
 
 class PackedLSTM(nn.Module):
+    enforce_sorted = False  # True: the batch must come sorted by length
+
     def __init__(self) -> None:
         super().__init__()
         self.emb = nn.Embedding(VOCAB, 16)
@@ -53,7 +55,7 @@ class PackedLSTM(nn.Module):
     def forward(self, x):
         ids, lengths = x
         packed = pack_padded_sequence(self.emb(ids), lengths, batch_first=True,
-                                      enforce_sorted=False)
+                                      enforce_sorted=self.enforce_sorted)
         _, (h, _) = self.rnn(packed)
         return self.out(h[-1])
 
@@ -225,12 +227,7 @@ def pad_in_given_order(items: list) -> tuple:
 class SortedPackedLSTM(PackedLSTM):
     """``pack_padded_sequence(enforce_sorted=True)``: the batch must come sorted."""
 
-    def forward(self, x):
-        ids, lengths = x
-        packed = pack_padded_sequence(self.emb(ids), lengths, batch_first=True,
-                                      enforce_sorted=True)
-        _, (h, _) = self.rnn(packed)
-        return self.out(h[-1])
+    enforce_sorted = True
 
 
 def unsorted_task() -> Task:
