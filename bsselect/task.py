@@ -57,6 +57,11 @@ class Task:
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise TypeError(f"Task.{name} must be callable or None, got {_kind(value)}")
+        for name, args in _CALLED_WITH.items():
+            value = getattr(self, name)
+            if value is not None and not _takes(value, len(args)):
+                raise TypeError(f"Task.{name} is called as {name}({', '.join(args)}), which "
+                                f"{_name(value)}{_signature(value)} does not take")
         for name in ("train_data", "val_data"):
             value = getattr(self, name)
             if (value is not None or name == "train_data") and not (
@@ -104,6 +109,40 @@ class Task:
         if self.optimizer is not None:
             return self.optimizer(params, lr)
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+# How bsselect calls each function of a task; a signature that cannot take these fails at
+# the first step, where a simulated step's message blamed the simulation (review).
+_CALLED_WITH = {"model": (), "loss_fn": ("output", "target"), "metric": ("output", "target"),
+                "optimizer": ("params", "lr"), "collate_fn": ("items",),
+                "loss_weight": ("target",)}
+
+
+def _takes(fn: Callable[..., Any], n: int) -> bool:
+    """Whether ``fn`` can be called with ``n`` positional arguments (True when its signature
+    cannot be read: a builtin)."""
+    import inspect
+
+    try:
+        inspect.signature(fn).bind(*range(n))
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def _signature(fn: Any) -> str:
+    import inspect
+
+    try:
+        return str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        return "(...)"
 
 
 def _positive_number(value: Any) -> bool:

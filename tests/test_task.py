@@ -155,3 +155,47 @@ def test_a_loss_summed_over_the_batch_is_refused_and_means_pass(tmp_path):
     assert done.stderr.strip().splitlines()[-1].startswith(
         "error: Task.loss_fn sums over the batch")
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("field,value,called", [
+    ("optimizer", lambda p: None, r"optimizer\(params, lr\)"),
+    ("loss_fn", lambda out: None, r"loss_fn\(output, target\)"),
+    ("model", lambda dim: None, r"model\(\)"),
+    ("collate_fn", lambda: None, r"collate_fn\(items\)"),
+    ("metric", lambda a, b, c: None, r"metric\(output, target\)"),
+])
+def test_a_function_that_cannot_take_its_arguments_is_refused_at_construction(field, value,
+                                                                              called):
+    """An optimizer factory of one argument failed inside the simulated step, whose message
+    said the simulation could not run it (review)."""
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    fields = dict(model=lambda: nn.Linear(2, 1), loss_fn=nn.functional.mse_loss,
+                  train_data=TensorDataset(torch.zeros(4, 2), torch.zeros(4, 1)))
+    fields[field] = value
+    with pytest.raises(TypeError, match=rf"^Task.{field} is called as {called}, which "):
+        Task(**fields)
+    # What the contract's own examples pass is accepted: classes, functions with defaults,
+    # modules, partials.
+    import functools
+    Task(model=functools.partial(nn.Linear, 2, 1), train_data=fields["train_data"],
+         loss_fn=nn.MSELoss(), optimizer=torch.optim.AdamW,
+         collate_fn=lambda items, pad=0: items, metric=lambda out, y, *rest: 0.0)
+
+
+def test_a_one_argument_optimizer_is_one_line_and_exit_1(tmp_path):
+    from conftest import one_error
+
+    path = tmp_path / "one_arg.py"
+    path.write_text(
+        "import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+        "from bsselect import Task\n\n"
+        "def make_task():\n"
+        "    return Task(model=lambda: nn.Linear(2, 1), loss_fn=nn.functional.mse_loss,\n"
+        "                train_data=TensorDataset(torch.zeros(8, 2), torch.zeros(8, 1)),\n"
+        "                optimizer=lambda p: torch.optim.Adam(p, 1e-3))\n")
+    proc = run_cli("check", f"{path}:make_task", "--batch-size", "4", "--memory", "1GiB")
+    assert proc.returncode == 1
+    assert "Task.optimizer is called as optimizer(params, lr)" in one_error(proc)
