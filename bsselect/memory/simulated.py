@@ -164,8 +164,10 @@ def with_phase_marks(
     return dataclasses.replace(task, loss_fn=loss_fn), handles
 
 
+# One text for both: --shard has no measured method, real steps measure one device (review).
 SIMULATION_HINT = (" (if the step runs for real, it is the simulation that cannot run it: "
-                   "`bsselect probe --method measured` measures it with real steps)")
+                   "`bsselect probe --method measured` measures it with real steps, on one "
+                   "device, unsharded)")
 _METADATA_OPS = (torch.ops.prim.device.default,)  # queries that never allocate
 _ACCUMULATE = torch.ops.aten.add.Tensor  # the autograd engine's gradient sum, out of place
 # Backward formulas that take a functional branch for tensor subclasses, fake tensors
