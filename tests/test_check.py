@@ -201,6 +201,21 @@ def test_pyproject_errors(tmp_path):
         merge_config({}, {"batch_size": "big", "memory": "1GiB"})
 
 
+def test_an_error_from_pyproject_values_says_they_came_from_the_file():
+    """The shard and budget errors name CLI flags; when a value came from the file the
+    message says so (review: `--shard fsdp needs --world-size` for a pyproject shard key)."""
+    with pytest.raises(UsageError, match=r"needs --world-size .* \(shard from "
+                                         r"\[tool.bsselect\] in pyproject.toml\)$"):
+        merge_config({}, {"batch_size": 8, "memory": "1GiB", "shard": "fsdp"})
+    with pytest.raises(UsageError, match=r"not both \(memory, device_preset from "):
+        merge_config({}, {"batch_size": 8, "memory": "1GiB", "device_preset": "t4-16gb"})
+    with pytest.raises(UsageError, match=r"got 0 \(shard from \[tool.bsselect\] in my.toml\)$"):
+        merge_config({"world_size": 0}, {"batch_size": 8, "memory": "1GiB", "shard": "fsdp"},
+                     "my.toml")
+    with pytest.raises(UsageError, match=r"needs --world-size N \(the ranks it shards over\)$"):
+        merge_config({"shard": "fsdp", "memory": "1GiB"}, {"batch_size": 8})
+
+
 def test_seven_billion_parameters_without_allocating_them(tmp_path):
     path = tmp_path / "big.py"
     path.write_text(BIG_MODEL)

@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..errors import CannotSimulate, DoesNotFitError, UsageError, first_line, parse_choice
 from ..memory.capacity import (MAX_BATCH_SIZE, check_margin, fit_memory, largest_pow2_at_most,
@@ -223,10 +223,23 @@ def merge_config(cli: dict[str, Any], file: dict[str, Any],
     if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= MAX_BATCH_SIZE:
         raise UsageError(f"batch size must be an integer from 1 to {MAX_BATCH_SIZE:,}, got "
                          f"{batch!r}")
+    def named(keys: Sequence[str], call: Callable[[], Any]) -> Any:
+        """``call()``; its usage error, whose text names CLI flags, also says which of
+        ``keys`` came from the file (review: a pyproject value was reported as a flag)."""
+        try:
+            return call()
+        except UsageError as exc:
+            own = [k for k in keys if cli.get(k) is None and file.get(k) is not None]
+            if not own:
+                raise
+            raise UsageError(f"{exc} ({', '.join(own)} from [tool.bsselect] in {source})"
+                             ) from None
+
     memory, preset = cli.get("memory"), cli.get("device_preset")
     if memory is None and preset is None:
         memory, preset = file.get("memory"), file.get("device_preset")
-    size, source, hopper = resolve_budget(memory, preset)
+    size, budget_source, hopper = named(("memory", "device_preset"),
+                                        lambda: resolve_budget(memory, preset))
     margin = check_margin(float(pick("margin", 0.2)))
     target_name = pick("target", "cuda" if preset else "same")
     target = parse_choice(Target, target_name, "target")
@@ -239,10 +252,12 @@ def merge_config(cli: dict[str, Any], file: dict[str, Any],
                          f"({MAX_BATCH_SIZE:,}); check the numbers")
 
     precision = pick("precision", "fp32")
-    plan = shard_plan(pick("shard"), pick("world_size"), pick("shard_unit"),
-                      pick("reshard_after_forward"), pick("activation_checkpointing"),
-                      precision)
-    return CheckConfig(pick("task"), batch, size, source, margin, target, hopper,
+    plan = named(("shard", "world_size", "shard_unit", "reshard_after_forward",
+                  "activation_checkpointing", "precision"),
+                 lambda: shard_plan(pick("shard"), pick("world_size"), pick("shard_unit"),
+                                    pick("reshard_after_forward"),
+                                    pick("activation_checkpointing"), precision))
+    return CheckConfig(pick("task"), batch, size, budget_source, margin, target, hopper,
                        precision=parse_choice(Precision, precision, "precision"),
                        accumulate=accumulate,
                        inputs=parse_choice(InputMode, pick("inputs", "worst-case"), "inputs"),
