@@ -379,3 +379,51 @@ def test_estimate_is_a_frozen_value() -> None:
     assert isinstance(est, NoiseEstimate) and math.isfinite(est.trace_sigma)
     with pytest.raises(AttributeError):
         est.b_simple = 1.0  # type: ignore[misc]
+
+
+def test_a_part_frozen_by_an_lr_0_group_is_left_out_as_requires_grad_false() -> None:
+    """A part the optimizer holds at lr 0 does not move: its gradients are not the run's
+    noise. The estimate equals the one with that part frozen by requires_grad, and differs
+    from one that counts it (a noisy first layer)."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(256, 6, generator=g) * 5, torch.randint(0, 3, (256,), generator=g))
+
+    def groups(params, lr):
+        first, rest = list(params)[:2], list(params)[2:]
+        return torch.optim.SGD([{"params": first, "lr": 0.0}, {"params": rest}], lr=lr)
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
+
+    def frozen():
+        m = model()
+        m[0].requires_grad_(False)
+        return m
+
+    def run(task):
+        return estimate_noise(task.model(), task, b_small=8, b_big=64, measurements=4,
+                              seed=2)[0]
+
+    lr0 = run(Task(model=model, train_data=data, loss_fn=F.cross_entropy, optimizer=groups))
+    off = run(Task(model=frozen, train_data=data, loss_fn=F.cross_entropy))
+    every = run(Task(model=model, train_data=data, loss_fn=F.cross_entropy))
+    assert lr0.b_simple == pytest.approx(off.b_simple, rel=1e-5)
+    assert lr0.grad_sq_norm == pytest.approx(off.grad_sq_norm, rel=1e-5)
+    assert abs(every.grad_sq_norm / lr0.grad_sq_norm - 1) > 0.05
+    assert any("group of lr 0 left out" in n for n in lr0.notes)
+    assert not any("lr 0" in n for n in off.notes + every.notes)
+
+
+def test_moved_by_reads_the_lr_before_a_scheduler() -> None:
+    from bsselect.selection.noise_monitor import moved_by
+
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([{"params": [a], "lr": 0.0}, {"params": [b]}], lr=0.1)
+    assert moved_by(opt, [a, b]) == [b] and moved_by(None, [a, b]) == [a, b]
+    # A warm-up from 0 (every group at lr 0 at step 0, initial_lr kept): nothing is frozen.
+    warm = torch.optim.SGD([a, b], lr=0.1)
+    torch.optim.lr_scheduler.LambdaLR(warm, lambda step: step / 10)
+    assert warm.param_groups[0]["lr"] == 0 and moved_by(warm, [a, b]) == [a, b]
+    # Every group frozen: all of them (nothing else to measure).
+    assert moved_by(torch.optim.SGD([a, b], lr=0.0), [a, b]) == [a, b]

@@ -59,6 +59,33 @@ def test_moving_averages_keep_signal_and_noise_apart():
     assert mon.b_simple == pytest.approx((0.5 * t[0] + t[1]) / (0.5 * g[0] + g[1]))
 
 
+def test_a_part_the_optimizer_holds_at_lr_0_is_left_out():
+    """As `bsselect noise`: the monitor given the optimizer reads the same norms as one on
+    the model with that part frozen by requires_grad."""
+    def readings(frozen_by_lr: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 3))
+        if frozen_by_lr:
+            opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.0},
+                                   {"params": model[2].parameters()}], lr=0.05)
+        else:
+            model[0].requires_grad_(False)
+            opt = torch.optim.SGD(model[2].parameters(), lr=0.05)
+        mon = GradientNoiseMonitor(model, accumulation_steps=2,
+                                   optimizer=opt if frozen_by_lr else None)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for _ in range(2):
+                x, y = torch.randn(8, 16, generator=g) * 3, torch.randint(0, 3, (8,), generator=g)
+                (nn.functional.cross_entropy(model(x), y) / 2).backward()
+            mon.step(micro_batch_size=8)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return [v for r in mon.readings for v in (r.small_sq, r.big_sq)]
+
+    assert readings(True) == pytest.approx(readings(False), rel=1e-5)
+
+
 def test_a_step_with_one_batch_size_is_refused():
     with pytest.raises(UsageError, match="two batch sizes"):
         GradientNoiseMonitor(nn.Linear(2, 1))

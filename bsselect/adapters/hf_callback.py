@@ -76,7 +76,8 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
                 self.monitor = GradientNoiseMonitor(
                     model, accumulation_steps=args.gradient_accumulation_steps, every=every,
                     ema=ema, window=window, n_data=n_data, world_size=world,
-                    sampling=loader_sampling(train_dataloader))
+                    sampling=loader_sampling(train_dataloader),
+                    optimizer=kwargs.get("optimizer"))
             except UsageError as exc:
                 warnings.warn(f"NoiseScaleCallback is off: {exc}", stacklevel=2)
                 return

@@ -412,7 +412,8 @@ def NoiseScaleMonitor(every: int = 1, window: int = 64, ema: float = 0.95,
                 self.monitor = GradientNoiseMonitor(
                     model, accumulation_steps=trainer.accumulate_grad_batches,
                     every=every, ema=ema, window=window, n_data=n_data,
-                    world_size=trainer.world_size, sampling=loader_sampling(loader))
+                    world_size=trainer.world_size, sampling=loader_sampling(loader),
+                    optimizer=trainer.optimizers[0] if trainer.optimizers else None)
             except UsageError as exc:
                 warnings.warn(f"NoiseScaleMonitor is off: {exc}", stacklevel=2)
 

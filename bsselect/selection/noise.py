@@ -119,9 +119,27 @@ def _sq_norm(grad: torch.Tensor) -> torch.Tensor:
     return grad.pow(2).sum(dtype=_sum_dtype(grad.device))
 
 
-def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
-                precision: Precision = Precision.fp32, repeat: bool = False) -> _Norms:
+def trained_parameters(model: nn.Module, task: Task) -> tuple[list[nn.Parameter], int]:
+    """The parameters the task's optimizer moves, and how many trainable ones it leaves in
+    a group of lr 0 (a part frozen through the optimizer, not ``requires_grad``): their
+    gradients say nothing of how the loss moves, and a noisy frozen embedding made the
+    noise scale its own. All of them when every group has lr 0."""
+    from .noise_monitor import moved_by
+
     params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        optimizer = task.make_optimizer(params, task.lr)
+    except Exception:  # noqa: BLE001 - the training step builds it and says what is wrong
+        return params, 0
+    moved = moved_by(optimizer, params)
+    return moved, len(params) - len(moved)
+
+
+def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
+                precision: Precision = Precision.fp32, repeat: bool = False,
+                params: list[nn.Parameter] | None = None) -> _Norms:
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TaskError("the model has no parameters that require grad")
     # fp32 accumulator even for half-precision parameters, so the sum of n_sub grads is exact
@@ -249,11 +267,11 @@ def measure_grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
 
 
 def _grad_norms_restoring(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
-                          precision: Precision = Precision.fp32, repeat: bool = False
-                          ) -> _Norms:
+                          precision: Precision = Precision.fp32, repeat: bool = False,
+                          params: list[nn.Parameter] | None = None) -> _Norms:
     saved = _buffers(model)
     try:
-        return _grad_norms(model, task, x, y, n_sub, precision, repeat)
+        return _grad_norms(model, task, x, y, n_sub, precision, repeat, params)
     finally:
         _restore_buffers(model, saved)
 
@@ -305,6 +323,7 @@ def estimate_noise(
     repeat = bool(dropout) or bool(random)  # every measurement runs a sub-batch twice
     test = random is None and not repeat    # the first one does, to find out
     small, big, losses, masks = [], [], [], []
+    params, still = trained_parameters(model, task)
     # Dropout etc. draw from the global RNG; fork it so measuring does not change training.
     on_cpu = device.type == "cpu"
     with torch.random.fork_rng(devices=[] if on_cpu else [device],
@@ -315,7 +334,7 @@ def estimate_noise(
             x, y = to_device(collate(task, [task.train_data[i] for i in idx]), device)
             twice = repeat or (test and k == 0)
             norms = _run_task(lambda: _grad_norms_restoring(model, task, x, y, n_sub, precision,
-                                                            twice))
+                                                            twice, params))
             if test and k == 0:
                 repeat = norms.random()  # the same on every rank: the norms are all-reduced
             small.append(norms.small_sq)
@@ -328,7 +347,9 @@ def estimate_noise(
                 on_pass(n_sub + twice)
     est = estimate_from_norms(small, big, b_small, b_big, n_data, seed=seed,
                               mask_trace=masks if repeat else None, dropout=dropout,
-                              notes=_dropout_notes(dropout, repeat) + _batchnorm_notes(model))
+                              notes=_dropout_notes(dropout, repeat) + _batchnorm_notes(model)
+                              + ((f"{still} trainable parameter tensor(s) in an optimizer "
+                                  "group of lr 0 left out: they do not move",) if still else ()))
     return est, sum(losses) / len(losses)
 
 

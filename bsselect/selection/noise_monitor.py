@@ -134,6 +134,20 @@ def _inside_function_backward() -> bool:
     return False
 
 
+def moved_by(optimizer: Any, params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """``params`` without those ``optimizer`` holds in a group of lr 0 (a part frozen
+    through the optimizer: its gradients say nothing of how the loss moves), as
+    ``bsselect noise`` leaves them out. The group's lr before any scheduler
+    (``initial_lr``): a warm-up from 0 is not a frozen part. All of them when no optimizer
+    is given or every group is at 0."""
+    if optimizer is None:
+        return params
+    still = {id(p) for g in getattr(optimizer, "param_groups", ())
+             if g.get("initial_lr", g.get("lr", 1)) == 0 for p in g.get("params", ())}
+    moved = [p for p in params if id(p) not in still]
+    return moved or params
+
+
 class GradientNoiseMonitor:
     """``B_simple`` from the gradients a training run computes anyway.
 
@@ -151,7 +165,9 @@ class GradientNoiseMonitor:
     are in scaled units and mix scales when the scale changes). Call :meth:`step` once per
     optimizer step, after the last backward and before ``optimizer.step()`` (or
     ``scaler.step``), on every rank; before or after ``scaler.unscale_`` and clipping alike,
-    since both norms are read during the backward passes. Every micro-batch of a step must
+    since both norms are read during the backward passes. ``optimizer``: the run's; the
+    parameters it holds in a group of lr 0 are left out, as ``bsselect noise`` leaves them
+    (``moved_by``). Every micro-batch of a step must
     have ``micro_batch_size`` items (``drop_last=True``; an epoch's smaller last batch is
     passed as 0, not measured)::
 
@@ -169,7 +185,7 @@ class GradientNoiseMonitor:
     def __init__(self, model: nn.Module, *, accumulation_steps: int = 1, every: int = 1,
                  ema: float = DEFAULT_EMA, window: int = DEFAULT_WINDOW,
                  n_data: int | None = None, world_size: int | None = None,
-                 scaler: Any = None, sampling: str = "epochs") -> None:
+                 scaler: Any = None, sampling: str = "epochs", optimizer: Any = None) -> None:
         _check_settings(accumulation_steps, every, window, ema, n_data, world_size, sampling)
         self.model = model
         self.accumulation_steps = accumulation_steps
@@ -201,6 +217,7 @@ class GradientNoiseMonitor:
         params = [p for p in _unwrap(model).parameters() if p.requires_grad]
         if not params:
             raise UsageError("the model has no trainable parameters")
+        params = moved_by(optimizer, params)
         self._params = params
         # Backward passes in this step, counted once per pass that reaches any trainable
         # parameter (a model's unused parameters, an HF pooler, get none): a step with another
