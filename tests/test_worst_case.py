@@ -16,7 +16,8 @@ from bsselect.device import Budget
 from bsselect.examples import EXAMPLES
 from bsselect.memory.capped import CappedCpuAllocator
 from bsselect.memory.cpu_truth import cpu_step_peak
-from bsselect.memory.inputs import InputMode, item_elements, scan_inputs, typical_inputs
+from bsselect.memory.inputs import InputMode, scan_inputs, typical_inputs
+from bsselect.memory.items import item_elements
 from bsselect.memory.measured import run_two_steps
 from bsselect.memory.probe import Method, run_probe
 from bsselect.oom import is_oom_error
@@ -290,7 +291,7 @@ def test_token_ids_in_plain_lists_are_one_leaf_each():
     """A Hugging Face dataset's items hold token ids as lists of ints: each list is one 1-D
     leaf (one shape per item, not one per token, which for 100,000 items of 512 tokens
     would hold 51 million entries), and the longest list leads."""
-    from bsselect.memory.inputs import item_shapes
+    from bsselect.memory.items import item_shapes
 
     items = [{"input_ids": [1] * n, "attention_mask": [1] * n, "label": n % 2}
              for n in [5, 9, 300, 7] * 25]
@@ -350,7 +351,7 @@ def test_check_on_a_value_ordered_task_says_it_does_not_fit_where_the_real_step_
 
 
 def test_items_whose_values_decide_nothing_are_not_judged():
-    from bsselect.memory.inputs import _orderings
+    from bsselect.memory.orderings import value_orderings
 
     task = EXAMPLES["digits-mlp"]()
     calls = []
@@ -358,7 +359,7 @@ def test_items_whose_values_decide_nothing_are_not_judged():
                        reads_values=False, judge=lambda items: calls.append(items) or 1)
     assert calls == [] and scan.uniform
     # Integer fields that are all alike give no ordering to try.
-    assert _orderings([(torch.ones(4, dtype=torch.long), 3)] * 5, list(range(5)), None) == {}
+    assert value_orderings([(torch.ones(4, dtype=torch.long), 3)] * 5, list(range(5)), None) == {}
 
 
 def test_random_token_data_is_not_read_for_orderings():
@@ -373,11 +374,11 @@ def test_random_token_data_is_not_read_for_orderings():
 
 
 def test_reading_the_orderings_stops_at_its_time_budget(monkeypatch):
-    import bsselect.memory.inputs as inputs
+    import bsselect.memory.orderings as orderings_module
     from tasks.value_order_tasks import HEAVY, PrePadded
 
-    monkeypatch.setattr(inputs, "ORDERINGS_SCAN_S", 0.0)  # the first 64 items only
-    orderings = inputs._orderings(PrePadded(), list(range(300)), None)
+    monkeypatch.setattr(orderings_module, "ORDERINGS_SCAN_S", 0.0)  # the first 64 items only
+    orderings = orderings_module.value_orderings(PrePadded(), list(range(300)), None)
     assert orderings and all(len(r) == 64 for r in orderings.values())
     sample = sorted(next(iter(orderings.values())))
     assert sample != list(range(64)) and set(HEAVY) & set(sample)  # seeded, over all items
@@ -456,3 +457,25 @@ def test_a_step_that_needs_sorted_items_fails_the_real_check():
 
     with pytest.raises(TaskError, match="a real training step on 2 items fails.*sorted"):
         check(unsorted_task(), batch_size=16, memory="16MiB")
+
+
+def test_lengths_a_tenth_apart_are_still_ordered():
+    """Items of lengths 91-100 padded with a nonzero id: an ordering needed counts a tenth
+    apart, so none was tried, the class label's zeros ranked the items, and check said
+    "fits" 3.3% under the real step on the 64 longest (review). The judged batch now needs
+    at least the CPU allocator's peak on them."""
+    from tasks.value_order_tasks import near_uniform_task
+
+    import bsselect
+    from bsselect.memory.cpu_truth import cpu_step_peak
+    from bsselect.memory.inputs import InputScan
+
+    task = near_uniform_task()
+    result = bsselect.check(task, batch_size=64, memory="1GiB", margin=0.0)
+    lengths = task.train_data.lengths
+    longest = tuple(sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i)))
+    scan = InputScan(InputMode.worst_case, len(lengths), len(lengths), False, 102, 102.0,
+                     longest)
+    truth = cpu_step_peak(task, 64, inputs=scan).peak_bytes
+    assert result.peak_bytes >= truth
+    assert "ranked by their nonzero" not in result.inputs_note  # not by the label's zeros

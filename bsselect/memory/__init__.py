@@ -4,7 +4,8 @@
 budget/margin arithmetic and the OOM back-off search), ``simulated`` (fake tensors, no
 allocation), ``cpu_truth`` (the real CPU allocator), ``measured`` (accelerator statistics),
 ``targets`` (CUDA terms a CPU simulation cannot see), ``sharded`` (FSDP2 on a fake process
-group), ``inputs`` (which items make the worst-case batch).
+group), ``inputs`` (which items make the worst-case batch), ``items`` (reading a dataset's
+items), ``orderings`` (orderings by the items' integer values, where memory follows them).
 
 The step's simulators are re-exported lazily: ``targets`` and ``capacity`` are pure and are
 imported by ``bsselect presets`` and ``--help``, which should not wait for torch.

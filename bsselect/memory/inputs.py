@@ -16,22 +16,22 @@ is kept (the answer is exactly what it was before worst-case inputs existed) and
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from statistics import median
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-from ..errors import TaskError, one_line
 from ..step import sample_indices
+from .items import (CollateFailed, Progress, Shape, base_dataset, collated_shapes, has_text,
+                    item_elements, item_shapes, read_each, sample_note, sampled_indices,
+                    shape_elements)
+from .orderings import JUDGE_BATCH, MAX_ORDERINGS, ranked_by_nonzero, value_orderings
 
 MAX_SCAN_ITEMS = 100_000
-Progress = Callable[[int, int], None]  # (items scanned, items to scan)
 # The simulated step's peak bytes on a batch of these items (None: it cannot say).
 Judge = Callable[[Sequence[int]], Optional[int]]
 
@@ -41,95 +41,15 @@ class InputMode(str, Enum):
     typical = "typical"
 
 
-Shape = tuple[int, ...]
-
-
-def _leaves(obj: Any) -> list[Any]:
-    """The leaves of an item or a collated batch: inside lists, tuples and every mapping
-    (a ``transformers.BatchEncoding`` is a UserDict, which pytree takes for one leaf: the
-    token tensors inside it went unseen, review)."""
-    if isinstance(obj, Mapping):
-        return [leaf for value in obj.values() for leaf in _leaves(value)]
-    if isinstance(obj, (list, tuple)):
-        if obj and all(isinstance(v, _NUMBERS) for v in obj):
-            return [obj]  # a sequence of numbers (token ids in a list): one leaf, 1-D
-        return [leaf for value in obj for leaf in _leaves(value)]
-    return [obj]
-
-
-_NUMBERS = (int, float, bool)
-
-
-def item_shapes(item: Any) -> tuple[Shape, ...]:
-    """The shape of every leaf of one dataset item: tensors' and arrays' shapes, a string's
-    length, an image's (bands, height, width), () for any other scalar."""
-    shapes: list[Shape] = []
-    for leaf in _leaves(item):
-        if isinstance(leaf, torch.Tensor):
-            shapes.append(tuple(leaf.shape))
-        elif isinstance(leaf, (str, bytes, list, tuple)):
-            shapes.append((len(leaf),))
-        elif hasattr(leaf, "getbands") and hasattr(leaf, "width"):  # a PIL image
-            shapes.append((len(leaf.getbands()), leaf.height, leaf.width))
-        elif hasattr(leaf, "size") and hasattr(leaf, "shape") and isinstance(leaf.size, int):
-            shapes.append(tuple(int(d) for d in leaf.shape))  # a numpy array
-        else:
-            shapes.append(())
-    return tuple(shapes)
-
-
-def _elements(shapes: tuple[Shape, ...]) -> int:
-    return sum(math.prod(s) for s in shapes)
-
-
-def item_elements(item: Any) -> int:
-    """Elements in one dataset item: tensor and array elements, characters of strings (a
-    collate_fn may tokenise them: ``scan_inputs`` then counts its tokens), images' pixels
-    times bands, 1 per other scalar."""
-    return _elements(item_shapes(item))
-
-
-def _has_text(item: Any) -> bool:
-    return any(isinstance(leaf, (str, bytes)) for leaf in _leaves(item))
-
-
-class _CollateFailed(Exception):
-    """The collate_fn could not take one item alone (a pairing collate, say)."""
-
-
-def collated_shapes(collate_fn: Callable[[list], Any]) -> Callable[[Any], tuple[Shape, ...]]:
-    """``item_shapes`` of what ``collate_fn`` makes of the item alone (without a leading
-    batch dimension of 1), for items holding text: a collate_fn that tokenises makes tokens
-    of its characters, and characters are not tokens (a 60-word text of 119 characters is 60
-    tokens, a 12-word one of 250 is 12: review). ``_CollateFailed`` when it cannot."""
-    def shapes(item: Any) -> tuple[Shape, ...]:
-        if not _has_text(item):
-            return item_shapes(item)
-        try:
-            out = collate_fn([item])
-        except Exception as exc:  # noqa: BLE001 - the scan falls back to characters
-            raise _CollateFailed(one_line(exc)) from exc
-        return tuple(tuple(t.shape[1:]) if t.dim() and t.shape[0] == 1 else tuple(t.shape)
-                     for t in _leaves(out) if isinstance(t, torch.Tensor))
-    return shapes
-
-
-def _base(data: Dataset) -> Dataset:
-    """The dataset under any ``Subset`` wrappers."""
-    while isinstance(data, Subset):
-        data = data.dataset
-    return data
-
-
 def _kind_of(data: Dataset) -> str:
-    data = _base(data)
+    data = base_dataset(data)
     return "a TensorDataset" if isinstance(data, TensorDataset) else type(data).__name__
 
 
 def _same_size_by_construction(data: Dataset) -> bool:
     """A TensorDataset (or a Subset of one) indexes tensors along dim 0: one item shape; a
     dataset may also say so itself (``uniform_items = True``)."""
-    data = _base(data)
+    data = base_dataset(data)
     return isinstance(data, TensorDataset) or getattr(data, "uniform_items", False) is True
 
 
@@ -233,20 +153,9 @@ def scan_inputs(data: Dataset, mode: InputMode = InputMode.worst_case, *, seed: 
     measured batches 2.4-4.5x below the real worst)."""
     scan = _scan_inputs(data, mode, seed, max_items, progress, by_values, collate_fn)
     if (judge is None or not (by_values or reads_values) or mode is InputMode.typical
-            or getattr(_base(data), "memory_follows_values", True) is False):
+            or getattr(base_dataset(data), "memory_follows_values", True) is False):
         return scan
     return _judged(data, scan, seed, max_items, progress, judge)
-
-
-def _sampled(n: int, limit: int, seed: int) -> list[int]:
-    """The items a scan reads: all ``n``, or a seeded random ``limit`` of them."""
-    return (list(range(n)) if n <= limit else torch.randperm(
-        n, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
-
-
-def _most_first(counts: Sequence[int], order: Sequence[int]) -> tuple[int, ...]:
-    """``order``'s items by their ``counts``, most first (ties by index)."""
-    return tuple(i for _, i in sorted(zip(counts, order), key=lambda ci: (-ci[0], ci[1])))
 
 
 def _scan_inputs(data: Dataset, mode: InputMode, seed: int, max_items: int,
@@ -257,13 +166,13 @@ def _scan_inputs(data: Dataset, mode: InputMode, seed: int, max_items: int,
         return typical_inputs(data)
 
     def sampled(limit: int = max_items) -> list[int]:
-        return _sampled(n, limit, seed)
+        return sampled_indices(n, limit, seed)
 
     def by_nonzero(order: list[int], largest: int, mid: float, how: str,
                    start: float) -> Optional[InputScan]:
         """Items of one size whose values the step's shapes read: ranked by nonzero
         elements, when those differ (None: nothing to rank by)."""
-        ranked = _ranked_by_nonzero(data, order, progress) if by_values else ()
+        ranked = ranked_by_nonzero(data, order, progress) if by_values else ()
         if not ranked:
             return None
         return InputScan(mode, n, len(order), False, largest, mid, ranked,
@@ -282,20 +191,20 @@ def _scan_inputs(data: Dataset, mode: InputMode, seed: int, max_items: int,
     order = sampled()
     shapes, text, order = _text_shapes(data, order, collate_fn, progress, sampled)
     if shapes is None:
-        shapes = _sizes(data, order, progress, item_shapes)
+        shapes = read_each(data, order, progress, item_shapes)
     elapsed = time.perf_counter() - start
-    sizes = [_elements(sh) for sh in shapes]
+    sizes = [shape_elements(sh) for sh in shapes]
     largest, mid = max(sizes), median(sizes)
     if all(sh == shapes[0] for sh in shapes):
         how = f"all {len(order):,} items scanned have {largest:,} elements"
         return by_nonzero(order, largest, float(mid), how, start) or InputScan(
             mode, n, len(order), True, largest, float(mid),
-            how=how + text + _sample_note(len(order), n), scan_s=elapsed)
+            how=how + text + sample_note(len(order), n), scan_s=elapsed)
     ranked, extremes = _ranked(shapes, sizes, order)
     how = (f"{len(order):,} items scanned in {elapsed:.1f} s" + text
            + (f"; after the largest, the {extremes} item(s) longest in some dimension: a "
               "collate_fn that pads takes the whole batch to their extents" if extremes else "")
-           + _sample_note(len(order), n))
+           + sample_note(len(order), n))
     return InputScan(mode, n, len(order), False, largest, float(mid), ranked, how, elapsed,
                      padding_lead=1 + extremes)
 
@@ -313,7 +222,7 @@ def _text_shapes(data: Dataset, order: list[int], collate_fn: Optional[Callable[
     item, or it makes every item alone one shape (a BatchEncoding unseen, a list per item)
     while the characters differ — a fixed-length tokenizer makes every real batch one size
     too, so ranking by characters then costs nothing."""
-    if collate_fn is None or not order or not _has_text(data[order[0]]):
+    if collate_fn is None or not order or not has_text(data[order[0]]):
         return None, "", order
     size_of = collated_shapes(collate_fn)
     try:
@@ -323,8 +232,8 @@ def _text_shapes(data: Dataset, order: list[int], collate_fn: Optional[Callable[
         limit = max(len(first), int(COLLATE_SCAN_S / max(per_item, 1e-9)))
         if limit < len(order):
             order = sampled(limit)
-        shapes = _sizes(data, order, progress, size_of)
-    except _CollateFailed as exc:
+        shapes = read_each(data, order, progress, size_of)
+    except CollateFailed as exc:
         return None, (f"; text ranked by characters: the collate_fn cannot take one item "
                       f"alone ({exc})"), order
     if all(sh == shapes[0] for sh in shapes) and len(
@@ -360,7 +269,7 @@ def _ranked(shapes: list[tuple[Shape, ...]], sizes: list[int], order: list[int]
         reach = list(shapes[first[0]])
         while reach != longest:
             best = min((k for k in range(len(order)) if k not in chosen),
-                       key=lambda k: (-_elements(tuple(padded_by(reach, k))), -sizes[k],
+                       key=lambda k: (-shape_elements(tuple(padded_by(reach, k))), -sizes[k],
                                       order[k]))
             first.append(best)
             chosen.add(best)
@@ -374,183 +283,20 @@ def _by_values_note(how: str, ops: Sequence[str], scanned: int, total: int) -> s
     names = ", ".join(f"aten.{op}" for op in ops)
     return (f"{how}, but the step's shapes follow their values ({names}): ranked by their "
             f"nonzero integer and boolean elements (real tokens under a mask)"
-            + _sample_note(scanned, total))
-
-
-def _nonzero_counts(item: Any) -> int:
-    """Nonzero elements of an item's integer and boolean tensors."""
-    return sum(int(torch.count_nonzero(t)) for t in _leaves(item)
-               if isinstance(t, torch.Tensor) and not t.dtype.is_floating_point
-               and not t.dtype.is_complex)
-
-
-def _ranked_by_nonzero(data: Dataset, order: list[int], progress: Optional[Progress]
-                       ) -> tuple[int, ...]:
-    """``order``'s items, most nonzero integer/boolean elements first (ties by index); ()
-    when every item has as many (nothing to rank by). A TensorDataset is counted whole."""
-    base, index = data, list(order)
-    while isinstance(base, Subset):
-        index = [base.indices[i] for i in index]
-        base = base.dataset
-    if isinstance(base, TensorDataset):
-        counts_all = sum((t != 0).reshape(len(t), -1).sum(1) for t in base.tensors
-                         if not t.dtype.is_floating_point and not t.dtype.is_complex)
-        if not isinstance(counts_all, torch.Tensor):
-            return ()
-        counts = counts_all[torch.tensor(index, dtype=torch.long)].tolist() if index else []
-    else:
-        counts = _sizes(data, order, progress, _nonzero_counts)
-    if not counts or min(counts) == max(counts):
-        return ()
-    return _most_first(counts, order)
-
-
-def _sample_note(scanned: int, total: int) -> str:
-    if scanned >= total:
-        return ""
-    return (f"; a random {scanned:,} of {total:,} (the scan stops at {scanned:,}: a larger item "
-            "may be among the rest)")
-
-
-def _sizes(data: Dataset, order: list[int], progress: Optional[Progress],
-           size_of: Callable[[Any], Any] = item_elements) -> list[Any]:
-    sizes = []
-    every = max(1, len(order) // 200)  # ~200 progress updates, whatever the size
-    for j, i in enumerate(order):
-        try:
-            sizes.append(size_of(data[i]))
-        except TaskError:
-            raise
-        except Exception as exc:
-            raise TaskError(f"reading train_data[{i}] to find the largest items failed: "
-                            f"{one_line(exc)} (--inputs typical skips the scan)") from exc
-        if progress is not None and (j % every == 0 or j + 1 == len(order)):
-            progress(j + 1, len(order))
-    return sizes
-
-
-JUDGE_BATCH = 8       # the batch each ordering is judged on: its first items
-MAX_ORDERINGS = 8     # orderings judged at most, beside the scan's own
-_PAD_PROBE_ITEMS = 256  # items read to guess each leaf's padding value
-MIN_DISTINCT_VALUES = 8  # an integer scalar ordered by: a length, not a class label
-ORDERINGS_SCAN_S = 5.0  # the most reading the items' integer fields may take; beyond, a sample
-
-
-def _int_leaf(leaf: Any) -> Optional[torch.Tensor]:
-    """An integer or boolean leaf as a dense tensor of real values (a list of ints, a numpy
-    array too); None for anything else (floats, text, images, sparse or meta tensors, a
-    64-bit unsigned hash past int64)."""
-    try:
-        t = _as_int_tensor(leaf)
-    except Exception:  # noqa: BLE001 - a value torch cannot hold as an integer tensor
-        return None
-    if t is None or t.layout is not torch.strided or t.is_meta:
-        return None
-    return t
-
-
-def _as_int_tensor(leaf: Any) -> Optional[torch.Tensor]:
-    if isinstance(leaf, torch.Tensor):
-        t = leaf
-    elif isinstance(leaf, (list, tuple)) and leaf and all(
-            isinstance(v, int) for v in leaf):
-        t = torch.tensor(leaf)
-    elif isinstance(leaf, int):
-        t = torch.tensor(leaf)
-    elif hasattr(leaf, "dtype") and hasattr(leaf, "shape") and hasattr(leaf, "__array__"):
-        try:
-            t = torch.as_tensor(leaf)
-        except Exception:  # noqa: BLE001 - an array torch cannot hold: not a candidate
-            return None
-    else:
-        return None
-    return t if not (t.dtype.is_floating_point or t.dtype.is_complex) else None
-
-
-def _mode(values: list[int]) -> Optional[int]:
-    return max(set(values), key=lambda v: (values.count(v), -v)) if values else None
-
-
-def _orderings(data: Dataset, order: list[int], progress: Optional[Progress]
-               ) -> dict[str, tuple[int, ...]]:
-    """Orderings of ``order``'s items (most first, ties by index) by what their integer
-    values say, where the memory may follow values: per integer leaf of one dimension or
-    more, the elements that are not its padding value (0; the value most items end with,
-    right padding; the one most begin with, left padding or a prompt's -100 labels), alone
-    and summed over leaves; per integer scalar (a length), its value. Only counts that differ
-    between items make an ordering; {} when the items' leaves do not line up."""
-    head = [_leaves(data[i]) for i in order[:_PAD_PROBE_ITEMS]]
-    width = len(head[0]) if head else 0
-    if not head or any(len(leaves) != width for leaves in head):
-        return {}
-    features: list[tuple[str, int, Optional[int]]] = []  # (name, leaf, pad; None: value)
-    for j in range(width):
-        ts = [_int_leaf(leaves[j]) for leaves in head]
-        if any(t is None for t in ts):
-            continue
-        if all(t.dim() == 0 for t in ts):
-            features.append((f"the value of integer field {j}", j, None))
-            continue
-        flat = [t.reshape(-1) for t in ts if t.numel()]
-        pads = {0}
-        for ends in ([int(t[-1]) for t in flat], [int(t[0]) for t in flat]):
-            v = _mode(ends)
-            # Padding ends (or begins) many items; the commonest last token of text does not.
-            if v is not None and ends.count(v) >= len(ends) / 4:
-                pads.add(v)
-        for v in sorted(pads):
-            features.append((f"elements of field {j} other than {v}", j, v))
-    if not features:
-        return {}
-
-    def counts(item: Any) -> list[int]:
-        leaves = _leaves(item)
-        if len(leaves) != width:
-            raise _CollateFailed("items with different fields")
-        out = []
-        for _, j, v in features:
-            t = _int_leaf(leaves[j])
-            out.append(0 if t is None else int(t) if v is None and t.dim() == 0 else
-                       int((t != (0 if v is None else v)).sum()))
-        return out
-
-    try:
-        tick = time.perf_counter()
-        first = [counts(data[i]) for i in order[:64]]
-        per_item = (time.perf_counter() - tick) / max(1, len(first))
-        limit = max(len(first), int(ORDERINGS_SCAN_S / max(per_item, 1e-9)))
-        if limit < len(order):  # a seeded random sample of them, as the scan samples
-            order = [order[i] for i in sorted(torch.randperm(
-                len(order), generator=torch.Generator().manual_seed(0))[:limit].tolist())]
-        table = _sizes(data, order, progress, counts)
-    except _CollateFailed:
-        return {}
-    columns = list(zip(*table))
-    named = {name: list(col) for (name, _, _), col in zip(features, columns)}
-    by_pad: dict[str, list[int]] = {}
-    for (name, _, v), col in zip(features, columns):
-        if v is not None and len([f for f in features if f[2] is not None]) > 1:
-            key = f"elements other than {v}, over every field"
-            by_pad[key] = [a + b for a, b in zip(by_pad.get(key, [0] * len(col)), col)]
-    named.update(by_pad)
-    # An ordering needs counts that differ by something (a tenth of the largest): random
-    # ids' rare zeros, or a class label, order nothing the memory follows.
-    return {name: _most_first(col, order) for name, col in named.items()
-            if max(col) - min(col) > 0.1 * max(abs(max(col)), abs(min(col)), 1)
-            and (len(set(col)) >= MIN_DISTINCT_VALUES or not name.startswith("the value"))}
+            + sample_note(scanned, total))
 
 
 def _judged(data: Dataset, scan: InputScan, seed: int, max_items: int,
             progress: Optional[Progress], judge: Judge) -> InputScan:
-    """``scan``, or the same scan ranked by another of ``_orderings``' orderings where that
+    """``scan``, or the same scan ranked by another of ``value_orderings``' orderings where that
     one's batch of ``JUDGE_BATCH`` needs more memory in the simulated step than the scan's
     own batch (its largest items, or a random batch where it found them all one size)."""
     start = time.perf_counter()
     n = scan.items_total
-    order = _sampled(n, max_items, seed)
+    order = sampled_indices(n, max_items, seed)
     k = min(JUDGE_BATCH, len(order))
     try:
-        candidates = _orderings(data, order, progress)
+        candidates = value_orderings(data, order, progress)
     except Exception:  # noqa: BLE001 - values it cannot count (uint64 past int64, sparse,
         return scan     # meta): no ordering by them; the scan's own stands (review)
     if not candidates or k == 0:
@@ -584,6 +330,6 @@ def _judged(data: Dataset, scan: InputScan, seed: int, max_items: int,
            f"simulated step of the {first}, that ordering's"
            + (" and the same after the items that pad the most" if len(alternatives) > 1
               else "")
-           + _sample_note(len(winner), n))
+           + sample_note(len(winner), n))
     return dataclasses.replace(scan, uniform=False, alternatives=alternatives, judge=judge,
                                how=how, scan_s=scan.scan_s + time.perf_counter() - start)

@@ -103,7 +103,7 @@ def _two_items(data: object) -> list[int]:
     (``pack_padded_sequence(enforce_sorted=True)`` after a collate that does not sort)
     passed a check of two equal or sorted items and the simulation's largest-first batches
     alike (review)."""
-    from .inputs import item_elements
+    from .items import item_elements
 
     n = min(PAIR_SCAN_ITEMS, len(data))  # type: ignore[arg-type]
     if n < 2:

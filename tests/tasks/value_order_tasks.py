@@ -234,3 +234,27 @@ def unsorted_task() -> Task:
     return Task(model=SortedPackedLSTM, train_data=Unsorted(), loss_fn=F.cross_entropy,
                 collate_fn=pad_in_given_order, optimizer=torch.optim.SGD, lr=0.1,
                 base_batch_size=8)
+
+
+class NearUniform(Dataset):
+    """Token ids padded to 100 with ``PAD``, lengths 91-100 (a tenth apart at most), their
+    lengths, a class label (0 in a quarter of the items)."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.lengths = torch.randint(91, 101, (N,), generator=g)
+        self.ids = torch.randint(1, PAD, (N, 100), generator=g)
+        for i, n in enumerate(self.lengths.tolist()):
+            self.ids[i, n:] = PAD
+        self.y = torch.randint(0, 4, (N,), generator=g)
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int):
+        return (self.ids[i], self.lengths[i]), self.y[i]
+
+
+def near_uniform_task() -> Task:
+    return Task(model=PackedLSTM, train_data=NearUniform(), loss_fn=F.cross_entropy,
+                optimizer=torch.optim.Adam, lr=1e-3, base_batch_size=8)
