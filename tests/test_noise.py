@@ -405,13 +405,18 @@ def test_a_part_frozen_by_an_lr_0_group_is_left_out_as_requires_grad_false() -> 
         return estimate_noise(task.model(), task, b_small=8, b_big=64, measurements=4,
                               seed=2)[0]
 
+    def head_only(params, lr):
+        return torch.optim.SGD(list(params)[2:], lr=lr)
+
     lr0 = run(Task(model=model, train_data=data, loss_fn=F.cross_entropy, optimizer=groups))
+    out = run(Task(model=model, train_data=data, loss_fn=F.cross_entropy, optimizer=head_only))
+    assert out.b_simple == pytest.approx(lr0.b_simple, rel=1e-5)
     off = run(Task(model=frozen, train_data=data, loss_fn=F.cross_entropy))
     every = run(Task(model=model, train_data=data, loss_fn=F.cross_entropy))
     assert lr0.b_simple == pytest.approx(off.b_simple, rel=1e-5)
     assert lr0.grad_sq_norm == pytest.approx(off.grad_sq_norm, rel=1e-5)
     assert abs(every.grad_sq_norm / lr0.grad_sq_norm - 1) > 0.05
-    assert any("group of lr 0 left out" in n for n in lr0.notes)
+    assert any("does not move (a group of lr 0, or not in it)" in n for n in lr0.notes + out.notes)
     assert not any("lr 0" in n for n in off.notes + every.notes)
 
 
@@ -421,6 +426,7 @@ def test_moved_by_reads_the_lr_before_a_scheduler() -> None:
     a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
     opt = torch.optim.SGD([{"params": [a], "lr": 0.0}, {"params": [b]}], lr=0.1)
     assert moved_by(opt, [a, b]) == [b] and moved_by(None, [a, b]) == [a, b]
+    assert moved_by(torch.optim.SGD([b], lr=0.1), [a, b]) == [b]  # a not in the optimizer
     # A warm-up from 0 (every group at lr 0 at step 0, initial_lr kept): nothing is frozen.
     warm = torch.optim.SGD([a, b], lr=0.1)
     torch.optim.lr_scheduler.LambdaLR(warm, lambda step: step / 10)

@@ -120,10 +120,9 @@ def _sq_norm(grad: torch.Tensor) -> torch.Tensor:
 
 
 def trained_parameters(model: nn.Module, task: Task) -> tuple[list[nn.Parameter], int]:
-    """The parameters the task's optimizer moves, and how many trainable ones it leaves in
-    a group of lr 0 (a part frozen through the optimizer, not ``requires_grad``): their
-    gradients say nothing of how the loss moves, and a noisy frozen embedding made the
-    noise scale its own. All of them when every group has lr 0."""
+    """The parameters the task's optimizer moves, and how many trainable ones it does not
+    (a part frozen through the optimizer: a group of lr 0, or left out of it; ``moved_by``).
+    All of them when it moves none."""
     from .noise_monitor import moved_by
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -348,8 +347,9 @@ def estimate_noise(
     est = estimate_from_norms(small, big, b_small, b_big, n_data, seed=seed,
                               mask_trace=masks if repeat else None, dropout=dropout,
                               notes=_dropout_notes(dropout, repeat) + _batchnorm_notes(model)
-                              + ((f"{still} trainable parameter tensor(s) in an optimizer "
-                                  "group of lr 0 left out: they do not move",) if still else ()))
+                              + ((f"{still} trainable parameter tensor(s) the optimizer does "
+                                  "not move (a group of lr 0, or not in it) left out",)
+                                 if still else ()))
     return est, sum(losses) / len(losses)
 
 

@@ -135,16 +135,16 @@ def _inside_function_backward() -> bool:
 
 
 def moved_by(optimizer: Any, params: list[nn.Parameter]) -> list[nn.Parameter]:
-    """``params`` without those ``optimizer`` holds in a group of lr 0 (a part frozen
-    through the optimizer: its gradients say nothing of how the loss moves), as
-    ``bsselect noise`` leaves them out. The group's lr before any scheduler
-    (``initial_lr``): a warm-up from 0 is not a frozen part. All of them when no optimizer
-    is given or every group is at 0."""
+    """Those of ``params`` that ``optimizer`` moves: in one of its groups, at an lr above 0.
+    A part frozen through the optimizer (a group of lr 0, or left out of it) has gradients
+    that say nothing of how the loss moves (review: a frozen backbone's noise went into
+    B_simple). The group's lr before any scheduler (``initial_lr``): a warm-up from 0 is
+    not a frozen part. All of them when no optimizer is given, or it moves none of them."""
     if optimizer is None:
         return params
-    still = {id(p) for g in getattr(optimizer, "param_groups", ())
-             if g.get("initial_lr", g.get("lr", 1)) == 0 for p in g.get("params", ())}
-    moved = [p for p in params if id(p) not in still]
+    moving = {id(p) for g in getattr(optimizer, "param_groups", ())
+              if g.get("initial_lr", g.get("lr", 1)) != 0 for p in g.get("params", ())}
+    moved = [p for p in params if id(p) in moving]
     return moved or params
 
 
@@ -166,8 +166,8 @@ class GradientNoiseMonitor:
     optimizer step, after the last backward and before ``optimizer.step()`` (or
     ``scaler.step``), on every rank; before or after ``scaler.unscale_`` and clipping alike,
     since both norms are read during the backward passes. ``optimizer``: the run's; the
-    parameters it holds in a group of lr 0 are left out, as ``bsselect noise`` leaves them
-    (``moved_by``). Every micro-batch of a step must
+    parameters it does not move (a group of lr 0, or not in it) are left out, as
+    ``bsselect noise`` leaves them (``moved_by``). Every micro-batch of a step must
     have ``micro_batch_size`` items (``drop_last=True``; an epoch's smaller last batch is
     passed as 0, not measured)::
 
