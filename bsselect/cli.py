@@ -318,7 +318,9 @@ def sweep(
              "(default: the task's own lr). From a checkpoint: the lr your run trains at "
              "now.", show_default="the task's lr")] = None,
     lr_scaling: Annotated[str, typer.Option(
-        help="auto (linear for SGD, sqrt for Adam-family), linear, sqrt or none.")] = "auto",
+        help="auto (linear for SGD-family, sqrt for Adam-family, by the optimizer's class "
+             "name; none for any other class: the task's lr at every batch size), linear, "
+             "sqrt or none.")] = "auto",
     warmup_steps: Annotated[str, typer.Option(
         help="LR warm-up per trial. auto: a trial whose scaled lr is above the task's ramps "
              "up to it linearly from the task's lr over the first 8 base batches' worth of "
@@ -445,7 +447,9 @@ def schedule(
         help="Largest batch to branch. Default: probe's largest power of two that fits, "
              "capped at half the training set (and at branch-samples / 4).")] = None,
     lr_scaling: Annotated[str, typer.Option(
-        help="auto (linear for SGD, sqrt for Adam-family), linear, sqrt or none.")] = "auto",
+        help="auto (linear for SGD-family, sqrt for Adam-family, by the optimizer's class "
+             "name; none for any other class: the task's lr at every batch size), linear, "
+             "sqrt or none.")] = "auto",
     tolerance: Annotated[float, typer.Option(
         help="Critical batch: the largest whose loss drop is within this fraction of the "
              "smallest batch's.")] = 0.1,
