@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -844,6 +845,7 @@ def test_evaluation_weights_the_last_short_batch_by_its_items_whatever_the_targe
 
 FLAKY_TASK = '''
 import os
+import re
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -986,3 +988,29 @@ def test_a_failed_noise_measurement_keeps_the_trained_trials(tmp_path):
     assert out["recommended_batch_size"] in (8, 16, 32)
     assert "the noise measurement failed at batch size(s) 8, 16, 32" in " ".join(
         proc.stderr.split())
+
+
+def test_a_nan_in_the_data_is_not_reported_as_an_lr_too_high(tmp_path):
+    """One NaN target: every trial's loss is NaN after the same samples, at its own step and
+    lr; the message said "try a lower lr" (review). It now points at the data."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from bsselect import Task, sweep
+    from bsselect.errors import TaskError
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 8, generator=g)
+    y = x.sum(1, keepdim=True)
+    y[1000] = float("nan")
+    xv = torch.randn(256, 8, generator=g)
+    task = Task(model=lambda: nn.Linear(8, 1), train_data=TensorDataset(x, y),
+                val_data=TensorDataset(xv, xv.sum(1, keepdim=True)),
+                loss_fn=nn.functional.mse_loss, lr=0.01, base_batch_size=16)
+    result = sweep(task, batch_sizes=[8, 16, 32, 64], budget="2200", seed=1,
+                   noise_measurements=0, journal=tmp_path / "j.jsonl")
+    failure = result.failure()
+    assert isinstance(failure, TaskError)
+    assert re.match(r"every trial's loss became nan after the same [\d,]+ samples .* check "
+                    r"train_data", str(failure)), failure
+    assert "lower lr" not in str(failure)

@@ -81,6 +81,18 @@ class SweepResult:
                 "reaches the trainable parameters (a detached or constant output, frozen "
                 "parameters, an optimizer given no parameters) or the lr is 0; nothing to "
                 f"recommend{again}")
+        nonfinite = [t for t in self.trials if t.status.value == "diverged"
+                     and (t.error or "").split(" at step")[0] in ("loss nan", "loss inf")]
+        if (len(self.trials) > 1 and len(nonfinite) == len(self.trials)
+                and len({t.samples for t in nonfinite}) == 1):
+            # Each at another lr and step, all at one sample: the data there, not the lr
+            # (review: a NaN target in one row was reported as "try a lower lr").
+            return TaskError(
+                f"every trial's loss became {nonfinite[0].error.split()[1]} after the same "
+                f"{nonfinite[0].samples:,} samples ({tried}), whatever its batch size and lr: "
+                "a training item read there (a NaN or inf in the data, an item the loss "
+                "cannot take) is the likelier cause than the lr; check train_data with "
+                f"torch.isfinite{again}")
         plateau = (", or a longer --budget if the loss sat on a plateau (no_progress: it did "
                    "not fall, without blowing up)"
                    if any(t.status.value == "no_progress" for t in self.trials) else "")
