@@ -6,7 +6,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Callable, Optional, TypeVar
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 
@@ -590,13 +590,22 @@ def report(
                     f"not in its last sweep (which ranked {', '.join(map(str, ran))}), so left "
                     "out as that sweep left them out; `bsselect sweep --resume` with every "
                     "batch size ranks them all, timed together", highlight=False)
+        not_run = _not_run(contents, trials)
+        if not_run:
+            console.print(
+                f"[yellow]warning:[/] the sweep that wrote {_escape(str(journal))} stopped "
+                f"before b={', '.join(map(str, not_run))} (it set out to run them): this ranks "
+                f"the {len(sizes)} it finished; `bsselect sweep --resume` runs the rest",
+                highlight=False)
         ordered = tuple(trials[b] for b in sizes)
         result = summarize(s["base_lr"], s["base_batch_size"], contents.header.task, "journal",
                            ordered, settings, max(sizes), "journal",
                            str(journal), (), bool(s.get("held_out_validation", False)),
                            s.get("validation_items"), timing=timing, timing_note=note)
+        import dataclasses
+
+        result = dataclasses.replace(result, not_run=tuple(not_run))
         if s.get("from_checkpoint_sha256"):  # trials from a checkpoint: say so, as the sweep did
-            import dataclasses
 
             result = dataclasses.replace(result, from_checkpoint=contents.timing_from_checkpoint
                                          or {"path": None, "sha256": s["from_checkpoint_sha256"],
@@ -621,6 +630,16 @@ def report(
         _finish_sweep(result, as_json, plot)
 
     guarded(body)
+
+
+def _not_run(contents: Any, trials: dict) -> list[int]:
+    """The batch sizes the journal's last sweep set out to run (its last ``plan`` record)
+    that have no trial in it: an interrupted sweep's."""
+    plans = [payload.get("batch_sizes") for tag, payload in contents.records if tag == "plan"]
+    last = plans[-1] if plans else None
+    if not (isinstance(last, list) and all(type(b) is int and b > 0 for b in last)):
+        return []
+    return [b for b in last if b not in trials]
 
 
 def _finish_sweep(result, as_json: bool, plot: Optional[Path]) -> None:

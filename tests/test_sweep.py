@@ -396,9 +396,18 @@ def test_sigint_exits_130_keeps_finished_trials_and_resume_completes_the_rest(tm
     assert "Traceback" not in stderr
     before = journal_trials(journal)
     assert [(t["batch_size"], t["status"]) for t in before] == [(8, "ok"), (16, "ok")]
+    # report of the interrupted journal says what the sweep never ran (it gave a full
+    # verdict on two of four batch sizes without a word: review)
+    shown = run_cli("report", str(journal), "--json", env=CLI_ENV)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["not_run_batch_sizes"] == [32, 64]
+    assert "stopped before b=32, 64" in " ".join(shown.stderr.split())
 
     out = resume_slow(journal)
     assert out["resumed"] == [8, 16]
+    assert out["not_run_batch_sizes"] == []
+    assert json.loads(run_cli("report", str(journal), "--json", env=CLI_ENV).stdout)[
+        "not_run_batch_sizes"] == []
     assert [(t["batch_size"], t["status"]) for t in out["trials"]] == [
         (8, "ok"), (16, "ok"), (32, "ok"), (64, "ok")]
     assert untimed(out["trials"][:2]) == untimed(before)  # taken from the journal, not re-run

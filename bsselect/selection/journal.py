@@ -28,7 +28,9 @@ FORMAT_VERSION = 1
 _HEADER_TAG = "bsselect_journal"
 # Records other than trials and timing that a journal may hold: ``bsselect schedule`` writes
 # one line per branched trial and one per noise measurement of its base run.
-RECORD_TAGS = ("branch", "point_noise")
+# ``plan``: the batch sizes a sweep (or a resume of it) set out to run, written before its
+# first trial; ``report`` says which of them an interrupted sweep never ran (review).
+RECORD_TAGS = ("branch", "point_noise", "plan")
 
 
 def settings_key(settings: Mapping[str, Any]) -> str:

@@ -43,6 +43,8 @@ class SweepResult:
     timing: tuple[RoundTiming, ...] = ()  # interleaved timing rounds behind step_time_s
     timing_note: str | None = None  # why there are none, or which sizes kept their own
     skipped: tuple[int, ...] = ()  # batch sizes larger than the training set: not run
+    # ``report`` of an interrupted sweep: the batch sizes it set out to run and never did
+    not_run: tuple[int, ...] = ()
     n_train: int | None = None  # items the trials train on
     # --from-checkpoint: path, sha256, format, step, optimizer_state (bool); None: no checkpoint
     from_checkpoint: dict | None = None
@@ -133,6 +135,7 @@ class SweepResult:
             "tied_with_best": list(self.ranking.tied_with_best),
             "threads": self.threads,
             "skipped_batch_sizes": list(self.skipped),
+            "not_run_batch_sizes": list(self.not_run),
             "timing": {"method": "interleaved rounds", "rounds": [t.to_dict() for t in self.timing],
                        "note": self.timing_note, "not_timed": self.not_timed()},
             "b_opt_accumulation": self.b_opt_accumulation,
