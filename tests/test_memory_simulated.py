@@ -634,3 +634,77 @@ def test_long_attention_is_calibrated_at_two_shorter_lengths_to_the_byte(dtype, 
     monkeypatch.setattr(ct, "ATTENTION_CALIBRATION_TOKENS", (2**40, 2**41))
     exact = [ct.kernel_cost(*case) for case in cases]
     assert fast == exact and all(c.high_water_bytes > 0 for c in exact)
+
+
+class _EmaSGD(torch.optim.SGD):
+    """SGD with an EMA of the weights kept in its own attribute, not in ``self.state``."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr, momentum=0.9)
+        self.ema = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        super().step(closure)
+        params = [p for g in self.param_groups for p in g["params"]]
+        if self.ema is None:
+            self.ema = [p.detach().clone() for p in params]
+        else:
+            for e, p in zip(self.ema, params):
+                e.mul_(0.99).add_(p, alpha=0.01)
+
+
+@pytest.mark.parametrize("batch_size", [8, 256])
+def test_tensors_the_optimizer_keeps_in_its_own_attributes_are_counted(batch_size) -> None:
+    """An EMA copy in ``self.ema`` lives through step 2's backward; the simulation counted it
+    only when the optimizer touched it, and its per-sample slope was 87x low (review)."""
+    data = TensorDataset(torch.randn(512, 64), torch.randint(4, (512,)))
+    task = Task(model=lambda: nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512),
+                                            nn.ReLU(), nn.Linear(512, 4)),
+                train_data=data, loss_fn=F.cross_entropy, optimizer=_EmaSGD)
+    sim, real = simulate_step_peak(task, batch_size), cpu_step_peak(task, batch_size)
+    assert relative_error(sim.peak_bytes, real.peak_bytes) < 0.01, (sim, real)
+    assert sim.optimizer_state_bytes == real.optimizer_state_bytes > sim.param_bytes
+
+
+def test_lazy_modules_and_sparse_gradients_are_measured_not_mis_simulated(tmp_path) -> None:
+    """A LazyLinear was an internal error; a sparse embedding gradient too, in the measured
+    probe. Neither can be simulated (no shapes before a forward; a fake sparse tensor has no
+    real size): check says so in one line, probe measures real steps."""
+    from conftest import one_error, run_cli
+
+    path = tmp_path / "lazy_sparse.py"
+    path.write_text(textwrap.dedent("""
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+        from torch.utils.data import TensorDataset
+        from bsselect import Task
+
+        def lazy():
+            data = TensorDataset(torch.randn(256, 16), torch.randint(4, (256,)))
+            return Task(model=lambda: nn.Sequential(nn.LazyLinear(32), nn.ReLU(), nn.Linear(32, 4)),
+                        train_data=data, loss_fn=F.cross_entropy)
+
+        class Bag(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = nn.Embedding(1000, 32, sparse=True)
+                self.out = nn.Linear(32, 4)
+
+            def forward(self, x):
+                return self.out(self.emb(x).mean(1))
+
+        def sparse():
+            data = TensorDataset(torch.randint(1000, (256, 8)), torch.randint(4, (256,)))
+            return Task(model=Bag, train_data=data, loss_fn=F.cross_entropy,
+                        optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr))
+    """))
+    for name, said in (("lazy", "lazy module"), ("sparse", "sparse tensor")):
+        proc = run_cli("check", f"{path}:{name}", "--batch-size", "16", "--memory", "1GiB")
+        assert proc.returncode == 1 and said in one_error(proc)
+        proc = run_cli("probe", f"{path}:{name}", "--batch-sizes", "8,16", "--memory", "1GiB",
+                       "--json")
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["method"] == "measured" and out["max_batch"] >= 16

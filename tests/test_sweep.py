@@ -448,7 +448,8 @@ def cut_journal(finished, tmp_path) -> Path:
     return path
 
 
-CUT_WARNING = "line 5 skipped: incomplete (the run was probably killed while writing it)"
+# header, plan, 8, 16, 32, then the cut line of 64
+CUT_WARNING = "line 6 skipped: incomplete (the run was probably killed while writing it)"
 
 
 def test_report_skips_a_cut_last_line_with_a_warning(cut_journal, finished):
@@ -457,6 +458,7 @@ def test_report_skips_a_cut_last_line_with_a_warning(cut_journal, finished):
 
     assert f"warning: {cut_journal}: {CUT_WARNING}" in proc.stderr.splitlines()
     assert untimed(out["trials"]) == untimed(finished[1]["trials"][:3])
+    assert out["not_run_batch_sizes"] == [64]  # the plan says it was to run
 
 
 def test_resume_skips_a_cut_last_line_reruns_only_that_trial(cut_journal, finished):

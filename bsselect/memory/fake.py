@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..errors import TaskError, one_line
+from ..errors import CannotSimulate, TaskError, one_line
 from ..step import REAL_ITEMS_MAX, make_batch
 from ..task import Task
 from .values import RealWhereKnown, keep_real, really
@@ -103,6 +103,19 @@ def build_fake_model(task: Task, fake_mode: Any) -> nn.Module:
         ) from exc
     if not isinstance(model, nn.Module):
         raise TaskError(f"Task.model() returned {type(model).__name__}, not an nn.Module")
+    lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if isinstance(t, nn.parameter.UninitializedTensorMixin)]
+    if lazy:  # review: an internal error, where real steps train it
+        raise CannotSimulate(
+            f"the model has lazy modules ({lazy[0]} and {len(lazy) - 1} more uninitialised "
+            "tensor(s): nn.LazyLinear and the like), whose shapes come from the first forward, "
+            "and the simulation builds the model without one: run one dummy batch through "
+            "it in Task.model before returning it, or measure with real steps "
+            "(`bsselect probe --method measured`)" if len(lazy) > 1 else
+            f"the model has a lazy module ({lazy[0]} is uninitialised: nn.LazyLinear and the "
+            "like), whose shapes come from the first forward, and the simulation builds the "
+            "model without one: run one dummy batch through it in Task.model before "
+            "returning it, or measure with real steps (`bsselect probe --method measured`)")
     to_fake_cpu(model, fake_mode)
     # The step is a training step whatever mode the factory returns: a copy of an instance
     # from from_pretrained (eval mode) ran without dropout, 35% low on GPT-2 (review);

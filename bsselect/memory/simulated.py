@@ -99,20 +99,60 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return inner if isinstance(inner, torch.Tensor) else t
 
 
+class SparseNotSimulated(RuntimeError):
+    """The simulated step made a sparse tensor: ``probe --method auto`` measures real steps."""
+
+
+def _strided_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """The dense tensors that hold a tensor's memory: itself, or a sparse tensor's indices
+    and values (an nn.Embedding(sparse=True) gradient: an internal error, review)."""
+    if t.layout is torch.strided:
+        return [t]
+    if t.layout is torch.sparse_coo:
+        return [t._indices(), t._values()]
+    if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [t.crow_indices(), t.col_indices(), t.values()]
+    if t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        return [t.ccol_indices(), t.row_indices(), t.values()]
+    return []
+
+
 def storage_bytes(tensors: Iterable[Any]) -> int:
     """Bytes of the distinct storages behind ``tensors`` (non-tensors are ignored; a DTensor
     counts its local shard)."""
     seen: dict[int, tuple[torch.UntypedStorage, int]] = {}
     for t in tensors:
         if isinstance(t, torch.Tensor):
-            st = local(t).untyped_storage()
-            seen[id(st)] = (st, st.nbytes())  # keep st alive so ids stay unique
+            for part in _strided_parts(local(t)):
+                st = part.untyped_storage()
+                seen[id(st)] = (st, st.nbytes())  # keep st alive so ids stay unique
     return sum(n for _, n in seen.values())
 
 
-def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[Any]:
-    """Every tensor in the optimizer's per-parameter state (momentum, exp_avg, step, ...)."""
-    return tree_flatten(list(optimizer.state.values()))[0]
+_NOT_STATE = {"param_groups", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+              "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+              "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"}
+
+
+def optimizer_state_tensors(optimizer: Any, _seen: Optional[set] = None) -> list[Any]:
+    """Every tensor the optimizer keeps between steps: its per-parameter state (momentum,
+    exp_avg, step, ...) and tensors in its own attributes, inside lists and dicts (an EMA of
+    the weights in ``self.ema``: uncounted, the simulated slope was 87x low, review), and
+    those of an optimizer it wraps (Lookahead's base optimizer). Not the parameters."""
+    seen = set() if _seen is None else _seen
+    if id(optimizer) in seen:
+        return []
+    seen.add(id(optimizer))
+    found = tree_flatten(list(getattr(optimizer, "state", {}).values()))[0]
+    for name, value in vars(optimizer).items():
+        if name in _NOT_STATE or name == "state":
+            continue
+        for leaf in tree_flatten(value)[0]:
+            if isinstance(leaf, torch.Tensor):
+                found.append(leaf)
+            elif isinstance(leaf, torch.optim.Optimizer):
+                found += optimizer_state_tensors(leaf, seen)
+    return found
 
 
 def module_tensors(model: nn.Module) -> list:
@@ -304,6 +344,14 @@ class LiveStorageCounter(TorchDispatchMode):
     def track(self, t: torch.Tensor, real_nbytes: Optional[int] = None) -> None:
         """Count ``t``'s storage if it is new (as ``real_nbytes`` if the real kernel's output
         is known to differ); follow its size if it was resized in place."""
+        if t.layout is not torch.strided:
+            # Fake sparse tensors do not hold the real number of nonzero rows: a sparse
+            # embedding gradient's bytes grow with the batch, and counting the fake ones gave
+            # a flat line, under the real step at large batches.
+            raise SparseNotSimulated(
+                f"the step makes a sparse tensor ({t.layout}: an nn.Embedding(sparse=True) "
+                "gradient, say), whose size the simulation cannot know; `bsselect probe "
+                "--method measured` measures it with real steps")
         self._count(local(t).untyped_storage(), real_nbytes)
 
     def resized(self, st: torch.UntypedStorage) -> None:
@@ -596,7 +644,8 @@ def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
             except UsageError:
                 raise
             except Exception as exc:
-                kind = CannotSimulate if isinstance(exc, DataDependentOp) else TaskError
+                kind = CannotSimulate if isinstance(exc, (DataDependentOp, SparseNotSimulated)) \
+                    else TaskError
                 # An index past an embedding's rows fails a real step too: no hint.
                 hint = "" if kind is CannotSimulate or isinstance(exc, IndexOutOfRange) \
                     else SIMULATION_HINT
