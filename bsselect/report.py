@@ -249,10 +249,14 @@ def render_sweep(result: Any) -> None:
             out.print(f"[red]batch {t.batch_size} {t.status.value}[/]: {escape(t.error or '')}",
                       highlight=False)
     if result.recommended_batch_size:
+        scaling = (f"{result.settings.lr_scaling.value} scaling from lr {result.base_lr:g} "
+                   f"at batch {result.base_batch_size}"
+                   if result.settings.lr_scaling.value != "none" else
+                   # auto gives none for an optimizer of neither family: say it (review)
+                   "no lr scaling: the same lr at every batch size; --lr-scaling linear or "
+                   "sqrt scales it")
         out.print(f"[bold green]recommended batch size {result.recommended_batch_size}[/] "
-                  f"at lr {result.recommended_lr:.3g} ({result.settings.lr_scaling.value} "
-                  f"scaling from lr {result.base_lr:g} at batch {result.base_batch_size})"
-                  + _ramp_text(result))
+                  f"at lr {result.recommended_lr:.3g} ({scaling})" + _ramp_text(result))
     acc = result.b_opt_accumulation
     if acc:
         out.print(f"the formula's batch {acc['effective_batch']} exceeds what fits "

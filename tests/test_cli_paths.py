@@ -169,5 +169,11 @@ def test_the_default_sweep_ramps_scaled_lrs_and_says_so(tmp_path):
     assert (data["lr_ramp_samples"], data["warmup_steps"]) == (8 * 16, 0)
     assert "at lr 0.4 (linear scaling from lr 0.1 at batch 16), ramped up linearly from lr 0.1 " \
         "over the first 128 samples" in " ".join(done.stdout.split())
+    flat = run_cli("sweep", f"{SWEEP_TASKS}:tiny", "--batch-sizes", "64", "--budget", "512",
+                   "--noise-measurements", "0", "--lr-scaling", "none", "--journal",
+                   str(tmp_path / "n.jsonl"))
+    assert flat.returncode == 0, flat.stderr
+    assert ("at lr 0.1 (no lr scaling: the same lr at every batch size; --lr-scaling linear "
+            "or sqrt scales it)") in " ".join(flat.stdout.split())
     bad = run_cli("sweep", f"{SWEEP_TASKS}:tiny", "--warmup-steps", "soon")
     assert bad.returncode == 2 and "--warmup-steps must be auto or an integer" in bad.stderr
