@@ -197,8 +197,10 @@ def read_pyproject(path: Path, required: bool = False) -> dict[str, Any]:
     for key, value in table.items():
         types = _KEY_TYPES[key]
         if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-            want = " or ".join({str: "a string", int: "an integer", float: "a number",
-                                bool: "true or false"}[t] for t in types)
+            names = {str: "a string", int: "an integer", float: "a number",
+                     bool: "true or false"}
+            want = " or ".join(names[t] for t in types
+                               if not (t is int and float in types))  # a number covers it
             raise UsageError(f"[tool.bsselect] in {path}: {key} must be {want}, got {value!r}")
     task = table.get("task")
     if isinstance(task, str) and ":" in task:  # a task file is relative to this file's folder
@@ -240,6 +242,8 @@ def merge_config(cli: dict[str, Any], file: dict[str, Any],
         memory, preset = file.get("memory"), file.get("device_preset")
     size, budget_source, hopper = named(("memory", "device_preset"),
                                         lambda: resolve_budget(memory, preset))
+    if budget_source == "--memory" and cli.get("memory") is None:
+        budget_source = f"memory in {source}"  # not a flag the user passed (review)
     margin = check_margin(float(pick("margin", 0.2)))
     target_name = pick("target", "cuda" if preset else "same")
     target = parse_choice(Target, target_name, "target")
