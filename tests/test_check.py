@@ -209,11 +209,22 @@ def test_an_error_from_pyproject_values_says_they_came_from_the_file():
         merge_config({}, {"batch_size": 8, "memory": "1GiB", "shard": "fsdp"})
     with pytest.raises(UsageError, match=r"not both \(memory, device_preset from "):
         merge_config({}, {"batch_size": 8, "memory": "1GiB", "device_preset": "t4-16gb"})
-    with pytest.raises(UsageError, match=r"got 0 \(shard from \[tool.bsselect\] in my.toml\)$"):
+    with pytest.raises(UsageError, match=r"got 0$"):  # about the CLI's --world-size only
         merge_config({"world_size": 0}, {"batch_size": 8, "memory": "1GiB", "shard": "fsdp"},
+                     "my.toml")
+    with pytest.raises(UsageError, match=r"got 0 \(world_size from \[tool.bsselect\] in "
+                                         r"my.toml\)$"):
+        merge_config({}, {"batch_size": 8, "memory": "1GiB", "shard": "fsdp", "world_size": 0},
                      "my.toml")
     with pytest.raises(UsageError, match=r"needs --world-size N \(the ranks it shards over\)$"):
         merge_config({"shard": "fsdp", "memory": "1GiB"}, {"batch_size": 8})
+    # Only the keys the error is about: not a file's precision beside --shard without
+    # --world-size, not a file's device preset that --memory replaced (review).
+    with pytest.raises(UsageError, match=r"shards over\)$"):
+        merge_config({"shard": "fsdp", "memory": "1GiB"}, {"batch_size": 8, "precision": "bf16"})
+    with pytest.raises(UsageError) as caught:
+        merge_config({"memory": "lots"}, {"batch_size": 8, "device_preset": "t4-16gb"})
+    assert "tool.bsselect" not in str(caught.value)
 
 
 def test_seven_billion_parameters_without_allocating_them(tmp_path):

@@ -708,3 +708,18 @@ def test_lazy_modules_and_sparse_gradients_are_measured_not_mis_simulated(tmp_pa
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
         assert out["method"] == "measured" and out["max_batch"] >= 16
+
+
+def test_an_optimizer_keeping_its_parameter_list_does_not_count_it_as_state() -> None:
+    """LBFGS-style ``self._params``: the model's parameters, not optimizer state (review:
+    the state doubled, and --shard's breakdown took it from the activations)."""
+    class Keeps(torch.optim.SGD):
+        def __init__(self, params, lr):
+            params = list(params)
+            super().__init__(params, lr=lr, momentum=0.9)
+            self.kept = params
+
+    plain = simulate_step_peak(_mlp_task(None), 8)  # SGD(momentum=0.9)
+    keeps = simulate_step_peak(_mlp_task(Keeps), 8)
+    assert keeps.optimizer_state_bytes == plain.optimizer_state_bytes == plain.param_bytes
+    assert keeps.peak_bytes == plain.peak_bytes

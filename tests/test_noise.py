@@ -433,3 +433,29 @@ def test_moved_by_reads_the_lr_before_a_scheduler() -> None:
     assert warm.param_groups[0]["lr"] == 0 and moved_by(warm, [a, b]) == [a, b]
     # Every group frozen: all of them (nothing else to measure).
     assert moved_by(torch.optim.SGD([a, b], lr=0.0), [a, b]) == [a, b]
+
+
+def test_the_factory_gets_every_parameter_as_training_gives_them() -> None:
+    """A factory groups by position (it only gets the parameters). With a layer frozen by
+    requires_grad the noise measurement called it with the trainable ones only, so its groups
+    shifted and a trained layer was left out (review)."""
+    from bsselect.selection.noise import trained_parameters
+
+    def model():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        m[0].requires_grad_(False)
+        return m
+
+    def by_position(params, lr):
+        ps = list(params)
+        return torch.optim.SGD([{"params": ps[:2], "lr": 0.0}, {"params": ps[2:]}], lr=lr)
+
+    task = Task(model=model, train_data=TensorDataset(torch.randn(64, 8), torch.randn(64, 1)),
+                loss_fn=F.mse_loss, optimizer=by_position)
+    m = task.model()
+    moved, left_out = trained_parameters(m, task)
+    trained = [p for g in task.make_optimizer(m.parameters(), task.lr).param_groups if g["lr"]
+               for p in g["params"]]
+    assert [id(p) for p in moved] == [id(p) for p in trained] and len(moved) == 4
+    assert left_out == 0  # the lr-0 group holds only the requires_grad=False layer

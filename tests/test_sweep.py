@@ -459,6 +459,13 @@ def test_report_skips_a_cut_last_line_with_a_warning(cut_journal, finished):
     assert f"warning: {cut_journal}: {CUT_WARNING}" in proc.stderr.splitlines()
     assert untimed(out["trials"]) == untimed(finished[1]["trials"][:3])
     assert out["not_run_batch_sizes"] == [64]  # the plan says it was to run
+    # A resume with fewer batch sizes, all in the journal already, finishes that sweep: no
+    # stale plan says otherwise (review).
+    fewer = sweep_cli(spec("tiny"), *TINY_ARGS[2:], "--batch-sizes", "8,16,32", "--journal",
+                      str(cut_journal), "--resume", "--json")
+    assert json_out(fewer)["resumed"] == [8, 16, 32]
+    again = json_out(run_cli("report", str(cut_journal), "--json", env=CLI_ENV))
+    assert again["not_run_batch_sizes"] == [] and again["batch_sizes"] == [8, 16, 32]
 
 
 def test_resume_skips_a_cut_last_line_reruns_only_that_trial(cut_journal, finished):
@@ -1022,6 +1029,21 @@ def test_a_nan_in_the_data_is_not_reported_as_an_lr_too_high(tmp_path):
                    noise_measurements=0, journal=tmp_path / "j.jsonl")
     failure = result.failure()
     assert isinstance(failure, TaskError)
-    assert re.match(r"every trial's loss became nan after the same [\d,]+ samples .* check "
-                    r"train_data", str(failure)), failure
+    assert re.match(r"every trial's loss became nan on a batch holding samples [\d,]+-[\d,]+ "
+                    r"of the same data order .* check train_data", str(failure)), failure
     assert "lower lr" not in str(failure)
+    # Another NaN row: the trials stop at different sample counts (488, 496, 512, 512 with
+    # this seed), whose last batches still overlap; the equal-count rule missed it (review).
+    y2 = x.sum(1, keepdim=True)
+    y2[100] = float("nan")
+    other = dataclasses.replace(task, train_data=TensorDataset(x, y2), lr=0.01)
+    stops = sweep(other, batch_sizes=[8, 16, 32, 64], budget="2200", seed=0,
+                  noise_measurements=0, journal=tmp_path / "k.jsonl")
+    assert len({t.samples for t in stops.trials}) > 1
+    assert "of the same data order" in str(stops.failure())
+    # A learning rate far too high blows up at about the same step: not the data.
+    high = dataclasses.replace(task, train_data=TensorDataset(x * 30, x.sum(1, keepdim=True) * 30),
+                               val_data=None, lr=0.5)
+    blown = sweep(high, batch_sizes=[8, 16, 32, 64], budget="2200", seed=0,
+                  noise_measurements=0, journal=tmp_path / "h.jsonl").failure()
+    assert "lower lr" in str(blown) and "data order" not in str(blown)

@@ -231,7 +231,9 @@ def merge_config(cli: dict[str, Any], file: dict[str, Any],
         try:
             return call()
         except UsageError as exc:
-            own = [k for k in keys if cli.get(k) is None and file.get(k) is not None]
+            text = str(exc)  # only the keys the message is about (review: precision was
+            own = [k for k in keys if cli.get(k) is None and file.get(k) is not None  # named
+                   and ("--" + k.replace("_", "-") in text or k in text)]  # for --world-size)
             if not own:
                 raise
             raise UsageError(f"{exc} ({', '.join(own)} from [tool.bsselect] in {source})"

@@ -148,6 +148,8 @@ def optimizer_state_tensors(optimizer: Any, _seen: Optional[set] = None) -> list
         if name in _NOT_STATE or name == "state":
             continue
         for leaf in tree_flatten(value)[0]:
+            if isinstance(leaf, nn.Parameter):
+                continue  # its parameter list (LBFGS's _params): the model's, not state
             if isinstance(leaf, torch.Tensor):
                 found.append(leaf)
             elif isinstance(leaf, torch.optim.Optimizer):

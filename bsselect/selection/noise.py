@@ -126,8 +126,8 @@ def trained_parameters(model: nn.Module, task: Task) -> tuple[list[nn.Parameter]
     from .noise_monitor import moved_by
 
     params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        optimizer = task.make_optimizer(params, task.lr)
+    try:  # as training builds it: every parameter (a factory may group them by position)
+        optimizer = task.make_optimizer(model.parameters(), task.lr)
     except Exception:  # noqa: BLE001 - the training step builds it and says what is wrong
         return params, 0
     moved = moved_by(optimizer, params)

@@ -201,7 +201,7 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
         if hooks.warn:
             hooks.warn(warning)
     trials: dict[int, TrialResult] = {b: done[b] for b in batch_sizes if b in done}
-    if len(trials) < len(batch_sizes) and distributed.is_main():
+    if distributed.is_main():  # every run, resumes included: report reads the last one
         journal.append_record("plan", {"batch_sizes": list(batch_sizes)})
     if len(trials) < len(batch_sizes):
         if settings.warm_start_steps:

@@ -85,14 +85,17 @@ class SweepResult:
                 f"recommend{again}")
         nonfinite = [t for t in self.trials if t.status.value == "diverged"
                      and (t.error or "").split(" at step")[0] in ("loss nan", "loss inf")]
-        if (len(self.trials) > 1 and len(nonfinite) == len(self.trials)
-                and len({t.samples for t in nonfinite}) == 1):
-            # Each at another lr and step, all at one sample: the data there, not the lr
-            # (review: a NaN target in one row was reported as "try a lower lr").
+        # Each trial's last batch held samples (samples - b, samples]: where every window
+        # overlaps, each trial met the same items there, at its own lr and step — the data,
+        # not the lr (review: a NaN target in one row was "try a lower lr"). A too-high lr
+        # blows up at about the same step, whose windows do not overlap across sizes.
+        first = max((t.samples - t.batch_size for t in nonfinite), default=0)
+        last = min((t.samples for t in nonfinite), default=0)
+        if len(self.trials) > 1 and len(nonfinite) == len(self.trials) and first < last:
             return TaskError(
-                f"every trial's loss became {nonfinite[0].error.split()[1]} after the same "
-                f"{nonfinite[0].samples:,} samples ({tried}), whatever its batch size and lr: "
-                "a training item read there (a NaN or inf in the data, an item the loss "
+                f"every trial's loss became {nonfinite[0].error.split()[1]} on a batch "
+                f"holding samples {first + 1:,}-{last:,} of the same data order ({tried}), "
+                "whatever its batch size and lr: a training item read there (a NaN or inf in the data, an item the loss "
                 "cannot take) is the likelier cause than the lr; check train_data with "
                 f"torch.isfinite{again}")
         plateau = (", or a longer --budget if the loss sat on a plateau (no_progress: it did "
