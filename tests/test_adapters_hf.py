@@ -240,6 +240,31 @@ def test_hf_config_of_t5_naming_its_class_is_checked(tmp_path):
     assert json.loads(done.stdout)["fits"] is True
 
 
+def test_an_moe_looping_over_its_experts_is_measured_from_hf_config(tmp_path):
+    """Experts run as a loop over those the router picked (``experts_implementation``
+    "eager"): the fake forward cannot run it, and ``probe --hf-config --method measured``
+    refused to measure, pointing at --method measured (review). It measures; check, which
+    only simulates, says so in one line."""
+    from transformers import MixtralConfig
+
+    from conftest import one_error
+
+    MixtralConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                  num_experts_per_tok=2, max_position_embeddings=128,
+                  architectures=["MixtralForCausalLM"]).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())  # not kept by save_pretrained
+    (tmp_path / "config.json").write_text(json.dumps({**config,
+                                                      "experts_implementation": "eager"}))
+    done = run_cli("probe", "--hf-config", str(tmp_path), "--seq-len", "32", "--batch-sizes",
+                   "2,4", "--memory", "256MiB", "--method", "measured", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["method"] == "measured"
+    refused = run_cli("check", "--hf-config", str(tmp_path), "--seq-len", "32",
+                      "--batch-size", "4", "--memory", "256MiB")
+    assert refused.returncode == 1 and "aten.nonzero" in one_error(refused)
+
+
 def test_a_mixture_of_experts_simulates_byte_exact_and_checks_on_a_cuda_preset(tmp_path):
     """Mixtral's experts run ``torch._grouped_mm`` in fp32 (also under bf16 autocast), which
     its meta kernel refused ("Expected inputs of BF16 type"): ``check`` failed, exit 1, and
