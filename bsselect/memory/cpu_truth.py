@@ -365,6 +365,13 @@ KERNELS: dict[Any, KernelSpec] = {
        for op in (_aten.mse_loss.default, _aten.smooth_l1_loss.default,
                   _aten.soft_margin_loss.default, _aten.binary_cross_entropy.default)},
     _aten.soft_margin_loss_backward.default: KernelSpec(_dim0(1, 2, 0), min_items=1),
+    # A mean of bf16/fp16 on the CPU reduces an fp32 copy of its whole input, made inside the
+    # kernel (2x the input's bytes): nn.MultiheadAttention's averaged weights and a pooled
+    # output under bf16 autocast were 4.8-7.1% over the simulation at the forward's peak
+    # (review). sum, var, amax and norm accumulate without a copy (measured).
+    **{op: KernelSpec(_dim0(0), min_items=1,
+                      applies=lambda args: args[0].dim() > 0 and args[0].dtype in _REDUCED)
+       for op in (_aten.mean.dim, _aten.mean.default)},
     _aten.mkldnn_rnn_layer_backward.default: KernelSpec(
         _rnn_dims(sequences=(0, 7, 10), states=(5, 6, 8, 9, 11, 12)), min_items=1,
         prepare=_rnn_forward_for_backward),
