@@ -344,6 +344,11 @@ def _norm_clipping(trainer: Any) -> float | None:
     clipping by value."""
     value = getattr(trainer, "gradient_clip_val", None)
     algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm").lower()
+    if value and not algorithm.endswith("norm"):
+        # Not expressible in a Task (max_grad_norm is the norm): say so, not train without it
+        warnings.warn(f"the Trainer clips gradients by value ({value:g}); bsselect's steps "
+                      "clip by norm only (Task.max_grad_norm), so its trials train without "
+                      "this clipping", stacklevel=3)
     return float(value) if value is not None and algorithm.endswith("norm") else None
 
 
