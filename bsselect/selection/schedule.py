@@ -45,6 +45,7 @@ import torch
 
 from .. import distributed
 from ..checkpoint import Checkpoint
+from ..device import callers_rng
 from ..errors import InterruptedRun, TaskError, UsageError, one_line
 from ..oom import caused_by_oom, drop_frames, is_oom_error, release_memory
 from .lr_scaling import LrScaling, scale_lr, warmup_lr
@@ -234,6 +235,11 @@ def _base_run(setup: TrialSetup, point_samples: Sequence[int], hooks: ScheduleHo
     model, optimizer = _fresh_model(setup, task.lr)
     b = task.base_batch_size
     warm = dataclasses.replace(setup, seed=setup.seed + WARM_START_SEED_OFFSET)
+    # Its own random stream (dropout, augmentation): the same whatever ran before it (the
+    # timing rounds) and between its points (``run_schedule`` forks the RNG around each
+    # point's branches), so a resumed schedule's base run is the uninterrupted one's
+    # (review: with dropout, a resume skipped journaled branches and drifted).
+    torch.manual_seed(warm.seed)
     batches = cycle_batches(warm, b // setup.accumulate)
     options = _step_options(setup, batches, device)
     samples = steps = 0
@@ -372,6 +378,15 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
         raise UsageError(f"only batch size {sizes} can branch: give more batch sizes, or a "
                          f"longer --horizon / --branch-samples (now {settings.branch} samples "
                          "per branch)")
+    # Equal samples for every branch: whole steps of every size (a branch of 200 trained
+    # 200, 208 and 224 samples at 8, 16 and 32, and the larger batches' drops were compared
+    # on up to 12% more data, past the critical batch's 10% tolerance: review).
+    whole = math.lcm(*sizes)
+    equal = -(-settings.branch // whole) * whole
+    if equal != settings.branch:
+        setup = dataclasses.replace(setup, budget=TrialBudget(BudgetKind.samples, equal))
+        notes.append(f"each branch trains {equal:,} samples: {settings.branch:,} rounded up to "
+                     f"whole batches of every size branched, so that all see the same samples")
     mode = JournalMode.resume if resume else (
         JournalMode.overwrite if overwrite else JournalMode.new)
     journal = Journal(journal_path, task=task_name,
@@ -398,6 +413,30 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
     bases: list[tuple[int, int, int, str | None]] = []  # (point, samples, steps, checkpoint)
     noise_failed: list[str] = []
     merged = 0
+
+    def _measure_point(k: int, samples: int, steps: int, model: Any, mstate: dict,
+                       ostate: dict | None, path: str | None) -> None:
+        """The noise scale and the branches at point ``k`` (those not journaled yet)."""
+        if k not in noises:
+            noises[k] = _noise_at(setup, model, settings.noise_measurements,
+                                  settings.seed + 1000 + k, noise_failed)
+            journal.append_record("point_noise", {"point": k, "estimate": noises[k]})
+        point = dataclasses.replace(
+            setup, initial_state=mstate, optimizer_state=ostate if steps else None,
+            branch_steps=steps, loss_start=None, noise_measurements=0,
+            validate=False, from_checkpoint=path is not None)
+        if steps or path is not None:
+            point = dataclasses.replace(point, loss_init=loss_init)
+        for b in sizes:
+            if (k, b) in trials:
+                continue
+            if hooks.phase:
+                hooks.phase(f"point {k + 1}/{len(point_samples)} ({samples} samples): "
+                            f"batch {b}", None)
+            result = run_trial(point, b, lr_of[b])
+            journal.append_record("branch", {"point": k, "trial": result.to_dict()})
+            trials[(k, b)] = result
+
     try:
         with cpu_threads(threads):
             timing = _timing(setup, sizes, hooks)
@@ -411,25 +450,8 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
                     merged += 1
                     continue
                 bases.append((k, samples, steps, path))
-                if k not in noises:
-                    noises[k] = _noise_at(setup, model, settings.noise_measurements,
-                                          settings.seed + 1000 + k, noise_failed)
-                    journal.append_record("point_noise", {"point": k, "estimate": noises[k]})
-                point = dataclasses.replace(
-                    setup, initial_state=mstate, optimizer_state=ostate if steps else None,
-                    branch_steps=steps, loss_start=None, noise_measurements=0,
-                    validate=False, from_checkpoint=path is not None)
-                if steps or path is not None:
-                    point = dataclasses.replace(point, loss_init=loss_init)
-                for b in sizes:
-                    if (k, b) in trials:
-                        continue
-                    if hooks.phase:
-                        hooks.phase(f"point {k + 1}/{len(point_samples)} ({samples} samples): "
-                                    f"batch {b}", None)
-                    result = run_trial(point, b, lr_of[b])
-                    journal.append_record("branch", {"point": k, "trial": result.to_dict()})
-                    trials[(k, b)] = result
+                with callers_rng(setup.device):  # the base run's stream goes on untouched
+                    _measure_point(k, samples, steps, model, mstate, ostate, path)
     except KeyboardInterrupt:
         raise InterruptedRun(f"interrupted; the finished branches are in {journal_path} — "
                              "rerun with --resume to continue") from None
