@@ -447,7 +447,8 @@ def _lr(value: Any) -> float | None:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = float(value)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return float(value) if ok and math.isfinite(value) else None
+    # A negative lr is no lr a run trains at: unreadable, not a base lr of -0.1 (review)
+    return float(value) if ok and math.isfinite(value) and value >= 0 else None
 
 
 def _file_lrs(saved: dict[str, Any]) -> list[float | None]:

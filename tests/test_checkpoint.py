@@ -634,3 +634,17 @@ def test_a_hugging_face_trainer_output_dir_gives_its_checkpoints(tmp_path, monke
     trained = trainer.model.state_dict()
     assert all(torch.equal(final.model_state[k], v) for k, v in trained.items()
                if k in final.model_state)
+
+
+def test_a_negative_lr_in_the_file_is_no_run_lr(tmp_path):
+    """A file whose optimizer says lr -0.1 gave a 'run lr' of -0.1 to the sweep's JSON, and
+    the 1.5x check read it as near (review). It is unreadable, as a missing one."""
+    from bsselect.checkpoint import base_lr_of_run
+
+    model = torch.nn.Linear(2, 1)
+    saved = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).state_dict()
+    saved["param_groups"][0]["lr"] = -0.1
+    ours = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    assert base_lr_of_run(ours, saved, 0.05) is None
+    saved["param_groups"][0]["lr"] = 0.1
+    assert base_lr_of_run(ours, saved, 0.05) == pytest.approx(0.1)

@@ -547,6 +547,8 @@ def test_cli_schedule_from_checkpoints_table_and_bad_input(tmp_path):
          "are both at step 16"),
         (["--from-checkpoint", named[1], "--horizon", "1024"], "is not before the end of"),
         (["--from-checkpoint", named[0], "--points", "3"], "leave --points out"),
+        (["--from-checkpoint", named[0], "--from-checkpoint", f"{paths[1]}@64"],
+         "hold the same weights"),  # one file at two steps: one point (review)
         (["--from-checkpoint", str(tmp_path / "nope.pt")], "no such file"),
     ]:
         proc = run_cli("schedule", task, *common, "--overwrite", *args)

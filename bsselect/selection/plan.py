@@ -62,6 +62,11 @@ def _run_checkpoints(specs: Sequence[str | Path]) -> tuple[list["Checkpoint"], l
             other = checkpoints[steps.index(step)].path
             raise UsageError(f"--from-checkpoint: {other} and {path} are both at step {step}; "
                              "give each point once")
+        same = [c.path for c in checkpoints if c.sha256 == checkpoint.sha256]
+        if same:  # one state named at two steps: two points that are one (review)
+            raise UsageError(f"--from-checkpoint: {same[0]} and {text} hold the same weights "
+                             "(the same file contents) at two steps; give each checkpoint "
+                             "once")
         checkpoints.append(checkpoint)
         steps.append(step)
     order = sorted(range(len(steps)), key=steps.__getitem__)  # the run's order, whatever given
