@@ -115,14 +115,15 @@ def test_a_journal_saved_with_a_bom_or_a_string_lr_still_resumes(task_file):
     # a trial whose lr is a string: skipped with a warning, like any damaged line, and run
     # again (before: an internal error at the table, "Unknown format code 'g'")
     lines = original.decode().splitlines(keepends=True)
-    trial = json.loads(lines[1])
+    first = next(i for i, line in enumerate(lines) if line.startswith('{"trial"'))
+    trial = json.loads(lines[first])
     trial["trial"]["lr"] = "abc"
-    lines[1] = json.dumps(trial) + "\n"
+    lines[first] = json.dumps(trial) + "\n"
     path.write_text("".join(lines))
     proc = run_cli("sweep", f"{task_file.name}:make_task", *SWEEP, "--resume")
     assert proc.returncode == 0, proc.stderr
-    assert (f"warning: {path}: line 2 skipped: bad trial record (its lr is 'abc', not a number)"
-            in " ".join(proc.stderr.split()))
+    assert (f"warning: {path}: line {first + 1} skipped: bad trial record (its lr is 'abc', "
+            "not a number)" in " ".join(proc.stderr.split()))
     assert "(resumed batch sizes [16])" in proc.stdout
 
 
