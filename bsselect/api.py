@@ -616,11 +616,11 @@ def find_batch_size(step: Callable[[int], Any], **options: Any) -> Any:
     return find(step, **options)
 
 
-def fits_batch_size(**options: Any) -> Any:
+def fits_batch_size(_train: Any = None, **options: Any) -> Any:
     """Decorator: call ``train(batch_size, ...)`` with ``find_batch_size``'s answer."""
     from .adapters.loop import fits_batch_size as decorator
 
-    return decorator(**options)
+    return decorator(_train, **options)
 
 
 __all__ = ["probe", "check", "noise_scale", "sweep", "plan_sweep", "SweepPlan", "schedule",

@@ -126,3 +126,68 @@ def test_max_batch_caps_the_answer_and_is_checked():
     for bad in (0, -5, 100.5, True):
         with pytest.raises(UsageError, match="max_batch must be an integer >= 1"):
             find_batch_size(step, memory="16MiB", device="cpu", max_batch=bad)
+
+
+def _sliced(n: int):
+    """A step that takes its batch from ``n`` items: past ``n`` the batch is ``n`` items."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data, labels = torch.randn(n, 64), torch.randint(0, 10, (n,))
+
+    def step(batch_size: int) -> None:
+        x, y = data[:batch_size], labels[:batch_size]
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, model, optimizer
+
+
+def test_memory_that_stops_growing_is_refused_not_answered_far_above_the_data():
+    """Past 1,000 items the batch stopped growing and the search went on to 16,777,216
+    (review)."""
+    step, _, _ = _sliced(1000)
+    with pytest.raises(UsageError, match="stopped growing with the batch size.*max_batch="):
+        find_batch_size(step, memory="64MiB", backend=CappedCpuAllocator(64 * 2**20))
+    assert find_batch_size(step, memory="64MiB", backend=CappedCpuAllocator(64 * 2**20),
+                           max_batch=1000).max_batch == 1000
+
+
+def test_one_size_that_runs_is_bisected_to_the_next_that_does_not():
+    """8 ran and 16 did not: the answer is between them, not 'pass smaller batch_sizes'."""
+    step, _, _ = _sliced(4096)
+
+    def capped(batch_size: int) -> None:
+        if batch_size > 12:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 MiB")
+        step(batch_size)
+
+    fit = find_batch_size(capped, memory="1GiB", device="cpu")
+    assert fit.max_batch == 12 and fit.exact
+    assert [c["outcome"] for c in fit.checked][-1] == "oom"
+
+
+def test_the_search_leaves_the_callers_rng_as_it_was():
+    step, _, _ = _sliced(4096)
+
+    def random_step(batch_size: int) -> None:
+        torch.rand(3)  # draws from the global RNG, as dropout does
+        step(batch_size)
+
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    find_batch_size(random_step, memory="8MiB", margin=0.0, device="cpu")
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_the_decorator_is_refused_without_parentheses_or_a_batch_parameter():
+    with pytest.raises(UsageError, match=r"write @fits_batch_size\(step="):
+        @fits_batch_size
+        def train(batch_size):
+            return batch_size
+    with pytest.raises(UsageError, match="first positional parameter"):
+        @fits_batch_size(step=_loop())
+        def no_batch(*, epochs=1):
+            return epochs

@@ -108,9 +108,7 @@ def find_batch_size(step: Callable[[int], Any], *, memory: Any = None, margin: f
     dataset's size, say). ``backend``: an ``AllocatorBackend`` (tests pass a capped CPU one)."""
     from ..api import _bytes, device_of
     from ..device import default_budget
-    from ..memory.capacity import (check_batch_sizes, check_margin, fit_memory,
-                                   largest_pow2_at_most, refine_max_batch, solve_max_batch,
-                                   usable_bytes)
+    from ..memory.capacity import check_batch_sizes, check_margin, usable_bytes
 
     margin = check_margin(margin)
     sizes = check_batch_sizes(batch_sizes)
@@ -130,6 +128,18 @@ def find_batch_size(step: Callable[[int], Any], *, memory: Any = None, margin: f
     size = _bytes(memory, "memory")
     budget = size if size is not None else default_budget(dev).bytes
     usable = usable_bytes(budget, margin)
+    from ..device import callers_rng
+
+    with callers_rng(dev):  # the caller's RNG stream goes on as if the search had not run
+        return _search(step, sizes, dev, backend, budget, margin, usable, max_batch)
+
+
+def _search(step: Callable[[int], Any], sizes: list[int], dev: torch.device, backend: Any,
+            budget: int, margin: float, usable: float, max_batch: Optional[int]) -> LoopFit:
+    from ..memory.capacity import (fit_memory, largest_pow2_at_most, refine_max_batch,
+                                   solve_max_batch)
+
+    what = "allocator peak" if backend is not None else "step's own allocations"
     points = []
     for b in sizes:
         try:
@@ -143,9 +153,13 @@ def find_batch_size(step: Callable[[int], Any], *, memory: Any = None, margin: f
         if peak > usable:
             raise DoesNotFitError(f"batch 1 needs {peak:,} bytes, more than the "
                                   f"{int(usable):,} usable after the margin")
-        return LoopFit(1, 1, budget, margin, str(dev), "allocator peak" if backend is not None
-                       else "step's own allocations", tuple(points), (), None, None,
+        return LoopFit(1, 1, budget, margin, str(dev), what, tuple(points), (), None, None,
                        exact=False)
+    if len(points) == 1 and len(sizes) > 1:
+        # The first size ran, the next did not: the answer is between them (review: an
+        # error that said "pass smaller batch_sizes" where 8 fit and 16 did not).
+        return _bisect(step, dev, backend, budget, margin, usable, points[0],
+                       sizes[1], what)
     if len(points) < 2:
         raise UsageError(f"only {len(points)} of the batch sizes {list(sizes)} ran without "
                          "running out of memory; pass smaller batch_sizes")
@@ -159,23 +173,70 @@ def find_batch_size(step: Callable[[int], Any], *, memory: Any = None, margin: f
             + "): it may not use its batch_size argument, or allocate where this device's "
             "allocator does not see; pass larger batch_sizes= to measure further")
     first = solve_max_batch(budget, margin, fit)
-    result = refine_max_batch(lambda b: measure_step(step, b, dev, backend), usable, points,
-                              first, ceiling=max_batch)
+    seen = dict(points)
+
+    def measure(b: int) -> int:
+        """A try of the search; a UsageError when a batch of at least twice a smaller one's
+        size took no more memory: the step stopped using its batch size there (a slice of a
+        1,000-item set; the search went on to 16,777,216, review)."""
+        peak = measure_step(step, b, dev, backend)
+        below = [k for k in seen if k * 2 <= b]
+        if below and peak <= seen[max(below)]:
+            k = max(below)
+            raise UsageError(
+                f"the step's memory stopped growing with the batch size: b={k}: "
+                f"{seen[k]:,} bytes, b={b}: {peak:,} bytes; it may use no more than a fixed "
+                "number of items (a dataset smaller than the batch?): pass max_batch=")
+        seen[b] = peak
+        return peak
+
+    result = refine_max_batch(measure, usable, points, first, ceiling=max_batch)
     if result.batch_size < 1:
         raise UsageError("no batch size fits the budget after the margin")
     best = min(result.batch_size, max_batch) if max_batch is not None else result.batch_size
     capped = max_batch is not None and best >= max_batch
     return LoopFit(best, largest_pow2_at_most(best), budget, margin,
-                   str(dev), "allocator peak" if backend is not None else
-                   "step's own allocations", tuple(points),
+                   str(dev), what, tuple(points),
                    tuple(asdict(s) for s in result.path), round(fit.fixed_bytes),
                    round(fit.per_sample_bytes), exact=result.exact and not capped)
 
 
-def fits_batch_size(**options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _bisect(step: Callable[[int], Any], dev: torch.device, backend: Any, budget: int,
+            margin: float, usable: float, fitted: tuple[int, int], failed: int,
+            what: str) -> LoopFit:
+    """The largest batch between ``fitted`` (batch, peak), which ran, and ``failed``, which
+    ran out of memory: fits means it ran with its peak within ``usable``."""
+    from ..memory.capacity import SearchStep, largest_pow2_at_most
+
+    ok, peak = fitted
+    if peak > usable:
+        raise DoesNotFitError(f"batch {ok} needs {peak:,} bytes, more than the "
+                              f"{int(usable):,} usable after the margin")
+    bad, path = failed, []
+    while bad - ok > 1:
+        mid = (ok + bad) // 2
+        try:
+            at = measure_step(step, mid, dev, backend)
+            outcome = "ok" if at <= usable else "over"
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is an answer
+            if not is_oom_error(exc):
+                raise
+            at, outcome = None, "oom"
+        fits = outcome == "ok"
+        path.append(asdict(SearchStep(mid, outcome, at)))
+        ok, bad = (mid, bad) if fits else (ok, mid)
+    return LoopFit(ok, largest_pow2_at_most(ok), budget, margin, str(dev), what, (fitted,),
+                   tuple(path), None, None, exact=True)
+
+
+def fits_batch_size(_train: Any = None, **options: Any
+                    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator form: ``@fits_batch_size(step=one_step, memory="24GiB")`` on ``train(batch_size,
     ...)`` calls ``train`` with the batch ``find_batch_size(one_step, ...)`` found, as
     Accelerate's decorator does with its back-off. The fit is on ``train.bsselect_fit``."""
+    if _train is not None:  # @fits_batch_size without its parentheses
+        raise UsageError("write @fits_batch_size(step=one_step, ...): it needs the one-step "
+                         "function to measure")
     step = options.pop("step", None)
     if step is None:
         raise UsageError("fits_batch_size needs step=, the one-step function to measure")
@@ -188,6 +249,17 @@ def fits_batch_size(**options: Any) -> Callable[[Callable[..., Any]], Callable[.
                          f"step= and {', '.join(sorted(known))}")
 
     def decorate(train: Callable[..., Any]) -> Callable[..., Any]:
+        try:  # at decoration, not after a whole search (review)
+            params = list(inspect.signature(train).parameters.values())
+        except (TypeError, ValueError):
+            params = None
+        if params is not None and not any(
+                p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+                for p in params):
+            raise UsageError(f"@fits_batch_size calls {getattr(train, '__name__', 'train')}"
+                             "(batch_size, ...): give it a first positional parameter for "
+                             "the batch size")
+
         @functools.wraps(train)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             fit = find_batch_size(step, **options)
