@@ -26,12 +26,14 @@ def _lengths(g: torch.Generator, short: int, long: int) -> list[int]:
 
 
 class PrePadded(Dataset):
-    """Token ids stored padded to ``T`` with ``PAD``, their lengths, a class label."""
+    """Token ids stored padded to ``width`` with ``PAD``, their lengths (``lengths_of`` the
+    generator: a few long among many short, by default), a class label."""
 
-    def __init__(self) -> None:
+    def __init__(self, lengths_of=lambda g: torch.tensor(_lengths(g, 10, T)),
+                 width: int = T) -> None:
         g = torch.Generator().manual_seed(0)
-        self.lengths = torch.tensor(_lengths(g, 10, T))
-        self.ids = torch.randint(1, PAD, (N, T), generator=g)
+        self.lengths = lengths_of(g)
+        self.ids = torch.randint(1, PAD, (N, width), generator=g)
         for i, n in enumerate(self.lengths.tolist()):
             self.ids[i, n:] = PAD
         self.y = torch.randint(0, 4, (N,), generator=g)
@@ -236,25 +238,8 @@ def unsorted_task() -> Task:
                 base_batch_size=8)
 
 
-class NearUniform(Dataset):
-    """Token ids padded to 100 with ``PAD``, lengths 91-100 (a tenth apart at most), their
-    lengths, a class label (0 in a quarter of the items)."""
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.lengths = torch.randint(91, 101, (N,), generator=g)
-        self.ids = torch.randint(1, PAD, (N, 100), generator=g)
-        for i, n in enumerate(self.lengths.tolist()):
-            self.ids[i, n:] = PAD
-        self.y = torch.randint(0, 4, (N,), generator=g)
-
-    def __len__(self) -> int:
-        return N
-
-    def __getitem__(self, i: int):
-        return (self.ids[i], self.lengths[i]), self.y[i]
-
-
 def near_uniform_task() -> Task:
-    return Task(model=PackedLSTM, train_data=NearUniform(), loss_fn=F.cross_entropy,
+    """Lengths 91-100 padded to 100 (a tenth apart at most)."""
+    near = PrePadded(lambda g: torch.randint(91, 101, (N,), generator=g), width=100)
+    return Task(model=PackedLSTM, train_data=near, loss_fn=F.cross_entropy,
                 optimizer=torch.optim.Adam, lr=1e-3, base_batch_size=8)
