@@ -648,3 +648,25 @@ def test_a_negative_lr_in_the_file_is_no_run_lr(tmp_path):
     assert base_lr_of_run(ours, saved, 0.05) is None
     saved["param_groups"][0]["lr"] = 0.1
     assert base_lr_of_run(ours, saved, 0.05) == pytest.approx(0.1)
+
+
+def test_noise_warm_up_from_a_checkpoint_at_another_lr_says_so(run_files, tmp_path):
+    """The warm-up steps train at the task's lr; sweep and schedule said so for a file at
+    another lr, noise did not (review)."""
+    from bsselect.selection.noise_run import measure_noise
+
+    path, model, optimizer = run_files
+    task, _ = load_task(TINY)
+    saved = optimizer.state_dict()
+    for group in saved["param_groups"]:
+        group["lr"] = task.lr * 10
+    torch.save({"model": model.state_dict(), "optimizer": saved, "step": 40},
+               tmp_path / "fast.pt")
+    said: list[str] = []
+    measure_noise(task, measurements=4, warmup_steps=2, every=2,
+                  checkpoint=load_checkpoint(tmp_path / "fast.pt"), warn=said.append)
+    assert any(f"the warm-up steps train at the task's lr {task.lr:.3g}" in m for m in said)
+    said.clear()
+    measure_noise(task, measurements=4, checkpoint=load_checkpoint(tmp_path / "fast.pt"),
+                  warn=said.append)
+    assert not any("warm-up steps" in m for m in said)  # no steps: nothing trains at it

@@ -204,6 +204,15 @@ def measure_noise(
         # the weights' renaming always; the optimizer's state only matters if it trains
         messages = branch.messages if warmup_steps else (
             (branch.renamed,) if branch.renamed else ())
+        if warmup_steps:  # they train at the task's lr: said when the file's differs, as
+            from .sweep import checkpoint_lr_note  # sweep and schedule say it (review)
+
+            if checkpoint_lr_note(branch.run_lr, branch.run_lr_zero, task.lr,
+                                  task.base_batch_size):
+                theirs = ("at lr 0" if branch.run_lr is None else
+                          f"at the equivalent of lr {branch.run_lr:.3g}")
+                messages = (*messages, f"the checkpoint's optimizer trains {theirs}; the "
+                            f"warm-up steps train at the task's lr {task.lr:.3g}")
         for message in messages:
             if warn:
                 warn(message)
