@@ -389,7 +389,8 @@ def test_a_part_frozen_by_an_lr_0_group_is_left_out_as_requires_grad_false() -> 
     data = TensorDataset(torch.randn(256, 6, generator=g) * 5, torch.randint(0, 3, (256,), generator=g))
 
     def groups(params, lr):
-        first, rest = list(params)[:2], list(params)[2:]
+        params = list(params)  # a generator, as training passes model.parameters()
+        first, rest = params[:2], params[2:]
         return torch.optim.SGD([{"params": first, "lr": 0.0}, {"params": rest}], lr=lr)
 
     def model():
