@@ -27,6 +27,7 @@ at the answer.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -155,24 +156,31 @@ def _search(step: Callable[[int], Any], sizes: list[int], dev: torch.device, bac
                                   f"{int(usable):,} usable after the margin")
         return LoopFit(1, 1, budget, margin, str(dev), what, tuple(points), (), None, None,
                        exact=False)
+    known: list[tuple[int, float]] = list(points)
+    fit = None
     if len(points) == 1 and len(sizes) > 1:
-        # The first size ran, the next did not: the answer is between them (review: an
-        # error that said "pass smaller batch_sizes" where 8 fit and 16 did not).
-        return _bisect(step, dev, backend, budget, margin, usable, points[0],
-                       sizes[1], what)
-    if len(points) < 2:
+        # The first size ran, the next did not: the bracket's search between them (review:
+        # an error that said "pass smaller batch_sizes" where 8 fit and 16 did not).
+        (ok, peak), failed = points[0], sizes[1]
+        if peak > usable:
+            raise DoesNotFitError(f"batch {ok} needs {peak:,} bytes, more than the "
+                                  f"{int(usable):,} usable after the margin")
+        known.append((failed, math.inf))  # out of memory: over any budget
+        first = (ok + failed) // 2
+    elif len(points) < 2:
         raise UsageError(f"only {len(points)} of the batch sizes {list(sizes)} ran without "
                          "running out of memory; pass smaller batch_sizes")
-    fit = fit_memory(points, min_batch=1)
-    # Flat: under a byte per sample (a constant peak fits a slope of rounding error). When the
-    # fixed memory alone is over the budget, solve_max_batch says that instead.
-    if fit.per_sample_bytes < 1 and fit.fixed_bytes < usable:
-        raise UsageError(
-            "the step's measured memory does not grow with the batch size ("
-            + ", ".join(f"b={b}: {peak:,} bytes" for b, peak in points)
-            + "): it may not use its batch_size argument, or allocate where this device's "
-            "allocator does not see; pass larger batch_sizes= to measure further")
-    first = solve_max_batch(budget, margin, fit)
+    else:
+        fit = fit_memory(points, min_batch=1)
+        # Flat: under a byte per sample (a constant peak fits a slope of rounding error).
+        # When the fixed memory alone is over the budget, solve_max_batch says that instead.
+        if fit.per_sample_bytes < 1 and fit.fixed_bytes < usable:
+            raise UsageError(
+                "the step's measured memory does not grow with the batch size ("
+                + ", ".join(f"b={b}: {peak:,} bytes" for b, peak in points)
+                + "): it may not use its batch_size argument, or allocate where this device's "
+                "allocator does not see; pass larger batch_sizes= to measure further")
+        first = solve_max_batch(budget, margin, fit)
     seen = dict(points)
 
     def measure(b: int) -> int:
@@ -190,43 +198,17 @@ def _search(step: Callable[[int], Any], sizes: list[int], dev: torch.device, bac
         seen[b] = peak
         return peak
 
-    result = refine_max_batch(measure, usable, points, first, ceiling=max_batch)
+    result = refine_max_batch(measure, usable, known, first, ceiling=max_batch)
     if result.batch_size < 1:
         raise UsageError("no batch size fits the budget after the margin")
     best = min(result.batch_size, max_batch) if max_batch is not None else result.batch_size
     capped = max_batch is not None and best >= max_batch
     return LoopFit(best, largest_pow2_at_most(best), budget, margin,
                    str(dev), what, tuple(points),
-                   tuple(asdict(s) for s in result.path), round(fit.fixed_bytes),
-                   round(fit.per_sample_bytes), exact=result.exact and not capped)
-
-
-def _bisect(step: Callable[[int], Any], dev: torch.device, backend: Any, budget: int,
-            margin: float, usable: float, fitted: tuple[int, int], failed: int,
-            what: str) -> LoopFit:
-    """The largest batch between ``fitted`` (batch, peak), which ran, and ``failed``, which
-    ran out of memory: fits means it ran with its peak within ``usable``."""
-    from ..memory.capacity import SearchStep, largest_pow2_at_most
-
-    ok, peak = fitted
-    if peak > usable:
-        raise DoesNotFitError(f"batch {ok} needs {peak:,} bytes, more than the "
-                              f"{int(usable):,} usable after the margin")
-    bad, path = failed, []
-    while bad - ok > 1:
-        mid = (ok + bad) // 2
-        try:
-            at = measure_step(step, mid, dev, backend)
-            outcome = "ok" if at <= usable else "over"
-        except Exception as exc:  # noqa: BLE001 - only out-of-memory is an answer
-            if not is_oom_error(exc):
-                raise
-            at, outcome = None, "oom"
-        fits = outcome == "ok"
-        path.append(asdict(SearchStep(mid, outcome, at)))
-        ok, bad = (mid, bad) if fits else (ok, mid)
-    return LoopFit(ok, largest_pow2_at_most(ok), budget, margin, str(dev), what, (fitted,),
-                   tuple(path), None, None, exact=True)
+                   tuple(asdict(s) for s in result.path),
+                   None if fit is None else round(fit.fixed_bytes),
+                   None if fit is None else round(fit.per_sample_bytes),
+                   exact=result.exact and not capped)
 
 
 def fits_batch_size(_train: Any = None, **options: Any
