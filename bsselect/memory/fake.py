@@ -106,16 +106,13 @@ def build_fake_model(task: Task, fake_mode: Any) -> nn.Module:
     lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
             if isinstance(t, nn.parameter.UninitializedTensorMixin)]
     if lazy:  # review: an internal error, where real steps train it
+        which = (f"{lazy[0]} is uninitialised" if len(lazy) == 1 else
+                 f"{lazy[0]} and {len(lazy) - 1} more tensor(s) are uninitialised")
         raise CannotSimulate(
-            f"the model has lazy modules ({lazy[0]} and {len(lazy) - 1} more uninitialised "
-            "tensor(s): nn.LazyLinear and the like), whose shapes come from the first forward, "
-            "and the simulation builds the model without one: run one dummy batch through "
-            "it in Task.model before returning it, or measure with real steps "
-            "(`bsselect probe --method measured`)" if len(lazy) > 1 else
-            f"the model has a lazy module ({lazy[0]} is uninitialised: nn.LazyLinear and the "
-            "like), whose shapes come from the first forward, and the simulation builds the "
-            "model without one: run one dummy batch through it in Task.model before "
-            "returning it, or measure with real steps (`bsselect probe --method measured`)")
+            f"the model has lazy modules ({which}: nn.LazyLinear and the like), whose shapes "
+            "come from the first forward, and the simulation builds the model without one: "
+            "run one dummy batch through it in Task.model before returning it, or measure "
+            "with real steps (`bsselect probe --method measured`)")
     to_fake_cpu(model, fake_mode)
     # The step is a training step whatever mode the factory returns: a copy of an instance
     # from from_pretrained (eval mode) ran without dropout, 35% low on GPT-2 (review);
