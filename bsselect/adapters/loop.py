@@ -232,15 +232,13 @@ def fits_batch_size(_train: Any = None, **options: Any
 
     def decorate(train: Callable[..., Any]) -> Callable[..., Any]:
         try:  # at decoration, not after a whole search (review)
-            params = list(inspect.signature(train).parameters.values())
-        except (TypeError, ValueError):
-            params = None
-        if params is not None and not any(
-                p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
-                for p in params):
+            inspect.signature(train).bind_partial(0)  # a place for the batch size
+        except ValueError:
+            pass  # a signature it cannot read: the call says
+        except TypeError:
             raise UsageError(f"@fits_batch_size calls {getattr(train, '__name__', 'train')}"
                              "(batch_size, ...): give it a first positional parameter for "
-                             "the batch size")
+                             "the batch size") from None
 
         @functools.wraps(train)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
