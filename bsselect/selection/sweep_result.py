@@ -95,9 +95,9 @@ class SweepResult:
             return TaskError(
                 f"every trial's loss became {nonfinite[0].error.split()[1]} on a batch "
                 f"holding samples {first + 1:,}-{last:,} of the same data order ({tried}), "
-                "whatever its batch size and lr: a training item read there (a NaN or inf in the data, an item the loss "
-                "cannot take) is the likelier cause than the lr; check train_data with "
-                f"torch.isfinite{again}")
+                "whatever its batch size and lr: a training item read there (a NaN or inf in "
+                "the data, an item the loss cannot take) is the likelier cause than the lr; "
+                f"check train_data with torch.isfinite{again}")
         plateau = (", or a longer --budget if the loss sat on a plateau (no_progress: it did "
                    "not fall, without blowing up)"
                    if any(t.status.value == "no_progress" for t in self.trials) else "")
