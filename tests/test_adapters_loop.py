@@ -168,6 +168,24 @@ def test_one_size_that_runs_is_bisected_to_the_next_that_does_not():
     assert [c["outcome"] for c in fit.checked][-1] == "oom"
 
 
+def test_a_size_that_ran_out_of_memory_in_the_series_bounds_the_search():
+    """8, 16 and 32 ran, 64 did not: no later try is at 64 or above (they were tried again,
+    the line's guess far past the failure, review)."""
+    step, _, _ = _sliced(4096)
+    tried: list[int] = []
+
+    def capped(batch_size: int) -> None:
+        tried.append(batch_size)
+        if batch_size > 40:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 MiB")
+        step(batch_size)
+
+    fit = find_batch_size(capped, memory="1GiB", device="cpu")
+    assert fit.max_batch == 40 and fit.exact
+    after_series = tried[tried.index(64) + 1:]
+    assert after_series and max(after_series) < 64
+
+
 def test_the_search_leaves_the_callers_rng_as_it_was():
     step, _, _ = _sliced(4096)
 

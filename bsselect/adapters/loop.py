@@ -141,13 +141,14 @@ def _search(step: Callable[[int], Any], sizes: list[int], dev: torch.device, bac
                                    solve_max_batch)
 
     what = "allocator peak" if backend is not None else "step's own allocations"
-    points = []
+    points, failed = [], None
     for b in sizes:
         try:
             points.append((b, measure_step(step, b, dev, backend)))
         except Exception as exc:  # noqa: BLE001 - an OOM ends the series
             if not is_oom_error(exc):
                 raise
+            failed = b  # the search's bracket ends below it (review: it was tried again)
             break
     if sizes == [1] and points:  # max_batch=1: the one batch there is fits
         (_, peak), = points
@@ -157,15 +158,16 @@ def _search(step: Callable[[int], Any], sizes: list[int], dev: torch.device, bac
         return LoopFit(1, 1, budget, margin, str(dev), what, tuple(points), (), None, None,
                        exact=False)
     known: list[tuple[int, float]] = list(points)
+    if failed is not None:
+        known.append((failed, math.inf))  # out of memory: over any budget
     fit = None
-    if len(points) == 1 and len(sizes) > 1:
+    if len(points) == 1 and failed is not None:
         # The first size ran, the next did not: the bracket's search between them (review:
         # an error that said "pass smaller batch_sizes" where 8 fit and 16 did not).
-        (ok, peak), failed = points[0], sizes[1]
+        (ok, peak), = points
         if peak > usable:
             raise DoesNotFitError(f"batch {ok} needs {peak:,} bytes, more than the "
                                   f"{int(usable):,} usable after the margin")
-        known.append((failed, math.inf))  # out of memory: over any budget
         first = (ok + failed) // 2
     elif len(points) < 2:
         raise UsageError(f"only {len(points)} of the batch sizes {list(sizes)} ran without "
