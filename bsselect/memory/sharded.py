@@ -16,7 +16,7 @@ Two things the counter needs beyond the unsharded simulation: FSDP2 allocates an
 unsharded parameters by resizing a storage in place (``UntypedStorage.resize_``, which no
 dispatch mode sees), so ``following_resizes`` reports those to the counter; and a sharded
 parameter is a ``DTensor`` whose wrapper reports the global size, so the counter counts its
-local shard (``simulated.local``).
+local shard (``live.local``).
 
 Activation checkpointing wraps each unit with ``checkpoint_wrapper`` (non-reentrant
 ``torch.utils.checkpoint``) before sharding, as torchtitan and most FSDP2 recipes do: its

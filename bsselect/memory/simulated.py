@@ -30,7 +30,7 @@ import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -45,6 +45,8 @@ from ..step import StepSettings, train_step
 from ..task import Task
 from .optim_impl import run_as_on
 from .fake import build_fake_model, fake_batch_leaf, new_fake_mode, real_batch, young_gc_only
+from .live import (SparseNotSimulated, live_at_step_start, local, module_tensors,
+                   optimizer_state_tensors, storage_bytes)
 from .values import DataDependentOp, IndexOutOfRange, RealWhereKnown
 
 
@@ -90,94 +92,6 @@ class StepPeak:
     parameter_dtype: str = "float32"  # of the trainable parameters (and so their gradients)
     grad_bytes: Optional[int] = None  # the gradients live between steps (this rank's shard)
     recomputes: bool = False  # activation checkpointing recomputed a forward in the backward
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor whose storage this process holds: a ``DTensor``'s local shard (its wrapper
-    reports the global size), else ``t``."""
-    inner = getattr(t, "_local_tensor", None) if type(t).__name__ == "DTensor" else None
-    return inner if isinstance(inner, torch.Tensor) else t
-
-
-class SparseNotSimulated(RuntimeError):
-    """The simulated step made a sparse tensor: ``probe --method auto`` measures real steps."""
-
-
-def _strided_parts(t: torch.Tensor) -> list[torch.Tensor]:
-    """The dense tensors that hold a tensor's memory: itself, or a sparse tensor's indices
-    and values (an nn.Embedding(sparse=True) gradient: an internal error, review)."""
-    if t.layout is torch.strided:
-        return [t]
-    if t.layout is torch.sparse_coo:
-        return [t._indices(), t._values()]
-    if t.layout in (torch.sparse_csr, torch.sparse_bsr):
-        return [t.crow_indices(), t.col_indices(), t.values()]
-    if t.layout in (torch.sparse_csc, torch.sparse_bsc):
-        return [t.ccol_indices(), t.row_indices(), t.values()]
-    return []
-
-
-def storage_bytes(tensors: Iterable[Any]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (non-tensors are ignored; a DTensor
-    counts its local shard)."""
-    seen: dict[int, tuple[torch.UntypedStorage, int]] = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            for part in _strided_parts(local(t)):
-                st = part.untyped_storage()
-                seen[id(st)] = (st, st.nbytes())  # keep st alive so ids stay unique
-    return sum(n for _, n in seen.values())
-
-
-_NOT_STATE = {"param_groups", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
-              "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
-              "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"}
-
-
-def optimizer_state_tensors(optimizer: Any, _seen: Optional[set] = None) -> list[Any]:
-    """Every tensor the optimizer keeps between steps: its per-parameter state (momentum,
-    exp_avg, step, ...) and tensors in its own attributes, inside lists and dicts (an EMA of
-    the weights in ``self.ema``: uncounted, the simulated slope was 87x low, review), and
-    those of an optimizer it wraps (Lookahead's base optimizer). Not the parameters."""
-    seen = set() if _seen is None else _seen
-    if id(optimizer) in seen:
-        return []
-    seen.add(id(optimizer))
-    found = tree_flatten(list(getattr(optimizer, "state", {}).values()))[0]
-    for name, value in vars(optimizer).items():
-        if name in _NOT_STATE or name == "state":
-            continue
-        for leaf in tree_flatten(value)[0]:
-            if isinstance(leaf, nn.Parameter):
-                continue  # its parameter list (LBFGS's _params): the model's, not state
-            if isinstance(leaf, torch.Tensor):
-                found.append(leaf)
-            elif isinstance(leaf, torch.optim.Optimizer):
-                found += optimizer_state_tensors(leaf, seen)
-    return found
-
-
-def module_tensors(model: nn.Module) -> list:
-    """Parameters, buffers and tensors kept in plain module attributes (a cached mask, the
-    last activation a logging hook kept), including inside lists and dicts."""
-    found = []
-    for module in model.modules():
-        for name, value in vars(module).items():
-            if name != "_modules":
-                found += [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
-    return found
-
-
-def live_at_step_start(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any,
-                       scaler: Any = None) -> list:
-    """The tensors a training loop keeps alive between steps (with fp16, the GradScaler's
-    scale and growth tracker too)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    batch_tensors = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)]
-    scaler_tensors = [t for t in (getattr(scaler, "_scale", None),
-                                  getattr(scaler, "_growth_tracker", None)) if t is not None]
-    return (module_tensors(model) + grads + optimizer_state_tensors(optimizer) + batch_tensors
-            + scaler_tensors)
 
 
 def with_phase_marks(
