@@ -224,3 +224,79 @@ def test_a_val_collate_that_training_step_cannot_take_falls_back_to_the_train_on
     x, _ = task.collate_fn([task.val_data[i] for i in range(4)])
     assert set(x) == {"x", "y"}  # the train loader's batches, which the step takes
     validate_task(task)
+
+
+def _loader(batch_size=None, batch_sampler=None):
+    data = lightning_tasks.Blobs()
+    data.setup("fit")
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(data.train, batch_sampler=batch_sampler(data.train),
+                                           collate_fn=lightning_tasks._as_dict)
+    return torch.utils.data.DataLoader(data.train, batch_size=batch_size,
+                                       collate_fn=lightning_tasks._as_dict)
+
+
+def test_a_batch_samplers_batch_size_is_the_base_and_an_unreadable_one_is_asked_for():
+    """DataLoader(batch_sampler=...) has batch_size None: the base batch was 32 where the run
+    trained at 128, and every trial's lr scaled from it, without a word (review)."""
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    from bsselect.errors import UsageError
+
+    sampled = _loader(batch_sampler=lambda d: BatchSampler(RandomSampler(d), 128, False))
+    task = Task.from_lightning(lightning_tasks.Classifier, train_dataloader=sampled)
+    assert task.base_batch_size == 128
+
+    class Buckets(torch.utils.data.Sampler):  # a custom batch sampler with no batch_size
+        def __init__(self, data):
+            self.n = len(data)
+
+        def __iter__(self):
+            return iter([list(range(i, min(i + 50, self.n))) for i in range(0, self.n, 50)])
+
+        def __len__(self):
+            return (self.n + 49) // 50
+
+    custom = _loader(batch_sampler=Buckets)
+    with pytest.raises(UsageError, match="base_batch_size="):
+        Task.from_lightning(lightning_tasks.Classifier, train_dataloader=custom)
+    task = Task.from_lightning(lightning_tasks.Classifier, train_dataloader=custom,
+                               base_batch_size=50)
+    assert task.base_batch_size == 50
+
+
+def test_several_dataloaders_are_the_first_validation_one_or_refused_for_training():
+    from bsselect.errors import UsageError
+
+    train, val = _loader(24), _loader(16)
+    with pytest.warns(UserWarning, match="2 validation dataloaders"):
+        task = Task.from_lightning(lightning_tasks.Classifier, train_dataloader=train,
+                                   val_dataloader=[val, _loader(8)])
+    assert task.val_data is val.dataset
+    for several in ([train, train], {"a": train}):
+        with pytest.raises(UsageError, match="one train dataloader"):
+            Task.from_lightning(lightning_tasks.Classifier, train_dataloader=several)
+
+
+class _ReadsAValue(lightning_tasks.Classifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = float(torch.tensor(64.0).sqrt())  # cannot run on the meta device
+
+
+class _NeedsWidth(lightning_tasks.Classifier):
+    def __init__(self, width: int) -> None:
+        super().__init__(width)
+
+
+def test_a_module_that_cannot_build_on_meta_or_needs_arguments_is_said_in_api_terms():
+    """Both were raw tracebacks from the meta-device build of configure_optimizers' module
+    (review): a module that reads a tensor's value in __init__ trains in Lightning."""
+    from bsselect.errors import UsageError
+
+    task = Task.from_lightning(_ReadsAValue, train_dataloader=_loader(24))
+    assert task.lr == 0.05 and task.model().module.scale == 8.0
+    with pytest.raises(UsageError, match=r"lambda: _NeedsWidth\(\.\.\.\)"):
+        Task.from_lightning(_NeedsWidth, train_dataloader=_loader(24))
+    task = Task.from_lightning(lambda: _NeedsWidth(32), train_dataloader=_loader(24))
+    assert task.model().module.net[0].out_features == 32

@@ -21,7 +21,7 @@ def test_the_trainer_trains_at_the_probed_batch_size(tmp_path):
     trainer.fit(Classifier(), datamodule=data)
     result = callback.result
     assert result.method == "simulated" and result.budget_bytes == 4 * 2**20
-    assert callback.batch_size == min(result.max_batch_pow2, 1000) != 24
+    assert callback.batch_size == 512 <= result.max_batch  # the power of two under 1,000
     assert data.batch_size == callback.batch_size
     assert trainer.train_dataloader.batch_size == callback.batch_size
 
@@ -163,3 +163,17 @@ def test_the_batch_leaves_room_for_every_accumulated_micro_batch(tmp_path):
     trainer.fit(Classifier(), datamodule=data)
     assert callback.result.max_batch > 1000
     assert callback.batch_size == data.batch_size == 1000 // 4
+
+
+@pytest.mark.parametrize("method", ["simulated", "measured"])
+def test_a_power_of_two_under_the_training_set_whichever_method_probed(tmp_path, method):
+    """The cap at the training set came after the power of two: 1,000 simulated (not a power
+    of two, with power_of_two=True), 512 measured (review)."""
+    callback = BatchSizeFromProbe(memory="64MiB", margin=0.2, method=method)
+    data = Blobs(batch_size=24)
+    trainer = L.Trainer(max_steps=1, callbacks=[callback], accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(Classifier(), datamodule=data)
+    assert callback.result.max_batch >= 1000
+    assert callback.batch_size == data.batch_size == 512

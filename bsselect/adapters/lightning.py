@@ -101,8 +101,7 @@ class OptimizerRecipe:
 def _optimizer_recipe(build: Callable[[], nn.Module]) -> OptimizerRecipe:
     """The class, groups and settings of the optimizer ``configure_optimizers`` makes (asked
     of a module built on the meta device: nothing is allocated)."""
-    with torch.device("meta"):
-        module = build()
+    module = _built(build)
     _check_automatic(module)
     try:
         made = module.configure_optimizers()
@@ -116,6 +115,27 @@ def _optimizer_recipe(build: Callable[[], nn.Module]) -> OptimizerRecipe:
             "optimizer=trainer.optimizers[0]), with the module instance it holds), or use "
             "the BatchSizeFromProbe callback in trainer.fit, which does") from exc
     return recipe_of(_optimizer_of(made), module)
+
+
+def _built(build: Callable[[], nn.Module]) -> nn.Module:
+    """The module, on the meta device where it builds there (nothing allocated), else on the
+    CPU: an __init__ that reads a tensor's value (``float(torch.tensor(64.0).sqrt())``)
+    cannot run on meta, and the user never asked for meta tensors (review: a raw
+    RuntimeError). A class that needs arguments is said in API terms."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except TypeError as exc:
+        if isinstance(build, type) and "required" in str(exc):
+            raise UsageError(f"from_lightning builds {build.__name__}() without arguments, "
+                             f"which it cannot ({one_line(exc)}): pass an instance or a "
+                             f"factory, e.g. lambda: {build.__name__}(...)") from exc
+    except Exception:  # noqa: BLE001 - meta-hostile code: built for real below
+        pass
+    try:
+        return build()
+    except Exception as exc:
+        raise TaskError(f"building the LightningModule failed: {one_line(exc)}") from exc
 
 
 def _check_automatic(module: nn.Module) -> None:
@@ -153,9 +173,34 @@ def _scheduled_lr(group: dict) -> float:
     return group["initial_lr"]
 
 
-def _loader_parts(loader: Any) -> tuple[Any, Any, Optional[int]]:
-    return loader.dataset, getattr(loader, "collate_fn", None), getattr(loader, "batch_size",
-                                                                        None)
+def loader_batch_size(loader: Any) -> Optional[int]:
+    """The batch a DataLoader loads: its ``batch_size``, or its batch sampler's (a
+    ``DataLoader(batch_sampler=...)`` has ``batch_size`` None: the task's base batch became
+    32 where the run trained at 128, and every trial's lr was scaled from it, review)."""
+    size = getattr(loader, "batch_size", None)
+    if size is None:
+        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def _loader_parts(loader: Any, role: str) -> tuple[Any, Any, Optional[int]]:
+    """Dataset, collate_fn and batch size of the ``role`` dataloader. Lightning's several
+    loaders: the first validation loader (said); a list or dict of training loaders is
+    refused (its batches combine them: no one dataset to sample)."""
+    if isinstance(loader, (list, tuple, dict)):
+        loaders = list(loader.values()) if isinstance(loader, dict) else list(loader)
+        if role == "train" or not loaders:
+            raise UsageError(f"from_lightning takes one {role} dataloader; got a "
+                             f"{type(loader).__name__} of {len(loaders)}: pass "
+                             f"{role}_dataloader= with the one to use")
+        if len(loaders) > 1:
+            warnings.warn(f"from_lightning: {len(loaders)} validation dataloaders; the trials "
+                          "validate on the first", stacklevel=3)
+        loader = loaders[0]
+    if not hasattr(loader, "dataset"):
+        raise UsageError(f"from_lightning: the {role} dataloader is a "
+                         f"{type(loader).__name__}, not a torch DataLoader")
+    return loader.dataset, getattr(loader, "collate_fn", None), loader_batch_size(loader)
 
 
 def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any = None,
@@ -185,9 +230,13 @@ def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any
             val_dataloader = None  # MisconfigurationException: sweep holds out 10% instead
     if train_dataloader is None:
         raise UsageError("from_lightning needs a datamodule or a train_dataloader")
-    train, collate, loader_batch = _loader_parts(train_dataloader)
-    val, val_collate, _ = (_loader_parts(val_dataloader) if val_dataloader is not None
-                           else (None, None, None))
+    train, collate, loader_batch = _loader_parts(train_dataloader, "train")
+    val, val_collate, _ = (_loader_parts(val_dataloader, "validation")
+                           if val_dataloader is not None else (None, None, None))
+    if base_batch_size is None and loader_batch is None:
+        raise UsageError("from_lightning cannot read the train dataloader's batch size (a "
+                         "custom batch sampler?): pass base_batch_size=, the batch the lr is "
+                         "for")
     if optimizer is None:
         recipe = _optimizer_recipe(build)
     elif not isinstance(module, nn.Module):
@@ -210,7 +259,7 @@ def from_lightning(module: Any, datamodule: Any = None, *, train_dataloader: Any
                 val_data=val,
                 loss_fn=step_loss, optimizer=recipe.build,
                 lr=float(lr if lr is not None else (recipe.lr or 1e-3)),
-                base_batch_size=base_batch_size or loader_batch or 32,
+                base_batch_size=base_batch_size or loader_batch,
                 collate_fn=collate_either, max_grad_norm=norm_or_none(max_grad_norm))
 
 
@@ -287,6 +336,7 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
 
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
             from ..api import probe
+            from ..memory.capacity import largest_pow2_at_most
 
             datamodule = getattr(trainer, "datamodule", None)
             if datamodule is None:
@@ -312,12 +362,13 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
                 options["precision"] = _lightning_precision(str(trainer.precision))
             device = options.pop("device", None) or pl_module.device.type
             self.result = probe(task, memory=memory, margin=margin, device=device, **options)
-            best = self.result.max_batch_pow2 if power_of_two else self.result.max_batch
             # Capped so that one optimizer step's micro-batches fit the training set: a
             # micro-batch of the whole set under accumulate_grad_batches=4 made every epoch one
-            # micro-batch, and Lightning stepped on it alone (review).
+            # micro-batch, and Lightning stepped on it alone (review). A power of two after
+            # the cap, whichever method probed (it was 500 simulated, 256 measured, review).
             accumulate = int(options["accumulate"])
-            self.batch_size = max(1, min(best, len(task.train_data) // accumulate))
+            best = max(1, min(self.result.max_batch, len(task.train_data) // accumulate))
+            self.batch_size = largest_pow2_at_most(best) if power_of_two else best
             self.holder = f"{type(holder).__name__}.{attribute}"
             setattr(holder, attribute, self.batch_size)
 
@@ -325,10 +376,7 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
             # A DataModule that built its loader in setup() (before on_fit_start) trains at
             # the loader's batch size, whatever the attribute says: the callback's answer
             # then goes unused, silently (review).
-            loader = getattr(trainer, "train_dataloader", None)
-            loaded = getattr(loader, "batch_size", None)
-            if loaded is None and getattr(loader, "batch_sampler", None) is not None:
-                loaded = getattr(loader.batch_sampler, "batch_size", None)
+            loaded = loader_batch_size(getattr(trainer, "train_dataloader", None))
             if self.batch_size is not None and loaded is not None and loaded != self.batch_size:
                 raise UsageError(
                     f"BatchSizeFromProbe set {self.holder} = {self.batch_size}, but the train "
