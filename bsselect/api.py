@@ -270,6 +270,7 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
     steps, half the available RAM). ``hf_config`` (instead of a task): a local transformers
     config, trained as a causal LM on ``seq_len``-token sequences."""
     from .device import Budget, default_budget
+    from .memory.capacity import check_batch_sizes
     from .memory.probe import (DEFAULT_BATCH_SIZES, HOST_HEADROOM, Method, choose_method,
                                run_probe)
     from .memory.targets import Target
@@ -286,7 +287,10 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
                              "--method simulated (or auto)")
         meth = Method.simulated
     settings, mode = step_settings(precision, accumulate, plan), parse_inputs(inputs)
-    sizes = list(batch_sizes) if batch_sizes else list(DEFAULT_BATCH_SIZES)
+    # None is the defaults; an empty list (a computed one that came out empty) is refused
+    # where it was a different experiment without a word (review)
+    sizes = (list(DEFAULT_BATCH_SIZES) if batch_sizes is None
+             else check_batch_sizes(batch_sizes))
     dev = device_of(device)
     if meth is Method.measured and tgt is Target.cuda and dev.type != "cuda":
         # Real steps here run this device's kernels and optimizer implementation (the CPU's

@@ -64,6 +64,13 @@ def test_api_results_are_the_cli_json():
     lambda api: api.noise_scale("linreg", seed="a"),
     lambda api: api.sweep("linreg", batch_sizes="8,16", budget="32"),
     lambda api: api.sweep("linreg", batch_sizes=[8, 16], budget=1.5),
+    # an int, and an empty list (a computed one that came out empty): the latter was the
+    # defaults, a different experiment without a word (review)
+    lambda api: api.probe("linreg", memory="1GiB", batch_sizes=8),
+    lambda api: api.probe("linreg", memory="1GiB", batch_sizes=[]),
+    lambda api: api.plan_sweep("linreg", batch_sizes=[]),
+    lambda api: api.sweep("linreg", batch_sizes=(), budget="32"),
+    lambda api: api.schedule("linreg", batch_sizes=[]),
 ])
 def test_wrong_argument_types_are_usage_errors_not_raw_exceptions(call, tmp_path, monkeypatch):
     from bsselect import api

@@ -86,7 +86,7 @@ def _sizes_and_threads(batch_sizes: Sequence[int] | None, threads: int | None
     if batch_sizes is not None and not isinstance(batch_sizes, (str, bytes)) and hasattr(
             batch_sizes, "__iter__"):
         batch_sizes = list(batch_sizes)  # a numpy array or a range: its truth is not its length
-    if batch_sizes is None or (not isinstance(batch_sizes, (str, bytes)) and not batch_sizes):
+    if batch_sizes is None:  # an empty list is refused, not the defaults (review)
         return None
     check_batch_sizes(batch_sizes, "--batch-sizes")
     return [int(b) for b in batch_sizes]
