@@ -373,3 +373,21 @@ def test_contenders_keep_what_cannot_be_judged():
     assert contenders(times, b, factor=1.0) == (8, 16)
     with pytest.raises(ValueError):
         contenders(times, b, factor=0.5)
+
+
+def test_a_cold_step_time_is_judged_at_its_warm_lower_bound():
+    """A trial of a few steps times only cold steps (3.4x the rounds' time, review): its size
+    takes the largest warm time below it where lower, so it is left out of the rounds only
+    if it cannot be a contender even at that."""
+    from bsselect.selection.choice import warm_lower_bounds
+
+    times = {512: 2e-3, 1024: 3.8e-3, 2048: 16.9e-3}
+    assert warm_lower_bounds(times, [2048]) == {512: 2e-3, 1024: 3.8e-3, 2048: 3.8e-3}
+    assert warm_lower_bounds(times, [1024, 2048]) == {512: 2e-3, 1024: 2e-3, 2048: 2e-3}
+    assert warm_lower_bounds(times, []) == times
+    assert warm_lower_bounds({8: 1e-3, 16: 5e-4}, [16]) == {8: 1e-3, 16: 5e-4}  # lower kept
+    assert warm_lower_bounds({8: 1e-3, 16: None}, [16]) == {8: 1e-3, 16: None}
+    assert warm_lower_bounds({8: 1e-3}, [8]) == {8: 1e-3}  # nothing warm below
+    b = NoiseInterval(30.0, 50.0, 80.0)
+    assert 2048 not in contenders(times, b)  # at its cold time: 7.8x the best, out
+    assert 2048 in contenders(warm_lower_bounds(times, [2048]), b)

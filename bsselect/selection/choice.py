@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from .noise_math import CONFIDENCE
 from .steptime import TimeInterval
@@ -189,6 +189,24 @@ def contenders(step_times: Mapping[int, float | None], b_noise: NoiseInterval | 
     at_estimate = costs[b_noise.value]
     keep |= set(sorted(usable, key=lambda b: (at_estimate[b], b))[:2])
     return tuple(sorted(keep))
+
+
+def warm_lower_bounds(step_times: Mapping[int, float | None], cold: Iterable[int]
+                      ) -> dict[int, float | None]:
+    """``step_times`` for the contender test where the ``cold`` sizes' own are cold (every
+    step of a trial of a few steps paid for allocation and kernel selection: 3.4x the rounds'
+    time at b=512, and b=2048 left out of the rounds on it, review). A step time does not
+    fall as the batch grows, so the largest warm size's time below a cold size is a lower
+    bound on its warm time: the cold size takes it where lower, and is left untimed only if
+    it cannot be a contender even then."""
+    cold = set(cold)
+    out = dict(step_times)
+    warm = sorted(b for b, t in step_times.items() if b not in cold and _usable(t))
+    for b in cold:
+        below = [w for w in warm if w < b]
+        if below and _usable(out.get(b)):
+            out[b] = min(out[b], step_times[below[-1]])  # type: ignore[type-var]
+    return out
 
 
 def _usable(t: float | None) -> bool:

@@ -20,7 +20,7 @@ from ..checkpoint import Checkpoint, branch_from
 from ..errors import InterruptedRun, TaskError, UsageError, one_line
 from ..oom import release_memory
 from ..task import Task
-from .choice import NoiseInterval, contenders
+from .choice import NoiseInterval, contenders, warm_lower_bounds
 from .lr_scaling import scale_lr
 from .rank import choose_b_hat, sizes_text
 from .sweep_result import SweepResult, apply_timing, summarize
@@ -29,8 +29,9 @@ from .sweep_settings import (BASE_STEPS, RAMP_BASE_STEPS, VAL_ITEMS, WARM_START_
                              parse_budget, powers_of_two, resolve_lr_scaling, validation_cap)
 from .timing import RoundTiming, cpu_threads, progress_units
 from .trial_types import RERUN_ON_RESUME, TrialResult
-from .trials import (EVAL_BATCH, BudgetKind, TrialSetup, branch_point, eval_subset, initial_loss,
-                     keep_group_ratios, run_trial, split_validation, time_batch_sizes)
+from .trials import (EVAL_BATCH, TIMING_WARMUP_STEPS, BudgetKind, TrialSetup, branch_point,
+                     eval_subset, initial_loss, keep_group_ratios, run_trial, split_validation,
+                     time_batch_sizes)
 
 __all__ = ["BASE_STEPS", "RAMP_BASE_STEPS", "VAL_ITEMS", "WARM_START_STEPS", "SweepHooks",
            "SweepResult", "SweepSettings", "apply_timing", "check_accumulation",
@@ -329,7 +330,9 @@ def timing_plan(ok: Sequence[TrialResult]) -> tuple[int, ...]:
     b_hat = choose_b_hat(ok)
     interval = b_hat.interval or (NoiseInterval.exact(b_hat.value)
                                   if b_hat.value is not None else None)
-    return contenders({t.batch_size: t.step_time_s for t in ok}, interval)
+    cold = [t.batch_size for t in ok if t.steps <= TIMING_WARMUP_STEPS]
+    return contenders(warm_lower_bounds({t.batch_size: t.step_time_s for t in ok}, cold),
+                      interval)
 
 def task_fingerprint(task: Task, setup: TrialSetup) -> dict[str, Any]:
     """What identifies the task behind a journal beyond its entry point: the model's
