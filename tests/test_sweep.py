@@ -245,6 +245,21 @@ def test_a_diverged_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
         (8, "ok"), (256, "diverged"), (16, "ok"), (32, "ok")]
 
 
+def test_a_blow_up_in_the_last_update_is_divergence_not_no_progress(tmp_path):
+    """Two steps at lr 1.6: each step's loss is read before its update (7x the start at the
+    second), the end evaluation after the last, 10x and more above the start. It was
+    "no_progress ... a plateau" (review)."""
+    task, name = load_task(spec("diverge"))
+    result = run_sweep(task, task_name=name, batch_sizes=[8, 256],
+                       settings=settings(LrScaling.linear, budget="2steps"),
+                       device=torch.device("cpu"), journal_path=tmp_path / "j.jsonl",
+                       resume=False, max_batch=256, max_batch_source="test")
+    bad = {t.batch_size: t for t in result.trials}[256]
+    assert bad.steps == 2 and bad.train_loss_end > 10 * bad.train_loss_start
+    assert bad.status is TrialStatus.diverged
+    assert bad.error.startswith(f"loss {bad.train_loss_end:.4g} after the last step, over 10x")
+
+
 # --------------------------------------------------------------------------- CLI: a finished sweep
 
 

@@ -401,6 +401,15 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
                                                 f"(training {loss_end:.4g}, validation {val})"),
                            train_loss_end=loss_end)
     drop = loss_start - loss_end
+    reference = max(loss_start, setup.loss_init or 0.0, 1e-12)  # as in _train
+    if loss_end > DIVERGENCE_FACTOR * reference:
+        # The last update blew the loss up: the step losses, each read before its update,
+        # could not see it (a 1-step trial at 73x was "no_progress ... a plateau", review).
+        return TrialResult(status=TrialStatus.diverged,
+                           **dict(common, error=f"loss {loss_end:.4g} after the last step, "
+                                                f"over {DIVERGENCE_FACTOR:g}x the start's "
+                                                f"{reference:.4g}"),
+                           train_loss_end=loss_end)
     if setup.loss_init is None and loss_end >= loss_start:
         return TrialResult(status=TrialStatus.no_progress,
                            **dict(common, error=no_progress_text(loss_start, loss_end, steps)),
@@ -446,10 +455,11 @@ def no_progress_text(loss_start: float, loss_end: float, steps: int) -> str:
     """Why a trial from initialisation is ``no_progress``, without claiming a cause the loss
     alone cannot tell: a rise may be an lr too high for the batch or the noise on a plateau
     that the trial did not leave; an unchanged loss, gradients that do not reach it."""
+    over = f"{steps} step{'' if steps == 1 else 's'}"
     if loss_end == loss_start:
-        return (f"the training loss did not change over {steps} steps ({loss_start:.4g}): "
+        return (f"the training loss did not change over {over} ({loss_start:.4g}): "
                 "no gradient reaches the trainable parameters, or the lr is 0")
-    return (f"the training loss did not fall over {steps} steps ({loss_start:.4g} -> "
+    return (f"the training loss did not fall over {over} ({loss_start:.4g} -> "
             f"{loss_end:.4g}): the lr is too high for this batch, or the trial ended on a "
             "plateau it had not left")
 
