@@ -256,7 +256,12 @@ def render_sweep(result: Any) -> None:
                    "no lr scaling: the same lr at every batch size; --lr-scaling linear or "
                    "sqrt scales it")
         out.print(f"[bold green]recommended batch size {result.recommended_batch_size}[/] "
-                  f"at lr {result.recommended_lr:.3g} ({scaling})" + _ramp_text(result))
+                  f"at lr {result.recommended_lr:.3g} ({scaling})" + _ramp_text(result)
+                  # in the result itself, not only in a stderr warning: a report redirected
+                  # to a file gave an unqualified pick from 1 of 8 planned sizes (review)
+                  + (f", among the {len(result.trials)} batch sizes an interrupted sweep "
+                     f"finished (not run: {', '.join(map(str, result.not_run))})"
+                     if result.not_run else ""))
     acc = result.b_opt_accumulation
     if acc:
         out.print(f"the formula's batch {acc['effective_batch']} exceeds what fits "

@@ -260,6 +260,46 @@ def test_a_blow_up_in_the_last_update_is_divergence_not_no_progress(tmp_path):
     assert bad.error.startswith(f"loss {bad.train_loss_end:.4g} after the last step, over 10x")
 
 
+def test_trials_that_end_inside_their_lr_ramp_are_said(tmp_path):
+    """--warmup-steps 50 over trials of 64, 16 and 4 steps: b=16 and 64 never trained at the
+    lr their rows show (review: b=512 peaked at 4% of it, without a word)."""
+    from bsselect.selection.sweep import SweepHooks
+
+    task, name = load_task(spec("tiny"))
+    said: list[str] = []
+    run_sweep(task, task_name=name, batch_sizes=[4, 16, 64],
+              settings=dataclasses.replace(settings(LrScaling.linear), warmup_steps=50),
+              device=torch.device("cpu"), journal_path=tmp_path / "j.jsonl", resume=False,
+              max_batch=64, max_batch_source="test", hooks=SweepHooks(warn=said.append))
+    ramp = [w for w in said if "--warmup-steps 50 is longer" in w]
+    assert len(ramp) == 1 and "b=16 at 32% of it, b=64 at 8% of it" in ramp[0]
+    assert "b=4 " not in ramp[0]
+    said.clear()
+    run_sweep(task, task_name=name, batch_sizes=[4, 16, 64],
+              settings=dataclasses.replace(settings(LrScaling.linear), warmup_steps=4),
+              device=torch.device("cpu"), journal_path=tmp_path / "k.jsonl", resume=False,
+              max_batch=64, max_batch_source="test", hooks=SweepHooks(warn=said.append))
+    assert not [w for w in said if "is longer than the trials" in w]
+
+
+def test_a_sweep_in_which_no_trial_lowered_the_loss_says_so():
+    from bsselect.selection.sweep import warn_no_trial_progressed
+
+    def trial(b, end, status=TrialStatus.ok):
+        return TrialResult(batch_size=b, status=status, lr=0.1, steps=4, samples=64,
+                           wall_s=0.1, train_loss_start=0.255, train_loss_end=end)
+
+    said: list[str] = []
+    warn_no_trial_progressed({16: trial(16, 0.2558), 32: trial(32, 0.2634)}, said.append)
+    assert said == ["no trial lowered the training loss (from 0.255: b=16 0.2558, b=32 "
+                    "0.2634): the pick rests on the step times and the noise scale alone; a "
+                    "lower lr, or a longer --budget, lets the trials show which size trains"]
+    said.clear()
+    warn_no_trial_progressed({16: trial(16, 0.2558), 32: trial(32, 0.25)}, said.append)
+    warn_no_trial_progressed({16: trial(16, 0.2558, TrialStatus.no_progress)}, said.append)
+    assert said == []
+
+
 # --------------------------------------------------------------------------- CLI: a finished sweep
 
 
@@ -417,6 +457,9 @@ def test_sigint_exits_130_keeps_finished_trials_and_resume_completes_the_rest(tm
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["not_run_batch_sizes"] == [32, 64]
     assert "stopped before b=32, 64" in " ".join(shown.stderr.split())
+    table = run_cli("report", str(journal), env=CLI_ENV)  # and in the result, on stdout
+    assert ("among the 2 batch sizes an interrupted sweep finished (not run: 32, 64)"
+            in " ".join(table.stdout.split()))
 
     out = resume_slow(journal)
     assert out["resumed"] == [8, 16]

@@ -21,7 +21,7 @@ from ..errors import InterruptedRun, TaskError, UsageError, one_line
 from ..oom import release_memory
 from ..task import Task
 from .choice import NoiseInterval, contenders, warm_lower_bounds
-from .lr_scaling import scale_lr
+from .lr_scaling import scale_lr, trial_lr
 from .rank import choose_b_hat, sizes_text
 from .sweep_result import SweepResult, apply_timing, summarize
 from .sweep_settings import (BASE_STEPS, RAMP_BASE_STEPS, VAL_ITEMS, WARM_START_STEPS,
@@ -231,6 +231,8 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
             if hooks.trial_end:
                 hooks.trial_end(result)
         _warn_unscored(task, setup, trials, hooks)
+        warn_short_ramp(task, settings, trials, hooks.warn)
+        warn_no_trial_progressed(trials, hooks.warn)
         warn_noise_failed(trials, hooks.warn)
         timing, note = _time_ok_trials(setup, trials, hooks,
                                        resumed=any(b in done for b in trials))
@@ -282,6 +284,46 @@ def _warn_unscored(task: Task, setup: TrialSetup, trials: dict[int, TrialResult]
         hooks.warn(f"Task.metric gave NaN or inf on the validation data at batch size(s) "
                    f"{sizes_text(unscored)}: their metric shows as — (a mean over the "
                    "validation batches; check the metric on a small or degenerate batch)")
+
+
+def warn_short_ramp(task: Task, settings: SweepSettings, trials: dict[int, TrialResult],
+                    warn: Callable[[str], None] | None) -> None:
+    """Say which trials ended inside their lr ramp: they never trained at the lr their row
+    shows (a 50-step --warmup-steps over 2-step trials: b=512 peaked at 4% of it, and its
+    columns understated it without a word, review). A ramp in steps is a larger share of a
+    larger batch's trial; --warmup-steps auto ramps over the same share of every trial."""
+    short = {}
+    for b, t in sorted(trials.items()):
+        if not t.ok or t.steps < 1:
+            continue
+        peak = trial_lr(t.steps - 1, t.lr, b, task.lr, settings.warmup_steps,
+                        settings.lr_ramp_samples)
+        if peak < t.lr * (1 - 1e-9):
+            short[b] = peak / t.lr
+    if short and warn:
+        how = (f"--warmup-steps {settings.warmup_steps}" if not settings.lr_ramp_samples
+               else f"the lr ramp over {settings.lr_ramp_samples:,} samples")
+        warn(f"{how} is longer than the trials at b={sizes_text(list(short))}: they ended "
+             "below the lr their rows show ("
+             + ", ".join(f"b={b} at {f:.0%} of it" for b, f in short.items())
+             + "), so their columns understate them; use fewer warm-up steps"
+             + (", --warmup-steps auto (the same share of every trial)"
+                if not settings.lr_ramp_samples else "") + " or a longer --budget")
+
+
+def warn_no_trial_progressed(trials: dict[int, TrialResult],
+                             warn: Callable[[str], None] | None) -> None:
+    """Say when no ok trial lowered the training loss (from a checkpoint near a minimum,
+    every trial's loss rose a little and the sweep still picked, on the noise scale's
+    arithmetic alone, review): the loss columns then rank noise."""
+    ok = [t for t in trials.values() if t.ok and t.train_loss_end is not None]
+    if ok and warn and all(t.train_loss_end >= t.train_loss_start for t in ok):
+        start = ok[0].train_loss_start
+        warn(f"no trial lowered the training loss (from {start:.4g}: "
+             + ", ".join(f"b={t.batch_size} {t.train_loss_end:.4g}"
+                         for t in sorted(ok, key=lambda t: t.batch_size))
+             + "): the pick rests on the step times and the noise scale alone; a lower lr, "
+             "or a longer --budget, lets the trials show which size trains")
 
 
 def warn_noise_failed(trials: dict[int, TrialResult], warn: Callable[[str], None] | None
