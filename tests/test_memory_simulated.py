@@ -17,6 +17,7 @@ from bsselect import Task
 from bsselect.errors import TaskError
 from bsselect.examples import EXAMPLES
 from bsselect.memory import Phase, cpu_step_peak, simulate_step_peak
+from bsselect.step import StepSettings
 from bsselect.memory.cpu_truth import (
     allocator_log,
     calibration_items,
@@ -757,3 +758,44 @@ def test_a_bf16_mean_on_the_cpu_counts_its_fp32_copy(batch_size) -> None:
     sim = simulate_step_peak(task, batch_size, settings=settings)
     real = cpu_step_peak(task, batch_size, settings=settings)
     assert relative_error(sim.peak_bytes, real.peak_bytes) < 0.001, (sim, real)
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 4096), nn.Linear(64, 4096)
+
+    def forward(self, x):
+        return (self.a(x) + self.b(x)).sum(-1)
+
+
+class _KeepsItsOutput(_TwoHeads):
+    def forward(self, x):
+        out = super().forward(x)
+        self.last = out.detach()  # kept on the module between steps
+        return out
+
+
+def _mlp_1d():
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                         nn.Linear(256, 1), nn.Flatten(0))
+
+
+@pytest.mark.parametrize("model, optimizer, accumulate, batch", [
+    (_TwoHeads, lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9), 2, 256),
+    (_KeepsItsOutput, lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9), 1, 256),
+    (_mlp_1d, lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True,
+                                            weight_decay=1e-4), 1, 8),
+], ids=["next-micro-step", "kept-output", "nesterov-step"])
+def test_an_add_after_the_backward_is_not_taken_for_the_engines_gradient_sum(
+        model, optimizer, accumulate, batch):
+    """The flag the backward's last node left set made every ``a + b`` after it (the next
+    micro-step's forward, the optimizer step's) look like autograd's in-place gradient sum,
+    and its peak went unnoted: -11%, -25% and -17% against the allocator (review)."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(512, 64, generator=g), torch.randn(512, generator=g))
+    task = Task(model=model, train_data=data, loss_fn=lambda o, t: (o - t).abs().mean(),
+                optimizer=optimizer, lr=1e-3, base_batch_size=8)
+    settings = StepSettings(accumulate=accumulate)
+    real = cpu_step_peak(task, batch, settings=settings).peak_bytes
+    assert simulate_step_peak(task, batch, settings=settings).peak_bytes == real
