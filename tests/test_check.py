@@ -133,6 +133,19 @@ def test_the_real_step_after_a_failed_simulation_runs_at_the_runs_precision():
     assert "--method measured" in proc.stderr and "cannot run at any" not in proc.stderr
 
 
+def test_a_dtype_mismatch_under_autocast_is_not_forgiven_as_a_missing_cpu_kernel():
+    """The step fails under bf16 autocast on every device (a custom backward mixes bf16 and
+    fp32) and runs in fp32: check said "fits", exit 0, taking it for a kernel the CPU lacks
+    (review)."""
+    proc = check(f"{BROKEN_STEPS}:bf16_dtype_mismatch", "--batch-size", "8",
+                 "--device-preset", "t4-16gb", "--precision", "bf16")
+    assert proc.returncode == 1, proc.stdout
+    assert "cannot run at any batch size" in proc.stderr and "same dtype" in proc.stderr
+    fp32 = check(f"{BROKEN_STEPS}:bf16_dtype_mismatch", "--batch-size", "8",
+                 "--device-preset", "t4-16gb")
+    assert fp32.returncode == 0, fp32.stderr
+
+
 def test_bf16_weights_fit_under_bf16_autocast():
     """The real step runs under the run's precision: with --precision bf16 it runs."""
     proc = check(f"{BROKEN_STEPS}:bf16_weights", "--batch-size", "8", "--device-preset",

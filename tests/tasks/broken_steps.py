@@ -76,3 +76,36 @@ def bf16_custom_op() -> Task:
     return Task(model=lambda: _Doubled().to(torch.bfloat16),
                 train_data=TensorDataset(x, (x[:, 0] > 0).long()),
                 loss_fn=lambda out, y: nn.functional.cross_entropy(out.float(), y))
+
+
+class _ScaledMatmul(torch.autograd.Function):
+    """``x @ w`` whose backward multiplies the incoming gradient (bf16 under autocast) by the
+    fp32 weight itself: autocast is not active in a backward, so it fails on every device."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g @ w.t(), x.t() @ g
+
+
+class _Custom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 16) * 0.1)
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(_ScaledMatmul.apply(x, self.w)))
+
+
+def bf16_dtype_mismatch() -> Task:
+    """Runs in fp32; under bf16 autocast its backward mixes bf16 and fp32 (review: check
+    said "fits" because the step ran in fp32, taken for a kernel the CPU lacks)."""
+    x = _x()
+    return Task(model=_Custom, train_data=TensorDataset(x, (x[:, 0] > 0).long()),
+                loss_fn=nn.functional.cross_entropy, lr=0.01)
