@@ -479,3 +479,82 @@ def test_lengths_a_tenth_apart_are_still_ordered():
     truth = cpu_step_peak(task, 64, inputs=scan).peak_bytes
     assert result.peak_bytes >= truth
     assert "ranked by their nonzero" not in result.inputs_note  # not by the label's zeros
+
+
+def _stored_padded(n: int = 600, long_every: int = 100):
+    """Items stored padded to 256 ids (pad 0), real lengths 10-40 but every
+    ``long_every``-th 250; the collate_fn trims each batch to its longest real row."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 41, (n,), generator=g)
+    lengths[::long_every] = 250
+    items = []
+    for length in lengths.tolist():
+        x = torch.zeros(256, dtype=torch.long)
+        x[:length] = torch.randint(1, 50, (length,), generator=g)
+        items.append((x, torch.tensor(length % 2)))
+    return items, lengths
+
+
+def _trim(batch):
+    xs = torch.stack([x for x, _ in batch])
+    return xs[:, :int((xs != 0).sum(1).max())], torch.stack([y for _, y in batch])
+
+
+def _stored_padded_task(data):
+    from torch import nn
+
+    import bsselect
+
+    class Mean(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.out = nn.Embedding(50, 32), nn.Linear(32, 2)
+            self.mlp = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 32))
+
+        def forward(self, x):
+            return self.out(self.mlp(self.emb(x)).mean(1))
+
+    return bsselect.Task(model=Mean, train_data=data, collate_fn=_trim,
+                         loss_fn=torch.nn.functional.cross_entropy, lr=0.05)
+
+
+def test_items_one_shape_as_stored_are_ranked_as_the_collate_fn_makes_them():
+    """Stored padded to one shape, trimmed by the collate_fn: the scan called them uniform
+    and measured a random batch, 12x under one that holds a long item (review)."""
+    import bsselect
+    from bsselect.memory.inputs import InputScan
+
+    data, lengths = _stored_padded()
+    task = _stored_padded_task(data)
+    scan = scan_inputs(data, InputMode.worst_case, collate_fn=_trim)
+    assert not scan.uniform and int(lengths[scan.ranked[0]]) == 250
+    assert "as the collate_fn makes each alone" in scan.how
+    result = bsselect.check(task, batch_size=16, memory="1GiB", margin=0.0)
+    one_long = (0,) + tuple(i for i in range(1, len(data)) if int(lengths[i]) < 250)
+    truth_scan = InputScan(InputMode.worst_case, len(data), len(data), False, 257, 257.0,
+                           one_long)
+    assert result.peak_bytes >= cpu_step_peak(task, 16, inputs=truth_scan).peak_bytes
+    # a collate_fn that only stacks leaves one-shape items uniform
+    assert scan_inputs(data, InputMode.worst_case,
+                       collate_fn=lambda b: (torch.stack([x for x, _ in b]),
+                                             torch.stack([y for _, y in b]))).uniform
+
+
+def test_the_ninth_fields_ordering_is_judged_too():
+    """Items with 8 integer tag fields ahead of the tokens: the orderings were cut at 8, the
+    tokens' was never judged, and check said a batch 10x too large fit (review). The judge
+    here is the seam: memory that follows field 8's real tokens."""
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for i in range(300):
+        short = i % 3 == 0  # many tags, few tokens
+        tags = [torch.ones(int(torch.randint(25, 51, (1,), generator=g)) if short else 1 + i % 2,
+                           dtype=torch.long) for _ in range(8)]
+        tokens = torch.zeros(120, dtype=torch.long)
+        tokens[:10 if short else 100 + (i == 7) * 20] = 5
+        items.append(tags + [tokens])
+    peak = lambda batch: sum(int((items[i][8] != 0).sum()) for i in batch)  # noqa: E731
+    scan = scan_inputs(items, InputMode.worst_case, reads_values=True, judge=peak)
+    assert scan.alternatives and "by elements of field 8 other than 0" in scan.how
+    batch = scan.indices(8, 0)
+    assert peak(batch) == 8 * 100 + 20  # the longest-token items, the 120 one among them

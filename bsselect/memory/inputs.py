@@ -179,19 +179,27 @@ def _scan_inputs(data: Dataset, mode: InputMode, seed: int, max_items: int,
                          _by_values_note(how, by_values, len(order), n),
                          time.perf_counter() - start)
 
+    start = time.perf_counter()
     if _same_size_by_construction(data):
         size = item_elements(data[0]) if n else 0
         how = f"{_kind_of(data)}: every item has {size:,} elements"
-        if by_values:
-            found = by_nonzero(sampled(), size, float(size), how, time.perf_counter())
-            if found:
-                return found
-        return InputScan(mode, n, 0, True, size, float(size), how=how)
-    start = time.perf_counter()
-    order = sampled()
-    shapes, text, order = _text_shapes(data, order, collate_fn, progress, sampled)
-    if shapes is None:
-        shapes = read_each(data, order, progress, item_shapes)
+        reshaped = _collated_differ(data, sampled(), collate_fn, progress, sampled)
+        if reshaped is None:
+            if by_values:
+                found = by_nonzero(sampled(), size, float(size), how, time.perf_counter())
+                if found:
+                    return found
+            return InputScan(mode, n, 0, True, size, float(size), how=how)
+        shapes, text, order = reshaped
+    else:
+        order = sampled()
+        shapes, text, order = _text_shapes(data, order, collate_fn, progress, sampled)
+        if shapes is None:
+            shapes = read_each(data, order, progress, item_shapes)
+            if all(sh == shapes[0] for sh in shapes):
+                reshaped = _collated_differ(data, order, collate_fn, progress, sampled)
+                if reshaped is not None:
+                    shapes, text, order = reshaped
     elapsed = time.perf_counter() - start
     sizes = [shape_elements(sh) for sh in shapes]
     largest, mid = max(sizes), median(sizes)
@@ -241,6 +249,38 @@ def _text_shapes(data: Dataset, order: list[int], collate_fn: Optional[Callable[
         return None, ("; text ranked by characters: the collate_fn makes every item alone "
                       "one shape"), order
     return shapes, "; text measured as the collate_fn makes it (its tokens)", order
+
+
+COLLATE_PROBE_ITEMS = 256  # items collated alone to see whether the collate_fn reshapes
+
+
+def _collated_differ(data: Dataset, order: list[int],
+                     collate_fn: Optional[Callable[[list], Any]], progress: Optional[Progress],
+                     sampled: Callable[[int], list[int]]
+                     ) -> Optional[tuple[list[tuple[Shape, ...]], str, list[int]]]:
+    """Items all one shape as stored, which ``collate_fn`` makes into different shapes
+    alone (items stored padded to 512, a collate_fn that trims each batch to its longest
+    real row: the scan called them uniform and measured a random batch, 12x under the batch
+    holding the one long item, review): each item's collated shapes, the note, the items
+    read. None where there is no collate_fn, it cannot take one item, or the first
+    ``COLLATE_PROBE_ITEMS`` come out one shape (the common case: it only stacks)."""
+    if collate_fn is None or collate_fn is torch.utils.data.default_collate or not order:
+        return None
+    size_of = collated_shapes(collate_fn, text_only=False)
+    try:
+        tick = time.perf_counter()
+        probe = [size_of(data[i]) for i in order[:COLLATE_PROBE_ITEMS]]
+        if all(sh == probe[0] for sh in probe):
+            return None
+        per_item = (time.perf_counter() - tick) / len(probe)
+        limit = max(len(probe), int(COLLATE_SCAN_S / max(per_item, 1e-9)))
+        if limit < len(order):
+            order = sampled(limit)
+        shapes = read_each(data, order, progress, size_of)
+    except CollateFailed:
+        return None
+    return shapes, ("; items one shape as stored, measured as the collate_fn makes each "
+                    "alone"), order
 
 
 def _ranked(shapes: list[tuple[Shape, ...]], sizes: list[int], order: list[int]
@@ -315,6 +355,10 @@ def _judged(data: Dataset, scan: InputScan, seed: int, max_items: int,
         if peak is not None and peak > best_peak:
             best_name, best_peak = name, peak
     if not best_name:
+        if len(candidates) > MAX_ORDERINGS:  # said: the heaviest may be among them
+            return dataclasses.replace(scan, how=scan.how + (
+                f"; {len(candidates) - MAX_ORDERINGS} of the value orderings were not tried "
+                f"(at most {MAX_ORDERINGS})"))
         return scan
     winner = candidates[best_name]
     # The items that pad a batch the most (the longest), then the winner's: a batch holding
@@ -324,8 +368,10 @@ def _judged(data: Dataset, scan: InputScan, seed: int, max_items: int,
     alternatives = (winner,) + ((lead + tuple(i for i in winner if i not in lead),)
                                 if lead else ())
     first = "largest items" if scan.ranked else "random items"
-    how = (f"{scan.how}; the step's shapes follow the batch's values, so {len(seen)} orderings "
-           f"were tried on a simulated batch of {k}: by {best_name} it needs "
+    untried = list(candidates)[MAX_ORDERINGS:]
+    cut = (f" ({len(untried)} more not tried: by {', '.join(untried)})" if untried else "")
+    how = (f"{scan.how}; the step's shapes follow the batch's values, so {len(seen)} "
+           f"orderings{cut} were tried on a simulated batch of {k}: by {best_name} it needs "
            f"{best_peak / base:.2f}x the {first}' memory. Each batch is the heaviest in the "
            f"simulated step of the {first}, that ordering's"
            + (" and the same after the items that pad the most" if len(alternatives) > 1

@@ -69,13 +69,15 @@ class CollateFailed(Exception):
     """The collate_fn could not take one item alone (a pairing collate, say)."""
 
 
-def collated_shapes(collate_fn: Callable[[list], Any]) -> Callable[[Any], tuple[Shape, ...]]:
+def collated_shapes(collate_fn: Callable[[list], Any], text_only: bool = True
+                    ) -> Callable[[Any], tuple[Shape, ...]]:
     """``item_shapes`` of what ``collate_fn`` makes of the item alone (without a leading
     batch dimension of 1), for items holding text: a collate_fn that tokenises makes tokens
     of its characters, and characters are not tokens (a 60-word text of 119 characters is 60
-    tokens, a 12-word one of 250 is 12: review). ``CollateFailed`` when it cannot."""
+    tokens, a 12-word one of 250 is 12: review); for every item with ``text_only`` False (a
+    collate_fn that trims items stored padded). ``CollateFailed`` when it cannot."""
     def shapes(item: Any) -> tuple[Shape, ...]:
-        if not has_text(item):
+        if text_only and not has_text(item):
             return item_shapes(item)
         try:
             out = collate_fn([item])

@@ -17,7 +17,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from .items import CollateFailed, Progress, item_leaves, most_first, read_each
 
 JUDGE_BATCH = 8       # the batch each ordering is judged on: its first items
-MAX_ORDERINGS = 8     # orderings judged at most, beside the scan's own
+MAX_ORDERINGS = 16    # orderings judged at most, beside the scan's own (8 cut the one that
+# mattered, the 9th field's, on items with 8 integer tag fields first: 10x, review)
 _PAD_PROBE_ITEMS = 256  # items read to guess each leaf's padding value
 MIN_DISTINCT_VALUES = 8  # an integer scalar ordered by: a length, not a class label
 # Counts that differ by less cannot move the memory by more; a tenth (before) left items of
