@@ -20,6 +20,7 @@ JUDGE_BATCH = 8       # the batch each ordering is judged on: its first items
 MAX_ORDERINGS = 16    # orderings judged at most, beside the scan's own (8 cut the one that
 # mattered, the 9th field's, on items with 8 integer tag fields first: 10x, review)
 _PAD_PROBE_ITEMS = 256  # items read to guess each leaf's padding value
+SIZE = "size"  # value_orderings' feature: a float leaf's element count
 MIN_DISTINCT_VALUES = 8  # an integer scalar ordered by: a length, not a class label
 # Counts that differ by less cannot move the memory by more; a tenth (before) left items of
 # lengths 91-100 unordered, and check said "fits" 3.3% under their heaviest batch (review).
@@ -98,16 +99,24 @@ def value_orderings(data: Dataset, order: list[int], progress: Optional[Progress
     values say, where the memory may follow values: per integer leaf of one dimension or
     more, the elements that are not its padding value (0; the value most items end with,
     right padding; the one most begin with, left padding or a prompt's -100 labels), alone
-    and summed over leaves; per integer scalar (a length), its value. Only counts that differ
-    between items make an ordering; {} when the items' leaves do not line up."""
+    and summed over leaves; per integer scalar (a length), its value; per float leaf of one
+    dimension or more, its element count. Only counts that differ between items make an
+    ordering; {} when the items' leaves do not line up."""
     head = [item_leaves(data[i]) for i in order[:_PAD_PROBE_ITEMS]]
     width = len(head[0]) if head else 0
     if not head or any(len(leaves) != width for leaves in head):
         return {}
-    features: list[tuple[str, int, Optional[int]]] = []  # (name, leaf, pad; None: value)
+    # (name, leaf, pad; None: the value; SIZE: a float leaf's element count)
+    features: list[tuple[str, int, Optional[int | str]]] = []
     for j in range(width):
         ts = [_int_leaf(leaves[j]) for leaves in head]
         if any(t is None for t in ts):
+            if all(isinstance(leaves[j], torch.Tensor) and leaves[j].dim() >= 1
+                   and leaves[j].dtype.is_floating_point for leaves in head):
+                # A float leaf's size: a packed RNN over frames beside a float vector the
+                # model only averages; the summed element count ranked the vector-heavy
+                # items first, 5.5x under the frames' worst batch (review)
+                features.append((f"elements of float field {j}", j, SIZE))
             continue
         if all(t.dim() == 0 for t in ts):
             features.append((f"the value of integer field {j}", j, None))
@@ -130,6 +139,10 @@ def value_orderings(data: Dataset, order: list[int], progress: Optional[Progress
             raise CollateFailed("items with different fields")
         out = []
         for _, j, v in features:
+            if v == SIZE:
+                leaf = leaves[j]
+                out.append(leaf.numel() if isinstance(leaf, torch.Tensor) else 0)
+                continue
             t = _int_leaf(leaves[j])
             out.append(0 if t is None else int(t) if v is None and t.dim() == 0 else
                        int((t != (0 if v is None else v)).sum()))
@@ -150,7 +163,7 @@ def value_orderings(data: Dataset, order: list[int], progress: Optional[Progress
     named = {name: list(col) for (name, _, _), col in zip(features, columns)}
     by_pad: dict[str, list[int]] = {}
     for (name, _, v), col in zip(features, columns):
-        if v is not None and len([f for f in features if f[2] is not None]) > 1:
+        if isinstance(v, int) and len([f for f in features if isinstance(f[2], int)]) > 1:
             key = f"elements other than {v}, over every field"
             by_pad[key] = [a + b for a, b in zip(by_pad.get(key, [0] * len(col)), col)]
     named.update(by_pad)
