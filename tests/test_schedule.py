@@ -698,3 +698,21 @@ def test_a_failed_noise_measurement_leaves_the_schedule_standing(tmp_path):
     assert out["notes"][0].startswith("the noise measurement failed at 3 point(s) (TaskError: "
                                       "cannot split the batch into sub-batches")
     assert out["stages"]
+
+
+def test_timing_rounds_spread_by_a_busy_machine_are_said():
+    """Two of five rounds at 2.5x moved the fastest batch per point and the plan, with every
+    branch's drop the same, and nothing said the clock was noisy (review)."""
+    from bsselect.selection.schedule import timing_spread_note
+    from bsselect.selection.steptime import summarize_rounds
+    from bsselect.selection.timing import RoundTiming
+
+    def timed(b, rounds):
+        return RoundTiming(b, tuple(rounds), 8, summarize_rounds(rounds))
+
+    quiet = [timed(64, [1.0e-3, 1.02e-3, 1.01e-3]), timed(128, [1.6e-3, 1.62e-3, 1.7e-3])]
+    assert timing_spread_note(quiet) is None
+    busy = quiet[:1] + [timed(128, [1.577e-3, 1.629e-3, 3.87e-3, 4.042e-3, 1.616e-3])]
+    note = timing_spread_note(busy)
+    assert note.startswith("timing rounds spread on a busy machine: b=128 1.58–4.04 ms;")
+    assert "b=64" not in note

@@ -463,6 +463,9 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
         notes.append(f"{merged} of the {len(point_samples)} points fell on the base step of the "
                      f"point before (a base step is {b0} samples): measured once")
     intervals = _fit_times(timing, sizes)
+    spread = timing_spread_note(timing)
+    if spread:
+        notes.append(spread)
     fitted = {b: t.mid for b, t in intervals.items()}
     points = []
     for k, samples, steps, path in bases:
@@ -549,6 +552,25 @@ def _timing(setup: TrialSetup, sizes: list[int], hooks: ScheduleHooks
         release_memory()
         raise TaskError(f"timing the batch sizes {sizes} failed: {one_line(exc)}; give "
                         "smaller ones (--max-batch)") from exc
+
+
+TIMING_SPREAD = 1.25  # rounds' slowest over fastest above which a note says the clock moved
+
+
+def timing_spread_note(timing: Sequence[RoundTiming]) -> str | None:
+    """A note naming the batch sizes whose timing rounds spread by more than TIMING_SPREAD:
+    a busy machine. Their wide interval ties them with slower batches at a point, and the
+    tie goes to the largest drop at equal samples, so the fastest batch per point, and the
+    plan, can move between runs (review: one round at 2.5x moved a plan from 16 -> 64 ->
+    128 to 128 throughout, with every branch's drop the same)."""
+    wide = [(t.batch_size, min(t.round_medians), max(t.round_medians)) for t in timing
+            if t.round_medians and max(t.round_medians) > TIMING_SPREAD * min(t.round_medians)]
+    if not wide:
+        return None
+    return ("timing rounds spread on a busy machine: "
+            + ", ".join(f"b={b} {lo * 1e3:.3g}–{hi * 1e3:.3g} ms" for b, lo, hi in wide)
+            + "; where their intervals tie batches, the fastest batch per point and the plan "
+            "may differ from run to run: rerun on a quieter machine (--threads) to confirm")
 
 
 def _fit_times(timing: Sequence[RoundTiming], sizes: Sequence[int]
