@@ -511,6 +511,10 @@ def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
                            "no per-parameter optimizer state (plain SGD keeps none; or it "
                            "never stepped)")
                         + f": {fresh} (momentum and Adam's moments at zero)")
+        differ = [] if optimizer is None else _settings_differ(optimizer, saved)
+        if differ:  # said where the state was empty too: plain SGD saved beside momentum 0.9
+            warnings.append(f"the optimizer settings in {checkpoint.path} differ from the "
+                            f"task's ({', '.join(differ)}): the trials keep the task's")
     else:
         why = _optimizer_fit(optimizer, saved)
         if why is None:

@@ -550,6 +550,8 @@ def test_optimizer_entries_take_the_first_state_dict(tmp_path):
                          task.lr)
     assert branch.optimizer_state is None
     assert "holds no per-parameter optimizer state (plain SGD keeps none" in branch.warnings[0]
+    # the saved SGD's momentum 0 against the task's 0.9: said with no state too (review)
+    assert "differ from the task's (momentum" in branch.warnings[1]
 
 
 def test_report_ignores_a_malformed_checkpoint_record(run_files, tmp_path):

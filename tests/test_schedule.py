@@ -550,6 +550,7 @@ def test_cli_schedule_from_checkpoints_table_and_bad_input(tmp_path):
         (["--from-checkpoint", named[0], "--from-checkpoint", f"{paths[1]}@64"],
          "hold the same weights"),  # one file at two steps: one point (review)
         (["--from-checkpoint", str(tmp_path / "nope.pt")], "no such file"),
+        (["--from-checkpoint", f"{paths[1]}@-3"], "@-3 is not a step"),  # was "no such file"
     ]:
         proc = run_cli("schedule", task, *common, "--overwrite", *args)
         assert proc.returncode == 2, (args, proc.stderr)

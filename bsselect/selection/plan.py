@@ -41,6 +41,13 @@ def _run_checkpoints(specs: Sequence[str | Path]) -> tuple[list["Checkpoint"], l
         match = _AT_STEP.match(text)
         if match and not Path(text).expanduser().exists():  # PATH@STEP, not a name with '@'
             expanded.append((text, match.group(1), int(match.group(2))))
+        elif "@" in text and not Path(text).expanduser().exists() and Path(
+                text.rpartition("@")[0]).expanduser().exists():
+            # PATH@-3 or PATH@x: the file exists, the step is not a step (it said "no such
+            # file or directory", review)
+            raise UsageError(f"--from-checkpoint {text}: @{text.rpartition('@')[2]} is not a "
+                             "step: name the optimizer step as an integer >= 0, e.g. "
+                             f"{text.rpartition('@')[0]}@2000")
         else:  # a run's checkpoint directory stands for the checkpoints in it
             expanded.extend((str(c), str(c), None) for c in checkpoints_in(text) or [text])
     checkpoints, steps = [], []
