@@ -529,6 +529,9 @@ def schedule(
     guarded(body)
 
 
+MAX_JOURNAL_WARNINGS = 5  # report's warnings about the journal's lines, then a count
+
+
 @app.command()
 def report(
     journal: Annotated[Path, typer.Argument(help="A sweep's JSONL journal.")],
@@ -553,10 +556,16 @@ def report(
 
             check_plot_target(plot)
         contents = load(journal)
-        for warning in contents.warnings:
+        if contents.header is None:  # before its lines' warnings: a sweep's --json output
+            # gave 2,859 "line N skipped" lines before this one (review)
+            raise UsageError(f"{journal} has no readable header; cannot report it (a sweep's "
+                             "journal is its .jsonl file, not its --json output)")
+        shown = MAX_JOURNAL_WARNINGS
+        for warning in contents.warnings[:shown]:
             console.print(f"[yellow]warning:[/] {_escape(warning)}", highlight=False)
-        if contents.header is None:
-            raise UsageError(f"{journal} has no readable header; cannot report it")
+        if len(contents.warnings) > shown:
+            console.print(f"[yellow]warning:[/] {len(contents.warnings) - shown} more "
+                          "warnings about the journal's lines", highlight=False)
         if contents.header.settings.get("command") == "schedule":
             raise UsageError(f"{journal} is a `bsselect schedule` journal; report re-renders "
                              "sweeps. Rerun the schedule with --resume: it reuses every "

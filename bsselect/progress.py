@@ -81,7 +81,8 @@ class ScheduleProgress:
         return ScheduleHooks(
             phase=lambda what, total: self.bar.update(self.current, description=what,
                                                       completed=0, total=total),
-            advance=lambda: self.bar.advance(self.current))
+            advance=lambda: self.bar.advance(self.current),
+            start=lambda line: self.bar.console.print(line, highlight=False, markup=False))
 
     def __exit__(self, *exc: object) -> None:
         self.bar.stop()

@@ -107,7 +107,14 @@ class Task:
     def make_optimizer(self, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """The task's optimizer at ``lr``; default SGD with momentum 0.9."""
         if self.optimizer is not None:
-            return self.optimizer(params, lr)
+            made = self.optimizer(params, lr)
+            if not (hasattr(made, "step") and hasattr(made, "param_groups")):
+                # a factory that forgot its return: "internal error: 'NoneType' object has
+                # no attribute 'step'" (review)
+                raise TaskError(f"Task.optimizer must return an optimizer (a torch.optim."
+                                f"Optimizer); it returned {type(made).__name__}: did the "
+                                "function forget its return?")
+            return made
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
@@ -536,6 +543,8 @@ def _check_optimizer(task: Task, model: nn.Module) -> None:
 
     try:
         opt = task.make_optimizer(model.parameters(), task.lr)
+    except TaskError as exc:  # not an optimizer: the same for real steps
+        raise _RealToo(str(exc)) from exc
     except Exception:  # noqa: BLE001 - the step builds it again and says what is wrong
         return
     try:

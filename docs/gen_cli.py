@@ -22,7 +22,8 @@ def render() -> str:
     parts = ["# CLI reference\n",
              "Generated from `--help` by `python docs/gen_cli.py`; a test keeps it current.\n",
              "Exit codes: 0 success (check: fits) · 1 the task or run failed · 2 usage error · "
-             "3 does not fit / nothing fits · 130 interrupted (finished work is kept).\n"]
+             "3 does not fit / nothing fits · 130 interrupted (sweep and schedule keep their "
+             "finished trials in the journal).\n"]
     for cmd in COMMANDS:
         args = [cmd, "--help"] if cmd else ["--help"]
         result = runner.invoke(app, args, env={"COLUMNS": "100", "NO_COLOR": "1"},

@@ -55,6 +55,10 @@ from conftest import one_error, run_cli
      "error: --branch-samples must be an integer >= 1, got 0"),
     (["check", "digits-mlp", "--batch-size", "8", "--memory", "1GiB", "--config",
       "missing.toml"], 2, "error: --config 'missing.toml' does not exist"),
+    # a branch longer than the run it plans: hours of work, in silence (review)
+    (["schedule", "linreg", "--branch-samples", "99999999"], 2,
+     "error: --branch-samples 99,999,999 is longer than the run it plans (--horizon 100,000): a "
+     "branch is a short piece of the run; the default is the horizon / 16"),
 ])
 def test_usage_errors(tmp_path, monkeypatch, args, code, message):
     monkeypatch.chdir(tmp_path)
@@ -76,6 +80,10 @@ def test_report_on_a_directory(tmp_path):
     ("[tool]\nbsselect = 5\n", "must be a table (a [tool.bsselect] section), got bsselect = 5"),
     ("[tool.bsselect]\nbatch_size = '8'\n", "batch_size must be an integer, got '8'"),
     ("[tool.bsselect]\nmargin = 'lots'\n", "margin must be a number, got 'lots'"),
+    # the key the file holds, not a flag the user never passed (review)
+    ("[tool.bsselect]\nmargin = 1\nbatch_size = 8\n",
+     "(margin from [tool.bsselect] in pyproject.toml)"),
+    ("[tool.bsselect]\nmemory = 1e16\nbatch_size = 8\n", "memory size '1e+16'"),
 ])
 def test_bad_pyproject_values_keep_their_brackets(tmp_path, monkeypatch, toml, message):
     monkeypatch.chdir(tmp_path)
@@ -128,6 +136,34 @@ def test_task_fields_are_checked_with_typed_messages(tmp_path, fields, message):
     assert proc.returncode == 1
     assert one_error(proc) == (f"error: `{path}:make_task` raised while building the task: "
                                f"{message}")
+
+
+@pytest.mark.parametrize("command", [["probe", "--memory", "1GiB"],
+                                     ["check", "--batch-size", "8", "--memory", "1GiB"],
+                                     ["sweep", "--batch-sizes", "8,16"]])
+def test_an_optimizer_factory_that_returns_nothing_is_a_task_error(tmp_path, monkeypatch,
+                                                                   command):
+    """A factory that forgot its return was "internal error: 'NoneType' object has no
+    attribute 'step'" (review)."""
+    path = tmp_path / "task.py"
+    path.write_text(textwrap.dedent(TASK_TEMPLATE.format(
+        fields="model=lambda: nn.Linear(4, 2), train_data=data, loss_fn=F.cross_entropy, "
+               "optimizer=lambda params, lr: None")))
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli(command[0], f"{path}:make_task", *command[1:])
+    assert proc.returncode == 1, proc.stderr
+    assert one_error(proc) == ("error: Task.optimizer must return an optimizer (a torch.optim."
+                               "Optimizer); it returned NoneType: did the function forget its "
+                               "return?")
+
+
+def test_report_on_a_sweeps_json_output_is_one_error_not_a_flood(tmp_path):
+    out = tmp_path / "full.json"
+    out.write_text(json.dumps({"trials": [{"b": b} for b in range(50)]}, indent=1))
+    proc = run_cli("report", str(out))
+    assert proc.returncode == 2
+    assert one_error(proc) == (f"error: {out} has no readable header; cannot report it (a "
+                               "sweep's journal is its .jsonl file, not its --json output)")
 
 
 @pytest.mark.parametrize("command", [["probe", "--memory", "1GiB"],

@@ -420,6 +420,10 @@ def test_cli_schedule_json_and_table(tmp_path):
                     "--threads", "1", "--overwrite")
     assert table.returncode == 0, table.stderr
     assert "Schedule" in table.stdout and "predicted for the schedule" in table.stdout
+    # what is about to run, said before it runs (review: hours of work started in silence)
+    assert (f"planning {task}: horizon 1,024 samples, 5 points, branches of 64 samples at "
+            f"batch sizes [8, 16, 32], journal {tmp_path / 'j.jsonl'}"
+            in " ".join(table.stderr.split()))
 
 
 @pytest.mark.parametrize("args, code, text", [

@@ -282,6 +282,24 @@ def test_trials_that_end_inside_their_lr_ramp_are_said(tmp_path):
     assert not [w for w in said if "is longer than the trials" in w]
 
 
+def test_a_nan_in_the_data_is_named_when_the_initial_loss_is_not_finite(tmp_path):
+    """The initial loss's error blamed only the model and the loss_fn (review)."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from bsselect import Task
+    from bsselect.errors import TaskError
+
+    x = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
+    x[::2] = float("nan")  # half the items: the loss's evaluation subset holds some
+    task = Task(model=lambda: nn.Linear(4, 2), train_data=TensorDataset(x, (x[:, 0] > 0).long()),
+                loss_fn=torch.nn.functional.cross_entropy, lr=0.1)
+    with pytest.raises(TaskError, match="a NaN or inf in the training data, the model's output"):
+        run_sweep(task, task_name="nan", batch_sizes=[8, 16], settings=settings(LrScaling.linear),
+                  device=torch.device("cpu"), journal_path=tmp_path / "j.jsonl", resume=False,
+                  max_batch=16, max_batch_source="test")
+
+
 def test_a_sweep_in_which_no_trial_lowered_the_loss_says_so():
     from bsselect.selection.sweep import warn_no_trial_progressed
 

@@ -246,7 +246,7 @@ def merge_config(cli: dict[str, Any], file: dict[str, Any],
                                         lambda: resolve_budget(memory, preset))
     if budget_source == "--memory" and cli.get("memory") is None:
         budget_source = f"memory in {source}"  # not a flag the user passed (review)
-    margin = check_margin(float(pick("margin", 0.2)))
+    margin = named(("margin",), lambda: check_margin(float(pick("margin", 0.2))))
     target_name = pick("target", "cuda" if preset else "same")
     target = parse_choice(Target, target_name, "target")
     from ..run_options import check_accumulate, shard_plan

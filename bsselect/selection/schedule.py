@@ -105,6 +105,12 @@ class ScheduleSettings:
                              f"{self.horizon.bit_length()} of them")
         if self.branch_samples < 0 or self.noise_measurements < 0:
             raise UsageError("--branch-samples and --noise-measurements must be >= 0")
+        if self.branch_samples > self.horizon:
+            # a branch past the run it plans (a typo started hours of work in silence, review)
+            raise UsageError(f"--branch-samples {self.branch_samples:,} is longer than the "
+                             f"run it plans (--horizon {self.horizon:,}): a branch is a short "
+                             f"piece of the run; the default is the horizon / "
+                             f"{BRANCH_FRACTION}")
         if not 0 < self.tolerance < 1:
             raise UsageError(f"--tolerance must be between 0 and 1, got {self.tolerance}")
         if 0 < self.noise_measurements < MIN_MEASUREMENTS:
@@ -207,11 +213,13 @@ class ScheduleResult:
 
 @dataclass
 class ScheduleHooks:
-    """Progress callbacks (both optional): ``phase(description, total)`` starts a bar,
-    ``advance()`` moves it. Warnings are the result's ``notes``."""
+    """Progress callbacks (all optional): ``phase(description, total)`` starts a bar,
+    ``advance()`` moves it, ``start(line)`` says what is about to run. Warnings are the
+    result's ``notes``."""
 
     phase: Callable[[str, int | None], None] | None = None
     advance: Callable[[], None] | None = None
+    start: Callable[[str], None] | None = None  # one line: what is about to run
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -406,6 +414,11 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
     if not checkpoints and len(point_samples) < settings.points:
         notes.append(f"{settings.points} points asked, but halving the horizon of "
                      f"{settings.horizon:,} samples gives {len(point_samples)} distinct ones")
+    if hooks.start:  # what is about to run, before any of it (review: a typo's hours of
+        # work started in silence)
+        hooks.start(f"planning {task_name}: horizon {settings.horizon:,} samples, "
+                    f"{len(point_samples)} points, branches of {equal:,} samples at batch "
+                    f"sizes {list(sizes)}, journal {journal_path}")
     lr_of = {b: scale_lr(task.lr, b0, b, settings.lr_scaling) for b in sizes}
     trials: dict[tuple[int, int], TrialResult] = dict(done_branch)
     loss_init = with_initial_loss(setup).loss_start  # the branches' divergence rule

@@ -212,8 +212,9 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
         setup = with_initial_loss(setup)
         if setup.loss_start is not None and not math.isfinite(setup.loss_start):
             raise TaskError(f"the training loss at the initial weights is {setup.loss_start}, "
-                            "before any step, so no learning rate can help: the model's output "
-                            "or the task's loss_fn makes it (check them on one batch)")
+                            "before any step, so no learning rate can help: a NaN or inf in the "
+                            "training data, the model's output or the task's loss_fn makes it "
+                            "(check them on one batch)")
         check_resumed_start(done, setup.loss_start)
     elif done and not settings.warm_start_steps:  # nothing to run: still the same task?
         check_resumed_start(done, with_initial_loss(setup).loss_start)
