@@ -149,6 +149,13 @@ def test_a_factory_that_returns_the_users_model_is_refused_before_anything_chang
     assert bsselect.probe(_small_task(lambda: copy.deepcopy(net)), memory="64MiB").max_batch > 0
 
 
+def test_probe_batch_sizes_may_be_a_generator():
+    """check_batch_sizes read them twice, and a generator came out empty (review)."""
+    result = bsselect.probe("digits-mlp", batch_sizes=(b for b in [8, 16]), memory="1GiB",
+                            method="simulated")
+    assert [p.batch_size for p in result.points] == [8, 16]
+
+
 def test_batch_sizes_may_be_a_numpy_array_or_a_range(tmp_path):
     """``not batch_sizes`` on an array raised numpy's "truth value is ambiguous" (review)."""
     import numpy as np

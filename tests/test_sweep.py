@@ -300,6 +300,16 @@ def test_a_nan_in_the_data_is_named_when_the_initial_loss_is_not_finite(tmp_path
                   max_batch=16, max_batch_source="test")
 
 
+def test_a_loss_that_is_negative_has_no_tenfold_divergence_rule():
+    """With a floor of 1e-12 as the reference, a loss that starts below 0 (a Gaussian NLL, a
+    negative ELBO) was "diverged" as soon as it rose past 1e-11 (review): it has no tenfold
+    multiple; a non-finite loss still is divergence."""
+    from bsselect.selection.trials import divergence_reference
+
+    assert divergence_reference(-5.0, None) is None and divergence_reference(0.0, None) is None
+    assert divergence_reference(-5.0, 2.0) == 2.0 and divergence_reference(0.5, 0.1) == 0.5
+
+
 def test_a_sweep_in_which_no_trial_lowered_the_loss_says_so():
     from bsselect.selection.sweep import warn_no_trial_progressed
 

@@ -575,3 +575,25 @@ def test_a_float_leafs_size_is_an_ordering_when_the_step_reads_values():
     scan = scan_inputs(items, InputMode.worst_case, reads_values=True, judge=peak)
     assert "by elements of float field 0" in scan.how
     assert peak(scan.indices(8, 0)) == 7 * 100 + 120
+
+
+def test_a_collate_fn_that_draws_its_shapes_is_not_ranked_by_them():
+    """A random crop size per call: single-item collations differ by chance, and the scan
+    ranked the items that happened to draw the largest crop (review). Same items, other
+    shapes: nothing to rank by; and the user's random streams go on untouched."""
+    import random
+
+    data = torch.utils.data.TensorDataset(torch.randn(300, 3, 16, 16),
+                                          torch.randint(0, 10, (300,)))
+
+    def random_crop(items):
+        s = random.choice([8, 12, 16])
+        return (torch.stack([x for x, _ in items])[..., :s, :s],
+                torch.stack([y for _, y in items]))
+
+    random.seed(5)
+    expected = random.random()
+    random.seed(5)
+    scan = scan_inputs(data, InputMode.worst_case, collate_fn=random_crop)
+    assert scan.uniform and "collate_fn makes each alone" not in scan.how
+    assert random.random() == expected

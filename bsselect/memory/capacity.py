@@ -62,8 +62,10 @@ MAX_BATCH_SIZE = 2**31 - 1
 def check_batch_sizes(batch_sizes: Sequence[int], option: str = "batch sizes") -> list[int]:
     """``batch_sizes`` sorted without repeats; UsageError unless each is an int in
     [1, MAX_BATCH_SIZE] (``option`` names them in the message)."""
-    if isinstance(batch_sizes, (str, bytes)) or not hasattr(batch_sizes, "__iter__") or any(
-            isinstance(b, bool) or not isinstance(b, numbers.Integral) for b in batch_sizes):
+    if isinstance(batch_sizes, (str, bytes)) or not hasattr(batch_sizes, "__iter__"):
+        raise UsageError(f"{option} must be a list of integers, got {batch_sizes!r}")
+    batch_sizes = list(batch_sizes)  # read once: a generator is used up by a second pass
+    if any(isinstance(b, bool) or not isinstance(b, numbers.Integral) for b in batch_sizes):
         raise UsageError(f"{option} must be a list of integers, got {batch_sizes!r}")
     sizes = sorted({int(b) for b in batch_sizes})
     if not sizes or sizes[0] < 1 or sizes[-1] > MAX_BATCH_SIZE:

@@ -266,19 +266,29 @@ def _collated_differ(data: Dataset, order: list[int],
     ``COLLATE_PROBE_ITEMS`` come out one shape (the common case: it only stacks)."""
     if collate_fn is None or collate_fn is torch.utils.data.default_collate or not order:
         return None
+    import random
+
     size_of = collated_shapes(collate_fn, text_only=False)
-    try:
-        tick = time.perf_counter()
-        probe = [size_of(data[i]) for i in order[:COLLATE_PROBE_ITEMS]]
-        if all(sh == probe[0] for sh in probe):
-            return None
-        per_item = (time.perf_counter() - tick) / len(probe)
-        limit = max(len(probe), int(COLLATE_SCAN_S / max(per_item, 1e-9)))
-        if limit < len(order):
-            order = sampled(limit)
-        shapes = read_each(data, order, progress, size_of)
+    state = random.getstate()  # a collate_fn that draws (augmentation): the user's streams
+    try:                       # go on as if the scan had not run
+        with torch.random.fork_rng(devices=[]):
+            tick = time.perf_counter()
+            probe = [size_of(data[i]) for i in order[:COLLATE_PROBE_ITEMS]]
+            if all(sh == probe[0] for sh in probe):
+                return None
+            if [size_of(data[i]) for i in order[:8]] != probe[:8]:
+                # the same items, other shapes: the collate_fn draws them (a random crop
+                # size), not a property of the item to rank by (review)
+                return None
+            per_item = (time.perf_counter() - tick) / len(probe)
+            limit = max(len(probe), int(COLLATE_SCAN_S / max(per_item, 1e-9)))
+            if limit < len(order):
+                order = sampled(limit)
+            shapes = read_each(data, order, progress, size_of)
     except CollateFailed:
         return None
+    finally:
+        random.setstate(state)
     return shapes, ("; items one shape as stored, measured as the collate_fn makes each "
                     "alone"), order
 

@@ -187,7 +187,7 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
     # A step's loss above 10x this is divergence. From a warm start or a checkpoint the start
     # can be near zero (and eval-mode, below any train-mode step loss with dropout): the
     # reference is then the loss at initialisation, which a diverging run passes.
-    reference = max(loss_start, setup.loss_init or 0.0, 1e-12)
+    reference = divergence_reference(loss_start, setup.loss_init)
     total_steps = setup.budget.steps_for(batch_size)
     # With accumulation the loader yields micro-batches, `accumulate` of them per step.
     batches = cycle_batches(setup, batch_size // setup.accumulate)
@@ -211,7 +211,8 @@ def _train(setup: TrialSetup, batch_size: int, lr: float,
         if step > TIMING_WARMUP_STEPS or total_steps is not None and total_steps <= TIMING_WARMUP_STEPS:
             step_times.append(elapsed)
         curve.append(LossPoint(step, samples, train_wall, value if math.isfinite(value) else None))
-        if not math.isfinite(value) or value > DIVERGENCE_FACTOR * reference:
+        if not math.isfinite(value) or (reference is not None
+                                        and value > DIVERGENCE_FACTOR * reference):
             status, error = TrialStatus.diverged, f"loss {value:.4g} at step {step}"
             break
         if on_step:
@@ -401,8 +402,8 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
                                                 f"(training {loss_end:.4g}, validation {val})"),
                            train_loss_end=loss_end)
     drop = loss_start - loss_end
-    reference = max(loss_start, setup.loss_init or 0.0, 1e-12)  # as in _train
-    if loss_end > DIVERGENCE_FACTOR * reference:
+    reference = divergence_reference(loss_start, setup.loss_init)  # as in _train
+    if reference is not None and loss_end > DIVERGENCE_FACTOR * reference:
         # The last update blew the loss up: the step losses, each read before its update,
         # could not see it (a 1-step trial at 73x was "no_progress ... a plateau", review).
         return TrialResult(status=TrialStatus.diverged,
@@ -449,6 +450,16 @@ def _finish(setup: TrialSetup, model: nn.Module, batch_size: int, lr: float,
         loss_drop_per_sample=drop / samples, loss_drop_per_step=drop / steps,
         trial_step_time_s=step_time, noise_error=noise_error,
     )
+
+
+def divergence_reference(loss_start: float, loss_init: float | None) -> float | None:
+    """The loss whose DIVERGENCE_FACTOR multiple is divergence: the larger of the trial's
+    start and the loss at initialisation. None where that is not above 0: a loss that can be
+    negative (a Gaussian NLL, a negative ELBO) has no such multiple (with a floor of 1e-12,
+    any positive loss after a start of -5 was "diverged", review); non-finite losses still
+    are."""
+    reference = max(loss_start, loss_init if loss_init is not None else -math.inf)
+    return reference if reference > 0 else None
 
 
 def no_progress_text(loss_start: float, loss_end: float, steps: int) -> str:
