@@ -331,3 +331,16 @@ def test_the_real_step_is_skipped_where_it_would_be_large():
     assert check_real_step(task, max_bytes=1) is False
     with pytest.raises(Exception, match="Target 2 is out of bounds"):
         check_real_step(task)
+
+
+def test_an_embedding_bag_is_not_simulated_low_but_measured_or_refused():
+    """Its backward's kernel scratch is not in the simulation: check said "fits" 26-37% under
+    the allocator (review). probe measures real steps; check, which cannot, says so."""
+    import bsselect
+    from tasks.broken_steps import embedding_bag
+
+    result = bsselect.probe(embedding_bag(), memory="256MiB")
+    assert result.method == "measured" and "EmbeddingBag" in result.method_note
+    proc = check(f"{BROKEN_STEPS}:embedding_bag", "--batch-size", "64", "--memory", "256MiB")
+    assert proc.returncode == 1, proc.stdout
+    assert "nn.EmbeddingBag's backward" in proc.stderr and "--method measured" in proc.stderr

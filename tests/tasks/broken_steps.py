@@ -109,3 +109,21 @@ def bf16_dtype_mismatch() -> Task:
     x = _x()
     return Task(model=_Custom, train_data=TensorDataset(x, (x[:, 0] > 0).long()),
                 loss_fn=nn.functional.cross_entropy, lr=0.01)
+
+
+class _Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag, self.out = nn.EmbeddingBag(5000, 16, mode="mean"), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.out(self.bag(x))
+
+
+def embedding_bag() -> Task:
+    """nn.EmbeddingBag: its CPU backward allocates index-sized scratch no op returns (the
+    simulation was 26-37% under the allocator at b=2,048, review)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 5000, (256, 64), generator=g)
+    return Task(model=_Bag, train_data=TensorDataset(x, torch.randint(0, 2, (256,), generator=g)),
+                loss_fn=nn.functional.cross_entropy, lr=0.1)
