@@ -45,7 +45,8 @@ TaskArg = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON to stdout (logs go to stderr).")]
 MarginOpt = Annotated[float, typer.Option(help="Safety margin: use (1 - margin) of the budget.")]
 MemoryOpt = Annotated[Optional[str], typer.Option(
-    "--memory", help="Memory budget, e.g. 24GiB, 16GB, 512MiB. Default: free device memory.")]
+    "--memory", help="Memory budget, e.g. 24GiB, 16GB (10^9 bytes), 512MiB; a bare G, M or K "
+                     "is binary (24G = 24GiB). Default: free device memory.")]
 
 
 def guarded(fn: Callable[[], T]) -> T:
