@@ -183,17 +183,18 @@ def _scan_inputs(data: Dataset, mode: InputMode, seed: int, max_items: int,
     if _same_size_by_construction(data):
         size = item_elements(data[0]) if n else 0
         how = f"{_kind_of(data)}: every item has {size:,} elements"
-        reshaped = _collated_differ(data, sampled(), collate_fn, progress, sampled)
+        # the items are read only for a collate_fn's shapes or their values
+        order = sampled() if collate_fn is not None or by_values else []
+        reshaped = _collated_differ(data, order, collate_fn, progress, sampled)
         if reshaped is None:
             if by_values:
-                found = by_nonzero(sampled(), size, float(size), how, time.perf_counter())
+                found = by_nonzero(order, size, float(size), how, time.perf_counter())
                 if found:
                     return found
             return InputScan(mode, n, 0, True, size, float(size), how=how)
         shapes, text, order = reshaped
     else:
-        order = sampled()
-        shapes, text, order = _text_shapes(data, order, collate_fn, progress, sampled)
+        shapes, text, order = _text_shapes(data, sampled(), collate_fn, progress, sampled)
         if shapes is None:
             shapes = read_each(data, order, progress, item_shapes)
             if all(sh == shapes[0] for sh in shapes):
@@ -236,11 +237,8 @@ def _text_shapes(data: Dataset, order: list[int], collate_fn: Optional[Callable[
     try:
         tick = time.perf_counter()
         first = [size_of(data[i]) for i in order[:16]]
-        per_item = (time.perf_counter() - tick) / len(first)
-        limit = max(len(first), int(COLLATE_SCAN_S / max(per_item, 1e-9)))
-        if limit < len(order):
-            order = sampled(limit)
-        shapes = read_each(data, order, progress, size_of)
+        shapes, order = _collate_each(data, order, size_of, first, time.perf_counter() - tick,
+                                      progress, sampled)
     except CollateFailed as exc:
         return None, (f"; text ranked by characters: the collate_fn cannot take one item "
                       f"alone ({exc})"), order
@@ -249,6 +247,20 @@ def _text_shapes(data: Dataset, order: list[int], collate_fn: Optional[Callable[
         return None, ("; text ranked by characters: the collate_fn makes every item alone "
                       "one shape"), order
     return shapes, "; text measured as the collate_fn makes it (its tokens)", order
+
+
+def _collate_each(data: Dataset, order: list[int], size_of: Callable[[Any], tuple[Shape, ...]],
+                  first: list[tuple[Shape, ...]], first_s: float, progress: Optional[Progress],
+                  sampled: Callable[[int], list[int]]
+                  ) -> tuple[list[tuple[Shape, ...]], list[int]]:
+    """``size_of`` every item of ``order``, or of a seeded random sample of them where all
+    would take over ``COLLATE_SCAN_S`` at the pace of the ``first`` ones (``first_s``
+    seconds); and the items read."""
+    per_item = first_s / len(first)
+    limit = max(len(first), int(COLLATE_SCAN_S / max(per_item, 1e-9)))
+    if limit < len(order):
+        order = sampled(limit)
+    return read_each(data, order, progress, size_of), order
 
 
 COLLATE_PROBE_ITEMS = 256  # items collated alone to see whether the collate_fn reshapes
@@ -280,11 +292,8 @@ def _collated_differ(data: Dataset, order: list[int],
                 # the same items, other shapes: the collate_fn draws them (a random crop
                 # size), not a property of the item to rank by (review)
                 return None
-            per_item = (time.perf_counter() - tick) / len(probe)
-            limit = max(len(probe), int(COLLATE_SCAN_S / max(per_item, 1e-9)))
-            if limit < len(order):
-                order = sampled(limit)
-            shapes = read_each(data, order, progress, size_of)
+            shapes, order = _collate_each(data, order, size_of, probe,
+                                          time.perf_counter() - tick, progress, sampled)
     except CollateFailed:
         return None
     finally:
