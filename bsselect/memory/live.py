@@ -22,10 +22,6 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return inner if isinstance(inner, torch.Tensor) else t
 
 
-class SparseNotSimulated(RuntimeError):
-    """The simulated step made a sparse tensor: ``probe --method auto`` measures real steps."""
-
-
 def _strided_parts(t: torch.Tensor) -> list[torch.Tensor]:
     """The dense tensors that hold a tensor's memory: itself, or a sparse tensor's indices
     and values (an nn.Embedding(sparse=True) gradient: an internal error, review)."""

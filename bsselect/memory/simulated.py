@@ -45,8 +45,8 @@ from ..step import StepSettings, train_step
 from ..task import Task
 from .optim_impl import run_as_on
 from .fake import build_fake_model, fake_batch_leaf, new_fake_mode, real_batch, young_gc_only
-from .live import (SparseNotSimulated, live_at_step_start, local, module_tensors,
-                   optimizer_state_tensors, storage_bytes)
+from .live import (live_at_step_start, local, module_tensors, optimizer_state_tensors,
+                   storage_bytes)
 from .values import DataDependentOp, IndexOutOfRange, RealWhereKnown
 
 
@@ -153,9 +153,17 @@ _UNSIZED_SCRATCH = {getattr(torch.ops.aten, name).default for name in (
     "_embedding_bag_per_sample_weights_backward") if hasattr(torch.ops.aten, name)}
 
 
-class ScratchNotSimulated(RuntimeError):
-    """The step runs an op whose kernel scratch the simulation cannot size
-    (``_UNSIZED_SCRATCH``): ``probe --method auto`` measures real steps."""
+class NotSimulated(RuntimeError):
+    """The step does something whose memory the simulation cannot size: it becomes
+    ``CannotSimulate``, and ``probe --method auto`` measures real steps."""
+
+
+class SparseNotSimulated(NotSimulated):
+    """The simulated step made a sparse tensor."""
+
+
+class ScratchNotSimulated(NotSimulated):
+    """The step runs an op whose kernel scratch is not calibrated (``_UNSIZED_SCRATCH``)."""
 
 
 CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to this
@@ -592,8 +600,7 @@ def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
             except UsageError:
                 raise
             except Exception as exc:
-                kind = CannotSimulate if isinstance(
-                    exc, (DataDependentOp, SparseNotSimulated, ScratchNotSimulated)) \
+                kind = CannotSimulate if isinstance(exc, (DataDependentOp, NotSimulated)) \
                     else TaskError
                 # An index past an embedding's rows fails a real step too: no hint.
                 hint = "" if kind is CannotSimulate or isinstance(exc, IndexOutOfRange) \
