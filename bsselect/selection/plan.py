@@ -45,9 +45,9 @@ def _run_checkpoints(specs: Sequence[str | Path]) -> tuple[list["Checkpoint"], l
                 text.rpartition("@")[0]).expanduser().exists():
             # PATH@-3 or PATH@x: the file exists, the step is not a step (it said "no such
             # file or directory", review)
-            raise UsageError(f"--from-checkpoint {text}: @{text.rpartition('@')[2]} is not a "
-                             "step: name the optimizer step as an integer >= 0, e.g. "
-                             f"{text.rpartition('@')[0]}@2000")
+            path, _, step = text.rpartition("@")
+            raise UsageError(f"--from-checkpoint {text}: @{step} is not a step: name the "
+                             f"optimizer step as an integer >= 0, e.g. {path}@2000")
         else:  # a run's checkpoint directory stands for the checkpoints in it
             expanded.extend((str(c), str(c), None) for c in checkpoints_in(text) or [text])
     checkpoints, steps = [], []
