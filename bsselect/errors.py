@@ -26,6 +26,11 @@ class CannotSimulate(TaskError):
     value). ``probe --method auto`` falls back to real steps; ``check`` cannot."""
 
 
+class RealTooError(TaskError):
+    """A task error that a real step meets the same way: never "the simulation cannot run
+    it"."""
+
+
 class UsageError(BsselectError):
     """A bad option value or an entry point that cannot be loaded."""
 

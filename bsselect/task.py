@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .errors import CannotSimulate, TaskError, UsageError, one_line
+from .errors import CannotSimulate, RealTooError, TaskError, UsageError, one_line
 
 
 @dataclass
@@ -296,7 +296,11 @@ def validate_task(task: Task, on_meta: bool = False, precision: Any = None) -> N
         try:
             n = len(data)
         except TypeError as exc:
-            raise TaskError(f"Task.{name} must be a map-style Dataset with __len__") from exc
+            if not hasattr(data, "__len__"):
+                raise TaskError(f"Task.{name} must be a map-style Dataset with __len__") from exc
+            raise TaskError(f"len(Task.{name}) failed: {one_line(exc)}") from exc
+        except Exception as exc:  # noqa: BLE001 - len() refuses a negative __len__ (ValueError)
+            raise TaskError(f"len(Task.{name}) failed: {one_line(exc)}") from exc
         if n == 0:
             raise TaskError(f"Task.{name} is empty")
         try:
@@ -327,7 +331,7 @@ def validate_task(task: Task, on_meta: bool = False, precision: Any = None) -> N
                 _check_forward(task, model, x, y)
         except CannotSimulate:
             raise
-        except _RealToo:
+        except RealTooError:
             raise
         except TaskError as exc:
             from .memory.values import IndexOutOfRange
@@ -514,11 +518,6 @@ def _check_mean_reduction(task: Task, model: nn.Module) -> None:
             "and gradient norm bsselect measures scales with the batch size")
 
 
-class _RealToo(TaskError):
-    """A task error that a real step meets the same way: never "the simulation cannot run
-    it"."""
-
-
 def _check_precision(model: nn.Module, precision: Any) -> None:
     """An error a real step meets alike (the task's, not the simulation's) when ``precision``
     cannot train the model's parameters: fp16 scales the loss with GradScaler, which refuses
@@ -528,7 +527,7 @@ def _check_precision(model: nn.Module, precision: Any) -> None:
         return
     half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
     if half:
-        raise _RealToo(
+        raise RealTooError(
             f"--precision fp16 scales the loss with GradScaler, which cannot unscale float16 "
             f"gradients, and {len(half)} of the model's trainable parameters are float16 (first: "
             f"{half[0]}): keep the parameters in float32 (autocast runs the forward in fp16), "
@@ -544,7 +543,7 @@ def _check_optimizer(task: Task, model: nn.Module) -> None:
     try:
         opt = task.make_optimizer(model.parameters(), task.lr)
     except TaskError as exc:  # not an optimizer: the same for real steps
-        raise _RealToo(str(exc)) from exc
+        raise RealTooError(str(exc)) from exc
     except Exception:  # noqa: BLE001 - the step builds it again and says what is wrong
         return
     try:
@@ -552,7 +551,7 @@ def _check_optimizer(task: Task, model: nn.Module) -> None:
     except (TypeError, ValueError):
         return
     if closure is not None and closure.default is inspect.Parameter.empty:
-        raise _RealToo(
+        raise RealTooError(
             f"{type(opt).__name__}.step needs a closure (it re-evaluates the loss itself): "
             "bsselect steps the optimizer as a training loop does, optimizer.step() once "
             "per batch, so closure optimizers (LBFGS) are not supported")

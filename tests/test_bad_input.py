@@ -157,6 +157,52 @@ def test_an_optimizer_factory_that_returns_nothing_is_a_task_error(tmp_path, mon
                                "return?")
 
 
+BROKEN_TASKS = """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import Dataset, TensorDataset
+    from bsselect import Task
+
+    def build():
+        raise ValueError("config has no n_layers")
+
+    def factory_raises():
+        return Task(model=build, train_data=TensorDataset(torch.randn(8, 4), torch.zeros(8).long()),
+                    loss_fn=F.cross_entropy)
+
+    class Negative(Dataset):
+        def __len__(self):
+            return -1
+
+        def __getitem__(self, i):
+            return torch.randn(4), 0
+
+    def negative_len():
+        return Task(model=lambda: nn.Linear(4, 2), train_data=Negative(), loss_fn=F.cross_entropy)
+"""
+
+
+@pytest.mark.parametrize("factory, message", [
+    # the factory's own error, not "building the model on the meta device failed" and a hint
+    # to measure with real steps, which fail the same way (review)
+    ("factory_raises", "error: building the model failed: ValueError: config has no n_layers"),
+    # len() refuses a negative __len__: was "internal error" (review)
+    ("negative_len", "error: len(Task.train_data) failed: ValueError: __len__() should return "
+                     ">= 0"),
+])
+@pytest.mark.parametrize("command", [["probe", "--memory", "1GiB"],
+                                     ["check", "--batch-size", "8", "--memory", "1GiB"]])
+def test_a_broken_factory_or_dataset_is_named_as_the_tasks_error(tmp_path, monkeypatch, factory,
+                                                                 message, command):
+    path = tmp_path / "task.py"
+    path.write_text(textwrap.dedent(BROKEN_TASKS))
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli(command[0], f"{path}:{factory}", *command[1:])
+    assert proc.returncode == 1, proc.stderr
+    assert one_error(proc) == message
+
+
 def test_report_on_a_sweeps_json_output_is_one_error_not_a_flood(tmp_path):
     out = tmp_path / "full.json"
     out.write_text(json.dumps({"trials": [{"b": b} for b in range(50)]}, indent=1))
