@@ -596,4 +596,6 @@ def test_a_collate_fn_that_draws_its_shapes_is_not_ranked_by_them():
     random.seed(5)
     scan = scan_inputs(data, InputMode.worst_case, collate_fn=random_crop)
     assert scan.uniform and "collate_fn makes each alone" not in scan.how
+    # and it says the batch measured is one of the collate_fn's draws (was silent)
+    assert "draws each batch's shapes at random" in scan.how
     assert random.random() == expected

@@ -186,7 +186,8 @@ def _scan_inputs(data: Dataset, mode: InputMode, seed: int, max_items: int,
         # the items are read only for a collate_fn's shapes or their values
         order = sampled() if collate_fn is not None or by_values else []
         reshaped = _collated_differ(data, order, collate_fn, progress, sampled)
-        if reshaped is None:
+        if reshaped is None or reshaped[0] is None:
+            how += reshaped[1] if reshaped else ""
             if by_values:
                 found = by_nonzero(order, size, float(size), how, time.perf_counter())
                 if found:
@@ -199,8 +200,10 @@ def _scan_inputs(data: Dataset, mode: InputMode, seed: int, max_items: int,
             shapes = read_each(data, order, progress, item_shapes)
             if all(sh == shapes[0] for sh in shapes):
                 reshaped = _collated_differ(data, order, collate_fn, progress, sampled)
-                if reshaped is not None:
+                if reshaped is not None and reshaped[0] is not None:
                     shapes, text, order = reshaped
+                elif reshaped is not None:
+                    text = reshaped[1]
     elapsed = time.perf_counter() - start
     sizes = [shape_elements(sh) for sh in shapes]
     largest, mid = max(sizes), median(sizes)
@@ -264,18 +267,22 @@ def _collate_each(data: Dataset, order: list[int], size_of: Callable[[Any], tupl
 
 
 COLLATE_PROBE_ITEMS = 256  # items collated alone to see whether the collate_fn reshapes
+RANDOM_COLLATE_NOTE = ("; the collate_fn draws each batch's shapes at random (the same items "
+                       "collated again came out other shapes): memory is measured on one of "
+                       "its draws, and a larger draw needs more")
 
 
 def _collated_differ(data: Dataset, order: list[int],
                      collate_fn: Optional[Callable[[list], Any]], progress: Optional[Progress],
                      sampled: Callable[[int], list[int]]
-                     ) -> Optional[tuple[list[tuple[Shape, ...]], str, list[int]]]:
+                     ) -> Optional[tuple[Optional[list[tuple[Shape, ...]]], str, list[int]]]:
     """Items all one shape as stored, which ``collate_fn`` makes into different shapes
     alone (items stored padded to 512, a collate_fn that trims each batch to its longest
     real row: the scan called them uniform and measured a random batch, 12x under the batch
     holding the one long item, review): each item's collated shapes, the note, the items
     read. None where there is no collate_fn, it cannot take one item, or the first
-    ``COLLATE_PROBE_ITEMS`` come out one shape (the common case: it only stacks)."""
+    ``COLLATE_PROBE_ITEMS`` come out one shape (the common case: it only stacks); no shapes
+    and ``RANDOM_COLLATE_NOTE`` where it draws them at random."""
     if collate_fn is None or collate_fn is torch.utils.data.default_collate or not order:
         return None
     import random
@@ -290,8 +297,9 @@ def _collated_differ(data: Dataset, order: list[int],
                 return None
             if [size_of(data[i]) for i in order[:8]] != probe[:8]:
                 # the same items, other shapes: the collate_fn draws them (a random crop
-                # size), not a property of the item to rank by (review)
-                return None
+                # size), not a property of the item to rank by (review); said, since the
+                # batch measured is then one draw of the collate_fn's, not its largest
+                return None, RANDOM_COLLATE_NOTE, order
             shapes, order = _collate_each(data, order, size_of, probe,
                                           time.perf_counter() - tick, progress, sampled)
     except CollateFailed:
