@@ -68,3 +68,18 @@ def one_line(exc: BaseException) -> str:
     """``TypeError: bad shape`` — the first line of an exception, for one-line errors."""
     first = first_line(exc)
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def meta_device_error(exc: BaseException) -> bool:
+    """Whether an error raised while building on the ``meta`` device came from it: torch names
+    the meta device in what it raises there (``.item()``, ``.tolist()``, ``.numpy()``, an op
+    with no meta kernel). An error that does not (a missing config key, a bad argument) is the
+    factory's own, and would be raised building for real too."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if "meta" in str(cause).lower():
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False

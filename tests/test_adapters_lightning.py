@@ -300,3 +300,22 @@ def test_a_module_that_cannot_build_on_meta_or_needs_arguments_is_said_in_api_te
         Task.from_lightning(_NeedsWidth, train_dataloader=_loader(24))
     task = Task.from_lightning(lambda: _NeedsWidth(32), train_dataloader=_loader(24))
     assert task.model().module.net[0].out_features == 32
+
+
+class _BadConfig(lightning_tasks.Classifier):
+    builds = 0
+
+    def __init__(self) -> None:
+        type(self).builds += 1
+        raise ValueError("width must be even")
+
+
+def test_a_module_whose_init_fails_on_its_own_is_not_built_again_for_real():
+    """An __init__ that raises its own error (not the meta device's) was built a second time
+    for real, where a large module allocates all its weights before failing the same way."""
+    from bsselect.errors import TaskError
+
+    with pytest.raises(TaskError, match="building the LightningModule failed: ValueError: "
+                                        "width must be even"):
+        Task.from_lightning(_BadConfig, train_dataloader=_loader(24))
+    assert _BadConfig.builds == 1

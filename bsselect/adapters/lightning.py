@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..errors import TaskError, UsageError, one_line
+from ..errors import TaskError, UsageError, meta_device_error, one_line
 from . import batch_len, loader_sampling, model_factory, norm_or_none
 
 
@@ -130,8 +130,9 @@ def _built(build: Callable[[], nn.Module]) -> nn.Module:
             raise UsageError(f"from_lightning builds {build.__name__}() without arguments, "
                              f"which it cannot ({one_line(exc)}): pass an instance or a "
                              f"factory, e.g. lambda: {build.__name__}(...)") from exc
-    except Exception:  # noqa: BLE001 - meta-hostile code: built for real below
-        pass
+    except Exception as exc:  # noqa: BLE001 - meta-hostile code: built for real below
+        if not meta_device_error(exc):  # the module's own error: building for real repeats it
+            raise TaskError(f"building the LightningModule failed: {one_line(exc)}") from exc
     try:
         return build()
     except Exception as exc:

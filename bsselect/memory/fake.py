@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..errors import CannotSimulate, RealTooError, TaskError, one_line
+from ..errors import CannotSimulate, RealTooError, TaskError, meta_device_error, one_line
 from ..step import REAL_ITEMS_MAX, make_batch
 from ..task import Task
 from .values import RealWhereKnown, keep_real, really
@@ -89,20 +89,6 @@ def to_fake_cpu(model: nn.Module, fake_mode: Any) -> None:
                 setattr(module, name, twin(value))
 
 
-def _meta_caused(exc: BaseException) -> bool:
-    """Whether an error raised while building on the ``meta`` device came from it: torch names
-    the meta device in what it raises there (``.item()``, ``.tolist()``, ``.numpy()``, an op
-    with no meta kernel). An error that does not (a missing config key, a bad argument) is the
-    factory's own, and would be raised building for real too."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if "meta" in str(exc).lower() or "register_meta" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
 def build_fake_model(task: Task, fake_mode: Any) -> nn.Module:
     """``task.model()`` built on the ``meta`` device (nothing is allocated, and ``.to()``
     inside ``__init__`` works, which FakeTensor parameters do not support), then turned into
@@ -111,7 +97,7 @@ def build_fake_model(task: Task, fake_mode: Any) -> nn.Module:
         with torch.device("meta"):
             model = task.model()
     except Exception as exc:
-        if not _meta_caused(exc):  # review: the factory's own error, blamed on the simulation
+        if not meta_device_error(exc):  # review: the factory's own error, blamed on the simulation
             raise RealTooError(f"building the model failed: {one_line(exc)}") from exc
         raise TaskError(
             "building the model on the meta device failed (meta tensors have shapes but no "
