@@ -485,8 +485,10 @@ def _check_mean_reduction(task: Task, model: nn.Module) -> None:
     each item's loss is its own), the loss of ``SUM_ITEMS`` items together is their mean
     loss for a mean and ``SUM_ITEMS`` times it for a sum, both exactly up to rounding. Any
     other relation (a contrastive loss, whose one-item loss is 0; token means over rows of
-    different lengths) is not a sum and passes. Items the model cannot take one at a time
-    skip the check."""
+    different lengths) is not a sum and passes. Where the model cannot take one item at a
+    time (a ``.squeeze()`` that makes a batch of one 0-d: review, a summed BCE passed and
+    every lr was b times too large), the items are taken in pairs; where it cannot take those
+    either, the check is skipped."""
     from .step import collate
 
     n = min(SUM_ITEMS, len(task.train_data))  # type: ignore[arg-type]
@@ -499,23 +501,40 @@ def _check_mean_reduction(task: Task, model: nn.Module) -> None:
             items = [task.train_data[i] for i in range(n)]
             x, y = collate(task, items)
             together = float(task.loss_fn(model(x), y))
-            alone = []
-            for item in items:
-                x, y = collate(task, [item])
-                alone.append(float(task.loss_fn(model(x), y)))
-    except Exception:  # noqa: BLE001 - a batch of one the model cannot take: no check
+            for size in (1, 2):
+                if n < 2 * size:
+                    return
+                try:
+                    groups = [float(task.loss_fn(*_forward(task, model, items[i:i + size])))
+                              for i in range(0, n - n % size, size)]
+                    break
+                except Exception:  # noqa: BLE001 - a batch this small the model cannot take
+                    continue
+            else:
+                return
+    except Exception:  # noqa: BLE001 - the batch itself fails: the step's own check says why
         return
     finally:
         model.train(was_training)
-    mean_alone = sum(alone) / n
-    if not (mean_alone > 0 and math.isfinite(together)):
+    mean_group = sum(groups) / len(groups)
+    if not (mean_group > 0 and math.isfinite(together)):
         return
-    if abs(together - n * mean_alone) <= 1e-3 * n * mean_alone:
+    times = len(groups)  # a sum over the n items is the groups' sum, len(groups) times their mean
+    if abs(together - times * mean_group) <= 1e-3 * times * mean_group:
+        mean_item = mean_group / size  # a group's summed loss over its items
         raise TaskError(
             f"Task.loss_fn sums over the batch: {n} items give a loss of {together:.4g}, {n}x "
-            f"their mean loss {mean_alone:.4g}; it must be the MEAN over the batch (e.g. "
+            f"their mean loss {mean_item:.4g}; it must be the MEAN over the batch (e.g. "
             "reduction='mean', or divide the sum by the batch size), or every learning rate "
             "and gradient norm bsselect measures scales with the batch size")
+
+
+def _forward(task: Task, model: nn.Module, items: list) -> tuple[Any, Any]:
+    """The model's output on ``items`` collated, and their targets."""
+    from .step import collate
+
+    x, y = collate(task, items)
+    return model(x), y
 
 
 def _check_precision(model: nn.Module, precision: Any) -> None:

@@ -120,6 +120,27 @@ def vae_like():  # a reconstruction and a penalty, both summed over the batch
     return Task(model=_net, train_data=_data(), loss_fn=loss, lr=0.01)
 
 
+class _Squeezed(nn.Module):  # a binary classifier's idiom: a batch of one comes out 0-d
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.lin(x).squeeze()
+
+
+def squeezed_sum():  # a single item fails BCE's size check: checked on pairs (review)
+    return Task(model=_Squeezed, train_data=_data(), lr=0.01,
+                loss_fn=lambda out, y: nn.functional.binary_cross_entropy_with_logits(
+                    out, y.float(), reduction="sum"))
+
+
+def squeezed_mean():
+    return Task(model=_Squeezed, train_data=_data(), lr=0.01,
+                loss_fn=lambda out, y: nn.functional.binary_cross_entropy_with_logits(
+                    out, y.float()))
+
+
 def contrastive():  # batch-dependent, 0 for one item: not a sum
     def loss(out, y):
         z = nn.functional.normalize(out, dim=1)
@@ -143,12 +164,12 @@ def test_a_loss_summed_over_the_batch_is_refused_and_means_pass(tmp_path):
     # loss's is 0.279, and the sweep scaled lrs that were already b times too large.
     path = tmp_path / "sums.py"
     path.write_text(SUM_TASKS)
-    for name in ("summed", "vae_like"):
+    for name in ("summed", "vae_like", "squeezed_sum"):
         task, _ = load_task(f"{path}:{name}")
         with pytest.raises(TaskError, match=r"Task.loss_fn sums over the batch: 4 items give "
                                              r"a loss of [\d.]+, 4x their mean loss"):
             validate_task(task)
-    for name in ("contrastive", "weighted", "per_row_sum"):
+    for name in ("contrastive", "weighted", "per_row_sum", "squeezed_mean"):
         validate_task(load_task(f"{path}:{name}")[0])
     done = run_cli("noise", f"{path}:summed")
     assert done.returncode == 1
