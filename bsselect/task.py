@@ -105,7 +105,12 @@ class Task:
         return from_lightning(module, datamodule, **options)
 
     def make_optimizer(self, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        """The task's optimizer at ``lr``; default SGD with momentum 0.9."""
+        """The task's optimizer at ``lr``; default SGD with momentum 0.9. ``params`` reach the
+        factory as a list: ``model.parameters()`` is a generator, and a factory that reads it
+        twice (weight decay for matrices, none for biases) found the second group empty, and
+        those parameters never trained (review)."""
+        if not isinstance(params, (list, tuple)):
+            params = list(params)
         if self.optimizer is not None:
             made = self.optimizer(params, lr)
             if not (hasattr(made, "step") and hasattr(made, "param_groups")):

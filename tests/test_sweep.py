@@ -1133,3 +1133,62 @@ def test_a_nan_in_the_data_is_not_reported_as_an_lr_too_high(tmp_path):
     blown = sweep(high, batch_sizes=[8, 16, 32, 64], budget="2200", seed=0,
                   noise_measurements=0, journal=tmp_path / "h.jsonl").failure()
     assert "lower lr" in str(blown) and "data order" not in str(blown)
+
+
+def test_a_group_at_a_fixed_lr_scales_alike_in_fresh_and_warm_started_trials(tmp_path):
+    """A backbone group at a constant lr (0.005, the task's lr 0.05): fresh trials built the
+    optimizer at the trial's lr, so that group stayed at 0.005 at every batch size, while
+    warm-started trials scaled it (review). Now both keep its ratio to the task's lr."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from bsselect import Task, sweep
+
+    class Logged(torch.optim.SGD):
+        pass
+
+    def factory(params, lr):
+        params = list(params)
+        return Logged([{"params": params[:2], "lr": 0.005}, {"params": params[2:]}], lr=lr,
+                      momentum=0.9)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g)
+    y = (x[:, :2].sum(1) > 0).long()
+    task = Task(model=lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)),
+                train_data=TensorDataset(x, y), loss_fn=nn.functional.cross_entropy,
+                optimizer=factory, lr=0.05, base_batch_size=16)
+    for warm in (0, 2):
+        ratios = set()
+        orig = Logged.step
+
+        def step(self, closure=None, _ratios=ratios):
+            body, head = (grp["lr"] for grp in self.param_groups)
+            if head:
+                _ratios.add(round(body / head, 9))
+            return orig(self, closure)
+
+        Logged.step = step
+        try:
+            sweep(task, batch_sizes=[16, 64], budget="256", noise_measurements=0,
+                  journal=tmp_path / f"j{warm}.jsonl", warmup_steps=0, warm_start_steps=warm)
+        finally:
+            Logged.step = orig
+        assert ratios == {0.1}, (warm, ratios)
+
+
+def test_an_optimizer_factory_may_read_its_parameters_twice(tmp_path):
+    """``model.parameters()`` is a generator: a factory splitting it into decayed matrices
+    and undecayed biases found the second group empty, and the biases never trained."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from bsselect import Task
+
+    task = Task(model=lambda: nn.Linear(4, 2), loss_fn=nn.functional.cross_entropy,
+                train_data=TensorDataset(torch.randn(8, 4), torch.zeros(8).long()),
+                optimizer=lambda ps, lr: torch.optim.SGD(
+                    [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": 5e-4},
+                     {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}], lr=lr))
+    opt = task.make_optimizer(nn.Linear(4, 2).parameters(), 0.1)
+    assert [len(grp["params"]) for grp in opt.param_groups] == [1, 1]

@@ -246,7 +246,10 @@ def trial_seed(seed: int, batch_size: int) -> int:
 def _fresh_model(setup: TrialSetup, lr: float, branch: bool = False
                  ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The task's model at ``setup.initial_state`` in training mode, and its optimizer at
-    ``lr`` (built at the task's lr, so that optimizers that refuse lr 0 still build); with
+    ``lr``: built at the task's lr, so that optimizers that refuse lr 0 still build, and a
+    group the factory gives its own lr (a backbone at a tenth) keeps its ratio to the task's
+    lr at every batch size (built at the trial's lr, that group stayed at its fixed lr in
+    fresh trials and was scaled in warm-started ones: review); with
     ``branch``, also the warm start's optimizer state. Under torchrun a failure on one rank
     fails all ranks."""
     task = setup.task
@@ -254,9 +257,8 @@ def _fresh_model(setup: TrialSetup, lr: float, branch: bool = False
         model = task.model().to(setup.device)
         model.load_state_dict(setup.initial_state)
         model.train()
-        built = task.lr if lr == 0 else lr
-        optimizer = task.make_optimizer(model.parameters(), built)
-        keep_group_ratios(optimizer, built)
+        optimizer = task.make_optimizer(model.parameters(), task.lr)
+        keep_group_ratios(optimizer, task.lr)
         if branch and setup.optimizer_state is not None:  # the base run's moments
             optimizer.load_state_dict(copy.deepcopy(setup.optimizer_state))
         set_lr(optimizer, lr)
