@@ -875,11 +875,13 @@ def test_each_trial_measures_its_noise_on_its_own_batches(tmp_path, monkeypatch)
     from bsselect.selection import noise as noise_mod
 
     seeds = {}
+    sizes = set()
     real = noise_mod.estimate_noise
 
     def spy(model, task, **kw):
         seeds.setdefault(kw["seed"], 0)
         seeds[kw["seed"]] += 1
+        sizes.add(len(task.train_data))
         return real(model, task, **kw)
 
     monkeypatch.setattr(noise_mod, "estimate_noise", spy)
@@ -891,6 +893,10 @@ def test_each_trial_measures_its_noise_on_its_own_batches(tmp_path, monkeypatch)
     assert all(t.ok and t.grad_sq_norm is not None for t in result.trials)
     assert len(seeds) == 3 and set(seeds.values()) == {1}
     assert set(seeds) == {trials_mod.noise_seed(0, b) for b in (8, 16, 32)}
+    # "tiny" has no val_data: the noise is measured on the items the trials train on, not
+    # on the held-out tenth the sweep validates on (review)
+    n = len(task.train_data)
+    assert sizes == {n - n // 10}
 
 
 def test_resume_times_every_ok_size_so_no_old_step_time_is_ranked(cut_journal, finished):

@@ -60,7 +60,7 @@ from .timing import RoundTiming, cpu_threads, progress_units
 from .trial_types import RERUN_ON_RESUME, TrialResult
 from .trials import (EVAL_BATCH, WARM_START_SEED_OFFSET, BudgetKind, TrialBudget, TrialSetup,
                      _fresh_model, _step_options, _timed_step, cycle_batches, run_trial, set_lr,
-                     time_batch_sizes)
+                     time_batch_sizes, training_task)
 
 __all__ = ["BatchSchedule", "Branch", "Prediction", "ScheduleHooks", "SchedulePoint",
            "ScheduleResult", "ScheduleSettings", "Stage", "critical_batch", "default_horizon",
@@ -326,7 +326,7 @@ def _noise_at(setup: TrialSetup, model: torch.nn.Module, measurements: int, seed
         return None
     b_small, b_big = default_batch_sizes(setup.task)
     try:
-        est, _ = estimate_noise(model, setup.task, b_small=b_small, b_big=b_big,
+        est, _ = estimate_noise(model, training_task(setup), b_small=b_small, b_big=b_big,
                                 measurements=measurements, seed=seed,
                                 precision=setup.precision)
     except Exception as exc:  # noqa: BLE001 - the point stands without it

@@ -534,12 +534,21 @@ def noise_seed(seed: int, batch_size: int) -> int:
     return (trial_seed(seed, batch_size) + 1000) % (2**63 - 1)
 
 
+def training_task(setup: TrialSetup) -> Task:
+    """The task as the trials train it: without the held-out split ``split_validation`` made
+    where it has no val_data (the noise measured on items the run validates on, and the
+    finite-population correction over them, before: review)."""
+    if setup.train_data is setup.task.train_data:
+        return setup.task
+    return dataclasses.replace(setup.task, train_data=setup.train_data)
+
+
 def _estimate_noise(setup: TrialSetup, model: nn.Module, b_small: int, b_big: int,
                     seed: int) -> NoiseEstimate:
     from .noise import estimate_noise
 
     model.train()
-    estimate, _ = estimate_noise(model, setup.task, b_small=b_small, b_big=b_big,
+    estimate, _ = estimate_noise(model, training_task(setup), b_small=b_small, b_big=b_big,
                                  measurements=setup.noise_measurements, seed=seed,
                                  precision=setup.precision)
     return estimate
