@@ -537,6 +537,38 @@ def test_parameter_attributes_survive_the_fake_twins():
     assert isinstance(twin, nn.Parameter) and twin.no_decay is True
 
 
+class _HookedParameters(nn.Module):
+    """Hooks on the parameters, registered in ``__init__``: a gradient hook that returns a
+    new gradient (kept beside the engine's), and one after accumulation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                                 nn.Linear(512, 4))
+        for p in self.parameters():
+            p.register_hook(lambda g: g * 1.0)
+            p.register_post_accumulate_grad_hook(_halve_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _halve_grad(p: torch.Tensor) -> None:
+    p.grad.mul_(0.5)
+
+
+@pytest.mark.parametrize("batch_size", [8, 64])
+def test_hooks_on_the_parameters_survive_the_fake_twins(batch_size: int) -> None:
+    """They live outside the tensor's __dict__: the twins dropped them, and the step of a
+    model whose hooks keep each gradient twice simulated 17% low (review: 24%)."""
+    gen = torch.Generator().manual_seed(0)
+    task = Task(model=_HookedParameters, loss_fn=F.cross_entropy,
+                train_data=TensorDataset(torch.randn(128, 64, generator=gen),
+                                         torch.randint(4, (128,), generator=gen)))
+    sim, real = simulate_step_peak(task, batch_size), cpu_step_peak(task, batch_size)
+    assert sim.peak_bytes == real.peak_bytes
+
+
 class _GatheringOrthogonaliser(torch.optim.Optimizer):
     """Muon-like and FSDP2-aware as distributed Muon implementations are: a sharded momentum
     is gathered to the full matrix (``full_tensor``), orthogonalised by Newton-Schulz steps,
