@@ -222,6 +222,10 @@ class RealWhereKnown(TorchDispatchMode):
                 return out
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         all_real = not any(is_fake(t) for t in tensors)
+        if not all_real and func in _VALUES_FROM_SHAPE:
+            out = _values_from_shape(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
         if tensors and all_real and func._schema.is_mutable and not _runs_for_real(func):
             # A random op writing into a real tensor (``keep = torch.zeros(s).bernoulli_(p)``,
             # word dropout): on the fake pass the tensor kept its old values, and a mask drawn
@@ -261,6 +265,37 @@ class RealWhereKnown(TorchDispatchMode):
                 raise DataDependentOp(_advice(func, self.capped), _what(func)) from exc
             _value_shaped(func)
             return out
+
+
+# Ops whose values never depend on their tensor input's values, only on its shape:
+# ``torch.ones_like(input_values, dtype=torch.long)`` is the attention mask wav2vec2's CTC
+# head builds when the batch has none, and its lengths decide the CTC loss's shapes; left
+# fake, the step failed as data-dependent (review). Name: the fill value's argument index.
+_VALUES_FROM_SHAPE = {aten.ones_like.default: None, aten.zeros_like.default: None,
+                      aten.full_like.default: 1, aten.new_ones.default: None,
+                      aten.new_zeros.default: None, aten.new_full.default: 2}
+_FILL = {aten.ones_like.default: 1, aten.zeros_like.default: 0, aten.new_ones.default: 1,
+         aten.new_zeros.default: 0}
+
+
+def _values_from_shape(func: Any, args: tuple, kwargs: dict) -> Any:
+    """A real result for a ``_VALUES_FROM_SHAPE`` op on a fake input, where it is small
+    (NotImplemented otherwise, and for a fill value that is itself a fake tensor)."""
+    source = args[0]
+    name = _op_name(func)
+    size = tuple(args[1]) if name.startswith("new_") else tuple(source.shape)
+    index = _VALUES_FROM_SHAPE[func]
+    fill = args[index] if index is not None else _FILL[func]
+    if isinstance(fill, torch.Tensor):
+        return NotImplemented
+    dtype = kwargs.get("dtype") or source.dtype
+    numel = 1
+    for n in size:
+        numel *= int(n)
+    if numel * dtype.itemsize > REAL_RESULT_MAX_BYTES:
+        return NotImplemented
+    with really():
+        return torch.full(size, fill, dtype=dtype, device="cpu")
 
 
 STAND_IN_MAX_BYTES = 256 * 2**20  # fake inputs stood in for by real ones, at most
