@@ -279,8 +279,9 @@ _FILL = {aten.ones_like.default: 1, aten.zeros_like.default: 0, aten.new_ones.de
 
 
 def _values_from_shape(func: Any, args: tuple, kwargs: dict) -> Any:
-    """A real result for a ``_VALUES_FROM_SHAPE`` op on a fake input, where it is small
-    (NotImplemented otherwise, and for a fill value that is itself a fake tensor)."""
+    """A real result for a ``_VALUES_FROM_SHAPE`` op on a fake input, where it is an integer
+    or boolean tensor (a mask, lengths) and small; NotImplemented otherwise, and for a fill
+    value that is itself a fake tensor."""
     source = args[0]
     name = _op_name(func)
     size = tuple(args[1]) if name.startswith("new_") else tuple(source.shape)
@@ -289,6 +290,8 @@ def _values_from_shape(func: Any, args: tuple, kwargs: dict) -> Any:
     if isinstance(fill, torch.Tensor):
         return NotImplemented
     dtype = kwargs.get("dtype") or source.dtype
+    if dtype.is_floating_point or dtype.is_complex:
+        return NotImplemented  # an activation or optimizer state (zeros_like(p)): stays fake
     numel = 1
     for n in size:
         numel *= int(n)
