@@ -188,10 +188,11 @@ def step_lines(data: dict[str, Any]) -> list[str]:
     elif inputs == "typical":
         lines.append("inputs: typical — random batches (a batch of longer items needs more)")
     precision = data.get("precision", "fp32")
-    if precision != "fp32" and data.get("shard_ranks", 1) > 1:
+    if precision != "fp32" and data.get("sharding"):  # world size 1 too (review)
+        dtype = data.get("parameter_dtype") or "float32"
         lines.append(f"precision: FSDP2 MixedPrecisionPolicy — {precision} copies of the "
-                     "parameters for compute, fp32 sharded parameters, gradients reduced in "
-                     "fp32")
+                     f"parameters for compute, {dtype} sharded parameters, gradients reduced "
+                     "in fp32")
     elif precision != "fp32":
         scaling = " with GradScaler" if precision == "fp16" else ""
         dtype = data.get("parameter_dtype")
@@ -200,6 +201,11 @@ def step_lines(data: dict[str, Any]) -> list[str]:
     if data.get("optimizer_impl"):
         lines.append(f"optimizer: {data['optimizer_impl']} implementation"
                      + (" (as CUDA runs it)" if data.get("target") == "cuda" else ""))
+    if data.get("target") == "same" and "fits" in data:
+        # check simulates on the CPU: a GPU's --memory against this machine's step, in
+        # silence (review)
+        lines.append("target: this machine's CPU step, without CUDA's terms (context, "
+                     "workspaces, fragmentation); for a GPU: --target cuda or --device-preset")
     accumulate = data.get("accumulate", 1)
     if accumulate > 1:
         ranks = data.get("shard_ranks", 1)

@@ -344,3 +344,41 @@ def test_an_embedding_bag_is_not_simulated_low_but_measured_or_refused():
     proc = check(f"{BROKEN_STEPS}:embedding_bag", "--batch-size", "64", "--memory", "256MiB")
     assert proc.returncode == 1, proc.stdout
     assert "nn.EmbeddingBag's backward" in proc.stderr and "--method measured" in proc.stderr
+
+
+def test_a_preset_implies_cuda_over_the_files_target_and_same_with_a_preset_is_refused():
+    """A pyproject `target = "same"` won over the --device-preset that implies --target
+    cuda: the T4's max_batch came out 23% high, without the CUDA terms (review). And a GPU
+    preset against this machine's CPU step is refused, whoever asked for it."""
+    config = merge_config({"device_preset": "t4-16gb"},
+                          {"batch_size": 8, "memory": "16GiB", "target": "same"})
+    assert config.target.value == "cuda"
+    with pytest.raises(UsageError, match=r"^--device-preset h100-80gb is a GPU, and --target "
+                                         r"same would check this machine's CPU step"):
+        merge_config({"device_preset": "h100-80gb", "target": "same"}, {"batch_size": 8})
+    with pytest.raises(UsageError, match=r'^device_preset = "t4-16gb" in my.toml is a GPU, and '
+                                         r'target = "same" in my.toml would'):
+        merge_config({}, {"batch_size": 8, "device_preset": "t4-16gb", "target": "same"},
+                     "my.toml")
+    assert merge_config({}, {"batch_size": 8, "memory": "1GiB"}).target.value == "same"
+
+
+def test_a_cpu_target_says_so_under_the_verdict():
+    """`check --memory 80GiB` on a CPU machine checks the CPU's step: said, not left to the
+    user to guess (review)."""
+    proc = check("digits-mlp", "--batch-size", "8", "--memory", "1GiB")
+    assert proc.returncode == 0, proc.stderr
+    assert "target: this machine's CPU step, without CUDA's terms" in proc.stdout
+    cuda = check("digits-mlp", "--batch-size", "8", "--device-preset", "t4-16gb")
+    assert "target: this machine's CPU step" not in cuda.stdout
+
+
+def test_the_sharded_precision_line_names_the_parameters_dtype_at_any_world_size():
+    """World size 1 was described as plain autocast, and a bf16-built model's shards as fp32,
+    where both simulate FSDP2's MixedPrecisionPolicy over the model's own dtype (review)."""
+    from bsselect.run_options import step_lines
+
+    lines = step_lines({"precision": "bf16", "sharding": "FSDP2 over 1 ranks", "shard_ranks": 1,
+                        "parameter_dtype": "bfloat16"})
+    assert ("precision: FSDP2 MixedPrecisionPolicy — bf16 copies of the parameters for "
+            "compute, bfloat16 sharded parameters, gradients reduced in fp32") in lines

@@ -247,8 +247,19 @@ def merge_config(cli: dict[str, Any], file: dict[str, Any],
     if budget_source == "--memory" and cli.get("memory") is None:
         budget_source = f"memory in {source}"  # not a flag the user passed (review)
     margin = named(("margin",), lambda: check_margin(float(pick("margin", 0.2))))
-    target_name = pick("target", "cuda" if preset else "same")
+    if cli.get("target") is None and cli.get("device_preset") is not None:
+        target_name = "cuda"  # the flag's "implies --target cuda" wins over the file's target
+    else:
+        target_name = pick("target", "cuda" if preset else "same")
     target = parse_choice(Target, target_name, "target")
+    if preset and target is Target.same:
+        where = "--target same" if cli.get("target") else f"target = \"same\" in {source}"
+        named_preset = (f"--device-preset {preset}" if cli.get("device_preset") else
+                        f"device_preset = \"{preset}\" in {source}")
+        raise UsageError(
+            f"{named_preset} is a GPU, and {where} would check this machine's CPU "
+            "step against its memory (CPU kernels, no CUDA context, workspaces or "
+            "fragmentation): leave the target out, as the preset implies --target cuda")
     from ..run_options import check_accumulate, shard_plan
 
     accumulate = check_accumulate(pick("accumulate", 1), "accumulate")
