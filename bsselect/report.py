@@ -405,8 +405,9 @@ def render_schedule(result: Any) -> None:
                       _f(p.critical_batch_size, "d"), _f(p.fastest_batch_size, "d"), *cells)
     out.print(table)
     out.print(f"critical b: the largest batch whose loss drop over the branch is within "
-              f"{s.tolerance:.0%} of the smallest batch's; fastest b: the largest loss drop per "
-              "second at the measured step times", highlight=False)
+              f"{s.tolerance:.0%} of the smallest batch's; fastest b: of the batches whose loss "
+              "drop per second ties with the best within the step times' spread, the one with "
+              "the largest drop", highlight=False)
     stages = Table(box=None, pad_edge=False)
     for col in ("stage", "from sample", "batch", "lr", "predicted steps", "predicted time"):
         stages.add_column(col, justify="right")

@@ -200,6 +200,12 @@ def test_resume_continues_overwrite_replaces_new_refuses(tmp_path):
     j.append(trial(32))
     assert [t.batch_size for t in load(path).trials] == [8, 16, 32]
     assert len(path.read_text().splitlines()) == 4  # still one header
+    # one writer at a time: a second run on the journal of one that is still going left its
+    # trials under the other's header (review)
+    for mode in JournalMode:
+        with pytest.raises(UsageError, match="is being written by another bsselect run"):
+            Journal(path, task=TASK, settings=SETTINGS, mode=mode)
+    j.close()
     with pytest.raises(UsageError, match="already exists; pass --resume to continue it, "
                                          "--overwrite to replace it, or choose a new --journal "
                                          "path"):
@@ -438,3 +444,51 @@ def test_resume_refuses_trials_of_a_task_that_changed_without_changing_shapes(tm
     assert ("task changed since the journal" in changed.stderr
             or "another version of the task" in changed.stderr)
     assert journal.read_text() == kept  # refused with the journal as it was
+
+
+def test_a_journal_of_another_format_is_refused(tmp_path):
+    """The format version was written but never compared: a newer format was read under
+    this one's rules (review)."""
+    path = tmp_path / "sweep.jsonl"
+    write(path, [trial(8)])
+    lines = path.read_text().splitlines()
+    lines[0] = lines[0].replace('"bsselect_journal":1', '"bsselect_journal":2')
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UsageError, match=r"the journal's format is 2 .* reads format 1"):
+        load(path)
+
+
+def test_a_write_that_fails_mid_run_is_one_line_that_keeps_the_journal(tmp_path):
+    """Disk full was "internal error: OSError ..." (review): now it names the journal and
+    --resume."""
+    from pathlib import Path
+
+    from bsselect.selection.journal import JournalWriteError, _append_line
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    with pytest.raises(JournalWriteError, match=r"cannot write to the journal '/dev/full' "
+                                                r"\(No space left on device\); what it already "
+                                                r"holds is kept: make room and rerun with "
+                                                r"--resume"):
+        _append_line(Path("/dev/full"), '{"trial":{}}')
+
+
+def test_a_second_process_cannot_write_a_journal_in_use(tmp_path):
+    """The lock holds across processes: a second sweep on the same --journal, --overwrite
+    included, exits 2 with one line while the first runs."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "sweep.jsonl"
+    write(path, [trial(8)])
+    holder = Journal(path, task=TASK, settings=SETTINGS, mode=JournalMode.resume)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bsselect", "sweep", "linreg", "--batch-sizes", "8,16",
+             "--journal", str(path), "--overwrite"], capture_output=True, text=True, timeout=300)
+    finally:
+        holder.close()
+    assert proc.returncode == 2, proc.stderr
+    assert "is being written by another bsselect run" in proc.stderr
+    assert [t.batch_size for t in load(path).trials] == [8]  # nothing overwritten

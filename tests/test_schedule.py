@@ -420,9 +420,11 @@ def test_cli_schedule_json_and_table(tmp_path):
                     "--threads", "1", "--overwrite")
     assert table.returncode == 0, table.stderr
     assert "Schedule" in table.stdout and "predicted for the schedule" in table.stdout
-    # what is about to run, said before it runs (review: hours of work started in silence)
+    # what is about to run, said before it runs (review: hours of work started in silence),
+    # and which of the sizes asked for it leaves out (said only at the end, before: review)
     assert (f"planning {task}: horizon 1,024 samples, 5 points, branches of 64 samples at "
-            f"batch sizes [8, 16], journal {tmp_path / 'j.jsonl'}"
+            f"batch sizes [8, 16] (32 left out: fewer than 4 steps per branch), journal "
+            f"{tmp_path / 'j.jsonl'}"
             in " ".join(table.stderr.split()))
 
 

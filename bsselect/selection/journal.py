@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .. import __version__
-from ..errors import UsageError, one_line
+from ..errors import BsselectError, UsageError, one_line
 from .trial_types import TrialResult
 
 FORMAT_VERSION = 1
@@ -39,6 +39,11 @@ def settings_key(settings: Mapping[str, Any]) -> str:
     text = json.dumps(settings, sort_keys=True, separators=(",", ":"), allow_nan=False,
                       default=_canonical)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class JournalWriteError(BsselectError):
+    """Appending to the journal failed mid-run (disk full): the run stops, exit 1; what the
+    journal holds is kept for --resume."""
 
 
 def journal_key(task: str, settings: Mapping[str, Any]) -> str:
@@ -231,6 +236,11 @@ def _header_from(record: dict[str, Any]) -> tuple[JournalHeader | None, str | No
                                format_version=int(record[_HEADER_TAG]))
     except (KeyError, TypeError, ValueError) as exc:
         return None, f"bad header ({exc!r})"
+    if header.format_version != FORMAT_VERSION:  # never compared, before (review)
+        raise UsageError(f"the journal's format is {header.format_version} (written by "
+                         f"bsselect {header.bsselect_version or '?'}), and this bsselect "
+                         f"({__version__}) reads format {FORMAT_VERSION}; rerun the sweep, or "
+                         "use the bsselect that wrote it")
     return header, None
 
 
@@ -436,6 +446,7 @@ class Journal:
         self.records: tuple[tuple[str, dict[str, Any]], ...] = ()  # resumed RECORD_TAGS lines
         self.warnings: tuple[str, ...] = ()
         _check_path(self.path)
+        self._lock = _lock(self.path)
         exists = self.path.exists() and self.path.stat().st_size > 0
         match JournalMode(mode):
             case JournalMode.new:
@@ -449,6 +460,20 @@ class Journal:
             case JournalMode.resume:
                 if not exists or self._resume(task, settings):
                     self._start()
+
+    def close(self) -> None:
+        """Let another run write the file (the lock also ends with the process)."""
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            os.close(lock)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torchrun's other ranks get a copy (distributed.run_on_main): not the lock's
+        # descriptor, whose number means another file there
+        return {**self.__dict__, "_lock": None}
 
     def append(self, trial: TrialResult) -> None:
         """Write ``trial`` as one line and fsync it before returning."""
@@ -480,10 +505,11 @@ class Journal:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _append_line(self.path, self.header.to_json(), truncate=True)
             _fsync_dir(self.path.parent)  # make the new directory entry itself durable
-        except OSError as exc:  # before any work: the path is the problem
-            raise UsageError(f"cannot write the journal {str(self.path)!r} "
-                             f"({exc.strerror or one_line(exc)}); choose another --journal "
-                             "path") from None
+        except (OSError, JournalWriteError) as exc:  # before any work: the path is the problem
+            cause = exc.__cause__ if isinstance(exc, JournalWriteError) else exc
+            why = getattr(cause, "strerror", None) or one_line(cause)
+            raise UsageError(f"cannot write the journal {str(self.path)!r} ({why}); choose "
+                             "another --journal path") from None
 
     def _resume(self, task: str, settings: Mapping[str, Any]) -> bool:
         """Check and repair an existing journal; True when it must be started afresh."""
@@ -548,19 +574,51 @@ def _check_path(path: Path) -> None:
                          "give a file path")
 
 
+def _lock(path: Path) -> int | None:
+    """An exclusive advisory lock on the journal for the run, held on a descriptor of its own:
+    two runs appending to one journal (a second sweep with --overwrite while the first still
+    ran) left one run's trials under the other's header, and ``report`` ranked them as that
+    run's (review). UsageError when another process holds it; None where the platform or the
+    file system has no locks."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None  # the write that follows says what is wrong with the path
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"journal {str(path)!r} is being written by another bsselect run; wait "
+                         "for it to finish, or choose another --journal path") from None
+    except OSError:  # a file system without locks (some network mounts)
+        os.close(fd)
+        return None
+    return fd
+
+
 def _append_line(path: Path, line: str, truncate: bool = False) -> None:
     data = (line + "\n").encode("utf-8")
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | (os.O_TRUNC if truncate else 0)
-    fd = os.open(path, flags, 0o644)
     try:
-        # One write call for the whole line; the loop only runs again if the kernel accepted
-        # part of it (disk full, a signal), so the line still ends up whole or visibly cut.
-        written = os.write(fd, data)
-        while written < len(data):
-            written += os.write(fd, data[written:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, flags, 0o644)
+        try:
+            # One write call for the whole line; the loop only runs again if the kernel
+            # accepted part of it (disk full, a signal): the line ends up whole or visibly cut.
+            written = os.write(fd, data)
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:  # disk full, a file size limit: "internal error", before (review)
+        raise JournalWriteError(
+            f"cannot write to the journal {str(path)!r} ({exc.strerror or one_line(exc)}); "
+            "what it already holds is kept: make room and rerun with --resume") from exc
 
 
 def _repair_tail(path: Path) -> None:

@@ -8,7 +8,7 @@ subset is measured. At each point this gives
 
 - the **critical batch size** (Merrill et al. 2025): the largest batch whose drop over the equal
   sample budget is within ``tolerance`` of the smallest batch's;
-- the **fastest batch size**: the largest loss drop per second of training, at step times
+- the **fastest batch size**: the most loss drop per second of training, at step times
   measured in interleaved rounds (``trials.time_batch_sizes``) and fitted with the physics of a
   step (``steptime.physical_fit``); batch sizes within the rounds' spread of it are tied, and
   the tied one with the largest drop wins, so timing noise does not decide the plan
@@ -418,7 +418,10 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
         # work started in silence)
         hooks.start(f"planning {task_name}: horizon {settings.horizon:,} samples, "
                     f"{len(point_samples)} points, branches of {equal:,} samples at batch "
-                    f"sizes {list(sizes)}, journal {journal_path}")
+                    f"sizes {list(sizes)}"
+                    + (f" ({', '.join(map(str, dropped))} left out: fewer than "
+                       f"{MIN_BRANCH_STEPS} steps per branch)" if dropped else "")
+                    + f", journal {journal_path}")
     lr_of = {b: scale_lr(task.lr, b0, b, settings.lr_scaling) for b in sizes}
     trials: dict[tuple[int, int], TrialResult] = dict(done_branch)
     loss_init = with_initial_loss(setup).loss_start  # the branches' divergence rule
@@ -468,6 +471,8 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
     except KeyboardInterrupt:
         raise InterruptedRun(f"interrupted; the finished branches are in {journal_path} — "
                              "rerun with --resume to continue") from None
+    finally:  # another run (a notebook's next cell) may write it now
+        journal.close()
     if noise_failed:
         notes.append(f"the noise measurement failed at {len(noise_failed)} point(s) "
                      f"({noise_failed[0]}); they stand without a B_simple "

@@ -197,28 +197,29 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
         journal_path, task=task_name,
         settings={**settings.journal_settings(task), **distributed.journal_settings()}, mode=mode,
         fingerprint=fingerprint))
-    done = _keep_finished(journal.resumed, batch_sizes, hooks)
-    for warning in journal.warnings:
-        if hooks.warn:
-            hooks.warn(warning)
-    trials: dict[int, TrialResult] = {b: done[b] for b in batch_sizes if b in done}
-    if distributed.is_main():  # every run, resumes included: report reads the last one
-        journal.append_record("plan", {"batch_sizes": list(batch_sizes)})
-    if len(trials) < len(batch_sizes):
-        if settings.warm_start_steps:
-            if hooks.trial_start:
-                hooks.trial_start(task.base_batch_size, -1, settings.warm_start_steps)
-            setup = branch_point(setup, settings.warm_start_steps, hooks.step)
-        setup = with_initial_loss(setup)
-        if setup.loss_start is not None and not math.isfinite(setup.loss_start):
-            raise TaskError(f"the training loss at the initial weights is {setup.loss_start}, "
-                            "before any step, so no learning rate can help: a NaN or inf in the "
-                            "training data, the model's output or the task's loss_fn makes it "
-                            "(check them on one batch)")
-        check_resumed_start(done, setup.loss_start)
-    elif done and not settings.warm_start_steps:  # nothing to run: still the same task?
-        check_resumed_start(done, with_initial_loss(setup).loss_start)
+    trials: dict[int, TrialResult] = {}
     try:
+        done = _keep_finished(journal.resumed, batch_sizes, hooks)
+        for warning in journal.warnings:
+            if hooks.warn:
+                hooks.warn(warning)
+        trials = {b: done[b] for b in batch_sizes if b in done}
+        if distributed.is_main():  # every run, resumes included: report reads the last one
+            journal.append_record("plan", {"batch_sizes": list(batch_sizes)})
+        if len(trials) < len(batch_sizes):
+            if settings.warm_start_steps:
+                if hooks.trial_start:
+                    hooks.trial_start(task.base_batch_size, -1, settings.warm_start_steps)
+                setup = branch_point(setup, settings.warm_start_steps, hooks.step)
+            setup = with_initial_loss(setup)
+            if setup.loss_start is not None and not math.isfinite(setup.loss_start):
+                raise TaskError(
+                    f"the training loss at the initial weights is {setup.loss_start}, before any "
+                    "step, so no learning rate can help: a NaN or inf in the training data, the "
+                    "model's output or the task's loss_fn makes it (check them on one batch)")
+            check_resumed_start(done, setup.loss_start)
+        elif done and not settings.warm_start_steps:  # nothing to run: still the same task?
+            check_resumed_start(done, with_initial_loss(setup).loss_start)
         for i, b in enumerate(batch_sizes):
             if b in trials:
                 continue
@@ -257,6 +258,8 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
             f"interrupted; {len(trials)} finished trial(s) are in {journal_path} — "
             "rerun with --resume to continue"
         ) from None
+    finally:  # another run (a notebook's next cell) may write it now
+        journal.close()
     return result
 
 
