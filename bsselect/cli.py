@@ -49,10 +49,21 @@ MemoryOpt = Annotated[Optional[str], typer.Option(
                      "is binary (24G = 24GiB). Default: free device memory.")]
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def guarded(fn: Callable[[], T]) -> T:
-    """Run a command body; BsselectError -> one line + its exit code, Ctrl-C -> 130."""
+    """Run a command body; BsselectError -> one line + its exit code, Ctrl-C -> 130. SIGTERM
+    (what Slurm and Kubernetes send before SIGKILL) is taken as Ctrl-C: a sweep then says
+    where its finished trials are and to --resume, where it died in silence (review)."""
+    import signal
+    import threading
+
     from .report import console
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return fn()
     except BsselectError as exc:

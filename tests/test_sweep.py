@@ -466,6 +466,17 @@ def resume_slow(journal: Path) -> dict:
                               "--json"))
 
 
+def test_sigterm_is_taken_as_an_interrupt_with_the_resume_hint(tmp_path):
+    """Slurm and Kubernetes send SIGTERM before SIGKILL: the sweep died in silence (review)."""
+    journal = tmp_path / "j.jsonl"
+    proc = start_blocked_sweep(journal, slow_batch=16)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert (f"error: interrupted; 1 finished trial(s) are in {journal} — rerun with --resume "
+            "to continue") in stderr.splitlines()
+
+
 def test_sigint_exits_130_keeps_finished_trials_and_resume_completes_the_rest(tmp_path):
     journal = tmp_path / "j.jsonl"
     proc = start_blocked_sweep(journal, slow_batch=32)
