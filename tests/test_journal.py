@@ -454,7 +454,7 @@ def test_a_journal_of_another_format_is_refused(tmp_path):
     lines = path.read_text().splitlines()
     lines[0] = lines[0].replace('"bsselect_journal":1', '"bsselect_journal":2')
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(UsageError, match=r"the journal's format is 2 .* reads format 1"):
+    with pytest.raises(UsageError, match=r"the journal.s format is 2 .* reads format 1"):
         load(path)
 
 
@@ -492,3 +492,18 @@ def test_a_second_process_cannot_write_a_journal_in_use(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "is being written by another bsselect run" in proc.stderr
     assert [t.batch_size for t in load(path).trials] == [8]  # nothing overwritten
+
+
+def test_a_header_whose_settings_were_edited_is_refused(tmp_path):
+    """Only the key was compared on resume, and report trusted the settings beside it: an
+    edited budget and lr were shown as what the trials ran with (review)."""
+    path = tmp_path / "sweep.jsonl"
+    write(path, [trial(8)])
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    header["settings"]["seed"] = 7
+    path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    with pytest.raises(UsageError, match=r"line 1 \(the header\) was edited or damaged"):
+        load(path)
+    with pytest.raises(UsageError, match=r"line 1 \(the header\) was edited or damaged"):
+        Journal(path, task=TASK, settings=SETTINGS, mode=JournalMode.resume)

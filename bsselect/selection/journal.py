@@ -156,6 +156,8 @@ def load(path: str | Path) -> JournalContents:
         record, problem = _parse_line(raw)
         if problem is None and number == 1 and _HEADER_TAG in record:
             header, problem = _header_from(record)
+            if header is not None:
+                _check_header(path, header)
         elif problem is None and _HEADER_TAG in record:
             other = record.get("task", "?")
             raise UsageError(f"{path} holds a second journal header at line {number} (task "
@@ -204,6 +206,25 @@ def load(path: str | Path) -> JournalContents:
                            after_timing=tuple(sorted(set(after_timing))))
 
 
+def _check_header(path: Path, header: JournalHeader) -> None:
+    """UsageError for a header of another format, or one whose settings were edited."""
+    if header.format_version != FORMAT_VERSION:  # never compared, before (review)
+        raise UsageError(f"{path}: the journal's format is {header.format_version} (written by "
+                         f"bsselect {header.bsselect_version or '?'}), and this bsselect "
+                         f"({__version__}) reads format {FORMAT_VERSION}; rerun the sweep, or "
+                         "use the bsselect that wrote it")
+    keyed = {k: v for k, v in header.settings.items() if k != TASK_FINGERPRINT}
+    if journal_key(header.task, keyed) != header.key:
+        if all(name in header.settings for name, required, _, _ in _SWEEP_SETTINGS if required):
+            check_sweep_header(path, header)  # a sweep's: name a setting of the wrong type
+        # an edited setting: report showed budget 1,024 and lr 0.5 for trials that ran with
+        # 512 samples at lr 0.0025-0.02, and --resume went on under it (review)
+        raise UsageError(f"{path}: line 1 (the header) was edited or damaged: its task and "
+                         f"settings do not give its key {header.key}, so what the file says its "
+                         "trials ran with cannot be trusted; restore the line, or rerun the "
+                         "sweep")
+
+
 def _timing_from(raw: Any) -> tuple[tuple[dict[str, Any], ...], str | None]:
     from .timing import RoundTiming
 
@@ -236,11 +257,6 @@ def _header_from(record: dict[str, Any]) -> tuple[JournalHeader | None, str | No
                                format_version=int(record[_HEADER_TAG]))
     except (KeyError, TypeError, ValueError) as exc:
         return None, f"bad header ({exc!r})"
-    if header.format_version != FORMAT_VERSION:  # never compared, before (review)
-        raise UsageError(f"the journal's format is {header.format_version} (written by "
-                         f"bsselect {header.bsselect_version or '?'}), and this bsselect "
-                         f"({__version__}) reads format {FORMAT_VERSION}; rerun the sweep, or "
-                         "use the bsselect that wrote it")
     return header, None
 
 
