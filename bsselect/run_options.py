@@ -65,6 +65,19 @@ def shard_plan(shard: str | None, world_size: int | None, unit: str | None = Non
 
     from .memory.sharded import ShardPlan
 
+    # The Python API passes these unchecked: "no" for a flag turned checkpointing on, and a
+    # string world size was a raw TypeError (review); the CLI and pyproject check their own.
+    for name, value in (("activation_checkpointing", checkpointing),
+                        ("reshard_after_forward", reshard_after_forward)):
+        if value is not None and not isinstance(value, bool):
+            raise UsageError(f"{name} must be True or False, got {value!r}")
+    if world_size is not None and (isinstance(world_size, bool)
+                                   or not isinstance(world_size, int)):
+        raise UsageError(f"world_size must be a whole number of ranks, got {world_size!r}")
+    if shard is not None and not isinstance(shard, str):
+        raise UsageError(f"shard must be 'fsdp' or 'none', got {shard!r}")
+    if unit is not None and not isinstance(unit, str):
+        raise UsageError(f"shard_unit must be a module class name, got {unit!r}")
     kind = (shard or "none").strip().lower()
     if kind not in ("none", "fsdp"):
         raise UsageError(f"--shard must be fsdp or none, got {shard!r}")
