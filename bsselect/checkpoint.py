@@ -486,9 +486,12 @@ def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
     try:
         model.load_state_dict(renamed, strict=False)
     except RuntimeError as exc:  # shapes
-        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        text = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        lines = [ln for ln in text if "size mismatch" in ln]
+        # torch's first line only names the model ("Error(s) in loading state_dict for
+        # Sequential:"): the reasons follow it (review: meta tensors gave no reason)
         raise UsageError("the checkpoint's tensors do not fit the task's model: "
-                         + ("; ".join(lines[:2]) or str(exc).splitlines()[0])) from exc
+                         + "; ".join(lines[:2] or text[1:3] or text[:1])) from exc
     bad = next((name for name, param in model.named_parameters()
                 if not bool(torch.isfinite(param).all())), None)  # buffers may hold -inf masks
     if bad is not None:

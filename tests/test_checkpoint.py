@@ -188,6 +188,18 @@ def test_tensors_of_the_wrong_shape_are_refused_by_name(tmp_path):
                     task.lr)
 
 
+def test_a_load_failure_other_than_shapes_says_why(tmp_path):
+    """torch's first line only names the model ("Error(s) in loading state_dict for
+    Sequential:"): a checkpoint of meta tensors was refused without a reason (review)."""
+    task, _ = load_task(TINY)
+    state = {k: torch.empty_like(v, device="meta") for k, v in task.model().state_dict().items()}
+    torch.save(state, tmp_path / "meta.pt")
+    with pytest.raises(UsageError, match="do not fit the task's model: While copying the "
+                                         "parameter named .*Cannot copy out of meta tensor"):
+        branch_from(load_checkpoint(tmp_path / "meta.pt"), task.model, task.make_optimizer,
+                    task.lr)
+
+
 def test_an_optimizer_state_of_other_shapes_is_left_out_with_a_warning(tmp_path):
     task, _ = load_task(TINY)
     model = task.model()
