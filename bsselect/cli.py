@@ -602,12 +602,21 @@ def report(
         note = None if timing else ("the journal holds no timing rounds: each trial's own "
                                     "step time is used")
         ran = [b for b in contents.timing_batch_sizes or () if b in trials]
+        left: list[int] = []
         if ran:  # the last sweep's batch sizes, timing and note: what it ranked
             left = [b for b in sizes if b not in ran]
             sizes, note = ran, contents.timing_note
-            if left:
+            later = [b for b in left if b in contents.after_timing]
+            if later:  # a --resume that added them and was interrupted before its timing
                 console.print(
-                    f"[yellow]warning:[/] b={', '.join(map(str, left))}: in the journal but "
+                    f"[yellow]warning:[/] b={', '.join(map(str, later))}: trained by a later "
+                    "run on this journal that stopped before its timing rounds, so not ranked "
+                    f"here; this ranks the sweep before it ({', '.join(map(str, ran))}); "
+                    "`bsselect sweep --resume` ranks them all, timed together", highlight=False)
+            earlier = [b for b in left if b not in later]
+            if earlier:
+                console.print(
+                    f"[yellow]warning:[/] b={', '.join(map(str, earlier))}: in the journal but "
                     f"not in its last sweep (which ranked {', '.join(map(str, ran))}), so left "
                     "out as that sweep left them out; `bsselect sweep --resume` with every "
                     "batch size ranks them all, timed together", highlight=False)
@@ -625,7 +634,7 @@ def report(
                            s.get("validation_items"), timing=timing, timing_note=note)
         import dataclasses
 
-        result = dataclasses.replace(result, not_run=tuple(not_run))
+        result = dataclasses.replace(result, not_run=tuple(not_run), unranked=tuple(left))
         if s.get("from_checkpoint_sha256"):  # trials from a checkpoint: say so, as the sweep did
 
             result = dataclasses.replace(result, from_checkpoint=contents.timing_from_checkpoint

@@ -650,6 +650,30 @@ def test_report_re_renders_the_last_sweep_not_every_trial_of_the_journal(finishe
             "so left out") in " ".join(proc.stderr.split())
 
 
+def test_report_after_a_resume_interrupted_before_its_timing_says_what_happened(finished,
+                                                                                   tmp_path):
+    """A sweep of 8, 16 resumed with 32, 64 added, stopped after their trials and before its
+    timing rounds: report said they were "not in its last sweep", and its JSON nothing at all
+    (review). Built from the finished 8..64 journal: its timing line moved before the 32 and
+    64 trials, under a plan of all four."""
+    lines = journal_lines(finished[0])
+    header, trials, timing = lines[0], [ln for ln in lines if "trial" in ln], lines[-1]
+    early = [t for t in trials if t["trial"]["batch_size"] in (8, 16)]
+    late = [t for t in trials if t["trial"]["batch_size"] in (32, 64)]
+    timing = dict(timing, batch_sizes=[8, 16],
+                  timing=[r for r in timing["timing"] if r["batch_size"] in (8, 16)])
+    journal = tmp_path / "j.jsonl"
+    journal.write_text("".join(json.dumps(line) + "\n" for line in [
+        header, *early, timing, {"plan": {"batch_sizes": [8, 16, 32, 64]}}, *late]))
+    proc = run_cli("report", str(journal), "--json", env=CLI_ENV)
+    out = json_out(proc)
+    assert out["batch_sizes"] == [8, 16] and out["unranked_batch_sizes"] == [32, 64]
+    said = " ".join(proc.stderr.split())
+    assert ("warning: b=32, 64: trained by a later run on this journal that stopped before its "
+            "timing rounds, so not ranked here; this ranks the sweep before it (8, 16)") in said
+    assert "not in its last sweep" not in said
+
+
 def test_report_says_when_the_same_trials_now_rank_differently(finished, tmp_path):
     """The journal keeps what its sweep recommended; when `report` ranks the same trials to
     another answer (the rules changed since), it says so instead of showing it silently."""

@@ -45,6 +45,9 @@ class SweepResult:
     skipped: tuple[int, ...] = ()  # batch sizes larger than the training set: not run
     # ``report`` of an interrupted sweep: the batch sizes it set out to run and never did
     not_run: tuple[int, ...] = ()
+    # ``report``: trials in the journal that the ranking leaves out (trained by a later run
+    # interrupted before its timing rounds, or not in the last sweep's sizes)
+    unranked: tuple[int, ...] = ()
     n_train: int | None = None  # items the trials train on
     # --from-checkpoint: path, sha256, format, step, optimizer_state (bool); None: no checkpoint
     from_checkpoint: dict | None = None
@@ -139,6 +142,7 @@ class SweepResult:
             "threads": self.threads,
             "skipped_batch_sizes": list(self.skipped),
             "not_run_batch_sizes": list(self.not_run),
+            "unranked_batch_sizes": list(self.unranked),
             "timing": {"method": "interleaved rounds", "rounds": [t.to_dict() for t in self.timing],
                        "note": self.timing_note, "not_timed": self.not_timed()},
             "b_opt_accumulation": self.b_opt_accumulation,
