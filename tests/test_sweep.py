@@ -101,19 +101,40 @@ def settings(rule: LrScaling, budget: str = "256", noise: int = 0) -> SweepSetti
 # --------------------------------------------------------------------------- core, in process
 
 
+class _PeakLrSGD(torch.optim.SGD):
+    """SGD that remembers the largest lr it stepped with (a trial's lr, after its ramp)."""
+
+    peak_lr = 0.0
+
+    def step(self, closure=None):
+        self.peak_lr = max(self.peak_lr, *(g["lr"] for g in self.param_groups))
+        return super().step(closure)
+
+
 class RecordingSGD:
-    """The task's optimizer factory, recording the lr and the starting weights of each trial."""
+    """The task's optimizer factory, recording the lr each optimizer stepped with (at most;
+    the factory is called at the task's lr, and the sweep sets each trial's) and the starting
+    weights of each trial."""
 
     def __init__(self) -> None:
-        self.lrs: list[float] = []
+        self.made: list[_PeakLrSGD] = []
         self.weights: list[list[torch.Tensor]] = []
+
+    @property
+    def lrs(self) -> list[float]:
+        return [opt.peak_lr for opt in self.made]
+
+    def clear(self) -> None:
+        self.made.clear()
+        self.weights.clear()
 
     def __call__(self, params, lr: float) -> torch.optim.Optimizer:
         params = list(params)
+        opt = _PeakLrSGD(params, lr=lr, momentum=0.9)
         if not any(p.is_meta for p in params):  # the journal's fingerprint reads the
-            self.lrs.append(lr)                 # settings on the meta device: not a trial
+            self.made.append(opt)               # settings on the meta device: not a trial
             self.weights.append([p.detach().clone() for p in params])
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return opt
 
 
 @pytest.mark.parametrize("rule, lrs", [
@@ -130,9 +151,9 @@ def test_run_sweep_scales_lr_and_starts_every_trial_from_the_same_weights(tmp_pa
                        resume=False, max_batch=64, max_batch_source="test")
 
     assert [t.lr for t in result.trials] == lrs
-    # The optimizer really got the scaled lr, not just the report; the last one is the
-    # interleaved timing's (built at the base lr, then run at lr 0 so the weights never move).
-    assert optimizer.lrs == lrs + [0.1]
+    # The optimizer really stepped at the scaled lr, not just the report; the last one is the
+    # interleaved timing's, run at lr 0 so the weights never move.
+    assert optimizer.lrs == lrs + [0.0]
     first = optimizer.weights[0]
     for weights in optimizer.weights[1:]:
         assert all(torch.equal(a, b) for a, b in zip(first, weights))
@@ -805,15 +826,14 @@ def test_warm_start_branches_every_trial_from_the_trained_base_configuration(tmp
                          LrScaling.linear), device=torch.device("cpu"),
                      journal_path=tmp_path / "cold.jsonl", resume=False, max_batch=32,
                      max_batch_source="test")
-    optimizer.lrs.clear()
-    optimizer.weights.clear()
+    optimizer.clear()
     warm_settings = dataclasses.replace(settings(LrScaling.linear), warm_start_steps=10)
     warm = run_sweep(task, task_name=name, batch_sizes=[8, 32], settings=warm_settings,
                      device=torch.device("cpu"), journal_path=tmp_path / "warm.jsonl",
                      resume=False, max_batch=32, max_batch_source="test")
     # Optimizers: the warm start's (base lr 0.1, from the initial weights), the two trials'
-    # (their own lr, from the branch point), the timing's.
-    assert optimizer.lrs == [0.1, 0.05, 0.2, 0.1]
+    # (their own lr, from the branch point), the timing's (at lr 0).
+    assert optimizer.lrs == [0.1, 0.05, 0.2, 0.0]
     init, branch_8, branch_32 = optimizer.weights[:3]
     assert all(torch.equal(a, b) for a, b in zip(branch_8, branch_32))
     assert not all(torch.equal(a, b) for a, b in zip(init, branch_8))
