@@ -153,6 +153,14 @@ _UNSIZED_SCRATCH = {getattr(torch.ops.aten, name).default for name in (
     "_embedding_bag_per_sample_weights_backward") if hasattr(torch.ops.aten, name)}
 
 
+def _summable_in_place(old: Any) -> bool:
+    """Whether the autograd engine sums a second gradient into ``old`` in place
+    (``can_accumulate_inplace`` in input_buffer.cpp): not where ``old`` shares its storage
+    with another tensor, as a view of its base does (a weight's gradient through ``W.t()``):
+    then the sum is a new buffer beside the old, for real too."""
+    return isinstance(old, torch.Tensor) and not old._is_view()
+
+
 def _ctc_backward_scratch(args: tuple) -> int:
     """CTC's backward (CPU and CUDA kernels alike) computes its beta table in a tensor shaped
     like the forward's alpha table, (batch, input length, 2 * target length + 1), allocated
@@ -411,7 +419,7 @@ class LiveStorageCounter(TorchDispatchMode):
                 "under the allocator at b=2,048); `bsselect probe --method measured` measures "
                 "it with real steps")
         self._settle()
-        if (self._between_nodes and func is _ACCUMULATE) or (
+        if (self._between_nodes and func is _ACCUMULATE and _summable_in_place(args[0])) or (
                 self.phase is Phase.BACKWARD and func in _COPIED_ON_FAKE):
             # What a real run does in place into args[0], when args[0] dies right after
             out = func(*args, **kwargs)
