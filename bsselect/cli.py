@@ -62,7 +62,10 @@ def guarded(fn: Callable[[], T]) -> T:
 
     from .report import console
 
-    if threading.current_thread() is threading.main_thread():
+    # Not under torchrun: a rank inside a collective cannot run the handler until it
+    # returns, and the others waited in their teardown barrier until SIGKILL (review).
+    if threading.current_thread() is threading.main_thread() \
+            and "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
         signal.signal(signal.SIGTERM, _terminated)
     try:
         return fn()

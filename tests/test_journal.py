@@ -507,3 +507,15 @@ def test_a_header_whose_settings_were_edited_is_refused(tmp_path):
         load(path)
     with pytest.raises(UsageError, match=r"line 1 \(the header\) was edited or damaged"):
         Journal(path, task=TASK, settings=SETTINGS, mode=JournalMode.resume)
+
+
+def test_a_refused_journal_does_not_stay_locked_while_its_error_lives(tmp_path):
+    """"already exists" kept the lock in the half-built object that the traceback holds (a
+    notebook keeps the last one): every later run on the journal was refused (review)."""
+    path = tmp_path / "sweep.jsonl"
+    write(path, [trial(8)])
+    try:
+        Journal(path, task=TASK, settings=SETTINGS)
+    except UsageError as exc:
+        kept = exc  # noqa: F841 - as sys.last_value keeps it
+    Journal(path, task=TASK, settings=SETTINGS, mode=JournalMode.resume).close()

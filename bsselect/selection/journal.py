@@ -463,19 +463,25 @@ class Journal:
         self.warnings: tuple[str, ...] = ()
         _check_path(self.path)
         self._lock = _lock(self.path)
-        exists = self.path.exists() and self.path.stat().st_size > 0
-        match JournalMode(mode):
-            case JournalMode.new:
-                if exists:
-                    raise UsageError(f"journal {str(self.path)!r} already exists; pass --resume "
-                                     "to continue it, --overwrite to replace it, or choose a "
-                                     "new --journal path")
-                self._start()
-            case JournalMode.overwrite:
-                self._start()
-            case JournalMode.resume:
-                if not exists or self._resume(task, settings):
+        try:
+            exists = self.path.exists() and self.path.stat().st_size > 0
+            match JournalMode(mode):
+                case JournalMode.new:
+                    if exists:
+                        raise UsageError(f"journal {str(self.path)!r} already exists; pass "
+                                         "--resume to continue it, --overwrite to replace it, "
+                                         "or choose a new --journal path")
                     self._start()
+                case JournalMode.overwrite:
+                    self._start()
+                case JournalMode.resume:
+                    if not exists or self._resume(task, settings):
+                        self._start()
+        except BaseException:
+            # a refused journal must not stay locked while its traceback lives on (a
+            # notebook keeps the last one: every later run on it was refused, review)
+            self.close()
+            raise
 
     def close(self) -> None:
         """Let another run write the file (the lock also ends with the process)."""

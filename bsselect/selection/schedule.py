@@ -400,60 +400,61 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
     journal = Journal(journal_path, task=task_name,
                       settings=settings.journal_settings(task, sizes), mode=mode,
                       fingerprint=task_fingerprint(task, setup))
-    for w in journal.warnings:
-        notes.append(w)
-    done_branch, done_noise = _resumed(journal.records, notes)
-    again = sorted(k for k, t in done_branch.items() if t.status in RERUN_ON_RESUME)
-    if again:  # as sweep --resume: a failure of the moment, not of the batch size
-        notes.append("--resume ran again the branches the journal held as failed: " + ", ".join(
-            f"point {p} b={b} ({done_branch[(p, b)].status.value})" for p, b in again))
-        done_branch = {k: t for k, t in done_branch.items() if k not in again}
-    if len(checkpoints) != len(settings.checkpoint_samples):
-        raise ValueError("give the checkpoints with their samples (settings.checkpoint_samples)")
-    point_samples = settings.point_samples()
-    if not checkpoints and len(point_samples) < settings.points:
-        notes.append(f"{settings.points} points asked, but halving the horizon of "
-                     f"{settings.horizon:,} samples gives {len(point_samples)} distinct ones")
-    if hooks.start:  # what is about to run, before any of it (review: a typo's hours of
-        # work started in silence)
-        hooks.start(f"planning {task_name}: horizon {settings.horizon:,} samples, "
-                    f"{len(point_samples)} points, branches of {equal:,} samples at batch "
-                    f"sizes {list(sizes)}"
-                    + (f" ({', '.join(map(str, dropped))} left out: fewer than "
-                       f"{MIN_BRANCH_STEPS} steps per branch)" if dropped else "")
-                    + f", journal {journal_path}")
-    lr_of = {b: scale_lr(task.lr, b0, b, settings.lr_scaling) for b in sizes}
-    trials: dict[tuple[int, int], TrialResult] = dict(done_branch)
-    loss_init = with_initial_loss(setup).loss_start  # the branches' divergence rule
-    noises: dict[int, dict[str, Any] | None] = dict(done_noise)
-    bases: list[tuple[int, int, int, str | None]] = []  # (point, samples, steps, checkpoint)
-    noise_failed: list[str] = []
-    merged = 0
-
-    def _measure_point(k: int, samples: int, steps: int, model: Any, mstate: dict,
-                       ostate: dict | None, path: str | None) -> None:
-        """The noise scale and the branches at point ``k`` (those not journaled yet)."""
-        if k not in noises:
-            noises[k] = _noise_at(setup, model, settings.noise_measurements,
-                                  settings.seed + 1000 + k, noise_failed)
-            journal.append_record("point_noise", {"point": k, "estimate": noises[k]})
-        point = dataclasses.replace(
-            setup, initial_state=mstate, optimizer_state=ostate if steps else None,
-            branch_steps=steps, loss_start=None, noise_measurements=0,
-            validate=False, from_checkpoint=path is not None)
-        if steps or path is not None:
-            point = dataclasses.replace(point, loss_init=loss_init)
-        for b in sizes:
-            if (k, b) in trials:
-                continue
-            if hooks.phase:
-                hooks.phase(f"point {k + 1}/{len(point_samples)} ({samples} samples): "
-                            f"batch {b}", None)
-            result = run_trial(point, b, lr_of[b])
-            journal.append_record("branch", {"point": k, "trial": result.to_dict()})
-            trials[(k, b)] = result
-
     try:
+        for w in journal.warnings:
+            notes.append(w)
+        done_branch, done_noise = _resumed(journal.records, notes)
+        again = sorted(k for k, t in done_branch.items() if t.status in RERUN_ON_RESUME)
+        if again:  # as sweep --resume: a failure of the moment, not of the batch size
+            notes.append("--resume ran again the branches the journal held as failed: "
+                         + ", ".join(f"point {p} b={b} ({done_branch[(p, b)].status.value})"
+                                     for p, b in again))
+            done_branch = {k: t for k, t in done_branch.items() if k not in again}
+        if len(checkpoints) != len(settings.checkpoint_samples):
+            raise ValueError("give the checkpoints with their samples (settings.checkpoint_samples)")
+        point_samples = settings.point_samples()
+        if not checkpoints and len(point_samples) < settings.points:
+            notes.append(f"{settings.points} points asked, but halving the horizon of "
+                         f"{settings.horizon:,} samples gives {len(point_samples)} distinct ones")
+        if hooks.start:  # what is about to run, before any of it (review: a typo's hours of
+            # work started in silence)
+            hooks.start(f"planning {task_name}: horizon {settings.horizon:,} samples, "
+                        f"{len(point_samples)} points, branches of {equal:,} samples at batch "
+                        f"sizes {list(sizes)}"
+                        + (f" ({', '.join(map(str, dropped))} left out: fewer than "
+                           f"{MIN_BRANCH_STEPS} steps per branch)" if dropped else "")
+                        + f", journal {journal_path}")
+        lr_of = {b: scale_lr(task.lr, b0, b, settings.lr_scaling) for b in sizes}
+        trials: dict[tuple[int, int], TrialResult] = dict(done_branch)
+        loss_init = with_initial_loss(setup).loss_start  # the branches' divergence rule
+        noises: dict[int, dict[str, Any] | None] = dict(done_noise)
+        bases: list[tuple[int, int, int, str | None]] = []  # (point, samples, steps, checkpoint)
+        noise_failed: list[str] = []
+        merged = 0
+
+        def _measure_point(k: int, samples: int, steps: int, model: Any, mstate: dict,
+                           ostate: dict | None, path: str | None) -> None:
+            """The noise scale and the branches at point ``k`` (those not journaled yet)."""
+            if k not in noises:
+                noises[k] = _noise_at(setup, model, settings.noise_measurements,
+                                      settings.seed + 1000 + k, noise_failed)
+                journal.append_record("point_noise", {"point": k, "estimate": noises[k]})
+            point = dataclasses.replace(
+                setup, initial_state=mstate, optimizer_state=ostate if steps else None,
+                branch_steps=steps, loss_start=None, noise_measurements=0,
+                validate=False, from_checkpoint=path is not None)
+            if steps or path is not None:
+                point = dataclasses.replace(point, loss_init=loss_init)
+            for b in sizes:
+                if (k, b) in trials:
+                    continue
+                if hooks.phase:
+                    hooks.phase(f"point {k + 1}/{len(point_samples)} ({samples} samples): "
+                                f"batch {b}", None)
+                result = run_trial(point, b, lr_of[b])
+                journal.append_record("branch", {"point": k, "trial": result.to_dict()})
+                trials[(k, b)] = result
+
         with cpu_threads(threads):
             timing = _timing(setup, sizes, hooks)
             if hooks.phase:
