@@ -78,6 +78,15 @@ def test_stage_batches_one_noisy_point_does_not_set_the_rest():
     assert stage_batches([16, 32, 128, 64, 128], 32) == [16, 32, 128, 128, 128]
 
 
+def test_stage_batches_round_to_the_sizes_measured():
+    """Sizes that are not powers of two (5 ranks: 40, 80, 160): rounding to powers of two
+    took every point's 80 for 64, and the plan for 40 (review)."""
+    assert stage_batches([80, 80, 80], 40, sizes=[40, 80, 160]) == [80, 80, 80]
+    assert stage_batches([40, 80, 160], 40, sizes=[40, 80, 160]) == [40, 80, 160]
+    assert stage_batches([48, 48], 48, sizes=[48, 64]) == [48, 48]
+    assert stage_batches([26, 262], 26, sizes=[26, 262]) == [26, 262]
+
+
 def test_stage_batches_weigh_points_by_the_run_they_cover():
     # an early outlier covering 1/16 of the run pools into the later points' level
     assert stage_batches([256, 32, 32, 32, 32], 32, [1, 1, 2, 4, 8]) == [32] * 5
