@@ -102,38 +102,43 @@ def settings(rule: LrScaling, budget: str = "256", noise: int = 0) -> SweepSetti
 
 
 class _PeakLrSGD(torch.optim.SGD):
-    """SGD that remembers the largest lr it stepped with (a trial's lr, after its ramp)."""
+    """SGD that remembers the largest lr it stepped with (a trial's lr, after its ramp) and,
+    at its first step, the weights it started from."""
 
     peak_lr = 0.0
+    stepped = False
+    owner: "RecordingSGD | None" = None
 
     def step(self, closure=None):
+        if not self.stepped and self.owner is not None:
+            self.owner.started.append(self)
+            self.owner.weights.append([p.detach().clone() for g in self.param_groups
+                                       for p in g["params"]])
+        self.stepped = True
         self.peak_lr = max(self.peak_lr, *(g["lr"] for g in self.param_groups))
         return super().step(closure)
 
 
 class RecordingSGD:
     """The task's optimizer factory, recording the lr each optimizer stepped with (at most;
-    the factory is called at the task's lr, and the sweep sets each trial's) and the starting
-    weights of each trial."""
+    optimizers built and never stepped, such as the one that reads the groups' ratios at the
+    task's lr, are not trials) and the weights each started from, in the order they started."""
 
     def __init__(self) -> None:
-        self.made: list[_PeakLrSGD] = []
+        self.started: list[_PeakLrSGD] = []
         self.weights: list[list[torch.Tensor]] = []
 
     @property
     def lrs(self) -> list[float]:
-        return [opt.peak_lr for opt in self.made]
+        return [opt.peak_lr for opt in self.started]
 
     def clear(self) -> None:
-        self.made.clear()
+        self.started.clear()
         self.weights.clear()
 
     def __call__(self, params, lr: float) -> torch.optim.Optimizer:
-        params = list(params)
-        opt = _PeakLrSGD(params, lr=lr, momentum=0.9)
-        if not any(p.is_meta for p in params):  # the journal's fingerprint reads the
-            self.made.append(opt)               # settings on the meta device: not a trial
-            self.weights.append([p.detach().clone() for p in params])
+        opt = _PeakLrSGD(list(params), lr=lr, momentum=0.9)
+        opt.owner = self
         return opt
 
 
@@ -1253,3 +1258,33 @@ def test_an_optimizer_factory_may_read_its_parameters_twice(tmp_path):
                      {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}], lr=lr))
     opt = task.make_optimizer(nn.Linear(4, 2).parameters(), 0.1)
     assert [len(grp["params"]) for grp in opt.param_groups] == [1, 1]
+
+
+def test_an_optimizer_that_keeps_its_lr_outside_its_groups_trains_at_the_trials_lr(tmp_path):
+    """A LARS-like optimizer steps with ``self.base_lr`` from its constructor: built at the
+    task's lr and then set, every trial trained at the base lr while its row said the scaled
+    one (review)."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from bsselect import Task, sweep
+
+    used: dict[float, set] = {}
+
+    class KeepsLr(torch.optim.SGD):
+        def __init__(self, params, lr):
+            super().__init__(params, lr=lr)
+            self.base_lr = lr
+
+        def step(self, closure=None):
+            used.setdefault(self.param_groups[0]["lr"], set()).add(self.base_lr)
+            return super().step(closure)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g)
+    task = Task(model=lambda: nn.Linear(8, 2), train_data=TensorDataset(x, (x[:, 0] > 0).long()),
+                loss_fn=nn.functional.cross_entropy, optimizer=KeepsLr, lr=0.05,
+                base_batch_size=8)
+    sweep(task, batch_sizes=[8, 32], budget="256", noise_measurements=0, warmup_steps=0,
+          journal=tmp_path / "j.jsonl")
+    assert used[0.2] == {0.2} and used[0.05] == {0.05}

@@ -246,10 +246,12 @@ def trial_seed(seed: int, batch_size: int) -> int:
 def _fresh_model(setup: TrialSetup, lr: float, branch: bool = False
                  ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The task's model at ``setup.initial_state`` in training mode, and its optimizer at
-    ``lr``: built at the task's lr, so that optimizers that refuse lr 0 still build, and a
-    group the factory gives its own lr (a backbone at a tenth) keeps its ratio to the task's
-    lr at every batch size (built at the trial's lr, that group stayed at its fixed lr in
-    fresh trials and was scaled in warm-started ones: review); with
+    ``lr`` (built at the task's lr where ``lr`` is 0, so that optimizers that refuse lr 0
+    still build): built at the trial's lr, for an optimizer that keeps the lr it was built
+    with elsewhere than its groups (LARS-like ``self.base_lr``: a review's trained every
+    batch size at the base lr), with each group's ratio to the task's lr read from one built
+    at the task's lr (``_ratios_at_task_lr``: a backbone group at a fixed lr stayed there in
+    fresh trials and was scaled in warm-started ones, review); with
     ``branch``, also the warm start's optimizer state. Under torchrun a failure on one rank
     fails all ranks."""
     task = setup.task
@@ -257,12 +259,27 @@ def _fresh_model(setup: TrialSetup, lr: float, branch: bool = False
         model = task.model().to(setup.device)
         model.load_state_dict(setup.initial_state)
         model.train()
-        optimizer = task.make_optimizer(model.parameters(), task.lr)
-        keep_group_ratios(optimizer, task.lr)
+        built = task.lr if lr == 0 else lr
+        optimizer = task.make_optimizer(model.parameters(), built)
+        if built != task.lr:
+            _ratios_at_task_lr(optimizer, task, model)
+        keep_group_ratios(optimizer, built)
         if branch and setup.optimizer_state is not None:  # the base run's moments
             optimizer.load_state_dict(copy.deepcopy(setup.optimizer_state))
         set_lr(optimizer, lr)
     return model, optimizer
+
+
+def _ratios_at_task_lr(optimizer: torch.optim.Optimizer, task: Task, model: nn.Module) -> None:
+    """Record in ``optimizer``'s groups their lr ratios as the factory makes them at the
+    task's lr (``keep_group_ratios``): a group the factory gives a fixed lr (0.005 beside a
+    task lr of 0.05) is a tenth of the task's lr at every batch size, not a fixed lr. Where
+    the two builds' groups differ in number, the trial's own build decides."""
+    reference = task.make_optimizer(model.parameters(), task.lr)
+    if len(reference.param_groups) != len(optimizer.param_groups):
+        return
+    for group, ref in zip(optimizer.param_groups, reference.param_groups):
+        group.setdefault(LR_SCALE_KEY, float(ref["lr"]) / task.lr)
 
 
 def branch_point(setup: TrialSetup, steps: int,
