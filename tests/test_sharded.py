@@ -350,3 +350,14 @@ def test_the_default_unit_is_the_outermost_blocks_and_all_of_their_class():
     assert len(units) == 6 and all(isinstance(u, _Block) for u in units)
     with pytest.raises(UsageError, match="container without a forward"):
         find_units(encdec, "ModuleList")
+    # an encoder's and a decoder's layers of different classes, and leaf lists beside them
+    # (norms), as a review's BART and its LayerNorms
+    mixed = nn.Module()
+    mixed.enc = nn.ModuleList(_Block() for _ in range(3))
+    mixed.dec = nn.ModuleList(_MoEBlock() for _ in range(2))
+    mixed.norms = nn.ModuleList(nn.LayerNorm(8) for _ in range(5))
+    assert [type(u) for u in find_units(mixed, None)] == [_Block] * 3 + [_MoEBlock] * 2
+    # lists of containers: the lists inside them
+    funnel = nn.Module()
+    funnel.stages = nn.ModuleList(nn.ModuleList(_Block() for _ in range(2)) for _ in range(2))
+    assert [type(u) for u in find_units(funnel, None)] == [_Block] * 4

@@ -106,32 +106,34 @@ def find_units(model: nn.Module, unit: Optional[str]) -> list[nn.Module]:
                              "checkpointing the whole model saves nothing), e.g. its "
                              "transformer layer's class")
         return found
-    # The outermost lists of blocks of one class: a list nested in a block (an MoE layer's
-    # experts) is part of that block, and the class with the most blocks over all of them is
-    # the unit, wherever its blocks are (an encoder's and a decoder's). The longest list
-    # anywhere took 8 experts over 4 layers, and the encoder's list alone: 12-22% high (review).
-    count: dict[type, int] = {}
+    # The outermost lists of blocks of one class, all of them: a list nested in a block (an
+    # MoE layer's experts) is part of that block, and an encoder's and a decoder's lists are
+    # units alike, whatever their classes. The longest list anywhere took 8 experts over 4
+    # layers, and the encoder's list alone: 12-22% high (review). Lists of leaf modules
+    # (Linear heads, norms) are units only where the model has no list of blocks, and a list
+    # of containers (ModuleLists of layers) is looked into.
+    lists: list[nn.Module] = []
     inside: set[int] = set()
     for module in model.modules():
         if id(module) in inside:
             continue
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) \
                 and len({type(m) for m in module}) == 1 \
-                and any(True for _ in module[0].parameters()):
-            count[type(module[0])] = count.get(type(module[0]), 0) + len(module)
+                and any(True for _ in module[0].parameters()) and _has_forward(module[0]):
+            lists.append(module)
             inside.update(id(m) for m in module.modules())
-    if not count:
+    if not lists:
         raise UsageError("no repeated blocks (an nn.ModuleList or nn.Sequential of one class) to "
                          "shard by; name the class each fully_shard call wraps with "
                          "--shard-unit")
-    cls = max(count, key=lambda c: count[c])  # the first found on a tie
-    blocks: list[nn.Module] = []
-    inside = set()
-    for module in model.modules():
-        if id(module) not in inside and type(module) is cls and module is not model:
-            blocks.append(module)
-            inside.update(id(m) for m in module.modules())
-    return blocks
+    blocks = [lst for lst in lists if _is_block(lst[0])]
+    chosen = blocks or [max(lists, key=len)]
+    return [m for lst in chosen for m in lst]
+
+
+def _is_block(module: nn.Module) -> bool:
+    """A module made of modules with parameters (a layer), not a leaf (Linear, LayerNorm)."""
+    return any(any(True for _ in child.parameters()) for child in module.children())
 
 
 def _has_forward(module: nn.Module) -> bool:
