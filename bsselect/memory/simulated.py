@@ -177,8 +177,7 @@ def _gemm_ready(t: torch.Tensor) -> bool:
     if t.dim() != 2:
         return True
     (rows, cols), (s_row, s_col) = t.shape, t.stride()
-    return ((s_col == 1 or cols == 1) and s_row >= max(1, cols)) or (
-        (s_row == 1 or rows == 1) and s_col >= max(1, rows))
+    return (s_col == 1 and s_row >= max(1, cols)) or (s_row == 1 and s_col >= max(1, rows))
 
 
 def _gemm_copies(first: int) -> Callable[[tuple], int]:
