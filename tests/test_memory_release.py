@@ -134,7 +134,9 @@ def test_schedule_noise_point_releases_after_the_exception_is_gone(monkeypatch):
     monkeypatch.setattr(schedule, "default_batch_sizes", lambda task: (32, 64))
     monkeypatch.setattr(noise, "estimate_noise", lambda *a, **k: step(64))
     monkeypatch.setattr(schedule, "release_memory", recorder(refs, alive))
-    setup = SimpleNamespace(task=None, precision=None)
+    data = object()  # the trials' items are the task's: no held-out split to leave out
+    setup = SimpleNamespace(task=SimpleNamespace(train_data=data), train_data=data,
+                            precision=None)
     failed: list[str] = []
     assert schedule._noise_at(setup, None, 2, 0, failed) is None and alive == [False]
     assert failed == []  # out of memory: no failure to report, the point stands without it
