@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -57,18 +58,27 @@ def guarded(fn: Callable[[], T]) -> T:
     """Run a command body; BsselectError -> one line + its exit code, Ctrl-C -> 130. SIGTERM
     (what Slurm and Kubernetes send before SIGKILL) is taken as Ctrl-C: a sweep then says
     where its finished trials are and to --resume, where it died in silence (review)."""
+    import contextlib
     import signal
     import threading
 
+    from . import report
     from .report import console
 
+    _tolerant_streams()
     # Not under torchrun: a rank inside a collective cannot run the handler until it
     # returns, and the others waited in their teardown barrier until SIGKILL (review).
+    previous = None
     if threading.current_thread() is threading.main_thread() \
             and "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
-        signal.signal(signal.SIGTERM, _terminated)
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    # --json: the task's own prints go to stderr, the document to the real stdout
+    as_json = "--json" in sys.argv[1:] and sys.stdout is not None
+    report.json_stream = sys.stdout if as_json else None
+    quiet_task = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     try:
-        return fn()
+        with quiet_task:
+            return fn()
     except BsselectError as exc:
         if _state["debug"]:
             traceback.print_exc()
@@ -86,12 +96,44 @@ def guarded(fn: Callable[[], T]) -> T:
                         ") while bsselect was building or running it; a task file must return a "
                         "bsselect.Task, not exit (nothing was checked)")
         raise typer.Exit(1) from None
+    except OSError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        if exc.errno not in _FULL:
+            _error(console, f"[red]internal error:[/] {type(exc).__name__}: "
+                            f"{_escape(str(exc))} (rerun with --debug for a traceback)")
+            raise typer.Exit(1) from None
+        # stdout on a full disk: "internal error", before (review)
+        _error(console, f"[red]error:[/] a write failed ({_escape(exc.strerror or str(exc))}): "
+                        "the output, a plot or a file the task writes; a sweep's or schedule's "
+                        "finished work is in its journal")
+        raise typer.Exit(1) from None
     except Exception as exc:  # noqa: BLE001 - the boundary: never a bare traceback
         if _state["debug"]:
             traceback.print_exc()
         _error(console, f"[red]internal error:[/] {type(exc).__name__}: {_escape(str(exc))} "
                         "(rerun with --debug for a traceback)")
         raise typer.Exit(1) from None
+    finally:
+        report.json_stream = None
+        if previous is not None:  # a task's thread may outlive the command (review)
+            signal.signal(signal.SIGTERM, previous)
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _tolerant_streams() -> None:
+    """Text the terminal's encoding cannot show (an ASCII locale; bsselect's tables use
+    "—", "·", "≈") is escaped, not an error after all the work was done (review: "internal
+    error: UnicodeEncodeError" at the end of a sweep)."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if stream is not None and encoding != "utf8" and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a stream that cannot change: left as it is
+                pass
 
 
 def _escape(text: str) -> str:

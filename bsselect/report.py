@@ -17,11 +17,35 @@ from .units import format_bytes, format_percent
 # emoji=False: user text (task names, paths, messages) is printed as written; rich would turn
 # `:ok:` or `:smile:` in `d:smile:/tasks.py:fn` into an emoji (bsselect writes no emoji codes).
 # Markup in user text is escaped where it is printed (``escape``).
-console = Console(stderr=True, emoji=False)      # progress, logs and human tables
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader went away (``| head -1``): the rest of this output is dropped and the
+        command goes on, to its journal, plot and exit code. rich's own raised SystemExit(1),
+        which read as the task's sys.exit and lost check's exit code 3 (review)."""
+        self.quiet = True
+        drop_stream(self.file)
+
+
+def drop_stream(stream: Any) -> None:
+    """Point ``stream``'s descriptor at /dev/null: what is still written to it goes nowhere
+    instead of raising BrokenPipeError again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no descriptor: nothing more to do
+        pass
+
+
+console = _Console(stderr=True, emoji=False)      # progress, logs and human tables
 # Results for people when not --json. Piped or in CI there is no terminal width to read;
 # 80 columns would squeeze the sweep table into unreadable ellipses.
-out = (Console(emoji=False) if sys.stdout.isatty() or "COLUMNS" in os.environ
-       else Console(width=160, emoji=False))
+out = (_Console(emoji=False) if (sys.stdout is not None and sys.stdout.isatty())
+       or "COLUMNS" in os.environ else _Console(width=160, emoji=False))
+# Where --json's document goes: the real stdout, while the task's own prints go to stderr
+# (cli.guarded), so that stdout stays one JSON document (review: a task that printed on
+# import broke it). None: sys.stdout.
+json_stream: Any = None
 
 
 def _nonlinear_why(result: Any) -> str:
@@ -52,9 +76,14 @@ def _marginal_note(result: Any) -> str | None:
 
 
 def emit_json(data: Any) -> None:
-    """Machine-readable results: one JSON document on stdout."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    """Machine-readable results: one JSON document on stdout (a reader that went away, as
+    ``| head -1`` does, takes the rest of it: the command goes on to its exit code)."""
+    stream = json_stream or sys.stdout
+    try:
+        stream.write(json.dumps(data, indent=2, default=str) + "\n")
+        stream.flush()
+    except BrokenPipeError:
+        drop_stream(stream)
 
 
 def _terms_table(terms: Any, first: tuple[str, int, str] | None = None) -> Table:

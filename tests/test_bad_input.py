@@ -575,3 +575,73 @@ def test_too_few_noise_measurements_is_a_usage_error_before_training(tmp_path, m
     proc = run_cli(*args)
     assert proc.returncode == 2
     assert one_error(proc) == message
+
+
+def _cli(*args: str, **kw):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "200", **kw.pop("env", {})}
+    return subprocess.Popen([sys.executable, "-m", "bsselect", *args], env=env, **kw)
+
+
+def test_a_reader_that_went_away_keeps_checks_exit_code_and_blames_no_one(tmp_path):
+    """`bsselect check ... | head -1`: rich raised SystemExit(1) on the broken pipe, read as
+    the task's sys.exit: "the task's code called sys.exit(1) ... (nothing was checked)", and
+    the "does not fit" exit code 3 was lost (review)."""
+    import subprocess
+
+    for extra in ([], ["--json"]):
+        proc = _cli("check", "digits-mlp", "--batch-size", "999999", "--memory", "1GiB", *extra,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+        proc.stdout.close()  # no reader: every write to stdout is a broken pipe
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=300) == 3, stderr
+        assert "error" not in stderr, stderr
+
+
+def test_an_ascii_terminal_gets_the_result_not_an_internal_error(tmp_path):
+    """The tables hold "—" and "·": in an ASCII locale the result failed at the end with
+    "internal error: UnicodeEncodeError" (review)."""
+    import subprocess
+
+    proc = _cli("check", "digits-mlp", "--batch-size", "8", "--memory", "1GiB",
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                env={"PYTHONIOENCODING": "ascii"})
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert b"fits" in out and b"internal error" not in err
+
+
+def test_a_task_that_prints_leaves_json_stdout_one_document(tmp_path):
+    """A task printing on import or build put its lines ahead of the JSON (review)."""
+    import subprocess
+
+    (tmp_path / "printer.py").write_text(
+        'print("hello from import")\n'
+        "from bsselect.examples.linreg import linreg\n\n"
+        "def make():\n"
+        '    print("hello from the factory")\n'
+        "    return linreg()\n")
+    proc = _cli("probe", "printer.py:make", "--memory", "1GiB", "--json",
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["max_batch"] > 0
+    assert b"hello from import" in err and b"hello from the factory" in err
+
+
+def test_output_to_a_full_disk_is_one_error_line(tmp_path):
+    import os
+    import subprocess
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    with open("/dev/full", "w") as full:
+        proc = _cli("check", "digits-mlp", "--batch-size", "8", "--memory", "1GiB",
+                    stdout=full, stderr=subprocess.PIPE, cwd=tmp_path)
+        err = proc.communicate(timeout=300)[1].decode()
+    assert proc.returncode == 1
+    assert "internal error" not in err and "Traceback" not in err
+    assert "error: a write failed (No space left on device)" in err
