@@ -335,9 +335,9 @@ def noise(
         from .run_options import progress_bar
         from .task import load_task
 
-        name = load_task(task)[1]
+        loaded, name = load_task(task)  # once: its factory may load a dataset (review)
         with progress_bar(console, f"noise scale of {name} (passes)", 1) as advance:
-            report = api.noise_scale(task, b_small=b_small, b_big=b_big,
+            report = api.noise_scale(loaded, b_small=b_small, b_big=b_big,
                                      measurements=measurements, warmup_steps=warmup_steps,
                                      every=every, seed=seed, device=device,
                                      precision=precision, progress=advance,

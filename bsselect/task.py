@@ -23,6 +23,12 @@ from torch.utils.data import Dataset
 from .errors import CannotSimulate, RealTooError, TaskError, UsageError, one_line
 
 
+# A task whose code left autograd off (review: said as a detached output, or a failed step)
+GRADIENTS_OFF = ("gradients are off: the task's code turned them off (torch.set_grad_enabled("
+                 "False) or torch.no_grad() left entered while building it), so no step can "
+                 "train; turn them off only inside its evaluation")
+
+
 @dataclass
 class Task:
     """Everything bsselect needs from the user (docs/contract.md, "Task contract")."""
@@ -435,6 +441,8 @@ def _check_forward(task: Task, model: Any, x: Any, y: Any) -> None:
         raise TaskError(f"Task.loss_fn returned a tensor of shape {list(loss.shape)}; it must be "
                         "a 0-d scalar (the MEAN over the batch): .mean(), or .squeeze() it")
     if not loss.requires_grad:
+        if not torch.is_grad_enabled():  # the cause, not a guess at detaching (review)
+            raise TaskError(GRADIENTS_OFF)
         raise TaskError("the loss does not require grad; is the model's output detached?")
     _check_optimizer(task, model)
 

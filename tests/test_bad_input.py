@@ -645,3 +645,17 @@ def test_output_to_a_full_disk_is_one_error_line(tmp_path):
     assert proc.returncode == 1
     assert "internal error" not in err and "Traceback" not in err
     assert "error: a write failed (No space left on device)" in err
+
+
+@pytest.mark.parametrize("command", [["noise"], ["probe", "--memory", "1GiB"],
+                                     ["check", "--batch-size", "8", "--memory", "1GiB"]])
+def test_a_task_that_leaves_gradients_off_is_told_so(tmp_path, monkeypatch, command):
+    """torch.set_grad_enabled(False) in the task's code: said as "is the model's output
+    detached?" or as a failed real step (review)."""
+    (tmp_path / "nograd.py").write_text(
+        "import torch\nfrom bsselect.examples.linreg import linreg\n\n"
+        "def make():\n    torch.set_grad_enabled(False)\n    return linreg()\n")
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli(command[0], "nograd.py:make", *command[1:])
+    assert proc.returncode == 1
+    assert one_error(proc).startswith("error: gradients are off: the task's code turned them off")

@@ -15,7 +15,7 @@ import torch
 from ..errors import TaskError, one_line
 from ..precision import Precision
 from ..step import collate, forward_loss, to_device
-from ..task import Task
+from ..task import GRADIENTS_OFF, Task
 
 REAL_CHECK_MAX_BYTES = 256 * 2**20  # a model with more parameter bytes is not built for real
 REAL_STEP_MAX_BYTES = 2 * 2**30  # nor one whose step on two items takes more (simulated)
@@ -89,6 +89,8 @@ def check_real_step(task: Task, precision: Precision | None = None,
             # gradient by an fp32 weight) fails on every device, and passed as "fits"
             # because the step ran in fp32 (review).
             error = None
+    if error is not None and not torch.is_grad_enabled():
+        raise TaskError(GRADIENTS_OFF) from error
     if error is not None:
         raise TaskError(f"a real training step on {n} items fails on the CPU, so the step "
                         f"cannot run at any batch size (a simulation does not check dtypes or "
