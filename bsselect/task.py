@@ -203,6 +203,8 @@ def _import_target(module_part: str) -> Any:
         sys.path.insert(0, str(path.resolve().parent))
         try:
             spec.loader.exec_module(module)
+        except SyntaxError as exc:  # cannot be loaded: a usage error (contract: exit 2)
+            raise UsageError(f"importing {module_part!r} failed: {one_line(exc)}") from exc
         except Exception as exc:
             raise TaskError(f"importing {module_part!r} failed: {one_line(exc)}") from exc
         return module
@@ -220,6 +222,8 @@ def _import_target(module_part: str) -> Any:
                 "or `path/to/file.py:function`"
             ) from exc
         raise TaskError(f"importing {module_part!r} failed: {one_line(exc)}") from exc
+    except SyntaxError as exc:
+        raise UsageError(f"importing {module_part!r} failed: {one_line(exc)}") from exc
     except Exception as exc:
         raise TaskError(f"importing {module_part!r} failed: {one_line(exc)}") from exc
 

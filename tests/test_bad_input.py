@@ -659,3 +659,13 @@ def test_a_task_that_leaves_gradients_off_is_told_so(tmp_path, monkeypatch, comm
     proc = run_cli(command[0], "nograd.py:make", *command[1:])
     assert proc.returncode == 1
     assert one_error(proc).startswith("error: gradients are off: the task's code turned them off")
+
+
+def test_a_task_file_that_is_not_valid_python_is_a_usage_error(tmp_path, monkeypatch):
+    """An entry point that cannot be loaded exits 2 (docs/contract.md); a syntax error
+    exited 1, as a task that failed (review)."""
+    (tmp_path / "bad.py").write_text("def make(:\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli("probe", "bad.py:make", "--memory", "1GiB")
+    assert proc.returncode == 2
+    assert one_error(proc).startswith("error: importing 'bad.py' failed: SyntaxError")
