@@ -231,7 +231,11 @@ def render_sweep(result: Any) -> None:
     cols = ["#", "batch"] + (["status"] if show_status else []) + [
         "lr", "step ms", "loss drop/s", "val loss", "metric", "pred. ×", "range", "tied"]
     for col in cols:
-        table.add_column(col, justify="right", no_wrap=col in ("range", "step ms", "pred. ×"))
+        # the batch and the rank are never elided: at 50 columns the best row's batch read
+        # "…" (review)
+        table.add_column(col, justify="right", no_wrap=col in ("#", "batch", "range", "step ms",
+                                                               "pred. ×"),
+                         min_width=len(col) if col in ("#", "batch") else None)
     trials = {t.batch_size: t for t in result.trials}
     best = next((row.predicted_time_s for row in r.rows if row.relative_time == 1.0), None)
     for i, row in enumerate(r.rows):
