@@ -62,7 +62,8 @@ class _AlwaysStepScaler(torch.amp.GradScaler):
 def make_scaler(precision: Precision, device_type: str,
                 simulated: bool = False) -> torch.amp.GradScaler | None:
     """A fresh GradScaler for fp16 (one per training run: it carries the scale across
-    steps), None otherwise. ``simulated``: for fake tensors."""
+    steps), None otherwise. ``simulated``: one that always steps, for fake tensors and for
+    measuring memory (a step skipped for overflow allocates no optimizer state)."""
     if not precision.scales_loss:
         return None
     cls = _AlwaysStepScaler if simulated else torch.amp.GradScaler

@@ -209,3 +209,16 @@ def test_the_decorator_is_refused_without_parentheses_or_a_batch_parameter():
         @fits_batch_size(step=_loop())
         def no_batch(*, epochs=1):
             return epochs
+
+
+def test_a_step_that_is_a_generator_or_a_coroutine_is_said_to_have_not_run():
+    """They return without running: "memory does not grow with the batch size" (review)."""
+    def gen_step(b):
+        yield torch.zeros(b)
+
+    async def async_step(b):
+        return torch.zeros(b)
+
+    for step in (gen_step, async_step):
+        with pytest.raises(TaskError, match="without running: give a plain function"):
+            find_batch_size(step, device="cpu", memory="64MiB")

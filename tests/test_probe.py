@@ -260,3 +260,66 @@ def test_auto_measures_when_the_optimizer_step_cannot_simulate(tmp_path):
     assert "simulation cannot run this model" in data["method_note"]
     simulated = run_cli("probe", f"{path}:task", "--method", "simulated")
     assert simulated.returncode == 1 and "real steps" in simulated.stderr
+
+
+class _Regressor(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 256), torch.nn.Linear(256, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))).squeeze(-1)
+
+
+def test_a_measured_fp16_step_counts_the_optimizer_state_the_scaler_would_skip():
+    """Unnormalised targets overflow fp16's first loss scales: a real GradScaler skipped both
+    measured steps, Adam's state never came into being, and the answer ran out of memory at
+    the run's fifth step (review). The measurement steps as the simulation does."""
+    from torch.utils.data import TensorDataset
+
+    from bsselect.run_options import step_settings
+
+    stepped = []
+
+    class Counted(torch.optim.Adam):
+        def step(self, closure=None):
+            stepped.append(1)
+            return super().step(closure)
+
+    g = torch.Generator().manual_seed(0)
+    task = Task(model=_Regressor, loss_fn=torch.nn.functional.mse_loss, lr=1e-3,
+                train_data=TensorDataset(torch.randn(512, 16, generator=g),
+                                         1e4 * torch.randn(512, generator=g)),
+                optimizer=lambda p, lr: Counted(p, lr=lr))
+    run_two_steps(task, 64, CappedCpuAllocator(2**40), settings=step_settings("fp16", 1, None))
+    assert len(stepped) == 2  # both steps made and used Adam's state
+
+
+class _InitFromFirstBatch(torch.nn.Module):
+    """A codebook set from the first batch (k-means-style initialisation): a batch-sized
+    temporary in step 1 only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 2)
+        self.ready = False
+
+    def forward(self, x):
+        if not self.ready:
+            scratch = x[:, None, :] * torch.ones(1, 256, 16)  # b x 256 x 16 floats
+            self.ready = bool(scratch.sum() == scratch.sum())
+            del scratch
+        return self.lin(x)
+
+
+def test_a_peak_of_the_first_step_alone_counts():
+    """Only the second step's peak was read: a model initialising from its first batch
+    answered 5,832 where 63 fit (review)."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    task = Task(model=_InitFromFirstBatch, loss_fn=torch.nn.functional.cross_entropy,
+                train_data=TensorDataset(torch.randn(512, 16, generator=g),
+                                         torch.randint(2, (512,), generator=g)))
+    peak = run_two_steps(task, 64, CappedCpuAllocator(2**40))
+    assert peak >= 64 * 256 * 16 * 4

@@ -73,24 +73,44 @@ def _cpu_peak(call: Callable[[], Any]) -> int:
     return peak
 
 
+def _called(step: Callable[[int], Any], batch_size: int) -> None:
+    """``step(batch_size)``; TaskError where it returned a generator or a coroutine, which
+    never ran (review: "memory does not grow with the batch size")."""
+    import inspect
+
+    done = step(batch_size)
+    if inspect.isgenerator(done) or inspect.iscoroutine(done):
+        if inspect.iscoroutine(done):
+            done.close()
+        raise TaskError(f"step({batch_size}) returned a {type(done).__name__} without running: "
+                        "give a plain function that trains one step (not a generator or an "
+                        "async def)")
+
+
 def measure_step(step: Callable[[int], Any], batch_size: int, device: torch.device,
                  backend: Any = None) -> int:
-    """Peak bytes of the second of two calls ``step(batch_size)``; OOM errors propagate.
-    Starts from an empty cache, as a fresh process would (``measured.run_two_steps``)."""
+    """Peak bytes of two calls ``step(batch_size)``: on a device's allocator the larger of the
+    two (the second, with the optimizer's state, unless the first allocated more: a codebook
+    initialised from the first batch, review), on the CPU the second's; OOM errors propagate. Starts from an empty cache, as a fresh process
+    would (``measured.run_two_steps``)."""
     release_memory()
     if backend is not None:
         backend.release()
     try:
         if backend is not None:
             with backend.session():
-                step(batch_size)
-                backend.synchronize()
                 backend.reset_peak()
-                step(batch_size)
+                _called(step, batch_size)
                 backend.synchronize()
-                return backend.peak_bytes()
-        step(batch_size)
-        return _cpu_peak(lambda: step(batch_size))
+                first = backend.peak_bytes()
+                backend.reset_peak()
+                _called(step, batch_size)
+                backend.synchronize()
+                return max(first, backend.peak_bytes())
+        # The CPU allocator's peak is read above the level at the call's start, which
+        # after the first call holds what it kept (the optimizer's state): the second's.
+        _called(step, batch_size)
+        return _cpu_peak(lambda: _called(step, batch_size))
     except Exception as exc:
         if is_oom_error(exc):
             raise
