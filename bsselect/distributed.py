@@ -142,6 +142,8 @@ def _quiet() -> None:
     report.console.quiet = True
     report.out.quiet = True
     sys.stdout = open(os.devnull, "w")  # emit_json writes here
+    if report.json_stream is not None:  # --json: the document goes to rank 0's stdout only
+        report.json_stream = sys.stdout
 
 
 def active() -> bool:
