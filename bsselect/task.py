@@ -506,8 +506,6 @@ def _check_mean_reduction(task: Task, model: nn.Module) -> None:
     time (a ``.squeeze()`` that makes a batch of one 0-d: review, a summed BCE passed and
     every lr was b times too large), the items are taken in pairs; where it cannot take those
     either, the check is skipped."""
-    from .step import collate
-
     n = min(SUM_ITEMS, len(task.train_data))  # type: ignore[arg-type]
     if n < 2:
         return
@@ -516,23 +514,15 @@ def _check_mean_reduction(task: Task, model: nn.Module) -> None:
         model.eval()
         with torch.no_grad():
             items = [task.train_data[i] for i in range(n)]
-            x, y = collate(task, items)
-            together = float(task.loss_fn(model(x), y))
-            for size in (1, 2):
-                if n < 2 * size:
-                    return
-                try:
-                    groups = [float(task.loss_fn(*_forward(task, model, items[i:i + size])))
-                              for i in range(0, n - n % size, size)]
-                    break
-                except Exception:  # noqa: BLE001 - a batch this small the model cannot take
-                    continue
-            else:
-                return
+            together = float(task.loss_fn(*_forward(task, model, items)))
+            grouped = _group_losses(task, model, items)
     except Exception:  # noqa: BLE001 - the batch itself fails: the step's own check says why
         return
     finally:
         model.train(was_training)
+    if grouped is None:
+        return
+    size, groups = grouped
     mean_group = sum(groups) / len(groups)
     if not (mean_group > 0 and math.isfinite(together)):
         return
@@ -544,6 +534,21 @@ def _check_mean_reduction(task: Task, model: nn.Module) -> None:
             f"their mean loss {mean_item:.4g}; it must be the MEAN over the batch (e.g. "
             "reduction='mean', or divide the sum by the batch size), or every learning rate "
             "and gradient norm bsselect measures scales with the batch size")
+
+
+def _group_losses(task: Task, model: nn.Module, items: list) -> tuple[int, list[float]] | None:
+    """(group size, each group's loss): ``items`` one at a time, else in pairs; None where
+    the model takes neither (or there are too few items for two groups)."""
+    n = len(items)
+    for size in (1, 2):
+        if n < 2 * size:
+            return None
+        try:
+            return size, [float(task.loss_fn(*_forward(task, model, items[i:i + size])))
+                          for i in range(0, n - n % size, size)]
+        except Exception:  # noqa: BLE001 - a batch this small the model cannot take
+            continue
+    return None
 
 
 def _forward(task: Task, model: nn.Module, items: list) -> tuple[Any, Any]:

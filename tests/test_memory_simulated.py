@@ -537,6 +537,18 @@ def test_parameter_attributes_survive_the_fake_twins():
     assert isinstance(twin, nn.Parameter) and twin.no_decay is True
 
 
+def _assert_exact_on_random_classes(model: type[nn.Module], shape: tuple[int, ...], items: int,
+                                    batch_size: int) -> None:
+    """The simulated peak equals the CPU allocator's for ``model`` trained with cross-entropy
+    on ``items`` random inputs of ``shape`` and 4 classes."""
+    gen = torch.Generator().manual_seed(0)
+    task = Task(model=model, loss_fn=F.cross_entropy,
+                train_data=TensorDataset(torch.randn(items, *shape, generator=gen),
+                                         torch.randint(4, (items,), generator=gen)))
+    assert simulate_step_peak(task, batch_size).peak_bytes == \
+        cpu_step_peak(task, batch_size).peak_bytes
+
+
 class _HookedParameters(nn.Module):
     """Hooks on the parameters, registered in ``__init__``: a gradient hook that returns a
     new gradient (kept beside the engine's), and one after accumulation."""
@@ -561,12 +573,7 @@ def _halve_grad(p: torch.Tensor) -> None:
 def test_hooks_on_the_parameters_survive_the_fake_twins(batch_size: int) -> None:
     """They live outside the tensor's __dict__: the twins dropped them, and the step of a
     model whose hooks keep each gradient twice simulated 17% low (review: 24%)."""
-    gen = torch.Generator().manual_seed(0)
-    task = Task(model=_HookedParameters, loss_fn=F.cross_entropy,
-                train_data=TensorDataset(torch.randn(128, 64, generator=gen),
-                                         torch.randint(4, (128,), generator=gen)))
-    sim, real = simulate_step_peak(task, batch_size), cpu_step_peak(task, batch_size)
-    assert sim.peak_bytes == real.peak_bytes
+    _assert_exact_on_random_classes(_HookedParameters, (64,), 128, batch_size)
 
 
 class _CTCHead(nn.Module):
@@ -618,12 +625,7 @@ def test_a_matmul_on_an_input_blas_cannot_take_counts_its_copy(batch_size: int) 
     -9.9% at b=1,024 on a review's model, "fits" where it did not. At b=64 the peak is the
     optimizer's, where giving float ``zeros_like`` results real values (they are masks and
     lengths only) counted a momentum buffer twice, +28%."""
-    gen = torch.Generator().manual_seed(0)
-    task = Task(model=_StridedLinear, loss_fn=F.cross_entropy,
-                train_data=TensorDataset(torch.randn(512, 64, generator=gen),
-                                         torch.randint(4, (512,), generator=gen)))
-    sim, real = simulate_step_peak(task, batch_size), cpu_step_peak(task, batch_size)
-    assert sim.peak_bytes == real.peak_bytes
+    _assert_exact_on_random_classes(_StridedLinear, (64,), 512, batch_size)
 
 
 class _LinearTwice(nn.Module):
@@ -654,12 +656,7 @@ def test_a_gradient_summed_into_a_view_is_summed_out_of_place(model, shape, batc
     """A weight used twice (a GRU's at every step, a shared block, tied embeddings) gets its
     gradients summed into the first one, a view of its base: the engine sums out of place
     there, and the simulation took it as in place, 8-20% low at small batches (review)."""
-    gen = torch.Generator().manual_seed(0)
-    task = Task(model=model, loss_fn=F.cross_entropy,
-                train_data=TensorDataset(torch.randn(256, *shape, generator=gen),
-                                         torch.randint(4, (256,), generator=gen)))
-    assert simulate_step_peak(task, batch_size).peak_bytes == \
-        cpu_step_peak(task, batch_size).peak_bytes
+    _assert_exact_on_random_classes(model, shape, 256, batch_size)
 
 
 class _GatheringOrthogonaliser(torch.optim.Optimizer):

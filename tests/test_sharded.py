@@ -310,7 +310,7 @@ def test_the_effective_batch_is_said_per_rank_and_the_global_batch_over_the_rank
     assert "effective batch 24 per optimizer step per rank; 48 over the 2 ranks" in text
 
 
-class _Expert(nn.Module):
+class _Block(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(8, 8)
@@ -322,19 +322,10 @@ class _Expert(nn.Module):
 class _MoEBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.experts = nn.ModuleList(_Expert() for _ in range(8))
+        self.experts = nn.ModuleList(_Block() for _ in range(8))
 
     def forward(self, x):
         return sum(e(x) for e in self.experts)
-
-
-class _Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-
-    def forward(self, x):
-        return self.fc(x)
 
 
 def test_the_default_unit_is_the_outermost_blocks_and_all_of_their_class():

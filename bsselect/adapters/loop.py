@@ -91,8 +91,9 @@ def measure_step(step: Callable[[int], Any], batch_size: int, device: torch.devi
                  backend: Any = None) -> int:
     """Peak bytes of two calls ``step(batch_size)``: on a device's allocator the larger of the
     two (the second, with the optimizer's state, unless the first allocated more: a codebook
-    initialised from the first batch, review), on the CPU the second's; OOM errors propagate. Starts from an empty cache, as a fresh process
-    would (``measured.run_two_steps``)."""
+    initialised from the first batch, review), on the CPU the second's; OOM errors
+    propagate. Starts from an empty cache, as a fresh process would
+    (``measured.run_two_steps``)."""
     release_memory()
     if backend is not None:
         backend.release()

@@ -65,9 +65,9 @@ def run_two_steps(task: Task, batch_size: int, backend: AllocatorBackend, seed: 
                   settings: StepSettings = StepSettings(), inputs: Any = None) -> int:
     """Two real training steps at ``batch_size`` (the micro-batch) on ``backend.device``; the
     peak allocator bytes of either (the second's, by then the optimizer state exists, unless
-    the first allocated more). ``settings``:
-    precision and accumulation as the run will use them; ``inputs``: which items (the largest,
-    for worst-case inputs). OOM errors propagate to the caller."""
+    the first allocated more). ``settings``: precision and accumulation as the run will use
+    them; ``inputs``: which items (the largest, for worst-case inputs). OOM errors propagate
+    to the caller."""
     # Each attempt starts from an empty cache, as in a fresh process: blocks cached by an
     # earlier attempt (one that ran out of memory above all) fragment this one, whose
     # parameters land inside them. On an H100 the measured probe answered 69 where 112 trains

@@ -270,12 +270,11 @@ class RealWhereKnown(TorchDispatchMode):
 # Ops whose values never depend on their tensor input's values, only on its shape:
 # ``torch.ones_like(input_values, dtype=torch.long)`` is the attention mask wav2vec2's CTC
 # head builds when the batch has none, and its lengths decide the CTC loss's shapes; left
-# fake, the step failed as data-dependent (review). Name: the fill value's argument index.
-_VALUES_FROM_SHAPE = {aten.ones_like.default: None, aten.zeros_like.default: None,
-                      aten.full_like.default: 1, aten.new_ones.default: None,
-                      aten.new_zeros.default: None, aten.new_full.default: 2}
-_FILL = {aten.ones_like.default: 1, aten.zeros_like.default: 0, aten.new_ones.default: 1,
-         aten.new_zeros.default: 0}
+# fake, the step failed as data-dependent (review). Each op's fill value, from its arguments.
+_VALUES_FROM_SHAPE: dict[Any, Any] = {
+    aten.ones_like.default: lambda args: 1, aten.zeros_like.default: lambda args: 0,
+    aten.full_like.default: lambda args: args[1], aten.new_ones.default: lambda args: 1,
+    aten.new_zeros.default: lambda args: 0, aten.new_full.default: lambda args: args[2]}
 
 
 def _values_from_shape(func: Any, args: tuple, kwargs: dict) -> Any:
@@ -283,10 +282,8 @@ def _values_from_shape(func: Any, args: tuple, kwargs: dict) -> Any:
     or boolean tensor (a mask, lengths) and small; NotImplemented otherwise, and for a fill
     value that is itself a fake tensor."""
     source = args[0]
-    name = _op_name(func)
-    size = tuple(args[1]) if name.startswith("new_") else tuple(source.shape)
-    index = _VALUES_FROM_SHAPE[func]
-    fill = args[index] if index is not None else _FILL[func]
+    size = tuple(args[1]) if _op_name(func).startswith("new_") else tuple(source.shape)
+    fill = _VALUES_FROM_SHAPE[func](args)
     if isinstance(fill, torch.Tensor):
         return NotImplemented
     dtype = kwargs.get("dtype") or source.dtype
