@@ -538,9 +538,10 @@ def test_hf_callback_takes_each_micro_batch_as_its_own_token_mean(tmp_path):
     """transformers 5 divides a GPT-2's summed token losses by the whole step's token count
     (num_items_in_batch), not each micro-batch's mean by the accumulation: each hook gradient
     is the micro-batch's token share times its own mean gradient, and the step's |G|^2 is the
-    weighted U-statistic (|sum h|^2 - sum |h_j|^2) / (1 - sum share^2), handed on as the
-    equal-piece small_sq that gives it (review: dividing each hook by its share, a
-    per-micro-batch token mean, read B_simple 1.2-2.6x high)."""
+    weighted U-statistic (|sum h|^2 - sum |h_j|^2) / (1 - sum share^2) and its tr(Sigma) the
+    shares' residual spread b_big k/(k-1) sum s_j^2 |g_j - g|^2 (review: dividing each hook by
+    its share, a per-micro-batch token mean, read B_simple 1.2-2.6x high; tr read as |g|^2 -
+    |G|^2, the shares given to step() alone, 4-7% off)."""
     pytest.importorskip("transformers")
     import copy
 
@@ -575,11 +576,91 @@ def test_hf_callback_takes_each_micro_batch_as_its_own_token_mean(tmp_path):
         grads = [micro_mean_grad(b) for b in pair]
         tokens = [int(b["labels"][:, 1:].ne(-100).sum()) for b in pair]
         shares = [n / sum(tokens) for n in tokens]
-        hooks = [g * w for g, w in zip(grads, shares)]
-        big = sum(hooks).pow(2).sum().item()
-        g2 = (big - sum(h.pow(2).sum().item() for h in hooks)) / (1 - sum(w * w for w in shares))
-        small = 2 * big - g2   # a * big - (a - 1) * |G|^2, a = 2
-        assert r.small_sq / r.big_sq == pytest.approx(small / big, rel=1e-3)
+        _assert_weighted_reading(r, grads, shares, ratio_only=True)
+
+
+def _assert_weighted_reading(r, grads, shares, ratio_only=False):
+    """The reading's |G|^2 and tr(Sigma) against the weighted statistics of the micro-batches'
+    own mean gradients ``grads`` with ``shares`` (summing to 1), written out here;
+    ``ratio_only``: their ratio (the HF Trainer's token total counts the label each causal
+    LM's shift drops: its gradients are ~5% smaller than the micro-batches' token means)."""
+    k = len(grads)
+    whole = sum(s * g for s, g in zip(shares, grads))
+    big = float(whole @ whole)
+    pieces = sum(s * s * float(g @ g) for s, g in zip(shares, grads))
+    g2 = (big - pieces) / (1 - sum(s * s for s in shares))
+    spread = k / (k - 1) * sum(s * s * float((g - whole) @ (g - whole))
+                               for s, g in zip(shares, grads))
+    # the equal-piece pair with that |G|^2 and tr(Sigma) / b_big (free of n_data's correction)
+    if ratio_only:
+        assert spread / g2 == pytest.approx((r.small_sq - r.big_sq) / (
+            k * r.big_sq - r.small_sq), rel=1e-3)
+        return g2, spread
+    assert (r.small_sq, r.big_sq) == pytest.approx((g2 + k * spread, g2 + spread), rel=1e-4)
+    return g2, spread
+
+
+def test_weights_given_before_each_backward_read_the_weighted_spread_exactly():
+    """Micro-batches of 1-3 and 16-24 tokens, each loss its summed token losses over the
+    step's total, every weight given with weigh_next before its backward (a 0-d tensor for
+    some): each step's |G|^2 and tr(Sigma) are the weighted statistics of the micro-batches'
+    own token-mean gradients, to float32 rounding. The same weights handed to step() alone
+    read tr(Sigma) as |g|^2 - |G|^2, off by the shares' covariance with the gradient (review:
+    -4% to +7%), and warn once."""
+    from tasks.token_tasks import _sequences
+
+    lengths, xs, ys, w_start = _sequences()
+    model = nn.Linear(w_start.numel(), 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(w_start[None])
+    micro, accum = 2, 4
+    weighed = GradientNoiseMonitor(model, accumulation_steps=accum, sampling="uniform")
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for step in range(6):
+        idx = torch.randperm(len(xs), generator=g)[:micro * accum].view(accum, micro)
+        pairs = [(torch.cat([xs[i] for i in j]), torch.cat([ys[i] for i in j])) for j in idx]
+        tokens = [len(y) for _, y in pairs]
+        for k, (x, y) in enumerate(pairs):
+            weighed.weigh_next(torch.tensor(tokens[k]) if k % 2 else tokens[k])
+            (((model(x)[:, 0] - y) ** 2).sum() / sum(tokens)).backward()
+        assert weighed.step(micro) is not None
+        model.zero_grad()
+        batches.append((pairs, tokens))
+    weighed.close()
+    w0 = model.weight
+    spreads = []
+    for r, (pairs, tokens) in zip(weighed.readings, batches):
+        grads = [torch.autograd.grad(((model(x)[:, 0] - y) ** 2).mean(), [w0])[0].reshape(-1)
+                 for x, y in pairs]
+        g2, spread = _assert_weighted_reading(r, grads, [n / sum(tokens) for n in tokens])
+        assert (r.grad_sq_norm, r.trace_sigma) == pytest.approx((g2, r.b_big * spread),
+                                                                rel=1e-4)
+        spreads.append(r.trace_sigma)
+
+    late = GradientNoiseMonitor(model, accumulation_steps=accum, sampling="uniform")
+    with pytest.warns(UserWarning, match="weigh_next"):
+        for pairs, tokens in batches:
+            for x, y in pairs:
+                (((model(x)[:, 0] - y) ** 2).sum() / sum(tokens)).backward()
+            late.step(micro, micro_weights=tokens)
+            model.zero_grad()
+    off = [abs(r.trace_sigma / t - 1) for r, t in zip(late.readings, spreads)]
+    assert max(off) > 0.01
+    assert [r.grad_sq_norm for r in late.readings] == pytest.approx(
+        [r.grad_sq_norm for r in weighed.readings], rel=1e-5)
+
+
+def test_weights_given_both_ways_must_agree():
+    model = nn.Linear(3, 1)
+    monitor = GradientNoiseMonitor(model, accumulation_steps=2)
+    for w in (1.0, 3.0):
+        monitor.weigh_next(w)
+        model(torch.ones(2, 3)).sum().backward()
+    with pytest.raises(UsageError, match="weigh_next"):
+        monitor.step(2, micro_weights=[1.0, 2.0])
+    with pytest.raises(UsageError, match="a number"):
+        monitor.weigh_next("3")
 
 
 def test_token_weighted_steps_are_unbiased_against_exact_per_sequence_gradients():
@@ -612,9 +693,10 @@ def test_token_weighted_steps_are_unbiased_against_exact_per_sequence_gradients(
         idx = torch.randperm(n_seq, generator=g)[:micro * accum].view(accum, micro)
         tokens = [int(lengths[j].sum()) for j in idx]
         total = sum(tokens)
-        for j in idx:
+        for j, n in zip(idx, tokens):
             x = torch.cat([xs[i] for i in j])
             y = torch.cat([ys[i] for i in j])
+            monitor.weigh_next(n)
             (((model(x)[:, 0] - y) ** 2).sum() / total).backward()
         assert monitor.step(micro, micro_weights=tokens) is not None
         model.zero_grad()

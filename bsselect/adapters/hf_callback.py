@@ -34,8 +34,9 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
     clipping. A step whose micro-batches differ in size (an epoch's last) is not measured. For
     a model that takes ``num_items_in_batch`` (GPT-2, Llama...), the Trainer divides each
     micro-batch's summed token loss by the whole step's token count rather than each mean by
-    the number of micro-batches; the callback passes each micro-batch's label-token count
-    (``labels != -100``), so each micro-batch's gradient is still taken as its own mean. fp16
+    the number of micro-batches; the callback gives the monitor each micro-batch's label-token
+    count (``labels != -100``) before its backward, so each micro-batch's gradient is still
+    taken as its own mean (this holds one more gradient-sized buffer during a step). fp16
     loss scaling is not supported (bf16 and fp32 are). Past the first epoch of the Trainer's
     shuffled epochs ``B_simple`` reads low (the batches come from the items not yet seen this
     epoch; docs/noise.md): each line's ``b_simple_past_first_epoch`` is then 1 (else 0) and the
@@ -96,7 +97,9 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
             # The Trainer passes num_items_in_batch exactly when the model's loss is the sum
             # over the micro-batch's label tokens divided by the step's total.
             if kwargs.get("num_items_in_batch") is not None and torch.is_tensor(labels):
-                self._tokens.append(label_tokens(labels, self._shifts and shifted is None))
+                tokens = label_tokens(labels, self._shifts and shifted is None)
+                self._tokens.append(tokens)
+                self.monitor.weigh_next(tokens)   # before its backward: the unbiased spread
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self._sizes, self._tokens = [], []

@@ -32,7 +32,8 @@ from ..errors import TaskError, UsageError, one_line
 from ..precision import Precision, raw_grads
 from ..step import collate, forward_loss, sample_indices, to_device
 from ..task import Task, loss_units
-from .noise_math import NoiseEstimate, check_batch_sizes, estimate_from_norms
+from .noise_math import (  # noqa: F401  (weighted_pair: re-exported)
+    NoiseEstimate, check_batch_sizes, estimate_from_norms, weighted_pair)
 
 __all__ = [
     "NoiseEstimate", "active_dropout", "estimate_from_norms", "training_batchnorm",
@@ -224,30 +225,6 @@ def _grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,
 def _dense(grads: Any) -> list[torch.Tensor | None]:
     """``raw_grads``' gradients with sparse ones (an ``nn.Embedding(sparse=True)``) made dense."""
     return [None if g is None else g.to_dense() if g.is_sparse else g for g in grads]
-
-
-def weighted_pair(big_sq: float, pieces_sq: float, cross: float, share_sq: float,
-                  n_sub: int) -> tuple[float, float]:
-    """The equal-weight pair (``|g_small|^2``, ``|g_big|^2``) that gives the same ``|G|^2``
-    and ``tr(Sigma)`` as ``n_sub`` sub-batch gradients ``g_i`` with shares ``s_i`` (summing
-    to 1), for ``estimate_from_norms``.
-
-    ``big_sq = |ĝ|^2`` with ``ĝ = sum s_i g_i`` (the big batch's gradient), ``pieces_sq =
-    sum s_i^2 |g_i|^2``, ``cross = ĝ · sum s_i^2 g_i``, ``share_sq = sum s_i^2``. ``|G|^2``:
-    the weighted U-statistic ``(big_sq - pieces_sq) / (1 - share_sq)``, unbiased whatever
-    the shares; ``tr(Sigma) / b_big``: the shares' residual spread ``k/(k-1) sum s_i^2 |g_i -
-    ĝ|^2``, ``k = n_sub``. With equal shares both are the usual two-batch estimator's, and
-    the pair is exactly (mean of ``|g_i|^2``, ``|ĝ|^2``). Reading ``tr`` as ``big_sq -
-    |G|^2`` instead (the first version) kept a covariance between a sub-batch's units and its
-    gradient along ``G``: +6% on a task of very uneven lengths at any batch size (review).
-    Averaging token-mean sub-batches with equal weight (before ``Task.loss_weight``) read
-    ``B_simple`` 8% high at ``b_small`` 4 on a padded GPT-2."""
-    if not share_sq < 1.0:
-        raise TaskError("Task.loss_weight put the whole measurement's weight on one sub-batch: "
-                        "nothing to compare it with")
-    grad_sq = (big_sq - pieces_sq) / (1.0 - share_sq)
-    spread = (pieces_sq - 2.0 * cross + share_sq * big_sq) * n_sub / (n_sub - 1)  # tr / b_big
-    return grad_sq + n_sub * spread, grad_sq + spread
 
 
 def measure_grad_norms(model: nn.Module, task: Task, x: Any, y: Any, n_sub: int,

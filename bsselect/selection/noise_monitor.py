@@ -22,9 +22,10 @@ The loss of each micro-batch is assumed divided by the number of micro-batches (
 the usual hand-written loop do this; so does the Hugging Face ``Trainer`` for a model that takes
 no loss kwargs), so that ``.grad`` after the last one is the mean gradient of the whole step.
 The ``Trainer`` divides the summed token losses of a model that takes ``num_items_in_batch``
-(GPT-2, Llama...) by the whole step's token count instead; its callback passes each
-micro-batch's token count (``micro_weights``) and the step's ``|G|^2`` is the weighted
-U-statistic over the micro-batches' hook gradients (``step``). One process without
+(GPT-2, Llama...) by the whole step's token count instead; its callback gives each
+micro-batch's token count before its backward (``weigh_next``), and the step's ``|G|^2`` and
+``tr(Sigma)`` are the weighted U-statistic and residual spread over the micro-batches' hook
+gradients (``step``, ``noise.weighted_pair``). One process without
 accumulation has a single batch size per step and nothing to compare: the monitor says so
 instead of guessing.
 
@@ -40,6 +41,7 @@ notes it in ``estimate()``. ``sampling="uniform"`` says the batches are fresh dr
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import sys
@@ -52,7 +54,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from .noise_math import NoiseEstimate, estimate_from_norms, per_measurement
+from .noise_math import NoiseEstimate, estimate_from_norms, per_measurement, weighted_pair
 
 DEFAULT_WINDOW = 64   # measured steps behind ``estimate()``
 DEFAULT_EMA = 0.95    # decay of the moving averages of |G|^2 and tr(Sigma)
@@ -118,6 +120,14 @@ def _check_settings(accumulation_steps: Any, every: Any, window: Any, ema: Any,
             raise UsageError(f"{name} must be an integer >= 1 or None, got {value!r}")
     if sampling not in SAMPLINGS:
         raise UsageError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
+
+
+def _same_weight(x: Any, c: float) -> bool:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return False
+    return math.isclose(x, c, rel_tol=1e-9) or (math.isnan(x) and math.isnan(c))
 
 
 def _inside_function_backward() -> bool:
@@ -220,11 +230,21 @@ class GradientNoiseMonitor:
         self._big: torch.Tensor | None = None  # |.grad|^2 at the end of the a-th backward
         self._ema_g = self._ema_t = 0.0
         self._ema_n = 0
+        # Micro-batch weights given before their backward (weigh_next): the queue, the running
+        # backward's weight, this step's weights in backward order, sum_j c_j h_j per
+        # parameter (the weighted residual spread's cross term needs it) and its dot with .grad.
+        self._queued: list[Any] = []                 # floats or 0-d tensors
+        self._weight: Any = None
+        self._step_weights: list[Any] = []
+        self._weighted: list[torch.Tensor | None] = []
+        self._cross: torch.Tensor | None = None
+        self._unweighed_warned = False
         params = [p for p in _unwrap(model).parameters() if p.requires_grad]
         if not params:
             raise UsageError("the model has no trainable parameters")
         params = moved_by(optimizer, params)
         self._params = params
+        self._weighted = [None] * len(params)
         # Backward passes in this step, counted once per pass that reaches any trainable
         # parameter (a model's unused parameters, an HF pooler, get none): a step with another
         # number of micro-batches than ``accumulation_steps`` (an epoch's last, partial one)
@@ -233,21 +253,46 @@ class GradientNoiseMonitor:
         from torch.autograd.graph import register_multi_grad_hook
 
         self._handles = [register_multi_grad_hook(params, self._count_backward, mode="any")]
-        self._handles += [p.register_hook(self._on_grad) for p in params]
+        self._handles += [p.register_hook(functools.partial(self._on_grad, i))
+                          for i, p in enumerate(params)]
 
     # ------------------------------------------------------------------ hooks
 
     def _measuring(self) -> bool:
         return self._steps % self.every == 0
 
-    def _on_grad(self, grad: torch.Tensor) -> None:
+    def weigh_next(self, weight: float | torch.Tensor) -> None:
+        """The weight of the next micro-batch (its share of the step's loss normaliser: the
+        HF ``Trainer`` dividing by the step's token count gives its token count), called before
+        its backward, once per micro-batch. With every micro-batch of a step weighed, ``step``
+        reads the weighted ``tr(Sigma)`` without bias; weights handed to ``step`` alone give
+        its first version, a few percent off where the weights vary (review: -4% to +7%).
+        Costs one gradient-sized buffer during the step. A 0-d tensor is taken as it is (no
+        host sync until ``step``)."""
+        if torch.is_tensor(weight) and weight.dim() == 0 and not weight.is_complex():
+            self._queued.append(weight.detach())
+            return
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise UsageError(f"weigh_next takes a number (a micro-batch's weight), got "
+                             f"{weight!r}")
+        self._queued.append(float(weight))
+
+    def _on_grad(self, index: int, grad: torch.Tensor) -> None:
         if not self._measuring():
             return
         sq = grad.detach().float().pow(2).sum()
         if self._open:
             self._small[-1] = self._small[-1] + sq
+            weight = self._weight
         else:  # a reentrant recompute's backward that ran before its micro-batch's own began
             self._pending = sq if self._pending is None else self._pending + sq
+            weight = self._queued[0] if self._queued else None
+        if weight is not None:   # a non-finite one makes the step unmeasured, in step()
+            acc = self._weighted[index]
+            if acc is None:
+                self._weighted[index] = grad.detach() * weight
+            else:
+                acc.add_(grad.detach() * weight)
 
     def _count_backward(self, grad: torch.Tensor) -> None:
         # The recomputing backward of reentrant checkpointing (use_reentrant=True) runs inside
@@ -255,8 +300,10 @@ class GradientNoiseMonitor:
         if _inside_function_backward():
             return
         self._backwards += 1
+        self._weight = self._queued.pop(0) if self._queued else None
         if not self._measuring():
             return
+        self._step_weights.append(self._weight)
         pending, self._pending = self._pending, None
         self._small.append(pending if pending is not None else torch.zeros((), device=grad.device))
         self._open = True
@@ -274,6 +321,10 @@ class GradientNoiseMonitor:
     def _read_big(self) -> None:
         self._big = sum(p.grad.detach().float().pow(2).sum() for p in self._params
                         if p.grad is not None)
+        if any(acc is not None for acc in self._weighted):
+            self._cross = sum((p.grad.detach().float() * acc.float()).sum()
+                              for p, acc in zip(self._params, self._weighted)
+                              if p.grad is not None and acc is not None)
 
     # ------------------------------------------------------------------ per step
 
@@ -297,6 +348,9 @@ class GradientNoiseMonitor:
         self._steps += 1
         smalls, self._small, self._pending = self._small, [], None
         big, self._big = self._big, None
+        cross, self._cross = self._cross, None
+        weighed, self._step_weights, self._queued = self._step_weights, [], []
+        self._weighted = [None] * len(self._params)
         backwards, self._backwards = self._backwards, 0
         # uneven micro-batches (0) are not counted: at most an epoch's last step, late
         self.samples_seen += micro_batch_size * backwards * self.world_size
@@ -317,8 +371,23 @@ class GradientNoiseMonitor:
         # weight over the step's global total, which a rank learns from the all-reduce; else
         # each rank's shares sum to 1 and DDP's mean gives every rank 1/w (a rank with 40% of
         # the tokens counted as half read |G|^2 ~4% low: review).
+        given = [float(c) for c in weighed if c is not None]
+        if given and micro_weights is not None and (
+                len(micro_weights) != len(given) or not all(
+                    _same_weight(x, c) for x, c in zip(micro_weights, given))):
+            raise UsageError("micro_weights differ from the weights given with weigh_next: "
+                             "give each micro-batch's weight one way")
+        if given and len(given) != len(weighed):   # some micro-batches weighed, some not
+            micro_weights = [math.nan] * len(weighed)
+        elif given:
+            micro_weights = given
         across = weights_across_ranks and micro_weights is not None and w > 1
         shares = self._shares(smalls, big, micro_batch_size, micro_weights, across)
+        # The cross term of the weighted spread, from every micro-batch weighed before its
+        # backward: this rank's dot of .grad with sum_j share_j h_j (its shares' raw weights
+        # over their total, or raw over all ranks: divided by the global total below).
+        local_cross = (None if shares is None or not given or cross is None
+                       else float(cross) / (1.0 if across else sum(given)))
         if shares is None and w == 1:
             self.skipped += 1
             return None
@@ -328,33 +397,50 @@ class GradientNoiseMonitor:
         device = self._params[0].device
         f64 = dict(device=device, dtype=torch.float64)
         if shares is None:
-            parts = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], **f64)
+            parts = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0], **f64)
         else:
             parts = torch.stack([torch.stack(smalls).sum().to(**f64),
                                  shares.pow(2).sum().to(**f64), big.to(**f64),
-                                 shares.sum().to(**f64), torch.zeros((), **f64)])
+                                 shares.sum().to(**f64), torch.zeros((), **f64),
+                                 torch.tensor(local_cross or 0.0, **f64),
+                                 torch.tensor(float(local_cross is None), **f64)])
         if w > 1:
             torch.distributed.all_reduce(parts)   # sums over ranks; big is the same on each
             if float(parts[4]) > 0:   # some rank could not measure this step
                 self.skipped += 1
                 return None
-            parts = parts / torch.tensor([w * w, 1.0 if across else w * w, w, 1.0, 1.0],
-                                         **f64)
-        pieces_sq, share_sq, big_sq, total = (float(v) for v in parts[:4].cpu())
+            parts = parts / torch.tensor([w * w, 1.0 if across else w * w, w, 1.0, 1.0,
+                                          w if across else w * w, 1.0], **f64)
+        pieces_sq, share_sq, big_sq, total, _, cross_sq, unweighed = (
+            float(v) for v in parts.cpu())
         if across:
             if not total > 0:
                 self.skipped += 1
                 return None
             share_sq /= total * total
+            cross_sq /= total
         if self.scaler is not None:   # the gradients were of the loss times the scale
             scale_sq = float(self.scaler.get_scale()) ** 2
-            pieces_sq, big_sq = pieces_sq / scale_sq, big_sq / scale_sq
+            pieces_sq, big_sq, cross_sq = (pieces_sq / scale_sq, big_sq / scale_sq,
+                                           cross_sq / scale_sq)
         if share_sq >= 1.0:   # one piece holds the whole step: nothing to compare
             self.skipped += 1
             return None
         pieces = a * w
-        g2 = (big_sq - pieces_sq) / (1.0 - share_sq)
-        small_sq = pieces * big_sq - (pieces - 1) * g2
+        if unweighed == 0:   # every micro-batch of every rank weighed before its backward
+            small_sq, big_sq = weighted_pair(big_sq, pieces_sq, cross_sq, share_sq, pieces)
+        else:
+            # Equal shares, or weights handed to step() alone: tr(Sigma) / b_big read as
+            # |g_big|^2 - |G|^2, exact with equal shares and a few percent off otherwise.
+            if micro_weights is not None and not self._unweighed_warned and (
+                    share_sq * pieces > 1.0 + 1e-9):
+                self._unweighed_warned = True
+                warnings.warn("GradientNoiseMonitor: micro_weights given to step() alone: "
+                              "tr(Sigma) reads a few percent off where the weights vary; give "
+                              "each micro-batch's weight with weigh_next() before its backward",
+                              stacklevel=2)
+            g2 = (big_sq - pieces_sq) / (1.0 - share_sq)
+            small_sq = pieces * big_sq - (pieces - 1) * g2
         return self.record(small_sq, big_sq, micro_batch_size, micro_batch_size * a * w)
 
     def _shares(self, smalls: list[torch.Tensor], big: torch.Tensor | None,

@@ -2,7 +2,7 @@
 loss is a token mean over the whole step's tokens on all ranks (the HF Trainer's
 ``num_items_in_batch`` with ``average_tokens_across_devices``), tests/tasks/token_tasks.py's
 sequences of very uneven lengths. Each step's reading is compared with the weighted
-U-statistic computed from every micro-batch's own token-mean gradient, gathered from both
+U-statistic and residual spread of every micro-batch's own token-mean gradient, gathered from both
 ranks; rank 0 writes the pairs to OUT_DIR/readings.json.
 
     python -m torch.distributed.run --nproc-per-node 2 noise_monitor_tokens_ddp.py OUT_DIR ACROSS [BAD]
@@ -50,7 +50,9 @@ def main(out: Path, across: bool, bad: int | None) -> None:
         tokens = [float(y[1].sum()) for _, y in batches]
         total = torch.tensor(sum(tokens), dtype=torch.float64)
         dist.all_reduce(total)
+        weights = [math.nan, *tokens[1:]] if step == bad and rank == 1 else tokens
         for k, (x, y) in enumerate(batches):
+            monitor.weigh_next(weights[k])
             summed = ((model(x) - y[0]) ** 2 * y[1]).sum()
             loss = summed / total * world   # DDP's mean over ranks undoes the * world
             if k < ACCUM - 1:
@@ -58,7 +60,6 @@ def main(out: Path, across: bool, bad: int | None) -> None:
                     loss.backward()
             else:
                 loss.backward()
-        weights = [math.nan, *tokens[1:]] if step == bad and rank == 1 else tokens
         reading = monitor.step(MICRO, micro_weights=weights, weights_across_ranks=across)
         model.zero_grad()
         # the truth from each micro-batch's own token-mean gradient, gathered
@@ -76,11 +77,13 @@ def main(out: Path, across: bool, bad: int | None) -> None:
         pieces = float((s ** 2 * g.pow(2).sum(1)).sum())
         g2 = (big - pieces) / (1 - float(s.pow(2).sum()))
         p = ACCUM * world
+        spread = p / (p - 1) * float((s ** 2 * (g - whole).pow(2).sum(1)).sum())  # tr / b_big
         if reading is None:
             pairs.append(dict(skipped=step))
             continue
+        # the equal-piece pair with this |G|^2 and tr(Sigma) (noise_math.weighted_pair)
         pairs.append(dict(small=reading.small_sq, big=reading.big_sq,
-                          true_small=p * big - (p - 1) * g2, true_big=big))
+                          true_small=g2 + p * spread, true_big=g2 + spread))
     (out / f"readings{rank}.json").write_text(json.dumps(dict(pairs=pairs,
                                                               skipped=monitor.skipped)))
     distributed.teardown()
