@@ -2,8 +2,8 @@
 loss is a token mean over the whole step's tokens on all ranks (the HF Trainer's
 ``num_items_in_batch`` with ``average_tokens_across_devices``), tests/tasks/token_tasks.py's
 sequences of very uneven lengths. Each step's reading is compared with the weighted
-U-statistic and residual spread of every micro-batch's own token-mean gradient, gathered from both
-ranks; rank 0 writes the pairs to OUT_DIR/readings.json.
+U-statistic and residual spread of every micro-batch's own token-mean gradient, gathered from
+both ranks; rank 0 writes the pairs to OUT_DIR/readings.json.
 
     python -m torch.distributed.run --nproc-per-node 2 noise_monitor_tokens_ddp.py OUT_DIR ACROSS [BAD]
 
