@@ -716,3 +716,36 @@ def test_advice_waits_for_enough_readings():
         jitter = 1 + 0.01 * ((k % 5) - 2)
         mon.record((1 + 100) * jitter, (1 + 50) * jitter, 8, 16)
         assert (mon.advice(4) is None) == (k + 1 < ADVICE_MIN_READINGS)
+
+
+def test_at_a_minimum_the_window_is_unresolved_and_away_from_it_resolved():
+    """Least squares at its exact minimum over the data (|G|^2 = 0, every step's estimate is
+    noise around zero) against the same model moved off it: ``resolved`` (what the callbacks
+    log behind) is False at the minimum, where the moving-average ratio is still a finite
+    number (review: logged as B_simple in half the runs), and True off it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(8, 1, generator=g, dtype=torch.float64) + torch.randn(
+        512, 1, generator=g, dtype=torch.float64)
+    w_min = torch.linalg.lstsq(x, y).solution
+
+    def run(w):
+        model = nn.Linear(8, 1, bias=False).double()
+        with torch.no_grad():
+            model.weight.copy_(w.T)
+        monitor = GradientNoiseMonitor(model, accumulation_steps=4, n_data=512, window=32,
+                                       sampling="uniform")
+        for step in range(32):
+            idx = torch.randperm(512, generator=g)[:32].view(4, 8)
+            for j in idx:
+                (((model(x[j]) - y[j]) ** 2).mean() / 4).backward()
+            monitor.step(8)
+            model.zero_grad()
+        return monitor
+
+    at_min = run(w_min)
+    assert len(at_min.readings) == 32 and not at_min.resolved
+    assert at_min.estimate().resolved is False
+    off = run(w_min + 0.5)
+    assert off.resolved and off.estimate().resolved and off.b_simple is not None
+    assert not GradientNoiseMonitor(nn.Linear(2, 1), accumulation_steps=2).resolved

@@ -141,7 +141,7 @@ def test_hf_callback_logs_the_flag(tmp_path):
         trainer.train()
     assert len([w for w in caught if "first epoch" in str(w.message)]) == 1
     lines = [(h["epoch"], h["b_simple_past_first_epoch"]) for h in trainer.state.log_history
-             if "b_simple" in h]
+             if "b_simple_past_first_epoch" in h]
     assert lines and {flag for epoch, flag in lines if epoch <= 1} == {0}
     assert {flag for epoch, flag in lines if epoch > 1.05} == {1}
     assert callback.monitor.sampling == "epochs" and callback.monitor.n_data == 1000

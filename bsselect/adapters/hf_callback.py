@@ -27,7 +27,7 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
     during ``trainer.train()`` from the gradients the run computes anyway: the micro-batches
     of ``gradient_accumulation_steps`` and the ranks of DDP (``bsselect.selection.noise_monitor``).
     Each log line gains ``b_simple`` (in ``trainer.state.log_history`` and the callbacks after
-    this one); the monitor is ``callback.monitor`` (``.estimate()`` gives an interval).
+    this one) once the window's ``|G|^2`` is told from zero (``monitor.resolved``); the monitor is ``callback.monitor`` (``.estimate()`` gives an interval).
 
     Every step is measured, clipped or not: the Trainer clips (``max_grad_norm``) before
     callbacks run, but the monitor reads both norms during the backward passes, before the
@@ -118,11 +118,13 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
                    **kwargs: Any) -> None:
-            value = self.monitor.b_simple if self.monitor is not None else None
-            if value is None or logs is None:
+            if self.monitor is None or not self.monitor.readings or logs is None:
                 return
-            extra = {"b_simple": value,
-                     "b_simple_past_first_epoch": int(self.monitor.past_first_epoch)}
+            extra: dict[str, Any] = {
+                "b_simple_past_first_epoch": int(self.monitor.past_first_epoch)}
+            # near a minimum |G|^2 is noise: no number rather than a ratio of it
+            if self.monitor.b_simple is not None and self.monitor.resolved:
+                extra["b_simple"] = self.monitor.b_simple
             logs.update(extra)
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1].update(extra)

@@ -419,7 +419,8 @@ def NoiseScaleMonitor(every: int = 1, window: int = 64, ema: float = 0.95,
     """A Lightning callback that measures the gradient noise scale ``B_simple`` during
     ``fit`` from the gradients the run computes anyway: the micro-batches of
     ``accumulate_grad_batches`` and, under DDP, the ranks (``bsselect.selection.noise_monitor``). It
-    logs ``name`` (the moving-average ``B_simple``) each measured step, keeps the monitor as
+    logs ``name`` (the moving-average ``B_simple``) each measured step once the window's
+    ``|G|^2`` is told from zero (``monitor.resolved``; not near a minimum), keeps the monitor as
     ``callback.monitor`` (``.estimate()`` gives an interval), and warns once when the interval
     says the global batch could grow. With neither accumulation nor several ranks there is no
     second batch size: it warns once and stays off. A step whose micro-batches differ in size
@@ -483,11 +484,13 @@ def NoiseScaleMonitor(every: int = 1, window: int = 64, ema: float = 0.95,
             # Micro-batches of different sizes (an epoch's last, [8, 8, 8, 4]) have no single
             # b_small, and .grad is not their mean gradient: the step is skipped (0).
             reading = self.monitor.step(sizes[0] if len(set(sizes)) == 1 else 0)
-            if reading is None or self.monitor.b_simple is None:
+            if reading is None:
                 return
-            pl_module.log(name, self.monitor.b_simple, on_step=True, on_epoch=False)
             pl_module.log(f"{name}_past_first_epoch", float(reading.past_first_epoch),
                           on_step=True, on_epoch=False)
+            # near a minimum |G|^2 is noise: no number rather than a ratio of it
+            if self.monitor.b_simple is not None and self.monitor.resolved:
+                pl_module.log(name, self.monitor.b_simple, on_step=True, on_epoch=False)
             if self.advice is None:
                 self.advice = self.monitor.advice(reading.b_big)
                 if self.advice:

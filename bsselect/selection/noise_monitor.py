@@ -50,14 +50,17 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import UsageError
-from .noise_math import NoiseEstimate, estimate_from_norms, per_measurement, weighted_pair
+from .noise_math import (CONFIDENCE, NoiseEstimate, estimate_from_norms, per_measurement,
+                         t_quantile, weighted_pair)
 
 DEFAULT_WINDOW = 64   # measured steps behind ``estimate()``
 DEFAULT_EMA = 0.95    # decay of the moving averages of |G|^2 and tr(Sigma)
+_EMA_DEPTH = 100_000  # readings behind ``resolved`` at most (weights below 1e-9 dropped first)
 GROW_FACTOR = 2.0     # "the batch could grow" when B_simple's lower bound is this x the batch
 MISMATCH_WARN_AFTER = 3   # measured steps in a row with another backward count: warn once
 SAMPLINGS = ("epochs", "uniform")
@@ -545,16 +548,46 @@ class GradientNoiseMonitor:
             return None
         return max(t, 0.0) / g
 
-    def estimate(self, last: int | None = None, seed: int = 0) -> NoiseEstimate:
-        """``B_simple`` with a 90% bootstrap interval over the last ``last`` readings (default:
-        the window) at the pair of batch sizes most of them have (the latest such pair on a
-        tie; an epoch's odd last step does not decide it). Raises UsageError with fewer
-        than 2."""
+    def _window(self, last: int | None = None) -> list[NoiseReading]:
+        """The last ``last`` readings (default: the window) at the pair of batch sizes most of
+        them have (the latest such pair on a tie)."""
         chosen = self.readings[-(last or self.window):]
         if chosen:
             counts = Counter((r.b_small, r.b_big) for r in chosen)
             key = max(reversed([(r.b_small, r.b_big) for r in chosen]), key=counts.__getitem__)
             chosen = [r for r in chosen if (r.b_small, r.b_big) == key]
+        return chosen
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the moving-average ``|G|^2`` is told from zero: its lower 95% t bound (the
+        lower end of a 90% interval) is above zero, with the readings weighted as the moving
+        average weights them (effective count ``(sum w)^2 / sum w^2``, at least 2). Near a
+        minimum it is not, and the moving-average ``B_simple`` is a ratio over noise (finite
+        in half the runs of a review); the callbacks log it only when this holds."""
+        depth = min(len(self.readings), _EMA_DEPTH if self.ema < 1 else len(self.readings))
+        if depth < 2:
+            return False
+        if self.ema < 1:
+            depth = min(depth, math.ceil(math.log(1e-9) / math.log(self.ema)) if self.ema > 0
+                        else 1)
+        g = np.array([r.grad_sq_norm for r in self.readings[-depth:]], dtype=np.float64)
+        w = self.ema ** np.arange(len(g) - 1, -1, -1, dtype=np.float64)
+        total, total_sq = float(w.sum()), float((w * w).sum())
+        n_eff = total * total / total_sq
+        if n_eff < 2:
+            return False
+        mean = float((w * g).sum()) / total
+        var = float((w * (g - mean) ** 2).sum()) / (total - total_sq / total)
+        se = math.sqrt(var * total_sq) / total
+        return mean - t_quantile(1 - (1 - CONFIDENCE) / 2, int(n_eff - 1)) * se > 0
+
+    def estimate(self, last: int | None = None, seed: int = 0) -> NoiseEstimate:
+        """``B_simple`` with a 90% bootstrap interval over the last ``last`` readings (default:
+        the window) at the pair of batch sizes most of them have (the latest such pair on a
+        tie; an epoch's odd last step does not decide it). Raises UsageError with fewer
+        than 2."""
+        chosen = self._window(last)
         if len(chosen) < 2:
             raise UsageError(f"{len(chosen)} measured step(s) so far; the interval needs at "
                              "least 2")
