@@ -222,3 +222,30 @@ def test_a_step_that_is_a_generator_or_a_coroutine_is_said_to_have_not_run():
     for step in (gen_step, async_step):
         with pytest.raises(TaskError, match="without running: give a plain function"):
             find_batch_size(step, device="cpu", memory="64MiB")
+
+
+def test_on_the_cpu_the_host_guard_refuses_steps_that_would_crowd_the_ram(monkeypatch):
+    """With 40 MiB of RAM available (the machine's report, faked at its seam), the default
+    budget is half of it, and a step predicted above half of it is refused before it runs even
+    where ``memory=`` says more, the answer then a lower bound: the search once budgeted all of
+    MemAvailable for real steps, with nothing between it and the kernel's OOM killer."""
+    import bsselect.device as device_mod
+
+    monkeypatch.setattr(device_mod, "available_ram_bytes", lambda: 40 * 2**20)
+    step = _loop()
+    fit = find_batch_size(step, margin=0.0, device="cpu")
+    assert fit.budget_bytes == 20 * 2**20 and fit.exact
+    step(fit.max_batch)
+    assert _cpu_peak(lambda: step(fit.max_batch)) <= 20 * 2**20
+
+    ran = []
+
+    def counted(b):
+        ran.append(b)
+        step(b)
+
+    big = find_batch_size(counted, memory="1GiB", margin=0.0, device="cpu")
+    assert not big.exact and big.budget_bytes == 2**30
+    assert any(s["outcome"] == "oom" for s in big.checked)
+    counted(max(ran))
+    assert _cpu_peak(lambda: step(max(ran))) <= 20 * 2**20 * 1.2  # no real step near 1 GiB

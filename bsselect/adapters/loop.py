@@ -20,8 +20,11 @@ confirm-and-refine search, ``capacity.refine_max_batch``) until it is the larges
 What is measured: on an accelerator, the allocator's peak (``max_memory_allocated``: the
 model, optimizer state and everything the step holds); on the CPU, the peak of what the step
 allocates above what was live when it began (from the CPU allocator's events), so ``memory``
-there budgets the step's own allocations. The decorator form calls the function once more,
-at the answer.
+there budgets the step's own allocations. On the CPU the default budget is half the available
+RAM (as a measured ``probe``'s: the steps allocate for real), and before each real step one
+predicted above half the RAM available now is refused as out of memory (the probe's host
+guard), whatever ``memory`` says; the answer is then a lower bound (``exact=False``). The
+decorator form calls the function once more, at the answer.
 """
 
 from __future__ import annotations
@@ -148,7 +151,14 @@ def find_batch_size(step: Callable[[int], Any], *, memory: Any = None, margin: f
 
         backend = AcceleratorAllocator(dev)
     size = _bytes(memory, "memory")
-    budget = size if size is not None else default_budget(dev).bytes
+    if size is not None:
+        budget = size
+    elif dev.type == "cpu" and backend is None:
+        from ..memory.probe import HOST_HEADROOM
+
+        budget = int(default_budget(dev).bytes * HOST_HEADROOM)  # real steps on the host
+    else:
+        budget = default_budget(dev).bytes
     usable = usable_bytes(budget, margin)
     from ..device import callers_rng
 
@@ -163,9 +173,25 @@ def _search(step: Callable[[int], Any], sizes: list[int], dev: torch.device, bac
 
     what = "allocator peak" if backend is not None else "step's own allocations"
     points, failed = [], None
+    guarded: list[int] = []   # batches the host guard refused (CPU)
+
+    def real_step(b: int) -> int:
+        if backend is None and dev.type == "cpu":
+            from ..memory.probe import _check_host_headroom, host_prediction
+
+            measured = dict(points) | seen_so_far
+            try:
+                _check_host_headroom(b, measured)
+            except MemoryError:
+                if host_prediction(b, measured) <= usable:   # refused, though it might fit
+                    guarded.append(b)
+                raise
+        return measure_step(step, b, dev, backend)
+
+    seen_so_far: dict[int, int] = {}
     for b in sizes:
         try:
-            points.append((b, measure_step(step, b, dev, backend)))
+            points.append((b, real_step(b)))
         except Exception as exc:  # noqa: BLE001 - an OOM ends the series
             if not is_oom_error(exc):
                 raise
@@ -210,7 +236,7 @@ def _search(step: Callable[[int], Any], sizes: list[int], dev: torch.device, bac
         """A try of the search; a UsageError when a batch of at least twice a smaller one's
         size took no more memory: the step stopped using its batch size there (a slice of a
         1,000-item set; the search went on to 16,777,216, review)."""
-        peak = measure_step(step, b, dev, backend)
+        peak = real_step(b)
         below = [k for k in seen if k * 2 <= b]
         if below and peak <= seen[max(below)]:
             k = max(below)
@@ -218,7 +244,7 @@ def _search(step: Callable[[int], Any], sizes: list[int], dev: torch.device, bac
                 f"the step's memory stopped growing with the batch size: b={k}: "
                 f"{seen[k]:,} bytes, b={b}: {peak:,} bytes; it may use no more than a fixed "
                 "number of items (a dataset smaller than the batch?): pass max_batch=")
-        seen[b] = peak
+        seen[b] = seen_so_far[b] = peak
         return peak
 
     result = refine_max_batch(measure, usable, known, first, ceiling=max_batch)
@@ -231,7 +257,7 @@ def _search(step: Callable[[int], Any], sizes: list[int], dev: torch.device, bac
                    tuple(asdict(s) for s in result.path),
                    None if fit is None else round(fit.fixed_bytes),
                    None if fit is None else round(fit.per_sample_bytes),
-                   exact=result.exact and not capped)
+                   exact=result.exact and not capped and not guarded)
 
 
 def fits_batch_size(_train: Any = None, **options: Any

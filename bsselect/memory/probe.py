@@ -197,22 +197,29 @@ def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
 HOST_HEADROOM = 0.5  # a real step on the CPU may use at most this share of the available RAM
 
 
-def _check_host_headroom(batch_size: int, seen: dict[int, int]) -> None:
-    """Before a real step on the CPU: refuse it, as an out-of-memory result like any other,
-    when the peak predicted from the steps measured so far (a line through the two largest;
-    the largest alone, scaled, with one) exceeds HOST_HEADROOM of the RAM available now. A
-    measured probe must never push the host into the kernel's OOM killer."""
-    from ..device import available_ram_bytes
-
+def host_prediction(batch_size: int, seen: dict[int, int]) -> float | None:
+    """The peak of a real step at ``batch_size`` predicted from the steps measured so far (a
+    line through the two largest; the largest alone, scaled, with one); None with none."""
     if not seen:
-        return
+        return None
     sizes = sorted(seen)
     if len(sizes) == 1:
-        predicted = seen[sizes[0]] * batch_size / sizes[0]
-    else:
-        b0, b1 = sizes[-2], sizes[-1]
-        slope = max(0.0, (seen[b1] - seen[b0]) / (b1 - b0))
-        predicted = seen[b1] + slope * (batch_size - b1)
+        return seen[sizes[0]] * batch_size / sizes[0]
+    b0, b1 = sizes[-2], sizes[-1]
+    slope = max(0.0, (seen[b1] - seen[b0]) / (b1 - b0))
+    return seen[b1] + slope * (batch_size - b1)
+
+
+def _check_host_headroom(batch_size: int, seen: dict[int, int]) -> float | None:
+    """Before a real step on the CPU: refuse it, as an out-of-memory result like any other,
+    when the peak predicted from the steps measured so far (``host_prediction``) exceeds
+    HOST_HEADROOM of the RAM available now. A measured probe must never push the host into
+    the kernel's OOM killer. Returns the prediction."""
+    from ..device import available_ram_bytes
+
+    predicted = host_prediction(batch_size, seen)
+    if predicted is None:
+        return None
     available = available_ram_bytes()
     if predicted > HOST_HEADROOM * available:
         from ..units import format_bytes
@@ -220,6 +227,7 @@ def _check_host_headroom(batch_size: int, seen: dict[int, int]) -> None:
         raise MemoryError(f"out of memory (host guard): a real step at batch {batch_size} "
                           f"would need about {format_bytes(predicted)}, more than half of the "
                           f"{format_bytes(available)} of RAM available now")
+    return predicted
 
 
 def _required(point_peak: int, rounded: int | None, target: Target, uses_cudnn: bool,
