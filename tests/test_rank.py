@@ -565,6 +565,7 @@ def test_every_verdict_kind_is_reachable():
         VerdictKind.line_misprices: (
             [ok_trial(b, t=step_time(b) * {32: 0.88, 64: 1.15}.get(b, 1.0)) for b in POW2],
             B_TRUE),
+        VerdictKind.between_sizes: ([ok_trial(b) for b in (8, 512)], B_TRUE),
     }
     assert set(cases) == set(VerdictKind)
     for kind, (trials, b_hat) in cases.items():
@@ -647,3 +648,15 @@ def test_the_pooled_interval_covers_the_pooled_truth_when_the_trials_errors_are_
             n += 1
             hits += interval.lo <= truth <= interval.hi
     assert n > 2900 and hits / n >= 0.88
+
+
+def test_a_sparse_grid_does_not_say_b_opt_agrees_with_a_size_far_from_it():
+    """Trials at 8 and 512 only, b_opt 40-odd: "rounds to b=8: it agrees" (review) hid that
+    the grid never tested b_opt; the verdict says how far it is and what to add."""
+    r = rank_trials([ok_trial(b) for b in (8, 512)], B_TRUE)
+    assert 8 * math.sqrt(2) < r.b_opt < 512 / math.sqrt(2)
+    near = min((8, 512), key=lambda b: abs(math.log2(b / r.b_opt)))
+    assert r.verdict_kind is VerdictKind.between_sizes and "it agrees" not in r.verdict
+    assert f"rounds to b={near}, the nearest tried size but " in r.verdict
+    assert f"add b={2 ** round(math.log2(r.b_opt))} to test it" in r.verdict
+    assert rank_trials(world(), B_TRUE).verdict_kind is VerdictKind.agree

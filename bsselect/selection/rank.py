@@ -157,6 +157,9 @@ class VerdictKind(str, Enum):
     outside_range = "outside_range"  # b_opt is beyond the tried batch sizes
     nonlinear_step_time = "nonlinear_step_time"  # the line misprices some batch size
     line_misprices = "line_misprices"  # the line is within tolerance but moves the optimum
+    # b_opt is inside the tried range but over sqrt(2) from every tried size: its nearest is
+    # in the tied set, yet the grid does not test b_opt itself
+    between_sizes = "between_sizes"
 
 
 @dataclass(frozen=True)
@@ -476,6 +479,12 @@ def _verdict(c: _Context) -> tuple[VerdictKind, str]:
             return VerdictKind.outside_range, f"{head}. {closed}: it agrees, but {where}; {more}"
         return VerdictKind.outside_range, (
             f"{head}. {closed}, not in the tied set: {follows} {where}")
+    if agrees and abs(math.log2(nearest / c.b_opt)) > 0.5 + 1e-9:
+        # Sparse grids (8 and 512 only): "rounds to 8, it agrees" of a b_opt of 40 (review).
+        near = 2 ** round(math.log2(c.b_opt))
+        return VerdictKind.between_sizes, (
+            f"{head}. {closed}, the nearest tried size but {_fold(nearest, c.b_opt)} from it: "
+            f"the tried sizes do not test b_opt (add b={near} to test it)")
     if agrees:
         return VerdictKind.agree, f"{head}. {closed}: it agrees"
     if not c.fit.linear and c.fit.worst_batch_size is not None:
@@ -496,6 +505,11 @@ _SOURCE_LABEL = {
     BHatSource.b_steps: "from the trials' steps to common loss levels",
     BHatSource.given: "given",
 }
+
+
+def _fold(a: float, b: float) -> str:
+    """``5.0x``: how many times the larger of two positive numbers is the smaller."""
+    return f"{max(a, b) / min(a, b):.1f}x"
 
 
 def _fmt_num(x: float | None) -> str:
