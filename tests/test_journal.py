@@ -281,6 +281,24 @@ def test_bad_trial_record_is_skipped(tmp_path):
     assert contents.warnings[1].endswith("line 4 skipped: trial record is not a JSON object")
 
 
+def test_a_trial_whose_step_time_is_not_positive_is_skipped(tmp_path):
+    """A hand-edited step time of 0 reached the step-time fit, which raised ValueError from
+    `bsselect report` (review); it is a damaged line like any other."""
+    path = tmp_path / "sweep.jsonl"
+    write(path, [trial(8), trial(16, trial_step_time_s=0.02)])
+    lines = path.read_text().splitlines(keepends=True)
+    for i, field in ((1, "step_time_s"), (2, "trial_step_time_s")):
+        record = json.loads(lines[i])
+        record["trial"][field] = 0
+        lines[i] = json.dumps(record) + "\n"
+    path.write_text("".join(lines))
+    contents = load(path)
+    assert contents.trials == ()
+    assert contents.warnings[0].endswith(
+        "line 2 skipped: bad trial record (its step_time_s is 0.0, not a positive number)")
+    assert "its trial_step_time_s is 0.0" in contents.warnings[1]
+
+
 def test_header_cut_short_means_nothing_was_recorded(tmp_path):
     path = tmp_path / "sweep.jsonl"
     path.write_bytes(b'{"bsselect_journal":1,"key":"2ca9')

@@ -291,6 +291,10 @@ def _trial_fields_problem(trial: TrialResult) -> str | None:
         value = getattr(trial, name)
         if not ok(value):
             return f"its {name} is {value!r}, not {what}"
+    for name in ("step_time_s", "trial_step_time_s"):   # a step takes time (review: 0 raised)
+        value = getattr(trial, name)
+        if value is not None and not value > 0:
+            return f"its {name} is {value!r}, not a positive number"
     for name in ("error", "noise_error"):
         value = getattr(trial, name)
         if value is not None and not isinstance(value, str):
