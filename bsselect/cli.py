@@ -854,4 +854,15 @@ def main() -> None:
     # transformers' per-call notices (config defaults, loss type) would interleave with the
     # tables; its errors still show. TRANSFORMERS_VERBOSITY set by the user wins.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    app()
+    try:
+        app()
+    except OSError as exc:
+        # A command outside `guarded` (examples, presets, --version, --help) writing to a
+        # full stdout: one line, not typer's traceback (review).
+        if exc.errno not in _FULL:
+            raise
+        from .report import drop_stream
+
+        drop_stream(sys.stdout)  # the buffered rest would fail again at exit
+        print(f"error: a write failed ({exc.strerror or exc}): the output", file=sys.stderr)
+        sys.exit(1)

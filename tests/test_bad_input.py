@@ -647,6 +647,22 @@ def test_output_to_a_full_disk_is_one_error_line(tmp_path):
     assert "error: a write failed (No space left on device)" in err
 
 
+@pytest.mark.parametrize("command", [["examples"], ["presets"], ["--version"], ["--help"]])
+def test_listings_to_a_full_disk_are_one_error_line(tmp_path, command):
+    """The commands that run no task (outside the error boundary) printed typer's
+    traceback (review)."""
+    import os
+    import subprocess
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    with open("/dev/full", "w") as full:
+        proc = _cli(*command, stdout=full, stderr=subprocess.PIPE, cwd=tmp_path)
+        err = proc.communicate(timeout=300)[1].decode()
+    assert proc.returncode == 1
+    assert err == "error: a write failed (No space left on device): the output\n"
+
+
 @pytest.mark.parametrize("command", [["noise"], ["probe", "--memory", "1GiB"],
                                      ["check", "--batch-size", "8", "--memory", "1GiB"]])
 def test_a_task_that_leaves_gradients_off_is_told_so(tmp_path, monkeypatch, command):
