@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 
 from . import __version__
+from .cli_boundary import escape, full_output_said, guarded, state
 from .errors import BsselectError, UsageError, one_line
 from .progress import ScheduleProgress, SweepProgress
 from .run_options import (AccumulateOpt, CheckpointingOpt, InputsOpt, PrecisionOpt, ReshardOpt,
@@ -28,7 +27,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-_state = {"debug": False}
 
 HfConfigOpt = Annotated[Optional[Path], typer.Option(
     "--hf-config", help="Instead of a task: a local transformers config.json (or its "
@@ -48,109 +46,6 @@ MarginOpt = Annotated[float, typer.Option(help="Safety margin: use (1 - margin) 
 MemoryOpt = Annotated[Optional[str], typer.Option(
     "--memory", help="Memory budget, e.g. 24GiB, 16GB (10^9 bytes), 512MiB; a bare G, M or K "
                      "is binary (24G = 24GiB). Default: free device memory.")]
-
-
-def _terminated(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def guarded(fn: Callable[[], T]) -> T:
-    """Run a command body; BsselectError -> one line + its exit code, Ctrl-C -> 130. SIGTERM
-    (what Slurm and Kubernetes send before SIGKILL) is taken as Ctrl-C: a sweep then says
-    where its finished trials are and to --resume, where it died in silence (review)."""
-    import contextlib
-    import signal
-    import threading
-
-    from . import report
-    from .report import console
-
-    _tolerant_streams()
-    # Not under torchrun: a rank inside a collective cannot run the handler until it
-    # returns, and the others waited in their teardown barrier until SIGKILL (review).
-    previous = None
-    if threading.current_thread() is threading.main_thread() \
-            and "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
-        previous = signal.signal(signal.SIGTERM, _terminated)
-    # --json: the task's own prints go to stderr, the document to the real stdout
-    as_json = "--json" in sys.argv[1:] and sys.stdout is not None
-    report.json_stream = sys.stdout if as_json else None
-    quiet_task = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
-    try:
-        with quiet_task:
-            return fn()
-    except BsselectError as exc:
-        if _state["debug"]:
-            traceback.print_exc()
-        _error(console, f"[red]error:[/] {_escape(str(exc))}")
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
-        raise typer.Exit(130) from None
-    except typer.Exit:
-        raise
-    except SystemExit as exc:  # bsselect never calls sys.exit: the user's task code did
-        if _state["debug"]:
-            traceback.print_exc()
-        _error(console, f"[red]error:[/] the task's code called sys.exit({_escape(repr(exc.code))}"
-                        ") while bsselect was building or running it; a task file must return a "
-                        "bsselect.Task, not exit (nothing was checked)")
-        raise typer.Exit(1) from None
-    except OSError as exc:
-        if _state["debug"]:
-            traceback.print_exc()
-        if exc.errno not in _FULL:
-            _error(console, f"[red]internal error:[/] {type(exc).__name__}: "
-                            f"{_escape(str(exc))} (rerun with --debug for a traceback)")
-            raise typer.Exit(1) from None
-        # stdout on a full disk: "internal error", before (review)
-        _error(console, f"[red]error:[/] a write failed ({_escape(exc.strerror or str(exc))}): "
-                        "the output, a plot or a file the task writes; a sweep's or schedule's "
-                        "finished work is in its journal")
-        raise typer.Exit(1) from None
-    except Exception as exc:  # noqa: BLE001 - the boundary: never a bare traceback
-        if _state["debug"]:
-            traceback.print_exc()
-        _error(console, f"[red]internal error:[/] {type(exc).__name__}: {_escape(str(exc))} "
-                        "(rerun with --debug for a traceback)")
-        raise typer.Exit(1) from None
-    finally:
-        report.json_stream = None
-        if previous is not None:  # a task's thread may outlive the command (review)
-            signal.signal(signal.SIGTERM, previous)
-
-
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
-def _tolerant_streams() -> None:
-    """Text the terminal's encoding cannot show (an ASCII locale; bsselect's tables use
-    "—", "·", "≈") is escaped, not an error after all the work was done (review: "internal
-    error: UnicodeEncodeError" at the end of a sweep)."""
-    for stream in (sys.stdout, sys.stderr):
-        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
-        if stream is not None and encoding != "utf8" and hasattr(stream, "reconfigure"):
-            try:
-                stream.reconfigure(errors="backslashreplace")
-            except (ValueError, OSError):  # a stream that cannot change: left as it is
-                pass
-
-
-def _escape(text: str) -> str:
-    """User or library text as rich prints it literally: `[tool.bsselect]`, a shape
-    `[batch, 32]` and `pip install 'bsselect[plot]'` keep their brackets."""
-    from rich.markup import escape
-
-    return escape(text)
-
-
-def _error(console, text: str) -> None:
-    """One error line on stderr. Under torchrun every rank's (ranks but 0 have quiet consoles:
-    their results and progress are rank 0's), prefixed with its rank."""
-    rank = os.environ.get("RANK", "0") if console.quiet else "0"
-    console.quiet = False
-    console.print(("" if rank == "0" else f"rank {rank}: ") + text, highlight=False,
-                  soft_wrap=True)
 
 
 def _note(command: str, data: dict) -> None:
@@ -175,7 +70,7 @@ def root(
     version: Annotated[Optional[bool], typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
 ) -> None:
-    _state["debug"] = debug
+    state["debug"] = debug
 
 
 def _write_plot(draw: Callable[..., None], result, plot: Path) -> None:
@@ -343,7 +238,7 @@ def noise(
                                      precision=precision, progress=advance,
                                      from_checkpoint=from_checkpoint,
                                      warn=lambda w: console.print(
-                                         f"[yellow]warning:[/] {_escape(w)}", highlight=False))
+                                         f"[yellow]warning:[/] {escape(w)}", highlight=False))
         if as_json:
             from .distributed import noise_json
             from .report import emit_json
@@ -458,7 +353,7 @@ def sweep(
                       highlight=False, markup=False)
         if plan.checkpoint is not None:
             ck = plan.checkpoint
-            console.print(f"every trial branches from {_escape(ck.path)} ({ck.format}"
+            console.print(f"every trial branches from {escape(ck.path)} ({ck.format}"
                           + (f", step {ck.step}" if ck.step is not None else "")
                           + f", sha256 {ck.sha256[:12]})", highlight=False)
         if settings.budget.kind.value == "seconds":
@@ -619,7 +514,7 @@ def report(
                              "journal is its .jsonl file, not its --json output)")
         shown = MAX_JOURNAL_WARNINGS
         for warning in contents.warnings[:shown]:
-            console.print(f"[yellow]warning:[/] {_escape(warning)}", highlight=False)
+            console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
         if len(contents.warnings) > shown:
             console.print(f"[yellow]warning:[/] {len(contents.warnings) - shown} more "
                           "warnings about the journal's lines", highlight=False)
@@ -668,7 +563,7 @@ def report(
         not_run = _not_run(contents, trials)
         if not_run:
             console.print(
-                f"[yellow]warning:[/] the sweep that wrote {_escape(str(journal))} stopped "
+                f"[yellow]warning:[/] the sweep that wrote {escape(str(journal))} stopped "
                 f"before b={', '.join(map(str, not_run))} (it set out to run them): this ranks "
                 f"the {len(sizes)} it finished; `bsselect sweep --resume` runs the rest",
                 highlight=False)
@@ -699,7 +594,7 @@ def report(
             and not rerun
         if same and then is not None and now is not None and then != now and then in ran:
             console.print(
-                f"[yellow]warning:[/] the sweep that wrote {_escape(str(journal))} recommended "
+                f"[yellow]warning:[/] the sweep that wrote {escape(str(journal))} recommended "
                 f"b={then}; the same trials ranked by this bsselect give b={now}: its ranking "
                 "rules have changed since", highlight=False)
         _finish_sweep(result, as_json, plot)
@@ -854,15 +749,5 @@ def main() -> None:
     # transformers' per-call notices (config defaults, loss type) would interleave with the
     # tables; its errors still show. TRANSFORMERS_VERBOSITY set by the user wins.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
+    with full_output_said():
         app()
-    except OSError as exc:
-        # A command outside `guarded` (examples, presets, --version, --help) writing to a
-        # full stdout: one line, not typer's traceback (review).
-        if exc.errno not in _FULL:
-            raise
-        from .report import drop_stream
-
-        drop_stream(sys.stdout)  # the buffered rest would fail again at exit
-        print(f"error: a write failed ({exc.strerror or exc}): the output", file=sys.stderr)
-        sys.exit(1)

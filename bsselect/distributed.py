@@ -136,7 +136,7 @@ teardown = _teardown  # for scripts that init their own gloo group (tests' and b
 
 
 def _quiet() -> None:
-    """Ranks other than 0 print no results and no progress (errors still: see cli.guarded)."""
+    """Ranks other than 0 print no results and no progress (errors still: see cli_boundary.guarded)."""
     from . import report
 
     report.console.quiet = True

@@ -43,7 +43,7 @@ console = _Console(stderr=True, emoji=False)      # progress, logs and human tab
 out = (_Console(emoji=False) if (sys.stdout is not None and sys.stdout.isatty())
        or "COLUMNS" in os.environ else _Console(width=160, emoji=False))
 # Where --json's document goes: the real stdout, while the task's own prints go to stderr
-# (cli.guarded), so that stdout stays one JSON document (review: a task that printed on
+# (cli_boundary.guarded), so that stdout stays one JSON document (review: a task that printed on
 # import broke it). None: sys.stdout.
 json_stream: Any = None
 
