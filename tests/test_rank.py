@@ -588,6 +588,13 @@ def test_fit_dict_has_the_design_fields_and_is_strict_json():
     json.dumps(unbounded, allow_nan=False)
 
 
+def test_rank_trials_rejects_two_ok_trials_of_one_batch_size():
+    """Which of two b=32 trials the ranking used depended on their order (review)."""
+    with pytest.raises(ValueError, match="one ok trial per batch size"):
+        rank_trials([*world(), ok_trial(32, t=0.5)], B_TRUE)
+    rank_trials([*world(), failed(32, "oom")], B_TRUE)   # a failed one beside it is fine
+
+
 def test_rank_trials_rejects_a_negative_or_non_finite_b_hat():
     for bad in (-1.0, math.nan, math.inf):
         with pytest.raises(ValueError):

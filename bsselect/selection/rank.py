@@ -276,6 +276,9 @@ def rank_trials(
             b_interval.value, b_hat, rel_tol=1e-9, abs_tol=1e-12)):
         raise ValueError(f"b_interval {b_interval} does not belong to b_hat {b_hat}")
     ok = [t for t in trials if t.ok]
+    if len({t.batch_size for t in ok}) != len(ok):   # the pick depended on their order (review)
+        raise ValueError("rank_trials takes one ok trial per batch size, got "
+                         f"{sorted(t.batch_size for t in ok)}")
     timed = {t.batch_size: (times[t.batch_size] if times and t.batch_size in times else
                             TimeInterval(t.step_time_s, t.step_time_s, t.step_time_s))
              for t in ok if t.step_time_s is not None or (times and t.batch_size in times)}
