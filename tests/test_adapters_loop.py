@@ -249,3 +249,31 @@ def test_on_the_cpu_the_host_guard_refuses_steps_that_would_crowd_the_ram(monkey
     assert any(s["outcome"] == "oom" for s in big.checked)
     counted(max(ran))
     assert _cpu_peak(lambda: step(max(ran))) <= 20 * 2**20 * 1.2  # no real step near 1 GiB
+
+
+def test_a_step_that_catches_its_own_out_of_memory_error_is_taken_as_out_of_memory():
+    """A loop that skips a batch which ran out of memory (``except OutOfMemoryError: pass``)
+    reported a tiny peak where it failed, and the search answered far above what trains
+    (review); the allocator counted the error, so the step counts as out of memory."""
+    cap = 6 * 2**20
+    step = _loop()
+
+    def forgiving(b: int) -> None:
+        try:
+            step(b)
+        except torch.OutOfMemoryError:
+            pass
+
+    fit = find_batch_size(forgiving, memory=cap, margin=0.0, backend=CappedCpuAllocator(cap))
+
+    def runs(b: int) -> bool:
+        try:
+            with CappedCpuAllocator(cap).session():
+                step(b)
+                step(b)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+
+    assert runs(fit.max_batch) and not runs(fit.max_batch + 1)
+    assert any(s["outcome"] == "oom" for s in fit.checked)

@@ -100,6 +100,8 @@ def measure_step(step: Callable[[int], Any], batch_size: int, device: torch.devi
     release_memory()
     if backend is not None:
         backend.release()
+    counted = getattr(backend, "oom_count", None)
+    ooms = counted() if counted is not None else None
     try:
         if backend is not None:
             with backend.session():
@@ -110,6 +112,12 @@ def measure_step(step: Callable[[int], Any], batch_size: int, device: torch.devi
                 backend.reset_peak()
                 _called(step, batch_size)
                 backend.synchronize()
+                if ooms is not None and (counted() or 0) > ooms:
+                    # The step caught an out-of-memory error itself (a loop that skips such a
+                    # batch): its peak is of what it did instead, not of a step (review).
+                    raise torch.OutOfMemoryError(
+                        f"step({batch_size}) caught an out-of-memory error itself (the "
+                        "allocator counted one): taken as out of memory")
                 return max(first, backend.peak_bytes())
         # The CPU allocator's peak is read above the level at the call's start, which
         # after the first call holds what it kept (the optimizer's state): the second's.

@@ -97,6 +97,10 @@ class CappedCpuAllocator:
             self.ooms += counter.ooms
             self._counter = None
 
+    def oom_count(self) -> int:
+        """Out-of-memory errors raised so far, those of the running session included."""
+        return self.ooms + (self._counter.ooms if self._counter else 0)
+
     @property
     def live_bytes(self) -> int:
         return self._counter.live_bytes if self._counter else 0

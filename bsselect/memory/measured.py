@@ -37,6 +37,9 @@ class AllocatorBackend(Protocol):
         """Entered around model creation and both steps."""
         ...
 
+    # Optional: ``oom_count() -> int | None``, out-of-memory errors raised so far
+    # (find_batch_size takes a step that caught one itself as out of memory).
+
 
 class AcceleratorAllocator:
     """The current accelerator's caching allocator (``torch.accelerator.memory``)."""
@@ -56,6 +59,15 @@ class AcceleratorAllocator:
 
     def release(self) -> None:
         torch.accelerator.memory.empty_cache()
+
+    def oom_count(self) -> int | None:
+        """Out-of-memory errors the allocator has raised (``num_ooms``; None where the
+        backend does not count them): a step that catches one itself still counts."""
+        try:
+            value = torch.accelerator.memory.memory_stats(self.device).get("num_ooms")
+        except (RuntimeError, AttributeError, TypeError):  # a backend without statistics
+            return None
+        return None if value is None else int(value)
 
     def session(self) -> ContextManager[None]:
         return nullcontext()
