@@ -60,7 +60,6 @@ from .noise_math import (CONFIDENCE, NoiseEstimate, estimate_from_norms, per_mea
 
 DEFAULT_WINDOW = 64   # measured steps behind ``estimate()``
 DEFAULT_EMA = 0.95    # decay of the moving averages of |G|^2 and tr(Sigma)
-_EMA_DEPTH = 100_000  # readings behind ``resolved`` at most (weights below 1e-9 dropped first)
 GROW_FACTOR = 2.0     # "the batch could grow" when B_simple's lower bound is this x the batch
 MISMATCH_WARN_AFTER = 3   # measured steps in a row with another backward count: warn once
 SAMPLINGS = ("epochs", "uniform")
@@ -565,12 +564,12 @@ class GradientNoiseMonitor:
         average weights them (effective count ``(sum w)^2 / sum w^2``, at least 2). Near a
         minimum it is not, and the moving-average ``B_simple`` is a ratio over noise (finite
         in half the runs of a review); the callbacks log it only when this holds."""
-        depth = min(len(self.readings), _EMA_DEPTH if self.ema < 1 else len(self.readings))
+        # readings whose weight is under 1e-9 of the last's add nothing (ema 0: the last alone,
+        # one reading, never resolved)
+        reach = math.ceil(math.log(1e-9) / math.log(self.ema)) if self.ema > 0 else 1
+        depth = min(len(self.readings), reach)
         if depth < 2:
             return False
-        if self.ema < 1:
-            depth = min(depth, math.ceil(math.log(1e-9) / math.log(self.ema)) if self.ema > 0
-                        else 1)
         g = np.array([r.grad_sq_norm for r in self.readings[-depth:]], dtype=np.float64)
         w = self.ema ** np.arange(len(g) - 1, -1, -1, dtype=np.float64)
         total, total_sq = float(w.sum()), float((w * w).sum())
