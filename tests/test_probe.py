@@ -172,17 +172,17 @@ def test_the_host_guard_refuses_a_real_cpu_step_that_would_crowd_the_ram(monkeyp
     """A measured probe on the CPU must never push the host into the OOM killer: a step
     predicted (from the steps so far) above half the RAM available now is an OOM result."""
     import bsselect.device as device_mod
-    from bsselect.memory.probe import _check_host_headroom
+    from bsselect.memory.probe import check_host_headroom
     from bsselect.oom import is_oom_error
 
     monkeypatch.setattr(device_mod, "available_ram_bytes", lambda: 1000 * 2**20)  # 1000 MiB
     seen = {8: 100 * 2**20, 16: 150 * 2**20}  # 50 MiB fixed + 6.25 MiB per sample
-    _check_host_headroom(64, seen)  # about 450 MiB: fine
+    check_host_headroom(64, seen)  # about 450 MiB: fine
     with pytest.raises(MemoryError) as info:
-        _check_host_headroom(128, seen)  # about 850 MiB > 500 MiB
+        check_host_headroom(128, seen)  # about 850 MiB > 500 MiB
     assert is_oom_error(info.value)
     assert "a real step at batch 128 would need about 850 MiB" in str(info.value)
-    _check_host_headroom(10**9, {})  # nothing measured yet: no prediction, no refusal
+    check_host_headroom(10**9, {})  # nothing measured yet: no prediction, no refusal
 
 
 def test_cuda_terms_are_those_of_the_step_measured_at_the_answer():

@@ -185,11 +185,11 @@ def _search(step: Callable[[int], Any], sizes: list[int], dev: torch.device, bac
 
     def real_step(b: int) -> int:
         if backend is None and dev.type == "cpu":
-            from ..memory.probe import _check_host_headroom, host_prediction
+            from ..memory.probe import check_host_headroom, host_prediction
 
             measured = dict(points) | seen_so_far
             try:
-                _check_host_headroom(b, measured)
+                check_host_headroom(b, measured)
             except MemoryError:
                 if host_prediction(b, measured) <= usable:   # refused, though it might fit
                     guarded.append(b)

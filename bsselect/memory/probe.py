@@ -164,7 +164,7 @@ def make_meter(task: Task, method: Method, device: torch.device, seed: int = 0,
         seen: dict[int, int] = {}
 
         def host_guarded(b: int) -> int:
-            _check_host_headroom(b, seen)
+            check_host_headroom(b, seen)
             seen[b] = cpu_step_peak(task, b, seed=seed, settings=settings,
                                     inputs=inputs).peak_bytes
             return seen[b]
@@ -210,7 +210,7 @@ def host_prediction(batch_size: int, seen: dict[int, int]) -> float | None:
     return seen[b1] + slope * (batch_size - b1)
 
 
-def _check_host_headroom(batch_size: int, seen: dict[int, int]) -> float | None:
+def check_host_headroom(batch_size: int, seen: dict[int, int]) -> float | None:
     """Before a real step on the CPU: refuse it, as an out-of-memory result like any other,
     when the peak predicted from the steps measured so far (``host_prediction``) exceeds
     HOST_HEADROOM of the RAM available now. A measured probe must never push the host into
