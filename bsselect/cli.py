@@ -568,7 +568,9 @@ def report(
                 f"the {len(sizes)} it finished; `bsselect sweep --resume` runs the rest",
                 highlight=False)
         ordered = tuple(trials[b] for b in sizes)
-        result = summarize(s["base_lr"], s["base_batch_size"], contents.header.task, "journal",
+        # the device the sweep ran on (journals from before it was recorded: "journal")
+        device = contents.timing_device or "journal"
+        result = summarize(s["base_lr"], s["base_batch_size"], contents.header.task, device,
                            ordered, settings, max(sizes), "journal",
                            str(journal), (), bool(s.get("held_out_validation", False)),
                            s.get("validation_items"), timing=timing, timing_note=note)

@@ -219,6 +219,7 @@ def test_validation_is_capped_to_a_fixed_subset(tmp_path, monkeypatch):
     assert len(setup.val_data) == 16
     report = run_cli("report", str(tmp_path / "j.jsonl"), "--json")
     assert json.loads(report.stdout)["validation"] == "val_data, a fixed subset of 16 items"
+    assert json.loads(report.stdout)["device"] == "cpu"   # the sweep's ("journal", before)
 
 
 def test_noise_measurement_out_of_memory_falls_back_to_the_trial_batch(tmp_path):

@@ -104,6 +104,8 @@ class JournalContents:
     timing_recommended: int | None = None
     # The checkpoint that sweep's trials branched from (``SweepResult.from_checkpoint``).
     timing_from_checkpoint: dict[str, Any] | None = None
+    # The device that sweep ran on (None: a journal from before it was recorded).
+    timing_device: str | None = None
     # Batch sizes with a trial record after the last timing record: run (again) by a resume
     # that stopped before it timed them (``sweep --resume`` reruns failed trials).
     after_timing: tuple[int, ...] = ()
@@ -147,6 +149,7 @@ def load(path: str | Path) -> JournalContents:
     timing_note: str | None = None
     timing_recommended: int | None = None
     timing_checkpoint: dict[str, Any] | None = None
+    timing_device: str | None = None
     after_timing: list[int] = []
     records: list[tuple[str, dict[str, Any]]] = []
     for number, raw in enumerate(lines, start=1):
@@ -184,6 +187,8 @@ def load(path: str | Path) -> JournalContents:
                 timing_sizes = None if sizes is None else tuple(sizes)
                 timing_recommended = recommended
                 timing_checkpoint = checkpoint if _checkpoint_record(checkpoint) else None
+                device = record.get("device")
+                timing_device = device if isinstance(device, str) and device else None
                 after_timing = []
         elif problem is None and len(record) == 1 and next(iter(record)) in RECORD_TAGS:
             tag, payload = next(iter(record.items()))
@@ -203,7 +208,7 @@ def load(path: str | Path) -> JournalContents:
                            records=tuple(records), timing_batch_sizes=timing_sizes,
                            timing_note=timing_note, timing_recommended=timing_recommended,
                            timing_from_checkpoint=timing_checkpoint,
-                           after_timing=tuple(sorted(set(after_timing))))
+                           timing_device=timing_device, after_timing=tuple(sorted(set(after_timing))))
 
 
 def _check_header(path: Path, header: JournalHeader) -> None:
@@ -508,7 +513,8 @@ class Journal:
 
     def append_timing(self, rounds: list[dict[str, Any]], batch_sizes: Sequence[int] = (),
                       note: str | None = None, recommended: int | None = None,
-                      from_checkpoint: dict[str, Any] | None = None) -> None:
+                      from_checkpoint: dict[str, Any] | None = None,
+                      device: str | None = None) -> None:
         """Write the sweep's interleaved timing rounds (``timing.RoundTiming.to_dict``; none
         when there were none), the batch sizes that sweep ranked, its timing note, what it
         recommended and the checkpoint its trials branched from as one line; ``load`` keeps
@@ -517,6 +523,8 @@ class Journal:
                   "recommended_batch_size": recommended}
         if from_checkpoint is not None:
             record["from_checkpoint"] = from_checkpoint
+        if device is not None:
+            record["device"] = device
         _append_line(self.path, json.dumps(record, separators=(",", ":"), allow_nan=False))
 
     def append_record(self, tag: str, payload: Mapping[str, Any]) -> None:

@@ -252,7 +252,7 @@ def _run_sweep(task: Task, *, task_name: str, batch_sizes: Sequence[int],
             if distributed.is_main():  # what this sweep ranked, so that `report` re-renders it
                 journal.append_timing([t.to_dict() for t in timing.values()], batch_sizes,
                                       note, result.recommended_batch_size if result else None,
-                                      branched)
+                                      branched, device=str(device))
     except KeyboardInterrupt:
         raise InterruptedRun(
             f"interrupted; {len(trials)} finished trial(s) are in {journal_path} — "
