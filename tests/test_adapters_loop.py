@@ -38,6 +38,17 @@ def test_the_answer_is_the_largest_batch_whose_step_fits_by_the_cpu_allocator():
     assert _cpu_peak(lambda: step(b)) <= 8 * 2**20 < _cpu_peak(lambda: step(b + 1))
 
 
+def _runs(step, cap: int, b: int) -> bool:
+    """Whether two steps at ``b`` run under an allocator capped at ``cap`` bytes."""
+    try:
+        with CappedCpuAllocator(cap).session():
+            step(b)
+            step(b)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+
+
 def test_out_of_memory_in_the_search_is_a_bracket_not_a_failure():
     cap = 6 * 2**20
     step = _loop()
@@ -45,16 +56,7 @@ def test_out_of_memory_in_the_search_is_a_bracket_not_a_failure():
     fit = find_batch_size(step, memory=cap, margin=0.0, backend=backend)
     assert fit.what == "allocator peak"
 
-    def runs(b: int) -> bool:
-        try:
-            with CappedCpuAllocator(cap).session():
-                step(b)
-                step(b)
-            return True
-        except torch.OutOfMemoryError:
-            return False
-
-    assert runs(fit.max_batch) and not runs(fit.max_batch + 1)
+    assert _runs(step, cap, fit.max_batch) and not _runs(step, cap, fit.max_batch + 1)
     assert fit.max_batch > 64  # found past the measured points, not a halving of them
 
 
@@ -266,14 +268,5 @@ def test_a_step_that_catches_its_own_out_of_memory_error_is_taken_as_out_of_memo
 
     fit = find_batch_size(forgiving, memory=cap, margin=0.0, backend=CappedCpuAllocator(cap))
 
-    def runs(b: int) -> bool:
-        try:
-            with CappedCpuAllocator(cap).session():
-                step(b)
-                step(b)
-            return True
-        except torch.OutOfMemoryError:
-            return False
-
-    assert runs(fit.max_batch) and not runs(fit.max_batch + 1)
+    assert _runs(step, cap, fit.max_batch) and not _runs(step, cap, fit.max_batch + 1)
     assert any(s["outcome"] == "oom" for s in fit.checked)
