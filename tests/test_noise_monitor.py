@@ -579,6 +579,60 @@ def test_hf_callback_takes_each_micro_batch_as_its_own_token_mean(tmp_path):
         _assert_weighted_reading(r, grads, shares, ratio_only=True)
 
 
+def test_hf_callback_takes_a_mean_loss_the_trainer_left_undivided_in_mean_units(tmp_path):
+    """BERT's heads take **kwargs, so the Trainer passes num_items_in_batch and skips
+    dividing by the accumulation steps, but their loss is a plain mean that ignores it: the
+    step's gradient is the sum of the micro-batches' means. The callback divides that out
+    (loss_scale) and weighs nothing: each step's pair is (mean |g_j|^2, |mean g_j|^2) of the
+    micro-batches' own mean gradients. Taking token shares (before) read |G|^2 and tr(Sigma)
+    about a^2 = 16x high at 4 micro-batches (review)."""
+    pytest.importorskip("transformers")
+    import copy
+
+    from transformers import BertConfig, BertForTokenClassification, Trainer, TrainingArguments
+
+    from bsselect.adapters.hf import NoiseScaleCallback
+    from bsselect.adapters.hf_callback import loss_takes_items
+
+    torch.manual_seed(0)
+    model = BertForTokenClassification(BertConfig(
+        vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    assert not loss_takes_items(model)
+    twin = copy.deepcopy(model)
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, a, k: seen.append({n: k[n] for n in ("input_ids", "attention_mask", "labels")})
+        if m.training else None, with_kwargs=True)
+    data, pad = _ragged_lm_batches(64)
+
+    def collate(batch):
+        out = pad(batch)
+        out["labels"] = torch.where(out["labels"] == -100, -100, out["labels"] % 3)
+        return out
+
+    callback = NoiseScaleCallback()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=4, max_steps=3, learning_rate=0.0,
+                             max_grad_norm=0.0, report_to=[], save_strategy="no",
+                             use_cpu=True, dataloader_drop_last=True, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
+                      callbacks=[callback])
+    assert trainer.model_accepts_loss_kwargs   # the Trainer leaves the loss undivided
+    trainer.train()
+    params = list(twin.parameters())
+    assert len(callback.monitor.readings) == 3
+    for r in callback.monitor.readings:
+        grads = []
+        for batch in seen[4 * (r.step - 1): 4 * r.step]:
+            g = torch.autograd.grad(twin(**batch).loss, params, allow_unused=True)
+            grads.append(torch.cat([x.reshape(-1) for x in g if x is not None]).double())
+        whole = sum(grads) / 4
+        small = sum(float(g @ g) for g in grads) / 4
+        assert (r.small_sq, r.big_sq) == pytest.approx((small, float(whole @ whole)), rel=1e-3)
+
+
 def _assert_weighted_reading(r, grads, shares, ratio_only=False):
     """The reading's |G|^2 and tr(Sigma) against the weighted statistics of the micro-batches'
     own mean gradients ``grads`` with ``shares`` (summing to 1), written out here;

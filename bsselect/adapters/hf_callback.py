@@ -22,6 +22,23 @@ def _trainer_callback_base() -> type:
     return TrainerCallback
 
 
+def loss_takes_items(model: Any) -> bool:
+    """Whether ``model``'s own loss divides by ``num_items_in_batch`` when the ``Trainer``
+    passes it: its ``forward`` hands its kwargs to ``self.loss_function`` (GPT-2, Llama, BERT's
+    masked LM) or names ``num_items_in_batch``. BERT's classification heads take ``**kwargs``
+    (so the Trainer passes it and skips dividing by the accumulation steps) but compute a
+    plain mean. Read from the source of the ``forward`` the model runs; True where there is
+    none to read."""
+    import inspect
+
+    forward = getattr(type(model), "forward", None)
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return True
+    return "loss_function(" in source or "num_items_in_batch" in source
+
+
 def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> Any:
     """A Hugging Face ``TrainerCallback`` that measures the gradient noise scale ``B_simple``
     during ``trainer.train()`` from the gradients the run computes anyway: the micro-batches
@@ -56,6 +73,8 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
             self._handle: Any = None
             self._shifts = False             # a causal LM's loss drops each first label
             self._across = False             # token shares over all ranks (DDP)
+            self._takes_items = True         # the model's loss divides by num_items_in_batch
+            self._undivided = 0              # this step's micro-batches left undivided
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                            train_dataloader: Any = None, **kwargs: Any) -> None:
@@ -83,6 +102,7 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
                 warnings.warn(f"NoiseScaleCallback is off: {exc}", stacklevel=2)
                 return
             self._shifts = _loss_shifts_labels(model)
+            self._takes_items = loss_takes_items(model)
             # the Trainer divides by the token total over all ranks (its default) or each
             # rank's own
             self._across = bool(getattr(args, "average_tokens_across_devices", False))
@@ -96,13 +116,20 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
             labels = shifted if shifted is not None else kwargs.get("labels")
             # The Trainer passes num_items_in_batch exactly when the model's loss is the sum
             # over the micro-batch's label tokens divided by the step's total.
-            if kwargs.get("num_items_in_batch") is not None and torch.is_tensor(labels):
+            if kwargs.get("num_items_in_batch") is None:
+                return
+            if not self._takes_items:
+                # The Trainer passed it, so it did not divide by the accumulation steps, and
+                # this model's loss (a mean) ignores it: the step's gradient is the sum of the
+                # micro-batches' means (review: |G|^2 and tr(Sigma) read a^2 too high).
+                self._undivided += 1
+            elif torch.is_tensor(labels):
                 tokens = label_tokens(labels, self._shifts and shifted is None)
                 self._tokens.append(tokens)
                 self.monitor.weigh_next(tokens)   # before its backward: the unbiased spread
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self._sizes, self._tokens = [], []
+            self._sizes, self._tokens, self._undivided = [], [], 0
 
         def on_pre_optimizer_step(self, args: Any, state: Any, control: Any,
                                   **kwargs: Any) -> None:
@@ -111,8 +138,11 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
             # One micro-batch size in the step, or the pair has no single b_small.
             micro = self._sizes[0] if len(set(self._sizes)) == 1 else 0
             tokens = self._tokens if len(self._tokens) == len(self._sizes) else None
+            if 0 < self._undivided < len(self._sizes):
+                micro = 0   # some micro-batches divided, some not: not one convention
             reading = self.monitor.step(micro, micro_weights=tokens,
-                                        weights_across_ranks=self._across)
+                                        weights_across_ranks=self._across,
+                                        loss_scale=max(1, self._undivided))
             if reading is not None and self.advice is None:
                 self.advice = self.monitor.advice(reading.b_big)
 

@@ -331,7 +331,8 @@ class GradientNoiseMonitor:
     # ------------------------------------------------------------------ per step
 
     def step(self, micro_batch_size: int, micro_weights: Sequence[float] | None = None,
-             weights_across_ranks: bool = False) -> NoiseReading | None:
+             weights_across_ranks: bool = False, loss_scale: float = 1.0
+             ) -> NoiseReading | None:
         """Take this step's pair; call it after the step's last backward and before
         ``optimizer.step()`` (before or after clipping and ``scaler.unscale_``: both norms were
         read during the backward passes). ``micro_batch_size``: items in each micro-batch on one
@@ -341,7 +342,15 @@ class GradientNoiseMonitor:
         ``Trainer`` dividing by the step's token count passes the token counts).
         ``weights_across_ranks``: under DDP, the losses were divided by the weights' total over
         all ranks (the ``Trainer``'s ``average_tokens_across_devices``), not each rank's own.
-        Returns the reading, or None on a step that is not measured."""
+        ``loss_scale``: how many times larger the step's losses were than that convention says
+        (the HF ``Trainer`` leaves a micro-batch's mean loss undivided by the accumulation
+        steps for a model whose ``forward`` takes ``**kwargs`` but whose loss ignores
+        ``num_items_in_batch``, BERT's heads: the number of micro-batches); it is divided out
+        of the norms, as the ``scaler``'s scale is. Returns the reading, or None on a step that
+        is not measured."""
+        if isinstance(loss_scale, bool) or not isinstance(loss_scale, numbers.Real) or not (
+                math.isfinite(loss_scale) and loss_scale > 0):
+            raise UsageError(f"loss_scale must be a positive number, got {loss_scale!r}")
         if isinstance(micro_batch_size, bool) or not isinstance(
                 micro_batch_size, numbers.Integral) or micro_batch_size < 0:
             raise UsageError(f"micro_batch_size must be an integer >= 1 (0: unknown, the step "
@@ -425,6 +434,9 @@ class GradientNoiseMonitor:
             scale_sq = float(self.scaler.get_scale()) ** 2
             pieces_sq, big_sq, cross_sq = (pieces_sq / scale_sq, big_sq / scale_sq,
                                            cross_sq / scale_sq)
+        if loss_scale != 1.0:
+            unit = float(loss_scale) ** 2
+            pieces_sq, big_sq, cross_sq = pieces_sq / unit, big_sq / unit, cross_sq / unit
         if share_sq >= 1.0:   # one piece holds the whole step: nothing to compare
             self.skipped += 1
             return None
