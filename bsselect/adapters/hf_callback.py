@@ -44,7 +44,10 @@ def NoiseScaleCallback(every: int = 1, window: int = 64, ema: float = 0.95) -> A
     during ``trainer.train()`` from the gradients the run computes anyway: the micro-batches
     of ``gradient_accumulation_steps`` and the ranks of DDP (``bsselect.selection.noise_monitor``).
     Each log line gains ``b_simple`` (in ``trainer.state.log_history`` and the callbacks after
-    this one) once the window's ``|G|^2`` is told from zero (``monitor.resolved``); the monitor is ``callback.monitor`` (``.estimate()`` gives an interval).
+    this one) once the moving average's ``|G|^2`` is told from zero (``monitor.resolved``);
+    the monitor is ``callback.monitor`` (``.estimate()`` gives an interval). A model whose
+    loss ignores ``num_items_in_batch`` though the Trainer passes it (BERT's heads) is read in
+    the same units (``loss_takes_items``).
 
     Every step is measured, clipped or not: the Trainer clips (``max_grad_norm``) before
     callbacks run, but the monitor reads both norms during the backward passes, before the
