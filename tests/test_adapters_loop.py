@@ -72,6 +72,30 @@ def test_the_decorator_calls_training_with_the_answer():
     assert train(epochs=3) == seen[0][0] == train.bsselect_fit.max_batch <= 500
 
 
+def test_the_decorator_on_a_method_passes_the_batch_after_self_and_refuses_it_as_a_keyword():
+    """On ``def train(self, batch_size)`` the answer went in as self; ``train(batch_size=64)``
+    raised "got multiple values" after the whole search (review)."""
+    step = _loop()
+
+    class Runner:
+        @fits_batch_size(step=step, memory="8MiB", device="cpu", max_batch=300)
+        def train(self, batch_size: int, epochs: int = 1) -> tuple:
+            return self, batch_size, epochs
+
+    runner = Runner()
+    me, batch, epochs = runner.train(epochs=2)
+    assert me is runner and batch == Runner.train.bsselect_fit.max_batch <= 300 and epochs == 2
+    searched = []
+
+    @fits_batch_size(step=lambda b: searched.append(b) or step(b), memory="8MiB", device="cpu")
+    def plain(batch_size: int) -> int:
+        return batch_size
+
+    with pytest.raises(UsageError, match="call it without batch_size="):
+        plain(batch_size=64)
+    assert searched == []   # refused before any search
+
+
 def test_a_misspelt_decorator_option_is_refused_at_decoration():
     with pytest.raises(UsageError, match="unknown option.*mem; it takes"):
         fits_batch_size(step=_loop(), mem="1GiB")

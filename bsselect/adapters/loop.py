@@ -288,19 +288,33 @@ def fits_batch_size(_train: Any = None, **options: Any
                          f"step= and {', '.join(sorted(known))}")
 
     def decorate(train: Callable[..., Any]) -> Callable[..., Any]:
+        name = getattr(train, "__name__", "train")
         try:  # at decoration, not after a whole search (review)
-            inspect.signature(train).bind_partial(0)  # a place for the batch size
-        except ValueError:
-            pass  # a signature it cannot read: the call says
-        except TypeError:
-            raise UsageError(f"@fits_batch_size calls {getattr(train, '__name__', 'train')}"
-                             "(batch_size, ...): give it a first positional parameter for "
-                             "the batch size") from None
+            params = list(inspect.signature(train).parameters.values())
+        except (ValueError, TypeError):
+            params = None  # a signature it cannot read: the call says
+        # A method (``def train(self, batch_size, ...)``): the batch size goes after self; it
+        # went in as self (review).
+        method = bool(params) and params[0].name in ("self", "cls")
+        if params is not None:
+            slot = params[1:] if method else params
+            if not slot or slot[0].kind not in (inspect.Parameter.POSITIONAL_ONLY,
+                                                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                inspect.Parameter.VAR_POSITIONAL):
+                raise UsageError(f"@fits_batch_size calls {name}(batch_size, ...): give it a "
+                                 "first positional parameter for the batch size")
+        batch_name = (slot[0].name if params is not None
+                      and slot[0].kind is not inspect.Parameter.VAR_POSITIONAL else None)
 
         @functools.wraps(train)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if batch_name is not None and batch_name in kwargs:  # before the search (review)
+                raise UsageError(f"@fits_batch_size passes {name}'s {batch_name}; call it "
+                                 f"without {batch_name}=")
             fit = find_batch_size(step, **options)
             wrapper.bsselect_fit = fit  # type: ignore[attr-defined]
+            if method and args:
+                return train(args[0], fit.max_batch, *args[1:], **kwargs)
             return train(fit.max_batch, *args, **kwargs)
 
         return wrapper
