@@ -534,6 +534,39 @@ def _ragged_lm_batches(items):
     return data, collate
 
 
+def _recorded_hf_run(tmp_path, model, data, collate, accumulation, steps):
+    """A Trainer run at lr 0 with a NoiseScaleCallback on ``model``, recording each training
+    micro-batch: (callback, trainer, the batches in order, the micro-batch's own mean-loss
+    gradient at the initial weights, from an untouched copy of the model)."""
+    import copy
+
+    from transformers import Trainer, TrainingArguments
+
+    from bsselect.adapters.hf import NoiseScaleCallback
+
+    twin = copy.deepcopy(model)
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, a, k: seen.append({n: k[n] for n in ("input_ids", "attention_mask", "labels")})
+        if m.training else None, with_kwargs=True)
+    callback = NoiseScaleCallback()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=accumulation, max_steps=steps,
+                             learning_rate=0.0, max_grad_norm=0.0, report_to=[],
+                             save_strategy="no", use_cpu=True, dataloader_drop_last=True, seed=0,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
+                      callbacks=[callback])
+    trainer.train()
+    params = list(twin.parameters())
+
+    def own_grad(batch):   # parameters the loss does not reach (a pooler) have no hook either
+        grads = torch.autograd.grad(twin(**batch).loss, params, allow_unused=True)
+        return torch.cat([g.reshape(-1) for g in grads if g is not None]).double()
+
+    return callback, trainer, seen, own_grad
+
+
 def test_hf_callback_takes_each_micro_batch_as_its_own_token_mean(tmp_path):
     """transformers 5 divides a GPT-2's summed token losses by the whole step's token count
     (num_items_in_batch), not each micro-batch's mean by the accumulation: each hook gradient
@@ -543,37 +576,13 @@ def test_hf_callback_takes_each_micro_batch_as_its_own_token_mean(tmp_path):
     its share, a per-micro-batch token mean, read B_simple 1.2-2.6x high; tr read as |g|^2 -
     |G|^2, the shares given to step() alone, 4-7% off)."""
     pytest.importorskip("transformers")
-    import copy
-
-    from transformers import Trainer, TrainingArguments
-
-    from bsselect.adapters.hf import NoiseScaleCallback
-
     torch.manual_seed(0)
-    model = _tiny_gpt2()
-    twin = copy.deepcopy(model)
-    seen = []
-    model.register_forward_pre_hook(
-        lambda m, a, k: seen.append({n: k[n] for n in ("input_ids", "attention_mask", "labels")})
-        if m.training else None, with_kwargs=True)
     data, collate = _ragged_lm_batches(64)
-    callback = NoiseScaleCallback()
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
-                             gradient_accumulation_steps=2, max_steps=6, learning_rate=0.0,
-                             max_grad_norm=0.0, report_to=[], save_strategy="no",
-                             use_cpu=True, dataloader_drop_last=True, seed=0, disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
-            callbacks=[callback]).train()
-    params = list(twin.parameters())
-
-    def micro_mean_grad(batch):   # the micro-batch's own token-mean loss
-        grads = torch.autograd.grad(twin(**batch).loss, params)
-        return torch.cat([g.reshape(-1) for g in grads]).double()
-
+    callback, _, seen, own_grad = _recorded_hf_run(tmp_path, _tiny_gpt2(), data, collate, 2, 6)
     assert len(callback.monitor.readings) == 6
     for r in callback.monitor.readings:
         pair = seen[2 * (r.step - 1): 2 * r.step]
-        grads = [micro_mean_grad(b) for b in pair]
+        grads = [own_grad(b) for b in pair]
         tokens = [int(b["labels"][:, 1:].ne(-100).sum()) for b in pair]
         shares = [n / sum(tokens) for n in tokens]
         _assert_weighted_reading(r, grads, shares, ratio_only=True)
@@ -587,11 +596,8 @@ def test_hf_callback_takes_a_mean_loss_the_trainer_left_undivided_in_mean_units(
     micro-batches' own mean gradients. Taking token shares (before) read |G|^2 and tr(Sigma)
     about a^2 = 16x high at 4 micro-batches (review)."""
     pytest.importorskip("transformers")
-    import copy
+    from transformers import BertConfig, BertForTokenClassification
 
-    from transformers import BertConfig, BertForTokenClassification, Trainer, TrainingArguments
-
-    from bsselect.adapters.hf import NoiseScaleCallback
     from bsselect.adapters.hf_callback import loss_takes_items
 
     torch.manual_seed(0)
@@ -600,11 +606,6 @@ def test_hf_callback_takes_a_mean_loss_the_trainer_left_undivided_in_mean_units(
         intermediate_size=64, max_position_embeddings=64, num_labels=3,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     assert not loss_takes_items(model)
-    twin = copy.deepcopy(model)
-    seen = []
-    model.register_forward_pre_hook(
-        lambda m, a, k: seen.append({n: k[n] for n in ("input_ids", "attention_mask", "labels")})
-        if m.training else None, with_kwargs=True)
     data, pad = _ragged_lm_batches(64)
 
     def collate(batch):
@@ -612,22 +613,11 @@ def test_hf_callback_takes_a_mean_loss_the_trainer_left_undivided_in_mean_units(
         out["labels"] = torch.where(out["labels"] == -100, -100, out["labels"] % 3)
         return out
 
-    callback = NoiseScaleCallback()
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
-                             gradient_accumulation_steps=4, max_steps=3, learning_rate=0.0,
-                             max_grad_norm=0.0, report_to=[], save_strategy="no",
-                             use_cpu=True, dataloader_drop_last=True, seed=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
-                      callbacks=[callback])
+    callback, trainer, seen, own_grad = _recorded_hf_run(tmp_path, model, data, collate, 4, 3)
     assert trainer.model_accepts_loss_kwargs   # the Trainer leaves the loss undivided
-    trainer.train()
-    params = list(twin.parameters())
     assert len(callback.monitor.readings) == 3
     for r in callback.monitor.readings:
-        grads = []
-        for batch in seen[4 * (r.step - 1): 4 * r.step]:
-            g = torch.autograd.grad(twin(**batch).loss, params, allow_unused=True)
-            grads.append(torch.cat([x.reshape(-1) for x in g if x is not None]).double())
+        grads = [own_grad(b) for b in seen[4 * (r.step - 1): 4 * r.step]]
         whole = sum(grads) / 4
         small = sum(float(g @ g) for g in grads) / 4
         assert (r.small_sq, r.big_sq) == pytest.approx((small, float(whole @ whole)), rel=1e-3)

@@ -181,25 +181,25 @@ def _search(step: Callable[[int], Any], sizes: list[int], dev: torch.device, bac
 
     what = "allocator peak" if backend is not None else "step's own allocations"
     points, failed = [], None
-    guarded: list[int] = []   # batches the host guard refused (CPU)
+    seen: dict[int, int] = {}   # every batch measured so far: its peak
+    guarded: list[int] = []     # batches the host guard refused (CPU)
 
     def real_step(b: int) -> int:
         if backend is None and dev.type == "cpu":
             from ..memory.probe import check_host_headroom, host_prediction
 
-            measured = dict(points) | seen_so_far
             try:
-                check_host_headroom(b, measured)
+                check_host_headroom(b, seen)
             except MemoryError:
-                if host_prediction(b, measured) <= usable:   # refused, though it might fit
+                if host_prediction(b, seen) <= usable:   # refused, though it might fit
                     guarded.append(b)
                 raise
         return measure_step(step, b, dev, backend)
 
-    seen_so_far: dict[int, int] = {}
     for b in sizes:
         try:
-            points.append((b, real_step(b)))
+            seen[b] = real_step(b)
+            points.append((b, seen[b]))
         except Exception as exc:  # noqa: BLE001 - an OOM ends the series
             if not is_oom_error(exc):
                 raise
@@ -238,7 +238,6 @@ def _search(step: Callable[[int], Any], sizes: list[int], dev: torch.device, bac
                 + "): it may not use its batch_size argument, or allocate where this device's "
                 "allocator does not see; pass larger batch_sizes= to measure further")
         first = solve_max_batch(budget, margin, fit)
-    seen = dict(points)
 
     def measure(b: int) -> int:
         """A try of the search; a UsageError when a batch of at least twice a smaller one's
@@ -252,7 +251,7 @@ def _search(step: Callable[[int], Any], sizes: list[int], dev: torch.device, bac
                 f"the step's memory stopped growing with the batch size: b={k}: "
                 f"{seen[k]:,} bytes, b={b}: {peak:,} bytes; it may use no more than a fixed "
                 "number of items (a dataset smaller than the batch?): pass max_batch=")
-        seen[b] = seen_so_far[b] = peak
+        seen[b] = peak
         return peak
 
     result = refine_max_batch(measure, usable, known, first, ceiling=max_batch)

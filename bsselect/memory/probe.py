@@ -210,16 +210,16 @@ def host_prediction(batch_size: int, seen: dict[int, int]) -> float | None:
     return seen[b1] + slope * (batch_size - b1)
 
 
-def check_host_headroom(batch_size: int, seen: dict[int, int]) -> float | None:
+def check_host_headroom(batch_size: int, seen: dict[int, int]) -> None:
     """Before a real step on the CPU: refuse it, as an out-of-memory result like any other,
     when the peak predicted from the steps measured so far (``host_prediction``) exceeds
     HOST_HEADROOM of the RAM available now. A measured probe must never push the host into
-    the kernel's OOM killer. Returns the prediction."""
+    the kernel's OOM killer."""
     from ..device import available_ram_bytes
 
     predicted = host_prediction(batch_size, seen)
     if predicted is None:
-        return None
+        return
     available = available_ram_bytes()
     if predicted > HOST_HEADROOM * available:
         from ..units import format_bytes
@@ -227,7 +227,6 @@ def check_host_headroom(batch_size: int, seen: dict[int, int]) -> float | None:
         raise MemoryError(f"out of memory (host guard): a real step at batch {batch_size} "
                           f"would need about {format_bytes(predicted)}, more than half of the "
                           f"{format_bytes(available)} of RAM available now")
-    return predicted
 
 
 def _required(point_peak: int, rounded: int | None, target: Target, uses_cudnn: bool,
