@@ -921,3 +921,31 @@ def test_an_add_after_the_backward_is_not_taken_for_the_engines_gradient_sum(
     settings = StepSettings(accumulate=accumulate)
     real = cpu_step_peak(task, batch, settings=settings).peak_bytes
     assert simulate_step_peak(task, batch, settings=settings).peak_bytes == real
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape, mask_shape, transposed", [
+    ((30, 252, 64), (30, 252, 1), False), ((30, 252, 64), (30, 252, 64), False),
+    ((30, 252, 64), (30, 252, 64), True), ((2, 10, 8), (2, 10, 1), False),
+    ((2, 10, 8), (2, 10, 8), False), ((4, 8), (4, 8), False)])
+def test_masked_select_mark_is_what_the_cpu_kernel_allocates(shape, mask_shape, transposed,
+                                                              threads):
+    from bsselect.memory.cpu_truth import allocator_log, high_water
+    from bsselect.memory.simulated import cpu_masked_select_mark
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        source = torch.rand(shape, generator=g)
+        if transposed:
+            source = source.transpose(0, 1).contiguous().transpose(0, 1)
+        for keep in (0.7, 0.0):  # and nothing kept: only the count
+            mask = torch.rand(mask_shape, generator=g) < keep
+            with allocator_log() as deltas:
+                out = torch.masked_select(source, mask)
+                mark = cpu_masked_select_mark((source, mask), out)
+                del out
+            assert high_water(deltas) == mark, (keep, deltas)
+    finally:
+        torch.set_num_threads(before)

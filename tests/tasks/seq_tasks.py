@@ -253,3 +253,30 @@ def plain_lstm() -> Task:
     return Task(model=PlainLSTM, train_data=Sequences(), loss_fn=F.cross_entropy,
                 collate_fn=pad_with_lengths, optimizer=torch.optim.Adam, lr=1e-3,
                 base_batch_size=8)
+
+
+class _MaskedSelect(nn.Module):
+    """Keeps the real tokens' features with ``torch.masked_select``: the mask broadcast from
+    (B, T, 1), or expanded to the activation's shape and contiguous."""
+
+    def __init__(self, full_mask: bool) -> None:
+        super().__init__()
+        self.full_mask = full_mask
+        self.emb = nn.Embedding(VOCAB, 64)
+        self.mix = nn.Linear(64, 64)
+        self.out = nn.Linear(64, 4)
+
+    def forward(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ids, lengths = x
+        h = torch.tanh(self.mix(self.emb(ids)))
+        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None])[..., None]
+        if self.full_mask:
+            mask = mask.expand_as(h).contiguous()
+        kept = torch.masked_select(h, mask).view(-1, 64)
+        return self.out(kept.mean(0, keepdim=True).expand(ids.shape[0], -1))
+
+
+def masked_select(full_mask: bool = False) -> Task:
+    return Task(model=lambda: _MaskedSelect(full_mask), train_data=Sequences(),
+                loss_fn=F.cross_entropy, collate_fn=pad_with_lengths, lr=0.1,
+                base_batch_size=8)
