@@ -8,7 +8,7 @@ import pytest
 L = pytest.importorskip("lightning")
 
 from bsselect.adapters.lightning import BatchSizeFromProbe  # noqa: E402
-from tasks.lightning_tasks import Blobs, Classifier  # noqa: E402
+from tasks.lightning_tasks import Blobs, Classifier, _as_dict  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -177,3 +177,33 @@ def test_a_power_of_two_under_the_training_set_whichever_method_probed(tmp_path,
     trainer.fit(Classifier(), datamodule=data)
     assert callback.result.max_batch >= 1000
     assert callback.batch_size == data.batch_size == 512
+
+
+class _HparamsBlobs(L.LightningDataModule):
+    """Blobs with its batch size in ``hparams`` (``save_hyperparameters()``), as Lightning's
+    own finder sets it; no ``batch_size`` attribute."""
+
+    setup = Blobs.setup
+
+    def __init__(self, batch_size: int = 24) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.train, batch_size=self.hparams.batch_size,
+                                           shuffle=True, collate_fn=_as_dict)
+
+
+def test_a_batch_size_kept_in_the_datamodules_hparams_is_set(tmp_path):
+    # It was "neither the DataModule nor the module has an attribute" where Lightning's own
+    # BatchSizeFinder sets hparams (review).
+    callback = BatchSizeFromProbe(memory="4MiB", margin=0.2)
+    data = _HparamsBlobs(batch_size=24)
+    assert not hasattr(data, "batch_size")
+    trainer = L.Trainer(max_steps=2, callbacks=[callback], accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(Classifier(), datamodule=data)
+    assert data.hparams.batch_size == callback.batch_size == 512
+    assert trainer.train_dataloader.batch_size == 512
+    assert callback.holder == "_HparamsBlobs.hparams.batch_size"

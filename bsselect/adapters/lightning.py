@@ -342,10 +342,10 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
             datamodule = getattr(trainer, "datamodule", None)
             if datamodule is None:
                 raise UsageError("BatchSizeFromProbe needs trainer.fit(model, datamodule=...)")
-            holder = datamodule if hasattr(datamodule, attribute) else pl_module
-            if not hasattr(holder, attribute):
-                raise UsageError(f"neither the DataModule nor the module has an attribute "
-                                 f"{attribute!r} to set (attribute=...)")
+            holders = _attribute_holders(pl_module, datamodule, attribute)
+            if not holders:
+                raise UsageError(f"neither the DataModule nor the module has {attribute!r} as "
+                                 f"an attribute or in its hparams, to set (attribute=...)")
             # Lightning ran prepare_data and setup("fit") before on_fit_start: the loader of
             # the DataModule as set up, not a second setup (a seeded random_split in it would
             # draw another split).
@@ -370,8 +370,12 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
             accumulate = int(options["accumulate"])
             best = max(1, min(self.result.max_batch, len(task.train_data) // accumulate))
             self.batch_size = largest_pow2_at_most(best) if power_of_two else best
-            self.holder = f"{type(holder).__name__}.{attribute}"
-            setattr(holder, attribute, self.batch_size)
+            self.holder = " and ".join(name for name, _ in holders)
+            for _, holder in holders:
+                if isinstance(holder, dict):
+                    holder[attribute] = self.batch_size
+                else:
+                    setattr(holder, attribute, self.batch_size)
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             # A DataModule that built its loader in setup() (before on_fit_start) trains at
@@ -385,6 +389,23 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
                     f"ran (in setup()?). Build it in train_dataloader() from self.{attribute}")
 
     return _BatchSizeFromProbe()
+
+
+def _attribute_holders(pl_module: Any, datamodule: Any, attribute: str
+                       ) -> list[tuple[str, Any]]:
+    """Where the batch size may be read from, as Lightning's own ``BatchSizeFinder`` sets it
+    (``lightning_setattr``): the module's attribute, its ``hparams``, the DataModule's
+    attribute and its ``hparams`` (``save_hyperparameters()``); each that holds it, named.
+    A DataModule reading ``self.hparams.batch_size`` kept its own (review)."""
+    found = []
+    for owner in (pl_module, datamodule):
+        name = type(owner).__name__
+        if hasattr(owner, attribute):
+            found.append((f"{name}.{attribute}", owner))
+        hparams = getattr(owner, "hparams", None)
+        if hparams is not None and attribute in hparams:
+            found.append((f"{name}.hparams.{attribute}", hparams))
+    return found
 
 
 def _norm_clipping(trainer: Any) -> float | None:
