@@ -152,6 +152,8 @@ def test_max_batch_caps_the_answer_and_is_checked():
     for bad in (0, -5, 100.5, True):
         with pytest.raises(UsageError, match="max_batch must be an integer >= 1"):
             find_batch_size(step, memory="16MiB", device="cpu", max_batch=bad)
+    with pytest.raises(UsageError, match="meta device has shapes but no values"):
+        find_batch_size(step, memory="16MiB", device="meta")
 
 
 def _sliced(n: int):

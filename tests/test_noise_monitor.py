@@ -91,6 +91,11 @@ def test_a_step_with_one_batch_size_is_refused():
         GradientNoiseMonitor(nn.Linear(2, 1))
 
 
+def test_a_model_on_the_meta_device_is_refused_at_construction():
+    with pytest.raises(UsageError, match="meta device"):
+        GradientNoiseMonitor(nn.Linear(2, 1, device="meta"), accumulation_steps=2)
+
+
 def test_an_unused_parameter_does_not_stop_the_measurement():
     """Backward passes are counted once per pass that reaches any trainable parameter: a model
     whose first parameter gets no gradient (an unused embedding, an HF pooler) is measured."""

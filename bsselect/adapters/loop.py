@@ -154,6 +154,10 @@ def find_batch_size(step: Callable[[int], Any], *, memory: Any = None, margin: f
         if len(sizes) < 2:  # two sizes under the cap for the line, whatever was asked
             sizes = sorted({max(1, max_batch // 2), max_batch}) if max_batch >= 2 else [1]
     dev = backend.device if backend is not None else device_of(device)
+    if dev.type == "meta":  # raw "Cannot access accelerator device" from the allocator (review)
+        raise UsageError("find_batch_size runs your real step, and the meta device has shapes "
+                         "but no values; pass device='cpu' or an accelerator. For memory "
+                         "without one: bsselect.probe(task, method='simulated')")
     if backend is None and dev.type != "cpu":
         from ..memory.measured import AcceleratorAllocator
 

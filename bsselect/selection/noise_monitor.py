@@ -205,6 +205,10 @@ class GradientNoiseMonitor:
                  n_data: int | None = None, world_size: int | None = None,
                  scaler: Any = None, sampling: str = "epochs", optimizer: Any = None) -> None:
         _check_settings(accumulation_steps, every, window, ema, n_data, world_size, sampling)
+        if any(p.is_meta for p in model.parameters()):  # its step failed later, raw (review)
+            raise UsageError("the model is on the meta device (shapes, no values): it cannot "
+                             "train, so there are no gradients to measure; move it to a real "
+                             "device first (model.to_empty(device=...) and initialise it)")
         self.model = model
         self.accumulation_steps = accumulation_steps
         self.world_size = world_size or (_world_size() if _is_ddp(model) else 1)
