@@ -498,6 +498,16 @@ def branch_from(checkpoint: Checkpoint, model_factory: Callable[[], nn.Module],
         raise UsageError(f"{checkpoint.path} holds non-finite weights (nan or inf in {bad}): "
                          "no trial could train from it; pass an earlier checkpoint")
     warnings: list[str] = []
+    own_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    cast = sorted({(str(v.dtype), str(own_dtypes[k])) for k, v in renamed.items()
+                   if isinstance(v, torch.Tensor) and v.is_floating_point() and k in own_dtypes
+                   and own_dtypes[k].is_floating_point and v.dtype != own_dtypes[k]})
+    if cast:  # loaded in silence before (review): the run the trials stand for is not this
+        warnings.append(f"{checkpoint.path} holds "
+                        + ", ".join(f"{a.removeprefix('torch.')} weights" for a, _ in cast)
+                        + "; they are loaded cast to the task's model ("
+                        + ", ".join(sorted({b.removeprefix('torch.') for _, b in cast}))
+                        + "), and the trials train in its precision (--precision for mixed)")
     optimizer_state = None
     run_lr = None
     saved = checkpoint.optimizer_state

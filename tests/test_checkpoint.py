@@ -684,3 +684,19 @@ def test_noise_warm_up_from_a_checkpoint_at_another_lr_says_so(run_files, tmp_pa
     measure_noise(task, measurements=4, checkpoint=load_checkpoint(tmp_path / "fast.pt"),
                   warn=said.append)
     assert not any("warm-up steps" in m for m in said)  # no steps: nothing trains at it
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.bfloat16, "bfloat16"), (torch.float64, "float64")])
+def test_weights_of_another_precision_are_loaded_cast_and_said(run_files, tmp_path, dtype, name):
+    path, model, optimizer = run_files
+    task, _ = load_task(TINY)
+    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    torch.save({"model": state, "optimizer": optimizer.state_dict()}, tmp_path / "p.pt")
+    branch = branch_from(load_checkpoint(tmp_path / "p.pt"), task.model, task.make_optimizer,
+                         task.lr)
+    assert all(v.dtype == torch.float32 for v in branch.model_state.values())
+    assert any(f"holds {name} weights; they are loaded cast to the task's model (float32)" in w
+               for w in branch.warnings)
+    same = branch_from(load_checkpoint(path / "run.pt"), task.model, task.make_optimizer,
+                       task.lr)
+    assert not any("loaded cast" in w for w in same.warnings)

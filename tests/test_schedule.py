@@ -320,12 +320,15 @@ def test_every_branch_of_a_point_trains_the_same_samples(tmp_path):
     """A branch of 200 samples took whole steps: 200, 208 and 224 samples at 8, 16 and 32,
     and the larger batches' drops were compared on up to 12% more data (review)."""
     task = sweep_tasks.tiny()
-    result = run_schedule(task, task_name="tiny", batch_sizes=[8, 16, 32],
+    result = run_schedule(task, task_name="tiny", batch_sizes=[8, 16, 32, 4096],
                           settings=_settings(branch_samples=200, noise_measurements=0),
                           device=CPU, journal_path=tmp_path / "j.jsonl", threads=1)
     for p in result.points:
         assert {br.trial.samples for br in p.branches if br.trial.ok} == {224}
     assert any("each branch trains 224 samples: 200 rounded up" in n for n in result.notes)
+    # A size past the training set is left out, and said (it was left out in silence).
+    assert result.batch_sizes == (8, 16, 32)
+    assert any(n.startswith("batch sizes [4096] left out: larger than the") for n in result.notes)
 
 
 @pytest.mark.parametrize("dropout", [False, True])

@@ -377,6 +377,10 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
             f"a branch of {settings.branch} samples gives the base batch size {b0} fewer than "
             f"{MIN_BRANCH_STEPS} steps, too few to compare branches by: use --branch-samples >= "
             f"{b0 * MIN_BRANCH_STEPS} or --horizon >= {b0 * MIN_BRANCH_STEPS * BRANCH_FRACTION}")
+    too_big = sorted(b for b in batch_sizes if b > n_train)
+    if too_big:  # left out in silence before (review)
+        notes.append(f"batch sizes {too_big} left out: larger than the {n_train:,} items the "
+                     "branches train on")
     sizes, dropped = branch_sizes([b for b in batch_sizes if b <= n_train], settings.branch, b0)
     if dropped:
         notes.append(f"batch sizes {dropped} left out: a branch of {settings.branch} samples "
