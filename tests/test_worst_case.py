@@ -3,6 +3,7 @@ for the batch of an epoch that holds the longest sequences, not only for a rando
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -415,6 +416,33 @@ def test_each_batch_size_gets_the_heaviest_of_the_orderings():
     assert set(scan.indices(8)) <= set(v.HEAVY)  # the long answers alone, at 8
     assert set(v.LONG_PROMPTS) & set(scan.indices(64))  # a long prompt beside them, at 64
     assert set(v.HEAVY) <= set(scan.indices(64))
+
+
+def test_worst_case_is_never_lighter_than_a_random_batch():
+    """Memory that follows a separator token's count, which the shorter items hold more of:
+    no size or value ordering sees it, and the largest items' batch of 64 needed 5.5 MB in
+    the simulation where a random one needs 26.9 MB; check answered above what trains
+    (review). A random draw is now one of the judged orderings."""
+    from tasks.value_order_tasks import separated_task
+
+    from bsselect.api import _judge
+    from bsselect.memory.simulated import simulate_step_peak
+    from bsselect.memory.values import reads_batch_values, value_shaped_ops
+    from bsselect.task import validate_task
+
+    task = separated_task()
+    validate_task(task, on_meta=True)
+    scan = scan_inputs(task.train_data, InputMode.worst_case, by_values=value_shaped_ops(),
+                       reads_values=reads_batch_values(), collate_fn=task.collate_fn,
+                       judge=_judge(task))
+    assert "by a random draw it needs" in scan.how
+    typical = typical_inputs(task.train_data)
+    for b in (8, 64):
+        random_batch = cpu_step_peak(task, b, inputs=typical).peak_bytes
+        assert simulate_step_peak(task, b, inputs=scan).peak_bytes >= random_batch, b
+        largest = cpu_step_peak(task, b, inputs=dataclasses.replace(
+            scan, alternatives=(), judge=None)).peak_bytes
+        assert largest < 0.5 * random_batch  # what the review found
 
 
 def test_values_the_orderings_cannot_count_leave_the_scan_as_it_was():

@@ -243,3 +243,53 @@ def near_uniform_task() -> Task:
     near = PrePadded(lambda g: torch.randint(91, 101, (N,), generator=g), width=100)
     return Task(model=PackedLSTM, train_data=near, loss_fn=F.cross_entropy,
                 optimizer=torch.optim.Adam, lr=1e-3, base_batch_size=8)
+
+
+SEP = 1  # a separator token: the shorter an item, the more of them (review, session 27)
+
+
+class Separated(Dataset):
+    """Token sequences of 6..48 ids; an item of k tokens holds (48 - k) // 2 separators, so
+    the longest items hold none."""
+
+    def __init__(self, n: int = 400) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.items = []
+        for _ in range(n):
+            k = int(torch.randint(6, 49, (1,), generator=g))
+            ids = torch.randint(2, VOCAB, (k,), generator=g)
+            ids[torch.randperm(k, generator=g)[:(48 - k) // 2]] = SEP
+            self.items.append(ids)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.items[i], int(self.items[i].sum()) % 4
+
+
+def pad_ids(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.zeros(len(items), max(len(x) for x, _ in items), dtype=torch.long)
+    for i, (x, _) in enumerate(items):
+        ids[i, :len(x)] = x
+    return ids, torch.tensor([y for _, y in items])
+
+
+class Segments(nn.Module):
+    """A wide layer on the separators' features only: memory follows their count, which no
+    size or nonzero count of the items sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32)
+        self.wide = nn.Linear(32, 4096)
+        self.out = nn.Linear(4096, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        seg = torch.relu(self.wide(self.emb(ids)[ids == SEP]))
+        return self.out(seg.mean(0, keepdim=True)).expand(ids.shape[0], -1)
+
+
+def separated_task() -> Task:
+    return Task(model=Segments, train_data=Separated(), loss_fn=F.cross_entropy,
+                collate_fn=pad_ids, optimizer=torch.optim.SGD, lr=0.1, base_batch_size=8)
