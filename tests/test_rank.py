@@ -333,6 +333,27 @@ def test_the_ranking_follows_the_model_not_the_trials_own_loss_speed():
     assert r.ranking[-1] == 8 and r.b_hat_source is BHatSource.given
 
 
+def test_a_trial_whose_loss_rose_is_not_picked_while_another_fell():
+    # From a checkpoint the best-predicted size's trial raised the loss 35%: still ok (under
+    # the rise limit), and the model alone picked it (review). The pick is among the sizes
+    # whose loss fell; the risen one is ranked last without a prediction, and said.
+    best = rank_trials(world(), B_TRUE).recommended_batch_size
+    rising = [dataclasses.replace(t, loss_drop_per_s=-abs(t.loss_drop_per_s),
+                                  train_loss_end=2.7) if t.batch_size == best else t
+              for t in world()]
+    r = rank_trials(rising, B_TRUE)
+    assert r.recommended_batch_size not in (best, None)
+    assert r.ranking[-1] == best and r.loss_rose == (best,)
+    assert r.rows[-1].predicted_time_s is None and best not in r.tied_with_best
+    assert f"not b={best}: the training loss rose in its trial" in r.verdict
+    assert r.fit_dict()["loss_rose_batch_sizes"] == [best]
+    # Every trial rose: nothing to prefer, so nothing is left out; the verdict says so.
+    all_rose = [dataclasses.replace(t, loss_drop_per_s=-abs(t.loss_drop_per_s)) for t in world()]
+    r = rank_trials(all_rose, B_TRUE)
+    assert r.recommended_batch_size == best and r.loss_rose == ()
+    assert "rose in every trial" in r.verdict
+
+
 def test_non_ok_trials_go_last_and_are_not_ranked():
     trials = [failed(1024, "oom"), ok_trial(32), failed(4, "diverged"), ok_trial(64),
               failed(16, "error")]

@@ -221,6 +221,7 @@ class Ranking:
     shape: ShapeFit | None = None
     b_steps: float | None = None
     b_steps_bound: bool = False  # B_steps is a lower bound (perfect scaling measured)
+    loss_rose: tuple[int, ...] = ()  # ok trials whose loss rose, left out of the pick
 
     def fit_dict(self) -> dict[str, Any]:
         """docs/contract.md's ``sweep`` ``fit`` object (tau_f_s, tau_d_s, b_simple, b_noise, b_opt),
@@ -247,6 +248,7 @@ class Ranking:
             "step_time_shape_note": None if self.shape is None else self.shape.note,
             "tied_with_best": list(self.tied_with_best),
             "best_point": self.best_point,
+            "loss_rose_batch_sizes": list(self.loss_rose),
             "verdict": self.verdict,
         }
 
@@ -292,9 +294,17 @@ def rank_trials(
     shape = physical_fit(shaped, [timed[b].mid for b in shaped], [timed[b].lo for b in shaped])
     fitted = {b: timed[b].scaled(shape.at(b) / timed[b].mid) if b in shaped else timed[b]
               for b in sizes}
+    # Measured evidence over the model: a trial whose training loss rose (from a warm start
+    # or a checkpoint: from initialisation that is no_progress) trains worse than one whose
+    # loss fell, whatever (1 + B/b)·t(b) predicts for it. A sweep from a checkpoint picked b
+    # whose trial raised the loss 35% (review). The pick is among those that lowered it.
+    rose = tuple(sorted(b for b in fitted if _rose(ok, b)))
+    eligible = {b: t for b, t in fitted.items() if b not in rose} or fitted
+    if len(eligible) == len(fitted):
+        rose = ()  # every trial rose: nothing to prefer; the verdict says so
     pick = None
-    if b_hat is not None and fitted:
-        pick = choose(fitted, b_interval or NoiseInterval.exact(b_hat))
+    if b_hat is not None and eligible:
+        pick = choose(eligible, b_interval or NoiseInterval.exact(b_hat))
     steps = steps_fit_of(trials)
     rows = _ordered_rows(trials, pick, fitted)
     ranking = tuple(r.batch_size for r in rows if r.status is TrialStatus.ok)
@@ -313,6 +323,8 @@ def rank_trials(
         choice=pick,
         interval=b_interval if b_hat is not None else None,
         b_hat_sizes=tuple(b_hat_sizes),
+        rose=rose,
+        all_rose=bool(ok) and all(_rose(ok, t.batch_size) for t in ok),
     )
     kind, text = _verdict(ctx)
     nearest = _nearest(ctx.b_opt, ctx.ok_sizes)
@@ -321,7 +333,7 @@ def rank_trials(
                    _best(ok, lambda t: t.loss_drop_per_s, higher=True),
                    _best(ok, lambda t: t.val_loss, higher=False),
                    pick.tied if pick else (), pick.best if pick else None, ctx.interval,
-                   tuple(b_hat_sizes), shape, ctx.b_steps, ctx.b_steps_bound)
+                   tuple(b_hat_sizes), shape, ctx.b_steps, ctx.b_steps_bound, rose)
 
 
 def _ordered_rows(trials: Sequence[TrialResult], pick: Choice | None,
@@ -346,6 +358,13 @@ def _ordered_rows(trials: Sequence[TrialResult], pick: Choice | None,
             p.hi if p is not None and math.isfinite(p.hi) else None,
             bool(pick and t.ok and t.batch_size in pick.tied)))
     return tuple(rows)
+
+
+def _rose(ok: Sequence[TrialResult], batch_size: int) -> bool:
+    """Whether the ok trial at ``batch_size`` ended with a higher training loss than it
+    started with (a negative ``loss_drop_per_s``)."""
+    drop = next(t.loss_drop_per_s for t in ok if t.batch_size == batch_size)
+    return drop is not None and drop < 0
 
 
 def _or(value: float | None, default: float) -> float:
@@ -402,6 +421,8 @@ class _Context:
     choice: Choice | None
     interval: NoiseInterval | None
     b_hat_sizes: tuple[int, ...]
+    rose: tuple[int, ...] = ()  # ok trials whose loss rose, left out of the pick
+    all_rose: bool = False      # every ok trial's loss rose
 
 
 def interval_label(source: BHatSource | str | None) -> str:
@@ -464,6 +485,12 @@ def _verdict(c: _Context) -> tuple[VerdictKind, str]:
                  f"worst-case slowdown ({ch.worst_regret[ch.pick]:.2f}x"
                  + (f", against {max(ch.worst_regret[b] for b in others):.2f}x or more for the "
                     "others" if others else "") + ")")
+    if c.rose:
+        head += (f"; not b={sizes_text(c.rose)}: the training loss rose in "
+                 f"{'its trial' if len(c.rose) == 1 else 'their trials'}, where others fell")
+    elif c.all_rose:
+        head += ("; the training loss rose in every trial: the branch point may be past "
+                 "what these learning rates can improve")
     if c.b_opt is None:
         return VerdictKind.no_step_fit, (
             f"{head}. No closed form b_opt ({c.fit.note or 'step time does not determine it'}); "
