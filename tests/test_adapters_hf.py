@@ -627,3 +627,59 @@ def test_a_long_hf_config_sequence_checks_its_real_step_on_short_items(tmp_path,
     assert seen == [(2, REAL_CHECK_TOKENS)]
     assert result.tokens_per_sample == 4096
     assert task.train_data.real_check_data().real_check_data().seq_len == REAL_CHECK_TOKENS
+
+
+@pytest.mark.parametrize("optim, lr_factor", [("adamw_torch", 1), ("sgd", 4)])
+def test_from_trainer_matches_the_summed_gradient_of_a_head_that_ignores_num_items(
+        tmp_path, optim, lr_factor):
+    """BERT's heads take ``**kwargs``, so the Trainer passes ``num_items_in_batch`` and does
+    not divide their plain-mean loss by the accumulation steps: it steps with the sum of the
+    micro-batches' mean gradients, 4x the task's at 4 steps, and clips that at
+    max_grad_norm. The task was built with the Trainer's clipping and lr unchanged (review).
+    The truth: the Trainer's own training_step on the micro-batches."""
+    pytest.importorskip("accelerate")
+    from transformers import (BertConfig, BertForSequenceClassification,
+                              DataCollatorWithPadding, Trainer, TrainingArguments)
+
+    config = BertConfig(vocab_size=len(hf_tasks.WORDS) + 2, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=4, max_grad_norm=1.0, optim=optim,
+                             learning_rate=1e-3, report_to=[], save_strategy="no",
+                             use_cpu=True)
+    collator = DataCollatorWithPadding(hf_tasks.tokenizer())
+    data = hf_tasks._Labelled(64)
+    trainer = Trainer(model, args, train_dataset=data, data_collator=collator)
+    with pytest.warns(UserWarning, match="loss is a plain mean that ignores the "
+                                         "num_items_in_batch.*4x the mean gradient"):
+        task = Task.from_trainer(trainer)
+    assert task.max_grad_norm == pytest.approx(0.25)
+    assert task.lr == pytest.approx(1e-3 * lr_factor)
+    # The Trainer's gradient over 4 micro-batches of 4 against the task's over their 16.
+    items = [data[i] for i in range(16)]
+    micro = [collator(items[4 * j:4 * j + 4]) for j in range(4)]
+    trainer.model.zero_grad()
+    for batch in micro:  # the Trainer counts the 16 labels of the step's micro-batches
+        trainer.training_step(trainer.model, dict(batch), num_items_in_batch=torch.tensor(16))
+    theirs = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+    trainer.model.zero_grad()
+    x, y = task.collate_fn(items)
+    task.loss_fn(trainer.model(**x) if isinstance(x, dict) else trainer.model(x), y).backward()
+    ours = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+    ratio = (sum(t.pow(2).sum() for t in theirs) / sum(o.pow(2).sum() for o in ours)).sqrt()
+    assert float(ratio) == pytest.approx(4.0, rel=1e-3)
+
+
+def test_from_trainer_leaves_a_model_that_divides_by_num_items_alone():
+    pytest.importorskip("accelerate")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        task = hf_tasks.trainer_task()  # GPT-2, 2 accumulation steps, max_grad_norm 1.0
+    assert not any("plain mean" in str(w.message) for w in caught)
+    assert task.lr == 3e-4 and task.max_grad_norm == 1.0

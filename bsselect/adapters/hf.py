@@ -20,6 +20,7 @@ importable from here).
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -209,7 +210,8 @@ def from_trainer(trainer: Any) -> Any:
     it. The Trainer's precision (``bf16``/``fp16``) and its ``gradient_accumulation_steps``
     as micro-batches are the commands' ``--precision`` and ``--accumulate``: pass them
     there. Its gradient clipping (``max_grad_norm``, 1.0 by default; it clips only when
-    above 0, and inf clips nothing) is the task's ``max_grad_norm``."""
+    above 0, and inf clips nothing) is the task's ``max_grad_norm``, on the mean gradient
+    (``_summed_means``: a model whose loss ignores ``num_items_in_batch``)."""
     args = trainer.args
     model = _model_init(trainer) or trainer.model
     lr, optimizer = _trainer_optimizer(trainer)
@@ -236,12 +238,66 @@ def from_trainer(trainer: Any) -> Any:
                           f"task evaluates on the first, {name!r}", stacklevel=2)
         evaluation = next(iter(evaluation.values()), None)
     evaluation = _without_unused_columns(trainer, evaluation, None)[0]
+    lr, max_grad_norm = _summed_means(trainer, lr, args.max_grad_norm)
     return from_hf(model, train, data_collator=collator,
                    eval_dataset=evaluation, lr=lr,
                    weight_decay=args.weight_decay, optimizer=optimizer,
                    base_batch_size=args.per_device_train_batch_size
                    * args.gradient_accumulation_steps,
-                   max_grad_norm=args.max_grad_norm)  # from_hf reads it (norm_or_none)
+                   max_grad_norm=max_grad_norm)  # from_hf reads it (norm_or_none)
+
+
+def _summed_means(trainer: Any, lr: float, max_grad_norm: float) -> tuple[float, float]:
+    """The task's lr and clipping for the step the Trainer takes. A model whose forward
+    takes ``**kwargs`` gets ``num_items_in_batch`` and its loss is not divided by the
+    accumulation steps; where that loss is a plain mean anyway (BERT's heads:
+    ``loss_takes_items`` False), the Trainer steps with the sum of the ``a`` micro-batches'
+    mean gradients, ``a`` times the mean gradient the task trains on. Its clipping at ``c`` is
+    then clipping the mean at ``c / a`` (exactly), and an SGD-family lr ``a`` times larger;
+    an Adam-family update does not depend on the gradient's scale. Each is said (the task's
+    steps clipped 4x less than the Trainer's at 4 accumulation steps, review)."""
+    from ..selection.lr_scaling import LrScaling, default_lr_scaling
+    from .hf_callback import loss_takes_items
+
+    a = int(getattr(trainer.args, "gradient_accumulation_steps", 1) or 1)
+    if (a < 2 or not getattr(trainer, "model_accepts_loss_kwargs", False)
+            or getattr(trainer, "loss_is_scaled_for_ga", None) is False
+            or getattr(trainer, "compute_loss_func", None) is not None
+            or loss_takes_items(trainer.model)):
+        return lr, max_grad_norm
+    said = []
+    clips = max_grad_norm is not None and 0 < max_grad_norm < math.inf
+    if clips:
+        said.append(f"its max_grad_norm {max_grad_norm:g} is {max_grad_norm / a:g} on the "
+                    "mean")
+        max_grad_norm = max_grad_norm / a
+    family = default_lr_scaling(_optimizer_class(trainer))
+    if family is LrScaling.linear:
+        said.append(f"its lr {lr:g} is {lr * a:g} on the mean")
+        lr = lr * a
+    elif family is LrScaling.none:
+        said.append(f"an optimizer bsselect does not know may need {a}x the lr")
+    warnings.warn(f"{type(trainer.model).__name__}'s loss is a plain mean that ignores the "
+                  f"num_items_in_batch the Trainer passes it, so with {a} accumulation steps "
+                  f"the Trainer steps with {a}x the mean gradient the task trains on: "
+                  + ("; ".join(said) or "an Adam-family update does not depend on it")
+                  + (", and the task takes that" if said else ""), stacklevel=3)
+    return lr, max_grad_norm
+
+
+def _optimizer_class(trainer: Any) -> Any:
+    """The class of the optimizer the Trainer trains with (given, or named by ``optim``);
+    None where it cannot tell."""
+    given = getattr(trainer, "optimizer", None)
+    inner = getattr(given, "optimizer", None)
+    if isinstance(inner, torch.optim.Optimizer):
+        given = inner
+    if given is not None:
+        return type(given)
+    try:
+        return type(trainer).get_optimizer_cls_and_kwargs(trainer.args)[0]
+    except Exception:  # noqa: BLE001 - _trainer_optimizer says why, where it matters
+        return None
 
 
 _ENABLE = ("activation_checkpointing_enable", "gradient_checkpointing_enable")  # new, old name
