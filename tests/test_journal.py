@@ -481,7 +481,7 @@ def test_a_write_that_fails_mid_run_is_one_line_that_keeps_the_journal(tmp_path)
     --resume."""
     from pathlib import Path
 
-    from bsselect.selection.journal import JournalWriteError, _append_line
+    from bsselect.selection.journal_io import JournalWriteError, append_line as _append_line
 
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full here")

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .. import __version__
-from ..errors import BsselectError, UsageError, one_line
+from ..errors import UsageError, one_line
+from .journal_io import JournalWriteError, append_line, check_path, fsync_dir, lock
 from .trial_types import TrialResult
 
 FORMAT_VERSION = 1
@@ -39,11 +40,6 @@ def settings_key(settings: Mapping[str, Any]) -> str:
     text = json.dumps(settings, sort_keys=True, separators=(",", ":"), allow_nan=False,
                       default=_canonical)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-class JournalWriteError(BsselectError):
-    """Appending to the journal failed mid-run (disk full): the run stops, exit 1; what the
-    journal holds is kept for --resume."""
 
 
 def journal_key(task: str, settings: Mapping[str, Any]) -> str:
@@ -470,8 +466,8 @@ class Journal:
         self.resumed: dict[int, TrialResult] = {}
         self.records: tuple[tuple[str, dict[str, Any]], ...] = ()  # resumed RECORD_TAGS lines
         self.warnings: tuple[str, ...] = ()
-        _check_path(self.path)
-        self._lock = _lock(self.path)
+        check_path(self.path)
+        self._lock = lock(self.path)
         try:
             exists = self.path.exists() and self.path.stat().st_size > 0
             match JournalMode(mode):
@@ -494,9 +490,9 @@ class Journal:
 
     def close(self) -> None:
         """Let another run write the file (the lock also ends with the process)."""
-        lock, self._lock = getattr(self, "_lock", None), None
-        if lock is not None:
-            os.close(lock)
+        fd, self._lock = getattr(self, "_lock", None), None
+        if fd is not None:
+            os.close(fd)
 
     def __del__(self) -> None:
         self.close()
@@ -508,7 +504,7 @@ class Journal:
 
     def append(self, trial: TrialResult) -> None:
         """Write ``trial`` as one line and fsync it before returning."""
-        _append_line(self.path, json.dumps({"trial": trial.to_dict()}, separators=(",", ":"),
+        append_line(self.path, json.dumps({"trial": trial.to_dict()}, separators=(",", ":"),
                                            allow_nan=False))
 
     def append_timing(self, rounds: list[dict[str, Any]], batch_sizes: Sequence[int] = (),
@@ -525,20 +521,20 @@ class Journal:
             record["from_checkpoint"] = from_checkpoint
         if device is not None:
             record["device"] = device
-        _append_line(self.path, json.dumps(record, separators=(",", ":"), allow_nan=False))
+        append_line(self.path, json.dumps(record, separators=(",", ":"), allow_nan=False))
 
     def append_record(self, tag: str, payload: Mapping[str, Any]) -> None:
         """Write ``{tag: payload}`` (a ``RECORD_TAGS`` tag) as one fsync'd line."""
         if tag not in RECORD_TAGS:
             raise ValueError(f"unknown journal record {tag!r}")
-        _append_line(self.path, json.dumps({tag: dict(payload)}, separators=(",", ":"),
+        append_line(self.path, json.dumps({tag: dict(payload)}, separators=(",", ":"),
                                            allow_nan=False, default=_canonical))
 
     def _start(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _append_line(self.path, self.header.to_json(), truncate=True)
-            _fsync_dir(self.path.parent)  # make the new directory entry itself durable
+            append_line(self.path, self.header.to_json(), truncate=True)
+            fsync_dir(self.path.parent)  # make the new directory entry itself durable
         except (OSError, JournalWriteError) as exc:  # before any work: the path is the problem
             cause = exc.__cause__ if isinstance(exc, JournalWriteError) else exc
             why = getattr(cause, "strerror", None) or one_line(cause)
@@ -598,63 +594,6 @@ def same_task_file(journaled: str, now: str, journal_path: str | Path) -> bool:
     return False
 
 
-def _check_path(path: Path) -> None:
-    """UsageError unless ``path`` can be a journal file: not a directory, not a device."""
-    if path.is_dir():
-        raise UsageError(f"journal {str(path)!r} is a directory; give a file path, e.g. "
-                         f"{str(path / 'bsselect-sweep.jsonl')!r}")
-    if path.exists() and not path.is_file():
-        raise UsageError(f"journal {str(path)!r} is not a regular file (a device or a pipe); "
-                         "give a file path")
-
-
-def _lock(path: Path) -> int | None:
-    """An exclusive advisory lock on the journal for the run, held on a descriptor of its own:
-    two runs appending to one journal (a second sweep with --overwrite while the first still
-    ran) left one run's trials under the other's header, and ``report`` ranked them as that
-    run's (review). UsageError when another process holds it; None where the platform or the
-    file system has no locks."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks here
-        return None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        return None  # the write that follows says what is wrong with the path
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UsageError(f"journal {str(path)!r} is being written by another bsselect run; wait "
-                         "for it to finish, or choose another --journal path") from None
-    except OSError:  # a file system without locks (some network mounts)
-        os.close(fd)
-        return None
-    return fd
-
-
-def _append_line(path: Path, line: str, truncate: bool = False) -> None:
-    data = (line + "\n").encode("utf-8")
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | (os.O_TRUNC if truncate else 0)
-    try:
-        fd = os.open(path, flags, 0o644)
-        try:
-            # One write call for the whole line; the loop only runs again if the kernel
-            # accepted part of it (disk full, a signal): the line ends up whole or visibly cut.
-            written = os.write(fd, data)
-            while written < len(data):
-                written += os.write(fd, data[written:])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:  # disk full, a file size limit: "internal error", before (review)
-        raise JournalWriteError(
-            f"cannot write to the journal {str(path)!r} ({exc.strerror or one_line(exc)}); "
-            "what it already holds is kept: make room and rerun with --resume") from exc
-
-
 def _repair_tail(path: Path) -> None:
     """Make the file end in a newline before appending to it. Bytes after the last newline
     are a line whose write was cut short: cut them off, unless they happen to be a whole record
@@ -672,16 +611,3 @@ def _repair_tail(path: Path) -> None:
             fh.truncate(keep)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms (Windows) cannot open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
