@@ -949,3 +949,41 @@ def test_masked_select_mark_is_what_the_cpu_kernel_allocates(shape, mask_shape, 
             assert high_water(deltas) == mark, (keep, deltas)
     finally:
         torch.set_num_threads(before)
+
+
+def test_masked_select_for_cuda_counts_the_indices_its_index_kernel_holds(monkeypatch):
+    """CUDA's masked_select is ``index(self, [mask])``, which turns the boolean mask into
+    ``nonzero()``'s int64 indices, one per dimension per selected element, alive beside the
+    output: 6x a float32 output under a 3-d mask, uncounted before. The device-generic path
+    measured on the CPU's ``index`` is exactly that; the simulated step for CUDA adds it at
+    the op (and a CPU step does not)."""
+    import sys
+    from pathlib import Path
+
+    import bsselect.memory.simulated as simulated
+    from bsselect.memory.cpu_truth import allocator_log, high_water
+
+    g = torch.Generator().manual_seed(0)
+    source, mask = torch.rand(6, 20, 16, generator=g), torch.rand(6, 20, 1, generator=g) < 0.7
+    with allocator_log() as deltas:
+        out = torch.ops.aten.index.Tensor(source, [mask.expand_as(source)])
+        expected = out.numel() * 4 + simulated.cuda_masked_select_indices((source, mask), out)
+        del out
+    assert high_water(deltas) == expected
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tasks import seq_tasks
+
+    task = seq_tasks.masked_select()
+    cuda = StepSettings(target_device="cuda")
+
+    def forward_peak(settings: StepSettings, indices: int | None = None) -> int:
+        if indices is not None:
+            monkeypatch.setattr(simulated, "cuda_masked_select_indices", lambda a, o: indices)
+        return simulate_step_peak(task, 64, kernel_workspace=False,
+                                  settings=settings).forward_peak_bytes
+
+    plain, counted = forward_peak(StepSettings()), forward_peak(cuda)
+    assert counted > plain
+    big = 1 << 30  # above everything else: the peak is at the op, before + output + this
+    assert forward_peak(cuda, 2 * big) - forward_peak(cuda, big) == big
+    assert forward_peak(StepSettings(), big) == plain

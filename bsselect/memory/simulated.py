@@ -288,6 +288,17 @@ def cpu_masked_select_mark(args: tuple, out: torch.Tensor) -> int:
     return max(counted, out_bytes + (0 if serial else 16 * n))
 
 
+def cuda_masked_select_indices(args: tuple, out: torch.Tensor) -> int:
+    """Bytes ``masked_select`` holds beside its output on CUDA, at least: its CUDA kernel is
+    ``index(self, [mask])`` at the broadcast shape, and indexing by a boolean mask first turns
+    the mask into ``nonzero()``'s indices, an int64 per dimension for every selected element
+    (device-generic ``expandTensors``; the CPU's ``index`` allocates exactly this: 6x a
+    float32 output under a 3-d mask). cub's own temporary storage in CUDA's ``nonzero`` is
+    not counted (not measured here: no GPU)."""
+    ndim = len(torch.broadcast_shapes(args[0].shape, args[1].shape))
+    return 8 * max(ndim, 1) * out.numel()
+
+
 class LiveStorageCounter(TorchDispatchMode):
     """Counts the bytes of live tensor storages returned by ops, and their peak per phase.
 
@@ -297,8 +308,10 @@ class LiveStorageCounter(TorchDispatchMode):
     they count as their fake outputs.
     """
 
-    def __init__(self, kernel_cost: Optional[Callable[..., Any]] = None) -> None:
+    def __init__(self, kernel_cost: Optional[Callable[..., Any]] = None,
+                 cuda: bool = False) -> None:
         super().__init__()
+        self._cuda = cuda  # the step will run on CUDA (``cuda_masked_select_indices``)
         self.live_bytes = 0
         self.phase = Phase.FORWARD
         self.phase_peak_bytes = {phase: 0 for phase in Phase}
@@ -483,6 +496,11 @@ class LiveStorageCounter(TorchDispatchMode):
             if func is torch.ops.aten.masked_select.default:
                 level = before + cpu_masked_select_mark(args, out)
                 self.note(level, max(0, level - self.live_bytes))
+        if self._cuda and func is torch.ops.aten.masked_select.default:
+            indices = cuda_masked_select_indices(args, out)
+            self.rounded_peak_bytes = max(self.rounded_peak_bytes,
+                                          self.live_rounded_bytes + cuda_rounded(indices))
+            self.note(self.live_bytes + indices)
         if cost is not None:
             # Inside the kernel, scratch and outputs coexist above what was live before it.
             level = before + cost.high_water_bytes
@@ -656,7 +674,8 @@ def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
     batch = real_batch(task, batch_size, seed, inputs)
     plan = settings.shard
     fake_mode = new_fake_mode()
-    counter = LiveStorageCounter(kernel_cost if kernel_workspace else None)
+    counter = LiveStorageCounter(kernel_cost if kernel_workspace else None,
+                                 cuda=settings.target_device == "cuda")
     # The counter is entered inside the fake mode, so that it sees every op first, as the
     # CPU dispatcher would. A CUDA target casts by CUDA's autocast lists, not the CPU's.
     # Sharded: rank 0 of a fake process group, the model wrapped by fully_shard.
