@@ -57,6 +57,17 @@ def test_masked_select_matches_the_cpu_allocator(full_mask, batch_size, threads)
     assert sim == real, (full_mask, batch_size, threads, sim, real)
 
 
+@pytest.mark.parametrize("width", [2, 64])
+@pytest.mark.parametrize("batch_size", [8, 64])
+def test_boolean_mask_indexing_counts_its_nonzero_indices(width, batch_size):
+    # h[mask] turns the mask into nonzero()'s int64 indices, alive in the forward's index
+    # and the backward's index_put_: 16 bytes a token, uncounted before (2-wide features:
+    # 15-23% low; 64-wide: within the step's other memory).
+    task = seq_tasks.selected_tokens(width)
+    assert simulate_step_peak(task, batch_size).peak_bytes == cpu_step_peak(
+        task, batch_size).peak_bytes
+
+
 def test_worst_case_batch_without_padding_skips_the_causal_mask_as_the_real_step_does():
     # The longest items all have T_MAX tokens: the mask is all ones, so transformers skips
     # building the (b, 1, T, T) causal mask. On fake tensors it would not (it takes them for

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import CannotSimulate, TaskError, UsageError, one_line
@@ -47,7 +47,7 @@ from .optim_impl import run_as_on
 from .fake import build_fake_model, fake_batch_leaf, new_fake_mode, real_batch, young_gc_only
 from .live import (live_at_step_start, local, module_tensors, optimizer_state_tensors,
                    storage_bytes)
-from .values import DataDependentOp, IndexOutOfRange, RealWhereKnown
+from .values import DataDependentOp, IndexOutOfRange, RealWhereKnown, is_fake
 
 
 class Phase(str, Enum):
@@ -191,9 +191,31 @@ def _gemm_copies(first: int) -> Callable[[tuple], int]:
     return copies
 
 
+def bool_index_bytes(args: tuple) -> int:
+    """The indices an indexing op makes of its boolean masks (``h[mask]``,
+    ``loss[mask]``, and the ``index_put_`` of their gradient): ``expandTensors`` replaces each
+    mask by ``nonzero()``, an int64 per mask dimension per true element, alive while the
+    kernel runs, on every device (measured on the CPU's ``index`` and ``index_put_``). Per
+    token of a (B, T) mask that is 16 bytes: 4x a selected per-token float loss, and a model
+    selecting 2-wide features was 15-23% low without it (review). Masks are real in the
+    simulation (their values decide the shapes); a fake one counts nothing."""
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    total = 0
+    for t in indices:
+        if (isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+                and not is_fake(t)):
+            with _disable_current_modes():
+                total += 8 * max(t.dim(), 1) * int(torch.count_nonzero(t))
+    return total
+
+
+_BOOL_INDEXED = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
+                 torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default}
+
 # Tensors a kernel allocates through the framework's allocator on every device and frees
 # before it returns (so no op returns them): bytes above the op's outputs while it runs.
 _FRAMEWORK_SCRATCH: dict[Any, Callable[[tuple], int]] = {
+    **{op: bool_index_bytes for op in _BOOL_INDEXED},
     **{op: _ctc_backward_scratch for op in (torch.ops.aten._ctc_loss_backward.default,
                                             torch.ops.aten._ctc_loss_backward.Tensor)},
     torch.ops.aten.mm.default: _gemm_copies(0), torch.ops.aten.addmm.default: _gemm_copies(1)}
@@ -463,6 +485,10 @@ class LiveStorageCounter(TorchDispatchMode):
         if (self._between_nodes and func is _ACCUMULATE and _summable_in_place(args[0])) or (
                 self.phase is Phase.BACKWARD and func in _COPIED_ON_FAKE):
             # What a real run does in place into args[0], when args[0] dies right after
+            scratch = _FRAMEWORK_SCRATCH.get(func)
+            extra = scratch(args) if scratch is not None else 0
+            if extra:  # in place for real: the scratch above what was live before it
+                self.note(self.live_bytes + extra)
             out = func(*args, **kwargs)
             self.track(out)
             self._deferred = (self.live_bytes, id(args[0].untyped_storage()))

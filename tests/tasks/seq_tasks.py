@@ -280,3 +280,25 @@ def masked_select(full_mask: bool = False) -> Task:
     return Task(model=lambda: _MaskedSelect(full_mask), train_data=Sequences(),
                 loss_fn=F.cross_entropy, collate_fn=pad_with_lengths, lr=0.1,
                 base_batch_size=8)
+
+
+class _SelectedTokens(nn.Module):
+    """``h[mask]`` on ``width``-wide token features (a per-token loss is 1 wide): the
+    boolean mask's nonzero indices are as large as the selection when it is narrow."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, width)
+        self.out = nn.Linear(width, 4)
+
+    def forward(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ids, lengths = x
+        h = torch.tanh(self.emb(ids))
+        mask = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+        return self.out(h[mask].mean(0, keepdim=True).expand(ids.shape[0], -1))
+
+
+def selected_tokens(width: int = 2) -> Task:
+    return Task(model=lambda: _SelectedTokens(width), train_data=Sequences(),
+                loss_fn=F.cross_entropy, collate_fn=pad_with_lengths, lr=0.1,
+                base_batch_size=8)
