@@ -344,8 +344,88 @@ def _matmul_spec(first: int) -> KernelSpec:
     )
 
 
+def _batch_size_list(position: int) -> Callable[[list], None]:
+    """An upsampling backward names the input's full size, batch first, in ``args[position]``:
+    the calibration's smaller batch goes there too."""
+    def prepare(args: list) -> None:
+        args[position] = [args[0].shape[0], *list(args[position])[1:]]
+    return prepare
+
+
+def _not_on_batch(dim_position: int) -> Callable[[Sequence[Any]], bool]:
+    """The op's reduced or normalised dim (``args[dim_position]``) is not the batch's."""
+    return lambda args: (args[dim_position] if isinstance(args[dim_position], int) else 0) \
+        % max(args[0].dim(), 1) != 0
+
+
+def _strided_grad(args: Sequence[Any]) -> bool:
+    """The incoming gradient is not contiguous (the stride-0 gradient of a sum or mean):
+    the backward kernel copies it."""
+    return isinstance(args[0], torch.Tensor) and not args[0].is_contiguous()
+
+
+def _widened_sum(args: Sequence[Any]) -> bool:
+    """A sum whose int64 result is wider than its bool or integer input."""
+    t = args[0]
+    return (isinstance(t, torch.Tensor) and t.dim() > 0 and not t.dtype.is_floating_point
+            and not t.dtype.is_complex and t.dtype != torch.int64)
+
+
+def _fft_off_batch(args: Sequence[Any]) -> bool:
+    """An FFT whose transformed dims leave the batch's (0) alone."""
+    t, dims = args[0], args[1]
+    return isinstance(t, torch.Tensor) and t.dim() > 1 and all(
+        d % t.dim() != 0 for d in dims)
+
+
+# Upsampling on the CPU (NCHW input): the kernel computes through a copy of its input and an
+# output-sized buffer beside the output, 2.25x the output at 2x bilinear and nearest; a
+# model upsampling then pooling was 47-48% low (review). The backward names the input's
+# size, batch first.
+_UPSAMPLE = ("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+             "upsample_linear1d", "upsample_bilinear2d", "upsample_trilinear3d")
+
 _aten = torch.ops.aten
 KERNELS: dict[Any, KernelSpec] = {
+    **{getattr(_aten, name).default: KernelSpec(_dim0(0), min_items=1)
+       for name in _UPSAMPLE if hasattr(_aten, name)},
+    **{getattr(_aten, f"{name}_backward").default: KernelSpec(
+        _dim0(0), min_items=1, prepare=_batch_size_list(2))
+       for name in _UPSAMPLE if hasattr(_aten, f"{name}_backward")},
+    # nn.Bilinear: the CPU kernel of every _trilinear call (one forward, three in the
+    # backward) builds (batch, in1, in2)-sized products per output feature: 91-94% low
+    # (review). Its batch-bearing operands are the 2-d ones; the weight is 3-d.
+    _aten._trilinear.default: KernelSpec(
+        lambda args: {i: 0 for i in (0, 1, 2) if args[i].dim() == 2}, min_items=1),
+    # kthvalue along a non-batch dim copies its input and makes int64 indices: 3x the input
+    # inside the kernel, 45% low (review).
+    _aten.kthvalue.default: KernelSpec(_dim0(0), min_items=1, applies=_not_on_batch(2)),
+    # F.fold: the CPU output's storage is kernel^2 times the tensor's, and its input is
+    # copied when not contiguous: 24-38% low (review).
+    _aten.col2im.default: KernelSpec(_dim0(0), min_items=1),
+    # A sum (or a count) of bools or of integers narrower than int64 reduces an int64 copy of
+    # its whole input, made inside the kernel: ``(h > 0).sum()`` on an activation, 29% low
+    # (review). A sum of int64 or of floats in their own dtype copies nothing (measured).
+    **{op: KernelSpec(_dim0(0), min_items=1, applies=_widened_sum)
+       for op in (_aten.sum.default, _aten.sum.dim_IntList, _aten.count_nonzero.dim_IntList,
+                  _aten.count_nonzero.default)},
+    # A batch of matrix exponentials: scratch of 10x the input in the forward, and the
+    # backward is matrix_exp of a block matrix twice the size: 71-76% low (review).
+    _aten.linalg_matrix_exp.default: KernelSpec(
+        _dim0(0), min_items=1, applies=lambda args: args[0].dim() > 2),
+    # FFTs along a non-batch dim that is not the last copy their input transposed (and the
+    # backward its gradient): a model's rfft over time, 22% low (review).
+    **{op: KernelSpec(_dim0(0), min_items=1, applies=_fft_off_batch)
+       for op in (_aten._fft_r2c.default, _aten._fft_c2r.default, _aten._fft_c2c.default)},
+    # softmax's backward copies a stride-0 incoming gradient (a sum right after it): 24% low
+    # (review).
+    _aten._softmax_backward_data.default: KernelSpec(
+        _dim0(0, 1), min_items=1,
+        applies=lambda args: _strided_grad(args) and _not_on_batch(2)(args)),
+    # batch norm's CPU backward allocates an input-sized buffer beside grad_input when the
+    # gradient is contiguous NCHW (not when channels-last or stride-0): conv -> BatchNorm ->
+    # mean, whose peak is there, was 24% low (review).
+    _aten.native_batch_norm_backward.default: KernelSpec(_dim0(0, 1), min_items=2),
     _aten.mm.default: _matmul_spec(0),
     _aten.bmm.default: _matmul_spec(0),
     _aten.addmm.default: _matmul_spec(1),
