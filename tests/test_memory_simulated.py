@@ -991,7 +991,8 @@ def test_masked_select_for_cuda_counts_the_indices_its_index_kernel_holds(monkey
 
 @pytest.mark.parametrize("batch_size", [8, 64])
 @pytest.mark.parametrize("name", ["upsample_bilinear", "upsample_nearest", "bilinear",
-                                  "kthvalue", "fold", "batch_norm", "softmax_sum", "bool_sum",
+                                  "kthvalue", "kthvalue_last_dim", "fold", "batch_norm",
+                                  "softmax_sum", "bool_sum",
                                   "matrix_exp", "rfft_over_time"])
 def test_kernels_whose_own_scratch_makes_the_peak_match_the_cpu_allocator(name, batch_size):
     """Each model peaks inside a CPU kernel's scratch, which fake tensors do not see (review:

@@ -352,10 +352,13 @@ def _batch_size_list(position: int) -> Callable[[list], None]:
     return prepare
 
 
-def _not_on_batch(dim_position: int) -> Callable[[Sequence[Any]], bool]:
-    """The op's reduced or normalised dim (``args[dim_position]``) is not the batch's."""
-    return lambda args: (args[dim_position] if isinstance(args[dim_position], int) else 0) \
-        % max(args[0].dim(), 1) != 0
+def _not_on_batch(dim_position: int, default: int = -1) -> Callable[[Sequence[Any]], bool]:
+    """The op's reduced or normalised dim (``args[dim_position]``, or ``default`` where the
+    call left it out: ``x.kthvalue(3)`` dispatches two arguments) is not the batch's."""
+    def applies(args: Sequence[Any]) -> bool:
+        dim = args[dim_position] if len(args) > dim_position else default
+        return (dim if isinstance(dim, int) else 0) % max(args[0].dim(), 1) != 0
+    return applies
 
 
 def _strided_grad(args: Sequence[Any]) -> bool:

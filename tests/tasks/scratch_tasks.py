@@ -56,6 +56,14 @@ class KthPool(nn.Module):
         return self.head(self.proj(x).kthvalue(3, 1).values)
 
 
+class KthLast(KthPool):
+    """``kthvalue`` with its dim left out (the last): the op dispatches two arguments."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.proj(x).transpose(1, 2).kthvalue(3).values.mean(1, keepdim=True)
+                         .expand(-1, 128))
+
+
 class Fold(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -129,6 +137,7 @@ TASKS = {
     "upsample_nearest": lambda: _task(lambda: Upsample("nearest"), (3, 16, 16)),
     "bilinear": lambda: _task(BilinearHead, (32,)),
     "kthvalue": lambda: _task(KthPool, (64, 32)),
+    "kthvalue_last_dim": lambda: _task(KthLast, (64, 32)),
     "fold": lambda: _task(Fold, (3, 16, 16)),
     "batch_norm": lambda: _task(BatchNormPool, (3, 16, 16)),
     "softmax_sum": lambda: _task(SoftmaxSum, (64, 32)),
