@@ -1,5 +1,5 @@
 """Re-rank saved sweeps' trials with and without the rule that a trial whose training loss
-rose is not picked while another's fell (``rank._rose``; no training).
+rose is not picked while another's fell (``rank._risen``; no training).
 
     cd benchmarks/results && PYTHONPATH=../.. python3 ../replay_rose_rule.py \
         sweep-b2-old-ws32-6a8349b.json.gz sweep-b2-fresh-ws32-6a8349b.json.gz \
@@ -23,11 +23,11 @@ from bench_selection import read_json  # noqa: E402
 
 import bsselect.selection.rank as rank  # noqa: E402
 
-SHIPPED = rank._rose
+SHIPPED = rank._risen
 
 
 def picks(path: str, with_rule: bool) -> dict[str, tuple[list, list]]:
-    rank._rose = SHIPPED if with_rule else (lambda ok, b: False)
+    rank._risen = SHIPPED if with_rule else (lambda ok: set())
     out = {}
     for ex in read_json(Path(path))["examples"]:
         times = lib.oracle_times(ex)

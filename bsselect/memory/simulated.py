@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -289,17 +290,16 @@ def cpu_masked_select_mark(args: tuple, out: torch.Tensor) -> int:
     """Bytes above what was live before it that ``masked_select``'s CPU kernel reaches
     (``masked_select_out_impl_cpu``). It counts the mask's true elements with ``sum``, which
     reduces a long copy of the mask at the broadcast shape (8 bytes an element, the 8-byte
-    count, and on several threads a partial sum per thread). Then, unless it runs serially (one thread or ``self`` under GRAIN_SIZE
-    elements, and both operands contiguous at the broadcast shape), it keeps the mask as
-    longs and their prefix sum (16 bytes an element) beside the output while it gathers: a
-    (B, T, 1) mask on a (B, T, D) float32 activation takes 4x the activation. Unmodelled, a
+    count, and on several threads a partial sum per thread). Then, unless it runs serially
+    (one thread or ``self`` under GRAIN_SIZE elements, and both operands contiguous at the
+    broadcast shape), it keeps the mask as longs and their prefix sum (16 bytes an element)
+    beside the output while it gathers: a (B, T, 1) mask on a (B, T, D) float32 activation
+    takes 4x the activation. Unmodelled, a
     token-selecting model's step was 13-30% over the simulation and ``check`` answered 30
     where 24 fits (review). CUDA's kernel is ``nonzero`` and ``index``: not this."""
     source, mask = args[0], args[1]
     shape = torch.broadcast_shapes(source.shape, mask.shape)
-    n = 1
-    for d in shape:
-        n *= int(d)
+    n = math.prod(shape)
     threads = torch.get_num_threads()
     counted = 8 * n + 8 + (8 * threads if threads > 1 and n >= _GRAIN_SIZE else 0)
     out_bytes = out.numel() * out.element_size()

@@ -298,7 +298,8 @@ def rank_trials(
     # or a checkpoint: from initialisation that is no_progress) trains worse than one whose
     # loss fell, whatever (1 + B/b)·t(b) predicts for it. A sweep from a checkpoint picked b
     # whose trial raised the loss 35% (review). The pick is among those that lowered it.
-    rose = tuple(sorted(b for b in fitted if _rose(ok, b)))
+    risen = _risen(ok)
+    rose = tuple(sorted(b for b in fitted if b in risen))
     eligible = {b: t for b, t in fitted.items() if b not in rose} or fitted
     if len(eligible) == len(fitted):
         rose = ()  # every trial rose: nothing to prefer; the verdict says so
@@ -324,7 +325,7 @@ def rank_trials(
         interval=b_interval if b_hat is not None else None,
         b_hat_sizes=tuple(b_hat_sizes),
         rose=rose,
-        all_rose=bool(ok) and all(_rose(ok, t.batch_size) for t in ok),
+        all_rose=bool(ok) and len(risen) == len(ok),
     )
     kind, text = _verdict(ctx)
     nearest = _nearest(ctx.b_opt, ctx.ok_sizes)
@@ -360,11 +361,11 @@ def _ordered_rows(trials: Sequence[TrialResult], pick: Choice | None,
     return tuple(rows)
 
 
-def _rose(ok: Sequence[TrialResult], batch_size: int) -> bool:
-    """Whether the ok trial at ``batch_size`` ended with a higher training loss than it
+def _risen(ok: Sequence[TrialResult]) -> set[int]:
+    """The batch sizes of the ok trials that ended with a higher training loss than they
     started with (a negative ``loss_drop_per_s``)."""
-    drop = next(t.loss_drop_per_s for t in ok if t.batch_size == batch_size)
-    return drop is not None and drop < 0
+    return {t.batch_size for t in ok
+            if t.loss_drop_per_s is not None and t.loss_drop_per_s < 0}
 
 
 def _or(value: float | None, default: float) -> float:
