@@ -931,7 +931,7 @@ def test_an_add_after_the_backward_is_not_taken_for_the_engines_gradient_sum(
 def test_masked_select_mark_is_what_the_cpu_kernel_allocates(shape, mask_shape, transposed,
                                                               threads):
     from bsselect.memory.cpu_truth import allocator_log, high_water
-    from bsselect.memory.simulated import cpu_masked_select_mark
+    from bsselect.memory.scratch import cpu_masked_select_mark
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import math
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -35,9 +34,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
-from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import CannotSimulate, TaskError, UsageError, one_line
@@ -45,10 +43,12 @@ from ..precision import Precision, make_scaler, parameter_dtype
 from ..step import StepSettings, train_step
 from ..task import Task
 from .optim_impl import run_as_on
+from .scratch import (FRAMEWORK_SCRATCH, cpu_masked_select_mark, cpu_promotion_casts,
+                      cuda_masked_select_indices)
 from .fake import build_fake_model, fake_batch_leaf, new_fake_mode, real_batch, young_gc_only
 from .live import (live_at_step_start, local, module_tensors, optimizer_state_tensors,
                    storage_bytes)
-from .values import DataDependentOp, IndexOutOfRange, RealWhereKnown, is_fake
+from .values import DataDependentOp, IndexOutOfRange, RealWhereKnown
 
 
 class Phase(str, Enum):
@@ -163,65 +163,6 @@ def _summable_in_place(old: Any) -> bool:
     return isinstance(old, torch.Tensor) and not old._is_view()
 
 
-def _ctc_backward_scratch(args: tuple) -> int:
-    """CTC's backward (CPU and CUDA kernels alike) computes its beta table in a tensor shaped
-    like the forward's alpha table, (batch, input length, 2 * target length + 1), allocated
-    and freed inside the kernel beside the gradient it returns: 22-42% of a small CTC head's
-    step (review)."""
-    log_alpha = args[6]
-    return log_alpha.numel() * log_alpha.element_size()
-
-
-def _gemm_ready(t: torch.Tensor) -> bool:
-    """Whether BLAS takes the matrix ``t`` as it is: one unit stride and a leading dimension
-    at least the other's size (``addmm_impl_cpu_``; cuBLAS's ``prepare_matrix_for_cublas``
-    alike). Otherwise the kernel first copies it contiguous."""
-    if t.dim() != 2:
-        return True
-    (rows, cols), (s_row, s_col) = t.shape, t.stride()
-    return (s_col == 1 and s_row >= max(1, cols)) or (s_row == 1 and s_col >= max(1, rows))
-
-
-def _gemm_copies(first: int) -> Callable[[tuple], int]:
-    """The contiguous copies a matmul kernel makes of operands ``args[first:first + 2]`` that
-    BLAS cannot take as they are: a Linear on ``x[:, ::2]`` copies its input in the forward
-    and in the weight gradient, 9.9% of the step at b=1,024 (review)."""
-    def copies(args: tuple) -> int:
-        return sum(t.numel() * t.element_size() for t in args[first:first + 2]
-                   if isinstance(t, torch.Tensor) and not _gemm_ready(t))
-    return copies
-
-
-def bool_index_bytes(args: tuple) -> int:
-    """The indices an indexing op makes of its boolean masks (``h[mask]``,
-    ``loss[mask]``, and the ``index_put_`` of their gradient): ``expandTensors`` replaces each
-    mask by ``nonzero()``, an int64 per mask dimension per true element, alive while the
-    kernel runs, on every device (measured on the CPU's ``index`` and ``index_put_``). Per
-    token of a (B, T) mask that is 16 bytes: 4x a selected per-token float loss, and a model
-    selecting 2-wide features was 15-23% low without it (review). Masks are real in the
-    simulation (their values decide the shapes); a fake one counts nothing."""
-    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
-    total = 0
-    for t in indices:
-        if (isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
-                and not is_fake(t)):
-            with _disable_current_modes():
-                total += 8 * max(t.dim(), 1) * int(torch.count_nonzero(t))
-    return total
-
-
-_BOOL_INDEXED = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
-                 torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default}
-
-# Tensors a kernel allocates through the framework's allocator on every device and frees
-# before it returns (so no op returns them): bytes above the op's outputs while it runs.
-_FRAMEWORK_SCRATCH: dict[Any, Callable[[tuple], int]] = {
-    **{op: bool_index_bytes for op in _BOOL_INDEXED},
-    **{op: _ctc_backward_scratch for op in (torch.ops.aten._ctc_loss_backward.default,
-                                            torch.ops.aten._ctc_loss_backward.Tensor)},
-    torch.ops.aten.mm.default: _gemm_copies(0), torch.ops.aten.addmm.default: _gemm_copies(1)}
-
-
 class NotSimulated(RuntimeError):
     """The step does something whose memory the simulation cannot size: it becomes
     ``CannotSimulate``, and ``probe --method auto`` measures real steps."""
@@ -241,84 +182,6 @@ CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to th
 def cuda_rounded(nbytes: int) -> int:
     """Bytes the CUDA caching allocator books for an ``nbytes`` storage (0 stays 0)."""
     return -(-nbytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
-
-
-_NOT_PROMOTED = {"condition", "mask"}  # where's and masked_fill's: read as bool, never cast
-
-
-def cpu_promotion_casts(func: Any, args: tuple, kwargs: dict) -> int:
-    """Bytes the CPU's TensorIterator allocates inside a pointwise op whose operands differ in
-    dtype: CPU loops compute in one dtype, so each operand of another dtype is first copied to
-    the common one (``TensorIteratorBase::compute_types``: ``op.tensor().to(common_dtype)``),
-    a Python number in a Tensor argument is wrapped (8 bytes) and cast too, and an in-place or
-    out= result of another dtype is computed into a temporary of the common dtype and copied
-    back. All are freed when the op returns; meta kernels (fake tensors) do none of it.
-    Under autocast this is every residual add of a float32 stream and a bf16 branch."""
-    if torch.Tag.pointwise not in func.tags:
-        return 0
-    schema = func._schema
-    operands, numbers = [], []
-    for i, arg in enumerate(schema.arguments):
-        value = args[i] if i < len(args) else kwargs.get(arg.name)
-        if arg.name in _NOT_PROMOTED or arg.kwarg_only or value is None:
-            continue
-        if isinstance(value, torch.Tensor):
-            operands.append(value)
-        elif isinstance(value, (bool, int, float)) and isinstance(arg.type, torch.TensorType):
-            numbers.append(value)
-    if not operands or (len(operands) == 1 and not numbers):
-        return 0
-    try:
-        _, common = elementwise_dtypes(
-            *operands, *numbers, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)
-    except Exception:  # noqa: BLE001 - a combination the helper rejects: count nothing
-        return 0
-    scratch = sum(t.numel() * common.itemsize for t in operands if t.dtype != common)
-    for n in numbers:  # wrapped as a 0-d double / long / bool tensor, then cast
-        wrapped = (torch.bool if isinstance(n, bool) else
-                   torch.int64 if isinstance(n, int) else torch.float64)
-        scratch += 8 + (common.itemsize if wrapped != common else 0)
-    if torch.Tag.inplace in func.tags and operands[0].dtype != common:
-        scratch += operands[0].numel() * common.itemsize  # the result, then copied back
-    return scratch
-
-
-_GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: CPU kernels below it run on one thread
-
-
-def cpu_masked_select_mark(args: tuple, out: torch.Tensor) -> int:
-    """Bytes above what was live before it that ``masked_select``'s CPU kernel reaches
-    (``masked_select_out_impl_cpu``). It counts the mask's true elements with ``sum``, which
-    reduces a long copy of the mask at the broadcast shape (8 bytes an element, the 8-byte
-    count, and on several threads a partial sum per thread). Then, unless it runs serially
-    (one thread or ``self`` under GRAIN_SIZE elements, and both operands contiguous at the
-    broadcast shape), it keeps the mask as longs and their prefix sum (16 bytes an element)
-    beside the output while it gathers: a (B, T, 1) mask on a (B, T, D) float32 activation
-    takes 4x the activation. Unmodelled, a
-    token-selecting model's step was 13-30% over the simulation and ``check`` answered 30
-    where 24 fits (review). CUDA's kernel is ``nonzero`` and ``index``: not this."""
-    source, mask = args[0], args[1]
-    shape = torch.broadcast_shapes(source.shape, mask.shape)
-    n = math.prod(shape)
-    threads = torch.get_num_threads()
-    counted = 8 * n + 8 + (8 * threads if threads > 1 and n >= _GRAIN_SIZE else 0)
-    out_bytes = out.numel() * out.element_size()
-    if out_bytes == 0:
-        return counted
-    serial = ((source.numel() < _GRAIN_SIZE or threads == 1)
-              and all(t.shape == shape and t.is_contiguous() for t in (source, mask)))
-    return max(counted, out_bytes + (0 if serial else 16 * n))
-
-
-def cuda_masked_select_indices(args: tuple, out: torch.Tensor) -> int:
-    """Bytes ``masked_select`` holds beside its output on CUDA, at least: its CUDA kernel is
-    ``index(self, [mask])`` at the broadcast shape, and indexing by a boolean mask first turns
-    the mask into ``nonzero()``'s indices, an int64 per dimension for every selected element
-    (device-generic ``expandTensors``; the CPU's ``index`` allocates exactly this: 6x a
-    float32 output under a 3-d mask). cub's own temporary storage in CUDA's ``nonzero`` is
-    not counted (not measured here: no GPU)."""
-    ndim = len(torch.broadcast_shapes(args[0].shape, args[1].shape))
-    return 8 * max(ndim, 1) * out.numel()
 
 
 class LiveStorageCounter(TorchDispatchMode):
@@ -485,7 +348,7 @@ class LiveStorageCounter(TorchDispatchMode):
         if (self._between_nodes and func is _ACCUMULATE and _summable_in_place(args[0])) or (
                 self.phase is Phase.BACKWARD and func in _COPIED_ON_FAKE):
             # What a real run does in place into args[0], when args[0] dies right after
-            scratch = _FRAMEWORK_SCRATCH.get(func)
+            scratch = FRAMEWORK_SCRATCH.get(func)
             extra = scratch(args) if scratch is not None else 0
             if extra:  # in place for real: the scratch above what was live before it
                 self.note(self.live_bytes + extra)
@@ -511,7 +374,7 @@ class LiveStorageCounter(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.track(t, real_sizes[i] if real_sizes else None)
         self.note(self.live_bytes)
-        scratch = _FRAMEWORK_SCRATCH.get(func) if cost is None else None
+        scratch = FRAMEWORK_SCRATCH.get(func) if cost is None else None
         extra = scratch(args) if scratch is not None else 0
         if extra:
             self.note(self.live_bytes + extra)
