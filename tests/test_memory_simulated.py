@@ -993,7 +993,13 @@ def test_masked_select_for_cuda_counts_the_indices_its_index_kernel_holds(monkey
 @pytest.mark.parametrize("name", ["upsample_bilinear", "upsample_nearest", "bilinear",
                                   "kthvalue", "kthvalue_last_dim", "fold", "batch_norm",
                                   "softmax_sum", "bool_sum",
-                                  "matrix_exp", "rfft_over_time"])
+                                  "matrix_exp", "rfft_over_time", "max_pool1d_mean",
+                                  "adaptive_max_pool1d_mean", "avg_pool3d", "conv_tbc",
+                                  "affine_grid", "whole_max", "whole_median", "median_over_time",
+                                  "logsumexp_over_time", "cdist_pool", "huber_dense",
+                                  "bce_logits_dense", "cross_entropy_bkt",
+                                  "log_softmax_transposed_sum", "svdvals_features",
+                                  "inverse_features"])
 def test_kernels_whose_own_scratch_makes_the_peak_match_the_cpu_allocator(name, batch_size):
     """Each model peaks inside a CPU kernel's scratch, which fake tensors do not see (review:
     24-94% low); the kernels are calibrated on a small real batch (``cpu_truth.KERNELS``)."""
@@ -1004,6 +1010,12 @@ def test_kernels_whose_own_scratch_makes_the_peak_match_the_cpu_allocator(name, 
     from tasks.scratch_tasks import TASKS
 
     task = TASKS[name]()
-    sim = simulate_step_peak(task, batch_size).peak_bytes
-    real = cpu_step_peak(task, batch_size).peak_bytes
+    simulated, measured = simulate_step_peak(task, batch_size), cpu_step_peak(task, batch_size)
+    sim, real = simulated.peak_bytes, measured.peak_bytes
+    # No phase is low either: a forward-phase gap a larger backward hides in one model is
+    # the step's peak in another (session 29: median, logsumexp, cdist, huber, F.affine_grid)
+    for phase in ("forward", "backward", "optimizer"):
+        sim_phase = getattr(simulated, f"{phase}_peak_bytes")
+        real_phase = getattr(measured, f"{phase}_peak_bytes")
+        assert sim_phase >= real_phase - 16, (phase, sim_phase, real_phase)
     assert abs(sim - real) <= 16, (sim, real)  # matrix_exp: one 8-byte scalar under

@@ -201,3 +201,8 @@ def op_embedding_renorm_():
     pass
 def op_boolsum_norm(): return mk(lambda h: h / (h > 0).sum())
 def op_boolsum_dim(): return mk(lambda h: h / (h > 0).sum(1, keepdim=True).clamp(min=1))
+def op_min_all(): return mk(lambda h: h.min().reshape(1))
+def op_median_norm(): return mk(lambda h: h / h.median())
+def op_max_norm(): return mk(lambda h: h / h.max())
+def op_nanmedian_all(): return mk(lambda h: torch.nanmedian(h).reshape(1))
+def op_amax_all(): return mk(lambda h: h.amax().reshape(1))

@@ -426,6 +426,56 @@ KERNELS: dict[Any, KernelSpec] = {
     _aten._softmax_backward_data.default: KernelSpec(
         _dim0(0, 1), min_items=1,
         applies=lambda args: _strided_grad(args) and _not_on_batch(2)(args)),
+    # Pooling backwards copy a gradient whose layout is not the input's (a sum or mean right
+    # after the pool gives stride 0; a pool over a transposed activation, channels-last
+    # indices) before they scatter it: a max_pool1d over time then a mean 30% low, 3-d pools'
+    # 3-4% (review). Batched: the gradient, the input and the indices (max pools').
+    **{getattr(_aten, name).default: KernelSpec(_dim0(*batched), min_items=1)
+       for name, batched in (("max_pool2d_with_indices_backward", (0, 1, 7)),
+                             ("max_pool3d_with_indices_backward", (0, 1, 7)),
+                             ("avg_pool2d_backward", (0, 1)), ("avg_pool3d_backward", (0, 1)),
+                             ("adaptive_max_pool2d_backward", (0, 1, 2)),
+                             ("adaptive_max_pool3d_backward", (0, 1, 2)),
+                             ("_adaptive_avg_pool2d_backward", (0, 1)),
+                             ("_adaptive_avg_pool3d_backward", (0, 1)))
+       if hasattr(_aten, name)},
+    # F.affine_grid builds its base grid, (batch, H, W, 3), beside the output: 40% low in the
+    # forward (review). The size argument names the batch first.
+    _aten.affine_grid_generator.default: KernelSpec(_dim0(0), min_items=1,
+                                                   prepare=_batch_size_list(1)),
+    # Input-sized scratch inside the forward kernel, freed before it returns: a copy to
+    # partition (median, nanmedian), the shifted exponentials (logsumexp), the elementwise
+    # loss before its reduction (huber; bce_with_logits two), the pairwise differences
+    # (cdist). 25-40% of the forward phase low (review), the step's peak where the model's
+    # largest tensor ends in one of them.
+    **{op: KernelSpec(_dim0(0, 1, 2, 3), min_items=1)
+       for op in (_aten.median.default, _aten.median.dim, _aten.nanmedian.default,
+                  _aten.nanmedian.dim, _aten.logsumexp.default, _aten.huber_loss.default,
+                  _aten.binary_cross_entropy_with_logits.default, _aten._cdist_forward.default,
+                  _aten._euclidean_dist.default)},
+    # abs of a complex tensor (a spectrum's magnitude) computes through a contiguous copy of
+    # its input when the input is not contiguous: the forward of an rfft over time 12% low.
+    _aten.abs.default: KernelSpec(_dim0(0), min_items=1,
+                                  applies=lambda args: args[0].is_complex()),
+    # (log_)softmax over a dim of a tensor that is not contiguous (cross-entropy on (B, T, K)
+    # logits transposed to (B, K, T)) computes through a contiguous copy: the forward of such
+    # a loss 32% low (review).
+    **{op: KernelSpec(_dim0(0), min_items=1, applies=lambda args: not args[0].is_contiguous())
+       for op in (_aten._log_softmax.default, _aten._softmax.default)},
+    # log_softmax's backward copies a gradient or output that is not contiguous (the stride-0
+    # gradient of a sum right after it): 25% low (review).
+    _aten._log_softmax_backward_data.default: KernelSpec(
+        _dim0(0, 1), min_items=1,
+        applies=lambda args: not (args[0].is_contiguous() and args[1].is_contiguous())),
+    # LAPACK on batches of matrices: copies of the input in LAPACK's column-major layout, pivots
+    # and workspace inside the kernel: 16-25% of the forward low (review: inv, svd, lu, eig,
+    # pinv, lstsq).
+    **{getattr(_aten, name).default: KernelSpec(_dim0(0, 1), min_items=1,
+                                                applies=lambda args: args[0].dim() > 2)
+       for name in ("_linalg_svd", "linalg_inv_ex", "linalg_lu_factor_ex", "linalg_lu",
+                    "_linalg_eigh", "linalg_eig", "_linalg_solve_ex", "linalg_lstsq",
+                    "linalg_cholesky_ex", "linalg_qr", "_linalg_det", "_linalg_slogdet")
+       if hasattr(_aten, name)},
     # batch norm's CPU backward allocates an input-sized buffer beside grad_input when the
     # gradient is contiguous NCHW (not when channels-last or stride-0): conv -> BatchNorm ->
     # mean, whose peak is there, was 24% low (review).

@@ -80,7 +80,9 @@ FRAMEWORK_SCRATCH: dict[Any, Callable[[tuple], int]] = {
     **{op: bool_index_bytes for op in _BOOL_INDEXED},
     **{op: _ctc_backward_scratch for op in (torch.ops.aten._ctc_loss_backward.default,
                                             torch.ops.aten._ctc_loss_backward.Tensor)},
-    torch.ops.aten.mm.default: _gemm_copies(0), torch.ops.aten.addmm.default: _gemm_copies(1)}
+    torch.ops.aten.mm.default: _gemm_copies(0), torch.ops.aten.addmm.default: _gemm_copies(1),
+    # in place: conv_tbc's backward adds a stride-0 gradient's slices into its results
+    torch.ops.aten.addmm_.default: _gemm_copies(1)}
 
 
 _NOT_PROMOTED = {"condition", "mask"}  # where's and masked_fill's: read as bool, never cast
@@ -159,3 +161,24 @@ def cuda_masked_select_indices(args: tuple, out: torch.Tensor) -> int:
     not counted (not measured here: no GPU)."""
     ndim = len(torch.broadcast_shapes(args[0].shape, args[1].shape))
     return 8 * max(ndim, 1) * out.numel()
+
+
+# Autograd nodes of a reduction of a whole tensor to one of its elements (``h.max()``,
+# ``h.min()``, ``h.median()``, ``h.nanmedian()``): their backward is
+# ``evenly_distribute_backward``, which takes another branch on fake tensors
+# (``isTensorSubclassLike``, as ``_COPIED_ON_FAKE``'s formulas do).
+EVENLY_DISTRIBUTED_NODES = frozenset(
+    {"MaxBackward1", "MinBackward1", "MedianBackward0", "NanmedianBackward0"})
+
+
+def cpu_evenly_distributed_mark(source: torch.Tensor) -> int:
+    """Bytes above what was live before it that ``evenly_distribute_backward`` reaches on the
+    CPU for an input like ``source``: ``grad.new_zeros(input)`` (the result), the mask
+    ``input == value`` and, inside ``mask.sum()``, an int64 copy of the mask (8 bytes an
+    element) beside its 8-byte result and 16 bytes of the kernel's. The branch fake tensors
+    take (``isnan``, ``logical_and``, ``eq``, then ``mask * (grad / mask.sum())``) holds 2
+    bytes an element less at that point for float32: ``x / x.max()`` was 9.5% low in its
+    backward (review). Equal to the allocator's mark on the CPU (tests)."""
+    n = source.numel()
+    return n * source.element_size() + n + 8 + 8 * n + 16
+

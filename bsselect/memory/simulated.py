@@ -43,8 +43,8 @@ from ..precision import Precision, make_scaler, parameter_dtype
 from ..step import StepSettings, train_step
 from ..task import Task
 from .optim_impl import run_as_on
-from .scratch import (FRAMEWORK_SCRATCH, cpu_masked_select_mark, cpu_promotion_casts,
-                      cuda_masked_select_indices)
+from .scratch import (EVENLY_DISTRIBUTED_NODES, FRAMEWORK_SCRATCH, cpu_evenly_distributed_mark,
+                      cpu_masked_select_mark, cpu_promotion_casts, cuda_masked_select_indices)
 from .fake import build_fake_model, fake_batch_leaf, new_fake_mode, real_batch, young_gc_only
 from .live import (live_at_step_start, local, module_tensors, optimizer_state_tensors,
                    storage_bytes)
@@ -131,8 +131,12 @@ _ACCUMULATE = torch.ops.aten.add.Tensor  # the autograd engine's gradient sum, o
 # included (``isTensorSubclassLike`` in FunctionsManual.cpp), and write in place into a fresh
 # buffer otherwise: the gradient of ``h[mask]`` is ``zeros.index_put(...)`` on fake tensors,
 # ``zeros.index_put_(...)`` for real (+27-43% on a masked-token model without this), and that
-# of ``masked_select`` ``zeros.masked_scatter(...)`` against ``masked_scatter_`` (+8-12%).
-_COPIED_ON_FAKE = {torch.ops.aten.index_put.default, torch.ops.aten.masked_scatter.default}
+# of ``masked_select`` ``zeros.masked_scatter(...)`` against ``masked_scatter_`` (+8-12%);
+# that of ``max(dim)``, ``median(dim)``, ``kthvalue``, ``sort`` and ``topk``
+# (``value_selecting_reduction_backward``) ``zeros.scatter(...)`` against ``scatter_``, and
+# ``gather``'s ``zeros.scatter_add(...)`` against ``scatter_add_`` (+0.8% to +77%, review).
+_COPIED_ON_FAKE = {torch.ops.aten.index_put.default, torch.ops.aten.masked_scatter.default,
+                   torch.ops.aten.scatter.src, torch.ops.aten.scatter_add.default}
 # F.linear on an input it cannot fold into one addmm (3-D and non-contiguous: the transposed
 # output of nn.MultiheadAttention(batch_first=True)) computes matmul, then adds the bias in
 # place for real (``output.add_(bias)``) and out of place for a tensor subclass (a fake bias):
@@ -211,6 +215,7 @@ class LiveStorageCounter(TorchDispatchMode):
         self._end_queued = False  # _backward_ends is queued for the running backward
         self._in_linear = 0  # inside F.linear (``LinearCalls``): its bias add is in place
         self._deferred: Optional[tuple[int, int]] = None  # (level, input storage): _settle
+        self._evenly_distributed = False  # an EVENLY_DISTRIBUTED_NODES node is starting
 
     def watch_graph(self, root: Any) -> None:
         """Hook every node of the backward graph under ``root``, so that the counter knows
@@ -230,6 +235,8 @@ class LiveStorageCounter(TorchDispatchMode):
             seen.add(id(node))
             node.register_prehook(self._node_starts)
             node.register_hook(self._node_ends)
+            if self._kernel_cost is not None and node.name() in EVENLY_DISTRIBUTED_NODES:
+                node.register_prehook(self._evenly_distributed_starts)
             stack.extend(child for child, _ in node.next_functions)
 
     def _settle(self) -> None:
@@ -250,6 +257,11 @@ class LiveStorageCounter(TorchDispatchMode):
         if not self._end_queued:  # once per backward: the engine's callback at its end
             self._end_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_ends)
+
+    def _evenly_distributed_starts(self, grad_outputs: Any) -> None:
+        """The node's first op will be ``isnan`` of the reduced input: note the CPU kernel's
+        level there (``cpu_evenly_distributed_mark``)."""
+        self._evenly_distributed = True
 
     def _node_ends(self, grad_inputs: Any, grad_outputs: Any) -> None:
         self._between_nodes = True
@@ -345,6 +357,9 @@ class LiveStorageCounter(TorchDispatchMode):
                 "under the allocator at b=2,048); `bsselect probe --method measured` measures "
                 "it with real steps")
         self._settle()
+        if self._evenly_distributed and func is torch.ops.aten.isnan.default:
+            self._evenly_distributed = False
+            self.note(self.live_bytes + cpu_evenly_distributed_mark(args[0]))
         if (self._between_nodes and func is _ACCUMULATE and _summable_in_place(args[0])) or (
                 self.phase is Phase.BACKWARD and func in _COPIED_ON_FAKE):
             # What a real run does in place into args[0], when args[0] dies right after

@@ -1,7 +1,9 @@
 """Small models whose CPU step peaks inside a kernel's own scratch, which fake tensors do not
 see (review, session 28): upsampling, nn.Bilinear, kthvalue, F.fold, batch norm's backward,
 softmax's backward on a stride-0 gradient, a sum of bools over an activation, a batch of
-matrix exponentials and an FFT over time."""
+matrix exponentials and an FFT over time; and (session 29) pooling backwards on a stride-0
+gradient, conv_tbc, F.affine_grid, a whole-tensor max or median, and forwards that end in
+median, logsumexp, cdist, huber or binary cross-entropy with logits."""
 
 from __future__ import annotations
 
@@ -130,7 +132,142 @@ class SpectrumOverTime(nn.Module):
         return self.head(torch.fft.rfft(self.proj(x), dim=1).abs().mean(1))
 
 
+class PoolOverTime(nn.Module):
+    """max_pool1d, then a mean over time: the pool's backward gets a stride-0 gradient."""
+
+    def __init__(self, pool=F.max_pool1d) -> None:
+        super().__init__()
+        self.pool = pool
+        self.proj = nn.Linear(32, 32)
+        self.head = nn.Linear(32, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.proj(x).transpose(1, 2), 2).mean(2))
+
+
+class Scaled(nn.Module):
+    """``op(x * p)`` with a one-element parameter ``p``: the op's memory is the step's, and
+    with the loss ``sum`` its backward gets a stride-0 gradient."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.p = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x * self.p)
+
+
+def _op_task(op, shape: tuple[int, ...], model=None) -> Task:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(128, *shape, generator=g), torch.zeros(128))
+    return Task(model=model or (lambda: Scaled(op)), train_data=data,
+                loss_fn=lambda out, y: out.sum(), lr=1e-3, base_batch_size=8)
+
+
+class ConvTBC(nn.Module):
+    """fairseq's convolution over (time, batch, channel), summed by the loss: its backward
+    multiplies slices of a stride-0 gradient, which BLAS cannot take as they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((3, 32, 32), 0.01))
+        self.bias = nn.Parameter(torch.zeros(32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.conv_tbc(x.transpose(0, 1).contiguous(), self.weight, self.bias, 1)
+
+
+class SpatialTransformer(nn.Module):
+    """F.affine_grid at a larger output size than its input, then pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loc = nn.Linear(256, 6)
+        self.head = nn.Linear(2, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        theta = self.loc(x.flatten(1)).view(-1, 2, 3)
+        grid = F.affine_grid(theta, [x.shape[0], 1, 48, 48], align_corners=False)
+        return self.head(grid.mean((1, 2)))
+
+
+class ReduceOverTime(nn.Module):
+    """A forward that ends in a kernel with input-sized scratch, over a wide activation."""
+
+    def __init__(self, reduce) -> None:
+        super().__init__()
+        self.reduce = reduce
+        self.proj = nn.Linear(32, 128)
+        self.head = nn.Linear(128, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.reduce(self.proj(x)))
+
+
+def _dense_task(loss_fn) -> Task:
+    """A dense per-position output (B, 64, 128) and a loss over all of it."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(128, 64, 32, generator=g),
+                         torch.rand(128, 64, 128, generator=g))
+    return Task(model=lambda: nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 128)),
+                train_data=data, loss_fn=loss_fn, lr=1e-3, base_batch_size=8)
+
+
+def _sequence_task(model, classes: int) -> Task:
+    """Per-position classes, cross-entropy on (B, K, T) logits, as a sequence labeller's."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(128, 64, 32, generator=g),
+                         torch.randint(0, classes, (128, 64), generator=g))
+    return Task(model=model, train_data=data,
+                loss_fn=lambda out, y: F.cross_entropy(out.transpose(1, 2), y), lr=1e-3,
+                base_batch_size=8)
+
+
+class MatrixFeatures(nn.Module):
+    """Per-position 16 x 16 matrices, a LAPACK op on each, a linear head."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.proj = nn.Linear(32, 256)
+        self.head = nn.Linear(16, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.proj(x).view(x.shape[0], x.shape[1], 16, 16)
+        return self.head(self.op(m).mean(1))
+
+
+def _median_over_time(h: torch.Tensor) -> torch.Tensor:
+    return h.median(1).values
+
+
 TASKS = {
+    "max_pool1d_mean": lambda: _task(PoolOverTime, (64, 32)),
+    "adaptive_max_pool1d_mean": lambda: _task(
+        lambda: PoolOverTime(lambda h, k: F.adaptive_max_pool1d(h, 16)), (64, 32)),
+    "avg_pool3d": lambda: _op_task(lambda h: F.avg_pool3d(h, 2), (4, 16, 16, 16)),
+    "conv_tbc": lambda: _op_task(None, (64, 32), model=ConvTBC),
+    "affine_grid": lambda: _task(SpatialTransformer, (1, 16, 16)),
+    "whole_max": lambda: _op_task(lambda h: h.max().reshape(1), (64, 32)),
+    "whole_median": lambda: _op_task(lambda h: h.median().reshape(1), (64, 32)),
+    "median_over_time": lambda: _task(lambda: ReduceOverTime(_median_over_time), (64, 32)),
+    "logsumexp_over_time": lambda: _task(
+        lambda: ReduceOverTime(lambda h: torch.logsumexp(h, 1)), (64, 32)),
+    "cdist_pool": lambda: _task(
+        lambda: ReduceOverTime(lambda h: torch.cdist(h, h).mean(2)[:, :1].expand(-1, 128)),
+        (64, 32)),
+    "huber_dense": lambda: _dense_task(F.huber_loss),
+    "cross_entropy_bkt": lambda: _sequence_task(
+        lambda: nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 512)), 512),
+    "log_softmax_transposed_sum": lambda: _op_task(
+        lambda h: F.log_softmax(h.transpose(1, 2), 1), (64, 128)),
+    "svdvals_features": lambda: _task(lambda: MatrixFeatures(torch.linalg.svdvals), (64, 32)),
+    "inverse_features": lambda: _task(lambda: MatrixFeatures(
+        lambda m: torch.linalg.inv(m + 8 * torch.eye(16)).diagonal(dim1=-2, dim2=-1)),
+        (64, 32)),
+    "bce_logits_dense": lambda: _dense_task(F.binary_cross_entropy_with_logits),
+
     "matrix_exp": lambda: _task(MatrixExp, (32,)),
     "rfft_over_time": lambda: _task(SpectrumOverTime, (64, 32)),
     "upsample_bilinear": lambda: _task(lambda: Upsample("bilinear"), (3, 16, 16)),
