@@ -476,6 +476,15 @@ KERNELS: dict[Any, KernelSpec] = {
                     "_linalg_eigh", "linalg_eig", "_linalg_solve_ex", "linalg_lstsq",
                     "linalg_cholesky_ex", "linalg_qr", "_linalg_det", "_linalg_slogdet")
        if hasattr(_aten, name)},
+    # Decompositions the CPU runs op by op that fake tensors run as one (their own derivative
+    # formulas): dist's difference (25% of the forward low) and _safe_softmax's (the math
+    # attention's masked softmax) mask and exponentials (7.8%).
+    _aten.dist.default: KernelSpec(_dim0(0, 1), min_items=1),
+    _aten._safe_softmax.default: KernelSpec(_dim0(0), min_items=1),
+    # pinv is one op with its own derivative: its SVD and products run inside it, 51% of the
+    # forward low (review). atol and rtol may be batched tensors.
+    _aten.linalg_pinv.atol_rtol_tensor: KernelSpec(
+        _dim0(0, 1, 2), min_items=1, applies=lambda args: args[0].dim() > 2),
     # batch norm's CPU backward allocates an input-sized buffer beside grad_input when the
     # gradient is contiguous NCHW (not when channels-last or stride-0): conv -> BatchNorm ->
     # mean, whose peak is there, was 24% low (review).

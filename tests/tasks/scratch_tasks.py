@@ -263,6 +263,8 @@ TASKS = {
     "log_softmax_transposed_sum": lambda: _op_task(
         lambda h: F.log_softmax(h.transpose(1, 2), 1), (64, 128)),
     "svdvals_features": lambda: _task(lambda: MatrixFeatures(torch.linalg.svdvals), (64, 32)),
+    "pinv_features": lambda: _task(lambda: MatrixFeatures(
+        lambda m: torch.linalg.pinv(m).diagonal(dim1=-2, dim2=-1)), (64, 32)),
     "inverse_features": lambda: _task(lambda: MatrixFeatures(
         lambda m: torch.linalg.inv(m + 8 * torch.eye(16)).diagonal(dim1=-2, dim2=-1)),
         (64, 32)),
