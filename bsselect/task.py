@@ -78,15 +78,19 @@ class Task:
                              if hasattr(value, "__iter__") and value is not None else "")
                 raise TypeError(f"Task.{name} must be a map-style Dataset (with __len__ and "
                                 f"__getitem__), got {_kind(value)}{streaming}")
+        # A value of the wrong type is a TypeError; a number out of range, a ValueError.
         if not _positive_number(self.lr):
-            raise TypeError(f"Task.lr must be a number > 0, got {_kind(self.lr)}")
+            raise _number_error(self.lr)(f"Task.lr must be a number > 0, got {_kind(self.lr)}")
         if self.max_grad_norm is not None and not _positive_number(self.max_grad_norm):
-            raise TypeError(f"Task.max_grad_norm must be a number > 0 or None, got "
-                            f"{_kind(self.max_grad_norm)}")
+            raise _number_error(self.max_grad_norm)(
+                f"Task.max_grad_norm must be a number > 0 or None, got "
+                f"{_kind(self.max_grad_norm)}")
         if isinstance(self.base_batch_size, bool) or not isinstance(self.base_batch_size, int) \
                 or self.base_batch_size < 1:
-            raise TypeError(f"Task.base_batch_size must be an int >= 1, got "
-                            f"{_kind(self.base_batch_size)}")
+            wrong_type = isinstance(self.base_batch_size, bool) or not isinstance(
+                self.base_batch_size, int)
+            raise (TypeError if wrong_type else ValueError)(
+                f"Task.base_batch_size must be an int >= 1, got {_kind(self.base_batch_size)}")
 
     @classmethod
     def from_hf(cls, model: Any, train_dataset: Any, **options: Any) -> "Task":
@@ -161,6 +165,12 @@ def _signature(fn: Any) -> str:
         return str(inspect.signature(fn))
     except (TypeError, ValueError):
         return "(...)"
+
+
+def _number_error(value: Any) -> type[Exception]:
+    """ValueError for a number out of range (0, -1, nan, inf), TypeError for anything else."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return ValueError if is_number else TypeError
 
 
 def _positive_number(value: Any) -> bool:

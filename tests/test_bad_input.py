@@ -121,8 +121,18 @@ TASK_TEMPLATE = """
     ("model=nn.Sequential(nn.Linear(4, 2)), train_data=data, loss_fn=F.cross_entropy",
      "TypeError: Task.model must be a function that builds a fresh model (e.g. "
      "`lambda: Sequential(...)`), not a model instance"),
+    ("model=lambda: nn.Linear(4, 2), train_data=data, loss_fn=F.cross_entropy, lr=0",
+     "ValueError: Task.lr must be a number > 0, got 0 (int)"),
     ("model=lambda: nn.Linear(4, 2), train_data=data, loss_fn=F.cross_entropy, "
-     "base_batch_size=0", "TypeError: Task.base_batch_size must be an int >= 1, got 0 (int)"),
+     "lr=float('nan')", "ValueError: Task.lr must be a number > 0, got nan (float)"),
+    ("model=lambda: nn.Linear(4, 2), train_data=data, loss_fn=F.cross_entropy, "
+     "max_grad_norm=-1.0",
+     "ValueError: Task.max_grad_norm must be a number > 0 or None, got -1.0 (float)"),
+    ("model=lambda: nn.Linear(4, 2), train_data=data, loss_fn=F.cross_entropy, "
+     "base_batch_size=0", "ValueError: Task.base_batch_size must be an int >= 1, got 0 (int)"),
+    ("model=lambda: nn.Linear(4, 2), train_data=data, loss_fn=F.cross_entropy, "
+     "base_batch_size=8.0",
+     "TypeError: Task.base_batch_size must be an int >= 1, got 8.0 (float)"),
     ("model=lambda: nn.Linear(4, 2), train_data=[1, 2], loss_fn='mse'",
      "TypeError: Task.loss_fn must be callable, got 'mse' (str)"),
     ("model=lambda: nn.Linear(4, 2), train_data=5, loss_fn=F.cross_entropy",
