@@ -428,6 +428,10 @@ def _check_builds_new_models(task: Task) -> None:
             "because bsselect trains and changes the model it builds and would change yours")
 
 
+NO_TRAINABLE_PARAMETERS = ("the model has no trainable parameters (none, or all frozen): "
+                           "there is nothing to train")
+
+
 def _failed(what: str, exc: Exception) -> TaskError:
     from .memory.values import DataDependentOp
 
@@ -439,8 +443,7 @@ def _check_forward(task: Task, model: Any, x: Any, y: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TaskError(f"Task.model() returned {type(model).__name__}, not an nn.Module")
     if not any(p.requires_grad for p in model.parameters()):
-        raise TaskError("the model has no trainable parameters (none, or all frozen): there is "
-                        "nothing to train")
+        raise TaskError(NO_TRAINABLE_PARAMETERS)
     try:
         out = model(x)
     except Exception as exc:

@@ -695,3 +695,20 @@ def test_a_task_file_that_is_not_valid_python_is_a_usage_error(tmp_path, monkeyp
     proc = run_cli("probe", "bad.py:make", "--memory", "1GiB")
     assert proc.returncode == 2
     assert one_error(proc).startswith("error: importing 'bad.py' failed: SyntaxError")
+
+
+@pytest.mark.parametrize("command", [["check", "--batch-size", "8", "--memory", "1GiB"],
+                                     ["probe", "--memory", "1GiB"], ["noise"],
+                                     ["sweep", "--batch-sizes", "8,16"]])
+def test_a_frozen_model_is_the_same_line_in_every_command(tmp_path, monkeypatch, command):
+    """``check`` said "a real training step on 2 items fails ... element 0 of tensors does not
+    require grad" where the other commands say the model has nothing to train."""
+    path = tmp_path / "task.py"
+    path.write_text(textwrap.dedent(TASK_TEMPLATE.format(
+        fields="model=lambda: nn.Linear(4, 2).requires_grad_(False), train_data=data, "
+               "loss_fn=F.cross_entropy")))
+    monkeypatch.chdir(tmp_path)  # a sweep's journal
+    proc = run_cli(command[0], f"{path}:make_task", *command[1:])
+    assert proc.returncode == 1
+    assert one_error(proc) == ("error: the model has no trainable parameters (none, or all "
+                               "frozen): there is nothing to train")
