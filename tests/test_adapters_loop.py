@@ -94,6 +94,12 @@ def test_the_decorator_on_a_method_passes_the_batch_after_self_and_refuses_it_as
     with pytest.raises(UsageError, match="call it without batch_size="):
         plain(batch_size=64)
     assert searched == []   # refused before any search
+    # by position too: plain(64) was answered at the searched batch, the 64 dropped (review)
+    with pytest.raises(UsageError, match="takes 1 positional argument.*without the batch size"):
+        plain(64)
+    with pytest.raises(UsageError, match="takes 2 positional argument"):
+        runner.train(2, 3)
+    assert searched == []
 
 
 def test_a_misspelt_decorator_option_is_refused_at_decoration():

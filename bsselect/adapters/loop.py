@@ -308,12 +308,24 @@ def fits_batch_size(_train: Any = None, **options: Any
                                  "first positional parameter for the batch size")
         batch_name = (slot[0].name if params is not None
                       and slot[0].kind is not inspect.Parameter.VAR_POSITIONAL else None)
+        positional = None  # how many positional arguments train takes (None: any number)
+        if params is not None and not any(p.kind is inspect.Parameter.VAR_POSITIONAL
+                                          for p in slot):
+            positional = sum(p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                        inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in slot)
 
         @functools.wraps(train)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if batch_name is not None and batch_name in kwargs:  # before the search (review)
                 raise UsageError(f"@fits_batch_size passes {name}'s {batch_name}; call it "
                                  f"without {batch_name}=")
+            given = len(args) - (1 if method and args else 0)
+            if positional is not None and given + 1 > positional:
+                # train(64) where train(batch_size) takes nothing more: the 64 was meant as
+                # the batch size, as Accelerate's decorator also refuses
+                raise UsageError(f"@fits_batch_size passes {name}'s {batch_name} first, and "
+                                 f"{name} takes {positional} positional argument(s): call it "
+                                 f"without the batch size ({given} given)")
             fit = find_batch_size(step, **options)
             wrapper.bsselect_fit = fit  # type: ignore[attr-defined]
             if method and args:
