@@ -5,6 +5,7 @@ it, the simulation matches the CPU allocator, the Trainer's settings are taken o
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,26 @@ def test_from_trainer_takes_the_trainers_model_data_and_arguments(tmp_path):
     assert task.model() is not model  # model_init: a fresh model each time
     assert len(task.val_data) == 120
     validate_task(task)
+
+
+def test_from_trainer_refuses_a_trainer_without_data_and_a_model_in_one_line(tmp_path,
+                                                                            monkeypatch):
+    """A Trainer without train_dataset blamed Task.train_data, which the user never set; a
+    model passed for the Trainer was a raw AttributeError (review)."""
+    pytest.importorskip("accelerate")
+    from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from bsselect.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    model = GPT2LMHeadModel(hf_tasks.config())
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir="out", report_to=[],
+                                                          use_cpu=True))
+    with pytest.raises(UsageError, match=r"^the Trainer has no train_dataset"):
+        Task.from_trainer(trainer)
+    with pytest.raises(UsageError, match=r"^from_trainer takes a transformers.Trainer, got "
+                                         r"GPT2LMHeadModel \(a model: Task.from_hf"):
+        Task.from_trainer(model)
 
 
 def test_from_trainer_applies_the_trainers_gradient_checkpointing(tmp_path):
@@ -683,3 +704,23 @@ def test_from_trainer_leaves_a_model_that_divides_by_num_items_alone():
         task = hf_tasks.trainer_task()  # GPT-2, 2 accumulation steps, max_grad_norm 1.0
     assert not any("plain mean" in str(w.message) for w in caught)
     assert task.lr == 3e-4 and task.max_grad_norm == 1.0
+
+
+def test_a_config_without_architectures_says_it_builds_the_causal_lm():
+    """A BertConfig with num_labels=2 and no architectures became BertLMHeadModel in silence,
+    and a classification dataset then failed with a shape mismatch naming no class
+    (review)."""
+    from transformers import BertConfig
+
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, num_labels=2)
+    data = [{"input_ids": torch.randint(0, 100, (8,)), "labels": torch.tensor(i % 2)}
+            for i in range(8)]
+    with pytest.warns(UserWarning, match=r"names no architectures, so bsselect builds "
+                                         r"BertLMHeadModel.*BertForSequenceClassification"):
+        Task.from_hf(config, data)
+    config.architectures = ["BertForSequenceClassification"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert type(Task.from_hf(config, data).model().model).__name__ == \
+            "BertForSequenceClassification"

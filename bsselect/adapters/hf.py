@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..errors import TaskError
+from ..errors import TaskError, UsageError
 from . import model_factory, norm_or_none
 from .hf_config import (RandomTokens, check_buildable, config_task, from_config, is_config,
                         load_config, shipped_configs)
@@ -103,15 +103,45 @@ def logits(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output["logits"]
 
 
-def _factory(model: Any) -> Callable[[], nn.Module]:
-    """A zero-argument builder of a freshly initialised model from what the user has."""
+def _factory(model: Any, data: Any = None) -> Callable[[], nn.Module]:
+    """A zero-argument builder of a freshly initialised model from what the user has (and
+    the data it trains on, which decides whether a config's default class is said)."""
     if isinstance(model, (str, Path)):
-        return _factory(load_config(model))
+        return _factory(load_config(model), data)
     if is_config(model):
         check_buildable(model)
+        if not getattr(model, "architectures", None) and not isinstance(data, RandomTokens):
+            _warn_causal_lm(model)  # --hf-config's random tokens are a causal LM's data
         return lambda: from_config(model)
     return model_factory(model, "a transformers config, a local config path, a zero-argument "
                                 "factory or an nn.Module")
+
+
+def _warn_causal_lm(config: Any) -> None:
+    """A config that names no class builds the causal LM of its model type (``from_config``):
+    said, since a classification dataset then fails with a shape mismatch that names no
+    class (review: a BertConfig with num_labels=2 became BertLMHeadModel)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    kind = getattr(config, "model_type", "")
+    built = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(kind, "AutoModelForCausalLM's class")
+    warnings.warn(f"the config names no architectures, so bsselect builds {built}, the "
+                  f"causal LM of model type {kind!r}; for another head set "
+                  f"config.architectures (e.g. ['{type(config).__name__.removesuffix('Config')}"
+                  f"ForSequenceClassification']) or pass a model or a factory",
+                  stacklevel=_outside_bsselect())
+
+
+def _outside_bsselect() -> int:
+    """The ``stacklevel`` of the first caller outside this package: the user's line."""
+    import sys
+
+    package = str(Path(__file__).resolve().parents[1])
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(
+            package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def collate_with(data_collator: Optional[Callable[[list], Any]]) -> Callable[[list], Any]:
@@ -148,7 +178,7 @@ def from_hf(model: Any, train_dataset: Any, *, data_collator: Any = None,
         def optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
             return torch.optim.AdamW(_trainer_groups(params, weight_decay), lr=lr)
 
-    build = _factory(model)
+    build = _factory(model, train_dataset)
     # The model's own loss is a mean over the batch's label tokens: the noise measurement and
     # evaluation weight sub-batches by them (Task.loss_weight). A given loss_fn: items.
     units = LabelTokens() if loss_fn is None else None
@@ -212,6 +242,15 @@ def from_trainer(trainer: Any) -> Any:
     there. Its gradient clipping (``max_grad_norm``, 1.0 by default; it clips only when
     above 0, and inf clips nothing) is the task's ``max_grad_norm``, on the mean gradient
     (``_summed_means``: a model whose loss ignores ``num_items_in_batch``)."""
+    if not (hasattr(trainer, "args") and hasattr(trainer, "model")
+            and hasattr(trainer, "train_dataset")):
+        hint = (" (a model: Task.from_hf(model, train_dataset) builds a task from one)"
+                if isinstance(trainer, nn.Module) else "")
+        raise UsageError(f"from_trainer takes a transformers.Trainer, got "
+                         f"{type(trainer).__name__}{hint}")
+    if trainer.train_dataset is None:
+        raise UsageError("the Trainer has no train_dataset, which bsselect trains on: build it "
+                         "with Trainer(..., train_dataset=...)")
     args = trainer.args
     model = _model_init(trainer) or trainer.model
     lr, optimizer = _trainer_optimizer(trainer)

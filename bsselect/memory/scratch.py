@@ -182,3 +182,43 @@ def cpu_evenly_distributed_mark(source: torch.Tensor) -> int:
     n = source.numel()
     return n * source.element_size() + n + 8 + 8 * n + 16
 
+
+_aten = torch.ops.aten
+_REDUCED = (torch.bfloat16, torch.float16)
+# Norms whose CPU kernel, on a reduced-precision input with float32 affine parameters (bf16
+# autocast: LayerNorm, BatchNorm and GroupNorm run on bf16 activations with fp32 weights),
+# returns its saved statistics in float32 where the fake kernels return the input's dtype:
+# op -> (the input's position, the parameters' positions, the statistics' output positions).
+# Half-sized statistics were 0.2-0.9% low on bf16 ConvNext, Swin, Segformer and MobileNetV2,
+# and batch norm's backward could not be calibrated (its kernel refuses bf16 statistics
+# beside fp32 weights) (review).
+CPU_NORM_DTYPES: dict[Any, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
+    _aten.native_layer_norm.default: (0, (2, 3), (1, 2)),
+    _aten.native_batch_norm.default: (0, (1, 2), (1, 2)),
+    _aten._native_batch_norm_legit.default: (0, (1, 2), (1, 2)),
+    _aten._native_batch_norm_legit.no_stats: (0, (1, 2), (1, 2)),
+    _aten.native_group_norm.default: (0, (1, 2), (1, 2)),
+    # the fake backward returns grad_input in float32; the CPU's is the input's dtype
+    _aten.native_group_norm_backward.default: (1, (4,), ()),
+}
+
+
+def cpu_norm_dtypes(func: Any, args: tuple, out: Any) -> Any:
+    """``out`` with the dtypes the CPU kernel gives (``CPU_NORM_DTYPES``): float32
+    statistics for a mixed-precision norm, and group norm's grad_input in the input's
+    dtype. Unchanged where the input is float32 or no parameter is."""
+    source, params, stats = CPU_NORM_DTYPES[func]
+    x = args[source]
+    mixed = (isinstance(x, torch.Tensor) and x.dtype in _REDUCED and any(
+        i < len(args) and isinstance(args[i], torch.Tensor) and args[i].dtype == torch.float32
+        for i in params))
+    if not mixed or not isinstance(out, tuple):
+        return out
+    if stats:
+        return tuple(t.to(torch.float32) if i in stats and isinstance(t, torch.Tensor) else t
+                     for i, t in enumerate(out))
+    first = out[0]
+    if isinstance(first, torch.Tensor) and first.dtype != x.dtype:
+        return (first.to(x.dtype), *out[1:])
+    return out
+

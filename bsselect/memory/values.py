@@ -205,9 +205,28 @@ class RealWhereKnown(TorchDispatchMode):
         # The first op on real inputs whose result was left fake for its size (op, bytes):
         # what follows from it has no values, whatever it was computed from.
         self.capped: tuple[str, int] | None = None
+        # Fake tensors drawn at random (``torch.rand(())``) or computed from such draws
+        # alone: a value read of one is a random branch (LayerDrop), said as such.
+        from torch.utils.weak import WeakTensorKeyDictionary
+
+        self.drawn = WeakTensorKeyDictionary()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        out = self._dispatch(func, args, kwargs)
+        seeded = torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
+        if not (seeded or self.drawn):
+            return out  # the common case, kept cheap: nothing drawn yet
+        fakes = [t for t in tree_flatten((args, kwargs))[0]
+                 if isinstance(t, torch.Tensor) and is_fake(t)]
+        if all(t in self.drawn for t in fakes) if fakes else seeded:
+            # a fresh random draw, or computed from draws alone
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and is_fake(t):
+                    self.drawn[t] = True
+        return out
+
+    def _dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
         if func is aten.embedding.default:
             check_embedding(args[0], args[1])
         if func is aten._grouped_mm.default:
@@ -262,6 +281,9 @@ class RealWhereKnown(TorchDispatchMode):
                 raise
             out = _shapes_from_real_inputs(func, args, kwargs)
             if out is NotImplemented:
+                fakes = [t for t in tensors if is_fake(t)]
+                if fakes and all(t in self.drawn for t in fakes):
+                    raise DataDependentOp(_random_advice(func), _what(func)) from exc
                 raise DataDependentOp(_advice(func, self.capped), _what(func)) from exc
             _value_shaped(func)
             return out
@@ -404,6 +426,14 @@ def _what(func: Any) -> str:
     if name == "_local_scalar_dense":
         return "the step reads a tensor's value (.item(), bool(t), `if t > 0:`)"
     return f"the shape of aten.{name}'s output depends on a tensor's values"
+
+
+def _random_advice(func: Any) -> str:
+    return (f"{_what(func)}, and that tensor is a random draw (`torch.rand(()) < p`: "
+            "LayerDrop's test whether to skip a layer, say), which the simulation does not "
+            "make: the step's memory depends on it. Turn the random branch off to simulate the "
+            "step that keeps every layer (e.g. layerdrop=0 in the model's config), or measure "
+            "with real steps (`bsselect probe --method measured`)")
 
 
 def _advice(func: Any, capped: tuple[str, int] | None = None) -> str:
