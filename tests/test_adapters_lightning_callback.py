@@ -207,3 +207,41 @@ def test_a_batch_size_kept_in_the_datamodules_hparams_is_set(tmp_path):
     assert data.hparams.batch_size == callback.batch_size == 512
     assert trainer.train_dataloader.batch_size == 512
     assert callback.holder == "_HparamsBlobs.hparams.batch_size"
+
+
+class _OwnLoader(Classifier):
+    """A module with its own batch_size and train_dataloader(), fitted without a DataModule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_size = 24
+        self.data = Blobs()
+        self.data.setup("fit")
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.data.train, batch_size=self.batch_size,
+                                           shuffle=True, collate_fn=_as_dict)
+
+
+def test_a_module_with_its_own_loader_is_probed_without_a_datamodule(tmp_path):
+    """``trainer.fit(model)`` on a module whose train_dataloader() reads self.batch_size, as
+    Lightning's BatchSizeFinder takes it, was refused: "needs ... datamodule=" (review)."""
+    callback = BatchSizeFromProbe(memory="4MiB", margin=0.2)
+    module = _OwnLoader()
+    trainer = L.Trainer(max_steps=2, callbacks=[callback], accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module)
+    assert callback.batch_size == 512 == module.batch_size
+    assert trainer.train_dataloader.batch_size == 512
+    # loaders handed to fit are built already: said, not ignored
+    from bsselect.errors import UsageError
+
+    plain = Classifier()
+    loader = torch.utils.data.DataLoader(module.data.train, batch_size=24, collate_fn=_as_dict)
+    trainer = L.Trainer(max_steps=2, callbacks=[BatchSizeFromProbe(memory="4MiB")],
+                        accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    with pytest.raises(UsageError, match="dataloaders passed to fit are built already"):
+        trainer.fit(plain, train_dataloaders=loader)

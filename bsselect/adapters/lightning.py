@@ -322,7 +322,8 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
     ``prepare_data``/``setup``; simulated on a CPU, measured on an accelerator), and sets the
     DataModule's (or the module's) ``attribute`` to the largest batch that fits ``memory``
     after ``margin`` (its largest power of two with ``power_of_two``), capped at the training
-    set. The probe's result is ``callback.result``, the batch ``callback.batch_size``.
+    set. The probe's result is ``callback.result``, the batch ``callback.batch_size``. Without
+    a DataModule, the module's own ``train_dataloader()`` (``trainer.fit(model)``) is the one.
 
         trainer = L.Trainer(callbacks=[BatchSizeFromProbe(memory="24GiB")])
         trainer.fit(model, datamodule=data)
@@ -340,11 +341,20 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
             from ..memory.capacity import largest_pow2_at_most
 
             datamodule = getattr(trainer, "datamodule", None)
-            if datamodule is None:
-                raise UsageError("BatchSizeFromProbe needs trainer.fit(model, datamodule=...)")
+            # The loader that reads the attribute: the DataModule's, else the module's own
+            # train_dataloader() (``trainer.fit(model)``, as Lightning's finder takes it).
+            source = datamodule if datamodule is not None else (
+                pl_module if _defines_train_dataloader(pl_module) else None)
+            if source is None:
+                raise UsageError("BatchSizeFromProbe sets the batch size a train_dataloader() "
+                                 "reads: fit with trainer.fit(model, datamodule=...), or "
+                                 "define train_dataloader() on the module (dataloaders passed "
+                                 "to fit are built already)")
             holders = _attribute_holders(pl_module, datamodule, attribute)
             if not holders:
-                raise UsageError(f"neither the DataModule nor the module has {attribute!r} as "
+                owners = "the DataModule nor the module" if datamodule is not None else \
+                    "the module"
+                raise UsageError(f"neither {owners} has {attribute!r} as "
                                  f"an attribute or in its hparams, to set (attribute=...)")
             # Lightning ran prepare_data and setup("fit") before on_fit_start: the loader of
             # the DataModule as set up, not a second setup (a seeded random_split in it would
@@ -352,7 +362,7 @@ def BatchSizeFromProbe(memory: Any = None, margin: float = 0.2, attribute: str =
             # The optimizer the Trainer made (its configure_optimizers may read self.trainer,
             # which a copy of the module has none of).
             optimizers = list(getattr(trainer, "optimizers", None) or ())
-            task = from_lightning(pl_module, train_dataloader=datamodule.train_dataloader(),
+            task = from_lightning(pl_module, train_dataloader=source.train_dataloader(),
                                   optimizer=optimizers[0] if optimizers else None,
                                   max_grad_norm=_norm_clipping(trainer))
             options = dict(probe_options)
@@ -399,6 +409,8 @@ def _attribute_holders(pl_module: Any, datamodule: Any, attribute: str
     A DataModule reading ``self.hparams.batch_size`` kept its own (review)."""
     found = []
     for owner in (pl_module, datamodule):
+        if owner is None:
+            continue
         name = type(owner).__name__
         if hasattr(owner, attribute):
             found.append((f"{name}.{attribute}", owner))
@@ -406,6 +418,15 @@ def _attribute_holders(pl_module: Any, datamodule: Any, attribute: str
         if hparams is not None and attribute in hparams:
             found.append((f"{name}.hparams.{attribute}", hparams))
     return found
+
+
+def _defines_train_dataloader(pl_module: Any) -> bool:
+    """Whether the LightningModule overrides ``train_dataloader`` (the base one raises)."""
+    try:
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+    except ImportError:  # pytorch_lightning, the package's older name
+        from pytorch_lightning.utilities.model_helpers import is_overridden
+    return bool(is_overridden("train_dataloader", pl_module))
 
 
 def _norm_clipping(trainer: Any) -> float | None:
