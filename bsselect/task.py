@@ -76,6 +76,10 @@ class Task:
                              "(the largest, reshuffled per trial); materialise a map-style "
                              "sample of it (a list, or datasets' .take(n) to a Dataset)"
                              if hasattr(value, "__iter__") and value is not None else "")
+                if isinstance(value, torch.utils.data.DataLoader):
+                    # batches at its own size: bsselect makes its batches from the items
+                    streaming = (f" — a DataLoader: pass its dataset ({name}=loader.dataset) "
+                                 f"and its collate_fn (collate_fn=loader.collate_fn)")
                 raise TypeError(f"Task.{name} must be a map-style Dataset (with __len__ and "
                                 f"__getitem__), got {_kind(value)}{streaming}")
         # A value of the wrong type is a TypeError; a number out of range, a ValueError.

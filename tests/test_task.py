@@ -220,3 +220,17 @@ def test_a_one_argument_optimizer_is_one_line_and_exit_1(tmp_path):
     proc = run_cli("check", f"{path}:make_task", "--batch-size", "4", "--memory", "1GiB")
     assert proc.returncode == 1
     assert "Task.optimizer is called as optimizer(params, lr)" in one_error(proc)
+
+
+def test_a_dataloader_for_the_data_says_to_pass_its_dataset_and_collate_fn():
+    """A DataLoader was called "a streaming (iterable) dataset" (review)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    with pytest.raises(TypeError, match=r"a DataLoader: pass its dataset "
+                                        r"\(train_data=loader.dataset\) and its collate_fn"):
+        Task(model=lambda: nn.Linear(4, 2), train_data=loader, loss_fn=F.cross_entropy)
