@@ -432,6 +432,16 @@ def _check_builds_new_models(task: Task) -> None:
             "because bsselect trains and changes the model it builds and would change yours")
 
 
+ON_META = ("Task.model() builds the model on the meta device, without weights, and this "
+           "command trains it: build it on the CPU (probe and check simulate it as it is)")
+
+
+def on_meta(model: Any) -> bool:
+    """Whether any of the module's parameters or buffers is on the meta device."""
+    return isinstance(model, nn.Module) and any(
+        t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
 NO_TRAINABLE_PARAMETERS = ("the model has no trainable parameters (none, or all frozen): "
                            "there is nothing to train")
 
@@ -446,6 +456,8 @@ def _failed(what: str, exc: Exception) -> TaskError:
 def _check_forward(task: Task, model: Any, x: Any, y: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TaskError(f"Task.model() returned {type(model).__name__}, not an nn.Module")
+    if on_meta(model):
+        raise TaskError(ON_META)
     if not any(p.requires_grad for p in model.parameters()):
         raise TaskError(NO_TRAINABLE_PARAMETERS)
     try:

@@ -712,3 +712,21 @@ def test_a_frozen_model_is_the_same_line_in_every_command(tmp_path, monkeypatch,
     assert proc.returncode == 1
     assert one_error(proc) == ("error: the model has no trainable parameters (none, or all "
                                "frozen): there is nothing to train")
+
+
+def test_a_model_built_on_meta_is_simulated_and_refused_for_training(tmp_path, monkeypatch):
+    """A factory that builds on the meta device failed check and probe with "building the
+    model failed: Cannot copy out of meta tensor" (bsselect's own .to() in its real check),
+    and sweep with a device error from the forward (review)."""
+    path = tmp_path / "task.py"
+    path.write_text(textwrap.dedent(TASK_TEMPLATE.format(
+        fields="model=lambda: nn.Linear(4, 2, device='meta'), train_data=data, "
+               "loss_fn=F.cross_entropy")))
+    monkeypatch.chdir(tmp_path)
+    fits = run_cli("check", f"{path}:make_task", "--batch-size", "8", "--memory", "1GiB")
+    assert fits.returncode == 0, fits.stderr
+    proc = run_cli("sweep", f"{path}:make_task", "--batch-sizes", "8,16")
+    assert proc.returncode == 1
+    assert one_error(proc) == ("error: Task.model() builds the model on the meta device, "
+                               "without weights, and this command trains it: build it on the "
+                               "CPU (probe and check simulate it as it is)")

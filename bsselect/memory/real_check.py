@@ -15,7 +15,7 @@ import torch
 from ..errors import TaskError, one_line
 from ..precision import Precision
 from ..step import collate, forward_loss, to_device
-from ..task import GRADIENTS_OFF, NO_TRAINABLE_PARAMETERS, Task
+from ..task import GRADIENTS_OFF, NO_TRAINABLE_PARAMETERS, Task, on_meta
 
 REAL_CHECK_MAX_BYTES = 256 * 2**20  # a model with more parameter bytes is not built for real
 REAL_STEP_MAX_BYTES = 2 * 2**30  # nor one whose step on two items takes more (simulated)
@@ -76,9 +76,14 @@ def check_real_step(task: Task, precision: Precision | None = None,
         try:
             # on the CPU: a copy of a user's instance keeps its device (the Trainer moves
             # its model to the GPU), and the batch is collated here
-            model = task.model().to("cpu")
+            model = task.model()
         except Exception as exc:
             raise TaskError(f"building the model failed: {one_line(exc)}") from exc
+        if on_meta(model):
+            # built without weights on purpose (a large model's config, say): no real step
+            # can run, and the simulation answers as it does for a model too large to build
+            return False
+        model = model.to("cpu")
         model.train()
         if not any(p.requires_grad for p in model.parameters()):
             raise TaskError(NO_TRAINABLE_PARAMETERS)  # as the other commands say it
