@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 from .errors import UsageError
 
@@ -71,3 +72,13 @@ def format_percent(fraction: float) -> str:
 
     percent = (Decimal(repr(float(fraction))) * 100).normalize()
     return f"{percent:f}%"
+
+
+def json_document(data: Any) -> Any:
+    """``data`` as its JSON reads back: lists where it has tuples, strings where it has
+    enums or paths (``str``, as ``emit_json`` writes them). A result's ``to_json()`` returns
+    this, so that it equals the command's ``--json`` (it had tuples: review)."""
+    import json
+
+    return json.loads(json.dumps(data, default=str))
+

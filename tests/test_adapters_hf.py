@@ -724,3 +724,16 @@ def test_a_config_without_architectures_says_it_builds_the_causal_lm():
         warnings.simplefilter("error")
         assert type(Task.from_hf(config, data).model().model).__name__ == \
             "BertForSequenceClassification"
+
+
+def test_ragged_items_without_a_collator_are_told_to_pass_a_padding_one():
+    """Token lists of different lengths and no data_collator failed with torch's "stack
+    expects each tensor to be equal size" and no hint (review)."""
+    from bsselect import probe
+    from bsselect.errors import TaskError
+
+    data = [{"input_ids": torch.randint(0, 64, (4 + i % 3,)),
+             "labels": torch.randint(0, 64, (4 + i % 3,))} for i in range(16)]
+    with pytest.raises(TaskError, match=r"different lengths and no data_collator pads them: "
+                                        r"pass one \(DataCollatorWithPadding"):
+        probe(Task.from_hf(hf_tasks.config(), data), memory="64MiB")

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..errors import TaskError, UsageError
+from ..errors import TaskError, UsageError, one_line
 from . import model_factory, norm_or_none
 from .hf_config import (RandomTokens, check_buildable, config_task, from_config, is_config,
                         load_config, shipped_configs)
@@ -146,13 +146,23 @@ def _outside_bsselect() -> int:
 
 def collate_with(data_collator: Optional[Callable[[list], Any]]) -> Callable[[list], Any]:
     """The Task's collate_fn: the HF collator's dict as inputs, its ``labels`` as targets."""
+    stacks = data_collator is None  # the default collator stacks items as they are
     if data_collator is None:
         from transformers import default_data_collator
 
         data_collator = default_data_collator
 
     def collate(items: list) -> tuple[dict, Any]:
-        batch = data_collator(items)
+        try:
+            batch = data_collator(items)
+        except (RuntimeError, ValueError) as exc:
+            if stacks and "size" in str(exc):
+                # "stack expects each tensor to be equal size": ragged token lists (review)
+                raise TaskError(
+                    f"the items have different lengths and no data_collator pads them: pass "
+                    f"one (DataCollatorWithPadding(tokenizer), or DataCollatorForLanguageModeling"
+                    f"(tokenizer, mlm=False) for a causal LM) ({one_line(exc)})") from exc
+            raise
         inputs = dict(batch)
         return inputs, inputs.get("labels")
 

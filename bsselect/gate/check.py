@@ -20,7 +20,7 @@ from ..memory.targets import Target, Term, cuda_terms
 from ..precision import Precision
 from ..step import StepSettings, tokens_per_sample
 from ..task import Task
-from ..units import parse_size
+from ..units import json_document, parse_size
 
 if TYPE_CHECKING:
     from ..memory.inputs import InputScan
@@ -129,10 +129,11 @@ class CheckResult:
 
     def to_json(self) -> dict:
         # batch_size is the micro-batch that must fit; the effective batch is what trains.
-        return dict(asdict(self), terms=[asdict(t) for t in self.terms],
-                    micro_batch=self.batch_size, effective_batch=self.batch_size * self.accumulate,
-                    global_batch=self.batch_size * self.accumulate * self.shard_ranks,
-                    data_note=self.data_note)
+        return json_document(dict(
+            asdict(self), terms=[asdict(t) for t in self.terms], micro_batch=self.batch_size,
+            effective_batch=self.batch_size * self.accumulate,
+            global_batch=self.batch_size * self.accumulate * self.shard_ranks,
+            data_note=self.data_note))
 
     def to_dict(self) -> dict:
         """The ``--json`` output (``to_json``'s name in the Python API)."""

@@ -15,6 +15,7 @@ from ..errors import CannotSimulate, DoesNotFitError, UsageError
 from ..oom import is_oom_error, release_memory
 from ..step import StepSettings, tokens_per_sample
 from ..task import Task
+from ..units import json_document
 from .capacity import (SIMULATED_TRIES, MemoryFit, check_batch_sizes, check_margin, fit_memory,
                        largest_pow2_at_most, refine_max_batch, solve_max_batch, usable_bytes)
 from .targets import Target, Term, cuda_terms
@@ -96,7 +97,7 @@ class ProbeResult:
         data.update(micro_batch=self.max_batch, effective_batch=self.max_batch * self.accumulate,
                     global_batch=self.max_batch * self.accumulate * self.shard_ranks,
                     exceeds_dataset=self.exceeds_dataset)
-        return data
+        return json_document(data)
 
     def to_dict(self) -> dict:
         """The ``--json`` output (``to_json``'s name in the Python API)."""

@@ -21,6 +21,7 @@ from ..errors import TaskError, UsageError
 from ..precision import Precision, make_scaler
 from ..step import collate, sample_indices, to_device
 from ..task import Task
+from ..units import json_document
 from .noise import (DEFAULT_MEASUREMENTS, Progress, _run_task, active_dropout, check_settings,
                     default_batch_sizes, estimate_noise)
 from .noise_math import NoiseEstimate
@@ -69,7 +70,7 @@ class NoiseReport:
             train_steps=self.train_steps, samples_total=self.samples, wall_s=self.wall_s,
             precision=self.precision, from_checkpoint=self.from_checkpoint,
         )
-        return out
+        return json_document(out)
 
     def to_dict(self) -> dict:
         """The ``--json`` output (``to_json``'s name in the Python API)."""

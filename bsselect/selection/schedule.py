@@ -48,6 +48,7 @@ from ..checkpoint import Checkpoint
 from ..device import callers_rng
 from ..errors import InterruptedRun, TaskError, UsageError, one_line
 from ..oom import caused_by_oom, drop_frames, is_oom_error, release_memory
+from ..units import json_document
 from .lr_scaling import LrScaling, scale_lr, warmup_lr
 from .noise import default_batch_sizes
 from .noise_run import MIN_MEASUREMENTS
@@ -186,7 +187,7 @@ class ScheduleResult:
 
     def to_json(self) -> dict[str, Any]:
         best = self.best_fixed
-        return {
+        return json_document({
             "task": self.task_name, "horizon_samples": self.settings.horizon,
             "branch_samples": self.settings.branch, "tolerance": self.settings.tolerance,
             "base_batch_size": self.base_batch_size, "base_lr": self.base_lr,
@@ -205,7 +206,7 @@ class ScheduleResult:
             "from_checkpoints": [{"samples": n, "sha256": h} for n, h in zip(
                 self.settings.checkpoint_samples, self.settings.checkpoint_sha256)],
             "journal": self.journal, "resumed_trials": self.resumed, "wall_s": self.wall_s,
-        }
+        })
 
     def to_dict(self) -> dict[str, Any]:
         return self.to_json()

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import BsselectError, DoesNotFitError, TaskError
 from ..memory.capacity import largest_pow2_at_most
+from ..units import json_document
 from .choice import CONTENDER_FACTOR
 from .formula import grad_accum_steps
 from .lr_scaling import scale_lr
@@ -120,7 +121,7 @@ class SweepResult:
             f"the task's), --lr-scaling sqrt or none, or --warmup-steps{plateau}{again}")
 
     def to_json(self) -> dict:
-        return {
+        return json_document({
             "task": self.task, "device": self.device, "batch_sizes": list(self.batch_sizes),
             "budget": {"kind": self.settings.budget.kind.value,
                        "amount": self.settings.budget.amount},
@@ -151,7 +152,7 @@ class SweepResult:
             "validation": ("held-out 10% of train_data" if self.made_val_split else "val_data")
             + (f", a fixed subset of {self.validation_items} items"
                if self.validation_items else ""),
-        }
+        })
 
     def to_dict(self) -> dict:
         """The ``--json`` output (``to_json``'s name in the Python API)."""
