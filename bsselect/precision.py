@@ -19,6 +19,9 @@ from typing import Any, ContextManager, Sequence
 import torch
 
 
+REDUCED_DTYPES = (torch.bfloat16, torch.float16)  # the half-width floats autocast computes in
+
+
 class Precision(str, Enum):
     """The dtype the forward pass computes in (parameters stay float32)."""
 

@@ -442,8 +442,11 @@ def on_meta(model: Any) -> bool:
         t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
-NO_TRAINABLE_PARAMETERS = ("the model has no trainable parameters (none, or all frozen): "
-                           "there is nothing to train")
+def check_trainable(model: nn.Module) -> None:
+    """TaskError, in the line every command says it, when no parameter trains."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TaskError("the model has no trainable parameters (none, or all frozen): there "
+                        "is nothing to train")
 
 
 def _failed(what: str, exc: Exception) -> TaskError:
@@ -458,8 +461,7 @@ def _check_forward(task: Task, model: Any, x: Any, y: Any) -> None:
         raise TaskError(f"Task.model() returned {type(model).__name__}, not an nn.Module")
     if on_meta(model):
         raise TaskError(ON_META)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise TaskError(NO_TRAINABLE_PARAMETERS)
+    check_trainable(model)
     try:
         out = model(x)
     except Exception as exc:

@@ -20,12 +20,8 @@ from bsselect.examples import EXAMPLES
 from bsselect.memory import Phase, cpu_step_peak, simulate_step_peak
 from bsselect.precision import Precision
 from bsselect.step import StepSettings
-from bsselect.memory.cpu_truth import (
-    allocator_log,
-    calibration_items,
-    high_water,
-    replay_phases,
-)
+from bsselect.memory.calibration import calibration_items
+from bsselect.memory.cpu_truth import allocator_log, high_water, replay_phases
 
 BATCH_SIZES = (8, 32, 128, 256)
 
@@ -746,7 +742,7 @@ def test_long_attention_is_calibrated_at_two_shorter_lengths_to_the_byte(dtype, 
     100,000 tokens did not finish in 5 minutes: review); above 4,096 tokens its allocations
     come from runs at 2,048 and 4,096, affine in the length: the same bytes as the exact run,
     forward and backward, with a transposed (B, T, H, d) layout and an uneven length."""
-    import bsselect.memory.cpu_truth as ct
+    import bsselect.memory.calibration as ct
 
     aten = torch.ops.aten
     q = torch.empty(1, 6000, 2, 16, dtype=dtype, device="meta").transpose(1, 2)
@@ -1004,7 +1000,7 @@ def test_masked_select_for_cuda_counts_the_indices_its_index_kernel_holds(monkey
                                   "inverse_features", "pinv_features"])
 def test_kernels_whose_own_scratch_makes_the_peak_match_the_cpu_allocator(name, batch_size):
     """Each model peaks inside a CPU kernel's scratch, which fake tensors do not see (review:
-    24-94% low); the kernels are calibrated on a small real batch (``cpu_truth.KERNELS``)."""
+    24-94% low); the kernels are calibrated on a small real batch (``calibration.KERNELS``)."""
     import sys
     from pathlib import Path
 

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ..precision import REDUCED_DTYPES
 from .values import is_fake
 
-REDUCED = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256
 
 
@@ -49,13 +49,13 @@ def cuda_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, has_mask:
         return "math"
     head_dim = q.shape[-1]
     same_dims = k.shape[-1] == head_dim and v.shape[-1] == head_dim
-    if dtype in REDUCED and not has_mask and head_dim <= FLASH_MAX_HEAD_DIM and same_dims:
+    if dtype in REDUCED_DTYPES and not has_mask and head_dim <= FLASH_MAX_HEAD_DIM and same_dims:
         return "flash"
     if k.shape[-3] != q.shape[-3]:
         return "math"  # memory-efficient attention has no grouped-query support
-    if dtype not in REDUCED + (torch.float32,):
+    if dtype not in REDUCED_DTYPES + (torch.float32,):
         return "math"
-    align = 8 if dtype in REDUCED else 4
+    align = 8 if dtype in REDUCED_DTYPES else 4
     if head_dim % align or v.shape[-1] % align:
         return "math"
     return "efficient"

@@ -15,7 +15,7 @@ import torch
 from ..errors import TaskError, one_line
 from ..precision import Precision
 from ..step import collate, forward_loss, to_device
-from ..task import GRADIENTS_OFF, NO_TRAINABLE_PARAMETERS, Task, on_meta
+from ..task import GRADIENTS_OFF, Task, check_trainable, on_meta
 
 REAL_CHECK_MAX_BYTES = 256 * 2**20  # a model with more parameter bytes is not built for real
 REAL_STEP_MAX_BYTES = 2 * 2**30  # nor one whose step on two items takes more (simulated)
@@ -85,8 +85,7 @@ def check_real_step(task: Task, precision: Precision | None = None,
             return False
         model = model.to("cpu")
         model.train()
-        if not any(p.requires_grad for p in model.parameters()):
-            raise TaskError(NO_TRAINABLE_PARAMETERS)  # as the other commands say it
+        check_trainable(model)
         error = _step_error(model, task, x, y, precision)
         if error is not None and precision is not Precision.fp32 and _cpu_lacks_kernel(
                 error) and _step_error(model, task, x, y, Precision.fp32) is None:

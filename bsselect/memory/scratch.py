@@ -9,7 +9,7 @@ read from the kernels' source and checked against the CPU allocator
 - CUDA-only terms: ``masked_select``'s ``nonzero`` indices (``cuda_masked_select_indices``).
 
 Kernels whose scratch no formula captures are run for real on a small batch instead
-(``cpu_truth.KERNELS``). The counter that adds these terms is ``simulated.LiveStorageCounter``.
+(``calibration.KERNELS``). The counter that adds these terms is ``simulated.LiveStorageCounter``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
 from torch.utils._python_dispatch import _disable_current_modes
 
+from ..precision import REDUCED_DTYPES
 from .values import is_fake
 
 
@@ -184,7 +185,6 @@ def cpu_evenly_distributed_mark(source: torch.Tensor) -> int:
 
 
 _aten = torch.ops.aten
-_REDUCED = (torch.bfloat16, torch.float16)
 # Norms whose CPU kernel, on a reduced-precision input with float32 affine parameters (bf16
 # autocast: LayerNorm, BatchNorm and GroupNorm run on bf16 activations with fp32 weights),
 # returns its saved statistics in float32 where the fake kernels return the input's dtype:
@@ -209,7 +209,7 @@ def cpu_norm_dtypes(func: Any, args: tuple, out: Any) -> Any:
     dtype. Unchanged where the input is float32 or no parameter is."""
     source, params, stats = CPU_NORM_DTYPES[func]
     x = args[source]
-    mixed = (isinstance(x, torch.Tensor) and x.dtype in _REDUCED and any(
+    mixed = (isinstance(x, torch.Tensor) and x.dtype in REDUCED_DTYPES and any(
         i < len(args) and isinstance(args[i], torch.Tensor) and args[i].dtype == torch.float32
         for i in params))
     if not mixed or not isinstance(out, tuple):

@@ -16,7 +16,7 @@ aborts the process (docs/method.md, "Simulated").
 What fake tensors cannot see is scratch that CPU kernels allocate inside themselves (oneDNN
 convolution reorders, flash-attention buffers), and a few meta kernels get an output's size
 wrong (oneDNN's LSTM workspace). ``kernel_workspace=True`` takes both from
-``cpu_truth.kernel_cost``, which runs those few kernels for real on small inputs.
+``calibration.kernel_cost``, which runs those few kernels for real on small inputs.
 
 The fake model and batch are built in fake.py; this module counts what the step does with
 them.
@@ -152,7 +152,7 @@ _KEEPS_ELEMENTWISE_BUFFER = {torch.ops.aten.mse_loss.default,
                              torch.ops.aten.soft_margin_loss.default,
                              torch.ops.aten.binary_cross_entropy.default}
 _BIAS_ADD = torch.ops.aten.add.Tensor
-# Ops whose kernels allocate scratch no op returns, not yet calibrated (cpu_truth.KERNELS):
+# Ops whose kernels allocate scratch no op returns, not yet calibrated (calibration.KERNELS):
 # the step is not simulated rather than answered low (review: nn.EmbeddingBag's backward,
 # -26.6% in mode mean, -36.6% with per_sample_weights at b=2,048; "fits" where it did not).
 _UNSIZED_SCRATCH = {getattr(torch.ops.aten, name).default for name in (
@@ -193,7 +193,7 @@ class LiveStorageCounter(TorchDispatchMode):
     """Counts the bytes of live tensor storages returned by ops, and their peak per phase.
 
     ``kernel_cost`` (optional) maps an op call to what its real CPU kernel allocates (a
-    ``cpu_truth.KernelCost``: high-water mark above what was live before the call, outputs
+    ``calibration.KernelCost``: high-water mark above what was live before the call, outputs
     and scratch together, and each output's real size); for other ops it returns None and
     they count as their fake outputs.
     """
@@ -217,6 +217,11 @@ class LiveStorageCounter(TorchDispatchMode):
         self._in_linear = 0  # inside F.linear (``LinearCalls``): its bias add is in place
         self._deferred: Optional[tuple[int, int]] = None  # (level, input storage): _settle
         self._evenly_distributed = False  # an EVENLY_DISTRIBUTED_NODES node is starting
+
+    @property
+    def cpu_target(self) -> bool:
+        """The step will run on this CPU: its kernels' own terms apply (calibrations on)."""
+        return self._kernel_cost is not None and not self._cuda
 
     def watch_graph(self, root: Any) -> None:
         """Hook every node of the backward graph under ``root``, so that the counter knows
@@ -382,7 +387,7 @@ class LiveStorageCounter(TorchDispatchMode):
         before = self.live_bytes
         cost = self._kernel_cost(func, args, kwargs) if self._kernel_cost else None
         out = func(*args, **kwargs)
-        if self._kernel_cost is not None and not self._cuda and func in CPU_NORM_DTYPES:
+        if self.cpu_target and func in CPU_NORM_DTYPES:
             out = cpu_norm_dtypes(func, args, out)
         outputs = (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]
         real_sizes = cost.output_bytes if cost and len(cost.output_bytes) == len(outputs) else None
@@ -496,7 +501,7 @@ def counted_cpu_rng_states(counter: LiveStorageCounter) -> Iterator[None]:
     is a 5,056-byte tensor that no op returns, so the counter never saw it (review: 0.4-2.4%
     low on checkpointed HF models, 55% on eight checkpointed Linear blocks). On the CPU
     target only: a GPU run keeps it in host memory."""
-    if counter._kernel_cost is None or counter._cuda:
+    if not counter.cpu_target:
         yield
         return
     original = torch.get_rng_state
@@ -601,7 +606,7 @@ def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
               prime: bool = True) -> tuple[StepPeak, frozenset[str], bool]:
     """One simulation; also the trainable parameters step 2 left without a gradient, and
     whether step 2 left a new tensor in the model (a forward-time cache)."""
-    from .cpu_truth import kernel_cost
+    from .calibration import kernel_cost
     from .sharded import fake_process_group, following_resizes, lazy_chunks, shard
 
     batch = real_batch(task, batch_size, seed, inputs)

@@ -217,14 +217,18 @@ class RealWhereKnown(TorchDispatchMode):
         seeded = torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
         if not (seeded or self.drawn):
             return out  # the common case, kept cheap: nothing drawn yet
-        fakes = [t for t in tree_flatten((args, kwargs))[0]
-                 if isinstance(t, torch.Tensor) and is_fake(t)]
-        if all(t in self.drawn for t in fakes) if fakes else seeded:
-            # a fresh random draw, or computed from draws alone
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if self._from_draws(tensors, seeded):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor) and is_fake(t):
                     self.drawn[t] = True
         return out
+
+    def _from_draws(self, tensors: list, seeded: bool = False) -> bool:
+        """Whether an op on ``tensors`` computes from random draws alone: its fake inputs are
+        all drawn, or it has none and draws itself (``seeded``)."""
+        fakes = [t for t in tensors if is_fake(t)]
+        return all(t in self.drawn for t in fakes) if fakes else seeded
 
     def _dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
         if func is aten.embedding.default:
@@ -281,8 +285,7 @@ class RealWhereKnown(TorchDispatchMode):
                 raise
             out = _shapes_from_real_inputs(func, args, kwargs)
             if out is NotImplemented:
-                fakes = [t for t in tensors if is_fake(t)]
-                if fakes and all(t in self.drawn for t in fakes):
+                if self._from_draws(tensors):
                     raise DataDependentOp(_random_advice(func), _what(func)) from exc
                 raise DataDependentOp(_advice(func, self.capped), _what(func)) from exc
             _value_shaped(func)

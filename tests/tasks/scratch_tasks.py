@@ -17,12 +17,16 @@ from bsselect import Task
 K = 10
 
 
-def _task(model, shape: tuple[int, ...]) -> Task:
+def _seeded(model, shape: tuple[int, ...], targets, loss_fn) -> Task:
+    """The task of every model here: 128 seeded inputs of ``shape``, then ``targets(g)``."""
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(128, *shape, generator=g),
-                         torch.randint(0, K, (128,), generator=g))
-    return Task(model=model, train_data=data, loss_fn=F.cross_entropy, lr=1e-3,
-                base_batch_size=8)
+    data = TensorDataset(torch.randn(128, *shape, generator=g), targets(g))
+    return Task(model=model, train_data=data, loss_fn=loss_fn, lr=1e-3, base_batch_size=8)
+
+
+def _task(model, shape: tuple[int, ...]) -> Task:
+    return _seeded(model, shape, lambda g: torch.randint(0, K, (128,), generator=g),
+                   F.cross_entropy)
 
 
 class Upsample(nn.Module):
@@ -159,10 +163,8 @@ class Scaled(nn.Module):
 
 
 def _op_task(op, shape: tuple[int, ...], model=None) -> Task:
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(128, *shape, generator=g), torch.zeros(128))
-    return Task(model=model or (lambda: Scaled(op)), train_data=data,
-                loss_fn=lambda out, y: out.sum(), lr=1e-3, base_batch_size=8)
+    return _seeded(model or (lambda: Scaled(op)), shape, lambda g: torch.zeros(128),
+                   lambda out, y: out.sum())
 
 
 class ConvTBC(nn.Module):
@@ -207,21 +209,14 @@ class ReduceOverTime(nn.Module):
 
 def _dense_task(loss_fn) -> Task:
     """A dense per-position output (B, 64, 128) and a loss over all of it."""
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(128, 64, 32, generator=g),
-                         torch.rand(128, 64, 128, generator=g))
-    return Task(model=lambda: nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 128)),
-                train_data=data, loss_fn=loss_fn, lr=1e-3, base_batch_size=8)
+    return _seeded(lambda: nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 128)),
+                   (64, 32), lambda g: torch.rand(128, 64, 128, generator=g), loss_fn)
 
 
 def _sequence_task(model, classes: int) -> Task:
     """Per-position classes, cross-entropy on (B, K, T) logits, as a sequence labeller's."""
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(128, 64, 32, generator=g),
-                         torch.randint(0, classes, (128, 64), generator=g))
-    return Task(model=model, train_data=data,
-                loss_fn=lambda out, y: F.cross_entropy(out.transpose(1, 2), y), lr=1e-3,
-                base_batch_size=8)
+    return _seeded(model, (64, 32), lambda g: torch.randint(0, classes, (128, 64), generator=g),
+                   lambda out, y: F.cross_entropy(out.transpose(1, 2), y))
 
 
 class MatrixFeatures(nn.Module):
