@@ -13,7 +13,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 _API = ("probe", "check", "noise_scale", "sweep", "plan_sweep", "SweepPlan", "schedule",
         "resolve_task", "find_batch_size", "fits_batch_size")
-__all__ = ["GradientNoiseMonitor", "Task", "__version__", *_API]
+__all__ = ["GradientNoiseMonitor", "Task", "__version__", *_API, "BsselectError", "UsageError",
+           "TaskError", "DoesNotFitError"]
+
+# the error family (docs/api.md, "Errors"): light, so imported here
+from .errors import BsselectError, DoesNotFitError, TaskError, UsageError  # noqa: E402
 
 if TYPE_CHECKING:
     from .api import (SweepPlan, check, find_batch_size, fits_batch_size, noise_scale, plan_sweep,

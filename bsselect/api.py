@@ -27,6 +27,7 @@ from .oom import caused_by_oom
 from .selection.plan import (_branch_samples, _check_enough_data, _check_lr, _check_seed,
                              _run_checkpoints, _sizes_and_threads, local_processes,
                              parse_warmup, plan_sizes, slug, sweep_settings, warn_threads)
+from .wording import python_words
 
 if TYPE_CHECKING:
     import torch
@@ -254,6 +255,7 @@ def _record_value_shaped_ops(task: "Task") -> None:
         pass
 
 
+@python_words
 @_keeps_callers_rng
 def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
           method: str = "auto", target: str = "same", batch_sizes: Sequence[int] | None = None,
@@ -366,6 +368,7 @@ def probe(task: TaskLike = None, *, memory: Size = None, margin: float = 0.2,
             return run_or_measure(advance)
 
 
+@python_words
 @_keeps_callers_rng
 def check(task: TaskLike = None, *, batch_size: int | None = None, memory: Size = None,
           device_preset: str | None = None, margin: float | None = None,
@@ -411,6 +414,7 @@ def check(task: TaskLike = None, *, batch_size: int | None = None, memory: Size 
     return run_check(loaded, name, cfg, _scan(loaded, cfg.inputs, console))
 
 
+@python_words
 @_keeps_callers_rng
 def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
                 b_big: int | None = None, measurements: int = 32, warmup_steps: int = 0,
@@ -469,6 +473,7 @@ class SweepPlan:
     checkpoint: "Checkpoint | None" = None  # --from-checkpoint: what every trial branches from
 
 
+@python_words
 @_keeps_callers_rng
 def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = None,
                min_batch: int | None = None, max_batch: int | None = None,
@@ -526,6 +531,7 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
                      n_threads, threads is not None, checkpoint)
 
 
+@python_words
 @_keeps_callers_rng
 def sweep(task: TaskLike = None, *, resume: bool = False, overwrite: bool = False,
           hooks: "SweepHooks | None" = None, plan: SweepPlan | None = None,
@@ -552,6 +558,7 @@ def sweep(task: TaskLike = None, *, resume: bool = False, overwrite: bool = Fals
                          hooks=hooks, threads=plan.threads, checkpoint=plan.checkpoint)
 
 
+@python_words
 @_keeps_callers_rng
 def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int | None = None,
              branch_samples: int | None = None, batch_sizes: Sequence[int] | None = None,
@@ -613,6 +620,7 @@ def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int |
                             hooks=hooks, threads=n_threads, checkpoints=checkpoints)
 
 
+@python_words
 def find_batch_size(step: Callable[[int], Any], **options: Any) -> Any:
     """The largest batch for a plain loop's one-step function (``adapters.loop``)."""
     from .adapters.loop import find_batch_size as find

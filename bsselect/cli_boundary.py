@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import typer
 
 from .errors import BsselectError
+from .wording import cli_surface
 
 T = TypeVar("T")
 
@@ -46,7 +47,7 @@ def guarded(fn: Callable[[], T]) -> T:
     report.json_stream = sys.stdout if as_json else None
     quiet_task = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     try:
-        with quiet_task:
+        with quiet_task, cli_surface():  # its messages name the options it was given
             return fn()
     except BsselectError as exc:
         if state["debug"]:
