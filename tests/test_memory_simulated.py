@@ -1099,6 +1099,45 @@ def test_norms_under_bf16_autocast_keep_float32_statistics_on_the_cpu(name, batc
             <= 16, phase
 
 
+class _Bf16Normed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.norm, self.head = nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 4)
+        self.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.linear(x)).mean(1))
+
+
+def test_cuda_layer_norm_keeps_float32_statistics_for_a_reduced_input(monkeypatch):
+    """CUDA's layer norm saves mean and rstd in float32 for a bf16 input, where the fake
+    kernel on this CPU gives bf16: a bf16 model was 4 bytes a row low per LayerNorm under
+    ``--target cuda``. The truth is torch's reference kernel off the CPU."""
+    import bsselect.memory.simulated as simulated
+
+    x = torch.empty(8, 16, dtype=torch.bfloat16, device="meta")  # not a CPU tensor
+    _, mean, rstd = torch._refs.native_layer_norm(x, [16], None, None, 1e-5)
+    assert mean.dtype == rstd.dtype == torch.float32
+    _, mean, rstd = torch._refs.native_layer_norm(torch.zeros(8, 16, dtype=torch.bfloat16), [16],
+                                                  None, None, 1e-5)
+    assert mean.dtype == rstd.dtype == torch.bfloat16  # on the CPU: the input's dtype
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 256, 16, generator=g).to(torch.bfloat16),
+                         torch.randint(0, 4, (32,), generator=g))
+    task = Task(model=_Bf16Normed, train_data=data, loss_fn=F.cross_entropy, lr=1e-3,
+                base_batch_size=8)
+    cuda = StepSettings(target_device="cuda")
+    kept = simulate_step_peak(task, 8, settings=cuda).forward_peak_bytes
+    monkeypatch.setattr(simulated, "CUDA_NORM_STATS", {})
+    as_fake = simulate_step_peak(task, 8, settings=cuda).forward_peak_bytes
+    rows = 8 * 256
+    assert kept - as_fake == 2 * rows * 2  # mean and rstd, 2 more bytes an element each
+    # the CPU target keeps the CPU kernel's bf16 (all bf16: no float32 parameter)
+    monkeypatch.undo()
+    assert simulate_step_peak(task, 8).forward_peak_bytes == cpu_step_peak(task, 8).forward_peak_bytes
+
+
 class _LayerDrop(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -203,6 +203,28 @@ CPU_NORM_DTYPES: dict[Any, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
 }
 
 
+# Norms whose CUDA kernel keeps its saved statistics in float32 for a reduced-precision input
+# whatever the parameters' dtype (``layer_norm_cuda`` allocates mean and rstd in the
+# accumulate type), where the fake kernel of this CPU's fake tensors gives the input's dtype:
+# torch's reference ``native_layer_norm`` converts them to the input's dtype on the CPU only
+# (tested). A bf16 model's LayerNorm was 4 bytes a row low under ``--target cuda``.
+# op -> (the input's position, the statistics' output positions).
+CUDA_NORM_STATS: dict[Any, tuple[int, tuple[int, ...]]] = {
+    _aten.native_layer_norm.default: (0, (1, 2)),
+}
+
+
+def cuda_norm_dtypes(func: Any, args: tuple, out: Any) -> Any:
+    """``out`` with the float32 statistics CUDA's kernel keeps (``CUDA_NORM_STATS``)."""
+    source, stats = CUDA_NORM_STATS[func]
+    x = args[source]
+    if not (isinstance(x, torch.Tensor) and x.dtype in REDUCED_DTYPES
+            and isinstance(out, tuple)):
+        return out
+    return tuple(t.to(torch.float32) if i in stats and isinstance(t, torch.Tensor) else t
+                 for i, t in enumerate(out))
+
+
 def cpu_norm_dtypes(func: Any, args: tuple, out: Any) -> Any:
     """``out`` with the dtypes the CPU kernel gives (``CPU_NORM_DTYPES``): float32
     statistics for a mixed-precision norm, and group norm's grad_input in the input's

@@ -43,9 +43,10 @@ from ..precision import Precision, make_scaler, parameter_dtype
 from ..step import StepSettings, train_step
 from ..task import Task
 from .optim_impl import run_as_on
-from .scratch import (CPU_NORM_DTYPES, EVENLY_DISTRIBUTED_NODES, FRAMEWORK_SCRATCH,
-                      cpu_evenly_distributed_mark, cpu_masked_select_mark, cpu_norm_dtypes,
-                      cpu_promotion_casts, cuda_masked_select_indices)
+from .scratch import (CPU_NORM_DTYPES, CUDA_NORM_STATS, EVENLY_DISTRIBUTED_NODES,
+                      FRAMEWORK_SCRATCH, cpu_evenly_distributed_mark, cpu_masked_select_mark,
+                      cpu_norm_dtypes, cpu_promotion_casts, cuda_masked_select_indices,
+                      cuda_norm_dtypes)
 from .fake import build_fake_model, fake_batch_leaf, new_fake_mode, real_batch, young_gc_only
 from .live import (live_at_step_start, local, module_tensors, optimizer_state_tensors,
                    storage_bytes)
@@ -389,6 +390,8 @@ class LiveStorageCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         if self.cpu_target and func in CPU_NORM_DTYPES:
             out = cpu_norm_dtypes(func, args, out)
+        elif self._cuda and func in CUDA_NORM_STATS:
+            out = cuda_norm_dtypes(func, args, out)
         outputs = (out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]
         real_sizes = cost.output_bytes if cost and len(cost.output_bytes) == len(outputs) else None
         if real_sizes is None and func in _KEEPS_ELEMENTWISE_BUFFER and out.dim() == 0:
