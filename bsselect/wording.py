@@ -61,6 +61,7 @@ def python_words(fn: F) -> F:
 class _Option(NamedTuple):
     keyword: str  # the API's keyword argument
     value: bool | None  # None: takes a value; True/False: a switch and what it sets
+    listed: bool = False  # the keyword takes a sequence (``--batch-sizes 8,16``)
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,10 +74,11 @@ def _options() -> dict[str, _Option]:
     from . import api
     from .cli import app
 
-    keywords: set[str] = set()
+    keywords: dict[str, bool] = {}  # keyword -> whether it takes a sequence
     for fn in (api.probe, api.check, api.noise_scale, api.plan_sweep, api.sweep,
                api.schedule):
-        keywords |= set(inspect.signature(fn).parameters)
+        for name, param in inspect.signature(fn).parameters.items():
+            keywords[name] = keywords.get(name, False) or "Sequence[" in str(param.annotation)
     found: dict[str, _Option] = {}
     for command in typer.main.get_command(app).commands.values():  # type: ignore[attr-defined]
         for param in command.params:
@@ -84,7 +86,8 @@ def _options() -> dict[str, _Option]:
                 continue
             switch = bool(getattr(param, "is_flag", False))
             for opt in param.opts:
-                found[opt] = _Option(param.name, True if switch else None)
+                found[opt] = _Option(param.name, True if switch else None,
+                                     keywords[param.name])
             for opt in param.secondary_opts:  # --no-...
                 found[opt] = _Option(param.name, False)
     return found
@@ -96,7 +99,7 @@ _CHOICES = {"auto", "same", "cuda", "cpu", "meta", "measured", "simulated", "fp3
             "fp16", "fsdp", "none", "linear", "sqrt", "worst-case", "typical"}
 _PLACEHOLDER = re.compile(r"[A-Z][A-Z_]*|path")  # N, SIZE, NAME, path
 _NUMBER = re.compile(r"-?\d+(\.\d+)?([eE]-?\d+)?")
-_LIST = re.compile(r"\d+(,\d+)+")
+_LIST = re.compile(r"\d+(,\d+)+")  # 8,16,32; or a number with thousands separators (10,000)
 # a number, size or name with a digit (80GiB, h100-80gb), a class or placeholder, a path
 _VALUE = re.compile(r"\S*\d\S*|[A-Z]\w*|\S*\w[/.]\w\S*")
 # an option and what follows it; a command quoted whole is matched first and kept
@@ -109,11 +112,11 @@ def _is_value(token: str) -> bool:
     return token in _CHOICES or bool(_VALUE.fullmatch(token) or _PLACEHOLDER.fullmatch(token))
 
 
-def _literal(token: str) -> str:
+def _literal(token: str, listed: bool) -> str:
     if _NUMBER.fullmatch(token) or _PLACEHOLDER.fullmatch(token):
         return token  # a number, or a placeholder such as N or SIZE
     if _LIST.fullmatch(token):
-        return "[" + ", ".join(token.split(",")) + "]"
+        return "[" + ", ".join(token.split(",")) + "]" if listed else token.replace(",", "")
     return f'"{token}"'
 
 
@@ -133,7 +136,7 @@ def in_python_words(text: str) -> str:
         value, stop = (token[:-1], ".") if token is not None and token.endswith(".") \
             else (token, "")
         if value and (sep == "=" or _is_value(value)):
-            return f"{option.keyword}={_literal(value)}{stop}"
+            return f"{option.keyword}={_literal(value, option.listed)}{stop}"
         rest = f"{sep}{token}" if token is not None else ""
         return f"{option.keyword}={rest}"
 

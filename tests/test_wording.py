@@ -25,6 +25,8 @@ PACKAGE = Path(bsselect.__file__).parent
     ("--lr 0.05.", "lr=0.05."),
     ("--memory 80GiB or --device-preset a100-80gb", 'memory="80GiB" or device_preset="a100-80gb"'),
     ("--batch-sizes 8,16,32 lists the sizes", "batch_sizes=[8, 16, 32] lists the sizes"),
+    ("--batch-sizes 128,256 lists", "batch_sizes=[128, 256] lists"),
+    ("--points 6 exceeds what --horizon 10,000 spaces", "points=6 exceeds what horizon=10000 spaces"),
     ("--batch-sizes, --min-batch", "batch_sizes=, min_batch="),
     ("give --warmup-steps N.", "give warmup_steps=N."),
     ("choose another --journal path", "choose another journal=path"),
@@ -56,12 +58,20 @@ def test_python_words(cli: str, python: str) -> None:
 
 def test_every_option_with_a_keyword_is_known() -> None:
     options = wording._options()
-    assert options["--resume"] == ("resume", True)
-    assert options["--no-reshard-after-forward"] == ("reshard_after_forward", False)
-    assert options["--hf-config"] == ("hf_config", None)
-    assert options["--device-preset"] == ("device_preset", None)
+    assert options["--resume"] == ("resume", True, False)
+    assert options["--no-reshard-after-forward"] == ("reshard_after_forward", False, False)
+    assert options["--hf-config"] == ("hf_config", None, False)
+    assert options["--device-preset"] == ("device_preset", None, False)
+    assert options["--batch-sizes"] == ("batch_sizes", None, True)
     for cli_only in ("--json", "--plot", "--format", "--debug"):
         assert cli_only not in options
+
+
+def _filled(field: ast.FormattedValue) -> str:
+    """An f-string field as it prints: a number, with thousands separators where its format
+    asks for them."""
+    spec = ast.unparse(field.format_spec) if field.format_spec is not None else ""
+    return "10,000" if "," in spec else "7"
 
 
 def _messages() -> list[str]:
@@ -78,7 +88,7 @@ def _messages() -> list[str]:
                 and node.body and isinstance(node.body[0], ast.Expr)}
         for node in ast.walk(tree):
             if isinstance(node, ast.JoinedStr):
-                text = "".join(v.value if isinstance(v, ast.Constant) else "7"
+                text = "".join(v.value if isinstance(v, ast.Constant) else _filled(v)
                                for v in node.values)
             elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
                     and id(node) not in docs:
@@ -96,7 +106,9 @@ def test_no_message_keeps_an_option_that_has_a_keyword() -> None:
     options = wording._options()
     for text in messages:
         # what is left of it outside commands quoted whole
-        left = re.sub(wording._COMMAND, "", in_python_words(text))
+        python = in_python_words(text)
+        assert "=[" not in python or "batch_sizes=[" in python, text  # a number is no list
+        left = re.sub(wording._COMMAND, "", python)
         kept = [flag for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", left)
                 if flag in options]
         assert not kept, (text, kept)
