@@ -27,7 +27,7 @@ from .oom import caused_by_oom
 from .selection.plan import (_branch_samples, _check_enough_data, _check_lr, _check_seed,
                              _run_checkpoints, _sizes_and_threads, local_processes,
                              parse_warmup, plan_sizes, slug, sweep_settings, warn_threads)
-from .wording import python_words
+from .wording import python_words, warn_channel
 
 if TYPE_CHECKING:
     import torch
@@ -452,7 +452,7 @@ def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
         return measure_noise(loaded, b_small=b_small, b_big=b_big, measurements=measurements,
                              seed=seed, warmup_steps=warmup_steps, every=every,
                              progress=progress, device=dev, precision=parse_precision(precision),
-                             checkpoint=checkpoint, warn=warn)
+                             checkpoint=checkpoint, warn=warn_channel(warn))
 
 
 @dataclass(frozen=True)
@@ -540,7 +540,7 @@ def sweep(task: TaskLike = None, *, resume: bool = False, overwrite: bool = Fals
     timed in interleaved rounds and ranked by predicted time to target (``bsselect sweep``).
     ``options`` are ``plan_sweep``'s; or pass a ``plan``. ``resume`` skips the trials already
     in the journal for the same task and settings."""
-    from .selection.sweep import run_sweep
+    from .selection.sweep import SweepHooks, run_sweep
 
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
@@ -548,6 +548,7 @@ def sweep(task: TaskLike = None, *, resume: bool = False, overwrite: bool = Fals
         plan = plan_sweep(task, **options)
     elif options:
         raise UsageError(f"pass either a plan or plan options, not both: {sorted(options)}")
+    hooks = replace(hooks or SweepHooks(), warn=warn_channel(hooks.warn if hooks else None))
     from .device import callers_rng
 
     with callers_rng(plan.device):

@@ -58,6 +58,20 @@ def python_words(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def python_warning(message: str) -> None:
+    """A warning for a Python caller that gave no warning callback: Python's ``warnings``
+    (a ``UserWarning``, in its words), where it was dropped (review)."""
+    import warnings
+
+    warnings.warn(in_python_words(message), UserWarning, stacklevel=2)
+
+
+def warn_channel(warn: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    """``warn``, or for a Python caller without one, ``python_warning``; the CLI always
+    passes its own."""
+    return warn if warn is not None or _cli.get() else python_warning
+
+
 class _Option(NamedTuple):
     keyword: str  # the API's keyword argument
     value: bool | None  # None: takes a value; True/False: a switch and what it sets

@@ -136,3 +136,40 @@ def test_the_cli_is_told_its_options() -> None:
     assert proc.returncode == 2
     assert "error: --target cuda with --method measured: " in proc.stderr
     assert "use --method simulated (or auto)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _small_task():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 4, generator=g)
+    return bsselect.Task(model=lambda: nn.Linear(4, 2), loss_fn=F.cross_entropy, lr=0.05,
+                         train_data=TensorDataset(x, (x[:, 0] > 0).long()),
+                         val_data=TensorDataset(x[:16], (x[:16, 0] > 0).long()),
+                         base_batch_size=8)
+
+
+def test_a_python_caller_gets_the_sweeps_warnings(tmp_path: Path) -> None:
+    """A sweep called from Python without hooks dropped its warnings, such as the batch sizes
+    it skipped (review): they are Python warnings now, in the caller's words."""
+    with pytest.warns(UserWarning, match=r"^batch sizes 128 are larger than the 80 training "
+                                         r"items: skipped"):
+        result = bsselect.sweep(_small_task(), batch_sizes=[8, 16, 128], budget="32",
+                                journal=tmp_path / "j.jsonl", noise_measurements=0)
+    assert sorted(t.batch_size for t in result.trials) == [8, 16]
+    # hooks without a warn callback get the same
+    from bsselect.selection.sweep import SweepHooks
+
+    with pytest.warns(UserWarning, match="are larger than the 80 training items"):
+        bsselect.sweep(_small_task(), batch_sizes=[8, 16, 128], budget="32",
+                       journal=tmp_path / "j.jsonl", overwrite=True, noise_measurements=0,
+                       hooks=SweepHooks())
+    # a caller's own callback gets them instead
+    said: list[str] = []
+    bsselect.sweep(_small_task(), batch_sizes=[8, 16, 128], budget="32",
+                   journal=tmp_path / "j.jsonl", overwrite=True, noise_measurements=0,
+                   hooks=SweepHooks(warn=said.append))
+    assert any("are larger than the 80 training items" in w for w in said)
