@@ -526,6 +526,8 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
     if checkpoint is not None:
         settings = replace(settings, checkpoint_sha256=checkpoint.sha256)
     n_threads = None if dev.type != "cpu" else (threads or default_threads(local_processes()))
+    if console is None and n_threads is not None:
+        warn_threads(None, threads)  # a Python caller's warning; the CLI prints its own
     path = Path(journal) if journal else Path(f"bsselect-sweep-{slug(name)}.jsonl")
     return SweepPlan(loaded, name, tuple(sizes), cap, cap_source, settings, dev, path,
                      n_threads, threads is not None, checkpoint)

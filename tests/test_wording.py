@@ -173,3 +173,12 @@ def test_a_python_caller_gets_the_sweeps_warnings(tmp_path: Path) -> None:
                    journal=tmp_path / "j.jsonl", overwrite=True, noise_measurements=0,
                    hooks=SweepHooks(warn=said.append))
     assert any("are larger than the 80 training items" in w for w in said)
+
+
+def test_a_python_caller_is_warned_of_too_many_threads(tmp_path: Path) -> None:
+    from bsselect.selection.timing import usable_cpus
+
+    too_many = usable_cpus() + 1
+    with pytest.warns(UserWarning, match=rf"^threads={too_many} is more than the "):
+        bsselect.plan_sweep(_small_task(), threads=too_many, batch_sizes=[8, 16],
+                            journal=tmp_path / "j.jsonl")

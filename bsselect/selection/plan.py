@@ -117,6 +117,12 @@ def warn_threads(console: Any, threads: int | None) -> None:
         from rich.markup import escape
 
         console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
+    elif message:  # a Python caller without a console: its warnings
+        from ..wording import warn_channel
+
+        warn = warn_channel(None)
+        if warn is not None:
+            warn(message)
 
 
 def slug(name: str) -> str:
