@@ -997,7 +997,11 @@ def test_masked_select_for_cuda_counts_the_indices_its_index_kernel_holds(monkey
                                   "logsumexp_over_time", "cdist_pool", "huber_dense",
                                   "bce_logits_dense", "cross_entropy_bkt",
                                   "log_softmax_transposed_sum", "svdvals_features",
-                                  "inverse_features", "pinv_features"])
+                                  "inverse_features", "pinv_features",
+                                  "layer_norm_over_time", "layer_norm_permuted_image",
+                                  "layer_norm_sum", "gelu_sum", "group_norm_linear",
+                                  "index_select_slice", "index_select_over_time",
+                                  "one_channel_nhwc_conv", "one_channel_nhwc_conv_transpose"])
 def test_kernels_whose_own_scratch_makes_the_peak_match_the_cpu_allocator(name, batch_size):
     """Each model peaks inside a CPU kernel's scratch, which fake tensors do not see (review:
     24-94% low); the kernels are calibrated on a small real batch (``calibration.KERNELS``)."""

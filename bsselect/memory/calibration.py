@@ -138,6 +138,21 @@ def _not_on_batch(dim_position: int, default: int = -1) -> Callable[[Sequence[An
     return applies
 
 
+def _batch_size_int(position: int) -> Callable[[list], None]:
+    """A backward that names the batch size as an integer in ``args[position]`` (group
+    norm's ``N``): the calibration's smaller batch goes there too."""
+    def prepare(args: list) -> None:
+        args[position] = args[0].shape[0]
+    return prepare
+
+
+def _not_contiguous(*positions: int) -> Callable[[Sequence[Any]], bool]:
+    """Some of ``args[positions]`` is not contiguous (transposed, permuted, or the stride-0
+    gradient of a sum): the kernel copies it."""
+    return lambda args: any(isinstance(args[i], torch.Tensor) and not args[i].is_contiguous()
+                            for i in positions)
+
+
 def _strided_grad(args: Sequence[Any]) -> bool:
     """The incoming gradient is not contiguous (the stride-0 gradient of a sum or mean):
     the backward kernel copies it."""
@@ -262,6 +277,26 @@ KERNELS: dict[Any, KernelSpec] = {
     # forward low (review). atol and rtol may be batched tensors.
     _aten.linalg_pinv.atol_rtol_tensor: KernelSpec(
         _dim0(0, 1, 2), min_items=1, applies=lambda args: args[0].dim() > 2),
+    # Layer norm over an input that is not contiguous (a (B, C, T) activation transposed to
+    # (B, T, C), a permuted image) computes through a contiguous copy of it, and its backward
+    # copies such an input and a gradient that is not contiguous (a sum right after it); so
+    # does GELU's (erf) backward. A conv then LayerNorm over time was 24% of the forward low,
+    # LayerNorm or GELU then a sum 24% of the backward (fuzz).
+    _aten.native_layer_norm.default: KernelSpec(_dim0(0), min_items=1,
+                                                applies=_not_contiguous(0)),
+    _aten.native_layer_norm_backward.default: KernelSpec(_dim0(0, 1, 3, 4), min_items=1,
+                                                         applies=_not_contiguous(0, 1)),
+    _aten.gelu_backward.default: KernelSpec(_dim0(0, 1), min_items=1,
+                                            applies=_not_contiguous(0, 1)),
+    # group norm's CPU backward keeps float32 sums per item and channel (ds, db) beside
+    # grad_input: after a Linear (one element a channel) 24% of the backward low (fuzz).
+    _aten.native_group_norm_backward.default: KernelSpec(_dim0(0, 1, 2, 3), min_items=1,
+                                                         prepare=_batch_size_int(5)),
+    # index_select along a dim that is not the batch's, on an input that is not contiguous
+    # (a slice), copies the input first: 14% of the forward low (fuzz).
+    _aten.index_select.default: KernelSpec(
+        _dim0(0), min_items=1, applies=lambda args: _not_contiguous(0)(args)
+        and _not_on_batch(1)(args)),
     # batch norm's CPU backward allocates an input-sized buffer beside grad_input when the
     # gradient is contiguous NCHW (not when channels-last or stride-0): conv -> BatchNorm ->
     # mean, whose peak is there, was 24% low (review).

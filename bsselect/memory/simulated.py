@@ -46,7 +46,7 @@ from .optim_impl import run_as_on
 from .scratch import (CPU_NORM_DTYPES, CUDA_NORM_STATS, EVENLY_DISTRIBUTED_NODES,
                       FRAMEWORK_SCRATCH, cpu_evenly_distributed_mark, cpu_masked_select_mark,
                       cpu_norm_dtypes, cpu_promotion_casts, cuda_masked_select_indices,
-                      cuda_norm_dtypes)
+                      cuda_norm_dtypes, standard_layout)
 from .fake import build_fake_model, fake_batch_leaf, new_fake_mode, real_batch, young_gc_only
 from .live import (live_at_step_start, local, module_tensors, optimizer_state_tensors,
                    storage_bytes)
@@ -136,9 +136,11 @@ _ACCUMULATE = torch.ops.aten.add.Tensor  # the autograd engine's gradient sum, o
 # of ``masked_select`` ``zeros.masked_scatter(...)`` against ``masked_scatter_`` (+8-12%);
 # that of ``max(dim)``, ``median(dim)``, ``kthvalue``, ``sort`` and ``topk``
 # (``value_selecting_reduction_backward``) ``zeros.scatter(...)`` against ``scatter_``, and
-# ``gather``'s ``zeros.scatter_add(...)`` against ``scatter_add_`` (+0.8% to +77%, review).
+# ``gather``'s ``zeros.scatter_add(...)`` against ``scatter_add_`` (+0.8% to +77%, review);
+# ``index_select``'s ``zeros.index_add(...)`` against ``index_add_`` (+30-38%, fuzz).
 _COPIED_ON_FAKE = {torch.ops.aten.index_put.default, torch.ops.aten.masked_scatter.default,
-                   torch.ops.aten.scatter.src, torch.ops.aten.scatter_add.default}
+                   torch.ops.aten.scatter.src, torch.ops.aten.scatter_add.default,
+                   torch.ops.aten.index_add.default}
 # F.linear on an input it cannot fold into one addmm (3-D and non-contiguous: the transposed
 # output of nn.MultiheadAttention(batch_first=True)) computes matmul, then adds the bias in
 # place for real (``output.add_(bias)``) and out of place for a tensor subclass (a fake bias):
@@ -387,7 +389,7 @@ class LiveStorageCounter(TorchDispatchMode):
             return out
         before = self.live_bytes
         cost = self._kernel_cost(func, args, kwargs) if self._kernel_cost else None
-        out = func(*args, **kwargs)
+        out = standard_layout(func, args, kwargs, func(*args, **kwargs))
         if self.cpu_target and func in CPU_NORM_DTYPES:
             out = cpu_norm_dtypes(func, args, out)
         elif self._cuda and func in CUDA_NORM_STATS:

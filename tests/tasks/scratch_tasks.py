@@ -1,9 +1,11 @@
 """Small models whose CPU step peaks inside a kernel's own scratch, which fake tensors do not
 see (review, session 28): upsampling, nn.Bilinear, kthvalue, F.fold, batch norm's backward,
 softmax's backward on a stride-0 gradient, a sum of bools over an activation, a batch of
-matrix exponentials and an FFT over time; and (session 29) pooling backwards on a stride-0
+matrix exponentials and an FFT over time; (session 29) pooling backwards on a stride-0
 gradient, conv_tbc, F.affine_grid, a whole-tensor max or median, and forwards that end in
-median, logsumexp, cdist, huber or binary cross-entropy with logits."""
+median, logsumexp, cdist, huber or binary cross-entropy with logits; and (session 30, a
+differential fuzz) layer norm, GELU and index_select on layouts that make the kernel copy,
+group norm's backward, index_select's, and a one-channel image permuted from NHWC."""
 
 from __future__ import annotations
 
@@ -233,6 +235,40 @@ class MatrixFeatures(nn.Module):
         return self.head(self.op(m).mean(1))
 
 
+class Lambda(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _norm_over_time() -> nn.Module:
+    """A conv over time, then LayerNorm over channels: the norm's input is (B, T, C) of a
+    (B, C, T) activation transposed, not contiguous (speech encoders' feature projection)."""
+    return nn.Sequential(nn.Conv1d(32, 48, 3, padding=1), Lambda(lambda h: h.transpose(1, 2)),
+                         nn.LayerNorm(48), Lambda(lambda h: h.mean(1)), nn.Linear(48, K))
+
+
+def _norm_permuted_image() -> nn.Module:
+    """LayerNorm over channels of an image permuted to channels-last and back (ConvNeXt)."""
+    return nn.Sequential(Lambda(lambda x: x.permute(0, 2, 3, 1)), nn.LayerNorm(12),
+                         Lambda(lambda x: x.permute(0, 3, 1, 2)), nn.Flatten(),
+                         nn.Linear(12 * 12 * 12, K))
+
+
+def _one_channel_nhwc(act: nn.Module, conv: nn.Module) -> nn.Module:
+    """A grayscale image stored (B, H, W, 1) and permuted to (B, 1, H, W): strides (HW, 1, W,
+    1), contiguous and channels-last at once; ATen's pointwise kernels give a standard layout
+    where fake tensors keep those strides, and the conv after takes another path."""
+    return nn.Sequential(Lambda(lambda x: x.permute(0, 3, 1, 2)), act, conv,
+                         Lambda(lambda h: h.mean((2, 3))), nn.Linear(8, K))
+
+
+_REVERSED = torch.arange(31, -1, -1)
+
+
 def _median_over_time(h: torch.Tensor) -> torch.Tensor:
     return h.median(1).values
 
@@ -276,4 +312,22 @@ TASKS = {
     "batch_norm": lambda: _task(BatchNormPool, (3, 16, 16)),
     "softmax_sum": lambda: _task(SoftmaxSum, (64, 32)),
     "bool_sum": lambda: _task(BoolSum, (64, 32)),
+    # session 30 (fuzz): layouts that make the CPU kernel copy, or pick another path
+    "layer_norm_over_time": lambda: _task(_norm_over_time, (32, 64)),
+    "layer_norm_permuted_image": lambda: _task(_norm_permuted_image, (12, 12, 12)),
+    "layer_norm_sum": lambda: _op_task(lambda h: F.layer_norm(h, (32,)), (64, 32)),
+    "gelu_sum": lambda: _op_task(F.gelu, (64, 32)),
+    "group_norm_linear": lambda: _task(
+        lambda: nn.Sequential(nn.Linear(32, 64), nn.GroupNorm(4, 64), nn.Linear(64, K)), (32,)),
+    "index_select_slice": lambda: _task(lambda: nn.Sequential(
+        nn.Linear(32, 128), Lambda(lambda h: h[:, ::2].index_select(1, torch.arange(62, -1, -2))),
+        nn.Linear(32, K)), (32,)),
+    "index_select_over_time": lambda: _task(lambda: nn.Sequential(
+        nn.Linear(32, 32), Lambda(lambda h: h.index_select(1, _REVERSED).mean(1)),
+        nn.Linear(32, K)), (32, 32)),
+    "one_channel_nhwc_conv": lambda: _task(
+        lambda: _one_channel_nhwc(nn.ReLU(), nn.Conv2d(1, 8, 3, padding=1)), (12, 12, 1)),
+    "one_channel_nhwc_conv_transpose": lambda: _task(
+        lambda: _one_channel_nhwc(nn.Softplus(), nn.ConvTranspose2d(1, 8, 3, padding=1)),
+        (12, 12, 1)),
 }
