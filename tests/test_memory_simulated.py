@@ -1103,6 +1103,33 @@ def test_norms_under_bf16_autocast_keep_float32_statistics_on_the_cpu(name, batc
             <= 16, phase
 
 
+def test_a_calibrated_kernels_outputs_take_the_real_layout():
+    """Layer norm's CPU backward gives a contiguous grad_input for an input permuted to
+    channels-last, where the fake kernel keeps the permuted strides; the grouped conv's
+    backward before it then took another path: 11% of the backward low at b = 2 (fuzz). The
+    calibration records each output's dim order, and the fake output takes it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tasks.scratch_tasks import Lambda, _seeded
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1),
+                             nn.Conv2d(8, 12, 5, padding=2, groups=2, bias=False),
+                             Lambda(lambda x: x.permute(0, 2, 3, 1)), nn.LayerNorm(12),
+                             Lambda(lambda x: x.permute(0, 3, 1, 2)), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(12, 4))
+
+    task = _seeded(model, (1, 16, 16), lambda g: torch.randint(0, 4, (128,), generator=g),
+                   F.cross_entropy)
+    for batch_size in (2, 8):
+        sim, real = simulate_step_peak(task, batch_size), cpu_step_peak(task, batch_size)
+        for phase in ("forward", "backward", "optimizer"):
+            assert getattr(sim, f"{phase}_peak_bytes") == getattr(real, f"{phase}_peak_bytes"), \
+                (batch_size, phase)
+
+
 class _Bf16Normed(nn.Module):
     def __init__(self) -> None:
         super().__init__()

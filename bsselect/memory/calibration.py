@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import one_line
 from ..precision import REDUCED_DTYPES
 from .cpu_truth import allocator_log, high_water
+from .scratch import dim_order
 
 
 # --- single kernels -------------------------------------------------------------------------
@@ -42,6 +43,10 @@ class KernelCost:
 
     high_water_bytes: int
     output_bytes: tuple[int, ...]
+    # each output's dims from outermost to innermost stride (None: not a tensor, or not
+    # dense), which the fake output may not share: layer norm's backward gives a contiguous
+    # grad_input for a permuted input, and the ops after it follow that layout
+    output_orders: tuple[Optional[tuple[int, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -420,10 +425,12 @@ def _kernel_run(
         prepare(real_args)
     with allocator_log() as deltas:
         out = func(*real_args, **real_kwargs)
+        flat = tree_flatten(out)[0]
         outputs = tuple(t.untyped_storage().nbytes() if isinstance(t, torch.Tensor) else 0
-                        for t in tree_flatten(out)[0])
-        del out  # freed inside the window, as in the step; the replay only needs the maximum
-    return tuple(deltas), outputs
+                        for t in flat)
+        orders = tuple(dim_order(t) for t in flat)
+        del out, flat  # freed inside the window, as in the step; the replay only needs the max
+    return tuple(deltas), outputs, orders
 
 
 def _affine(lo: Sequence[int], hi: Sequence[int], n_lo: int, n_hi: int, items: int) -> list[int]:
@@ -434,12 +441,13 @@ def extrapolate(lo: tuple, hi: tuple, n_lo: int, n_hi: int, items: int) -> Kerne
     """The cost at ``items`` from runs at ``n_lo`` < ``n_hi``, each allocation and output
     affine in the batch. If the runs allocate differently (the kernel changed algorithm),
     the high-water mark itself is extrapolated instead."""
-    (deltas_lo, outputs_lo), (deltas_hi, outputs_hi) = lo, hi
+    (deltas_lo, outputs_lo, _), (deltas_hi, outputs_hi, orders) = lo, hi
     outputs = tuple(_affine(outputs_lo, outputs_hi, n_lo, n_hi, items))
     if len(deltas_lo) == len(deltas_hi):
-        return KernelCost(high_water(_affine(deltas_lo, deltas_hi, n_lo, n_hi, items)), outputs)
+        return KernelCost(high_water(_affine(deltas_lo, deltas_hi, n_lo, n_hi, items)), outputs,
+                          orders)
     marks = _affine([high_water(deltas_lo)], [high_water(deltas_hi)], n_lo, n_hi, items)
-    return KernelCost(marks[0], outputs)
+    return KernelCost(marks[0], outputs, orders)
 
 
 def calibration_items(items: int, item_bytes: int, min_items: int) -> tuple[int, ...]:
@@ -497,7 +505,7 @@ def _attention_by_length(func: Any, args: Sequence[Any], kwargs: dict
     (lo, hi), (n_lo, n_hi) = runs, ATTENTION_CALIBRATION_TOKENS
     mark = _affine([lo.high_water_bytes], [hi.high_water_bytes], n_lo, n_hi, length)[0]
     return KernelCost(mark, tuple(_affine(lo.output_bytes, hi.output_bytes, n_lo, n_hi,
-                                          length)))
+                                          length)), hi.output_orders)
 
 
 def kernel_cost(func: Any, args: Sequence[Any], kwargs: dict) -> Optional[KernelCost]:
@@ -528,8 +536,8 @@ def kernel_cost(func: Any, args: Sequence[Any], kwargs: dict) -> Optional[Kernel
                       f"is not counted: {one_line(exc)}", RuntimeWarning, stacklevel=2)
         return None
     if len(sizes) == 1:
-        deltas, outputs = runs[0]
-        return KernelCost(high_water(deltas), outputs)
+        deltas, outputs, orders = runs[0]
+        return KernelCost(high_water(deltas), outputs, orders)
     return extrapolate(runs[0], runs[1], sizes[0], sizes[1], items)
 
 

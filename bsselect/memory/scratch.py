@@ -18,9 +18,10 @@ import math
 from typing import Any, Callable, Sequence
 
 import torch
-from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
+from torch._prims_common import (ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes,
+                                 is_non_overlapping_and_dense_or_false)
 from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..precision import REDUCED_DTYPES
 from .values import is_fake
@@ -290,3 +291,36 @@ def cpu_norm_dtypes(func: Any, args: tuple, out: Any) -> Any:
         return (first.to(x.dtype), *out[1:])
     return out
 
+
+def dim_order(t: Any) -> tuple[int, ...] | None:
+    """A dense tensor's dims from the outermost stride to the innermost (ties, as a size-one
+    dim's, by position); None for anything else."""
+    if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.layout != torch.strided \
+            or not is_non_overlapping_and_dense_or_false(t):
+        return None
+    stride = t.stride()
+    return tuple(sorted(range(t.dim()), key=lambda d: (-stride[d], d)))
+
+
+def with_real_layout(out: Any, cost: Any, args: Sequence[Any]) -> Any:
+    """``out`` (the fake kernel's) with each fresh dense output laid out in the dim order the
+    real kernel's had (``calibration.KernelCost.output_orders``); views and in-place outputs are kept."""
+    if cost is None or not cost.output_orders:
+        return out
+    flat, spec = tree_flatten(out)
+    if len(flat) != len(cost.output_orders):
+        return out
+    inputs = {id(a.untyped_storage()) for a in tree_flatten(list(args))[0]
+              if isinstance(a, torch.Tensor)}
+    changed = False
+    for i, (t, order) in enumerate(zip(flat, cost.output_orders)):
+        if order is None or len(order) != getattr(t, "ndim", -1) \
+                or dim_order(t) in (None, order) or id(t.untyped_storage()) in inputs:
+            continue
+        stride, step = [0] * t.dim(), 1
+        for d in reversed(order):
+            stride[d] = step
+            step *= max(t.shape[d], 1)
+        flat[i] = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+        changed = True
+    return tree_unflatten(flat, spec) if changed else out
