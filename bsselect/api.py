@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, Union
 from .errors import CannotSimulate, TaskError, UsageError, one_line, parse_choice
 from .oom import caused_by_oom
 from .selection.plan import (_branch_samples, _check_enough_data, _check_lr, _check_seed,
-                             _run_checkpoints, _sizes_and_threads, local_processes,
-                             parse_warmup, plan_sizes, slug, sweep_settings, warn_threads)
+                             _run_checkpoints, _sizes_and_threads, check_integers,
+                             check_number, local_processes, parse_warmup, plan_sizes, slug,
+                             sweep_settings, warn_threads)
 from .wording import python_words, warn_channel
 
 if TYPE_CHECKING:
@@ -429,10 +430,8 @@ def noise_scale(task: TaskLike = None, *, b_small: int | None = None,
     from .run_options import parse_precision
     from .selection.noise_run import measure_noise
 
-    for option, value in (("--b-small", b_small), ("--b-big", b_big), ("--every", every),
-                          ("--measurements", measurements), ("--warmup-steps", warmup_steps)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise UsageError(f"{option} must be an integer, got {value!r}")
+    check_integers(b_small=b_small, b_big=b_big, every=every, measurements=measurements,
+                   warmup_steps=warmup_steps)
     _check_seed(seed)
     if every is not None and every < 1:
         raise UsageError("--every must be >= 1")
@@ -495,6 +494,8 @@ def plan_sweep(task: TaskLike = None, *, batch_sizes: Sequence[int] | None = Non
     from .selection.timing import default_threads
 
     warmup_steps = parse_warmup(warmup_steps)
+    check_integers(min_batch=min_batch, max_batch=max_batch,
+                   noise_measurements=noise_measurements, warm_start_steps=warm_start_steps)
     if noise_measurements < 0 or warm_start_steps < 0:
         raise UsageError("--warm-start-steps and --noise-measurements must be >= 0")
     if noise_measurements == 1:  # before any trial trains (each failed on it after training)
@@ -588,6 +589,9 @@ def schedule(task: TaskLike = None, *, horizon: int | None = None, points: int |
     from .selection.sweep import RAMP_BASE_STEPS, resolve_lr_scaling
     from .selection.timing import default_threads
 
+    check_integers(horizon=horizon, points=points, min_batch=min_batch, max_batch=max_batch,
+                   noise_measurements=noise_measurements)
+    check_number("tolerance", tolerance)
     explicit = _sizes_and_threads(batch_sizes, threads)
     if isinstance(from_checkpoints, (str, Path)):
         from_checkpoints = [from_checkpoints]

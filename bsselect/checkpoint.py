@@ -287,12 +287,20 @@ def checkpoints_in(path: str | Path) -> list[Path] | None:
     return found
 
 
+_AT = re.compile(r"^(.+)@(-?\d+)$")  # PATH@STEP, as schedule --from-checkpoint takes it
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint (file or Hugging Face checkpoint directory); UsageError when it is
     missing, unreadable or not one of the formats above."""
+    if not isinstance(path, (str, Path)):  # a list where one path goes (review)
+        raise UsageError(f"--from-checkpoint takes one path, got {path!r}")
     p = Path(path).expanduser()
     if not p.exists():
-        raise UsageError(f"--from-checkpoint {path}: no such file or directory")
+        at = _AT.match(str(path))
+        hint = (f" (PATH@STEP names a step for `schedule`'s checkpoints only; here the file "
+                f"is {at.group(1)})" if at and Path(at.group(1)).expanduser().exists() else "")
+        raise UsageError(f"--from-checkpoint {path}: no such file or directory{hint}")
     hasher = _Hasher(p.is_dir())
     if p.is_dir():
         model, optimizer, fmt, step = _hf_directory(p, hasher)

@@ -28,7 +28,7 @@ def check_plot_target(path: Path) -> None:
     _pyplot()
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
-        raise UsageError(f"--plot {str(path)!r} is a directory; give a file name like sweep.png")
+        raise UsageError(f"--plot {str(path)!r} is a directory; give a file name like plot.png")
     if not folder.is_dir():
         raise UsageError(f"--plot {str(path)!r}: folder {str(folder)!r} does not exist")
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -39,7 +39,7 @@ def check_plot_target(path: Path) -> None:
     suffix = path.suffix.lstrip(".").lower()
     if suffix and suffix not in kinds:
         raise UsageError(f"--plot {str(path)!r}: matplotlib cannot write .{suffix} files; use "
-                         f"one of {', '.join('.' + k for k in sorted(kinds))} (e.g. sweep.png)")
+                         f"one of {', '.join('.' + k for k in sorted(kinds))} (e.g. plot.png)")
 
 
 def plot_sweep(result: Any, path: Path) -> None:

@@ -254,7 +254,7 @@ def test_check_github_format_annotates_a_failure(tmp_path, monkeypatch):
 @pytest.mark.parametrize("plot, message", [
     ("missing-dir/sweep.png", "--plot 'missing-dir/sweep.png': folder 'missing-dir' does not "
                               "exist"),
-    (".", "--plot '.' is a directory; give a file name like sweep.png"),
+    (".", "--plot '.' is a directory; give a file name like plot.png"),
     ("out.txt", "--plot 'out.txt': matplotlib cannot write .txt files; use one of "),
 ])
 def test_a_bad_plot_path_fails_before_any_trial(tmp_path, monkeypatch, plot, message):
@@ -266,7 +266,7 @@ def test_a_bad_plot_path_fails_before_any_trial(tmp_path, monkeypatch, plot, mes
 
 
 @pytest.mark.parametrize("journal, message", [
-    (".", "journal '.' is a directory; give a file path, e.g. 'bsselect-sweep.jsonl'"),
+    (".", "journal '.' is a directory; give a file path, e.g. 'journal.jsonl'"),
     ("/dev/null", "journal '/dev/null' is not a regular file (a device or a pipe); give a file "
                   "path"),
     ("/proc/nope.jsonl", "cannot write the journal '/proc/nope.jsonl' ("),

@@ -700,3 +700,16 @@ def test_weights_of_another_precision_are_loaded_cast_and_said(run_files, tmp_pa
     same = branch_from(load_checkpoint(path / "run.pt"), task.model, task.make_optimizer,
                        task.lr)
     assert not any("loaded cast" in w for w in same.warnings)
+
+
+def test_a_step_named_on_a_sweeps_checkpoint_says_where_steps_go(tmp_path):
+    """``noise --from-checkpoint file.pt@5`` said only "no such file" (review): PATH@STEP is
+    schedule's."""
+    torch.save({"model": load_task(TINY)[0].model().state_dict()}, tmp_path / "ck.pt")
+    with pytest.raises(UsageError, match=r"ck.pt@5: no such file or directory \(PATH@STEP "
+                                         r"names a step for `schedule`'s checkpoints only; "
+                                         r"here the file is .*ck.pt\)$"):
+        load_checkpoint(f"{tmp_path / 'ck.pt'}@5")
+    with pytest.raises(UsageError, match=r"^--from-checkpoint .*other.pt: no such file or "
+                                         r"directory$"):
+        load_checkpoint(tmp_path / "other.pt")

@@ -247,6 +247,7 @@ def test_growth_exponent_recovers_a_power_law_and_needs_two_points():
     assert growth_exponent(xs, [None, 10, 10 * 2 ** 0.5, 20, 20 * 2 ** 0.5]) == pytest.approx(0.5)
     assert growth_exponent(xs, [5, None, None, None, 7]) is None  # 0 samples: not on a log axis
     assert growth_exponent([100, 100], [1, 2]) is None
+    assert growth_exponent(xs[1:], [3.7] * 4) == 0.0  # exactly: 8e-17 in the JSON (review)
 
 
 def test_batch_schedule_follows_stages_and_ramps_like_the_trials():
@@ -735,3 +736,43 @@ def test_timing_rounds_spread_by_a_busy_machine_are_said():
     note = timing_spread_note(busy)
     assert note.startswith("timing rounds spread on a busy machine: b=128 1.58–4.04 ms;")
     assert "b=64" not in note
+
+
+def test_a_failed_noise_point_is_said_again_on_resume(tmp_path, monkeypatch):
+    """A resumed plan showed no B_simple at the points whose measurement had failed, and no
+    longer said why (review): the journal keeps the reason."""
+    import bsselect.selection.noise as noise_module
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the estimator broke")
+
+    path = tmp_path / "j.jsonl"
+    with monkeypatch.context() as m:  # the seam: the noise estimator, failing
+        m.setattr(noise_module, "estimate_noise", fails)
+        first = run_schedule(sweep_tasks.tiny(), task_name="tiny", batch_sizes=[8, 16],
+                             settings=_settings(), device=CPU, journal_path=path, threads=1)
+    said = [n for n in first.notes if n.startswith("the noise measurement failed")]
+    assert said and "RuntimeError: the estimator broke" in said[0]
+    again = run_schedule(sweep_tasks.tiny(), task_name="tiny", batch_sizes=[8, 16],
+                         settings=_settings(), device=CPU, journal_path=path, resume=True,
+                         threads=1)
+    assert all(p.noise is None for p in again.points)
+    assert [n for n in again.notes if n.startswith("the noise measurement failed")] == said
+
+
+def test_the_api_refuses_options_of_the_wrong_type(tmp_path):
+    """schedule() raised TypeError and AttributeError from deep inside for a string horizon or
+    a float point count, and ran a float noise_measurements with no B_simple anywhere
+    (review); the other commands' options too."""
+    from bsselect import api
+
+    for options in ({"horizon": "8192"}, {"horizon": 1024.5}, {"points": 3.0},
+                    {"tolerance": "0.1"}, {"threads": "2"}, {"noise_measurements": 4.5},
+                    {"min_batch": "8"}):
+        with pytest.raises(UsageError, match=r"must be an? (integer|number), got "):
+            api.schedule(f"{TASKS}:tiny", journal=tmp_path / "j.jsonl", **options)
+    for options in ({"warm_start_steps": 2.0}, {"max_batch": "64"}):
+        with pytest.raises(UsageError, match=r"must be an integer, got "):
+            api.plan_sweep(f"{TASKS}:tiny", journal=tmp_path / "j.jsonl", **options)
+    with pytest.raises(UsageError, match=r"^from_checkpoint= takes one path, got \['a.pt'\]$"):
+        api.noise_scale(f"{TASKS}:tiny", from_checkpoint=["a.pt"])

@@ -222,8 +222,8 @@ def _check_header(path: Path, header: JournalHeader) -> None:
         # 512 samples at lr 0.0025-0.02, and --resume went on under it (review)
         raise UsageError(f"{path}: line 1 (the header) was edited or damaged: its task and "
                          f"settings do not give its key {header.key}, so what the file says its "
-                         "trials ran with cannot be trusted; restore the line, or rerun the "
-                         "sweep")
+                         "trials ran with cannot be trusted; restore the line, or start again "
+                         "with --overwrite")
 
 
 def _timing_from(raw: Any) -> tuple[tuple[dict[str, Any], ...], str | None]:

@@ -20,7 +20,7 @@ def check_path(path: Path) -> None:
     """UsageError unless ``path`` can be a journal file: not a directory, not a device."""
     if path.is_dir():
         raise UsageError(f"journal {str(path)!r} is a directory; give a file path, e.g. "
-                         f"{str(path / 'bsselect-sweep.jsonl')!r}")
+                         f"{str(path / 'journal.jsonl')!r}")
     if path.exists() and not path.is_file():
         raise UsageError(f"journal {str(path)!r} is not a regular file (a device or a pipe); "
                          "give a file path")

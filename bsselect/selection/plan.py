@@ -83,9 +83,24 @@ def _run_checkpoints(specs: Sequence[str | Path]) -> tuple[list["Checkpoint"], l
 MAX_THREADS = 4096  # torch.set_num_threads takes an int; far more than any machine's cores
 
 
+def check_integers(**options: Any) -> None:
+    """UsageError for an option given as something other than an integer (a string, a float,
+    a bool): ``check_integers(horizon=...)`` names ``--horizon``. None is "not given"."""
+    for name, value in options.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UsageError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
+
+
+def check_number(name: str, value: Any) -> None:
+    """UsageError for an option given as something other than a real number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
+
+
 def _sizes_and_threads(batch_sizes: Sequence[int] | None, threads: int | None
                        ) -> list[int] | None:
     """``--batch-sizes`` as a list (None when not given) and ``--threads``, checked."""
+    check_integers(threads=threads)
     if threads is not None and not 1 <= threads <= MAX_THREADS:
         raise UsageError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     from ..memory.capacity import check_batch_sizes

@@ -408,7 +408,8 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
     try:
         for w in journal.warnings:
             notes.append(w)
-        done_branch, done_noise = _resumed(journal.records, notes)
+        noise_failed: list[str] = []
+        done_branch, done_noise = _resumed(journal.records, notes, noise_failed)
         again = sorted(k for k, t in done_branch.items() if t.status in RERUN_ON_RESUME)
         if again:  # as sweep --resume: a failure of the moment, not of the batch size
             notes.append("--resume ran again the branches the journal held as failed: "
@@ -434,16 +435,19 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
         loss_init = with_initial_loss(setup).loss_start  # the branches' divergence rule
         noises: dict[int, dict[str, Any] | None] = dict(done_noise)
         bases: list[tuple[int, int, int, str | None]] = []  # (point, samples, steps, checkpoint)
-        noise_failed: list[str] = []
         merged = 0
 
         def _measure_point(k: int, samples: int, steps: int, model: Any, mstate: dict,
                            ostate: dict | None, path: str | None) -> None:
             """The noise scale and the branches at point ``k`` (those not journaled yet)."""
             if k not in noises:
+                failures = len(noise_failed)
                 noises[k] = _noise_at(setup, model, settings.noise_measurements,
                                       settings.seed + 1000 + k, noise_failed)
-                journal.append_record("point_noise", {"point": k, "estimate": noises[k]})
+                record: dict[str, Any] = {"point": k, "estimate": noises[k]}
+                if len(noise_failed) > failures:
+                    record["error"] = noise_failed[-1]
+                journal.append_record("point_noise", record)
             point = dataclasses.replace(
                 setup, initial_state=mstate, optimizer_state=ostate if steps else None,
                 branch_steps=steps, loss_start=None, noise_measurements=0,
@@ -540,10 +544,12 @@ def run_schedule(task: Any, *, task_name: str, batch_sizes: Sequence[int],
                           len(done_branch), time.perf_counter() - start, tuple(notes))
 
 
-def _resumed(records: Sequence[tuple[str, dict[str, Any]]], notes: list[str]
+def _resumed(records: Sequence[tuple[str, dict[str, Any]]], notes: list[str],
+             noise_failed: list[str]
              ) -> tuple[dict[tuple[int, int], TrialResult], dict[int, dict[str, Any] | None]]:
     """The branches and noise points a journal holds; a record that does not read as one is
-    skipped with a note (it is measured again)."""
+    skipped with a note (it is measured again). A noise point that failed adds why to
+    ``noise_failed``, as it did when it was measured (a resumed plan lost the note: review)."""
     branches: dict[tuple[int, int], TrialResult] = {}
     noises: dict[int, dict[str, Any] | None] = {}
     for tag, payload in records:
@@ -556,6 +562,8 @@ def _resumed(records: Sequence[tuple[str, dict[str, Any]]], notes: list[str]
                 if estimate is not None and not isinstance(estimate, dict):
                     raise TypeError("estimate is not an object")
                 noises[int(payload["point"])] = estimate
+                if estimate is None and isinstance(payload.get("error"), str):
+                    noise_failed.append(payload["error"])
         except (KeyError, TypeError, ValueError) as exc:
             notes.append(f"a {tag} record of the journal was skipped ({one_line(exc)}); "
                          "measured again")

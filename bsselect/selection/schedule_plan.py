@@ -337,6 +337,8 @@ def growth_exponent(samples: Sequence[float], values: Sequence[float | None]) ->
            if s > 0 and v is not None and v > 0 and math.isfinite(v)]
     if len(pts) < 2:
         return None
+    if len({y for _, y in pts}) == 1:
+        return 0.0  # not the rounding of a mean of equal logs (8e-17 in the JSON: review)
     mx = sum(x for x, _ in pts) / len(pts)
     my = sum(y for _, y in pts) / len(pts)
     sxx = sum((x - mx) ** 2 for x, _ in pts)
