@@ -26,7 +26,8 @@ PACKAGE = Path(bsselect.__file__).parent
     ("--memory 80GiB or --device-preset a100-80gb", 'memory="80GiB" or device_preset="a100-80gb"'),
     ("--batch-sizes 8,16,32 lists the sizes", "batch_sizes=[8, 16, 32] lists the sizes"),
     ("--batch-sizes 128,256 lists", "batch_sizes=[128, 256] lists"),
-    ("--points 6 exceeds what --horizon 10,000 spaces", "points=6 exceeds what horizon=10000 spaces"),
+    ("--points 6 exceeds what --horizon 10,000 spaces",
+     "points=6 exceeds what horizon=10000 spaces"),
     ("--batch-sizes, --min-batch", "batch_sizes=, min_batch="),
     ("give --warmup-steps N.", "give warmup_steps=N."),
     ("choose another --journal path", "choose another journal=path"),
@@ -35,7 +36,8 @@ PACKAGE = Path(bsselect.__file__).parent
     ("--budget 200steps", 'budget="200steps"'),
     ("--warmup-steps=auto", 'warmup_steps="auto"'),
     # switches: what follows belongs to the sentence
-    ("--resume and --overwrite exclude each other", "resume=True and overwrite=True exclude each other"),
+    ("--resume and --overwrite exclude each other",
+     "resume=True and overwrite=True exclude each other"),
     ("--no-activation-checkpointing saves", "activation_checkpointing=False saves"),
     ("--reshard-after-forward needs --shard fsdp", 'reshard_after_forward=True needs shard="fsdp"'),
     # a word after an option that takes a value is not its value
