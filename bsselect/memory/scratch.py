@@ -227,12 +227,22 @@ def cuda_norm_dtypes(func: Any, args: tuple, out: Any) -> Any:
                  for i, t in enumerate(out))
 
 
-# Ops whose CPU kernel is a TensorIterator that lays its output out as ``standard_layout``
-# says, beyond those tagged pointwise; and pointwise-tagged ones that copy their input's
-# strides instead (``clone`` keeps them).
-_ITERATOR_OPS = {_aten.softplus_backward.default, _aten.native_dropout.default,
-                 _aten.native_batch_norm.default}
-_KEEPS_STRIDES = {_aten.clone.default}
+# Ops whose CPU kernel lays its output out as ``standard_layout`` says, beyond those tagged
+# pointwise, judged by their operands of the output's shape (batch norm's weight and running
+# statistics are not: its output is standard for a contiguous input); pointwise-tagged ones
+# that copy their input's strides instead (``clone``); and ops whose CPU kernel gives the
+# input's strides where the fake kernel gives the standard ones (group norm). Measured on a
+# one-channel image permuted from NHWC, the only layout where these differ (fuzz; hardtanh
+# and its ReLU6, and every other activation's forward and backward in torch.nn.functional,
+# checked one by one).
+_ITERATOR_OPS = {*(getattr(_aten, f"{name}_backward").default for name in (
+                    "softplus", "hardtanh", "elu", "hardsigmoid", "hardswish", "mish",
+                    "log_sigmoid", "leaky_relu")),
+                 _aten.native_dropout.default,
+                 _aten.native_batch_norm.default, _aten._native_batch_norm_legit.default,
+                 _aten._native_batch_norm_legit.no_stats}
+_KEEPS_STRIDES = {_aten.clone.default, _aten.hardtanh.default}  # hardtanh: ReLU6 too
+_INPUT_STRIDES = {_aten.native_group_norm.default}
 
 
 def standard_layout(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
@@ -244,12 +254,19 @@ def standard_layout(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
     following convolution takes: ReLU then Conv2d on such an image was 23-52% low, Softplus
     then ConvTranspose2d 64% (fuzz)."""
     first = out[0] if isinstance(out, tuple) and out else out
-    if not isinstance(first, torch.Tensor) or func in _KEEPS_STRIDES or not (
-            torch.Tag.pointwise in func.tags or func in _ITERATOR_OPS):
+    if not isinstance(first, torch.Tensor):
+        return out
+    if func in _INPUT_STRIDES:
+        return _input_strides(args[0], out)
+    if func in _KEEPS_STRIDES or not (torch.Tag.pointwise in func.tags or func in _ITERATOR_OPS):
         return out
     if not first.is_contiguous() or first.stride() == _contiguous_strides(first.shape):
         return out
+    if _wraps_a_number(func, args):
+        return out  # a 0-d operand of another shape: ATen keeps the input's dim order
     operands = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+    if func in _ITERATOR_OPS:
+        operands = [a for a in operands if a.dim() == first.dim()]
     if not operands or any(a.shape != first.shape or not a.is_contiguous() for a in operands):
         return out
     storages = {id(a.untyped_storage()) for a in operands}
@@ -258,6 +275,31 @@ def standard_layout(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
         t.clone(memory_format=torch.contiguous_format)
         if isinstance(t, torch.Tensor) and t.shape == first.shape and t.is_contiguous()
         and id(t.untyped_storage()) not in storages else t for t in outputs))
+
+
+_OPERAND_NAMES = ("self", "other")  # what a number passed there becomes: a 0-d
+# tensor operand (``x + 1``), not a parameter of the kernel (``threshold_backward``'s)
+
+
+def _wraps_a_number(func: Any, args: tuple) -> bool:
+    """Whether a number passed to ``func`` is one of its operands, which ATen wraps in a 0-d
+    tensor (then its operands are not all of one shape)."""
+    for arg, value in zip(func._schema.arguments, args):
+        if isinstance(value, (bool, int, float, complex)) and (
+                arg.name in _OPERAND_NAMES or str(arg.type) == "Tensor"):
+            return True
+    return False
+
+
+def _input_strides(x: Any, out: Any) -> Any:
+    """``out`` with its first output laid out as the input ``x`` is, where both are dense
+    and of one shape."""
+    first = out[0] if isinstance(out, tuple) else out
+    if not (isinstance(x, torch.Tensor) and x.shape == first.shape
+            and x.stride() != first.stride() and is_non_overlapping_and_dense_or_false(x)):
+        return out
+    laid = torch.empty_strided(first.shape, x.stride(), dtype=first.dtype, device=first.device)
+    return (laid, *out[1:]) if isinstance(out, tuple) else laid
 
 
 def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:

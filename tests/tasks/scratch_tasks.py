@@ -327,6 +327,9 @@ TASKS = {
         nn.Linear(32, K)), (32, 32)),
     "one_channel_nhwc_conv": lambda: _task(
         lambda: _one_channel_nhwc(nn.ReLU(), nn.Conv2d(1, 8, 3, padding=1)), (12, 12, 1)),
+    "one_channel_nhwc_batch_norm": lambda: _task(
+        lambda: _one_channel_nhwc(nn.BatchNorm2d(1), nn.Conv2d(1, 8, 3, padding=1)),
+        (12, 12, 1)),
     "one_channel_nhwc_conv_transpose": lambda: _task(
         lambda: _one_channel_nhwc(nn.Softplus(), nn.ConvTranspose2d(1, 8, 3, padding=1)),
         (12, 12, 1)),
