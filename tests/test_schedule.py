@@ -630,7 +630,7 @@ def test_a_step_named_by_hand_must_agree_with_the_files_own(tmp_path):
     with pytest.raises(UsageError, match="the checkpoint itself says step 8; leave @4 out"):
         _run_checkpoints([f"{tmp_path / 't.pt'}@4"])
     assert _run_checkpoints(None) == ([], [])
-    with pytest.raises(UsageError, match="leave --points out"):
+    with pytest.raises(UsageError, match="leave points= out"):
         api.schedule(f"{TASKS}:tiny", points=3, from_checkpoints=[str(tmp_path / "t.pt")])
 
 
