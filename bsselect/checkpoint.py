@@ -287,9 +287,6 @@ def checkpoints_in(path: str | Path) -> list[Path] | None:
     return found
 
 
-_AT = re.compile(r"^(.+)@(-?\d+)$")  # PATH@STEP, as schedule --from-checkpoint takes it
-
-
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint (file or Hugging Face checkpoint directory); UsageError when it is
     missing, unreadable or not one of the formats above."""
@@ -297,9 +294,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise UsageError(f"--from-checkpoint takes one path, got {path!r}")
     p = Path(path).expanduser()
     if not p.exists():
-        at = _AT.match(str(path))
+        base, at, _ = str(path).rpartition("@")  # PATH@STEP: schedule's form
         hint = (f" (PATH@STEP names a step for `schedule`'s checkpoints only; here the file "
-                f"is {at.group(1)})" if at and Path(at.group(1)).expanduser().exists() else "")
+                f"is {base})" if at and Path(base).expanduser().exists() else "")
         raise UsageError(f"--from-checkpoint {path}: no such file or directory{hint}")
     hasher = _Hasher(p.is_dir())
     if p.is_dir():

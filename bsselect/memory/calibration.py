@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import one_line
 from ..precision import REDUCED_DTYPES
 from .cpu_truth import allocator_log, high_water
-from .scratch import dim_order
+from .scratch import dim_order, stride_order
 
 
 # --- single kernels -------------------------------------------------------------------------
@@ -400,7 +400,7 @@ def _layout(t: torch.Tensor, batch_dim: Optional[int]) -> tuple[Any, ...]:
     if batch_dim is None or t.shape[batch_dim] == 1 or stride[batch_dim] == 0 \
             or stride[batch_dim] >= others:
         return ("strides", tuple(stride), t.storage_offset())
-    return ("order", tuple(sorted(range(t.dim()), key=lambda d: (-stride[d], d))))
+    return ("order", stride_order(t))
 
 
 def _build(spec: Any, items: int) -> Any:
@@ -476,7 +476,7 @@ ATTENTION_CALIBRATION_TOKENS = (2048, 4096)
 
 def _resized(t: torch.Tensor, dim: int, n: int) -> torch.Tensor:
     """A meta tensor like ``t`` (dtype, dim order) with ``n`` along ``dim``."""
-    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))  # outer to inner
+    order = stride_order(t)  # outer to inner
     shape = [n if d == dim else t.shape[d] for d in order]
     return torch.empty(shape, dtype=t.dtype, device="meta").permute(
         [order.index(d) for d in range(t.dim())])

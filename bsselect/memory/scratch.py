@@ -260,7 +260,7 @@ def standard_layout(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
         return _input_strides(args[0], out)
     if func in _KEEPS_STRIDES or not (torch.Tag.pointwise in func.tags or func in _ITERATOR_OPS):
         return out
-    if not first.is_contiguous() or first.stride() == _contiguous_strides(first.shape):
+    if not first.is_contiguous() or first.stride() == dense_strides(first.shape):
         return out
     if _wraps_a_number(func, args):
         return out  # a 0-d operand of another shape: ATen keeps the input's dim order
@@ -270,11 +270,12 @@ def standard_layout(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
     if not operands or any(a.shape != first.shape or not a.is_contiguous() for a in operands):
         return out
     storages = {id(a.untyped_storage()) for a in operands}
-    outputs = out if isinstance(out, tuple) else (out,)
-    return _same_kind(out, tuple(
-        t.clone(memory_format=torch.contiguous_format)
+    outputs = tuple(
+        _laid_out(t, dense_strides(t.shape))
         if isinstance(t, torch.Tensor) and t.shape == first.shape and t.is_contiguous()
-        and id(t.untyped_storage()) not in storages else t for t in outputs))
+        and id(t.untyped_storage()) not in storages else t
+        for t in (out if isinstance(out, tuple) else (out,)))
+    return outputs if isinstance(out, tuple) else outputs[0]
 
 
 _OPERAND_NAMES = ("self", "other")  # what a number passed there becomes: a 0-d
@@ -298,20 +299,31 @@ def _input_strides(x: Any, out: Any) -> Any:
     if not (isinstance(x, torch.Tensor) and x.shape == first.shape
             and x.stride() != first.stride() and is_non_overlapping_and_dense_or_false(x)):
         return out
-    laid = torch.empty_strided(first.shape, x.stride(), dtype=first.dtype, device=first.device)
+    laid = _laid_out(first, x.stride())
     return (laid, *out[1:]) if isinstance(out, tuple) else laid
 
 
-def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
+def stride_order(t: torch.Tensor) -> tuple[int, ...]:
+    """A tensor's dims from the outermost stride to the innermost (ties, as a size-one dim's,
+    by position)."""
+    stride = t.stride()
+    return tuple(sorted(range(t.dim()), key=lambda d: (-stride[d], d)))
 
 
-def _same_kind(out: Any, outputs: tuple) -> Any:
-    return outputs if isinstance(out, tuple) else outputs[0]
+def dense_strides(shape: Sequence[int], order: Sequence[int] | None = None
+                  ) -> tuple[int, ...]:
+    """The strides of a dense tensor of ``shape`` whose dims are laid out in ``order`` (outer
+    to inner; the standard order when None)."""
+    stride, step = [0] * len(shape), 1
+    for d in reversed(range(len(shape)) if order is None else tuple(order)):
+        stride[d] = step
+        step *= max(shape[d], 1)
+    return tuple(stride)
+
+
+def _laid_out(t: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
+    """A fresh tensor like ``t`` (fake where ``t`` is) with ``stride``."""
+    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
 
 
 def cpu_norm_dtypes(func: Any, args: tuple, out: Any) -> Any:
@@ -340,13 +352,13 @@ def dim_order(t: Any) -> tuple[int, ...] | None:
     if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.layout != torch.strided \
             or not is_non_overlapping_and_dense_or_false(t):
         return None
-    stride = t.stride()
-    return tuple(sorted(range(t.dim()), key=lambda d: (-stride[d], d)))
+    return stride_order(t)
 
 
 def with_real_layout(out: Any, cost: Any, args: Sequence[Any]) -> Any:
     """``out`` (the fake kernel's) with each fresh dense output laid out in the dim order the
-    real kernel's had (``calibration.KernelCost.output_orders``); views and in-place outputs are kept."""
+    real kernel's had (``calibration.KernelCost.output_orders``); views and in-place outputs
+    are kept."""
     if cost is None or not cost.output_orders:
         return out
     flat, spec = tree_flatten(out)
@@ -359,10 +371,6 @@ def with_real_layout(out: Any, cost: Any, args: Sequence[Any]) -> Any:
         if order is None or len(order) != getattr(t, "ndim", -1) \
                 or dim_order(t) in (None, order) or id(t.untyped_storage()) in inputs:
             continue
-        stride, step = [0] * t.dim(), 1
-        for d in reversed(order):
-            stride[d] = step
-            step *= max(t.shape[d], 1)
-        flat[i] = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+        flat[i] = _laid_out(t, dense_strides(t.shape, order))
         changed = True
     return tree_unflatten(flat, spec) if changed else out
