@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import one_line
 from ..precision import REDUCED_DTYPES
 from .cpu_truth import allocator_log, high_water
-from .scratch import dim_order, stride_order
+from .layout import dim_order, stride_order
 
 
 # --- single kernels -------------------------------------------------------------------------
@@ -293,6 +293,10 @@ KERNELS: dict[Any, KernelSpec] = {
                                                          applies=_not_contiguous(0, 1)),
     _aten.gelu_backward.default: KernelSpec(_dim0(0, 1), min_items=1,
                                             applies=_not_contiguous(0, 1)),
+    # embedding's CPU backward reads a gradient that is not contiguous (a conv over time
+    # transposed back to (B, T, E)) through a contiguous copy: 8.9% of a backward low (fuzz).
+    _aten.embedding_dense_backward.default: KernelSpec(_dim0(0, 1), min_items=1,
+                                                       applies=_not_contiguous(0)),
     # group norm's CPU backward keeps float32 sums per item and channel (ds, db) beside
     # grad_input: after a Linear (one element a channel) 24% of the backward low (fuzz).
     _aten.native_group_norm_backward.default: KernelSpec(_dim0(0, 1, 2, 3), min_items=1,
@@ -302,6 +306,14 @@ KERNELS: dict[Any, KernelSpec] = {
     _aten.index_select.default: KernelSpec(
         _dim0(0), min_items=1, applies=lambda args: _not_contiguous(0)(args)
         and _not_on_batch(1)(args)),
+    # batch norm's CPU forward computes its statistics in float32 buffers of a value or a row
+    # of values a channel, freed before it returns: two a channel, and one more a thread on the
+    # channels-last path (a 2-d input, N x C x 1 x 1, a channels-last image), which a
+    # transposed input does not take. 384 bytes for 32 channels at one thread, 512 at two;
+    # 0.8-2.7% of a phase of small MLPs with a BatchNorm1d low (fuzz).
+    **{op: KernelSpec(_dim0(0), min_items=2)
+       for op in (_aten.native_batch_norm.default, _aten._native_batch_norm_legit.default,
+                  _aten._native_batch_norm_legit.no_stats)},
     # batch norm's CPU backward allocates an input-sized buffer beside grad_input when the
     # gradient is contiguous NCHW (not when channels-last or stride-0): conv -> BatchNorm ->
     # mean, whose peak is there, was 24% low (review).

@@ -45,8 +45,9 @@ from ..task import Task
 from .optim_impl import run_as_on
 from .scratch import (CPU_NORM_DTYPES, CUDA_NORM_STATS, EVENLY_DISTRIBUTED_NODES,
                       FRAMEWORK_SCRATCH, cpu_evenly_distributed_mark, cpu_masked_select_mark,
-                      cpu_norm_dtypes, cpu_promotion_casts, cuda_masked_select_indices,
-                      cuda_norm_dtypes, standard_layout, with_real_layout)
+                      cpu_layer_norm_backward_buffers, cpu_norm_dtypes, cpu_promotion_casts,
+                      cuda_masked_select_indices, cuda_norm_dtypes)
+from .layout import mixed_layout, standard_layout, with_real_layout
 from .fake import build_fake_model, fake_batch_leaf, new_fake_mode, real_batch, young_gc_only
 from .live import (live_at_step_start, local, module_tensors, optimizer_state_tensors,
                    storage_bytes)
@@ -389,8 +390,9 @@ class LiveStorageCounter(TorchDispatchMode):
             return out
         before = self.live_bytes
         cost = self._kernel_cost(func, args, kwargs) if self._kernel_cost else None
-        out = with_real_layout(standard_layout(func, args, kwargs, func(*args, **kwargs)),
-                               cost, args)
+        out = func(*args, **kwargs)
+        out = with_real_layout(standard_layout(func, args, kwargs,
+                                               mixed_layout(func, args, kwargs, out)), cost, args)
         if self.cpu_target and func in CPU_NORM_DTYPES:
             out = cpu_norm_dtypes(func, args, out)
         elif self._cuda and func in CUDA_NORM_STATS:
@@ -414,6 +416,9 @@ class LiveStorageCounter(TorchDispatchMode):
             if func is torch.ops.aten.masked_select.default:
                 level = before + cpu_masked_select_mark(args, out)
                 self.note(level, max(0, level - self.live_bytes))
+            if func is torch.ops.aten.native_layer_norm_backward.default:
+                buffers = cpu_layer_norm_backward_buffers(args)
+                self.note(self.live_bytes + buffers, buffers)
         if self._cuda and func is torch.ops.aten.masked_select.default:
             indices = cuda_masked_select_indices(args, out)
             self.rounded_peak_bytes = max(self.rounded_peak_bytes,

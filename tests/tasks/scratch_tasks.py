@@ -5,7 +5,8 @@ matrix exponentials and an FFT over time; (session 29) pooling backwards on a st
 gradient, conv_tbc, F.affine_grid, a whole-tensor max or median, and forwards that end in
 median, logsumexp, cdist, huber or binary cross-entropy with logits; and (session 30, a
 differential fuzz) layer norm, GELU and index_select on layouts that make the kernel copy,
-group norm's backward, index_select's, and a one-channel image permuted from NHWC."""
+group norm's backward, index_select's, and a one-channel image permuted from NHWC; (session
+31) batch norm's forward statistics on a 2-d input, checkpointed so that they are the peak."""
 
 from __future__ import annotations
 
@@ -273,6 +274,21 @@ def _median_over_time(h: torch.Tensor) -> torch.Tensor:
     return h.median(1).values
 
 
+class CheckpointedBatchNorm(nn.Module):
+    """BatchNorm1d inside a checkpoint: its forward runs again in the backward, and the
+    step peaks inside the kernel's per-channel statistics (session 31's fuzz: 384 bytes low
+    in each phase)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.head = nn.BatchNorm1d(32), nn.Linear(32, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return self.head(checkpoint(self.norm, x, use_reentrant=False))
+
+
 TASKS = {
     "max_pool1d_mean": lambda: _task(PoolOverTime, (64, 32)),
     "adaptive_max_pool1d_mean": lambda: _task(
@@ -333,4 +349,5 @@ TASKS = {
     "one_channel_nhwc_conv_transpose": lambda: _task(
         lambda: _one_channel_nhwc(nn.Softplus(), nn.ConvTranspose2d(1, 8, 3, padding=1)),
         (12, 12, 1)),
+    "checkpointed_batch_norm_1d": lambda: _task(CheckpointedBatchNorm, (32,)),
 }
