@@ -114,10 +114,11 @@ def mixed_layout(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
     first = outs[0]
     if not isinstance(first, torch.Tensor) or first.dim() < 2 or first.layout != torch.strided:
         return out
-    flat, spec = tree_flatten((args, kwargs))
-    if len({a.stride() for a in flat if isinstance(a, torch.Tensor)
+    # (a first look without flattening: a pointwise op's tensors are its arguments)
+    if len({a.stride() for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)
             and a.shape == first.shape}) < 2:
         return out
+    flat, spec = tree_flatten((args, kwargs))
     laid = _real_tiny_strides(func, flat, spec, first.shape)
     if laid is None or len(laid) != len(outs):
         return out
