@@ -22,15 +22,17 @@ def _pyplot() -> Any:
 
 def check_plot_target(path: Path) -> None:
     """Before any work: matplotlib importable and ``path`` writable (its folder exists and
-    takes a file), so that a sweep does not fail after its trials for want of either."""
+    takes a file, or the nearest folder above it that exists takes the missing ones, which
+    ``save`` creates as ``--journal`` does), so that a sweep does not fail after its trials
+    for want of either."""
     import os
 
     _pyplot()
-    folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise UsageError(f"--plot {str(path)!r} is a directory; give a file name like plot.png")
+    folder = next((p for p in path.parents if p.exists()), Path("."))
     if not folder.is_dir():
-        raise UsageError(f"--plot {str(path)!r}: folder {str(folder)!r} does not exist")
+        raise UsageError(f"--plot {str(path)!r}: {str(folder)!r} is a file, not a folder")
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UsageError(f"--plot {str(path)!r} is not writable")
     from matplotlib.backend_bases import FigureCanvasBase
@@ -40,6 +42,13 @@ def check_plot_target(path: Path) -> None:
     if suffix and suffix not in kinds:
         raise UsageError(f"--plot {str(path)!r}: matplotlib cannot write .{suffix} files; use "
                          f"one of {', '.join('.' + k for k in sorted(kinds))} (e.g. plot.png)")
+
+
+def save(fig: Any, path: Path) -> None:
+    """Write ``fig`` to ``path``, creating its missing folders (``check_plot_target`` checked
+    that they can be)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def plot_sweep(result: Any, path: Path) -> None:
@@ -71,7 +80,7 @@ def plot_sweep(result: Any, path: Path) -> None:
     fig.suptitle(f"bsselect sweep — {result.task}: recommended batch "
                  f"{result.recommended_batch_size}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path)
     plt.close(fig)
 
 
@@ -177,5 +186,5 @@ def plot_schedule(result: Any, path: Path) -> None:
            title=f"bsselect schedule — {result.task_name}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path)
     plt.close(fig)

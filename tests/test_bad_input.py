@@ -252,13 +252,14 @@ def test_check_github_format_annotates_a_failure(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("plot, message", [
-    ("missing-dir/sweep.png", "--plot 'missing-dir/sweep.png': folder 'missing-dir' does not "
-                              "exist"),
+    ("notes.txt/plots/sweep.png", "--plot 'notes.txt/plots/sweep.png': 'notes.txt' is a file, "
+                                  "not a folder"),
     (".", "--plot '.' is a directory; give a file name like plot.png"),
     ("out.txt", "--plot 'out.txt': matplotlib cannot write .txt files; use one of "),
 ])
 def test_a_bad_plot_path_fails_before_any_trial(tmp_path, monkeypatch, plot, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("a file where the plot's folder would be\n")
     proc = run_cli("sweep", "digits-mlp", "--batch-sizes", "8,16", "--plot", plot)
     assert proc.returncode == 2
     assert one_error(proc).startswith(f"error: {message}")

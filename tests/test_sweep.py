@@ -644,15 +644,16 @@ def test_report_renders_the_table_without_running_anything(finished):
 
 def test_report_json_and_plot_match_the_sweep(finished, tmp_path):
     journal, sweep_out = finished
-    proc = run_cli("report", str(journal), "--json", "--plot", "out.png", env=CLI_ENV)
+    # a missing folder is created, as --journal's is
+    proc = run_cli("report", str(journal), "--json", "--plot", "plots/new/out.png", env=CLI_ENV)
     out = json_out(proc)
 
     for key in ("task", "batch_sizes", "budget", "lr_scaling", "base_lr", "base_batch_size",
                 "trials", "fit", "ranking", "rows", "recommended_batch_size", "recommended_lr",
                 "verdict", "validation", "journal"):
         assert out[key] == sweep_out[key], key
-    assert proc.stderr.splitlines() == ["plot written to out.png"]
-    png = (tmp_path / "out.png").read_bytes()
+    assert proc.stderr.splitlines() == ["plot written to plots/new/out.png"]
+    png = (tmp_path / "plots" / "new" / "out.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
