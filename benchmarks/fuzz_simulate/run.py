@@ -1,4 +1,7 @@
-"""python run.py START COUNT [out.jsonl]  -- differential fuzz: simulate_step_peak vs cpu_step_peak."""
+"""python run.py START COUNT [out.jsonl] [GENERATOR]  -- differential fuzz: simulate_step_peak vs
+cpu_step_peak. GENERATOR: gen (the default: gen.gen_case), tf (gen_tf.gen_case: hand-built
+transformers and tiny Hugging Face models), tf2 (gen_tf.gen_case_w2: other attention code, MoE,
+more HF architectures) or tf2big (gen_tf.gen_case2 with longer sequences and batches)."""
 import json, os, signal, sys, time, traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
@@ -60,6 +63,10 @@ def run_case(seed, **kw):
 if __name__ == "__main__":
     start, count = int(sys.argv[1]), int(sys.argv[2])
     out = sys.argv[3] if len(sys.argv) > 3 else "fuzz.jsonl"
+    if len(sys.argv) > 4 and sys.argv[4] != "gen":
+        import gen_tf
+        gen_case = {"tf": gen_tf.gen_case, "tf2": gen_tf.gen_case_w2,
+                    "tf2big": lambda seed: gen_tf.gen_case2(seed, big=True)}[sys.argv[4]]
     signal.signal(signal.SIGALRM, _alarm)
     with open(out, "a") as f:
         for seed in range(start, start + count):
