@@ -1153,6 +1153,17 @@ def test_outputs_of_a_one_channel_nhwc_image_are_laid_out_as_the_cpu_does(name):
     assert first(fake).stride() == first(real).stride()
 
 
+def _assert_every_phase_exact(task: Task, settings: StepSettings = StepSettings()) -> None:
+    """The simulated forward, backward and optimizer peaks equal the CPU allocator's, at b = 2
+    and 8."""
+    for batch_size in (2, 8):
+        sim = simulate_step_peak(task, batch_size, settings=settings)
+        real = cpu_step_peak(task, batch_size, settings=settings)
+        for phase in ("forward", "backward", "optimizer"):
+            assert getattr(sim, f"{phase}_peak_bytes") == getattr(real, f"{phase}_peak_bytes"), \
+                (batch_size, phase)
+
+
 _A = torch.ops.aten
 _MIXED_OPS = {  # (op, args from a gradient g and a saved tensor x of the same shape)
     "elu_backward": (_A.elu_backward.default, lambda g, x: (g, 1.0, 1.0, 1.0, False, x)),
@@ -1229,11 +1240,7 @@ def test_an_elu_backward_on_a_channels_last_gradient_is_counted_as_the_cpu_does(
 
     task = _seeded(model, (4, 12, 12), lambda g: torch.randint(0, 6, (128,), generator=g),
                    F.cross_entropy)
-    for batch_size in (2, 8):
-        sim, real = simulate_step_peak(task, batch_size), cpu_step_peak(task, batch_size)
-        for phase in ("forward", "backward", "optimizer"):
-            assert getattr(sim, f"{phase}_peak_bytes") == getattr(real, f"{phase}_peak_bytes"), \
-                (batch_size, phase)
+    _assert_every_phase_exact(task)
 
 
 class _EmbedConvOverTime(nn.Module):
@@ -1259,13 +1266,7 @@ def test_an_embedding_backward_on_a_transposed_gradient_is_counted_as_the_cpu_do
                          torch.randint(0, 10, (64,), generator=g))
     task = Task(model=_EmbedConvOverTime, train_data=data, loss_fn=F.cross_entropy, lr=0.1,
                 optimizer=torch.optim.SGD)
-    settings = StepSettings(precision=precision)
-    for batch_size in (2, 8):
-        sim = simulate_step_peak(task, batch_size, settings=settings)
-        real = cpu_step_peak(task, batch_size, settings=settings)
-        for phase in ("forward", "backward", "optimizer"):
-            assert getattr(sim, f"{phase}_peak_bytes") == getattr(real, f"{phase}_peak_bytes"), \
-                (batch_size, phase)
+    _assert_every_phase_exact(task, StepSettings(precision=precision))
 
 
 class _EmbedNorm(nn.Module):
@@ -1315,11 +1316,7 @@ def test_a_calibrated_kernels_outputs_take_the_real_layout():
 
     task = _seeded(model, (1, 16, 16), lambda g: torch.randint(0, 4, (128,), generator=g),
                    F.cross_entropy)
-    for batch_size in (2, 8):
-        sim, real = simulate_step_peak(task, batch_size), cpu_step_peak(task, batch_size)
-        for phase in ("forward", "backward", "optimizer"):
-            assert getattr(sim, f"{phase}_peak_bytes") == getattr(real, f"{phase}_peak_bytes"), \
-                (batch_size, phase)
+    _assert_every_phase_exact(task)
 
 
 class _Bf16Normed(nn.Module):
