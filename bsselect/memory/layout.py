@@ -116,7 +116,7 @@ def mixed_layout(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
         return out
     # (a first look without flattening: a pointwise op's tensors are its arguments)
     if len({a.stride() for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)
-            and a.shape == first.shape}) < 2:
+            and a.layout == torch.strided and a.shape == first.shape}) < 2:
         return out
     flat, spec = tree_flatten((args, kwargs))
     laid = _real_tiny_strides(func, flat, spec, first.shape)
@@ -150,7 +150,7 @@ def _real_tiny_strides(func: Any, flat: list, spec: Any, shape: torch.Size
     plans = []
     for a in flat:
         if isinstance(a, torch.Tensor):
-            plan = _tiny_plan(a, shape, sizes)
+            plan = _tiny_plan(a, shape, sizes) if a.layout == torch.strided else None
             if plan is None:
                 return None
             plans.append(_Tiny(*plan, a.dtype))
@@ -207,19 +207,19 @@ def _run_tiny(func: Any, plans: list, spec: Any, sizes: Sequence[int]) -> list |
     from torch.utils._python_dispatch import _disable_current_modes
 
     with unset_fake_temporarily(), _disable_current_modes():
-        flat = []
-        for plan in plans:
-            if not isinstance(plan, _Tiny):
-                flat.append(plan)
-                continue
-            n = 1 + sum((k - 1) * s for k, s in zip(plan.shape, plan.strides))
-            base = torch.rand(n, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
-            base = base > 0.5 if plan.dtype == torch.bool else base.to(plan.dtype)
-            flat.append(base.as_strided(plan.shape, plan.strides))
-        args, kwargs = tree_unflatten(flat, spec)
         try:
+            flat = []
+            for plan in plans:
+                if not isinstance(plan, _Tiny):
+                    flat.append(plan)
+                    continue
+                n = 1 + sum((k - 1) * s for k, s in zip(plan.shape, plan.strides))
+                base = torch.rand(n, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
+                base = base > 0.5 if plan.dtype == torch.bool else base.to(plan.dtype)
+                flat.append(base.as_strided(plan.shape, plan.strides))
+            args, kwargs = tree_unflatten(flat, spec)
             out = func(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - a kernel that refuses these values: no answer
+        except Exception:  # noqa: BLE001 - a dtype or values the kernel refuses: no answer
             return None
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
