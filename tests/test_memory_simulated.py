@@ -508,6 +508,43 @@ class _MixedResidual(nn.Module):
         return self.out(h).float().mean(dim=1)
 
 
+_A = torch.ops.aten
+_SCALAR_OPS = [_A.mul.Scalar, _A.div.Scalar, _A.add.Scalar, _A.sub.Scalar, _A.rsub.Scalar,
+               _A.gt.Scalar, _A.eq.Scalar, _A.remainder.Scalar, _A.mul_.Scalar, _A.div_.Scalar,
+               _A.add_.Scalar, _A.bitwise_and.Scalar, _A.pow.Tensor_Scalar, _A.clamp_min.default,
+               _A.masked_fill.Scalar, _A.div.Tensor, _A.mul.Tensor, _A.add.Tensor]
+
+
+@pytest.mark.parametrize("op", _SCALAR_OPS, ids=str)
+def test_a_number_beside_a_tensor_costs_what_the_cpu_wraps_and_casts(op):
+    """A Python number passed as an operand (``x * 0.5`` is ``mul.Scalar``) is wrapped in a
+    0-d tensor (1 byte for a bool, 8 otherwise) and cast to the common dtype inside the op;
+    an exponent or a clamp bound is not wrapped but promotes an integer tensor, which is
+    cast first; true division promotes integers to float. Only numbers in Tensor arguments
+    were counted, and all as 8 bytes (a review of T5's ops). Every case against the CPU
+    allocator."""
+    from bsselect.memory.cpu_truth import allocator_log, high_water
+    from bsselect.memory.scratch import cpu_promotion_casts
+
+    tensors = {"f32": torch.randn(4, 8), "bf16": torch.randn(4, 8).bfloat16(),
+               "i64": torch.randint(1, 5, (4, 8)), "bool": torch.rand(4, 8) > 0.5}
+    checked = 0
+    for x in tensors.values():
+        for number in (2, 0.5, True):
+            args = (x.clone(), x != 0, number) if op is _A.masked_fill.Scalar \
+                else (x.clone(), number)
+            try:
+                with allocator_log() as deltas:
+                    out = op(*args)
+            except RuntimeError:
+                continue  # a combination torch refuses (an in-place int / 0.5)
+            fresh = out.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr()
+            scratch = high_water(deltas) - (out.untyped_storage().nbytes() if fresh else 0)
+            assert cpu_promotion_casts(op, args, {}) == scratch, (x.dtype, number)
+            checked += 1
+    assert checked >= 4  # bitwise_and: integer and bool tensors only
+
+
 @pytest.mark.parametrize("batch_size", [4, 16])
 def test_mixed_dtype_operands_cost_what_the_cpu_casts(batch_size):
     from bsselect.precision import Precision
@@ -1164,7 +1201,6 @@ def _assert_every_phase_exact(task: Task, settings: StepSettings = StepSettings(
                 (batch_size, phase)
 
 
-_A = torch.ops.aten
 _MIXED_OPS = {  # (op, args from a gradient g and a saved tensor x of the same shape)
     "elu_backward": (_A.elu_backward.default, lambda g, x: (g, 1.0, 1.0, 1.0, False, x)),
     "elu_backward_result": (_A.elu_backward.default, lambda g, x: (g, 1.0, 1.0, 1.0, True, x)),

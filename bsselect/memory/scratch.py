@@ -87,6 +87,13 @@ FRAMEWORK_SCRATCH: dict[Any, Callable[[tuple], int]] = {
 
 
 _NOT_PROMOTED = {"condition", "mask"}  # where's and masked_fill's: read as bool, never cast
+# A number passed as ``other`` (``x * 0.5`` is ``mul.Scalar``) is wrapped in a 0-d tensor
+# like a number in a Tensor argument; an ``exponent`` or a clamp bound is not wrapped but takes
+# part in the type promotion (an int tensor to a float power is cast first). Measured against
+# the CPU allocator on 18 ops over float32, bfloat16, int64 and bool tensors (test).
+_NUMBER_OPERANDS = {"other"}
+_PROMOTING_NUMBERS = {"exponent", "min", "max"}
+_TRUE_DIVISION = {"aten::div", "aten::div_", "aten::true_divide", "aten::true_divide_"}
 
 
 def cpu_promotion_casts(func: Any, args: tuple, kwargs: dict) -> int:
@@ -100,27 +107,34 @@ def cpu_promotion_casts(func: Any, args: tuple, kwargs: dict) -> int:
     if torch.Tag.pointwise not in func.tags:
         return 0
     schema = func._schema
-    operands, numbers = [], []
+    operands, numbers, wrapped = [], [], []
     for i, arg in enumerate(schema.arguments):
         value = args[i] if i < len(args) else kwargs.get(arg.name)
-        if arg.name in _NOT_PROMOTED or arg.kwarg_only or value is None:
+        if arg.name in _NOT_PROMOTED or arg.kwarg_only or value is None \
+                or not isinstance(value, (torch.Tensor, bool, int, float)):
             continue
         if isinstance(value, torch.Tensor):
             operands.append(value)
-        elif isinstance(value, (bool, int, float)) and isinstance(arg.type, torch.TensorType):
+        elif isinstance(arg.type, torch.TensorType) or (
+                isinstance(arg.type, torch.NumberType) and arg.name in _NUMBER_OPERANDS):
+            numbers.append(value)  # wrapped in a 0-d tensor, which takes part in the promotion
+            wrapped.append(value)
+        elif isinstance(arg.type, torch.NumberType) and arg.name in _PROMOTING_NUMBERS:
             numbers.append(value)
     if not operands or (len(operands) == 1 and not numbers):
         return 0
     try:
-        _, common = elementwise_dtypes(
-            *operands, *numbers, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)
+        _, common = elementwise_dtypes(*operands, *numbers, type_promotion_kind=(
+            ELEMENTWISE_TYPE_PROMOTION_KIND.INT_TO_FLOAT  # true division of integers
+            if func._schema.name in _TRUE_DIVISION and kwargs.get("rounding_mode") is None
+            else ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT))
     except Exception:  # noqa: BLE001 - a combination the helper rejects: count nothing
         return 0
     scratch = sum(t.numel() * common.itemsize for t in operands if t.dtype != common)
-    for n in numbers:  # wrapped as a 0-d double / long / bool tensor, then cast
-        wrapped = (torch.bool if isinstance(n, bool) else
-                   torch.int64 if isinstance(n, int) else torch.float64)
-        scratch += 8 + (common.itemsize if wrapped != common else 0)
+    for n in wrapped:  # wrapped as a 0-d double / long / bool tensor, then cast
+        dtype = (torch.bool if isinstance(n, bool) else
+                 torch.int64 if isinstance(n, int) else torch.float64)
+        scratch += dtype.itemsize + (common.itemsize if dtype != common else 0)
     if torch.Tag.inplace in func.tags and operands[0].dtype != common:
         scratch += operands[0].numel() * common.itemsize  # the result, then copied back
     return scratch
