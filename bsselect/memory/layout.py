@@ -19,6 +19,8 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch._prims_common import is_non_overlapping_and_dense_or_false
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 _aten = torch.ops.aten
@@ -122,17 +124,8 @@ def mixed_layout(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
     laid = _real_tiny_strides(func, flat, spec, first.shape)
     if laid is None or len(laid) != len(outs):
         return out
-    inputs = {id(a.untyped_storage()) for a in flat if isinstance(a, torch.Tensor)}
-    changed = False
-    for i, (t, stride) in enumerate(zip(outs, laid)):
-        if stride is None or not isinstance(t, torch.Tensor) or t.shape != first.shape \
-                or t.stride() == stride or id(t.untyped_storage()) in inputs:
-            continue
-        outs[i] = _laid_out(t, stride)
-        changed = True
-    if not changed:
-        return out
-    return tuple(outs) if isinstance(out, tuple) else outs[0]
+    return _relaid(out, [stride if isinstance(t, torch.Tensor) and t.shape == first.shape
+                         else None for t, stride in zip(outs, laid)], flat)
 
 
 def _real_tiny_strides(func: Any, flat: list, spec: Any, shape: torch.Size
@@ -157,17 +150,17 @@ def _real_tiny_strides(func: Any, flat: list, spec: Any, shape: torch.Size
         else:
             plans.append(a)
     try:
-        key = (func, tuple(plans), tuple(sizes))
+        key: tuple | None = (func, tuple(plans), tuple(sizes))
         hash(key)
-    except TypeError:
+    except TypeError:  # an argument that cannot be a key: run it, uncached
         key = None
-    if key is None or key not in _MIXED_SEEN:
+    if key is not None and key in _MIXED_SEEN:
+        tiny = _MIXED_SEEN[key]
+    else:
         tiny_out = _run_tiny(func, plans, spec, sizes)
         tiny = tiny_out and tuple(_tiny_strides(t, sizes) for t in tiny_out)
-        if key is None:
-            return tiny and tuple(_scaled(t, sizes, shape) for t in tiny)
-        _MIXED_SEEN[key] = tiny
-    tiny = _MIXED_SEEN[key]
+        if key is not None:
+            _MIXED_SEEN[key] = tiny
     return tiny and tuple(_scaled(t, sizes, shape) for t in tiny)
 
 
@@ -203,9 +196,6 @@ def _tiny_plan(a: torch.Tensor, shape: Sequence[int], sizes: Sequence[int]
 def _run_tiny(func: Any, plans: list, spec: Any, sizes: Sequence[int]) -> list | None:
     """The real kernel's outputs on tiny operands made from ``plans`` (values in (0, 1):
     every loss and activation takes them), or None where it fails."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    from torch.utils._python_dispatch import _disable_current_modes
-
     with unset_fake_temporarily(), _disable_current_modes():
         try:
             flat = []
@@ -309,16 +299,26 @@ def with_real_layout(out: Any, cost: Any, args: Sequence[Any]) -> Any:
     are kept."""
     if cost is None or not cost.output_orders:
         return out
-    flat, spec = tree_flatten(out)
+    flat = tree_flatten(out)[0]
     if len(flat) != len(cost.output_orders):
         return out
-    inputs = {id(a.untyped_storage()) for a in tree_flatten(list(args))[0]
-              if isinstance(a, torch.Tensor)}
+    return _relaid(out, [
+        dense_strides(t.shape, order) if order is not None
+        and len(order) == getattr(t, "ndim", -1) and dim_order(t) not in (None, order) else None
+        for t, order in zip(flat, cost.output_orders)], tree_flatten(list(args))[0])
+
+
+def _relaid(out: Any, strides: Sequence[tuple[int, ...] | None], inputs: Sequence[Any]) -> Any:
+    """``out`` with each of its (flattened) outputs laid out with ``strides`` where that is
+    given and not already its layout; views and in-place outputs (the storage of one of
+    ``inputs``) are kept."""
+    flat, spec = tree_flatten(out)
+    storages = {id(a.untyped_storage()) for a in inputs if isinstance(a, torch.Tensor)}
     changed = False
-    for i, (t, order) in enumerate(zip(flat, cost.output_orders)):
-        if order is None or len(order) != getattr(t, "ndim", -1) \
-                or dim_order(t) in (None, order) or id(t.untyped_storage()) in inputs:
+    for i, (t, stride) in enumerate(zip(flat, strides)):
+        if stride is None or tuple(t.stride()) == tuple(stride) \
+                or id(t.untyped_storage()) in storages:
             continue
-        flat[i] = _laid_out(t, dense_strides(t.shape, order))
+        flat[i] = _laid_out(t, stride)
         changed = True
     return tree_unflatten(flat, spec) if changed else out
