@@ -22,15 +22,18 @@ def _pyplot() -> Any:
 
 def check_plot_target(path: Path) -> None:
     """Before any work: matplotlib importable and ``path`` writable (its folder exists and
-    takes a file, or the nearest folder above it that exists takes the missing ones, which
-    ``save`` creates as ``--journal`` does), so that a sweep does not fail after its trials
-    for want of either."""
+    takes a file; missing folders are created here, as ``--journal``'s are), so that a sweep
+    does not fail after its trials for want of either."""
     import os
 
     _pyplot()
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+        folder = next((p for p in path.parents if p.exists()), Path("."))
+    except OSError as exc:  # a name too long for the file system, say
+        raise UsageError(f"--plot {str(path)!r}: {exc.strerror or exc}") from None
+    if is_dir:
         raise UsageError(f"--plot {str(path)!r} is a directory; give a file name like plot.png")
-    folder = next((p for p in path.parents if p.exists()), Path("."))
     if not folder.is_dir():
         raise UsageError(f"--plot {str(path)!r}: {str(folder)!r} is a file, not a folder")
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -42,11 +45,16 @@ def check_plot_target(path: Path) -> None:
     if suffix and suffix not in kinds:
         raise UsageError(f"--plot {str(path)!r}: matplotlib cannot write .{suffix} files; use "
                          f"one of {', '.join('.' + k for k in sorted(kinds))} (e.g. plot.png)")
+    try:  # last, so that a refused path leaves no folders behind
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--plot {str(path)!r}: cannot create folder {str(path.parent)!r} "
+                         f"({exc.strerror or exc})") from None
 
 
 def save(fig: Any, path: Path) -> None:
-    """Write ``fig`` to ``path``, creating its missing folders (``check_plot_target`` checked
-    that they can be)."""
+    """Write ``fig`` to ``path``, creating its missing folders (a caller of the plot
+    functions that did not call ``check_plot_target`` first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 

@@ -4,6 +4,7 @@ the real command (issue 14). Exit codes: 1 the task or run failed, 2 usage error
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -255,6 +256,7 @@ def test_check_github_format_annotates_a_failure(tmp_path, monkeypatch):
     ("notes.txt/plots/sweep.png", "--plot 'notes.txt/plots/sweep.png': 'notes.txt' is a file, "
                                   "not a folder"),
     (".", "--plot '.' is a directory; give a file name like plot.png"),
+    (f"{'x' * 300}/sweep.png", f"--plot '{'x' * 300}/sweep.png': File name too long"),
     ("out.txt", "--plot 'out.txt': matplotlib cannot write .txt files; use one of "),
 ])
 def test_a_bad_plot_path_fails_before_any_trial(tmp_path, monkeypatch, plot, message):
@@ -264,6 +266,19 @@ def test_a_bad_plot_path_fails_before_any_trial(tmp_path, monkeypatch, plot, mes
     assert proc.returncode == 2
     assert one_error(proc).startswith(f"error: {message}")
     assert not list(tmp_path.glob("*.jsonl"))  # nothing ran, no journal started
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="root passes the access check that /proc fails for other users")
+def test_a_plot_folder_that_cannot_be_made_is_refused_before_any_work():
+    """/proc takes no new folder, though root may write there: the folder is made by the
+    check, before any trial, so the refusal comes first (it came after the sweep)."""
+    from bsselect.errors import UsageError
+    from bsselect.plots import check_plot_target
+
+    with pytest.raises(UsageError, match=r"^--plot '/proc/bsselect-plots/s.png': cannot "
+                                         r"create folder '/proc/bsselect-plots' \("):
+        check_plot_target(Path("/proc/bsselect-plots/s.png"))
 
 
 @pytest.mark.parametrize("journal, message", [
