@@ -3,6 +3,7 @@ run for real, and what that costs."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,9 +11,10 @@ from torch._subclasses.fake_tensor import FakeTensorConverter
 from torch.utils.data import TensorDataset
 
 from bsselect import Task
+from bsselect.errors import CannotSimulate
 from bsselect.memory import simulate_step_peak, values
 from bsselect.memory.fake import new_fake_mode
-from bsselect.memory.values import RealWhereKnown, is_fake
+from bsselect.memory.values import DataDependentOp, RealWhereKnown, is_fake
 
 
 def _ops_on_real_inputs():
@@ -70,3 +72,56 @@ def test_the_optimizers_step_counters_are_not_copied_to_fake_tensors(monkeypatch
                 optimizer=lambda params, lr: torch.optim.AdamW(params, lr=lr))
     simulate_step_peak(task, 8)
     assert sorted(copies) == [(8,), (8,), (8, 32)], copies
+
+
+def test_a_real_tensor_written_from_fake_ones_has_no_values() -> None:
+    """``buf.copy_(logits.argmax(-1))`` wrote into a real tensor from a fake one, which left
+    the real tensor's old values in place, and ``int(buf.max())`` read them as the step's:
+    0 (review). Its values are unknown now, and so are those of views taken before the
+    write and of what is computed from it."""
+    fake_mode = new_fake_mode()
+    logits = fake_mode.from_tensor(torch.randn(4, 3))
+    with fake_mode, RealWhereKnown():
+        buf = torch.zeros(4, dtype=torch.long)
+        head = buf[:2]
+        clean = torch.arange(4)
+        buf.copy_(logits.argmax(-1))
+        for read in (lambda: int(buf.max()), lambda: int(head[0]), lambda: int((buf + 1)[0]),
+                     lambda: buf.nonzero()):
+            with pytest.raises(DataDependentOp, match="written in place from tensors"):
+                read()
+        scores = torch.empty(4)
+        torch.mul(logits[:, 0], 2, out=scores)
+        with pytest.raises(DataDependentOp):
+            float(scores.sum())
+        assert int(clean.sum()) == 6 and not is_fake(buf + clean)  # shapes still known
+
+
+class _CountingRouter(nn.Module):
+    """Routes each sample to one of 4 experts and splits the batch by the counts, kept in a
+    buffer filled in place: the split sizes come from the weights' argmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router, self.experts = nn.Linear(16, 4), nn.ModuleList(
+            nn.Linear(16, 4) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        choice = self.router(x).argmax(-1)
+        counts = torch.zeros(4, dtype=torch.long)
+        counts.index_add_(0, choice, torch.ones_like(choice))
+        order = choice.argsort()
+        parts = torch.split(x[order], [int(c) for c in counts])
+        return torch.cat([e(p) for e, p in zip(self.experts, parts)])[order.argsort()]
+
+
+def test_a_step_that_reads_counts_written_from_activations_is_not_simulated() -> None:
+    """Before, the counts read as zeros, every expert got an empty part and the simulated
+    step failed on a mismatched shape, or, for a model that tolerated it, answered with
+    the memory of a step that never runs. Now it says the values are not known."""
+    gen = torch.Generator().manual_seed(0)
+    task = Task(model=_CountingRouter, loss_fn=F.cross_entropy,
+                train_data=TensorDataset(torch.randn(64, 16, generator=gen),
+                                         torch.randint(0, 4, (64,), generator=gen)))
+    with pytest.raises(CannotSimulate, match="written in place from tensors whose values"):
+        simulate_step_peak(task, 8)

@@ -25,6 +25,7 @@ names the op and says what to do (``DataDependentOp``).
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -210,10 +211,22 @@ class RealWhereKnown(TorchDispatchMode):
         from torch.utils.weak import WeakTensorKeyDictionary
 
         self.drawn = WeakTensorKeyDictionary()
+        # Storages of real tensors written from fake ones (``buf.copy_(logits.argmax(-1))``,
+        # FSDP2's all-gather into a small parameter's buffer): they keep stale values, which
+        # a read took for the step's own (review: ``int(buf.max())`` gave 0). By the
+        # storage's id while it lives, so views taken before the write are covered too.
+        self.unknown: dict[int, Any] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        out = self._dispatch(func, args, kwargs)
+        unknown = bool(self.unknown) and any(
+            self._is_unknown(t) for t in tree_flatten((args, kwargs))[0])
+        out = self._dispatch(func, args, kwargs, unknown)
+        if unknown:  # what a real run computes from unknown values is unknown
+            for t in tree_flatten(out)[0]:
+                self._mark_unknown(t)
+        if func._schema.is_mutable:
+            self._note_writes(func, args, kwargs, unknown)
         seeded = torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
         if not (seeded or self.drawn):
             return out  # the common case, kept cheap: nothing drawn yet
@@ -224,14 +237,43 @@ class RealWhereKnown(TorchDispatchMode):
                     self.drawn[t] = True
         return out
 
+    def _is_unknown(self, t: Any) -> bool:
+        return (isinstance(t, torch.Tensor) and not is_fake(t)
+                and id(t.untyped_storage()) in self.unknown)
+
+    def _mark_unknown(self, t: Any) -> None:
+        if not isinstance(t, torch.Tensor) or is_fake(t):
+            return
+        st = t.untyped_storage()
+        key = id(st)
+        if key not in self.unknown:
+            self.unknown[key] = weakref.ref(st, lambda _, key=key: self.unknown.pop(key, None))
+
+    def _note_writes(self, func: Any, args: tuple, kwargs: dict, unknown: bool) -> None:
+        """An op that writes into real tensors from fake (or unknown) ones leaves their
+        values unknown."""
+        if not unknown and not any(is_fake(t) for t in tree_flatten((args, kwargs))[0]
+                                   if isinstance(t, torch.Tensor)):
+            return
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                value = args[i] if i < len(args) else kwargs.get(arg.name)
+                for t in tree_flatten(value)[0]:
+                    self._mark_unknown(t)
+
     def _from_draws(self, tensors: list, seeded: bool = False) -> bool:
         """Whether an op on ``tensors`` computes from random draws alone: its fake inputs are
         all drawn, or it has none and draws itself (``seeded``)."""
         fakes = [t for t in tensors if is_fake(t)]
         return all(t in self.drawn for t in fakes) if fakes else seeded
 
-    def _dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        if func is aten.embedding.default:
+    def _dispatch(self, func: Any, args: tuple, kwargs: dict, unknown: bool = False) -> Any:
+        """``unknown``: an input is a real tensor whose values are not the step's: an op
+        that needs them (a read, a value-shaped output) fails as on a fake one."""
+        if unknown and (func is aten._local_scalar_dense.default
+                        or func in _SHAPE_FROM_REAL_ARGS):
+            raise DataDependentOp(_unknown_advice(func), _what(func))
+        if func is aten.embedding.default and not unknown:
             check_embedding(args[0], args[1])
         if func is aten._grouped_mm.default:
             out = _grouped_mm(*args, **kwargs)
@@ -272,7 +314,7 @@ class RealWhereKnown(TorchDispatchMode):
                 # short by one and its memory 15% low: review).
                 with really():
                     return func(*args, **kwargs)
-            small = _meta_nbytes(func, args, kwargs, tensors)
+            small = None if unknown else _meta_nbytes(func, args, kwargs, tensors)
             if small is not None and small <= REAL_RESULT_MAX_BYTES:
                 with really():
                     out = func(*args, **kwargs)
@@ -282,6 +324,8 @@ class RealWhereKnown(TorchDispatchMode):
                 fake_out = func(*args, **kwargs)  # under the fake mode: shapes, no memory
             except Exception as exc:  # noqa: BLE001 - data-dependent shape: run it to learn it
                 if _is_data_dependent(exc):
+                    if unknown:
+                        raise DataDependentOp(_unknown_advice(func), _what(func)) from exc
                     _value_shaped(func)
                 fake_out = None
             if fake_out is None or _nbytes(fake_out) <= REAL_RESULT_MAX_BYTES:
@@ -295,6 +339,8 @@ class RealWhereKnown(TorchDispatchMode):
         except Exception as exc:
             if not _is_data_dependent(exc):
                 raise
+            if unknown:
+                raise DataDependentOp(_unknown_advice(func), _what(func)) from exc
             out = _shapes_from_real_inputs(func, args, kwargs)
             if out is NotImplemented:
                 if self._from_draws(tensors):
@@ -482,6 +528,14 @@ def _random_advice(func: Any) -> str:
             "make: the step's memory depends on it. Turn the random branch off to simulate the "
             "step that keeps every layer (e.g. layerdrop=0 in the model's config), or measure "
             "with real steps (`bsselect probe --method measured`)")
+
+
+def _unknown_advice(func: Any) -> str:
+    return (f"{_what(func)}, and that tensor was written in place from tensors whose values a "
+            "simulation does not have (`buf.copy_(logits.argmax(-1))`, `counts.index_add_(...)` "
+            "from the model's activations): its values would be stale. Measure with real steps "
+            "instead (`bsselect probe --method measured`), or compute the tensor out of place "
+            "from the batch's integer tensors")
 
 
 def _advice(func: Any, capped: tuple[str, int] | None = None) -> str:
