@@ -125,3 +125,52 @@ def test_a_step_that_reads_counts_written_from_activations_is_not_simulated() ->
                                          torch.randint(0, 4, (64,), generator=gen)))
     with pytest.raises(CannotSimulate, match="written in place from tensors whose values"):
         simulate_step_peak(task, 8)
+
+
+class _ListCountingRouter(_CountingRouter):
+    """The same router, its split sizes read with ``.tolist()`` (no op a dispatch mode sees)
+    or ``.numpy()``."""
+
+    def __init__(self, read: str = "tolist") -> None:
+        super().__init__()
+        self.read = read
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        choice = self.router(x).argmax(-1)
+        counts = torch.zeros(4, dtype=torch.long)
+        counts.index_add_(0, choice, torch.ones_like(choice))
+        sizes = counts.tolist() if self.read == "tolist" else [int(n) for n in counts.numpy()]
+        order = choice.argsort()
+        parts = torch.split(x[order], sizes)
+        return torch.cat([e(p) for e, p in zip(self.experts, parts)])[order.argsort()]
+
+
+@pytest.mark.parametrize("read", ["tolist", "numpy"])
+def test_values_read_into_python_from_a_tensor_written_from_activations(read: str) -> None:
+    """``.tolist()`` and ``.numpy()`` read a real tensor's data with no op: the stale zeros
+    made every expert's part empty (review)."""
+    gen = torch.Generator().manual_seed(0)
+    task = Task(model=lambda: _ListCountingRouter(read), loss_fn=F.cross_entropy,
+                train_data=TensorDataset(torch.randn(64, 16, generator=gen),
+                                         torch.randint(0, 4, (64,), generator=gen)))
+    with pytest.raises(CannotSimulate, match=rf"into Python \(\.{read}\(\)\), and that tensor"):
+        simulate_step_peak(task, 8)
+
+
+def test_values_read_into_python_from_the_batch_still_simulate() -> None:
+    """``lengths.tolist()`` of the batch's own integer tensors is known, and simulates."""
+
+    class Lengths(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.out = nn.Embedding(20, 8), nn.Linear(8, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            longest = max((ids != 0).sum(1).tolist())
+            return self.out(self.emb(ids[:, :longest]).mean(1))
+
+    ids = torch.randint(1, 20, (64, 12))
+    ids[:, 9:] = 0
+    task = Task(model=Lengths, loss_fn=F.cross_entropy,
+                train_data=TensorDataset(ids, torch.randint(0, 2, (64,))))
+    assert simulate_step_peak(task, 8).peak_bytes > 0

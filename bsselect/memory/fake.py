@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..errors import CannotSimulate, RealTooError, TaskError, meta_device_error, one_line
 from ..step import REAL_ITEMS_MAX, make_batch
 from ..task import Task
-from .values import RealWhereKnown, keep_real, really
+from .values import keep_real, really, values_where_known
 
 
 @contextmanager
@@ -199,5 +199,5 @@ def fake_step(task: Task, batch: Any) -> Iterator[tuple[nn.Module, Any]]:
     simulation's modes active inside. For checks that must not allocate the model."""
     fake_mode = new_fake_mode()
     model = build_fake_model(task, fake_mode)
-    with young_gc_only(), fake_mode, RealWhereKnown():
+    with young_gc_only(), fake_mode, values_where_known():
         yield model, tree_map(lambda t: fake_batch_leaf(t, fake_mode), batch)

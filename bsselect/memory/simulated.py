@@ -51,7 +51,7 @@ from .layout import mixed_layout, standard_layout, with_real_layout
 from .fake import build_fake_model, fake_batch_leaf, new_fake_mode, real_batch, young_gc_only
 from .live import (live_at_step_start, local, module_tensors, optimizer_state_tensors,
                    storage_bytes)
-from .values import DataDependentOp, IndexOutOfRange, RealWhereKnown
+from .values import DataDependentOp, IndexOutOfRange, values_where_known
 
 
 class Phase(str, Enum):
@@ -640,7 +640,7 @@ def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
                 except Exception as exc:
                     raise TaskError(f"wrapping the model with fully_shard failed: "
                                     f"{one_line(exc)}") from exc
-        with young_gc_only(), cuda_rules_of(settings), fake_mode, RealWhereKnown(), \
+        with young_gc_only(), cuda_rules_of(settings), fake_mode, values_where_known(), \
                 (following_resizes(counter) if plan else nullcontext()):
             batch = tree_map(lambda t: fake_batch_leaf(t, fake_mode), batch)
             try:

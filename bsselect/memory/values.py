@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -219,18 +220,17 @@ class RealWhereKnown(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        unknown = bool(self.unknown) and any(
-            self._is_unknown(t) for t in tree_flatten((args, kwargs))[0])
-        out = self._dispatch(func, args, kwargs, unknown)
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        unknown = bool(self.unknown) and any(self._is_unknown(t) for t in tensors)
+        out = self._dispatch(func, args, kwargs, tensors, unknown)
         if unknown:  # what a real run computes from unknown values is unknown
             for t in tree_flatten(out)[0]:
                 self._mark_unknown(t)
         if func._schema.is_mutable:
-            self._note_writes(func, args, kwargs, unknown)
+            self._note_writes(func, args, kwargs, tensors, unknown)
         seeded = torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
         if not (seeded or self.drawn):
             return out  # the common case, kept cheap: nothing drawn yet
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if self._from_draws(tensors, seeded):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor) and is_fake(t):
@@ -249,12 +249,13 @@ class RealWhereKnown(TorchDispatchMode):
         if key not in self.unknown:
             self.unknown[key] = weakref.ref(st, lambda _, key=key: self.unknown.pop(key, None))
 
-    def _note_writes(self, func: Any, args: tuple, kwargs: dict, unknown: bool) -> None:
+    def _note_writes(self, func: Any, args: tuple, kwargs: dict, tensors: list,
+                     unknown: bool) -> None:
         """An op that writes into real tensors from fake (or unknown) ones leaves their
         values unknown."""
-        if not unknown and not any(is_fake(t) for t in tree_flatten((args, kwargs))[0]
-                                   if isinstance(t, torch.Tensor)):
-            return
+        fakes = sum(is_fake(t) for t in tensors)
+        if fakes == len(tensors) or not (unknown or fakes):
+            return  # writes into fake tensors only, or real from real
         for i, arg in enumerate(func._schema.arguments):
             if arg.alias_info is not None and arg.alias_info.is_write:
                 value = args[i] if i < len(args) else kwargs.get(arg.name)
@@ -267,12 +268,13 @@ class RealWhereKnown(TorchDispatchMode):
         fakes = [t for t in tensors if is_fake(t)]
         return all(t in self.drawn for t in fakes) if fakes else seeded
 
-    def _dispatch(self, func: Any, args: tuple, kwargs: dict, unknown: bool = False) -> Any:
+    def _dispatch(self, func: Any, args: tuple, kwargs: dict, tensors: list,
+                  unknown: bool = False) -> Any:
         """``unknown``: an input is a real tensor whose values are not the step's: an op
         that needs them (a read, a value-shaped output) fails as on a fake one."""
         if unknown and (func is aten._local_scalar_dense.default
                         or func in _SHAPE_FROM_REAL_ARGS):
-            raise DataDependentOp(_unknown_advice(func), _what(func))
+            raise DataDependentOp(_unknown_advice(_what(func)), _what(func))
         if func is aten.embedding.default and not unknown:
             check_embedding(args[0], args[1])
         if func is aten._grouped_mm.default:
@@ -285,7 +287,6 @@ class RealWhereKnown(TorchDispatchMode):
             if out is not NotImplemented:
                 _value_shaped(func)
                 return out
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         all_real = not any(is_fake(t) for t in tensors)
         if not all_real and func in _VALUES_FROM_SHAPE:
             out = _values_from_shape(func, args, kwargs)
@@ -314,7 +315,8 @@ class RealWhereKnown(TorchDispatchMode):
                 # short by one and its memory 15% low: review).
                 with really():
                     return func(*args, **kwargs)
-            small = None if unknown else _meta_nbytes(func, args, kwargs, tensors)
+            # (Unknown values too: the meta kernel skips the ops whose shapes need values.)
+            small = _meta_nbytes(func, args, kwargs, tensors)
             if small is not None and small <= REAL_RESULT_MAX_BYTES:
                 with really():
                     out = func(*args, **kwargs)
@@ -325,7 +327,7 @@ class RealWhereKnown(TorchDispatchMode):
             except Exception as exc:  # noqa: BLE001 - data-dependent shape: run it to learn it
                 if _is_data_dependent(exc):
                     if unknown:
-                        raise DataDependentOp(_unknown_advice(func), _what(func)) from exc
+                        raise DataDependentOp(_unknown_advice(_what(func)), _what(func)) from exc
                     _value_shaped(func)
                 fake_out = None
             if fake_out is None or _nbytes(fake_out) <= REAL_RESULT_MAX_BYTES:
@@ -340,7 +342,7 @@ class RealWhereKnown(TorchDispatchMode):
             if not _is_data_dependent(exc):
                 raise
             if unknown:
-                raise DataDependentOp(_unknown_advice(func), _what(func)) from exc
+                raise DataDependentOp(_unknown_advice(_what(func)), _what(func)) from exc
             out = _shapes_from_real_inputs(func, args, kwargs)
             if out is NotImplemented:
                 if self._from_draws(tensors):
@@ -348,6 +350,34 @@ class RealWhereKnown(TorchDispatchMode):
                 raise DataDependentOp(_advice(func, self.capped), _what(func)) from exc
             _value_shaped(func)
             return out
+
+
+_HOST_READS = (torch.Tensor.tolist, torch.Tensor.numpy)
+
+
+class UnknownReads(TorchFunctionMode):
+    """Fails ``.tolist()`` and ``.numpy()`` of a real tensor whose values ``values`` does not
+    know (``RealWhereKnown.unknown``): they read its data directly, with no op a dispatch
+    mode sees (``counts.tolist()`` of counts filled from the router's argmax gave zeros)."""
+
+    def __init__(self, values: RealWhereKnown) -> None:
+        super().__init__()
+        self.values = values
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in _HOST_READS and args and self.values._is_unknown(args[0]):
+            what = f"the step reads a tensor's values into Python (.{func.__name__}())"
+            raise DataDependentOp(_unknown_advice(what), what)
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def values_where_known() -> Iterator[RealWhereKnown]:
+    """``RealWhereKnown`` and its ``UnknownReads``. (Not in checkpoints' recomputations,
+    where function modes are off: the forward ran the same reads first.)"""
+    mode = RealWhereKnown()
+    with mode, UnknownReads(mode):
+        yield mode
 
 
 # Ops the fake mode refuses or shapes by their values (fake_impls: ``.item()``, ``nonzero``,
@@ -530,8 +560,8 @@ def _random_advice(func: Any) -> str:
             "with real steps (`bsselect probe --method measured`)")
 
 
-def _unknown_advice(func: Any) -> str:
-    return (f"{_what(func)}, and that tensor was written in place from tensors whose values a "
+def _unknown_advice(what: str) -> str:
+    return (f"{what}, and that tensor was written in place from tensors whose values a "
             "simulation does not have (`buf.copy_(logits.argmax(-1))`, `counts.index_add_(...)` "
             "from the model's activations): its values would be stale. Measure with real steps "
             "instead (`bsselect probe --method measured`), or compute the tensor out of place "
