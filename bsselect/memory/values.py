@@ -25,13 +25,13 @@ names the op and says what to do (``DataDependentOp``).
 
 from __future__ import annotations
 
+import functools
 import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -212,23 +212,29 @@ class RealWhereKnown(TorchDispatchMode):
         from torch.utils.weak import WeakTensorKeyDictionary
 
         self.drawn = WeakTensorKeyDictionary()
-        # Storages of real tensors written from fake ones (``buf.copy_(logits.argmax(-1))``,
-        # FSDP2's all-gather into a small parameter's buffer): they keep stale values, which
-        # a read took for the step's own (review: ``int(buf.max())`` gave 0). By the
-        # storage's id while it lives, so views taken before the write are covered too.
-        self.unknown: dict[int, Any] = {}
+        # Storages of real tensors whose values are not the step's, by kind: WRITTEN from
+        # fake ones (``buf.copy_(logits.argmax(-1))``, FSDP2's all-gather into a small
+        # parameter's buffer), which keep stale values a read took for the step's own
+        # (review: ``int(buf.max())`` gave 0); DRAWN in place by a random op (a draw of the
+        # simulation's own: typical as a mask, but a branch on it, LayerDrop's
+        # ``torch.empty(()).uniform_() < p``, went one way for every layer: 40-57% low). By
+        # the storage's id while it lives, so views taken before the write are covered too.
+        self.unknown: dict[int, tuple[Any, str]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        unknown = bool(self.unknown) and any(self._is_unknown(t) for t in tensors)
+        kinds = {self.kind(t) for t in tensors} - {None} if self.unknown else set()
+        unknown = WRITTEN in kinds
+        if DRAWN in kinds and func is aten._local_scalar_dense.default:
+            raise DataDependentOp(_random_advice(_what(func)), _what(func))
         out = self._dispatch(func, args, kwargs, tensors, unknown)
-        if unknown:  # what a real run computes from unknown values is unknown
+        if kinds:  # what a real run computes from such values is such too
             for t in tree_flatten(out)[0]:
-                self._mark_unknown(t)
-        if func._schema.is_mutable:
-            self._note_writes(func, args, kwargs, tensors, unknown)
+                self._mark(t, WRITTEN if unknown else DRAWN)
         seeded = torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
+        if func._schema.is_mutable:
+            self._note_writes(func, args, kwargs, tensors, unknown, seeded)
         if not (seeded or self.drawn):
             return out  # the common case, kept cheap: nothing drawn yet
         if self._from_draws(tensors, seeded):
@@ -237,30 +243,38 @@ class RealWhereKnown(TorchDispatchMode):
                     self.drawn[t] = True
         return out
 
-    def _is_unknown(self, t: Any) -> bool:
-        return (isinstance(t, torch.Tensor) and not is_fake(t)
-                and id(t.untyped_storage()) in self.unknown)
+    def kind(self, t: Any) -> str | None:
+        """WRITTEN or DRAWN for a real tensor whose values are not the step's, else None."""
+        if not isinstance(t, torch.Tensor) or is_fake(t) or not self.unknown:
+            return None
+        entry = self.unknown.get(id(t.untyped_storage()))
+        return entry[1] if entry else None
 
-    def _mark_unknown(self, t: Any) -> None:
+    def _mark(self, t: Any, kind: str) -> None:
         if not isinstance(t, torch.Tensor) or is_fake(t):
             return
         st = t.untyped_storage()
         key = id(st)
         if key not in self.unknown:
-            self.unknown[key] = weakref.ref(st, lambda _, key=key: self.unknown.pop(key, None))
+            ref = weakref.ref(st, lambda _, key=key: self.unknown.pop(key, None))
+        elif self.unknown[key][1] == WRITTEN:
+            return  # stale values stay stale
+        else:
+            ref = self.unknown[key][0]
+        self.unknown[key] = (ref, kind)
 
     def _note_writes(self, func: Any, args: tuple, kwargs: dict, tensors: list,
-                     unknown: bool) -> None:
+                     unknown: bool, seeded: bool) -> None:
         """An op that writes into real tensors from fake (or unknown) ones leaves their
-        values unknown."""
+        values unknown; a random op writing into real ones alone leaves them drawn."""
         fakes = sum(is_fake(t) for t in tensors)
-        if fakes == len(tensors) or not (unknown or fakes):
+        if fakes == len(tensors) or not (unknown or fakes or seeded):
             return  # writes into fake tensors only, or real from real
         for i, arg in enumerate(func._schema.arguments):
             if arg.alias_info is not None and arg.alias_info.is_write:
                 value = args[i] if i < len(args) else kwargs.get(arg.name)
                 for t in tree_flatten(value)[0]:
-                    self._mark_unknown(t)
+                    self._mark(t, WRITTEN if unknown or fakes else DRAWN)
 
     def _from_draws(self, tensors: list, seeded: bool = False) -> bool:
         """Whether an op on ``tensors`` computes from random draws alone: its fake inputs are
@@ -346,38 +360,59 @@ class RealWhereKnown(TorchDispatchMode):
             out = _shapes_from_real_inputs(func, args, kwargs)
             if out is NotImplemented:
                 if self._from_draws(tensors):
-                    raise DataDependentOp(_random_advice(func), _what(func)) from exc
+                    raise DataDependentOp(_random_advice(_what(func)), _what(func)) from exc
                 raise DataDependentOp(_advice(func, self.capped), _what(func)) from exc
             _value_shaped(func)
             return out
 
 
-_HOST_READS = (torch.Tensor.tolist, torch.Tensor.numpy)
-
-
-class UnknownReads(TorchFunctionMode):
-    """Fails ``.tolist()`` and ``.numpy()`` of a real tensor whose values ``values`` does not
-    know (``RealWhereKnown.unknown``): they read its data directly, with no op a dispatch
-    mode sees (``counts.tolist()`` of counts filled from the router's argmax gave zeros)."""
-
-    def __init__(self, values: RealWhereKnown) -> None:
-        super().__init__()
-        self.values = values
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func in _HOST_READS and args and self.values._is_unknown(args[0]):
-            what = f"the step reads a tensor's values into Python (.{func.__name__}())"
-            raise DataDependentOp(_unknown_advice(what), what)
-        return func(*args, **(kwargs or {}))
+WRITTEN, DRAWN = "written", "drawn"  # RealWhereKnown.kind
+# Tensor methods that read a tensor's data with no op a dispatch mode sees, and constructors
+# that copy the data of the tensors in a list (``torch.tensor(list(counts))``).
+_HOST_READS = ("tolist", "numpy", "__array__", "__dlpack__")
+_COPYING_CONSTRUCTORS = ("tensor", "as_tensor", "asarray")
 
 
 @contextmanager
 def values_where_known() -> Iterator[RealWhereKnown]:
-    """``RealWhereKnown`` and its ``UnknownReads``. (Not in checkpoints' recomputations,
-    where function modes are off: the forward ran the same reads first.)"""
+    """``RealWhereKnown``, with the reads that bypass dispatch (``_HOST_READS``,
+    ``_COPYING_CONSTRUCTORS``) failing on a tensor whose values it does not know, as a value
+    read of a fake tensor fails. They are patched for the duration, not caught by a function
+    mode: those are not active in the backward (a hook's ``counts.tolist()``: review)."""
     mode = RealWhereKnown()
-    with mode, UnknownReads(mode):
-        yield mode
+
+    def guard(t: Any, what: str) -> None:
+        kind = mode.kind(t)
+        if kind is not None:
+            raise DataDependentOp(_unknown_advice(what) if kind == WRITTEN else
+                                  _random_advice(what), what)
+
+    def method(name: str, original: Any) -> Any:
+        @functools.wraps(original)
+        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            guard(self, f"the step reads a tensor's values into Python (.{name}())")
+            return original(self, *args, **kwargs)
+        return read
+
+    def constructor(name: str, original: Any) -> Any:
+        @functools.wraps(original)
+        def make(data: Any, *args: Any, **kwargs: Any) -> Any:
+            for t in tree_flatten(data)[0]:
+                guard(t, f"the step copies a tensor's values (torch.{name}(...))")
+            return original(data, *args, **kwargs)
+        return make
+
+    saved = [(torch.Tensor, name, getattr(torch.Tensor, name)) for name in _HOST_READS] + [
+        (torch, name, getattr(torch, name)) for name in _COPYING_CONSTRUCTORS]
+    try:
+        for owner, name, original in saved:
+            setattr(owner, name, (method if owner is torch.Tensor else constructor)(
+                name, original))
+        with mode:
+            yield mode
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
 
 
 # Ops the fake mode refuses or shapes by their values (fake_impls: ``.item()``, ``nonzero``,
@@ -552,10 +587,10 @@ def _what(func: Any) -> str:
     return f"the shape of aten.{name}'s output depends on a tensor's values"
 
 
-def _random_advice(func: Any) -> str:
-    return (f"{_what(func)}, and that tensor is a random draw (`torch.rand(()) < p`: "
-            "LayerDrop's test whether to skip a layer, say), which the simulation does not "
-            "make: the step's memory depends on it. Turn the random branch off to simulate the "
+def _random_advice(what: str) -> str:
+    return (f"{what}, and that tensor is a random draw (`torch.rand(()) < p`: "
+            "LayerDrop's test whether to skip a layer, say): the step's memory depends on a "
+            "value that changes from step to step. Turn the random branch off to simulate the "
             "step that keeps every layer (e.g. layerdrop=0 in the model's config), or measure "
             "with real steps (`bsselect probe --method measured`)")
 
