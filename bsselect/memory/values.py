@@ -19,8 +19,14 @@ collates for real anyway, and from small tensors computed from those alone. So:
   (``_pack_padded_sequence``, ``_pad_packed_sequence``), others (``h[mask]``) by running
   them on stand-ins for the fake inputs (``_shapes_from_real_inputs``).
 
-An op that still needs a value nobody has (``.item()`` on an activation) fails with a line that
-names the op and says what to do (``DataDependentOp``).
+A real tensor an op writes into from fake ones keeps its old values: it is marked unknown
+(``RealWhereKnown.kind``), as is what real ops compute from it; one a random op draws into is
+marked drawn (a typical draw for a mask; a branch on it is the draw's luck). The reads that
+bypass dispatch (``.tolist()``, ``np.asarray``, ``torch.tensor(list(t))``) are checked too
+(``values_where_known``).
+
+An op that still needs a value nobody has (``.item()`` on an activation or an unknown tensor)
+fails with a line that names the op and says what to do (``DataDependentOp``).
 """
 
 from __future__ import annotations
@@ -424,9 +430,9 @@ def _meta_nbytes(func: Any, args: tuple, kwargs: dict, tensors: list) -> int | N
     """The bytes of an op's results on all-real ``tensors`` (at least one), from its meta
     kernel on data-free copies: the size test for running it for real without turning every
     input into a fake tensor (about a millisecond an op; on a 70B check over 512 ranks,
-    mostly the optimizer's step counters, a fifth of its time). None where the meta kernel cannot say (it
-    refuses, a device is named, an input is not strided), and for the ops whose shapes the
-    fake mode reads from values: those take the fake path, as before."""
+    mostly the optimizer's step counters, a fifth of its time). None where the meta kernel
+    cannot say (it refuses, a device is named, an input is not strided), and for the ops
+    whose shapes the fake mode reads from values: those take the fake path, as before."""
     if (not tensors or "device" in kwargs
             or any(tag in func.tags for tag in _SHAPE_BY_VALUE_TAGS)
             or any(t.layout is not torch.strided for t in tensors)):
