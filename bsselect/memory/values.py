@@ -232,8 +232,10 @@ class RealWhereKnown(TorchDispatchMode):
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         kinds = {self.kind(t) for t in tensors} - {None} if self.unknown else set()
         unknown = WRITTEN in kinds
-        if DRAWN in kinds and func is aten._local_scalar_dense.default:
-            raise DataDependentOp(_random_advice(_what(func)), _what(func))
+        if kinds and (func is aten._local_scalar_dense.default
+                      or unknown and func in _SHAPE_FROM_REAL_ARGS):
+            # (a read has one input, so one kind; the shape ops refuse unknown ones only)
+            raise _refusal(_what(func), WRITTEN if unknown else DRAWN)
         out = self._dispatch(func, args, kwargs, tensors, unknown)
         if kinds:  # what a real run computes from such values is such too
             for t in tree_flatten(out)[0]:
@@ -291,10 +293,7 @@ class RealWhereKnown(TorchDispatchMode):
     def _dispatch(self, func: Any, args: tuple, kwargs: dict, tensors: list,
                   unknown: bool = False) -> Any:
         """``unknown``: an input is a real tensor whose values are not the step's: an op
-        that needs them (a read, a value-shaped output) fails as on a fake one."""
-        if unknown and (func is aten._local_scalar_dense.default
-                        or func in _SHAPE_FROM_REAL_ARGS):
-            raise DataDependentOp(_unknown_advice(_what(func)), _what(func))
+        whose output shape needs them fails as on a fake one (reads: ``__torch_dispatch__``)."""
         if func is aten.embedding.default and not unknown:
             check_embedding(args[0], args[1])
         if func is aten._grouped_mm.default:
@@ -347,7 +346,7 @@ class RealWhereKnown(TorchDispatchMode):
             except Exception as exc:  # noqa: BLE001 - data-dependent shape: run it to learn it
                 if _is_data_dependent(exc):
                     if unknown:
-                        raise DataDependentOp(_unknown_advice(_what(func)), _what(func)) from exc
+                        raise _refusal(_what(func), WRITTEN) from exc
                     _value_shaped(func)
                 fake_out = None
             if fake_out is None or _nbytes(fake_out) <= REAL_RESULT_MAX_BYTES:
@@ -362,11 +361,11 @@ class RealWhereKnown(TorchDispatchMode):
             if not _is_data_dependent(exc):
                 raise
             if unknown:
-                raise DataDependentOp(_unknown_advice(_what(func)), _what(func)) from exc
+                raise _refusal(_what(func), WRITTEN) from exc
             out = _shapes_from_real_inputs(func, args, kwargs)
             if out is NotImplemented:
                 if self._from_draws(tensors):
-                    raise DataDependentOp(_random_advice(_what(func)), _what(func)) from exc
+                    raise _refusal(_what(func), DRAWN) from exc
                 raise DataDependentOp(_advice(func, self.capped), _what(func)) from exc
             _value_shaped(func)
             return out
@@ -390,8 +389,7 @@ def values_where_known() -> Iterator[RealWhereKnown]:
     def guard(t: Any, what: str) -> None:
         kind = mode.kind(t)
         if kind is not None:
-            raise DataDependentOp(_unknown_advice(what) if kind == WRITTEN else
-                                  _random_advice(what), what)
+            raise _refusal(what, kind)
 
     def method(name: str, original: Any) -> Any:
         @functools.wraps(original)
@@ -599,6 +597,13 @@ def _random_advice(what: str) -> str:
             "value that changes from step to step. Turn the random branch off to simulate the "
             "step that keeps every layer (e.g. layerdrop=0 in the model's config), or measure "
             "with real steps (`bsselect probe --method measured`)")
+
+
+def _refusal(what: str, kind: str) -> DataDependentOp:
+    """The error for a step that needs the values of a tensor that is a random draw
+    (``DRAWN``) or stale (``WRITTEN``); ``what``: what the step did."""
+    return DataDependentOp(_random_advice(what) if kind == DRAWN else _unknown_advice(what),
+                           what)
 
 
 def _unknown_advice(what: str) -> str:
