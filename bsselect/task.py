@@ -355,9 +355,9 @@ def validate_task(task: Task, on_meta: bool = False, precision: Any = None) -> N
         from .memory.simulated import SIMULATION_HINT
 
         try:
-            with fake_step(task, (x, y)) as (model, (x, y)):
+            with fake_step(task, (x, y)) as (model, (x, y), known):
                 _check_precision(model, precision)
-                _check_forward(task, model, x, y)
+                _check_forward(task, model, x, y, known)
         except CannotSimulate:
             raise
         except RealTooError:
@@ -449,14 +449,19 @@ def check_trainable(model: nn.Module) -> None:
                         "is nothing to train")
 
 
-def _failed(what: str, exc: Exception) -> TaskError:
-    from .memory.values import DataDependentOp
+def _failed(what: str, exc: Exception, known: Any = None) -> TaskError:
+    """``known``: the simulation's RealWhereKnown, whose refusal (``values.refusal_behind``)
+    is the reason where the task's code wrapped or swallowed it."""
+    from .memory.values import DataDependentOp, refusal_behind
 
-    kind = CannotSimulate if isinstance(exc, DataDependentOp) else TaskError
-    return kind(f"{what}: {one_line(exc)}")
+    refusal = refusal_behind(exc, known) if known is not None else (
+        exc if isinstance(exc, DataDependentOp) else None)
+    if refusal is not None:
+        return CannotSimulate(f"{what}: {one_line(refusal)}")
+    return TaskError(f"{what}: {one_line(exc)}")
 
 
-def _check_forward(task: Task, model: Any, x: Any, y: Any) -> None:
+def _check_forward(task: Task, model: Any, x: Any, y: Any, known: Any = None) -> None:
     if not isinstance(model, nn.Module):
         raise TaskError(f"Task.model() returned {type(model).__name__}, not an nn.Module")
     if on_meta(model):
@@ -465,11 +470,11 @@ def _check_forward(task: Task, model: Any, x: Any, y: Any) -> None:
     try:
         out = model(x)
     except Exception as exc:
-        raise _failed("the model's forward failed", exc) from exc
+        raise _failed("the model's forward failed", exc, known) from exc
     try:
         loss = task.loss_fn(out, y)
     except Exception as exc:
-        raise _failed("the loss failed", exc) from exc
+        raise _failed("the loss failed", exc, known) from exc
     if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
         raise TaskError("Task.loss_fn must return a scalar tensor (the MEAN over the batch)")
     if loss.dim():  # shape [1]: a training step sums it into a 0-d total and fails there

@@ -3,6 +3,8 @@ run for real, and what that costs."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -145,24 +147,145 @@ class _ListCountingRouter(_CountingRouter):
         sizes = {"tolist": lambda: counts.tolist(),
                  "numpy": lambda: [int(n) for n in counts.numpy()],
                  "asarray": lambda: [int(n) for n in np.asarray(counts)],
-                 "tensor": lambda: torch.tensor(list(counts)).tolist()}[self.read]()
+                 "tensor": lambda: torch.tensor(list(counts)).tolist(),
+                 "map_": lambda: torch.zeros(4, dtype=torch.long).map_(
+                     counts, lambda _, n: n).tolist(),
+                 "apply_": lambda: _seen(counts.apply_)}[self.read]()
         order = choice.argsort()
         parts = torch.split(x[order], sizes)
         return torch.cat([e(p) for e, p in zip(self.experts, parts)])[order.argsort()]
 
 
+def _seen(apply_) -> list[int]:
+    """The values ``apply_`` hands its function, in order."""
+    seen: list[int] = []
+    apply_(lambda n: seen.append(int(n)) or n)
+    return seen
+
+
 @pytest.mark.parametrize("read, words", [
     ("tolist", r"into Python \(\.tolist\(\)\)"), ("numpy", r"into Python \(\.numpy\(\)\)"),
+    ("map_", r"into Python \(\.map_\(\)\)"), ("apply_", r"into Python \(\.apply_\(\)\)"),
     ("asarray", r"into Python \(\.__array__\(\)\)"),
     ("tensor", r"copies a tensor's values \(torch\.tensor\(\.\.\.\)\)")])
 def test_values_read_into_python_from_a_tensor_written_from_activations(read, words) -> None:
     """``.tolist()``, ``.numpy()``, ``np.asarray`` and ``torch.tensor(list(t))`` read a real
     tensor's data with no op: the stale zeros made every expert's part empty (review;
     ``np.asarray`` and ``torch.tensor``: 23% low on a router that sized its experts' buffers
-    by the largest count)."""
+    by the largest count). ``map_`` copied them into a tensor nobody had marked, and
+    ``apply_`` handed them to a Python function."""
     task = _classification(lambda: _ListCountingRouter(read))
     with pytest.raises(CannotSimulate, match=words + ", and that tensor was written"):
         simulate_step_peak(task, 8)
+
+
+class _ReadsActivation(nn.Module):
+    """Reads, with ``read``, its router's choices: a fake tensor in the simulation, or with
+    ``unknown`` a real one counted from them in place (stale values)."""
+
+    def __init__(self, read, unknown: bool = False) -> None:
+        super().__init__()
+        self.router, self.read, self.unknown = nn.Linear(16, 4), read, unknown
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.router(x)
+        choice = h.detach().argmax(-1).clone()
+        if self.unknown:
+            counts = torch.zeros(4, dtype=torch.long)
+            counts.index_add_(0, choice, torch.ones_like(choice))
+            choice = counts
+        self.read(choice)
+        return h
+
+
+def _total(t: torch.Tensor) -> int:
+    values: list[int] = t.tolist()
+    return sum(values)
+
+
+def _as_int(t: torch.Tensor) -> int:
+    return int(t.sum())
+
+
+with warnings.catch_warnings():  # TorchScript is deprecated, and still in models
+    warnings.simplefilter("ignore", DeprecationWarning)
+    _scripted_total, _scripted_int = torch.jit.script(_total), torch.jit.script(_as_int)
+
+
+_READS = {  # what the step does -> the words the refusal names it by
+    "apply_": (lambda c: c.apply_(lambda v: v), r"\.apply_\(\)"),
+    "__dlpack__": (lambda c: torch.utils.dlpack.from_dlpack(c.__dlpack__()),
+                   r"\.__dlpack__\(\)"),
+    "to_dlpack": (lambda c: torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(c)),
+                  r"\.to_dlpack\(\)"),
+    "numpy": (lambda c: c.numpy(), r"\.numpy\(\)"),
+    "__array__": (np.asarray, r"\.__array__\(\)"),
+    "map_": (lambda c: torch.zeros_like(c).map_(c, lambda a, b: b), r"\.map_\(\)"),
+    "tensor": (lambda c: torch.tensor(list(c)), r"torch\.tensor\(\.\.\.\)"),
+    "new_tensor": (lambda c: c.new_tensor(list(c)), r"tensor\.new_tensor\(\.\.\.\)"),
+    "format": (lambda c: f"{c.sum():.3f}", r"formats a tensor's value \(f\"\{t:\.3f\}\"\)"),
+    "script_tolist": (_scripted_total, r"TorchScript function \S+ reads a tensor's values"),
+    "script_int": (_scripted_int, r"reads a tensor's value \(\.item\(\)"),
+}
+_BY = {False: "is computed from", True: "was written in place from"}
+
+
+@pytest.mark.parametrize("unknown", [False, True], ids=["fake", "unknown"])
+@pytest.mark.parametrize("name", list(_READS))
+def test_a_value_read_that_bypasses_dispatch_cannot_simulate(name, unknown) -> None:
+    """Reads of a tensor's data with no op a dispatch mode sees. On a fake tensor (no data)
+    ``apply_``, ``__dlpack__``, ``to_dlpack`` and a TorchScript ``tolist`` crashed the
+    process (a segmentation fault: no message, the work before it lost), and ``.numpy()``,
+    ``np.asarray``, ``map_``, ``torch.tensor(list(t))``, ``new_tensor``, ``f"{t:.3f}"`` and
+    TorchScript's ``int(t)`` failed as errors in the task; on a stale real tensor
+    ``to_dlpack``, ``new_tensor`` and TorchScript's ``tolist`` read zeros and answered
+    (review: 1,528 B against 3.2 MB). Now each is a step the simulation cannot run, as
+    ``.item()`` is: ``probe`` measures instead, ``check`` says why."""
+    read, words = _READS[name]
+    task = _classification(lambda: _ReadsActivation(read, unknown))
+    with pytest.raises(CannotSimulate, match=words + r".*, and that tensor " + _BY[unknown]):
+        simulate_step_peak(task, 8)
+
+
+def test_equal_of_two_different_activations_is_not_taken_as_true() -> None:
+    """``torch.equal(a, b)`` of two fake tensors ran on stand-ins drawn with one seed, so
+    it was True for any two of a shape, and the step branched on it (review). Each fake now
+    has its own stand-in values; ``torch.equal(a, a)`` still simulates: True either way."""
+    same = _classification(lambda: _ReadsActivation(lambda c: torch.equal(c, c) or 1 / 0))
+    assert simulate_step_peak(same, 8).peak_bytes > 0
+    other = _classification(lambda: _ReadsActivation(lambda c: torch.equal(c, (c + 1) % 4)))
+    with pytest.raises(CannotSimulate, match=r"reads aten\.equal's result"):
+        simulate_step_peak(other, 8)
+
+
+def test_a_read_in_another_thread_cannot_simulate() -> None:
+    """Dispatch modes are per thread: the fake mode's own refusal came through raw and was
+    called an error in the task."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def elsewhere(c: torch.Tensor) -> int:
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(lambda: int(c.sum())).result()
+
+    task = _classification(lambda: _ReadsActivation(elsewhere))
+    with pytest.raises(CannotSimulate, match=r"reads a tensor's value \(\.item\(\)"):
+        simulate_step_peak(task, 8)
+
+
+def test_a_sparse_tensor_made_from_stale_values_cannot_simulate() -> None:
+    """A sparse tensor has no storage to mark: ``to_sparse()`` of a stale tensor failed as
+    an error in the task."""
+    task = _classification(lambda: _ReadsActivation(lambda c: c.to_sparse(), unknown=True))
+    with pytest.raises(CannotSimulate, match="makes a sparse tensor from a tensor, and that"):
+        simulate_step_peak(task, 8)
+
+
+def test_one_tensor_given_to_torch_tensor_still_simulates() -> None:
+    """``torch.as_tensor(t)`` and ``torch.asarray(t)`` of one tensor convert it with ops the
+    simulation sees, so an activation passed to them is not a value read."""
+    task = _classification(lambda: _ReadsActivation(
+        lambda c: torch.as_tensor(c) + torch.asarray(c, dtype=torch.float)))
+    assert simulate_step_peak(task, 8).peak_bytes > 0
 
 
 def test_values_read_into_python_from_the_batch_still_simulate() -> None:

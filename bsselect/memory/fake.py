@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..errors import CannotSimulate, RealTooError, TaskError, meta_device_error, one_line
 from ..step import REAL_ITEMS_MAX, make_batch
 from ..task import Task
-from .values import keep_real, really, values_where_known
+from .values import RealWhereKnown, keep_real, really, values_where_known
 
 
 @contextmanager
@@ -193,11 +193,12 @@ def fake_batch_leaf(t: Any, fake_mode: Any) -> Any:
 
 
 @contextmanager
-def fake_step(task: Task, batch: Any) -> Iterator[tuple[nn.Module, Any]]:
+def fake_step(task: Task, batch: Any) -> Iterator[tuple[nn.Module, Any, RealWhereKnown]]:
     """The task's model and ``batch`` as the simulation sees them (fake tensors; the
     batch's integer and boolean tensors real, and ops on them alone run for real), with the
-    simulation's modes active inside. For checks that must not allocate the model."""
+    simulation's modes active inside, and the mode that knows which values it has. For
+    checks that must not allocate the model."""
     fake_mode = new_fake_mode()
     model = build_fake_model(task, fake_mode)
-    with young_gc_only(), fake_mode, values_where_known():
-        yield model, tree_map(lambda t: fake_batch_leaf(t, fake_mode), batch)
+    with young_gc_only(), fake_mode, values_where_known() as known:
+        yield model, tree_map(lambda t: fake_batch_leaf(t, fake_mode), batch), known

@@ -51,7 +51,7 @@ from .layout import mixed_layout, standard_layout, with_real_layout
 from .fake import build_fake_model, fake_batch_leaf, new_fake_mode, real_batch, young_gc_only
 from .live import (live_at_step_start, local, module_tensors, optimizer_state_tensors,
                    storage_bytes)
-from .values import DataDependentOp, IndexOutOfRange, values_where_known
+from .values import IndexOutOfRange, refusal_behind, values_where_known
 
 
 class Phase(str, Enum):
@@ -640,7 +640,8 @@ def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
                 except Exception as exc:
                     raise TaskError(f"wrapping the model with fully_shard failed: "
                                     f"{one_line(exc)}") from exc
-        with young_gc_only(), cuda_rules_of(settings), fake_mode, values_where_known(), \
+        with young_gc_only(), cuda_rules_of(settings), fake_mode, \
+                values_where_known() as known, \
                 (following_resizes(counter) if plan else nullcontext()):
             batch = tree_map(lambda t: fake_batch_leaf(t, fake_mode), batch)
             try:
@@ -649,13 +650,15 @@ def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
             except UsageError:
                 raise
             except Exception as exc:
-                kind = CannotSimulate if isinstance(exc, (DataDependentOp, NotSimulated)) \
+                refusal = None if isinstance(exc, NotSimulated) else refusal_behind(exc, known)
+                shown = refusal or exc
+                kind = CannotSimulate if isinstance(shown, NotSimulated) or refusal \
                     else TaskError
                 # An index past an embedding's rows fails a real step too: no hint.
                 hint = "" if kind is CannotSimulate or isinstance(exc, IndexOutOfRange) \
                     else SIMULATION_HINT
                 raise kind(f"the simulated training step at batch size {batch_size} failed: "
-                           f"{one_line(exc)}{hint}") from exc
+                           f"{one_line(shown)}{hint}") from exc
             peak = step_peak(batch_size, model, optimizer, batch, start_bytes,
                              counter.phase_peak_bytes, counter.workspace_at_peak_bytes,
                              counter.rounded_peak_bytes)

@@ -226,9 +226,19 @@ class RealWhereKnown(TorchDispatchMode):
         # ``torch.empty(()).uniform_() < p``, went one way for every layer: 40-57% low). By
         # the storage's id while it lives, so views taken before the write are covered too.
         self.unknown: dict[int, tuple[Any, str]] = {}
+        # The last refusal raised to the step's code: where that code wraps it (TorchScript's
+        # interpreter re-raises it as a RuntimeError) or swallows it, the step's failure is
+        # still the simulation's, and this says why.
+        self.refused: DataDependentOp | None = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
+        try:
+            return self._torch_dispatch(func, args, kwargs or {})
+        except DataDependentOp as exc:
+            self.refused = exc
+            raise
+
+    def _torch_dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         kinds = {self.kind(t) for t in tensors} - {None} if self.unknown else set()
         unknown = WRITTEN in kinds
@@ -253,7 +263,8 @@ class RealWhereKnown(TorchDispatchMode):
 
     def kind(self, t: Any) -> str | None:
         """WRITTEN or DRAWN for a real tensor whose values are not the step's, else None."""
-        if not isinstance(t, torch.Tensor) or is_fake(t) or not self.unknown:
+        if (not isinstance(t, torch.Tensor) or is_fake(t) or not self.unknown
+                or t.layout is not torch.strided):  # (a sparse tensor has no storage)
             return None
         entry = self.unknown.get(id(t.untyped_storage()))
         return entry[1] if entry else None
@@ -261,6 +272,8 @@ class RealWhereKnown(TorchDispatchMode):
     def _mark(self, t: Any, kind: str) -> None:
         if not isinstance(t, torch.Tensor) or is_fake(t):
             return
+        if t.layout is not torch.strided:  # no storage to mark it by
+            raise _refusal("the step makes a sparse tensor from a tensor", kind)
         st = t.untyped_storage()
         key = id(st)
         if key not in self.unknown:
@@ -372,50 +385,107 @@ class RealWhereKnown(TorchDispatchMode):
 
 
 WRITTEN, DRAWN = "written", "drawn"  # RealWhereKnown.kind
-# Tensor methods that read a tensor's data with no op a dispatch mode sees, and constructors
-# that copy the data of the tensors in a list (``torch.tensor(list(counts))``).
-_HOST_READS = ("tolist", "numpy", "__array__", "__dlpack__")
+# Tensor methods that read a tensor's data with no op a dispatch mode sees (``map_`` and
+# ``map2_`` also their tensor arguments'; ``apply_`` and ``map_`` hand each value to a Python
+# function); functions that do (``to_dlpack``, by owner); constructors and methods that copy
+# the data of the tensors in a list (``torch.tensor(list(counts))``, ``x.new_tensor(...)``).
+_HOST_READS = ("tolist", "numpy", "__array__", "__dlpack__", "apply_", "map_", "map2_")
+_HOST_READ_FUNCTIONS = ((torch.utils.dlpack, "to_dlpack"), (torch, "to_dlpack"))
 _COPYING_CONSTRUCTORS = ("tensor", "as_tensor", "asarray")
+_COPYING_METHODS = ("new_tensor", "new")
+# TorchScript's interpreter reads a tensor into a Python list with no dispatched op.
+_SCRIPT_READS = ("prim::tolist",)
 
 
 @contextmanager
 def values_where_known() -> Iterator[RealWhereKnown]:
-    """``RealWhereKnown``, with the reads that bypass dispatch (``_HOST_READS``,
-    ``_COPYING_CONSTRUCTORS``) failing on a tensor whose values it does not know, as a value
-    read of a fake tensor fails. They are patched for the duration, not caught by a function
-    mode: those are not active in the backward (a hook's ``counts.tolist()``: review)."""
+    """``RealWhereKnown``, with the reads that bypass dispatch failing on a tensor whose
+    values it does not know (a fake tensor, or a real one marked unknown or drawn), as a
+    value read of a fake tensor fails: the host reads above, ``f"{t:.4f}"`` of a scalar, and
+    TorchScript functions and methods that read a tensor into a list. Unguarded, these read
+    stale values (the answer silently low), or a fake tensor's missing data (``apply_``,
+    ``__dlpack__``, TorchScript's ``tolist``: the process crashed), or failed with errors that
+    blamed the task. They are patched for the duration, not caught by a function mode: those
+    are not active in the backward (a hook's ``counts.tolist()``: review). Known gaps: a
+    function taken before the step (``from torch import tensor``), the legacy constructors
+    (``torch.LongTensor(list)``) and reads in another thread."""
     mode = RealWhereKnown()
 
     def guard(t: Any, what: str) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        if is_fake(t):
+            mode.refused = DataDependentOp(_weights_advice(what), what)
+            raise mode.refused
         kind = mode.kind(t)
         if kind is not None:
-            raise _refusal(what, kind)
+            mode.refused = _refusal(what, kind)
+            raise mode.refused
 
-    def method(name: str, original: Any) -> Any:
+    def listed(data: Any) -> list:
+        """The tensors in a list (one tensor alone is converted by ops the mode sees)."""
+        return [] if isinstance(data, torch.Tensor) else tree_flatten(data)[0]
+
+    def reader(name: str, original: Any) -> Any:
         @functools.wraps(original)
-        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            guard(self, f"the step reads a tensor's values into Python (.{name}())")
-            return original(self, *args, **kwargs)
+        def read(*args: Any, **kwargs: Any) -> Any:
+            for t in args:
+                guard(t, f"the step reads a tensor's values into Python (.{name}())")
+            return original(*args, **kwargs)
         return read
 
-    def constructor(name: str, original: Any) -> Any:
+    def copier(name: str, original: Any) -> Any:
+        words = (f"torch.{name}(...)" if name in _COPYING_CONSTRUCTORS
+                 else f"tensor.{name}(...)")
+
         @functools.wraps(original)
-        def make(data: Any, *args: Any, **kwargs: Any) -> Any:
-            for t in tree_flatten(data)[0]:
-                guard(t, f"the step copies a tensor's values (torch.{name}(...))")
-            return original(data, *args, **kwargs)
+        def make(*args: Any, **kwargs: Any) -> Any:
+            for data in args[name in _COPYING_METHODS:]:  # a method's self is not copied
+                for t in listed(data):
+                    guard(t, f"the step copies a tensor's values ({words})")
+            return original(*args, **kwargs)
         return make
 
-    saved = [(torch.Tensor, name, getattr(torch.Tensor, name)) for name in _HOST_READS] + [
-        (torch, name, getattr(torch, name)) for name in _COPYING_CONSTRUCTORS]
+    def formatter(original: Any) -> Any:
+        @functools.wraps(original)
+        def format_(self: torch.Tensor, spec: str) -> str:
+            if spec and self.dim() == 0:
+                guard(self, f"the step formats a tensor's value (f\"{{t:{spec}}}\")")
+            return original(self, spec)
+        return format_
+
+    reads_in_script: dict[int, bool] = {}
+
+    def scripted(original: Any) -> Any:
+        @functools.wraps(original)
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            key = id(self)
+            if key not in reads_in_script:
+                graph = getattr(self, "inlined_graph", None) or self.graph
+                reads_in_script[key] = any(graph.findAllNodes(k) for k in _SCRIPT_READS)
+            if reads_in_script[key]:
+                name = getattr(self, "qualified_name", None) or getattr(self, "name", "")
+                for t in tree_flatten((args, kwargs))[0]:
+                    guard(t, f"the TorchScript function {name} reads a tensor's values into "
+                             "Python (.tolist())")
+            return original(self, *args, **kwargs)
+        return call
+
+    saved = ([(torch.Tensor, n, reader) for n in _HOST_READS]
+             + [(owner, n, reader) for owner, n in _HOST_READ_FUNCTIONS if hasattr(owner, n)]
+             + [(torch, n, copier) for n in _COPYING_CONSTRUCTORS]
+             + [(torch.Tensor, n, copier) for n in _COPYING_METHODS]
+             + [(torch.Tensor, "__format__", lambda n, f: formatter(f))]
+             + [(cls, "__call__", lambda n, f: scripted(f))
+                for cls in (torch.jit.ScriptFunction, torch._C.ScriptMethod)])
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in saved]
     try:
-        for owner, name, original in saved:
-            setattr(owner, name, (method if owner is torch.Tensor else constructor)(
-                name, original))
+        for (owner, name, wrap), (_, _, original) in zip(saved, originals):
+            setattr(owner, name, wrap(name, original))
         with mode:
             yield mode
     finally:
-        for owner, name, original in saved:
+        for owner, name, original in originals:
             setattr(owner, name, original)
 
 
@@ -503,9 +573,16 @@ def _shapes_from_real_inputs(func: Any, args: tuple, kwargs: dict) -> Any:
         return NotImplemented
     runs = []
     writes = func._schema.is_mutable  # each run on its own copies of the real tensors
+    # Each fake tensor its own random values (the same tensor twice, the same values): with
+    # one seed for all, ``torch.equal(a, b)`` of two different fakes was True on every run,
+    # and the step went on as if it were known (review).
+    seeds: dict[int, int] = {}
+    for t in fakes:
+        seeds.setdefault(id(t), len(seeds))
     with really():
         for fill in ("zeros", "ones", "random"):
-            stood = [_stand_in(t, fill) if isinstance(t, torch.Tensor) and is_fake(t) else
+            stood = [_stand_in(t, fill, seeds[id(t)]) if isinstance(t, torch.Tensor)
+                     and is_fake(t) else
                      t.clone() if writes and isinstance(t, torch.Tensor) else t for t in flat]
             a, k = tree_unflatten(stood, spec)
             try:
@@ -537,12 +614,13 @@ def _shapes_from_real_inputs(func: Any, args: tuple, kwargs: dict) -> Any:
         result) > 1 else out
 
 
-def _stand_in(t: torch.Tensor, fill: str) -> torch.Tensor:
-    """A real tensor of ``t``'s shape and dtype: zeros, ones, or values drawn from a fixed
-    generator (never the global RNG), varied enough that a value-dependent shape shows."""
+def _stand_in(t: torch.Tensor, fill: str, seed: int = 0) -> torch.Tensor:
+    """A real tensor of ``t``'s shape and dtype: zeros, ones, or values drawn from a
+    generator seeded with ``seed`` (never the global RNG), varied enough that a
+    value-dependent shape shows."""
     if fill != "random":
         return torch.full(t.shape, 0 if fill == "zeros" else 1, dtype=t.dtype)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     if t.dtype == torch.bool:
         return torch.randint(0, 2, t.shape, generator=g).bool()
     if t.dtype.is_floating_point or t.dtype.is_complex:
@@ -573,6 +651,22 @@ def _runs_for_real(func: Any) -> bool:
     return torch.Tag.nondeterministic_seeded not in getattr(func, "tags", ())
 
 
+def refusal_behind(exc: BaseException, mode: RealWhereKnown) -> DataDependentOp | None:
+    """Why a simulated step that failed with ``exc`` could not be simulated, or None when
+    its failure is not the simulation's: ``exc`` itself, a refusal the step's code wrapped
+    or swallowed (TorchScript re-raises it as a RuntimeError), or the fake mode's own
+    refusal where RealWhereKnown was not there to translate it (a read in another thread:
+    dispatch modes are per thread)."""
+    if isinstance(exc, DataDependentOp):
+        return exc
+    if mode.refused is not None:
+        return mode.refused
+    if _is_data_dependent(exc):
+        func = getattr(exc, "func", None)
+        return DataDependentOp(_advice(func), _what(func)) if func is not None else None
+    return None
+
+
 def _is_data_dependent(exc: BaseException) -> bool:
     from torch._subclasses.fake_tensor import (DataDependentOutputException,
                                                DynamicOutputShapeException)
@@ -588,6 +682,10 @@ def _what(func: Any) -> str:
     name = _op_name(func)
     if name == "_local_scalar_dense":
         return "the step reads a tensor's value (.item(), bool(t), `if t > 0:`)"
+    schema = getattr(func, "_schema", None)
+    if schema is not None and schema.returns and not any(
+            "Tensor" in str(r.type) for r in schema.returns):  # torch.equal: a bool
+        return f"the step reads aten.{name}'s result, which follows from a tensor's values"
     return f"the shape of aten.{name}'s output depends on a tensor's values"
 
 
@@ -628,7 +726,11 @@ def _advice(func: Any, capped: tuple[str, int] | None = None) -> str:
                 f"{format_bytes(REAL_RESULT_MAX_BYTES)} the simulation "
                 "computes for real (or from the model's weights or the batch's floating-point "
                 "tensors); smaller batches simulate")
-    return (f"{_what(func)}, and that tensor is computed from the model's weights (in the "
+    return _weights_advice(_what(func))
+
+
+def _weights_advice(what: str) -> str:
+    return (f"{what}, and that tensor is computed from the model's weights (in the "
             "forward, or in the optimizer's step: Adafactor reads its gradients' values) or the "
             "batch's floating-point tensors, whose values a simulation does not have (it has "
             "the batch's integer and boolean tensors and what is computed from them alone); "
