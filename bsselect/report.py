@@ -263,6 +263,7 @@ def render_sweep(result: Any) -> None:
         f" · B_noise {_f(fit['b_noise'])} · b_opt = √(B·τ_f/τ_d) = {_f(fit['b_opt'])}"
         + (f" (B from {fit['b_hat_source']})" if fit["b_hat_source"] else ""), highlight=False)
     timing = (f"{len(result.timing)} batch sizes timed in interleaved rounds"
+              + (", in thread CPU time" if result.timing[0].clock == "thread_cpu" else "")
               if result.timing else (result.timing_note or "trials' own step times"))
     shares = [t.data_s / t.step.mid for t in result.timing if t.data_s is not None and t.step.mid]
     if shares:

@@ -3,6 +3,8 @@ thread setting."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -126,3 +128,50 @@ def test_cpu_threads_sets_and_restores():
             pass
     assert default_threads() == max(1, usable_cpus() // 2)
     assert default_threads(local_processes=64) == 1
+
+
+class _Waits(torch.nn.Module):
+    """A step that waits 40 ms without working (as a thread does while the scheduler runs
+    another process), fed by a loader that waits 10 ms for its batch (a disk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.04)
+        return self.lin(x)
+
+
+def _waiting_batches():
+    while True:
+        time.sleep(0.01)
+        yield torch.ones(8, 4), torch.zeros(8, dtype=torch.long)
+
+
+def test_a_cpu_step_counts_its_threads_work_and_the_wall_time_of_its_fetch():
+    """With one thread on a CPU, a step is timed by the thread's CPU time, so the time a
+    busy machine gives other processes is not charged to it, while the fetch of its batch
+    keeps its wall time (a loader that waits on a disk waits in the user's run too). With
+    more threads the work is spread over them, and the step is timed by the wall clock."""
+    from torch.utils.data import TensorDataset
+
+    from bsselect import Task
+    from bsselect.selection.trials import THREAD_CPU, WALL, _timed_step, step_clock
+
+    task = Task(model=_Waits, loss_fn=torch.nn.functional.cross_entropy,
+                train_data=TensorDataset(torch.ones(8, 4), torch.zeros(8, dtype=torch.long)))
+    model, cpu = _Waits(), torch.device("cpu")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = _waiting_batches()
+    with cpu_threads(1):
+        assert step_clock(cpu) == THREAD_CPU
+        seconds = min(_timed_step(model, optimizer, task, batches, cpu, {})[2]
+                      for _ in range(3))
+    assert 0.01 <= seconds < 0.04  # the fetch's 10 ms, not the forward's 40 ms wait
+    assert step_clock(torch.device("meta")) == WALL
+    with cpu_threads(2):
+        assert step_clock(cpu) == WALL
+        seconds = min(_timed_step(model, optimizer, task, batches, cpu, {})[2]
+                      for _ in range(3))
+    assert seconds >= 0.05

@@ -145,6 +145,7 @@ class SweepResult:
             "not_run_batch_sizes": list(self.not_run),
             "unranked_batch_sizes": list(self.unranked),
             "timing": {"method": "interleaved rounds", "rounds": [t.to_dict() for t in self.timing],
+                       "clock": self.timing[0].clock if self.timing else None,
                        "note": self.timing_note, "not_timed": self.not_timed()},
             "b_opt_accumulation": self.b_opt_accumulation,
             "verdict": self.ranking.verdict,

@@ -41,19 +41,21 @@ class RoundTiming:
     steps_per_round: int
     step: TimeInterval
     data_s: float | None = None  # median seconds of a step spent fetching its batch
+    clock: str = "wall"  # how a step was timed: "thread_cpu" or "wall" (trials.step_clock)
 
     def to_dict(self) -> dict:
         return {"batch_size": self.batch_size, "round_medians_s": list(self.round_medians),
                 "steps_per_round": self.steps_per_round, "step_time_s": self.step.mid,
                 "step_time_lo_s": self.step.lo, "step_time_hi_s": self.step.hi,
-                "data_s": self.data_s}
+                "data_s": self.data_s, "clock": self.clock}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "RoundTiming":
         rounds = tuple(float(v) for v in data["round_medians_s"])
         data_s = data.get("data_s")
         return cls(int(data["batch_size"]), rounds, int(data["steps_per_round"]),
-                   summarize_rounds(rounds), None if data_s is None else float(data_s))
+                   summarize_rounds(rounds), None if data_s is None else float(data_s),
+                   str(data.get("clock", "wall")))  # journals before the field: wall
 
 
 def steps_per_round(estimate_s: float) -> int:

@@ -72,7 +72,9 @@ def thin_curve(curve: Sequence[LossPoint], points: int) -> tuple[LossPoint, ...]
 class TrialResult:
     """One trial. Rates are over the trial's measured (post warm-up) steps:
 
-    - ``step_time_s``: median wall time of one optimizer step, seconds.
+    - ``step_time_s``: median time of one optimizer step, seconds, by the step clock
+      (``trials.step_clock``: thread CPU time on a CPU with one thread, else wall time);
+      ``wall_s``, the trial's training seconds by the same clock (a time budget counts them).
     - ``loss_drop_per_s`` = (train_loss_start - train_loss_end) / wall_s, loss units per second.
     - ``loss_drop_per_sample`` = the same drop / samples; ``loss_drop_per_step`` = drop / steps.
       The per-step drop is what ``formula.fit_b_noise`` fits (McCandlish et al. 2018).

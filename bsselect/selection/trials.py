@@ -344,29 +344,53 @@ def time_batch_sizes(setup: TrialSetup, batch_sizes: list[int],
         return step
 
     agree = distributed.max_float if distributed.active() else None
+    clock = step_clock(device)
     try:
         timings = interleaved_rounds({b: stepper(b) for b in batch_sizes}, on_step=on_step,
                                      agree=agree)
         # Step time includes fetching the batch (the sweep's loader has no worker processes):
         # how much of it, said per batch size.
         return {b: dataclasses.replace(t, data_s=agree(median(data_s[b])) if agree
-                                       else median(data_s[b])) for b, t in timings.items()}
+                                       else median(data_s[b]), clock=clock)
+                for b, t in timings.items()}
     finally:
         del train_model, model, optimizer
         release_memory()
 
 
+THREAD_CPU, WALL = "thread_cpu", "wall"  # step_clock
+
+
+def step_clock(device: torch.device) -> str:
+    """How a step is timed. On a CPU with one intra-op thread, outside torchrun, every op of
+    the step runs on this thread, and its CPU time is the step's work: the time the
+    scheduler gives other processes is not in it. With more runnable processes than cores,
+    wall time charged that time mostly to the longer steps (tiny-lm with two busy processes
+    on two cores: b = 64 +16%, b = 8 -2%; in CPU time within 2% of a quiet machine:
+    docs/method.md). Elsewhere (threads, accelerators, ranks that wait on each other): wall
+    time."""
+    if device.type == "cpu" and torch.get_num_threads() == 1 and not distributed.active():
+        return THREAD_CPU
+    return WALL
+
+
 def _timed_step(model: nn.Module, optimizer: torch.optim.Optimizer, task: Task, batches: Any,
                 device: torch.device, options: dict[str, Any], careful: bool = False
                 ) -> tuple[float, Any, float]:
-    """One training step on the next batch: (loss value, targets, wall seconds), the clock
-    read after a device sync. Under torchrun: the loss over the global batch, and every rank
-    fails together."""
+    """One training step on the next batch: (loss value, targets, seconds), the clock read
+    after a device sync; the seconds by ``step_clock``: in thread CPU time, the step's
+    training, and its fetching of the batch at wall time (a loader that waits on a disk
+    waits in the user's run too). Under torchrun: the loss over the global batch, and every
+    rank fails together."""
+    on_cpu = step_clock(device) == THREAD_CPU
     t0 = time.perf_counter()
     x, y = to_device(next(batches), device)
+    fetched, c0 = time.perf_counter(), time.thread_time() if on_cpu else 0.0
     loss = distributed.train_step(model, optimizer, task, x, y, careful=careful, **options)
     value = loss.item()  # also a sync point on the CPU
     _sync(device)
+    if on_cpu:
+        return value, y, (fetched - t0) + (time.thread_time() - c0)
     return value, y, time.perf_counter() - t0
 
 
