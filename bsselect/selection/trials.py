@@ -365,8 +365,8 @@ def step_clock(device: torch.device) -> str:
     """How a step is timed. On a CPU with one intra-op thread, outside torchrun, every op of
     the step runs on this thread, and its CPU time is the step's work: the time the
     scheduler gives other processes is not in it. With more runnable processes than cores,
-    wall time charged that time mostly to the longer steps (tiny-lm with two busy processes
-    on two cores: b = 64 +16%, b = 8 -2%; in CPU time within 2% of a quiet machine:
+    wall time added that time unevenly across batch sizes (tiny-lm with two busy processes
+    on two cores: -1% to +73% against a quiet machine; in CPU time -3% to +14%:
     docs/method.md). Elsewhere (threads, accelerators, ranks that wait on each other): wall
     time."""
     if device.type == "cpu" and torch.get_num_threads() == 1 and not distributed.active():
