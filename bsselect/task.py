@@ -452,10 +452,9 @@ def check_trainable(model: nn.Module) -> None:
 def _failed(what: str, exc: Exception, known: Any = None) -> TaskError:
     """``known``: the simulation's RealWhereKnown, whose refusal (``values.refusal_behind``)
     is the reason where the task's code wrapped or swallowed it."""
-    from .memory.values import DataDependentOp, refusal_behind
+    from .memory.values import refusal_behind
 
-    refusal = refusal_behind(exc, known) if known is not None else (
-        exc if isinstance(exc, DataDependentOp) else None)
+    refusal = refusal_behind(exc, known)
     if refusal is not None:
         return CannotSimulate(f"{what}: {one_line(refusal)}")
     return TaskError(f"{what}: {one_line(exc)}")

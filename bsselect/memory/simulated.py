@@ -651,9 +651,8 @@ def _simulate(task: Task, batch_size: int, seed: int, kernel_workspace: bool,
                 raise
             except Exception as exc:
                 refusal = None if isinstance(exc, NotSimulated) else refusal_behind(exc, known)
+                kind = CannotSimulate if refusal or isinstance(exc, NotSimulated) else TaskError
                 shown = refusal or exc
-                kind = CannotSimulate if isinstance(shown, NotSimulated) or refusal \
-                    else TaskError
                 # An index past an embedding's rows fails a real step too: no hint.
                 hint = "" if kind is CannotSimulate or isinstance(exc, IndexOutOfRange) \
                     else SIMULATION_HINT

@@ -651,15 +651,16 @@ def _runs_for_real(func: Any) -> bool:
     return torch.Tag.nondeterministic_seeded not in getattr(func, "tags", ())
 
 
-def refusal_behind(exc: BaseException, mode: RealWhereKnown) -> DataDependentOp | None:
+def refusal_behind(exc: BaseException,
+                   mode: RealWhereKnown | None = None) -> DataDependentOp | None:
     """Why a simulated step that failed with ``exc`` could not be simulated, or None when
     its failure is not the simulation's: ``exc`` itself, a refusal the step's code wrapped
-    or swallowed (TorchScript re-raises it as a RuntimeError), or the fake mode's own
-    refusal where RealWhereKnown was not there to translate it (a read in another thread:
-    dispatch modes are per thread)."""
+    or swallowed (TorchScript re-raises it as a RuntimeError; ``mode``, the step's
+    RealWhereKnown, remembers it), or the fake mode's own refusal where RealWhereKnown was
+    not there to translate it (a read in another thread: dispatch modes are per thread)."""
     if isinstance(exc, DataDependentOp):
         return exc
-    if mode.refused is not None:
+    if mode is not None and mode.refused is not None:
         return mode.refused
     if _is_data_dependent(exc):
         func = getattr(exc, "func", None)
